@@ -1,0 +1,96 @@
+"""Copying an entry from a lower layer into a private temporary path, metadata and all.
+
+The caller renames the copy into the upper layer, so the copy appears there whole or not at all: a crash
+mid copy-up leaves only a stray temporary in the work directory, which the next mount cleans.
+Data is copied by the cheapest means the kernel offers: a reflink (FICLONE) shares the extents when
+both sides are on a filesystem that can, else copy_file_range copies inside the kernel.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+
+from . import syscalls, whiteout
+
+_CHUNK = 1 << 30
+
+
+def copy_data(src_fd: int, dst_fd: int, size: int) -> None:
+    """Copy ``size`` bytes from the start of ``src_fd`` to ``dst_fd``."""
+    if size == 0 or syscalls.clone_file(src_fd, dst_fd):
+        return
+    offset = 0
+    try:
+        while offset < size:
+            n = os.copy_file_range(src_fd, dst_fd, min(_CHUNK, size - offset), offset, offset)
+            if n == 0:
+                break
+            offset += n
+        return
+    except OSError as e:
+        if e.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise
+    while offset < size:
+        chunk = os.pread(src_fd, min(1 << 20, size - offset), offset)
+        if not chunk:
+            break
+        offset += os.pwrite(dst_fd, chunk, offset)
+
+
+def copy_xattrs(src: str, dst: str) -> None:
+    """Copy the xattrs of ``src`` to ``dst`` (neither followed), except overlay bookkeeping."""
+    try:
+        names = os.listxattr(src, follow_symlinks=False)
+    except OSError as e:
+        if e.errno in (errno.ENOTSUP, errno.EPERM):
+            return
+        raise
+    for name in names:
+        if whiteout.is_private_xattr(name):
+            continue
+        try:
+            value = os.getxattr(src, name, follow_symlinks=False)
+            os.setxattr(dst, name, value, follow_symlinks=False)
+        except OSError as e:
+            # A symlink cannot carry user.* xattrs on Linux; the lower can't have them either then.
+            if e.errno not in (errno.ENOTSUP, errno.EPERM, errno.ENODATA):
+                raise
+
+
+def copy_entry(src: str, st: os.stat_result, dst: str, *, with_data: bool = True, sync: bool = True) -> None:
+    """Create at ``dst`` (which must not exist) a copy of ``src`` whose lstat is ``st``.
+
+    Ownership, mode (setuid bits included), xattrs and atime/mtime in ns are kept. A directory is
+    copied without its children. ``with_data=False`` makes a regular file empty (for a copy-up that
+    is about to truncate). ``sync`` flushes a file's data before returning, so that once renamed into
+    place the copy survives a crash.
+    """
+    mode = st.st_mode
+    kind = stat.S_IFMT(mode)
+    if kind == stat.S_IFREG:
+        src_fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            dst_fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                if with_data:
+                    copy_data(src_fd, dst_fd, st.st_size)
+                if sync:
+                    os.fsync(dst_fd)
+            finally:
+                os.close(dst_fd)
+        finally:
+            os.close(src_fd)
+    elif kind == stat.S_IFDIR:
+        os.mkdir(dst, 0o700)
+    elif kind == stat.S_IFLNK:
+        os.symlink(os.readlink(src), dst)
+    else:
+        os.mknod(dst, kind | 0o600, st.st_rdev)
+    copy_xattrs(src, dst)
+    # chown before chmod: chown clears setuid/setgid bits, even for root.
+    os.chown(dst, st.st_uid, st.st_gid, follow_symlinks=False)
+    if kind != stat.S_IFLNK:
+        os.chmod(dst, stat.S_IMODE(mode))
+    os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)

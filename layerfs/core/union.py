@@ -1,0 +1,524 @@
+"""The union filesystem: read-only lower layers merged under one writable upper layer.
+
+Every operation takes merged-view paths and raises OSError with the errno kernel overlayfs gives. There
+is no FUSE in here; the FUSE adapter only translates calls.
+
+How changes are written, and why:
+
+- Every new entry (a created file, a copy-up, a directory, a whiteout) is built in the work directory
+  with its final ownership and mode, then renamed into the upper layer. A reader, or a crash, sees it
+  whole or not at all, and an entry can replace a whiteout atomically.
+- Removing something a lower layer also has leaves a whiteout (a 0/0 character device); nothing is
+  left where no lower layer needs hiding. A directory made where a lower one was deleted is opaque.
+- Renaming a directory that has lower parts copies its whole merged subtree up first, then renames it
+  in the upper layer. Kernel overlayfs answers EXDEV there (without redirect_dir), and many programs
+  then fail; the copy keeps the upper layer readable by kernel overlayfs, which a redirect xattr would not.
+- Copy-up keeps the parent directory's timestamps, so copying up changes nothing a user can see.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+import shutil
+import stat
+import threading
+
+from . import copyup, syscalls, whiteout
+from .inodes import InodeMap
+from .layer import Layer
+from .lookup import Entry, Resolver, join, split
+
+
+def _error(code: int, path: str) -> OSError:
+    return OSError(code, os.strerror(code), path)
+
+
+def _remove_tree(path: str) -> None:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(path)
+    else:
+        os.unlink(path)
+
+
+class Attributes:
+    """What getattr reports: the real lstat, with the merged view's inode number and link count."""
+
+    __slots__ = ("st", "ino", "nlink")
+
+    def __init__(self, st: os.stat_result, ino: int, nlink: int) -> None:
+        self.st = st
+        self.ino = ino
+        self.nlink = nlink
+
+
+class Union:
+    """Lower layers ``lowers`` (top first) under ``upper``; without an upper the union is read-only.
+
+    ``work`` is a directory on the upper's filesystem for building entries before they appear.
+    ``sync=False`` (overlay's ``volatile``) skips every fsync.
+    """
+
+    def __init__(self, lowers: list[str], upper: str | None = None, work: str | None = None,
+                 *, sync: bool = True) -> None:
+        self.upper = Layer(upper, writable=True) if upper else None
+        layers = ([self.upper] if self.upper else []) + [Layer(p, writable=False) for p in lowers]
+        self.resolver = Resolver(layers)
+        self.inodes = InodeMap(layers[0].dev)
+        self.sync = sync
+        self._lock = threading.RLock()
+        self._handles: dict[int, int] = {}  # open fd -> merged inode number
+        self._names = itertools.count()
+        self._work = ""
+        if self.upper:
+            if not work:
+                raise ValueError("an upper layer needs a work directory")
+            self._work = os.path.join(work, "work")
+            self._clean_work()
+
+    @property
+    def readonly(self) -> bool:
+        return self.upper is None
+
+    def _clean_work(self) -> None:
+        """Empty the work directory: what is there is an interrupted operation's leftovers, never data."""
+        os.makedirs(self._work, mode=0o700, exist_ok=True)
+        for name in os.listdir(self._work):
+            _remove_tree(os.path.join(self._work, name))
+
+    def _tmp(self) -> str:
+        return f"{self._work}/#{next(self._names):x}"
+
+    def _writable_upper(self) -> Layer:
+        if self.upper is None:
+            raise _error(errno.EROFS, "/")
+        return self.upper
+
+    # -- reading --------------------------------------------------------------------------------
+
+    def attributes(self, entry: Entry) -> Attributes:
+        st = entry.st
+        # overlayfs reports nlink 1 for a directory merged from several layers: its real count is unknown.
+        return Attributes(st, self.inodes.number(st), 1 if entry.merged else st.st_nlink)
+
+    def getattr(self, path: str) -> Attributes:
+        return self.attributes(self.resolver.get(path))
+
+    def lookup(self, path: str) -> Entry | None:
+        return self.resolver.lookup(path)
+
+    def listdir(self, path: str) -> dict[str, tuple[int, int]]:
+        """The merged directory ``path``: name -> (inode number, file type bits)."""
+        stack = self.resolver.stack_of(path)
+        merged: dict[str, tuple[int, int]] = {}
+        hidden: set[str] = set()
+        number = self.inodes.number_for
+        for layer in stack:
+            entries, whited_out = layer.scan(path)
+            for name, info in entries.items():
+                if name not in merged and name not in hidden:
+                    merged[name] = (number(info.dev, info.ino), info.type_bits)
+            hidden.update(whited_out)
+        return merged
+
+    def readlink(self, path: str) -> str:
+        return os.readlink(self.resolver.get(path).real)
+
+    def statvfs(self) -> os.statvfs_result:
+        return os.statvfs(self.resolver.layers[0].root)
+
+    def getxattr(self, path: str, name: str) -> bytes:
+        entry = self.resolver.get(path)
+        if whiteout.is_private_xattr(name):
+            raise _error(errno.ENODATA, path)
+        return os.getxattr(entry.real, name, follow_symlinks=False)
+
+    def listxattr(self, path: str) -> list[str]:
+        entry = self.resolver.get(path)
+        return [n for n in os.listxattr(entry.real, follow_symlinks=False) if not whiteout.is_private_xattr(n)]
+
+    def access(self, path: str, mode: int) -> None:
+        self.resolver.get(path)
+        if mode & os.W_OK and self.readonly:
+            raise _error(errno.EROFS, path)
+
+    # -- open files -----------------------------------------------------------------------------
+
+    def open(self, path: str, flags: int) -> int:
+        """Open ``path``; opening for writing (or truncating) copies a lower file up first."""
+        entry = self.resolver.get(path)
+        writing = (flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC
+        if writing and not entry.in_upper:
+            self._writable_upper()
+            with self._lock:
+                entry = self._copy_up(path, with_data=not flags & os.O_TRUNC)
+        fd = os.open(entry.real, (flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY)) | os.O_NOFOLLOW | os.O_CLOEXEC)
+        self._handles[fd] = self.inodes.number(entry.st)
+        return fd
+
+    def create(self, path: str, flags: int, mode: int, uid: int, gid: int) -> int:
+        """Create and open a new regular file owned by ``uid``/``gid``."""
+        keep = flags & (os.O_APPEND | os.O_SYNC | os.O_DSYNC | os.O_NONBLOCK | os.O_DIRECT)
+        with self._lock:
+            tmp, uid, gid, mode = self._prepare_new(path, uid, gid, mode, is_dir=False)
+            fd = os.open(tmp, keep | os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                os.fchown(fd, uid, gid)
+                os.fchmod(fd, mode)
+                self._install_new(tmp, path)
+            except BaseException:
+                os.close(fd)
+                _remove_tree(tmp)
+                raise
+        self._handles[fd] = self.inodes.number(os.fstat(fd))
+        return fd
+
+    def read(self, fd: int, size: int, offset: int) -> bytes:
+        return os.pread(fd, size, offset)
+
+    def write(self, fd: int, data: bytes, offset: int) -> int:
+        return os.pwrite(fd, data, offset)
+
+    def fstat(self, fd: int) -> Attributes:
+        st = os.fstat(fd)
+        return Attributes(st, self._handles.get(fd) or self.inodes.number(st), st.st_nlink)
+
+    def ftruncate(self, fd: int, length: int) -> None:
+        os.ftruncate(fd, length)
+
+    def fsync(self, fd: int, datasync: bool) -> None:
+        if self.sync:
+            (os.fdatasync if datasync else os.fsync)(fd)
+
+    def release(self, fd: int) -> None:
+        self._handles.pop(fd, None)
+        os.close(fd)
+
+    def close(self) -> None:
+        """Close every open file (on unmount)."""
+        for fd in list(self._handles):
+            self.release(fd)
+
+    # -- changing metadata ----------------------------------------------------------------------
+
+    def _copied_up(self, path: str, with_data: bool = True) -> Entry:
+        self._writable_upper()
+        with self._lock:
+            return self._copy_up(path, with_data)
+
+    def chmod(self, path: str, mode: int) -> None:
+        os.chmod(self._copied_up(path).real, stat.S_IMODE(mode))
+
+    def chown(self, path: str, uid: int, gid: int) -> None:
+        os.chown(self._copied_up(path).real, uid, gid, follow_symlinks=False)
+
+    def truncate(self, path: str, length: int) -> None:
+        os.truncate(self._copied_up(path, with_data=length > 0).real, length)
+
+    def utimens(self, path: str, times_ns: tuple[int, int] | None) -> None:
+        real = self._copied_up(path).real
+        if times_ns is None:
+            os.utime(real, follow_symlinks=False)
+        else:
+            os.utime(real, ns=times_ns, follow_symlinks=False)
+
+    def setxattr(self, path: str, name: str, value: bytes, flags: int) -> None:
+        if whiteout.is_private_xattr(name):
+            raise _error(errno.EOPNOTSUPP, path)
+        os.setxattr(self._copied_up(path).real, name, value, flags, follow_symlinks=False)
+
+    def removexattr(self, path: str, name: str) -> None:
+        if whiteout.is_private_xattr(name):
+            raise _error(errno.EOPNOTSUPP, path)
+        entry = self.resolver.get(path)
+        if name not in os.listxattr(entry.real, follow_symlinks=False):
+            raise _error(errno.ENODATA, path)
+        os.removexattr(self._copied_up(path).real, name, follow_symlinks=False)
+
+    # -- creating entries -----------------------------------------------------------------------
+
+    def mkdir(self, path: str, mode: int, uid: int, gid: int) -> None:
+        with self._lock:
+            tmp, uid, gid, mode = self._prepare_new(path, uid, gid, mode, is_dir=True)
+            os.mkdir(tmp, 0o700)
+            self._finish_new(tmp, path, uid, gid, mode)
+            if self._lower_has(path):
+                whiteout.mark_opaque(tmp)
+            self._install_new(tmp, path)
+
+    def mknod(self, path: str, mode: int, rdev: int, uid: int, gid: int) -> None:
+        if stat.S_ISCHR(mode) and rdev == 0:
+            # A 0/0 device is a whiteout: overlayfs refuses to create one through the merged view.
+            raise _error(errno.EPERM, path)
+        with self._lock:
+            tmp, uid, gid, mode = self._prepare_new(path, uid, gid, mode, is_dir=False)
+            os.mknod(tmp, stat.S_IFMT(mode) | 0o600, rdev)
+            self._finish_new(tmp, path, uid, gid, mode)
+            self._install_new(tmp, path)
+
+    def symlink(self, target: str, path: str, uid: int, gid: int) -> None:
+        with self._lock:
+            tmp, uid, gid, _ = self._prepare_new(path, uid, gid, 0o777, is_dir=False)
+            os.symlink(target, tmp)
+            self._finish_new(tmp, path, uid, gid, None)
+            self._install_new(tmp, path)
+
+    def link(self, existing: str, path: str) -> None:
+        source = self.resolver.get(existing)
+        if source.is_dir:
+            raise _error(errno.EPERM, existing)
+        with self._lock:
+            self._prepare_new(path, 0, 0, 0, is_dir=False)
+            source = self._copy_up(existing)
+            tmp = self._tmp()
+            os.link(source.real, tmp)
+            self._install_new(tmp, path)
+
+    def _prepare_new(self, path: str, uid: int, gid: int, mode: int, *, is_dir: bool) -> tuple[str, int, int, int]:
+        """Check that ``path`` can be created and copy its parent up; returns a temporary name and the
+        owner and mode the entry gets (a setgid parent passes on its group, and to directories its bit)."""
+        upper = self._writable_upper()
+        parent, _ = split(path)
+        if self.resolver.lookup(path) is not None:
+            raise _error(errno.EEXIST, path)
+        self._copy_up_dir_chain(parent)
+        pst = upper.lstat(parent)
+        if pst.st_mode & stat.S_ISGID:
+            gid = pst.st_gid
+            if is_dir:
+                mode |= stat.S_ISGID
+        return self._tmp(), uid, gid, mode
+
+    def _finish_new(self, tmp: str, path: str, uid: int, gid: int, mode: int | None) -> None:
+        try:
+            os.chown(tmp, uid, gid, follow_symlinks=False)
+            if mode is not None:
+                os.chmod(tmp, stat.S_IMODE(mode))
+        except BaseException:
+            _remove_tree(tmp)
+            raise
+
+    def _install_new(self, tmp: str, path: str) -> None:
+        """Move the new entry ``tmp`` into place, replacing a whiteout of the upper layer if there is one."""
+        try:
+            displaced = self._install(tmp, path)
+        except BaseException:
+            _remove_tree(tmp)
+            raise
+        if displaced:
+            _remove_tree(displaced)
+
+    # -- removing and renaming ------------------------------------------------------------------
+
+    def unlink(self, path: str) -> None:
+        entry = self.resolver.get(path)
+        if entry.is_dir:
+            raise _error(errno.EISDIR, path)
+        self._writable_upper()
+        with self._lock:
+            self._copy_up_dir_chain(split(path)[0])
+            if self._lower_has(path):
+                self._whiteout(path)
+            else:
+                os.unlink(entry.real)
+            if entry.in_upper and entry.st.st_nlink == 1:
+                self.inodes.removed(entry.st)
+
+    def rmdir(self, path: str) -> None:
+        if path == "/":
+            raise _error(errno.EBUSY, path)
+        entry = self.resolver.get(path)
+        if not entry.is_dir:
+            raise _error(errno.ENOTDIR, path)
+        self._writable_upper()
+        with self._lock:
+            if self.listdir(path):
+                raise _error(errno.ENOTEMPTY, path)
+            self._copy_up_dir_chain(split(path)[0])
+            if self._lower_has(path):
+                self._whiteout(path)
+            elif entry.in_upper:
+                try:
+                    os.rmdir(entry.real)
+                except OSError as e:
+                    if e.errno != errno.ENOTEMPTY:
+                        raise
+                    # Only whiteouts are left inside: take it out of view first, then empty it.
+                    tmp = self._tmp()
+                    os.rename(entry.real, tmp)
+                    shutil.rmtree(tmp)
+            self.resolver.invalidate()
+
+    def rename(self, old: str, new: str) -> None:
+        if old == new:
+            return
+        source = self.resolver.get(old)
+        target = self.resolver.lookup(new)
+        if source.is_dir and (new + "/").startswith(old + "/"):
+            raise _error(errno.EINVAL, new)
+        if target is not None:
+            if source.is_dir and not target.is_dir:
+                raise _error(errno.ENOTDIR, new)
+            if target.is_dir and not source.is_dir:
+                raise _error(errno.EISDIR, new)
+            if target.is_dir and self.listdir(new):
+                raise _error(errno.ENOTEMPTY, new)
+            if target.layer is source.layer and target.st.st_ino == source.st.st_ino:
+                return  # two names of one file: rename(2) does nothing
+        upper = self._writable_upper()
+        with self._lock:
+            self._copy_up_dir_chain(split(old)[0])
+            self._copy_up_dir_chain(split(new)[0])
+            whole_tree = source.is_dir and (not source.in_upper or source.merged)
+            if whole_tree:
+                self._copy_up_tree(old)
+            elif not source.in_upper:
+                self._copy_up(old)
+            source_real = upper.real(old)
+            opaque_at_target = source.is_dir and self._lower_has(new)
+            if opaque_at_target:
+                whiteout.mark_opaque(source_real)
+            if not self._rename_leaving_whiteout(old, new):
+                displaced = self._install(source_real, new)
+                if self._lower_has(old):
+                    self._whiteout(old)
+                elif displaced:
+                    _remove_tree(displaced)
+            if whole_tree:
+                self._drop_markers_below(upper.real(new), keep_opaque=opaque_at_target)
+            if source.is_dir:
+                self.resolver.invalidate()
+
+    def _rename_leaving_whiteout(self, old: str, new: str) -> bool:
+        """Rename in the upper layer leaving a whiteout at ``old`` in the same step, when ``old`` needs one
+        and the target needs no exchange. False when it was not done."""
+        if not self._lower_has(old):
+            return False
+        upper = self.upper
+        try:
+            syscalls.rename_whiteout(upper.real(old), upper.real(new))
+        except OSError as e:
+            if e.errno in (errno.EINVAL, errno.EPERM, errno.ENOSYS, errno.ENOTDIR, errno.EISDIR,
+                           errno.ENOTEMPTY, errno.EEXIST, errno.EOPNOTSUPP):
+                return False
+            raise
+        self._drop_oci_whiteout(new)
+        return True
+
+    # -- copy-up and upper-layer plumbing -------------------------------------------------------
+
+    def _copy_up(self, path: str, with_data: bool = True) -> Entry:
+        entry = self.resolver.get(path)
+        if entry.in_upper:
+            return entry
+        return self._copy_up_entry(entry, with_data)
+
+    def _copy_up_entry(self, entry: Entry, with_data: bool = True) -> Entry:
+        upper = self.upper
+        parent, _ = split(entry.path)
+        self._copy_up_dir_chain(parent)
+        parent_real = upper.real(parent)
+        pst = os.lstat(parent_real)
+        tmp = self._tmp()
+        try:
+            copyup.copy_entry(entry.real, entry.st, tmp, with_data=with_data, sync=self.sync)
+            os.rename(tmp, upper.real(entry.path))
+        except BaseException:
+            _remove_tree(tmp)
+            raise
+        os.utime(parent_real, ns=(pst.st_atime_ns, pst.st_mtime_ns))
+        st = upper.lstat(entry.path)
+        self.inodes.copied_up(entry.st, st)
+        if entry.is_dir:
+            self.resolver.invalidate()
+            return Entry(entry.path, upper, st, (upper,) + entry.stack)
+        return Entry(entry.path, upper, st, ())
+
+    def _copy_up_dir_chain(self, path: str) -> None:
+        """Make the directory ``path`` and its ancestors real directories of the upper layer."""
+        missing = []
+        while path != "/" and not self.resolver.stack_of(path)[0].writable:
+            missing.append(path)
+            path = split(path)[0]
+        for directory in reversed(missing):
+            self._copy_up_entry(self.resolver.get(directory))
+
+    def _copy_up_tree(self, path: str) -> None:
+        """Copy the directory ``path`` and everything visible below it into the upper layer."""
+        pending = [path]
+        while pending:
+            directory = pending.pop()
+            self._copy_up(directory)
+            for name, (_, bits) in self.listdir(directory).items():
+                child = join(directory, name)
+                if bits == stat.S_IFDIR:
+                    pending.append(child)
+                else:
+                    self._copy_up(child)
+
+    def _drop_markers_below(self, real_dir: str, *, keep_opaque: bool) -> None:
+        """After a subtree was copied up and moved, the whiteouts and opaque marks inside it refer to
+        nothing: remove them, so the upper layer reads the same with any overlay implementation."""
+        if not keep_opaque:
+            whiteout.clear_opaque(real_dir)
+        pending = [real_dir]
+        while pending:
+            directory = pending.pop()
+            with os.scandir(directory) as it:
+                for item in it:
+                    if item.is_dir(follow_symlinks=False):
+                        whiteout.clear_opaque(item.path)
+                        pending.append(item.path)
+                    elif whiteout.is_marker_name(item.name) or (
+                        not item.is_file(follow_symlinks=False) and not item.is_symlink()
+                        and whiteout.is_whiteout_stat(item.stat(follow_symlinks=False))
+                    ):
+                        os.unlink(item.path)
+
+    def _lower_has(self, path: str) -> bool:
+        """Whether a lower layer shows something at ``path`` when the upper layer has nothing there."""
+        parent, name = split(path)
+        lowers = tuple(layer for layer in self.resolver.stack_of(parent) if not layer.writable)
+        return bool(lowers) and Resolver.find_in(lowers, parent, name, path) is not None
+
+    def _install(self, src_real: str, path: str) -> str | None:
+        """Rename ``src_real`` to ``path`` in the upper layer, replacing what the upper has there.
+
+        rename(2) cannot replace a directory holding whiteouts, nor put a directory over a whiteout:
+        then the two are exchanged atomically and the old entry, now at ``src_real``, is returned for the
+        caller to dispose of.
+        """
+        dst = self.upper.real(path)
+        displaced = None
+        try:
+            os.rename(src_real, dst)
+        except OSError as e:
+            if e.errno not in (errno.ENOTDIR, errno.EISDIR, errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            syscalls.exchange(src_real, dst)
+            displaced = src_real
+        self._drop_oci_whiteout(path)
+        return displaced
+
+    def _drop_oci_whiteout(self, path: str) -> None:
+        parent, name = split(path)
+        try:
+            os.unlink(os.path.join(self.upper.real(parent), whiteout.oci_whiteout_name(name)))
+        except FileNotFoundError:
+            pass
+
+    def _whiteout(self, path: str) -> None:
+        """Make ``path`` a whiteout in the upper layer, replacing atomically whatever the upper has there."""
+        tmp = self._tmp()
+        try:
+            os.mknod(tmp, stat.S_IFCHR, os.makedev(0, 0))
+        except PermissionError:
+            _remove_tree(self.upper.real(path))
+            whiteout.make_whiteout(self.upper.real(path))
+            return
+        self._install_new(tmp, path)

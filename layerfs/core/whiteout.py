@@ -1,0 +1,115 @@
+"""On-disk markers of a layered filesystem: whiteouts, opaque directories and private xattrs.
+
+Two formats are met in the wild and both are read:
+
+- overlay (kernel overlayfs, fuse-overlayfs, containers-storage with kernel overlay): a whiteout is a
+  character device 0/0 with the deleted name; an opaque directory carries the xattr
+  ``trusted.overlay.opaque=y`` (``user.overlay.opaque`` when overlay runs with ``userxattr``).
+- OCI/AUFS (image layer tars, containers-storage layers for a mount program): a whiteout is an empty file
+  ``.wh.NAME``; an opaque directory contains ``.wh..wh..opq``.
+
+layerfs writes the overlay form, so an upper it wrote mounts with kernel overlayfs unchanged; it falls
+back to the OCI form only where creating a device node is not permitted (no CAP_MKNOD).
+
+Every magic name and xattr lives here, so nothing else in the code base spells them.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+
+WHITEOUT_PREFIX = ".wh."
+OPAQUE_MARKER = ".wh..wh..opq"
+# fuse-overlayfs writes this 0/0 device beside the xattr in opaque dirs; it is a whiteout-shaped marker.
+FUSE_OVERLAYFS_OPAQUE = ".wh..opq"
+
+OPAQUE_XATTR_TRUSTED = "trusted.overlay.opaque"
+OPAQUE_XATTR_USER = "user.overlay.opaque"
+OPAQUE_XATTRS = (OPAQUE_XATTR_TRUSTED, OPAQUE_XATTR_USER)
+
+# Xattr namespaces that belong to overlay implementations, not to the files: never shown in the merged
+# view, never settable through it, never copied up.
+PRIVATE_XATTR_PREFIXES = ("trusted.overlay.", "user.overlay.", "user.fuseoverlayfs.")
+
+
+def is_whiteout_stat(st: os.stat_result) -> bool:
+    """True for an overlay-form whiteout: a character device with device number 0/0."""
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+
+
+def oci_whiteout_name(name: str) -> str:
+    """The OCI-form whiteout file that hides ``name`` in the same directory."""
+    return WHITEOUT_PREFIX + name
+
+
+def is_marker_name(name: str) -> bool:
+    """Names that are bookkeeping, never entries of the merged view (``.wh.*`` in any layer)."""
+    return name.startswith(WHITEOUT_PREFIX)
+
+
+def whited_out_name(name: str) -> str | None:
+    """For an OCI whiteout file name ``.wh.X`` return ``X``; None for opaque markers and other names."""
+    if not name.startswith(WHITEOUT_PREFIX) or name in (OPAQUE_MARKER, FUSE_OVERLAYFS_OPAQUE):
+        return None
+    hidden = name[len(WHITEOUT_PREFIX):]
+    return hidden or None
+
+
+def is_private_xattr(name: str) -> bool:
+    return name.startswith(PRIVATE_XATTR_PREFIXES)
+
+
+def has_opaque_xattr(path: str) -> bool:
+    """True when the directory at ``path`` carries an overlay opaque xattr set to ``y``."""
+    for attr in OPAQUE_XATTRS:
+        try:
+            if os.getxattr(path, attr, follow_symlinks=False) == b"y":
+                return True
+        except OSError as e:
+            if e.errno not in (errno.ENODATA, errno.ENOTSUP, errno.EPERM, errno.EACCES):
+                raise
+    return False
+
+
+def make_whiteout(path: str) -> None:
+    """Create a whiteout at ``path`` (which must not exist): overlay form, else OCI form.
+
+    The OCI fallback is used only where mknod is refused (an unprivileged daemon); kernel overlayfs cannot
+    read it, but layerfs and every OCI tool can.
+    """
+    try:
+        os.mknod(path, stat.S_IFCHR | 0o000, os.makedev(0, 0))
+    except PermissionError:
+        head, name = os.path.split(path)
+        fd = os.open(os.path.join(head, oci_whiteout_name(name)), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o000)
+        os.close(fd)
+
+
+def mark_opaque(path: str) -> None:
+    """Mark the directory at ``path`` opaque: trusted xattr, else user xattr, else the OCI marker file."""
+    for attr in OPAQUE_XATTRS:
+        try:
+            os.setxattr(path, attr, b"y", follow_symlinks=False)
+            return
+        except OSError as e:
+            if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EACCES):
+                raise
+    fd = os.open(os.path.join(path, OPAQUE_MARKER), os.O_CREAT | os.O_WRONLY, 0o000)
+    os.close(fd)
+
+
+def clear_opaque(path: str) -> None:
+    """Remove every opaque mark from the directory at ``path``."""
+    for attr in OPAQUE_XATTRS:
+        try:
+            os.removexattr(path, attr, follow_symlinks=False)
+        except OSError as e:
+            if e.errno not in (errno.ENODATA, errno.ENOTSUP, errno.EPERM):
+                raise
+    for marker in (OPAQUE_MARKER, FUSE_OVERLAYFS_OPAQUE):
+        try:
+            os.unlink(os.path.join(path, marker))
+        except FileNotFoundError:
+            pass

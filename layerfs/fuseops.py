@@ -1,0 +1,238 @@
+"""The FUSE binding: fusepy (libfuse2 high-level API) calls translated to the core Union.
+
+This is the only module that imports fusepy. Its pitfalls, handled here:
+
+- Any exception other than OSError would reach the kernel as EINVAL; unexpected ones become EIO here,
+  logged with their traceback, so the daemon never dies on one.
+- Names that are not valid UTF-8 (real images have them) would fail to decode; paths are decoded with
+  surrogateescape instead, which os functions turn back into the same bytes.
+- An unlinked file that is still open has no path: ``nullpath_ok`` is switched on so that fstat, read
+  and write on it reach us with its handle (libfuse would otherwise answer ENOENT), and ``hard_remove``
+  stops libfuse from renaming such files to ``.fuse_hidden*`` entries in the upper layer.
+"""
+
+from __future__ import annotations
+
+import codecs
+import errno
+import logging
+
+import fuse
+
+from .core.union import Attributes, Union
+
+log = logging.getLogger("layerfs")
+
+_ENCODING = "layerfs-utf8"
+
+
+def _search_codec(name: str) -> codecs.CodecInfo | None:
+    if name.replace("_", "-") != _ENCODING:
+        return None
+    return codecs.CodecInfo(
+        name=_ENCODING,
+        encode=lambda text, errors="strict": codecs.utf_8_encode(text, "surrogateescape"),
+        decode=lambda data, errors="strict": codecs.utf_8_decode(data, "surrogateescape", True),
+    )
+
+
+codecs.register(_search_codec)
+
+
+class _Operations(fuse.fuse_operations):
+    """fusepy's operations table with the flags it offers no way to set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flag_nullpath_ok = 1
+
+
+fuse.fuse_operations = _Operations
+
+_NO_ID = 0xFFFFFFFF  # (uid_t)-1: "leave unchanged" in chown
+
+
+def _attrs(a: Attributes) -> dict:
+    st = a.st
+    return {
+        "st_mode": st.st_mode, "st_ino": a.ino, "st_nlink": a.nlink, "st_uid": st.st_uid,
+        "st_gid": st.st_gid, "st_size": st.st_size, "st_rdev": st.st_rdev, "st_blocks": st.st_blocks,
+        "st_blksize": st.st_blksize, "st_atime": st.st_atime_ns, "st_mtime": st.st_mtime_ns,
+        "st_ctime": st.st_ctime_ns,
+    }
+
+
+class LayerfsOperations(fuse.Operations):
+    use_ns = True
+
+    def __init__(self, union: Union, on_ready=None) -> None:
+        self.union = union
+        self._on_ready = on_ready
+
+    def __call__(self, op: str, *args):
+        try:
+            return getattr(self, op)(*args)
+        except OSError:
+            raise
+        except Exception:
+            log.exception("unexpected error in %s%r", op, args)
+            raise fuse.FuseOSError(errno.EIO)
+
+    def init(self, path):
+        if self._on_ready is not None:
+            self._on_ready()
+
+    def destroy(self, path):
+        self.union.close()
+
+    # -- reading
+
+    def getattr(self, path, fh=None):
+        if fh is not None:
+            return _attrs(self.union.fstat(fh.fh))
+        return _attrs(self.union.getattr(path))
+
+    def readdir(self, path, fh):
+        # A list, not a generator: errors must surface inside __call__ to be mapped.
+        entries: list = [".", ".."]
+        entries.extend((name, {"st_ino": ino, "st_mode": bits}, 0)
+                       for name, (ino, bits) in self.union.listdir(path).items())
+        return entries
+
+    def readlink(self, path):
+        return self.union.readlink(path)
+
+    def statfs(self, path):
+        v = self.union.statvfs()
+        return {
+            "f_bsize": v.f_bsize, "f_frsize": v.f_frsize, "f_blocks": v.f_blocks, "f_bfree": v.f_bfree,
+            "f_bavail": v.f_bavail, "f_files": v.f_files, "f_ffree": v.f_ffree, "f_favail": v.f_favail,
+            "f_namemax": v.f_namemax,
+        }
+
+    def access(self, path, amode):
+        self.union.access(path, amode)
+
+    def getxattr(self, path, name, position=0):
+        return self.union.getxattr(path, name)
+
+    def listxattr(self, path):
+        return self.union.listxattr(path)
+
+    # -- open files
+
+    def open(self, path, fi):
+        fi.fh = self.union.open(path, fi.flags)
+        return 0
+
+    def create(self, path, mode, fi):
+        uid, gid, _ = fuse.fuse_get_context()
+        fi.fh = self.union.create(path, fi.flags, mode, uid, gid)
+        return 0
+
+    def read(self, path, size, offset, fh):
+        return self.union.read(fh.fh, size, offset)
+
+    def write(self, path, data, offset, fh):
+        return self.union.write(fh.fh, data, offset)
+
+    def truncate(self, path, length, fh=None):
+        if fh is not None:
+            self.union.ftruncate(fh.fh, length)
+        else:
+            self.union.truncate(path, length)
+
+    def flush(self, path, fh):
+        return 0
+
+    def fsync(self, path, datasync, fh):
+        self.union.fsync(fh.fh, bool(datasync))
+
+    def release(self, path, fh):
+        self.union.release(fh.fh)
+
+    # -- changing
+
+    def mkdir(self, path, mode):
+        uid, gid, _ = fuse.fuse_get_context()
+        self.union.mkdir(path, mode, uid, gid)
+
+    def mknod(self, path, mode, dev):
+        uid, gid, _ = fuse.fuse_get_context()
+        self.union.mknod(path, mode, dev, uid, gid)
+
+    def symlink(self, target, source):
+        # fusepy names them backwards: ``target`` is the new link's path, ``source`` its content.
+        uid, gid, _ = fuse.fuse_get_context()
+        self.union.symlink(source, target, uid, gid)
+
+    def link(self, target, source):
+        # Likewise: ``target`` is the new name, ``source`` the existing file.
+        self.union.link(source, target)
+
+    def unlink(self, path):
+        self.union.unlink(path)
+
+    def rmdir(self, path):
+        self.union.rmdir(path)
+
+    def rename(self, old, new):
+        self.union.rename(old, new)
+
+    def chmod(self, path, mode):
+        self.union.chmod(path, mode)
+
+    def chown(self, path, uid, gid):
+        self.union.chown(path, -1 if uid == _NO_ID else uid, -1 if gid == _NO_ID else gid)
+
+    def utimens(self, path, times=None):
+        self.union.utimens(path, times)
+
+    def setxattr(self, path, name, value, options, position=0):
+        self.union.setxattr(path, name, value, options)
+
+    def removexattr(self, path, name):
+        self.union.removexattr(path, name)
+
+    # Directory handles carry nothing: readdir resolves the path each time.
+    def opendir(self, path):
+        self.union.resolver.stack_of(path)
+        return 0
+
+    def releasedir(self, path, fh):
+        return 0
+
+
+def run(union: Union, mountpoint: str, *, readonly: bool, fsname: str, debug: bool, on_ready=None) -> None:
+    """Serve ``union`` at ``mountpoint`` until it is unmounted (blocks)."""
+    options = dict(
+        foreground=True, allow_other=True, default_permissions=True, use_ino=True, hard_remove=True,
+        nonempty=True, fsname=fsname, subtype="layerfs", big_writes=True, max_write=131072,
+        max_read=131072, attr_timeout=1.0, entry_timeout=1.0, negative_timeout=1.0,
+    )
+    if readonly:
+        options["ro"] = True
+    operations = LayerfsOperations(union, on_ready)
+    if debug:
+        operations = _Logged(operations)
+    fuse.FUSE(operations, mountpoint, raw_fi=True, encoding=_ENCODING, **options)
+
+
+class _Logged(LayerfsOperations):
+    """--debug: every request and its answer on the log."""
+
+    def __init__(self, inner: LayerfsOperations) -> None:
+        self.__dict__.update(inner.__dict__)
+
+    def __call__(self, op, *args):
+        shown = tuple(a if isinstance(a, (str, int, bytes)) else getattr(a, "fh", a) for a in args)
+        try:
+            result = super().__call__(op, *args)
+        except OSError as e:
+            log.debug("%s%r -> %s", op, shown, errno.errorcode.get(e.errno, e.errno))
+            raise
+        if op in ("read", "readdir"):
+            log.debug("%s%r -> %d items", op, shown, len(result))
+        else:
+            log.debug("%s%r -> %r", op, shown, result)
+        return result

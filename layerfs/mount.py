@@ -1,0 +1,127 @@
+"""Mounting and unmounting: the daemon's life cycle.
+
+A mount program's caller (a person's shell, or containers-storage) waits for the command to exit and
+then uses the mount. So by default layerfs forks a daemon and exits 0 only when the kernel has
+initialised the FUSE connection; if the mount fails, the daemon's error (libfuse's own complaint
+included) is printed by the command, which exits non-zero.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import resource
+import shutil
+import subprocess
+
+from .core import syscalls
+from .core.union import Union
+from .errors import LayerfsError
+from .options import MountConfig
+
+_READY = b"\0layerfs-ready\n"
+
+
+def _prepare_process() -> None:
+    # Modes arrive with the caller's umask already applied by the kernel; ours must not apply twice.
+    os.umask(0)
+    # Every open file of every container process holds one descriptor here.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def _serve(config: MountConfig, union: Union, debug: bool, on_ready=None) -> None:
+    from . import fuseops  # the binding loads libfuse; only a mount needs it
+
+    fuseops.run(union, config.mountpoint, readonly=config.readonly, fsname=config.fsname, debug=debug,
+                on_ready=on_ready)
+
+
+def mount(config: MountConfig, *, foreground: bool = False, debug: bool = False) -> int:
+    """Mount ``config``; returns the exit code for the command."""
+    union = Union(config.lowers, config.upper, config.work, sync=config.sync)
+    if foreground:
+        _prepare_process()
+        _serve(config, union, debug)
+        return 0
+
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(write_end)
+        return _wait_until_ready(read_end, pid)
+
+    # The daemon.
+    os.close(read_end)
+    code = 1
+    try:
+        os.setsid()
+        os.chdir("/")
+        _prepare_process()
+        devnull = os.open(os.devnull, os.O_RDWR)
+        os.dup2(devnull, 0)
+        os.dup2(devnull, 1)
+        if not debug:
+            os.dup2(write_end, 2)  # until ready, complaints (libfuse's too) go to the waiting command
+        keep = sorted({0, 1, 2, write_end, devnull})
+        for low, high in zip(keep, keep[1:] + [os.sysconf("SC_OPEN_MAX")]):
+            os.closerange(low + 1, high)
+
+        def ready() -> None:
+            os.write(write_end, _READY)
+            if not debug:
+                os.dup2(devnull, 2)
+            os.close(write_end)
+
+        _serve(config, union, debug, on_ready=ready)
+        code = 0
+    except RuntimeError:
+        pass  # fuse_main failed and libfuse has already said why, on our stderr
+    except BaseException as e:  # noqa: BLE001 - the daemon reports everything to the waiting command
+        try:
+            os.write(write_end, f"{e}\n".encode(errors="replace"))
+        except OSError:
+            pass
+    finally:
+        os._exit(code)
+
+
+def _wait_until_ready(read_end: int, pid: int) -> int:
+    received = b""
+    with os.fdopen(read_end, "rb", buffering=0) as pipe:
+        while _READY not in received:
+            chunk = pipe.read(4096)
+            if not chunk:
+                break
+            received += chunk
+    if _READY in received:
+        return 0
+    os.waitpid(pid, 0)
+    message = " ".join(line.strip() for line in received.decode(errors="replace").splitlines() if line.strip())
+    raise LayerfsError(f"mount failed: {message or 'the daemon exited without a word'}")
+
+
+def umount(mountpoint: str, *, lazy: bool = False) -> None:
+    """Unmount a layerfs (or any FUSE) mount, a dead one (daemon killed) included."""
+    path = os.path.abspath(mountpoint)
+    try:
+        syscalls.umount(path, lazy=lazy)
+        return
+    except PermissionError:
+        pass  # not root: the setuid helper may do it
+    except OSError as e:
+        if e.errno == errno.EINVAL:
+            raise LayerfsError(f"{mountpoint}: not mounted") from e
+        if e.errno == errno.EBUSY:
+            raise LayerfsError(f"{mountpoint}: busy (files open or a process inside; -l detaches it)") from e
+        if e.errno == errno.ENOENT:
+            raise LayerfsError(f"{mountpoint}: no such directory") from e
+        raise
+    helper = shutil.which("fusermount3") or shutil.which("fusermount")
+    if helper is None:
+        raise LayerfsError(f"{mountpoint}: permission denied and no fusermount to ask")
+    args = [helper, "-u"] + (["-z"] if lazy else []) + [path]
+    result = subprocess.run(args, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise LayerfsError(f"{mountpoint}: {result.stderr.strip() or 'unmount failed'}")

@@ -1,0 +1,150 @@
+"""Mount options in overlayfs's and fuse-overlayfs's language, checked before anything is mounted.
+
+``-o lowerdir=A:B,upperdir=U,workdir=W`` with the leftmost lower on top. A backslash escapes ``,``
+``:`` and ``\\`` inside paths, as overlayfs allows. Relative paths are taken from the current directory
+(containers-storage passes ``l/ABC`` with its home as the current directory).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from .errors import UsageError
+
+# Options of overlayfs and fuse-overlayfs that only tune their own implementations: accepted without a
+# word, since callers (containers-storage) pass them routinely.
+_QUIET = frozenset({
+    "rw", "dev", "suid", "exec", "atime", "noatime", "relatime", "strictatime", "nodiratime",
+    "nodev", "nosuid", "noexec",
+    "default_permissions", "allow_other", "allow_root", "fsync", "threaded", "noacl", "static_nlink",
+    "xattr_permissions", "timeout", "redirect_dir", "index", "metacopy", "xino", "userxattr", "context",
+    "fscontext", "defcontext", "rootcontext", "nfs_export", "uuid", "plugins", "debug", "max_idle_threads",
+})
+
+
+@dataclass
+class MountConfig:
+    mountpoint: str
+    lowers: list[str]
+    upper: str | None = None
+    work: str | None = None
+    readonly: bool = False
+    sync: bool = True  # False with overlay's "volatile" or fuse-overlayfs's "fsync=0"
+    fsname: str = "layerfs"
+    warnings: list[str] = field(default_factory=list)
+
+
+def split_escaped(text: str, sep: str) -> list[str]:
+    """Split ``text`` at ``sep`` where it is not escaped with a backslash; backslashes are removed."""
+    parts, current, chars = [], [], iter(text)
+    for ch in chars:
+        if ch == "\\":
+            current.append(next(chars, ""))
+        elif ch == sep:
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+    parts.append("".join(current))
+    return parts
+
+
+def _split_options(text: str) -> list[str]:
+    """Split an option string at unescaped commas, keeping escapes for the per-path split to remove."""
+    parts, current, escaped = [], [], False
+    for ch in text:
+        if escaped:
+            current.append(ch)
+            escaped = False
+        elif ch == "\\":
+            current.append(ch)
+            escaped = True
+        elif ch == ",":
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+    parts.append("".join(current))
+    return [p for p in parts if p]
+
+
+def _directory(role: str, path: str) -> str:
+    if not path:
+        raise UsageError(f"{role}: empty path")
+    full = os.path.abspath(path)
+    if not os.path.exists(full):
+        raise UsageError(f"{role} {path}: no such directory")
+    if not os.path.isdir(full):
+        raise UsageError(f"{role} {path}: not a directory")
+    if not os.access(full, os.R_OK | os.X_OK):
+        raise UsageError(f"{role} {path}: permission denied")
+    return os.path.realpath(full)
+
+
+def parse(option_strings: list[str], mountpoint: str | None) -> MountConfig:
+    """Build a checked MountConfig from ``-o`` strings and a mount point; UsageError on any problem."""
+    values: dict[str, str] = {}
+    flags: set[str] = set()
+    warnings: list[str] = []
+    for text in option_strings:
+        for item in _split_options(text):
+            key, eq, value = item.partition("=")
+            if eq:
+                values[key] = value
+            else:
+                flags.add(key)
+
+    if mountpoint is None:
+        raise UsageError("no mount point given")
+    if "lowerdir" not in values:
+        raise UsageError("no lowerdir given (-o lowerdir=DIR[:DIR...])")
+    lower_paths = [p for p in split_escaped(values.pop("lowerdir"), ":")]
+    if any(p == "" for p in lower_paths):
+        raise UsageError("lowerdir: empty path in the list")
+    lowers = [_directory("lowerdir", p) for p in lower_paths]
+
+    upper = work = None
+    if "upperdir" in values:
+        upper = _directory("upperdir", split_escaped(values.pop("upperdir"), ",")[0])
+        if "workdir" not in values:
+            raise UsageError("upperdir needs a workdir (-o workdir=DIR)")
+        work = _directory("workdir", split_escaped(values.pop("workdir"), ",")[0])
+        if os.stat(upper).st_dev != os.stat(work).st_dev:
+            raise UsageError(f"workdir {work} is not on the same filesystem as upperdir {upper}")
+        if _inside(upper, work) or _inside(work, upper):
+            raise UsageError("upperdir and workdir must be separate directories, neither inside the other")
+        if not os.access(upper, os.W_OK) or not os.access(work, os.W_OK):
+            raise UsageError(f"upperdir {upper}: not writable")
+    elif "workdir" in values:
+        values.pop("workdir")
+        warnings.append("workdir ignored: there is no upperdir (read-only mount)")
+    readonly = upper is None or "ro" in flags
+    flags.discard("ro")
+    if readonly and upper is not None:
+        upper = work = None
+        warnings.append("ro given: mounting read-only, upperdir ignored")
+
+    mnt = os.path.abspath(mountpoint)
+    if not os.path.isdir(mnt):
+        raise UsageError(f"mount point {mountpoint}: no such directory")
+
+    sync = True
+    if "volatile" in flags:
+        flags.discard("volatile")
+        sync = False
+    if values.get("fsync") == "0":
+        sync = False
+    fsname = values.pop("fsname", "layerfs")
+
+    for key in sorted(values):
+        if key not in _QUIET:
+            warnings.append(f"unknown option {key}={values[key]} ignored")
+    for key in sorted(flags):
+        if key not in _QUIET:
+            warnings.append(f"unknown option {key} ignored")
+    return MountConfig(mnt, lowers, upper, work, readonly, sync, fsname, warnings)
+
+
+def _inside(child: str, parent: str) -> bool:
+    return (child + "/").startswith(parent.rstrip("/") + "/")
