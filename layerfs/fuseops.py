@@ -6,9 +6,13 @@ This is the only module that imports fusepy. Its pitfalls, handled here:
   logged with their traceback, so the daemon never dies on one.
 - Names that are not valid UTF-8 (real images have them) would fail to decode; paths are decoded with
   surrogateescape instead, which os functions turn back into the same bytes.
-- An unlinked file that is still open has no path: ``nullpath_ok`` is switched on so that fstat, read
-  and write on it reach us with its handle (libfuse would otherwise answer ENOENT), and ``hard_remove``
-  stops libfuse from renaming such files to ``.fuse_hidden*`` entries in the upper layer.
+- An unlinked file that is still open: the kernel's fstat asks GETATTR by path, and libfuse2 forgets the
+  path of an unlinked node, so fstat would fail. libfuse's remedy is to rename such a file to a hidden
+  name instead of unlinking it. That rename is intercepted: the file is unlinked for real (whiteout and
+  all, nothing hidden is written to the upper layer) and the hidden name is kept here as an alias that
+  answers getattr from an open descriptor, until libfuse drops it after the last close. A user renaming
+  a file to a fresh name starting with ``.fuse_hidden`` would meet the same treatment.
+- ``nullpath_ok`` is switched on, so reads and writes on a handle never need a path.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ class _Operations(fuse.fuse_operations):
 fuse.fuse_operations = _Operations
 
 _NO_ID = 0xFFFFFFFF  # (uid_t)-1: "leave unchanged" in chown
+_HIDDEN_PREFIX = ".fuse_hidden"  # libfuse's name for an unlinked file that is still open
 
 
 def _attrs(a: Attributes) -> dict:
@@ -68,6 +73,7 @@ class LayerfsOperations(fuse.Operations):
     def __init__(self, union: Union, on_ready=None) -> None:
         self.union = union
         self._on_ready = on_ready
+        self._hidden: dict[str, tuple[int, int]] = {}  # libfuse's hidden name -> Union.detach key
 
     def __call__(self, op: str, *args):
         try:
@@ -90,6 +96,9 @@ class LayerfsOperations(fuse.Operations):
     def getattr(self, path, fh=None):
         if fh is not None:
             return _attrs(self.union.fstat(fh.fh))
+        hidden = self._hidden.get(path)
+        if hidden is not None:
+            return _attrs(self.union.fstat(self.union.open_fd(hidden)))
         return _attrs(self.union.getattr(path))
 
     def readdir(self, path, fh):
@@ -171,12 +180,17 @@ class LayerfsOperations(fuse.Operations):
         self.union.link(source, target)
 
     def unlink(self, path):
+        if self._hidden.pop(path, None) is not None:
+            return  # libfuse lets go of a hidden file after its last close: it is gone already
         self.union.unlink(path)
 
     def rmdir(self, path):
         self.union.rmdir(path)
 
     def rename(self, old, new):
+        if new.rpartition("/")[2].startswith(_HIDDEN_PREFIX) and self.union.lookup(new) is None:
+            self._hidden[new] = self.union.detach(old)
+            return
         self.union.rename(old, new)
 
     def chmod(self, path, mode):
@@ -206,7 +220,7 @@ class LayerfsOperations(fuse.Operations):
 def run(union: Union, mountpoint: str, *, readonly: bool, fsname: str, debug: bool, on_ready=None) -> None:
     """Serve ``union`` at ``mountpoint`` until it is unmounted (blocks)."""
     options = dict(
-        foreground=True, allow_other=True, default_permissions=True, use_ino=True, hard_remove=True,
+        foreground=True, allow_other=True, default_permissions=True, use_ino=True,
         nonempty=True, fsname=fsname, subtype="layerfs", big_writes=True, max_write=131072,
         max_read=131072, attr_timeout=1.0, entry_timeout=1.0, negative_timeout=1.0,
     )

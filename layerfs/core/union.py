@@ -72,7 +72,7 @@ class Union:
         self.inodes = InodeMap(layers[0].dev)
         self.sync = sync
         self._lock = threading.RLock()
-        self._handles: dict[int, int] = {}  # open fd -> merged inode number
+        self._handles: dict[int, tuple[int, int, int]] = {}  # open fd -> (merged inode number, real dev, real ino)
         self._names = itertools.count()
         self._work = ""
         if self.upper:
@@ -158,8 +158,12 @@ class Union:
             with self._lock:
                 entry = self._copy_up(path, with_data=not flags & os.O_TRUNC)
         fd = os.open(entry.real, (flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY)) | os.O_NOFOLLOW | os.O_CLOEXEC)
-        self._handles[fd] = self.inodes.number(entry.st)
+        self._remember(fd, self.inodes.number(entry.st))
         return fd
+
+    def _remember(self, fd: int, number: int) -> None:
+        st = os.fstat(fd)
+        self._handles[fd] = (number, st.st_dev, st.st_ino)
 
     def create(self, path: str, flags: int, mode: int, uid: int, gid: int) -> int:
         """Create and open a new regular file owned by ``uid``/``gid``."""
@@ -175,7 +179,7 @@ class Union:
                 os.close(fd)
                 _remove_tree(tmp)
                 raise
-        self._handles[fd] = self.inodes.number(os.fstat(fd))
+        self._remember(fd, self.inodes.number(os.fstat(fd)))
         return fd
 
     def read(self, fd: int, size: int, offset: int) -> bytes:
@@ -186,7 +190,22 @@ class Union:
 
     def fstat(self, fd: int) -> Attributes:
         st = os.fstat(fd)
-        return Attributes(st, self._handles.get(fd) or self.inodes.number(st), st.st_nlink)
+        known = self._handles.get(fd)
+        return Attributes(st, known[0] if known else self.inodes.number(st), st.st_nlink)
+
+    def detach(self, path: str) -> tuple[int, int]:
+        """Unlink ``path`` while files opened on it stay usable; returns the key that ``open_fd`` takes
+        to find one of them (for fstat of an unlinked open file)."""
+        entry = self.resolver.get(path)
+        key = (entry.st.st_dev, entry.st.st_ino)
+        self.unlink(path)
+        return key
+
+    def open_fd(self, key: tuple[int, int]) -> int:
+        for fd, (_, dev, ino) in list(self._handles.items()):
+            if (dev, ino) == key:
+                return fd
+        raise _error(errno.ENOENT, "(unlinked file)")
 
     def ftruncate(self, fd: int, length: int) -> None:
         os.ftruncate(fd, length)

@@ -1,0 +1,126 @@
+"""Shared fixtures: real mounts of layerfs and of kernel overlayfs, always unmounted afterwards.
+
+Tests run as root with /dev/fuse (tools/test installs what is needed). Every mount made through the
+``mounts`` fixture is unmounted at teardown even when the test fails; a session-end check fails the run
+if anything under pytest's temporary directories is still mounted.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+LAYERFS = [sys.executable, "-m", "layerfs"]
+
+
+def _mounted_points() -> set[str]:
+    with open("/proc/self/mountinfo") as f:
+        return {line.split()[4].replace("\\040", " ") for line in f}
+
+
+def is_mounted(path: str | os.PathLike) -> bool:
+    return os.path.abspath(path) in _mounted_points()
+
+
+def force_unmount(path: str | os.PathLike) -> None:
+    """Unmount ``path`` by every means, for cleanup; no error if it is not mounted."""
+    path = os.path.abspath(path)
+    for args in (["umount", path], ["umount", "-l", path]):
+        if not is_mounted(path):
+            return
+        subprocess.run(args, capture_output=True)
+        time.sleep(0.05)
+
+
+class Layers:
+    """Builds layer directories under a base directory."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+
+    def dir(self, name: str) -> Path:
+        p = self.base / name
+        p.mkdir(parents=True, exist_ok=True)
+        return p
+
+
+class Mounts:
+    """Mounts layerfs or kernel overlayfs and remembers them for cleanup."""
+
+    def __init__(self) -> None:
+        self.points: list[Path] = []
+
+    @staticmethod
+    def options(lowers, upper=None, work=None, extra: str = "") -> str:
+        opts = "lowerdir=" + ":".join(str(p) for p in lowers)
+        if upper is not None:
+            opts += f",upperdir={upper},workdir={work}"
+        return opts + ("," + extra if extra else "")
+
+    def layerfs(self, mountpoint, lowers, upper=None, work=None, extra: str = "") -> Path:
+        """Mount layerfs (daemonized, as a user would) and return the mount point."""
+        mnt = Path(mountpoint)
+        mnt.mkdir(parents=True, exist_ok=True)
+        self.points.append(mnt)
+        result = subprocess.run(LAYERFS + ["-o", self.options(lowers, upper, work, extra), str(mnt)],
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, f"layerfs mount failed: {result.stderr}"
+        assert is_mounted(mnt)
+        return mnt
+
+    def overlay(self, mountpoint, lowers, upper=None, work=None, extra: str = "") -> Path:
+        """Mount kernel overlayfs, the reference implementation."""
+        mnt = Path(mountpoint)
+        mnt.mkdir(parents=True, exist_ok=True)
+        self.points.append(mnt)
+        opts = self.options(lowers, upper, work, extra)
+        subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, str(mnt)], check=True,
+                       capture_output=True, timeout=60)
+        return mnt
+
+    def unmount(self, mountpoint) -> None:
+        """Unmount cleanly (the test wants it gone now, e.g. to look at the upper layer)."""
+        mnt = Path(mountpoint)
+        if is_mounted(mnt):
+            subprocess.run(["umount", str(mnt)], check=True, capture_output=True, timeout=60)
+        if mnt in self.points:
+            self.points.remove(mnt)
+
+    def cleanup(self) -> None:
+        for mnt in reversed(self.points):
+            force_unmount(mnt)
+        self.points.clear()
+
+
+@pytest.fixture
+def mounts():
+    m = Mounts()
+    try:
+        yield m
+    finally:
+        m.cleanup()
+
+
+@pytest.fixture
+def layers(tmp_path) -> Layers:
+    return Layers(tmp_path)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _nothing_left_mounted(tmp_path_factory):
+    yield
+    base = str(tmp_path_factory.getbasetemp())
+    left = sorted(p for p in _mounted_points() if p.startswith(base))
+    for p in left:
+        force_unmount(p)
+    assert not left, f"tests left mounts behind: {left}"
+
+
+def pytest_configure(config):
+    if os.geteuid() != 0:
+        raise pytest.UsageError("layerfs tests mount filesystems for real and must run as root")
