@@ -20,6 +20,7 @@ from __future__ import annotations
 import codecs
 import errno
 import logging
+import os
 
 import fuse
 
@@ -226,6 +227,9 @@ def run(union: Union, mountpoint: str, *, readonly: bool, fsname: str, debug: bo
     )
     if readonly:
         options["ro"] = True
+    if os.geteuid() == 0:
+        # libfuse mounts nosuid,nodev unless told otherwise; a container rootfs needs both.
+        options.update(suid=True, dev=True)
     operations = LayerfsOperations(union, on_ready)
     if debug:
         operations = _Logged(operations)

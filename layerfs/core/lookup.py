@@ -87,6 +87,9 @@ class Resolver:
         """
         if path == "/":
             return self._root()
+        stack = self._stacks.get(path)
+        if stack is not None:  # a directory looked up before: no need to probe every layer again
+            return Entry(path, stack[0], stack[0].lstat(path), stack)
         parent, name = split(path)
         return self.find_in(self.stack_of(parent), parent, name, path)
 
