@@ -1,0 +1,105 @@
+"""What a container changed: its upper layer read against the lower layers, as ``docker diff`` shows it.
+
+``changes(upper, lowers)`` walks the upper directory once and looks each entry up in the merged view
+of the lowers (whiteouts and opaque directories of the lowers applied, both forms), so a name the
+lowers had deleted counts as added, not changed. The report follows Docker's overlay walk:
+
+- ``A`` added: the lowers show nothing there (and everything below a new directory is ``A`` too);
+- ``C`` changed: a file that is in the upper over a lower one (it was copied up, so something wrote
+  to it, its metadata or its data), a type change, a directory whose mode, owner or mtime differ, and
+  every ancestor directory of a change (``/`` never);
+- ``D`` deleted: a whiteout over something the lowers show; a whiteout that hides nothing is not
+  reported. An opaque directory over a lower one is reported ``D`` for the directory, then ``A`` for
+  each entry in it, as Docker and Podman do.
+
+No FUSE and no mount here: this is the full-walk way of computing changes, good for any upper
+directory written by layerfs or kernel overlayfs.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from typing import Iterator, NamedTuple, Sequence
+
+from . import whiteout
+from .layer import Layer
+from .lookup import Entry, Resolver, join
+
+ADDED, CHANGED, DELETED = "A", "C", "D"
+
+
+class Change(NamedTuple):
+    kind: str  # ADDED, CHANGED or DELETED
+    path: str  # in the container: "/etc/passwd"
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.path}"
+
+
+def changes(upper: str, lowers: Sequence[str]) -> list[Change]:
+    """The changes ``upper`` makes to ``lowers`` (top first), sorted by path, ancestors included."""
+    upper = upper.rstrip("/") or "/"
+    resolver = Resolver([Layer(p, writable=False) for p in lowers]) if lowers else None
+    lower = resolver.lookup("/") if resolver is not None and not _is_opaque(upper) else None
+    found = {c.path: c for c in _walk(upper, "/", resolver, lower)}
+    for path in list(found):
+        parent = os.path.dirname(path)
+        while parent != "/" and parent not in found:
+            found[parent] = Change(CHANGED, parent)
+            parent = os.path.dirname(parent)
+    return sorted(found.values(), key=lambda c: c.path.split("/"))
+
+
+def _is_opaque(real_dir: str) -> bool:
+    return os.path.lexists(os.path.join(real_dir, whiteout.OPAQUE_MARKER)) or whiteout.has_opaque_xattr(real_dir)
+
+
+def _walk(upper: str, path: str, resolver: Resolver | None, lower: Entry | None) -> Iterator[Change]:
+    """Changes below the upper directory ``path``.
+
+    ``lower`` is what the lowers show at ``path`` (a directory), None when they show nothing there
+    or the upper directory is new or opaque: then everything below is added.
+    """
+    real_dir = upper if path == "/" else upper + path
+    with os.scandir(real_dir) as it:
+        entries = {e.name: e for e in it}
+
+    def below(name: str) -> Entry | None:
+        if lower is None or resolver is None:
+            return None
+        return resolver.find_in(lower.stack, path, name, join(path, name))
+
+    for name, entry in entries.items():
+        child = join(path, name)
+        st = entry.stat(follow_symlinks=False)
+        if whiteout.is_marker_name(name):
+            hidden = whiteout.whited_out_name(name)  # an OCI whiteout file (None for opaque markers)
+            if hidden is not None and hidden not in entries and below(hidden) is not None:
+                yield Change(DELETED, join(path, hidden))
+            continue
+        old = below(name)
+        if whiteout.is_whiteout_stat(st):
+            if old is not None:
+                yield Change(DELETED, child)
+            continue
+        if not stat.S_ISDIR(st.st_mode):
+            yield Change(ADDED if old is None else CHANGED, child)
+            continue
+        if old is None:
+            yield Change(ADDED, child)
+            yield from _walk(upper, child, None, None)
+        elif not old.is_dir:
+            yield Change(CHANGED, child)  # a file replaced by a directory: what is inside is new
+            yield from _walk(upper, child, None, None)
+        elif _is_opaque(entry.path):
+            yield Change(DELETED, child)  # Docker's way of saying "replaced": D, then A for its content
+            yield from _walk(upper, child, None, None)
+        else:
+            if _dir_differs(st, old.st):
+                yield Change(CHANGED, child)
+            yield from _walk(upper, child, resolver, old)
+
+
+def _dir_differs(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_mode, a.st_uid, a.st_gid, a.st_mtime_ns) != (b.st_mode, b.st_uid, b.st_gid, b.st_mtime_ns)
