@@ -1,0 +1,387 @@
+"""Run one scenario on kernel overlayfs and on layerfs over identical layer copies, and compare.
+
+Kernel overlayfs is the oracle. A *scenario* is a plain function ``scenario(mnt) -> observations`` that
+does things below a mount point and returns what it saw: errno names, stat fields, contents, listings.
+Observations must not depend on which mount they came from (no absolute paths, no raw inode numbers, no
+wall-clock times), so the two runs can be compared with ``==``.
+
+Layers are built once by a *builder* in the overlay whiteout form (0/0 character devices and the
+``trusted.overlay.opaque`` xattr), then copied with ``cp -a``: the kernel always mounts the overlay-form
+copy (it reads no other form); layerfs mounts a copy in the form the test asks for, the overlay form or
+the OCI form (``.wh.NAME`` files and ``.wh..wh..opq``).
+
+Also here, because several test modules need them: observation helpers (``outcome``, ``describe``,
+``tree``, ``upper_tree``), running a scenario as another user (``run_as``), and the ``public_base``
+fixture for mount points that users other than root can reach (pytest's own temporary directories are
+private to root).
+"""
+
+from __future__ import annotations
+
+import difflib
+import errno
+import hashlib
+import os
+import pickle
+import pprint
+import stat
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+
+FORMS = ("overlay", "oci")
+OPAQUE_XATTR = "trusted.overlay.opaque"
+OCI_WHITEOUT = ".wh."
+OCI_OPAQUE = ".wh..wh..opq"
+PRIVATE_XATTR_PREFIXES = ("trusted.overlay.", "user.overlay.", "user.fuseoverlayfs.")
+
+USER = 1000  # an ordinary user of this machine (uid and gid)
+
+
+# -- building layers ------------------------------------------------------------------------------
+
+
+@dataclass
+class Stack:
+    """One side's layers (lowers top first) and, once mounted, its mount point."""
+
+    lowers: list[Path]
+    upper: Path
+    work: Path
+    mnt: Path | None = None
+    # The directories the lowers were built in; differs from ``lowers`` when those are read-only binds.
+    sources: list[Path] = field(default_factory=list)
+
+
+Builder = Callable[[Stack], None]
+Scenario = Callable[[Path], Any]
+
+
+def whiteout(directory: Path, name: str) -> None:
+    """Delete ``name`` in the layers below, in overlay form (a 0/0 character device)."""
+    os.mknod(directory / name, stat.S_IFCHR, os.makedev(0, 0))
+
+
+def make_opaque(directory: Path) -> None:
+    """Hide what the layers below have in ``directory``, in overlay form."""
+    os.setxattr(directory, OPAQUE_XATTR, b"y")
+
+
+def write(path: Path, data: str | bytes, mode: int | None = None) -> Path:
+    """Create a file (and its parents) with ``data``; for builders."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data.encode() if isinstance(data, str) else data)
+    if mode is not None:
+        path.chmod(mode)
+    return path
+
+
+def to_oci_form(root: Path) -> int:
+    """Rewrite the overlay-form markers under ``root`` in OCI form; returns how many were rewritten."""
+    count = 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        d = Path(dirpath)
+        try:
+            if os.getxattr(d, OPAQUE_XATTR) == b"y":
+                os.removexattr(d, OPAQUE_XATTR)
+                (d / OCI_OPAQUE).touch()
+                count += 1
+        except OSError as e:
+            if e.errno != errno.ENODATA:
+                raise
+        for name in filenames:
+            st = os.lstat(d / name)
+            if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
+                os.unlink(d / name)
+                (d / (OCI_WHITEOUT + name)).touch()
+                count += 1
+    return count
+
+
+def _copy_tree(src: Path, dst: Path) -> None:
+    # cp -a keeps devices, hard links, ownership, modes, timestamps and (as root) trusted.* xattrs.
+    subprocess.run(["cp", "-a", str(src), str(dst)], check=True)
+
+
+def _bind_read_only(mounts, src: Path, dst: Path) -> None:
+    dst.mkdir()
+    mounts.points.append(dst)  # the fixture unmounts it after the overlays mounted on top of it
+    subprocess.run(["mount", "--bind", str(src), str(dst)], check=True)
+    subprocess.run(["mount", "-o", "remount,bind,ro", str(dst)], check=True)
+
+
+def _stack(base: Path, nlowers: int) -> Stack:
+    base.mkdir(parents=True)
+    lowers = [base / f"lower{i}" for i in range(nlowers)]
+    for p in lowers + [base / "upper", base / "work"]:
+        p.mkdir()
+    return Stack(lowers, base / "upper", base / "work", sources=list(lowers))
+
+
+# -- the pair -------------------------------------------------------------------------------------
+
+
+class Pair:
+    """A kernel overlay mount and a layerfs mount over identical copies of the same layers."""
+
+    def __init__(self, mounts, kernel: Stack, layerfs: Stack) -> None:
+        self.mounts = mounts
+        self.kernel = kernel
+        self.layerfs = layerfs
+
+    @property
+    def sides(self) -> tuple[Stack, Stack]:
+        return self.kernel, self.layerfs
+
+    def run(self, scenario: Scenario, *args: Any) -> tuple[Any, Any]:
+        """The scenario's observations on the kernel mount and on the layerfs mount."""
+        return scenario(self.kernel.mnt, *args), scenario(self.layerfs.mnt, *args)
+
+    def compare(self, scenario: Scenario, *args: Any) -> Any:
+        """Run ``scenario`` on both mounts, assert equal observations, and return them.
+
+        Afterwards the layerfs mount must show none of its bookkeeping, whatever the scenario did.
+        """
+        expected, got = self.run(scenario, *args)
+        assert got == expected, explain(expected, got)
+        assert_no_internals(self.layerfs.mnt)
+        return expected
+
+    def unmount(self) -> None:
+        for side in self.sides:
+            self.mounts.unmount(side.mnt)
+
+    def compare_uppers(self) -> dict[str, Any]:
+        """Unmount both and assert the upper layers hold the same entries, whiteouts and opaque marks."""
+        self.unmount()
+        expected, got = upper_tree(self.kernel.upper), upper_tree(self.layerfs.upper)
+        assert got == expected, "upper layers differ\n" + explain(expected, got)
+        return expected
+
+
+def make_pair(mounts, base: Path, build: Builder, *, nlowers: int = 3, form: str = "overlay",
+              ro_lowers: bool = False, mnt_base: Path | None = None) -> Pair:
+    """Build layers with ``build`` and mount them twice: kernel overlayfs and layerfs.
+
+    ``form`` is the whiteout form of layerfs's lower copies; with "oci" the builder must have made at
+    least one whiteout or opaque directory, or the parametrization would test nothing.
+    ``ro_lowers`` puts every lower behind a read-only bind mount (the layer directories themselves,
+    ``Stack.sources``, stay writable for the test to inspect). ``mnt_base`` holds the mount points
+    (default ``base``; use ``public_base`` when other users must reach them).
+    """
+    assert form in FORMS
+    kernel = _stack(base / "kernel", nlowers)
+    build(kernel)
+    layerfs = _stack(base / "layerfs", 0)
+    for i, src in enumerate(kernel.lowers + [kernel.upper]):
+        dst = layerfs.upper if src == kernel.upper else base / "layerfs" / f"lower{i}"
+        if dst.exists():
+            dst.rmdir()
+        _copy_tree(src, dst)
+        if src != kernel.upper:
+            layerfs.lowers.append(dst)
+    layerfs.sources = list(layerfs.lowers)
+    if form == "oci":
+        converted = sum(to_oci_form(p) for p in layerfs.lowers)
+        assert converted, "OCI form asked for, but the layers have no whiteout or opaque directory"
+    for side, name in ((kernel, "kernel"), (layerfs, "layerfs")):
+        if ro_lowers:
+            side.lowers = [side.sources[i].with_name(f"ro{i}") for i in range(len(side.sources))]
+            for src, dst in zip(side.sources, side.lowers):
+                _bind_read_only(mounts, src, dst)
+        mnt = (mnt_base or base) / f"{name}-mnt"
+        mount = mounts.overlay if name == "kernel" else mounts.layerfs
+        side.mnt = mount(mnt, side.lowers, side.upper, side.work)
+    return Pair(mounts, kernel, layerfs)
+
+
+@pytest.fixture
+def public_base(mounts) -> Iterator[Path]:
+    """A directory every user can traverse, for mount points used by non-root scenarios.
+
+    Only mount point directories go in here: at teardown everything is unmounted first, then the
+    (empty) directories are removed with rmdir, which never descends into anything still mounted.
+    """
+    base = Path(tempfile.mkdtemp(prefix="layerfs-scenarios-"))
+    base.chmod(0o755)
+    try:
+        yield base
+    finally:
+        mounts.cleanup()
+        for child in base.iterdir():
+            try:
+                child.rmdir()
+            except OSError:
+                pass
+        base.rmdir()
+
+
+# -- observations ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Err:
+    """A failed call, as its errno name."""
+
+    name: str
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+def outcome(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``fn``'s result, or ``Err("ENOENT")`` etc. when it raises OSError."""
+    try:
+        return fn(*args, **kwargs)
+    except OSError as e:
+        return Err(errno.errorcode.get(e.errno, str(e.errno)))
+
+
+def errname(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> str:
+    """"ok", or the errno name ``fn`` failed with."""
+    result = outcome(fn, *args, **kwargs)
+    return result.name if isinstance(result, Err) else "ok"
+
+
+_KINDS = {stat.S_IFREG: "file", stat.S_IFDIR: "dir", stat.S_IFLNK: "symlink", stat.S_IFCHR: "chardev",
+          stat.S_IFBLK: "blockdev", stat.S_IFIFO: "fifo", stat.S_IFSOCK: "socket"}
+
+
+def xattrs(path: Path | str) -> dict[str, bytes]:
+    """All xattrs of ``path`` (not followed)."""
+    out = {}
+    for name in sorted(os.listxattr(path, follow_symlinks=False)):
+        out[name] = outcome(os.getxattr, path, name, follow_symlinks=False)
+    return out
+
+
+def describe(path: Path | str, *, data: bool = True) -> dict[str, Any]:
+    """What a user sees of one entry: type, mode, owner, link count, size, contents, target, xattrs.
+
+    Directory sizes are left out: they depend on the history of the real directory, not on the tree.
+    """
+    st = os.lstat(path)
+    kind = _KINDS[stat.S_IFMT(st.st_mode)]
+    d: dict[str, Any] = {"type": kind, "mode": f"{stat.S_IMODE(st.st_mode):04o}", "uid": st.st_uid,
+                         "gid": st.st_gid, "nlink": st.st_nlink}
+    if kind == "file":
+        d["size"] = st.st_size
+        if data:
+            content = Path(path).read_bytes()
+            d["data"] = content if len(content) <= 256 else hashlib.sha256(content).hexdigest()
+    elif kind == "symlink":
+        d["size"] = st.st_size
+        d["target"] = os.readlink(path)
+    elif kind in ("chardev", "blockdev"):
+        d["rdev"] = (os.major(st.st_rdev), os.minor(st.st_rdev))
+    d["xattrs"] = xattrs(path)
+    return d
+
+
+def walk(root: Path | str) -> Iterator[tuple[str, os.stat_result]]:
+    """Every entry below ``root``, sorted, as (path relative to root, lstat)."""
+    pending = [""]
+    while pending:
+        rel = pending.pop()
+        full = os.path.join(root, rel) if rel else str(root)
+        for name in sorted(os.listdir(full), reverse=True):
+            child = f"{rel}/{name}" if rel else name
+            st = os.lstat(os.path.join(root, child))
+            yield child, st
+            if stat.S_ISDIR(st.st_mode):
+                pending.append(child)
+
+
+def tree(root: Path | str, *, data: bool = True) -> dict[str, dict[str, Any]]:
+    """The whole visible tree below ``root`` (itself as "."), each entry described."""
+    out = {".": describe(root, data=data)}
+    for rel, _ in walk(root):
+        out[rel] = describe(os.path.join(root, rel), data=data)
+    return dict(sorted(out.items()))
+
+
+def upper_tree(upper: Path | str) -> dict[str, Any]:
+    """An upper layer as a kernel overlay would read it: entries, whiteouts and opaque directories.
+
+    Overlay's own bookkeeping xattrs (origin, impure, ...) are left out; only opaque matters here.
+    """
+    out: dict[str, Any] = {}
+    for rel, st in walk(upper):
+        p = os.path.join(upper, rel)
+        if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
+            out[rel] = "whiteout"
+            continue
+        d = describe(p)
+        if d["type"] == "dir":
+            d["opaque"] = outcome(os.getxattr, p, OPAQUE_XATTR) == b"y"
+        d["xattrs"] = {k: v for k, v in d["xattrs"].items() if not k.startswith(PRIVATE_XATTR_PREFIXES)}
+        out[rel] = d
+    return out
+
+
+def assert_no_internals(root: Path | str) -> None:
+    """No whiteout, opaque marker or private xattr of any layer shows through the mount at ``root``."""
+    for rel, st in walk(root):
+        name = os.path.basename(rel)
+        assert not name.startswith(OCI_WHITEOUT), f"internal name visible: {rel}"
+        assert not (stat.S_ISCHR(st.st_mode) and st.st_rdev == 0), f"whiteout device visible: {rel}"
+        shown = os.listxattr(os.path.join(root, rel), follow_symlinks=False)
+        assert not [n for n in shown if n.startswith(PRIVATE_XATTR_PREFIXES)], f"private xattr visible: {rel}"
+
+
+def explain(expected: Any, got: Any) -> str:
+    """A readable difference between the kernel's observations and layerfs's."""
+    if isinstance(expected, dict) and isinstance(got, dict):
+        lines = []
+        for key in sorted(set(expected) | set(got), key=str):
+            e, g = expected.get(key, "<missing>"), got.get(key, "<missing>")
+            if e != g:
+                lines.append(f"  {key}:\n    kernel:  {e!r}\n    layerfs: {g!r}")
+        return "layerfs differs from kernel overlayfs:\n" + "\n".join(lines)
+    diff = difflib.unified_diff(pprint.pformat(expected).splitlines(), pprint.pformat(got).splitlines(),
+                                "kernel", "layerfs", lineterm="")
+    return "layerfs differs from kernel overlayfs:\n" + "\n".join(diff)
+
+
+# -- other users ----------------------------------------------------------------------------------
+
+
+def run_as(uid: int, gid: int, fn: Callable[..., Any], *args: Any, groups: tuple[int, ...] = ()) -> Any:
+    """Call ``fn(*args)`` in a forked child running as ``uid``/``gid`` and return its (picklable) result."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never return into pytest
+        try:
+            os.close(read_end)
+            try:
+                os.setgroups(list(groups))
+                os.setgid(gid)
+                os.setuid(uid)
+                result: tuple[str, Any] = ("ok", fn(*args))
+            except BaseException as e:  # noqa: BLE001 - reported to the parent
+                result = ("raised", repr(e))
+            try:
+                data = pickle.dumps(result)
+            except Exception as e:  # noqa: BLE001
+                data = pickle.dumps(("raised", f"unpicklable result: {e!r}"))
+            with os.fdopen(write_end, "wb") as f:
+                f.write(data)
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as f:
+        data = f.read()
+    os.waitpid(pid, 0)
+    status, value = pickle.loads(data)
+    if status != "ok":
+        raise AssertionError(f"scenario as uid {uid} raised {value}")
+    return value
+
+
+def as_user(scenario: Scenario, uid: int = USER, gid: int = USER) -> Scenario:
+    """The same scenario, run as ``uid``/``gid`` with no supplementary groups."""
+    return lambda mnt, *args: run_as(uid, gid, scenario, mnt, *args)
