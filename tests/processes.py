@@ -1,0 +1,70 @@
+"""Finding the processes behind a mount, and waiting for them to go.
+
+A daemonized layerfs is a fork of the command, so its command line is the one it was started with:
+``... layerfs [mount] -o OPTIONS MOUNTPOINT``. Zombies have an empty command line, so a daemon that
+exited but was not reaped yet no longer counts.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Callable
+
+
+def _cmdline(pid: str) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return []
+
+
+def daemon_pids(mountpoint: str | os.PathLike) -> list[int]:
+    """Pids of the live layerfs processes whose command line names ``mountpoint``."""
+    target = os.path.abspath(mountpoint)
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        args = _cmdline(pid)
+        if any("layerfs" in a for a in args) and target in args:
+            found.append(int(pid))
+    return found
+
+
+def pids_using(path: str | os.PathLike) -> list[int]:
+    """Pids with an open file, a working directory or a root under ``path`` (what blocks its umount)."""
+    prefix = os.path.abspath(path).rstrip("/") + "/"
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        links = [f"/proc/{pid}/cwd", f"/proc/{pid}/root"]
+        try:
+            links += [f"/proc/{pid}/fd/{fd}" for fd in os.listdir(f"/proc/{pid}/fd")]
+        except (FileNotFoundError, PermissionError):
+            continue
+        for link in links:
+            try:
+                target = os.readlink(link)
+            except OSError:
+                continue
+            if (target + "/").startswith(prefix):
+                found.append(int(pid))
+                break
+    return found
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 15.0) -> bool:
+    """Poll ``condition`` until it holds or ``timeout`` seconds pass; returns its last value.
+
+    The timeout only bounds a hang: it is generous and no test asserts on how long anything took.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        if condition():
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)

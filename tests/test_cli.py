@@ -1,0 +1,388 @@
+"""The ``layerfs`` command and the daemon's life cycle, driven as its callers drive it.
+
+Callers are a person's shell and containers-storage, which runs ``layerfs -o OPTIONS MERGED`` from
+``<graphroot>/overlay``, waits for the exit and then uses the mount at once, and runs ``--version``.
+Every test goes through the installed console script in a subprocess, and registers its mount point
+with the ``mounts`` fixture so that it is unmounted even when the test fails.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+import layerfs
+from conftest import Mounts, is_mounted
+from processes import daemon_pids, pids_using, wait_for
+
+LAYERFS = str(Path(sys.executable).with_name("layerfs"))  # the console script containers-storage runs
+
+
+def layerfs_cmd(*args: str | os.PathLike, cwd: str | os.PathLike | None = None,
+                **kwargs) -> subprocess.CompletedProcess:
+    kwargs.setdefault("capture_output", True)
+    return subprocess.run([LAYERFS, *map(str, args)], cwd=cwd, text=True, timeout=60, **kwargs)
+
+
+def cli_mount(mounts: Mounts, mnt: Path, *args: str | os.PathLike, cwd=None) -> subprocess.CompletedProcess:
+    """Run ``layerfs ARGS`` that should mount ``mnt`` (registered first, so it is cleaned up)."""
+    mnt.mkdir(parents=True, exist_ok=True)
+    mounts.points.append(mnt)
+    return layerfs_cmd(*args, cwd=cwd)
+
+
+def assert_mounted_ok(result: subprocess.CompletedProcess, mnt: Path) -> None:
+    assert result.returncode == 0, result.stderr
+    # The caller uses the mount right after the exit: it must be the FUSE mount already, not the dir.
+    assert is_mounted(mnt)
+    assert os.stat(mnt).st_dev != os.stat(mnt.parent).st_dev
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode != 0
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("layerfs: "), result.stderr
+    return lines[0]
+
+
+def assert_daemon_exits(mnt: Path) -> None:
+    assert wait_for(lambda: not daemon_pids(mnt)), f"layerfs daemon still running for {mnt}"
+
+
+def errno_of(action) -> int | None:
+    try:
+        action()
+    except OSError as e:
+        return e.errno
+    return None
+
+
+@pytest.fixture
+def tree(layers) -> SimpleNamespace:
+    """Two lowers with a file each and one they both have (the top one must win), an empty upper."""
+    top, bottom = layers.dir("top"), layers.dir("bottom")
+    (top / "shared").write_text("top\n")
+    (bottom / "shared").write_text("bottom\n")
+    (top / "from-top").write_text("t\n")
+    (bottom / "from-bottom").write_text("b\n")
+    return SimpleNamespace(top=top, bottom=bottom, upper=layers.dir("upper"), work=layers.dir("work"),
+                           lowerdir=f"lowerdir={top}:{bottom}")
+
+
+def assert_merged(mnt: Path) -> None:
+    assert sorted(os.listdir(mnt)) == ["from-bottom", "from-top", "shared"]
+    assert (mnt / "shared").read_text() == "top\n"
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """A small tmpfs: another filesystem, and one we can try to unmount to see who still holds it."""
+    path = tmp_path / "tmpfs"
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        if is_mounted(path):
+            subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+# -- calling forms ---------------------------------------------------------------------------------
+
+
+def test_version():
+    result = layerfs_cmd("--version")
+    assert result.returncode == 0
+    assert layerfs.__version__ in result.stdout
+
+
+@pytest.mark.parametrize("form", [["mount"], []], ids=["mount-command", "fuse-overlayfs-form"])
+def test_mount_is_usable_when_the_command_returns(form, tree, mounts, tmp_path):
+    mnt = tmp_path / "mnt"
+    result = cli_mount(mounts, mnt, *form, "-o", f"{tree.lowerdir},upperdir={tree.upper},workdir={tree.work}", mnt)
+    assert_mounted_ok(result, mnt)
+    assert_merged(mnt)
+    (mnt / "new").write_text("new\n")
+    assert (tree.upper / "new").read_text() == "new\n"
+
+
+def test_options_given_twice_are_combined(tree, mounts, tmp_path):
+    mnt = tmp_path / "mnt"
+    result = cli_mount(mounts, mnt, "-o", tree.lowerdir, "-o", f"upperdir={tree.upper},workdir={tree.work}", mnt)
+    assert_mounted_ok(result, mnt)
+    assert_merged(mnt)
+    (mnt / "new").write_text("x")  # writable: the second -o's upperdir was taken
+    assert (tree.upper / "new").exists()
+
+
+def test_relative_paths_from_the_current_directory_like_containers_storage(mounts, tmp_path):
+    # containers-storage's layout: <graphroot>/overlay/<id>/diff, short links in l/, cwd = overlay/.
+    home = tmp_path / "graphroot" / "overlay"
+    for layer, name in (("base", "DEF"), ("app", "ABC")):
+        (home / layer / "diff").mkdir(parents=True)
+        (home / layer / "diff" / layer).write_text(layer)
+        (home / "l").mkdir(exist_ok=True)
+        (home / "l" / name).symlink_to(f"../{layer}/diff")
+    (home / "base" / "diff" / "shared").write_text("base")
+    (home / "app" / "diff" / "shared").write_text("app")
+    (home / "ctr" / "diff").mkdir(parents=True)
+    (home / "ctr" / "work").mkdir()
+    mnt = home / "ctr" / "merged"
+    result = cli_mount(mounts, mnt, "-o", "lowerdir=l/ABC:l/DEF,upperdir=ctr/diff,workdir=ctr/work", mnt,
+                       cwd=home)
+    assert_mounted_ok(result, mnt)
+    assert sorted(os.listdir(mnt)) == ["app", "base", "shared"]
+    assert (mnt / "shared").read_text() == "app"
+    (mnt / "new").write_text("x")
+    assert (home / "ctr" / "diff" / "new").exists()
+
+
+def test_backslash_escapes_colon_and_comma_in_paths(layers, mounts, tmp_path):
+    top, bottom = layers.dir("top:1"), layers.dir("bottom,2")
+    upper, work = layers.dir("up,per"), layers.dir("wo:rk")
+    (top / "t").write_text("t")
+    (bottom / "b").write_text("b")
+    mnt = tmp_path / "mnt"
+    esc = lambda p: str(p).replace(":", "\\:").replace(",", "\\,")  # noqa: E731
+    result = cli_mount(mounts, mnt, "-o", f"lowerdir={esc(top)}:{esc(bottom)},upperdir={esc(upper)},"
+                       f"workdir={esc(work)}", mnt)
+    assert_mounted_ok(result, mnt)
+    assert sorted(os.listdir(mnt)) == ["b", "t"]
+    (mnt / "new").write_text("x")
+    assert (upper / "new").exists()
+
+
+# -- foreground, debug ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flags, logs", [(["-f", "--debug"], True), (["--debug"], True), (["-f"], False)],
+                         ids=["foreground-debug", "daemon-debug", "foreground-quiet"])
+def test_foreground_and_debug(flags, logs, tree, mounts, tmp_path):
+    mnt, log = tmp_path / "mnt", tmp_path / "stderr.log"
+    mnt.mkdir()
+    mounts.points.append(mnt)
+    foreground = "-f" in flags
+    with open(log, "w") as err:
+        proc = subprocess.Popen([LAYERFS, "mount", *flags, "-o", tree.lowerdir, str(mnt)],
+                                stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        if foreground:
+            assert wait_for(lambda: is_mounted(mnt) or proc.poll() is not None), "never mounted"
+            assert proc.poll() is None, log.read_text()  # still running: it is the filesystem
+            assert daemon_pids(mnt) == [proc.pid]  # and it did not fork
+        else:
+            assert proc.wait(timeout=60) == 0 and is_mounted(mnt)
+        assert (mnt / "from-top").read_text() == "t\n"
+        assert layerfs_cmd("umount", mnt).returncode == 0
+        if foreground:
+            assert proc.wait(timeout=60) == 0
+        assert_daemon_exits(mnt)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = log.read_text()
+    if logs:
+        assert "from-top" in text  # the lookup, open and read of the file we touched
+    else:
+        assert text == ""
+
+
+# -- errors: one line, exit code != 0, nothing mounted ----------------------------------------------
+
+ERROR_CASES = {
+    "no-lowerdir": lambda t: [f"upperdir={t.upper},workdir={t.work}"],
+    "lowerdir-missing": lambda t: [f"lowerdir={t.top}:{t.top.parent / 'nope'}"],
+    "lowerdir-is-a-file": lambda t: [f"lowerdir={t.top / 'shared'}"],
+    "lowerdir-empty-entry": lambda t: [f"lowerdir={t.top}::{t.bottom}"],
+    "upperdir-missing": lambda t: [f"{t.lowerdir},upperdir={t.top.parent / 'nope'},workdir={t.work}"],
+    "upperdir-without-workdir": lambda t: [f"{t.lowerdir},upperdir={t.upper}"],
+    "workdir-missing": lambda t: [f"{t.lowerdir},upperdir={t.upper},workdir={t.top.parent / 'nope'}"],
+    "upperdir-inside-workdir": lambda t: [f"{t.lowerdir},upperdir={t.work / 'up'},workdir={t.work}"],
+    "workdir-inside-upperdir": lambda t: [f"{t.lowerdir},upperdir={t.upper},workdir={t.upper / 'wk'}"],
+    "workdir-is-upperdir": lambda t: [f"{t.lowerdir},upperdir={t.upper},workdir={t.upper}"],
+}
+
+
+def assert_mount_refused(result: subprocess.CompletedProcess, mnt: Path) -> str:
+    line = assert_one_line_error(result)
+    assert not is_mounted(mnt)
+    assert not daemon_pids(mnt)
+    return line
+
+
+@pytest.mark.parametrize("case", ERROR_CASES)
+def test_unusable_options_are_a_one_line_error(case, tree, mounts, tmp_path):
+    (tree.work / "up").mkdir()
+    (tree.upper / "wk").mkdir()
+    mnt = tmp_path / "mnt"
+    options = ",".join(ERROR_CASES[case](tree))
+    assert_mount_refused(cli_mount(mounts, mnt, "-o", options, mnt), mnt)
+
+
+def test_workdir_on_another_filesystem_is_refused(tree, tmpfs, mounts, tmp_path):
+    mnt = tmp_path / "mnt"
+    result = cli_mount(mounts, mnt, "-o", f"{tree.lowerdir},upperdir={tree.upper},workdir={tmpfs}", mnt)
+    assert "workdir" in assert_mount_refused(result, mnt)
+    assert os.listdir(tmpfs) == []
+
+
+@pytest.mark.parametrize("where", ["missing", "a-file"])
+def test_unusable_mount_point_is_refused(where, tree, tmp_path):
+    mnt = tmp_path / "mnt"
+    if where == "a-file":
+        mnt.write_text("")
+    result = layerfs_cmd("-o", tree.lowerdir, mnt)
+    assert str(mnt.name) in assert_one_line_error(result)
+    assert not is_mounted(mnt) and not daemon_pids(mnt)
+
+
+def test_no_mount_point_given(tree):
+    assert_one_line_error(layerfs_cmd("mount", "-o", tree.lowerdir))
+
+
+# -- options that change nothing or little ---------------------------------------------------------
+
+
+def test_unknown_options_are_a_warning_and_the_mount_proceeds(tree, mounts, tmp_path):
+    mnt = tmp_path / "mnt"
+    result = cli_mount(mounts, mnt, "-o", f"{tree.lowerdir},upperdir={tree.upper},workdir={tree.work},"
+                       "frobnicate,colour=blue", mnt)
+    assert_mounted_ok(result, mnt)
+    warnings = result.stderr.splitlines()
+    assert all(w.startswith("layerfs: ") for w in warnings)
+    assert any("frobnicate" in w for w in warnings) and any("colour" in w for w in warnings)
+    (mnt / "new").write_text("x")
+    assert (tree.upper / "new").exists()
+
+
+def test_volatile_is_accepted_silently(tree, mounts, tmp_path):
+    mnt = tmp_path / "mnt"
+    result = cli_mount(mounts, mnt, "-o", f"{tree.lowerdir},upperdir={tree.upper},workdir={tree.work},volatile",
+                       mnt)
+    assert_mounted_ok(result, mnt)
+    assert result.stderr == ""
+    (mnt / "new").write_text("kept")
+    mounts.unmount(mnt)
+    assert (tree.upper / "new").read_text() == "kept"
+
+
+def every_write_fails_with_erofs(mnt: Path) -> None:
+    writes = {
+        "create": lambda: (mnt / "new").write_text("x"),
+        "open-for-write": lambda: os.close(os.open(mnt / "shared", os.O_WRONLY)),
+        "mkdir": lambda: os.mkdir(mnt / "dir"),
+        "unlink": lambda: os.unlink(mnt / "from-bottom"),
+        "rename": lambda: os.rename(mnt / "from-top", mnt / "renamed"),
+        "chmod": lambda: os.chmod(mnt / "shared", 0o600),
+        "symlink": lambda: os.symlink("shared", mnt / "link"),
+        "setxattr": lambda: os.setxattr(mnt / "shared", "user.x", b"1"),
+    }
+    assert {name: errno_of(w) for name, w in writes.items()} == {name: errno.EROFS for name in writes}
+    assert_merged(mnt)
+
+
+def test_without_upperdir_the_mount_is_read_only(tree, mounts, tmp_path):
+    mnt = tmp_path / "mnt"
+    assert_mounted_ok(cli_mount(mounts, mnt, "-o", tree.lowerdir, mnt), mnt)
+    every_write_fails_with_erofs(mnt)
+
+
+def test_ro_option_makes_the_mount_read_only(tree, mounts, tmp_path):
+    mnt = tmp_path / "mnt"
+    result = cli_mount(mounts, mnt, "-o", f"{tree.lowerdir},upperdir={tree.upper},workdir={tree.work},ro", mnt)
+    assert_mounted_ok(result, mnt)
+    every_write_fails_with_erofs(mnt)
+    assert os.listdir(tree.upper) == []
+
+
+# -- unmounting and the daemon's end ----------------------------------------------------------------
+
+
+def test_umount_unmounts_and_the_daemon_exits(tree, mounts, tmp_path):
+    mnt = tmp_path / "mnt"
+    assert_mounted_ok(cli_mount(mounts, mnt, "-o", tree.lowerdir, mnt), mnt)
+    assert daemon_pids(mnt)
+    result = layerfs_cmd("umount", mnt)
+    assert result.returncode == 0, result.stderr
+    assert not is_mounted(mnt)
+    assert os.listdir(mnt) == []  # the bare directory again
+    assert_daemon_exits(mnt)
+
+
+@pytest.mark.parametrize("what", ["not-mounted", "missing"])
+def test_umount_of_something_not_mounted_is_a_clear_error(what, tmp_path):
+    path = tmp_path / "dir"
+    if what == "not-mounted":
+        path.mkdir()
+    assert str(path) in assert_one_line_error(layerfs_cmd("umount", path))
+
+
+def test_umount_with_a_file_open_says_busy_then_lazy_umount_ends_the_daemon_on_close(tree, mounts, tmp_path):
+    mnt = tmp_path / "mnt"
+    assert_mounted_ok(cli_mount(mounts, mnt, "-o", tree.lowerdir, mnt), mnt)
+    with open(mnt / "shared") as f:
+        assert_one_line_error(layerfs_cmd("umount", mnt))
+        assert is_mounted(mnt) and f.read() == "top\n"
+        assert layerfs_cmd("umount", "-l", mnt).returncode == 0
+        assert not is_mounted(mnt)
+        assert daemon_pids(mnt)  # still serving the open file
+        f.seek(0)
+        assert f.read() == "top\n"
+    assert_daemon_exits(mnt)
+
+
+def test_killed_daemon_leaves_enotconn_and_umount_cleans_it_up(tree, mounts, tmp_path):
+    mnt = tmp_path / "mnt"
+    assert_mounted_ok(cli_mount(mounts, mnt, "-o", tree.lowerdir, mnt), mnt)
+    (pid,) = daemon_pids(mnt)
+    os.kill(pid, signal.SIGKILL)
+    assert wait_for(lambda: errno_of(lambda: os.stat(mnt)) == errno.ENOTCONN)
+    result = layerfs_cmd("umount", mnt)
+    assert result.returncode == 0, result.stderr
+    assert not is_mounted(mnt)
+    assert os.listdir(mnt) == []
+
+
+def test_leftovers_in_the_work_directory_are_removed_at_mount(tree, mounts, tmp_path):
+    # What a crash mid copy-up or mid rename leaves: half files and directories, unreadable ones too.
+    leftovers = tree.work / "work"
+    (leftovers / "#1f" / "deep").mkdir(parents=True)
+    (leftovers / "#1f" / "deep" / "half-copied").write_text("partial")
+    (leftovers / "#20").write_text("partial")
+    (leftovers / "#1f").chmod(0o000)
+    mnt = tmp_path / "mnt"
+    result = cli_mount(mounts, mnt, "-o", f"{tree.lowerdir},upperdir={tree.upper},workdir={tree.work}", mnt)
+    assert_mounted_ok(result, mnt)
+    assert os.listdir(leftovers) == []
+    assert_merged(mnt)  # and none of it shows
+    (mnt / "shared").write_text("copied up")  # copy-up still goes through the work directory
+    assert (tree.upper / "shared").read_text() == "copied up"
+
+
+def test_unmount_releases_every_file_of_the_layers(tmpfs, mounts, tmp_path):
+    # Everything on one tmpfs: once layerfs is unmounted and its daemon gone, nothing may hold it busy.
+    lower, upper, work = (tmpfs / n for n in ("lower", "upper", "work"))
+    for d in (lower, upper, work):
+        d.mkdir()
+    (lower / "read-me").write_text("data")
+    (lower / "dir").mkdir()
+    mnt = tmp_path / "mnt"
+    assert_mounted_ok(cli_mount(mounts, mnt, "-o", f"lowerdir={lower},upperdir={upper},workdir={work}", mnt), mnt)
+    readers = [open(mnt / "read-me") for _ in range(3)]
+    writer = open(mnt / "dir" / "new", "w")
+    writer.write("x")
+    assert [r.read() for r in readers] == ["data"] * 3
+    for f in readers + [writer]:
+        f.close()
+    assert layerfs_cmd("umount", mnt).returncode == 0
+    assert_daemon_exits(mnt)
+    assert pids_using(tmpfs) == []
+    subprocess.run(["umount", str(tmpfs)], check=True, capture_output=True)
