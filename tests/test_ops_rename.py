@@ -1,0 +1,145 @@
+"""rename(2) on real mounts, over three lower layers in both whiteout forms.
+
+Files, upper-only directories and every error are compared with kernel overlayfs. Renaming a directory
+that has lower parts is the one deliberate difference: kernel overlayfs (without redirect_dir) answers
+EXDEV, layerfs copies the merged subtree up and renames it. That case is asserted directly, and the
+upper layer it leaves is then mounted with kernel overlayfs, which must show the same tree.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from pair import FORMS, Err, Stack, make_opaque, make_pair, outcome, tree, whiteout, write
+
+
+def build(s: Stack) -> None:
+    top, mid, bottom = s.lowers
+    write(bottom / "a", "a")
+    write(bottom / "b", "b")
+    write(top / "c", "c")
+    os.symlink("a", bottom / "sym")
+    write(bottom / "gone", "deleted in mid")
+    write(bottom / "goned/child", "deleted with its dir in mid")
+    whiteout(mid, "gone")
+    whiteout(mid, "goned")
+    write(bottom / "dir/f", "f")
+    write(bottom / "dir/sub/g", "g")
+    write(bottom / "dir/sub/dropped", "deleted in mid")
+    (mid / "dir/sub").mkdir(parents=True)
+    whiteout(mid / "dir/sub", "dropped")
+    write(mid / "dir/h", "h")
+    os.chmod(mid / "dir", 0o750)
+    write(bottom / "dir/opq/old", "hidden by opaque top")
+    write(top / "dir/opq/new", "new")
+    make_opaque(top / "dir/opq")
+    (bottom / "edir").mkdir()
+    write(bottom / "full/x", "x")
+    write(top / "other/y", "y")
+
+
+def _rename_steps(mnt: Path) -> dict:
+    os.mkdir(mnt / "up")
+    write(mnt / "up/file", "in an upper-only dir")
+    os.mkdir(mnt / "up2")
+    write(mnt / "new", "new")
+    ino_a = os.lstat(mnt / "a").st_ino
+    steps = {
+        "lower file to fresh name": outcome(os.rename, mnt / "a", mnt / "a2"),
+        "lower file over lower file": outcome(os.rename, mnt / "b", mnt / "c"),
+        "new file over lower-deleted name": outcome(os.rename, mnt / "new", mnt / "gone"),
+        "into another lower dir": outcome(os.rename, mnt / "dir/f", mnt / "other/f"),
+        "within merged dir": outcome(os.rename, mnt / "dir/h", mnt / "dir/h2"),
+        "symlink": outcome(os.rename, mnt / "sym", mnt / "sym2"),
+        "onto itself": outcome(os.rename, mnt / "c", mnt / "c"),
+        "file over dir": outcome(os.rename, mnt / "c", mnt / "edir"),
+        "dir over file": outcome(os.rename, mnt / "up", mnt / "c"),
+        "dir over non-empty dir": outcome(os.rename, mnt / "up2", mnt / "up"),
+        "dir into itself": outcome(os.rename, mnt / "up", mnt / "up/inner"),
+        "missing": outcome(os.rename, mnt / "missing", mnt / "x"),
+        "deleted": outcome(os.rename, mnt / "goned", mnt / "x"),
+        "into missing dir": outcome(os.rename, mnt / "c", mnt / "nodir/c"),
+        "upper dir over empty lower dir": outcome(os.rename, mnt / "up", mnt / "edir"),
+        "upper dir over lower-deleted dir": outcome(os.rename, mnt / "up2", mnt / "goned"),
+    }
+    steps["inode kept"] = os.lstat(mnt / "a2").st_ino == ino_a
+    return {"steps": steps, "tree": tree(mnt)}
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_rename_files_and_upper_dirs(mounts, tmp_path, form):
+    pair = make_pair(mounts, tmp_path, build, form=form)
+    seen = pair.compare(_rename_steps)
+    steps, files = seen["steps"], seen["tree"]
+    assert files["a2"]["data"] == b"a" and files["c"]["data"] == b"b" and files["gone"]["data"] == b"new"
+    assert "goned/child" not in files and files["sym2"]["target"] == "a" and steps["inode kept"]
+    assert steps["file over dir"] == Err("EISDIR") and steps["dir over file"] == Err("ENOTDIR")
+    assert steps["dir over non-empty dir"] == Err("ENOTEMPTY") and steps["dir into itself"] == Err("EINVAL")
+    pair.compare_uppers()
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_rename_over_names_deleted_through_the_mount(mounts, tmp_path, form):
+    pair = make_pair(mounts, tmp_path, build, form=form)
+
+    def scenario(mnt: Path):
+        os.unlink(mnt / "b")
+        os.unlink(mnt / "full/x")
+        os.rmdir(mnt / "full")
+        os.mkdir(mnt / "fresh")
+        write(mnt / "fresh/z", "z")
+        steps = {
+            "lower file onto deleted file": outcome(os.rename, mnt / "a", mnt / "b"),
+            "upper dir onto deleted dir": outcome(os.rename, mnt / "fresh", mnt / "full"),
+            "old name after": outcome(os.lstat, mnt / "a") == Err("ENOENT"),
+        }
+        return {"steps": steps, "full": sorted(os.listdir(mnt / "full")), "tree": tree(mnt)}
+
+    seen = pair.compare(scenario)
+    assert seen["full"] == ["z"] and seen["tree"]["b"]["data"] == b"a" and seen["steps"]["old name after"]
+    upper = pair.compare_uppers()
+    assert upper["full"]["opaque"] and upper["a"] == "whiteout"
+
+
+def _without_dir_nlink(view: dict) -> dict:
+    """A tree minus the link counts of directories: a merged dir reports 1, the same dir copied up its
+    real count, and both are right."""
+    return {rel: {k: v for k, v in d.items() if not (d["type"] == "dir" and k == "nlink")}
+            for rel, d in view.items()}
+
+
+def _subtree(view: dict, prefix: str) -> dict:
+    return {rel[len(prefix) + 1:]: d for rel, d in view.items() if rel.startswith(prefix + "/")}
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_rename_of_dirs_with_lower_parts_moves_the_tree(mounts, tmp_path, form):
+    pair = make_pair(mounts, tmp_path, build, form=form)
+    kmnt, lmnt = pair.kernel.mnt, pair.layerfs.mnt
+    # The documented difference: kernel overlayfs refuses, and its tree is untouched.
+    before = tree(kmnt)
+    assert outcome(os.rename, kmnt / "dir", kmnt / "moved") == Err("EXDEV")
+    assert tree(kmnt) == before
+    assert tree(lmnt) == before
+
+    assert outcome(os.rename, lmnt / "dir", lmnt / "moved") is None  # merged over two layers, to a fresh name
+    assert outcome(os.rename, lmnt / "full", lmnt / "edir") is None  # over an empty lower dir
+    assert outcome(os.rename, lmnt / "other", lmnt / "goned") is None  # onto a name deleted in a lower
+    after = tree(lmnt)
+    for old, new in (("dir", "moved"), ("full", "edir"), ("other", "goned")):
+        assert old not in after and outcome(os.lstat, lmnt / old) == Err("ENOENT")
+        assert _without_dir_nlink(_subtree(after, new)) == _without_dir_nlink(_subtree(before, old)), new
+        assert after[new]["mode"] == before[old]["mode"]
+    assert "moved/sub/dropped" not in after and "moved/opq/old" not in after  # still deleted, still hidden
+    assert "goned/child" not in after  # what the lower had at the new name does not come back
+
+    # The upper layer left behind reads the same through kernel overlayfs (over the overlay-form copy of
+    # the same lowers).
+    pair.unmount()
+    work = tmp_path / "work-for-kernel"
+    work.mkdir()
+    again = mounts.overlay(tmp_path / "kernel-again", pair.kernel.lowers, pair.layerfs.upper, work)
+    assert tree(again) == after
