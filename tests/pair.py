@@ -238,7 +238,8 @@ def outcome(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     try:
         return fn(*args, **kwargs)
     except OSError as e:
-        return Err(errno.errorcode.get(e.errno, str(e.errno)))
+        name = errno.errorcode.get(e.errno, str(e.errno))
+        return Err("EOPNOTSUPP" if name == "ENOTSUP" else name)  # one number, two names on Linux
 
 
 def errname(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> str:
