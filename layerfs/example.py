@@ -151,7 +151,8 @@ def _run(base: Path) -> int:
     upper, work, rootfs = base / "upper", base / "work", base / "rootfs"
     for d in (upper, work, rootfs):
         d.mkdir()
-    lowerdir = ":".join(_escape(p) for p in reversed(layers))  # overlay order: top first
+    lowers = layers[::-1]  # overlay order: top first
+    lowerdir = ":".join(_escape(p) for p in lowers)
     config = options.parse([f"lowerdir={lowerdir},upperdir={_escape(upper)},workdir={_escape(work)}"],
                            str(rootfs))
     sys.stdout.flush()  # the daemon is forked from this process
@@ -163,15 +164,16 @@ def _run(base: Path) -> int:
         result = subprocess.run([shutil.which("chroot") or "/usr/sbin/chroot", str(rootfs), "/bin/sh", "-c",
                                  transcript], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 env={"PATH": "/bin", "HOME": "/root"}, timeout=60)
+    except subprocess.TimeoutExpired as e:
+        raise LayerfsError("the command in the container did not finish within a minute") from e
     finally:
         _unmount(rootfs)
     output = [line for line in result.stdout.splitlines() if line.strip()]
     if result.returncode:
         output.append(f"(exit status {result.returncode})")
     _show("In the container (chroot rootfs /bin/sh):", output)
-    found = changes(str(upper), [str(p) for p in reversed(layers)])
-    _show("Its changes (docker diff):", [str(c) for c in found] or ["(none)"])
-    print(f"Unmounted {rootfs}.")
+    found = changes(str(upper), [str(p) for p in lowers])
+    _show("Unmounted. The container's changes, as docker diff lists them:", [str(c) for c in found] or ["(none)"])
     return 1 if result.returncode else 0
 
 

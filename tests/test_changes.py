@@ -143,6 +143,18 @@ def test_no_lowers_means_everything_is_added(layers):
     assert diff(upper) == ["A /a", "A /a/b"]
 
 
+def test_a_tree_deeper_than_the_recursion_limit(layers):
+    upper = layers.dir("upper")
+    depth = 1200  # 2,400 bytes of path: within PATH_MAX, beyond Python's default recursion limit
+    deep = upper
+    for _ in range(depth):  # not mkdir(parents=True): that recurses too
+        deep = deep / "d"
+        deep.mkdir()
+    (deep / "f").touch()
+    found = diff(upper, layers.dir("lower"))
+    assert len(found) == depth + 1 and found[-1] == "A " + "/d" * depth + "/f"
+
+
 def test_upper_written_by_kernel_overlayfs_matches_the_two_tree_comparison(layers, mounts, tmp_path):
     upper, top, bottom = layers.dir("upper"), layers.dir("top"), layers.dir("bottom")
     write(bottom / "etc/passwd", "root\n")

@@ -28,7 +28,7 @@ def run_example(*args: str) -> subprocess.CompletedProcess:
 
 
 def printed_changes(stdout: str) -> list[str]:
-    section = stdout.split("docker diff):\n", 1)[1].split("\n\n", 1)[0]
+    section = stdout.split("as docker diff lists them:\n", 1)[1].split("\n\n", 1)[0]
     matches = [CHANGE_LINE.match(line) for line in section.splitlines()]
     assert all(matches), section
     return [f"{m[1]} {m[2]}" for m in matches]

@@ -42,7 +42,7 @@ def changes(upper: str, lowers: Sequence[str]) -> list[Change]:
     upper = upper.rstrip("/") or "/"
     resolver = Resolver([Layer(p, writable=False) for p in lowers]) if lowers else None
     lower = resolver.lookup("/") if resolver is not None and not _is_opaque(upper) else None
-    found = {c.path: c for c in _walk(upper, "/", resolver, lower)}
+    found = {c.path: c for c in _walk(upper, resolver, lower)}
     for path in list(found):
         parent = os.path.dirname(path)
         while parent != "/" and parent not in found:
@@ -55,50 +55,54 @@ def _is_opaque(real_dir: str) -> bool:
     return os.path.lexists(os.path.join(real_dir, whiteout.OPAQUE_MARKER)) or whiteout.has_opaque_xattr(real_dir)
 
 
-def _walk(upper: str, path: str, resolver: Resolver | None, lower: Entry | None) -> Iterator[Change]:
-    """Changes below the upper directory ``path``.
+def _walk(upper: str, resolver: Resolver | None, root_lower: Entry | None) -> Iterator[Change]:
+    """Every change in ``upper``, in no particular order.
 
-    ``lower`` is what the lowers show at ``path`` (a directory), None when they show nothing there
-    or the upper directory is new or opaque: then everything below is added.
+    Each directory to visit comes with what the lowers show at its path (a directory), or None when
+    they show nothing there or the upper directory is new or opaque: everything below it is added.
+    A loop rather than recursion: paths close to PATH_MAX nest deeper than Python's recursion limit.
     """
-    real_dir = upper if path == "/" else upper + path
-    with os.scandir(real_dir) as it:
-        entries = {e.name: e for e in it}
+    todo: list[tuple[str, Entry | None]] = [("/", root_lower)]
+    while todo:
+        path, lower = todo.pop()
+        real_dir = upper if path == "/" else upper + path
+        with os.scandir(real_dir) as it:
+            entries = {e.name: e for e in it}
 
-    def below(name: str) -> Entry | None:
-        if lower is None or resolver is None:
-            return None
-        return resolver.find_in(lower.stack, path, name, join(path, name))
+        for name, entry in entries.items():
+            child = join(path, name)
+            if whiteout.is_marker_name(name):
+                hidden = whiteout.whited_out_name(name)  # an OCI whiteout file (None for opaque markers)
+                if hidden is not None and hidden not in entries and _below(resolver, lower, path, hidden) is not None:
+                    yield Change(DELETED, join(path, hidden))
+                continue
+            st = entry.stat(follow_symlinks=False)
+            old = _below(resolver, lower, path, name)
+            if whiteout.is_whiteout_stat(st):
+                if old is not None:
+                    yield Change(DELETED, child)
+            elif not stat.S_ISDIR(st.st_mode):
+                yield Change(ADDED if old is None else CHANGED, child)
+            elif old is None:
+                yield Change(ADDED, child)
+                todo.append((child, None))
+            elif not old.is_dir:
+                yield Change(CHANGED, child)  # a file replaced by a directory: what is inside is new
+                todo.append((child, None))
+            elif _is_opaque(entry.path):
+                yield Change(DELETED, child)  # Docker's way of saying "replaced": D, then A for its content
+                todo.append((child, None))
+            else:
+                if _dir_differs(st, old.st):
+                    yield Change(CHANGED, child)
+                todo.append((child, old))
 
-    for name, entry in entries.items():
-        child = join(path, name)
-        st = entry.stat(follow_symlinks=False)
-        if whiteout.is_marker_name(name):
-            hidden = whiteout.whited_out_name(name)  # an OCI whiteout file (None for opaque markers)
-            if hidden is not None and hidden not in entries and below(hidden) is not None:
-                yield Change(DELETED, join(path, hidden))
-            continue
-        old = below(name)
-        if whiteout.is_whiteout_stat(st):
-            if old is not None:
-                yield Change(DELETED, child)
-            continue
-        if not stat.S_ISDIR(st.st_mode):
-            yield Change(ADDED if old is None else CHANGED, child)
-            continue
-        if old is None:
-            yield Change(ADDED, child)
-            yield from _walk(upper, child, None, None)
-        elif not old.is_dir:
-            yield Change(CHANGED, child)  # a file replaced by a directory: what is inside is new
-            yield from _walk(upper, child, None, None)
-        elif _is_opaque(entry.path):
-            yield Change(DELETED, child)  # Docker's way of saying "replaced": D, then A for its content
-            yield from _walk(upper, child, None, None)
-        else:
-            if _dir_differs(st, old.st):
-                yield Change(CHANGED, child)
-            yield from _walk(upper, child, resolver, old)
+
+def _below(resolver: Resolver | None, lower: Entry | None, path: str, name: str) -> Entry | None:
+    """What the lowers show at ``name`` in directory ``path`` (``lower`` there), if anything."""
+    if lower is None or resolver is None:
+        return None
+    return resolver.find_in(lower.stack, path, name, join(path, name))
 
 
 def _dir_differs(a: os.stat_result, b: os.stat_result) -> bool:
