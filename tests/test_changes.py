@@ -151,8 +151,15 @@ def test_a_tree_deeper_than_the_recursion_limit(layers):
         deep = deep / "d"
         deep.mkdir()
     (deep / "f").touch()
-    found = diff(upper, layers.dir("lower"))
-    assert len(found) == depth + 1 and found[-1] == "A " + "/d" * depth + "/f"
+    try:
+        found = diff(upper, layers.dir("lower"))
+        assert len(found) == depth + 1 and found[-1] == "A " + "/d" * depth + "/f"
+    finally:
+        # pytest removes old temporary dirs with shutil.rmtree, which recurses and would fail here.
+        (deep / "f").unlink()
+        for _ in range(depth):
+            deep.rmdir()
+            deep = deep.parent
 
 
 def test_upper_written_by_kernel_overlayfs_matches_the_two_tree_comparison(layers, mounts, tmp_path):
