@@ -386,3 +386,26 @@ def test_unmount_releases_every_file_of_the_layers(tmpfs, mounts, tmp_path):
     assert_daemon_exits(mnt)
     assert pids_using(tmpfs) == []
     subprocess.run(["umount", str(tmpfs)], check=True, capture_output=True)
+
+
+def test_mount_over_one_of_its_own_lower_dirs_shows_what_was_there_like_overlayfs(layers, mounts, tmp_path):
+    # "Overlay a directory onto itself" (make /usr writable by mounting over /usr): the layers are the
+    # directories as they were before the mount, not the mount itself.
+    seen = {}
+    for fs in ("overlay", "layerfs"):
+        target, extra = layers.dir(f"{fs}-target"), layers.dir(f"{fs}-extra")
+        (target / "was-there").write_text("old\n")
+        (extra / "extra").write_text("e\n")
+        lowers, upper, work = [target, extra], layers.dir(f"{fs}-upper"), layers.dir(f"{fs}-work")
+        if fs == "overlay":
+            mounts.overlay(target, lowers, upper, work)
+        else:
+            result = cli_mount(mounts, target, "-o", f"lowerdir={target}:{extra},upperdir={upper},workdir={work}",
+                               target)
+            assert result.returncode == 0 and is_mounted(target), result.stderr
+        # In a subprocess with a timeout: a daemon that looks its layers up through its own mount hangs.
+        listing = subprocess.run(["ls", "-A", str(target)], capture_output=True, text=True, timeout=30)
+        content = subprocess.run(["cat", str(target / "was-there")], capture_output=True, text=True, timeout=30)
+        seen[fs] = (listing.stdout.split(), listing.returncode, content.stdout, content.returncode)
+    assert seen["overlay"] == (["extra", "was-there"], 0, "old\n", 0)
+    assert seen["layerfs"] == seen["overlay"]
