@@ -195,6 +195,23 @@ def test_foreground_and_debug(flags, logs, tree, mounts, tmp_path):
         assert text == ""
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_foreground_signal_unmounts_and_exits(sig, tree, mounts, tmp_path):
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    mounts.points.append(mnt)
+    proc = subprocess.Popen([LAYERFS, "-f", "-o", tree.lowerdir, str(mnt)], stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_for(lambda: is_mounted(mnt) or proc.poll() is not None) and proc.poll() is None
+        proc.send_signal(sig)
+        assert proc.wait(timeout=60) == 0, proc.stderr.read()
+        assert not is_mounted(mnt)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 # -- errors: one line, exit code != 0, nothing mounted ----------------------------------------------
 
 ERROR_CASES = {
@@ -306,12 +323,27 @@ def test_ro_option_makes_the_mount_read_only(tree, mounts, tmp_path):
 # -- unmounting and the daemon's end ----------------------------------------------------------------
 
 
-def test_umount_unmounts_and_the_daemon_exits(tree, mounts, tmp_path):
+def stop_by_signal(mnt: Path) -> None:
+    for pid in daemon_pids(mnt):
+        os.kill(pid, signal.SIGTERM)
+    assert wait_for(lambda: not is_mounted(mnt))
+
+
+# How a mount ends: our command, and what containers-storage and people use (as fuse-overlayfs allows).
+STOPS = {
+    "layerfs-umount": lambda mnt: layerfs_cmd("umount", mnt).check_returncode(),
+    "umount": lambda mnt: subprocess.run(["umount", str(mnt)], check=True),
+    "fusermount3-u": lambda mnt: subprocess.run(["fusermount3", "-u", str(mnt)], check=True),
+    "sigterm-to-daemon": stop_by_signal,
+}
+
+
+@pytest.mark.parametrize("stop", STOPS)
+def test_unmounting_ends_the_daemon(stop, tree, mounts, tmp_path):
     mnt = tmp_path / "mnt"
     assert_mounted_ok(cli_mount(mounts, mnt, "-o", tree.lowerdir, mnt), mnt)
     assert daemon_pids(mnt)
-    result = layerfs_cmd("umount", mnt)
-    assert result.returncode == 0, result.stderr
+    STOPS[stop](mnt)
     assert not is_mounted(mnt)
     assert os.listdir(mnt) == []  # the bare directory again
     assert_daemon_exits(mnt)
