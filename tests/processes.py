@@ -33,6 +33,28 @@ def daemon_pids(mountpoint: str | os.PathLike) -> list[int]:
     return found
 
 
+def _under(target: str, prefix: str) -> bool:
+    return (target + "/").startswith(prefix)
+
+
+def open_files_under(pid: int, path: str | os.PathLike) -> list[str]:
+    """What process ``pid`` has open below ``path`` (targets of its /proc/PID/fd links)."""
+    prefix = os.path.abspath(path).rstrip("/") + "/"
+    found = []
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except (FileNotFoundError, PermissionError):
+        return []
+    for fd in fds:
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if _under(target, prefix):
+            found.append(target)
+    return found
+
+
 def pids_using(path: str | os.PathLike) -> list[int]:
     """Pids with an open file, a working directory or a root under ``path`` (what blocks its umount)."""
     prefix = os.path.abspath(path).rstrip("/") + "/"
@@ -40,19 +62,14 @@ def pids_using(path: str | os.PathLike) -> list[int]:
     for pid in os.listdir("/proc"):
         if not pid.isdigit() or int(pid) == os.getpid():
             continue
-        links = [f"/proc/{pid}/cwd", f"/proc/{pid}/root"]
-        try:
-            links += [f"/proc/{pid}/fd/{fd}" for fd in os.listdir(f"/proc/{pid}/fd")]
-        except (FileNotFoundError, PermissionError):
-            continue
-        for link in links:
+        places = []
+        for link in ("cwd", "root"):
             try:
-                target = os.readlink(link)
+                places.append(os.readlink(f"/proc/{pid}/{link}"))
             except OSError:
-                continue
-            if (target + "/").startswith(prefix):
-                found.append(int(pid))
-                break
+                pass
+        if any(_under(p, prefix) for p in places) or open_files_under(int(pid), path):
+            found.append(int(pid))
     return found
 
 

@@ -20,7 +20,7 @@ import pytest
 
 import layerfs
 from conftest import Mounts, is_mounted
-from processes import daemon_pids, pids_using, wait_for
+from processes import daemon_pids, open_files_under, pids_using, wait_for
 
 LAYERFS = str(Path(sys.executable).with_name("layerfs"))  # the console script containers-storage runs
 
@@ -397,6 +397,25 @@ def test_leftovers_in_the_work_directory_are_removed_at_mount(tree, mounts, tmp_
     assert_merged(mnt)  # and none of it shows
     (mnt / "shared").write_text("copied up")  # copy-up still goes through the work directory
     assert (tree.upper / "shared").read_text() == "copied up"
+
+
+def test_files_closed_through_the_mount_are_closed_by_the_daemon(tree, mounts, tmp_path):
+    mnt = tmp_path / "mnt"
+    assert_mounted_ok(cli_mount(mounts, mnt, "-o", f"{tree.lowerdir},upperdir={tree.upper},workdir={tree.work}",
+                                mnt), mnt)
+    (pid,) = daemon_pids(mnt)
+    layers = tree.top.parent
+    with open(mnt / "from-bottom", "a") as held:  # copy-up, and an fd the daemon must keep
+        held.write("more\n")
+        held.flush()
+        assert open_files_under(pid, layers) != []
+    for i in range(20):
+        (mnt / "shared").read_text()
+        (mnt / f"new-{i}").write_text("x")
+        with open(mnt / "from-top", "a") as f:
+            f.write("y")
+    # close() does not wait for FUSE's release, so the daemon may take a moment to close its side.
+    assert wait_for(lambda: open_files_under(pid, layers) == []), open_files_under(pid, layers)
 
 
 def test_unmount_releases_every_file_of_the_layers(tmpfs, mounts, tmp_path):
