@@ -34,6 +34,10 @@ from typing import Any, Callable, Iterator
 import pytest
 
 FORMS = ("overlay", "oci")
+# fuse-overlayfs writes three markers into an opaque directory at once (the xattr, a ".wh..wh..opq" file
+# and a 0/0 device ".wh..opq"); layers it wrote carry them. Only for tests whose layers have opaque dirs.
+FUSE_OVERLAYFS = "fuse-overlayfs"
+ALL_FORMS = FORMS + (FUSE_OVERLAYFS,)
 OPAQUE_XATTR = "trusted.overlay.opaque"
 OCI_WHITEOUT = ".wh."
 OCI_OPAQUE = ".wh..wh..opq"
@@ -99,6 +103,18 @@ def to_oci_form(root: Path) -> int:
                 os.unlink(d / name)
                 (d / (OCI_WHITEOUT + name)).touch()
                 count += 1
+    return count
+
+
+def to_fuse_overlayfs_form(root: Path) -> int:
+    """Add fuse-overlayfs's extra markers to every opaque directory under ``root``; returns how many."""
+    count = 0
+    for dirpath, _, _ in os.walk(root):
+        d = Path(dirpath)
+        if outcome(os.getxattr, d, OPAQUE_XATTR) == b"y":
+            (d / OCI_OPAQUE).touch()
+            os.mknod(d / ".wh..opq", stat.S_IFCHR, os.makedev(0, 0))
+            count += 1
     return count
 
 
@@ -173,13 +189,13 @@ def make_pair(mounts, base: Path, build: Builder, *, nlowers: int = 3, form: str
               ro_lowers: bool = False, mnt_base: Path | None = None) -> Pair:
     """Build layers with ``build`` and mount them twice: kernel overlayfs and layerfs.
 
-    ``form`` is the whiteout form of layerfs's lower copies; with "oci" the builder must have made at
-    least one whiteout or opaque directory, or the parametrization would test nothing.
+    ``form`` is the whiteout form of layerfs's lower copies ("overlay", "oci" or "fuse-overlayfs"); in the
+    last two the builder must have made markers to rewrite, or the parametrization would test nothing.
     ``ro_lowers`` puts every lower behind a read-only bind mount (the layer directories themselves,
     ``Stack.sources``, stay writable for the test to inspect). ``mnt_base`` holds the mount points
     (default ``base``; use ``public_base`` when other users must reach them).
     """
-    assert form in FORMS
+    assert form in ALL_FORMS
     kernel = _stack(base / "kernel", nlowers)
     build(kernel)
     layerfs = _stack(base / "layerfs", 0)
@@ -191,9 +207,9 @@ def make_pair(mounts, base: Path, build: Builder, *, nlowers: int = 3, form: str
         if src != kernel.upper:
             layerfs.lowers.append(dst)
     layerfs.sources = list(layerfs.lowers)
-    if form == "oci":
-        converted = sum(to_oci_form(p) for p in layerfs.lowers)
-        assert converted, "OCI form asked for, but the layers have no whiteout or opaque directory"
+    if form != "overlay":
+        convert = to_oci_form if form == "oci" else to_fuse_overlayfs_form
+        assert sum(convert(p) for p in layerfs.lowers), f"{form} form asked for, but the layers have no markers"
     for side, name in ((kernel, "kernel"), (layerfs, "layerfs")):
         if ro_lowers:
             side.lowers = [side.sources[i].with_name(f"ro{i}") for i in range(len(side.sources))]
@@ -266,6 +282,11 @@ def xattrs(path: Path | str) -> dict[str, bytes]:
     return out
 
 
+def content(data: bytes) -> bytes | str:
+    """File content as an observation: small ones as they are, big ones by digest (readable diffs)."""
+    return data if len(data) <= 256 else "sha256:" + hashlib.sha256(data).hexdigest()
+
+
 def describe(path: Path | str, *, data: bool = True) -> dict[str, Any]:
     """What a user sees of one entry: type, mode, owner, link count, size, contents, target, xattrs.
 
@@ -278,8 +299,7 @@ def describe(path: Path | str, *, data: bool = True) -> dict[str, Any]:
     if kind == "file":
         d["size"] = st.st_size
         if data:
-            content = Path(path).read_bytes()
-            d["data"] = content if len(content) <= 256 else hashlib.sha256(content).hexdigest()
+            d["data"] = content(Path(path).read_bytes())
     elif kind == "symlink":
         d["size"] = st.st_size
         d["target"] = os.readlink(path)

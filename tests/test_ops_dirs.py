@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pair import FORMS, Err, Stack, make_opaque, make_pair, outcome, tree, whiteout, write
+from pair import ALL_FORMS, FORMS, Err, Stack, make_opaque, make_pair, outcome, tree, whiteout, write
 
 
 def build(s: Stack) -> None:
@@ -35,7 +35,7 @@ def build(s: Stack) -> None:
     (top / "t").mkdir()
 
 
-@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("form", ALL_FORMS)
 def test_mkdir(mounts, tmp_path, form):
     pair = make_pair(mounts, tmp_path, build, form=form)
 
@@ -65,7 +65,7 @@ def test_mkdir(mounts, tmp_path, form):
     pair.compare_uppers()
 
 
-@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("form", ALL_FORMS)
 def test_rmdir(mounts, tmp_path, form):
     pair = make_pair(mounts, tmp_path, build, form=form)
 

@@ -3,13 +3,15 @@ truncate, fsync, mknod, statfs, access and unlink, over three lower layers in bo
 
 from __future__ import annotations
 
+import mmap
 import os
 import stat
 from pathlib import Path
 
 import pytest
 
-from pair import FORMS, Err, Stack, describe, errname, make_opaque, make_pair, outcome, tree, whiteout, write
+from pair import (ALL_FORMS, FORMS, Err, Stack, describe, errname, make_opaque, make_pair, outcome, tree, whiteout,
+                  write)
 
 
 def build(s: Stack) -> None:
@@ -38,7 +40,7 @@ def build(s: Stack) -> None:
     write(top / "run", "#!/bin/sh\n", mode=0o755)
 
 
-@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("form", ALL_FORMS)
 def test_getattr_and_readdir_of_the_merged_tree(mounts, tmp_path, form):
     pair = make_pair(mounts, tmp_path, build, form=form)
 
@@ -59,7 +61,7 @@ def test_getattr_and_readdir_of_the_merged_tree(mounts, tmp_path, form):
     assert seen["errors"] == ["ENOENT", "ENOENT", "ENOENT", "ENOTDIR", "ENOTDIR", "ENOENT"]
 
 
-@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("form", ALL_FORMS)
 def test_readdir_after_changes_shows_no_internal_names(mounts, tmp_path, form):
     pair = make_pair(mounts, tmp_path, build, form=form)
 
@@ -148,6 +150,35 @@ def test_read_write_at_offsets_and_reads_do_not_copy_up(mounts, tmp_path):
     for side in pair.sides:
         assert not (side.upper / "top").exists(), "a read-only open copied the file up"
     pair.compare_uppers()
+
+
+def test_mmap_and_sparse_files(mounts, tmp_path):
+    """Shared writable mappings of a lower file (copied up on open), and holes far past the end."""
+    pair = make_pair(mounts, tmp_path, build)
+
+    def scenario(mnt: Path):
+        with open(mnt / "shadow", "r+b") as f:
+            with mmap.mmap(f.fileno(), 0) as m:
+                mapped = m[:]
+                m[0:3] = b"MID"
+                m.flush()
+        with open(mnt / "top", "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as m:
+            read_only_map = m[:]
+        far = 1 << 32  # 4 GiB: offsets past 32 bits
+        fd = os.open(mnt / "a", os.O_RDWR)
+        try:
+            os.pwrite(fd, b"far", far)
+            st = os.fstat(fd)
+            sparse = {"size": st.st_size, "mostly holes": st.st_blocks * 512 < 1 << 20,
+                      "hole": os.pread(fd, 4, 4096), "end": os.pread(fd, 10, far - 2)}
+        finally:
+            os.close(fd)
+        return {"mapped": mapped, "after mmap write": (mnt / "shadow").read_bytes(), "read-only map": read_only_map,
+                "sparse": sparse}
+
+    seen = pair.compare(scenario)
+    assert seen["after mmap write"] == b"MIDdle" and seen["read-only map"] == b"top"
+    assert seen["sparse"] == {"size": (1 << 32) + 3, "mostly holes": True, "hole": b"\0" * 4, "end": b"\0\0far"}
 
 
 def test_truncate_and_ftruncate(mounts, tmp_path):

@@ -11,7 +11,6 @@ import stat
 import subprocess
 from pathlib import Path
 
-import pytest
 
 from pair import (USER, Err, Stack, as_user, describe, make_pair, outcome, public_base, tree,  # noqa: F401
                   whiteout, write)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pair import FORMS, Err, Stack, make_opaque, make_pair, outcome, tree, whiteout, write
+from pair import ALL_FORMS, FORMS, Err, Stack, make_opaque, make_pair, outcome, tree, whiteout, write
 
 
 def build(s: Stack) -> None:
@@ -45,6 +45,8 @@ def _rename_steps(mnt: Path) -> dict:
     os.mkdir(mnt / "up")
     write(mnt / "up/file", "in an upper-only dir")
     os.mkdir(mnt / "up2")
+    os.mkdir(mnt / "up3")
+    write(mnt / "up3/file", "3")
     write(mnt / "new", "new")
     ino_a = os.lstat(mnt / "a").st_ino
     steps = {
@@ -64,6 +66,7 @@ def _rename_steps(mnt: Path) -> dict:
         "into missing dir": outcome(os.rename, mnt / "c", mnt / "nodir/c"),
         "upper dir over empty lower dir": outcome(os.rename, mnt / "up", mnt / "edir"),
         "upper dir over lower-deleted dir": outcome(os.rename, mnt / "up2", mnt / "goned"),
+        "upper dir to fresh name": outcome(os.rename, mnt / "up3", mnt / "dir/up3"),
     }
     steps["inode kept"] = os.lstat(mnt / "a2").st_ino == ino_a
     return {"steps": steps, "tree": tree(mnt)}
@@ -115,7 +118,7 @@ def _subtree(view: dict, prefix: str) -> dict:
     return {rel[len(prefix) + 1:]: d for rel, d in view.items() if rel.startswith(prefix + "/")}
 
 
-@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("form", ALL_FORMS)
 def test_rename_of_dirs_with_lower_parts_moves_the_tree(mounts, tmp_path, form):
     pair = make_pair(mounts, tmp_path, build, form=form)
     kmnt, lmnt = pair.kernel.mnt, pair.layerfs.mnt

@@ -17,7 +17,8 @@ from typing import Iterator
 
 import pytest
 
-from pair import Err, Stack, errname, explain, make_opaque, make_pair, outcome, tree, walk, whiteout, write
+from pair import (FORMS, Err, Stack, content, errname, explain, make_opaque, make_pair, outcome, tree, walk, whiteout,
+                  write)
 
 PATH_MAX = 4096  # including the terminating NUL
 
@@ -197,8 +198,9 @@ def test_fstat_of_an_unlinked_open_file(mounts, tmp_path):
 
     def scenario(mnt: Path):
         out = {}
-        for label, rel, flags in (("lower, read-write", "a", os.O_RDWR), ("lower, read-only", "dir/f", os.O_RDONLY),
-                                  ("lower in merged dir", "dir/m", os.O_RDWR), ("upper", "new", os.O_RDWR | os.O_CREAT)):
+        cases = (("lower, read-write", "a", os.O_RDWR), ("lower, read-only", "dir/f", os.O_RDONLY),
+                 ("lower in merged dir", "dir/m", os.O_RDWR), ("upper", "new", os.O_RDWR | os.O_CREAT))
+        for label, rel, flags in cases:
             if label == "upper":
                 write(mnt / "new", "fresh")
             fd = os.open(mnt / rel, flags)
@@ -330,9 +332,10 @@ def _busy(mnt: Path) -> dict:
     return seen
 
 
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("ro_lowers", [True, False], ids=["read-only-bind", "writable"])
-def test_lowers_are_never_written(mounts, tmp_path, ro_lowers):
-    pair = make_pair(mounts, tmp_path, build, ro_lowers=ro_lowers)
+def test_lowers_are_never_written(mounts, tmp_path, ro_lowers, form):
+    pair = make_pair(mounts, tmp_path, build, ro_lowers=ro_lowers, form=form)
     before = {side.mnt: [_layer_state(p) for p in side.sources] for side in pair.sides}
     seen = pair.compare(_busy)
     assert set(seen["steps"].values()) == {"ok"}, seen["steps"]
@@ -416,7 +419,7 @@ def _archive(data: bytes) -> tuple[list, list]:
     tar stored as one file."""
     with tarfile.open(fileobj=io.BytesIO(data)) as archive:
         members = {m.name: m for m in archive.getmembers()}
-        contents = {name: archive.extractfile(m).read() for name, m in members.items() if m.isreg()}
+        contents = {name: content(archive.extractfile(m).read()) for name, m in members.items() if m.isreg()}
     entries, groups = [], {}
     for name, m in members.items():
         first = members[m.linkname] if m.islnk() else m
@@ -426,8 +429,9 @@ def _archive(data: bytes) -> tuple[list, list]:
     return sorted(entries), sorted(sorted(g) for g in groups.values() if len(g) > 1)
 
 
-def test_find_tar_and_du_see_a_consistent_tree(mounts, tmp_path):
-    pair = make_pair(mounts, tmp_path, build)
+@pytest.mark.parametrize("form", FORMS)
+def test_find_tar_and_du_see_a_consistent_tree(mounts, tmp_path, form):
+    pair = make_pair(mounts, tmp_path, build, form=form)
     seen = pair.compare(_tools)
     assert seen["find"][:2] == (0, "") and seen["tar"][:2] == (0, "") and seen["du"][:2] == (0, "")
     assert ["./dir/f", "./f-link"] in seen["find: names per inode"]
