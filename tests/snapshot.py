@@ -177,6 +177,26 @@ def snapshot_upper(upper: str | os.PathLike) -> Snapshot:
     return Snapshot(entries, inodes)
 
 
+def without_idle_opaque(snap: Snapshot, lower_dirs: set[str]) -> Snapshot:
+    """``snap`` (an upper layer) with the opaque flag blanked on directories where it hides nothing.
+
+    An opaque mark matters only where a lower layer has a directory at that path that the upper's
+    parents reach (no opaque ancestor in the upper). Kernel overlayfs marks every directory moved into
+    a merged parent opaque, layerfs only where there is something to hide; both read the same.
+    ``lower_dirs`` holds the directory paths of the merged lower layers.
+    """
+    entries = dict(snap.entries)
+    for path in sorted(entries, key=lambda p: p.count("/")):
+        entry = entries[path]
+        if entry.kind != "dir" or path == ".":
+            continue
+        parts = path.split("/")
+        shadowed = any(snap.entries["/".join(parts[:i])].opaque for i in range(1, len(parts)))
+        if shadowed or path not in lower_dirs:
+            entries[path] = entry._replace(opaque=None)
+    return Snapshot(entries, snap.inodes)
+
+
 def _project(entry: Entry, ignore: frozenset[str]) -> Entry:
     return entry._replace(**{f: None for f in ignore}) if ignore else entry
 

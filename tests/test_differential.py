@@ -28,7 +28,7 @@ import pytest
 
 import fsops
 from fsops import Op, RandomOps, apply, rename_by_copy, visible_kinds
-from snapshot import Snapshot, assert_same, diff, entry_of, snapshot, snapshot_upper
+from snapshot import Snapshot, assert_same, diff, entry_of, snapshot, snapshot_upper, without_idle_opaque
 from treespec import (Dir, File, HardLink, Meta, Special, Symlink, TreeSpec, Whiteout, describe, generate, merge,
                       render_all)
 
@@ -54,6 +54,14 @@ def _with_parents(paths: list[str]) -> list[str]:
     return out
 
 
+def _has_hard_links(directory: Path) -> bool:
+    for parent, dirs, files in os.walk(directory):
+        for name in files:  # os.walk lists symlinks, fifos and devices among files too
+            if os.lstat(os.path.join(parent, name)).st_nlink > 1:
+                return True
+    return False
+
+
 class Twin:
     """Kernel overlayfs (the oracle) and layerfs over identical copies of the same lower layers."""
 
@@ -70,6 +78,7 @@ class Twin:
         self.history: deque[str] = deque(maxlen=12)
         self.steps = 0
         self.renames_by_copy = 0
+        self.skipped_renames = 0
 
     def _context(self) -> str:
         recent = "\n    ".join(self.history)
@@ -83,6 +92,13 @@ class Twin:
             # The deliberate difference: layerfs renames directories with lower parts, the kernel
             # refuses; do on the kernel what mv does instead.
             assert stat.S_ISDIR(os.lstat(self.kernel / op.args[0]).st_mode), f"EXDEV for a non-directory: {op}"
+            if _has_hard_links(self.kernel / op.args[0]):
+                # mv keeps hard links inside the tree and breaks those reaching out of it; layerfs's
+                # rename keeps upper ones and (copying up as overlayfs does) breaks lower ones. Neither
+                # is wrong, and no copy can reproduce the other: such renames are left out.
+                self.history.append(f"#{self.steps} {op} -> skipped: directory with hard links, EXDEV on kernel")
+                self.skipped_renames += 1
+                return ("skip", "hard links")
             kernel = rename_by_copy(self.kernel, *op.args)
             self.renames_by_copy += 1
         mine = apply(self.layerfs, op)
@@ -109,7 +125,9 @@ class Twin:
         final = self.check_trees()
         self.mounts.unmount(self.kernel)
         self.mounts.unmount(self.layerfs)
-        assert_same(snapshot_upper(self.k_upper), snapshot_upper(self.l_upper),
+        lower_dirs = {p for p, node in merge(reversed(self.spec.layers)).items() if isinstance(node, Dir)}
+        assert_same(without_idle_opaque(snapshot_upper(self.k_upper), lower_dirs),
+                    without_idle_opaque(snapshot_upper(self.l_upper), lower_dirs),
                     what=f"upper layers ({self._context()})", names=("kernel", "layerfs"))
         again = self.mounts.layerfs(self.layerfs, self.l_lowers, self.l_upper, self.l_work)
         assert_same(final, snapshot(again), what="kernel's final tree vs layerfs remounted",
@@ -297,7 +315,8 @@ def _runs() -> list[tuple[int, str, int]]:
     return [(101, "overlay", ops), (202, "oci", ops), (303, "overlay", ops), (404, "oci", ops)]
 
 
-CHECK_TREES_EVERY = 100
+# Whole-tree comparisons between the final one; LAYERFS_DIFF_CHECK_EVERY=1 finds the first divergent step.
+CHECK_TREES_EVERY = int(os.environ.get("LAYERFS_DIFF_CHECK_EVERY", "100"))
 
 
 @pytest.mark.parametrize("seed,form,n_ops", _runs(), ids=lambda v: str(v))
@@ -316,7 +335,8 @@ def test_random_operations_match_kernel_overlayfs(seed, form, n_ops, mounts, tmp
         if i % CHECK_TREES_EVERY == 0:
             twin.check_trees()
     twin.finish()
-    print(f"done: {twin.renames_by_copy} directory renames done by copy on the kernel side (EXDEV there);"
+    print(f"done: {twin.renames_by_copy} directory renames done by copy on the kernel side (EXDEV there),"
+          f" {twin.skipped_renames} left out (hard links inside);"
           f" outcomes: {dict(sorted(outcomes.items()))}")
     # The run must have exercised the interesting paths, or it proves little.
     assert sum(v for k, v in outcomes.items() if k.endswith(" ok")) > n_ops // 3
