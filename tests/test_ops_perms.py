@@ -12,8 +12,8 @@ import subprocess
 from pathlib import Path
 
 
-from pair import (USER, Err, Stack, as_user, describe, make_pair, outcome, public_base, tree,  # noqa: F401
-                  whiteout, write)
+from pair import (USER, Err, Stack, as_user, describe, errname, make_pair, outcome, public_base,  # noqa: F401
+                  tree, whiteout, write)
 
 GROUP = 3000  # the user's primary group in these tests: not its own uid, so a mix-up shows
 OTHER_GROUP = 2000  # a group the user is not in
@@ -36,6 +36,16 @@ def build(s: Stack) -> None:
     os.chown(sgid, 0, OTHER_GROUP)
     sgid.chmod(0o2777)
     write(mid / "mid-file", "in mid")
+    # The same directory in two layers with different modes: the upper-most one decides.
+    write(bottom / "open-below/x", "x")
+    (bottom / "open-below").chmod(0o777)
+    (top / "open-below").mkdir()
+    write(bottom / "open-above/x", "x")
+    (top / "open-above").mkdir()
+    (top / "open-above").chmod(0o777)
+    setuid = write(home / "own-setuid", "#!/bin/sh\n")
+    os.chown(setuid, USER, GROUP)
+    setuid.chmod(0o6755)
     write(bottom / "gone", "deleted in mid")
     whiteout(mid, "gone")
     os.mknod(top / "null", stat.S_IFCHR, os.makedev(1, 3))
@@ -147,6 +157,10 @@ def _user_steps(mnt: Path) -> dict:
         "sticky: unlink others'": outcome(os.unlink, mnt / "shared/others"),
         "sticky: rename others'": outcome(os.rename, mnt / "shared/others", mnt / "shared/x"),
         "mknod device": outcome(os.mknod, home / "dev", stat.S_IFCHR | 0o600, os.makedev(1, 3)),
+        "create where a lower layer allows it": outcome(write, mnt / "open-below/new", "n"),
+        "create where the top layer allows it": errname(write, mnt / "open-above/new", "n"),
+        # Writing to one's own setuid/setgid file drops both bits (the kernel's file_remove_privs).
+        "write own setuid file": errname(lambda: (home / "own-setuid").open("ab").write(b"#")),
         "access": {rel: "".join(k for k, m in (("R", os.R_OK), ("W", os.W_OK), ("X", os.X_OK))
                                 if os.access(mnt / rel, m))
                    for rel in ("secret", "pub", "home", "rootdir", "shared", "bin/whoami-suid")},
@@ -184,6 +198,8 @@ def test_ordinary_user(mounts, tmp_path, public_base):
     assert sgid["sub"]["gid"] == OTHER_GROUP and sgid["sub"]["mode"] == "2755"
     assert sgid["sub/deeper"]["gid"] == OTHER_GROUP
     assert steps["setuid program"] == (0, "root") and steps["device"] == 1
+    assert steps["create where a lower layer allows it"] == Err("EACCES")
+    assert steps["create where the top layer allows it"] == "ok" and home["own-setuid"]["mode"] == "0755"
     pair.compare_uppers()
 
 

@@ -336,6 +336,8 @@ def _busy(mnt: Path) -> dict:
 @pytest.mark.parametrize("ro_lowers", [True, False], ids=["read-only-bind", "writable"])
 def test_lowers_are_never_written(mounts, tmp_path, ro_lowers, form):
     pair = make_pair(mounts, tmp_path, build, ro_lowers=ro_lowers, form=form)
+    if ro_lowers:  # the bind mounts really are read-only
+        assert errname(os.mkdir, pair.layerfs.lowers[0] / "probe") == "EROFS"
     before = {side.mnt: [_layer_state(p) for p in side.sources] for side in pair.sides}
     seen = pair.compare(_busy)
     assert set(seen["steps"].values()) == {"ok"}, seen["steps"]
