@@ -13,6 +13,12 @@ This is the only module that imports fusepy. Its pitfalls, handled here:
   answers getattr from an open descriptor, until libfuse drops it after the last close. A user renaming
   a file to a fresh name starting with ``.fuse_hidden`` would meet the same treatment.
 - ``nullpath_ok`` is switched on, so reads and writes on a handle never need a path.
+- ``utime_omit_ok`` is switched on, or libfuse2 drops a utimensat that sets only one of the two times
+  (``touch -a``); the timespecs are then read raw, since fusepy's conversion loses UTIME_OMIT/UTIME_NOW.
+- libfuse2 gives every *name* its own kernel inode, so the kernel caches attributes and pages per name: a
+  file with several hard links is opened with direct I/O so that reading through one name sees what was
+  written through another at once. (Its size and link count on the other names may lag by up to the
+  attribute timeout: libfuse2's high-level API offers no way to invalidate them.)
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import codecs
 import errno
 import logging
 import os
+import time
 
 import fuse
 
@@ -50,11 +57,32 @@ class _Operations(fuse.fuse_operations):
     def __init__(self) -> None:
         super().__init__()
         self.flag_nullpath_ok = 1
+        self.flag_utime_omit_ok = 1
 
 
 fuse.fuse_operations = _Operations
 
 _NO_ID = 0xFFFFFFFF  # (uid_t)-1: "leave unchanged" in chown
+_UTIME_NOW = (1 << 30) - 1
+_UTIME_OMIT = (1 << 30) - 2
+
+
+def _time_ns(ts, now: int) -> int | None:
+    """A struct timespec from libfuse as ns since the epoch, None for UTIME_OMIT."""
+    if ts.tv_nsec == _UTIME_OMIT:
+        return None
+    if ts.tv_nsec == _UTIME_NOW:
+        return now
+    return ts.tv_sec * 1_000_000_000 + ts.tv_nsec
+
+
+class _FUSE(fuse.FUSE):
+    """fusepy's FUSE with the utimens callback reading the timespecs itself."""
+
+    def utimens(self, path, buf):
+        now = time.time_ns()  # one instant for both, as utimensat(NULL) gives
+        times = (_time_ns(buf.contents.actime, now), _time_ns(buf.contents.modtime, now)) if buf else (now, now)
+        return self.operations("utimens", path.decode(self.encoding), times)
 _HIDDEN_PREFIX = ".fuse_hidden"  # libfuse's name for an unlinked file that is still open
 
 
@@ -132,7 +160,10 @@ class LayerfsOperations(fuse.Operations):
     # -- open files
 
     def open(self, path, fi):
-        fi.fh = self.union.open(path, fi.flags)
+        fd = self.union.open(path, fi.flags)
+        fi.fh = fd
+        if self.union.has_other_names(fd):
+            fi.direct_io = 1
         return 0
 
     def create(self, path, mode, fi):
@@ -200,8 +231,8 @@ class LayerfsOperations(fuse.Operations):
     def chown(self, path, uid, gid):
         self.union.chown(path, -1 if uid == _NO_ID else uid, -1 if gid == _NO_ID else gid)
 
-    def utimens(self, path, times=None):
-        self.union.utimens(path, times)
+    def utimens(self, path, times):
+        self.union.utimens(path, *times)
 
     def setxattr(self, path, name, value, options, position=0):
         self.union.setxattr(path, name, value, options)
@@ -233,7 +264,7 @@ def run(union: Union, mountpoint: str, *, readonly: bool, fsname: str, debug: bo
     operations = LayerfsOperations(union, on_ready)
     if debug:
         operations = _Logged(operations)
-    fuse.FUSE(operations, mountpoint, raw_fi=True, encoding=_ENCODING, **options)
+    _FUSE(operations, mountpoint, raw_fi=True, encoding=_ENCODING, **options)
 
 
 class _Logged(LayerfsOperations):

@@ -40,6 +40,7 @@ def _serve(config: MountConfig, union: Union, debug: bool, on_ready=None) -> Non
 
 def mount(config: MountConfig, *, foreground: bool = False, debug: bool = False) -> int:
     """Mount ``config``; returns the exit code for the command."""
+    # The union opens its layers now, before the mount hides any of them (a mount over its own lower).
     union = Union(config.lowers, config.upper, config.work, sync=config.sync)
     if foreground:
         _prepare_process()
@@ -64,7 +65,7 @@ def mount(config: MountConfig, *, foreground: bool = False, debug: bool = False)
         os.dup2(devnull, 1)
         if not debug:
             os.dup2(write_end, 2)  # until ready, complaints (libfuse's too) go to the waiting command
-        keep = sorted({0, 1, 2, write_end, devnull})
+        keep = sorted({0, 1, 2, write_end, devnull, *union.descriptors()})
         for low, high in zip(keep, keep[1:] + [os.sysconf("SC_OPEN_MAX")]):
             os.closerange(low + 1, high)
 

@@ -112,7 +112,7 @@ def parse(option_strings: list[str], mountpoint: str | None) -> MountConfig:
         work = _directory("workdir", split_escaped(values.pop("workdir"), ",")[0])
         if os.stat(upper).st_dev != os.stat(work).st_dev:
             raise UsageError(f"workdir {work} is not on the same filesystem as upperdir {upper}")
-        if _inside(upper, work) or _inside(work, upper):
+        if is_within(upper, work) or is_within(work, upper):
             raise UsageError("upperdir and workdir must be separate directories, neither inside the other")
         if not os.access(upper, os.W_OK) or not os.access(work, os.W_OK):
             raise UsageError(f"upperdir {upper}: not writable")
@@ -146,5 +146,6 @@ def parse(option_strings: list[str], mountpoint: str | None) -> MountConfig:
     return MountConfig(mnt, lowers, upper, work, readonly, sync, fsname, warnings)
 
 
-def _inside(child: str, parent: str) -> bool:
+def is_within(child: str, parent: str) -> bool:
+    """Whether path ``child`` is ``parent`` or below it."""
     return (child + "/").startswith(parent.rstrip("/") + "/")

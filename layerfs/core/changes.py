@@ -41,7 +41,7 @@ def changes(upper: str, lowers: Sequence[str]) -> list[Change]:
     """The changes ``upper`` makes to ``lowers`` (top first), sorted by path, ancestors included."""
     upper = upper.rstrip("/") or "/"
     resolver = Resolver([Layer(p, writable=False) for p in lowers]) if lowers else None
-    lower = resolver.lookup("/") if resolver is not None and not _is_opaque(upper) else None
+    lower = resolver.lookup("/") if resolver is not None and not whiteout.is_opaque_dir(upper) else None
     found = {c.path: c for c in _walk(upper, resolver, lower)}
     for path in list(found):
         parent = os.path.dirname(path)
@@ -49,10 +49,6 @@ def changes(upper: str, lowers: Sequence[str]) -> list[Change]:
             found[parent] = Change(CHANGED, parent)
             parent = os.path.dirname(parent)
     return sorted(found.values(), key=lambda c: c.path.split("/"))
-
-
-def _is_opaque(real_dir: str) -> bool:
-    return os.path.lexists(os.path.join(real_dir, whiteout.OPAQUE_MARKER)) or whiteout.has_opaque_xattr(real_dir)
 
 
 def _walk(upper: str, resolver: Resolver | None, root_lower: Entry | None) -> Iterator[Change]:
@@ -89,7 +85,7 @@ def _walk(upper: str, resolver: Resolver | None, root_lower: Entry | None) -> It
             elif not old.is_dir:
                 yield Change(CHANGED, child)  # a file replaced by a directory: what is inside is new
                 todo.append((child, None))
-            elif _is_opaque(entry.path):
+            elif whiteout.is_opaque_dir(entry.path):
                 yield Change(DELETED, child)  # Docker's way of saying "replaced": D, then A for its content
                 todo.append((child, None))
             else:

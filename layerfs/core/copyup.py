@@ -12,7 +12,7 @@ import errno
 import os
 import stat
 
-from . import syscalls, whiteout
+from . import syscalls, whiteout, xattr
 
 _CHUNK = 1 << 30
 
@@ -39,10 +39,10 @@ def copy_data(src_fd: int, dst_fd: int, size: int) -> None:
         offset += os.pwrite(dst_fd, chunk, offset)
 
 
-def copy_xattrs(src: str, dst: str) -> None:
+def copy_xattrs(src: str, dst: str, *, src_dir_fd: int, dst_dir_fd: int) -> None:
     """Copy the xattrs of ``src`` to ``dst`` (neither followed), except overlay bookkeeping."""
     try:
-        names = os.listxattr(src, follow_symlinks=False)
+        names = xattr.names(src, dir_fd=src_dir_fd)
     except OSError as e:
         if e.errno in (errno.ENOTSUP, errno.EPERM):
             return
@@ -51,16 +51,17 @@ def copy_xattrs(src: str, dst: str) -> None:
         if whiteout.is_private_xattr(name):
             continue
         try:
-            value = os.getxattr(src, name, follow_symlinks=False)
-            os.setxattr(dst, name, value, follow_symlinks=False)
+            xattr.set(dst, name, xattr.get(src, name, dir_fd=src_dir_fd), dir_fd=dst_dir_fd)
         except OSError as e:
             # A symlink cannot carry user.* xattrs on Linux; the lower can't have them either then.
             if e.errno not in (errno.ENOTSUP, errno.EPERM, errno.ENODATA):
                 raise
 
 
-def copy_entry(src: str, st: os.stat_result, dst: str, *, with_data: bool = True, sync: bool = True) -> None:
-    """Create at ``dst`` (which must not exist) a copy of ``src`` whose lstat is ``st``.
+def copy_entry(src: str, st: os.stat_result, dst: str, *, src_dir_fd: int, dst_dir_fd: int,
+               with_data: bool = True, sync: bool = True) -> None:
+    """Create at ``dst`` (which must not exist) a copy of ``src`` whose lstat is ``st``; each path is
+    relative to its directory descriptor.
 
     Ownership, mode (setuid bits included), xattrs and atime/mtime in ns are kept. A directory is
     copied without its children. ``with_data=False`` makes a regular file empty (for a copy-up that
@@ -70,9 +71,9 @@ def copy_entry(src: str, st: os.stat_result, dst: str, *, with_data: bool = True
     mode = st.st_mode
     kind = stat.S_IFMT(mode)
     if kind == stat.S_IFREG:
-        src_fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        src_fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=src_dir_fd)
         try:
-            dst_fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            dst_fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=dst_dir_fd)
             try:
                 if with_data:
                     copy_data(src_fd, dst_fd, st.st_size)
@@ -83,14 +84,14 @@ def copy_entry(src: str, st: os.stat_result, dst: str, *, with_data: bool = True
         finally:
             os.close(src_fd)
     elif kind == stat.S_IFDIR:
-        os.mkdir(dst, 0o700)
+        os.mkdir(dst, 0o700, dir_fd=dst_dir_fd)
     elif kind == stat.S_IFLNK:
-        os.symlink(os.readlink(src), dst)
+        os.symlink(os.readlink(src, dir_fd=src_dir_fd), dst, dir_fd=dst_dir_fd)
     else:
-        os.mknod(dst, kind | 0o600, st.st_rdev)
-    copy_xattrs(src, dst)
+        os.mknod(dst, kind | 0o600, st.st_rdev, dir_fd=dst_dir_fd)
+    copy_xattrs(src, dst, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd)
     # chown before chmod: chown clears setuid/setgid bits, even for root.
-    os.chown(dst, st.st_uid, st.st_gid, follow_symlinks=False)
+    os.chown(dst, st.st_uid, st.st_gid, dir_fd=dst_dir_fd, follow_symlinks=False)
     if kind != stat.S_IFLNK:
-        os.chmod(dst, stat.S_IMODE(mode))
-    os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+        os.chmod(dst, stat.S_IMODE(mode), dir_fd=dst_dir_fd)
+    os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dst_dir_fd, follow_symlinks=False)

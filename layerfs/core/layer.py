@@ -1,10 +1,13 @@
 """One directory of the layer stack, and how a name is probed in it.
 
-Paths handed to a layer are merged-view paths (``/etc/passwd``); a layer maps them under its root.
-The caller guarantees that every ancestor of a probed path is a real directory in this layer (the
-lookup walks the stack level by level, and a layer takes part in a directory only where that directory
-is a real directory in it), so the string join never passes through a symlink; the final component is
-always looked at without following.
+Paths handed to a layer are merged-view paths (``/etc/passwd``). The layer opens its root directory
+once, when it is created (before the mount, so a layer hidden by the mount point stays reachable), and
+every system call names an entry relative to that descriptor (``dir_fd=layer.fd``, ``layer.rel(path)``).
+That keeps the whole PATH_MAX for the merged path, however long the layer's own path is.
+The caller guarantees that every ancestor of a path is a real directory in this layer (the lookup walks
+the stack level by level, and a layer takes part in a directory only where that directory is a real
+directory in it), so resolution never passes through a symlink; the final component is always looked at
+without following.
 
 Lower layers never change while mounted, so what is read from them (directory listings, which names
 are whited out, whether a directory is opaque) is cached forever. The upper layer changes, and is asked
@@ -13,9 +16,10 @@ every time.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
 
 from . import whiteout
 
@@ -53,18 +57,25 @@ class Layer:
     def __init__(self, root: str, writable: bool) -> None:
         self.root = root.rstrip("/") or "/"
         self.writable = writable
-        self.dev = os.stat(self.root).st_dev
+        self.fd = os.open(self.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.dev = os.fstat(self.fd).st_dev
         self._listings: dict[str, _Listing] = {}
+
+    def __del__(self) -> None:
+        fd = getattr(self, "fd", None)
+        if fd is not None:
+            os.close(fd)
 
     def __repr__(self) -> str:
         return f"Layer({self.root!r}, writable={self.writable})"
 
-    def real(self, path: str) -> str:
-        """The host path of merged path ``path`` in this layer."""
-        return self.root if path == "/" else self.root + path
+    @staticmethod
+    def rel(path: str) -> str:
+        """Merged path ``path`` relative to a layer's root: ``/etc/passwd`` -> ``etc/passwd``, ``/`` -> ``.``"""
+        return path[1:] or "."
 
     def lstat(self, path: str) -> os.stat_result:
-        return os.lstat(self.real(path))
+        return os.lstat(path[1:] or ".", dir_fd=self.fd)
 
     # -- probing one name -------------------------------------------------------------------------
 
@@ -80,29 +91,31 @@ class Layer:
                 return None, True
             if name not in listing.entries:
                 return None, False
-            return os.lstat(self.real(path)), False
+            return os.lstat(path[1:], dir_fd=self.fd), False
         try:
-            st = os.lstat(self.real(path))
+            st = os.lstat(path[1:], dir_fd=self.fd)
         except (FileNotFoundError, NotADirectoryError):
-            return None, self._has_oci_whiteout(parent, name)
+            return None, self._has_oci_whiteout(path)
         if whiteout.is_whiteout_stat(st):
             return None, True
         return st, False
 
-    def _has_oci_whiteout(self, parent: str, name: str) -> bool:
+    def _has_oci_whiteout(self, path: str) -> bool:
         try:
-            os.lstat(os.path.join(self.real(parent), whiteout.oci_whiteout_name(name)))
+            os.lstat(self.rel(oci_whiteout_path(path)), dir_fd=self.fd)
             return True
         except (FileNotFoundError, NotADirectoryError):
             return False
+        except OSError as e:
+            if e.errno == errno.ENAMETOOLONG:  # the name is too long to have a ".wh." twin
+                return False
+            raise
 
     def is_opaque(self, path: str) -> bool:
         """Whether the real directory at ``path`` hides the layers below it."""
         if not self.writable:
             return self._listing(path).opaque
-        return whiteout.has_opaque_xattr(self.real(path)) or os.path.lexists(
-            os.path.join(self.real(path), whiteout.OPAQUE_MARKER)
-        )
+        return whiteout.is_opaque_dir(self.rel(path), dir_fd=self.fd)
 
     # -- listing a directory ----------------------------------------------------------------------
 
@@ -118,46 +131,41 @@ class Layer:
         listing = self._listings.get(path)
         if listing is None:
             entries, hidden, has_marker = self._read_dir(path)
-            opaque = has_marker or whiteout.has_opaque_xattr(self.real(path))
+            opaque = has_marker or whiteout.has_opaque_xattr(self.rel(path), dir_fd=self.fd)
             listing = _Listing(entries, hidden, opaque)
             self._listings[path] = listing
         return listing
 
     def _read_dir(self, path: str) -> tuple[dict[str, DirEntryInfo], frozenset[str], bool]:
+        """The real entries of a directory, the names it whites out, and whether it holds an OCI opaque marker."""
+        try:
+            fd = os.open(self.rel(path), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.fd)
+        except (FileNotFoundError, NotADirectoryError):
+            return {}, frozenset(), False
         entries: dict[str, DirEntryInfo] = {}
         hidden: set[str] = set()
         has_marker = False
         try:
-            it = os.scandir(self.real(path))
-        except (FileNotFoundError, NotADirectoryError):
-            return entries, frozenset(), False
-        with it:
-            for entry in it:
-                name = entry.name
-                if whiteout.is_marker_name(name):
-                    if name == whiteout.OPAQUE_MARKER:
-                        has_marker = True
-                    hidden_name = whiteout.whited_out_name(name)
-                    if hidden_name is not None:
-                        hidden.add(hidden_name)
-                    continue
-                bits = _type_bits(entry)
-                if bits == stat.S_IFCHR and whiteout.is_whiteout_stat(entry.stat(follow_symlinks=False)):
-                    hidden.add(name)
-                    continue
-                entries[name] = DirEntryInfo(name, entry.inode(), self.dev, bits)
+            with os.scandir(fd) as it:
+                for entry in it:
+                    name = entry.name
+                    if whiteout.is_marker_name(name):
+                        has_marker = has_marker or name == whiteout.OPAQUE_MARKER
+                        hidden_name = whiteout.whited_out_name(name)
+                        if hidden_name is not None:
+                            hidden.add(hidden_name)
+                        continue
+                    bits = _type_bits(entry)
+                    if bits == stat.S_IFCHR and whiteout.is_whiteout_stat(entry.stat(follow_symlinks=False)):
+                        hidden.add(name)
+                        continue
+                    entries[name] = DirEntryInfo(name, entry.inode(), self.dev, bits)
+        finally:
+            os.close(fd)
         return entries, frozenset(hidden), has_marker
 
 
-def iter_tree(root: str) -> Iterator[tuple[str, os.stat_result]]:
-    """Every entry below ``root`` (not ``root`` itself), parents before children, as (relative path, lstat)."""
-    stack = [""]
-    while stack:
-        rel = stack.pop()
-        with os.scandir(os.path.join(root, rel) if rel else root) as it:
-            for entry in it:
-                child = f"{rel}/{entry.name}" if rel else entry.name
-                st = entry.stat(follow_symlinks=False)
-                yield child, st
-                if stat.S_ISDIR(st.st_mode):
-                    stack.append(child)
+def oci_whiteout_path(path: str) -> str:
+    """The merged path of the OCI whiteout file that hides ``path``."""
+    head, _, name = path.rpartition("/")
+    return f"{head}/{whiteout.oci_whiteout_name(name)}"

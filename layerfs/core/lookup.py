@@ -18,6 +18,7 @@ import os
 import stat
 import threading
 
+from . import whiteout
 from .layer import Layer
 
 
@@ -42,8 +43,9 @@ class Entry:
         return self.layer.writable
 
     @property
-    def real(self) -> str:
-        return self.layer.real(self.path)
+    def rel(self) -> str:
+        """The entry's path relative to its layer's root descriptor, ``self.layer.fd``."""
+        return self.path[1:] or "."
 
     @property
     def merged(self) -> bool:
@@ -91,6 +93,8 @@ class Resolver:
         if stack is not None:  # a directory looked up before: no need to probe every layer again
             return Entry(path, stack[0], stack[0].lstat(path), stack)
         parent, name = split(path)
+        if whiteout.is_marker_name(name):
+            return None  # bookkeeping, never an entry of the merged view
         return self.find_in(self.stack_of(parent), parent, name, path)
 
     def get(self, path: str) -> Entry:

@@ -30,21 +30,21 @@ def _raise_errno(path: str) -> None:
     raise OSError(e, os.strerror(e), path)
 
 
-def _rename2(a: str, b: str, flags: int) -> None:
+def _rename2(a: str, b: str, flags: int, a_dir_fd: int, b_dir_fd: int) -> None:
     if _renameat2 is None:
         raise OSError(errno.ENOSYS, "renameat2 is not available", a)
-    if _renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), flags) != 0:
+    if _renameat2(a_dir_fd, os.fsencode(a), b_dir_fd, os.fsencode(b), flags) != 0:
         _raise_errno(a)
 
 
-def exchange(a: str, b: str) -> None:
+def exchange(a: str, b: str, *, a_dir_fd: int = AT_FDCWD, b_dir_fd: int = AT_FDCWD) -> None:
     """Atomically swap the entries at ``a`` and ``b`` (renameat2 RENAME_EXCHANGE); both must exist."""
-    _rename2(a, b, RENAME_EXCHANGE)
+    _rename2(a, b, RENAME_EXCHANGE, a_dir_fd, b_dir_fd)
 
 
-def rename_whiteout(a: str, b: str) -> None:
+def rename_whiteout(a: str, b: str, *, a_dir_fd: int = AT_FDCWD, b_dir_fd: int = AT_FDCWD) -> None:
     """Rename ``a`` to ``b`` and leave an overlay whiteout at ``a`` in the same step (needs CAP_MKNOD)."""
-    _rename2(a, b, RENAME_WHITEOUT)
+    _rename2(a, b, RENAME_WHITEOUT, a_dir_fd, b_dir_fd)
 
 
 def clone_file(src_fd: int, dst_fd: int) -> bool:

@@ -25,9 +25,9 @@ import shutil
 import stat
 import threading
 
-from . import copyup, syscalls, whiteout
+from . import copyup, syscalls, whiteout, xattr
 from .inodes import InodeMap
-from .layer import Layer
+from .layer import Layer, oci_whiteout_path
 from .lookup import Entry, Resolver, join, split
 
 
@@ -35,15 +35,22 @@ def _error(code: int, path: str) -> OSError:
     return OSError(code, os.strerror(code), path)
 
 
-def _remove_tree(path: str) -> None:
+def _remove_tree(dir_fd: int, rel: str) -> None:
     try:
-        st = os.lstat(path)
+        st = os.lstat(rel, dir_fd=dir_fd)
     except FileNotFoundError:
         return
     if stat.S_ISDIR(st.st_mode):
-        shutil.rmtree(path)
+        shutil.rmtree(rel, dir_fd=dir_fd)
     else:
-        os.unlink(path)
+        os.unlink(rel, dir_fd=dir_fd)
+
+
+def _refuse_marker_name(path: str) -> None:
+    """A ``.wh.*`` entry in the upper layer would be read as a whiteout (and hide its namesake), and
+    would become one in an exported OCI layer: such names cannot be created through the mount."""
+    if whiteout.is_marker_name(split(path)[1]):
+        raise _error(errno.EINVAL, path)
 
 
 class Attributes:
@@ -72,27 +79,47 @@ class Union:
         self.inodes = InodeMap(layers[0].dev)
         self.sync = sync
         self._lock = threading.RLock()
-        self._handles: dict[int, tuple[int, int, int]] = {}  # open fd -> (merged inode number, real dev, real ino)
+        # open fd -> (merged inode number, real dev, real ino, an upper file with several names)
+        self._handles: dict[int, tuple[int, int, int, bool]] = {}
         self._names = itertools.count()
-        self._work = ""
+        self._work = -1  # descriptor of the work directory, where new entries are built
         if self.upper:
             if not work:
                 raise ValueError("an upper layer needs a work directory")
-            self._work = os.path.join(work, "work")
-            self._clean_work()
+            self._work = self._open_clean_work(work)
+
+    def descriptors(self) -> list[int]:
+        """The descriptors the union holds (layer roots, work directory): a daemonizing caller keeps them."""
+        return [layer.fd for layer in self.resolver.layers] + ([self._work] if self.upper else [])
 
     @property
     def readonly(self) -> bool:
         return self.upper is None
 
-    def _clean_work(self) -> None:
-        """Empty the work directory: what is there is an interrupted operation's leftovers, never data."""
-        os.makedirs(self._work, mode=0o700, exist_ok=True)
-        for name in os.listdir(self._work):
-            _remove_tree(os.path.join(self._work, name))
+    @staticmethod
+    def _open_clean_work(work: str) -> int:
+        """Open ``work``/work, emptied: what is there is an interrupted operation's leftovers, never data.
+        (Kernel overlayfs and fuse-overlayfs use and clean the same directory.)"""
+        parent = os.open(work, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            try:
+                os.mkdir("work", 0o700, dir_fd=parent)
+            except FileExistsError:
+                pass
+            fd = os.open("work", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=parent)
+        finally:
+            os.close(parent)
+        listing = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=fd)
+        try:
+            for name in os.listdir(listing):
+                _remove_tree(fd, name)
+        finally:
+            os.close(listing)
+        return fd
 
     def _tmp(self) -> str:
-        return f"{self._work}/#{next(self._names):x}"
+        """A fresh name in the work directory."""
+        return f"#{next(self._names):x}"
 
     def _writable_upper(self) -> Layer:
         if self.upper is None:
@@ -127,20 +154,21 @@ class Union:
         return merged
 
     def readlink(self, path: str) -> str:
-        return os.readlink(self.resolver.get(path).real)
+        entry = self.resolver.get(path)
+        return os.readlink(entry.rel, dir_fd=entry.layer.fd)
 
     def statvfs(self) -> os.statvfs_result:
-        return os.statvfs(self.resolver.layers[0].root)
+        return os.fstatvfs(self.resolver.layers[0].fd)
 
     def getxattr(self, path: str, name: str) -> bytes:
         entry = self.resolver.get(path)
         if whiteout.is_private_xattr(name):
             raise _error(errno.ENODATA, path)
-        return os.getxattr(entry.real, name, follow_symlinks=False)
+        return xattr.get(entry.rel, name, dir_fd=entry.layer.fd)
 
     def listxattr(self, path: str) -> list[str]:
         entry = self.resolver.get(path)
-        return [n for n in os.listxattr(entry.real, follow_symlinks=False) if not whiteout.is_private_xattr(n)]
+        return [n for n in xattr.names(entry.rel, dir_fd=entry.layer.fd) if not whiteout.is_private_xattr(n)]
 
     def access(self, path: str, mode: int) -> None:
         self.resolver.get(path)
@@ -157,29 +185,34 @@ class Union:
             self._writable_upper()
             with self._lock:
                 entry = self._copy_up(path, with_data=not flags & os.O_TRUNC)
-        fd = os.open(entry.real, (flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY)) | os.O_NOFOLLOW | os.O_CLOEXEC)
-        self._remember(fd, self.inodes.number(entry.st))
+        fd = os.open(entry.rel, (flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY)) | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     dir_fd=entry.layer.fd)
+        self._remember(fd, self.inodes.number(entry.st), entry.in_upper)
         return fd
 
-    def _remember(self, fd: int, number: int) -> None:
+    def _remember(self, fd: int, number: int, in_upper: bool) -> None:
         st = os.fstat(fd)
-        self._handles[fd] = (number, st.st_dev, st.st_ino)
+        self._handles[fd] = (number, st.st_dev, st.st_ino, in_upper and st.st_nlink > 1)
+
+    def has_other_names(self, fd: int) -> bool:
+        """Whether the open file is an upper file reachable by several names (hard links)."""
+        return self._handles[fd][3]
 
     def create(self, path: str, flags: int, mode: int, uid: int, gid: int) -> int:
         """Create and open a new regular file owned by ``uid``/``gid``."""
         keep = flags & (os.O_APPEND | os.O_SYNC | os.O_DSYNC | os.O_NONBLOCK | os.O_DIRECT)
         with self._lock:
             tmp, uid, gid, mode = self._prepare_new(path, uid, gid, mode, is_dir=False)
-            fd = os.open(tmp, keep | os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            fd = os.open(tmp, keep | os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=self._work)
             try:
                 os.fchown(fd, uid, gid)
                 os.fchmod(fd, mode)
                 self._install_new(tmp, path)
             except BaseException:
                 os.close(fd)
-                _remove_tree(tmp)
+                _remove_tree(self._work, tmp)
                 raise
-        self._remember(fd, self.inodes.number(os.fstat(fd)))
+        self._remember(fd, self.inodes.number(os.fstat(fd)), True)
         return fd
 
     def read(self, fd: int, size: int, offset: int) -> bytes:
@@ -202,7 +235,7 @@ class Union:
         return key
 
     def open_fd(self, key: tuple[int, int]) -> int:
-        for fd, (_, dev, ino) in list(self._handles.items()):
+        for fd, (_, dev, ino, _) in list(self._handles.items()):
             if (dev, ino) == key:
                 return fd
         raise _error(errno.ENOENT, "(unlinked file)")
@@ -231,43 +264,54 @@ class Union:
             return self._copy_up(path, with_data)
 
     def chmod(self, path: str, mode: int) -> None:
-        os.chmod(self._copied_up(path).real, stat.S_IMODE(mode))
+        entry = self._copied_up(path)
+        os.chmod(entry.rel, stat.S_IMODE(mode), dir_fd=entry.layer.fd)
 
     def chown(self, path: str, uid: int, gid: int) -> None:
-        os.chown(self._copied_up(path).real, uid, gid, follow_symlinks=False)
+        entry = self._copied_up(path)
+        os.chown(entry.rel, uid, gid, dir_fd=entry.layer.fd, follow_symlinks=False)
 
     def truncate(self, path: str, length: int) -> None:
-        os.truncate(self._copied_up(path, with_data=length > 0).real, length)
+        entry = self._copied_up(path, with_data=length > 0)
+        fd = os.open(entry.rel, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=entry.layer.fd)
+        try:
+            os.ftruncate(fd, length)
+        finally:
+            os.close(fd)
 
-    def utimens(self, path: str, times_ns: tuple[int, int] | None) -> None:
-        real = self._copied_up(path).real
-        if times_ns is None:
-            os.utime(real, follow_symlinks=False)
-        else:
-            os.utime(real, ns=times_ns, follow_symlinks=False)
+    def utimens(self, path: str, atime_ns: int | None, mtime_ns: int | None) -> None:
+        """Set access and modification times in ns; None leaves that one as it is."""
+        entry = self._copied_up(path)
+        if atime_ns is None or mtime_ns is None:
+            st = os.lstat(entry.rel, dir_fd=entry.layer.fd)
+            atime_ns = st.st_atime_ns if atime_ns is None else atime_ns
+            mtime_ns = st.st_mtime_ns if mtime_ns is None else mtime_ns
+        os.utime(entry.rel, ns=(atime_ns, mtime_ns), dir_fd=entry.layer.fd, follow_symlinks=False)
 
     def setxattr(self, path: str, name: str, value: bytes, flags: int) -> None:
         if whiteout.is_private_xattr(name):
             raise _error(errno.EOPNOTSUPP, path)
-        os.setxattr(self._copied_up(path).real, name, value, flags, follow_symlinks=False)
+        entry = self._copied_up(path)
+        xattr.set(entry.rel, name, value, flags, dir_fd=entry.layer.fd)
 
     def removexattr(self, path: str, name: str) -> None:
         if whiteout.is_private_xattr(name):
             raise _error(errno.EOPNOTSUPP, path)
         entry = self.resolver.get(path)
-        if name not in os.listxattr(entry.real, follow_symlinks=False):
+        if name not in xattr.names(entry.rel, dir_fd=entry.layer.fd):
             raise _error(errno.ENODATA, path)
-        os.removexattr(self._copied_up(path).real, name, follow_symlinks=False)
+        entry = self._copied_up(path)
+        xattr.remove(entry.rel, name, dir_fd=entry.layer.fd)
 
     # -- creating entries -----------------------------------------------------------------------
 
     def mkdir(self, path: str, mode: int, uid: int, gid: int) -> None:
         with self._lock:
             tmp, uid, gid, mode = self._prepare_new(path, uid, gid, mode, is_dir=True)
-            os.mkdir(tmp, 0o700)
-            self._finish_new(tmp, path, uid, gid, mode)
+            os.mkdir(tmp, 0o700, dir_fd=self._work)
+            self._finish_new(tmp, uid, gid, mode)
             if self._lower_has(path):
-                whiteout.mark_opaque(tmp)
+                whiteout.mark_opaque(tmp, dir_fd=self._work)
             self._install_new(tmp, path)
 
     def mknod(self, path: str, mode: int, rdev: int, uid: int, gid: int) -> None:
@@ -276,15 +320,15 @@ class Union:
             raise _error(errno.EPERM, path)
         with self._lock:
             tmp, uid, gid, mode = self._prepare_new(path, uid, gid, mode, is_dir=False)
-            os.mknod(tmp, stat.S_IFMT(mode) | 0o600, rdev)
-            self._finish_new(tmp, path, uid, gid, mode)
+            os.mknod(tmp, stat.S_IFMT(mode) | 0o600, rdev, dir_fd=self._work)
+            self._finish_new(tmp, uid, gid, mode)
             self._install_new(tmp, path)
 
     def symlink(self, target: str, path: str, uid: int, gid: int) -> None:
         with self._lock:
             tmp, uid, gid, _ = self._prepare_new(path, uid, gid, 0o777, is_dir=False)
-            os.symlink(target, tmp)
-            self._finish_new(tmp, path, uid, gid, None)
+            os.symlink(target, tmp, dir_fd=self._work)
+            self._finish_new(tmp, uid, gid, None)
             self._install_new(tmp, path)
 
     def link(self, existing: str, path: str) -> None:
@@ -295,13 +339,14 @@ class Union:
             self._prepare_new(path, 0, 0, 0, is_dir=False)
             source = self._copy_up(existing)
             tmp = self._tmp()
-            os.link(source.real, tmp)
+            os.link(source.rel, tmp, src_dir_fd=source.layer.fd, dst_dir_fd=self._work, follow_symlinks=False)
             self._install_new(tmp, path)
 
     def _prepare_new(self, path: str, uid: int, gid: int, mode: int, *, is_dir: bool) -> tuple[str, int, int, int]:
         """Check that ``path`` can be created and copy its parent up; returns a temporary name and the
         owner and mode the entry gets (a setgid parent passes on its group, and to directories its bit)."""
         upper = self._writable_upper()
+        _refuse_marker_name(path)
         parent, _ = split(path)
         if self.resolver.lookup(path) is not None:
             raise _error(errno.EEXIST, path)
@@ -313,24 +358,24 @@ class Union:
                 mode |= stat.S_ISGID
         return self._tmp(), uid, gid, mode
 
-    def _finish_new(self, tmp: str, path: str, uid: int, gid: int, mode: int | None) -> None:
+    def _finish_new(self, tmp: str, uid: int, gid: int, mode: int | None) -> None:
         try:
-            os.chown(tmp, uid, gid, follow_symlinks=False)
+            os.chown(tmp, uid, gid, dir_fd=self._work, follow_symlinks=False)
             if mode is not None:
-                os.chmod(tmp, stat.S_IMODE(mode))
+                os.chmod(tmp, stat.S_IMODE(mode), dir_fd=self._work)
         except BaseException:
-            _remove_tree(tmp)
+            _remove_tree(self._work, tmp)
             raise
 
     def _install_new(self, tmp: str, path: str) -> None:
         """Move the new entry ``tmp`` into place, replacing a whiteout of the upper layer if there is one."""
         try:
-            displaced = self._install(tmp, path)
+            displaced = self._install(self._work, tmp, path)
         except BaseException:
-            _remove_tree(tmp)
+            _remove_tree(self._work, tmp)
             raise
         if displaced:
-            _remove_tree(displaced)
+            _remove_tree(self._work, tmp)
 
     # -- removing and renaming ------------------------------------------------------------------
 
@@ -344,7 +389,7 @@ class Union:
             if self._lower_has(path):
                 self._whiteout(path)
             else:
-                os.unlink(entry.real)
+                os.unlink(entry.rel, dir_fd=entry.layer.fd)
             if entry.in_upper and entry.st.st_nlink == 1:
                 self.inodes.removed(entry.st)
 
@@ -363,14 +408,14 @@ class Union:
                 self._whiteout(path)
             elif entry.in_upper:
                 try:
-                    os.rmdir(entry.real)
+                    os.rmdir(entry.rel, dir_fd=entry.layer.fd)
                 except OSError as e:
                     if e.errno != errno.ENOTEMPTY:
                         raise
                     # Only whiteouts are left inside: take it out of view first, then empty it.
                     tmp = self._tmp()
-                    os.rename(entry.real, tmp)
-                    shutil.rmtree(tmp)
+                    os.rename(entry.rel, tmp, src_dir_fd=entry.layer.fd, dst_dir_fd=self._work)
+                    shutil.rmtree(tmp, dir_fd=self._work)
             self.resolver.invalidate()
 
     def rename(self, old: str, new: str) -> None:
@@ -380,6 +425,7 @@ class Union:
         target = self.resolver.lookup(new)
         if source.is_dir and (new + "/").startswith(old + "/"):
             raise _error(errno.EINVAL, new)
+        _refuse_marker_name(new)
         if target is not None:
             if source.is_dir and not target.is_dir:
                 raise _error(errno.ENOTDIR, new)
@@ -387,8 +433,10 @@ class Union:
                 raise _error(errno.EISDIR, new)
             if target.is_dir and self.listdir(new):
                 raise _error(errno.ENOTEMPTY, new)
-            if target.layer is source.layer and target.st.st_ino == source.st.st_ino:
-                return  # two names of one file: rename(2) does nothing
+            if source.in_upper and target.in_upper and target.st.st_ino == source.st.st_ino:
+                # Two names of one upper file: rename(2) does nothing. Names of a lower hard link are
+                # separate files in the merged view (copy-up breaks the link), as on overlayfs.
+                return
         upper = self._writable_upper()
         with self._lock:
             self._copy_up_dir_chain(split(old)[0])
@@ -398,18 +446,22 @@ class Union:
                 self._copy_up_tree(old)
             elif not source.in_upper:
                 self._copy_up(old)
-            source_real = upper.real(old)
-            opaque_at_target = source.is_dir and self._lower_has(new)
+            source_rel = Layer.rel(old)
+            # As overlayfs: a directory of the upper alone turns opaque when moved into a merged
+            # directory; a copied-up tree (what `mv` would recreate) only where a lower has the name.
+            opaque_at_target = source.is_dir and (
+                self._lower_has(new)
+                or (not whole_tree and len(self.resolver.stack_of(split(new)[0])) > 1))
             if opaque_at_target:
-                whiteout.mark_opaque(source_real)
+                whiteout.mark_opaque(source_rel, dir_fd=upper.fd)
             if not self._rename_leaving_whiteout(old, new):
-                displaced = self._install(source_real, new)
+                displaced = self._install(upper.fd, source_rel, new)
                 if self._lower_has(old):
                     self._whiteout(old)
                 elif displaced:
-                    _remove_tree(displaced)
+                    _remove_tree(upper.fd, source_rel)
             if whole_tree:
-                self._drop_markers_below(upper.real(new), keep_opaque=opaque_at_target)
+                self._drop_markers_below(Layer.rel(new), keep_opaque=opaque_at_target)
             if source.is_dir:
                 self.resolver.invalidate()
 
@@ -420,7 +472,7 @@ class Union:
             return False
         upper = self.upper
         try:
-            syscalls.rename_whiteout(upper.real(old), upper.real(new))
+            syscalls.rename_whiteout(Layer.rel(old), Layer.rel(new), a_dir_fd=upper.fd, b_dir_fd=upper.fd)
         except OSError as e:
             if e.errno in (errno.EINVAL, errno.EPERM, errno.ENOSYS, errno.ENOTDIR, errno.EISDIR,
                            errno.ENOTEMPTY, errno.EEXIST, errno.EOPNOTSUPP):
@@ -441,16 +493,17 @@ class Union:
         upper = self.upper
         parent, _ = split(entry.path)
         self._copy_up_dir_chain(parent)
-        parent_real = upper.real(parent)
-        pst = os.lstat(parent_real)
+        parent_rel = Layer.rel(parent)
+        pst = upper.lstat(parent)
         tmp = self._tmp()
         try:
-            copyup.copy_entry(entry.real, entry.st, tmp, with_data=with_data, sync=self.sync)
-            os.rename(tmp, upper.real(entry.path))
+            copyup.copy_entry(entry.rel, entry.st, tmp, src_dir_fd=entry.layer.fd, dst_dir_fd=self._work,
+                              with_data=with_data, sync=self.sync)
+            os.rename(tmp, entry.rel, src_dir_fd=self._work, dst_dir_fd=upper.fd)
         except BaseException:
-            _remove_tree(tmp)
+            _remove_tree(self._work, tmp)
             raise
-        os.utime(parent_real, ns=(pst.st_atime_ns, pst.st_mtime_ns))
+        os.utime(parent_rel, ns=(pst.st_atime_ns, pst.st_mtime_ns), dir_fd=upper.fd, follow_symlinks=False)
         st = upper.lstat(entry.path)
         self.inodes.copied_up(entry.st, st)
         if entry.is_dir:
@@ -480,24 +533,18 @@ class Union:
                 else:
                     self._copy_up(child)
 
-    def _drop_markers_below(self, real_dir: str, *, keep_opaque: bool) -> None:
+    def _drop_markers_below(self, rel: str, *, keep_opaque: bool) -> None:
         """After a subtree was copied up and moved, the whiteouts and opaque marks inside it refer to
         nothing: remove them, so the upper layer reads the same with any overlay implementation."""
+        upper = self.upper.fd
         if not keep_opaque:
-            whiteout.clear_opaque(real_dir)
-        pending = [real_dir]
-        while pending:
-            directory = pending.pop()
-            with os.scandir(directory) as it:
-                for item in it:
-                    if item.is_dir(follow_symlinks=False):
-                        whiteout.clear_opaque(item.path)
-                        pending.append(item.path)
-                    elif whiteout.is_marker_name(item.name) or (
-                        not item.is_file(follow_symlinks=False) and not item.is_symlink()
-                        and whiteout.is_whiteout_stat(item.stat(follow_symlinks=False))
-                    ):
-                        os.unlink(item.path)
+            whiteout.clear_opaque(rel, dir_fd=upper)
+        for _, dirs, files, dir_fd in os.fwalk(rel, dir_fd=upper):
+            for name in dirs:
+                whiteout.clear_opaque(name, dir_fd=dir_fd)
+            for name in files:
+                if whiteout.is_marker_name(name) or whiteout.is_whiteout_stat(os.lstat(name, dir_fd=dir_fd)):
+                    os.unlink(name, dir_fd=dir_fd)
 
     def _lower_has(self, path: str) -> bool:
         """Whether a lower layer shows something at ``path`` when the upper layer has nothing there."""
@@ -505,39 +552,42 @@ class Union:
         lowers = tuple(layer for layer in self.resolver.stack_of(parent) if not layer.writable)
         return bool(lowers) and Resolver.find_in(lowers, parent, name, path) is not None
 
-    def _install(self, src_real: str, path: str) -> str | None:
-        """Rename ``src_real`` to ``path`` in the upper layer, replacing what the upper has there.
+    def _install(self, src_dir_fd: int, src: str, path: str) -> bool:
+        """Rename ``src`` (relative to ``src_dir_fd``) to ``path`` in the upper layer, replacing what the
+        upper has there.
 
         rename(2) cannot replace a directory holding whiteouts, nor put a directory over a whiteout:
-        then the two are exchanged atomically and the old entry, now at ``src_real``, is returned for the
+        then the two are exchanged atomically, and True says the old entry is now at ``src`` for the
         caller to dispose of.
         """
-        dst = self.upper.real(path)
-        displaced = None
+        dst = Layer.rel(path)
+        displaced = False
         try:
-            os.rename(src_real, dst)
+            os.rename(src, dst, src_dir_fd=src_dir_fd, dst_dir_fd=self.upper.fd)
         except OSError as e:
             if e.errno not in (errno.ENOTDIR, errno.EISDIR, errno.ENOTEMPTY, errno.EEXIST):
                 raise
-            syscalls.exchange(src_real, dst)
-            displaced = src_real
+            syscalls.exchange(src, dst, a_dir_fd=src_dir_fd, b_dir_fd=self.upper.fd)
+            displaced = True
         self._drop_oci_whiteout(path)
         return displaced
 
     def _drop_oci_whiteout(self, path: str) -> None:
-        parent, name = split(path)
         try:
-            os.unlink(os.path.join(self.upper.real(parent), whiteout.oci_whiteout_name(name)))
+            os.unlink(Layer.rel(oci_whiteout_path(path)), dir_fd=self.upper.fd)
         except FileNotFoundError:
             pass
+        except OSError as e:
+            if e.errno != errno.ENAMETOOLONG:  # a name too long to have a ".wh." twin
+                raise
 
     def _whiteout(self, path: str) -> None:
         """Make ``path`` a whiteout in the upper layer, replacing atomically whatever the upper has there."""
         tmp = self._tmp()
         try:
-            os.mknod(tmp, stat.S_IFCHR, os.makedev(0, 0))
+            os.mknod(tmp, stat.S_IFCHR, os.makedev(0, 0), dir_fd=self._work)
         except PermissionError:
-            _remove_tree(self.upper.real(path))
-            whiteout.make_whiteout(self.upper.real(path))
+            _remove_tree(self.upper.fd, Layer.rel(path))
+            whiteout.make_whiteout(Layer.rel(path), dir_fd=self.upper.fd)
             return
         self._install_new(tmp, path)

@@ -16,9 +16,11 @@ Every magic name and xattr lives here, so nothing else in the code base spells t
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
+from typing import Iterator
 
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
@@ -61,11 +63,20 @@ def is_private_xattr(name: str) -> bool:
     return name.startswith(PRIVATE_XATTR_PREFIXES)
 
 
-def has_opaque_xattr(path: str) -> bool:
-    """True when the directory at ``path`` carries an overlay opaque xattr set to ``y``."""
+@contextlib.contextmanager
+def _directory(path: str, dir_fd: int | None) -> Iterator[int]:
+    """The directory at ``path`` opened, so that names in it are reached without a longer path."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _opaque_xattr(fd: int) -> bool:
     for attr in OPAQUE_XATTRS:
         try:
-            if os.getxattr(path, attr, follow_symlinks=False) == b"y":
+            if os.getxattr(fd, attr) == b"y":
                 return True
         except OSError as e:
             if e.errno not in (errno.ENODATA, errno.ENOTSUP, errno.EPERM, errno.EACCES):
@@ -73,43 +84,61 @@ def has_opaque_xattr(path: str) -> bool:
     return False
 
 
-def make_whiteout(path: str) -> None:
+def has_opaque_xattr(path: str, *, dir_fd: int | None = None) -> bool:
+    """True when the directory at ``path`` carries an overlay opaque xattr set to ``y``."""
+    with _directory(path, dir_fd) as fd:
+        return _opaque_xattr(fd)
+
+
+def is_opaque_dir(path: str, *, dir_fd: int | None = None) -> bool:
+    """True when the directory at ``path`` hides the layers below it, in either form."""
+    with _directory(path, dir_fd) as fd:
+        try:
+            os.lstat(OPAQUE_MARKER, dir_fd=fd)
+            return True
+        except FileNotFoundError:
+            return _opaque_xattr(fd)
+
+
+def make_whiteout(path: str, *, dir_fd: int | None = None) -> None:
     """Create a whiteout at ``path`` (which must not exist): overlay form, else OCI form.
 
     The OCI fallback is used only where mknod is refused (an unprivileged daemon); kernel overlayfs cannot
     read it, but layerfs and every OCI tool can.
     """
     try:
-        os.mknod(path, stat.S_IFCHR | 0o000, os.makedev(0, 0))
+        os.mknod(path, stat.S_IFCHR | 0o000, os.makedev(0, 0), dir_fd=dir_fd)
     except PermissionError:
-        head, name = os.path.split(path)
-        fd = os.open(os.path.join(head, oci_whiteout_name(name)), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o000)
-        os.close(fd)
+        head, _, name = path.rpartition("/")
+        with _directory(head or ".", dir_fd) as fd:
+            os.close(os.open(oci_whiteout_name(name), os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o000,
+                             dir_fd=fd))
 
 
-def mark_opaque(path: str) -> None:
+def mark_opaque(path: str, *, dir_fd: int | None = None) -> None:
     """Mark the directory at ``path`` opaque: trusted xattr, else user xattr, else the OCI marker file."""
-    for attr in OPAQUE_XATTRS:
-        try:
-            os.setxattr(path, attr, b"y", follow_symlinks=False)
-            return
-        except OSError as e:
-            if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EACCES):
-                raise
-    fd = os.open(os.path.join(path, OPAQUE_MARKER), os.O_CREAT | os.O_WRONLY, 0o000)
-    os.close(fd)
+    with _directory(path, dir_fd) as fd:
+        for attr in OPAQUE_XATTRS:
+            try:
+                os.setxattr(fd, attr, b"y")
+                return
+            except OSError as e:
+                if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EACCES):
+                    raise
+        os.close(os.open(OPAQUE_MARKER, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o000, dir_fd=fd))
 
 
-def clear_opaque(path: str) -> None:
+def clear_opaque(path: str, *, dir_fd: int | None = None) -> None:
     """Remove every opaque mark from the directory at ``path``."""
-    for attr in OPAQUE_XATTRS:
-        try:
-            os.removexattr(path, attr, follow_symlinks=False)
-        except OSError as e:
-            if e.errno not in (errno.ENODATA, errno.ENOTSUP, errno.EPERM):
-                raise
-    for marker in (OPAQUE_MARKER, FUSE_OVERLAYFS_OPAQUE):
-        try:
-            os.unlink(os.path.join(path, marker))
-        except FileNotFoundError:
-            pass
+    with _directory(path, dir_fd) as fd:
+        for attr in OPAQUE_XATTRS:
+            try:
+                os.removexattr(fd, attr)
+            except OSError as e:
+                if e.errno not in (errno.ENODATA, errno.ENOTSUP, errno.EPERM):
+                    raise
+        for marker in (OPAQUE_MARKER, FUSE_OVERLAYFS_OPAQUE):
+            try:
+                os.unlink(marker, dir_fd=fd)
+            except FileNotFoundError:
+                pass

@@ -1,0 +1,60 @@
+"""Extended attributes of an entry named relative to a directory descriptor, never following it.
+
+The *xattr system calls have no ``*at`` form. The entry is reached through its parent directory's
+descriptor as ``/proc/self/fd/N/NAME``: the kernel jumps to that directory and looks NAME up without
+following it, which works for every file type (a symlink or a device cannot be opened to use f*xattr)
+and for paths up to PATH_MAX relative to the layer, however long the layer's own path is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterator
+
+_DIR = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
+
+
+@contextlib.contextmanager
+def _reach(path: str, dir_fd: int | None) -> Iterator[str | int]:
+    if dir_fd is None:
+        yield path
+        return
+    head, _, name = path.rpartition("/")
+    if name in ("", "."):
+        # The directory itself: an ordinary descriptor takes f*xattr calls.
+        fd = os.open(head or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dir_fd)
+        try:
+            yield fd
+        finally:
+            os.close(fd)
+        return
+    parent = os.open(head or ".", _DIR, dir_fd=dir_fd)
+    try:
+        yield f"/proc/self/fd/{parent}/{name}"
+    finally:
+        os.close(parent)
+
+
+def _nofollow(target: str | int) -> dict:
+    return {} if isinstance(target, int) else {"follow_symlinks": False}
+
+
+def get(path: str, name: str, *, dir_fd: int | None = None) -> bytes:
+    with _reach(path, dir_fd) as target:
+        return os.getxattr(target, name, **_nofollow(target))
+
+
+def names(path: str, *, dir_fd: int | None = None) -> list[str]:
+    with _reach(path, dir_fd) as target:
+        return os.listxattr(target, **_nofollow(target))
+
+
+def set(path: str, name: str, value: bytes, flags: int = 0, *, dir_fd: int | None = None) -> None:  # noqa: A001
+    with _reach(path, dir_fd) as target:
+        os.setxattr(target, name, value, flags, **_nofollow(target))
+
+
+def remove(path: str, name: str, *, dir_fd: int | None = None) -> None:
+    with _reach(path, dir_fd) as target:
+        os.removexattr(target, name, **_nofollow(target))
