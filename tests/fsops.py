@@ -44,7 +44,7 @@ class Op:
         """The merged paths this operation names (to compare their state afterwards)."""
         if self.name == "symlink":
             return [self.args[1]]
-        if self.name in ("rename", "link"):
+        if self.name in ("rename", "link", "rename_open"):
             return list(self.args[:2])
         return [self.args[0]]
 
@@ -105,6 +105,19 @@ def _do(root: str, op: Op) -> object:
             os.pwrite(fd, a[2], a[1])
             return _digest(os.pread(fd, 1 << 20, 0))
         return _open_and(p, os.O_RDWR, 0, rw)
+    if name == "unlink_open":  # (path, data): unlink while open, then use the descriptor
+        def orphan(fd: int) -> tuple:
+            os.unlink(p)
+            nlink = os.fstat(fd).st_nlink
+            os.pwrite(fd, a[1], 0)
+            return nlink, _digest(os.pread(fd, 1 << 20, 0)), os.fstat(fd).st_size
+        return _open_and(p, os.O_RDWR, 0, orphan)
+    if name == "rename_open":  # (old, new, data): rename while open, write through the descriptor
+        def moved(fd: int) -> None:
+            os.rename(p, os.path.join(root, a[1]))
+            os.pwrite(fd, a[2], 0)
+        _open_and(p, os.O_RDWR, 0, moved)
+        return _read(os.path.join(root, a[1]), 0, 1 << 20)
     if name == "ftruncate":
         return _open_and(p, os.O_WRONLY, 0, lambda fd: os.ftruncate(fd, a[1]))
     if name == "truncate":
@@ -187,7 +200,11 @@ def rename_by_copy(root: str | os.PathLike, old: str, new: str) -> Outcome:
         if os.listdir(dst):
             return ("err", "ENOTEMPTY")
         os.rmdir(dst)
+    dir_modes = {os.path.relpath(d, src): stat.S_IMODE(os.lstat(d).st_mode) for d, _, _ in os.walk(src)}
     subprocess.run(["cp", "-a", "--no-target-directory", src, dst], check=True, capture_output=True)
+    # mkdir in a setgid parent inherits the bit and cp leaves it; a rename(2) keeps modes as they were.
+    for rel, mode in dir_modes.items():
+        os.chmod(os.path.normpath(os.path.join(dst, rel)), mode)
     shutil.rmtree(src)
     return ("ok", None)
 
@@ -223,7 +240,7 @@ WEIGHTS = {
     "create": 9, "open_excl": 3, "write": 8, "append": 5, "read": 7, "read_after_write": 2, "truncate": 4,
     "ftruncate": 2, "mkdir": 6, "rmdir": 5, "unlink": 8, "rename_file": 8, "rename_dir": 5, "symlink": 4,
     "link": 4, "chmod": 4, "chown": 4, "utime": 4, "setxattr": 5, "removexattr": 3, "getxattr": 1,
-    "listxattr": 2, "mkfifo": 2, "mknod": 1, "listdir": 3, "stat": 3,
+    "listxattr": 2, "mkfifo": 2, "mknod": 1, "listdir": 3, "stat": 3, "unlink_open": 2, "rename_open": 2,
 }
 
 
@@ -366,6 +383,25 @@ class RandomOps:
             return Op("mknod", (self._new(view), stat.S_IFCHR, rdev, 0o600))
         if kind == "listdir":
             return Op("listdir", (self._any(view, "d"),))
+        if kind == "unlink_open":
+            return Op("unlink_open", (self._any(view, "f"), self._data()))
+        if kind == "rename_open":
+            new = self._any(view, "f") if rng.random() < 0.3 else self._new(view)
+            return Op("rename_open", (self._any(view, "f"), new, self._data()))
         if kind == "stat":
             return Op("stat", (self._any(view),))
         raise ValueError(kind)
+
+
+def drive(root: str | os.PathLike, ops: RandomOps, n: int) -> dict[str, int]:
+    """Apply ``n`` random operations to the one mount ``root`` (no oracle), renaming directories the way
+    ``mv`` does where the mount answers EXDEV. Returns how often each operation succeeded or failed."""
+    counts: dict[str, int] = {}
+    for _ in range(n):
+        op = ops.next(visible_kinds(root))
+        result = apply(root, op)
+        if op.name == "rename" and result == ("err", "EXDEV"):
+            result = rename_by_copy(root, *op.args)
+        key = f"{op.name} {result[0] if result[0] != 'err' else result[1]}"
+        counts[key] = counts.get(key, 0) + 1
+    return counts

@@ -21,117 +21,16 @@ from __future__ import annotations
 
 import os
 import stat
-from collections import deque
-from pathlib import Path
 
 import pytest
 
-import fsops
-from fsops import Op, RandomOps, apply, rename_by_copy, visible_kinds
-from snapshot import Snapshot, assert_same, diff, entry_of, snapshot, snapshot_upper, without_idle_opaque
+from fsops import Op, RandomOps, visible_kinds
+from snapshot import assert_same, snapshot
 from treespec import (Dir, File, HardLink, Meta, Special, Symlink, TreeSpec, Whiteout, describe, generate, merge,
                       render_all)
+from twin import Twin
 
 T0 = 1_200_000_000 * 10**9  # a fixed, old mtime for the hand-written scenario tree
-
-
-def _state(root: Path, path: str) -> object:
-    """What ``path`` looks like in a mount: an Entry, or the errno of looking at it."""
-    if not fsops.inside(str(root), path):
-        return "outside"
-    try:
-        return entry_of(os.path.join(root, path))
-    except OSError as e:
-        return os.strerror(e.errno)
-
-
-def _with_parents(paths: list[str]) -> list[str]:
-    out: list[str] = []
-    for p in paths:
-        for q in (p, os.path.dirname(p) or "."):
-            if q not in out:
-                out.append(q)
-    return out
-
-
-def _has_hard_links(directory: Path) -> bool:
-    for parent, dirs, files in os.walk(directory):
-        for name in files:  # os.walk lists symlinks, fifos and devices among files too
-            if os.lstat(os.path.join(parent, name)).st_nlink > 1:
-                return True
-    return False
-
-
-class Twin:
-    """Kernel overlayfs (the oracle) and layerfs over identical copies of the same lower layers."""
-
-    def __init__(self, mounts, base: Path, spec: TreeSpec, form: str) -> None:
-        self.mounts, self.spec, self.form = mounts, spec, form
-        self.k_lowers = render_all(spec, base / "k-lowers", "overlay")
-        self.l_lowers = render_all(spec, base / "l-lowers", form)
-        names = ("k-upper", "k-work", "l-upper", "l-work")
-        self.k_upper, self.k_work, self.l_upper, self.l_work = (base / n for n in names)
-        for d in (self.k_upper, self.k_work, self.l_upper, self.l_work):
-            d.mkdir()
-        self.kernel = mounts.overlay(base / "k-mnt", self.k_lowers, self.k_upper, self.k_work)
-        self.layerfs = mounts.layerfs(base / "l-mnt", self.l_lowers, self.l_upper, self.l_work)
-        self.history: deque[str] = deque(maxlen=12)
-        self.steps = 0
-        self.renames_by_copy = 0
-        self.skipped_renames = 0
-
-    def _context(self) -> str:
-        recent = "\n    ".join(self.history)
-        return f"{describe(self.spec)}, layerfs lowers in {self.form} form; last steps:\n    {recent}"
-
-    def step(self, op: Op) -> fsops.Outcome:
-        """Apply ``op`` to both mounts and require the same outcome and the same resulting state."""
-        self.steps += 1
-        kernel = apply(self.kernel, op)
-        if op.name == "rename" and kernel == ("err", "EXDEV"):
-            # The deliberate difference: layerfs renames directories with lower parts, the kernel
-            # refuses; do on the kernel what mv does instead.
-            assert stat.S_ISDIR(os.lstat(self.kernel / op.args[0]).st_mode), f"EXDEV for a non-directory: {op}"
-            if _has_hard_links(self.kernel / op.args[0]):
-                # mv keeps hard links inside the tree and breaks those reaching out of it; layerfs's
-                # rename keeps upper ones and (copying up as overlayfs does) breaks lower ones. Neither
-                # is wrong, and no copy can reproduce the other: such renames are left out.
-                self.history.append(f"#{self.steps} {op} -> skipped: directory with hard links, EXDEV on kernel")
-                self.skipped_renames += 1
-                return ("skip", "hard links")
-            kernel = rename_by_copy(self.kernel, *op.args)
-            self.renames_by_copy += 1
-        mine = apply(self.layerfs, op)
-        self.history.append(f"#{self.steps} {op} -> kernel {kernel}, layerfs {mine}")
-        assert mine == kernel, f"step {self.steps}: {op}: kernel {kernel}, layerfs {mine}\n  {self._context()}"
-        for path in _with_parents(op.paths):
-            k, m = _state(self.kernel, path), _state(self.layerfs, path)
-            if k != m:
-                lines = diff({path: k}, {path: m}, names=("kernel", "layerfs")) if not isinstance(k, str) and \
-                    not isinstance(m, str) else [f"{path}: kernel {k}, layerfs {m}"]
-                pytest.fail(f"step {self.steps}: after {op}, state differs:\n  " + "\n  ".join(lines)
-                            + f"\n  {self._context()}")
-        return kernel
-
-    def check_trees(self) -> Snapshot:
-        """Whole visible trees equal; returns the kernel's."""
-        k = snapshot(self.kernel)
-        assert_same(k, snapshot(self.layerfs), what=f"visible trees after {self.steps} steps ({self._context()})",
-                    names=("kernel", "layerfs"))
-        return k
-
-    def finish(self) -> None:
-        """Final comparison: trees, then upper layers after unmount, then layerfs mounted again."""
-        final = self.check_trees()
-        self.mounts.unmount(self.kernel)
-        self.mounts.unmount(self.layerfs)
-        lower_dirs = {p for p, node in merge(reversed(self.spec.layers)).items() if isinstance(node, Dir)}
-        assert_same(without_idle_opaque(snapshot_upper(self.k_upper), lower_dirs),
-                    without_idle_opaque(snapshot_upper(self.l_upper), lower_dirs),
-                    what=f"upper layers ({self._context()})", names=("kernel", "layerfs"))
-        again = self.mounts.layerfs(self.layerfs, self.l_lowers, self.l_upper, self.l_work)
-        assert_same(final, snapshot(again), what="kernel's final tree vs layerfs remounted",
-                    names=("kernel", "layerfs"))
 
 
 # -- the generated trees themselves ----------------------------------------------------------------
@@ -155,7 +54,7 @@ def test_generated_tree_is_what_the_model_says_and_renders_reproducibly(seed, mo
 
 @pytest.mark.parametrize("form", ["overlay", "oci"])
 def test_layerfs_shows_generated_tree_like_kernel(form, mounts, tmp_path):
-    twin = Twin(mounts, tmp_path, generate(11), form)
+    twin = Twin.from_spec(mounts, tmp_path, generate(11), form)
     twin.finish()
 
 
@@ -297,7 +196,7 @@ SCENARIOS: dict[str, list[Op]] = {
 @pytest.mark.parametrize("form", ["overlay", "oci"])
 @pytest.mark.parametrize("name", sorted(SCENARIOS))
 def test_scenario(name, form, mounts, tmp_path):
-    twin = Twin(mounts, tmp_path, scenario_spec(), form)
+    twin = Twin.from_spec(mounts, tmp_path, scenario_spec(), form)
     for op in SCENARIOS[name]:
         twin.step(op)
     twin.finish()
@@ -324,7 +223,7 @@ def test_random_operations_match_kernel_overlayfs(seed, form, n_ops, mounts, tmp
     spec = generate(seed)
     print(f"differential random run: {describe(spec)}; layerfs lowers in {form} form; {n_ops} operations"
           f" (rerun: LAYERFS_DIFF_SEED={seed} LAYERFS_DIFF_OPS={n_ops})")
-    twin = Twin(mounts, tmp_path, spec, form)
+    twin = Twin.from_spec(mounts, tmp_path, spec, form)
     ops = RandomOps(seed, spec)
     outcomes: dict[str, int] = {}
     for i in range(1, n_ops + 1):
