@@ -38,6 +38,8 @@ def build(s: Stack) -> None:
     write(top / "top", "top")
     write(top / "m/three", "3")
     write(top / "run", "#!/bin/sh\n", mode=0o755)
+    os.symlink("made-through-link", top / "dangling")
+    os.symlink("d", mid / "sym-dir")
 
 
 @pytest.mark.parametrize("form", ALL_FORMS)
@@ -115,6 +117,10 @@ def test_open_and_create_flags(mounts, tmp_path, form):
             "below a file": outcome(opened, mnt / "a/x", os.O_RDONLY),
             "creat in missing dir": outcome(opened, mnt / "nodir/f", W | C),
             "creat in whited-out dir": outcome(opened, mnt / "d/y/f", W | C),
+            "excl on dangling symlink": outcome(opened, mnt / "dangling", W | C | X),
+            "nofollow on symlink": outcome(opened, mnt / "sym-dir", os.O_RDONLY | os.O_NOFOLLOW),
+            "directory through symlink": outcome(opened, mnt / "sym-dir", os.O_RDONLY | os.O_DIRECTORY),
+            "creat through dangling symlink": outcome(opened, mnt / "dangling", W | C, 0o600, b"t"),
         }
         return {"steps": steps, "tree": tree(mnt)}
 
@@ -123,7 +129,8 @@ def test_open_and_create_flags(mounts, tmp_path, form):
     assert files["a"]["data"] == b"a2++" and files["b"]["data"] == b"" and files["shadow"]["data"] == b""
     assert files["gone"]["data"] == b"new" and files["m/one"]["data"] == b"1" and files["new"]["data"] == b"abab"
     assert seen["steps"]["excl on lower file"] == Err("EEXIST")
-    assert seen["steps"]["dir for writing"] == Err("EISDIR")
+    assert seen["steps"]["dir for writing"] == Err("EISDIR") and seen["steps"]["nofollow on symlink"] == Err("ELOOP")
+    assert files["made-through-link"]["data"] == b"t" and files["dangling"]["type"] == "symlink"
     pair.compare_uppers()
 
 

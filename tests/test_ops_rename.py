@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pair import ALL_FORMS, FORMS, Err, Stack, make_opaque, make_pair, outcome, tree, whiteout, write
+from pair import ALL_FORMS, FORMS, Err, Stack, errname, make_opaque, make_pair, outcome, tree, whiteout, write
 
 
 def build(s: Stack) -> None:
@@ -105,6 +105,30 @@ def test_rename_over_names_deleted_through_the_mount(mounts, tmp_path, form):
     assert seen["full"] == ["z"] and seen["tree"]["b"]["data"] == b"a" and seen["steps"]["old name after"]
     upper = pair.compare_uppers()
     assert upper["full"]["opaque"] and upper["a"] == "whiteout"
+
+
+def test_rename_of_open_files(mounts, tmp_path):
+    """Descriptors opened before a rename keep working, whether the open copied the file up or not."""
+    pair = make_pair(mounts, tmp_path, build)
+
+    def scenario(mnt: Path):
+        reader = os.open(mnt / "a", os.O_RDONLY)  # lower, not copied up
+        writer = os.open(mnt / "b", os.O_RDWR)  # copied up on open
+        try:
+            os.rename(mnt / "a", mnt / "a-moved")
+            os.rename(mnt / "b", mnt / "dir/b-moved")
+            os.pwrite(writer, b"B", 1)
+            seen = {"reader": os.pread(reader, 10, 0), "writer": os.pread(writer, 10, 0),
+                    "fstat sizes": (os.fstat(reader).st_size, os.fstat(writer).st_size)}
+        finally:
+            os.close(reader)
+            os.close(writer)
+        seen["moved"] = [(mnt / n).read_bytes() for n in ("a-moved", "dir/b-moved")]
+        seen["old names"] = [errname(os.lstat, mnt / n) for n in ("a", "b")]
+        return seen
+
+    seen = pair.compare(scenario)
+    assert seen["reader"] == b"a" and seen["moved"] == [b"a", b"bB"] and seen["old names"] == ["ENOENT"] * 2
 
 
 def _without_dir_nlink(view: dict) -> dict:
