@@ -187,13 +187,14 @@ class Pair:
 
 
 def make_pair(mounts, base: Path, build: Builder, *, nlowers: int = 3, form: str = "overlay",
-              ro_lowers: bool = False, mnt_base: Path | None = None) -> Pair:
+              ro_lowers: bool = False, readonly: bool = False, mnt_base: Path | None = None) -> Pair:
     """Build layers with ``build`` and mount them twice: kernel overlayfs and layerfs.
 
     ``form`` is the whiteout form of layerfs's lower copies ("overlay", "oci" or "fuse-overlayfs"); in the
     last two the builder must have made markers to rewrite, or the parametrization would test nothing.
     ``ro_lowers`` puts every lower behind a read-only bind mount (the layer directories themselves,
-    ``Stack.sources``, stay writable for the test to inspect). ``mnt_base`` holds the mount points
+    ``Stack.sources``, stay writable for the test to inspect). ``readonly`` mounts the lowers alone, with
+    no upper layer (overlayfs wants two lowers at least then). ``mnt_base`` holds the mount points
     (default ``base``; use ``public_base`` when other users must reach them).
     """
     assert form in ALL_FORMS
@@ -218,7 +219,7 @@ def make_pair(mounts, base: Path, build: Builder, *, nlowers: int = 3, form: str
                 _bind_read_only(mounts, src, dst)
         mnt = (mnt_base or base) / f"{name}-mnt"
         mount = mounts.overlay if name == "kernel" else mounts.layerfs
-        side.mnt = mount(mnt, side.lowers, side.upper, side.work)
+        side.mnt = mount(mnt, side.lowers) if readonly else mount(mnt, side.lowers, side.upper, side.work)
     return Pair(mounts, kernel, layerfs)
 
 

@@ -341,3 +341,34 @@ def test_unlink(mounts, tmp_path, form):
     assert seen["steps"]["recreated"] == b"recreated" and seen["steps"]["shadow after"]
     upper = pair.compare_uppers()
     assert upper["shadow"] == "whiteout" and "fresh" not in upper
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_read_only_mount(mounts, tmp_path, form):
+    """Lowers alone, no upper layer: everything reads as merged, every change is EROFS."""
+    pair = make_pair(mounts, tmp_path, build, form=form, readonly=True)
+
+    def scenario(mnt: Path):
+        writes = {
+            "open for writing": lambda: os.close(os.open(mnt / "a", os.O_WRONLY)),
+            "create": lambda: os.close(os.open(mnt / "new", os.O_WRONLY | os.O_CREAT)),
+            "truncate": lambda: os.truncate(mnt / "a", 0),
+            "mkdir": lambda: os.mkdir(mnt / "newdir"),
+            "rmdir": lambda: os.rmdir(mnt / "emptydir"),
+            "unlink": lambda: os.unlink(mnt / "a"),
+            "rename": lambda: os.rename(mnt / "a", mnt / "b"),
+            "link": lambda: os.link(mnt / "a", mnt / "a2"),
+            "symlink": lambda: os.symlink("a", mnt / "s"),
+            "mknod": lambda: os.mknod(mnt / "fifo", stat.S_IFIFO | 0o600),
+            "chmod": lambda: os.chmod(mnt / "a", 0o600),
+            "chown": lambda: os.chown(mnt / "a", 1, 1),
+            "utime": lambda: os.utime(mnt / "a", ns=(1, 1)),
+            "setxattr": lambda: os.setxattr(mnt / "a", "user.x", b"1"),
+        }
+        return {"writes": {k: errname(w) for k, w in writes.items()}, "tree": tree(mnt),
+                "may write": os.access(mnt / "a", os.W_OK),
+                "statfs read-only": bool(os.statvfs(mnt).f_flag & os.ST_RDONLY)}
+
+    seen = pair.compare(scenario)
+    assert set(seen["writes"].values()) == {"EROFS"} and seen["statfs read-only"] and not seen["may write"]
+    assert seen["tree"]["shadow"]["data"] == b"middle" and "gone" not in seen["tree"]
