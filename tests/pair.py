@@ -85,6 +85,12 @@ def write(path: Path, data: str | bytes, mode: int | None = None) -> Path:
     return path
 
 
+def append(path: Path | str, data: bytes) -> int:
+    """Append ``data`` to a file (opening it for writing: a copy-up for a lower file)."""
+    with open(path, "ab") as f:
+        return f.write(data)
+
+
 def to_oci_form(root: Path) -> int:
     """Rewrite the overlay-form markers under ``root`` in OCI form; returns how many were rewritten."""
     count = 0

@@ -12,7 +12,7 @@ import subprocess
 from pathlib import Path
 
 
-from pair import (USER, Err, Stack, as_user, describe, errname, make_pair, outcome, public_base,  # noqa: F401
+from pair import (USER, Err, Stack, append, as_user, describe, errname, make_pair, outcome, public_base,  # noqa: F401
                   tree, whiteout, write)
 
 GROUP = 3000  # the user's primary group in these tests: not its own uid, so a mix-up shows
@@ -160,7 +160,7 @@ def _user_steps(mnt: Path) -> dict:
         "create where a lower layer allows it": outcome(write, mnt / "open-below/new", "n"),
         "create where the top layer allows it": errname(write, mnt / "open-above/new", "n"),
         # Writing to one's own setuid/setgid file drops both bits (the kernel's file_remove_privs).
-        "write own setuid file": errname(lambda: (home / "own-setuid").open("ab").write(b"#")),
+        "write own setuid file": errname(append, home / "own-setuid", b"#"),
         "access": {rel: "".join(k for k, m in (("R", os.R_OK), ("W", os.W_OK), ("X", os.X_OK))
                                 if os.access(mnt / rel, m))
                    for rel in ("secret", "pub", "home", "rootdir", "shared", "bin/whoami-suid")},

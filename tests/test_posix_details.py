@@ -17,8 +17,8 @@ from typing import Iterator
 
 import pytest
 
-from pair import (FORMS, Err, Stack, content, errname, explain, let_attribute_cache_lapse, make_opaque, make_pair,
-                  outcome, tree, walk, whiteout, write)
+from pair import (FORMS, Err, Stack, append, content, errname, explain, let_attribute_cache_lapse, make_opaque,
+                  make_pair, outcome, tree, walk, whiteout, write)
 
 PATH_MAX = 4096  # including the terminating NUL
 
@@ -77,7 +77,7 @@ def test_names_of_255_bytes(mounts, tmp_path):
             "listing": sorted(os.listdir(mnt / "d")) == [U255],
             "whited out": sorted(os.listdir(mnt / "x")),
             "read utf-8": outcome((mnt / "d" / U255).read_bytes),
-            "append": outcome(lambda: (mnt / N255).open("ab").write(b"+")),
+            "append": outcome(append, mnt / N255, b"+"),
             "create": errname(write, mnt / "d" / ("c" * 255), "c"),
             "mkdir": outcome(os.mkdir, mnt / ("m" * 255)),
             "symlink": outcome(os.symlink, N255, mnt / ("s" * 255)),
@@ -145,7 +145,7 @@ def test_paths_close_to_path_max(mounts, tmp_path):
             steps = {
                 "stat": outcome(lambda: os.lstat(path).st_size),
                 "read": outcome(lambda: Path(path).read_bytes()),
-                "write (copy-up of the chain)": outcome(lambda: Path(path).open("ab").write(b"+")),
+                "write (copy-up of the chain)": outcome(append, path, b"+"),
                 "read back": outcome(lambda: Path(path).read_bytes()),
                 "listdir": outcome(lambda: os.listdir(parent)),
                 "create": errname(write, Path(sibling), "new"),
@@ -259,7 +259,7 @@ def test_times_updated_and_visible_right_after_each_change(mounts, tmp_path):
     def scenario(mnt: Path):
         f, d = mnt / "a", mnt / "dir"
         changes = {
-            "write": lambda: f.open("ab").write(b"+"),
+            "write": lambda: append(f, b"+"),
             "truncate": lambda: os.truncate(f, 1),
             "chmod": lambda: os.chmod(f, 0o600),
             "chown": lambda: os.chown(f, 1000, 1000),
@@ -338,7 +338,7 @@ def _busy(mnt: Path) -> dict:
     """A scenario touching everything: reads first, then every kind of change."""
     seen = {"tree before": tree(mnt)}
     steps = {
-        "append": errname(lambda: (mnt / "a").open("ab").write(b"+")),
+        "append": errname(append, mnt / "a", b"+"),
         "truncate": errname(os.truncate, mnt / "b", 10),
         "chmod": errname(os.chmod, mnt / "dir/sub/g", 0o600),
         "chown": errname(os.chown, mnt / "t", 1000, 1000),
@@ -378,7 +378,7 @@ def test_lowers_are_never_written(mounts, tmp_path, ro_lowers, form):
 def test_inode_numbers_stable_across_copy_up(mounts, tmp_path):
     pair = make_pair(mounts, tmp_path, build)
     copy_ups = {
-        "a": lambda m: (m / "a").open("ab").write(b"+"),
+        "a": lambda m: append(m / "a", b"+"),
         "b": lambda m: os.truncate(m / "b", 0),
         "dir": lambda m: write(m / "dir/new", "n"),
         "dir/sub": lambda m: os.chmod(m / "dir/sub", 0o700),
@@ -415,7 +415,7 @@ def _tools(mnt: Path) -> dict:
     out = {}
     # Changes first, so that the tools see copied-up, deleted, renamed and hard-linked entries. The new
     # hard link's other name shows its link count late in layerfs (see let_attribute_cache_lapse).
-    (mnt / "a").open("ab").write(b"+")
+    append(mnt / "a", b"+")
     os.unlink(mnt / "dir/m")
     os.rename(mnt / "t", mnt / "dir/t")
     os.link(mnt / "dir/f", mnt / "f-link")
