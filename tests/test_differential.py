@@ -131,6 +131,9 @@ SCENARIOS: dict[str, list[Op]] = {
         O("create", "data/a.txt", "", 0o600, b"recreated"), O("read", "data/a.txt", 0, 100),
         O("unlink", "data/a.txt"), O("unlink", "data/new.txt"), O("unlink", "data/new.txt"),
         O("unlink", "hl1"), O("stat", "hl2"), O("unlink", "data"), O("listdir", "data"),
+        # An open file unlinked: fstat, write and read through the descriptor; with a name left, and without.
+        O("unlink_open", "etc/hosts", b"after unlink"), O("link", "data/b.txt", "b-link"),
+        O("unlink_open", "data/b.txt", b"seen through b-link"), O("read", "b-link", 0, 100),
     ],
     "rmdir": [
         O("rmdir", "full"), O("rmdir", "empty"), O("rmdir", "gone"), O("rmdir", "etc/passwd"),
@@ -161,6 +164,10 @@ SCENARIOS: dict[str, list[Op]] = {
         O("link", "hl1", "hl3"), O("stat", "hl2"), O("stat", "hl1"), O("link", "etc", "etc-link"),
         O("link", "rel-link", "link-to-symlink"), O("link", "gonefile", "resurrected"),
         O("link", "data/a.txt", "etc/hosts"),
+        # A change through one name shows through the other at once (one inode on overlayfs).
+        O("stat", "etc/passwd"), O("chmod", "etc/passwd-link", 0o600), O("chown", "etc/passwd-link", 1000, 1000),
+        O("append", "etc/passwd-link", b"more"), O("stat", "etc/passwd"), O("unlink", "etc/passwd-link"),
+        O("stat", "etc/passwd"),
     ],
     "chmod_chown_utime_of_lower_entries": [
         O("chmod", "bin/su", 0o755), O("chmod", "secret", 0o644), O("chown", "secret", 0, 0),
