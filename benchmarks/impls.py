@@ -1,0 +1,107 @@
+"""The implementations compared, and how each is mounted over the same layers.
+
+- native: the merged tree as a plain directory (a real copy, so its writes touch nothing shared).
+- overlay: kernel overlayfs.
+- fuse-overlayfs: the Debian package, with its defaults (it picks long entry/attr timeouts and the
+  writeback cache itself) plus ``dev,suid``, which layerfs sets itself when mounted by root: without
+  them the rootfs's /dev/null cannot be opened and perl and git fail to start in the chroot.
+- unionfs: unionfs-fuse in copy-on-write mode with its defaults (multi-threaded), plus ``dev,suid``,
+  ``use_ino`` and ``hide_meta_files`` (its bookkeeping directory stays out of listings). It reads neither
+  overlay whiteouts nor opaque markers: deleted lower files show through it as 0/0 character devices and
+  replaced directories as the merge of old and new; the runner reports exactly what each one sees.
+- layerfs: this project's command, ``layerfs -o lowerdir=...,upperdir=...,workdir=...``, as users run it.
+- layerfs-flat: layerfs over one lower layer holding the same merged content (hard links), to measure
+  what the layering itself costs; it runs only the stat and read workloads.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from .util import REPO, have, output
+
+
+@dataclass(frozen=True)
+class Impl:
+    name: str
+    kind: str  # native | kernel | fuse
+    flat: bool = False  # mounts the flattened one-layer tree instead of the layer stack
+
+    def problem(self) -> str | None:
+        """Why this implementation cannot run here, or None."""
+        if self.name == "overlay":
+            with open("/proc/filesystems") as f:
+                return None if "overlay" in f.read().split() else "kernel has no overlay filesystem"
+        if self.name == "fuse-overlayfs" and not have("fuse-overlayfs"):
+            return "fuse-overlayfs not installed (apt-get install fuse-overlayfs)"
+        if self.name == "unionfs" and not have("unionfs"):
+            return "unionfs-fuse not installed (apt-get install unionfs-fuse)"
+        if self.kind == "fuse" and not os.path.exists("/dev/fuse"):
+            return "no /dev/fuse"
+        if self.name.startswith("layerfs") and not layerfs_command():
+            return "layerfs not installed (tools/setup)"
+        return None
+
+    def version(self) -> str:
+        if self.name == "native":
+            return f"ext4 (journaled loop image), kernel {platform.release()}"
+        if self.name == "overlay":
+            return f"kernel {platform.release()}"
+        if self.name == "fuse-overlayfs":
+            return f"{_line(['fuse-overlayfs', '--version'], 'fuse-overlayfs')} (Debian {_deb('fuse-overlayfs')}, libfuse3 {_deb('fuse3')})"
+        if self.name == "unionfs":
+            return f"{_line(['unionfs', '--version'], 'unionfs-fuse version')} (Debian {_deb('unionfs-fuse')}, libfuse2 {_deb('libfuse2')})"
+        commit = output(["git", "-C", REPO, "rev-parse", "--short", "HEAD"])
+        dirty = output(["git", "-C", REPO, "status", "--porcelain", "--untracked-files=no", "layerfs"])
+        return f"{output(layerfs_command() + ['--version'])} (git {commit}{' + local changes' if dirty else ''}, libfuse2 {_deb('libfuse2')})"
+
+    def command(self, lowers: list[Path], upper: Path, work: Path, mnt: Path) -> list[str]:
+        """The mount command; lowers top first."""
+        lowerdir = ":".join(str(p) for p in lowers)
+        if self.name == "overlay":
+            return ["mount", "-t", "overlay", "overlay", "-o",
+                    f"lowerdir={lowerdir},upperdir={upper},workdir={work}", str(mnt)]
+        if self.name == "fuse-overlayfs":
+            return ["fuse-overlayfs", "-o", f"dev,suid,lowerdir={lowerdir},upperdir={upper},workdir={work}", str(mnt)]
+        if self.name == "unionfs":
+            branches = ":".join([f"{upper}=RW"] + [f"{p}=RO" for p in lowers])
+            return ["unionfs", "-o", "cow,hide_meta_files,use_ino,dev,suid", branches, str(mnt)]
+        if self.name.startswith("layerfs"):
+            return layerfs_command() + ["-o", f"lowerdir={lowerdir},upperdir={upper},workdir={work}", str(mnt)]
+        raise ValueError(f"{self.name} is not mounted")
+
+
+IMPLS = [
+    Impl("native", "native"),
+    Impl("overlay", "kernel"),
+    Impl("fuse-overlayfs", "fuse"),
+    Impl("unionfs", "fuse"),
+    Impl("layerfs", "fuse"),
+    Impl("layerfs-flat", "fuse", flat=True),
+]
+BY_NAME = {i.name: i for i in IMPLS}
+
+
+def layerfs_command() -> list[str]:
+    """The project's own layerfs (its virtualenv), else the one on PATH."""
+    venv = os.path.join(REPO, ".venv", "bin", "layerfs")
+    if os.access(venv, os.X_OK):
+        return [venv]
+    return ["layerfs"] if have("layerfs") else []
+
+
+def _line(args: list[str], marker: str) -> str:
+    """The line of a program's --version output that names it (they print their libraries' too)."""
+    try:
+        r = subprocess.run(args, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+    return next((line.strip() for line in (r.stdout + r.stderr).splitlines() if marker in line), "?")
+
+
+def _deb(package: str) -> str:
+    return output(["dpkg-query", "-W", "-f", "${Version}", package]) or "?"

@@ -1,0 +1,243 @@
+"""Turning samples into the printed table, issue 3's goals, the PNG chart and the JSON record."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+from .runner import Results
+
+BASELINES = ("overlay", "fuse-overlayfs")
+WARM = ("stat-warm", "read-warm", "seqread-warm")
+COLD = ("stat-cold", "read-cold", "seqread-cold")
+LAYERED = ("stat-cold", "stat-warm", "read-cold", "read-warm")
+
+
+def medians(results: Results) -> dict[str, dict[str, float]]:
+    """workload -> impl -> median seconds (implementations with no successful pass left out)."""
+    out: dict[str, dict[str, float]] = {}
+    for w in results.workloads:
+        for i in results.impls:
+            times = [s.seconds for s in results.samples if s.workload == w and s.impl == i and s.seconds is not None]
+            if times:
+                out.setdefault(w, {})[i] = statistics.median(times)
+    return out
+
+
+def errors(results: Results) -> dict[str, dict[str, str]]:
+    out: dict[str, dict[str, str]] = {}
+    for s in results.samples:
+        if s.error:
+            out.setdefault(s.workload, {}).setdefault(s.impl, s.error)
+    return out
+
+
+def ratio(med: dict[str, dict[str, float]], w: str, a: str, b: str) -> float | None:
+    row = med.get(w, {})
+    return row[a] / row[b] if a in row and b in row and row[b] > 0 else None
+
+
+def _t(seconds: float) -> str:
+    if seconds >= 100:
+        return f"{seconds:.0f}s"
+    if seconds >= 1:
+        return f"{seconds:.2f}s"
+    if seconds >= 0.001:
+        return f"{seconds * 1000:.3g}ms"
+    return f"{seconds * 1e6:.3g}us"
+
+
+def _r(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
+def table(results: Results) -> str:
+    """Medians, then each one's ratio to kernel overlayfs and to fuse-overlayfs, a block per workload."""
+    med, err = medians(results), errors(results)
+    impls = [i for i in results.impls if i not in results.skipped]
+    width = max(14, *(len(w) for w in results.workloads))
+    col = max(9, *(len(i) + 1 for i in impls))
+    lines = [f"{'workload':<{width}}" + "".join(f"{i:>{col}}" for i in impls)]
+    for w in results.workloads:
+        row = med.get(w, {})
+        cells = []
+        for i in impls:
+            if i in row:
+                cells.append(_t(row[i]))
+            elif i in err.get(w, {}):
+                cells.append("error")
+            else:
+                cells.append("")
+        lines.append(f"{w:<{width}}" + "".join(f"{c:>{col}}" for c in cells))
+        for base, label in (("overlay", "  / overlay"), ("fuse-overlayfs", "  / fuse-ovl")):
+            if base in row:
+                lines.append(f"{label:<{width}}" + "".join(
+                    f"{_r(ratio(med, w, i, base)) if i in row else '':>{col}}" for i in impls))
+    return "\n".join(lines)
+
+
+def layering(results: Results) -> list[str]:
+    med = medians(results)
+    out = []
+    for w in LAYERED:
+        r = ratio(med, w, "layerfs", "layerfs-flat")
+        if r is not None:
+            out.append(f"{w}: layerfs over 3 layers {_t(med[w]['layerfs'])}, over 1 layer "
+                       f"{_t(med[w]['layerfs-flat'])}: {r:.2f}x")
+    return out
+
+
+def rss_summary(results: Results) -> dict[str, dict]:
+    """Per FUSE implementation: its long-lived daemon's RSS first/last/max, and the fresh daemons' peak."""
+    out = {}
+    for impl in results.impls:
+        main = [r for r in results.rss if r.impl == impl and r.mount == "main"]
+        fresh = [r for r in results.rss if r.impl == impl and r.mount == "fresh"]
+        if not main and not fresh:
+            continue
+        entry: dict = {}
+        if main:
+            entry.update(first_mib=main[0].rss_kib / 1024, last_mib=main[-1].rss_kib / 1024,
+                         max_mib=max(r.rss_kib for r in main) / 1024,
+                         first_after=main[0].workload, last_after=main[-1].workload, samples=len(main))
+        if fresh:
+            entry["fresh_peak_mib"] = max(r.hwm_kib for r in fresh) / 1024
+        out[impl] = entry
+    return out
+
+
+def goals(results: Results) -> list[tuple[str, str, str]]:
+    """Issue 3's performance goals, each (goal, met / missed / not measured, the numbers)."""
+    med = medians(results)
+    out: list[tuple[str, str, str]] = []
+
+    def check(goal: str, pairs: list[tuple[str, str, str, float]]) -> None:
+        # pairs: (workload, impl a, impl b, limit on a/b)
+        got = [(w, ratio(med, w, a, b), b, lim) for w, a, b, lim in pairs]
+        measured = [(w, r, b, lim) for w, r, b, lim in got if r is not None]
+        if not measured:
+            out.append((goal, "not measured", ""))
+            return
+        detail = ", ".join(f"{w} {r:.2f}x {b}" for w, r, b, lim in measured)
+        met = all(r <= lim for _, r, _, lim in measured)
+        partial = len(measured) < len(got)
+        out.append((goal, ("met" if met else "missed") + (" (partly measured)" if partial else ""), detail))
+
+    check("warm stat/read/seqread at least as fast as fuse-overlayfs",
+          [(w, "layerfs", "fuse-overlayfs", 1.0) for w in WARM])
+    check("warm seqread and randread within 1.5x of kernel overlayfs",
+          [(w, "layerfs", "overlay", 1.5) for w in ("seqread-warm", "randread")])
+    check("cold workloads within 2x of fuse-overlayfs", [(w, "layerfs", "fuse-overlayfs", 2.0) for w in COLD])
+    check("cold workloads ahead of unionfs-fuse", [(w, "layerfs", "unionfs", 0.999999) for w in COLD])
+    check("3 layers within 1.3x of 1 layer on stat and read", [(w, "layerfs", "layerfs-flat", 1.3) for w in LAYERED])
+    check("copy-up of 100 MiB no slower than fuse-overlayfs", [("copyup", "layerfs", "fuse-overlayfs", 1.0)])
+    rss = rss_summary(results).get("layerfs", {})
+    if "first_mib" in rss and rss.get("samples", 0) > 1:
+        grew = rss["last_mib"] - rss["first_mib"]
+        flat = grew <= max(10.0, 0.1 * rss["first_mib"])
+        out.append(("daemon memory flat over the run (long-lived daemon's RSS after its last pass <= after its "
+                    "first + max(10 MiB, 10%))",
+                    "met" if flat else "missed",
+                    f"RSS {rss['first_mib']:.0f} MiB after {rss['first_after']} -> {rss['last_mib']:.0f} MiB after "
+                    f"{rss['last_after']} (max {rss['max_mib']:.0f} MiB)"))
+    else:
+        out.append(("daemon memory flat over the run", "not measured", ""))
+    return out
+
+
+def views_summary(results: Results) -> list[str]:
+    lines = []
+    for impl, v in results.views.items():
+        if "error" in v:
+            lines.append(f"{impl}: could not scan: {v['error']}")
+        elif v["identical"]:
+            lines.append(f"{impl}: exactly the merged view ({v['entries']} entries)")
+        else:
+            kinds = ", ".join(f"{n} {k}" for k, n in sorted(v["extra_by_kind"].items()))
+            lines.append(f"{impl}: {v['entries']} entries vs {v['expected']}: {v['extra']} extra ({kinds}), "
+                         f"{v['missing']} missing, {v['kind_differs']} of another type, "
+                         f"{v['size_differs']} of another size; e.g. {v['examples']}")
+    return lines
+
+
+def machine() -> dict:
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        pass
+    mem = ""
+    try:
+        with open("/proc/meminfo") as f:
+            mem = f.readline().split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return {"kernel": platform.release(), "uname": " ".join(platform.uname()), "cpus": os.cpu_count(),
+            "cpu_model": cpu, "memory": mem, "python": platform.python_version(),
+            "loadavg": os.getloadavg()}
+
+
+def chart(results: Results, path: Path, title: str) -> str | None:
+    """A grouped bar chart (log scale): a bar per implementation per workload, whiskers min..max.
+    Returns why it was not drawn, or None."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed (tools/setup --bench installs it)"
+    med = medians(results)
+    impls = [i for i in results.impls if any(i in row for row in med.values())]
+    workloads = [w for w in results.workloads if w in med]
+    if not workloads:
+        return "nothing was measured"
+    fig, ax = plt.subplots(figsize=(max(10, 1.2 * len(workloads) + 3), 6.5))
+    width = 0.8 / len(impls)
+    colors = {"native": "#888888", "overlay": "#1f77b4", "fuse-overlayfs": "#2ca02c", "unionfs": "#9467bd",
+              "layerfs": "#d62728", "layerfs-flat": "#ff9896"}
+    for k, impl in enumerate(impls):
+        xs, ys, lo, hi = [], [], [], []
+        for j, w in enumerate(workloads):
+            if impl not in med[w]:
+                continue
+            times = [s.seconds for s in results.samples if s.workload == w and s.impl == impl and s.seconds]
+            xs.append(j + (k - (len(impls) - 1) / 2) * width)
+            ys.append(med[w][impl])
+            lo.append(med[w][impl] - min(times))
+            hi.append(max(times) - med[w][impl])
+        ax.bar(xs, ys, width, label=impl, color=colors.get(impl), yerr=[lo, hi], capsize=2,
+               error_kw={"elinewidth": 0.8})
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(workloads)))
+    ax.set_xticklabels(workloads, rotation=30, ha="right")
+    ax.set_ylabel("seconds (median; whiskers min-max; log scale)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(axis="y", which="both", alpha=0.3)
+    ax.legend(ncol=len(impls), fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
+
+
+def write_json(results: Results, path: Path, extra: dict) -> None:
+    med = medians(results)
+    ratios = {w: {i: {b: ratio(med, w, i, b) for b in BASELINES if b in med[w]} for i in med[w]} for w in med}
+    record = {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": machine(),
+        **extra,
+        "medians_seconds": med,
+        "ratios": ratios,
+        "errors": errors(results),
+        "goals": [{"goal": g, "verdict": v, "detail": d} for g, v, d in goals(results)],
+        "rss": rss_summary(results),
+        "results": results.to_json(),
+    }
+    path.write_text(json.dumps(record, indent=1, default=str))

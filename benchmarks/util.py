@@ -1,0 +1,60 @@
+"""Small helpers shared by the benchmark modules: commands, logging, system facts."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+_started = time.monotonic()
+
+
+def log(message: str) -> None:
+    """Progress on stderr with the seconds since start, so a slow step shows where the time goes."""
+    print(f"[{time.monotonic() - _started:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+def run(args: list[str], **kwargs) -> subprocess.CompletedProcess:
+    """Run a command, failing with its stderr in the message."""
+    kwargs.setdefault("capture_output", True)
+    kwargs.setdefault("text", True)
+    result = subprocess.run(args, **kwargs)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)}: exit {result.returncode}: {(result.stderr or '').strip()[-2000:]}")
+    return result
+
+
+def output(args: list[str]) -> str:
+    """First line of a command's output (stdout, else stderr), or "" when it cannot run."""
+    try:
+        r = subprocess.run(args, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    text = (r.stdout.strip() or r.stderr.strip())
+    return text.splitlines()[0] if text else ""
+
+
+def remove_tree(path: str | os.PathLike) -> None:
+    """rm -rf (as root; fast, and unbothered by overlay's mode-000 work directories)."""
+    if os.path.lexists(path):
+        subprocess.run(["rm", "-rf", "--one-file-system", os.fspath(path)], check=True)
+
+
+def drop_caches() -> None:
+    """Write back, then drop the page cache, dentries and inodes (the cold variants' starting point)."""
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+
+
+def mounted_points() -> list[str]:
+    with open("/proc/self/mountinfo") as f:
+        return [line.split()[4].replace("\\040", " ") for line in f]
+
+
+def have(program: str) -> bool:
+    return shutil.which(program) is not None

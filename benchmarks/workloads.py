@@ -1,0 +1,374 @@
+"""The workloads: what is timed, on a mount's root directory.
+
+Each body is a plain function of a ``Ctx`` that does the work and returns how many items it handled
+(entries, files, bytes...), recorded next to the time so that a run shows when implementations did not
+see the same tree. Bodies do the system calls directly (os.*) or run the real program (tar, chroot), so
+the measuring overhead is small and the same for every implementation.
+
+How a workload is repeated is its ``mode``:
+- ``warm``: one untimed pass first, then the timed passes, on the run's long-lived mount. Dentry and
+  inode caches are then reliably warm; file data is not always (this machine's VM evicts idle page cache
+  within a fraction of a second, so "warm" data reads often come from the host's cache).
+- ``cold``: before each timed pass a fresh mount (its own empty upper layer, a new daemon) and
+  ``echo 3 > /proc/sys/vm/drop_caches``. Native gets the cache drop.
+- ``fresh``: a fresh mount before each pass, caches kept (a new container over an image in cache).
+- ``plain``: timed passes on the long-lived mount, no warm-up (write workloads that clean up after
+  themselves).
+
+Write workloads work in the rootfs's ``/tmp`` under a name unique to the pass, and remove what they made
+(untimed) unless removing is the workload.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import subprocess
+from dataclasses import dataclass
+from typing import Callable
+
+from .data import Data
+from .util import remove_tree
+
+MiB = 1 << 20
+CHROOT = shutil.which("chroot") or "/usr/sbin/chroot"
+
+
+@dataclass(frozen=True)
+class Scale:
+    """Sizes that differ between a full run and --quick."""
+
+    name: str
+    reps: int
+    randreads: int
+    creates: int
+    meta_dirs: int
+    build_sources: int
+    seqwrite_mib: int
+    timeout: float  # seconds one timed pass may take before its daemon is stopped
+
+
+FULL = Scale("full", reps=3, randreads=20_000, creates=5_000, meta_dirs=400, build_sources=600,
+             seqwrite_mib=256, timeout=300)
+QUICK = Scale("quick", reps=1, randreads=5_000, creates=2_000, meta_dirs=150, build_sources=200,
+              seqwrite_mib=128, timeout=120)
+
+
+@dataclass
+class Ctx:
+    root: str  # the mount point (or native directory)
+    data: Data
+    scale: Scale
+    rep: int  # 0-based repetition; -1 for a warm-up pass
+    tag: str  # unique per pass: scratch names
+
+    def path(self, rel: str) -> str:
+        return os.path.join(self.root, rel)
+
+    def scratch(self, what: str) -> str:
+        return os.path.join(self.root, "tmp", f"bench-{what}-{self.tag}")
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    group: str  # --only accepts a group name for all its variants
+    doc: str
+    body: Callable[[Ctx], int]
+    mode: str = "plain"  # warm | cold | fresh | plain (see the module docstring)
+    unit: str = "entries"
+    layered: bool = False  # also run on layerfs-flat: the 3-layers-vs-1 comparison
+    prepare: Callable[[Ctx], None] | None = None  # untimed, before each pass
+    cleanup: Callable[[Ctx], None] | None = None  # untimed, after each pass
+
+
+# -- reading
+
+
+def _walk(root: str, visit: Callable[[os.DirEntry], None], skip: frozenset = frozenset()) -> None:
+    stack = [root]
+    while stack:
+        with os.scandir(stack.pop()) as it:
+            for e in it:
+                visit(e)
+                if e.is_dir(follow_symlinks=False) and e.path not in skip:
+                    stack.append(e.path)
+
+
+def stat_all(ctx: Ctx) -> int:
+    """lstat every entry of the tree, as find/du do (readdir, then a stat per name)."""
+    count = 0
+
+    def visit(e: os.DirEntry) -> None:
+        nonlocal count
+        os.lstat(e.path)
+        count += 1
+
+    _walk(ctx.root, visit)
+    return count
+
+
+def read_all(ctx: Ctx) -> int:
+    """Open, read to the end and close every regular file (the big files aside)."""
+    buf = bytearray(MiB)
+    count = 0
+
+    def visit(e: os.DirEntry) -> None:
+        nonlocal count
+        if e.is_file(follow_symlinks=False):
+            with open(e.path, "rb", buffering=0) as f:
+                while f.readinto(buf):
+                    pass
+            count += 1
+
+    _walk(ctx.root, visit, skip=frozenset({ctx.path("bench"), ctx.path("proc"), ctx.path("sys")}))
+    return count
+
+
+def seq_read(ctx: Ctx) -> int:
+    """Read the 512 MiB file from start to end in 1 MiB reads; returns bytes."""
+    buf = bytearray(MiB)
+    total = 0
+    with open(ctx.path(ctx.data.manifest["big"]["big-512M"]), "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            total += n
+    return total
+
+
+def random_read(ctx: Ctx) -> int:
+    """4 KiB preads at random aligned offsets of the 512 MiB file (the same offsets every pass)."""
+    path = ctx.path(ctx.data.manifest["big"]["big-512M"])
+    rng = random.Random(11)
+    blocks = os.path.getsize(path) // 4096
+    offsets = [rng.randrange(blocks) * 4096 for _ in range(ctx.scale.randreads)]
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for off in offsets:
+            os.pread(fd, 4096, off)
+    finally:
+        os.close(fd)
+    return len(offsets)
+
+
+# -- writing
+
+
+def _mkdir_scratch(what: str) -> Callable[[Ctx], None]:
+    return lambda ctx: os.mkdir(ctx.scratch(what))
+
+
+def _remove_scratch(what: str) -> Callable[[Ctx], None]:
+    return lambda ctx: remove_tree(ctx.scratch(what))
+
+
+def create_delete(ctx: Ctx) -> int:
+    """Create small files (100 B to 4 KiB) in a new directory, delete them all, remove the directory."""
+    d = ctx.scratch("cd")
+    os.mkdir(d)
+    payloads = [os.urandom(n) for n in (100, 700, 1500, 4096)]
+    names = [os.path.join(d, f"f{i:05d}") for i in range(ctx.scale.creates)]
+    for i, name in enumerate(names):
+        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        os.write(fd, payloads[i % 4])
+        os.close(fd)
+    for name in names:
+        os.unlink(name)
+    os.rmdir(d)
+    return len(names)
+
+
+def copy_up(ctx: Ctx) -> int:
+    """The first write to the 100 MiB lower file: open for writing, write one byte, close."""
+    fd = os.open(ctx.path(ctx.data.manifest["big"]["big-100M"]), os.O_WRONLY)
+    try:
+        os.pwrite(fd, b"x", 4096)
+    finally:
+        os.close(fd)
+    return 1
+
+
+def seq_write(ctx: Ctx) -> int:
+    """Write a new file sequentially in 1 MiB writes and close it (no fsync, like plain dd); bytes."""
+    block = os.urandom(MiB)
+    fd = os.open(ctx.scratch("sw"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        for _ in range(ctx.scale.seqwrite_mib):
+            os.write(fd, block)
+    finally:
+        os.close(fd)
+    return ctx.scale.seqwrite_mib * MiB
+
+
+def _seq_write_cleanup(ctx: Ctx) -> None:
+    os.unlink(ctx.scratch("sw"))
+    os.sync()  # so the next pass does not pay for this one's writeback
+
+
+def untar(ctx: Ctx) -> int:
+    """GNU tar extracting the Python library directories (a few thousand files) into a new directory."""
+    subprocess.run(["tar", "-xf", str(ctx.data.untar), "-C", ctx.scratch("untar")], check=True,
+                   timeout=ctx.scale.timeout)
+    return ctx.data.manifest["untar_entries"]
+
+
+def meta_mix(ctx: Ctx) -> int:
+    """Metadata churn on new and lower entries: mkdir, create, rename within and across directories,
+    unlink, rmdir; renames and deletes of lower files (copy-ups and whiteouts); emptying lower
+    directories, removing them and making them again (opaque directories over deleted ones)."""
+    ops = 0
+    top = ctx.scratch("meta")
+    os.mkdir(top)
+    for i in range(ctx.scale.meta_dirs):
+        d = os.path.join(top, f"d{i}")
+        os.mkdir(d)
+        fd = os.open(os.path.join(d, "a"), os.O_WRONLY | os.O_CREAT, 0o644)
+        os.write(fd, b"meta")
+        os.close(fd)
+        os.rename(os.path.join(d, "a"), os.path.join(d, "b"))
+        os.mkdir(os.path.join(d, "sub"))
+        os.rename(os.path.join(d, "b"), os.path.join(d, "sub", "c"))
+        os.unlink(os.path.join(d, "sub", "c"))
+        os.rmdir(os.path.join(d, "sub"))
+        ops += 8
+    for i in range(ctx.scale.meta_dirs):
+        os.rmdir(os.path.join(top, f"d{i}"))
+    os.rmdir(top)
+    rep = max(ctx.rep, 0)
+    for rel in ctx.data.manifest["meta_files"][rep]:
+        path = ctx.path(rel)
+        os.rename(path, path + ".moved")
+        os.unlink(path + ".moved")
+        ops += 2
+    for rel in ctx.data.manifest["meta_dirs"][rep]:
+        path = ctx.path(rel)
+        for name in os.listdir(path):
+            os.unlink(os.path.join(path, name))
+        os.rmdir(path)
+        os.mkdir(path)
+        os.rmdir(path)
+        ops += 3
+    return ops + 1 + ctx.scale.meta_dirs
+
+
+def build_mix(ctx: Ctx) -> int:
+    """A compiler-like loop over lower source files: stat the source, look for headers that mostly do not
+    exist, read the source, write an object through a temporary name and rename it; then a link step
+    that reads every object and writes one output."""
+    out = ctx.scratch("build")
+    objs = os.path.join(out, "obj")
+    os.makedirs(objs)
+    sources = ctx.data.manifest["build_sources"][:ctx.scale.build_sources]
+    missing = [ctx.path(f"usr/include/bench-{i}.h") for i in range(4)]
+    for i, rel in enumerate(sources):
+        src = ctx.path(rel)
+        os.stat(src)
+        for header in missing:
+            try:
+                os.stat(header)
+            except FileNotFoundError:
+                pass
+        with open(src, "rb") as f:
+            text = f.read()
+        tmp = os.path.join(objs, f"{i}.o.tmp")
+        with open(tmp, "wb") as f:
+            f.write(text[: len(text) // 2] + b"\0" * 512)
+        os.rename(tmp, os.path.join(objs, f"{i}.o"))
+        if i % 50 == 0:
+            os.listdir(objs)
+    with open(os.path.join(out, "a.out"), "wb") as linked:
+        for name in sorted(os.listdir(objs)):
+            with open(os.path.join(objs, name), "rb") as f:
+                linked.write(f.read())
+    return len(sources)
+
+
+# -- a container starting
+
+
+def container_start(ctx: Ctx) -> int:
+    """What a container's first seconds do to its rootfs: with the Debian rootfs, chroot into the mount
+    and run a dynamically linked program and interpreters loading their libraries (ls -l, python3
+    importing stdlib modules, perl loading modules, git); with the generated tree, the same kind of
+    name lookups done directly (a dynamic loader's and an importer's search paths, mostly misses)."""
+    start = ctx.data.manifest["start"]
+    if start["kind"] == "chroot":
+        env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8",
+               "HOME": "/root", "PYTHONDONTWRITEBYTECODE": "1"}
+        for command in start["commands"]:
+            r = subprocess.run([CHROOT, ctx.root] + command, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True, timeout=ctx.scale.timeout)
+            if r.returncode:
+                raise RuntimeError(f"{command[0]} in the chroot: exit {r.returncode}: {r.stderr.strip()[-300:]}")
+        return len(start["commands"])
+    return _lookups(ctx, start)
+
+
+def _lookups(ctx: Ctx, start: dict) -> int:
+    probes = 0
+    for name in start["libs"]:
+        for d in start["libdirs"]:
+            probes += 1
+            try:
+                with open(ctx.path(f"{d}/{name}"), "rb") as f:
+                    f.read(4096)
+                break
+            except FileNotFoundError:
+                pass
+    suffixes = [".cpython-311-x86_64-linux-gnu.so", ".abi3.so", ".so", ".py", ".pyc", "/__init__.py"]
+    for module in start["modules"]:
+        found = False
+        for d in start["pydirs"]:
+            for suffix in suffixes:
+                probes += 1
+                try:
+                    with open(ctx.path(f"{d}/{module}{suffix}"), "rb") as f:
+                        f.read()
+                    found = True
+                    break
+                except (FileNotFoundError, NotADirectoryError):
+                    pass
+            if found:
+                break
+    return probes
+
+
+WORKLOADS = [
+    Workload("stat-cold", "stat", "lstat every entry after a fresh mount and a cache drop", stat_all, "cold",
+             layered=True),
+    Workload("stat-warm", "stat", "lstat every entry, caches warm", stat_all, "warm", layered=True),
+    Workload("read-cold", "read", "read every file after a fresh mount and a cache drop", read_all, "cold",
+             "files", layered=True),
+    Workload("read-warm", "read", "read every file again", read_all, "warm", "files", layered=True),
+    Workload("seqread-cold", "seqread", "read 512 MiB sequentially after a cache drop", seq_read, "cold",
+             "bytes"),
+    Workload("seqread-warm", "seqread", "read 512 MiB sequentially again", seq_read, "warm", "bytes"),
+    Workload("randread", "randread", "random 4 KiB reads in the 512 MiB file", random_read, "warm", "reads"),
+    Workload("start", "start", "container start: chroot exec of programs and interpreters after a fresh mount",
+             container_start, "fresh", "commands"),
+    Workload("copyup", "copyup", "first write to a 100 MiB lower file (fresh mount each time)", copy_up,
+             "fresh", "files"),
+    Workload("create-delete", "create-delete", "create small files, then delete them", create_delete, "plain",
+             "files"),
+    Workload("seqwrite", "seqwrite", "write a new file sequentially in 1 MiB writes", seq_write, "plain",
+             "bytes", cleanup=_seq_write_cleanup),
+    Workload("untar", "untar", "tar -x of a few thousand files", untar, "plain", "entries",
+             prepare=_mkdir_scratch("untar"), cleanup=_remove_scratch("untar")),
+    Workload("meta-mix", "meta-mix", "mkdir/create/rename/unlink/rmdir mix, lower entries included", meta_mix,
+             "plain", "ops"),
+    Workload("build-mix", "build-mix", "compile-like loop: stats, failed lookups, reads, writes, renames",
+             build_mix, "plain", "sources", cleanup=_remove_scratch("build")),
+]
+BY_NAME = {w.name: w for w in WORKLOADS}
+
+
+def select(spec: str | None) -> list[Workload]:
+    """Workloads named by --only: names or group names, comma-separated; all when None."""
+    if not spec:
+        return list(WORKLOADS)
+    wanted = {s.strip() for s in spec.split(",") if s.strip()}
+    unknown = wanted - set(BY_NAME) - {w.group for w in WORKLOADS}
+    if unknown:
+        raise ValueError(f"unknown workload(s): {', '.join(sorted(unknown))}; "
+                         f"known: {', '.join(w.name for w in WORKLOADS)}")
+    return [w for w in WORKLOADS if w.name in wanted or w.group in wanted]
