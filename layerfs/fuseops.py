@@ -127,7 +127,12 @@ class LayerfsOperations(fuse.Operations):
             return _attrs(self.union.fstat(fh.fh))
         hidden = self._hidden.get(path)
         if hidden is not None:
-            return _attrs(self.union.fstat(self.union.open_fd(hidden)))
+            attrs = _attrs(self.union.fstat(self.union.open_fd(hidden)))
+            # libfuse takes one link off for a hidden node, taking the hidden name for a real one; there is
+            # no such name here, so give it back (a file with no name left stays at 0).
+            if attrs["st_nlink"] > 0:
+                attrs["st_nlink"] += 1
+            return attrs
         return _attrs(self.union.getattr(path))
 
     def readdir(self, path, fh):
