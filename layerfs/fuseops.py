@@ -127,7 +127,7 @@ class LayerfsOperations(fuse.Operations):
             return _attrs(self.union.fstat(fh.fh))
         hidden = self._hidden.get(path)
         if hidden is not None:
-            attrs = _attrs(self.union.fstat(self.union.open_fd(hidden)))
+            attrs = _attrs(self.union.detached_attributes(hidden))
             # libfuse takes one link off for a hidden node, taking the hidden name for a real one; there is
             # no such name here, so give it back (a file with no name left stays at 0).
             if attrs["st_nlink"] > 0:
@@ -217,7 +217,9 @@ class LayerfsOperations(fuse.Operations):
         self.union.link(source, target)
 
     def unlink(self, path):
-        if self._hidden.pop(path, None) is not None:
+        hidden = self._hidden.pop(path, None)
+        if hidden is not None:
+            self.union.forget_detached(hidden)
             return  # libfuse lets go of a hidden file after its last close: it is gone already
         self.union.unlink(path)
 

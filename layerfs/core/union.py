@@ -81,6 +81,7 @@ class Union:
         self._lock = threading.RLock()
         # open fd -> (merged inode number, real dev, real ino, an upper file with several names)
         self._handles: dict[int, tuple[int, int, int, bool]] = {}
+        self._detached: dict[tuple[int, int], bool] = {}  # unlinked while open: (dev, ino) -> was in upper
         self._names = itertools.count()
         self._work = -1  # descriptor of the work directory, where new entries are built
         if self.upper:
@@ -227,18 +228,26 @@ class Union:
         return Attributes(st, known[0] if known else self.inodes.number(st), st.st_nlink)
 
     def detach(self, path: str) -> tuple[int, int]:
-        """Unlink ``path`` while files opened on it stay usable; returns the key that ``open_fd`` takes
-        to find one of them (for fstat of an unlinked open file)."""
+        """Unlink ``path`` while files opened on it stay usable; returns the key that
+        ``detached_attributes`` takes (for fstat of an unlinked open file)."""
         entry = self.resolver.get(path)
         key = (entry.st.st_dev, entry.st.st_ino)
         self.unlink(path)
+        self._detached[key] = entry.in_upper
         return key
 
-    def open_fd(self, key: tuple[int, int]) -> int:
+    def detached_attributes(self, key: tuple[int, int]) -> Attributes:
+        """Attributes of a detached file, from one of its open descriptors."""
         for fd, (_, dev, ino, _) in list(self._handles.items()):
             if (dev, ino) == key:
-                return fd
+                attrs = self.fstat(fd)
+                if not self._detached.get(key, True):
+                    attrs.nlink = 0  # a lower file: it lives on in its layer, but has no name left here
+                return attrs
         raise _error(errno.ENOENT, "(unlinked file)")
+
+    def forget_detached(self, key: tuple[int, int]) -> None:
+        self._detached.pop(key, None)
 
     def ftruncate(self, fd: int, length: int) -> None:
         os.ftruncate(fd, length)
