@@ -20,8 +20,10 @@ import random
 import shutil
 import stat
 import subprocess
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, replace
+from typing import Callable, Optional
+
+from pair import run_as
 
 from treespec import DIR_MODES, FILE_MODES, OWNERS, RECENT_NS, TreeSpec
 
@@ -34,10 +36,11 @@ _OPEN_NOFOLLOW = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # O_NONBLOCK: a f
 class Op:
     name: str
     args: tuple
+    uid: Optional[int] = None  # run as this user (gid the same, no supplementary groups); None: root
 
     def __str__(self) -> str:
         shown = [f"<{len(a)} bytes>" if isinstance(a, bytes) and len(a) > 16 else repr(a) for a in self.args]
-        return f"{self.name}({', '.join(shown)})"
+        return f"{self.name}({', '.join(shown)})" + (f" as uid {self.uid}" if self.uid is not None else "")
 
     @property
     def paths(self) -> list[str]:
@@ -176,8 +179,11 @@ def inside(root: str, path: str) -> bool:
 
 
 def apply(root: str | os.PathLike, op: Op) -> Outcome:
-    """Perform ``op`` below the mount ``root`` and return its comparable outcome."""
+    """Perform ``op`` below the mount ``root`` and return its comparable outcome. An op with a ``uid``
+    runs in a child process as that user (the mount point must be reachable by it)."""
     root = os.fspath(root)
+    if op.uid is not None:
+        return run_as(op.uid, op.uid, apply, root, replace(op, uid=None))
     for path in op.paths:
         if not inside(root, path):
             return ("skip", "outside")
@@ -252,8 +258,11 @@ class RandomOps:
     (so whiteouts and opaque directories get exercised), else fresh names.
     """
 
-    def __init__(self, seed: int, spec: TreeSpec | None = None) -> None:
+    def __init__(self, seed: int, spec: TreeSpec | None = None, *, user: int | None = None,
+                 user_share: float = 0.0) -> None:
+        """``user_share`` of the operations run as ``user`` instead of root."""
         self.rng = random.Random(seed * 7919 + 1)
+        self.user, self.user_share = user, user_share
         self.known: set[str] = set(spec.paths()) if spec else set()
         self.counter = 0
         self.names = list(WEIGHTS)
@@ -307,6 +316,8 @@ class RandomOps:
         op = self._make(kind, view)
         for p in op.paths:
             self.known.add(p)
+        if self.user is not None and rng.random() < self.user_share:
+            op = replace(op, uid=self.user)
         return op
 
     def _make(self, kind: str, view: dict[str, str]) -> Op:
@@ -400,7 +411,7 @@ def drive(root: str | os.PathLike, ops: RandomOps, n: int) -> dict[str, int]:
     for _ in range(n):
         op = ops.next(visible_kinds(root))
         result = apply(root, op)
-        if op.name == "rename" and result == ("err", "EXDEV"):
+        if op.name == "rename" and result == ("err", "EXDEV") and op.uid is None:
             result = rename_by_copy(root, *op.args)
         key = f"{op.name} {result[0] if result[0] != 'err' else result[1]}"
         counts[key] = counts.get(key, 0) + 1

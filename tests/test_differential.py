@@ -25,6 +25,7 @@ import stat
 import pytest
 
 from fsops import Op, RandomOps, visible_kinds
+from pair import USER, public_base  # noqa: F401 - public_base is a fixture
 from snapshot import assert_same, snapshot
 from treespec import (Dir, File, HardLink, Meta, Special, Symlink, TreeSpec, Whiteout, describe, generate, merge,
                       render_all)
@@ -221,22 +222,26 @@ def _runs() -> list[tuple[int, str, int]]:
     return [(101, "overlay", ops), (202, "oci", ops), (303, "overlay", ops), (404, "oci", ops)]
 
 
+USER_SHARE = 0.2
+
 # Whole-tree comparisons between the final one; LAYERFS_DIFF_CHECK_EVERY=1 finds the first divergent step.
 CHECK_TREES_EVERY = int(os.environ.get("LAYERFS_DIFF_CHECK_EVERY", "100"))
 
 
 @pytest.mark.parametrize("seed,form,n_ops", _runs(), ids=lambda v: str(v))
-def test_random_operations_match_kernel_overlayfs(seed, form, n_ops, mounts, tmp_path):
+def test_random_operations_match_kernel_overlayfs(seed, form, n_ops, mounts, tmp_path, public_base):
+    """Random operations, a share of them as an ordinary user (uid 1000, who owns part of the tree), so
+    that permission checks are compared as well."""
     spec = generate(seed)
     print(f"differential random run: {describe(spec)}; layerfs lowers in {form} form; {n_ops} operations"
           f" (rerun: LAYERFS_DIFF_SEED={seed} LAYERFS_DIFF_OPS={n_ops})")
-    twin = Twin.from_spec(mounts, tmp_path, spec, form)
-    ops = RandomOps(seed, spec)
+    twin = Twin.from_spec(mounts, tmp_path, spec, form, mount_base=public_base)
+    ops = RandomOps(seed, spec, user=USER, user_share=USER_SHARE)
     outcomes: dict[str, int] = {}
     for i in range(1, n_ops + 1):
         op = ops.next(visible_kinds(twin.kernel))
         result = twin.step(op)
-        key = f"{op.name} {result[0] if result[0] != 'err' else result[1]}"
+        key = f"{op.name}{' (user)' if op.uid is not None else ''} {result[0] if result[0] != 'err' else result[1]}"
         outcomes[key] = outcomes.get(key, 0) + 1
         if i % CHECK_TREES_EVERY == 0:
             twin.check_trees()

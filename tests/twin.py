@@ -57,17 +57,21 @@ def _has_hard_links(directory: Path) -> bool:
 class Twin:
     """Kernel overlayfs (the oracle) and layerfs over identical copies of the same lower layers."""
 
-    def __init__(self, mounts, base: Path, k_lowers: list[Path], l_lowers: list[Path], label: str) -> None:
+    def __init__(self, mounts, base: Path, k_lowers: list[Path], l_lowers: list[Path], label: str,
+                 mount_base: Path | None = None) -> None:
         """Mount ``k_lowers`` (overlay form) with kernel overlayfs and ``l_lowers`` (same content, any
-        form) with layerfs, each with an empty upper under ``base``. ``label`` names the run in failures."""
+        form) with layerfs, each with an empty upper under ``base``; the mount points go in ``mount_base``
+        (default ``base``; one other users can reach when operations run as them). ``label`` names the
+        run in failures."""
         self.mounts, self.label = mounts, label
         self.k_lowers, self.l_lowers = k_lowers, l_lowers
         names = ("k-upper", "k-work", "l-upper", "l-work")
         self.k_upper, self.k_work, self.l_upper, self.l_work = (base / n for n in names)
         for d in (self.k_upper, self.k_work, self.l_upper, self.l_work):
             d.mkdir(parents=True)
-        self.kernel = mounts.overlay(base / "k-mnt", self.k_lowers, self.k_upper, self.k_work)
-        self.layerfs = mounts.layerfs(base / "l-mnt", self.l_lowers, self.l_upper, self.l_work)
+        mount_base = mount_base or base
+        self.kernel = mounts.overlay(mount_base / "k-mnt", self.k_lowers, self.k_upper, self.k_work)
+        self.layerfs = mounts.layerfs(mount_base / "l-mnt", self.l_lowers, self.l_upper, self.l_work)
         # With the uppers still empty, the kernel shows the lower layers merged: where opaque marks matter.
         self.lower_dirs = {p for p, kind in visible_kinds(self.kernel).items() if kind == "d"}
         self.history: deque[str] = deque(maxlen=12)
@@ -76,11 +80,12 @@ class Twin:
         self.skipped_renames = 0
 
     @classmethod
-    def from_spec(cls, mounts, base: Path, spec: TreeSpec, form: str) -> "Twin":
+    def from_spec(cls, mounts, base: Path, spec: TreeSpec, form: str, mount_base: Path | None = None) -> "Twin":
         """Twin mounts of a generated tree; layerfs gets its lowers in whiteout ``form``."""
         k_lowers = render_all(spec, base / "k-lowers", "overlay")
         l_lowers = render_all(spec, base / "l-lowers", form)
-        return cls(mounts, base, k_lowers, l_lowers, f"{describe(spec)}, layerfs lowers in {form} form")
+        return cls(mounts, base, k_lowers, l_lowers, f"{describe(spec)}, layerfs lowers in {form} form",
+                   mount_base)
 
     def _context(self) -> str:
         recent = "\n    ".join(self.history)
@@ -94,13 +99,14 @@ class Twin:
             # The deliberate difference: layerfs renames directories with lower parts, the kernel
             # refuses; do on the kernel what mv does instead.
             assert stat.S_ISDIR(os.lstat(self.kernel / op.args[0]).st_mode), f"EXDEV for a non-directory: {op}"
-            if _has_hard_links(self.kernel / op.args[0]):
+            if op.uid is not None or _has_hard_links(self.kernel / op.args[0]):
                 # mv keeps hard links inside the tree and breaks those reaching out of it; layerfs's
                 # rename keeps upper ones and (copying up as overlayfs does) breaks lower ones. Neither
-                # is wrong, and no copy can reproduce the other: such renames are left out.
-                self.history.append(f"#{self.steps} {op} -> skipped: directory with hard links, EXDEV on kernel")
+                # is wrong, and no copy can reproduce the other: such renames are left out. So are
+                # renames by another user, for whom mv could not keep owners.
+                self.history.append(f"#{self.steps} {op} -> skipped: EXDEV on kernel, hard links or not root")
                 self.skipped_renames += 1
-                return ("skip", "hard links")
+                return ("skip", "not mirrored")
             kernel = rename_by_copy(self.kernel, *op.args)
             self.renames_by_copy += 1
         mine = apply(self.layerfs, op)
