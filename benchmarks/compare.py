@@ -101,14 +101,18 @@ def main(argv: list[str] | None = None) -> int:
     log(f"data: {data_mod.describe(data)}")
     versions = {i.name: i.version() for i in impls}
     load_before = os.getloadavg()
-    with Workspace(data, native=any(i.kind == "native" for i in impls),
-                   flat=any(i.flat for i in impls)) as ws:
-        commands = {i.name: " ".join(i.command(ws.lowers_for(i), Path("UPPER"), Path("WORK"), Path("MNT")))
-                    for i in impls if i.kind != "native"}
-        log(f"running {len(chosen_workloads)} workloads x {len(impls)} implementations "
-            f"({', '.join(i.name for i in impls)}), {args.reps or scale.reps} repetitions, interleaved")
-        results = Runner(ws, impls, chosen_workloads, scale, args.reps,
-                         views=not (args.no_views or args.quick)).run()
+    try:
+        with Workspace(data, native=any(i.kind == "native" for i in impls),
+                       flat=any(i.flat for i in impls)) as ws:
+            commands = {i.name: " ".join(i.command(ws.lowers_for(i), Path("UPPER"), Path("WORK"), Path("MNT")))
+                        for i in impls if i.kind != "native"}
+            log(f"running {len(chosen_workloads)} workloads x {len(impls)} implementations "
+                f"({', '.join(i.name for i in impls)}), {args.reps or scale.reps} repetitions, interleaved")
+            results = Runner(ws, impls, chosen_workloads, scale, args.reps,
+                             views=not (args.no_views or args.quick)).run()
+    except KeyboardInterrupt:
+        log("interrupted; everything it mounted is unmounted and its image removed")
+        return 130
     results.skipped.update(skipped)
     duration = time.monotonic() - started
 
@@ -119,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         "Not measured: `layerfs diff` after N changes (layerfs has no diff command yet).",
     ]
     if data.manifest["source"] != "debootstrap":
-        notes.append("The bottom layer is the generated tree (debootstrap was not available); "
+        notes.append("The bottom layer is the generated tree (asked for, or debootstrap could not run); "
                      "'start' does the lookups directly instead of running programs in a chroot.")
     title = (f"layerfs benchmarks ({scale.name}, {args.reps or scale.reps} reps, medians) - "
              f"{report.machine()['cpus']} CPUs, kernel {report.machine()['kernel']}, {data.manifest['source']} rootfs")

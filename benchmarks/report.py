@@ -157,10 +157,12 @@ def views_summary(results: Results) -> list[str]:
         elif v["identical"]:
             lines.append(f"{impl}: exactly the merged view ({v['entries']} entries)")
         else:
-            kinds = ", ".join(f"{n} {k}" for k, n in sorted(v["extra_by_kind"].items()))
-            lines.append(f"{impl}: {v['entries']} entries vs {v['expected']}: {v['extra']} extra ({kinds}), "
+            names = {"c": "char devices", "d": "directories", "f": "files", "l": "symlinks"}
+            kinds = ", ".join(f"{n} {names.get(k, k)}" for k, n in sorted(v["extra_by_kind"].items()))
+            examples = "; ".join(f"{what}: {', '.join(paths[:2])}" for what, paths in v["examples"].items() if paths)
+            lines.append(f"{impl}: {v['entries']} entries for {v['expected']}: {v['extra']} extra ({kinds}), "
                          f"{v['missing']} missing, {v['kind_differs']} of another type, "
-                         f"{v['size_differs']} of another size; e.g. {v['examples']}")
+                         f"{v['size_differs']} of another size (e.g. {examples})")
     return lines
 
 
