@@ -1,6 +1,6 @@
 """The comparison runner: ``tools/bench`` (or ``python -m benchmarks.compare``), as root.
 
-    tools/bench                          full run (3 interleaved repetitions; under 15 minutes here)
+    tools/bench                          full run (5 interleaved repetitions; under 15 minutes here)
     tools/bench --quick                  one repetition, smaller counts, no layerfs-flat and no check
                                          of what each implementation sees (under 2 minutes)
     tools/bench --only stat,read-warm    some workloads (names or groups: stat = stat-cold + stat-warm)
@@ -36,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="one repetition, smaller counts (< 2 minutes)")
     p.add_argument("--only", metavar="W[,W]", help="workloads or workload groups to run")
     p.add_argument("--impl", metavar="I[,I]", help="implementations to run (default: all available)")
-    p.add_argument("--reps", type=int, help="repetitions (default: 3, --quick 1)")
+    p.add_argument("--reps", type=int, help="repetitions (default: 5, --quick 1)")
     p.add_argument("--out", type=Path, help="directory for results.json and chart.png")
     p.add_argument("--data", choices=["auto", "debootstrap", "generated"], default="auto",
                    help="bottom layer: debootstrap (falls back to generated under auto)")

@@ -49,7 +49,7 @@ class Scale:
     timeout: float  # seconds one timed pass may take before its daemon is stopped
 
 
-FULL = Scale("full", reps=3, randreads=20_000, creates=5_000, meta_dirs=400, build_sources=600,
+FULL = Scale("full", reps=5, randreads=20_000, creates=5_000, meta_dirs=400, build_sources=600,
              seqwrite_mib=256, timeout=300)
 QUICK = Scale("quick", reps=1, randreads=5_000, creates=2_000, meta_dirs=150, build_sources=200,
               seqwrite_mib=128, timeout=120)
@@ -235,6 +235,8 @@ def meta_mix(ctx: Ctx) -> int:
         os.rmdir(os.path.join(top, f"d{i}"))
     os.rmdir(top)
     rep = max(ctx.rep, 0)
+    if rep >= len(ctx.data.manifest["meta_files"]):
+        raise RuntimeError(f"meta-mix has lower targets for {len(ctx.data.manifest['meta_files'])} passes only")
     for rel in ctx.data.manifest["meta_files"][rep]:
         path = ctx.path(rel)
         os.rename(path, path + ".moved")

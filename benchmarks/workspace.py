@@ -169,12 +169,21 @@ def _daemon_of(mnt: Path) -> int | None:
     return None
 
 
+def _alive(pid: int) -> bool:
+    """Running, not a zombie (the daemons are reparented to this machine's init, which reaps lazily)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
 def _wait_gone(pid: int, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not os.path.exists(f"/proc/{pid}"):
+        if not _alive(pid):
             return
-        time.sleep(0.02)
+        time.sleep(0.01)
     try:
         os.kill(pid, signal.SIGKILL)  # our own daemon, unmounted, that did not exit
     except ProcessLookupError:
