@@ -25,7 +25,7 @@ from typing import Callable, Optional
 
 from pair import run_as
 
-from treespec import DIR_MODES, FILE_MODES, OWNERS, RECENT_NS, TreeSpec
+from treespec import DIR_MODES, FILE_MODES, OWNERS, RECENT_NS, TreeSpec, odd_name
 
 Outcome = tuple  # ("ok", value) | ("err", errno name) | ("skip", why)
 
@@ -284,7 +284,7 @@ class RandomOps:
                 return self.rng.choice(sorted(ghosts))
         self.counter += 1
         parent = self.rng.choice(dirs)
-        return (parent + "/" if parent else "") + f"x{self.counter}"
+        return (parent + "/" if parent else "") + odd_name(self.rng, f"x{self.counter}")
 
     def _any(self, view: dict[str, str], kinds: str = "dflo") -> str:
         if self.rng.random() < 0.88:

@@ -135,6 +135,26 @@ def merge(layers_bottom_first: Iterable[Layer]) -> dict[str, Node]:
     return visible
 
 
+NAME_MAX = 255
+
+
+def odd_name(rng: random.Random, name: str, longest: int = NAME_MAX) -> str:
+    """``name``, now and then made awkward: spaces, non-ASCII, a leading dot, not UTF-8 at all (a
+    surrogate-escaped byte, as os functions take it), or as long as ``longest`` bytes allow."""
+    odd = rng.random()
+    if odd < 0.04:
+        return name + " with space"
+    if odd < 0.07:
+        return name + "-ünï"
+    if odd < 0.09:
+        return "." + name
+    if odd < 0.11:
+        return name + "-latin1-\udce9t\udce9"  # b"\xe9t\xe9": not UTF-8
+    if odd < 0.13:
+        return name + "-" + "L" * (longest - len(name) - 1)
+    return name
+
+
 class _Generator:
     def __init__(self, seed: int) -> None:
         self.rng = random.Random(seed)
@@ -144,15 +164,7 @@ class _Generator:
 
     def name(self, prefix: str) -> str:
         self.counter += 1
-        name = f"{prefix}{self.counter}"
-        odd = self.rng.random()
-        if odd < 0.04:
-            name += " with space"
-        elif odd < 0.07:
-            name += "-ünï"
-        elif odd < 0.09:
-            name = "." + name
-        return name
+        return odd_name(self.rng, f"{prefix}{self.counter}", longest=NAME_MAX - len(".wh."))
 
     def time(self) -> int:
         return _BASE_NS + self.rng.randrange(_SPAN_NS)
