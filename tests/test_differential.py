@@ -10,7 +10,10 @@ when mounted again.
 The one deliberate difference: renaming a directory that has lower parts. Kernel overlayfs (without
 redirect_dir) answers EXDEV; layerfs copies the subtree up and renames it. On the kernel side the test
 then does what ``mv`` does (copy the tree preserving everything, remove the source) and carries on, so
-both sides must again agree from there on.
+both sides must again agree from there on. Where no copy can stand in for the rename (hard links into
+the tree; the rename asked by an ordinary user, whose mv could not keep owners) the step is left out on
+both sides. In the upper layers, an opaque mark on a directory with nothing below it to hide is not
+compared: overlayfs puts one on every directory moved into a merged one (see twin.py).
 
 Times: mtimes compare as "kept" (exact, set by the trees or by utime) or "recent" (changed now); see
 snapshot.py. The random run's size: ``LAYERFS_DIFF_SEED`` (one seed or a comma list) and
