@@ -58,7 +58,7 @@ def measure(benchmark, bench_space: Workspace, main_mounts: dict[str, Mount]) ->
         w = workloads.BY_NAME[workload]
         benchmark.group = workload
         benchmark.extra_info.update(impl=impl, mode=w.mode, unit=w.unit)
-        warm = 1 if w.mode == "warm" else 0
+        warm = 1  # an untimed first pass: a warm-up, or for the others no timed pass is the first of its kind
         reps = iter(range(-warm, ROUNDS))
 
         def setup():

@@ -36,7 +36,7 @@ LAYER_NAMES = ["app", "mod", "base"]  # top first, as lowerdir= lists them
 BIG_FILES = {"big-512M": 512 << 20, "big-100M": 100 << 20}
 DEBOOTSTRAP_INCLUDE = ["python3", "perl", "python3-pip", "git"]
 MIRROR = "http://deb.debian.org/debian"
-MAX_REPS = 8  # meta-mix consumes a fresh slice of lower files per repetition
+MAX_REPS = 8  # meta-mix consumes a fresh slice of lower files per pass (the last for the untimed one)
 # Where deletions and modifications may land: nothing any workload's programs need.
 _SAFE = ("usr/share/doc/", "usr/share/man/", "usr/share/zoneinfo/", "usr/share/locale/", "usr/share/info/",
          "usr/share/lintian/", "usr/share/common-licenses/", "usr/share/bash-completion/")

@@ -151,9 +151,10 @@ class Runner:
         if w.mode == "warm":
             for impl in impls:
                 self._pass(w, impl, -1, failed)
-        elif w.mode == "cold" and impls:
-            # One untimed pass first, so that every timed pass starts equally cold: this guest's caches
-            # dropped, the host's holding the image (else the first implementation alone reads the disk).
+        elif impls:
+            # One untimed pass first, so that no timed pass is the run's first of its kind: a cold pass
+            # would read the disk where the others read the host's cache, and on this VM the first pass
+            # to fill a few hundred MiB of page cache pays for the host faulting that memory in.
             self._pass(w, impls[0], -1, failed)
         for rep in range(self.reps):
             for impl in impls:

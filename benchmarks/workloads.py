@@ -6,6 +6,9 @@ see the same tree. Bodies do the system calls directly (os.*) or run the real pr
 the measuring overhead is small and the same for every implementation.
 
 How a workload is repeated is its ``mode``:
+Every workload has one untimed pass first: on every implementation for ``warm``, on the first one
+otherwise (so that no timed pass is the first of its kind in the run; see runner.py).
+
 - ``warm``: one untimed pass first, then the timed passes, on the run's long-lived mount. Dentry and
   inode caches are then reliably warm; file data is not always (this machine's VM evicts idle page cache
   within a fraction of a second, so "warm" data reads often come from the host's cache).
@@ -234,9 +237,10 @@ def meta_mix(ctx: Ctx) -> int:
     for i in range(ctx.scale.meta_dirs):
         os.rmdir(os.path.join(top, f"d{i}"))
     os.rmdir(top)
-    rep = max(ctx.rep, 0)
-    if rep >= len(ctx.data.manifest["meta_files"]):
-        raise RuntimeError(f"meta-mix has lower targets for {len(ctx.data.manifest['meta_files'])} passes only")
+    slices = len(ctx.data.manifest["meta_files"])
+    rep = ctx.rep if ctx.rep >= 0 else slices - 1  # an untimed first pass takes the last slice
+    if rep >= slices - 1 and ctx.rep >= 0:
+        raise RuntimeError(f"meta-mix has lower targets for {slices - 1} timed passes only")
     for rel in ctx.data.manifest["meta_files"][rep]:
         path = ctx.path(rel)
         os.rename(path, path + ".moved")
