@@ -180,6 +180,9 @@ class LayerfsOperations(fuse.Operations):
         return self.union.read(fh.fh, size, offset)
 
     def write(self, path, data, offset, fh):
+        if self.union.has_other_names(fh.fh) and fuse.fuse_get_context()[0] != 0:
+            # With direct I/O the kernel leaves clearing setuid bits on write to the filesystem.
+            self.union.drop_setid(fh.fh)
         return self.union.write(fh.fh, data, offset)
 
     def truncate(self, path, length, fh=None):

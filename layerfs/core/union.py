@@ -222,6 +222,14 @@ class Union:
     def write(self, fd: int, data: bytes, offset: int) -> int:
         return os.pwrite(fd, data, offset)
 
+    def drop_setid(self, fd: int) -> None:
+        """Clear setuid (and setgid where group-executable) on the open file, as the kernel does when
+        someone without CAP_FSETID writes to it."""
+        mode = os.fstat(fd).st_mode
+        kill = stat.S_ISUID | (stat.S_ISGID if mode & stat.S_IXGRP else 0)
+        if mode & kill:
+            os.fchmod(fd, stat.S_IMODE(mode) & ~kill)
+
     def fstat(self, fd: int) -> Attributes:
         st = os.fstat(fd)
         known = self._handles.get(fd)
