@@ -15,6 +15,7 @@ This is the only module that imports fusepy. Its pitfalls, handled here:
 - ``nullpath_ok`` is switched on, so reads and writes on a handle never need a path.
 - ``utime_omit_ok`` is switched on, or libfuse2 drops a utimensat that sets only one of the two times
   (``touch -a``); the timespecs are then read raw, since fusepy's conversion loses UTIME_OMIT/UTIME_NOW.
+- Pages stay cached across opens (``keep_cache``): the kernel sees every write to a file's data.
 - libfuse2 gives every *name* its own kernel inode, so the kernel caches attributes and pages per name: a
   file with several hard links is opened with direct I/O so that reading through one name sees what was
   written through another at once. (Its size and link count on the other names may lag by up to the
@@ -169,6 +170,10 @@ class LayerfsOperations(fuse.Operations):
         fi.fh = fd
         if self.union.has_other_names(fd):
             fi.direct_io = 1
+        else:
+            # Every change to this file's data passes through this very kernel inode (layerfs is the only
+            # writer of its upper, lowers never change), so the pages cached by an earlier open are right.
+            fi.keep_cache = 1
         return 0
 
     def create(self, path, mode, fi):
@@ -190,9 +195,6 @@ class LayerfsOperations(fuse.Operations):
             self.union.ftruncate(fh.fh, length)
         else:
             self.union.truncate(path, length)
-
-    def flush(self, path, fh):
-        return 0
 
     def fsync(self, path, datasync, fh):
         self.union.fsync(fh.fh, bool(datasync))
@@ -250,13 +252,11 @@ class LayerfsOperations(fuse.Operations):
     def removexattr(self, path, name):
         self.union.removexattr(path, name)
 
-    # Directory handles carry nothing: readdir resolves the path each time.
-    def opendir(self, path):
-        self.union.resolver.stack_of(path)
-        return 0
-
-    def releasedir(self, path, fh):
-        return 0
+    # Requests that need nothing from layerfs: left unset, libfuse answers them without calling Python
+    # (close(2) sends a flush every time; readdir resolves its path itself).
+    flush = None
+    opendir = None
+    releasedir = None
 
 
 def run(union: Union, mountpoint: str, *, readonly: bool, fsname: str, debug: bool, on_ready=None) -> None:
