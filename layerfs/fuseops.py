@@ -18,7 +18,7 @@ This is the only module that imports fusepy. Its pitfalls, handled here:
 - Pages stay cached across opens (``keep_cache``): the kernel sees every write to a file's data.
 - libfuse2 gives every *name* its own kernel inode, so the kernel caches attributes and pages per name: a
   file with several hard links is opened with direct I/O so that reading through one name sees what was
-  written through another at once. (Its size and link count on the other names may lag by up to the
+  written through another at once, and its permission to open is checked again on its present mode. (Its size and link count on the other names may lag by up to the
   attribute timeout: libfuse2's high-level API offers no way to invalidate them.)
 """
 
@@ -75,6 +75,20 @@ def _time_ns(ts, now: int) -> int | None:
     if ts.tv_nsec == _UTIME_NOW:
         return now
     return ts.tv_sec * 1_000_000_000 + ts.tv_nsec
+
+
+def _groups(pid: int, gid: int) -> set[int]:
+    """The caller's primary and supplementary groups."""
+    groups = {gid}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("Groups:"):
+                    groups.update(int(g) for g in line.split()[1:])
+                    break
+    except OSError:
+        pass
+    return groups
 
 
 class _FUSE(fuse.FUSE):
@@ -170,6 +184,10 @@ class LayerfsOperations(fuse.Operations):
         fi.fh = fd
         if self.union.has_other_names(fd):
             fi.direct_io = 1
+            uid, gid, pid = fuse.fuse_get_context()
+            if not self.union.may_open(fd, fi.flags, uid, _groups(pid, gid)):
+                self.union.release(fd)
+                raise fuse.FuseOSError(errno.EACCES)
         else:
             # Every change to this file's data passes through this very kernel inode (layerfs is the only
             # writer of its upper, lowers never change), so the pages cached by an earlier open are right.

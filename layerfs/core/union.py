@@ -222,6 +222,19 @@ class Union:
     def write(self, fd: int, data: bytes, offset: int) -> int:
         return os.pwrite(fd, data, offset)
 
+    def may_open(self, fd: int, flags: int, uid: int, gids: set[int]) -> bool:
+        """Whether a caller with ``uid`` and groups ``gids`` may open the file as ``flags`` asks, by its
+        mode as it is now (the kernel decides on what it has cached, which lags for files with several
+        names)."""
+        if uid == 0:
+            return True
+        st = os.fstat(fd)
+        want = {os.O_RDONLY: 4, os.O_WRONLY: 2, os.O_RDWR: 6}[flags & os.O_ACCMODE]
+        if flags & os.O_TRUNC:
+            want |= 2
+        shift = 6 if st.st_uid == uid else 3 if st.st_gid in gids else 0
+        return (st.st_mode >> shift) & want == want
+
     def drop_setid(self, fd: int) -> None:
         """Clear setuid (and setgid where group-executable) on the open file, as the kernel does when
         someone without CAP_FSETID writes to it."""
