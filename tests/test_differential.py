@@ -86,6 +86,7 @@ def scenario_spec() -> TreeSpec:
         "mixed": Dir(D), "mixed/m1": File(b"m1", F),
         "opaq": Dir(D), "opaq/old": File(b"hidden by opaque", F),
         "hl1": File(b"shared inode\n", F), "hl2": HardLink("hl1"),
+        "hl4": File(b"another shared inode\n", F), "hl5": HardLink("hl4"),
         "rel-link": Symlink("etc/passwd", F), "abs-link": Symlink("/data/a.txt", F),
         "dangling": Symlink("no/such/file", F),
         "fifo": Special(stat.S_IFIFO, 0, _m(0o644)),
@@ -172,6 +173,8 @@ SCENARIOS: dict[str, list[Op]] = {
         O("stat", "etc/passwd"), O("chmod", "etc/passwd-link", 0o600), O("chown", "etc/passwd-link", 1000, 1000),
         O("append", "etc/passwd-link", b"more"), O("stat", "etc/passwd"), O("unlink", "etc/passwd-link"),
         O("stat", "etc/passwd"),
+        # Opening one name of a lower hard link for writing copies it up and breaks the link at once.
+        O("stat", "hl4"), O("write", "hl4", 0, b""), O("stat", "hl4"), O("stat", "hl5"),
     ],
     "chmod_chown_utime_of_lower_entries": [
         O("chmod", "bin/su", 0o755), O("chmod", "secret", 0o644), O("chown", "secret", 0, 0),
