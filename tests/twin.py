@@ -9,7 +9,8 @@ the tree layerfs shows when mounted again.
 
 The one deliberate difference is handled here: renaming a directory with lower parts is EXDEV on kernel
 overlayfs (no redirect_dir) and works on layerfs, so on the kernel side the rename is done the way ``mv``
-does it (fsops.rename_by_copy).
+does it (fsops.rename_by_copy). And one documented limitation: layerfs's attributes of a file with several
+hard links may lag by up to a second behind a change (see ATTR_LAPSE_S below).
 """
 
 from __future__ import annotations
