@@ -115,6 +115,14 @@ def _do(root: str, op: Op) -> object:
             os.pwrite(fd, a[1], 0)
             return nlink, _digest(os.pread(fd, 1 << 20, 0)), os.fstat(fd).st_size
         return _open_and(p, os.O_RDWR, 0, orphan)
+    if name == "orphan_setattr":  # (path, mode, ns): unlink while open, then fchmod and futimens
+        def orphan_attrs(fd: int) -> tuple:
+            os.unlink(p)
+            os.fchmod(fd, a[1])
+            os.utime(fd, ns=a[2])
+            st = os.fstat(fd)
+            return stat.filemode(st.st_mode), st.st_mtime_ns
+        return _open_and(p, os.O_RDWR, 0, orphan_attrs)
     if name == "rename_open":  # (old, new, data): rename while open, write through the descriptor
         def moved(fd: int) -> None:
             os.rename(p, os.path.join(root, a[1]))
@@ -247,6 +255,7 @@ WEIGHTS = {
     "ftruncate": 2, "mkdir": 6, "rmdir": 5, "unlink": 8, "rename_file": 8, "rename_dir": 5, "symlink": 4,
     "link": 4, "chmod": 4, "chown": 4, "utime": 4, "setxattr": 5, "removexattr": 3, "getxattr": 1,
     "listxattr": 2, "mkfifo": 2, "mknod": 1, "listdir": 3, "stat": 3, "unlink_open": 2, "rename_open": 2,
+    "orphan_setattr": 1,
 }
 
 
@@ -396,6 +405,8 @@ class RandomOps:
             return Op("listdir", (self._any(view, "d"),))
         if kind == "unlink_open":
             return Op("unlink_open", (self._any(view, "f"), self._data()))
+        if kind == "orphan_setattr":
+            return Op("orphan_setattr", (self._any(view, "f"), rng.choice(FILE_MODES), self._time() or (0, 0)))
         if kind == "rename_open":
             new = self._any(view, "f") if rng.random() < 0.3 else self._new(view)
             return Op("rename_open", (self._any(view, "f"), new, self._data()))

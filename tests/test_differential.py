@@ -139,6 +139,7 @@ SCENARIOS: dict[str, list[Op]] = {
         # An open file unlinked: fstat, write and read through the descriptor; with a name left, and without.
         O("unlink_open", "etc/hosts", b"after unlink"), O("link", "data/b.txt", "b-link"),
         O("unlink_open", "data/b.txt", b"seen through b-link"), O("read", "b-link", 0, 100),
+        O("orphan_setattr", "etc/group", 0o600, (T0, T0 + 1)), O("orphan_setattr", "bin/su", 0o4700, (T0, T0)),
     ],
     "rmdir": [
         O("rmdir", "full"), O("rmdir", "empty"), O("rmdir", "gone"), O("rmdir", "etc/passwd"),
