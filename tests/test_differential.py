@@ -201,6 +201,8 @@ SCENARIOS: dict[str, list[Op]] = {
     ],
     "directory_renames": [
         O("mkdir", "newdir", 0o755), O("create", "newdir/f", "", 0o644, b"f"), O("rename", "newdir", "moved"),
+        # A directory holding a whiteout, its mtime set: a rename keeps the mtime (so does mv).
+        O("unlink", "data/b.txt"), O("utime", "data", (T0, T0 + 3)),
         O("rename", "data", "data2"), O("listdir", "data2"), O("rename", "etc", "empty"),
         O("rename", "bin", "full"), O("rename", "opaq", "opaq/inside"), O("rename", "mixed", "gone"),
         O("listdir", "gone"), O("rename", "moved", "data"), O("listdir", "."),
