@@ -136,6 +136,15 @@ def _lagging_after(op: Op, before: dict[str, tuple[int, int]], after: dict[str, 
     return [(ino, fresh) for ino, fresh in found if ino is not None]
 
 
+def _copied_up_links(op: Op, before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]]
+                     ) -> list[tuple[int, str | None]]:
+    """Lower files with several names that ``op`` copied up (even if it then failed): the copy-up breaks
+    the link and the name's own st_nlink drops, which layerfs shows after the lag (the lead's decision,
+    same family). The kernel gives the copy a new inode number: that is how it is recognised."""
+    return [(after[p][0], None) for p in op.paths
+            if p in before and p in after and before[p][0] != after[p][0] and before[p][1] > 1]
+
+
 def _files(root: Path, paths: list[str]) -> dict[str, tuple[int, int]]:
     """path -> (inode number, link count) for the non-directories among ``paths`` below ``root``."""
     out = {}
@@ -219,8 +228,10 @@ class Twin:
         mine = apply(self.layerfs, op)
         self.history.append(f"#{self.steps} {op} -> kernel {kernel}, layerfs {mine}")
         assert mine == kernel, f"step {self.steps}: {op}: kernel {kernel}, layerfs {mine}\n  {self._context()}"
+        after = _files(self.kernel, op.paths)
         if kernel[0] == "ok":
-            self.lag.mark(_lagging_after(op, before, _files(self.kernel, op.paths)))
+            self.lag.mark(_lagging_after(op, before, after))
+        self.lag.mark(_copied_up_links(op, before, after))
         for path in _with_parents(op.paths):
             k, m = _state(self.kernel, path), _state(self.layerfs, path)
             if isinstance(k, Entry) and isinstance(m, Entry) and k.kind != "dir" and \
