@@ -24,6 +24,7 @@ from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 from pair import run_as
+from snapshot import short_path
 
 from treespec import DIR_MODES, FILE_MODES, OWNERS, RECENT_NS, TreeSpec, odd_name
 
@@ -39,7 +40,8 @@ class Op:
     uid: Optional[int] = None  # run as this user (gid the same, no supplementary groups); None: root
 
     def __str__(self) -> str:
-        shown = [f"<{len(a)} bytes>" if isinstance(a, bytes) and len(a) > 16 else repr(a) for a in self.args]
+        shown = [f"<{len(a)} bytes>" if isinstance(a, bytes) and len(a) > 16 else
+                 repr(short_path(a)) if isinstance(a, str) else repr(a) for a in self.args]
         return f"{self.name}({', '.join(shown)})" + (f" as uid {self.uid}" if self.uid is not None else "")
 
     @property

@@ -60,6 +60,11 @@ class Entry(NamedTuple):
 
 WHITEOUT = Entry("whiteout", 0, 0, 0, None, None, None, None, (), None, None)
 
+def short_path(path: str, keep: int = 24) -> str:
+    """``path`` for messages: components longer than ``keep`` characters cut, with their length."""
+    return "/".join(c if len(c) <= keep else f"{c[:keep]}…[{len(c)}]" for c in path.split("/"))
+
+
 def normalize_mtime(ns: int) -> object:
     return ns if ns < RECENT_NS else "recent"
 
@@ -216,22 +221,22 @@ def diff(a: Snapshot | dict[str, Entry], b: Snapshot | dict[str, Entry], *, igno
     for path in sorted(ea.keys() | eb.keys()):
         x, y = ea.get(path), eb.get(path)
         if x is None:
-            lines.append(f"only in {nb}: {path}: {y}")
+            lines.append(f"only in {nb}: {short_path(path)}: {y}")
         elif y is None:
-            lines.append(f"only in {na}: {path}: {x}")
+            lines.append(f"only in {na}: {short_path(path)}: {x}")
         else:
             x, y = _project(x, ignore), _project(y, ignore)
             if x != y:
                 changed = [f for f in Entry._fields if getattr(x, f) != getattr(y, f)]
                 detail = "; ".join(f"{f}: {_short(f, getattr(x, f))} vs {_short(f, getattr(y, f))}"
                                    for f in changed)
-                lines.append(f"differs: {path}: {detail}")
+                lines.append(f"differs: {short_path(path)}: {detail}")
     if isinstance(a, Snapshot) and isinstance(b, Snapshot) and "nlink" not in ignore:
         ga, gb = a.link_groups(), b.link_groups()
         for g in sorted(ga - gb, key=sorted):
-            lines.append(f"hard-link group only in {na}: {sorted(g)}")
+            lines.append(f"hard-link group only in {na}: {[short_path(p) for p in sorted(g)]}")
         for g in sorted(gb - ga, key=sorted):
-            lines.append(f"hard-link group only in {nb}: {sorted(g)}")
+            lines.append(f"hard-link group only in {nb}: {[short_path(p) for p in sorted(g)]}")
     if len(lines) > limit:
         lines = lines[:limit] + [f"... and {len(lines) - limit} more"]
     return lines
@@ -248,7 +253,3 @@ def assert_same(a, b, *, what: str, ignore: Iterable[str] = (), names: tuple[str
     """Fail with a readable diff when the snapshots differ."""
     lines = diff(a, b, ignore=ignore, names=names)
     assert not lines, f"{what} differ ({names[0]} vs {names[1]}):\n  " + "\n  ".join(lines)
-
-
-__all__ = ["Entry", "Snapshot", "WHITEOUT", "snapshot", "snapshot_upper", "entry_of", "diff", "assert_same",
-           "normalize_mtime"]

@@ -25,7 +25,8 @@ import pytest
 
 import fsops
 from fsops import Op, apply, rename_by_copy, visible_kinds
-from snapshot import Entry, Snapshot, assert_same, diff, entry_of, snapshot, snapshot_upper, without_idle_opaque
+from snapshot import (Entry, Snapshot, assert_same, diff, entry_of, short_path, snapshot, snapshot_upper,
+                      without_idle_opaque)
 from treespec import TreeSpec, describe, render_all
 
 
@@ -94,12 +95,14 @@ class _LinkLag:
             self.changed[ino] = (now, fresh)
 
     def blank(self, snap: Snapshot, inodes: dict[str, int]) -> Snapshot:
-        """``snap`` with the lagging attributes left out where they may lag (``inodes``: the kernel's)."""
+        """``snap`` with the lagging attributes left out where they may lag (``inodes``: the kernel's).
+        A lagging st_ino (a copy-up gives the name another file) is left out of the hard-link groups."""
         if not self.pending():
             return snap
-        entries = {p: e._replace(**_LAGGING_FIELDS) if e.kind != "dir" and self.stale(inodes.get(p), p) else e
-                   for p, e in snap.entries.items()}
-        return Snapshot(entries, snap.inodes)
+        lagging = {p for p, e in snap.entries.items() if e.kind != "dir" and self.stale(inodes.get(p), p)}
+        entries = {p: e._replace(**_LAGGING_FIELDS) if p in lagging else e for p, e in snap.entries.items()}
+        numbers = {p: -1 - i if p in lagging else ino for i, (p, ino) in enumerate(sorted(snap.inodes.items()))}
+        return Snapshot(entries, numbers)
 
 
 # Operations whose outcome shows cached attributes: they wait for the lag to lapse, as do operations by
@@ -239,7 +242,7 @@ class Twin:
                 k, m = k._replace(**_LAGGING_FIELDS), m._replace(**_LAGGING_FIELDS)
             if k != m:
                 lines = diff({path: k}, {path: m}, names=("kernel", "layerfs")) if not isinstance(k, str) and \
-                    not isinstance(m, str) else [f"{path}: kernel {k}, layerfs {m}"]
+                    not isinstance(m, str) else [f"{short_path(path)}: kernel {k}, layerfs {m}"]
                 pytest.fail(f"step {self.steps}: after {op}, state differs:\n  " + "\n  ".join(lines)
                             + f"\n  {self._context()}")
         return kernel
