@@ -10,7 +10,8 @@ This is the only module that imports fusepy. Its pitfalls, handled here:
   path of an unlinked node, so fstat would fail. libfuse's remedy is to rename such a file to a hidden
   name instead of unlinking it. That rename is intercepted: the file is unlinked for real (whiteout and
   all, nothing hidden is written to the upper layer) and the hidden name is kept here as an alias that
-  answers getattr from an open descriptor, until libfuse drops it after the last close. A user renaming
+  answers getattr (and chmod, chown, utimens) from an open descriptor, until libfuse drops it after the
+  last close. A user renaming
   a file to a fresh name starting with ``.fuse_hidden`` would meet the same treatment.
 - ``nullpath_ok`` is switched on, so reads and writes on a handle never need a path.
 - ``utime_omit_ok`` is switched on, or libfuse2 drops a utimensat that sets only one of the two times
@@ -256,12 +257,22 @@ class LayerfsOperations(fuse.Operations):
         self.union.rename(old, new)
 
     def chmod(self, path, mode):
+        if path in self._hidden:
+            self.union.change_detached(self._hidden[path], mode=mode)
+            return
         self.union.chmod(path, mode)
 
     def chown(self, path, uid, gid):
-        self.union.chown(path, -1 if uid == _NO_ID else uid, -1 if gid == _NO_ID else gid)
+        owner = (-1 if uid == _NO_ID else uid, -1 if gid == _NO_ID else gid)
+        if path in self._hidden:
+            self.union.change_detached(self._hidden[path], owner=owner)
+            return
+        self.union.chown(path, *owner)
 
     def utimens(self, path, times):
+        if path in self._hidden:
+            self.union.change_detached(self._hidden[path], times_ns=times)
+            return
         self.union.utimens(path, *times)
 
     def setxattr(self, path, name, value, options, position=0):

@@ -267,6 +267,28 @@ class Union:
                 return attrs
         raise _error(errno.ENOENT, "(unlinked file)")
 
+    def change_detached(self, key: tuple[int, int], *, mode: int | None = None,
+                        owner: tuple[int, int] | None = None,
+                        times_ns: tuple[int | None, int | None] | None = None) -> None:
+        """chmod, chown or utimens of a detached file, through one of its open descriptors. A lower file
+        is never changed: one that was deleted while open read-only has no copy in the upper to change."""
+        if not self._detached.get(key, False):
+            raise _error(errno.ENOENT, "(unlinked file)")
+        fd = next((fd for fd, (_, dev, ino, _) in list(self._handles.items()) if (dev, ino) == key), None)
+        if fd is None:
+            raise _error(errno.ENOENT, "(unlinked file)")
+        if mode is not None:
+            os.fchmod(fd, stat.S_IMODE(mode))
+        if owner is not None:
+            os.fchown(fd, *owner)
+        if times_ns is not None:
+            atime_ns, mtime_ns = times_ns
+            if atime_ns is None or mtime_ns is None:
+                st = os.fstat(fd)
+                atime_ns = st.st_atime_ns if atime_ns is None else atime_ns
+                mtime_ns = st.st_mtime_ns if mtime_ns is None else mtime_ns
+            os.utime(fd, ns=(atime_ns, mtime_ns))
+
     def forget_detached(self, key: tuple[int, int]) -> None:
         self._detached.pop(key, None)
 
@@ -572,9 +594,14 @@ class Union:
         for _, dirs, files, dir_fd in os.fwalk(rel, dir_fd=upper):
             for name in dirs:
                 whiteout.clear_opaque(name, dir_fd=dir_fd)
-            for name in files:
-                if whiteout.is_marker_name(name) or whiteout.is_whiteout_stat(os.lstat(name, dir_fd=dir_fd)):
+            markers = [name for name in files
+                       if whiteout.is_marker_name(name) or whiteout.is_whiteout_stat(os.lstat(name, dir_fd=dir_fd))]
+            if markers:
+                st = os.fstat(dir_fd)
+                for name in markers:
                     os.unlink(name, dir_fd=dir_fd)
+                # Bookkeeping, not a change the user made: the directory keeps its times.
+                os.utime(dir_fd, ns=(st.st_atime_ns, st.st_mtime_ns))
 
     def _lower_has(self, path: str) -> bool:
         """Whether a lower layer shows something at ``path`` when the upper layer has nothing there."""
