@@ -48,7 +48,7 @@ class Entry(NamedTuple):
     opaque: Optional[bool] = None  # upper-layer snapshots only
 
     def __str__(self) -> str:
-        parts = [self.kind, f"{self.mode:04o}", f"{self.uid}:{self.gid}"]
+        parts = [self.kind, f"{self.mode:04o}" if self.mode is not None else "mode?", f"{self.uid}:{self.gid}"]
         for name in ("size", "sha", "target", "rdev", "nlink", "mtime", "opaque"):
             value = getattr(self, name)
             if value is not None:
@@ -243,7 +243,7 @@ def diff(a: Snapshot | dict[str, Entry], b: Snapshot | dict[str, Entry], *, igno
 
 
 def _short(field: str, value: object) -> str:
-    if field == "mode":
+    if field == "mode" and isinstance(value, int):
         return f"{value:04o}"
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."

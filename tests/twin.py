@@ -119,9 +119,12 @@ def _lagging_after(op: Op, before: dict[str, tuple[int, int]], after: dict[str, 
     """The multi-link files a successful ``op`` changed, each with the name that shows it fresh."""
     def multi(files: dict[str, tuple[int, int]], path: str) -> int | None:
         ino, nlink = files.get(path, (None, 0))
-        if files is before and path in after and after[path][0] != ino:
-            return None  # copied up: a lower hard link breaks, the other names keep the untouched lower file
         return ino if nlink > 1 else None
+
+    def changed_through(path: str) -> int | None:
+        if path in before and path in after and after[path][0] != before[path][0]:
+            return None  # copied up: a lower hard link breaks, the other names keep the untouched lower file
+        return multi(before, path)
 
     first = op.paths[0]
     if op.name in _NO_ATTRIBUTE_CHANGE:
@@ -135,7 +138,7 @@ def _lagging_after(op: Op, before: dict[str, tuple[int, int]], after: dict[str, 
     elif op.name == "rename_open":
         found = [(multi(before, op.args[1]), None), (multi(before, first), op.args[1])]
     else:
-        found = [(multi(before, first), first)]
+        found = [(changed_through(first), first)]
     return [(ino, fresh) for ino, fresh in found if ino is not None]
 
 
