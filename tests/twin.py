@@ -94,12 +94,18 @@ class _LinkLag:
         for ino, fresh in changes:
             self.changed[ino] = (now, fresh)
 
-    def blank(self, snap: Snapshot, inodes: dict[str, int]) -> Snapshot:
-        """``snap`` with the lagging attributes left out where they may lag (``inodes``: the kernel's).
-        A lagging st_ino (a copy-up gives the name another file) is left out of the hard-link groups."""
+    def lagging(self, snap: Snapshot) -> set[str]:
+        """The non-directory paths of ``snap`` (the kernel's) whose attributes may lag on layerfs now."""
         if not self.pending():
+            return set()
+        return {p for p, e in snap.entries.items() if e.kind != "dir" and self.stale(snap.inodes.get(p), p)}
+
+    @staticmethod
+    def blank(snap: Snapshot, lagging: set[str]) -> Snapshot:
+        """``snap`` with the attributes of the ``lagging`` paths left out. A lagging st_ino (a copy-up
+        gives the name another file) is left out of the hard-link groups."""
+        if not lagging:
             return snap
-        lagging = {p for p, e in snap.entries.items() if e.kind != "dir" and self.stale(inodes.get(p), p)}
         entries = {p: e._replace(**_LAGGING_FIELDS) if p in lagging else e for p, e in snap.entries.items()}
         numbers = {p: -1 - i if p in lagging else ino for i, (p, ino) in enumerate(sorted(snap.inodes.items()))}
         return Snapshot(entries, numbers)
@@ -257,7 +263,8 @@ class Twin:
             self.lag.wait_all()
         k = snapshot(self.kernel)
         m = snapshot(self.layerfs)
-        assert_same(self.lag.blank(k, k.inodes), self.lag.blank(m, k.inodes),
+        lagging = self.lag.lagging(k)  # once for both: the lag may lapse in between
+        assert_same(self.lag.blank(k, lagging), self.lag.blank(m, lagging),
                     what=f"visible trees after {self.steps} steps ({self._context()})", names=("kernel", "layerfs"))
         return k
 
