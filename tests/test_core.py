@@ -159,6 +159,16 @@ def test_directory_rename_moves_the_merged_tree_and_cleans_markers(stack):
     assert stat.S_ISCHR(os.lstat(stack["upper"] / "src").st_mode)
 
 
+def test_directory_rename_moves_symlinks_to_directories_as_symlinks(stack):
+    make(stack["bottom"], {"src/sub/f": "f", "src/gone": ""})
+    os.symlink("sub", stack["bottom"] / "src" / "link-to-dir")
+    u = union(stack)
+    u.unlink("/src/gone")  # a whiteout inside, so the moved tree has markers to clean
+    u.rename("/src", "/dst")
+    assert sorted(u.listdir("/dst")) == ["link-to-dir", "sub"]
+    assert os.readlink(stack["upper"] / "dst" / "link-to-dir") == "sub"
+
+
 def test_rename_dir_over_a_merged_empty_dir_is_opaque(stack):
     make(stack["bottom"], {"target/x": "", "src/y": ""})
     u = union(stack)

@@ -593,7 +593,9 @@ class Union:
             whiteout.clear_opaque(rel, dir_fd=upper)
         for _, dirs, files, dir_fd in os.fwalk(rel, dir_fd=upper):
             for name in dirs:
-                whiteout.clear_opaque(name, dir_fd=dir_fd)
+                # fwalk counts a symlink to a directory among the directories; it has no marks to clear.
+                if stat.S_ISDIR(os.lstat(name, dir_fd=dir_fd).st_mode):
+                    whiteout.clear_opaque(name, dir_fd=dir_fd)
             markers = [name for name in files
                        if whiteout.is_marker_name(name) or whiteout.is_whiteout_stat(os.lstat(name, dir_fd=dir_fd))]
             if markers:
