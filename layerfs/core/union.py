@@ -427,7 +427,7 @@ class Union:
             _remove_tree(self._work, tmp)
             raise
         if displaced:
-            _remove_tree(self._work, tmp)
+            _remove_tree(self._work, tmp)  # what the upper had there (a whiteout) now sits at tmp
 
     # -- removing and renaming ------------------------------------------------------------------
 
