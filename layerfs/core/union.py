@@ -46,6 +46,16 @@ def _remove_tree(dir_fd: int, rel: str) -> None:
         os.unlink(rel, dir_fd=dir_fd)
 
 
+def _fill_times(times_ns: tuple[int | None, int | None], current) -> tuple[int, int]:
+    """(atime, mtime) in ns with an omitted one (None) taken from ``current()``, an lstat called only then."""
+    atime_ns, mtime_ns = times_ns
+    if atime_ns is None or mtime_ns is None:
+        st = current()
+        atime_ns = st.st_atime_ns if atime_ns is None else atime_ns
+        mtime_ns = st.st_mtime_ns if mtime_ns is None else mtime_ns
+    return atime_ns, mtime_ns
+
+
 def _refuse_marker_name(path: str) -> None:
     """A ``.wh.*`` entry in the upper layer would be read as a whiteout (and hide its namesake), and
     would become one in an exported OCI layer: such names cannot be created through the mount."""
@@ -257,15 +267,19 @@ class Union:
         self._detached[key] = entry.in_upper
         return key
 
-    def detached_attributes(self, key: tuple[int, int]) -> Attributes:
-        """Attributes of a detached file, from one of its open descriptors."""
+    def _open_fd_of(self, key: tuple[int, int]) -> int:
+        """An open descriptor of the detached file ``key``."""
         for fd, (_, dev, ino, _) in list(self._handles.items()):
             if (dev, ino) == key:
-                attrs = self.fstat(fd)
-                if not self._detached.get(key, True):
-                    attrs.nlink = 0  # a lower file: it lives on in its layer, but has no name left here
-                return attrs
+                return fd
         raise _error(errno.ENOENT, "(unlinked file)")
+
+    def detached_attributes(self, key: tuple[int, int]) -> Attributes:
+        """Attributes of a detached file, from one of its open descriptors."""
+        attrs = self.fstat(self._open_fd_of(key))
+        if not self._detached.get(key, True):
+            attrs.nlink = 0  # a lower file: it lives on in its layer, but has no name left here
+        return attrs
 
     def change_detached(self, key: tuple[int, int], *, mode: int | None = None,
                         owner: tuple[int, int] | None = None,
@@ -274,20 +288,13 @@ class Union:
         is never changed: one that was deleted while open read-only has no copy in the upper to change."""
         if not self._detached.get(key, False):
             raise _error(errno.ENOENT, "(unlinked file)")
-        fd = next((fd for fd, (_, dev, ino, _) in list(self._handles.items()) if (dev, ino) == key), None)
-        if fd is None:
-            raise _error(errno.ENOENT, "(unlinked file)")
+        fd = self._open_fd_of(key)
         if mode is not None:
             os.fchmod(fd, stat.S_IMODE(mode))
         if owner is not None:
             os.fchown(fd, *owner)
         if times_ns is not None:
-            atime_ns, mtime_ns = times_ns
-            if atime_ns is None or mtime_ns is None:
-                st = os.fstat(fd)
-                atime_ns = st.st_atime_ns if atime_ns is None else atime_ns
-                mtime_ns = st.st_mtime_ns if mtime_ns is None else mtime_ns
-            os.utime(fd, ns=(atime_ns, mtime_ns))
+            os.utime(fd, ns=_fill_times(times_ns, lambda: os.fstat(fd)))
 
     def forget_detached(self, key: tuple[int, int]) -> None:
         self._detached.pop(key, None)
@@ -334,11 +341,8 @@ class Union:
     def utimens(self, path: str, atime_ns: int | None, mtime_ns: int | None) -> None:
         """Set access and modification times in ns; None leaves that one as it is."""
         entry = self._copied_up(path)
-        if atime_ns is None or mtime_ns is None:
-            st = os.lstat(entry.rel, dir_fd=entry.layer.fd)
-            atime_ns = st.st_atime_ns if atime_ns is None else atime_ns
-            mtime_ns = st.st_mtime_ns if mtime_ns is None else mtime_ns
-        os.utime(entry.rel, ns=(atime_ns, mtime_ns), dir_fd=entry.layer.fd, follow_symlinks=False)
+        times = _fill_times((atime_ns, mtime_ns), lambda: os.lstat(entry.rel, dir_fd=entry.layer.fd))
+        os.utime(entry.rel, ns=times, dir_fd=entry.layer.fd, follow_symlinks=False)
 
     def setxattr(self, path: str, name: str, value: bytes, flags: int) -> None:
         if whiteout.is_private_xattr(name):
