@@ -75,7 +75,7 @@ class Layer:
         return path[1:] or "."
 
     def lstat(self, path: str) -> os.stat_result:
-        return os.lstat(path[1:] or ".", dir_fd=self.fd)
+        return os.lstat(self.rel(path), dir_fd=self.fd)
 
     # -- probing one name -------------------------------------------------------------------------
 

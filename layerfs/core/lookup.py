@@ -45,7 +45,7 @@ class Entry:
     @property
     def rel(self) -> str:
         """The entry's path relative to its layer's root descriptor, ``self.layer.fd``."""
-        return self.path[1:] or "."
+        return Layer.rel(self.path)
 
     @property
     def merged(self) -> bool:
