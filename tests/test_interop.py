@@ -76,40 +76,27 @@ def _assert_no_bookkeeping(view: Snapshot) -> None:
 
 
 @pytest.mark.parametrize("form", FORMS)
-def test_upper_written_by_layerfs_reads_the_same_with_kernel_overlayfs(form, mounts, tmp_path):
-    spec = generate(31)
+@pytest.mark.parametrize("writer, reader, seed", [("layerfs", "kernel", 31), ("kernel", "layerfs", 32)])
+def test_an_upper_reads_the_same_with_the_other_implementation(writer, reader, seed, form, mounts, tmp_path):
+    """An upper written through one implementation, mounted with the other over the same lowers."""
+    spec = generate(seed)
     print(describe(spec))
-    k_lowers = render_all(spec, tmp_path / "k-lowers", "overlay")
-    l_lowers = render_all(spec, tmp_path / "l-lowers", form)
-    upper, work = tmp_path / "upper", tmp_path / "work"
-    upper.mkdir(), work.mkdir()
-    mnt = mounts.layerfs(tmp_path / "l-mnt", l_lowers, upper, work)
+    lowers = {"kernel": render_all(spec, tmp_path / "k-lowers", "overlay"),
+              "layerfs": render_all(spec, tmp_path / "l-lowers", form)}
+    mount = {"kernel": mounts.overlay, "layerfs": mounts.layerfs}
+    upper = tmp_path / "upper"
+    upper.mkdir()
+    works = {name: tmp_path / f"{name}-work" for name in (writer, reader)}
+    for work in works.values():
+        work.mkdir()
+    mnt = mount[writer](tmp_path / f"{writer}-mnt", lowers[writer], upper, works[writer])
     seen = _write_upper(mnt, spec)
     mounts.unmount(mnt)
     _assert_has_markers(upper)
-    (tmp_path / "k-work").mkdir()
-    kernel = snapshot(mounts.overlay(tmp_path / "k-mnt", k_lowers, upper, tmp_path / "k-work"))
-    _assert_no_bookkeeping(kernel)
-    assert_same(seen, kernel, what="layerfs's view and kernel overlayfs's view of its upper",
-                names=("layerfs", "kernel"))
-
-
-@pytest.mark.parametrize("form", FORMS)
-def test_upper_written_by_kernel_overlayfs_reads_the_same_with_layerfs(form, mounts, tmp_path):
-    spec = generate(32)
-    print(describe(spec))
-    k_lowers = render_all(spec, tmp_path / "k-lowers", "overlay")
-    l_lowers = render_all(spec, tmp_path / "l-lowers", form)
-    upper, work = tmp_path / "upper", tmp_path / "work"
-    upper.mkdir(), work.mkdir()
-    mnt = mounts.overlay(tmp_path / "k-mnt", k_lowers, upper, work)
-    seen = _write_upper(mnt, spec)
-    mounts.unmount(mnt)
-    _assert_has_markers(upper)
-    (tmp_path / "l-work").mkdir()
-    mine = snapshot(mounts.layerfs(tmp_path / "l-mnt", l_lowers, upper, tmp_path / "l-work"))
-    assert_same(seen, mine, what="kernel overlayfs's view and layerfs's view of its upper",
-                names=("kernel", "layerfs"))
+    other = snapshot(mount[reader](tmp_path / f"{reader}-mnt", lowers[reader], upper, works[reader]))
+    if reader == "kernel":
+        _assert_no_bookkeeping(other)
+    assert_same(seen, other, what=f"{writer}'s view and {reader}'s view of its upper", names=(writer, reader))
 
 
 @pytest.mark.parametrize("writer", ["layerfs", "kernel"])
