@@ -1,72 +1,65 @@
-"""The FUSE binding: fusepy (libfuse2 high-level API) calls translated to the core Union.
+"""The FUSE binding: libfuse3's high-level API, through mfusepy, translated to the core Union.
 
-This is the only module that imports fusepy. Its pitfalls, handled here:
+This is the only module that imports the binding. Why libfuse3 and not libfuse2: the kernel may cache
+entries and attributes for as long as it likes (lowers never change and layerfs is the only writer of
+its upper), which halves warm stat and read times, but only if the few attributes one operation changes
+behind another name can be invalidated, and only libfuse3 offers that (``fuse_invalidate_path``).
+
+The binding's pitfalls, handled here:
 
 - Any exception other than OSError would reach the kernel as EINVAL; unexpected ones become EIO here,
   logged with their traceback, so the daemon never dies on one.
-- Names that are not valid UTF-8 (real images have them) would fail to decode; paths are decoded with
-  surrogateescape instead, which os functions turn back into the same bytes.
-- An unlinked file that is still open: the kernel's fstat asks GETATTR by path, and libfuse2 forgets the
-  path of an unlinked node, so fstat would fail. libfuse's remedy is to rename such a file to a hidden
-  name instead of unlinking it. That rename is intercepted: the file is unlinked for real (whiteout and
-  all, nothing hidden is written to the upper layer) and the hidden name is kept here as an alias that
-  answers getattr (and chmod, chown, utimens) from an open descriptor, until libfuse drops it after the
-  last close. A user renaming
-  a file to a fresh name starting with ``.fuse_hidden`` would meet the same treatment.
-- ``nullpath_ok`` is switched on, so reads and writes on a handle never need a path.
-- ``utime_omit_ok`` is switched on, or libfuse2 drops a utimensat that sets only one of the two times
-  (``touch -a``); the timespecs are then read raw, since fusepy's conversion loses UTIME_OMIT/UTIME_NOW.
-- Pages stay cached across opens (``keep_cache``): the kernel sees every write to a file's data.
-- libfuse2 gives every *name* its own kernel inode, so the kernel caches attributes and pages per name: a
-  file with several hard links is opened with direct I/O so that reading through one name sees what was
-  written through another at once, and its permission to open is checked again on its present mode. (Its size and link count on the other names may lag by up to the
-  attribute timeout: libfuse2's high-level API offers no way to invalidate them.)
+- Names that are not valid UTF-8 (real images have them) are decoded with surrogateescape, which os
+  functions turn back into the same bytes.
+- mfusepy drops the file handle of chmod/chown/truncate/utimens, the flags of rename and the
+  UTIME_OMIT/UTIME_NOW of utimens; they are read from the C arguments here.
+- An unlinked file that is still open: the kernel's fstat and fchmod ask by node, and libfuse forgets
+  the path of an unlinked node, so they would fail. libfuse's remedy is to rename such a file to a
+  hidden name instead of unlinking it. That rename is intercepted: the file is unlinked for real
+  (whiteout and all, nothing hidden is written to the upper layer) and the hidden name is kept here as
+  an alias that answers getattr (and chmod, chown, utimens) from an open descriptor, until libfuse
+  drops it after the last close. A user renaming a file to a fresh name starting with ``.fuse_hidden``
+  would meet the same treatment.
+- libfuse's high-level API gives every *name* its own kernel inode, so the kernel caches attributes and
+  pages per name. A file with several hard links is opened with direct I/O, so that reading through one
+  name sees what was written through another at once, and its permission to open is checked again on
+  its present mode; the names of such files the kernel has looked up are remembered (``_Names``), and
+  an operation through one of them invalidates the attributes cached for the others.
+- Pages stay cached across opens (``keep_cache``) for every other file: the kernel sees every write to
+  its data.
+- libfuse 3.14 reports an exit on SIGINT/SIGTERM/SIGHUP as event-loop error 8, after unmounting
+  cleanly; that is the normal end of a foreground mount, not a failure.
 """
 
 from __future__ import annotations
 
-import codecs
+import contextlib
+import ctypes
 import errno
 import logging
 import os
+import stat
+import threading
 import time
 
-import fuse
+os.environ["FUSE_LIBRARY_NAME"] = "fuse3"  # mfusepy would take libfuse2 when both are installed
+import mfusepy as fuse  # noqa: E402
 
-from .core.union import Attributes, Union
+from .core.union import Attributes, Union  # noqa: E402
 
 log = logging.getLogger("layerfs")
+logging.getLogger("fuse").setLevel(logging.WARNING)  # mfusepy narrates its setup at debug level
 
-_ENCODING = "layerfs-utf8"
-
-
-def _search_codec(name: str) -> codecs.CodecInfo | None:
-    if name.replace("_", "-") != _ENCODING:
-        return None
-    return codecs.CodecInfo(
-        name=_ENCODING,
-        encode=lambda text, errors="strict": codecs.utf_8_encode(text, "surrogateescape"),
-        decode=lambda data, errors="strict": codecs.utf_8_decode(data, "surrogateescape", True),
-    )
-
-
-codecs.register(_search_codec)
-
-
-class _Operations(fuse.fuse_operations):
-    """fusepy's operations table with the flags it offers no way to set."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.flag_nullpath_ok = 1
-        self.flag_utime_omit_ok = 1
-
-
-fuse.fuse_operations = _Operations
+_libfuse = fuse._libfuse
+_libfuse.fuse_invalidate_path.argtypes = (ctypes.c_void_p, ctypes.c_char_p)
 
 _NO_ID = 0xFFFFFFFF  # (uid_t)-1: "leave unchanged" in chown
 _UTIME_NOW = (1 << 30) - 1
 _UTIME_OMIT = (1 << 30) - 2
+_FUSE_LOOP_ERROR = 8  # fuse_main's code for "the event loop ended with an error"
+# libfuse2 gave "." and ".." this inode number; a zero one would make readdir(3) skip them.
+_UNKNOWN_INO = 0xFFFFFFFF
+_HIDDEN_PREFIX = ".fuse_hidden"  # libfuse's name for an unlinked file that is still open
 
 
 def _time_ns(ts, now: int) -> int | None:
@@ -76,6 +69,18 @@ def _time_ns(ts, now: int) -> int | None:
     if ts.tv_nsec == _UTIME_NOW:
         return now
     return ts.tv_sec * 1_000_000_000 + ts.tv_nsec
+
+
+def _decode(path: bytes | None) -> str | None:
+    return None if path is None else path.decode("utf-8", "surrogateescape")
+
+
+def _encode(path: str) -> bytes:
+    return path.encode("utf-8", "surrogateescape")
+
+
+def _fh(fip) -> int | None:
+    return fip.contents.fh if fip else None
 
 
 def _groups(pid: int, gid: int) -> set[int]:
@@ -93,13 +98,104 @@ def _groups(pid: int, gid: int) -> set[int]:
 
 
 class _FUSE(fuse.FUSE):
-    """fusepy's FUSE with the utimens callback reading the timespecs itself."""
+    """mfusepy's FUSE with the callbacks it translates lossily (or slowly) done here."""
 
-    def utimens(self, path, buf):
+    def _wrapper(self, func, *args):
+        try:
+            return func(*args) or 0
+        except OSError as e:
+            return -(e.errno or errno.EIO)
+        except Exception:
+            log.exception("unexpected error in %s", func.__name__)
+            return -errno.EIO
+
+    def readdir_fuse_3(self, path, buf, filler, offset, fip, flags):
+        st = fuse.c_stat()
+        for name, ino, kind in self.operations.readdir(_decode(path)):
+            st.st_ino = ino
+            st.st_mode = kind
+            if filler(buf, _encode(name), st, 0, 0):
+                break
+        return 0
+
+    def utimens_fuse_3(self, path, buf, fip):
         now = time.time_ns()  # one instant for both, as utimensat(NULL) gives
         times = (_time_ns(buf.contents.actime, now), _time_ns(buf.contents.modtime, now)) if buf else (now, now)
-        return self.operations("utimens", path.decode(self.encoding), times)
-_HIDDEN_PREFIX = ".fuse_hidden"  # libfuse's name for an unlinked file that is still open
+        return self.operations.utimens(_decode(path), times, _fh(fip))
+
+    def chmod_fuse_3(self, path, mode, fip):
+        return self.operations.chmod(_decode(path), mode, _fh(fip))
+
+    def chown_fuse_3(self, path, uid, gid, fip):
+        return self.operations.chown(_decode(path), uid, gid, _fh(fip))
+
+    def truncate_fuse_3(self, path, length, fip):
+        return self.operations.truncate(_decode(path), length, _fh(fip))
+
+    def rename_fuse_3(self, old, new, flags):
+        return self.operations.rename(_decode(old), _decode(new), flags)
+
+
+class _LoggedFUSE(_FUSE):
+    """--debug: every request and its answer on the log."""
+
+    def _wrapper(self, func, *args):
+        shown = tuple(a for a in args if isinstance(a, (bytes, int)))
+        result = super()._wrapper(func, *args)
+        answer = errno.errorcode.get(-result, result) if isinstance(result, int) and result < 0 else result
+        log.debug("%s%r -> %r", func.__name__.removesuffix("_fuse_3"), shown, answer)
+        return result
+
+
+class _Names:
+    """The names of multiply-linked files that the kernel has looked up, by inode number."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._names: dict[int, set[str]] = {}
+        self._number: dict[str, int] = {}
+
+    def saw(self, path: str, ino: int) -> None:
+        if self._number.get(path) == ino:
+            return
+        with self._lock:
+            self._forget(path)
+            self._number[path] = ino
+            self._names.setdefault(ino, set()).add(path)
+
+    def __contains__(self, path: str) -> bool:
+        return path in self._number
+
+    def number(self, path: str) -> int | None:
+        return self._number.get(path)
+
+    def of(self, ino: int | None) -> list[str]:
+        with self._lock:
+            return list(self._names.get(ino, ()))
+
+    def forget(self, path: str) -> None:
+        with self._lock:
+            self._forget(path)
+
+    def renamed(self, old: str, new: str) -> None:
+        """``old`` (and everything below it, for a directory) is now called ``new``."""
+        below = old + "/"
+        with self._lock:
+            self._forget(new)
+            for path in [p for p in self._number if p == old or p.startswith(below)]:
+                ino = self._number[path]
+                self._forget(path)
+                moved = new + path[len(old):]
+                self._number[moved] = ino
+                self._names.setdefault(ino, set()).add(moved)
+
+    def _forget(self, path: str) -> None:
+        ino = self._number.pop(path, None)
+        if ino is not None:
+            names = self._names[ino]
+            names.discard(path)
+            if not names:
+                del self._names[ino]
 
 
 def _attrs(a: Attributes) -> dict:
@@ -119,22 +215,35 @@ class LayerfsOperations(fuse.Operations):
         self.union = union
         self._on_ready = on_ready
         self._hidden: dict[str, tuple[int, int]] = {}  # libfuse's hidden name -> Union.detach key
+        self._names = _Names()
+        self._fuse: int | None = None  # libfuse's struct fuse *, for invalidations
 
-    def __call__(self, op: str, *args):
-        try:
-            return getattr(self, op)(*args)
-        except OSError:
-            raise
-        except Exception:
-            log.exception("unexpected error in %s%r", op, args)
-            raise fuse.FuseOSError(errno.EIO)
-
-    def init(self, path):
+    def init_with_config(self, conn, config):
+        config.use_ino = 1
+        self._fuse = _libfuse.fuse_get_context().contents.fuse
         if self._on_ready is not None:
             self._on_ready()
 
     def destroy(self, path):
         self.union.close()
+
+    def _changed(self, ino: int | None, *, besides: str | None = None) -> None:
+        """Attributes of the file numbered ``ino`` changed: drop what the kernel cached for its names
+        (but ``besides``: a write's own name, whose pages the kernel may hold locked meanwhile)."""
+        for name in self._names.of(ino):
+            if name != besides:
+                _libfuse.fuse_invalidate_path(self._fuse, _encode(name))
+
+    @contextlib.contextmanager
+    def _changing(self, path: str):
+        """Around an operation on ``path`` that may change a multiply-linked file, or copy one up (which
+        gives the name a file of its own), even if it then fails."""
+        ino = self._names.number(path)
+        try:
+            yield
+        finally:
+            if ino is not None:
+                self._changed(ino)
 
     # -- reading
 
@@ -149,13 +258,14 @@ class LayerfsOperations(fuse.Operations):
             if attrs["st_nlink"] > 0:
                 attrs["st_nlink"] += 1
             return attrs
-        return _attrs(self.union.getattr(path))
+        a = self.union.getattr(path)
+        if a.nlink > 1 and not stat.S_ISDIR(a.st.st_mode):
+            self._names.saw(path, a.ino)
+        return _attrs(a)
 
-    def readdir(self, path, fh):
-        # A list, not a generator: errors must surface inside __call__ to be mapped.
-        entries: list = [".", ".."]
-        entries.extend((name, {"st_ino": ino, "st_mode": bits}, 0)
-                       for name, (ino, bits) in self.union.listdir(path).items())
+    def readdir(self, path):
+        entries = [(".", _UNKNOWN_INO, stat.S_IFDIR), ("..", _UNKNOWN_INO, stat.S_IFDIR)]
+        entries.extend((name, ino, bits) for name, (ino, bits) in self.union.listdir(path).items())
         return entries
 
     def readlink(self, path):
@@ -185,7 +295,11 @@ class LayerfsOperations(fuse.Operations):
     # -- open files
 
     def open(self, path, fi):
-        fd = self.union.open(path, fi.flags)
+        if path in self._names and fi.flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC):
+            with self._changing(path):
+                fd = self.union.open(path, fi.flags)
+        else:
+            fd = self.union.open(path, fi.flags)
         fi.fh = fd
         if self.union.has_other_names(fd):
             fi.direct_io = 1
@@ -208,16 +322,23 @@ class LayerfsOperations(fuse.Operations):
         return self.union.read(fh.fh, size, offset)
 
     def write(self, path, data, offset, fh):
-        if self.union.has_other_names(fh.fh) and fuse.fuse_get_context()[0] != 0:
-            # With direct I/O the kernel leaves clearing setuid bits on write to the filesystem.
-            self.union.drop_setid(fh.fh)
-        return self.union.write(fh.fh, data, offset)
+        fd = fh.fh
+        if self.union.has_other_names(fd):
+            if fuse.fuse_get_context()[0] != 0:
+                # With direct I/O the kernel leaves clearing setuid bits on write to the filesystem.
+                self.union.drop_setid(fd)
+            written = self.union.write(fd, data, offset)
+            self._changed(self.union.fstat(fd).ino, besides=path)
+            return written
+        return self.union.write(fd, data, offset)
 
-    def truncate(self, path, length, fh=None):
+    def truncate(self, path, length, fh):
         if fh is not None:
-            self.union.ftruncate(fh.fh, length)
+            self.union.ftruncate(fh, length)
+            self._changed(self.union.fstat(fh).ino)
         else:
-            self.union.truncate(path, length)
+            with self._changing(path):
+                self.union.truncate(path, length)
 
     def fsync(self, path, datasync, fh):
         self.union.fsync(fh.fh, bool(datasync))
@@ -236,57 +357,77 @@ class LayerfsOperations(fuse.Operations):
         self.union.mknod(path, mode, dev, uid, gid)
 
     def symlink(self, target, source):
-        # fusepy names them backwards: ``target`` is the new link's path, ``source`` its content.
+        # mfusepy names them backwards: ``target`` is the new link's path, ``source`` its content.
         uid, gid, _ = fuse.fuse_get_context()
         self.union.symlink(source, target, uid, gid)
 
     def link(self, target, source):
         # Likewise: ``target`` is the new name, ``source`` the existing file.
         self.union.link(source, target)
+        ino = self.union.getattr(target).ino
+        self._names.saw(source, ino)
+        self._names.saw(target, ino)
+        self._changed(ino, besides=target)  # the kernel keeps the source name's old link count
 
     def unlink(self, path):
         hidden = self._hidden.pop(path, None)
         if hidden is not None:
             self.union.forget_detached(hidden)
             return  # libfuse lets go of a hidden file after its last close: it is gone already
+        ino = self._names.number(path)
         self.union.unlink(path)
+        self._names.forget(path)
+        self._changed(ino)
 
     def rmdir(self, path):
         self.union.rmdir(path)
 
-    def rename(self, old, new):
+    def rename(self, old, new, flags):
+        if flags:
+            raise fuse.FuseOSError(errno.EINVAL)  # renameat2's flags: callers fall back
         if new.rpartition("/")[2].startswith(_HIDDEN_PREFIX) and self.union.lookup(new) is None:
             self._hidden[new] = self.union.detach(old)
+            self._names.forget(old)
             return
+        moved, replaced = self._names.number(old), self._names.number(new)
         self.union.rename(old, new)
+        self._names.renamed(old, new)
+        self._changed(replaced)  # one name fewer
+        self._changed(moved, besides=new)  # a new ctime
 
-    def chmod(self, path, mode):
+    def chmod(self, path, mode, fh):
         if path in self._hidden:
             self.union.change_detached(self._hidden[path], mode=mode)
             return
-        self.union.chmod(path, mode)
+        with self._changing(path):
+            self.union.chmod(path, mode)
 
-    def chown(self, path, uid, gid):
+    def chown(self, path, uid, gid, fh):
         owner = (-1 if uid == _NO_ID else uid, -1 if gid == _NO_ID else gid)
         if path in self._hidden:
             self.union.change_detached(self._hidden[path], owner=owner)
             return
-        self.union.chown(path, *owner)
+        with self._changing(path):
+            self.union.chown(path, *owner)
 
-    def utimens(self, path, times):
+    def utimens(self, path, times, fh):
         if path in self._hidden:
             self.union.change_detached(self._hidden[path], times_ns=times)
             return
-        self.union.utimens(path, *times)
+        with self._changing(path):
+            self.union.utimens(path, *times)
 
     def setxattr(self, path, name, value, options, position=0):
-        self.union.setxattr(path, name, value, options)
+        with self._changing(path):
+            self.union.setxattr(path, name, value, options)
 
     def removexattr(self, path, name):
-        self.union.removexattr(path, name)
+        with self._changing(path):
+            self.union.removexattr(path, name)
 
     # Requests that need nothing from layerfs: left unset, libfuse answers them without calling Python
-    # (close(2) sends a flush every time; readdir resolves its path itself).
+    # (close(2) sends a flush every time; readdir resolves its path itself). libfuse 3.14's high-level
+    # opendir would not pass cache_readdir on to the kernel, so there is nothing to set there either.
     flush = None
     opendir = None
     releasedir = None
@@ -295,36 +436,20 @@ class LayerfsOperations(fuse.Operations):
 def run(union: Union, mountpoint: str, *, readonly: bool, fsname: str, debug: bool, on_ready=None) -> None:
     """Serve ``union`` at ``mountpoint`` until it is unmounted (blocks)."""
     options = dict(
-        foreground=True, allow_other=True, default_permissions=True, use_ino=True,
-        nonempty=True, fsname=fsname, subtype="layerfs", big_writes=True, max_write=131072,
-        max_read=131072, attr_timeout=1.0, entry_timeout=1.0, negative_timeout=1.0,
+        foreground=True, allow_other=True, default_permissions=True, fsname=fsname, subtype="layerfs",
+        max_idle_threads=8,
+        # Lowers never change and every change to the upper comes through this mount, where the kernel
+        # sees it or _changed invalidates it: what the kernel caches stays right.
+        attr_timeout=86400, entry_timeout=86400, negative_timeout=86400,
     )
     if readonly:
         options["ro"] = True
     if os.geteuid() == 0:
         # libfuse mounts nosuid,nodev unless told otherwise; a container rootfs needs both.
         options.update(suid=True, dev=True)
-    operations = LayerfsOperations(union, on_ready)
-    if debug:
-        operations = _Logged(operations)
-    _FUSE(operations, mountpoint, raw_fi=True, encoding=_ENCODING, **options)
-
-
-class _Logged(LayerfsOperations):
-    """--debug: every request and its answer on the log."""
-
-    def __init__(self, inner: LayerfsOperations) -> None:
-        self.__dict__.update(inner.__dict__)
-
-    def __call__(self, op, *args):
-        shown = tuple(a if isinstance(a, (str, int, bytes)) else getattr(a, "fh", a) for a in args)
-        try:
-            result = super().__call__(op, *args)
-        except OSError as e:
-            log.debug("%s%r -> %s", op, shown, errno.errorcode.get(e.errno, e.errno))
+    binding = _LoggedFUSE if debug else _FUSE
+    try:
+        binding(LayerfsOperations(union, on_ready), mountpoint, raw_fi=True, **options)
+    except RuntimeError as e:
+        if e.args != (_FUSE_LOOP_ERROR,):
             raise
-        if op in ("read", "readdir"):
-            log.debug("%s%r -> %d items", op, shown, len(result))
-        else:
-            log.debug("%s%r -> %r", op, shown, result)
-        return result

@@ -27,7 +27,6 @@ import pprint
 import stat
 import subprocess
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -395,17 +394,6 @@ def explain(expected: Any, got: Any) -> str:
     diff = difflib.unified_diff(pprint.pformat(expected).splitlines(), pprint.pformat(got).splitlines(),
                                 "kernel", "layerfs", lineterm="")
     return "layerfs differs from kernel overlayfs:\n" + "\n".join(diff)
-
-
-def let_attribute_cache_lapse() -> None:
-    """Wait until the kernel's cached attributes of layerfs entries expire (attr_timeout is 1 s).
-
-    Decided, documented limitation: libfuse2's high-level API gives every *name* its own kernel inode, so
-    after link, unlink or a write through one name of a hard-linked file, st_nlink/st_size/st_ctime seen
-    through the *other* names may lag by up to the attribute timeout (data does not lag). Tests compare
-    those fields only after this wait, and say so where they call it.
-    """
-    time.sleep(1.1)
 
 
 # -- other users ----------------------------------------------------------------------------------

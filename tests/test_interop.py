@@ -17,7 +17,6 @@ from __future__ import annotations
 import errno
 import os
 import shutil
-import time
 from pathlib import Path
 
 import pytest
@@ -25,7 +24,7 @@ import pytest
 from fsops import RandomOps, drive, rename_by_copy, visible_kinds
 from snapshot import OVERLAY_PRIVATE, Snapshot, assert_same, snapshot, snapshot_upper
 from treespec import FORMS, TreeSpec, describe, generate, render_all
-from twin import ATTR_LAPSE_S, Twin
+from twin import Twin
 
 OPS = 250
 PRIVATE_XATTRS = (OVERLAY_PRIVATE, "user.overlay.", "user.fuseoverlayfs.")
@@ -56,9 +55,6 @@ def _leave_markers(root: Path) -> None:
 def _write_upper(mount: Path, spec: TreeSpec) -> Snapshot:
     _leave_markers(mount)
     drive(mount, RandomOps(spec.seed, spec), OPS)
-    # layerfs's documented hard-link lag (libfuse2: one kernel inode per name): the other names of a file
-    # changed through one show its old attributes for up to the attribute timeout. Let it lapse.
-    time.sleep(ATTR_LAPSE_S)
     return snapshot(mount)
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pair import FORMS, Err, Stack, describe, let_attribute_cache_lapse, make_pair, outcome, tree, whiteout, write
+from pair import FORMS, Err, Stack, describe, make_pair, outcome, tree, whiteout, write
 
 
 def build(s: Stack) -> None:
@@ -95,8 +95,7 @@ def test_link(mounts, tmp_path, form):
         os.unlink(mnt / "a")
         os.unlink(mnt / "gone")
         steps["data after unlink"] = [(mnt / n).read_bytes() for n in ("a-link", "dir/a-link", "dir/new-link")]
-        # Link counts seen through the other names lag in layerfs (see let_attribute_cache_lapse).
-        let_attribute_cache_lapse()
+        # Link counts seen through the other names follow at once.
         steps["after unlink"] = _links(mnt, "a-link", "dir/a-link")
         steps["after unlink upper"] = _links(mnt, "new", "dir/new-link")
         return {"steps": steps, "tree": tree(mnt)}

@@ -17,7 +17,7 @@ from typing import Iterator
 
 import pytest
 
-from pair import (FORMS, Err, Stack, append, content, errname, explain, let_attribute_cache_lapse, make_opaque,
+from pair import (FORMS, Err, Stack, append, content, errname, explain, make_opaque,
                   make_pair, outcome, tree, walk, whiteout, write)
 
 PATH_MAX = 4096  # including the terminating NUL
@@ -218,15 +218,13 @@ def test_fstat_of_an_unlinked_open_file(mounts, tmp_path):
                 out[label] = after_unlink(fd, mnt / rel, flags != os.O_RDONLY)
             finally:
                 os.close(fd)
-        # One of two names of a file goes while it is open: the file lives on under the other. Its link
-        # count lags in layerfs (see let_attribute_cache_lapse); its data does not.
+        # One of two names of a file goes while it is open: the file lives on under the other.
         write(mnt / "two", "two")
         os.link(mnt / "two", mnt / "two-b")
         fd = os.open(mnt / "two", os.O_RDWR)
         try:
             os.unlink(mnt / "two")
             data = os.pread(fd, 10, 0)
-            let_attribute_cache_lapse()
             out["one of two names"] = (os.fstat(fd).st_nlink, data)
         finally:
             os.close(fd)
@@ -289,8 +287,7 @@ def test_times_updated_and_visible_right_after_each_change(mounts, tmp_path):
             _tick()
             change()
             observe(label, before, os.stat(target))  # at once: no waiting for the 1 s attribute cache
-        # Hard links change the file's ctime, seen at once through the name just used. Through the other
-        # name it lags in layerfs (see let_attribute_cache_lapse).
+        # Hard links change the file's ctime, seen at once through the name just used and the other.
         for label, change, name in (("link", lambda: os.link(f, mnt / "a2"), "a2"),
                                     ("rename", lambda: os.rename(mnt / "a2", mnt / "a3"), "a3")):
             before = os.stat(f)
@@ -300,7 +297,6 @@ def test_times_updated_and_visible_right_after_each_change(mounts, tmp_path):
         before = os.stat(f)
         _tick()
         os.unlink(mnt / "a3")
-        let_attribute_cache_lapse()
         observe("unlink other name", before, os.stat(f))
         return seen
 
@@ -413,14 +409,12 @@ def test_inode_numbers_stable_across_copy_up(mounts, tmp_path):
 def _tools(mnt: Path) -> dict:
     """find, tar and du over the whole mount, as a backup or an image build would run them."""
     out = {}
-    # Changes first, so that the tools see copied-up, deleted, renamed and hard-linked entries. The new
-    # hard link's other name shows its link count late in layerfs (see let_attribute_cache_lapse).
+    # Changes first, so that the tools see copied-up, deleted, renamed and hard-linked entries.
     append(mnt / "a", b"+")
     os.unlink(mnt / "dir/m")
     os.rename(mnt / "t", mnt / "dir/t")
     os.link(mnt / "dir/f", mnt / "f-link")
     write(mnt / "dir/sub/new", "new")
-    let_attribute_cache_lapse()
 
     found = subprocess.run(["find", ".", "-printf", r"%y %p %n %s %m %U %G %l\n"], cwd=mnt,
                            capture_output=True, text=True)
