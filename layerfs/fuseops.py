@@ -56,6 +56,7 @@ _libfuse.fuse_invalidate_path.argtypes = (ctypes.c_void_p, ctypes.c_char_p)
 _NO_ID = 0xFFFFFFFF  # (uid_t)-1: "leave unchanged" in chown
 _UTIME_NOW = (1 << 30) - 1
 _UTIME_OMIT = (1 << 30) - 2
+_RENAME_NOREPLACE = 1
 _FUSE_LOOP_ERROR = 8  # fuse_main's code for "the event loop ended with an error"
 # libfuse2 gave "." and ".." this inode number; a zero one would make readdir(3) skip them.
 _UNKNOWN_INO = 0xFFFFFFFF
@@ -383,14 +384,14 @@ class LayerfsOperations(fuse.Operations):
         self.union.rmdir(path)
 
     def rename(self, old, new, flags):
-        if flags:
-            raise fuse.FuseOSError(errno.EINVAL)  # renameat2's flags: callers fall back
+        if flags & ~_RENAME_NOREPLACE:
+            raise fuse.FuseOSError(errno.EINVAL)  # RENAME_EXCHANGE, RENAME_WHITEOUT: not supported
         if new.rpartition("/")[2].startswith(_HIDDEN_PREFIX) and self.union.lookup(new) is None:
             self._hidden[new] = self.union.detach(old)
             self._names.forget(old)
             return
         moved, replaced = self._names.number(old), self._names.number(new)
-        self.union.rename(old, new)
+        self.union.rename(old, new, replace=not flags)
         self._names.renamed(old, new)
         self._changed(replaced)  # one name fewer
         self._changed(moved, besides=new)  # a new ctime

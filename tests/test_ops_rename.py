@@ -8,6 +8,7 @@ upper layer it leaves is then mounted with kernel overlayfs, which must show the
 
 from __future__ import annotations
 
+import ctypes
 import os
 from pathlib import Path
 
@@ -170,3 +171,44 @@ def test_rename_of_dirs_with_lower_parts_moves_the_tree(mounts, tmp_path, form):
     work.mkdir()
     again = mounts.overlay(tmp_path / "kernel-again", pair.kernel.lowers, pair.layerfs.upper, work)
     assert tree(again) == after
+
+
+_renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+_NOREPLACE, _EXCHANGE = 1, 2
+
+
+def _rename2(old: Path, new: Path, flags: int) -> None:
+    if _renameat2(-100, os.fsencode(old), -100, os.fsencode(new), flags) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e), str(old))
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_rename_noreplace(mounts, tmp_path, form):
+    pair = make_pair(mounts, tmp_path, build, form=form)
+
+    def scenario(mnt: Path):
+        os.unlink(mnt / "b")
+        steps = {
+            "lower file to fresh name": outcome(_rename2, mnt / "a", mnt / "a2", _NOREPLACE),
+            "over lower file": outcome(_rename2, mnt / "a2", mnt / "c", _NOREPLACE),
+            "over deleted name": outcome(_rename2, mnt / "a2", mnt / "b", _NOREPLACE),
+            "onto itself": outcome(_rename2, mnt / "c", mnt / "c", _NOREPLACE),
+            "dir over empty dir": outcome(_rename2, mnt / "other", mnt / "edir", _NOREPLACE),
+            "missing": outcome(_rename2, mnt / "missing", mnt / "x", _NOREPLACE),
+        }
+        return {"steps": steps, "tree": tree(mnt)}
+
+    seen = pair.compare(scenario)
+    steps = seen["steps"]
+    assert steps["over lower file"] == Err("EEXIST") and steps["dir over empty dir"] == Err("EEXIST")
+    assert seen["tree"]["b"]["data"] == b"a" and "a2" not in seen["tree"]
+    pair.compare_uppers()
+
+
+def test_rename_exchange_is_refused(mounts, tmp_path):
+    # The one renameat2 flag layerfs does not do (kernel overlayfs does); callers such as mv fall back.
+    pair = make_pair(mounts, tmp_path, build, form="overlay")
+    mnt = pair.layerfs.mnt
+    assert outcome(_rename2, mnt / "a", mnt / "c", _EXCHANGE) == Err("EINVAL")
+    assert (mnt / "a").read_text() == "a" and (mnt / "c").read_text() == "c"

@@ -474,11 +474,14 @@ class Union:
                     shutil.rmtree(tmp, dir_fd=self._work)
             self.resolver.invalidate()
 
-    def rename(self, old: str, new: str) -> None:
-        if old == new:
-            return
+    def rename(self, old: str, new: str, *, replace: bool = True) -> None:
+        """rename(2); with ``replace`` False, renameat2's RENAME_NOREPLACE (EEXIST if ``new`` exists)."""
         source = self.resolver.get(old)
         target = self.resolver.lookup(new)
+        if target is not None and not replace:
+            raise _error(errno.EEXIST, new)
+        if old == new:
+            return
         if source.is_dir and (new + "/").startswith(old + "/"):
             raise _error(errno.EINVAL, new)
         _refuse_marker_name(new)
