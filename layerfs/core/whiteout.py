@@ -38,7 +38,11 @@ PRIVATE_XATTR_PREFIXES = ("trusted.overlay.", "user.overlay.", "user.fuseoverlay
 
 def is_whiteout_stat(st: os.stat_result) -> bool:
     """True for an overlay-form whiteout: a character device with device number 0/0."""
-    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+    return is_whiteout_device(st.st_mode, st.st_rdev)
+
+
+def is_whiteout_device(mode: int, rdev: int) -> bool:
+    return stat.S_ISCHR(mode) and rdev == 0
 
 
 def oci_whiteout_name(name: str) -> str:

@@ -1,0 +1,124 @@
+"""The change index on real directories: what it records, what survives a crash of the daemon, and
+what it notices of changes made to the upper behind its back (no mount needed: the index is core)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from layerfs.core import whiteout
+from layerfs.core.index import ChangeIndex, file_digest
+
+
+def _upper(root: Path) -> Path:
+    upper = root / "upper"
+    (upper / "etc/app").mkdir(parents=True)
+    (upper / "etc/app/conf").write_text("red")
+    (upper / "etc/hosts").write_text("127.0.0.1 localhost\n")
+    (upper / "a-b").mkdir()
+    (upper / "a").mkdir()
+    (upper / "a/b").write_text("b")
+    os.symlink("/nowhere", upper / "link")
+    whiteout.make_whiteout(str(upper / "gone"))
+    (upper / "opq").mkdir()
+    whiteout.mark_opaque(str(upper / "opq"))
+    return upper
+
+
+def _fields(index: ChangeIndex) -> dict:
+    """Everything recorded but lazily computed digests."""
+    return {p: r._replace(digest=None) for p, r in index.items()}
+
+
+def _fresh(upper: Path, tmp_path: Path) -> ChangeIndex:
+    index = ChangeIndex(str(upper), str(tmp_path / "fresh-state"))
+    index.load()
+    return index
+
+
+def test_first_load_walks_the_upper_and_records_every_entry(tmp_path):
+    upper = _upper(tmp_path)
+    index = ChangeIndex(str(upper), str(tmp_path / "state"))
+    index.load()
+    assert index.rebuilt
+    assert [p for p, _ in index.items()] == ["/", "/a", "/a/b", "/a-b", "/etc", "/etc/app", "/etc/app/conf",
+                                             "/etc/hosts", "/gone", "/link", "/opq"]
+    assert index.get("/gone").is_whiteout and index.get("/opq").opaque and index.get("/link").target == "/nowhere"
+    assert [p for p, _ in index.items("/a")] == ["/a", "/a/b"]  # not /a-b
+    assert list(index.paths_below("/etc")) == ["/etc/app", "/etc/app/conf", "/etc/hosts"]
+    assert index.digest("/etc/hosts") == file_digest(str(upper / "etc/hosts"))
+
+
+def test_a_clean_close_is_loaded_back_without_a_walk(tmp_path):
+    upper = _upper(tmp_path)
+    index = ChangeIndex(str(upper), str(tmp_path / "state"))
+    index.load()
+    index.digest("/a/b")
+    index.close()
+    again = ChangeIndex(str(upper), str(tmp_path / "state"))
+    again.load()
+    assert not again.rebuilt and again.rescanned == 0
+    assert dict(again.items()) == dict(index.items())  # digests included
+
+
+def test_journaled_changes_survive_a_killed_daemon(tmp_path):
+    upper = _upper(tmp_path)
+    index = ChangeIndex(str(upper), str(tmp_path / "state"))
+    index.load()
+    # What the daemon does for each change: journal the path, change the upper, refresh the record.
+    # It is "killed" after changing the upper and before refreshing (or saving) anything.
+    for path in ("/etc/new", "/a/b", "/etc/hosts"):
+        index.note(path)
+    (upper / "etc/new").write_text("new")
+    os.unlink(upper / "a/b")
+    os.chmod(upper / "etc/hosts", 0o600)
+    after_crash = ChangeIndex(str(upper), str(tmp_path / "state"))
+    after_crash.load()
+    assert not after_crash.rebuilt
+    assert _fields(after_crash) == _fields(_fresh(upper, tmp_path))
+    assert after_crash.get("/a/b") is None and after_crash.get("/etc/new").size == 3
+
+
+@pytest.mark.parametrize("change", ["add in dir", "new subtree", "content", "delete", "delete dir",
+                                    "replace by dir", "opaque mark"])
+def test_changes_behind_its_back_are_noticed(tmp_path, change):
+    upper = _upper(tmp_path)
+    index = ChangeIndex(str(upper), str(tmp_path / "state"))
+    index.load()
+    index.close()
+    if change == "add in dir":
+        (upper / "etc/app/other").write_text("x")
+    elif change == "new subtree":
+        (upper / "a/x/y/z").mkdir(parents=True)
+        (upper / "a/x/y/z/f").write_text("deep")
+    elif change == "content":
+        (upper / "etc/hosts").write_text("127.0.0.1 changed\n")
+    elif change == "delete":
+        os.unlink(upper / "etc/app/conf")
+    elif change == "delete dir":
+        (upper / "a/b").unlink()
+        (upper / "a").rmdir()
+    elif change == "replace by dir":
+        os.unlink(upper / "link")
+        (upper / "link").mkdir()
+        (upper / "link/f").write_text("f")
+    elif change == "opaque mark":
+        whiteout.mark_opaque(str(upper / "a"))
+    again = ChangeIndex(str(upper), str(tmp_path / "state"))
+    again.load()
+    assert not again.rebuilt
+    assert _fields(again) == _fields(_fresh(upper, tmp_path))
+
+
+def test_an_unreadable_snapshot_means_a_walk_not_a_wrong_answer(tmp_path):
+    upper = _upper(tmp_path)
+    index = ChangeIndex(str(upper), str(tmp_path / "state"))
+    index.load()
+    index.close()
+    (tmp_path / "state/records").write_text("{not json\n")
+    (upper / "etc/late").write_text("late")
+    again = ChangeIndex(str(upper), str(tmp_path / "state"))
+    again.load()
+    assert again.rebuilt and again.get("/etc/late") is not None
