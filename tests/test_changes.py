@@ -12,13 +12,20 @@ from pathlib import Path
 
 import pytest
 
-from layerfs.core.changes import changes
+from layerfs.core.changes import changes, indexed_changes
+from layerfs.core.index import ChangeIndex
 from pair import make_opaque, whiteout, write
 from treediff import two_tree_changes
 
 
 def diff(upper: Path, *lowers: Path) -> list[str]:
-    return [str(c) for c in changes(str(upper), [str(p) for p in lowers])]
+    """The walk's answer, checked against the change index's answer for the same upper (indexed from
+    scratch in a state directory beside it)."""
+    walked = changes(str(upper), [str(p) for p in lowers])
+    index = ChangeIndex(str(upper), str(upper.parent / f"{upper.name}-index"))
+    index.load()
+    assert indexed_changes(index, [str(p) for p in lowers]) == walked
+    return [str(c) for c in walked]
 
 
 def copy_dir(lower: Path, upper: Path, rel: str) -> Path:

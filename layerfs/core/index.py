@@ -59,6 +59,13 @@ class Record(NamedTuple):
     def is_whiteout(self) -> bool:
         return whiteout.is_whiteout_device(self.mode, self.rdev)
 
+    # Read like an os.stat_result by the code that classifies changes.
+    st_mode = property(lambda self: self.mode)
+    st_uid = property(lambda self: self.uid)
+    st_gid = property(lambda self: self.gid)
+    st_mtime_ns = property(lambda self: self.mtime_ns)
+    st_rdev = property(lambda self: self.rdev)
+
 
 def _key(path: str) -> tuple[str, ...]:
     """Sort key: component by component, so "/a/b" comes right after "/a" and before "/a-b"."""
