@@ -122,3 +122,24 @@ def test_an_unreadable_snapshot_means_a_walk_not_a_wrong_answer(tmp_path):
     again = ChangeIndex(str(upper), str(tmp_path / "state"))
     again.load()
     assert again.rebuilt and again.get("/etc/late") is not None
+
+
+def test_a_directory_replaced_by_a_symlink_is_not_followed(tmp_path):
+    upper = _upper(tmp_path)
+    outside = tmp_path / "outside"
+    (outside / "app").mkdir(parents=True)
+    (outside / "app/conf").write_text("not in the upper")
+    (outside / "secret").write_text("x")
+    index = ChangeIndex(str(upper), str(tmp_path / "state"))
+    index.load()
+    index.close()
+    (upper / "etc/app/conf").unlink()
+    (upper / "etc/app").rmdir()
+    os.symlink(outside, upper / "etc/app")  # behind its back: a directory becomes a way out
+    with open(tmp_path / "state/journal", "a") as journal:
+        journal.write("/etc/app/secret\n")  # as if a daemon had journaled a path below it, then died
+    again = ChangeIndex(str(upper), str(tmp_path / "state"))
+    again.load()
+    assert again.get("/etc/app").target == str(outside)
+    assert list(again.paths_below("/etc/app")) == []
+    assert _fields(again) == _fields(_fresh(upper, tmp_path))

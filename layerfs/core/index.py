@@ -72,12 +72,22 @@ def _key(path: str) -> tuple[str, ...]:
     return tuple(path.split("/"))
 
 
-class ChangeIndex:
-    """The records of one upper layer, persisted in ``state_dir`` (outside the upper and the view)."""
+def _rel(path: str) -> str:
+    return "." if path == "/" else path[1:]
 
-    def __init__(self, upper: str, state_dir: str) -> None:
+
+class ChangeIndex:
+    """The records of one upper layer, persisted in ``state_dir`` (outside the upper and the view).
+
+    The upper is read through ``upper_fd`` (an O_PATH descriptor of its root, opened here if not given):
+    a mount may hide the upper's path, as a mount over its own directories does.
+    """
+
+    def __init__(self, upper: str, state_dir: str, *, upper_fd: int | None = None) -> None:
         self.upper = upper.rstrip("/") or "/"
         self.state_dir = state_dir
+        self._own_fd = upper_fd is None
+        self._fd = os.open(upper, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC) if upper_fd is None else upper_fd
         self._records: SortedDict = SortedDict(_key)
         self._journal = None
         self.rebuilt = False  # whether the last load had to walk the whole upper
@@ -93,8 +103,8 @@ class ChangeIndex:
             self._records.clear()
             self._scan("/", recursive=True)
         else:
-            for path in self._journal_paths():
-                self._refresh(path)
+            for path in sorted(set(self._journal_paths()), key=_key):
+                self._refresh_with_ancestors(path)
             self.verify()
         self.save()
 
@@ -118,6 +128,8 @@ class ChangeIndex:
         self.save()
         self._journal.close()
         self._journal = None
+        if self._own_fd:
+            os.close(self._fd)
 
     def _read_snapshot(self) -> bool:
         try:
@@ -146,9 +158,22 @@ class ChangeIndex:
         self._journal.write(path + "\n")
 
     def refresh(self, *paths: str) -> None:
-        """``paths`` changed in the upper (or went): record what is there now."""
+        """``paths`` changed in the upper (or went): record what is there now, and their directories
+        if the upper did not have them before (copied up)."""
         for path in paths:
-            self._refresh(path)
+            self._refresh_with_ancestors(path)
+
+    def _refresh_with_ancestors(self, path: str) -> None:
+        missing = []
+        parent = path
+        while parent != "/":
+            parent = parent.rpartition("/")[0] or "/"
+            if parent in self._records:
+                break
+            missing.append(parent)
+        for ancestor in reversed(missing):
+            self._refresh(ancestor)
+        self._refresh(path)
 
     def refresh_tree(self, path: str) -> None:
         """Everything at and below ``path`` changed (a directory renamed or copied up whole)."""
@@ -159,22 +184,27 @@ class ChangeIndex:
 
     def _refresh(self, path: str) -> None:
         record = self._read(path)
-        if record is None:
+        if record is None or not record.is_dir:
             self._forget_below(path)
+        if record is None:
             self._records.pop(path, None)
         else:
             self._records[path] = record
 
     def _read(self, path: str) -> Record | None:
-        real = self.upper if path == "/" else self.upper + path
+        """What the upper has at ``path``; None if nothing, or if its directory is not a recorded
+        directory (so a symlink put in place of a directory is never followed)."""
+        if path != "/":
+            parent = self._records.get(path.rpartition("/")[0] or "/")
+            if parent is None or not parent.is_dir:
+                return None
+        rel = _rel(path)
         try:
-            st = os.lstat(real)
-        except FileNotFoundError:
+            st = os.lstat(rel, dir_fd=self._fd)
+        except (FileNotFoundError, NotADirectoryError):
             return None
-        except NotADirectoryError:
-            return None
-        target = os.readlink(real) if stat.S_ISLNK(st.st_mode) else None
-        opaque = stat.S_ISDIR(st.st_mode) and whiteout.is_opaque_dir(real)
+        target = os.readlink(rel, dir_fd=self._fd) if stat.S_ISLNK(st.st_mode) else None
+        opaque = stat.S_ISDIR(st.st_mode) and whiteout.is_opaque_dir(rel, dir_fd=self._fd)
         return Record(st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino,
                       st.st_rdev, target, opaque)
 
@@ -188,11 +218,15 @@ class ChangeIndex:
         while todo:
             directory = todo.pop()
             self._refresh(directory)
-            real = self.upper if directory == "/" else self.upper + directory
             try:
-                names = os.listdir(real)
+                fd = os.open(_rel(directory), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                             dir_fd=self._fd)
             except (FileNotFoundError, NotADirectoryError):
                 continue
+            try:
+                names = os.listdir(fd)
+            finally:
+                os.close(fd)
             prefix = "" if directory == "/" else directory
             for name in names:
                 child = prefix + "/" + name
@@ -247,7 +281,7 @@ class ChangeIndex:
         """The xxh3-128 of a regular file's content in the upper, computed once per version of it."""
         record = self._records[path]
         if record.digest is None:
-            self._records[path] = record = record._replace(digest=file_digest(self.upper + path))
+            self._records[path] = record = record._replace(digest=file_digest(_rel(path), dir_fd=self._fd))
         return record.digest
 
 
