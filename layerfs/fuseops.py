@@ -53,6 +53,7 @@ logging.getLogger("fuse").setLevel(logging.WARNING)  # mfusepy narrates its setu
 _libfuse = fuse._libfuse
 _libfuse.fuse_invalidate_path.argtypes = (ctypes.c_void_p, ctypes.c_char_p)
 
+_KEPT: set = set()
 _NO_ID = 0xFFFFFFFF  # (uid_t)-1: "leave unchanged" in chown
 _UTIME_NOW = (1 << 30) - 1
 _UTIME_OMIT = (1 << 30) - 2
@@ -102,6 +103,10 @@ class _FUSE(fuse.FUSE):
     """mfusepy's FUSE with the callbacks it translates lossily (or slowly) done here."""
 
     def _wrapper(self, func, *args):
+        ident = threading.get_ident()
+        if ident not in _KEPT:
+            _KEPT.add(ident)
+            ctypes.pythonapi.PyGILState_Ensure()
         try:
             return func(*args) or 0
         except OSError as e:
