@@ -14,6 +14,7 @@ import resource
 import shutil
 import subprocess
 
+from . import registry
 from .core import syscalls
 from .core.union import Union
 from .errors import LayerfsError
@@ -34,8 +35,17 @@ def _prepare_process() -> None:
 def _serve(config: MountConfig, union: Union, debug: bool, on_ready=None) -> None:
     from . import fuseops  # the binding loads libfuse; only a mount needs it
 
-    fuseops.run(union, config.mountpoint, readonly=config.readonly, fsname=config.fsname, debug=debug,
-                on_ready=on_ready)
+    def ready() -> None:
+        registry.record(registry.MountRecord(os.path.abspath(config.mountpoint), os.getpid(), config.lowers,
+                                             config.upper, config.work))
+        if on_ready is not None:
+            on_ready()
+
+    try:
+        fuseops.run(union, config.mountpoint, readonly=config.readonly, fsname=config.fsname, debug=debug,
+                    on_ready=ready)
+    finally:
+        registry.forget(config.mountpoint, os.getpid())
 
 
 def mount(config: MountConfig, *, foreground: bool = False, debug: bool = False) -> int:
@@ -104,8 +114,19 @@ def _wait_until_ready(read_end: int, pid: int) -> int:
 
 
 def umount(mountpoint: str, *, lazy: bool = False) -> None:
-    """Unmount a layerfs (or any FUSE) mount, a dead one (daemon killed) included."""
+    """Unmount a layerfs (or any FUSE) mount, a dead one (daemon killed) included. Unless ``lazy``,
+    returns when the daemon has finished (its change index saved)."""
     path = os.path.abspath(mountpoint)
+    daemon = registry.find(path)
+    _detach(mountpoint, path, lazy)
+    if daemon is not None and not lazy and not registry.wait_for_exit(daemon.pid, _DAEMON_EXIT_S):
+        raise LayerfsError(f"{mountpoint}: unmounted, but its daemon (pid {daemon.pid}) has not exited")
+
+
+_DAEMON_EXIT_S = 120  # saving a change index of a million paths takes seconds, not minutes
+
+
+def _detach(mountpoint: str, path: str, lazy: bool) -> None:
     try:
         syscalls.umount(path, lazy=lazy)
         return

@@ -27,6 +27,13 @@ def is_mounted(path: str | os.PathLike) -> bool:
     return os.path.abspath(path) in _mounted_points()
 
 
+def _fstype(path: Path) -> str | None:
+    target = os.path.realpath(path)
+    with open("/proc/self/mounts") as f:
+        types = [line.split()[2] for line in f if line.split()[1].replace("\\040", " ") == target]
+    return types[-1] if types else None
+
+
 def force_unmount(path: str | os.PathLike) -> None:
     """Unmount ``path`` by every means, for cleanup; no error if it is not mounted."""
     path = os.path.abspath(path)
@@ -87,7 +94,9 @@ class Mounts:
         """Unmount cleanly (the test wants it gone now, e.g. to look at the upper layer)."""
         mnt = Path(mountpoint)
         if is_mounted(mnt):
-            subprocess.run(["umount", str(mnt)], check=True, capture_output=True, timeout=60)
+            # layerfs's own umount also waits for the daemon to finish (its change index saved).
+            command = LAYERFS + ["umount"] if _fstype(mnt) == "fuse.layerfs" else ["umount"]
+            subprocess.run(command + [str(mnt)], check=True, capture_output=True, timeout=60)
         if mnt in self.points:
             self.points.remove(mnt)
 

@@ -406,10 +406,12 @@ def test_files_closed_through_the_mount_are_closed_by_the_daemon(tree, mounts, t
                                 mnt), mnt)
     (pid,) = daemon_pids(mnt)
     layers = tree.top.parent
-    # The daemon holds its layer roots and work directory open for as long as it runs (so that a layer
-    # hidden by the mount point stays reachable); nothing else of the layers may stay open.
+    # The daemon holds its layer roots, work directory and change index open for as long as it runs (so
+    # that a layer hidden by the mount point stays reachable); nothing else of the layers may stay open.
     roots = sorted(open_files_under(pid, layers))
-    assert roots == sorted(str(p) for p in (tree.top, tree.bottom, tree.upper, tree.work / "work")), roots
+    index = tree.work / "layerfs-index"
+    held = (tree.top, tree.bottom, tree.upper, tree.work / "work", index, *index.glob("journal-*"))
+    assert roots == sorted(str(p) for p in held), roots
     with open(mnt / "from-bottom", "a") as held:  # copy-up, and an fd the daemon must keep
         held.write("more\n")
         held.flush()

@@ -23,6 +23,9 @@ from pathlib import Path
 import pytest
 
 import fsops
+from layerfs.core.changes import changes, indexed_changes
+from layerfs.core.index import ChangeIndex
+from layerfs.core.union import INDEX_DIR
 from fsops import Op, apply, rename_by_copy, visible_kinds
 from snapshot import (Snapshot, assert_same, diff, entry_of, short_path, snapshot, snapshot_upper,
                       without_idle_opaque)
@@ -138,6 +141,17 @@ class Twin:
         assert_same(without_idle_opaque(snapshot_upper(self.k_upper), self.lower_dirs),
                     without_idle_opaque(snapshot_upper(self.l_upper), self.lower_dirs),
                     what=f"upper layers ({self._context()})", names=("kernel", "layerfs"))
+        self._check_index()
         again = self.mounts.layerfs(self.layerfs, self.l_lowers, self.l_upper, self.l_work)
         assert_same(final, snapshot(again), what="kernel's final tree vs layerfs remounted",
                     names=("kernel", "layerfs"))
+
+    def _check_index(self) -> None:
+        """The change index layerfs kept while the operations ran, read back after the unmount: nothing
+        in it is stale, and it gives the same changes as a walk of the upper layer."""
+        index = ChangeIndex(str(self.l_upper), str(self.l_work / INDEX_DIR))
+        index.load(readonly=True)
+        assert not index.rebuilt and not index.rescanned, \
+            f"the index was not up to date at unmount (rebuilt: {index.rebuilt}, rescanned {index.rescanned})"
+        lowers = [str(p) for p in self.l_lowers]
+        assert indexed_changes(index, lowers) == changes(str(self.l_upper), lowers), self._context()

@@ -6,17 +6,19 @@ what ``lstat`` said of it, and the content hash of regular files once asked.
 
 Why it can be trusted after a crash, or after someone else wrote to the upper:
 
-- Every path is written to the journal (``journal``, one path per line) *before* the upper changes
-  there. A killed daemon's last writes are in the kernel already; on the next load the journal's paths
-  are looked at again, so nothing the daemon did goes unrecorded.
+- Every path is written to the journal (``journal``, one JSON string per line) *before* the upper
+  changes there. A killed daemon's last writes are in the kernel already; on the next load the
+  journal's paths are looked at again (and what is new below them), so nothing the daemon did goes
+  unrecorded. The daemon itself only journals; records catch up at ``sync`` (unmount, or every
+  100,000 paths).
 - Every record holds the entry's inode number and ctime. Nobody can change an entry without changing
   its ctime, nor add or remove one without changing its directory's: on load, ``verify`` looks at every
   recorded path once and rescans the directories whose ctime moved. That catches kernel overlayfs or
   a person having written to the upper in between, at the cost of the index's size, not the tree's.
-- ``save`` writes a snapshot (``records``) atomically and empties the journal; a missing or unreadable
+- ``sync`` writes a snapshot (``records``) atomically and empties the journal; a missing or unreadable
   snapshot means a full walk of the upper, never a wrong answer.
 
-No FUSE here; the union calls ``note`` around its changes.
+No FUSE here; the union calls ``note`` before its changes.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import threading
 from typing import Iterator, NamedTuple
 
 import xxhash
@@ -32,7 +35,8 @@ from sortedcontainers import SortedDict
 from . import whiteout
 
 _SNAPSHOT = "records"
-_JOURNAL = "journal"
+_SYNC_EVERY = 100_000  # noted paths
+_JOURNAL = "journal-{}"  # one per snapshot generation
 _VERSION = 1
 
 
@@ -85,102 +89,167 @@ class ChangeIndex:
 
     def __init__(self, upper: str, state_dir: str, *, upper_fd: int | None = None) -> None:
         self.upper = upper.rstrip("/") or "/"
-        self.state_dir = state_dir
         self._own_fd = upper_fd is None
         self._fd = os.open(upper, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC) if upper_fd is None else upper_fd
+        # Opened now: the state directory's path may be hidden by the mount later, like the upper's.
+        os.makedirs(state_dir, exist_ok=True)
+        self._state = os.open(state_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         self._records: SortedDict = SortedDict(_key)
         self._journal = None
+        self._generation = 0  # of the snapshot the journal continues
+        self._pending: set[str] = set()  # noted since the last sync
+        self._lock = threading.Lock()
         self.rebuilt = False  # whether the last load had to walk the whole upper
-        self.rescanned = 0  # directories whose ctime had moved behind the index's back
+        self.rescanned: list[str] = []  # directories whose ctime had moved behind the index's back
+
+    def descriptors(self) -> list[int]:
+        """The descriptors the index holds (upper, state directory, journal)."""
+        return [self._fd, self._state] + ([self._journal.fileno()] if self._journal is not None else [])
+
+    def _open(self, name: str, mode: str):
+        return open(name, mode, encoding="utf-8", errors="surrogateescape",
+                    opener=lambda n, flags: os.open(n, flags | os.O_CLOEXEC, 0o600, dir_fd=self._state))
 
     # -- loading and saving
 
-    def load(self) -> None:
-        """Read the snapshot, replay the journal, check everything against the upper, open the journal."""
-        os.makedirs(self.state_dir, exist_ok=True)
-        if not self._read_snapshot():
+    def load(self, *, readonly: bool = False) -> None:
+        """Read the snapshot, catch up with the journal, check everything against the upper; then
+        (unless ``readonly``: someone else, a running daemon, owns the state) save and start journaling."""
+        for _ in range(5):
+            journal = self._read_state()
+            if journal is not None:
+                self._catch_up(journal)
+                self.verify()
+                break
+            if self._generation == 0:
+                break  # no snapshot (or an unreadable one)
+            # The daemon saved a new generation between our reading the snapshot and its journal.
+        else:
+            journal = None
+        if journal is None:
             self.rebuilt = True
             self._records.clear()
             self._scan("/", recursive=True)
-        else:
-            for path in sorted(set(self._journal_paths()), key=_key):
-                self._refresh_with_ancestors(path)
-            self.verify()
-        self.save()
+        if not readonly:
+            self._save()
 
-    def save(self) -> None:
-        """Write the records as a snapshot (atomically) and start an empty journal."""
-        tmp = os.path.join(self.state_dir, _SNAPSHOT + ".tmp")
-        with open(tmp, "w", encoding="utf-8", errors="surrogateescape") as f:
-            f.write(json.dumps({"version": _VERSION, "upper": self.upper}) + "\n")
+    def sync(self) -> None:
+        """Bring the records up to date with everything noted, and save them (the journal starts over)."""
+        with self._lock:
+            self._sync()
+
+    def _sync(self) -> None:
+        self._catch_up(self._pending)
+        self.verify()
+        self._save()
+
+    def _save(self) -> None:
+        """A new generation: its empty journal first, then the snapshot that names it, then the old
+        journal goes. A reader always finds the journal of the snapshot it read, or sees it gone and
+        reads again."""
+        generation = self._generation + 1
+        # Line-buffered: each noted path is in the kernel (safe from a killed daemon) when note returns.
+        journal = self._open(_JOURNAL.format(generation), "w")
+        journal.reconfigure(line_buffering=True)
+        with self._open(_SNAPSHOT + ".tmp", "w") as f:
+            f.write(json.dumps(self._header(generation)) + "\n")
             for path, r in self._records.items():
                 f.write(json.dumps([path, *r]) + "\n")
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, os.path.join(self.state_dir, _SNAPSHOT))
+        os.replace(_SNAPSHOT + ".tmp", _SNAPSHOT, src_dir_fd=self._state, dst_dir_fd=self._state)
         if self._journal is not None:
             self._journal.close()
-        self._journal = open(os.path.join(self.state_dir, _JOURNAL), "w", encoding="utf-8",
-                             errors="surrogateescape", buffering=1)
+        self._journal, self._generation = journal, generation
+        listing = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self._state)
+        try:
+            old = [n for n in os.listdir(listing) if n.startswith("journal-") and n != _JOURNAL.format(generation)]
+        finally:
+            os.close(listing)
+        for name in old:
+            os.unlink(name, dir_fd=self._state)
+        self._pending.clear()
+
+    def _header(self, generation: int) -> dict:
+        return {"version": _VERSION, "upper": self.upper, "generation": generation}
 
     def close(self) -> None:
-        """Save and let go of the journal (a clean unmount)."""
-        self.save()
-        self._journal.close()
-        self._journal = None
+        """Sync and let go of everything (a clean unmount)."""
+        if self._journal is not None:
+            self.sync()
+            self._journal.close()
+            self._journal = None
+        os.close(self._state)
         if self._own_fd:
             os.close(self._fd)
 
-    def _read_snapshot(self) -> bool:
+    def _read_state(self) -> list[str] | None:
+        """Read the snapshot into the records; returns the paths its journal names, or None if there is
+        no usable snapshot (generation 0) or its journal is gone (a newer generation was saved)."""
+        self._records.clear()
+        self._generation = 0
         try:
-            with open(os.path.join(self.state_dir, _SNAPSHOT), encoding="utf-8", errors="surrogateescape") as f:
+            with self._open(_SNAPSHOT, "r") as f:
                 header = json.loads(f.readline())
-                if header != {"version": _VERSION, "upper": self.upper}:
-                    return False
+                if header != self._header(header.get("generation")):
+                    return None
+                records = {}
                 for line in f:
                     path, *fields = json.loads(line)
-                    self._records[path] = Record(*fields)
-        except (OSError, ValueError, TypeError):
-            return False
-        return True
-
-    def _journal_paths(self) -> list[str]:
+                    records[path] = Record(*fields)
+        except (OSError, ValueError, TypeError, AttributeError):
+            return None
+        self._generation = header["generation"]
+        paths = []
         try:
-            with open(os.path.join(self.state_dir, _JOURNAL), encoding="utf-8", errors="surrogateescape") as f:
-                return [line[:-1] for line in f if line.endswith("\n")]
+            with self._open(_JOURNAL.format(self._generation), "r") as f:
+                for line in f:
+                    try:
+                        paths.append(json.loads(line))
+                    except ValueError:
+                        break  # a line cut short by a crash: the ones before it are whole
         except FileNotFoundError:
-            return []
+            return None
+        self._records.update(records)
+        return paths
 
     # -- keeping it current
 
-    def note(self, path: str) -> None:
-        """``path`` is about to change in the upper: journal it, so a crash cannot lose it."""
-        self._journal.write(path + "\n")
+    def note(self, *paths: str) -> None:
+        """``paths`` are about to change in the upper: journal them first, so that a killed daemon
+        loses nothing. Their records are brought up to date at the next sync."""
+        with self._lock:
+            if len(self._pending) > max(_SYNC_EVERY, len(self._records)):
+                self._sync()  # keeps the journal, and the work of the next load, bounded
+            for path in paths:
+                if path not in self._pending:
+                    self._pending.add(path)
+                    self._journal.write(json.dumps(path) + "\n")
 
-    def refresh(self, *paths: str) -> None:
-        """``paths`` changed in the upper (or went): record what is there now, and their directories
-        if the upper did not have them before (copied up)."""
-        for path in paths:
+    def _catch_up(self, paths) -> None:
+        """Records for ``paths`` (and what is new below them) as the upper has them now."""
+        for path in sorted(set(paths), key=_key):
+            old = self._records.get(path)
             self._refresh_with_ancestors(path)
+            new = self._records.get(path)
+            if new is not None and new.is_dir and (old is None or not old.is_dir or old.ino != new.ino):
+                self._scan(path, recursive=True)  # a directory made, copied up or renamed in whole
 
     def _refresh_with_ancestors(self, path: str) -> None:
+        """Record ``path``, and its directories if the upper did not have them before (a copy-up made
+        them; the directory they were made in changed too)."""
         missing = []
         parent = path
         while parent != "/":
             parent = parent.rpartition("/")[0] or "/"
             if parent in self._records:
+                if missing:
+                    self._refresh(parent)
                 break
             missing.append(parent)
         for ancestor in reversed(missing):
             self._refresh(ancestor)
         self._refresh(path)
-
-    def refresh_tree(self, path: str) -> None:
-        """Everything at and below ``path`` changed (a directory renamed or copied up whole)."""
-        self._forget_below(path)
-        self._refresh(path)
-        if path in self._records and self._records[path].is_dir:
-            self._scan(path, recursive=True)
 
     def _refresh(self, path: str) -> None:
         record = self._read(path)
@@ -236,7 +305,7 @@ class ChangeIndex:
 
     def verify(self) -> None:
         """Make the records match the upper: look at each once, rescan directories that moved."""
-        self.rescanned = 0
+        self.rescanned = []
         for path in list(self._records):
             old = self._records.get(path)
             if old is None:
@@ -245,7 +314,7 @@ class ChangeIndex:
             if new is not None and (new.ino, new.ctime_ns) == (old.ino, old.ctime_ns):
                 continue
             if new is not None and new.is_dir:
-                self.rescanned += 1
+                self.rescanned.append(path)
                 self._forget_below(path)
                 self._scan(path, recursive=True)
             else:

@@ -26,9 +26,13 @@ import stat
 import threading
 
 from . import copyup, syscalls, whiteout, xattr
+from .index import ChangeIndex
 from .inodes import InodeMap
 from .layer import Layer, oci_whiteout_path
 from .lookup import Entry, Resolver, join, split
+
+
+INDEX_DIR = "layerfs-index"  # in the work directory: the change index's snapshot and journal
 
 
 def _error(code: int, path: str) -> OSError:
@@ -94,14 +98,22 @@ class Union:
         self._detached: dict[tuple[int, int], bool] = {}  # unlinked while open: (dev, ino) -> was in upper
         self._names = itertools.count()
         self._work = -1  # descriptor of the work directory, where new entries are built
+        self.index: ChangeIndex | None = None
         if self.upper:
             if not work:
                 raise ValueError("an upper layer needs a work directory")
             self._work = self._open_clean_work(work)
+            self.index = ChangeIndex(upper, os.path.join(work, INDEX_DIR), upper_fd=self.upper.fd)
+            self.index.load()
 
     def descriptors(self) -> list[int]:
         """The descriptors the union holds (layer roots, work directory): a daemonizing caller keeps them."""
-        return [layer.fd for layer in self.resolver.layers] + ([self._work] if self.upper else [])
+        held = [layer.fd for layer in self.resolver.layers]
+        if self.upper:
+            held.append(self._work)
+        if self.index is not None:
+            held.extend(self.index.descriptors())
+        return held
 
     @property
     def readonly(self) -> bool:
@@ -127,6 +139,11 @@ class Union:
         finally:
             os.close(listing)
         return fd
+
+    def _note(self, *paths: str) -> None:
+        """``paths`` are about to change in the upper, and so are their directories."""
+        if self.index is not None:
+            self.index.note(*paths, *(split(p)[0] for p in paths))
 
     def _tmp(self) -> str:
         """A fresh name in the work directory."""
@@ -192,6 +209,8 @@ class Union:
         """Open ``path``; opening for writing (or truncating) copies a lower file up first."""
         entry = self.resolver.get(path)
         writing = (flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC
+        if writing:
+            self._note(path)
         if writing and not entry.in_upper:
             self._writable_upper()
             with self._lock:
@@ -212,6 +231,7 @@ class Union:
     def create(self, path: str, flags: int, mode: int, uid: int, gid: int) -> int:
         """Create and open a new regular file owned by ``uid``/``gid``."""
         keep = flags & (os.O_APPEND | os.O_SYNC | os.O_DSYNC | os.O_NONBLOCK | os.O_DIRECT)
+        self._note(path)
         with self._lock:
             tmp, uid, gid, mode = self._prepare_new(path, uid, gid, mode, is_dir=False)
             fd = os.open(tmp, keep | os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=self._work)
@@ -311,14 +331,18 @@ class Union:
         os.close(fd)
 
     def close(self) -> None:
-        """Close every open file (on unmount)."""
+        """Close every open file and bring the change index up to date (on unmount)."""
         for fd in list(self._handles):
             self.release(fd)
+        if self.index is not None:
+            self.index.close()
+            self.index = None
 
     # -- changing metadata ----------------------------------------------------------------------
 
     def _copied_up(self, path: str, with_data: bool = True) -> Entry:
         self._writable_upper()
+        self._note(path)
         with self._lock:
             return self._copy_up(path, with_data)
 
@@ -362,6 +386,7 @@ class Union:
     # -- creating entries -----------------------------------------------------------------------
 
     def mkdir(self, path: str, mode: int, uid: int, gid: int) -> None:
+        self._note(path)
         with self._lock:
             tmp, uid, gid, mode = self._prepare_new(path, uid, gid, mode, is_dir=True)
             os.mkdir(tmp, 0o700, dir_fd=self._work)
@@ -374,6 +399,7 @@ class Union:
         if stat.S_ISCHR(mode) and rdev == 0:
             # A 0/0 device is a whiteout: overlayfs refuses to create one through the merged view.
             raise _error(errno.EPERM, path)
+        self._note(path)
         with self._lock:
             tmp, uid, gid, mode = self._prepare_new(path, uid, gid, mode, is_dir=False)
             os.mknod(tmp, stat.S_IFMT(mode) | 0o600, rdev, dir_fd=self._work)
@@ -381,6 +407,7 @@ class Union:
             self._install_new(tmp, path)
 
     def symlink(self, target: str, path: str, uid: int, gid: int) -> None:
+        self._note(path)
         with self._lock:
             tmp, uid, gid, _ = self._prepare_new(path, uid, gid, 0o777, is_dir=False)
             os.symlink(target, tmp, dir_fd=self._work)
@@ -391,6 +418,7 @@ class Union:
         source = self.resolver.get(existing)
         if source.is_dir:
             raise _error(errno.EPERM, existing)
+        self._note(existing, path)
         with self._lock:
             self._prepare_new(path, 0, 0, 0, is_dir=False)
             source = self._copy_up(existing)
@@ -440,6 +468,7 @@ class Union:
         if entry.is_dir:
             raise _error(errno.EISDIR, path)
         self._writable_upper()
+        self._note(path)
         with self._lock:
             self._copy_up_dir_chain(split(path)[0])
             if self._lower_has(path):
@@ -456,6 +485,7 @@ class Union:
         if not entry.is_dir:
             raise _error(errno.ENOTDIR, path)
         self._writable_upper()
+        self._note(path)
         with self._lock:
             if self.listdir(path):
                 raise _error(errno.ENOTEMPTY, path)
@@ -497,6 +527,7 @@ class Union:
                 # separate files in the merged view (copy-up breaks the link), as on overlayfs.
                 return
         upper = self._writable_upper()
+        self._note(old, new)
         with self._lock:
             self._copy_up_dir_chain(split(old)[0])
             self._copy_up_dir_chain(split(new)[0])

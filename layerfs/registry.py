@@ -1,0 +1,80 @@
+"""Running mounts, written down by their daemons: mount point -> daemon pid and layers.
+
+``layerfs umount`` waits on the pid (the change index is final only when the daemon has exited) and
+``layerfs diff MOUNTPOINT`` finds the layers of a mount here. A record whose daemon is gone is ignored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+
+
+def _run_dir() -> str:
+    if os.geteuid() == 0:
+        return "/run/layerfs"
+    return os.path.join(os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/layerfs-{os.geteuid()}", "layerfs")
+
+
+@dataclass
+class MountRecord:
+    mountpoint: str
+    pid: int
+    lowers: list[str]
+    upper: str | None
+    work: str | None
+
+
+def _file(mountpoint: str) -> str:
+    digest = hashlib.sha256(os.path.abspath(mountpoint).encode("utf-8", "surrogateescape")).hexdigest()
+    return os.path.join(_run_dir(), digest[:32] + ".json")
+
+
+def record(mount: MountRecord) -> None:
+    os.makedirs(_run_dir(), mode=0o700, exist_ok=True)
+    path = _file(mount.mountpoint)
+    with open(path + ".tmp", "w", encoding="utf-8", errors="surrogateescape") as f:
+        json.dump(asdict(mount), f)
+    os.replace(path + ".tmp", path)
+
+
+def find(mountpoint: str) -> MountRecord | None:
+    """The record of the live daemon serving ``mountpoint``, if there is one."""
+    try:
+        with open(_file(mountpoint), encoding="utf-8", errors="surrogateescape") as f:
+            mount = MountRecord(**json.load(f))
+    except (OSError, ValueError, TypeError):
+        return None
+    try:
+        os.kill(mount.pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass  # alive, someone else's
+    return mount
+
+
+def forget(mountpoint: str, pid: int) -> None:
+    """Remove the record, if it is still ``pid``'s (a new mount may have replaced it)."""
+    mount = find(mountpoint)
+    if mount is None or mount.pid == pid:
+        try:
+            os.unlink(_file(mountpoint))
+        except FileNotFoundError:
+            pass
+
+
+def wait_for_exit(pid: int, timeout: float) -> bool:
+    """Wait until process ``pid`` (not a child of ours) has exited; False on timeout."""
+    import select
+
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        return bool(select.select([fd], [], [], timeout)[0])
+    finally:
+        os.close(fd)
