@@ -13,7 +13,7 @@ import sys
 from . import __version__
 from .errors import LayerfsError, UsageError
 
-COMMANDS = ("mount", "umount", "example")
+COMMANDS = ("mount", "umount", "diff", "example")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -33,6 +33,19 @@ def _parser() -> argparse.ArgumentParser:
     u.add_argument("-l", "--lazy", action="store_true", help="detach now, clean up when no longer busy")
     u.add_argument("mountpoint")
     u.add_argument("--debug", action="store_true")
+
+    d = sub.add_parser("diff", help="list a container's changes (A added, C changed, D deleted), as docker diff does",
+                       usage="layerfs diff [--json] [--all] MOUNTPOINT [PATH]\n"
+                             "       layerfs diff [--json] [--all] --upperdir U --lowerdir L1:L2 [--workdir W] [PATH]")
+    d.add_argument("target", nargs="?", metavar="MOUNTPOINT", help="a running layerfs mount")
+    d.add_argument("path", nargs="?", metavar="PATH", help="only this path and what is below it")
+    d.add_argument("--upperdir", help="the upper layer of an unmounted container")
+    d.add_argument("--lowerdir", help="its lower layers, leftmost on top")
+    d.add_argument("--workdir", help="its work directory (where layerfs keeps its change index)")
+    d.add_argument("--json", action="store_true", help='[{"Path": ..., "Kind": 0|1|2}], as Docker\'s API')
+    d.add_argument("--all", action="store_true",
+                   help="also files copied up that ended identical to the lower ones (content, mode, owner, xattrs)")
+    d.add_argument("--debug", action="store_true")
 
     e = sub.add_parser("example", help="build a small layered busybox rootfs, run a command in it, show its changes")
     e.add_argument("--dir", help="build in DIR and keep it (default: a temporary directory, removed after)")
@@ -80,6 +93,22 @@ def _run(args: argparse.Namespace) -> int:
         from . import mount
 
         mount.umount(args.mountpoint, lazy=args.lazy)
+        return 0
+    if args.command == "diff":
+        from . import diff
+
+        if args.upperdir is not None:
+            if args.lowerdir is None:
+                raise UsageError("--upperdir needs --lowerdir")
+            if args.path is not None:
+                raise UsageError("give either a mount point or --upperdir, not both")
+            container, under = diff.of_dirs(args.lowerdir, args.upperdir, args.workdir), args.target or "/"
+        elif args.target is None:
+            raise UsageError("diff of what? give a mount point, or --upperdir and --lowerdir")
+        else:
+            container, under = diff.of_mount(args.target), args.path or "/"
+        found = diff.container_changes(container, under=under, unchanged_copies=args.all)
+        sys.stdout.write(diff.render(found, as_json=args.json))
         return 0
     if args.command == "example":
         from . import example

@@ -69,7 +69,7 @@ def _split_options(text: str) -> list[str]:
     return [p for p in parts if p]
 
 
-def _directory(role: str, path: str) -> str:
+def checked_directory(role: str, path: str) -> str:
     if not path:
         raise UsageError(f"{role}: empty path")
     full = os.path.abspath(path)
@@ -102,14 +102,14 @@ def parse(option_strings: list[str], mountpoint: str | None) -> MountConfig:
     lower_paths = [p for p in split_escaped(values.pop("lowerdir"), ":")]
     if any(p == "" for p in lower_paths):
         raise UsageError("lowerdir: empty path in the list")
-    lowers = [_directory("lowerdir", p) for p in lower_paths]
+    lowers = [checked_directory("lowerdir", p) for p in lower_paths]
 
     upper = work = None
     if "upperdir" in values:
-        upper = _directory("upperdir", split_escaped(values.pop("upperdir"), ",")[0])
+        upper = checked_directory("upperdir", split_escaped(values.pop("upperdir"), ",")[0])
         if "workdir" not in values:
             raise UsageError("upperdir needs a workdir (-o workdir=DIR)")
-        work = _directory("workdir", split_escaped(values.pop("workdir"), ",")[0])
+        work = checked_directory("workdir", split_escaped(values.pop("workdir"), ",")[0])
         if os.stat(upper).st_dev != os.stat(work).st_dev:
             raise UsageError(f"workdir {work} is not on the same filesystem as upperdir {upper}")
         if is_within(upper, work) or is_within(work, upper):

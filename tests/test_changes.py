@@ -202,3 +202,27 @@ def test_upper_written_by_kernel_overlayfs_matches_the_two_tree_comparison(layer
     # The scenario did what it says:
     assert {"D /usr/share/doc/a", "A /srv/data", "C /var/log"} <= set(expected)
     assert diff(upper, top, bottom) == expected
+
+
+def test_unchanged_copies_are_left_out_on_request(image):
+    upper, top, bottom = image
+    etc = copy_dir(bottom, upper, "etc")
+    shutil.copy2(bottom / "etc/passwd", etc / "passwd")  # copied up, then written back the same
+    os.utime(etc / "passwd", ns=(1, 2))  # with other times: an editor's rewrite
+    skel = copy_dir(bottom, upper, "etc/skel")
+    shutil.copy2(bottom / "etc/skel/profile", skel / "profile")
+    os.chmod(skel / "profile", 0o600)  # the same content, another mode: a change
+    cache = copy_dir(bottom, upper, "var/cache/app")
+    shutil.copy2(bottom / "var/cache/app/one", cache / "one")
+    os.setxattr(cache / "one", "user.note", b"x")  # an xattr more: a change
+    shutil.copy2(bottom / "var/cache/app/two", cache / "two")
+    (cache / "two").write_text("3\n")  # same size, other content: a change
+    lowers = [str(top), str(bottom)]
+    everything = [str(c) for c in changes(str(upper), lowers)]
+    assert "C /etc/passwd" in everything
+    real = [str(c) for c in changes(str(upper), lowers, unchanged_copies=False)]
+    assert real == ["C /etc", "C /etc/skel", "C /etc/skel/profile", "C /var", "C /var/cache", "C /var/cache/app",
+                    "C /var/cache/app/one", "C /var/cache/app/two"]
+    index = ChangeIndex(str(upper), str(upper.parent / "index-state"))
+    index.load()
+    assert [str(c) for c in indexed_changes(index, lowers, unchanged_copies=False)] == real

@@ -23,8 +23,8 @@ import os
 import stat
 from typing import Callable, Iterator, NamedTuple, Sequence
 
-from . import whiteout
-from .index import ChangeIndex
+from . import whiteout, xattr
+from .index import ChangeIndex, file_digest
 from .layer import Layer
 from .lookup import Entry, Resolver, join
 
@@ -41,10 +41,15 @@ class Change(NamedTuple):
 
 # What the walk needs of an upper directory: name -> (lstat-like, opaque directory?).
 Listing = Callable[[str], dict]
+# Whether the upper file at a path (its lstat-like, the lower entry it hides) is an unchanged copy.
+Unchanged = Callable[[str, object, Entry], bool]
 
 
-def changes(upper: str, lowers: Sequence[str]) -> list[Change]:
-    """The changes ``upper`` makes to ``lowers`` (top first), sorted by path, ancestors included."""
+def changes(upper: str, lowers: Sequence[str], *, unchanged_copies: bool = True) -> list[Change]:
+    """The changes ``upper`` makes to ``lowers`` (top first), sorted by path, ancestors included.
+
+    With ``unchanged_copies`` False, a file copied up that ended identical to the lower one (content,
+    mode, owner, xattrs; not its times) is no change: a ``touch`` then undone, an editor's rewrite."""
     upper = upper.rstrip("/") or "/"
 
     def listing(path: str) -> dict:
@@ -52,10 +57,15 @@ def changes(upper: str, lowers: Sequence[str]) -> list[Change]:
             return {e.name: (st := e.stat(follow_symlinks=False),
                              stat.S_ISDIR(st.st_mode) and whiteout.is_opaque_dir(e.path)) for e in it}
 
-    return _sorted_with_ancestors(_walk(listing, _resolver(lowers), whiteout.is_opaque_dir(upper)))
+    def unchanged(path: str, st, lower: Entry) -> bool:
+        real = upper + path
+        return _same_file(st, lambda: _xattrs(real, None), lambda: file_digest(real), lower)
+
+    return _sorted_with_ancestors(_walk(listing, _resolver(lowers), whiteout.is_opaque_dir(upper),
+                                        None if unchanged_copies else unchanged))
 
 
-def indexed_changes(index: ChangeIndex, lowers: Sequence[str]) -> list[Change]:
+def indexed_changes(index: ChangeIndex, lowers: Sequence[str], *, unchanged_copies: bool = True) -> list[Change]:
     """The same as ``changes(index.upper, lowers)``, from the index's records instead of the upper."""
     children: dict[str, dict] = {}
     for path, record in index.items():
@@ -63,8 +73,28 @@ def indexed_changes(index: ChangeIndex, lowers: Sequence[str]) -> list[Change]:
             parent, _, name = path.rpartition("/")
             children.setdefault(parent or "/", {})[name] = (record, record.opaque)
     root = index.get("/")
+
+    def unchanged(path: str, record, lower: Entry) -> bool:
+        return _same_file(record, lambda: _xattrs(path[1:], index.upper_fd), lambda: index.digest(path), lower)
+
     return _sorted_with_ancestors(_walk(lambda path: children.get(path, {}), _resolver(lowers),
-                                        root is not None and root.opaque))
+                                        root is not None and root.opaque, None if unchanged_copies else unchanged))
+
+
+def _same_file(st, xattrs: Callable[[], dict], digest: Callable[[], str], lower: Entry) -> bool:
+    """Whether an upper regular file is an unchanged copy of ``lower``; the costly parts last."""
+    old = lower.st
+    if not (stat.S_ISREG(st.st_mode) and stat.S_ISREG(old.st_mode)):
+        return False
+    if (st.st_mode, st.st_uid, st.st_gid, st.st_size) != (old.st_mode, old.st_uid, old.st_gid, old.st_size):
+        return False
+    return xattrs() == _xattrs(lower.rel, lower.layer.fd) and \
+        digest() == file_digest(lower.rel, dir_fd=lower.layer.fd)
+
+
+def _xattrs(path: str, dir_fd: int | None) -> dict[str, bytes]:
+    return {n: xattr.get(path, n, dir_fd=dir_fd) for n in xattr.names(path, dir_fd=dir_fd)
+            if not whiteout.is_private_xattr(n)}
 
 
 def _resolver(lowers: Sequence[str]) -> Resolver | None:
@@ -81,7 +111,8 @@ def _sorted_with_ancestors(found_changes: Iterator[Change]) -> list[Change]:
     return sorted(found.values(), key=lambda c: c.path.split("/"))
 
 
-def _walk(listing: Listing, resolver: Resolver | None, root_opaque: bool) -> Iterator[Change]:
+def _walk(listing: Listing, resolver: Resolver | None, root_opaque: bool,
+          unchanged: Unchanged | None) -> Iterator[Change]:
     """Every change in the upper that ``listing`` lists, in no particular order.
 
     Each directory to visit comes with what the lowers show at its path (a directory), or None when
@@ -106,7 +137,10 @@ def _walk(listing: Listing, resolver: Resolver | None, root_opaque: bool) -> Ite
                 if old is not None:
                     yield Change(DELETED, child)
             elif not stat.S_ISDIR(st.st_mode):
-                yield Change(ADDED if old is None else CHANGED, child)
+                if old is None:
+                    yield Change(ADDED, child)
+                elif unchanged is None or not unchanged(child, st, old):
+                    yield Change(CHANGED, child)
             elif old is None:
                 yield Change(ADDED, child)
                 todo.append((child, None))

@@ -67,6 +67,7 @@ class Record(NamedTuple):
     st_mode = property(lambda self: self.mode)
     st_uid = property(lambda self: self.uid)
     st_gid = property(lambda self: self.gid)
+    st_size = property(lambda self: self.size)
     st_mtime_ns = property(lambda self: self.mtime_ns)
     st_rdev = property(lambda self: self.rdev)
 
@@ -101,6 +102,10 @@ class ChangeIndex:
         self._lock = threading.Lock()
         self.rebuilt = False  # whether the last load had to walk the whole upper
         self.rescanned: list[str] = []  # directories whose ctime had moved behind the index's back
+
+    @property
+    def upper_fd(self) -> int:
+        return self._fd
 
     def descriptors(self) -> list[int]:
         """The descriptors the index holds (upper, state directory, journal)."""
@@ -174,7 +179,7 @@ class ChangeIndex:
         return {"version": _VERSION, "upper": self.upper, "generation": generation}
 
     def close(self) -> None:
-        """Sync and let go of everything (a clean unmount)."""
+        """Sync (unless loaded read-only) and let go of everything (a clean unmount)."""
         if self._journal is not None:
             self.sync()
             self._journal.close()

@@ -1,0 +1,69 @@
+"""``layerfs diff``: a container's changes, as ``docker diff`` lists them.
+
+For a mount, the layers come from the daemon's record (registry) and the answer from its change index,
+read beside the running daemon: what the daemon journaled is caught up with, everything checked once
+against the upper. For an unmounted container (``--upperdir``, ``--lowerdir``), the index in its
+``--workdir`` is used if there is one; otherwise the upper is walked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+from . import registry
+from .core.changes import ADDED, CHANGED, DELETED, Change, changes, indexed_changes
+from .core.index import ChangeIndex
+from .core.union import INDEX_DIR
+from .errors import UsageError
+from .options import checked_directory, split_escaped
+
+_DOCKER_KIND = {CHANGED: 0, ADDED: 1, DELETED: 2}  # Docker's ContainerChanges API numbers
+
+
+@dataclass
+class Container:
+    lowers: list[str]
+    upper: str | None
+    work: str | None
+
+
+def of_mount(mountpoint: str) -> Container:
+    mount = registry.find(os.path.abspath(mountpoint))
+    if mount is None:
+        raise UsageError(f"{mountpoint}: not a running layerfs mount "
+                         "(for an unmounted container give --upperdir and --lowerdir)")
+    return Container(mount.lowers, mount.upper, mount.work)
+
+
+def of_dirs(lowerdir: str, upperdir: str, workdir: str | None) -> Container:
+    lowers = [checked_directory("lowerdir", p) for p in split_escaped(lowerdir, ":")]
+    return Container(lowers, checked_directory("upperdir", upperdir),
+                     checked_directory("workdir", workdir) if workdir else None)
+
+
+def container_changes(container: Container, *, under: str = "/", unchanged_copies: bool = False) -> list[Change]:
+    """The changes, limited to ``under`` and below."""
+    if container.upper is None:
+        return []  # a read-only mount changes nothing
+    state = os.path.join(container.work, INDEX_DIR) if container.work else None
+    if state is not None and os.path.isdir(state):
+        index = ChangeIndex(container.upper, state)
+        try:
+            index.load(readonly=True)
+            found = indexed_changes(index, container.lowers, unchanged_copies=unchanged_copies)
+        finally:
+            index.close()
+    else:
+        found = changes(container.upper, container.lowers, unchanged_copies=unchanged_copies)
+    under = "/" + under.strip("/")
+    if under == "/":
+        return found
+    return [c for c in found if c.path == under or c.path.startswith(under + "/")]
+
+
+def render(found: list[Change], *, as_json: bool) -> str:
+    if as_json:
+        return json.dumps([{"Path": c.path, "Kind": _DOCKER_KIND[c.kind]} for c in found], indent=1) + "\n"
+    return "".join(f"{c}\n" for c in found)
