@@ -124,7 +124,7 @@ def to_fuse_overlayfs_form(root: Path) -> int:
     return count
 
 
-def _copy_tree(src: Path, dst: Path) -> None:
+def copy_tree(src: Path, dst: Path) -> None:
     """Copy a layer with devices, hard links, ownership, modes, ns timestamps and every xattr (trusted.*
     too, as root). tar, not cp -a: cp cannot copy trees whose paths are longer than PATH_MAX."""
     dst.mkdir()
@@ -210,7 +210,7 @@ def make_pair(mounts, base: Path, build: Builder, *, nlowers: int = 3, form: str
         dst = layerfs.upper if src == kernel.upper else base / "layerfs" / f"lower{i}"
         if dst.exists():
             dst.rmdir()
-        _copy_tree(src, dst)
+        copy_tree(src, dst)
         if src != kernel.upper:
             layerfs.lowers.append(dst)
     layerfs.sources = list(layerfs.lowers)

@@ -28,7 +28,7 @@ from layerfs.core.changes import changes
 from layerfs.core.whiteout import make_whiteout, mark_opaque
 from layerfs.errors import LayerfsError
 from layerfs.oci.layertar import LayerDigests, write_layer
-from pair import _copy_tree, to_oci_form, write
+from pair import copy_tree, to_oci_form, write
 from snapshot import assert_same, snapshot
 
 OLD_NS = 1_500_000_000_123_456_789  # 2017, with nanoseconds: kept exactly by every step
@@ -211,7 +211,7 @@ def test_private_xattrs_and_upper_markers_never_travel(layers):
 def test_oci_form_markers_in_the_upper_give_the_same_layer(image, tmp_path):
     upper, lower = image
     oci = tmp_path / "upper-oci"
-    _copy_tree(upper, oci)
+    copy_tree(upper, oci)
     assert to_oci_form(oci) == 4  # three whiteout devices and one opaque xattr rewritten
 
     def essence(data: bytes) -> list[tuple]:

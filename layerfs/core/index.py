@@ -9,8 +9,8 @@ Why it can be trusted after a crash, or after someone else wrote to the upper:
 - Every path is written to the journal (``journal``, one JSON string per line) *before* the upper
   changes there. A killed daemon's last writes are in the kernel already; on the next load the
   journal's paths are looked at again (and what is new below them), so nothing the daemon did goes
-  unrecorded. The daemon itself only journals; records catch up at ``sync`` (unmount, or every
-  100,000 paths).
+  unrecorded. The daemon itself only journals, and holds no records; they are read back, caught up
+  and saved at ``sync`` (unmount, or every 100,000 journal lines).
 - Every record holds the entry's inode number and ctime. Nobody can change an entry without changing
   its ctime, nor add or remove one without changing its directory's: on load, ``verify`` looks at every
   recorded path once and rescans the directories whose ctime moved. That catches kernel overlayfs or
@@ -35,7 +35,8 @@ from sortedcontainers import SortedDict
 from . import whiteout
 
 _SNAPSHOT = "records"
-_SYNC_EVERY = 100_000  # noted paths
+_SYNC_EVERY = 100_000  # journal lines
+_RECENT = 4096  # paths remembered as journaled already
 _JOURNAL = "journal-{}"  # one per snapshot generation
 _VERSION = 1
 
@@ -98,7 +99,9 @@ class ChangeIndex:
         self._records: SortedDict = SortedDict(_key)
         self._journal = None
         self._generation = 0  # of the snapshot the journal continues
-        self._pending: set[str] = set()  # noted since the last sync
+        self._recent: dict[str, None] = {}  # paths journaled lately: not written again
+        self._lines = 0  # in the journal
+        self._journal_only = False  # the daemon's way: records only in the snapshot
         self._lock = threading.Lock()
         self.rebuilt = False  # whether the last load had to walk the whole upper
         self.rescanned: list[str] = []  # directories whose ctime had moved behind the index's back
@@ -138,15 +141,26 @@ class ChangeIndex:
         if not readonly:
             self._save()
 
+    def start_journal(self) -> None:
+        """For the daemon: bring the saved state up to date and start journaling. The records are not
+        kept: each sync reads them back, so the daemon's memory does not grow with the upper."""
+        self.load()
+        self._records.clear()
+        self._journal_only = True
+
     def sync(self) -> None:
-        """Bring the records up to date with everything noted, and save them (the journal starts over)."""
+        """Catch the records up with the journal, check them, save them (the journal starts over)."""
         with self._lock:
             self._sync()
 
     def _sync(self) -> None:
-        self._catch_up(self._pending)
-        self.verify()
-        self._save()
+        if self._journal_only:
+            self.load()  # read back what was saved, catch up, save
+            self._records.clear()
+        else:
+            self._catch_up(self._read_journal(self._generation) or [])
+            self.verify()
+            self._save()
 
     def _save(self) -> None:
         """A new generation: its empty journal first, then the snapshot that names it, then the old
@@ -173,7 +187,8 @@ class ChangeIndex:
             os.close(listing)
         for name in old:
             os.unlink(name, dir_fd=self._state)
-        self._pending.clear()
+        self._recent.clear()
+        self._lines = 0
 
     def _header(self, generation: int) -> dict:
         return {"version": _VERSION, "upper": self.upper, "generation": generation}
@@ -205,9 +220,16 @@ class ChangeIndex:
         except (OSError, ValueError, TypeError, AttributeError):
             return None
         self._generation = header["generation"]
+        paths = self._read_journal(self._generation)
+        if paths is not None:
+            self._records.update(records)
+        return paths
+
+    def _read_journal(self, generation: int) -> list[str] | None:
+        """The paths in the journal of ``generation``; None if it is gone."""
         paths = []
         try:
-            with self._open(_JOURNAL.format(self._generation), "r") as f:
+            with self._open(_JOURNAL.format(generation), "r") as f:
                 for line in f:
                     try:
                         paths.append(json.loads(line))
@@ -215,7 +237,6 @@ class ChangeIndex:
                         break  # a line cut short by a crash: the ones before it are whole
         except FileNotFoundError:
             return None
-        self._records.update(records)
         return paths
 
     # -- keeping it current
@@ -224,12 +245,15 @@ class ChangeIndex:
         """``paths`` are about to change in the upper: journal them first, so that a killed daemon
         loses nothing. Their records are brought up to date at the next sync."""
         with self._lock:
-            if len(self._pending) > max(_SYNC_EVERY, len(self._records)):
+            if self._lines >= _SYNC_EVERY:
                 self._sync()  # keeps the journal, and the work of the next load, bounded
             for path in paths:
-                if path not in self._pending:
-                    self._pending.add(path)
+                if path not in self._recent:
                     self._journal.write(json.dumps(path) + "\n")
+                    self._lines += 1
+                    self._recent[path] = None
+                    if len(self._recent) > _RECENT:
+                        del self._recent[next(iter(self._recent))]
 
     def _catch_up(self, paths) -> None:
         """Records for ``paths`` (and what is new below them) as the upper has them now."""

@@ -104,7 +104,7 @@ class Union:
                 raise ValueError("an upper layer needs a work directory")
             self._work = self._open_clean_work(work)
             self.index = ChangeIndex(upper, os.path.join(work, INDEX_DIR), upper_fd=self.upper.fd)
-            self.index.load()
+            self.index.start_journal()
 
     def descriptors(self) -> list[int]:
         """The descriptors the union holds (layer roots, work directory): a daemonizing caller keeps them."""
