@@ -7,13 +7,15 @@ It also answers fuse-overlayfs's calling convention, ``layerfs [-f] [-d] -o OPTI
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
 import sys
 
 from . import __version__
 from .errors import LayerfsError, UsageError
 
-COMMANDS = ("mount", "umount", "diff", "example")
+COMMANDS = ("mount", "umount", "diff", "export", "example")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -39,18 +41,48 @@ def _parser() -> argparse.ArgumentParser:
                              "       layerfs diff [--json] [--all] --upperdir U --lowerdir L1:L2 [--workdir W] [PATH]")
     d.add_argument("target", nargs="?", metavar="MOUNTPOINT", help="a running layerfs mount")
     d.add_argument("path", nargs="?", metavar="PATH", help="only this path and what is below it")
-    d.add_argument("--upperdir", help="the upper layer of an unmounted container")
-    d.add_argument("--lowerdir", help="its lower layers, leftmost on top")
-    d.add_argument("--workdir", help="its work directory (where layerfs keeps its change index)")
     d.add_argument("--json", action="store_true", help='[{"Path": ..., "Kind": 0|1|2}], as Docker\'s API')
-    d.add_argument("--all", action="store_true",
-                   help="also files copied up that ended identical to the lower ones (content, mode, owner, xattrs)")
-    d.add_argument("--debug", action="store_true")
+    _container_arguments(d)
+
+    x = sub.add_parser("export", help="write a container's changes as an OCI image layer (tar)",
+                       usage="layerfs export [--gzip] [--clamp-mtime SECONDS] -o FILE MOUNTPOINT\n"
+                             "       layerfs export [--gzip] -o FILE --upperdir U --lowerdir L1:L2 [--workdir W]")
+    x.add_argument("target", nargs="?", metavar="MOUNTPOINT", help="a running layerfs mount")
+    x.add_argument("-o", "--output", required=True, metavar="FILE", help="the layer file (- for standard output)")
+    x.add_argument("--gzip", action="store_true", help="compress (the digest is then of the compressed bytes)")
+    x.add_argument("--clamp-mtime", type=float, metavar="SECONDS",
+                   help="no mtime later than this (seconds since the epoch), for reproducible layers")
+    _container_arguments(x)
 
     e = sub.add_parser("example", help="build a small layered busybox rootfs, run a command in it, show its changes")
     e.add_argument("--dir", help="build in DIR and keep it (default: a temporary directory, removed after)")
     e.add_argument("--debug", action="store_true")
     return parser
+
+
+def _container_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--upperdir", help="the upper layer of an unmounted container")
+    p.add_argument("--lowerdir", help="its lower layers, leftmost on top")
+    p.add_argument("--workdir", help="its work directory (where layerfs keeps its change index)")
+    p.add_argument("--all", action="store_true",
+                   help="also files copied up that ended identical to the lower ones (content, mode, owner, xattrs)")
+    p.add_argument("--debug", action="store_true")
+
+
+def _container(args: argparse.Namespace, *, path_argument: bool):
+    """The container the diff or export arguments name, and the path the diff is limited to."""
+    from . import container
+
+    if args.upperdir is not None:
+        if args.lowerdir is None:
+            raise UsageError("--upperdir needs --lowerdir")
+        if path_argument and args.path is not None:
+            raise UsageError("give either a mount point or --upperdir, not both")
+        return container.of_dirs(args.lowerdir, args.upperdir, args.workdir), \
+            (args.target or "/") if path_argument else "/"
+    if args.target is None:
+        raise UsageError(f"{args.command} of what? give a mount point, or --upperdir and --lowerdir")
+    return container.of_mount(args.target), (args.path or "/") if path_argument else "/"
 
 
 def _normalise(argv: list[str]) -> list[str]:
@@ -81,6 +113,23 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+@contextlib.contextmanager
+def _output(path: str):
+    """Standard output, or a file written beside its final name and moved there once complete."""
+    if path == "-":
+        yield sys.stdout.buffer
+        return
+    tmp = f"{path}.partial"
+    try:
+        with open(tmp, "wb") as out:
+            yield out
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
 def _run(args: argparse.Namespace) -> int:
     if args.command == "mount":
         from . import mount, options
@@ -95,20 +144,22 @@ def _run(args: argparse.Namespace) -> int:
         mount.umount(args.mountpoint, lazy=args.lazy)
         return 0
     if args.command == "diff":
-        from . import diff
+        from . import container
 
-        if args.upperdir is not None:
-            if args.lowerdir is None:
-                raise UsageError("--upperdir needs --lowerdir")
-            if args.path is not None:
-                raise UsageError("give either a mount point or --upperdir, not both")
-            container, under = diff.of_dirs(args.lowerdir, args.upperdir, args.workdir), args.target or "/"
-        elif args.target is None:
-            raise UsageError("diff of what? give a mount point, or --upperdir and --lowerdir")
-        else:
-            container, under = diff.of_mount(args.target), args.path or "/"
-        found = diff.container_changes(container, under=under, unchanged_copies=args.all)
-        sys.stdout.write(diff.render(found, as_json=args.json))
+        target, under = _container(args, path_argument=True)
+        found = container.container_changes(target, under=under, unchanged_copies=args.all)
+        sys.stdout.write(container.render(found, as_json=args.json))
+        return 0
+    if args.command == "export":
+        from . import container
+
+        target, _ = _container(args, path_argument=False)
+        clamp = None if args.clamp_mtime is None else int(args.clamp_mtime * 1_000_000_000)
+        with _output(args.output) as out:
+            digests = container.export(target, out, compress=args.gzip, mtime_clamp_ns=clamp,
+                                       unchanged_copies=args.all)
+        where = sys.stderr if args.output == "-" else sys.stdout
+        print(f"diff_id {digests.diff_id}\ndigest  {digests.digest}\nsize    {digests.size}", file=where)
         return 0
     if args.command == "example":
         from . import example

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import tarfile
 import subprocess
 import time
 from pathlib import Path
@@ -150,6 +151,25 @@ def test_errors_are_one_line(tmp_path):
                           (["diff", "--upperdir", str(tmp_path / "nope"), "--lowerdir", str(tmp_path)],
                            "upperdir"),
                           (["diff", "--upperdir", str(tmp_path)], "--upperdir needs --lowerdir"),
-                          (["diff"], "diff of what?")):
+                          (["diff"], "diff of what?"), (["export", "-o", str(tmp_path / "x.tar")], "export of what?")):
         result = subprocess.run(LAYERFS + args, capture_output=True, text=True, timeout=60)
         assert result.returncode == 2 and result.stderr.count("\n") == 1 and message in result.stderr, result
+
+
+def test_export_from_the_mount_and_from_its_layers_gives_the_same_layer(container, mounts, tmp_path):
+    mnt, lowers, upper, work = container
+    _every_kind_of_change(mnt)
+
+    def export(*args) -> tuple[str, list[str]]:
+        out = tmp_path / f"layer-{len(list(tmp_path.glob('layer-*')))}.tar"
+        result = subprocess.run(LAYERFS + ["export", "-o", str(out), *map(str, args)], capture_output=True,
+                                text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        with tarfile.open(out) as tar:
+            return result.stdout.split()[1], tar.getnames()
+
+    live_digest, names = export(mnt)
+    assert {"etc/.wh.motd", "usr/share/doc/.wh.a", "var/lib/old/.wh..wh..opq", "srv/new/hardlink"} <= set(names)
+    mounts.unmount(mnt)
+    lowerdir = ":".join(map(str, lowers))
+    assert export("--upperdir", upper, "--lowerdir", lowerdir, "--workdir", work) == (live_digest, names)

@@ -1,4 +1,5 @@
-"""``layerfs diff``: a container's changes, as ``docker diff`` lists them.
+"""A container: its layers, found from a running mount or given as directories, and its changes
+(``layerfs diff``, as ``docker diff`` lists them; ``layerfs export``, as an OCI layer).
 
 For a mount, the layers come from the daemon's record (registry) and the answer from its change index,
 read beside the running daemon: what the daemon journaled is caught up with, everything checked once
@@ -10,13 +11,16 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass
+from typing import BinaryIO
 
 from . import registry
 from .core.changes import ADDED, CHANGED, DELETED, Change, changes, indexed_changes
 from .core.index import ChangeIndex
 from .core.union import INDEX_DIR
 from .errors import UsageError
+from .oci.layertar import LayerDigests, write_layer
 from .options import checked_directory, split_escaped
 
 _DOCKER_KIND = {CHANGED: 0, ADDED: 1, DELETED: 2}  # Docker's ContainerChanges API numbers
@@ -67,3 +71,38 @@ def render(found: list[Change], *, as_json: bool) -> str:
     if as_json:
         return json.dumps([{"Path": c.path, "Kind": _DOCKER_KIND[c.kind]} for c in found], indent=1) + "\n"
     return "".join(f"{c}\n" for c in found)
+
+
+def export(container: Container, out: BinaryIO, *, compress: bool, mtime_clamp_ns: int | None,
+           unchanged_copies: bool = False) -> LayerDigests:
+    """Write the container's changes to ``out`` as an OCI layer; a progress bar on a terminal."""
+    found = container_changes(container, unchanged_copies=unchanged_copies)
+    if container.upper is None:
+        raise UsageError("a read-only mount has no changes to export")
+    progress = _Bar() if sys.stderr.isatty() else None
+    try:
+        return write_layer(out, container.upper, found, compress=compress, mtime_clamp_ns=mtime_clamp_ns,
+                           progress=progress)
+    finally:
+        if progress is not None:
+            progress.done()
+
+
+class _Bar:
+    """``[#####.....]  52% 130/250 MiB`` on stderr, redrawn in place."""
+
+    def __init__(self) -> None:
+        self._shown = -1
+
+    def __call__(self, done: int, total: int) -> None:
+        percent = 100 * done // total if total else 100
+        if percent == self._shown:
+            return
+        self._shown = percent
+        bar = "#" * (percent // 5) + "." * (20 - percent // 5)
+        sys.stderr.write(f"\rlayerfs: [{bar}] {percent:3d}% {done >> 20}/{total >> 20} MiB")
+        sys.stderr.flush()
+
+    def done(self) -> None:
+        if self._shown >= 0:
+            sys.stderr.write("\n")
