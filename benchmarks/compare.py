@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         "The machine is shared with other jobs: numbers are noisy; medians of interleaved passes.",
         "Warm data reads: this machine's VM evicts idle page cache within ~0.1-0.2 s, so 'warm' file data "
         "often comes from the host's cache; dentry/inode warmth is reliable.",
-        "Not measured: `layerfs diff` after N changes (layerfs has no diff command yet).",
+        "`layerfs diff` after N changes has its own benchmark: python -m benchmarks.diffbench.",
     ]
     if data.manifest["source"] != "debootstrap":
         notes.append("The bottom layer is the generated tree (asked for, or debootstrap could not run); "
