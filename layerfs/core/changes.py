@@ -98,7 +98,8 @@ def _xattrs(path: str, dir_fd: int | None) -> dict[str, bytes]:
 
 
 def _resolver(lowers: Sequence[str]) -> Resolver | None:
-    return Resolver([Layer(p, writable=False) for p in lowers]) if lowers else None
+    # A diff asks about a few names per directory: looked up one by one, not listed whole.
+    return Resolver([Layer(p, writable=False, cached=False) for p in lowers]) if lowers else None
 
 
 def _sorted_with_ancestors(found_changes: Iterator[Change]) -> list[Change]:

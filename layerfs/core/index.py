@@ -339,9 +339,13 @@ class ChangeIndex:
             old = self._records.get(path)
             if old is None:
                 continue  # dropped with a directory that went
+            try:
+                st = os.lstat(_rel(path), dir_fd=self._fd)
+                if (st.st_ino, st.st_ctime_ns) == (old.ino, old.ctime_ns):
+                    continue  # the cheap look; its directory was checked just before, in path order
+            except OSError:
+                pass
             new = self._read(path)
-            if new is not None and (new.ino, new.ctime_ns) == (old.ino, old.ctime_ns):
-                continue
             if new is not None and new.is_dir:
                 self.rescanned.append(path)
                 self._forget_below(path)

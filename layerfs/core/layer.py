@@ -52,11 +52,17 @@ def _type_bits(entry: os.DirEntry) -> int:
 
 
 class Layer:
-    """A layer rooted at ``root``. ``writable`` marks the upper layer."""
+    """A layer rooted at ``root``. ``writable`` marks the upper layer.
 
-    def __init__(self, root: str, writable: bool) -> None:
+    A lower layer never changes, so a mount reads each of its directories once and answers lookups from
+    that listing (``cached``). A one-off reader that asks about a few names (a diff) is better off
+    looking each up: ``cached=False``.
+    """
+
+    def __init__(self, root: str, writable: bool, *, cached: bool | None = None) -> None:
         self.root = root.rstrip("/") or "/"
         self.writable = writable
+        self._cached = not writable if cached is None else cached
         self.fd = os.open(self.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         self.dev = os.fstat(self.fd).st_dev
         self._listings: dict[str, _Listing] = {}
@@ -85,7 +91,7 @@ class Layer:
         Returns ``(stat, hidden)``: the entry's lstat if the layer has a real entry there, and whether
         the layer holds a whiteout for it, which hides the name in every layer below.
         """
-        if not self.writable:
+        if self._cached:
             listing = self._listing(parent)
             if name in listing.hidden:
                 return None, True
@@ -113,7 +119,7 @@ class Layer:
 
     def is_opaque(self, path: str) -> bool:
         """Whether the real directory at ``path`` hides the layers below it."""
-        if not self.writable:
+        if self._cached:
             return self._listing(path).opaque
         return whiteout.is_opaque_dir(self.rel(path), dir_fd=self.fd)
 
@@ -121,7 +127,7 @@ class Layer:
 
     def scan(self, path: str) -> tuple[dict[str, DirEntryInfo], frozenset[str]]:
         """The real entries of directory ``path`` and the names it whites out."""
-        if not self.writable:
+        if self._cached:
             listing = self._listing(path)
             return listing.entries, listing.hidden
         entries, hidden, _ = self._read_dir(path)
