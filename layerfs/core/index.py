@@ -73,9 +73,10 @@ class Record(NamedTuple):
     st_rdev = property(lambda self: self.rdev)
 
 
-def _key(path: str) -> tuple[str, ...]:
-    """Sort key: component by component, so "/a/b" comes right after "/a" and before "/a-b"."""
-    return tuple(path.split("/"))
+def _key(path: str) -> str:
+    """Sort key: component by component, so "/a/b" comes right after "/a" and before "/a-b". (A name
+    has no NUL, which sorts before every other character; one string keeps the index small.)"""
+    return path.replace("/", "\0")
 
 
 def _rel(path: str) -> str:
@@ -282,7 +283,8 @@ class ChangeIndex:
 
     def _refresh(self, path: str) -> None:
         record = self._read(path)
-        if record is None or not record.is_dir:
+        old = self._records.get(path)
+        if old is not None and old.is_dir and (record is None or not record.is_dir):
             self._forget_below(path)
         if record is None:
             self._records.pop(path, None)
@@ -373,9 +375,9 @@ class ChangeIndex:
 
     def paths_below(self, path: str) -> Iterator[str]:
         """Recorded paths strictly below ``path``, in order."""
-        start = _key(path)
+        prefix = "/" if path == "/" else path + "/"
         for key in self._records.irange(path, inclusive=(False, False)):
-            if _key(key)[:len(start)] != start:
+            if not key.startswith(prefix):
                 break
             yield key
 
