@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from layerfs.core import whiteout
+from layerfs.core import index as index_module
 from layerfs.core.index import ChangeIndex, file_digest
 
 
@@ -145,3 +146,28 @@ def test_a_directory_replaced_by_a_symlink_is_not_followed(tmp_path):
     assert again.get("/etc/app").target == str(outside)
     assert list(again.paths_below("/etc/app")) == []
     assert _fields(again) == _fields(_fresh(upper, tmp_path))
+
+
+def test_a_long_lived_daemon_compacts_its_journal_in_the_background(tmp_path, monkeypatch):
+    monkeypatch.setattr(index_module, "_SYNC_EVERY", 50)
+    upper = _upper(tmp_path)
+    daemon = ChangeIndex(str(upper), str(tmp_path / "state"))
+    daemon.start_journal()
+    for i in range(400):  # what the union does: journal, then change the upper
+        daemon.note(f"/etc/f{i}", "/etc")
+        (upper / f"etc/f{i}").write_text(str(i))
+        if i % 3 == 0:
+            daemon.note(f"/etc/f{i - 1}")
+            (upper / f"etc/f{i - 1}").unlink(missing_ok=True)
+        if i % 97 == 0:  # a reader beside the daemon, as `layerfs diff` of a mount is
+            reader = ChangeIndex(str(upper), str(tmp_path / "state"))
+            reader.load(readonly=True)
+            assert _fields(reader) == _fields(_fresh(upper, tmp_path / f"check-{i}"))
+            reader.close()
+    assert daemon._journal_generation > 2  # it did compact
+    daemon.close()
+    assert len(list((tmp_path / "state").glob("journal-*"))) == 1
+    again = ChangeIndex(str(upper), str(tmp_path / "state"))
+    again.load(readonly=True)
+    assert not again.rebuilt and not again.rescanned
+    assert _fields(again) == _fields(_fresh(upper, tmp_path / "check-end"))

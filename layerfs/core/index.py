@@ -9,8 +9,9 @@ Why it can be trusted after a crash, or after someone else wrote to the upper:
 - Every path is written to the journal (``journal``, one JSON string per line) *before* the upper
   changes there. A killed daemon's last writes are in the kernel already; on the next load the
   journal's paths are looked at again (and what is new below them), so nothing the daemon did goes
-  unrecorded. The daemon itself only journals, and holds no records; they are read back, caught up
-  and saved at ``sync`` (unmount, or every 100,000 journal lines).
+  unrecorded. The daemon itself only journals, and holds no records; every 100,000 journal lines a
+  background thread folds the journals into a new snapshot, and ``sync`` (unmount) does it at once.
+  Readers pair a snapshot with the journals of its generation and later ones.
 - Every record holds the entry's inode number and ctime. Nobody can change an entry without changing
   its ctime, nor add or remove one without changing its directory's: on load, ``verify`` looks at every
   recorded path once and rescans the directories whose ctime moved. That catches kernel overlayfs or
@@ -90,16 +91,22 @@ class ChangeIndex:
     a mount may hide the upper's path, as a mount over its own directories does.
     """
 
-    def __init__(self, upper: str, state_dir: str, *, upper_fd: int | None = None) -> None:
+    def __init__(self, upper: str, state_dir: str | None, *, upper_fd: int | None = None,
+                 state_fd: int | None = None) -> None:
         self.upper = upper.rstrip("/") or "/"
         self._own_fd = upper_fd is None
         self._fd = os.open(upper, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC) if upper_fd is None else upper_fd
-        # Opened now: the state directory's path may be hidden by the mount later, like the upper's.
-        os.makedirs(state_dir, exist_ok=True)
-        self._state = os.open(state_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._own_state = state_fd is None
+        if state_fd is None:
+            # Opened now: the state directory's path may be hidden by the mount later, like the upper's.
+            os.makedirs(state_dir, exist_ok=True)
+            state_fd = os.open(state_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._state = state_fd
         self._records: SortedDict = SortedDict(_key)
         self._journal = None
-        self._generation = 0  # of the snapshot the journal continues
+        self._generation = 0  # of the snapshot read: the first journal it needs
+        self._journal_generation = 0  # of the journal being written
+        self._compactor: threading.Thread | None = None
         self._recent: dict[str, None] = {}  # paths journaled lately: not written again
         self._lines = 0  # in the journal
         self._journal_only = False  # the daemon's way: records only in the snapshot
@@ -155,22 +162,38 @@ class ChangeIndex:
             self._sync()
 
     def _sync(self) -> None:
+        if self._compactor is not None:
+            self._compactor.join()
+            self._compactor = None
         if self._journal_only:
             self.load()  # read back what was saved, catch up, save
             self._records.clear()
         else:
-            self._catch_up(self._read_journal(self._generation) or [])
+            self._catch_up(self._read_journals(self._generation) or [])
             self.verify()
             self._save()
 
     def _save(self) -> None:
-        """A new generation: its empty journal first, then the snapshot that names it, then the old
-        journal goes. A reader always finds the journal of the snapshot it read, or sees it gone and
-        reads again."""
-        generation = self._generation + 1
+        """The records as the snapshot of a new generation, whose journal starts empty. Readers pair a
+        snapshot with the journals of its generation and later ones: the new journal comes first, the
+        snapshot that needs it next, and only then do older journals go (a reader that finds its
+        snapshot's journal gone reads again)."""
+        generation = max(self._generation, self._journal_generation) + 1
+        self._start_journal(generation)
+        self._write_snapshot(generation)
+        self._remove_journals_before(generation)
+
+    def _start_journal(self, generation: int) -> None:
         # Line-buffered: each noted path is in the kernel (safe from a killed daemon) when note returns.
         journal = self._open(_JOURNAL.format(generation), "w")
         journal.reconfigure(line_buffering=True)
+        if self._journal is not None:
+            self._journal.close()
+        self._journal, self._journal_generation = journal, generation
+        self._recent.clear()
+        self._lines = 0
+
+    def _write_snapshot(self, generation: int) -> None:
         with self._open(_SNAPSHOT + ".tmp", "w") as f:
             f.write(json.dumps(self._header(generation)) + "\n")
             for path, r in self._records.items():
@@ -178,18 +201,35 @@ class ChangeIndex:
             f.flush()
             os.fsync(f.fileno())
         os.replace(_SNAPSHOT + ".tmp", _SNAPSHOT, src_dir_fd=self._state, dst_dir_fd=self._state)
-        if self._journal is not None:
-            self._journal.close()
-        self._journal, self._generation = journal, generation
+        self._generation = generation
+
+    def _journal_generations(self) -> list[int]:
         listing = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self._state)
         try:
-            old = [n for n in os.listdir(listing) if n.startswith("journal-") and n != _JOURNAL.format(generation)]
+            names = os.listdir(listing)
         finally:
             os.close(listing)
-        for name in old:
-            os.unlink(name, dir_fd=self._state)
-        self._recent.clear()
-        self._lines = 0
+        return sorted(int(n[len("journal-"):]) for n in names if n.startswith("journal-") and n[8:].isdigit())
+
+    def _remove_journals_before(self, generation: int) -> None:
+        for old in self._journal_generations():
+            if old < generation:
+                os.unlink(_JOURNAL.format(old), dir_fd=self._state)
+
+    def _compact_in_background(self) -> None:
+        """Start a new journal now, and fold the older ones into a new snapshot in another thread, so
+        that a long-lived daemon's journal stays bounded without stopping its requests."""
+        generation = self._journal_generation + 1
+        self._start_journal(generation)
+        self._compactor = threading.Thread(target=self._compact, args=(generation,), name="index-compaction",
+                                           daemon=True)
+        self._compactor.start()
+
+    def _compact(self, generation: int) -> None:
+        reader = ChangeIndex(self.upper, None, upper_fd=self._fd, state_fd=self._state)
+        reader.load(readonly=True)  # the journal being written now is read too: harmless, it stays
+        reader._write_snapshot(generation)
+        reader._remove_journals_before(generation)
 
     def _header(self, generation: int) -> dict:
         return {"version": _VERSION, "upper": self.upper, "generation": generation}
@@ -200,7 +240,8 @@ class ChangeIndex:
             self.sync()
             self._journal.close()
             self._journal = None
-        os.close(self._state)
+        if self._own_state:
+            os.close(self._state)
         if self._own_fd:
             os.close(self._fd)
 
@@ -221,23 +262,28 @@ class ChangeIndex:
         except (OSError, ValueError, TypeError, AttributeError):
             return None
         self._generation = header["generation"]
-        paths = self._read_journal(self._generation)
+        paths = self._read_journals(self._generation)
         if paths is not None:
             self._records.update(records)
         return paths
 
-    def _read_journal(self, generation: int) -> list[str] | None:
-        """The paths in the journal of ``generation``; None if it is gone."""
-        paths = []
-        try:
-            with self._open(_JOURNAL.format(generation), "r") as f:
-                for line in f:
-                    try:
-                        paths.append(json.loads(line))
-                    except ValueError:
-                        break  # a line cut short by a crash: the ones before it are whole
-        except FileNotFoundError:
+    def _read_journals(self, generation: int) -> list[str] | None:
+        """The paths in the journals of ``generation`` and later ones; None if its own is gone (a
+        newer snapshot replaced the one just read)."""
+        generations = [g for g in self._journal_generations() if g >= generation]
+        if generation not in generations:
             return None
+        paths: list[str] = []
+        for journal in generations:
+            try:
+                with self._open(_JOURNAL.format(journal), "r") as f:
+                    for line in f:
+                        try:
+                            paths.append(json.loads(line))
+                        except ValueError:
+                            break  # a line cut short by a crash: the ones before it are whole
+            except FileNotFoundError:
+                return None
         return paths
 
     # -- keeping it current
@@ -246,8 +292,11 @@ class ChangeIndex:
         """``paths`` are about to change in the upper: journal them first, so that a killed daemon
         loses nothing. Their records are brought up to date at the next sync."""
         with self._lock:
-            if self._lines >= _SYNC_EVERY:
-                self._sync()  # keeps the journal, and the work of the next load, bounded
+            if self._lines >= _SYNC_EVERY:  # keep the journal, and the work of the next load, bounded
+                if not self._journal_only:
+                    self._sync()
+                elif self._compactor is None or not self._compactor.is_alive():
+                    self._compact_in_background()
             for path in paths:
                 if path not in self._recent:
                     self._journal.write(json.dumps(path) + "\n")
