@@ -15,7 +15,7 @@ import sys
 from . import __version__
 from .errors import LayerfsError, UsageError
 
-COMMANDS = ("mount", "umount", "diff", "export", "example")
+COMMANDS = ("mount", "umount", "diff", "export", "commit", "example")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -53,6 +53,16 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--clamp-mtime", type=float, metavar="SECONDS",
                    help="no mtime later than this (seconds since the epoch), for reproducible layers")
     _container_arguments(x)
+
+    c = sub.add_parser("commit", help="freeze a container's changes into a read-only layer, usable as a lowerdir",
+                       usage="layerfs commit [--store DIR] MOUNTPOINT\n"
+                             "       layerfs commit [--store DIR] --upperdir U --lowerdir L1:L2 [--workdir W]")
+    c.add_argument("target", nargs="?", metavar="MOUNTPOINT", help="a running layerfs mount")
+    c.add_argument("--store", default=None, metavar="DIR", help="the layer store (default /var/lib/layerfs)")
+    c.add_argument("--share", default="reflink", choices=("reflink", "hardlink", "none"),
+                   help="how alike files share their data in the store: reflink (invisible; none on ext4), "
+                        "hardlink (everywhere, but st_nlink shows it), none")
+    _container_arguments(c)
 
     e = sub.add_parser("example", help="build a small layered busybox rootfs, run a command in it, show its changes")
     e.add_argument("--dir", help="build in DIR and keep it (default: a temporary directory, removed after)")
@@ -160,6 +170,14 @@ def _run(args: argparse.Namespace) -> int:
                                        unchanged_copies=args.all)
         where = sys.stderr if args.output == "-" else sys.stdout
         print(f"diff_id {digests.diff_id}\ndigest  {digests.digest}\nsize    {digests.size}", file=where)
+        return 0
+    if args.command == "commit":
+        from . import container, store
+
+        target, _ = _container(args, path_argument=False)
+        committed = container.commit(target, store.Store(args.store or store.DEFAULT_ROOT), share=args.share,
+                                     unchanged_copies=args.all)
+        print(f"{committed.path}\ndiff_id {committed.diff_id}{'' if committed.new else ' (in the store already)'}")
         return 0
     if args.command == "example":
         from . import example

@@ -1,5 +1,6 @@
 """A container: its layers, found from a running mount or given as directories, and its changes
-(``layerfs diff``, as ``docker diff`` lists them; ``layerfs export``, as an OCI layer).
+(``layerfs diff``, as ``docker diff`` lists them; ``layerfs export``, as an OCI layer; ``layerfs commit``,
+as a layer of the store).
 
 For a mount, the layers come from the daemon's record (registry) and the answer from its change index,
 read beside the running daemon: what the daemon journaled is caught up with, everything checked once
@@ -9,6 +10,7 @@ against the upper. For an unmounted container (``--upperdir``, ``--lowerdir``), 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -21,6 +23,7 @@ from .core.index import ChangeIndex
 from .core.union import INDEX_DIR
 from .errors import UsageError
 from .oci.layertar import LayerDigests, write_layer
+from .store import Committed, Store
 from .options import checked_directory, split_escaped
 
 _DOCKER_KIND = {CHANGED: 0, ADDED: 1, DELETED: 2}  # Docker's ContainerChanges API numbers
@@ -76,16 +79,33 @@ def render(found: list[Change], *, as_json: bool) -> str:
 def export(container: Container, out: BinaryIO, *, compress: bool, mtime_clamp_ns: int | None,
            unchanged_copies: bool = False) -> LayerDigests:
     """Write the container's changes to ``out`` as an OCI layer; a progress bar on a terminal."""
-    found = container_changes(container, unchanged_copies=unchanged_copies)
-    if container.upper is None:
-        raise UsageError("a read-only mount has no changes to export")
-    progress = _Bar() if sys.stderr.isatty() else None
-    try:
+    found = _changes_to_keep(container, unchanged_copies)
+    with _progress() as progress:
         return write_layer(out, container.upper, found, compress=compress, mtime_clamp_ns=mtime_clamp_ns,
                            progress=progress)
+
+
+def commit(container: Container, store: Store, *, share: str = "reflink", unchanged_copies: bool = False) -> Committed:
+    """Freeze the container's changes into a read-only layer of ``store``, ready to be a lower."""
+    found = _changes_to_keep(container, unchanged_copies)
+    with _progress() as progress:
+        return store.commit(container.upper, found, share=share, progress=progress)
+
+
+def _changes_to_keep(container: Container, unchanged_copies: bool) -> list[Change]:
+    if container.upper is None:
+        raise UsageError("a read-only mount has no changes")
+    return container_changes(container, unchanged_copies=unchanged_copies)
+
+
+@contextlib.contextmanager
+def _progress():
+    bar = _Bar() if sys.stderr.isatty() else None
+    try:
+        yield bar
     finally:
-        if progress is not None:
-            progress.done()
+        if bar is not None:
+            bar.done()
 
 
 class _Bar:

@@ -1,0 +1,232 @@
+"""Where committed layers live: read-only layer directories named by their content, sharing file data.
+
+    STORE/layers/<sha256 hex of the layer's diff_id>/   a layer in overlay form, usable as a lowerdir
+    STORE/content/<2 hex>/<key>                         one inode per distinct file: content and metadata
+    STORE/tmp/                                          layers being built (removed when interrupted)
+
+A layer's name is the diff_id ``layerfs export`` prints for the same changes (the sha256 of the OCI layer
+tar), so committing the same changes twice gives the same layer, stored once.
+
+Files alike in every respect (``content``'s key: the xxh3-128 of the data with mode, owner, times and
+xattrs) take their space once, in one of two ways:
+
+- ``reflink`` (the default): the layer's file shares the data extents of the store's copy (FICLONE), as
+  containers-storage's dedup does. Nothing a container can see changes; a filesystem without reflinks
+  (ext4) shares nothing.
+- ``hardlink``: the layer's file is a hard link to the store's entry, as ostree does. Works everywhere,
+  but a container sees it: ``st_nlink`` above 1, and two alike files in one layer share an inode number.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import xxhash
+
+from .core import copyup, syscalls, whiteout, xattr
+from .core.changes import DELETED, Change
+from .core.index import file_digest
+from .errors import LayerfsError
+from .oci.layertar import write_layer
+
+DEFAULT_ROOT = "/var/lib/layerfs"
+_DIR = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+@dataclass
+class Committed:
+    path: str  # the layer directory
+    diff_id: str
+    new: bool  # False when the store had this layer already
+
+
+class _Discard:
+    """A file object that keeps nothing: the layer tar is written only to be hashed."""
+
+    def write(self, data: bytes) -> int:
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+
+def _open_dir(root_fd: int, path: str) -> int:
+    """A descriptor of the directory at container path ``path`` below ``root_fd``, reached one real
+    directory at a time: a symlink on the way is an error, never followed."""
+    fd = os.dup(root_fd)
+    try:
+        for name in filter(None, path.split("/")):
+            next_fd = os.open(name, _DIR, dir_fd=fd)
+            os.close(fd)
+            fd = next_fd
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+class Store:
+    def __init__(self, root: str = DEFAULT_ROOT) -> None:
+        self.root = os.path.abspath(root)
+        for sub in ("layers", "content", "tmp"):
+            os.makedirs(os.path.join(self.root, sub), exist_ok=True)
+
+    def layer_path(self, diff_id: str) -> str:
+        return os.path.join(self.root, "layers", diff_id.removeprefix("sha256:"))
+
+    def commit(self, upper: str, changes: Iterable[Change], *, share: str = "reflink",
+               progress: Callable[[int, int], None] | None = None) -> Committed:
+        """Freeze ``changes`` (as ``container_changes`` lists them) of ``upper`` into a layer."""
+        found = list(changes)
+        diff_id = write_layer(_Discard(), upper, found, progress=progress).diff_id
+        final = self.layer_path(diff_id)
+        if os.path.isdir(final):
+            return Committed(final, diff_id, new=False)
+        build = os.path.join(self.root, "tmp", diff_id.removeprefix("sha256:") + f".{os.getpid()}")
+        shutil.rmtree(build, ignore_errors=True)
+        os.mkdir(build, 0o755)
+        try:
+            _copy_changes(upper, found, build)
+            self._share_content(build, share)
+            os.sync()  # the layer is whole on disk before it gets its name
+            os.rename(build, final)
+        except FileExistsError:
+            shutil.rmtree(build, ignore_errors=True)  # committed meanwhile by someone else: the same layer
+        except BaseException:
+            shutil.rmtree(build, ignore_errors=True)
+            raise
+        return Committed(final, diff_id, new=True)
+
+    def _share_content(self, layer: str, share: str) -> None:
+        """Let each regular file of ``layer`` share its data with its alike in ``content``."""
+        if share not in SHARING:
+            raise LayerfsError(f"--share {share}: one of {', '.join(SHARING)}")
+        if share == "none":
+            return
+        pool = os.path.join(self.root, "content")
+        for parent, _, names in os.walk(layer):
+            for name in names:
+                path = os.path.join(parent, name)
+                st = os.lstat(path)
+                if not stat.S_ISREG(st.st_mode) or st.st_nlink > 1:
+                    continue  # hard links inside the layer stay as the container made them
+                key = _content_key(path, st)
+                shared = os.path.join(pool, key[:2], key)
+                os.makedirs(os.path.dirname(shared), exist_ok=True)
+                if share == "hardlink":
+                    try:
+                        os.link(path, shared)
+                    except FileExistsError:
+                        _replace(path, lambda tmp: os.link(shared, tmp))
+                elif os.path.exists(shared):
+                    _replace(path, lambda tmp: _reflink(shared, tmp, st))
+                elif not _reflink(path, shared, st):
+                    return  # no reflinks on this filesystem: nothing to share
+
+
+SHARING = ("reflink", "hardlink", "none")
+
+
+def _replace(path: str, make: Callable[[str], object]) -> None:
+    """Put what ``make`` creates at a temporary name in place of ``path``, unless it made nothing."""
+    tmp = path + ".layerfs-share"
+    if make(tmp) is False:
+        return
+    os.replace(tmp, path)
+
+
+def _reflink(src: str, dst: str, st: os.stat_result) -> bool:
+    """``dst``: a new file sharing ``src``'s data extents, with the metadata of ``st``; False (and
+    nothing made) where the filesystem has no reflinks."""
+    src_fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        dst_fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            cloned = syscalls.clone_file(src_fd, dst_fd)
+            if cloned:
+                copyup.copy_xattrs(src, dst, src_dir_fd=None, dst_dir_fd=None)
+                os.fchown(dst_fd, st.st_uid, st.st_gid)
+                os.fchmod(dst_fd, stat.S_IMODE(st.st_mode))
+                os.utime(dst_fd, ns=(st.st_atime_ns, st.st_mtime_ns))
+        finally:
+            os.close(dst_fd)
+    finally:
+        os.close(src_fd)
+    if not cloned:
+        os.unlink(dst)
+    return cloned
+
+
+def _content_key(path: str, st: os.stat_result) -> str:
+    h = xxhash.xxh3_128()
+    h.update(file_digest(path).encode())
+    h.update(repr((st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns)).encode())
+    for name in sorted(xattr.names(path)):
+        h.update(name.encode("utf-8", "surrogateescape") + b"\0" + xattr.get(path, name))
+    return h.hexdigest()
+
+
+def _copy_changes(upper: str, changes: list[Change], build: str) -> None:
+    """Write the layer for ``changes`` into the empty directory ``build``, in overlay form."""
+    upper_fd = os.open(upper, _DIR)
+    build_fd = os.open(build, _DIR)
+    linked: dict[tuple[int, int], str] = {}  # upper (dev, ino) -> the layer path first written for it
+    dirs: list[tuple[str, os.stat_result]] = []
+    try:
+        for change in changes:
+            if change.path == "/":
+                continue
+            parent, _, name = change.path.rpartition("/")
+            if whiteout.is_marker_name(name):
+                continue
+            src_dir = _open_dir(upper_fd, parent)
+            dst_dir = _open_dir(build_fd, parent)
+            try:
+                _copy_one(change, name, src_dir, dst_dir, build_fd, linked, dirs)
+            except FileNotFoundError as e:
+                raise LayerfsError(f"cannot commit {change.path}: it is no longer in the upper directory") from e
+            finally:
+                os.close(src_dir)
+                os.close(dst_dir)
+        for path, st in reversed(dirs):  # times last: making children changes a directory's mtime
+            parent, _, name = path.rpartition("/")
+            fd = _open_dir(build_fd, parent)
+            try:
+                os.utime(name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=fd, follow_symlinks=False)
+            finally:
+                os.close(fd)
+    finally:
+        os.close(upper_fd)
+        os.close(build_fd)
+
+
+def _copy_one(change: Change, name: str, src_dir: int, dst_dir: int, build_fd: int, linked: dict,
+              dirs: list) -> None:
+    try:
+        st = os.lstat(name, dir_fd=src_dir)
+    except FileNotFoundError:
+        if change.kind != DELETED:
+            raise
+        st = None  # deleted by an OCI-form whiteout file in the upper
+    if st is None or whiteout.is_whiteout_stat(st):
+        whiteout.make_whiteout(name, dir_fd=dst_dir)
+        return
+    if stat.S_ISSOCK(st.st_mode):
+        return  # a socket belongs to a process; layers do not carry them
+    if stat.S_ISDIR(st.st_mode):
+        copyup.copy_entry(name, st, name, src_dir_fd=src_dir, dst_dir_fd=dst_dir, sync=False)
+        if change.kind == DELETED or whiteout.is_opaque_dir(name, dir_fd=src_dir):
+            whiteout.mark_opaque(name, dir_fd=dst_dir)  # a directory that replaced the lowers' one
+        dirs.append((change.path, st))
+        return
+    first = linked.get((st.st_dev, st.st_ino))
+    if first is not None:  # another name of a file this layer has already: a hard link, as in the upper
+        os.link(first[1:], name, src_dir_fd=build_fd, dst_dir_fd=dst_dir, follow_symlinks=False)
+        return
+    copyup.copy_entry(name, st, name, src_dir_fd=src_dir, dst_dir_fd=dst_dir, sync=False)
+    if st.st_nlink > 1:
+        linked[(st.st_dev, st.st_ino)] = change.path
