@@ -56,7 +56,7 @@ def container_changes(container: Container, *, under: str = "/", unchanged_copie
         return []  # a read-only mount changes nothing
     state = os.path.join(container.work, INDEX_DIR) if container.work else None
     if state is not None and os.path.isdir(state):
-        index = ChangeIndex(container.upper, state)
+        index = ChangeIndex(container.upper, state, lowers=container.lowers)
         try:
             index.load(readonly=True)
             found = indexed_changes(index, container.lowers, unchanged_copies=unchanged_copies)

@@ -149,9 +149,9 @@ class Twin:
     def _check_index(self) -> None:
         """The change index layerfs kept while the operations ran, read back after the unmount: nothing
         in it is stale, and it gives the same changes as a walk of the upper layer."""
-        index = ChangeIndex(str(self.l_upper), str(self.l_work / INDEX_DIR))
+        lowers = [str(p) for p in self.l_lowers]
+        index = ChangeIndex(str(self.l_upper), str(self.l_work / INDEX_DIR), lowers=lowers)
         index.load(readonly=True)
         assert not index.rebuilt and not index.rescanned, \
             f"the index was not up to date at unmount (rebuilt: {index.rebuilt}, rescanned {index.rescanned})"
-        lowers = [str(p) for p in self.l_lowers]
         assert indexed_changes(index, lowers) == changes(str(self.l_upper), lowers), self._context()

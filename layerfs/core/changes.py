@@ -24,7 +24,7 @@ import stat
 from typing import Callable, Iterator, NamedTuple, Sequence
 
 from . import whiteout, xattr
-from .index import ChangeIndex, file_digest
+from .index import ChangeIndex, LowerFacts, file_digest
 from .layer import Layer
 from .lookup import Entry, Resolver, join
 
@@ -41,8 +41,10 @@ class Change(NamedTuple):
 
 # What the walk needs of an upper directory: name -> (lstat-like, opaque directory?).
 Listing = Callable[[str], dict]
-# Whether the upper file at a path (its lstat-like, the lower entry it hides) is an unchanged copy.
-Unchanged = Callable[[str, object, Entry], bool]
+# What the lowers show at a path (only asked where no upper directory hides them), or None.
+Below = Callable[[str], "LowerFacts | None"]
+# Whether the upper file at a path (its lstat-like, what the lowers show there) is an unchanged copy.
+Unchanged = Callable[[str, object, LowerFacts], bool]
 
 
 def changes(upper: str, lowers: Sequence[str], *, unchanged_copies: bool = True) -> list[Change]:
@@ -51,22 +53,40 @@ def changes(upper: str, lowers: Sequence[str], *, unchanged_copies: bool = True)
     With ``unchanged_copies`` False, a file copied up that ended identical to the lower one (content,
     mode, owner, xattrs; not its times) is no change: a ``touch`` then undone, an editor's rewrite."""
     upper = upper.rstrip("/") or "/"
+    # A diff asks about a few names per directory: looked up one by one, not listed whole.
+    resolver = Resolver([Layer(p, writable=False, cached=False) for p in lowers]) if lowers else None
 
     def listing(path: str) -> dict:
         with os.scandir(upper if path == "/" else upper + path) as it:
             return {e.name: (st := e.stat(follow_symlinks=False),
                              stat.S_ISDIR(st.st_mode) and whiteout.is_opaque_dir(e.path)) for e in it}
 
-    def unchanged(path: str, st, lower: Entry) -> bool:
-        real = upper + path
-        return _same_file(st, lambda: _xattrs(real, None), lambda: file_digest(real), lower)
+    def lookup(path: str) -> Entry | None:
+        try:
+            return resolver.lookup(path) if resolver is not None else None
+        except (FileNotFoundError, NotADirectoryError):
+            return None
 
-    return _sorted_with_ancestors(_walk(listing, _resolver(lowers), whiteout.is_opaque_dir(upper),
+    def below(path: str) -> LowerFacts | None:
+        entry = lookup(path)
+        return None if entry is None else LowerFacts.of(entry.st)
+
+    def unchanged(path: str, st, lower: LowerFacts) -> bool:
+        if not _alike(st, lower):
+            return False
+        real, entry = upper + path, lookup(path)
+        return _xattrs(real, None) == _xattrs(entry.rel, entry.layer.fd) and \
+            file_digest(real) == file_digest(entry.rel, dir_fd=entry.layer.fd)
+
+    return _sorted_with_ancestors(_walk(listing, below, whiteout.is_opaque_dir(upper),
                                         None if unchanged_copies else unchanged))
 
 
 def indexed_changes(index: ChangeIndex, lowers: Sequence[str], *, unchanged_copies: bool = True) -> list[Change]:
-    """The same as ``changes(index.upper, lowers)``, from the index's records instead of the upper."""
+    """The same as ``changes(index.upper, lowers)``, from the index's records instead of the upper; what
+    the lowers show at each path is kept in the records too, so a diff reads neither layer again."""
+    if [os.path.abspath(p) for p in lowers] != index.lowers:
+        raise ValueError("the index was opened for other lowers")
     children: dict[str, dict] = {}
     for path, record in index.items():
         if path != "/":
@@ -74,32 +94,22 @@ def indexed_changes(index: ChangeIndex, lowers: Sequence[str], *, unchanged_copi
             children.setdefault(parent or "/", {})[name] = (record, record.opaque)
     root = index.get("/")
 
-    def unchanged(path: str, record, lower: Entry) -> bool:
-        return _same_file(record, lambda: _xattrs(path[1:], index.upper_fd), lambda: index.digest(path), lower)
+    def unchanged(path: str, record, lower: LowerFacts) -> bool:
+        return _alike(record, lower) and index.upper_signature(path) == index.lower_signature(path)
 
-    return _sorted_with_ancestors(_walk(lambda path: children.get(path, {}), _resolver(lowers),
+    return _sorted_with_ancestors(_walk(lambda path: children.get(path, {}), index.lower_facts,
                                         root is not None and root.opaque, None if unchanged_copies else unchanged))
 
 
-def _same_file(st, xattrs: Callable[[], dict], digest: Callable[[], str], lower: Entry) -> bool:
-    """Whether an upper regular file is an unchanged copy of ``lower``; the costly parts last."""
-    old = lower.st
-    if not (stat.S_ISREG(st.st_mode) and stat.S_ISREG(old.st_mode)):
-        return False
-    if (st.st_mode, st.st_uid, st.st_gid, st.st_size) != (old.st_mode, old.st_uid, old.st_gid, old.st_size):
-        return False
-    return xattrs() == _xattrs(lower.rel, lower.layer.fd) and \
-        digest() == file_digest(lower.rel, dir_fd=lower.layer.fd)
+def _alike(st, lower: LowerFacts) -> bool:
+    """The cheap part of "an unchanged copy": both regular files, same mode, owner and size."""
+    return stat.S_ISREG(st.st_mode) and stat.S_ISREG(lower.st_mode) and \
+        (st.st_mode, st.st_uid, st.st_gid, st.st_size) == tuple(lower[:4])
 
 
 def _xattrs(path: str, dir_fd: int | None) -> dict[str, bytes]:
     return {n: xattr.get(path, n, dir_fd=dir_fd) for n in xattr.names(path, dir_fd=dir_fd)
             if not whiteout.is_private_xattr(n)}
-
-
-def _resolver(lowers: Sequence[str]) -> Resolver | None:
-    # A diff asks about a few names per directory: looked up one by one, not listed whole.
-    return Resolver([Layer(p, writable=False, cached=False) for p in lowers]) if lowers else None
 
 
 def _sorted_with_ancestors(found_changes: Iterator[Change]) -> list[Change]:
@@ -112,28 +122,28 @@ def _sorted_with_ancestors(found_changes: Iterator[Change]) -> list[Change]:
     return sorted(found.values(), key=lambda c: c.path.split("/"))
 
 
-def _walk(listing: Listing, resolver: Resolver | None, root_opaque: bool,
-          unchanged: Unchanged | None) -> Iterator[Change]:
+def _walk(listing: Listing, below: Below, root_opaque: bool, unchanged: Unchanged | None) -> Iterator[Change]:
     """Every change in the upper that ``listing`` lists, in no particular order.
 
-    Each directory to visit comes with what the lowers show at its path (a directory), or None when
-    they show nothing there or the upper directory is new or opaque: everything below it is added.
-    A loop rather than recursion: paths close to PATH_MAX nest deeper than Python's recursion limit.
+    Each directory to visit comes with whether the lowers show a directory at its path that it merges
+    with: not when they show nothing there, or the upper directory is new or opaque; then everything
+    below it is added. A loop rather than recursion: paths close to PATH_MAX nest deeper than Python's
+    recursion limit.
     """
-    root_lower = resolver.lookup("/") if resolver is not None and not root_opaque else None
-    todo: list[tuple[str, Entry | None]] = [("/", root_lower)]
+    root = below("/") if not root_opaque else None
+    todo: list[tuple[str, bool]] = [("/", root is not None)]
     while todo:
-        path, lower = todo.pop()
+        path, merged = todo.pop()
         entries = listing(path)
 
         for name, (st, opaque) in entries.items():
             child = join(path, name)
             if whiteout.is_marker_name(name):
                 hidden = whiteout.whited_out_name(name)  # an OCI whiteout file (None for opaque markers)
-                if hidden is not None and hidden not in entries and _below(resolver, lower, path, hidden) is not None:
+                if hidden is not None and hidden not in entries and merged and below(join(path, hidden)) is not None:
                     yield Change(DELETED, join(path, hidden))
                 continue
-            old = _below(resolver, lower, path, name)
+            old = below(child) if merged else None
             if whiteout.is_whiteout_stat(st):
                 if old is not None:
                     yield Change(DELETED, child)
@@ -144,25 +154,18 @@ def _walk(listing: Listing, resolver: Resolver | None, root_opaque: bool,
                     yield Change(CHANGED, child)
             elif old is None:
                 yield Change(ADDED, child)
-                todo.append((child, None))
+                todo.append((child, False))
             elif not old.is_dir:
                 yield Change(CHANGED, child)  # a file replaced by a directory: what is inside is new
-                todo.append((child, None))
+                todo.append((child, False))
             elif opaque:
                 yield Change(DELETED, child)  # Docker's way of saying "replaced": D, then A for its content
-                todo.append((child, None))
+                todo.append((child, False))
             else:
-                if _dir_differs(st, old.st):
+                if _dir_differs(st, old):
                     yield Change(CHANGED, child)
-                todo.append((child, old))
+                todo.append((child, True))
 
 
-def _below(resolver: Resolver | None, lower: Entry | None, path: str, name: str) -> Entry | None:
-    """What the lowers show at ``name`` in directory ``path`` (``lower`` there), if anything."""
-    if lower is None or resolver is None:
-        return None
-    return resolver.find_in(lower.stack, path, name, join(path, name))
-
-
-def _dir_differs(a: os.stat_result, b: os.stat_result) -> bool:
+def _dir_differs(a, b) -> bool:
     return (a.st_mode, a.st_uid, a.st_gid, a.st_mtime_ns) != (b.st_mode, b.st_uid, b.st_gid, b.st_mtime_ns)

@@ -28,18 +28,38 @@ import json
 import os
 import stat
 import threading
-from typing import Iterator, NamedTuple
+from typing import Iterator, NamedTuple, Sequence
 
 import xxhash
 from sortedcontainers import SortedDict
 
-from . import whiteout
+from . import whiteout, xattr
+from .layer import Layer
+from .lookup import Resolver
 
 _SNAPSHOT = "records"
 _SYNC_EVERY = 100_000  # journal lines
 _RECENT = 4096  # paths remembered as journaled already
 _JOURNAL = "journal-{}"  # one per snapshot generation
-_VERSION = 1
+_VERSION = 2
+
+
+class LowerFacts(NamedTuple):
+    """What a change is classified by, of the entry the lowers show at a path (read like a stat)."""
+
+    st_mode: int
+    st_uid: int
+    st_gid: int
+    st_size: int
+    st_mtime_ns: int
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.st_mode)
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> LowerFacts:
+        return cls(st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns)
 
 
 class Record(NamedTuple):
@@ -56,6 +76,11 @@ class Record(NamedTuple):
     target: str | None  # a symlink's target
     opaque: bool  # a directory hiding the lowers below it
     digest: str | None = None  # xxh3-128 of a regular file's content, once computed
+    # What the lowers show at this path, looked up once (they never change): known or not, and the
+    # lower entry's facts (None: nothing there) and signature (content and xattrs), once computed.
+    lower_known: bool = False
+    lower: LowerFacts | None = None
+    lower_sig: str | None = None
 
     @property
     def is_dir(self) -> bool:
@@ -91,9 +116,15 @@ class ChangeIndex:
     a mount may hide the upper's path, as a mount over its own directories does.
     """
 
-    def __init__(self, upper: str, state_dir: str | None, *, upper_fd: int | None = None,
+    def __init__(self, upper: str, state_dir: str | None, *, lowers: Sequence[str] = (),
+                 lower_layers: Sequence[Layer] | None = None, upper_fd: int | None = None,
                  state_fd: int | None = None) -> None:
+        """``lowers`` are the paths of the lower layers (top first); a mount passes its own open
+        ``lower_layers`` too, else they are opened here (looked up name by name: a diff asks about few)."""
         self.upper = upper.rstrip("/") or "/"
+        self.lowers = [os.path.abspath(p) for p in lowers]
+        self._lower_layers = None if lower_layers is None else list(lower_layers)
+        self._lower_resolver: Resolver | None = None
         self._own_fd = upper_fd is None
         self._fd = os.open(upper, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC) if upper_fd is None else upper_fd
         self._own_state = state_fd is None
@@ -119,8 +150,9 @@ class ChangeIndex:
         return self._fd
 
     def descriptors(self) -> list[int]:
-        """The descriptors the index holds (upper, state directory, journal)."""
-        return [self._fd, self._state] + ([self._journal.fileno()] if self._journal is not None else [])
+        """The descriptors the index holds (upper, lowers, state directory, journal)."""
+        held = [self._fd, self._state] + ([self._journal.fileno()] if self._journal is not None else [])
+        return held + [layer.fd for layer in self._lower_view().layers] if self.lowers else held
 
     def _open(self, name: str, mode: str):
         return open(name, mode, encoding="utf-8", errors="surrogateescape",
@@ -226,13 +258,14 @@ class ChangeIndex:
         self._compactor.start()
 
     def _compact(self, generation: int) -> None:
-        reader = ChangeIndex(self.upper, None, upper_fd=self._fd, state_fd=self._state)
+        reader = ChangeIndex(self.upper, None, lowers=self.lowers, lower_layers=self._lower_view().layers,
+                             upper_fd=self._fd, state_fd=self._state)
         reader.load(readonly=True)  # the journal being written now is read too: harmless, it stays
         reader._write_snapshot(generation)
         reader._remove_journals_before(generation)
 
     def _header(self, generation: int) -> dict:
-        return {"version": _VERSION, "upper": self.upper, "generation": generation}
+        return {"version": _VERSION, "upper": self.upper, "generation": generation, "lowers": self.lowers}
 
     def close(self) -> None:
         """Sync (unless loaded read-only) and let go of everything (a clean unmount)."""
@@ -253,12 +286,18 @@ class ChangeIndex:
         try:
             with self._open(_SNAPSHOT, "r") as f:
                 header = json.loads(f.readline())
+                same_lowers = header.get("lowers") == self.lowers
+                header["lowers"] = self.lowers
                 if header != self._header(header.get("generation")):
                     return None
                 records = {}
-                for line in f:
-                    path, *fields = json.loads(line)
-                    records[path] = Record(*fields)
+                for path, *fields in json.loads("[" + ",".join(f.read().splitlines()) + "]"):
+                    record = Record(*fields)
+                    if not same_lowers:  # facts about other lowers than ours: look again
+                        record = record._replace(lower_known=False, lower=None, lower_sig=None)
+                    elif record.lower is not None:
+                        record = record._replace(lower=LowerFacts(*record.lower))
+                    records[path] = record
         except (OSError, ValueError, TypeError, AttributeError):
             return None
         self._generation = header["generation"]
@@ -337,8 +376,54 @@ class ChangeIndex:
             self._forget_below(path)
         if record is None:
             self._records.pop(path, None)
-        else:
-            self._records[path] = record
+            return
+        if old is not None and old.lower_known:  # the lowers never change: what they show stays
+            record = record._replace(lower_known=True, lower=old.lower, lower_sig=old.lower_sig)
+        elif self.lowers:
+            record = record._replace(lower_known=True, lower=self._look_below(path))
+        self._records[path] = record
+
+    def _lower_view(self) -> Resolver:
+        """The lowers, opened when first needed: a reader whose records know them all never opens them."""
+        if self._lower_resolver is None:
+            if self._lower_layers is None:
+                self._lower_layers = [Layer(p, writable=False, cached=False) for p in self.lowers]
+            self._lower_resolver = Resolver(self._lower_layers)
+        return self._lower_resolver
+
+    def _look_below(self, path: str) -> LowerFacts | None:
+        """What the lowers show at ``path``."""
+        parent = self._records.get(path.rpartition("/")[0] or "/") if path != "/" else None
+        if parent is not None and parent.lower_known and (parent.lower is None or not parent.lower.is_dir):
+            return None  # nothing below a name the lowers do not have as a directory (and no deep lookup)
+        try:
+            entry = self._lower_view().lookup(path)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        return None if entry is None else LowerFacts.of(entry.st)
+
+    def lower_facts(self, path: str) -> LowerFacts | None:
+        """What the lowers show at ``path``: from its record when known, else looked up (and kept)."""
+        record = self._records.get(path)
+        if record is not None and record.lower_known:
+            return record.lower
+        facts = self._look_below(path) if self.lowers else None
+        if record is not None:
+            self._records[path] = record._replace(lower_known=True, lower=facts)
+        return facts
+
+    def upper_signature(self, path: str) -> str:
+        """The upper file's content and xattrs in one hash, to compare with ``lower_signature``."""
+        return _signature(self.digest(path), _rel(path), self._fd)
+
+    def lower_signature(self, path: str) -> str:
+        """The same of the file the lowers show at ``path`` (a regular file), computed once."""
+        record = self._records[path]
+        if record.lower_sig is None:
+            entry = self._lower_view().get(path)
+            sig = _signature(file_digest(entry.rel, dir_fd=entry.layer.fd), entry.rel, entry.layer.fd)
+            self._records[path] = record = record._replace(lower_sig=sig)
+        return record.lower_sig
 
     def _read(self, path: str) -> Record | None:
         """What the upper has at ``path``; None if nothing, or if its directory is not a recorded
@@ -436,6 +521,14 @@ class ChangeIndex:
         if record.digest is None:
             self._records[path] = record = record._replace(digest=file_digest(_rel(path), dir_fd=self._fd))
         return record.digest
+
+
+def _signature(digest: str, path: str, dir_fd: int) -> str:
+    h = xxhash.xxh3_128(digest.encode())
+    for name in sorted(xattr.names(path, dir_fd=dir_fd)):
+        if not whiteout.is_private_xattr(name):
+            h.update(b"\0" + name.encode("utf-8", "surrogateescape") + b"\0" + xattr.get(path, name, dir_fd=dir_fd))
+    return h.hexdigest()
 
 
 def file_digest(path: str, *, dir_fd: int | None = None) -> str:

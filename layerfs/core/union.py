@@ -103,7 +103,8 @@ class Union:
             if not work:
                 raise ValueError("an upper layer needs a work directory")
             self._work = self._open_clean_work(work)
-            self.index = ChangeIndex(upper, os.path.join(work, INDEX_DIR), upper_fd=self.upper.fd)
+            self.index = ChangeIndex(upper, os.path.join(work, INDEX_DIR), lowers=lowers,
+                                     lower_layers=layers[1:], upper_fd=self.upper.fd)
             self.index.start_journal()
 
     def descriptors(self) -> list[int]:
