@@ -1,0 +1,756 @@
+"""An OCI image layer tar unpacked into a layer directory in overlay form, safely.
+
+``unpack_layer(stream, dest)`` is the inverse of ``layertar.write_layer``: it reads a layer (a tar, plain or
+gzip-compressed, told apart by gzip's magic bytes) and builds in the empty directory ``dest`` the layer as
+kernel overlayfs and layerfs read a lowerdir:
+
+- An OCI whiteout ``DIR/.wh.NAME`` becomes overlay's whiteout, a 0/0 character device ``DIR/NAME``, and
+  ``DIR/.wh..wh..opq`` marks ``DIR`` opaque (``layerfs.core.whiteout`` writes both). A whiteout applies to
+  the layers below only (image-spec): a name the layer both whites out and carries is the layer's entry,
+  and a directory there is made opaque, in whichever order the two come. A 0/0 character device entry is
+  taken for the whiteout it is in overlay form; a layer directory cannot hold it as anything else.
+- Entries of every kind a layer holds: directories, regular files, symlinks, hard links, character and
+  block devices, fifos; numeric owners, every mode bit (setuid, setgid, sticky), nanosecond mtimes (PAX),
+  xattrs (PAX ``SCHILY.xattr.*``), file capabilities included (set after the owner, which clears them).
+  A directory's mode and times are set once everything in it is made. A later entry for a path replaces
+  the earlier, as tar does; a directory over a directory changes its metadata and keeps its content. A
+  hard link entry's own header is not applied: the file it names has its metadata already. A directory
+  the tar implies without an entry of its own is made 0755, owned by the caller. The root's own entry
+  (``./``) gives ``dest`` its metadata.
+- ``diff_id``, the sha256 of the uncompressed tar (all of it: end blocks and padding too), is computed as
+  the bytes go by; the layer is never held or copied whole.
+
+What a layer may not do is refused with a one-line LayerfsError naming the entry, after which ``dest`` is
+empty again, with its own mode, owner, times and xattrs as they were:
+
+- Reach outside ``dest``: a name or hard-link target whose ``..`` climbs above the root. A leading ``/``
+  is taken as relative to the layer's root, as Docker, containerd, umoci and GNU tar take it: it cannot
+  lead out. Names longer than PATH_MAX are refused too, as any other extractor's system calls would.
+- Go through a symlink: every entry is made relative to a descriptor of its parent directory, opened one
+  component at a time from ``dest`` with O_NOFOLLOW|O_DIRECTORY, so ``a -> /etc`` then ``a/passwd`` (or
+  ``a -> ..`` then ``a/x``, or a whiteout or hard-link target below ``a``) stops the unpack instead of
+  writing, deleting or linking anything outside. No call follows the entry it acts on either. A symlink's
+  target is data, stored as it is.
+- Forge overlay's bookkeeping: an xattr in overlay's or layerfs's private namespaces
+  (``whiteout.is_private_xattr``: ``trusted.overlay.opaque``, ``.redirect``, ``.metacopy``...) would change
+  what the layers below show, so it is refused rather than dropped. A name starting ``.wh.`` is a
+  whiteout or the opaque marker, or refused (``.wh.``, ``.wh...``, AUFS's ``.wh..wh.*`` metadata, a
+  ``.wh.`` name used as a directory).
+- Be damaged: truncated or corrupt gzip or tar data, a tar that ends without its end-of-archive block,
+  a PAX or GNU long-name record over 1 MiB (Go's archive/tar limit), an entry type tar layers do not
+  use. (Python's tarfile alone would take a damaged header after the first one for the end of the archive
+  and stop without a word; here that is an error.)
+- Ask what the machine refuses: a full disk, an owner or a device node an unprivileged caller cannot
+  make (no "rootless" mapping is attempted: run as root, or in a user namespace where the layer's ids
+  are mapped), an xattr the filesystem cannot hold. Whiteouts need no privilege (Linux lets anyone make
+  a 0/0 device); the opaque mark falls back as ``whiteout.mark_opaque`` does, to ``user.overlay.opaque``
+  (which kernel overlayfs reads only with its ``userxattr`` option) where the trusted one is refused.
+
+``progress(done, total)`` follows the bytes read from ``stream`` (compressed ones, for a gzip layer);
+``total`` is what a seekable stream holds from its position, None for a pipe.
+"""
+
+from __future__ import annotations
+
+import errno
+import gzip
+import hashlib
+import os
+import re
+import stat
+import tarfile
+import zlib
+from typing import BinaryIO, Callable, Iterator, NamedTuple
+
+from ..core import whiteout, xattr
+from ..errors import LayerfsError
+
+_CHUNK = 1 << 20  # bytes read from the stream, or written to a file, at a time: one progress step
+_WALK = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_PATH_MAX = 4096
+_RECORD_MAX = 1 << 20  # largest PAX or GNU long-name record taken
+_RECORD_TYPES = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE, tarfile.GNUTYPE_LONGNAME,
+                 tarfile.GNUTYPE_LONGLINK)
+_GZIP_MAGIC = b"\x1f\x8b"
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+_XATTR_RECORD = "SCHILY.xattr."
+_IDS = range(0, 2**32 - 1)  # (uid_t)-1 means "leave unchanged" to chown: not an owner
+_PAX_TIME = re.compile(r"(-?)([0-9]+)(?:\.([0-9]*))?")
+
+
+class UnpackResult(NamedTuple):
+    """What was unpacked."""
+
+    diff_id: str  # "sha256:<hex>" of the uncompressed tar: the image config's rootfs.diff_ids entry
+    entries: int  # tar entries applied: files, directories, links, whiteouts, opaque markers...
+    size: int  # bytes of the uncompressed tar
+
+
+ProgressFn = Callable[[int, int | None], None]
+
+
+def unpack_layer(stream: BinaryIO, dest: str, *, progress: ProgressFn | None = None) -> UnpackResult:
+    """Unpack the layer tar read from ``stream`` into ``dest``, an existing empty directory.
+
+    Raises LayerfsError, with ``dest`` emptied again, when the layer is damaged or hostile or cannot be
+    written; ``stream`` is then left wherever the reading stopped.
+    """
+    with _Dest(dest) as target:
+        try:
+            return _Unpacker(target, stream, progress).run()
+        except BaseException as e:
+            target.undo(e)
+            raise
+
+
+# -- reading the layer ----------------------------------------------------------------------------------
+
+
+class _Reason(Exception):
+    """Why the unpack stops, without the where: the caller adds which entry it was at."""
+
+
+class _Raw:
+    """The stream as given, read a chunk at a time, counted for ``progress``."""
+
+    def __init__(self, stream: BinaryIO, progress: ProgressFn | None) -> None:
+        self.stream = stream
+        self.progress = progress
+        self.total = _remaining(stream)
+        self.done = 0
+        self.buf = b""
+        self.pos = 0
+        self.report()
+
+    def report(self) -> None:
+        if self.progress is not None:
+            self.progress(self.done, None if self.total is None else max(self.total, self.done))
+
+    def _more(self) -> bytes:
+        try:
+            chunk = self.stream.read(_CHUNK)
+        except OSError as e:
+            raise _Reason(f"cannot read the layer: {e.strerror or e}") from e
+        if chunk is None:
+            raise _Reason("cannot read the layer: the stream is non-blocking and has no data")
+        if chunk:
+            self.done += len(chunk)
+            self.report()
+        return chunk
+
+    def peek(self, n: int) -> bytes:
+        while len(self.buf) - self.pos < n:
+            chunk = self._more()
+            if not chunk:
+                break
+            self.buf, self.pos = self.buf[self.pos:] + chunk, 0
+        return self.buf[self.pos:self.pos + n]
+
+    def read(self, n: int = -1) -> bytes:
+        if self.pos == len(self.buf):
+            self.buf, self.pos = self._more(), 0
+        end = len(self.buf) if n < 0 else min(len(self.buf), self.pos + n)
+        data = self.buf[self.pos:end]
+        self.pos = end
+        return data
+
+
+def _remaining(stream: BinaryIO) -> int | None:
+    """Bytes a seekable stream holds from where it is; None when it cannot tell (a pipe)."""
+    try:
+        if not stream.seekable():
+            return None
+        here = stream.tell()
+        end = stream.seek(0, os.SEEK_END)
+        stream.seek(here)
+        return max(end - here, 0)
+    except (OSError, AttributeError, ValueError):
+        return None
+
+
+class _Input:
+    """The uncompressed tar as tarfile reads it, hashed and counted as it goes by."""
+
+    def __init__(self, stream: BinaryIO, progress: ProgressFn | None) -> None:
+        self.raw = _Raw(stream, progress)
+        head = self.raw.peek(4)
+        if head.startswith(_ZSTD_MAGIC):
+            raise _Reason("it is zstd-compressed; layerfs reads plain and gzip-compressed layers")
+        self.gzip = gzip.GzipFile(fileobj=self.raw, mode="rb") if head.startswith(_GZIP_MAGIC) else None
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def read(self, n: int = -1) -> bytes:
+        try:
+            data = self.gzip.read(n) if self.gzip is not None else self.raw.read(n)
+        except EOFError:
+            raise _Reason("the gzip data ends early (truncated)") from None
+        except (zlib.error, gzip.BadGzipFile) as e:
+            raise _Reason(f"the gzip data is damaged ({e})") from None
+        self.sha.update(data)
+        self.size += len(data)
+        return data
+
+    def drain(self) -> None:
+        """Read what follows the tar's end block (more zeros, as a rule): the diff_id covers it too, and a
+        gzip stream is only known whole at its end."""
+        while self.read(_CHUNK):
+            pass
+
+    def diff_id(self) -> str:
+        return "sha256:" + self.sha.hexdigest()
+
+
+class _Header(tarfile.TarInfo):
+    """tarfile's TarInfo, strict: a damaged or missing header is an error wherever it comes (tarfile
+    takes one after the first header for the end of the archive), only a zero block ends the tar."""
+
+    @classmethod
+    def frombuf(cls, buf, encoding, errors):  # noqa: ANN001, ANN206 - tarfile's signature
+        info = super().frombuf(buf, encoding, errors)
+        if info.type in _RECORD_TYPES and info.size > _RECORD_MAX:
+            raise tarfile.InvalidHeaderError(f"a {info.size}-byte header record, over the {_RECORD_MAX} allowed")
+        return info
+
+    @classmethod
+    def fromtarfile(cls, tar):  # noqa: ANN001, ANN206
+        try:
+            return super().fromtarfile(tar)
+        except tarfile.EOFHeaderError:
+            raise  # a zero block: the end of the archive
+        except tarfile.EmptyHeaderError:
+            raise _Reason("it is empty" if tar.offset == 0 else
+                          "the tar ends without its end-of-archive block (truncated)") from None
+        except tarfile.TruncatedHeaderError:
+            raise _Reason("the tar ends inside a header (truncated)") from None
+        except tarfile.HeaderError as e:
+            raise _Reason(f"it is not a tar ({e})" if tar.offset == 0 else
+                          f"damaged tar header at byte {tar.offset} ({e})") from None
+
+
+# -- the entries ----------------------------------------------------------------------------------------
+
+
+class _Unpacker:
+    def __init__(self, dest: _Dest, stream: BinaryIO, progress: ProgressFn | None) -> None:
+        self.dest = dest
+        self.stream = stream
+        self.progress = progress
+        self.tree = _Tree(dest)
+        self.entries = 0
+        self.current: str | None = None  # the entry being applied
+        self.last: str | None = None  # the last one applied
+
+    def run(self) -> UnpackResult:
+        try:
+            try:
+                data = self._unpack()
+            finally:
+                self.tree.close()
+        except _Reason as e:
+            raise LayerfsError(f"{self._where()}: {e}") from None
+        except tarfile.TarError as e:
+            if str(e) == "unexpected end of data":  # what tarfile says when an entry's data is cut short
+                raise LayerfsError(f"{self._where()}: the tar ends inside the entry's data (truncated)") from e
+            raise LayerfsError(f"{self._where()}: damaged tar ({e})") from e
+        except OSError as e:
+            raise LayerfsError(f"{self._where()}: {e.strerror or e}") from e
+        except (OverflowError, ValueError) as e:  # a number out of range for a system call
+            raise LayerfsError(f"{self._where()}: {e}") from e
+        return UnpackResult(data.diff_id(), self.entries, data.size)
+
+    def _where(self) -> str:
+        if self.current is not None:
+            return f"cannot unpack layer entry {_show(self.current)}"
+        if self.last is not None:
+            return f"cannot unpack the layer after entry {_show(self.last)}"
+        return "cannot unpack the layer"
+
+    def _unpack(self) -> _Input:
+        data = _Input(self.stream, self.progress)
+        tar = tarfile.open(fileobj=data, mode="r|", tarinfo=_Header, encoding="utf-8", errors="surrogateescape")
+        while (info := tar.next()) is not None:
+            tar.members.clear()  # kept for random access, which a stream has not: a big layer would fill memory
+            self.current = info.name
+            self._entry(info, tar)
+            self.entries += 1
+            self.last, self.current = self.current, None
+        data.drain()
+        self.tree.finish()
+        data.raw.report()
+        return data
+
+    def _entry(self, info: tarfile.TarInfo, tar: tarfile.TarFile) -> None:
+        parts = _parts(info.name, "the name")
+        for i, part in enumerate(parts[:-1]):
+            if whiteout.is_marker_name(part):
+                raise _Reason(f"{_show('/'.join(parts[:i + 1]))} is a whiteout name, which cannot be a directory")
+        if parts and whiteout.is_marker_name(parts[-1]):
+            self._marker(parts)
+            return
+        if info.ischr() and info.devmajor == 0 and info.devminor == 0 and parts:
+            self.tree.whiteout(parts)
+            return
+        if not (info.isreg() or info.isdir() or info.issym() or info.islnk() or info.isdev()):
+            raise _Reason(f"entry type {info.type!r} is not one an image layer holds")
+        if not parts:
+            if not info.isdir():
+                raise _Reason("the layer's root can only be a directory")
+            self.tree.root_dir(_Meta(info))
+            return
+        if info.islnk():
+            self._hard_link(parts, info)
+            return
+        meta = _Meta(info)
+        if info.issym() and "\0" in info.linkname:
+            raise _Reason("the symlink target holds a NUL byte")
+        parent, name = self.tree.place(parts, directory=info.isdir())
+        if parent is None:  # a directory already there: this entry changes its metadata
+            self.tree.update_dir(parts, meta)
+        elif info.isreg():
+            self._file(parent, name, meta, tar.extractfile(info))
+        elif info.isdir():
+            self.tree.new_dir(parent, name, parts, meta)
+        elif info.issym():
+            os.symlink(info.linkname, name, dir_fd=parent)
+            meta.apply_at(parent, name, symlink=True)
+        else:
+            kind = stat.S_IFCHR if info.ischr() else stat.S_IFBLK if info.isblk() else stat.S_IFIFO
+            rdev = os.makedev(info.devmajor, info.devminor) if kind != stat.S_IFIFO else 0
+            try:
+                os.mknod(name, kind | 0o600, rdev, dir_fd=parent)
+            except PermissionError:
+                raise _Reason("making a device node needs root (CAP_MKNOD)") from None
+            meta.apply_at(parent, name)
+
+    def _marker(self, parts: tuple[str, ...]) -> None:
+        name = parts[-1]
+        if name == whiteout.OPAQUE_MARKER:
+            self.tree.opaque(parts[:-1])
+            return
+        hidden = whiteout.whited_out_name(name)
+        if hidden is None or hidden in (".", "..") or whiteout.is_marker_name(hidden):
+            raise _Reason("it is neither a whiteout (.wh.NAME) nor the opaque marker (.wh..wh..opq)")
+        self.tree.whiteout(parts[:-1] + (hidden,))
+
+    def _hard_link(self, parts: tuple[str, ...], info: tarfile.TarInfo) -> None:
+        target = _parts(info.linkname, f"its hard-link target {_show(info.linkname)}")
+        if target == parts:
+            raise _Reason("it is a hard link to itself")
+        try:
+            target_dir = self.tree.reach(target[:-1])
+        except _Reason as e:
+            raise _Reason(f"its hard-link target {_show(info.linkname)} cannot be reached: {e}") from None
+        try:
+            st = _lstat(target[-1], target_dir) if target else None
+            if st is None or whiteout.is_whiteout_stat(st):
+                raise _Reason(f"its hard-link target {_show(info.linkname)} is not in the layer")
+            if stat.S_ISDIR(st.st_mode):
+                raise _Reason(f"its hard-link target {_show(info.linkname)} is a directory")
+            parent, name = self.tree.place(parts, directory=False)
+            os.link(target[-1], name, src_dir_fd=target_dir, dst_dir_fd=parent, follow_symlinks=False)
+        finally:
+            os.close(target_dir)
+
+    def _file(self, parent: int, name: str, meta: _Meta, data: BinaryIO) -> None:
+        fd = os.open(name, _NEW_FILE, 0o600, dir_fd=parent)
+        try:
+            while chunk := data.read(_CHUNK):
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fd, view):]
+            meta.apply_fd(fd)
+        finally:
+            os.close(fd)
+
+
+class _Meta:
+    """An entry's owner, mode, times and xattrs, checked, and applied without following it."""
+
+    def __init__(self, info: tarfile.TarInfo) -> None:
+        if info.uid not in _IDS or info.gid not in _IDS:
+            raise _Reason(f"its owner {info.uid}:{info.gid} is out of range")
+        self.uid, self.gid = info.uid, info.gid
+        self.mode = stat.S_IMODE(info.mode)
+        mtime = _pax_time(info, "mtime")
+        if mtime is None:
+            mtime = int(info.mtime) * 10**9
+        atime = _pax_time(info, "atime")
+        self.times = (mtime if atime is None else atime, mtime)
+        self.xattrs: dict[str, bytes] = {}
+        for key, value in info.pax_headers.items():
+            if not key.startswith(_XATTR_RECORD):
+                continue
+            attr = key[len(_XATTR_RECORD):]
+            if whiteout.is_private_xattr(attr):
+                raise _Reason(f"it carries the xattr {_show(attr)}, overlay's own bookkeeping, which a layer "
+                              "may not set")
+            if not attr or "\0" in attr:
+                raise _Reason(f"it carries an xattr with an invalid name {_show(attr)}")
+            self.xattrs[attr] = value.encode("utf-8", "surrogateescape")
+
+    def _chown_failed(self, e: OSError) -> _Reason:
+        return _Reason(f"cannot give it the owner {self.uid}:{self.gid}: {e.strerror} (that needs root)")
+
+    def apply_fd(self, fd: int, *, with_mode: bool = True) -> None:
+        """A regular file or directory, open: owner, then xattrs (a change of owner clears
+        security.capability), then mode (setuid survives only a chown made before), then times."""
+        try:
+            os.chown(fd, self.uid, self.gid)
+        except PermissionError as e:
+            raise self._chown_failed(e) from None
+        for attr, value in self.xattrs.items():
+            os.setxattr(fd, attr, value)
+        if with_mode:
+            os.chmod(fd, self.mode)
+            os.utime(fd, ns=self.times)
+
+    def apply_at(self, parent: int, name: str, *, symlink: bool = False) -> None:
+        """A symlink, device or fifo ``name`` in ``parent``, which no call follows or opens."""
+        try:
+            os.chown(name, self.uid, self.gid, dir_fd=parent, follow_symlinks=False)
+        except PermissionError as e:
+            raise self._chown_failed(e) from None
+        for attr, value in self.xattrs.items():
+            xattr.set(name, attr, value, dir_fd=parent)
+        if not symlink:
+            # os.chmod takes no dir_fd without following; through the parent's /proc entry the kernel
+            # looks ``name`` up in that directory and, with AT_SYMLINK_NOFOLLOW, does not follow it.
+            os.chmod(f"/proc/self/fd/{parent}/{name}", self.mode, follow_symlinks=False)
+        os.utime(name, ns=self.times, dir_fd=parent, follow_symlinks=False)
+
+
+def _pax_time(info: tarfile.TarInfo, key: str) -> int | None:
+    """A PAX time record in ns, exactly (tarfile's own float loses the last digits); None when absent."""
+    value = info.pax_headers.get(key)
+    if value is None:
+        return None
+    m = _PAX_TIME.fullmatch(value)
+    if m is None:
+        raise _Reason(f"its PAX {key} record {value!r} is not a time")
+    sign, seconds, fraction = m.groups()
+    ns = int(seconds) * 10**9 + int((fraction or "")[:9].ljust(9, "0"))
+    return -ns if sign else ns
+
+
+def _parts(name: str, what: str) -> tuple[str, ...]:
+    """``name``'s components below the layer's root: a leading ``/``, ``.`` and empty components dropped,
+    ``..`` taken back lexically (nothing is looked up); climbing above the root is refused."""
+    if "\0" in name:
+        raise _Reason(f"{what} holds a NUL byte")
+    out: list[str] = []
+    for part in name.split("/"):
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if not out:
+                raise _Reason(f"{what} leads out of the layer")
+            out.pop()
+        else:
+            out.append(part)
+    if len("/".join(out).encode("utf-8", "surrogateescape")) >= _PATH_MAX:
+        raise _Reason(f"{what} is longer than PATH_MAX")
+    return tuple(out)
+
+
+# -- the layer directory --------------------------------------------------------------------------------
+
+
+class _Dest:
+    """The destination directory: its root's descriptor, and how to empty it again."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        try:
+            self.root = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as e:
+            raise LayerfsError(f"cannot unpack into {path}: {e.strerror}") from e
+        try:
+            if os.listdir(self.root):
+                raise LayerfsError(f"cannot unpack into {path}: it is not empty")
+            self.st = os.fstat(self.root)
+            self.xattrs = _all_xattrs(self.root)
+        except BaseException as e:
+            os.close(self.root)
+            if isinstance(e, OSError):
+                raise LayerfsError(f"cannot unpack into {path}: {e.strerror}") from e
+            raise
+
+    def __enter__(self) -> _Dest:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self.root)
+
+    def undo(self, error: BaseException) -> None:
+        """Remove everything unpacked and give the root its metadata back; a failure to do so is told
+        together with ``error``, what made the unpack stop."""
+        try:
+            for name in os.listdir(self.root):
+                st = _lstat(name, self.root)
+                if st is not None and stat.S_ISDIR(st.st_mode):
+                    _remove_tree(self.root, name)
+                elif st is not None:
+                    os.unlink(name, dir_fd=self.root)
+            now = _all_xattrs(self.root)
+            for attr in now.keys() - self.xattrs.keys():
+                os.removexattr(self.root, attr)
+            for attr, value in self.xattrs.items():
+                if now.get(attr) != value:
+                    os.setxattr(self.root, attr, value)
+            st = os.fstat(self.root)
+            if (st.st_uid, st.st_gid) != (self.st.st_uid, self.st.st_gid):
+                os.chown(self.root, self.st.st_uid, self.st.st_gid)
+            if st.st_mode != self.st.st_mode:
+                os.chmod(self.root, stat.S_IMODE(self.st.st_mode))
+            os.utime(self.root, ns=(self.st.st_atime_ns, self.st.st_mtime_ns))
+        except OSError as e:
+            raise LayerfsError(f"{error}; and {self.path} could not be emptied again: {e.strerror}") from error
+
+
+def _all_xattrs(fd: int) -> dict[str, bytes]:
+    try:
+        return {attr: os.getxattr(fd, attr) for attr in os.listxattr(fd)}
+    except OSError as e:
+        if e.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
+            return {}
+        raise
+
+
+def _lstat(name: str, dir_fd: int) -> os.stat_result | None:
+    try:
+        return os.lstat(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return None
+
+
+def _remove_tree(parent: int, name: str) -> None:
+    """Remove the directory ``name`` in ``parent`` with all it holds, never following a symlink.
+
+    Each subdirectory is moved up into ``parent`` under a spare name before it is emptied, so the work
+    needs two descriptors and no recursion however deep the tree: a layer cannot make its own removal
+    run out of either.
+    """
+    todo = [name]
+    spare = 0
+    while todo:
+        current = todo.pop()
+        fd = os.open(current, _OPEN_DIR, dir_fd=parent)
+        try:
+            with os.scandir(fd) as it:
+                children = [(e.name, e.is_dir(follow_symlinks=False)) for e in it]
+            for child, is_dir in children:
+                if not is_dir:
+                    os.unlink(child, dir_fd=fd)
+                    continue
+                while _lstat(f".layerfs-unpack-{spare}", parent) is not None:
+                    spare += 1
+                os.rename(child, f".layerfs-unpack-{spare}", src_dir_fd=fd, dst_dir_fd=parent)
+                todo.append(f".layerfs-unpack-{spare}")
+        finally:
+            os.close(fd)
+        os.rmdir(current, dir_fd=parent)
+
+
+class _Tree:
+    """The layer being built below the destination's root.
+
+    Directories are reached one component at a time with O_NOFOLLOW|O_DIRECTORY. The descriptors from the
+    root down to the last parent used stay open (a tar lists a directory's entries together, parents
+    first), so the next parent costs the components that differ; an entry only ever replaces something
+    below the last parent, never a directory on that chain. Directory modes and times wait in
+    ``pending`` until the end. ``deleted`` holds every path the layer whites out: a directory made there
+    is opaque, whatever came first.
+    """
+
+    def __init__(self, dest: _Dest) -> None:
+        self.root = dest.root
+        self.chain: list[tuple[str, int]] = []  # (name, O_PATH descriptor) of each directory below the root
+        self.pending = _Pending()
+        self.deleted: set[str] = set()
+
+    def close(self) -> None:
+        self._keep(0)
+
+    def _keep(self, n: int) -> None:
+        for _, fd in self.chain[n:]:
+            os.close(fd)
+        del self.chain[n:]
+
+    def reach(self, parts: tuple[str, ...]) -> int:
+        """A new O_PATH descriptor of the existing directory ``parts``, for the caller to close."""
+        fd = os.dup(self.root)
+        try:
+            for i in range(len(parts)):
+                child = self._step(fd, parts, i, create=False)
+                os.close(fd)
+                fd = child
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _step(self, fd: int, parts: tuple[str, ...], i: int, *, create: bool) -> int:
+        """The directory ``parts[i]`` in ``fd`` opened; with ``create``, made if missing (whiteouts of this
+        layer give way to it)."""
+        name = parts[i]
+        try:
+            return os.open(name, _WALK, dir_fd=fd)
+        except OSError as e:
+            if e.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+                raise
+        shown = _show("/".join(parts[:i + 1]))
+        st = _lstat(name, fd)
+        if st is not None and not (create and whiteout.is_whiteout_stat(st)):
+            if stat.S_ISLNK(st.st_mode):
+                raise _Reason(f"{shown} is a symlink, which a layer is never written or read through")
+            raise _Reason(f"{shown} is not a directory")
+        if not create:
+            raise _Reason(f"{shown} does not exist")
+        if st is not None:
+            os.unlink(name, dir_fd=fd)  # a whiteout of this layer: the directory hides the lower one too
+        self._mkdir(fd, name, parts[:i + 1])
+        self.pending.set(parts[:i + 1], (0o755, None))  # implied by the tar: no metadata of its own
+        return os.open(name, _WALK, dir_fd=fd)
+
+    def _mkdir(self, parent: int, name: str, parts: tuple[str, ...]) -> None:
+        os.mkdir(name, 0o700, dir_fd=parent)
+        if "/".join(parts) in self.deleted:
+            whiteout.mark_opaque(name, dir_fd=parent)
+
+    def parent(self, parts: tuple[str, ...]) -> int:
+        """The descriptor of the directory ``parts`` (made if missing), kept until another is asked for."""
+        same = 0
+        while same < min(len(parts), len(self.chain)) and self.chain[same][0] == parts[same]:
+            same += 1
+        self._keep(same)
+        for i in range(same, len(parts)):
+            fd = self._step(self.chain[-1][1] if self.chain else self.root, parts, i, create=True)
+            self.chain.append((parts[i], fd))
+        return self.chain[-1][1] if self.chain else self.root
+
+    def place(self, parts: tuple[str, ...], *, directory: bool) -> tuple[int | None, str]:
+        """Clear the way for an entry at ``parts``: (its parent's descriptor, its name). What a later
+        entry replaces is removed, except a directory where a directory comes: then the parent is None."""
+        fd = self.parent(parts[:-1])
+        name = parts[-1]
+        st = _lstat(name, fd)
+        if st is not None:
+            if stat.S_ISDIR(st.st_mode):
+                if directory:
+                    return None, name
+                _remove_tree(fd, name)
+                self.pending.drop(parts)
+            else:
+                os.unlink(name, dir_fd=fd)
+        path = "/".join(parts)
+        if path in self.deleted:
+            try:  # the OCI form make_whiteout falls back to where it may not make a device
+                os.unlink(whiteout.oci_whiteout_name(name), dir_fd=fd)
+            except FileNotFoundError:
+                pass
+        return fd, name
+
+    def new_dir(self, parent: int, name: str, parts: tuple[str, ...], meta: _Meta) -> None:
+        self._mkdir(parent, name, parts)
+        fd = os.open(name, _OPEN_DIR, dir_fd=parent)
+        try:
+            meta.apply_fd(fd, with_mode=False)
+        finally:
+            os.close(fd)
+        self.pending.set(parts, (meta.mode, meta.times))
+
+    def update_dir(self, parts: tuple[str, ...], meta: _Meta) -> None:
+        fd = os.open(parts[-1], _OPEN_DIR, dir_fd=self.parent(parts[:-1]))
+        try:
+            self._restate(fd, parts, meta)
+        finally:
+            os.close(fd)
+
+    def root_dir(self, meta: _Meta) -> None:
+        self._restate(self.root, (), meta)
+
+    def _restate(self, fd: int, parts: tuple[str, ...], meta: _Meta) -> None:
+        """A directory's metadata replaced by a later entry's: xattrs it no longer has go (overlay's
+        markers stay, they are the layer's)."""
+        for attr in _all_xattrs(fd):
+            if attr not in meta.xattrs and not whiteout.is_private_xattr(attr):
+                os.removexattr(fd, attr)
+        meta.apply_fd(fd, with_mode=False)
+        self.pending.set(parts, (meta.mode, meta.times))
+
+    def whiteout(self, parts: tuple[str, ...]) -> None:
+        """Hide ``parts`` in the layers below. What this layer has there stays; a directory turns opaque."""
+        fd = self.parent(parts[:-1])
+        name, path = parts[-1], "/".join(parts)
+        st = _lstat(name, fd)
+        if st is None:
+            if path not in self.deleted:  # else made already, in OCI form
+                whiteout.make_whiteout(name, dir_fd=fd)
+        elif stat.S_ISDIR(st.st_mode):
+            whiteout.mark_opaque(name, dir_fd=fd)
+        self.deleted.add(path)
+
+    def opaque(self, parts: tuple[str, ...]) -> None:
+        """Hide what the layers below have in the directory ``parts`` (made if missing)."""
+        whiteout.mark_opaque(".", dir_fd=self.parent(parts))
+
+    def finish(self) -> None:
+        """Directory modes and times, children first: making entries moved the times, and a read-only mode
+        set earlier would have stopped the making."""
+        for parts, (mode, times) in self.pending.children_first():
+            if not parts:
+                fd = os.dup(self.root)
+            else:
+                fd = os.open(parts[-1], _OPEN_DIR, dir_fd=self.parent(parts[:-1]))
+            try:
+                os.chmod(fd, mode)
+                if times is not None:
+                    os.utime(fd, ns=times)
+            finally:
+                os.close(fd)
+
+
+class _Pending:
+    """Directory metadata waiting for the end, as a tree of names: dropping a directory a later entry
+    replaced drops what waited below it, in one step."""
+
+    def __init__(self) -> None:
+        self.tree: dict = {}  # name -> subtree; the key None holds the directory's own (mode, times)
+
+    def set(self, parts: tuple[str, ...], value: tuple[int, tuple[int, int] | None]) -> None:
+        node = self.tree
+        for part in parts:
+            node = node.setdefault(part, {})
+        node[None] = value
+
+    def drop(self, parts: tuple[str, ...]) -> None:
+        node = self.tree
+        for part in parts[:-1]:
+            node = node.get(part)
+            if node is None:
+                return
+        node.pop(parts[-1], None)
+
+    def children_first(self) -> Iterator[tuple[tuple[str, ...], tuple[int, tuple[int, int] | None]]]:
+        stack: list[tuple[tuple[str, ...], dict, bool]] = [((), self.tree, False)]
+        while stack:
+            parts, node, expanded = stack.pop()
+            if expanded:
+                if None in node:
+                    yield parts, node[None]
+                continue
+            stack.append((parts, node, True))
+            stack.extend((parts + (name,), child, False) for name, child in node.items() if name is not None)
+
+
+def _show(name: str) -> str:
+    """A name for a one-line message: quoted, bytes that are not UTF-8 and control characters escaped,
+    shortened when very long."""
+    text = name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    text = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+    if len(text) > 200:
+        text = text[:120] + f"…[{len(text)} characters]"
+    return f"'{text}'"
