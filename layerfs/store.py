@@ -148,8 +148,8 @@ def _reflink(src: str, dst: str, st: os.stat_result) -> bool:
         try:
             cloned = syscalls.clone_file(src_fd, dst_fd)
             if cloned:
+                os.fchown(dst_fd, st.st_uid, st.st_gid)  # first: it clears capabilities and setuid bits
                 copyup.copy_xattrs(src, dst, src_dir_fd=None, dst_dir_fd=None)
-                os.fchown(dst_fd, st.st_uid, st.st_gid)
                 os.fchmod(dst_fd, stat.S_IMODE(st.st_mode))
                 os.utime(dst_fd, ns=(st.st_atime_ns, st.st_mtime_ns))
         finally:

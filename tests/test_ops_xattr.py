@@ -4,6 +4,7 @@ overlay implementations' own xattrs, which never show through layerfs."""
 from __future__ import annotations
 
 import os
+import struct
 from pathlib import Path
 
 import pytest
@@ -111,3 +112,28 @@ def test_internal_xattrs_are_invisible(mounts, tmp_path, form):
     assert sorted(os.listxattr(mnt / "f")) == ["trusted.t", "user.color"]
     # Nothing leaked into the lower either.
     assert set(xattrs(pair.layerfs.sources[2] / "f")) == {"trusted.t", "user.color", *PRIVATE[1:]}
+
+
+# security.capability, VFS_CAP_REVISION_2 with the effective bit: cap_net_raw+ep.
+_CAP_NET_RAW = struct.pack("<5I", 0x02000001, 1 << 13, 0, 0, 0)
+
+
+def test_file_capabilities_survive_copy_up(mounts, tmp_path):
+    # A chown clears security.capability: a copy-up that sets the owner after the xattrs loses it.
+    def build_tools(s: Stack) -> None:
+        for name in ("ping", "setuid-ping"):
+            tool = write(s.lowers[2] / name, "#!/bin/true\n", mode=0o4755 if name == "setuid-ping" else 0o755)
+            os.chown(tool, 1000, 1000)
+            os.setxattr(tool, "security.capability", _CAP_NET_RAW)
+
+    pair = make_pair(mounts, tmp_path, build_tools)
+
+    def scenario(mnt: Path):
+        os.utime(mnt / "ping")  # copy-up by a metadata change
+        with open(mnt / "setuid-ping", "a"):  # copy-up by an open for writing
+            pass
+        return {name: (outcome(os.getxattr, mnt / name, "security.capability"), oct(os.stat(mnt / name).st_mode))
+                for name in ("ping", "setuid-ping")}
+
+    seen = pair.compare(scenario)
+    assert seen["ping"][0] == seen["setuid-ping"][0] == _CAP_NET_RAW

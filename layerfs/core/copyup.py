@@ -89,9 +89,9 @@ def copy_entry(src: str, st: os.stat_result, dst: str, *, src_dir_fd: int, dst_d
         os.symlink(os.readlink(src, dir_fd=src_dir_fd), dst, dir_fd=dst_dir_fd)
     else:
         os.mknod(dst, kind | 0o600, st.st_rdev, dir_fd=dst_dir_fd)
-    copy_xattrs(src, dst, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd)
-    # chown before chmod: chown clears setuid/setgid bits, even for root.
+    # chown first: it clears setuid/setgid bits and file capabilities (security.capability), even for root.
     os.chown(dst, st.st_uid, st.st_gid, dir_fd=dst_dir_fd, follow_symlinks=False)
+    copy_xattrs(src, dst, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd)
     if kind != stat.S_IFLNK:
         os.chmod(dst, stat.S_IMODE(mode), dir_fd=dst_dir_fd)
     os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dst_dir_fd, follow_symlinks=False)
