@@ -45,7 +45,7 @@ def _serve(config: MountConfig, union: Union, debug: bool, on_ready=None) -> Non
 
     def ready() -> None:
         registry.record(registry.MountRecord(os.path.abspath(config.mountpoint), os.getpid(), config.lowers,
-                                             config.upper, config.work))
+                                             config.upper, config.work, registry.start_time(os.getpid()) or 0))
         if on_ready is not None:
             on_ready()
 

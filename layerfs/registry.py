@@ -25,6 +25,16 @@ class MountRecord:
     lowers: list[str]
     upper: str | None
     work: str | None
+    started: int = 0  # the daemon's start time (/proc/PID/stat): a reused pid is not the daemon
+
+
+def start_time(pid: int) -> int | None:
+    """When process ``pid`` started, in clock ticks since boot; None if there is no such process."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rpartition(")")[2].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _file(mountpoint: str) -> str:
@@ -42,17 +52,18 @@ def record(mount: MountRecord) -> None:
 
 def find(mountpoint: str) -> MountRecord | None:
     """The record of the live daemon serving ``mountpoint``, if there is one."""
+    path = _file(mountpoint)
     try:
-        with open(_file(mountpoint), encoding="utf-8", errors="surrogateescape") as f:
+        with open(path, encoding="utf-8", errors="surrogateescape") as f:
             mount = MountRecord(**json.load(f))
     except (OSError, ValueError, TypeError):
         return None
-    try:
-        os.kill(mount.pid, 0)
-    except ProcessLookupError:
+    if start_time(mount.pid) != mount.started:  # its daemon is gone (killed): the record goes too
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
         return None
-    except PermissionError:
-        pass  # alive, someone else's
     return mount
 
 
