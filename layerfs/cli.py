@@ -15,7 +15,7 @@ import sys
 from . import __version__
 from .errors import LayerfsError, UsageError
 
-COMMANDS = ("mount", "umount", "diff", "export", "commit", "example")
+COMMANDS = ("mount", "umount", "diff", "export", "commit", "import", "images", "example")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -55,14 +55,26 @@ def _parser() -> argparse.ArgumentParser:
     _container_arguments(x)
 
     c = sub.add_parser("commit", help="freeze a container's changes into a read-only layer, usable as a lowerdir",
-                       usage="layerfs commit [--store DIR] MOUNTPOINT\n"
-                             "       layerfs commit [--store DIR] --upperdir U --lowerdir L1:L2 [--workdir W]")
+                       usage="layerfs commit [--root DIR] MOUNTPOINT\n"
+                             "       layerfs commit [--root DIR] --upperdir U --lowerdir L1:L2 [--workdir W]")
     c.add_argument("target", nargs="?", metavar="MOUNTPOINT", help="a running layerfs mount")
-    c.add_argument("--store", default=None, metavar="DIR", help="the layer store (default /var/lib/layerfs)")
+    c.add_argument("--root", metavar="DIR", help="the store (default $LAYERFS_ROOT, else /var/lib/layerfs)")
     c.add_argument("--share", default="reflink", choices=("reflink", "hardlink", "none"),
                    help="how alike files share their data in the store: reflink (invisible; none on ext4), "
                         "hardlink (everywhere, but st_nlink shows it), none")
     _container_arguments(c)
+
+    i = sub.add_parser("import", help="import an image into the store",
+                       usage="layerfs import [--root DIR] oci:LAYOUT_DIR[:TAG] [NAME[:TAG]]")
+    i.add_argument("source", metavar="oci:DIR[:TAG]", help="an OCI image layout (skopeo, umoci, buildah write them)")
+    i.add_argument("name", nargs="?", help="the name to give it (default: the layout's directory name and the tag)")
+    i.add_argument("--root", metavar="DIR", help="the store (default $LAYERFS_ROOT, else /var/lib/layerfs)")
+    i.add_argument("--debug", action="store_true")
+
+    g = sub.add_parser("images", help="list the store's images")
+    g.add_argument("--root", metavar="DIR", help="the store (default $LAYERFS_ROOT, else /var/lib/layerfs)")
+    g.add_argument("--lowerdir", metavar="IMAGE", help="print the lowerdir= list that mounts IMAGE")
+    g.add_argument("--debug", action="store_true")
 
     e = sub.add_parser("example", help="build a small layered busybox rootfs, run a command in it, show its changes")
     e.add_argument("--dir", help="build in DIR and keep it (default: a temporary directory, removed after)")
@@ -93,6 +105,14 @@ def _container(args: argparse.Namespace, *, path_argument: bool):
     if args.target is None:
         raise UsageError(f"{args.command} of what? give a mount point, or --upperdir and --lowerdir")
     return container.of_mount(args.target), (args.path or "/") if path_argument else "/"
+
+
+def _split_tag(reference: str) -> tuple[str, str | None]:
+    """``DIR:TAG`` -> (DIR, TAG); a colon inside the directory's path is not a tag."""
+    where, colon, tag = reference.rpartition(":")
+    if colon and where and "/" not in tag:
+        return where, tag
+    return reference, None
 
 
 def _normalise(argv: list[str]) -> list[str]:
@@ -175,9 +195,31 @@ def _run(args: argparse.Namespace) -> int:
         from . import container, store
 
         target, _ = _container(args, path_argument=False)
-        committed = container.commit(target, store.Store(args.store or store.DEFAULT_ROOT), share=args.share,
+        committed = container.commit(target, store.Store(store.root_from(args.root)), share=args.share,
                                      unchanged_copies=args.all)
         print(f"{committed.path}\ndiff_id {committed.diff_id}{'' if committed.new else ' (in the store already)'}")
+        return 0
+    if args.command == "import":
+        from . import store
+        from .progress import on_terminal
+
+        if not args.source.startswith("oci:"):
+            raise UsageError(f"{args.source}: give an OCI image layout as oci:DIR[:TAG]")
+        where, tag = _split_tag(args.source[len("oci:"):])
+        name = args.name or f"{os.path.basename(os.path.abspath(where))}:{tag or 'latest'}"
+        with on_terminal() as progress:
+            record = store.Store(store.root_from(args.root)).import_layout(where, tag, name, progress=progress)
+        print(f"{name}\n{len(record['layers'])} layers, config {record['config_digest']}")
+        return 0
+    if args.command == "images":
+        from . import store
+
+        images = store.Store(store.root_from(args.root))
+        if args.lowerdir:
+            print(":".join(images.lowerdirs(args.lowerdir)))
+            return 0
+        for name, image in sorted(images.images().items()):
+            print(f"{name}  {len(image['layers'])} layers  {image['config_digest'][:19]}")
         return 0
     if args.command == "example":
         from . import example

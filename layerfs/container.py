@@ -10,10 +10,8 @@ against the upper. For an unmounted container (``--upperdir``, ``--lowerdir``), 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import sys
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -23,6 +21,7 @@ from .core.index import ChangeIndex
 from .core.union import INDEX_DIR
 from .errors import UsageError
 from .oci.layertar import LayerDigests, write_layer
+from .progress import on_terminal
 from .store import Committed, Store
 from .options import checked_directory, split_escaped
 
@@ -80,7 +79,7 @@ def export(container: Container, out: BinaryIO, *, compress: bool, mtime_clamp_n
            unchanged_copies: bool = False) -> LayerDigests:
     """Write the container's changes to ``out`` as an OCI layer; a progress bar on a terminal."""
     found = _changes_to_keep(container, unchanged_copies)
-    with _progress() as progress:
+    with on_terminal() as progress:
         return write_layer(out, container.upper, found, compress=compress, mtime_clamp_ns=mtime_clamp_ns,
                            progress=progress)
 
@@ -88,7 +87,7 @@ def export(container: Container, out: BinaryIO, *, compress: bool, mtime_clamp_n
 def commit(container: Container, store: Store, *, share: str = "reflink", unchanged_copies: bool = False) -> Committed:
     """Freeze the container's changes into a read-only layer of ``store``, ready to be a lower."""
     found = _changes_to_keep(container, unchanged_copies)
-    with _progress() as progress:
+    with on_terminal() as progress:
         return store.commit(container.upper, found, share=share, progress=progress)
 
 
@@ -96,33 +95,3 @@ def _changes_to_keep(container: Container, unchanged_copies: bool) -> list[Chang
     if container.upper is None:
         raise UsageError("a read-only mount has no changes")
     return container_changes(container, unchanged_copies=unchanged_copies)
-
-
-@contextlib.contextmanager
-def _progress():
-    bar = _Bar() if sys.stderr.isatty() else None
-    try:
-        yield bar
-    finally:
-        if bar is not None:
-            bar.done()
-
-
-class _Bar:
-    """``[#####.....]  52% 130/250 MiB`` on stderr, redrawn in place."""
-
-    def __init__(self) -> None:
-        self._shown = -1
-
-    def __call__(self, done: int, total: int) -> None:
-        percent = 100 * done // total if total else 100
-        if percent == self._shown:
-            return
-        self._shown = percent
-        bar = "#" * (percent // 5) + "." * (20 - percent // 5)
-        sys.stderr.write(f"\rlayerfs: [{bar}] {percent:3d}% {done >> 20}/{total >> 20} MiB")
-        sys.stderr.flush()
-
-    def done(self) -> None:
-        if self._shown >= 0:
-            sys.stderr.write("\n")

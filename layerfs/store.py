@@ -1,8 +1,10 @@
 """Where committed layers live: read-only layer directories named by their content, sharing file data.
 
     STORE/layers/<sha256 hex of the layer's diff_id>/   a layer in overlay form, usable as a lowerdir
+    STORE/images.json                                   name:tag -> manifest and config digests, layers
     STORE/content/<2 hex>/<key>                         one inode per distinct file: content and metadata
     STORE/tmp/                                          layers being built (removed when interrupted)
+    STORE/lock                                          held by whoever changes the store
 
 A layer's name is the diff_id ``layerfs export`` prints for the same changes (the sha256 of the OCI layer
 tar), so committing the same changes twice gives the same layer, stored once.
@@ -19,9 +21,13 @@ xattrs) take their space once, in one of two ways:
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import json
 import os
 import shutil
 import stat
+import uuid
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -31,9 +37,16 @@ from .core import copyup, syscalls, whiteout, xattr
 from .core.changes import DELETED, Change
 from .core.index import file_digest
 from .errors import LayerfsError
+from .oci import layout
 from .oci.layertar import write_layer
+from .oci.unpack import unpack_layer
 
 DEFAULT_ROOT = "/var/lib/layerfs"
+
+
+def root_from(option: str | None) -> str:
+    """The store's root: ``--root``, else ``$LAYERFS_ROOT``, else /var/lib/layerfs."""
+    return option or os.environ.get("LAYERFS_ROOT") or DEFAULT_ROOT
 _DIR = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -77,6 +90,70 @@ class Store:
 
     def layer_path(self, diff_id: str) -> str:
         return os.path.join(self.root, "layers", diff_id.removeprefix("sha256:"))
+
+    @contextlib.contextmanager
+    def _locked(self):
+        """Only one command changes the store at a time; readers need no lock (every change is a rename)."""
+        with open(os.path.join(self.root, "lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
+    # -- images
+
+    def images(self) -> dict[str, dict]:
+        try:
+            with open(os.path.join(self.root, "images.json")) as f:
+                return json.load(f)
+        except FileNotFoundError:
+            return {}
+
+    def lowerdirs(self, name: str) -> list[str]:
+        """The layer directories of image ``name``, top first, as ``lowerdir=`` wants them."""
+        image = self.images().get(name)
+        if image is None:
+            raise LayerfsError(f"no image {name!r} in {self.root} (layerfs images lists them)")
+        return [self.layer_path(diff_id) for diff_id in reversed(image["layers"])]
+
+    def import_layout(self, path: str, tag: str | None, name: str,
+                      progress: Callable[[int, int | None, str], None] | None = None) -> dict:
+        """Import the image ``tag`` of the OCI image layout ``path`` as ``name``; layers the store has
+        already are not unpacked again. Every blob is checked against its digest."""
+        image = layout.read_image(path, tag)
+        with self._locked():
+            for number, layer in enumerate(image.layers, 1):
+                if os.path.isdir(self.layer_path(layer.diff_id)):
+                    continue
+                step = None if progress is None else (
+                    lambda done, total, n=number: progress(done, total, f"layer {n}/{len(image.layers)}"))
+                with layout.VerifiedBlob(path, layer.digest, layer.size) as blob:
+                    self._add_layer(blob, layer.diff_id, step)
+            record = {"manifest": image.manifest_digest, "config_digest": image.config_digest,
+                      "config": image.config, "layers": [layer.diff_id for layer in image.layers]}
+            self._set_image(name, record)
+        return record
+
+    def _add_layer(self, stream, diff_id: str, progress) -> None:
+        build = os.path.join(self.root, "tmp", uuid.uuid4().hex)
+        os.mkdir(build, 0o755)
+        try:
+            result = unpack_layer(stream, build, progress=progress)
+            if result.diff_id != diff_id:
+                raise LayerfsError(f"a layer unpacked to {result.diff_id}, but the image says {diff_id}")
+            os.sync()  # whole on disk before it gets its name
+            os.rename(build, self.layer_path(diff_id))
+        except BaseException:
+            shutil.rmtree(build, ignore_errors=True)
+            raise
+
+    def _set_image(self, name: str, record: dict) -> None:
+        images = self.images()
+        images[name] = record
+        tmp = os.path.join(self.root, "images.json.tmp")
+        with open(tmp, "w") as f:
+            json.dump(images, f, indent=1, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, os.path.join(self.root, "images.json"))
 
     def commit(self, upper: str, changes: Iterable[Change], *, share: str = "reflink",
                progress: Callable[[int, int], None] | None = None) -> Committed:

@@ -190,7 +190,7 @@ def test_commit_makes_a_layer_that_gives_the_same_tree_as_a_lower(container, mou
     store = tmp_path / "store"
 
     def commit(*args) -> list[str]:
-        result = subprocess.run(LAYERFS + ["commit", "--store", str(store), *map(str, args)], capture_output=True,
+        result = subprocess.run(LAYERFS + ["commit", "--root", str(store), *map(str, args)], capture_output=True,
                                 text=True, timeout=60)
         assert result.returncode == 0, result.stderr
         return result.stdout.splitlines()
@@ -216,7 +216,7 @@ def test_commit_can_share_alike_files_by_hard_links(container, tmp_path):
         write(mnt / f"srv/{name}", "alike\n")
         os.utime(mnt / f"srv/{name}", ns=(10**18, 10**18))
     write(mnt / "srv/other", "different\n")
-    result = subprocess.run(LAYERFS + ["commit", "--share", "hardlink", "--store", str(tmp_path / "store"), str(mnt)],
+    result = subprocess.run(LAYERFS + ["commit", "--share", "hardlink", "--root", str(tmp_path / "store"), str(mnt)],
                             capture_output=True, text=True, timeout=60, check=True)
     layer = Path(result.stdout.splitlines()[0])
     a, b, other = (os.stat(layer / "srv" / n) for n in ("a", "b", "other"))

@@ -1,0 +1,128 @@
+"""Reading an OCI image layout directory (``oci:DIR[:TAG]``, what skopeo, umoci and buildah write).
+
+    DIR/oci-layout          {"imageLayoutVersion": "1.0.0"}
+    DIR/index.json          manifests, a tag in each one's ``org.opencontainers.image.ref.name``
+    DIR/blobs/sha256/<hex>  manifests, configs and layers, each named by the sha256 of its bytes
+
+Every blob is checked against its name as it is read: a manifest or config before it is parsed, a layer
+as it streams (``VerifiedBlob`` fails at its end if the bytes were not the ones named).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import BinaryIO, NamedTuple
+
+from ..errors import LayerfsError
+
+_REF_NAME = "org.opencontainers.image.ref.name"
+_INDEX_TYPES = ("application/vnd.oci.image.index.v1+json", "application/vnd.docker.distribution.manifest.list.v2+json")
+_MAX_JSON = 16 << 20  # a manifest, config or index larger than this is not one
+
+
+class Layer(NamedTuple):
+    digest: str  # of the blob as stored (compressed or not)
+    diff_id: str  # of the uncompressed tar, from the config
+    size: int
+    media_type: str
+
+
+class Image(NamedTuple):
+    manifest_digest: str
+    config_digest: str
+    config: dict
+    layers: list[Layer]  # bottom first, as the manifest lists them
+
+
+def _blob_path(layout: str, digest: str) -> str:
+    algorithm, _, hexdigest = digest.partition(":")
+    if algorithm != "sha256" or len(hexdigest) != 64 or not all(c in "0123456789abcdef" for c in hexdigest):
+        raise LayerfsError(f"{layout}: {digest!r} is not a sha256 digest")
+    return os.path.join(layout, "blobs", "sha256", hexdigest)
+
+
+class VerifiedBlob:
+    """A blob read as a stream, its sha256 and size checked when its end is reached."""
+
+    def __init__(self, layout: str, digest: str, size: int) -> None:
+        self.digest, self.size, self.name = digest, size, f"blob {digest}"
+        try:
+            self._f: BinaryIO = open(_blob_path(layout, digest), "rb")
+        except FileNotFoundError:
+            raise LayerfsError(f"{layout}: the image names {digest}, which the layout does not have") from None
+        self._hash = hashlib.sha256()
+        self._read = 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._f.read(n)
+        self._hash.update(data)
+        self._read += len(data)
+        if not data or (n < 0):
+            self._check()
+        return data
+
+    def _check(self) -> None:
+        if self._read != self.size or f"sha256:{self._hash.hexdigest()}" != self.digest:
+            raise LayerfsError(f"{self.name}: its content does not match its digest (or size {self.size})")
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self) -> VerifiedBlob:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _json_blob(layout: str, digest: str, what: str) -> dict:
+    path = _blob_path(layout, digest)
+    try:
+        with open(path, "rb") as f:
+            data = f.read(_MAX_JSON + 1)
+    except FileNotFoundError:
+        raise LayerfsError(f"{layout}: the {what} {digest} is missing") from None
+    if len(data) > _MAX_JSON or f"sha256:{hashlib.sha256(data).hexdigest()}" != digest:
+        raise LayerfsError(f"{layout}: the {what} {digest} does not match its digest")
+    try:
+        return json.loads(data)
+    except ValueError:
+        raise LayerfsError(f"{layout}: the {what} {digest} is not JSON") from None
+
+
+def read_image(layout: str, tag: str | None = None) -> Image:
+    """The image tagged ``tag`` in ``layout`` (the only one, if no tag is given)."""
+    try:
+        with open(os.path.join(layout, "oci-layout")) as f:
+            version = json.load(f).get("imageLayoutVersion")
+        with open(os.path.join(layout, "index.json")) as f:
+            index = json.load(f)
+    except FileNotFoundError as e:
+        raise LayerfsError(f"{layout}: not an OCI image layout (no {os.path.basename(e.filename)})") from None
+    except ValueError:
+        raise LayerfsError(f"{layout}: not an OCI image layout (its index or oci-layout is not JSON)") from None
+    if version != "1.0.0":
+        raise LayerfsError(f"{layout}: image layout version {version!r}, not 1.0.0")
+    manifests = index.get("manifests") or []
+    if tag is not None:
+        manifests = [m for m in manifests if (m.get("annotations") or {}).get(_REF_NAME) == tag]
+        if not manifests:
+            raise LayerfsError(f"{layout}: no image tagged {tag!r}")
+    if len(manifests) != 1:
+        tags = sorted((m.get("annotations") or {}).get(_REF_NAME, "?") for m in manifests)
+        raise LayerfsError(f"{layout}: {len(manifests)} images; say which (:TAG): {', '.join(tags)}")
+    descriptor = manifests[0]
+    if descriptor.get("mediaType") in _INDEX_TYPES:
+        raise LayerfsError(f"{layout}: a multi-platform index; copy one platform's image (skopeo --override-arch)")
+    manifest = _json_blob(layout, descriptor["digest"], "manifest")
+    config_digest = manifest["config"]["digest"]
+    config = _json_blob(layout, config_digest, "config")
+    diff_ids = (config.get("rootfs") or {}).get("diff_ids") or []
+    descriptors = manifest.get("layers") or []
+    if len(diff_ids) != len(descriptors):
+        raise LayerfsError(f"{layout}: the manifest lists {len(descriptors)} layers, the config {len(diff_ids)}")
+    layers = [Layer(d["digest"], diff_id, int(d["size"]), d.get("mediaType", ""))
+              for d, diff_id in zip(descriptors, diff_ids)]
+    return Image(descriptor["digest"], config_digest, config, layers)

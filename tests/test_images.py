@@ -1,0 +1,103 @@
+"""Images in the store: OCI image layouts made at test time by umoci (from a busybox rootfs, no network)
+are imported, and the image mounted from the store's layers equals what umoci unpacks for the same image.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import LAYERFS
+from snapshot import assert_same, snapshot
+
+BUSYBOX = shutil.which("busybox") or "/bin/busybox"
+
+
+def _umoci(*args: str | os.PathLike) -> None:
+    subprocess.run(["umoci", *map(str, args)], check=True, capture_output=True, timeout=120)
+
+
+def _layerfs(*args: str | os.PathLike, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(LAYERFS + [*map(str, args)], capture_output=True, text=True, timeout=120, check=check)
+
+
+@pytest.fixture
+def layout(tmp_path) -> Path:
+    """An OCI image layout with ``base`` (a busybox rootfs) and ``v2`` (a second layer over it that adds,
+    deletes, replaces a directory and changes a file), both written by umoci."""
+    oci = tmp_path / "oci"
+    _umoci("init", "--layout", oci)
+    _umoci("new", "--image", f"{oci}:base")
+    bundle = tmp_path / "bundle"
+    _umoci("unpack", "--image", f"{oci}:base", bundle)
+    root = bundle / "rootfs"
+    for d in ("bin", "etc/app", "var/cache/app", "tmp"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    shutil.copy2(BUSYBOX, root / "bin/busybox")
+    os.symlink("busybox", root / "bin/sh")
+    (root / "etc/app/conf").write_text("color=green\n")
+    (root / "var/cache/app/one").write_text("1\n")
+    (root / "var/cache/app/two").write_text("2\n")
+    (root / "etc/motd").write_text("hello\n")
+    _umoci("repack", "--image", f"{oci}:base", bundle)
+    bundle = tmp_path / "bundle2"  # the second layer is made over base as it is now
+    _umoci("unpack", "--image", f"{oci}:base", bundle)
+    root = bundle / "rootfs"
+    (root / "etc/app/conf").write_text("color=red\n")
+    (root / "etc/motd").unlink()
+    shutil.rmtree(root / "var/cache/app")
+    (root / "var/cache/app").mkdir()
+    (root / "var/cache/app/fresh").write_text("3\n")
+    (root / "etc/new").write_text("new\n")
+    _umoci("repack", "--image", f"{oci}:v2", bundle)
+    return oci
+
+
+def test_an_imported_image_mounts_as_umoci_unpacks_it(layout, mounts, tmp_path):
+    store = tmp_path / "store"
+    result = _layerfs("import", "--root", store, f"oci:{layout}:v2", "demo:v2")
+    assert result.stdout.splitlines()[0] == "demo:v2"
+    _layerfs("import", "--root", store, f"oci:{layout}:base", "demo:base")
+    images = json.loads((store / "images.json").read_text())
+    assert images["demo:v2"]["layers"][0] == images["demo:base"]["layers"][0]  # shared, stored once
+    assert len(os.listdir(store / "layers")) == 2
+    lowers = _layerfs("images", "--root", store, "--lowerdir", "demo:v2").stdout.strip().split(":")
+
+    unpacked = tmp_path / "unpacked"
+    _umoci("unpack", "--image", f"{layout}:v2", unpacked)
+    mounted = mounts.layerfs(tmp_path / "mnt", [Path(p) for p in lowers])
+    assert_same(snapshot(unpacked / "rootfs"), snapshot(mounted), what="umoci's rootfs vs the store's layers",
+                names=("umoci", "layerfs"))
+    assert (mounted / "etc/app/conf").read_text() == "color=red\n" and not (mounted / "etc/motd").exists()
+    assert sorted(os.listdir(mounted / "var/cache/app")) == ["fresh"]
+    assert subprocess.run(["chroot", mounted, "/bin/sh", "-c", "echo ok"], capture_output=True,
+                          text=True).stdout == "ok\n"
+
+
+def test_a_blob_that_does_not_match_its_digest_is_refused(layout, tmp_path):
+    index = json.loads((layout / "index.json").read_text())
+    manifest_digest = next(m["digest"] for m in index["manifests"]
+                           if m["annotations"]["org.opencontainers.image.ref.name"] == "v2")
+    manifest = json.loads((layout / "blobs/sha256" / manifest_digest.split(":")[1]).read_text())
+    blob = layout / "blobs/sha256" / manifest["layers"][-1]["digest"].split(":")[1]
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    blob.chmod(0o644)
+    blob.write_bytes(bytes(data))
+    store = tmp_path / "store"
+    result = _layerfs("import", "--root", store, f"oci:{layout}:v2", "broken", check=False)
+    assert result.returncode != 0 and result.stderr.count("\n") == 1, result.stderr
+    assert "broken" not in json.loads((store / "images.json").read_text() if (store / "images.json").exists()
+                                      else "{}")
+    assert os.listdir(store / "tmp") == []
+
+
+def test_errors_name_the_problem(tmp_path):
+    for source, message in ((f"oci:{tmp_path}", "not an OCI image layout"), (str(tmp_path), "oci:DIR")):
+        result = _layerfs("import", "--root", tmp_path / "store", source, check=False)
+        assert result.returncode != 0 and message in result.stderr and result.stderr.count("\n") == 1, result.stderr
