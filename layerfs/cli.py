@@ -65,8 +65,9 @@ def _parser() -> argparse.ArgumentParser:
     _container_arguments(c)
 
     i = sub.add_parser("import", help="import an image into the store",
-                       usage="layerfs import [--root DIR] oci:LAYOUT_DIR[:TAG] [NAME[:TAG]]")
-    i.add_argument("source", metavar="oci:DIR[:TAG]", help="an OCI image layout (skopeo, umoci, buildah write them)")
+                       usage="layerfs import [--root DIR] SOURCE [NAME[:TAG]]")
+    i.add_argument("source", metavar="SOURCE", help="oci:DIR[:TAG] (an OCI image layout), oci-archive:FILE[:TAG], "
+                                                    "docker-archive:FILE[:NAME:TAG] (docker save)")
     i.add_argument("name", nargs="?", help="the name to give it (default: the layout's directory name and the tag)")
     i.add_argument("--root", metavar="DIR", help="the store (default $LAYERFS_ROOT, else /var/lib/layerfs)")
     i.add_argument("--debug", action="store_true")
@@ -203,12 +204,22 @@ def _run(args: argparse.Namespace) -> int:
         from . import store
         from .progress import on_terminal
 
-        if not args.source.startswith("oci:"):
-            raise UsageError(f"{args.source}: give an OCI image layout as oci:DIR[:TAG]")
-        where, tag = _split_tag(args.source[len("oci:"):])
-        name = args.name or f"{os.path.basename(os.path.abspath(where))}:{tag or 'latest'}"
+        kind, colon, reference = args.source.partition(":")
+        if not colon or kind not in ("oci", "oci-archive", "docker-archive"):
+            raise UsageError(f"{args.source}: give oci:DIR[:TAG], oci-archive:FILE[:TAG] or docker-archive:FILE")
+        if kind == "docker-archive":
+            where, _, tag = reference.partition(":")
+            tag = tag or None
+        else:
+            where, tag = _split_tag(reference)
+        if args.name:
+            name = args.name
+        elif kind == "docker-archive" and tag:
+            name = tag
+        else:
+            name = f"{os.path.basename(os.path.abspath(where)).removesuffix('.tar')}:{tag or 'latest'}"
         with on_terminal() as progress:
-            record = store.Store(store.root_from(args.root)).import_layout(where, tag, name, progress=progress)
+            record = store.Store(store.root_from(args.root)).import_image(kind, where, tag, name, progress=progress)
         print(f"{name}\n{len(record['layers'])} layers, config {record['config_digest']}")
         return 0
     if args.command == "images":

@@ -114,18 +114,32 @@ class Store:
             raise LayerfsError(f"no image {name!r} in {self.root} (layerfs images lists them)")
         return [self.layer_path(diff_id) for diff_id in reversed(image["layers"])]
 
-    def import_layout(self, path: str, tag: str | None, name: str,
-                      progress: Callable[[int, int | None, str], None] | None = None) -> dict:
-        """Import the image ``tag`` of the OCI image layout ``path`` as ``name``; layers the store has
-        already are not unpacked again. Every blob is checked against its digest."""
-        image = layout.read_image(path, tag)
+    def import_image(self, kind: str, path: str, tag: str | None, name: str,
+                     progress: Callable[[int, int | None, str], None] | None = None) -> dict:
+        """Import the image ``tag`` of ``path`` as ``name``. ``kind``: ``oci`` (a layout directory),
+        ``oci-archive`` (a tar of one) or ``docker-archive`` (``docker save``). Layers the store has
+        already are not unpacked again; every blob is checked against its digest or diff_id."""
+        if kind == "oci":
+            return self._import(layout.read_image(path, tag), name, progress)
+        if kind not in ("oci-archive", "docker-archive"):
+            raise LayerfsError(f"{kind}: not an image source (oci, oci-archive, docker-archive)")
+        unpacked = os.path.join(self.root, "tmp", uuid.uuid4().hex)
+        try:
+            _extract_archive(path, unpacked)
+            image = layout.read_image(unpacked, tag) if kind == "oci-archive" else \
+                layout.read_docker_save(unpacked, tag)
+            return self._import(image, name, progress)
+        finally:
+            shutil.rmtree(unpacked, ignore_errors=True)
+
+    def _import(self, image: layout.Image, name: str, progress) -> dict:
         with self._locked():
             for number, layer in enumerate(image.layers, 1):
                 if os.path.isdir(self.layer_path(layer.diff_id)):
                     continue
                 step = None if progress is None else (
                     lambda done, total, n=number: progress(done, total, f"layer {n}/{len(image.layers)}"))
-                with layout.VerifiedBlob(path, layer.digest, layer.size) as blob:
+                with layer.open() as blob:
                     self._add_layer(blob, layer.diff_id, step)
             record = {"manifest": image.manifest_digest, "config_digest": image.config_digest,
                       "config": image.config, "layers": [layer.diff_id for layer in image.layers]}
@@ -236,6 +250,20 @@ def _reflink(src: str, dst: str, st: os.stat_result) -> bool:
     if not cloned:
         os.unlink(dst)
     return cloned
+
+
+def _extract_archive(path: str, dest: str) -> None:
+    """An image archive (a plain tar of files and relative symlinks) extracted into ``dest``; tarfile's
+    "data" filter refuses what could reach outside it."""
+    import tarfile
+
+    try:
+        with tarfile.open(path) as tar:
+            tar.extractall(dest, filter="data")
+    except FileNotFoundError:
+        raise LayerfsError(f"{path}: no such file") from None
+    except (tarfile.TarError, OSError) as e:
+        raise LayerfsError(f"{path}: not a readable image archive ({e})") from None
 
 
 def _content_key(path: str, st: os.stat_result) -> str:

@@ -101,3 +101,20 @@ def test_errors_name_the_problem(tmp_path):
     for source, message in ((f"oci:{tmp_path}", "not an OCI image layout"), (str(tmp_path), "oci:DIR")):
         result = _layerfs("import", "--root", tmp_path / "store", source, check=False)
         assert result.returncode != 0 and message in result.stderr and result.stderr.count("\n") == 1, result.stderr
+
+
+def test_archives_from_skopeo_import_to_the_same_layers(layout, mounts, tmp_path):
+    store = tmp_path / "store"
+    docker, oci = tmp_path / "image-docker.tar", tmp_path / "image-oci.tar"
+    for destination in (f"docker-archive:{docker}:demo:v2", f"oci-archive:{oci}:v2"):
+        subprocess.run(["skopeo", "copy", f"oci:{layout}:v2", destination], check=True, capture_output=True,
+                       timeout=120)
+    _layerfs("import", "--root", store, f"oci:{layout}:v2", "from-layout")
+    _layerfs("import", "--root", store, f"docker-archive:{docker}", "from-docker")
+    _layerfs("import", "--root", store, f"oci-archive:{oci}:v2", "from-oci-archive")
+    images = json.loads((store / "images.json").read_text())
+    assert images["from-docker"]["layers"] == images["from-oci-archive"]["layers"] == images["from-layout"]["layers"]
+    assert len(os.listdir(store / "layers")) == 2 and os.listdir(store / "tmp") == []
+    lowers = _layerfs("images", "--root", store, "--lowerdir", "from-docker").stdout.strip().split(":")
+    mounted = mounts.layerfs(tmp_path / "mnt", [Path(p) for p in lowers])
+    assert (mounted / "etc/app/conf").read_text() == "color=red\n"

@@ -1,11 +1,15 @@
-"""Reading an OCI image layout directory (``oci:DIR[:TAG]``, what skopeo, umoci and buildah write).
+"""Reading images as tools write them: an OCI image layout directory (``oci:DIR[:TAG]``, what skopeo,
+umoci and buildah write), and the unpacked content of a ``docker save`` archive.
 
     DIR/oci-layout          {"imageLayoutVersion": "1.0.0"}
     DIR/index.json          manifests, a tag in each one's ``org.opencontainers.image.ref.name``
     DIR/blobs/sha256/<hex>  manifests, configs and layers, each named by the sha256 of its bytes
 
+    DIR/manifest.json       docker save: [{"Config": FILE, "RepoTags": [...], "Layers": [FILE, ...]}]
+
 Every blob is checked against its name as it is read: a manifest or config before it is parsed, a layer
-as it streams (``VerifiedBlob`` fails at its end if the bytes were not the ones named).
+as it streams (``VerifiedBlob`` fails at its end if the bytes were not the ones named). A docker archive
+names its layers by file, not digest: their diff_ids, checked when they are unpacked, vouch for them.
 """
 
 from __future__ import annotations
@@ -23,10 +27,17 @@ _MAX_JSON = 16 << 20  # a manifest, config or index larger than this is not one
 
 
 class Layer(NamedTuple):
-    digest: str  # of the blob as stored (compressed or not)
+    path: str  # the blob's file
+    digest: str | None  # of the blob as stored (compressed or not); None where the format names none
     diff_id: str  # of the uncompressed tar, from the config
     size: int
     media_type: str
+
+    def open(self) -> BinaryIO:
+        """The blob as a stream; checked against its digest as it is read, where it has one."""
+        if self.digest is not None:
+            return VerifiedBlob(self.path, self.digest, self.size)
+        return open(self.path, "rb")
 
 
 class Image(NamedTuple):
@@ -46,12 +57,12 @@ def _blob_path(layout: str, digest: str) -> str:
 class VerifiedBlob:
     """A blob read as a stream, its sha256 and size checked when its end is reached."""
 
-    def __init__(self, layout: str, digest: str, size: int) -> None:
+    def __init__(self, path: str, digest: str, size: int) -> None:
         self.digest, self.size, self.name = digest, size, f"blob {digest}"
         try:
-            self._f: BinaryIO = open(_blob_path(layout, digest), "rb")
+            self._f: BinaryIO = open(path, "rb")
         except FileNotFoundError:
-            raise LayerfsError(f"{layout}: the image names {digest}, which the layout does not have") from None
+            raise LayerfsError(f"the image names {digest}, which its archive or layout does not have") from None
         self._hash = hashlib.sha256()
         self._read = 0
 
@@ -123,6 +134,46 @@ def read_image(layout: str, tag: str | None = None) -> Image:
     descriptors = manifest.get("layers") or []
     if len(diff_ids) != len(descriptors):
         raise LayerfsError(f"{layout}: the manifest lists {len(descriptors)} layers, the config {len(diff_ids)}")
-    layers = [Layer(d["digest"], diff_id, int(d["size"]), d.get("mediaType", ""))
+    layers = [Layer(_blob_path(layout, d["digest"]), d["digest"], diff_id, int(d["size"]), d.get("mediaType", ""))
               for d, diff_id in zip(descriptors, diff_ids)]
     return Image(descriptor["digest"], config_digest, config, layers)
+
+
+def read_docker_save(root: str, name: str | None = None) -> Image:
+    """The image ``name`` (one of its RepoTags; the only one if None) of an unpacked ``docker save``."""
+    try:
+        with open(os.path.join(root, "manifest.json")) as f:
+            entries = json.load(f)
+    except (OSError, ValueError):
+        raise LayerfsError("not a docker archive (no readable manifest.json)") from None
+    if name is not None:
+        entries = [e for e in entries if name in (e.get("RepoTags") or [])
+                   or any(t.endswith("/" + name) for t in e.get("RepoTags") or [])]
+    if len(entries) != 1:
+        raise LayerfsError(f"the docker archive holds {len(entries)} images{' named ' + name if name else ''}")
+    entry = entries[0]
+    config_path = _inside(root, entry["Config"])
+    with open(config_path, "rb") as f:
+        data = f.read(_MAX_JSON + 1)
+    config_digest = f"sha256:{hashlib.sha256(data).hexdigest()}"
+    stem = os.path.basename(config_path).removesuffix(".json")
+    if len(stem) == 64 and f"sha256:{stem}" != config_digest:
+        raise LayerfsError(f"docker archive: the config {entry['Config']} does not match its name")
+    config = json.loads(data)
+    diff_ids = (config.get("rootfs") or {}).get("diff_ids") or []
+    if len(diff_ids) != len(entry.get("Layers") or []):
+        raise LayerfsError(f"docker archive: {len(entry.get('Layers') or [])} layer files, {len(diff_ids)} in the config")
+    layers = []
+    for file, diff_id in zip(entry["Layers"], diff_ids):
+        path = _inside(root, file)
+        layers.append(Layer(path, None, diff_id, os.path.getsize(path), "application/vnd.docker.image.rootfs.diff.tar"))
+    manifest_digest = f"sha256:{hashlib.sha256(json.dumps(entry, sort_keys=True).encode()).hexdigest()}"
+    return Image(manifest_digest, config_digest, config, layers)
+
+
+def _inside(root: str, name: str) -> str:
+    """``name`` (from an archive's manifest) as a file below ``root``, symlinks resolved inside it."""
+    path = os.path.realpath(os.path.join(root, name))
+    if not path.startswith(os.path.realpath(root) + os.sep) or not os.path.isfile(path):
+        raise LayerfsError(f"archive names {name!r}, which it does not hold")
+    return path
