@@ -15,7 +15,8 @@ import sys
 from . import __version__
 from .errors import LayerfsError, UsageError
 
-COMMANDS = ("mount", "umount", "diff", "export", "commit", "import", "images", "example")
+COMMANDS = ("mount", "umount", "diff", "export", "commit", "import", "images", "create", "rm", "example")
+_ROOT_HELP = "the store (default $LAYERFS_ROOT, else /var/lib/layerfs)"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -23,13 +24,16 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"layerfs version {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    m = sub.add_parser("mount", help="mount lower layers under an upper layer",
-                       usage="layerfs mount [-f] [--debug] -o lowerdir=L1:L2,upperdir=U,workdir=W MOUNTPOINT")
+    m = sub.add_parser("mount", help="mount lower layers under an upper layer, or a container of the store",
+                       usage="layerfs mount [-f] [--debug] -o lowerdir=L1:L2,upperdir=U,workdir=W MOUNTPOINT\n"
+                             "       layerfs mount [--root DIR] CONTAINER [MOUNTPOINT]")
     m.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
                    help="lowerdir=DIR[:DIR...] (leftmost on top), upperdir=DIR, workdir=DIR, volatile, ro")
     m.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
     m.add_argument("-d", "--debug", action="store_true", help="log every operation (implies nothing else)")
     m.add_argument("mountpoint", nargs="?")
+    m.add_argument("container_mountpoint", nargs="?", help=argparse.SUPPRESS)
+    m.add_argument("--root", metavar="DIR", help=_ROOT_HELP)
 
     u = sub.add_parser("umount", help="unmount a layerfs mount (a dead one too)")
     u.add_argument("-l", "--lazy", action="store_true", help="detach now, clean up when no longer busy")
@@ -57,8 +61,8 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("commit", help="freeze a container's changes into a read-only layer, usable as a lowerdir",
                        usage="layerfs commit [--root DIR] MOUNTPOINT\n"
                              "       layerfs commit [--root DIR] --upperdir U --lowerdir L1:L2 [--workdir W]")
-    c.add_argument("target", nargs="?", metavar="MOUNTPOINT", help="a running layerfs mount")
-    c.add_argument("--root", metavar="DIR", help="the store (default $LAYERFS_ROOT, else /var/lib/layerfs)")
+    c.add_argument("target", nargs="?", metavar="CONTAINER|MOUNTPOINT", help="a container, or a running mount")
+    c.add_argument("image", nargs="?", metavar="IMAGE[:TAG]", help="record it as a new image (a container's only)")
     c.add_argument("--share", default="reflink", choices=("reflink", "hardlink", "none"),
                    help="how alike files share their data in the store: reflink (invisible; none on ext4), "
                         "hardlink (everywhere, but st_nlink shows it), none")
@@ -69,13 +73,24 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("source", metavar="SOURCE", help="oci:DIR[:TAG] (an OCI image layout), oci-archive:FILE[:TAG], "
                                                     "docker-archive:FILE[:NAME:TAG] (docker save)")
     i.add_argument("name", nargs="?", help="the name to give it (default: the layout's directory name and the tag)")
-    i.add_argument("--root", metavar="DIR", help="the store (default $LAYERFS_ROOT, else /var/lib/layerfs)")
+    i.add_argument("--root", metavar="DIR", help=_ROOT_HELP)
     i.add_argument("--debug", action="store_true")
 
     g = sub.add_parser("images", help="list the store's images")
-    g.add_argument("--root", metavar="DIR", help="the store (default $LAYERFS_ROOT, else /var/lib/layerfs)")
+    g.add_argument("--root", metavar="DIR", help=_ROOT_HELP)
     g.add_argument("--lowerdir", metavar="IMAGE", help="print the lowerdir= list that mounts IMAGE")
     g.add_argument("--debug", action="store_true")
+
+    n = sub.add_parser("create", help="make a container of an image", usage="layerfs create [--root DIR] --name C IMAGE")
+    n.add_argument("--name", required=True)
+    n.add_argument("image")
+    n.add_argument("--root", metavar="DIR", help=_ROOT_HELP)
+    n.add_argument("--debug", action="store_true")
+
+    r = sub.add_parser("rm", help="remove a container (not mounted) and its changes")
+    r.add_argument("name")
+    r.add_argument("--root", metavar="DIR", help=_ROOT_HELP)
+    r.add_argument("--debug", action="store_true")
 
     e = sub.add_parser("example", help="build a small layered busybox rootfs, run a command in it, show its changes")
     e.add_argument("--dir", help="build in DIR and keep it (default: a temporary directory, removed after)")
@@ -84,6 +99,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _container_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--root", metavar="DIR", help=_ROOT_HELP)
     p.add_argument("--upperdir", help="the upper layer of an unmounted container")
     p.add_argument("--lowerdir", help="its lower layers, leftmost on top")
     p.add_argument("--workdir", help="its work directory (where layerfs keeps its change index)")
@@ -105,7 +121,9 @@ def _container(args: argparse.Namespace, *, path_argument: bool):
             (args.target or "/") if path_argument else "/"
     if args.target is None:
         raise UsageError(f"{args.command} of what? give a mount point, or --upperdir and --lowerdir")
-    return container.of_mount(args.target), (args.path or "/") if path_argument else "/"
+    from .store import root_from
+
+    return container.of_name_or_mount(args.target, root_from(args.root)), (args.path or "/") if path_argument else "/"
 
 
 def _split_tag(reference: str) -> tuple[str, str | None]:
@@ -163,8 +181,16 @@ def _output(path: str):
 
 def _run(args: argparse.Namespace) -> int:
     if args.command == "mount":
-        from . import mount, options
+        from . import mount, options, store
 
+        if not args.options and args.mountpoint:  # a container of the store
+            record = store.Store(store.root_from(args.root)).container(args.mountpoint)
+            if record is None:
+                raise UsageError(f"{args.mountpoint}: no such container (or give -o lowerdir=...)")
+            args.options = [f"lowerdir={':'.join(record['lowers'])},upperdir={record['upper']},workdir={record['work']}"]
+            args.mountpoint = args.container_mountpoint or record["merged"]
+        elif args.container_mountpoint:
+            raise UsageError(f"{args.container_mountpoint}: one mount point only")
         config = options.parse(args.options, args.mountpoint)
         for warning in config.warnings:
             print(f"layerfs: warning: {warning}", file=sys.stderr)
@@ -196,9 +222,26 @@ def _run(args: argparse.Namespace) -> int:
         from . import container, store
 
         target, _ = _container(args, path_argument=False)
-        committed = container.commit(target, store.Store(store.root_from(args.root)), share=args.share,
-                                     unchanged_copies=args.all)
+        images = store.Store(store.root_from(args.root))
+        committed = container.commit(target, images, share=args.share, unchanged_copies=args.all)
         print(f"{committed.path}\ndiff_id {committed.diff_id}{'' if committed.new else ' (in the store already)'}")
+        if args.image:
+            record = images.container(args.target) if args.target else None
+            if record is None:
+                raise UsageError("a new image needs a container of the store to start from: layerfs commit C IMAGE")
+            images.add_image(args.image, record["image"], committed.diff_id)
+            print(f"image {args.image}")
+        return 0
+    if args.command == "create":
+        from . import store
+
+        record = store.Store(store.root_from(args.root)).create(args.name, args.image)
+        print(record["name"])
+        return 0
+    if args.command == "rm":
+        from . import store
+
+        store.Store(store.root_from(args.root)).remove(args.name)
         return 0
     if args.command == "import":
         from . import store

@@ -43,6 +43,16 @@ def of_mount(mountpoint: str) -> Container:
     return Container(mount.lowers, mount.upper, mount.work)
 
 
+def of_name_or_mount(target: str, store_root: str) -> Container:
+    """A container of the store by name, else the running mount at ``target``."""
+    from .store import Store
+
+    record = Store(store_root).container(target) if "/" not in target else None
+    if record is not None:
+        return Container(record["lowers"], record["upper"], record["work"])
+    return of_mount(target)
+
+
 def of_dirs(lowerdir: str, upperdir: str, workdir: str | None) -> Container:
     lowers = [checked_directory("lowerdir", p) for p in split_escaped(lowerdir, ":")]
     return Container(lowers, checked_directory("upperdir", upperdir),

@@ -2,6 +2,8 @@
 
     STORE/layers/<sha256 hex of the layer's diff_id>/   a layer in overlay form, usable as a lowerdir
     STORE/images.json                                   name:tag -> manifest and config digests, layers
+    STORE/containers/<name>/container.json              the image it came from, its layers' diff_ids
+    STORE/containers/<name>/{upper,work,merged}/        its upper and work dirs, its default mount point
     STORE/content/<2 hex>/<key>                         one inode per distinct file: content and metadata
     STORE/tmp/                                          layers being built (removed when interrupted)
     STORE/lock                                          held by whoever changes the store
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -158,6 +161,78 @@ class Store:
         except BaseException:
             shutil.rmtree(build, ignore_errors=True)
             raise
+
+    # -- containers
+
+    def container_dir(self, name: str) -> str:
+        if not name or "/" in name or name in (".", ".."):
+            raise LayerfsError(f"{name!r}: not a container name")
+        return os.path.join(self.root, "containers", name)
+
+    def container(self, name: str) -> dict | None:
+        """The record of container ``name``, with its directories; None if there is none."""
+        try:
+            with open(os.path.join(self.container_dir(name), "container.json")) as f:
+                record = json.load(f)
+        except FileNotFoundError:
+            return None
+        where = self.container_dir(name)
+        record.update(upper=os.path.join(where, "upper"), work=os.path.join(where, "work"),
+                      merged=os.path.join(where, "merged"),
+                      lowers=[self.layer_path(d) for d in reversed(record["layers"])])
+        return record
+
+    def containers(self) -> list[str]:
+        try:
+            return sorted(os.listdir(os.path.join(self.root, "containers")))
+        except FileNotFoundError:
+            return []
+
+    def create(self, name: str, image: str) -> dict:
+        """A new container of ``image``: an empty upper over the image's layers."""
+        with self._locked():
+            record = self.images().get(image)
+            if record is None:
+                raise LayerfsError(f"no image {image!r} in {self.root} (layerfs images lists them)")
+            where = self.container_dir(name)
+            if os.path.exists(where):
+                raise LayerfsError(f"container {name!r} exists already")
+            build = os.path.join(self.root, "tmp", uuid.uuid4().hex)
+            for sub in ("upper", "work", "merged"):
+                os.makedirs(os.path.join(build, sub), mode=0o755)
+            with open(os.path.join(build, "container.json"), "w") as f:
+                json.dump({"name": name, "image": image, "config_digest": record["config_digest"],
+                           "layers": record["layers"]}, f, indent=1)
+            os.makedirs(os.path.dirname(where), exist_ok=True)
+            os.rename(build, where)
+        return self.container(name)
+
+    def remove(self, name: str) -> None:
+        record = self.container(name)
+        if record is None:
+            raise LayerfsError(f"no container {name!r}")
+        if os.path.ismount(record["merged"]):
+            raise LayerfsError(f"container {name!r} is mounted at {record['merged']}: layerfs umount it first")
+        with self._locked():
+            doomed = os.path.join(self.root, "tmp", uuid.uuid4().hex)
+            os.rename(self.container_dir(name), doomed)  # gone at once; its files go next
+            shutil.rmtree(doomed)
+
+    def add_image(self, name: str, base: str, diff_id: str) -> dict:
+        """Image ``name``: image ``base`` with the layer ``diff_id`` on top (a commit)."""
+        with self._locked():
+            parent = self.images().get(base)
+            if parent is None:
+                raise LayerfsError(f"no image {base!r}")
+            config = json.loads(json.dumps(parent["config"]))
+            rootfs = config.setdefault("rootfs", {"type": "layers", "diff_ids": []})
+            rootfs["diff_ids"] = list(parent["layers"]) + [diff_id]
+            config.setdefault("history", []).append({"created_by": "layerfs commit"})
+            data = json.dumps(config, sort_keys=True, separators=(",", ":")).encode()
+            record = {"manifest": None, "config_digest": f"sha256:{hashlib.sha256(data).hexdigest()}",
+                      "config": config, "layers": rootfs["diff_ids"]}
+            self._set_image(name, record)
+        return record
 
     def _set_image(self, name: str, record: dict) -> None:
         images = self.images()

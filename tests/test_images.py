@@ -118,3 +118,38 @@ def test_archives_from_skopeo_import_to_the_same_layers(layout, mounts, tmp_path
     lowers = _layerfs("images", "--root", store, "--lowerdir", "from-docker").stdout.strip().split(":")
     mounted = mounts.layerfs(tmp_path / "mnt", [Path(p) for p in lowers])
     assert (mounted / "etc/app/conf").read_text() == "color=red\n"
+
+
+def test_a_container_by_name_round_trip(layout, tmp_path):
+    root = tmp_path / "store"
+    _layerfs("import", "--root", root, f"oci:{layout}:v2", "demo:v2")
+    assert _layerfs("create", "--root", root, "--name", "c1", "demo:v2").stdout.strip() == "c1"
+    assert "exists already" in _layerfs("create", "--root", root, "--name", "c1", "demo:v2", check=False).stderr
+    merged = root / "containers/c1/merged"
+    _layerfs("mount", "--root", root, "c1")
+    try:
+        (merged / "etc/app/conf").write_text("color=blue\n")
+        (merged / "srv").mkdir(exist_ok=True)
+        (merged / "srv/data").write_text("kept\n")
+        assert _layerfs("diff", "--root", root, "c1", "/etc").stdout.splitlines() == ["C /etc", "C /etc/app",
+                                                                                      "C /etc/app/conf"]
+        assert "is mounted" in _layerfs("rm", "--root", root, "c1", check=False).stderr
+    finally:
+        _layerfs("umount", merged)
+    assert "image demo:changed" in _layerfs("commit", "--root", root, "c1", "demo:changed").stdout
+    images = json.loads((root / "images.json").read_text())
+    assert images["demo:changed"]["layers"][:-1] == images["demo:v2"]["layers"]
+    assert images["demo:changed"]["config"]["rootfs"]["diff_ids"] == images["demo:changed"]["layers"]
+
+    _layerfs("create", "--root", root, "--name", "c2", "demo:changed")
+    elsewhere = tmp_path / "c2-rootfs"
+    elsewhere.mkdir()
+    _layerfs("mount", "--root", root, "c2", elsewhere)
+    try:
+        assert (elsewhere / "etc/app/conf").read_text() == "color=blue\n"
+        assert (elsewhere / "srv/data").read_text() == "kept\n"
+        assert _layerfs("diff", "--root", root, "c2").stdout == ""
+    finally:
+        _layerfs("umount", elsewhere)
+    _layerfs("rm", "--root", root, "c1")
+    assert sorted(os.listdir(root / "containers")) == ["c2"] and os.listdir(root / "tmp") == []
