@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import os
 import sys
@@ -15,7 +16,8 @@ import sys
 from . import __version__
 from .errors import LayerfsError, UsageError
 
-COMMANDS = ("mount", "umount", "diff", "export", "commit", "import", "images", "create", "rm", "example")
+COMMANDS = ("mount", "umount", "diff", "export", "commit", "import", "images", "create", "rm", "rmi", "layers",
+            "gc", "inspect", "example")
 _ROOT_HELP = "the store (default $LAYERFS_ROOT, else /var/lib/layerfs)"
 
 
@@ -87,10 +89,17 @@ def _parser() -> argparse.ArgumentParser:
     n.add_argument("--root", metavar="DIR", help=_ROOT_HELP)
     n.add_argument("--debug", action="store_true")
 
-    r = sub.add_parser("rm", help="remove a container (not mounted) and its changes")
-    r.add_argument("name")
-    r.add_argument("--root", metavar="DIR", help=_ROOT_HELP)
-    r.add_argument("--debug", action="store_true")
+    for command, help_text, argument in (
+            ("rm", "remove a container (not mounted) and its changes", "name"),
+            ("rmi", "remove an image no container uses (its layers stay until gc)", "name"),
+            ("inspect", "an image or container of the store, as JSON", "name"),
+            ("layers", "the store's layers and what uses each", None),
+            ("gc", "remove the layers no image or container uses", None)):
+        p = sub.add_parser(command, help=help_text)
+        if argument:
+            p.add_argument(argument)
+        p.add_argument("--root", metavar="DIR", help=_ROOT_HELP)
+        p.add_argument("--debug", action="store_true")
 
     e = sub.add_parser("example", help="build a small layered busybox rootfs, run a command in it, show its changes")
     e.add_argument("--dir", help="build in DIR and keep it (default: a temporary directory, removed after)")
@@ -238,10 +247,25 @@ def _run(args: argparse.Namespace) -> int:
         record = store.Store(store.root_from(args.root)).create(args.name, args.image)
         print(record["name"])
         return 0
-    if args.command == "rm":
+    if args.command in ("rm", "rmi", "inspect", "layers", "gc"):
         from . import store
 
-        store.Store(store.root_from(args.root)).remove(args.name)
+        images = store.Store(store.root_from(args.root))
+        if args.command == "rm":
+            images.remove(args.name)
+        elif args.command == "rmi":
+            images.remove_image(args.name)
+        elif args.command == "inspect":
+            record = images.container(args.name) or images.images().get(args.name)
+            if record is None:
+                raise UsageError(f"{args.name}: no such image or container")
+            print(json.dumps(record, indent=1, sort_keys=True))
+        elif args.command == "layers":
+            for diff_id, users in sorted(images.layers().items()):
+                print(f"{diff_id}  {', '.join(users) or '(unused)'}")
+        else:
+            for diff_id in images.gc():
+                print(f"removed {diff_id}")
         return 0
     if args.command == "import":
         from . import store

@@ -234,9 +234,52 @@ class Store:
             self._set_image(name, record)
         return record
 
+    def remove_image(self, name: str) -> None:
+        with self._locked():
+            images = self.images()
+            if name not in images:
+                raise LayerfsError(f"no image {name!r}")
+            users = [c for c in self.containers() if (self.container(c) or {}).get("image") == name]
+            if users:
+                raise LayerfsError(f"image {name!r} is used by container {', '.join(users)} (layerfs rm first)")
+            del images[name]
+            self._write_images(images)
+
+    def layers(self) -> dict[str, list[str]]:
+        """Every layer of the store (diff_id) -> the images and containers that use it."""
+        users: dict[str, list[str]] = {f"sha256:{hexdigest}": [] for hexdigest in self._layer_dirs()}
+        for name, image in self.images().items():
+            for diff_id in image["layers"]:
+                users.setdefault(diff_id, []).append(name)
+        for name in self.containers():
+            for diff_id in (self.container(name) or {}).get("layers", []):
+                users.setdefault(diff_id, []).append(f"container {name}")
+        return users
+
+    def _layer_dirs(self) -> list[str]:
+        return sorted(os.listdir(os.path.join(self.root, "layers")))
+
+    def gc(self) -> list[str]:
+        """Remove the layers no image or container uses, and file data no layer shares any more."""
+        with self._locked():
+            unused = [diff_id for diff_id, users in self.layers().items() if not users]
+            for diff_id in unused:
+                doomed = os.path.join(self.root, "tmp", uuid.uuid4().hex)
+                os.rename(self.layer_path(diff_id), doomed)
+                shutil.rmtree(doomed)
+            pool = os.path.join(self.root, "content")
+            for parent, _, names in os.walk(pool):
+                for name in names:
+                    if os.lstat(os.path.join(parent, name)).st_nlink == 1:  # no layer links it any more
+                        os.unlink(os.path.join(parent, name))
+        return unused
+
     def _set_image(self, name: str, record: dict) -> None:
         images = self.images()
         images[name] = record
+        self._write_images(images)
+
+    def _write_images(self, images: dict) -> None:
         tmp = os.path.join(self.root, "images.json.tmp")
         with open(tmp, "w") as f:
             json.dump(images, f, indent=1, sort_keys=True)

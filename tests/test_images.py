@@ -153,3 +153,23 @@ def test_a_container_by_name_round_trip(layout, tmp_path):
         _layerfs("umount", elsewhere)
     _layerfs("rm", "--root", root, "c1")
     assert sorted(os.listdir(root / "containers")) == ["c2"] and os.listdir(root / "tmp") == []
+
+
+def test_rmi_layers_gc_and_inspect(layout, tmp_path):
+    root = tmp_path / "store"
+    _layerfs("import", "--root", root, f"oci:{layout}:base", "demo:base")
+    _layerfs("import", "--root", root, f"oci:{layout}:v2", "demo:v2")
+    _layerfs("create", "--root", root, "--name", "c", "demo:base")
+    assert "used by container c" in _layerfs("rmi", "--root", root, "demo:base", check=False).stderr
+    inspected = json.loads(_layerfs("inspect", "--root", root, "c").stdout)
+    assert inspected["image"] == "demo:base" and len(inspected["lowers"]) == 1
+    _layerfs("rmi", "--root", root, "demo:v2")
+    top = json.loads(_layerfs("inspect", "--root", root, "demo:base").stdout)["layers"][0]
+    listed = dict(line.split("  ", 1) for line in _layerfs("layers", "--root", root).stdout.splitlines())
+    assert listed[top] == "demo:base, container c" and list(listed.values()).count("(unused)") == 1
+    removed = _layerfs("gc", "--root", root).stdout.split()
+    assert len(removed) == 2 and removed[1] != top and os.listdir(root / "layers") == [top.split(":")[1]]
+    _layerfs("rm", "--root", root, "c")
+    _layerfs("rmi", "--root", root, "demo:base")
+    _layerfs("gc", "--root", root)
+    assert os.listdir(root / "layers") == [] and json.loads((root / "images.json").read_text()) == {}
