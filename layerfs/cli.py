@@ -17,7 +17,7 @@ from . import __version__
 from .errors import LayerfsError, UsageError
 
 COMMANDS = ("mount", "umount", "diff", "export", "commit", "import", "images", "create", "rm", "rmi", "layers",
-            "gc", "inspect", "example")
+            "gc", "inspect", "save", "example")
 _ROOT_HELP = "the store (default $LAYERFS_ROOT, else /var/lib/layerfs)"
 
 
@@ -88,6 +88,13 @@ def _parser() -> argparse.ArgumentParser:
     n.add_argument("image")
     n.add_argument("--root", metavar="DIR", help=_ROOT_HELP)
     n.add_argument("--debug", action="store_true")
+
+    v = sub.add_parser("save", help="write an image of the store into an OCI image layout",
+                       usage="layerfs save [--root DIR] IMAGE oci:DIR[:TAG]")
+    v.add_argument("name", metavar="IMAGE")
+    v.add_argument("destination", metavar="oci:DIR[:TAG]")
+    v.add_argument("--root", metavar="DIR", help=_ROOT_HELP)
+    v.add_argument("--debug", action="store_true")
 
     for command, help_text, argument in (
             ("rm", "remove a container (not mounted) and its changes", "name"),
@@ -246,6 +253,15 @@ def _run(args: argparse.Namespace) -> int:
 
         record = store.Store(store.root_from(args.root)).create(args.name, args.image)
         print(record["name"])
+        return 0
+    if args.command == "save":
+        from . import store
+
+        if not args.destination.startswith("oci:"):
+            raise UsageError(f"{args.destination}: give an OCI image layout as oci:DIR[:TAG]")
+        where, tag = _split_tag(args.destination[len("oci:"):])
+        tag = tag or args.name.rpartition(":")[2] or "latest"
+        print(store.Store(store.root_from(args.root)).save(args.name, where, tag))
         return 0
     if args.command in ("rm", "rmi", "inspect", "layers", "gc"):
         from . import store

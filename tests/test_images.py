@@ -19,7 +19,8 @@ BUSYBOX = shutil.which("busybox") or "/bin/busybox"
 
 
 def _umoci(*args: str | os.PathLike) -> None:
-    subprocess.run(["umoci", *map(str, args)], check=True, capture_output=True, timeout=120)
+    result = subprocess.run(["umoci", *map(str, args)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, f"umoci {' '.join(map(str, args))}: {result.stderr}"
 
 
 def _layerfs(*args: str | os.PathLike, check: bool = True) -> subprocess.CompletedProcess:
@@ -173,3 +174,34 @@ def test_rmi_layers_gc_and_inspect(layout, tmp_path):
     _layerfs("rmi", "--root", root, "demo:base")
     _layerfs("gc", "--root", root)
     assert os.listdir(root / "layers") == [] and json.loads((root / "images.json").read_text()) == {}
+
+
+def test_a_committed_image_saved_as_a_layout_unpacks_with_umoci_to_the_changed_tree(layout, mounts, tmp_path):
+    root = tmp_path / "store"
+    _layerfs("import", "--root", root, f"oci:{layout}:v2", "demo:v2")
+    _layerfs("create", "--root", root, "--name", "c", "demo:v2")
+    merged = root / "containers/c/merged"
+    _layerfs("mount", "--root", root, "c")
+    try:
+        (merged / "etc/app/conf").write_text("color=blue\n")
+        (merged / "bin/sh").unlink()
+        os.symlink("/bin/busybox", merged / "bin/sh")
+        shutil.rmtree(merged / "var/cache/app")
+        (merged / "srv").mkdir(exist_ok=True)
+        (merged / "srv/data").write_text("kept\n")
+    finally:
+        _layerfs("umount", merged)
+    _layerfs("commit", "--root", root, "c", "demo:changed")
+    saved = tmp_path / "saved"
+    _layerfs("save", "--root", root, "demo:changed", f"oci:{saved}:changed")
+    bundle = tmp_path / "saved-bundle"
+    _umoci("unpack", "--image", f"{saved}:changed", bundle)
+    lowers = _layerfs("images", "--root", root, "--lowerdir", "demo:changed").stdout.strip().split(":")
+    mounted = mounts.layerfs(tmp_path / "mnt", [Path(p) for p in lowers])
+    # The root directory's own times are not carried by the layers (no "./" entry, as docker's layers).
+    unpacked, ours = snapshot(bundle / "rootfs"), snapshot(mounted)
+    for snap in (unpacked, ours):
+        del snap.entries["."], snap.inodes["."]
+    assert_same(unpacked, ours, what="umoci's unpack of the saved image vs the store", names=("umoci", "layerfs"))
+    assert (bundle / "rootfs/etc/app/conf").read_text() == "color=blue\n"
+    assert not (bundle / "rootfs/var/cache/app").exists() and (bundle / "rootfs/srv/data").exists()
