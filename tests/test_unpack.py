@@ -31,7 +31,9 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
+import zstandard
 
+from layerfs.core import whiteout
 from layerfs.core.changes import changes
 from layerfs.core.whiteout import OPAQUE_XATTR_TRUSTED, OPAQUE_XATTR_USER, make_whiteout, mark_opaque
 from layerfs.errors import LayerfsError
@@ -667,8 +669,9 @@ def _damaged_cases() -> list:
         pytest.param(packed[:-4] + b"\0\0\0\0", r"the gzip data is damaged \(Incorrect length", id="gzip-bad-length"),
         pytest.param(packed + b"garbage", r"after entry 'after': the gzip data is damaged \(Not a gzipped file",
                      id="gzip-trailing-garbage"),
-        pytest.param(b"\x28\xb5\x2f\xfd" + b"\0" * 100, r"^cannot unpack the layer: it is zstd-compressed",
-                     id="zstd"),
+        pytest.param(b"\x28\xb5\x2f\xfd" + b"\1" * 100, r"the zstd data is damaged|it is empty", id="zstd-garbled"),
+        pytest.param(zstandard.ZstdCompressor().compress(b"not a tar at all\n" * 40), r"it is not a tar",
+                     id="zstd-not-a-tar"),
     ]
 
 
@@ -747,3 +750,22 @@ def test_without_root_owners_and_devices_are_errors_markers_fall_back(user_dir):
     assert error is None and left == ["d"]
     assert kind_of(user_dir / "d/x") == "whiteout"
     assert os.getxattr(user_dir / "d", OPAQUE_XATTR_USER) == b"y"
+
+
+def test_a_zstd_layer_unpacks_like_the_plain_one(tmp_path):
+    plain = io.BytesIO()
+    with tarfile.open(fileobj=plain, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo("etc/hello")
+        info.size = 6
+        tar.addfile(info, io.BytesIO(b"hello\n"))
+        whiteout_entry = tarfile.TarInfo("etc/.wh.gone")
+        tar.addfile(whiteout_entry)
+    data = plain.getvalue()
+    compressed = zstandard.ZstdCompressor().compress(data[:700]) + zstandard.ZstdCompressor().compress(data[700:])
+    results = []
+    for name, blob in (("plain", data), ("zstd", compressed)):
+        dest = tmp_path / name
+        dest.mkdir()
+        results.append(unpack_layer(io.BytesIO(blob), str(dest)))
+        assert (dest / "etc/hello").read_text() == "hello\n" and whiteout.is_whiteout_stat(os.lstat(dest / "etc/gone"))
+    assert results[0].diff_id == results[1].diff_id == "sha256:" + hashlib.sha256(data).hexdigest()

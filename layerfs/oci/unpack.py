@@ -1,7 +1,7 @@
 """An OCI image layer tar unpacked into a layer directory in overlay form, safely.
 
 ``unpack_layer(stream, dest)`` is the inverse of ``layertar.write_layer``: it reads a layer (a tar, plain or
-gzip-compressed, told apart by gzip's magic bytes) and builds in the empty directory ``dest`` the layer as
+gzip- or zstd-compressed, told apart by their magic bytes) and builds in the empty directory ``dest`` the layer as
 kernel overlayfs and layerfs read a lowerdir:
 
 - An OCI whiteout ``DIR/.wh.NAME`` becomes overlay's whiteout, a 0/0 character device ``DIR/NAME``, and
@@ -61,6 +61,8 @@ import stat
 import tarfile
 import zlib
 from typing import BinaryIO, Callable, Iterator, NamedTuple
+
+import zstandard
 
 from ..core import whiteout, xattr
 from ..errors import LayerfsError
@@ -176,19 +178,24 @@ class _Input:
     def __init__(self, stream: BinaryIO, progress: ProgressFn | None) -> None:
         self.raw = _Raw(stream, progress)
         head = self.raw.peek(4)
-        if head.startswith(_ZSTD_MAGIC):
-            raise _Reason("it is zstd-compressed; layerfs reads plain and gzip-compressed layers")
-        self.gzip = gzip.GzipFile(fileobj=self.raw, mode="rb") if head.startswith(_GZIP_MAGIC) else None
+        self.compression = "zstd" if head.startswith(_ZSTD_MAGIC) else "gzip" if head.startswith(_GZIP_MAGIC) else None
+        if self.compression == "zstd":
+            # read_across_frames: a layer may be several zstd frames one after the other, as gzip members.
+            self.decompressed = zstandard.ZstdDecompressor().stream_reader(self.raw, read_across_frames=True)
+        elif self.compression == "gzip":
+            self.decompressed = gzip.GzipFile(fileobj=self.raw, mode="rb")
+        else:
+            self.decompressed = None
         self.sha = hashlib.sha256()
         self.size = 0
 
     def read(self, n: int = -1) -> bytes:
         try:
-            data = self.gzip.read(n) if self.gzip is not None else self.raw.read(n)
+            data = self.decompressed.read(n) if self.decompressed is not None else self.raw.read(n)
         except EOFError:
-            raise _Reason("the gzip data ends early (truncated)") from None
-        except (zlib.error, gzip.BadGzipFile) as e:
-            raise _Reason(f"the gzip data is damaged ({e})") from None
+            raise _Reason(f"the {self.compression} data ends early (truncated)") from None
+        except (zlib.error, gzip.BadGzipFile, zstandard.ZstdError) as e:
+            raise _Reason(f"the {self.compression} data is damaged ({e})") from None
         self.sha.update(data)
         self.size += len(data)
         return data
