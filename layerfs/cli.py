@@ -73,7 +73,8 @@ def _parser() -> argparse.ArgumentParser:
     i = sub.add_parser("import", help="import an image into the store",
                        usage="layerfs import [--root DIR] SOURCE [NAME[:TAG]]")
     i.add_argument("source", metavar="SOURCE", help="oci:DIR[:TAG] (an OCI image layout), oci-archive:FILE[:TAG], "
-                                                    "docker-archive:FILE[:NAME:TAG] (docker save)")
+                                                    "docker-archive:FILE[:NAME:TAG] (docker save), "
+                                                    "rootfs:FILE.tar (a root filesystem, as docker import takes)")
     i.add_argument("name", nargs="?", help="the name to give it (default: the layout's directory name and the tag)")
     i.add_argument("--root", metavar="DIR", help=_ROOT_HELP)
     i.add_argument("--debug", action="store_true")
@@ -288,9 +289,12 @@ def _run(args: argparse.Namespace) -> int:
         from .progress import on_terminal
 
         kind, colon, reference = args.source.partition(":")
-        if not colon or kind not in ("oci", "oci-archive", "docker-archive"):
-            raise UsageError(f"{args.source}: give oci:DIR[:TAG], oci-archive:FILE[:TAG] or docker-archive:FILE")
-        if kind == "docker-archive":
+        if not colon or kind not in ("oci", "oci-archive", "docker-archive", "rootfs"):
+            raise UsageError(f"{args.source}: give oci:DIR[:TAG], oci-archive:FILE[:TAG], docker-archive:FILE "
+                             "or rootfs:FILE.tar")
+        if kind == "rootfs":
+            where, tag = reference, None
+        elif kind == "docker-archive":
             where, _, tag = reference.partition(":")
             tag = tag or None
         else:

@@ -120,12 +120,15 @@ class Store:
     def import_image(self, kind: str, path: str, tag: str | None, name: str,
                      progress: Callable[[int, int | None, str], None] | None = None) -> dict:
         """Import the image ``tag`` of ``path`` as ``name``. ``kind``: ``oci`` (a layout directory),
-        ``oci-archive`` (a tar of one) or ``docker-archive`` (``docker save``). Layers the store has
+        ``oci-archive`` (a tar of one), ``docker-archive`` (``docker save``) or ``rootfs`` (a plain tar of a
+        root filesystem, as ``docker import`` takes; a one-layer image). Layers the store has
         already are not unpacked again; every blob is checked against its digest or diff_id."""
         if kind == "oci":
             return self._import(layout.read_image(path, tag), name, progress)
+        if kind == "rootfs":
+            return self._import_rootfs(path, name, progress)
         if kind not in ("oci-archive", "docker-archive"):
-            raise LayerfsError(f"{kind}: not an image source (oci, oci-archive, docker-archive)")
+            raise LayerfsError(f"{kind}: not an image source (oci, oci-archive, docker-archive, rootfs)")
         unpacked = os.path.join(self.root, "tmp", uuid.uuid4().hex)
         try:
             _extract_archive(path, unpacked)
@@ -134,6 +137,34 @@ class Store:
             return self._import(image, name, progress)
         finally:
             shutil.rmtree(unpacked, ignore_errors=True)
+
+    def _import_rootfs(self, path: str, name: str, progress) -> dict:
+        """A plain tar of a root filesystem (``docker import``) as a one-layer image."""
+        with self._locked():
+            build = os.path.join(self.root, "tmp", uuid.uuid4().hex)
+            os.mkdir(build, 0o755)
+            try:
+                with open(path, "rb") as stream:
+                    diff_id = unpack_layer(stream, build, progress=progress).diff_id
+                if os.path.isdir(self.layer_path(diff_id)):
+                    shutil.rmtree(build)
+                else:
+                    os.sync()
+                    os.rename(build, self.layer_path(diff_id))
+            except FileNotFoundError:
+                shutil.rmtree(build, ignore_errors=True)
+                raise LayerfsError(f"{path}: no such file") from None
+            except BaseException:
+                shutil.rmtree(build, ignore_errors=True)
+                raise
+            config = {"architecture": "amd64", "os": "linux", "config": {},
+                      "rootfs": {"type": "layers", "diff_ids": [diff_id]},
+                      "history": [{"created_by": f"layerfs import rootfs:{os.path.basename(path)}"}]}
+            data = json.dumps(config, sort_keys=True, separators=(",", ":")).encode()
+            record = {"manifest": None, "config_digest": f"sha256:{hashlib.sha256(data).hexdigest()}",
+                      "config": config, "layers": [diff_id]}
+            self._set_image(name, record)
+        return record
 
     def _import(self, image: layout.Image, name: str, progress) -> dict:
         with self._locked():

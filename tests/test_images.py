@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import subprocess
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -205,3 +206,26 @@ def test_a_committed_image_saved_as_a_layout_unpacks_with_umoci_to_the_changed_t
     assert_same(unpacked, ours, what="umoci's unpack of the saved image vs the store", names=("umoci", "layerfs"))
     assert (bundle / "rootfs/etc/app/conf").read_text() == "color=blue\n"
     assert not (bundle / "rootfs/var/cache/app").exists() and (bundle / "rootfs/srv/data").exists()
+
+
+def test_a_rootfs_tar_imports_as_a_one_layer_image(layout, mounts, tmp_path):
+    rootfs = tmp_path / "bundle2/rootfs"  # the fixture's last bundle: v2's tree
+    tar_file = tmp_path / "rootfs.tar"
+    subprocess.run(["tar", "-C", rootfs, "--xattrs", "--numeric-owner", "-cf", tar_file, "."], check=True)
+    root = tmp_path / "store"
+    _layerfs("import", "--root", root, f"rootfs:{tar_file}", "flat:1")
+    image = json.loads(_layerfs("inspect", "--root", root, "flat:1").stdout)
+    assert len(image["layers"]) == 1 and image["config"]["rootfs"]["diff_ids"] == image["layers"]
+    lowers = _layerfs("images", "--root", root, "--lowerdir", "flat:1").stdout.strip().split(":")
+    mounted = mounts.layerfs(tmp_path / "mnt", [Path(p) for p in lowers])
+    assert_same(snapshot(rootfs), snapshot(mounted), what="the tarred rootfs vs its image", names=("rootfs", "layerfs"))
+    hostile = tmp_path / "hostile.tar"
+    with tarfile.open(hostile, "w") as tar:
+        tar.addfile(tarfile.TarInfo("ok"))
+        escape = tarfile.TarInfo("../escape")
+        tar.addfile(escape)
+    result = _layerfs("import", "--root", root, f"rootfs:{hostile}", "bad", check=False)
+    assert result.returncode != 0 and "escape" in result.stderr and result.stderr.count("\n") == 1, result.stderr
+    assert "bad" not in json.loads((root / "images.json").read_text())
+    assert os.listdir(root / "tmp") == [] and len(os.listdir(root / "layers")) == 1
+    assert not (tmp_path / "escape").exists() and not (root / "escape").exists()
