@@ -96,9 +96,14 @@ class Store:
 
     @contextlib.contextmanager
     def _locked(self):
-        """Only one command changes the store at a time; readers need no lock (every change is a rename)."""
+        """Only one command changes the store at a time; readers need no lock (every change is a rename).
+        All work in ``tmp`` is done holding the lock, so what the next holder finds there is what an
+        interrupted command left: it goes."""
         with open(os.path.join(self.root, "lock"), "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
+            tmp = os.path.join(self.root, "tmp")
+            for name in os.listdir(tmp):
+                shutil.rmtree(os.path.join(tmp, name), ignore_errors=True)
             yield
 
     # -- images
@@ -123,61 +128,61 @@ class Store:
         ``oci-archive`` (a tar of one), ``docker-archive`` (``docker save``) or ``rootfs`` (a plain tar of a
         root filesystem, as ``docker import`` takes; a one-layer image). Layers the store has
         already are not unpacked again; every blob is checked against its digest or diff_id."""
-        if kind == "oci":
-            return self._import(layout.read_image(path, tag), name, progress)
-        if kind == "rootfs":
-            return self._import_rootfs(path, name, progress)
-        if kind not in ("oci-archive", "docker-archive"):
+        if kind not in ("oci", "oci-archive", "docker-archive", "rootfs"):
             raise LayerfsError(f"{kind}: not an image source (oci, oci-archive, docker-archive, rootfs)")
-        unpacked = os.path.join(self.root, "tmp", uuid.uuid4().hex)
-        try:
-            _extract_archive(path, unpacked)
-            image = layout.read_image(unpacked, tag) if kind == "oci-archive" else \
-                layout.read_docker_save(unpacked, tag)
-            return self._import(image, name, progress)
-        finally:
-            shutil.rmtree(unpacked, ignore_errors=True)
+        with self._locked():
+            if kind == "oci":
+                return self._import(layout.read_image(path, tag), name, progress)
+            if kind == "rootfs":
+                return self._import_rootfs(path, name, progress)
+            unpacked = os.path.join(self.root, "tmp", uuid.uuid4().hex)
+            try:
+                _extract_archive(path, unpacked)
+                image = layout.read_image(unpacked, tag) if kind == "oci-archive" else \
+                    layout.read_docker_save(unpacked, tag)
+                return self._import(image, name, progress)
+            finally:
+                shutil.rmtree(unpacked, ignore_errors=True)
 
     def _import_rootfs(self, path: str, name: str, progress) -> dict:
-        """A plain tar of a root filesystem (``docker import``) as a one-layer image."""
-        with self._locked():
-            build = os.path.join(self.root, "tmp", uuid.uuid4().hex)
-            os.mkdir(build, 0o755)
-            try:
-                with open(path, "rb") as stream:
-                    diff_id = unpack_layer(stream, build, progress=progress).diff_id
-                if os.path.isdir(self.layer_path(diff_id)):
-                    shutil.rmtree(build)
-                else:
-                    os.sync()
-                    os.rename(build, self.layer_path(diff_id))
-            except FileNotFoundError:
-                shutil.rmtree(build, ignore_errors=True)
-                raise LayerfsError(f"{path}: no such file") from None
-            except BaseException:
-                shutil.rmtree(build, ignore_errors=True)
-                raise
-            config = {"architecture": "amd64", "os": "linux", "config": {},
-                      "rootfs": {"type": "layers", "diff_ids": [diff_id]},
-                      "history": [{"created_by": f"layerfs import rootfs:{os.path.basename(path)}"}]}
-            data = json.dumps(config, sort_keys=True, separators=(",", ":")).encode()
-            record = {"manifest": None, "config_digest": f"sha256:{hashlib.sha256(data).hexdigest()}",
-                      "config": config, "layers": [diff_id]}
-            self._set_image(name, record)
+        """(Holding the lock.) A plain tar of a root filesystem (``docker import``) as a one-layer image."""
+        build = os.path.join(self.root, "tmp", uuid.uuid4().hex)
+        os.mkdir(build, 0o755)
+        try:
+            with open(path, "rb") as stream:
+                diff_id = unpack_layer(stream, build, progress=progress).diff_id
+            if os.path.isdir(self.layer_path(diff_id)):
+                shutil.rmtree(build)
+            else:
+                os.sync()
+                os.rename(build, self.layer_path(diff_id))
+        except FileNotFoundError:
+            shutil.rmtree(build, ignore_errors=True)
+            raise LayerfsError(f"{path}: no such file") from None
+        except BaseException:
+            shutil.rmtree(build, ignore_errors=True)
+            raise
+        config = {"architecture": "amd64", "os": "linux", "config": {},
+                  "rootfs": {"type": "layers", "diff_ids": [diff_id]},
+                  "history": [{"created_by": f"layerfs import rootfs:{os.path.basename(path)}"}]}
+        data = json.dumps(config, sort_keys=True, separators=(",", ":")).encode()
+        record = {"manifest": None, "config_digest": f"sha256:{hashlib.sha256(data).hexdigest()}",
+                  "config": config, "layers": [diff_id]}
+        self._set_image(name, record)
         return record
 
     def _import(self, image: layout.Image, name: str, progress) -> dict:
-        with self._locked():
-            for number, layer in enumerate(image.layers, 1):
-                if os.path.isdir(self.layer_path(layer.diff_id)):
-                    continue
-                step = None if progress is None else (
-                    lambda done, total, n=number: progress(done, total, f"layer {n}/{len(image.layers)}"))
-                with layer.open() as blob:
-                    self._add_layer(blob, layer.diff_id, step)
-            record = {"manifest": image.manifest_digest, "config_digest": image.config_digest,
-                      "config": image.config, "layers": [layer.diff_id for layer in image.layers]}
-            self._set_image(name, record)
+        """(Holding the lock.) The image's layers the store lacks, then its record."""
+        for number, layer in enumerate(image.layers, 1):
+            if os.path.isdir(self.layer_path(layer.diff_id)):
+                continue
+            step = None if progress is None else (
+                lambda done, total, n=number: progress(done, total, f"layer {n}/{len(image.layers)}"))
+            with layer.open() as blob:
+                self._add_layer(blob, layer.diff_id, step)
+        record = {"manifest": image.manifest_digest, "config_digest": image.config_digest,
+                  "config": image.config, "layers": [layer.diff_id for layer in image.layers]}
+        self._set_image(name, record)
         return record
 
     def _add_layer(self, stream, diff_id: str, progress) -> None:
@@ -368,21 +373,19 @@ class Store:
         found = list(changes)
         diff_id = write_layer(_Discard(), upper, found, progress=progress).diff_id
         final = self.layer_path(diff_id)
-        if os.path.isdir(final):
-            return Committed(final, diff_id, new=False)
-        build = os.path.join(self.root, "tmp", diff_id.removeprefix("sha256:") + f".{os.getpid()}")
-        shutil.rmtree(build, ignore_errors=True)
-        os.mkdir(build, 0o755)
-        try:
-            _copy_changes(upper, found, build)
-            self._share_content(build, share)
-            os.sync()  # the layer is whole on disk before it gets its name
-            os.rename(build, final)
-        except FileExistsError:
-            shutil.rmtree(build, ignore_errors=True)  # committed meanwhile by someone else: the same layer
-        except BaseException:
-            shutil.rmtree(build, ignore_errors=True)
-            raise
+        with self._locked():
+            if os.path.isdir(final):
+                return Committed(final, diff_id, new=False)
+            build = os.path.join(self.root, "tmp", uuid.uuid4().hex)
+            os.mkdir(build, 0o755)
+            try:
+                _copy_changes(upper, found, build)
+                self._share_content(build, share)
+                os.sync()  # the layer is whole on disk before it gets its name
+                os.rename(build, final)
+            except BaseException:
+                shutil.rmtree(build, ignore_errors=True)
+                raise
         return Committed(final, diff_id, new=True)
 
     def _share_content(self, layer: str, share: str) -> None:

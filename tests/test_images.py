@@ -229,3 +229,13 @@ def test_a_rootfs_tar_imports_as_a_one_layer_image(layout, mounts, tmp_path):
     assert "bad" not in json.loads((root / "images.json").read_text())
     assert os.listdir(root / "tmp") == [] and len(os.listdir(root / "layers")) == 1
     assert not (tmp_path / "escape").exists() and not (root / "escape").exists()
+
+
+def test_concurrent_imports_leave_a_consistent_store(layout, tmp_path):
+    root = tmp_path / "store"
+    runs = [subprocess.Popen(LAYERFS + ["import", "--root", str(root), f"oci:{layout}:{tag}", f"img{n}:{tag}"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            for n in range(3) for tag in ("base", "v2")]
+    assert [run.wait(timeout=120) for run in runs] == [0] * len(runs), [run.stderr.read() for run in runs]
+    images = json.loads((root / "images.json").read_text())
+    assert len(images) == 6 and len(os.listdir(root / "layers")) == 2 and os.listdir(root / "tmp") == []
