@@ -17,7 +17,7 @@ from . import __version__
 from .errors import LayerfsError, UsageError
 
 COMMANDS = ("mount", "umount", "diff", "export", "commit", "import", "images", "create", "rm", "rmi", "layers",
-            "gc", "inspect", "save", "example")
+            "gc", "inspect", "save", "run", "example")
 _ROOT_HELP = "the store (default $LAYERFS_ROOT, else /var/lib/layerfs)"
 
 
@@ -89,6 +89,21 @@ def _parser() -> argparse.ArgumentParser:
     n.add_argument("image")
     n.add_argument("--root", metavar="DIR", help=_ROOT_HELP)
     n.add_argument("--debug", action="store_true")
+
+    x = sub.add_parser("run", help="run a command in a container of an image (or of lower dirs)",
+                       usage="layerfs run [--root DIR] [--name C] [--rm] [-e K=V] [-w DIR] [-u UID[:GID]] "
+                             "[--hostname H] [--net host|none] IMAGE|--lower DIR... [--] [CMD ARGS...]")
+    x.add_argument("--root", metavar="DIR", help=_ROOT_HELP)
+    x.add_argument("--name", help="the container's name (default: run-<random>)")
+    x.add_argument("--rm", action="store_true", help="remove the container when the command ends")
+    x.add_argument("-e", "--env", action="append", default=[], metavar="K=V")
+    x.add_argument("-w", "--workdir", metavar="DIR", help="the command's working directory")
+    x.add_argument("-u", "--user", metavar="UID[:GID]")
+    x.add_argument("--hostname")
+    x.add_argument("--net", choices=("host", "none"), default="host")
+    x.add_argument("--lower", action="append", metavar="DIR", help="plain lower dirs instead of an image (top first)")
+    x.add_argument("--debug", action="store_true")
+    x.add_argument("args", nargs=argparse.REMAINDER, metavar="IMAGE [CMD ...]")
 
     v = sub.add_parser("save", help="write an image of the store into an OCI image layout",
                        usage="layerfs save [--root DIR] IMAGE oci:DIR[:TAG]")
@@ -255,6 +270,10 @@ def _run(args: argparse.Namespace) -> int:
         record = store.Store(store.root_from(args.root)).create(args.name, args.image)
         print(record["name"])
         return 0
+    if args.command == "run":
+        from . import run
+
+        return run.main(args)
     if args.command == "save":
         from . import store
 

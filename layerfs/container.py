@@ -33,6 +33,8 @@ class Container:
     lowers: list[str]
     upper: str | None
     work: str | None
+    # What the runtime made for itself (mount points it had to create), never shown as a change.
+    runtime_paths: tuple[str, ...] = ()
 
 
 def of_mount(mountpoint: str) -> Container:
@@ -49,7 +51,7 @@ def of_name_or_mount(target: str, store_root: str) -> Container:
 
     record = Store(store_root).container(target) if "/" not in target else None
     if record is not None:
-        return Container(record["lowers"], record["upper"], record["work"])
+        return Container(record["lowers"], record["upper"], record["work"], tuple(record.get("runtime_paths", ())))
     return of_mount(target)
 
 
@@ -73,6 +75,8 @@ def container_changes(container: Container, *, under: str = "/", unchanged_copie
             index.close()
     else:
         found = changes(container.upper, container.lowers, unchanged_copies=unchanged_copies)
+    if container.runtime_paths:
+        found = [c for c in found if c.path not in container.runtime_paths]
     under = "/" + under.strip("/")
     if under == "/":
         return found

@@ -243,6 +243,17 @@ class Store:
             os.rename(build, where)
         return self.container(name)
 
+    def add_runtime_paths(self, name: str, paths: list[str]) -> None:
+        """Paths the runtime made in container ``name`` for itself: its diff leaves them out."""
+        path = os.path.join(self.container_dir(name), "container.json")
+        with self._locked():
+            with open(path) as f:
+                record = json.load(f)
+            record["runtime_paths"] = sorted(set(record.get("runtime_paths", [])) | set(paths))
+            with open(path + ".tmp", "w") as f:
+                json.dump(record, f, indent=1)
+            os.replace(path + ".tmp", path)
+
     def remove(self, name: str) -> None:
         record = self.container(name)
         if record is None:

@@ -1,0 +1,73 @@
+"""``layerfs run``: the command line's side: which layers, which process, and the container's life cycle
+(create, mount, run, unmount, remove with ``--rm``) around shim.run."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import uuid
+
+from . import mount, options, shim, store
+from .errors import UsageError
+
+_DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def main(args: argparse.Namespace) -> int:
+    words = list(args.args)
+    if args.lower:
+        if words[:1] == ["--"]:
+            words = words[1:]
+        return _run_on_lowers([os.path.abspath(p) for p in args.lower], words, args)
+    if not words:
+        raise UsageError("run what? give an IMAGE (or --lower DIR) and a command")
+    image, command = words[0], words[1:]
+    if command[:1] == ["--"]:
+        command = command[1:]
+    images = store.Store(store.root_from(args.root))
+    config = (images.images().get(image) or {}).get("config", {}).get("config") or {}
+    record = images.create(args.name or f"run-{uuid.uuid4().hex[:8]}", image)
+    try:
+        return _run(record["lowers"], record["upper"], record["work"], record["merged"], command, config, args,
+                    made=lambda paths: images.add_runtime_paths(record["name"], paths))
+    finally:
+        if args.rm:
+            images.remove(record["name"])
+
+
+def _run_on_lowers(lowers: list[str], command: list[str], args: argparse.Namespace) -> int:
+    """A container of plain lower directories, with a throwaway upper."""
+    where = tempfile.mkdtemp(prefix="layerfs-run-")
+    try:
+        dirs = [os.path.join(where, d) for d in ("upper", "work", "merged")]
+        for d in dirs:
+            os.mkdir(d)
+        return _run(lowers, *dirs, command, {}, args)
+    finally:
+        shutil.rmtree(where, ignore_errors=True)
+
+
+def _run(lowers: list[str], upper: str, work: str, merged: str, command: list[str], config: dict,
+         args: argparse.Namespace, made=lambda paths: None) -> int:
+    argv = command or (config.get("Entrypoint") or []) + (config.get("Cmd") or [])
+    if not argv:
+        raise UsageError("no command given, and the image names none")
+    env = dict(e.partition("=")[::2] for e in config.get("Env") or [])
+    env.update(e.partition("=")[::2] for e in args.env)
+    env.setdefault("PATH", _DEFAULT_PATH)
+    hostname = args.hostname or (args.name or "layerfs")[:63]
+    env.setdefault("HOSTNAME", hostname)
+    uid, gid = shim.parse_user(args.user)
+    process = shim.Process(argv, env, args.workdir or config.get("WorkingDir") or "/", uid, gid, hostname,
+                           network=args.net == "host")
+    lowerdir = ":".join(p.replace("\\", "\\\\").replace(":", "\\:").replace(",", "\\,") for p in lowers)
+    config_ = options.parse([f"lowerdir={lowerdir},upperdir={upper},workdir={work}"], merged)
+    if mount.mount(config_) != 0:
+        return 125
+    try:
+        made(shim.make_mount_points(merged))
+        return shim.run(merged, process)
+    finally:
+        mount.umount(merged)

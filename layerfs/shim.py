@@ -1,0 +1,176 @@
+"""``layerfs run``: a process with a layerfs mount as its container rootfs.
+
+A container is a process on the host kernel with its own view: the shim mounts the rootfs (layerfs, in
+the host's mount namespace, so that it can be unmounted whatever happens inside), then forks a child
+that takes new mount, PID, UTS and IPC namespaces (and a network one for ``--net none``). Since a new PID
+namespace applies to the children of the caller of unshare, that child forks once more: the grandchild is
+PID 1 of the container. It makes every mount private, mounts ``/proc``, a fresh ``/dev`` (tmpfs with the
+usual nodes, ``pts`` and ``shm``) and a read-only ``/sys`` inside the rootfs, pivot_roots into it and
+detaches the old root (chroot would leave it reachable), sets the hostname, user and directory, and execs
+the command. Everything mounted inside dies with the container's mount namespace; the rootfs mount is
+taken down by the shim when the command ends, on errors too.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import stat
+from dataclasses import dataclass, field
+
+from .errors import LayerfsError
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_CLONE_NEWNS, _CLONE_NEWUTS, _CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
+_CLONE_NEWPID, _CLONE_NEWNET = 0x20000000, 0x40000000
+_MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 1, 2, 4, 8
+_MS_BIND, _MS_REC, _MS_PRIVATE = 4096, 16384, 1 << 18
+_MNT_DETACH = 2
+_DEVICES = {"null": (1, 3), "zero": (1, 5), "full": (1, 7), "random": (1, 8), "urandom": (1, 9), "tty": (5, 0)}
+_EXEC_FAILED = 127  # as a shell says "command not found"
+
+
+@dataclass
+class Process:
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    cwd: str = "/"
+    uid: int = 0
+    gid: int = 0
+    hostname: str = "layerfs"
+    network: bool = True  # False: a network namespace of its own (loopback only, down)
+
+
+def _check(result: int, what: str) -> None:
+    if result != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"{what}: {os.strerror(e)}")
+
+
+def _mount(source: str, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
+    _check(_libc.mount(source.encode(), target.encode(), fstype.encode() if fstype else None, flags,
+                       data.encode() if data else None), f"mount {target}")
+
+
+_MOUNT_POINTS = ("proc", "dev", "sys")
+
+
+def make_mount_points(rootfs: str) -> list[str]:
+    """Make the directories the container's /proc, /dev and /sys are mounted on, where the image lacks
+    them; returns the container paths made (the runtime's, not changes of the container)."""
+    made = []
+    for name in _MOUNT_POINTS:
+        path = os.path.join(rootfs, name)
+        if not os.path.lexists(path):
+            os.mkdir(path, 0o755)
+            made.append("/" + name)
+        elif not stat.S_ISDIR(os.lstat(path).st_mode):
+            raise LayerfsError(f"the image's /{name} is not a directory")
+    return made
+
+
+def run(rootfs: str, process: Process) -> int:
+    """Run ``process`` in ``rootfs`` (a mounted rootfs) and return its exit code (128+N for signal N)."""
+    pid = os.fork()
+    if pid == 0:
+        os._exit(_container(rootfs, process))
+    forward = {s: signal.signal(s, lambda n, _: _pass_on(pid, n)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while True:
+            try:
+                _, status = os.waitpid(pid, 0)
+                break
+            except InterruptedError:
+                continue
+    finally:
+        for s, previous in forward.items():
+            signal.signal(s, previous)
+    return _exit_code(status)
+
+
+def _pass_on(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
+
+
+def _exit_code(status: int) -> int:
+    if os.WIFSIGNALED(status):
+        return 128 + os.WTERMSIG(status)
+    return os.WEXITSTATUS(status)
+
+
+def _container(rootfs: str, process: Process) -> int:
+    """(In the shim's child.) New namespaces, then PID 1 in them; returns its exit code."""
+    try:
+        flags = _CLONE_NEWNS | _CLONE_NEWPID | _CLONE_NEWUTS | _CLONE_NEWIPC
+        _check(_libc.unshare(flags | (0 if process.network else _CLONE_NEWNET)), "unshare")
+        pid = os.fork()
+        if pid == 0:
+            _become_pid1(rootfs, process)  # never returns
+        signal.signal(signal.SIGINT, lambda n, _: _pass_on(pid, n))
+        signal.signal(signal.SIGTERM, lambda n, _: _pass_on(pid, n))
+        while True:
+            try:
+                return _exit_code(os.waitpid(pid, 0)[1])
+            except InterruptedError:
+                continue
+    except OSError as e:
+        os.write(2, f"layerfs: run: {e.strerror or e}\n".encode())
+        return 125  # as docker run says the runtime failed
+
+
+def _become_pid1(rootfs: str, process: Process) -> None:
+    code = 125
+    try:
+        _mount("none", "/", None, _MS_REC | _MS_PRIVATE)  # nothing from here reaches the host
+        _mount(rootfs, rootfs, None, _MS_BIND | _MS_REC)  # pivot_root wants the new root a mount point
+        _mount("proc", os.path.join(rootfs, "proc"), "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
+        _make_dev(os.path.join(rootfs, "dev"))
+        _mount("sysfs", os.path.join(rootfs, "sys"), "sysfs", _MS_RDONLY | _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
+        # Where the old root goes until it is detached: inside /dev, a tmpfs, so no trace in the rootfs.
+        old = os.path.join(rootfs, "dev", ".oldroot")
+        os.mkdir(old, 0o700)
+        _check(_libc.syscall(155, rootfs.encode(), old.encode()), "pivot_root")  # SYS_pivot_root, x86-64
+        os.chdir("/")
+        _check(_libc.umount2(b"/dev/.oldroot", _MNT_DETACH), "detach the old root")
+        os.rmdir("/dev/.oldroot")
+        _check(_libc.sethostname(process.hostname.encode(), len(process.hostname.encode())), "sethostname")
+        os.setgroups([])
+        os.setgid(process.gid)
+        os.setuid(process.uid)
+        os.chdir(process.cwd)
+        code = _EXEC_FAILED
+        os.execvpe(process.argv[0], process.argv, process.env)
+    except OSError as e:
+        os.write(2, f"layerfs: run: {process.argv[0] if code == _EXEC_FAILED else 'setup'}: "
+                    f"{e.strerror or e}\n".encode())
+    os._exit(code)
+
+
+def _make_dev(dev: str) -> None:
+    """A fresh /dev: tmpfs with the usual character devices, pts (its own ptmx) and shm."""
+    _mount("tmpfs", dev, "tmpfs", _MS_NOSUID, "mode=755,size=65536k")
+    for name, (major, minor) in _DEVICES.items():
+        os.mknod(os.path.join(dev, name), stat.S_IFCHR | 0o666, os.makedev(major, minor))
+    for name in ("pts", "shm"):
+        os.mkdir(os.path.join(dev, name), 0o755)
+    _mount("devpts", os.path.join(dev, "pts"), "devpts", _MS_NOSUID | _MS_NOEXEC, "newinstance,ptmxmode=0666,mode=620")
+    os.symlink("pts/ptmx", os.path.join(dev, "ptmx"))
+    _mount("shm", os.path.join(dev, "shm"), "tmpfs", _MS_NOSUID | _MS_NODEV, "mode=1777,size=65536k")
+    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
+                         ("stderr", "/proc/self/fd/2")):
+        os.symlink(target, os.path.join(dev, name))
+
+
+def parse_user(spec: str | None) -> tuple[int, int]:
+    """``UID[:GID]`` (numbers) as (uid, gid); the gid defaults to the uid."""
+    if not spec:
+        return 0, 0
+    uid, _, gid = spec.partition(":")
+    try:
+        return int(uid), int(gid or uid)
+    except ValueError:
+        raise LayerfsError(f"-u {spec}: give numeric UID[:GID]") from None

@@ -1,0 +1,92 @@
+"""``layerfs run`` with a busybox rootfs: PID 1 in its own namespaces over a layerfs mount, pivot_root,
+/proc, /dev, the exit code, the container's changes seen by ``layerfs diff``, and nothing left mounted.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import LAYERFS
+
+BUSYBOX = shutil.which("busybox") or "/bin/busybox"
+
+
+def _layerfs(*args, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(LAYERFS + [*map(str, args)], capture_output=True, text=True, timeout=120, check=check,
+                          **kwargs)
+
+
+def _layerfs_mounts() -> list[str]:
+    with open("/proc/self/mounts") as f:
+        return [line.split()[1] for line in f if line.split()[2] == "fuse.layerfs"]
+
+
+@pytest.fixture
+def rootfs(tmp_path) -> Path:
+    root = tmp_path / "rootfs"
+    for d in ("bin", "etc", "tmp", "root"):
+        (root / d).mkdir(parents=True)
+    shutil.copy2(BUSYBOX, root / "bin/busybox")
+    for tool in ("sh", "ls", "cat", "echo", "hostname", "rm", "sleep", "env", "id"):
+        os.symlink("busybox", root / "bin" / tool)
+    (root / "etc/motd").write_text("hello\n")
+    (root / "etc/passwd").write_text("root:x:0:0::/root:/bin/sh\n")
+    return root
+
+
+def test_a_command_runs_as_pid_1_in_its_own_root(rootfs, tmp_path):
+    (tmp_path / "host-only").write_text("secret")
+    script = ('echo "pid=$$ host=$(hostname) color=$COLOR pwd=$(pwd)"; ls /; ls /..; cat /proc/1/cmdline | '
+              'tr "\\0" " "; echo; ls /dev; cat /host-only 2>&1; exit 7')
+    result = _layerfs("run", "--hostname", "box", "-e", "COLOR=red", "-w", "/etc", "--lower", rootfs, "--",
+                      "/bin/sh", "-c", script, check=False)
+    assert result.returncode == 7, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "pid=1 host=box color=red pwd=/etc"
+    listing = sorted(["bin", "dev", "etc", "proc", "root", "sys", "tmp"])
+    assert lines[1:8] == listing and lines[8:15] == listing  # "/.." is "/": the host is out of reach
+    assert lines[15].startswith("/bin/sh -c ")
+    assert {"null", "zero", "random", "urandom", "tty", "ptmx", "pts", "shm"} <= set(lines[16:-1])
+    assert "No such file" in lines[-1]
+    assert _layerfs_mounts() == []
+
+
+def test_changes_made_inside_show_in_diff_and_rm_leaves_nothing(rootfs, tmp_path):
+    store = tmp_path / "store"
+    tar_file = tmp_path / "rootfs.tar"
+    with tarfile.open(tar_file, "w") as tar:
+        tar.add(rootfs, arcname=".")
+    _layerfs("import", "--root", store, f"rootfs:{tar_file}", "box:1")
+    _layerfs("run", "--root", store, "--name", "c1", "box:1", "/bin/sh", "-c", "echo made > /root/new; rm /etc/motd")
+    assert _layerfs("diff", "--root", store, "c1").stdout.splitlines() == ["C /etc", "D /etc/motd", "C /root",
+                                                                            "A /root/new"]
+    _layerfs("run", "--root", store, "--name", "c2", "--rm", "box:1", "/bin/sh", "-c", "echo x > /root/y")
+    assert sorted(os.listdir(store / "containers")) == ["c1"]
+    assert _layerfs_mounts() == []
+
+
+def test_sigterm_reaches_the_container_and_nothing_stays_mounted(rootfs):
+    shim = subprocess.Popen(LAYERFS + ["run", "--lower", str(rootfs), "--", "/bin/sh", "-c",
+                                       "trap 'echo got TERM; exit 9' TERM; echo ready; while true; do sleep 0.1; done"],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert shim.stdout.readline() == "ready\n"
+        shim.send_signal(signal.SIGTERM)
+        assert shim.wait(timeout=30) == 9
+        assert "got TERM" in shim.stdout.read()
+    finally:
+        if shim.poll() is None:
+            shim.kill()
+            shim.wait()
+    deadline = time.monotonic() + 10
+    while _layerfs_mounts() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _layerfs_mounts() == []
