@@ -14,6 +14,7 @@ import os
 import resource
 import shutil
 import subprocess
+import threading
 
 from . import registry
 from .core import syscalls
@@ -46,6 +47,8 @@ def _serve(config: MountConfig, union: Union, debug: bool, on_ready=None) -> Non
     def ready() -> None:
         registry.record(registry.MountRecord(os.path.abspath(config.mountpoint), os.getpid(), config.lowers,
                                              config.upper, config.work, registry.start_time(os.getpid()) or 0))
+        if config.owner is not None:
+            threading.Thread(target=_unmount_when_gone, args=(config.owner, config.mountpoint), daemon=True).start()
         if on_ready is not None:
             on_ready()
 
@@ -54,6 +57,16 @@ def _serve(config: MountConfig, union: Union, debug: bool, on_ready=None) -> Non
                     on_ready=ready)
     finally:
         registry.forget(config.mountpoint, os.getpid())
+
+
+def _unmount_when_gone(owner: int, mountpoint: str) -> None:
+    """The mount's owner (layerfs run's shim) ended, maybe killed: detach the mount, so that the daemon
+    ends once nothing uses it any more."""
+    registry.wait_for_exit(owner, None)
+    try:
+        syscalls.umount(os.path.abspath(mountpoint), lazy=True)
+    except OSError:
+        pass  # unmounted already
 
 
 def mount(config: MountConfig, *, foreground: bool = False, debug: bool = False) -> int:

@@ -33,6 +33,7 @@ class MountConfig:
     sync: bool = True  # False with overlay's "volatile" or fuse-overlayfs's "fsync=0"
     fsname: str = "layerfs"
     warnings: list[str] = field(default_factory=list)
+    owner: int | None = None  # x-layerfs-owner=PID: unmount when that process is gone (layerfs run's shim)
 
 
 def split_escaped(text: str, sep: str) -> list[str]:
@@ -136,6 +137,9 @@ def parse(option_strings: list[str], mountpoint: str | None) -> MountConfig:
     if values.get("fsync") == "0":
         sync = False
     fsname = values.pop("fsname", "layerfs")
+    owner = values.pop("x-layerfs-owner", None)
+    if owner is not None and not owner.isdigit():
+        raise UsageError(f"x-layerfs-owner={owner}: not a process id")
 
     for key in sorted(values):
         if key not in _QUIET:
@@ -143,7 +147,8 @@ def parse(option_strings: list[str], mountpoint: str | None) -> MountConfig:
     for key in sorted(flags):
         if key not in _QUIET:
             warnings.append(f"unknown option {key} ignored")
-    return MountConfig(mnt, lowers, upper, work, readonly, sync, fsname, warnings)
+    return MountConfig(mnt, lowers, upper, work, readonly, sync, fsname, warnings,
+                       None if owner is None else int(owner))
 
 
 def is_within(child: str, parent: str) -> bool:

@@ -77,8 +77,8 @@ def forget(mountpoint: str, pid: int) -> None:
             pass
 
 
-def wait_for_exit(pid: int, timeout: float) -> bool:
-    """Wait until process ``pid`` (not a child of ours) has exited; False on timeout."""
+def wait_for_exit(pid: int, timeout: float | None) -> bool:
+    """Wait until process ``pid`` (not a child of ours) has exited; False on timeout (None: no timeout)."""
     import select
 
     try:

@@ -63,7 +63,8 @@ def _run(lowers: list[str], upper: str, work: str, merged: str, command: list[st
     process = shim.Process(argv, env, args.workdir or config.get("WorkingDir") or "/", uid, gid, hostname,
                            network=args.net == "host")
     lowerdir = ":".join(p.replace("\\", "\\\\").replace(":", "\\:").replace(",", "\\,") for p in lowers)
-    config_ = options.parse([f"lowerdir={lowerdir},upperdir={upper},workdir={work}"], merged)
+    config_ = options.parse([f"lowerdir={lowerdir},upperdir={upper},workdir={work},x-layerfs-owner={os.getpid()}"],
+                            merged)
     if mount.mount(config_) != 0:
         return 125
     try:

@@ -29,6 +29,7 @@ _MS_BIND, _MS_REC, _MS_PRIVATE = 4096, 16384, 1 << 18
 _MNT_DETACH = 2
 _DEVICES = {"null": (1, 3), "zero": (1, 5), "full": (1, 7), "random": (1, 8), "urandom": (1, 9), "tty": (5, 0)}
 _EXEC_FAILED = 127  # as a shell says "command not found"
+_PR_SET_PDEATHSIG = 1
 
 
 @dataclass
@@ -72,9 +73,10 @@ def make_mount_points(rootfs: str) -> list[str]:
 
 def run(rootfs: str, process: Process) -> int:
     """Run ``process`` in ``rootfs`` (a mounted rootfs) and return its exit code (128+N for signal N)."""
+    shim = os.getpid()
     pid = os.fork()
     if pid == 0:
-        os._exit(_container(rootfs, process))
+        os._exit(_container(rootfs, process, shim))
     forward = {s: signal.signal(s, lambda n, _: _pass_on(pid, n)) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         while True:
@@ -102,13 +104,25 @@ def _exit_code(status: int) -> int:
     return os.WEXITSTATUS(status)
 
 
-def _container(rootfs: str, process: Process) -> int:
+def _die_with_parent(parent: int) -> None:
+    """Be killed when the parent ends, even by SIGKILL: a killed shim takes its container with it."""
+    _check(_libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL), "prctl")
+    # It ended before the line above: we were given to another parent. (PID 1 of a new PID namespace
+    # sees its parent, outside, as 0.)
+    if os.getppid() not in (parent, 0):
+        os._exit(125)
+
+
+def _container(rootfs: str, process: Process, shim: int) -> int:
     """(In the shim's child.) New namespaces, then PID 1 in them; returns its exit code."""
     try:
+        _die_with_parent(shim)
         flags = _CLONE_NEWNS | _CLONE_NEWPID | _CLONE_NEWUTS | _CLONE_NEWIPC
         _check(_libc.unshare(flags | (0 if process.network else _CLONE_NEWNET)), "unshare")
+        parent = os.getpid()
         pid = os.fork()
         if pid == 0:
+            _die_with_parent(parent)
             _become_pid1(rootfs, process)  # never returns
         signal.signal(signal.SIGINT, lambda n, _: _pass_on(pid, n))
         signal.signal(signal.SIGTERM, lambda n, _: _pass_on(pid, n))

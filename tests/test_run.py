@@ -90,3 +90,23 @@ def test_sigterm_reaches_the_container_and_nothing_stays_mounted(rootfs):
     while _layerfs_mounts() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert _layerfs_mounts() == []
+
+
+def test_a_killed_shim_takes_its_container_and_mount_with_it(rootfs):
+    shim = subprocess.Popen(LAYERFS + ["run", "--lower", str(rootfs), "--", "/bin/sh", "-c",
+                                       "echo ready; while true; do sleep 0.1; done"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert shim.stdout.readline() == "ready\n"
+        assert _layerfs_mounts()
+        shim.kill()
+        shim.wait(timeout=30)
+    finally:
+        if shim.poll() is None:
+            shim.kill()
+            shim.wait()
+    deadline = time.monotonic() + 20
+    while _layerfs_mounts() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _layerfs_mounts() == []
+    leftover = subprocess.run(["pgrep", "-f", f"lowerdir={rootfs}"], capture_output=True, text=True).stdout.split()
+    assert leftover == [], leftover  # neither the container's processes nor the daemon
