@@ -17,7 +17,7 @@ from . import __version__
 from .errors import LayerfsError, UsageError
 
 COMMANDS = ("mount", "umount", "diff", "export", "commit", "import", "images", "create", "rm", "rmi", "layers",
-            "gc", "inspect", "save", "run", "example")
+            "gc", "inspect", "save", "run", "ps", "example")
 _ROOT_HELP = "the store (default $LAYERFS_ROOT, else /var/lib/layerfs)"
 
 
@@ -117,7 +117,8 @@ def _parser() -> argparse.ArgumentParser:
             ("rmi", "remove an image no container uses (its layers stay until gc)", "name"),
             ("inspect", "an image or container of the store, as JSON", "name"),
             ("layers", "the store's layers and what uses each", None),
-            ("gc", "remove the layers no image or container uses", None)):
+            ("gc", "remove the layers no image or container uses", None),
+            ("ps", "the store's containers, their images and where they are mounted", None)):
         p = sub.add_parser(command, help=help_text)
         if argument:
             p.add_argument(argument)
@@ -283,7 +284,7 @@ def _run(args: argparse.Namespace) -> int:
         tag = tag or args.name.rpartition(":")[2] or "latest"
         print(store.Store(store.root_from(args.root)).save(args.name, where, tag))
         return 0
-    if args.command in ("rm", "rmi", "inspect", "layers", "gc"):
+    if args.command in ("rm", "rmi", "inspect", "layers", "gc", "ps"):
         from . import store
 
         images = store.Store(store.root_from(args.root))
@@ -296,6 +297,14 @@ def _run(args: argparse.Namespace) -> int:
             if record is None:
                 raise UsageError(f"{args.name}: no such image or container")
             print(json.dumps(record, indent=1, sort_keys=True))
+        elif args.command == "ps":
+            from . import registry
+
+            for name in images.containers():
+                record = images.container(name)
+                mounted = registry.find(record["merged"])
+                print(f"{name}  {record['image']}  "
+                      f"{'running, pid ' + str(mounted.pid) + ' at ' + record['merged'] if mounted else 'stopped'}")
         elif args.command == "layers":
             for diff_id, users in sorted(images.layers().items()):
                 print(f"{diff_id}  {', '.join(users) or '(unused)'}")

@@ -68,7 +68,20 @@ def test_changes_made_inside_show_in_diff_and_rm_leaves_nothing(rootfs, tmp_path
     _layerfs("run", "--root", store, "--name", "c1", "box:1", "/bin/sh", "-c", "echo made > /root/new; rm /etc/motd")
     assert _layerfs("diff", "--root", store, "c1").stdout.splitlines() == ["C /etc", "D /etc/motd", "C /root",
                                                                             "A /root/new"]
-    _layerfs("run", "--root", store, "--name", "c2", "--rm", "box:1", "/bin/sh", "-c", "echo x > /root/y")
+    shim = subprocess.Popen(LAYERFS + ["run", "--root", str(store), "--name", "c2", "--rm", "box:1", "/bin/sh", "-c",
+                                       "echo x > /root/y; echo ready; read line"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert shim.stdout.readline() == "ready\n"
+        listed = _layerfs("ps", "--root", store).stdout.splitlines()
+        assert listed[0] == "c1  box:1  stopped" and listed[1].startswith("c2  box:1  running, pid ")
+        shim.stdin.write("done\n")
+        shim.stdin.close()
+        assert shim.wait(timeout=30) == 0
+    finally:
+        if shim.poll() is None:
+            shim.kill()
+            shim.wait()
     assert sorted(os.listdir(store / "containers")) == ["c1"]
     assert _layerfs_mounts() == []
 
