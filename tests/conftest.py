@@ -18,6 +18,12 @@ import pytest
 LAYERFS = [sys.executable, "-m", "layerfs"]
 
 
+def layerfs(*args, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
+    """Run ``layerfs ARGS`` (text output captured); a failure fails the test unless ``check`` is False."""
+    return subprocess.run(LAYERFS + [*map(str, args)], capture_output=True, text=True, timeout=120, check=check,
+                          **kwargs)
+
+
 def _mounted_points() -> set[str]:
     with open("/proc/self/mountinfo") as f:
         return {line.split()[4].replace("\\040", " ") for line in f}

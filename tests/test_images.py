@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import LAYERFS
+from conftest import LAYERFS, layerfs
 from snapshot import assert_same, snapshot
 
 BUSYBOX = shutil.which("busybox") or "/bin/busybox"
@@ -22,10 +22,6 @@ BUSYBOX = shutil.which("busybox") or "/bin/busybox"
 def _umoci(*args: str | os.PathLike) -> None:
     result = subprocess.run(["umoci", *map(str, args)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, f"umoci {' '.join(map(str, args))}: {result.stderr}"
-
-
-def _layerfs(*args: str | os.PathLike, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run(LAYERFS + [*map(str, args)], capture_output=True, text=True, timeout=120, check=check)
 
 
 @pytest.fixture
@@ -62,13 +58,13 @@ def layout(tmp_path) -> Path:
 
 def test_an_imported_image_mounts_as_umoci_unpacks_it(layout, mounts, tmp_path):
     store = tmp_path / "store"
-    result = _layerfs("import", "--root", store, f"oci:{layout}:v2", "demo:v2")
+    result = layerfs("import", "--root", store, f"oci:{layout}:v2", "demo:v2")
     assert result.stdout.splitlines()[0] == "demo:v2"
-    _layerfs("import", "--root", store, f"oci:{layout}:base", "demo:base")
+    layerfs("import", "--root", store, f"oci:{layout}:base", "demo:base")
     images = json.loads((store / "images.json").read_text())
     assert images["demo:v2"]["layers"][0] == images["demo:base"]["layers"][0]  # shared, stored once
     assert len(os.listdir(store / "layers")) == 2
-    lowers = _layerfs("images", "--root", store, "--lowerdir", "demo:v2").stdout.strip().split(":")
+    lowers = layerfs("images", "--root", store, "--lowerdir", "demo:v2").stdout.strip().split(":")
 
     unpacked = tmp_path / "unpacked"
     _umoci("unpack", "--image", f"{layout}:v2", unpacked)
@@ -92,7 +88,7 @@ def test_a_blob_that_does_not_match_its_digest_is_refused(layout, tmp_path):
     blob.chmod(0o644)
     blob.write_bytes(bytes(data))
     store = tmp_path / "store"
-    result = _layerfs("import", "--root", store, f"oci:{layout}:v2", "broken", check=False)
+    result = layerfs("import", "--root", store, f"oci:{layout}:v2", "broken", check=False)
     assert result.returncode != 0 and result.stderr.count("\n") == 1, result.stderr
     assert "broken" not in json.loads((store / "images.json").read_text() if (store / "images.json").exists()
                                       else "{}")
@@ -101,7 +97,7 @@ def test_a_blob_that_does_not_match_its_digest_is_refused(layout, tmp_path):
 
 def test_errors_name_the_problem(tmp_path):
     for source, message in ((f"oci:{tmp_path}", "not an OCI image layout"), (str(tmp_path), "oci:DIR")):
-        result = _layerfs("import", "--root", tmp_path / "store", source, check=False)
+        result = layerfs("import", "--root", tmp_path / "store", source, check=False)
         assert result.returncode != 0 and message in result.stderr and result.stderr.count("\n") == 1, result.stderr
 
 
@@ -111,78 +107,78 @@ def test_archives_from_skopeo_import_to_the_same_layers(layout, mounts, tmp_path
     for destination in (f"docker-archive:{docker}:demo:v2", f"oci-archive:{oci}:v2"):
         subprocess.run(["skopeo", "copy", f"oci:{layout}:v2", destination], check=True, capture_output=True,
                        timeout=120)
-    _layerfs("import", "--root", store, f"oci:{layout}:v2", "from-layout")
-    _layerfs("import", "--root", store, f"docker-archive:{docker}", "from-docker")
-    _layerfs("import", "--root", store, f"oci-archive:{oci}:v2", "from-oci-archive")
+    layerfs("import", "--root", store, f"oci:{layout}:v2", "from-layout")
+    layerfs("import", "--root", store, f"docker-archive:{docker}", "from-docker")
+    layerfs("import", "--root", store, f"oci-archive:{oci}:v2", "from-oci-archive")
     images = json.loads((store / "images.json").read_text())
     assert images["from-docker"]["layers"] == images["from-oci-archive"]["layers"] == images["from-layout"]["layers"]
     assert len(os.listdir(store / "layers")) == 2 and os.listdir(store / "tmp") == []
-    lowers = _layerfs("images", "--root", store, "--lowerdir", "from-docker").stdout.strip().split(":")
+    lowers = layerfs("images", "--root", store, "--lowerdir", "from-docker").stdout.strip().split(":")
     mounted = mounts.layerfs(tmp_path / "mnt", [Path(p) for p in lowers])
     assert (mounted / "etc/app/conf").read_text() == "color=red\n"
 
 
 def test_a_container_by_name_round_trip(layout, tmp_path):
     root = tmp_path / "store"
-    _layerfs("import", "--root", root, f"oci:{layout}:v2", "demo:v2")
-    assert _layerfs("create", "--root", root, "--name", "c1", "demo:v2").stdout.strip() == "c1"
-    assert "exists already" in _layerfs("create", "--root", root, "--name", "c1", "demo:v2", check=False).stderr
+    layerfs("import", "--root", root, f"oci:{layout}:v2", "demo:v2")
+    assert layerfs("create", "--root", root, "--name", "c1", "demo:v2").stdout.strip() == "c1"
+    assert "exists already" in layerfs("create", "--root", root, "--name", "c1", "demo:v2", check=False).stderr
     merged = root / "containers/c1/merged"
-    _layerfs("mount", "--root", root, "c1")
+    layerfs("mount", "--root", root, "c1")
     try:
         (merged / "etc/app/conf").write_text("color=blue\n")
         (merged / "srv").mkdir(exist_ok=True)
         (merged / "srv/data").write_text("kept\n")
-        assert _layerfs("diff", "--root", root, "c1", "/etc").stdout.splitlines() == ["C /etc", "C /etc/app",
+        assert layerfs("diff", "--root", root, "c1", "/etc").stdout.splitlines() == ["C /etc", "C /etc/app",
                                                                                       "C /etc/app/conf"]
-        assert "is mounted" in _layerfs("rm", "--root", root, "c1", check=False).stderr
+        assert "is mounted" in layerfs("rm", "--root", root, "c1", check=False).stderr
     finally:
-        _layerfs("umount", merged)
-    assert "image demo:changed" in _layerfs("commit", "--root", root, "c1", "demo:changed").stdout
+        layerfs("umount", merged)
+    assert "image demo:changed" in layerfs("commit", "--root", root, "c1", "demo:changed").stdout
     images = json.loads((root / "images.json").read_text())
     assert images["demo:changed"]["layers"][:-1] == images["demo:v2"]["layers"]
     assert images["demo:changed"]["config"]["rootfs"]["diff_ids"] == images["demo:changed"]["layers"]
 
-    _layerfs("create", "--root", root, "--name", "c2", "demo:changed")
+    layerfs("create", "--root", root, "--name", "c2", "demo:changed")
     elsewhere = tmp_path / "c2-rootfs"
     elsewhere.mkdir()
-    _layerfs("mount", "--root", root, "c2", elsewhere)
+    layerfs("mount", "--root", root, "c2", elsewhere)
     try:
         assert (elsewhere / "etc/app/conf").read_text() == "color=blue\n"
         assert (elsewhere / "srv/data").read_text() == "kept\n"
-        assert _layerfs("diff", "--root", root, "c2").stdout == ""
+        assert layerfs("diff", "--root", root, "c2").stdout == ""
     finally:
-        _layerfs("umount", elsewhere)
-    _layerfs("rm", "--root", root, "c1")
+        layerfs("umount", elsewhere)
+    layerfs("rm", "--root", root, "c1")
     assert sorted(os.listdir(root / "containers")) == ["c2"] and os.listdir(root / "tmp") == []
 
 
 def test_rmi_layers_gc_and_inspect(layout, tmp_path):
     root = tmp_path / "store"
-    _layerfs("import", "--root", root, f"oci:{layout}:base", "demo:base")
-    _layerfs("import", "--root", root, f"oci:{layout}:v2", "demo:v2")
-    _layerfs("create", "--root", root, "--name", "c", "demo:base")
-    assert "used by container c" in _layerfs("rmi", "--root", root, "demo:base", check=False).stderr
-    inspected = json.loads(_layerfs("inspect", "--root", root, "c").stdout)
+    layerfs("import", "--root", root, f"oci:{layout}:base", "demo:base")
+    layerfs("import", "--root", root, f"oci:{layout}:v2", "demo:v2")
+    layerfs("create", "--root", root, "--name", "c", "demo:base")
+    assert "used by container c" in layerfs("rmi", "--root", root, "demo:base", check=False).stderr
+    inspected = json.loads(layerfs("inspect", "--root", root, "c").stdout)
     assert inspected["image"] == "demo:base" and len(inspected["lowers"]) == 1
-    _layerfs("rmi", "--root", root, "demo:v2")
-    top = json.loads(_layerfs("inspect", "--root", root, "demo:base").stdout)["layers"][0]
-    listed = dict(line.split("  ", 1) for line in _layerfs("layers", "--root", root).stdout.splitlines())
+    layerfs("rmi", "--root", root, "demo:v2")
+    top = json.loads(layerfs("inspect", "--root", root, "demo:base").stdout)["layers"][0]
+    listed = dict(line.split("  ", 1) for line in layerfs("layers", "--root", root).stdout.splitlines())
     assert listed[top] == "demo:base, container c" and list(listed.values()).count("(unused)") == 1
-    removed = _layerfs("gc", "--root", root).stdout.split()
+    removed = layerfs("gc", "--root", root).stdout.split()
     assert len(removed) == 2 and removed[1] != top and os.listdir(root / "layers") == [top.split(":")[1]]
-    _layerfs("rm", "--root", root, "c")
-    _layerfs("rmi", "--root", root, "demo:base")
-    _layerfs("gc", "--root", root)
+    layerfs("rm", "--root", root, "c")
+    layerfs("rmi", "--root", root, "demo:base")
+    layerfs("gc", "--root", root)
     assert os.listdir(root / "layers") == [] and json.loads((root / "images.json").read_text()) == {}
 
 
 def test_a_committed_image_saved_as_a_layout_unpacks_with_umoci_to_the_changed_tree(layout, mounts, tmp_path):
     root = tmp_path / "store"
-    _layerfs("import", "--root", root, f"oci:{layout}:v2", "demo:v2")
-    _layerfs("create", "--root", root, "--name", "c", "demo:v2")
+    layerfs("import", "--root", root, f"oci:{layout}:v2", "demo:v2")
+    layerfs("create", "--root", root, "--name", "c", "demo:v2")
     merged = root / "containers/c/merged"
-    _layerfs("mount", "--root", root, "c")
+    layerfs("mount", "--root", root, "c")
     try:
         (merged / "etc/app/conf").write_text("color=blue\n")
         (merged / "bin/sh").unlink()
@@ -191,13 +187,13 @@ def test_a_committed_image_saved_as_a_layout_unpacks_with_umoci_to_the_changed_t
         (merged / "srv").mkdir(exist_ok=True)
         (merged / "srv/data").write_text("kept\n")
     finally:
-        _layerfs("umount", merged)
-    _layerfs("commit", "--root", root, "c", "demo:changed")
+        layerfs("umount", merged)
+    layerfs("commit", "--root", root, "c", "demo:changed")
     saved = tmp_path / "saved"
-    _layerfs("save", "--root", root, "demo:changed", f"oci:{saved}:changed")
+    layerfs("save", "--root", root, "demo:changed", f"oci:{saved}:changed")
     bundle = tmp_path / "saved-bundle"
     _umoci("unpack", "--image", f"{saved}:changed", bundle)
-    lowers = _layerfs("images", "--root", root, "--lowerdir", "demo:changed").stdout.strip().split(":")
+    lowers = layerfs("images", "--root", root, "--lowerdir", "demo:changed").stdout.strip().split(":")
     mounted = mounts.layerfs(tmp_path / "mnt", [Path(p) for p in lowers])
     # The root directory's own times are not carried by the layers (no "./" entry, as docker's layers).
     unpacked, ours = snapshot(bundle / "rootfs"), snapshot(mounted)
@@ -213,10 +209,10 @@ def test_a_rootfs_tar_imports_as_a_one_layer_image(layout, mounts, tmp_path):
     tar_file = tmp_path / "rootfs.tar"
     subprocess.run(["tar", "-C", rootfs, "--xattrs", "--numeric-owner", "-cf", tar_file, "."], check=True)
     root = tmp_path / "store"
-    _layerfs("import", "--root", root, f"rootfs:{tar_file}", "flat:1")
-    image = json.loads(_layerfs("inspect", "--root", root, "flat:1").stdout)
+    layerfs("import", "--root", root, f"rootfs:{tar_file}", "flat:1")
+    image = json.loads(layerfs("inspect", "--root", root, "flat:1").stdout)
     assert len(image["layers"]) == 1 and image["config"]["rootfs"]["diff_ids"] == image["layers"]
-    lowers = _layerfs("images", "--root", root, "--lowerdir", "flat:1").stdout.strip().split(":")
+    lowers = layerfs("images", "--root", root, "--lowerdir", "flat:1").stdout.strip().split(":")
     mounted = mounts.layerfs(tmp_path / "mnt", [Path(p) for p in lowers])
     assert_same(snapshot(rootfs), snapshot(mounted), what="the tarred rootfs vs its image", names=("rootfs", "layerfs"))
     hostile = tmp_path / "hostile.tar"
@@ -224,7 +220,7 @@ def test_a_rootfs_tar_imports_as_a_one_layer_image(layout, mounts, tmp_path):
         tar.addfile(tarfile.TarInfo("ok"))
         escape = tarfile.TarInfo("../escape")
         tar.addfile(escape)
-    result = _layerfs("import", "--root", root, f"rootfs:{hostile}", "bad", check=False)
+    result = layerfs("import", "--root", root, f"rootfs:{hostile}", "bad", check=False)
     assert result.returncode != 0 and "escape" in result.stderr and result.stderr.count("\n") == 1, result.stderr
     assert "bad" not in json.loads((root / "images.json").read_text())
     assert os.listdir(root / "tmp") == [] and len(os.listdir(root / "layers")) == 1

@@ -14,14 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import LAYERFS
+from conftest import LAYERFS, layerfs
 
 BUSYBOX = shutil.which("busybox") or "/bin/busybox"
-
-
-def _layerfs(*args, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run(LAYERFS + [*map(str, args)], capture_output=True, text=True, timeout=120, check=check,
-                          **kwargs)
 
 
 def _layerfs_mounts() -> list[str]:
@@ -46,7 +41,7 @@ def test_a_command_runs_as_pid_1_in_its_own_root(rootfs, tmp_path):
     (tmp_path / "host-only").write_text("secret")
     script = ('echo "pid=$$ host=$(hostname) color=$COLOR pwd=$(pwd)"; ls /; ls /..; cat /proc/1/cmdline | '
               'tr "\\0" " "; echo; ls /dev; cat /host-only 2>&1; exit 7')
-    result = _layerfs("run", "--hostname", "box", "-e", "COLOR=red", "-w", "/etc", "--lower", rootfs, "--",
+    result = layerfs("run", "--hostname", "box", "-e", "COLOR=red", "-w", "/etc", "--lower", rootfs, "--",
                       "/bin/sh", "-c", script, check=False)
     assert result.returncode == 7, result.stderr
     lines = result.stdout.splitlines()
@@ -64,16 +59,16 @@ def test_changes_made_inside_show_in_diff_and_rm_leaves_nothing(rootfs, tmp_path
     tar_file = tmp_path / "rootfs.tar"
     with tarfile.open(tar_file, "w") as tar:
         tar.add(rootfs, arcname=".")
-    _layerfs("import", "--root", store, f"rootfs:{tar_file}", "box:1")
-    _layerfs("run", "--root", store, "--name", "c1", "box:1", "/bin/sh", "-c", "echo made > /root/new; rm /etc/motd")
-    assert _layerfs("diff", "--root", store, "c1").stdout.splitlines() == ["C /etc", "D /etc/motd", "C /root",
+    layerfs("import", "--root", store, f"rootfs:{tar_file}", "box:1")
+    layerfs("run", "--root", store, "--name", "c1", "box:1", "/bin/sh", "-c", "echo made > /root/new; rm /etc/motd")
+    assert layerfs("diff", "--root", store, "c1").stdout.splitlines() == ["C /etc", "D /etc/motd", "C /root",
                                                                             "A /root/new"]
     shim = subprocess.Popen(LAYERFS + ["run", "--root", str(store), "--name", "c2", "--rm", "box:1", "/bin/sh", "-c",
                                        "echo x > /root/y; echo ready; read line"],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert shim.stdout.readline() == "ready\n"
-        listed = _layerfs("ps", "--root", store).stdout.splitlines()
+        listed = layerfs("ps", "--root", store).stdout.splitlines()
         assert listed[0] == "c1  box:1  stopped" and listed[1].startswith("c2  box:1  running, pid ")
         shim.stdin.write("done\n")
         shim.stdin.close()
