@@ -17,7 +17,7 @@ from . import __version__
 from .errors import LayerfsError, UsageError
 
 COMMANDS = ("mount", "umount", "diff", "export", "commit", "import", "images", "create", "rm", "rmi", "layers",
-            "gc", "inspect", "save", "run", "ps", "example")
+            "gc", "inspect", "save", "run", "ps", "bundle", "example")
 _ROOT_HELP = "the store (default $LAYERFS_ROOT, else /var/lib/layerfs)"
 
 
@@ -104,6 +104,14 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--lower", action="append", metavar="DIR", help="plain lower dirs instead of an image (top first)")
     x.add_argument("--debug", action="store_true")
     x.add_argument("args", nargs=argparse.REMAINDER, metavar="IMAGE [CMD ...]")
+
+    b = sub.add_parser("bundle", help="an OCI runtime bundle (for runc) whose rootfs is a container's mount",
+                       usage="layerfs bundle [--root DIR] CONTAINER DIR [-- CMD ARGS...]")
+    b.add_argument("name", metavar="CONTAINER")
+    b.add_argument("directory", metavar="DIR")
+    b.add_argument("cmd", nargs=argparse.REMAINDER, metavar="CMD")
+    b.add_argument("--root", metavar="DIR", help=_ROOT_HELP)
+    b.add_argument("--debug", action="store_true")
 
     v = sub.add_parser("save", help="write an image of the store into an OCI image layout",
                        usage="layerfs save [--root DIR] IMAGE oci:DIR[:TAG]")
@@ -275,6 +283,13 @@ def _run(args: argparse.Namespace) -> int:
         from . import run
 
         return run.main(args)
+    if args.command == "bundle":
+        from . import bundle, store
+
+        command = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+        rootfs = bundle.write(store.Store(store.root_from(args.root)), args.name, args.directory, command)
+        print(f"{os.path.join(args.directory, 'config.json')}\n{rootfs} (layerfs umount it when done)")
+        return 0
     if args.command == "save":
         from . import store
 

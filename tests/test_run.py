@@ -118,3 +118,25 @@ def test_a_killed_shim_takes_its_container_and_mount_with_it(rootfs):
     assert _layerfs_mounts() == []
     leftover = subprocess.run(["pgrep", "-f", f"lowerdir={rootfs}"], capture_output=True, text=True).stdout.split()
     assert leftover == [], leftover  # neither the container's processes nor the daemon
+
+
+def test_runc_runs_the_bundle_and_the_diff_is_the_same_as_layerfs_runs(rootfs, tmp_path):
+    store = tmp_path / "store"
+    tar_file = tmp_path / "rootfs.tar"
+    with tarfile.open(tar_file, "w") as tar:
+        tar.add(rootfs, arcname=".")
+    layerfs("import", "--root", store, f"rootfs:{tar_file}", "box:1")
+    script = "echo made > /root/new; rm /etc/motd; hostname > /tmp/host"
+    layerfs("run", "--root", store, "--name", "by-layerfs", "box:1", "/bin/sh", "-c", script)
+    layerfs("create", "--root", store, "--name", "by-runc", "box:1")
+    bundle = tmp_path / "bundle"
+    layerfs("bundle", "--root", store, "by-runc", bundle, "--", "/bin/sh", "-c", script)
+    try:
+        ran = subprocess.run(["runc", "run", "--bundle", str(bundle), f"layerfs-test-{os.getpid()}"],
+                             capture_output=True, text=True, timeout=120)
+        assert ran.returncode == 0, ran.stderr
+        assert (bundle / "rootfs/tmp/host").read_text() == "by-runc\n"
+    finally:
+        layerfs("umount", bundle / "rootfs")
+    assert layerfs("diff", "--root", store, "by-runc").stdout == layerfs("diff", "--root", store, "by-layerfs").stdout
+    assert "A /root/new" in layerfs("diff", "--root", store, "by-runc").stdout

@@ -1,0 +1,81 @@
+"""``layerfs bundle C DIR``: an OCI runtime bundle whose rootfs is container C's layerfs mount.
+
+``DIR/config.json`` is runc's default configuration (``runc spec``) with the image's process: its
+``Entrypoint``/``Cmd`` (or the command given), ``Env`` and ``WorkingDir``, no terminal (a bundle is run
+by a program more often than by a person), and a writable root, since writes are what the container's
+upper layer is for. ``DIR/rootfs`` is the mount; ``layerfs umount DIR/rootfs`` takes it down.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from . import mount, options, shim, store
+from .errors import LayerfsError
+
+_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+_CAPABILITIES = ["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"]
+
+
+def _mounts() -> list[dict]:
+    """runc spec's mounts."""
+    return [
+        {"destination": "/proc", "type": "proc", "source": "proc"},
+        {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
+        {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
+         "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]},
+        {"destination": "/dev/shm", "type": "tmpfs", "source": "shm", "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
+        {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]},
+        {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]},
+        {"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup", "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]},
+    ]
+
+
+def config(image_config: dict, command: list[str], hostname: str) -> dict:
+    args = command or (image_config.get("Entrypoint") or []) + (image_config.get("Cmd") or [])
+    if not args:
+        raise LayerfsError("no command given, and the image names none")
+    env = image_config.get("Env") or []
+    if not any(e.startswith("PATH=") for e in env):
+        env = [_PATH] + env
+    return {
+        "ociVersion": "1.0.2-dev",
+        "process": {"terminal": False, "user": {"uid": 0, "gid": 0}, "args": args, "env": env,
+                    "cwd": image_config.get("WorkingDir") or "/",
+                    "capabilities": {k: list(_CAPABILITIES) for k in ("bounding", "effective", "permitted", "ambient")},
+                    "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}], "noNewPrivileges": True},
+        "root": {"path": "rootfs", "readonly": False},
+        "hostname": hostname,
+        "mounts": _mounts(),
+        "linux": {
+            "resources": {"devices": [{"allow": False, "access": "rwm"}]},
+            "namespaces": [{"type": t} for t in ("pid", "network", "ipc", "uts", "mount")],
+            "maskedPaths": ["/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
+                            "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/sys/firmware", "/proc/scsi"],
+            "readonlyPaths": ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"],
+        },
+    }
+
+
+def write(images: store.Store, name: str, directory: str, command: list[str]) -> str:
+    """Mount container ``name`` at ``directory``/rootfs and write the bundle's config.json; returns the
+    rootfs path."""
+    record = images.container(name)
+    if record is None:
+        raise LayerfsError(f"no container {name!r}")
+    image_config = (images.images().get(record["image"]) or {}).get("config", {}).get("config") or {}
+    rootfs = os.path.join(os.path.abspath(directory), "rootfs")
+    os.makedirs(rootfs, exist_ok=True)
+    lowerdir = ":".join(record["lowers"])
+    if mount.mount(options.parse([f"lowerdir={lowerdir},upperdir={record['upper']},workdir={record['work']}"],
+                                 rootfs)) != 0:
+        raise LayerfsError(f"could not mount container {name!r}")
+    try:
+        images.add_runtime_paths(name, shim.make_mount_points(rootfs))
+        with open(os.path.join(directory, "config.json"), "w") as f:
+            json.dump(config(image_config, command, name[:63]), f, indent=1)
+    except BaseException:
+        mount.umount(rootfs)
+        raise
+    return rootfs
