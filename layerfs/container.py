@@ -70,13 +70,13 @@ def container_changes(container: Container, *, under: str = "/", unchanged_copie
         index = ChangeIndex(container.upper, state, lowers=container.lowers)
         try:
             index.load(readonly=True)
-            found = indexed_changes(index, container.lowers, unchanged_copies=unchanged_copies)
+            found = indexed_changes(index, container.lowers, unchanged_copies=unchanged_copies,
+                                    ignore=frozenset(container.runtime_paths))
         finally:
             index.close()
     else:
-        found = changes(container.upper, container.lowers, unchanged_copies=unchanged_copies)
-    if container.runtime_paths:
-        found = [c for c in found if c.path not in container.runtime_paths]
+        found = changes(container.upper, container.lowers, unchanged_copies=unchanged_copies,
+                        ignore=frozenset(container.runtime_paths))
     under = "/" + under.strip("/")
     if under == "/":
         return found

@@ -67,8 +67,11 @@ def _run(lowers: list[str], upper: str, work: str, merged: str, command: list[st
                             merged)
     if mount.mount(config_) != 0:
         return 125
+    runtime = tempfile.mkdtemp(prefix="layerfs-runtime-")
     try:
-        made(shim.make_mount_points(merged))
+        process.binds, files = shim.runtime_files(merged, runtime, hostname, process.network)
+        made(shim.make_mount_points(merged) + files)
         return shim.run(merged, process)
     finally:
         mount.umount(merged)
+        shutil.rmtree(runtime, ignore_errors=True)

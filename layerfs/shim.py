@@ -41,6 +41,7 @@ class Process:
     gid: int = 0
     hostname: str = "layerfs"
     network: bool = True  # False: a network namespace of its own (loopback only, down)
+    binds: list[tuple[str, str]] = field(default_factory=list)  # (host file, container path) bind-mounted
 
 
 def _check(result: int, what: str) -> None:
@@ -55,6 +56,47 @@ def _mount(source: str, target: str, fstype: str | None, flags: int, data: str |
 
 
 _MOUNT_POINTS = ("proc", "dev", "sys")
+
+
+_RUNTIME_FILES = ("/etc/hostname", "/etc/hosts", "/etc/resolv.conf")
+
+
+def runtime_files(rootfs: str, where: str, hostname: str, network: bool) -> tuple[list[tuple[str, str]], list[str]]:
+    """Write the container's /etc/hostname, /etc/hosts and /etc/resolv.conf into ``where`` (outside the
+    rootfs: they are the runtime's, not the container's) and make sure each has a file in the rootfs to
+    be mounted on. Returns the binds and the container paths made for them; a file made in /etc puts
+    its times back, so that /etc is not changed by it."""
+    contents = {
+        "/etc/hostname": f"{hostname}\n",
+        "/etc/hosts": f"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{hostname}\n",
+        "/etc/resolv.conf": _host_resolv_conf() if network else "",
+    }
+    etc = os.path.join(rootfs, "etc")
+    if not os.path.isdir(etc) or os.path.islink(etc):
+        return [], []  # an image without /etc: nothing to give it
+    binds, made = [], []
+    for path in _RUNTIME_FILES:
+        source = os.path.join(where, os.path.basename(path))
+        with open(source, "w") as f:
+            f.write(contents[path])
+        target = os.path.join(rootfs, path.lstrip("/"))
+        if os.path.islink(target):
+            continue  # a symlink (resolv.conf -> ../run/...): left as the image has it
+        if not os.path.exists(target):
+            times = os.stat(etc)
+            os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+            os.utime(etc, ns=(times.st_atime_ns, times.st_mtime_ns))
+            made.append(path)
+        binds.append((source, path))
+    return binds, made
+
+
+def _host_resolv_conf() -> str:
+    try:
+        with open("/etc/resolv.conf") as f:
+            return f.read()
+    except OSError:
+        return ""
 
 
 def make_mount_points(rootfs: str) -> list[str]:
@@ -144,6 +186,8 @@ def _become_pid1(rootfs: str, process: Process) -> None:
         _mount("proc", os.path.join(rootfs, "proc"), "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
         _make_dev(os.path.join(rootfs, "dev"))
         _mount("sysfs", os.path.join(rootfs, "sys"), "sysfs", _MS_RDONLY | _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
+        for source, target in process.binds:  # the runtime's /etc/hostname and friends, over the image's
+            _mount(source, os.path.join(rootfs, target.lstrip("/")), None, _MS_BIND)
         # Where the old root goes until it is detached: inside /dev, a tmpfs, so no trace in the rootfs.
         old = os.path.join(rootfs, "dev", ".oldroot")
         os.mkdir(old, 0o700)

@@ -140,3 +140,15 @@ def test_runc_runs_the_bundle_and_the_diff_is_the_same_as_layerfs_runs(rootfs, t
         layerfs("umount", bundle / "rootfs")
     assert layerfs("diff", "--root", store, "by-runc").stdout == layerfs("diff", "--root", store, "by-layerfs").stdout
     assert "A /root/new" in layerfs("diff", "--root", store, "by-runc").stdout
+
+
+def test_the_runtime_gives_hostname_hosts_and_resolv_conf_which_are_not_changes(rootfs, tmp_path):
+    store = tmp_path / "store"
+    tar_file = tmp_path / "rootfs.tar"
+    with tarfile.open(tar_file, "w") as tar:
+        tar.add(rootfs, arcname=".")
+    layerfs("import", "--root", store, f"rootfs:{tar_file}", "box:1")
+    seen = layerfs("run", "--root", store, "--name", "c", "--hostname", "web", "box:1", "/bin/sh", "-c",
+                   "cat /etc/hostname; grep -c web /etc/hosts; test -f /etc/resolv.conf && echo resolv").stdout
+    assert seen.splitlines() == ["web", "1", "resolv"]
+    assert layerfs("diff", "--root", store, "c").stdout == ""

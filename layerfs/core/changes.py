@@ -47,11 +47,14 @@ Below = Callable[[str], "LowerFacts | None"]
 Unchanged = Callable[[str, object, LowerFacts], bool]
 
 
-def changes(upper: str, lowers: Sequence[str], *, unchanged_copies: bool = True) -> list[Change]:
+def changes(upper: str, lowers: Sequence[str], *, unchanged_copies: bool = True,
+            ignore: frozenset[str] = frozenset()) -> list[Change]:
     """The changes ``upper`` makes to ``lowers`` (top first), sorted by path, ancestors included.
 
     With ``unchanged_copies`` False, a file copied up that ended identical to the lower one (content,
-    mode, owner, xattrs; not its times) is no change: a ``touch`` then undone, an editor's rewrite."""
+    mode, owner, xattrs; not its times) is no change: a ``touch`` then undone, an editor's rewrite.
+    Paths in ``ignore`` (what a runtime made for itself) are no changes either, nor reason to list their
+    directories."""
     upper = upper.rstrip("/") or "/"
     # A diff asks about a few names per directory: looked up one by one, not listed whole.
     resolver = Resolver([Layer(p, writable=False, cached=False) for p in lowers]) if lowers else None
@@ -79,10 +82,11 @@ def changes(upper: str, lowers: Sequence[str], *, unchanged_copies: bool = True)
             file_digest(real) == file_digest(entry.rel, dir_fd=entry.layer.fd)
 
     return _sorted_with_ancestors(_walk(listing, below, whiteout.is_opaque_dir(upper),
-                                        None if unchanged_copies else unchanged))
+                                        None if unchanged_copies else unchanged), ignore)
 
 
-def indexed_changes(index: ChangeIndex, lowers: Sequence[str], *, unchanged_copies: bool = True) -> list[Change]:
+def indexed_changes(index: ChangeIndex, lowers: Sequence[str], *, unchanged_copies: bool = True,
+                    ignore: frozenset[str] = frozenset()) -> list[Change]:
     """The same as ``changes(index.upper, lowers)``, from the index's records instead of the upper; what
     the lowers show at each path is kept in the records too, so a diff reads neither layer again."""
     if [os.path.abspath(p) for p in lowers] != index.lowers:
@@ -98,7 +102,8 @@ def indexed_changes(index: ChangeIndex, lowers: Sequence[str], *, unchanged_copi
         return _alike(record, lower) and index.upper_signature(path) == index.lower_signature(path)
 
     return _sorted_with_ancestors(_walk(lambda path: children.get(path, {}), index.lower_facts,
-                                        root is not None and root.opaque, None if unchanged_copies else unchanged))
+                                        root is not None and root.opaque, None if unchanged_copies else unchanged),
+                                  ignore)
 
 
 def _alike(st, lower: LowerFacts) -> bool:
@@ -112,8 +117,8 @@ def _xattrs(path: str, dir_fd: int | None) -> dict[str, bytes]:
             if not whiteout.is_private_xattr(n)}
 
 
-def _sorted_with_ancestors(found_changes: Iterator[Change]) -> list[Change]:
-    found = {c.path: c for c in found_changes}
+def _sorted_with_ancestors(found_changes: Iterator[Change], ignore: frozenset[str]) -> list[Change]:
+    found = {c.path: c for c in found_changes if c.path not in ignore}
     for path in list(found):
         parent = os.path.dirname(path)
         while parent != "/" and parent not in found:
