@@ -4,8 +4,8 @@ Builds a tiny root filesystem from Debian's busybox-static (``/bin/busybox``) as
 way images arrive: a base layer, an update in OCI form (``.wh.`` whiteout, ``.wh..wh..opq`` opaque
 directory) and a config layer in overlay form (0/0 character-device whiteout). Mounts them under an
 empty upper layer with layerfs (daemonized, exactly as ``layerfs -o ... MNT`` does), runs a shell in
-the merged tree with chroot, unmounts, and prints the container's changes as ``docker diff`` would.
-Needs root (mount and chroot).
+the merged tree as ``layerfs run`` does (PID 1 in its own namespaces, after pivot_root), unmounts, and
+prints the container's changes as ``docker diff`` would. Needs root (mounts and namespaces).
 """
 
 from __future__ import annotations
@@ -13,12 +13,11 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from . import mount, options
+from . import mount, options, shim
 from .core import whiteout
 from .core.changes import changes
 from .errors import LayerfsError
@@ -67,6 +66,8 @@ def _base_layer(root: Path) -> list[tuple[str, str]]:
     (root / "tmp").mkdir(mode=0o1777)
     (root / "tmp").chmod(0o1777)
     (root / "root").mkdir(mode=0o700)
+    for mount_point in ("proc", "dev", "sys"):  # as images have them: where the runtime mounts its own
+        (root / mount_point).mkdir()
     return [(f"busybox + {len(APPLETS)} applets, /etc (passwd, group, hostname, motd), /opt/app, /var/cache/app",
              "")]
 
@@ -161,20 +162,38 @@ def _run(base: Path) -> int:
     transcript = "\n".join(f"echo {shlex.quote('$ ' + line)}; {line}" for line in SCRIPT.splitlines())
     try:
         print(f"Mounted at {rootfs} (upper layer: {upper})\n")
-        result = subprocess.run([shutil.which("chroot") or "/usr/sbin/chroot", str(rootfs), "/bin/sh", "-c",
-                                 transcript], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                env={"PATH": "/bin", "HOME": "/root"}, timeout=60)
-    except subprocess.TimeoutExpired as e:
-        raise LayerfsError("the command in the container did not finish within a minute") from e
+        made = shim.make_mount_points(str(rootfs))
+        process = shim.Process(["/bin/sh", "-c", transcript], {"PATH": "/bin", "HOME": "/root"},
+                               hostname="layerfs-example")
+        code, output = _captured(lambda: shim.run(str(rootfs), process))
     finally:
         _unmount(rootfs)
-    output = [line for line in result.stdout.splitlines() if line.strip()]
-    if result.returncode:
-        output.append(f"(exit status {result.returncode})")
-    _show("In the container (chroot rootfs /bin/sh):", output)
-    found = changes(str(upper), [str(p) for p in lowers])
+    if code:
+        output.append(f"(exit status {code})")
+    _show("In the container (layerfs run: /bin/sh as PID 1 in its own namespaces):", output)
+    found = changes(str(upper), [str(p) for p in lowers], ignore=frozenset(made))
     _show("Unmounted. The container's changes, as docker diff lists them:", [str(c) for c in found] or ["(none)"])
-    return 1 if result.returncode else 0
+    return 1 if code else 0
+
+
+def _captured(action) -> tuple[int, list[str]]:
+    """``action()``'s result, and the non-empty lines it (and its children) wrote to stdout and stderr."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with tempfile.TemporaryFile() as out:
+        os.dup2(out.fileno(), 1)
+        os.dup2(out.fileno(), 2)
+        try:
+            result = action()
+        finally:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+        out.seek(0)
+        lines = out.read().decode(errors="replace").splitlines()
+    return result, [line for line in lines if line.strip()]
 
 
 def main(directory: str | None = None) -> int:
