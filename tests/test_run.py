@@ -152,3 +152,12 @@ def test_the_runtime_gives_hostname_hosts_and_resolv_conf_which_are_not_changes(
                    "cat /etc/hostname; grep -c web /etc/hosts; test -f /etc/resolv.conf && echo resolv").stdout
     assert seen.splitlines() == ["web", "1", "resolv"]
     assert layerfs("diff", "--root", store, "c").stdout == ""
+
+
+def test_user_and_a_network_of_its_own(rootfs):
+    seen = layerfs("run", "-u", "1000:100", "--net", "none", "--lower", rootfs, "--", "/bin/sh", "-c",
+                   "id -u; id -g; cat /proc/net/dev | tail -n +3 | cut -d: -f1 | tr -d ' '").stdout.splitlines()
+    assert seen == ["1000", "100", "lo"]
+    host_side = layerfs("run", "--lower", rootfs, "--", "/bin/sh", "-c",
+                        "cat /proc/net/dev | tail -n +3 | wc -l").stdout.strip()
+    assert int(host_side) >= 1  # --net host (the default) sees the host's interfaces
