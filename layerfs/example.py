@@ -199,7 +199,7 @@ def _captured(action) -> tuple[int, list[str]]:
 def main(directory: str | None = None) -> int:
     """Run the example in ``directory`` (kept) or in a temporary directory (removed); exit code."""
     if os.geteuid() != 0:
-        raise LayerfsError("the example needs root: it mounts with allow_other and runs chroot")
+        raise LayerfsError("the example needs root: it mounts with allow_other and makes namespaces")
     if not os.path.exists(BUSYBOX):
         raise LayerfsError(f"{BUSYBOX} not found: install busybox-static (tools/setup does)")
     base = _prepare(directory)
