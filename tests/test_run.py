@@ -4,17 +4,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import subprocess
 import tarfile
-import time
 from pathlib import Path
 
 import pytest
 
 from conftest import LAYERFS, layerfs
+from processes import wait_for
 
 BUSYBOX = shutil.which("busybox") or "/bin/busybox"
 
@@ -37,6 +38,32 @@ def rootfs(tmp_path) -> Path:
     return root
 
 
+@pytest.fixture
+def store(rootfs, tmp_path) -> Path:
+    """A store holding the rootfs as image box:1."""
+    root = tmp_path / "store"
+    tar_file = tmp_path / "rootfs.tar"
+    with tarfile.open(tar_file, "w") as tar:
+        tar.add(rootfs, arcname=".")
+    layerfs("import", "--root", root, f"rootfs:{tar_file}", "box:1")
+    return root
+
+
+@contextlib.contextmanager
+def _running(*run_args: str | os.PathLike, stdin: bool = False):
+    """``layerfs run RUN_ARGS`` in the background, once its command has printed "ready"; killed on the
+    way out if it still runs."""
+    shim = subprocess.Popen(LAYERFS + ["run", *map(str, run_args)], stdout=subprocess.PIPE, text=True,
+                            stdin=subprocess.PIPE if stdin else None)
+    try:
+        assert shim.stdout.readline() == "ready\n"
+        yield shim
+    finally:
+        if shim.poll() is None:
+            shim.kill()
+            shim.wait()
+
+
 def test_a_command_runs_as_pid_1_in_its_own_root(rootfs, tmp_path):
     (tmp_path / "host-only").write_text("secret")
     script = ('echo "pid=$$ host=$(hostname) color=$COLOR pwd=$(pwd)"; ls /; ls /..; cat /proc/1/cmdline | '
@@ -54,78 +81,41 @@ def test_a_command_runs_as_pid_1_in_its_own_root(rootfs, tmp_path):
     assert _layerfs_mounts() == []
 
 
-def test_changes_made_inside_show_in_diff_and_rm_leaves_nothing(rootfs, tmp_path):
-    store = tmp_path / "store"
-    tar_file = tmp_path / "rootfs.tar"
-    with tarfile.open(tar_file, "w") as tar:
-        tar.add(rootfs, arcname=".")
-    layerfs("import", "--root", store, f"rootfs:{tar_file}", "box:1")
+def test_changes_made_inside_show_in_diff_and_rm_leaves_nothing(store):
     layerfs("run", "--root", store, "--name", "c1", "box:1", "/bin/sh", "-c", "echo made > /root/new; rm /etc/motd")
     assert layerfs("diff", "--root", store, "c1").stdout.splitlines() == ["C /etc", "D /etc/motd", "C /root",
                                                                             "A /root/new"]
-    shim = subprocess.Popen(LAYERFS + ["run", "--root", str(store), "--name", "c2", "--rm", "box:1", "/bin/sh", "-c",
-                                       "echo x > /root/y; echo ready; read line"],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert shim.stdout.readline() == "ready\n"
+    with _running("--root", store, "--name", "c2", "--rm", "box:1", "/bin/sh", "-c",
+                  "echo x > /root/y; echo ready; read line", stdin=True) as shim:
         listed = layerfs("ps", "--root", store).stdout.splitlines()
         assert listed[0] == "c1  box:1  stopped" and listed[1].startswith("c2  box:1  running, pid ")
         shim.stdin.write("done\n")
         shim.stdin.close()
         assert shim.wait(timeout=30) == 0
-    finally:
-        if shim.poll() is None:
-            shim.kill()
-            shim.wait()
     assert sorted(os.listdir(store / "containers")) == ["c1"]
     assert _layerfs_mounts() == []
 
 
 def test_sigterm_reaches_the_container_and_nothing_stays_mounted(rootfs):
-    shim = subprocess.Popen(LAYERFS + ["run", "--lower", str(rootfs), "--", "/bin/sh", "-c",
-                                       "trap 'echo got TERM; exit 9' TERM; echo ready; while true; do sleep 0.1; done"],
-                            stdout=subprocess.PIPE, text=True)
-    try:
-        assert shim.stdout.readline() == "ready\n"
+    with _running("--lower", rootfs, "--", "/bin/sh", "-c",
+                  "trap 'echo got TERM; exit 9' TERM; echo ready; while true; do sleep 0.1; done") as shim:
         shim.send_signal(signal.SIGTERM)
         assert shim.wait(timeout=30) == 9
         assert "got TERM" in shim.stdout.read()
-    finally:
-        if shim.poll() is None:
-            shim.kill()
-            shim.wait()
-    deadline = time.monotonic() + 10
-    while _layerfs_mounts() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert _layerfs_mounts() == []
+    assert wait_for(lambda: not _layerfs_mounts()), _layerfs_mounts()
 
 
 def test_a_killed_shim_takes_its_container_and_mount_with_it(rootfs):
-    shim = subprocess.Popen(LAYERFS + ["run", "--lower", str(rootfs), "--", "/bin/sh", "-c",
-                                       "echo ready; while true; do sleep 0.1; done"], stdout=subprocess.PIPE, text=True)
-    try:
-        assert shim.stdout.readline() == "ready\n"
+    with _running("--lower", rootfs, "--", "/bin/sh", "-c", "echo ready; while true; do sleep 0.1; done") as shim:
         assert _layerfs_mounts()
         shim.kill()
         shim.wait(timeout=30)
-    finally:
-        if shim.poll() is None:
-            shim.kill()
-            shim.wait()
-    deadline = time.monotonic() + 20
-    while _layerfs_mounts() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert _layerfs_mounts() == []
+    assert wait_for(lambda: not _layerfs_mounts()), _layerfs_mounts()
     leftover = subprocess.run(["pgrep", "-f", f"lowerdir={rootfs}"], capture_output=True, text=True).stdout.split()
     assert leftover == [], leftover  # neither the container's processes nor the daemon
 
 
-def test_runc_runs_the_bundle_and_the_diff_is_the_same_as_layerfs_runs(rootfs, tmp_path):
-    store = tmp_path / "store"
-    tar_file = tmp_path / "rootfs.tar"
-    with tarfile.open(tar_file, "w") as tar:
-        tar.add(rootfs, arcname=".")
-    layerfs("import", "--root", store, f"rootfs:{tar_file}", "box:1")
+def test_runc_runs_the_bundle_and_the_diff_is_the_same_as_layerfs_runs(store, tmp_path):
     script = "echo made > /root/new; rm /etc/motd; hostname > /tmp/host"
     layerfs("run", "--root", store, "--name", "by-layerfs", "box:1", "/bin/sh", "-c", script)
     layerfs("create", "--root", store, "--name", "by-runc", "box:1")
@@ -142,12 +132,7 @@ def test_runc_runs_the_bundle_and_the_diff_is_the_same_as_layerfs_runs(rootfs, t
     assert "A /root/new" in layerfs("diff", "--root", store, "by-runc").stdout
 
 
-def test_the_runtime_gives_hostname_hosts_and_resolv_conf_which_are_not_changes(rootfs, tmp_path):
-    store = tmp_path / "store"
-    tar_file = tmp_path / "rootfs.tar"
-    with tarfile.open(tar_file, "w") as tar:
-        tar.add(rootfs, arcname=".")
-    layerfs("import", "--root", store, f"rootfs:{tar_file}", "box:1")
+def test_the_runtime_gives_hostname_hosts_and_resolv_conf_which_are_not_changes(store):
     seen = layerfs("run", "--root", store, "--name", "c", "--hostname", "web", "box:1", "/bin/sh", "-c",
                    "cat /etc/hostname; grep -c web /etc/hosts; test -f /etc/resolv.conf && echo resolv").stdout
     assert seen.splitlines() == ["web", "1", "resolv"]
