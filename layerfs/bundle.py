@@ -67,8 +67,7 @@ def write(images: store.Store, name: str, directory: str, command: list[str]) ->
     image_config = (images.images().get(record["image"]) or {}).get("config", {}).get("config") or {}
     rootfs = os.path.join(os.path.abspath(directory), "rootfs")
     os.makedirs(rootfs, exist_ok=True)
-    lowerdir = ":".join(record["lowers"])
-    if mount.mount(options.parse([f"lowerdir={lowerdir},upperdir={record['upper']},workdir={record['work']}"],
+    if mount.mount(options.parse([options.for_dirs(record["lowers"], record["upper"], record["work"])],
                                  rootfs)) != 0:
         raise LayerfsError(f"could not mount container {name!r}")
     try:

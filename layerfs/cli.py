@@ -228,7 +228,7 @@ def _run(args: argparse.Namespace) -> int:
             record = store.Store(store.root_from(args.root)).container(args.mountpoint)
             if record is None:
                 raise UsageError(f"{args.mountpoint}: no such container (or give -o lowerdir=...)")
-            args.options = [f"lowerdir={':'.join(record['lowers'])},upperdir={record['upper']},workdir={record['work']}"]
+            args.options = [options.for_dirs(record["lowers"], record["upper"], record["work"])]
             args.mountpoint = args.container_mountpoint or record["merged"]
         elif args.container_mountpoint:
             raise UsageError(f"{args.container_mountpoint}: one mount point only")

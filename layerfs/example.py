@@ -95,11 +95,6 @@ def _config_layer(root: Path) -> list[tuple[str, str]]:
     return [(f"adds {EDITED_FILE}", ""), ("deletes /var/cache/app/draft", "a 0/0 character device")]
 
 
-def _escape(path: Path) -> str:
-    """A path as an overlay mount option value: ``\\``, ``,`` and ``:`` escaped."""
-    return "".join("\\" + ch if ch in "\\,:" else ch for ch in str(path))
-
-
 def _is_mounted(path: Path) -> bool:
     with open("/proc/self/mountinfo") as f:
         return any(line.split()[4] == str(path) for line in f)
@@ -153,9 +148,7 @@ def _run(base: Path) -> int:
     for d in (upper, work, rootfs):
         d.mkdir()
     lowers = layers[::-1]  # overlay order: top first
-    lowerdir = ":".join(_escape(p) for p in lowers)
-    config = options.parse([f"lowerdir={lowerdir},upperdir={_escape(upper)},workdir={_escape(work)}"],
-                           str(rootfs))
+    config = options.parse([options.for_dirs(lowers, upper, work)], str(rootfs))
     sys.stdout.flush()  # the daemon is forked from this process
     mount.mount(config)
     # Each command is echoed before it runs, so the output reads as a terminal session.

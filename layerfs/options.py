@@ -151,6 +151,16 @@ def parse(option_strings: list[str], mountpoint: str | None) -> MountConfig:
                        None if owner is None else int(owner))
 
 
+def for_dirs(lowers: list[str], upper: str, work: str, **extra: object) -> str:
+    """The ``-o`` string that mounts ``lowers`` (top first) under ``upper``, paths escaped as ``parse``
+    reads them; ``extra`` options are appended as ``key=value``."""
+    def escaped(path: object) -> str:
+        return "".join("\\" + ch if ch in "\\,:" else ch for ch in str(path))
+
+    text = f"lowerdir={':'.join(escaped(p) for p in lowers)},upperdir={escaped(upper)},workdir={escaped(work)}"
+    return text + "".join(f",{key.replace('_', '-')}={value}" for key, value in extra.items())
+
+
 def is_within(child: str, parent: str) -> bool:
     """Whether path ``child`` is ``parent`` or below it."""
     return (child + "/").startswith(parent.rstrip("/") + "/")

@@ -62,10 +62,8 @@ def _run(lowers: list[str], upper: str, work: str, merged: str, command: list[st
     uid, gid = shim.parse_user(args.user)
     process = shim.Process(argv, env, args.workdir or config.get("WorkingDir") or "/", uid, gid, hostname,
                            network=args.net == "host")
-    lowerdir = ":".join(p.replace("\\", "\\\\").replace(":", "\\:").replace(",", "\\,") for p in lowers)
-    config_ = options.parse([f"lowerdir={lowerdir},upperdir={upper},workdir={work},x-layerfs-owner={os.getpid()}"],
-                            merged)
-    if mount.mount(config_) != 0:
+    mount_options = options.for_dirs(lowers, upper, work, x_layerfs_owner=os.getpid())
+    if mount.mount(options.parse([mount_options], merged)) != 0:
         return 125
     runtime = tempfile.mkdtemp(prefix="layerfs-runtime-")
     try:

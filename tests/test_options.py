@@ -7,7 +7,7 @@ import os
 import pytest
 
 from layerfs.errors import UsageError
-from layerfs.options import parse, split_escaped
+from layerfs.options import for_dirs, parse, split_escaped
 
 
 @pytest.fixture
@@ -36,6 +36,15 @@ def test_escaped_colon_and_comma_in_paths(dirs):
     c = parse([f"lowerdir={dirs}/a\\:b\\,c:{dirs}/l1"], str(dirs / "mnt"))
     assert c.lowers == [str(odd), str(dirs / "l1")]
     assert split_escaped("x\\:y:z", ":") == ["x:y", "z"]
+
+
+def test_for_dirs_writes_what_parse_reads_back(dirs):
+    odd = [dirs / "a:b,c", dirs / "back\\slash", dirs / "up,per", dirs / "wo:rk"]
+    for d in odd:
+        d.mkdir()
+    c = parse([for_dirs([str(odd[0]), str(odd[1])], str(odd[2]), str(odd[3]), x_layerfs_owner=42)], str(dirs / "mnt"))
+    assert (c.lowers, c.upper, c.work, c.owner) == ([str(odd[0]), str(odd[1])], str(odd[2]), str(odd[3]), 42)
+    assert c.warnings == []
 
 
 def test_without_upper_the_mount_is_read_only(dirs):
