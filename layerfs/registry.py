@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import select
 from dataclasses import asdict, dataclass
 
 
@@ -79,8 +80,6 @@ def forget(mountpoint: str, pid: int) -> None:
 
 def wait_for_exit(pid: int, timeout: float | None) -> bool:
     """Wait until process ``pid`` (not a child of ours) has exited; False on timeout (None: no timeout)."""
-    import select
-
     try:
         fd = os.pidfd_open(pid)
     except ProcessLookupError:

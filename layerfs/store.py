@@ -30,6 +30,7 @@ import json
 import os
 import shutil
 import stat
+import tarfile
 import uuid
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -477,8 +478,6 @@ def _write_json_blob(blobs: str, content: dict, media_type: str) -> dict:
 def _extract_archive(path: str, dest: str) -> None:
     """An image archive (a plain tar of files and relative symlinks) extracted into ``dest``; tarfile's
     "data" filter refuses what could reach outside it."""
-    import tarfile
-
     try:
         with tarfile.open(path) as tar:
             tar.extractall(dest, filter="data")
