@@ -38,7 +38,7 @@ from typing import Callable, Iterable
 import xxhash
 
 from .core import copyup, syscalls, whiteout, xattr
-from .core.changes import DELETED, Change, changes
+from .core.changes import DELETED, Change
 from .core.index import file_digest
 from .errors import LayerfsError
 from .oci import layout
@@ -283,48 +283,13 @@ class Store:
         return record
 
     def save(self, name: str, dest: str, tag: str) -> str:
-        """Write image ``name`` into the OCI image layout ``dest`` (made if missing) as ``tag``: each
-        layer directory written again as a gzip layer tar (so the config gets these tars' diff_ids),
-        then its config, manifest and index entry. Returns the manifest's digest."""
+        """Write image ``name`` into the OCI image layout ``dest`` (made if missing) as ``tag``; each layer
+        directory is written again as a gzip layer tar, so the saved config names these tars' diff_ids.
+        Returns the manifest's digest."""
         image = self.images().get(name)
         if image is None:
             raise LayerfsError(f"no image {name!r}")
-        blobs = os.path.join(dest, "blobs", "sha256")
-        os.makedirs(blobs, exist_ok=True)
-        layer_dirs = [self.layer_path(diff_id) for diff_id in image["layers"]]  # bottom first
-        descriptors, diff_ids = [], []
-        for number, layer in enumerate(layer_dirs):
-            found = changes(layer, list(reversed(layer_dirs[:number])))
-            tmp = os.path.join(blobs, f".{uuid.uuid4().hex}")
-            try:
-                with open(tmp, "wb") as out:
-                    written = write_layer(out, layer, found, compress=True)
-                os.replace(tmp, os.path.join(blobs, written.digest.removeprefix("sha256:")))
-            finally:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tmp)
-            descriptors.append({"mediaType": _LAYER_GZIP, "digest": written.digest, "size": written.size})
-            diff_ids.append(written.diff_id)
-        config = json.loads(json.dumps(image["config"]))
-        config.setdefault("rootfs", {"type": "layers"})["diff_ids"] = diff_ids
-        config_descriptor = _write_json_blob(blobs, config, _CONFIG)
-        manifest = {"schemaVersion": 2, "mediaType": _MANIFEST, "config": config_descriptor, "layers": descriptors}
-        manifest_descriptor = _write_json_blob(blobs, manifest, _MANIFEST)
-        manifest_descriptor["annotations"] = {"org.opencontainers.image.ref.name": tag}
-        index_path = os.path.join(dest, "index.json")
-        try:
-            with open(index_path) as f:
-                index = json.load(f)
-        except FileNotFoundError:
-            index = {"schemaVersion": 2, "manifests": []}
-        index["manifests"] = [m for m in index.get("manifests", [])
-                              if (m.get("annotations") or {}).get("org.opencontainers.image.ref.name") != tag]
-        index["manifests"].append(manifest_descriptor)
-        for path, content in ((os.path.join(dest, "oci-layout"), {"imageLayoutVersion": "1.0.0"}), (index_path, index)):
-            with open(path + ".tmp", "w") as f:
-                json.dump(content, f)
-            os.replace(path + ".tmp", path)
-        return manifest_descriptor["digest"]
+        return layout.write_image(dest, tag, [self.layer_path(d) for d in image["layers"]], image["config"])
 
     def remove_image(self, name: str) -> None:
         with self._locked():
@@ -458,21 +423,6 @@ def _reflink(src: str, dst: str, st: os.stat_result) -> bool:
     if not cloned:
         os.unlink(dst)
     return cloned
-
-
-_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
-_CONFIG = "application/vnd.oci.image.config.v1+json"
-_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-
-
-def _write_json_blob(blobs: str, content: dict, media_type: str) -> dict:
-    data = json.dumps(content, sort_keys=True, separators=(",", ":")).encode()
-    digest = f"sha256:{hashlib.sha256(data).hexdigest()}"
-    path = os.path.join(blobs, digest.removeprefix("sha256:"))
-    with open(path + ".tmp", "wb") as f:
-        f.write(data)
-    os.replace(path + ".tmp", path)
-    return {"mediaType": media_type, "digest": digest, "size": len(data)}
 
 
 def _extract_archive(path: str, dest: str) -> None:

@@ -1,5 +1,5 @@
-"""Reading images as tools write them: an OCI image layout directory (``oci:DIR[:TAG]``, what skopeo,
-umoci and buildah write), and the unpacked content of a ``docker save`` archive.
+"""Images as tools exchange them: an OCI image layout directory (``oci:DIR[:TAG]``, what skopeo, umoci
+and buildah write, and what ``write_image`` writes), and the unpacked content of a ``docker save`` archive.
 
     DIR/oci-layout          {"imageLayoutVersion": "1.0.0"}
     DIR/index.json          manifests, a tag in each one's ``org.opencontainers.image.ref.name``
@@ -14,16 +14,23 @@ names its layers by file, not digest: their diff_ids, checked when they are unpa
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import uuid
 from typing import BinaryIO, NamedTuple
 
+from ..core.changes import changes
 from ..errors import LayerfsError
+from .layertar import write_layer
 
 _REF_NAME = "org.opencontainers.image.ref.name"
 _INDEX_TYPES = ("application/vnd.oci.image.index.v1+json", "application/vnd.docker.distribution.manifest.list.v2+json")
 _MAX_JSON = 16 << 20  # a manifest, config or index larger than this is not one
+_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+_CONFIG = "application/vnd.oci.image.config.v1+json"
+_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 
 
 class Layer(NamedTuple):
@@ -177,3 +184,54 @@ def _inside(root: str, name: str) -> str:
     if not path.startswith(os.path.realpath(root) + os.sep) or not os.path.isfile(path):
         raise LayerfsError(f"archive names {name!r}, which it does not hold")
     return path
+
+
+def write_image(dest: str, tag: str, layer_dirs: list[str], config: dict) -> str:
+    """Write the image of ``layer_dirs`` (bottom first; each a layer directory in overlay or OCI form) into
+    the OCI image layout ``dest`` (made if missing) as ``tag``, replacing an image of that tag: each layer as
+    a gzip layer tar of what it changes over those below it, then ``config`` (its ``rootfs`` naming these
+    tars' diff_ids), the manifest and the index entry. Returns the manifest's digest."""
+    blobs = os.path.join(dest, "blobs", "sha256")
+    os.makedirs(blobs, exist_ok=True)
+    descriptors, diff_ids = [], []
+    for number, layer in enumerate(layer_dirs):
+        found = changes(layer, list(reversed(layer_dirs[:number])))
+        tmp = os.path.join(blobs, f".{uuid.uuid4().hex}")
+        try:
+            with open(tmp, "wb") as out:
+                written = write_layer(out, layer, found, compress=True)
+            os.replace(tmp, os.path.join(blobs, written.digest.removeprefix("sha256:")))
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        descriptors.append({"mediaType": _LAYER_GZIP, "digest": written.digest, "size": written.size})
+        diff_ids.append(written.diff_id)
+    config = json.loads(json.dumps(config))
+    config.setdefault("rootfs", {"type": "layers"})["diff_ids"] = diff_ids
+    config_descriptor = _write_json_blob(blobs, config, _CONFIG)
+    manifest = {"schemaVersion": 2, "mediaType": _MANIFEST, "config": config_descriptor, "layers": descriptors}
+    manifest_descriptor = _write_json_blob(blobs, manifest, _MANIFEST)
+    manifest_descriptor["annotations"] = {_REF_NAME: tag}
+    index_path = os.path.join(dest, "index.json")
+    try:
+        with open(index_path) as f:
+            index = json.load(f)
+    except FileNotFoundError:
+        index = {"schemaVersion": 2, "manifests": []}
+    index["manifests"] = [m for m in index.get("manifests", []) if (m.get("annotations") or {}).get(_REF_NAME) != tag]
+    index["manifests"].append(manifest_descriptor)
+    for path, content in ((os.path.join(dest, "oci-layout"), {"imageLayoutVersion": "1.0.0"}), (index_path, index)):
+        with open(path + ".tmp", "w") as f:
+            json.dump(content, f)
+        os.replace(path + ".tmp", path)
+    return manifest_descriptor["digest"]
+
+
+def _write_json_blob(blobs: str, content: dict, media_type: str) -> dict:
+    data = json.dumps(content, sort_keys=True, separators=(",", ":")).encode()
+    digest = f"sha256:{hashlib.sha256(data).hexdigest()}"
+    path = os.path.join(blobs, digest.removeprefix("sha256:"))
+    with open(path + ".tmp", "wb") as f:
+        f.write(data)
+    os.replace(path + ".tmp", path)
+    return {"mediaType": media_type, "digest": digest, "size": len(data)}
