@@ -1,11 +1,11 @@
-"""``layerfs example``: a container's life in miniature, with no network.
+"""``layerfs example``: a container's life in miniature, with no network, through the command line.
 
-Builds a tiny root filesystem from Debian's busybox-static (``/bin/busybox``) as three layers, the
-way images arrive: a base layer, an update in OCI form (``.wh.`` whiteout, ``.wh..wh..opq`` opaque
-directory) and a config layer in overlay form (0/0 character-device whiteout). Mounts them under an
-empty upper layer with layerfs (daemonized, exactly as ``layerfs -o ... MNT`` does), runs a shell in
-the merged tree as ``layerfs run`` does (PID 1 in its own namespaces, after pivot_root), unmounts, and
-prints the container's changes as ``docker diff`` would. Needs root (mounts and namespaces).
+Builds a tiny image from Debian's busybox-static (``/bin/busybox``) in three layers, the way images
+arrive (a base, an update that deletes a file and replaces a directory, a config layer), and writes it
+as an OCI image layout. Then, as a person would type them, the ``layerfs`` commands that import it into a
+store, run its command in a container (PID 1 in its own namespaces, after pivot_root into the layerfs
+mount), list the container's changes as ``docker diff`` would, commit them as a new image, and run that.
+Needs root (mounts and namespaces).
 """
 
 from __future__ import annotations
@@ -13,14 +13,14 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from . import mount, options, shim
 from .core import whiteout
-from .core.changes import changes
 from .errors import LayerfsError
+from .oci import layout
 
 BUSYBOX = "/bin/busybox"
 APPLETS = ("sh", "ls", "cat", "echo", "rm", "mkdir", "rmdir", "mv", "cp", "ln", "touch", "sed", "grep",
@@ -38,6 +38,8 @@ SCRIPT = "\n".join([
     f"rm {DELETED_FILE}",
     f"cat {EDITED_FILE}",
 ])
+DEMO = "/usr/bin/demo"  # the image's Cmd: SCRIPT, each command echoed before it runs, as on a terminal
+IMAGE, COMMITTED, CONTAINER = "example:1", "example:2", "demo"
 
 # A --dir holding this file is ours to clear when the example runs there again.
 _STAMP = ".layerfs-example"
@@ -50,14 +52,15 @@ def _write(root: Path, path: str, text: str, mode: int = 0o644) -> None:
     target.chmod(mode)
 
 
-def _base_layer(root: Path) -> list[tuple[str, str]]:
+def _base_layer(root: Path) -> list[str]:
     (root / "bin").mkdir(parents=True)
     shutil.copy2(BUSYBOX, root / "bin/busybox")
     for applet in APPLETS:
         (root / "bin" / applet).symlink_to("busybox")
+    transcript = "".join(f"echo {shlex.quote('$ ' + line)}; {line}\n" for line in SCRIPT.splitlines())
+    _write(root, DEMO, "#!/bin/sh\nset -e\n" + transcript, 0o755)
     _write(root, "/etc/passwd", "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n")
     _write(root, "/etc/group", "root:x:0:\nnogroup:x:65534:\n")
-    _write(root, "/etc/hostname", "layerfs-example\n")
     _write(root, "/etc/motd", "base image, version 1\n")
     _write(root, "/opt/app/run.sh", "#!/bin/sh\necho running\n", 0o755)
     _write(root, "/opt/app/legacy.txt", "to be removed by the update\n")
@@ -68,12 +71,11 @@ def _base_layer(root: Path) -> list[tuple[str, str]]:
     (root / "root").mkdir(mode=0o700)
     for mount_point in ("proc", "dev", "sys"):  # as images have them: where the runtime mounts its own
         (root / mount_point).mkdir()
-    return [(f"busybox + {len(APPLETS)} applets, /etc (passwd, group, hostname, motd), /opt/app, /var/cache/app",
-             "")]
+    return [f"busybox + {len(APPLETS)} applets, {DEMO}, /etc (passwd, group, motd), /opt/app, /var/cache/app"]
 
 
-def _update_layer(root: Path) -> list[tuple[str, str]]:
-    """OCI form, as image layer tars carry changes."""
+def _update_layer(root: Path) -> list[str]:
+    """Built in OCI form (``.wh.`` files), as a layer tar carries changes."""
     _write(root, "/etc/motd", "base image, version 2\n")
     (root / "opt/app").mkdir(parents=True)
     (root / "opt/app" / whiteout.oci_whiteout_name("legacy.txt")).touch()
@@ -82,31 +84,43 @@ def _update_layer(root: Path) -> list[tuple[str, str]]:
     (cache / whiteout.OPAQUE_MARKER).touch()
     (cache / "index").write_text("fresh cache\n")
     (cache / "draft").write_text("not for release\n")
-    return [("changes /etc/motd", ""),
-            ("deletes /opt/app/legacy.txt", f"an empty {whiteout.oci_whiteout_name('legacy.txt')} file"),
-            ("replaces /var/cache/app", f"{whiteout.OPAQUE_MARKER}, new files index and draft")]
+    return ["changes /etc/motd", "deletes /opt/app/legacy.txt", "replaces /var/cache/app: new files index and draft"]
 
 
-def _config_layer(root: Path) -> list[tuple[str, str]]:
-    """Overlay form, as kernel overlayfs and layerfs write an upper layer."""
+def _config_layer(root: Path) -> list[str]:
+    """Built in overlay form (a 0/0 character device whiteout), as an upper layer holds changes."""
     _write(root, EDITED_FILE, "color=green\n")
     (root / "var/cache/app").mkdir(parents=True)
     whiteout.make_whiteout(str(root / "var/cache/app/draft"))
-    return [(f"adds {EDITED_FILE}", ""), ("deletes /var/cache/app/draft", "a 0/0 character device")]
+    return [f"adds {EDITED_FILE}", "deletes /var/cache/app/draft"]
 
 
-def _is_mounted(path: Path) -> bool:
+def _build_image(base: Path) -> Path:
+    """The example image as an OCI image layout, tagged 1; its layers are built as directories first."""
+    builders = (("1-base", _base_layer), ("2-update", _update_layer), ("3-config", _config_layer))
+    print("The built-in image's layers, bottom first:")
+    layers = []
+    for name, build in builders:
+        layer = base / "build" / name
+        for i, what in enumerate(build(layer)):
+            print(f"  {name if i == 0 else '':9} {what}")
+        layers.append(str(layer))
+    config = {"architecture": _ARCHITECTURES.get(os.uname().machine, os.uname().machine), "os": "linux",
+              "config": {"Env": ["PATH=/bin:/usr/bin"], "Cmd": [DEMO], "WorkingDir": "/root"}}
+    image = base / "image"
+    layout.write_image(str(image), "1", layers, config)
+    shutil.rmtree(base / "build")
+    print(f"written as an OCI image layout (gzip layer tars, .wh. whiteouts) to {image}\n")
+    return image
+
+
+_ARCHITECTURES = {"x86_64": "amd64", "aarch64": "arm64"}  # uname's names to OCI's (GOARCH)
+
+
+def mounts_under(base: Path) -> list[str]:
     with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == str(path) for line in f)
-
-
-def _unmount(mountpoint: Path) -> None:
-    try:
-        mount.umount(str(mountpoint))
-    except LayerfsError:
-        # Busy (a process left inside?): detach it now; the daemon ends when the last file is closed.
-        mount.umount(str(mountpoint), lazy=True)
-        raise
+        points = [line.split()[4] for line in f]
+    return [p for p in points if p.startswith(f"{base}/")]
 
 
 def _prepare(directory: str | None) -> Path:
@@ -115,8 +129,8 @@ def _prepare(directory: str | None) -> Path:
     base = Path(directory).absolute()
     base.mkdir(parents=True, exist_ok=True)
     if (base / _STAMP).exists():
-        if _is_mounted(base / "rootfs"):
-            raise LayerfsError(f"{base}/rootfs is still mounted (layerfs umount it first)")
+        if mounts_under(base):
+            raise LayerfsError(f"{mounts_under(base)[0]} is still mounted (layerfs umount it first)")
         for child in base.iterdir():
             shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
     elif any(base.iterdir()):
@@ -125,68 +139,38 @@ def _prepare(directory: str | None) -> Path:
     return base
 
 
-def _show(title: str, lines: list[str]) -> None:
-    print(title)
-    for line in lines:
+def _layerfs(*words: str, store: Path, note: str = "") -> int:
+    """Run ``layerfs WORDS`` (this installation's, on ``store``) as a person would, echoing the command and
+    indenting its output; its exit code."""
+    print(f"$ layerfs {shlex.join(words)}" + (f"    # {note}" if note else ""))
+    sys.stdout.flush()
+    result = subprocess.run([sys.executable, "-m", "layerfs", *words], env={**os.environ, "LAYERFS_ROOT": str(store)},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
+    for line in result.stdout.splitlines():
         print("  " + line)
+    if result.returncode:
+        print(f"  (exit status {result.returncode})")
     print()
+    return result.returncode
 
 
 def _run(base: Path) -> int:
-    builders = (("1-base", _base_layer), ("2-update", _update_layer), ("3-config", _config_layer))
-    layers: list[Path] = []
     print(f"layerfs example in {base}\n")
-    print("Layers, bottom first:")
-    for name, build in builders:
-        layer = base / "layers" / name
-        for i, (what, how) in enumerate(build(layer)):
-            print(f"  {name if i == 0 else '':9} {what:30} {f'({how})' if how else ''}".rstrip())
-        layers.append(layer)
-    print()
-
-    upper, work, rootfs = base / "upper", base / "work", base / "rootfs"
-    for d in (upper, work, rootfs):
-        d.mkdir()
-    lowers = layers[::-1]  # overlay order: top first
-    config = options.parse([options.for_dirs(lowers, upper, work)], str(rootfs))
-    sys.stdout.flush()  # the daemon is forked from this process
-    mount.mount(config)
-    # Each command is echoed before it runs, so the output reads as a terminal session.
-    transcript = "\n".join(f"echo {shlex.quote('$ ' + line)}; {line}" for line in SCRIPT.splitlines())
-    try:
-        print(f"Mounted at {rootfs} (upper layer: {upper})\n")
-        made = shim.make_mount_points(str(rootfs))
-        process = shim.Process(["/bin/sh", "-c", transcript], {"PATH": "/bin", "HOME": "/root"},
-                               hostname="layerfs-example")
-        code, output = _captured(lambda: shim.run(str(rootfs), process))
-    finally:
-        _unmount(rootfs)
-    if code:
-        output.append(f"(exit status {code})")
-    _show("In the container (layerfs run: /bin/sh as PID 1 in its own namespaces):", output)
-    found = changes(str(upper), [str(p) for p in lowers], ignore=frozenset(made))
-    _show("Unmounted. The container's changes, as docker diff lists them:", [str(c) for c in found] or ["(none)"])
-    return 1 if code else 0
-
-
-def _captured(action) -> tuple[int, list[str]]:
-    """``action()``'s result, and the non-empty lines it (and its children) wrote to stdout and stderr."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = os.dup(1), os.dup(2)
-    with tempfile.TemporaryFile() as out:
-        os.dup2(out.fileno(), 1)
-        os.dup2(out.fileno(), 2)
-        try:
-            result = action()
-        finally:
-            os.dup2(saved[0], 1)
-            os.dup2(saved[1], 2)
-            os.close(saved[0])
-            os.close(saved[1])
-        out.seek(0)
-        lines = out.read().decode(errors="replace").splitlines()
-    return result, [line for line in lines if line.strip()]
+    image = _build_image(base)
+    store = base / "store"
+    print(f"$ export LAYERFS_ROOT={shlex.quote(str(store))}    # the store: images, layers, containers\n")
+    steps = [
+        (("import", f"oci:{image}:1", IMAGE), ""),
+        (("run", "--name", CONTAINER, IMAGE), f"the image's command, {DEMO}, as PID 1 after pivot_root"),
+        (("diff", CONTAINER), "what the container changed, as docker diff lists it"),
+        (("commit", CONTAINER, COMMITTED), "its changes as a new layer on top of the image's"),
+        (("run", "--rm", COMMITTED, "cat", NEW_FILE, EDITED_FILE), "the new image has them"),
+        (("images",), ""),
+    ]
+    for words, note in steps:
+        if _layerfs(*words, store=store, note=note):
+            return 1
+    return 0
 
 
 def main(directory: str | None = None) -> int:
@@ -199,11 +183,11 @@ def main(directory: str | None = None) -> int:
     try:
         return _run(base)
     finally:
-        if directory is None:
-            if _is_mounted(base / "rootfs"):
-                print(f"layerfs: {base}/rootfs is still mounted; left {base} in place", file=sys.stderr)
-            else:
-                shutil.rmtree(base)
-                print(f"Removed {base}.")
+        left = mounts_under(base)
+        if left:
+            print(f"layerfs: {left[0]} is still mounted; left {base} in place", file=sys.stderr)
+        elif directory is None:
+            shutil.rmtree(base)
+            print(f"Removed {base}.")
         else:
-            print(f"Kept {base} (layers/, upper/, work/, rootfs/).")
+            print(f"Kept {base} (image/: the OCI image; store/: its store, with container {CONTAINER}).")

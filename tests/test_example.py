@@ -2,7 +2,7 @@
 
 The diff it prints is checked two ways: against what its shell command did (a file written, one
 edited, one deleted, from the constants the command is built of), and against Docker's two-tree
-comparison of the kept layers mounted as image and as container.
+comparison of the kept store's image and the image committed from the container.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import is_mounted
+from conftest import layerfs
 from layerfs import example
 from processes import pids_using, wait_for
 from treediff import two_tree_changes
@@ -28,7 +28,7 @@ def run_example(*args: str) -> subprocess.CompletedProcess:
 
 
 def printed_changes(stdout: str) -> list[str]:
-    section = stdout.split("as docker diff lists them:\n", 1)[1].split("\n\n", 1)[0]
+    section = stdout.split(f"$ layerfs diff {example.CONTAINER}", 1)[1].split("\n", 1)[1].split("\n\n", 1)[0]
     matches = [CHANGE_LINE.match(line) for line in section.splitlines()]
     assert all(matches), section
     return [f"{m[1]} {m[2]}" for m in matches]
@@ -46,7 +46,7 @@ def expected_changes() -> list[str]:
 
 
 def assert_nothing_left_running(base: Path) -> None:
-    assert not is_mounted(base / "rootfs")  # the one mount the example makes
+    assert not example.mounts_under(base)
     assert wait_for(lambda: not pids_using(base)), "a process (the daemon?) still holds the example's files"
 
 
@@ -57,18 +57,22 @@ def test_example_reports_what_its_command_did(tmp_path, mounts):
     assert shown == expected_changes()
     assert_nothing_left_running(base)
 
-    # The same diff from outside: the kept layers mounted as image and as container, compared whole.
-    lowers = sorted((base / "layers").iterdir(), reverse=True)  # 3-config, 2-update, 1-base: top first
-    image = mounts.layerfs(tmp_path / "image", lowers)
-    container = mounts.layerfs(tmp_path / "container", [base / "upper", *lowers])
-    assert two_tree_changes(image, container) == shown
+    # The same diff from outside: the kept store's image and the one committed from the container, compared whole.
+    def lowers(image: str) -> list[str]:
+        return layerfs("images", "--root", str(base / "store"), "--lowerdir", image).stdout.strip().split(":")
+
+    before = mounts.layerfs(tmp_path / "image", lowers(example.IMAGE))
+    after = mounts.layerfs(tmp_path / "committed", lowers(example.COMMITTED))
+    assert two_tree_changes(before, after) == shown
+    assert (after / example.NEW_FILE.lstrip("/")).read_text() in result.stdout
+    # The --rm run left nothing; the container that made the changes is kept, stopped.
+    assert layerfs("ps", "--root", str(base / "store")).stdout.split() == [example.CONTAINER, example.IMAGE, "stopped"]
 
 
 def test_example_shows_the_merged_layers_and_cleans_up_its_temporary_directory():
     result = run_example()
     base = Path(re.search(r"^layerfs example in (\S+)$", result.stdout, re.M)[1])
     assert not base.exists()
-    assert not is_mounted(base / "rootfs")
     assert printed_changes(result.stdout) == expected_changes()
     # Seen from inside: the update's .wh. file and opaque dir and the config's 0/0 whiteout applied.
     listing = result.stdout.split("$ ls /opt/app /var/cache/app\n", 1)[1].split("  $ ", 1)[0].split()
