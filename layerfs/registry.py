@@ -30,10 +30,12 @@ class MountRecord:
 
 
 def start_time(pid: int) -> int | None:
-    """When process ``pid`` started, in clock ticks since boot; None if there is no such process."""
+    """When process ``pid`` started, in clock ticks since boot; None if there is no such process, or only
+    its corpse (a zombie: a killed daemon whose new parent, as in some containers, does not reap it)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rpartition(")")[2].split()[19])
+            fields = f.read().rpartition(")")[2].split()
+        return None if fields[0] in ("Z", "X") else int(fields[19])
     except (OSError, ValueError, IndexError):
         return None
 
