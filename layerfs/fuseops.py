@@ -48,6 +48,7 @@ import time
 os.environ["FUSE_LIBRARY_NAME"] = "fuse3"  # mfusepy would take libfuse2 when both are installed
 import mfusepy as fuse  # noqa: E402
 
+from .core.idmap import AS_STORED, Owners  # noqa: E402
 from .core.union import Attributes, Union  # noqa: E402
 
 log = logging.getLogger("layerfs")
@@ -220,9 +221,11 @@ def _attrs(a: Attributes) -> dict:
 class LayerfsOperations(fuse.Operations):
     use_ns = True
 
-    def __init__(self, union: Union, on_ready=None) -> None:
+    def __init__(self, union: Union, on_ready=None, owners: Owners = AS_STORED, static_nlink: bool = False) -> None:
         self.union = union
         self._on_ready = on_ready
+        self._owners = None if owners.identity else owners  # None: shown as stored, the common case
+        self._static_nlink = static_nlink
         self._hidden: dict[str, tuple[int, int]] = {}  # libfuse's hidden name -> Union.detach key
         self._names = _Names()
         self._fuse: int | None = None  # libfuse's struct fuse *, for invalidations
@@ -258,10 +261,10 @@ class LayerfsOperations(fuse.Operations):
 
     def getattr(self, path, fh=None):
         if fh is not None:
-            return _attrs(self.union.fstat(fh.fh))
+            return self._shown(self.union.fstat(fh.fh))
         hidden = self._hidden.get(path)
         if hidden is not None:
-            attrs = _attrs(self.union.detached_attributes(hidden))
+            attrs = self._shown(self.union.detached_attributes(hidden))
             # libfuse takes one link off for a hidden node, taking the hidden name for a real one; there is
             # no such name here, so give it back (a file with no name left stays at 0).
             if attrs["st_nlink"] > 0:
@@ -270,7 +273,23 @@ class LayerfsOperations(fuse.Operations):
         a = self.union.getattr(path)
         if a.nlink > 1 and not stat.S_ISDIR(a.st.st_mode):
             self._names.saw(path, a.ino)
-        return _attrs(a)
+        return self._shown(a)
+
+    def _shown(self, a: Attributes) -> dict:
+        attrs = _attrs(a)
+        if self._owners is not None:
+            attrs["st_uid"] = self._owners.uid.shown(attrs["st_uid"])
+            attrs["st_gid"] = self._owners.gid.shown(attrs["st_gid"])
+        if self._static_nlink and stat.S_ISDIR(attrs["st_mode"]):
+            attrs["st_nlink"] = 1
+        return attrs
+
+    def _caller(self) -> tuple[int, int]:
+        """The calling process's uid and gid as the layers store them."""
+        uid, gid, _ = fuse.fuse_get_context()
+        if self._owners is None:
+            return uid, gid
+        return self._owners.uid.stored(uid), self._owners.gid.stored(gid)
 
     def readdir(self, path):
         entries = [(".", _UNKNOWN_INO, stat.S_IFDIR), ("..", _UNKNOWN_INO, stat.S_IFDIR)]
@@ -313,7 +332,10 @@ class LayerfsOperations(fuse.Operations):
         if self.union.has_other_names(fd):
             fi.direct_io = 1
             uid, gid, pid = fuse.fuse_get_context()
-            if not self.union.may_open(fd, fi.flags, uid, _groups(pid, gid)):
+            groups = _groups(pid, gid)
+            if self._owners is not None and uid != 0:  # (root stays root)
+                uid, groups = self._owners.uid.stored(uid), {self._owners.gid.stored(g) for g in groups}
+            if not self.union.may_open(fd, fi.flags, uid, groups):
                 self.union.release(fd)
                 raise fuse.FuseOSError(errno.EACCES)
         else:
@@ -323,7 +345,7 @@ class LayerfsOperations(fuse.Operations):
         return 0
 
     def create(self, path, mode, fi):
-        uid, gid, _ = fuse.fuse_get_context()
+        uid, gid = self._caller()
         fi.fh = self.union.create(path, fi.flags, mode, uid, gid)
         return 0
 
@@ -358,16 +380,16 @@ class LayerfsOperations(fuse.Operations):
     # -- changing
 
     def mkdir(self, path, mode):
-        uid, gid, _ = fuse.fuse_get_context()
+        uid, gid = self._caller()
         self.union.mkdir(path, mode, uid, gid)
 
     def mknod(self, path, mode, dev):
-        uid, gid, _ = fuse.fuse_get_context()
+        uid, gid = self._caller()
         self.union.mknod(path, mode, dev, uid, gid)
 
     def symlink(self, target, source):
         # mfusepy names them backwards: ``target`` is the new link's path, ``source`` its content.
-        uid, gid, _ = fuse.fuse_get_context()
+        uid, gid = self._caller()
         self.union.symlink(source, target, uid, gid)
 
     def link(self, target, source):
@@ -413,6 +435,8 @@ class LayerfsOperations(fuse.Operations):
 
     def chown(self, path, uid, gid, fh):
         owner = (-1 if uid == _NO_ID else uid, -1 if gid == _NO_ID else gid)
+        if self._owners is not None:
+            owner = tuple(-1 if i == -1 else ids.stored(i) for i, ids in zip(owner, self._owners))
         if path in self._hidden:
             self.union.change_detached(self._hidden[path], owner=owner)
             return
@@ -442,8 +466,10 @@ class LayerfsOperations(fuse.Operations):
     releasedir = None
 
 
-def run(union: Union, mountpoint: str, *, readonly: bool, fsname: str, debug: bool, on_ready=None) -> None:
-    """Serve ``union`` at ``mountpoint`` until it is unmounted (blocks)."""
+def run(union: Union, mountpoint: str, *, readonly: bool, fsname: str, debug: bool, on_ready=None,
+        owners: Owners = AS_STORED, static_nlink: bool = False) -> None:
+    """Serve ``union`` at ``mountpoint`` until it is unmounted (blocks); ``owners`` maps the owners the
+    layers store to those the mount shows."""
     options = dict(
         foreground=True, allow_other=True, default_permissions=True, fsname=fsname, subtype="layerfs",
         max_idle_threads=8,
@@ -458,7 +484,7 @@ def run(union: Union, mountpoint: str, *, readonly: bool, fsname: str, debug: bo
         options.update(suid=True, dev=True)
     binding = _LoggedFUSE if debug else _FUSE
     try:
-        binding(LayerfsOperations(union, on_ready), mountpoint, raw_fi=True, **options)
+        binding(LayerfsOperations(union, on_ready, owners, static_nlink), mountpoint, raw_fi=True, **options)
     except RuntimeError as e:
         if e.args != (_FUSE_LOOP_ERROR,):
             raise

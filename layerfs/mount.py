@@ -54,7 +54,7 @@ def _serve(config: MountConfig, union: Union, debug: bool, on_ready=None) -> Non
 
     try:
         fuseops.run(union, config.mountpoint, readonly=config.readonly, fsname=config.fsname, debug=debug,
-                    on_ready=ready)
+                    on_ready=ready, owners=config.owners, static_nlink=config.static_nlink)
     finally:
         registry.forget(config.mountpoint, os.getpid())
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from .core.idmap import AS_STORED, IdMap, Owners, Range, overflow_id
 from .errors import UsageError
 
 # Options of overlayfs and fuse-overlayfs that only tune their own implementations: accepted without a
@@ -17,8 +18,7 @@ from .errors import UsageError
 _QUIET = frozenset({
     "rw", "dev", "suid", "exec", "atime", "noatime", "relatime", "strictatime", "nodiratime",
     "nodev", "nosuid", "noexec",
-    "default_permissions", "allow_other", "allow_root", "fsync", "threaded", "noacl", "static_nlink",
-    "xattr_permissions", "timeout", "redirect_dir", "index", "metacopy", "xino", "userxattr", "context",
+    "default_permissions", "allow_other", "allow_root", "fsync", "threaded", "noacl", "timeout", "redirect_dir", "index", "metacopy", "xino", "userxattr", "context",
     "fscontext", "defcontext", "rootcontext", "nfs_export", "uuid", "plugins", "debug", "max_idle_threads",
 })
 
@@ -34,6 +34,8 @@ class MountConfig:
     fsname: str = "layerfs"
     warnings: list[str] = field(default_factory=list)
     owner: int | None = None  # x-layerfs-owner=PID: unmount when that process is gone (layerfs run's shim)
+    owners: Owners = AS_STORED  # uidmapping, gidmapping, squash_to_*
+    static_nlink: bool = False  # every directory shows st_nlink 1
 
 
 def split_escaped(text: str, sep: str) -> list[str]:
@@ -141,6 +143,13 @@ def parse(option_strings: list[str], mountpoint: str | None) -> MountConfig:
     if owner is not None and not owner.isdigit():
         raise UsageError(f"x-layerfs-owner={owner}: not a process id")
 
+    owners = _owners(values, flags)
+    static_nlink = "static_nlink" in flags
+    flags.discard("static_nlink")
+    if values.get("xattr_permissions", "0") != "0":
+        warnings.append(f"xattr_permissions={values.pop('xattr_permissions')} ignored: owners and modes are "
+                        "stored as they are (layerfs runs as root)")
+
     for key in sorted(values):
         if key not in _QUIET:
             warnings.append(f"unknown option {key}={values[key]} ignored")
@@ -148,7 +157,40 @@ def parse(option_strings: list[str], mountpoint: str | None) -> MountConfig:
         if key not in _QUIET:
             warnings.append(f"unknown option {key} ignored")
     return MountConfig(mnt, lowers, upper, work, readonly, sync, fsname, warnings,
-                       None if owner is None else int(owner))
+                       None if owner is None else int(owner), owners, static_nlink)
+
+
+def _owners(values: dict[str, str], flags: set[str]) -> Owners:
+    """fuse-overlayfs's owner options, taken out of ``values`` and ``flags``; ``squash_to_uid`` and
+    ``squash_to_gid`` take precedence over ``squash_to_root``."""
+    to_root = "squash_to_root" in flags
+    flags.discard("squash_to_root")
+
+    def one(kind: str) -> IdMap:
+        text, squash = values.pop(f"{kind}mapping", None), values.pop(f"squash_to_{kind}", None)
+        if squash is not None and (not squash.isdigit() or int(squash) >= 1 << 32):
+            raise UsageError(f"squash_to_{kind}={squash}: not an id")
+        ranges = _ranges(f"{kind}mapping", text) if text else []
+        return IdMap(ranges, int(squash) if squash is not None else 0 if to_root else None, overflow_id(kind))
+
+    return Owners(one("uid"), one("gid"))
+
+
+def _ranges(option: str, text: str) -> list[Range]:
+    """``[:]ID:MAPPED-ID:COUNT[:ID:MAPPED-ID:COUNT...]`` (containers-storage writes a leading colon) as
+    ranges; UsageError if malformed or overlapping."""
+    words = [w for w in text.split(":") if w]
+    if not words or len(words) % 3 or not all(w.isdigit() for w in words):
+        raise UsageError(f"{option}={text}: not a list of ID:MAPPED-ID:COUNT ranges")
+    numbers = [int(w) for w in words]
+    ranges = [Range(*numbers[i:i + 3]) for i in range(0, len(numbers), 3)]
+    for side in (0, 1):
+        spans = sorted((r[side], r[side] + r.count) for r in ranges)
+        if any(r.count == 0 for r in ranges) or any(a[1] > b[0] for a, b in zip(spans, spans[1:])):
+            raise UsageError(f"{option}={text}: a range is empty or two overlap")
+        if spans[-1][1] > 1 << 32:
+            raise UsageError(f"{option}={text}: ids beyond 2^32")
+    return ranges
 
 
 def for_dirs(lowers: list[str], upper: str, work: str, **extra: object) -> str:

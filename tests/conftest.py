@@ -63,7 +63,7 @@ class Layers:
 
 
 class Mounts:
-    """Mounts layerfs or kernel overlayfs and remembers them for cleanup."""
+    """Mounts layerfs, kernel overlayfs or fuse-overlayfs and remembers them for cleanup."""
 
     def __init__(self) -> None:
         self.points: list[Path] = []
@@ -93,6 +93,15 @@ class Mounts:
         self.points.append(mnt)
         opts = self.options(lowers, upper, work, extra)
         subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, str(mnt)], check=True,
+                       capture_output=True, timeout=60)
+        return mnt
+
+    def fuse_overlayfs(self, mountpoint, lowers, upper, work, extra: str = "") -> Path:
+        """Mount fuse-overlayfs, the FUSE peer whose options layerfs takes."""
+        mnt = Path(mountpoint)
+        mnt.mkdir(parents=True, exist_ok=True)
+        self.points.append(mnt)
+        subprocess.run(["fuse-overlayfs", "-o", self.options(lowers, upper, work, extra), str(mnt)], check=True,
                        capture_output=True, timeout=60)
         return mnt
 
