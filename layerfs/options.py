@@ -18,7 +18,8 @@ from .errors import UsageError
 _QUIET = frozenset({
     "rw", "dev", "suid", "exec", "atime", "noatime", "relatime", "strictatime", "nodiratime",
     "nodev", "nosuid", "noexec",
-    "default_permissions", "allow_other", "allow_root", "fsync", "threaded", "noacl", "timeout", "redirect_dir", "index", "metacopy", "xino", "userxattr", "context",
+    "default_permissions", "allow_other", "allow_root", "fsync", "threaded", "noacl", "timeout",
+    "redirect_dir", "index", "metacopy", "xino", "userxattr", "context",
     "fscontext", "defcontext", "rootcontext", "nfs_export", "uuid", "plugins", "debug", "max_idle_threads",
 })
 

@@ -103,7 +103,8 @@ def scenario(podman: Podman, rootfs_tar: Path) -> dict:
     ran = podman("run", "--name", CONTAINER, IMAGE, "sh", "-c", SCRIPT)
     diff = podman("diff", CONTAINER).stdout.split("\n")
     podman("commit", CONTAINER, COMMITTED)
-    again = podman("run", "--rm", COMMITTED, "sh", "-c", "cat /root/added.txt /etc/motd /var/new/sub/file; ls /opt /srv/data")
+    again = podman("run", "--rm", COMMITTED, "sh", "-c",
+                   "cat /root/added.txt /etc/motd /var/new/sub/file; ls /opt /srv/data")
     return {"output": ran.stdout, "diff": sorted(line for line in diff if line),
             "committed": again.stdout}
 
