@@ -71,7 +71,7 @@ def copy_entry(src: str, st: os.stat_result, dst: str, *, src_dir_fd: int, dst_d
     mode = st.st_mode
     kind = stat.S_IFMT(mode)
     if kind == stat.S_IFREG:
-        src_fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=src_dir_fd)
+        src_fd = syscalls.open_beneath(src, os.O_RDONLY, dir_fd=src_dir_fd)
         try:
             dst_fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=dst_dir_fd)
             try:

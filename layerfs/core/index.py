@@ -33,7 +33,7 @@ from typing import Iterator, NamedTuple, Sequence
 import xxhash
 from sortedcontainers import SortedDict
 
-from . import whiteout, xattr
+from . import syscalls, whiteout, xattr
 from .layer import Layer
 from .lookup import Resolver
 
@@ -534,7 +534,10 @@ def _signature(digest: str, path: str, dir_fd: int) -> str:
 def file_digest(path: str, *, dir_fd: int | None = None) -> str:
     """xxh3-128 of the content of the regular file at ``path`` (never through a symlink)."""
     h = xxhash.xxh3_128()
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    if dir_fd is None:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    else:
+        fd = syscalls.open_beneath(path, os.O_RDONLY, dir_fd=dir_fd)
     try:
         while chunk := os.read(fd, 1 << 20):
             h.update(chunk)

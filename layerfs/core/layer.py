@@ -7,7 +7,9 @@ That keeps the whole PATH_MAX for the merged path, however long the layer's own 
 The caller guarantees that every ancestor of a path is a real directory in this layer (the lookup walks
 the stack level by level, and a layer takes part in a directory only where that directory is a real
 directory in it), so resolution never passes through a symlink; the final component is always looked at
-without following.
+without following. Should a directory be swapped for a symlink behind the lookup's back, the kernel
+refuses to follow it where it matters: file data is opened with ``syscalls.open_beneath`` and entries
+are changed through ``at``, both of which fail rather than leave the layer.
 
 Lower layers never change while mounted, so what is read from them (directory listings, which names
 are whited out, whether a directory is opaque) is cached forever. The upper layer changes, and is asked
@@ -16,12 +18,13 @@ every time.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
-from typing import NamedTuple
+from typing import Iterator, NamedTuple
 
-from . import whiteout
+from . import syscalls, whiteout
 
 
 class DirEntryInfo(NamedTuple):
@@ -82,6 +85,19 @@ class Layer:
 
     def lstat(self, path: str) -> os.stat_result:
         return os.lstat(self.rel(path), dir_fd=self.fd)
+
+    @contextlib.contextmanager
+    def at(self, rel: str) -> Iterator[tuple[int, str]]:
+        """``rel``'s parent directory, opened without following a symlink on the way, and its last name:
+        for calls that change an entry, so that one aimed into a directory someone swapped for a symlink
+        fails (ELOOP) instead of changing something outside the layer."""
+        parent, _, name = rel.rpartition("/")
+        # Opened for reading, not O_PATH: fstat, fchmod and futimens work on it.
+        fd = syscalls.open_beneath(parent or ".", os.O_RDONLY | os.O_DIRECTORY, dir_fd=self.fd)
+        try:
+            yield fd, name
+        finally:
+            os.close(fd)
 
     # -- probing one name -------------------------------------------------------------------------
 
@@ -145,7 +161,7 @@ class Layer:
     def _read_dir(self, path: str) -> tuple[dict[str, DirEntryInfo], frozenset[str], bool]:
         """The real entries of a directory, the names it whites out, and whether it holds an OCI opaque marker."""
         try:
-            fd = os.open(self.rel(path), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.fd)
+            fd = syscalls.open_beneath(self.rel(path), os.O_RDONLY | os.O_DIRECTORY, dir_fd=self.fd)
         except (FileNotFoundError, NotADirectoryError):
             return {}, frozenset(), False
         entries: dict[str, DirEntryInfo] = {}

@@ -1,4 +1,4 @@
-"""System calls Python's os module lacks, in one place: renameat2 exchange, FICLONE, umount2."""
+"""System calls Python's os module lacks, in one place: openat2, renameat2 exchange, FICLONE, umount2."""
 
 from __future__ import annotations
 
@@ -23,6 +23,29 @@ if _renameat2 is not None:
 
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 _libc.umount2.restype = ctypes.c_int
+
+_SYS_OPENAT2 = 437  # the same number on every architecture (the syscall came after the tables merged)
+_RESOLVE_NO_MAGICLINKS = 0x02
+_RESOLVE_NO_SYMLINKS = 0x04
+_RESOLVE_BENEATH = 0x08
+# openat2 refuses flags it does not know, where openat ignores them; FUSE hands on the kernel's own file
+# flags (FMODE_EXEC among them), so only open(2)'s flags go through.
+_OPEN_FLAGS = 0
+for _name in ("O_ACCMODE", "O_APPEND", "O_TRUNC", "O_NONBLOCK", "O_DSYNC", "O_SYNC", "O_DIRECT", "O_NOATIME",
+              "O_LARGEFILE", "O_DIRECTORY", "O_NOFOLLOW", "O_CLOEXEC", "O_PATH", "O_CREAT", "O_EXCL", "O_ASYNC",
+              "O_TMPFILE", "O_NOCTTY"):
+    _OPEN_FLAGS |= getattr(os, _name, 0)
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+_openat2 = _libc.syscall
+_openat2.argtypes = [ctypes.c_long, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_size_t]
+_openat2.restype = ctypes.c_int
+_hows: dict[tuple[int, int], _OpenHow] = {}  # built once per (flags, mode): opens are a hot path
+_have_openat2 = True
 
 
 def _raise_errno(path: str) -> None:
@@ -56,6 +79,37 @@ def clone_file(src_fd: int, dst_fd: int) -> bool:
         if e.errno in (errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EBADF):
             return False
         raise
+
+
+def open_beneath(path: str, flags: int, mode: int = 0, *, dir_fd: int) -> int:
+    """Open ``path`` (relative, no ``..``) below ``dir_fd`` without following any symlink on the way, the
+    last component included: a layer's directory that someone swapped for a symlink fails with ELOOP
+    instead of leading out of the layer. openat2 with RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS where the
+    kernel has it (5.6), else a walk of O_NOFOLLOW opens, one per component."""
+    global _have_openat2
+    flags = (flags & _OPEN_FLAGS) | os.O_NOFOLLOW | os.O_CLOEXEC
+    if _have_openat2:
+        how = _hows.get((flags, mode))
+        if how is None:
+            creating = flags & (os.O_CREAT | getattr(os, "O_TMPFILE", 0))
+            how = _hows[flags, mode] = _OpenHow(flags, mode if creating else 0,
+                                                _RESOLVE_BENEATH | _RESOLVE_NO_SYMLINKS | _RESOLVE_NO_MAGICLINKS)
+        fd = _openat2(_SYS_OPENAT2, dir_fd, os.fsencode(path), ctypes.addressof(how), 24)
+        if fd >= 0:
+            return fd
+        if ctypes.get_errno() != errno.ENOSYS:
+            _raise_errno(path)
+        _have_openat2 = False
+    *parents, name = path.split("/")
+    held = []
+    try:
+        for parent in parents:
+            dir_fd = os.open(parent, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+            held.append(dir_fd)
+        return os.open(name, flags, mode, dir_fd=dir_fd)
+    finally:
+        for fd in held:
+            os.close(fd)
 
 
 def umount(path: str, lazy: bool = False) -> None:

@@ -28,7 +28,7 @@ import threading
 from . import copyup, syscalls, whiteout, xattr
 from .index import ChangeIndex
 from .inodes import InodeMap
-from .layer import Layer, oci_whiteout_path
+from .layer import Layer
 from .lookup import Entry, Resolver, join, split
 
 
@@ -216,8 +216,7 @@ class Union:
             self._writable_upper()
             with self._lock:
                 entry = self._copy_up(path, with_data=not flags & os.O_TRUNC)
-        fd = os.open(entry.rel, (flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY)) | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     dir_fd=entry.layer.fd)
+        fd = syscalls.open_beneath(entry.rel, flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY), dir_fd=entry.layer.fd)
         self._remember(fd, self.inodes.number(entry.st), entry.in_upper)
         return fd
 
@@ -349,15 +348,17 @@ class Union:
 
     def chmod(self, path: str, mode: int) -> None:
         entry = self._copied_up(path)
-        os.chmod(entry.rel, stat.S_IMODE(mode), dir_fd=entry.layer.fd)
+        with entry.layer.at(entry.rel) as (dir_fd, name):
+            os.chmod(name, stat.S_IMODE(mode), dir_fd=dir_fd)
 
     def chown(self, path: str, uid: int, gid: int) -> None:
         entry = self._copied_up(path)
-        os.chown(entry.rel, uid, gid, dir_fd=entry.layer.fd, follow_symlinks=False)
+        with entry.layer.at(entry.rel) as (dir_fd, name):
+            os.chown(name, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
 
     def truncate(self, path: str, length: int) -> None:
         entry = self._copied_up(path, with_data=length > 0)
-        fd = os.open(entry.rel, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=entry.layer.fd)
+        fd = syscalls.open_beneath(entry.rel, os.O_WRONLY, dir_fd=entry.layer.fd)
         try:
             os.ftruncate(fd, length)
         finally:
@@ -366,14 +367,16 @@ class Union:
     def utimens(self, path: str, atime_ns: int | None, mtime_ns: int | None) -> None:
         """Set access and modification times in ns; None leaves that one as it is."""
         entry = self._copied_up(path)
-        times = _fill_times((atime_ns, mtime_ns), lambda: os.lstat(entry.rel, dir_fd=entry.layer.fd))
-        os.utime(entry.rel, ns=times, dir_fd=entry.layer.fd, follow_symlinks=False)
+        with entry.layer.at(entry.rel) as (dir_fd, name):
+            times = _fill_times((atime_ns, mtime_ns), lambda: os.lstat(name, dir_fd=dir_fd))
+            os.utime(name, ns=times, dir_fd=dir_fd, follow_symlinks=False)
 
     def setxattr(self, path: str, name: str, value: bytes, flags: int) -> None:
         if whiteout.is_private_xattr(name):
             raise _error(errno.EOPNOTSUPP, path)
         entry = self._copied_up(path)
-        xattr.set(entry.rel, name, value, flags, dir_fd=entry.layer.fd)
+        with entry.layer.at(entry.rel) as (dir_fd, last):
+            xattr.set(last, name, value, flags, dir_fd=dir_fd)
 
     def removexattr(self, path: str, name: str) -> None:
         if whiteout.is_private_xattr(name):
@@ -382,7 +385,8 @@ class Union:
         if name not in xattr.names(entry.rel, dir_fd=entry.layer.fd):
             raise _error(errno.ENODATA, path)
         entry = self._copied_up(path)
-        xattr.remove(entry.rel, name, dir_fd=entry.layer.fd)
+        with entry.layer.at(entry.rel) as (dir_fd, last):
+            xattr.remove(last, name, dir_fd=dir_fd)
 
     # -- creating entries -----------------------------------------------------------------------
 
@@ -475,7 +479,8 @@ class Union:
             if self._lower_has(path):
                 self._whiteout(path)
             else:
-                os.unlink(entry.rel, dir_fd=entry.layer.fd)
+                with entry.layer.at(entry.rel) as (dir_fd, name):
+                    os.unlink(name, dir_fd=dir_fd)
             if entry.in_upper and entry.st.st_nlink == 1:
                 self.inodes.removed(entry.st)
 
@@ -494,15 +499,16 @@ class Union:
             if self._lower_has(path):
                 self._whiteout(path)
             elif entry.in_upper:
-                try:
-                    os.rmdir(entry.rel, dir_fd=entry.layer.fd)
-                except OSError as e:
-                    if e.errno != errno.ENOTEMPTY:
-                        raise
-                    # Only whiteouts are left inside: take it out of view first, then empty it.
-                    tmp = self._tmp()
-                    os.rename(entry.rel, tmp, src_dir_fd=entry.layer.fd, dst_dir_fd=self._work)
-                    shutil.rmtree(tmp, dir_fd=self._work)
+                with entry.layer.at(entry.rel) as (dir_fd, name):
+                    try:
+                        os.rmdir(name, dir_fd=dir_fd)
+                    except OSError as e:
+                        if e.errno != errno.ENOTEMPTY:
+                            raise
+                        # Only whiteouts are left inside: take it out of view first, then empty it.
+                        tmp = self._tmp()
+                        os.rename(name, tmp, src_dir_fd=dir_fd, dst_dir_fd=self._work)
+                        shutil.rmtree(tmp, dir_fd=self._work)
             self.resolver.invalidate()
 
     def rename(self, old: str, new: str, *, replace: bool = True) -> None:
@@ -561,15 +567,15 @@ class Union:
         and the target needs no exchange. False when it was not done."""
         if not self._lower_has(old):
             return False
-        upper = self.upper
-        try:
-            syscalls.rename_whiteout(Layer.rel(old), Layer.rel(new), a_dir_fd=upper.fd, b_dir_fd=upper.fd)
-        except OSError as e:
-            if e.errno in (errno.EINVAL, errno.EPERM, errno.ENOSYS, errno.ENOTDIR, errno.EISDIR,
-                           errno.ENOTEMPTY, errno.EEXIST, errno.EOPNOTSUPP):
-                return False
-            raise
-        self._drop_oci_whiteout(new)
+        with self.upper.at(Layer.rel(old)) as (old_dir, old_name), self.upper.at(Layer.rel(new)) as (new_dir, new_name):
+            try:
+                syscalls.rename_whiteout(old_name, new_name, a_dir_fd=old_dir, b_dir_fd=new_dir)
+            except OSError as e:
+                if e.errno in (errno.EINVAL, errno.EPERM, errno.ENOSYS, errno.ENOTDIR, errno.EISDIR,
+                               errno.ENOTEMPTY, errno.EEXIST, errno.EOPNOTSUPP):
+                    return False
+                raise
+            self._drop_oci_whiteout(new_dir, new_name)
         return True
 
     # -- copy-up and upper-layer plumbing -------------------------------------------------------
@@ -584,17 +590,17 @@ class Union:
         upper = self.upper
         parent, _ = split(entry.path)
         self._copy_up_dir_chain(parent)
-        parent_rel = Layer.rel(parent)
-        pst = upper.lstat(parent)
         tmp = self._tmp()
-        try:
-            copyup.copy_entry(entry.rel, entry.st, tmp, src_dir_fd=entry.layer.fd, dst_dir_fd=self._work,
-                              with_data=with_data, sync=self.sync)
-            os.rename(tmp, entry.rel, src_dir_fd=self._work, dst_dir_fd=upper.fd)
-        except BaseException:
-            _remove_tree(self._work, tmp)
-            raise
-        os.utime(parent_rel, ns=(pst.st_atime_ns, pst.st_mtime_ns), dir_fd=upper.fd, follow_symlinks=False)
+        with upper.at(entry.rel) as (dir_fd, name):
+            pst = os.fstat(dir_fd)
+            try:
+                copyup.copy_entry(entry.rel, entry.st, tmp, src_dir_fd=entry.layer.fd, dst_dir_fd=self._work,
+                                  with_data=with_data, sync=self.sync)
+                os.rename(tmp, name, src_dir_fd=self._work, dst_dir_fd=dir_fd)
+            except BaseException:
+                _remove_tree(self._work, tmp)
+                raise
+            os.utime(dir_fd, ns=(pst.st_atime_ns, pst.st_mtime_ns))
         st = upper.lstat(entry.path)
         self.inodes.copied_up(entry.st, st)
         if entry.is_dir:
@@ -658,21 +664,22 @@ class Union:
         then the two are exchanged atomically, and True says the old entry is now at ``src`` for the
         caller to dispose of.
         """
-        dst = Layer.rel(path)
         displaced = False
-        try:
-            os.rename(src, dst, src_dir_fd=src_dir_fd, dst_dir_fd=self.upper.fd)
-        except OSError as e:
-            if e.errno not in (errno.ENOTDIR, errno.EISDIR, errno.ENOTEMPTY, errno.EEXIST):
-                raise
-            syscalls.exchange(src, dst, a_dir_fd=src_dir_fd, b_dir_fd=self.upper.fd)
-            displaced = True
-        self._drop_oci_whiteout(path)
+        with self.upper.at(Layer.rel(path)) as (dir_fd, name):
+            try:
+                os.rename(src, name, src_dir_fd=src_dir_fd, dst_dir_fd=dir_fd)
+            except OSError as e:
+                if e.errno not in (errno.ENOTDIR, errno.EISDIR, errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+                syscalls.exchange(src, name, a_dir_fd=src_dir_fd, b_dir_fd=dir_fd)
+                displaced = True
+            self._drop_oci_whiteout(dir_fd, name)
         return displaced
 
-    def _drop_oci_whiteout(self, path: str) -> None:
+    @staticmethod
+    def _drop_oci_whiteout(dir_fd: int, name: str) -> None:
         try:
-            os.unlink(Layer.rel(oci_whiteout_path(path)), dir_fd=self.upper.fd)
+            os.unlink(whiteout.oci_whiteout_name(name), dir_fd=dir_fd)
         except FileNotFoundError:
             pass
         except OSError as e:
