@@ -428,7 +428,8 @@ class Union:
             self._prepare_new(path, 0, 0, 0, is_dir=False)
             source = self._copy_up(existing)
             tmp = self._tmp()
-            os.link(source.rel, tmp, src_dir_fd=source.layer.fd, dst_dir_fd=self._work, follow_symlinks=False)
+            with source.layer.at(source.rel) as (dir_fd, name):
+                os.link(name, tmp, src_dir_fd=dir_fd, dst_dir_fd=self._work, follow_symlinks=False)
             self._install_new(tmp, path)
 
     def _prepare_new(self, path: str, uid: int, gid: int, mode: int, *, is_dir: bool) -> tuple[str, int, int, int]:
@@ -549,14 +550,15 @@ class Union:
             opaque_at_target = source.is_dir and (
                 self._lower_has(new)
                 or (not whole_tree and len(self.resolver.stack_of(split(new)[0])) > 1))
-            if opaque_at_target:
-                whiteout.mark_opaque(source_rel, dir_fd=upper.fd)
-            if not self._rename_leaving_whiteout(old, new):
-                displaced = self._install(upper.fd, source_rel, new)
-                if self._lower_has(old):
-                    self._whiteout(old)
-                elif displaced:
-                    _remove_tree(upper.fd, source_rel)
+            with upper.at(source_rel) as (source_dir, source_name):
+                if opaque_at_target:
+                    whiteout.mark_opaque(source_name, dir_fd=source_dir)
+                if not self._rename_leaving_whiteout(old, new):
+                    displaced = self._install(source_dir, source_name, new)
+                    if self._lower_has(old):
+                        self._whiteout(old)
+                    elif displaced:
+                        _remove_tree(source_dir, source_name)
             if whole_tree:
                 self._drop_markers_below(Layer.rel(new), keep_opaque=opaque_at_target)
             if source.is_dir:
@@ -615,7 +617,10 @@ class Union:
             missing.append(path)
             path = split(path)[0]
         for directory in reversed(missing):
-            self._copy_up_entry(self.resolver.get(directory))
+            entry = self.resolver.get(directory)
+            if not entry.is_dir:  # (a lower changed behind the mount's back: never copy a symlink up as a parent)
+                raise _error(errno.ENOTDIR, directory)
+            self._copy_up_entry(entry)
 
     def _copy_up_tree(self, path: str) -> None:
         """Copy the directory ``path`` and everything visible below it into the upper layer."""
@@ -633,22 +638,22 @@ class Union:
     def _drop_markers_below(self, rel: str, *, keep_opaque: bool) -> None:
         """After a subtree was copied up and moved, the whiteouts and opaque marks inside it refer to
         nothing: remove them, so the upper layer reads the same with any overlay implementation."""
-        upper = self.upper.fd
-        if not keep_opaque:
-            whiteout.clear_opaque(rel, dir_fd=upper)
-        for _, dirs, files, dir_fd in os.fwalk(rel, dir_fd=upper):
-            for name in dirs:
-                # fwalk counts a symlink to a directory among the directories; it has no marks to clear.
-                if stat.S_ISDIR(os.lstat(name, dir_fd=dir_fd).st_mode):
-                    whiteout.clear_opaque(name, dir_fd=dir_fd)
-            markers = [name for name in files
-                       if whiteout.is_marker_name(name) or whiteout.is_whiteout_stat(os.lstat(name, dir_fd=dir_fd))]
-            if markers:
-                st = os.fstat(dir_fd)
-                for name in markers:
-                    os.unlink(name, dir_fd=dir_fd)
-                # Bookkeeping, not a change the user made: the directory keeps its times.
-                os.utime(dir_fd, ns=(st.st_atime_ns, st.st_mtime_ns))
+        with self.upper.at(rel) as (parent, top):
+            if not keep_opaque:
+                whiteout.clear_opaque(top, dir_fd=parent)
+            for _, dirs, files, dir_fd in os.fwalk(top, dir_fd=parent):
+                for name in dirs:
+                    # fwalk counts a symlink to a directory among the directories; it has no marks to clear.
+                    if stat.S_ISDIR(os.lstat(name, dir_fd=dir_fd).st_mode):
+                        whiteout.clear_opaque(name, dir_fd=dir_fd)
+                markers = [name for name in files if whiteout.is_marker_name(name)
+                           or whiteout.is_whiteout_stat(os.lstat(name, dir_fd=dir_fd))]
+                if markers:
+                    st = os.fstat(dir_fd)
+                    for name in markers:
+                        os.unlink(name, dir_fd=dir_fd)
+                    # Bookkeeping, not a change the user made: the directory keeps its times.
+                    os.utime(dir_fd, ns=(st.st_atime_ns, st.st_mtime_ns))
 
     def _lower_has(self, path: str) -> bool:
         """Whether a lower layer shows something at ``path`` when the upper layer has nothing there."""
