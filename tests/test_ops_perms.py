@@ -46,6 +46,7 @@ def build(s: Stack) -> None:
     setuid = write(home / "own-setuid", "#!/bin/sh\n")
     os.chown(setuid, USER, GROUP)
     setuid.chmod(0o6755)
+    write(home / "others-setuid", "#!/bin/sh\n", mode=0o6777)  # root's, writable by all
     write(bottom / "gone", "deleted in mid")
     whiteout(mid, "gone")
     os.mknod(top / "null", stat.S_IFCHR, os.makedev(1, 3))
@@ -161,6 +162,7 @@ def _user_steps(mnt: Path) -> dict:
         "create where the top layer allows it": errname(write, mnt / "open-above/new", "n"),
         # Writing to one's own setuid/setgid file drops both bits (the kernel's file_remove_privs).
         "write own setuid file": errname(append, home / "own-setuid", b"#"),
+        "write others' setuid file": errname(append, home / "others-setuid", b"#"),
         "access": {rel: "".join(k for k, m in (("R", os.R_OK), ("W", os.W_OK), ("X", os.X_OK))
                                 if os.access(mnt / rel, m))
                    for rel in ("secret", "pub", "home", "rootdir", "shared", "bin/whoami-suid")},
@@ -200,6 +202,7 @@ def test_ordinary_user(mounts, tmp_path, public_base):
     assert steps["setuid program"] == (0, "root") and steps["device"] == 1
     assert steps["create where a lower layer allows it"] == Err("EACCES")
     assert steps["create where the top layer allows it"] == "ok" and home["own-setuid"]["mode"] == "0755"
+    assert steps["write others' setuid file"] == "ok" and home["others-setuid"]["mode"] == "0777"
     pair.compare_uppers()
 
 
