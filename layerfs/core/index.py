@@ -18,12 +18,18 @@ Why it can be trusted after a crash, or after someone else wrote to the upper:
   a person having written to the upper in between, at the cost of the index's size, not the tree's.
 - ``sync`` writes a snapshot (``records``) atomically and empties the journal; a missing or unreadable
   snapshot means a full walk of the upper, never a wrong answer.
+- The state lives beside the upper, on its filesystem. When that is full, the index does not stand in
+  the way of changes that need no space (a container freeing space by deleting files): it stops
+  journaling and removes its snapshot, so that readers, and the next load, walk the upper instead of
+  trusting a journal with gaps. The next sync that finds space (the unmount's) saves it again.
 
 No FUSE here; the union calls ``note`` before its changes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import stat
@@ -41,6 +47,7 @@ _SNAPSHOT = "records"
 _SYNC_EVERY = 100_000  # journal lines
 _RECENT = 4096  # paths remembered as journaled already
 _JOURNAL = "journal-{}"  # one per snapshot generation
+_FULL = (errno.ENOSPC, errno.EDQUOT)
 _VERSION = 2
 
 
@@ -141,6 +148,7 @@ class ChangeIndex:
         self._recent: dict[str, None] = {}  # paths journaled lately: not written again
         self._lines = 0  # in the journal
         self._journal_only = False  # the daemon's way: records only in the snapshot
+        self._paused = False  # the state's filesystem was full: no journal, no snapshot
         self._lock = threading.Lock()
         self.rebuilt = False  # whether the last load had to walk the whole upper
         self.rescanned: list[str] = []  # directories whose ctime had moved behind the index's back
@@ -179,7 +187,24 @@ class ChangeIndex:
             self._records.clear()
             self._scan("/", recursive=True)
         if not readonly:
-            self._save()
+            try:
+                self._save()
+                self._paused = False
+            except OSError as e:
+                if e.errno not in _FULL:
+                    raise
+                self._pause()
+
+    def _pause(self) -> None:
+        """The state's filesystem is full: stop journaling, and take the snapshot away first, so that
+        nobody trusts the journal's gaps (readers walk the upper instead)."""
+        self._paused = True
+        if self._compactor is not None:
+            self._compactor.join()  # it could write a snapshot after ours is gone
+            self._compactor = None
+        for name in (_SNAPSHOT, _SNAPSHOT + ".tmp"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name, dir_fd=self._state)
 
     def start_journal(self) -> None:
         """For the daemon: bring the saved state up to date and start journaling. The records are not
@@ -261,7 +286,15 @@ class ChangeIndex:
         reader = ChangeIndex(self.upper, None, lowers=self.lowers, lower_layers=self._lower_view().layers,
                              upper_fd=self._fd, state_fd=self._state)
         reader.load(readonly=True)  # the journal being written now is read too: harmless, it stays
-        reader._write_snapshot(generation)
+        try:
+            reader._write_snapshot(generation)
+        except OSError as e:
+            if e.errno not in _FULL:
+                raise
+            # No room for a new snapshot: the old one and every journal since stay, as good as before.
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(_SNAPSHOT + ".tmp", dir_fd=self._state)
+            return
         reader._remove_journals_before(generation)
 
     def _header(self, generation: int) -> dict:
@@ -271,7 +304,8 @@ class ChangeIndex:
         """Sync (unless loaded read-only) and let go of everything (a clean unmount)."""
         if self._journal is not None:
             self.sync()
-            self._journal.close()
+            with contextlib.suppress(OSError):  # (what a full filesystem left in its buffer)
+                self._journal.close()
             self._journal = None
         if self._own_state:
             os.close(self._state)
@@ -331,18 +365,25 @@ class ChangeIndex:
         """``paths`` are about to change in the upper: journal them first, so that a killed daemon
         loses nothing. Their records are brought up to date at the next sync."""
         with self._lock:
-            if self._lines >= _SYNC_EVERY:  # keep the journal, and the work of the next load, bounded
-                if not self._journal_only:
-                    self._sync()
-                elif self._compactor is None or not self._compactor.is_alive():
-                    self._compact_in_background()
-            for path in paths:
-                if path not in self._recent:
-                    self._journal.write(json.dumps(path) + "\n")
-                    self._lines += 1
-                    self._recent[path] = None
-                    if len(self._recent) > _RECENT:
-                        del self._recent[next(iter(self._recent))]
+            if self._paused:
+                return
+            try:
+                if self._lines >= _SYNC_EVERY:  # keep the journal, and the work of the next load, bounded
+                    if not self._journal_only:
+                        self._sync()
+                    elif self._compactor is None or not self._compactor.is_alive():
+                        self._compact_in_background()
+                for path in paths:
+                    if path not in self._recent:
+                        self._journal.write(json.dumps(path) + "\n")
+                        self._lines += 1
+                        self._recent[path] = None
+                        if len(self._recent) > _RECENT:
+                            del self._recent[next(iter(self._recent))]
+            except OSError as e:
+                if e.errno not in _FULL:
+                    raise
+                self._pause()
 
     def _catch_up(self, paths) -> None:
         """Records for ``paths`` (and what is new below them) as the upper has them now."""
