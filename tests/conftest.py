@@ -24,6 +24,15 @@ def layerfs(*args, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
                           **kwargs)
 
 
+def errno_of(action) -> int | None:
+    """The errno ``action()`` failed with; None if it did not."""
+    try:
+        action()
+    except OSError as e:
+        return e.errno
+    return None
+
+
 def _mounted_points() -> set[str]:
     with open("/proc/self/mountinfo") as f:
         return {line.split()[4].replace("\\040", " ") for line in f}

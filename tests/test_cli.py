@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import pytest
 
 import layerfs
-from conftest import Mounts, is_mounted
+from conftest import Mounts, errno_of, is_mounted
 from processes import daemon_pids, open_files_under, pids_using, wait_for
 
 LAYERFS = str(Path(sys.executable).with_name("layerfs"))  # the console script containers-storage runs
@@ -54,14 +54,6 @@ def assert_one_line_error(result: subprocess.CompletedProcess) -> str:
 
 def assert_daemon_exits(mnt: Path) -> None:
     assert wait_for(lambda: not daemon_pids(mnt)), f"layerfs daemon still running for {mnt}"
-
-
-def errno_of(action) -> int | None:
-    try:
-        action()
-    except OSError as e:
-        return e.errno
-    return None
 
 
 @pytest.fixture

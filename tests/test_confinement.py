@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import errno_of
+
 SECRET = "the host's secret\n"
 
 
@@ -105,14 +107,6 @@ def swap_for_symlink(directory: Path, target: Path) -> None:
     """Replace ``directory`` (in a layer, behind the mount's back) by a symlink to ``target``."""
     shutil.rmtree(directory)
     os.symlink(str(target), directory)
-
-
-def errno_of(action) -> int | None:
-    try:
-        action()
-    except OSError as e:
-        return e.errno
-    return None
 
 
 @pytest.mark.parametrize("layer", ["lower", "upper"])
