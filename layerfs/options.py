@@ -2,7 +2,8 @@
 
 ``-o lowerdir=A:B,upperdir=U,workdir=W`` with the leftmost lower on top. A backslash escapes ``,``
 ``:`` and ``\\`` inside paths, as overlayfs allows. Relative paths are taken from the current directory
-(containers-storage passes ``l/ABC`` with its home as the current directory).
+(containers-storage passes ``l/ABC`` with its home as the current directory). A message quotes what it
+was given with control characters escaped, to stay one line whatever a path holds.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import os
 from dataclasses import dataclass, field
 
 from .core.idmap import AS_STORED, IdMap, Owners, Range, overflow_id
-from .errors import UsageError
+from .errors import UsageError, printable
 
 # Options of overlayfs and fuse-overlayfs that only tune their own implementations: accepted without a
 # word, since callers (containers-storage) pass them routinely.
@@ -73,16 +74,24 @@ def _split_options(text: str) -> list[str]:
     return [p for p in parts if p]
 
 
+def _number(text: str, end: int) -> int | None:
+    """``text`` as a decimal number below ``end``, else None. Only ASCII digits: ``str.isdigit`` also
+    takes "²", which ``int`` refuses, and "１２", which it reads as 12."""
+    if not (text.isascii() and text.isdigit()) or len(text) > 20:  # int() refuses thousands of digits
+        return None
+    return int(text) if int(text) < end else None
+
+
 def checked_directory(role: str, path: str) -> str:
     if not path:
         raise UsageError(f"{role}: empty path")
     full = os.path.abspath(path)
     if not os.path.exists(full):
-        raise UsageError(f"{role} {path}: no such directory")
+        raise UsageError(f"{role} {printable(path)}: no such directory")
     if not os.path.isdir(full):
-        raise UsageError(f"{role} {path}: not a directory")
+        raise UsageError(f"{role} {printable(path)}: not a directory")
     if not os.access(full, os.R_OK | os.X_OK):
-        raise UsageError(f"{role} {path}: permission denied")
+        raise UsageError(f"{role} {printable(path)}: permission denied")
     return os.path.realpath(full)
 
 
@@ -99,7 +108,7 @@ def parse(option_strings: list[str], mountpoint: str | None) -> MountConfig:
             else:
                 flags.add(key)
 
-    if mountpoint is None:
+    if not mountpoint:  # "" would be the current directory
         raise UsageError("no mount point given")
     if "lowerdir" not in values:
         raise UsageError("no lowerdir given (-o lowerdir=DIR[:DIR...])")
@@ -115,11 +124,11 @@ def parse(option_strings: list[str], mountpoint: str | None) -> MountConfig:
             raise UsageError("upperdir needs a workdir (-o workdir=DIR)")
         work = checked_directory("workdir", split_escaped(values.pop("workdir"), ",")[0])
         if os.stat(upper).st_dev != os.stat(work).st_dev:
-            raise UsageError(f"workdir {work} is not on the same filesystem as upperdir {upper}")
+            raise UsageError(f"workdir {printable(work)} is not on the same filesystem as upperdir {printable(upper)}")
         if is_within(upper, work) or is_within(work, upper):
             raise UsageError("upperdir and workdir must be separate directories, neither inside the other")
         if not os.access(upper, os.W_OK) or not os.access(work, os.W_OK):
-            raise UsageError(f"upperdir {upper}: not writable")
+            raise UsageError(f"upperdir {printable(upper)}: not writable")
     elif "workdir" in values:
         values.pop("workdir")
         warnings.append("workdir ignored: there is no upperdir (read-only mount)")
@@ -131,7 +140,7 @@ def parse(option_strings: list[str], mountpoint: str | None) -> MountConfig:
 
     mnt = os.path.abspath(mountpoint)
     if not os.path.isdir(mnt):
-        raise UsageError(f"mount point {mountpoint}: no such directory")
+        raise UsageError(f"mount point {printable(mountpoint)}: no such directory")
 
     sync = True
     if "volatile" in flags:
@@ -140,25 +149,25 @@ def parse(option_strings: list[str], mountpoint: str | None) -> MountConfig:
     if values.get("fsync") == "0":
         sync = False
     fsname = values.pop("fsname", "layerfs")
-    owner = values.pop("x-layerfs-owner", None)
-    if owner is not None and not owner.isdigit():
-        raise UsageError(f"x-layerfs-owner={owner}: not a process id")
+    owner_text = values.pop("x-layerfs-owner", None)
+    owner = None if owner_text is None else _number(owner_text, 1 << 22)  # PID_MAX_LIMIT
+    if owner_text is not None and not owner:
+        raise UsageError(f"x-layerfs-owner={printable(owner_text)}: not a process id")
 
     owners = _owners(values, flags)
     static_nlink = "static_nlink" in flags
     flags.discard("static_nlink")
     if values.get("xattr_permissions", "0") != "0":
-        warnings.append(f"xattr_permissions={values.pop('xattr_permissions')} ignored: owners and modes are "
+        warnings.append(f"xattr_permissions={printable(values.pop('xattr_permissions'))} ignored: owners and modes are "
                         "stored as they are (layerfs runs as root)")
 
     for key in sorted(values):
         if key not in _QUIET:
-            warnings.append(f"unknown option {key}={values[key]} ignored")
+            warnings.append(f"unknown option {printable(key)}={printable(values[key])} ignored")
     for key in sorted(flags):
         if key not in _QUIET:
-            warnings.append(f"unknown option {key} ignored")
-    return MountConfig(mnt, lowers, upper, work, readonly, sync, fsname, warnings,
-                       None if owner is None else int(owner), owners, static_nlink)
+            warnings.append(f"unknown option {printable(key)} ignored")
+    return MountConfig(mnt, lowers, upper, work, readonly, sync, fsname, warnings, owner, owners, static_nlink)
 
 
 def _owners(values: dict[str, str], flags: set[str]) -> Owners:
@@ -169,10 +178,11 @@ def _owners(values: dict[str, str], flags: set[str]) -> Owners:
 
     def one(kind: str) -> IdMap:
         text, squash = values.pop(f"{kind}mapping", None), values.pop(f"squash_to_{kind}", None)
-        if squash is not None and (not squash.isdigit() or int(squash) >= 1 << 32):
-            raise UsageError(f"squash_to_{kind}={squash}: not an id")
+        squash_id = None if squash is None else _number(squash, 1 << 32)
+        if squash is not None and squash_id is None:
+            raise UsageError(f"squash_to_{kind}={printable(squash)}: not an id")
         ranges = _ranges(f"{kind}mapping", text) if text else []
-        return IdMap(ranges, int(squash) if squash is not None else 0 if to_root else None, overflow_id(kind))
+        return IdMap(ranges, squash_id if squash is not None else 0 if to_root else None, overflow_id(kind))
 
     return Owners(one("uid"), one("gid"))
 
@@ -180,17 +190,16 @@ def _owners(values: dict[str, str], flags: set[str]) -> Owners:
 def _ranges(option: str, text: str) -> list[Range]:
     """``[:]ID:MAPPED-ID:COUNT[:ID:MAPPED-ID:COUNT...]`` (containers-storage writes a leading colon) as
     ranges; UsageError if malformed or overlapping."""
-    words = [w for w in text.split(":") if w]
-    if not words or len(words) % 3 or not all(w.isdigit() for w in words):
-        raise UsageError(f"{option}={text}: not a list of ID:MAPPED-ID:COUNT ranges")
-    numbers = [int(w) for w in words]
+    numbers = [_number(w, 1 << 64) for w in text.split(":") if w]
+    if not numbers or len(numbers) % 3 or None in numbers:
+        raise UsageError(f"{option}={printable(text)}: not a list of ID:MAPPED-ID:COUNT ranges")
     ranges = [Range(*numbers[i:i + 3]) for i in range(0, len(numbers), 3)]
     for side in (0, 1):
         spans = sorted((r[side], r[side] + r.count) for r in ranges)
         if any(r.count == 0 for r in ranges) or any(a[1] > b[0] for a, b in zip(spans, spans[1:])):
-            raise UsageError(f"{option}={text}: a range is empty or two overlap")
+            raise UsageError(f"{option}={printable(text)}: a range is empty or two overlap")
         if spans[-1][1] > 1 << 32:
-            raise UsageError(f"{option}={text}: ids beyond 2^32")
+            raise UsageError(f"{option}={printable(text)}: ids beyond 2^32")
     return ranges
 
 

@@ -93,7 +93,11 @@ class Store:
             os.makedirs(os.path.join(self.root, sub), exist_ok=True)
 
     def layer_path(self, diff_id: str) -> str:
-        return os.path.join(self.root, "layers", diff_id.removeprefix("sha256:"))
+        """Where layer ``diff_id`` lives; anything but a sha256 digest is refused (it becomes a path)."""
+        hexdigest = diff_id.removeprefix("sha256:")
+        if not diff_id.startswith("sha256:") or len(hexdigest) != 64 or hexdigest.strip("0123456789abcdef"):
+            raise LayerfsError(f"{diff_id!r} is not a layer's diff_id (sha256:<64 hex digits>)")
+        return os.path.join(self.root, "layers", hexdigest)
 
     @contextlib.contextmanager
     def _locked(self):

@@ -10,6 +10,8 @@ and buildah write, and what ``write_image`` writes), and the unpacked content of
 Every blob is checked against its name as it is read: a manifest or config before it is parsed, a layer
 as it streams (``VerifiedBlob`` fails at its end if the bytes were not the ones named). A docker archive
 names its layers by file, not digest: their diff_ids, checked when they are unpacked, vouch for them.
+What the documents say is checked for its shape (a field of the wrong type is a one-line LayerfsError)
+and every digest and diff_id for being one: the store makes a path of a diff_id.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import uuid
-from typing import BinaryIO, NamedTuple
+from typing import Any, BinaryIO, NamedTuple
 
 from ..core.changes import changes
 from ..errors import LayerfsError
@@ -31,6 +34,8 @@ _MAX_JSON = 16 << 20  # a manifest, config or index larger than this is not one
 _LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
 _CONFIG = "application/vnd.oci.image.config.v1+json"
 _MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+_KINDS = {dict: "a JSON object", list: "a JSON list", str: "a string", int: "an integer"}
 
 
 class Layer(NamedTuple):
@@ -54,11 +59,27 @@ class Image(NamedTuple):
     layers: list[Layer]  # bottom first, as the manifest lists them
 
 
-def _blob_path(layout: str, digest: str) -> str:
-    algorithm, _, hexdigest = digest.partition(":")
-    if algorithm != "sha256" or len(hexdigest) != 64 or not all(c in "0123456789abcdef" for c in hexdigest):
-        raise LayerfsError(f"{layout}: {digest!r} is not a sha256 digest")
-    return os.path.join(layout, "blobs", "sha256", hexdigest)
+def _typed(value: object, kind: type, what: str) -> Any:
+    """``value``, read from a JSON document, if it is a ``kind``; else the LayerfsError saying ``what`` is not."""
+    if not isinstance(value, kind) or kind is int and isinstance(value, bool):
+        raise LayerfsError(f"{what} is not {_KINDS[kind]}")
+    return value
+
+
+def _digest(value: object, where: str) -> str:
+    if not isinstance(value, str) or not _DIGEST.fullmatch(value):
+        raise LayerfsError(f"{where}: {value!r} is not a sha256 digest")
+    return value
+
+
+def _diff_ids(config: object, where: str) -> list[str]:
+    """The config's rootfs.diff_ids, each a sha256 digest."""
+    rootfs = _typed(_typed(config, dict, f"{where}: the config").get("rootfs") or {}, dict, f"{where}: its rootfs")
+    return [_digest(d, f"{where}: diff_id") for d in _typed(rootfs.get("diff_ids") or [], list, f"{where}: diff_ids")]
+
+
+def _blob_path(layout: str, digest: object) -> str:
+    return os.path.join(layout, "blobs", "sha256", _digest(digest, layout).removeprefix("sha256:"))
 
 
 class VerifiedBlob:
@@ -95,18 +116,20 @@ class VerifiedBlob:
         self.close()
 
 
-def _json_blob(layout: str, digest: str, what: str) -> dict:
+def _json_blob(layout: str, digest: object, what: str) -> dict:
     path = _blob_path(layout, digest)
     try:
         with open(path, "rb") as f:
             data = f.read(_MAX_JSON + 1)
     except FileNotFoundError:
         raise LayerfsError(f"{layout}: the {what} {digest} is missing") from None
+    except OSError as e:  # a directory, say
+        raise LayerfsError(f"{layout}: the {what} {digest} cannot be read: {e.strerror}") from None
     if len(data) > _MAX_JSON or f"sha256:{hashlib.sha256(data).hexdigest()}" != digest:
         raise LayerfsError(f"{layout}: the {what} {digest} does not match its digest")
     try:
-        return json.loads(data)
-    except ValueError:
+        return _typed(json.loads(data), dict, f"{layout}: the {what} {digest}")
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
         raise LayerfsError(f"{layout}: the {what} {digest} is not JSON") from None
 
 
@@ -114,35 +137,54 @@ def read_image(layout: str, tag: str | None = None) -> Image:
     """The image tagged ``tag`` in ``layout`` (the only one, if no tag is given)."""
     try:
         with open(os.path.join(layout, "oci-layout")) as f:
-            version = json.load(f).get("imageLayoutVersion")
+            oci_layout = json.load(f)
         with open(os.path.join(layout, "index.json")) as f:
             index = json.load(f)
     except FileNotFoundError as e:
         raise LayerfsError(f"{layout}: not an OCI image layout (no {os.path.basename(e.filename)})") from None
-    except ValueError:
+    except OSError as e:  # a directory, say
+        name = os.path.basename(e.filename)
+        raise LayerfsError(f"{layout}: not an OCI image layout ({name}: {e.strerror})") from None
+    except (ValueError, RecursionError):
         raise LayerfsError(f"{layout}: not an OCI image layout (its index or oci-layout is not JSON)") from None
+    version = oci_layout.get("imageLayoutVersion") if isinstance(oci_layout, dict) else None
     if version != "1.0.0":
         raise LayerfsError(f"{layout}: image layout version {version!r}, not 1.0.0")
-    manifests = index.get("manifests") or []
+    manifests = _typed(_typed(index, dict, f"{layout}: the index").get("manifests") or [], list,
+                       f"{layout}: the index's manifests")
+
+    def ref_name(m: object) -> object:
+        m = _typed(m, dict, f"{layout}: an entry of the index")
+        return _typed(m.get("annotations") or {}, dict, f"{layout}: an index entry's annotations").get(_REF_NAME)
+
     if tag is not None:
-        manifests = [m for m in manifests if (m.get("annotations") or {}).get(_REF_NAME) == tag]
+        manifests = [m for m in manifests if ref_name(m) == tag]
         if not manifests:
             raise LayerfsError(f"{layout}: no image tagged {tag!r}")
     if len(manifests) != 1:
-        tags = sorted((m.get("annotations") or {}).get(_REF_NAME, "?") for m in manifests)
+        tags = sorted("?" if t is None else t if isinstance(t, str) and t.isprintable() else repr(t)
+                      for t in map(ref_name, manifests))
         raise LayerfsError(f"{layout}: {len(manifests)} images; say which (:TAG): {', '.join(tags)}")
-    descriptor = manifests[0]
+    descriptor = _typed(manifests[0], dict, f"{layout}: an entry of the index")
     if descriptor.get("mediaType") in _INDEX_TYPES:
         raise LayerfsError(f"{layout}: a multi-platform index; copy one platform's image (skopeo --override-arch)")
-    manifest = _json_blob(layout, descriptor["digest"], "manifest")
-    config_digest = manifest["config"]["digest"]
+    manifest = _json_blob(layout, descriptor.get("digest"), "manifest")
+    where = f"{layout}: the manifest {descriptor['digest']}"
+    config_digest = _typed(manifest.get("config"), dict, f"{where}: its config").get("digest")
     config = _json_blob(layout, config_digest, "config")
-    diff_ids = (config.get("rootfs") or {}).get("diff_ids") or []
-    descriptors = manifest.get("layers") or []
+    diff_ids = _diff_ids(config, f"{layout}: the config {config_digest}")
+    descriptors = [_typed(d, dict, f"{where}: a layer") for d in _typed(manifest.get("layers") or [], list,
+                                                                         f"{where}: its layers")]
     if len(diff_ids) != len(descriptors):
         raise LayerfsError(f"{layout}: the manifest lists {len(descriptors)} layers, the config {len(diff_ids)}")
-    layers = [Layer(_blob_path(layout, d["digest"]), d["digest"], diff_id, int(d["size"]), d.get("mediaType", ""))
-              for d, diff_id in zip(descriptors, diff_ids)]
+    layers = []
+    for d, diff_id in zip(descriptors, diff_ids):
+        path = _blob_path(layout, d.get("digest"))
+        size = _typed(d.get("size"), int, f"{where}: the size of layer {d['digest']}")
+        if size < 0:
+            raise LayerfsError(f"{where}: layer {d['digest']} has the size {size}")
+        media_type = _typed(d.get("mediaType", ""), str, f"{where}: the mediaType of layer {d['digest']}")
+        layers.append(Layer(path, d["digest"], diff_id, size, media_type))
     return Image(descriptor["digest"], config_digest, config, layers)
 
 
@@ -151,28 +193,39 @@ def read_docker_save(root: str, name: str | None = None) -> Image:
     try:
         with open(os.path.join(root, "manifest.json")) as f:
             entries = json.load(f)
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         raise LayerfsError("not a docker archive (no readable manifest.json)") from None
+    entries = [_typed(e, dict, "docker archive: an entry of manifest.json")
+               for e in _typed(entries, list, "docker archive: manifest.json")]
+
+    def tags(e: dict) -> list[str]:
+        return [_typed(t, str, "docker archive: a RepoTag") for t in _typed(e.get("RepoTags") or [], list,
+                                                                             "docker archive: RepoTags")]
+
     if name is not None:
-        entries = [e for e in entries if name in (e.get("RepoTags") or [])
-                   or any(t.endswith("/" + name) for t in e.get("RepoTags") or [])]
+        entries = [e for e in entries if name in tags(e) or any(t.endswith("/" + name) for t in tags(e))]
     if len(entries) != 1:
         raise LayerfsError(f"the docker archive holds {len(entries)} images{' named ' + name if name else ''}")
     entry = entries[0]
-    config_path = _inside(root, entry["Config"])
+    config_name = _typed(entry.get("Config"), str, "docker archive: its Config")
+    config_path = _inside(root, config_name)
     with open(config_path, "rb") as f:
         data = f.read(_MAX_JSON + 1)
     config_digest = f"sha256:{hashlib.sha256(data).hexdigest()}"
     stem = os.path.basename(config_path).removesuffix(".json")
     if len(stem) == 64 and f"sha256:{stem}" != config_digest:
-        raise LayerfsError(f"docker archive: the config {entry['Config']} does not match its name")
-    config = json.loads(data)
-    diff_ids = (config.get("rootfs") or {}).get("diff_ids") or []
-    if len(diff_ids) != len(entry.get("Layers") or []):
-        raise LayerfsError(f"docker archive: {len(entry.get('Layers') or [])} layer files, {len(diff_ids)} in the config")
+        raise LayerfsError(f"docker archive: the config {config_name!r} does not match its name")
+    try:
+        config = json.loads(data)
+    except (ValueError, RecursionError):
+        raise LayerfsError(f"docker archive: the config {config_name!r} is not JSON") from None
+    diff_ids = _diff_ids(config, "docker archive")
+    files = _typed(entry.get("Layers") or [], list, "docker archive: its Layers")
+    if len(diff_ids) != len(files):
+        raise LayerfsError(f"docker archive: {len(files)} layer files, {len(diff_ids)} in the config")
     layers = []
-    for file, diff_id in zip(entry["Layers"], diff_ids):
-        path = _inside(root, file)
+    for file, diff_id in zip(files, diff_ids):
+        path = _inside(root, _typed(file, str, "docker archive: a layer file's name"))
         layers.append(Layer(path, None, diff_id, os.path.getsize(path), "application/vnd.docker.image.rootfs.diff.tar"))
     manifest_digest = f"sha256:{hashlib.sha256(json.dumps(entry, sort_keys=True).encode()).hexdigest()}"
     return Image(manifest_digest, config_digest, config, layers)
@@ -180,7 +233,7 @@ def read_docker_save(root: str, name: str | None = None) -> Image:
 
 def _inside(root: str, name: str) -> str:
     """``name`` (from an archive's manifest) as a file below ``root``, symlinks resolved inside it."""
-    path = os.path.realpath(os.path.join(root, name))
+    path = "" if "\0" in name else os.path.realpath(os.path.join(root, name))  # realpath fails on a NUL
     if not path.startswith(os.path.realpath(root) + os.sep) or not os.path.isfile(path):
         raise LayerfsError(f"archive names {name!r}, which it does not hold")
     return path

@@ -65,7 +65,7 @@ from typing import BinaryIO, Callable, Iterator, NamedTuple
 import zstandard
 
 from ..core import whiteout, xattr
-from ..errors import LayerfsError
+from ..errors import LayerfsError, printable
 
 _CHUNK = 1 << 20  # bytes read from the stream, or written to a file, at a time: one progress step
 _WALK = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -235,6 +235,8 @@ class _Header(tarfile.TarInfo):
         except tarfile.HeaderError as e:
             raise _Reason(f"it is not a tar ({e})" if tar.offset == 0 else
                           f"damaged tar header at byte {tar.offset} ({e})") from None
+        except ValueError as e:  # tarfile's int() of a PAX record (GNU.sparse.size=x), uncaught there
+            raise _Reason(f"damaged tar header at byte {tar.offset} ({e})") from None
 
 
 # -- the entries ----------------------------------------------------------------------------------------
@@ -346,6 +348,8 @@ class _Unpacker:
         target = _parts(info.linkname, f"its hard-link target {_show(info.linkname)}")
         if target == parts:
             raise _Reason("it is a hard link to itself")
+        if target[:len(parts)] == parts:  # the directory it replaces would take its target with it
+            raise _Reason(f"its hard-link target {_show(info.linkname)} is below it")
         try:
             target_dir = self.tree.reach(target[:-1])
         except _Reason as e:
@@ -756,8 +760,7 @@ class _Pending:
 def _show(name: str) -> str:
     """A name for a one-line message: quoted, bytes that are not UTF-8 and control characters escaped,
     shortened when very long."""
-    text = name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    text = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+    text = printable(name)
     if len(text) > 200:
         text = text[:120] + f"…[{len(text)} characters]"
     return f"'{text}'"
