@@ -41,6 +41,7 @@ import ctypes
 import errno
 import logging
 import os
+import queue
 import stat
 import threading
 import time
@@ -208,6 +209,40 @@ class _Names:
                 del self._names[ino]
 
 
+class _Invalidator:
+    """Sends ``fuse_invalidate_path`` from a thread of its own.
+
+    Dropping a name's cached pages waits for any the kernel holds locked for a write in flight, and that
+    write can be waiting for a libfuse path lock behind a queued rmdir, which waits for the very request
+    that invalidates (a deadlock the stress test found). So a request waits for its invalidations only
+    briefly: in the common case they are done before it answers; otherwise they are done once it has.
+    """
+
+    _PATIENCE_S = 0.05
+
+    def __init__(self, fuse_handle: int) -> None:
+        self._fuse = fuse_handle
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="invalidate", daemon=True)
+        self._thread.start()
+
+    def invalidate(self, paths: list[str]) -> None:
+        done = threading.Event()
+        self._queue.put(([_encode(p) for p in paths], done))
+        done.wait(self._PATIENCE_S)
+
+    def stop(self) -> None:
+        self._queue.put(None)
+        self._thread.join(1.0)
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            paths, done = item
+            for path in paths:
+                _libfuse.fuse_invalidate_path(self._fuse, path)
+            done.set()
+
+
 def _attrs(a: Attributes) -> dict:
     st = a.st
     return {
@@ -228,23 +263,25 @@ class LayerfsOperations(fuse.Operations):
         self._static_nlink = static_nlink
         self._hidden: dict[str, tuple[int, int]] = {}  # libfuse's hidden name -> Union.detach key
         self._names = _Names()
-        self._fuse: int | None = None  # libfuse's struct fuse *, for invalidations
+        self._invalidator: _Invalidator | None = None
 
     def init_with_config(self, conn, config):
         config.use_ino = 1
-        self._fuse = _libfuse.fuse_get_context().contents.fuse
+        self._invalidator = _Invalidator(_libfuse.fuse_get_context().contents.fuse)
         if self._on_ready is not None:
             self._on_ready()
 
     def destroy(self, path):
+        if self._invalidator is not None:
+            self._invalidator.stop()
         self.union.close()
 
     def _changed(self, ino: int | None, *, besides: str | None = None) -> None:
         """Attributes of the file numbered ``ino`` changed: drop what the kernel cached for its names
         (but ``besides``: a write's own name, whose pages the kernel may hold locked meanwhile)."""
-        for name in self._names.of(ino):
-            if name != besides:
-                _libfuse.fuse_invalidate_path(self._fuse, _encode(name))
+        names = [name for name in self._names.of(ino) if name != besides]
+        if names:
+            self._invalidator.invalidate(names)
 
     @contextlib.contextmanager
     def _changing(self, path: str):
