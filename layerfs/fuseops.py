@@ -360,6 +360,11 @@ class LayerfsOperations(fuse.Operations):
     # -- open files
 
     def open(self, path, fi):
+        hidden = self._hidden.get(path)
+        if hidden is not None:  # the lookup raced with an unlink: libfuse names the file by its hidden name
+            fi.fh = self.union.reopen_detached(hidden, fi.flags)
+            fi.direct_io = 1
+            return 0
         if path in self._names and fi.flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC):
             with self._changing(path):
                 fd = self.union.open(path, fi.flags)

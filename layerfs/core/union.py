@@ -18,12 +18,14 @@ How changes are written, and why:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import os
 import shutil
 import stat
 import threading
+from typing import Iterator
 
 from . import copyup, syscalls, whiteout, xattr
 from .index import ChangeIndex
@@ -95,6 +97,9 @@ class Union:
         self._lock = threading.RLock()
         # open fd -> (merged inode number, real dev, real ino, an upper file with several names)
         self._handles: dict[int, tuple[int, int, int, bool]] = {}
+        # Held while a descriptor is added, closed, or used for a file that has no name left, so that a
+        # release cannot close it (and an open reuse its number) in between.
+        self._handles_lock = threading.Lock()
         self._detached: dict[tuple[int, int], bool] = {}  # unlinked while open: (dev, ino) -> was in upper
         self._names = itertools.count()
         self._work = -1  # descriptor of the work directory, where new entries are built
@@ -222,7 +227,8 @@ class Union:
 
     def _remember(self, fd: int, number: int, in_upper: bool) -> None:
         st = os.fstat(fd)
-        self._handles[fd] = (number, st.st_dev, st.st_ino, in_upper and st.st_nlink > 1)
+        with self._handles_lock:
+            self._handles[fd] = (number, st.st_dev, st.st_ino, in_upper and st.st_nlink > 1)
 
     def has_other_names(self, fd: int) -> bool:
         """Whether the open file is an upper file reachable by several names (hard links)."""
@@ -287,19 +293,34 @@ class Union:
         self._detached[key] = entry.in_upper
         return key
 
-    def _open_fd_of(self, key: tuple[int, int]) -> int:
-        """An open descriptor of the detached file ``key``."""
-        for fd, (_, dev, ino, _) in list(self._handles.items()):
-            if (dev, ino) == key:
-                return fd
+    @contextlib.contextmanager
+    def _fd_of(self, key: tuple[int, int]) -> Iterator[tuple[int, int]]:
+        """One of the open descriptors of the detached file ``key``, and its inode number, held open."""
+        with self._handles_lock:
+            for fd, (number, dev, ino, _) in self._handles.items():
+                if (dev, ino) == key:
+                    yield fd, number
+                    return
         raise _error(errno.ENOENT, "(unlinked file)")
 
     def detached_attributes(self, key: tuple[int, int]) -> Attributes:
         """Attributes of a detached file, from one of its open descriptors."""
-        attrs = self.fstat(self._open_fd_of(key))
+        with self._fd_of(key) as (fd, number):
+            st = os.fstat(fd)
+        attrs = Attributes(st, number, st.st_nlink)
         if not self._detached.get(key, True):
             attrs.nlink = 0  # a lower file: it lives on in its layer, but has no name left here
         return attrs
+
+    def reopen_detached(self, key: tuple[int, int], flags: int) -> int:
+        """Open the detached file ``key`` again (libfuse asks by its hidden name when a lookup raced with
+        the unlink), through one of its open descriptors. A lower one is only read."""
+        if (flags & os.O_ACCMODE) != os.O_RDONLY and not self._detached.get(key, False):
+            raise _error(errno.ENOENT, "(unlinked file)")
+        with self._fd_of(key) as (fd, number):
+            new = os.open(f"/proc/self/fd/{fd}", (flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY)) | os.O_CLOEXEC)
+            self._handles[new] = self._handles[fd]
+        return new
 
     def change_detached(self, key: tuple[int, int], *, mode: int | None = None,
                         owner: tuple[int, int] | None = None,
@@ -308,13 +329,13 @@ class Union:
         is never changed: one that was deleted while open read-only has no copy in the upper to change."""
         if not self._detached.get(key, False):
             raise _error(errno.ENOENT, "(unlinked file)")
-        fd = self._open_fd_of(key)
-        if mode is not None:
-            os.fchmod(fd, stat.S_IMODE(mode))
-        if owner is not None:
-            os.fchown(fd, *owner)
-        if times_ns is not None:
-            os.utime(fd, ns=_fill_times(times_ns, lambda: os.fstat(fd)))
+        with self._fd_of(key) as (fd, _):
+            if mode is not None:
+                os.fchmod(fd, stat.S_IMODE(mode))
+            if owner is not None:
+                os.fchown(fd, *owner)
+            if times_ns is not None:
+                os.utime(fd, ns=_fill_times(times_ns, lambda: os.fstat(fd)))
 
     def forget_detached(self, key: tuple[int, int]) -> None:
         self._detached.pop(key, None)
@@ -327,8 +348,9 @@ class Union:
             (os.fdatasync if datasync else os.fsync)(fd)
 
     def release(self, fd: int) -> None:
-        self._handles.pop(fd, None)
-        os.close(fd)
+        with self._handles_lock:
+            self._handles.pop(fd, None)
+            os.close(fd)
 
     def close(self) -> None:
         """Close every open file and bring the change index up to date (on unmount)."""
@@ -431,6 +453,11 @@ class Union:
             with source.layer.at(source.rel) as (dir_fd, name):
                 os.link(name, tmp, src_dir_fd=dir_fd, dst_dir_fd=self._work, follow_symlinks=False)
             self._install_new(tmp, path)
+        # Files open on it now have a second name to keep up to date as they are written.
+        with self._handles_lock:
+            for fd, (number, dev, ino, _) in self._handles.items():
+                if (dev, ino) == (source.st.st_dev, source.st.st_ino):
+                    self._handles[fd] = (number, dev, ino, True)
 
     def _prepare_new(self, path: str, uid: int, gid: int, mode: int, *, is_dir: bool) -> tuple[str, int, int, int]:
         """Check that ``path`` can be created and copy its parent up; returns a temporary name and the
