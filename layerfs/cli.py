@@ -133,7 +133,8 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--root", metavar="DIR", help=_ROOT_HELP)
         p.add_argument("--debug", action="store_true")
 
-    e = sub.add_parser("example", help="import a small layered busybox image, run a command in it, show its diff, commit it")
+    e = sub.add_parser("example",
+                       help="import a small layered busybox image, run a command in it, show its diff, commit it")
     e.add_argument("--dir", help="build in DIR and keep it (default: a temporary directory, removed after)")
     e.add_argument("--debug", action="store_true")
     return parser

@@ -94,9 +94,7 @@ class Store:
 
     def layer_path(self, diff_id: str) -> str:
         """Where layer ``diff_id`` lives; anything but a sha256 digest is refused (it becomes a path)."""
-        hexdigest = diff_id.removeprefix("sha256:")
-        if not diff_id.startswith("sha256:") or len(hexdigest) != 64 or hexdigest.strip("0123456789abcdef"):
-            raise LayerfsError(f"{diff_id!r} is not a layer's diff_id (sha256:<64 hex digits>)")
+        hexdigest = layout.checked_digest(diff_id, "layer").removeprefix("sha256:")
         return os.path.join(self.root, "layers", hexdigest)
 
     @contextlib.contextmanager

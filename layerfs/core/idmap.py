@@ -72,9 +72,5 @@ class Owners(NamedTuple):
     def identity(self) -> bool:
         return self.uid.identity and self.gid.identity
 
-    @property
-    def squashed(self) -> bool:
-        return self.uid.squash is not None or self.gid.squash is not None
-
 
 AS_STORED = Owners(IdMap(), IdMap())

@@ -37,6 +37,10 @@ from .lookup import Entry, Resolver, join, split
 INDEX_DIR = "layerfs-index"  # in the work directory: the change index's snapshot and journal
 
 
+# Flags of an open(2) that only opens: the entry exists by then (create made it, or lookup found it).
+_OPENING_ONLY = ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY)
+
+
 def _error(code: int, path: str) -> OSError:
     return OSError(code, os.strerror(code), path)
 
@@ -221,7 +225,7 @@ class Union:
             self._writable_upper()
             with self._lock:
                 entry = self._copy_up(path, with_data=not flags & os.O_TRUNC)
-        fd = syscalls.open_beneath(entry.rel, flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY), dir_fd=entry.layer.fd)
+        fd = syscalls.open_beneath(entry.rel, flags & _OPENING_ONLY, dir_fd=entry.layer.fd)
         self._remember(fd, self.inodes.number(entry.st), entry.in_upper)
         return fd
 
@@ -294,20 +298,19 @@ class Union:
         return key
 
     @contextlib.contextmanager
-    def _fd_of(self, key: tuple[int, int]) -> Iterator[tuple[int, int]]:
-        """One of the open descriptors of the detached file ``key``, and its inode number, held open."""
+    def _fd_of(self, key: tuple[int, int]) -> Iterator[int]:
+        """One of the open descriptors of the detached file ``key``, held open meanwhile."""
         with self._handles_lock:
-            for fd, (number, dev, ino, _) in self._handles.items():
+            for fd, (_, dev, ino, _) in self._handles.items():
                 if (dev, ino) == key:
-                    yield fd, number
+                    yield fd
                     return
         raise _error(errno.ENOENT, "(unlinked file)")
 
     def detached_attributes(self, key: tuple[int, int]) -> Attributes:
         """Attributes of a detached file, from one of its open descriptors."""
-        with self._fd_of(key) as (fd, number):
-            st = os.fstat(fd)
-        attrs = Attributes(st, number, st.st_nlink)
+        with self._fd_of(key) as fd:
+            attrs = self.fstat(fd)
         if not self._detached.get(key, True):
             attrs.nlink = 0  # a lower file: it lives on in its layer, but has no name left here
         return attrs
@@ -317,8 +320,8 @@ class Union:
         the unlink), through one of its open descriptors. A lower one is only read."""
         if (flags & os.O_ACCMODE) != os.O_RDONLY and not self._detached.get(key, False):
             raise _error(errno.ENOENT, "(unlinked file)")
-        with self._fd_of(key) as (fd, number):
-            new = os.open(f"/proc/self/fd/{fd}", (flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY)) | os.O_CLOEXEC)
+        with self._fd_of(key) as fd:
+            new = os.open(f"/proc/self/fd/{fd}", (flags & _OPENING_ONLY) | os.O_CLOEXEC)
             self._handles[new] = self._handles[fd]
         return new
 
@@ -329,7 +332,7 @@ class Union:
         is never changed: one that was deleted while open read-only has no copy in the upper to change."""
         if not self._detached.get(key, False):
             raise _error(errno.ENOENT, "(unlinked file)")
-        with self._fd_of(key) as (fd, _):
+        with self._fd_of(key) as fd:
             if mode is not None:
                 os.fchmod(fd, stat.S_IMODE(mode))
             if owner is not None:
@@ -630,7 +633,7 @@ class Union:
                 _remove_tree(self._work, tmp)
                 raise
             os.utime(dir_fd, ns=(pst.st_atime_ns, pst.st_mtime_ns))
-        st = upper.lstat(entry.path)
+            st = os.lstat(name, dir_fd=dir_fd)
         self.inodes.copied_up(entry.st, st)
         if entry.is_dir:
             self.resolver.invalidate()

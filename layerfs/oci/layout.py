@@ -66,7 +66,8 @@ def _typed(value: object, kind: type, what: str) -> Any:
     return value
 
 
-def _digest(value: object, where: str) -> str:
+def checked_digest(value: object, where: str) -> str:
+    """``value`` if it is a sha256 digest; else a LayerfsError (a digest becomes a path: nothing else may)."""
     if not isinstance(value, str) or not _DIGEST.fullmatch(value):
         raise LayerfsError(f"{where}: {value!r} is not a sha256 digest")
     return value
@@ -75,11 +76,12 @@ def _digest(value: object, where: str) -> str:
 def _diff_ids(config: object, where: str) -> list[str]:
     """The config's rootfs.diff_ids, each a sha256 digest."""
     rootfs = _typed(_typed(config, dict, f"{where}: the config").get("rootfs") or {}, dict, f"{where}: its rootfs")
-    return [_digest(d, f"{where}: diff_id") for d in _typed(rootfs.get("diff_ids") or [], list, f"{where}: diff_ids")]
+    diff_ids = _typed(rootfs.get("diff_ids") or [], list, f"{where}: diff_ids")
+    return [checked_digest(d, f"{where}: diff_id") for d in diff_ids]
 
 
 def _blob_path(layout: str, digest: object) -> str:
-    return os.path.join(layout, "blobs", "sha256", _digest(digest, layout).removeprefix("sha256:"))
+    return os.path.join(layout, "blobs", "sha256", checked_digest(digest, layout).removeprefix("sha256:"))
 
 
 class VerifiedBlob:
