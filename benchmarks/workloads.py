@@ -49,13 +49,14 @@ class Scale:
     meta_dirs: int
     build_sources: int
     seqwrite_mib: int
+    smallwrite_mib: int
     timeout: float  # seconds one timed pass may take before its daemon is stopped
 
 
 FULL = Scale("full", reps=5, randreads=20_000, creates=5_000, meta_dirs=400, build_sources=600,
-             seqwrite_mib=256, timeout=300)
+             seqwrite_mib=256, smallwrite_mib=100, timeout=300)
 QUICK = Scale("quick", reps=1, randreads=5_000, creates=2_000, meta_dirs=150, build_sources=200,
-              seqwrite_mib=128, timeout=120)
+              seqwrite_mib=128, smallwrite_mib=32, timeout=120)
 
 
 @dataclass
@@ -191,19 +192,28 @@ def copy_up(ctx: Ctx) -> int:
     return 1
 
 
-def seq_write(ctx: Ctx) -> int:
-    """Write a new file sequentially in 1 MiB writes and close it (no fsync, like plain dd); bytes."""
-    block = os.urandom(MiB)
+def _write_new(ctx: Ctx, block: bytes, mib: int) -> int:
+    """Write a new file of ``mib`` MiB in writes of ``block`` and close it (no fsync, like plain dd); bytes."""
     fd = os.open(ctx.scratch("sw"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        for _ in range(ctx.scale.seqwrite_mib):
+        for _ in range(mib * MiB // len(block)):
             os.write(fd, block)
     finally:
         os.close(fd)
-    return ctx.scale.seqwrite_mib * MiB
+    return mib * MiB
 
 
-def _seq_write_cleanup(ctx: Ctx) -> None:
+def seq_write(ctx: Ctx) -> int:
+    """1 MiB writes: few requests, the data path's throughput."""
+    return _write_new(ctx, os.urandom(MiB), ctx.scale.seqwrite_mib)
+
+
+def small_write(ctx: Ctx) -> int:
+    """dd if=/dev/zero bs=4k: one request per write unless the kernel gathers them (writeback cache)."""
+    return _write_new(ctx, bytes(4096), ctx.scale.smallwrite_mib)
+
+
+def _remove_written(ctx: Ctx) -> None:
     os.unlink(ctx.scratch("sw"))
     os.sync()  # so the next pass does not pay for this one's writeback
 
@@ -357,7 +367,9 @@ WORKLOADS = [
     Workload("create-delete", "create-delete", "create small files, then delete them", create_delete, "plain",
              "files"),
     Workload("seqwrite", "seqwrite", "write a new file sequentially in 1 MiB writes", seq_write, "plain",
-             "bytes", cleanup=_seq_write_cleanup),
+             "bytes", cleanup=_remove_written),
+    Workload("smallwrite", "smallwrite", "write a new 100 MiB file in 4 KiB writes (32 MiB with --quick)",
+             small_write, "plain", "bytes", cleanup=_remove_written),
     Workload("untar", "untar", "tar -x of a few thousand files", untar, "plain", "entries",
              prepare=_mkdir_scratch("untar"), cleanup=_remove_scratch("untar")),
     Workload("meta-mix", "meta-mix", "mkdir/create/rename/unlink/rmdir mix, lower entries included", meta_mix,
