@@ -1,5 +1,6 @@
-"""Reading workloads: stat and read the whole tree, big-file sequential and random reads, a container
-start. Each runs on kernel overlayfs (the baseline) and layerfs over the same three layers."""
+"""Reading workloads: stat and read the whole tree, big-file sequential and random reads, opening and
+closing, a container start. Each runs on kernel overlayfs (the baseline) and layerfs over the same three
+layers."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 from benchmarks.conftest import IMPLS
 
 READ_WORKLOADS = ["stat-cold", "stat-warm", "read-cold", "read-warm", "seqread-cold", "seqread-warm", "randread",
-                  "start"]
+                  "open-close", "start"]
 
 
 @pytest.mark.parametrize("impl", IMPLS)

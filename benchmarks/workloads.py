@@ -35,6 +35,7 @@ from .data import Data
 from .util import remove_tree
 
 MiB = 1 << 20
+OPEN_FILES = 8  # open-close cycles through this many lower files
 CHROOT = shutil.which("chroot") or "/usr/sbin/chroot"
 
 
@@ -50,13 +51,14 @@ class Scale:
     build_sources: int
     seqwrite_mib: int
     smallwrite_mib: int
+    opens: int
     timeout: float  # seconds one timed pass may take before its daemon is stopped
 
 
 FULL = Scale("full", reps=5, randreads=20_000, creates=5_000, meta_dirs=400, build_sources=600,
-             seqwrite_mib=256, smallwrite_mib=100, timeout=300)
+             seqwrite_mib=256, smallwrite_mib=100, opens=20_000, timeout=300)
 QUICK = Scale("quick", reps=1, randreads=5_000, creates=2_000, meta_dirs=150, build_sources=200,
-              seqwrite_mib=128, smallwrite_mib=32, timeout=120)
+              seqwrite_mib=128, smallwrite_mib=32, opens=5_000, timeout=120)
 
 
 @dataclass
@@ -153,6 +155,14 @@ def random_read(ctx: Ctx) -> int:
     finally:
         os.close(fd)
     return len(offsets)
+
+
+def open_close(ctx: Ctx) -> int:
+    """Open and close a few lower files over and over: the per-open cost, lookups cached."""
+    paths = [ctx.path(rel) for rel in ctx.data.manifest["build_sources"][:OPEN_FILES]]
+    for i in range(ctx.scale.opens):
+        os.close(os.open(paths[i % OPEN_FILES], os.O_RDONLY))
+    return ctx.scale.opens
 
 
 # -- writing
@@ -360,6 +370,8 @@ WORKLOADS = [
              "bytes"),
     Workload("seqread-warm", "seqread", "read 512 MiB sequentially again", seq_read, "warm", "bytes"),
     Workload("randread", "randread", "random 4 KiB reads in the 512 MiB file", random_read, "warm", "reads"),
+    Workload("open-close", "open-close", "open and close 8 lower files in turn, 20,000 times (5,000 with "
+             "--quick); one open+close takes the time / that count", open_close, "warm", "opens"),
     Workload("start", "start", "container start: chroot exec of programs and interpreters after a fresh mount",
              container_start, "fresh", "commands"),
     Workload("copyup", "copyup", "first write to a 100 MiB lower file (fresh mount each time)", copy_up,
