@@ -70,6 +70,8 @@ def table(results: Results) -> str:
                 cells.append(_t(row[i]))
             elif i in err.get(w, {}):
                 cells.append("error")
+            elif i in results.inapplicable.get(w, ()):
+                cells.append("—")
             else:
                 cells.append("")
         lines.append(f"{w:<{width}}" + "".join(f"{c:>{col}}" for c in cells))
@@ -77,6 +79,8 @@ def table(results: Results) -> str:
             if base in row:
                 lines.append(f"{label:<{width}}" + "".join(
                     f"{_r(ratio(med, w, i, base)) if i in row else '':>{col}}" for i in impls))
+    if any(i in impls for names in results.inapplicable.values() for i in names):
+        lines.append("— : the workload cannot run on that implementation")
     return "\n".join(lines)
 
 

@@ -60,7 +60,7 @@ class Trial:
         else:
             os.sync()  # no pass pays for an earlier one's writeback
         tag = f"{w.name}-{impl.name}-{self.rep if self.rep >= 0 else 'w'}-{time.monotonic_ns() % 10**9}"
-        self.ctx = Ctx(str(self.mount.root), self.ws.data, self.scale, self.rep, tag)
+        self.ctx = Ctx(str(self.mount.root), self.ws.data, self.scale, self.rep, tag, impl.name)
         if w.prepare:
             w.prepare(self.ctx)
         return self
@@ -95,6 +95,7 @@ class Results:
     rss: list[RssSample] = field(default_factory=list)
     views: dict = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)  # impl -> why
+    inapplicable: dict[str, list[str]] = field(default_factory=dict)  # workload -> impls it cannot run on
     wall: dict[str, float] = field(default_factory=dict)  # workload -> seconds spent on it, setup included
 
     def to_json(self) -> dict:
@@ -143,10 +144,13 @@ class Runner:
             self.results.views[impl.name] = layers.compare_views(expected[False], seen)
 
     def _participants(self, w: Workload) -> list[Impl]:
-        return [i for i in self.impls if i.name in self.main and (w.layered or not i.flat)]
+        return [i for i in self.impls if i.name in self.main and (w.layered or not i.flat)
+                and (w.impls is None or i.name in w.impls)]
 
     def _workload(self, w: Workload) -> None:
         impls = self._participants(w)
+        if w.impls is not None:
+            self.results.inapplicable[w.name] = [i.name for i in self.impls if i.name not in w.impls and not i.flat]
         failed: set[str] = set()
         if w.mode == "warm":
             for impl in impls:

@@ -44,6 +44,14 @@ def remove_tree(path: str | os.PathLike) -> None:
         subprocess.run(["rm", "-rf", "--one-file-system", os.fspath(path)], check=True)
 
 
+def remove_mounted_tree(path: str | os.PathLike) -> None:
+    """Unmount whatever is mounted below ``path`` (deepest first), then rm -rf it."""
+    prefix = os.fspath(path) + "/"
+    for point in sorted((p for p in mounted_points() if p.startswith(prefix)), key=len, reverse=True):
+        umount(point)
+    remove_tree(path)
+
+
 def drop_caches() -> None:
     """Write back, then drop the page cache, dentries and inodes (the cold variants' starting point)."""
     os.sync()
@@ -54,6 +62,17 @@ def drop_caches() -> None:
 def mounted_points() -> list[str]:
     with open("/proc/self/mountinfo") as f:
         return [line.split()[4].replace("\\040", " ") for line in f]
+
+
+def umount(path: str) -> None:
+    """Unmount ``path`` if mounted, retrying while busy, lazily as a last resort."""
+    for attempt in range(20):
+        if path not in mounted_points():
+            return
+        if subprocess.run(["umount", path], capture_output=True).returncode == 0:
+            return
+        time.sleep(0.05 * (attempt + 1))  # EBUSY: a process of ours is still finishing
+    subprocess.run(["umount", "-l", path], capture_output=True)
 
 
 def have(program: str) -> bool:

@@ -19,7 +19,7 @@ otherwise (so that no timed pass is the first of its kind in the run; see runner
   themselves).
 
 Write workloads work in the rootfs's ``/tmp`` under a name unique to the pass, and remove what they made
-(untimed) unless removing is the workload.
+(untimed) unless removing is the workload. podman-build (podman.py) works in a Podman storage of its own.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import subprocess
 from dataclasses import dataclass
 from typing import Callable
 
+from . import podman
 from .data import Data
 from .util import remove_tree
 
@@ -68,6 +69,7 @@ class Ctx:
     scale: Scale
     rep: int  # 0-based repetition; -1 for a warm-up pass
     tag: str  # unique per pass: scratch names
+    impl: str  # the implementation's name (podman-build picks Podman's overlay driver by it)
 
     def path(self, rel: str) -> str:
         return os.path.join(self.root, rel)
@@ -85,6 +87,7 @@ class Workload:
     mode: str = "plain"  # warm | cold | fresh | plain (see the module docstring)
     unit: str = "entries"
     layered: bool = False  # also run on layerfs-flat: the 3-layers-vs-1 comparison
+    impls: tuple[str, ...] | None = None  # the only implementations it applies to (None: all)
     prepare: Callable[[Ctx], None] | None = None  # untimed, before each pass
     cleanup: Callable[[Ctx], None] | None = None  # untimed, after each pass
 
@@ -388,6 +391,9 @@ WORKLOADS = [
              "plain", "ops"),
     Workload("build-mix", "build-mix", "compile-like loop: stats, failed lookups, reads, writes, renames",
              build_mix, "plain", "sources", cleanup=_remove_scratch("build")),
+    Workload("podman-build", "podman-build", "podman build of a 3-step Dockerfile over busybox, the union as "
+             "the storage's overlay driver", podman.build, "plain", "steps", impls=podman.DRIVERS,
+             prepare=podman.prepare, cleanup=podman.cleanup),
 ]
 BY_NAME = {w.name: w for w in WORKLOADS}
 

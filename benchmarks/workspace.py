@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import layers
+from . import layers, podman
 from .data import LAYER_NAMES, Data
 from .impls import Impl
-from .util import log, mounted_points, remove_tree, run
+from .util import log, mounted_points, remove_mounted_tree, remove_tree, run, umount
 
 RUNS = Path(os.environ.get("LAYERFS_BENCH_RUNS", "/var/tmp/layerfs-bench"))
 
@@ -95,7 +94,7 @@ class Workspace:
                 except Exception as e:  # noqa: BLE001 - keep unmounting the rest
                     log(f"unmounting {m.root}: {e}")
             if self._image_mounted:
-                _umount(str(self.fs))
+                umount(str(self.fs))
                 self._image_mounted = False
             remove_tree(self.dir)
         finally:
@@ -133,7 +132,7 @@ class Workspace:
             return
         if m in self.mounts:
             self.mounts.remove(m)
-        _umount(str(m.root))
+        umount(str(m.root))
         if m.pid is not None:
             _wait_gone(m.pid)
         remove_tree(m.base)
@@ -142,16 +141,6 @@ class Workspace:
         """A broken mount (its daemon died or was stopped) swapped for a fresh one."""
         self.unmount(m)
         return self.mount(m.impl, m.tag)
-
-
-def _umount(path: str) -> None:
-    for attempt in range(20):
-        if path not in mounted_points():
-            return
-        if subprocess.run(["umount", path], capture_output=True).returncode == 0:
-            return
-        time.sleep(0.05 * (attempt + 1))  # EBUSY: a process of ours is still finishing
-    subprocess.run(["umount", "-l", path], capture_output=True)
 
 
 def _daemon_of(mnt: Path) -> int | None:
@@ -213,18 +202,14 @@ def stop_daemon(m: Mount) -> None:
 
 
 def clean_stale() -> None:
-    """Unmount and remove what runs that no longer exist left behind (killed with SIGKILL, say)."""
-    if not RUNS.is_dir():
-        return
-    for d in RUNS.glob("run-*"):
-        try:
-            pid = int(d.name.split("-", 1)[1])
-        except ValueError:
+    """Unmount and remove what runs that no longer exist left behind (killed with SIGKILL, say): their
+    workspaces and podman-build's storages, both named after the run's pid."""
+    for d in [*RUNS.glob("run-*"), *podman.HOMES.glob(podman.PREFIX + "*")]:
+        pid = d.name.rpartition("-")[2]
+        if not pid.isdigit() or (int(pid) != os.getpid() and os.path.exists(f"/proc/{pid}")):
             continue
-        if pid != os.getpid() and os.path.exists(f"/proc/{pid}"):
-            continue
-        prefix = str(d) + "/"
-        for point in sorted((p for p in mounted_points() if p.startswith(prefix)), key=len, reverse=True):
-            _umount(point)
-        log(f"removed the leftovers of an old run: {d}")
-        remove_tree(d)
+        log(f"removing the leftovers of an old run: {d}")
+        if d.name.startswith(podman.PREFIX):
+            podman.remove(d)
+        else:
+            remove_mounted_tree(d)
