@@ -610,6 +610,75 @@ class Union:
             self._drop_oci_whiteout(new_dir, new_name)
         return True
 
+    def exchange(self, a: str, b: str) -> None:
+        """renameat2's RENAME_EXCHANGE: the entries at ``a`` and ``b`` (both must exist) swap places.
+
+        As overlayfs does it: both are copied up, then exchanged in the upper layer in one step. Both
+        names go on existing, so no whiteout is needed; opaque marks keep each side's lower directory
+        from showing through the entry that comes in:
+
+        - a directory of the upper alone turns opaque when it lands in a merged directory (overlayfs's
+          rule, the same as for rename), whatever the lowers have at its new name;
+        - a directory with lower parts (kernel overlayfs answers EXDEV without redirect_dir) has its
+          merged subtree copied up first, as ``rename`` does; it is opaque where it lands if a lower
+          layer has that name, and the markers inside it, which referred to its old name, go;
+        - a non-directory hides whatever the lowers have at its new name by itself.
+
+        The name a directory with lower parts leaves sits in a merged directory and has a lower
+        directory below it: what comes in is a non-directory or, by the rules above, opaque.
+        """
+        for path in (a, b):
+            if path == "/":
+                raise _error(errno.EBUSY, path)
+        # The kernel's order: a missing or non-directory parent, then a read-only mount, then the names.
+        self.resolver.stack_of(split(a)[0])
+        self.resolver.stack_of(split(b)[0])
+        upper = self._writable_upper()
+        first, second = self.resolver.get(a), self.resolver.get(b)
+        if a == b:
+            return
+        if (b + "/").startswith(a + "/"):
+            raise _error(errno.EINVAL, b)
+        if (a + "/").startswith(b + "/"):
+            raise _error(errno.EINVAL, a)
+        if first.in_upper and second.in_upper and first.st.st_ino == second.st.st_ino:
+            # Two names of one upper file: one inode, and the kernel does nothing. Names of a lower hard
+            # link are separate files in the merged view (copy-up breaks the link): they are exchanged.
+            return
+        self._note(a, b)
+        with self._lock:
+            self._copy_up_dir_chain(split(a)[0])
+            self._copy_up_dir_chain(split(b)[0])
+            moves = [(a, b, *self._prepare_exchange(a, b, first)), (b, a, *self._prepare_exchange(b, a, second))]
+            with upper.at(Layer.rel(a)) as (a_dir, a_name), upper.at(Layer.rel(b)) as (b_dir, b_name):
+                syscalls.exchange(a_name, b_name, a_dir_fd=a_dir, b_dir_fd=b_dir)
+                self._drop_oci_whiteout(a_dir, a_name)
+                self._drop_oci_whiteout(b_dir, b_name)
+            for _, new, whole_tree, opaque in moves:
+                if whole_tree:
+                    self._drop_markers_below(Layer.rel(new), keep_opaque=opaque)
+            if first.is_dir or second.is_dir:
+                self.resolver.invalidate()
+
+    def _prepare_exchange(self, old: str, new: str, entry: Entry) -> tuple[bool, bool]:
+        """Bring ``entry`` (at ``old``, about to move to ``new`` by an exchange) into the upper layer, and
+        mark it opaque if it must be where it lands (before the move, as overlayfs does: while it is at
+        ``old`` the mark hides nothing, its content being all in the upper by then). Returns whether its
+        whole tree was copied up, and whether it lands opaque."""
+        whole_tree = entry.is_dir and (not entry.in_upper or entry.merged)
+        if whole_tree:
+            self._copy_up_tree(old)
+            opaque = self._lower_has(new)
+        else:
+            if not entry.in_upper:
+                self._copy_up(old)
+            opaque = entry.is_dir and len(self.resolver.stack_of(split(new)[0])) > 1
+        if opaque:
+            with self.upper.at(Layer.rel(old)) as (dir_fd, name):
+                if not whiteout.is_opaque_dir(name, dir_fd=dir_fd):
+                    whiteout.mark_opaque(name, dir_fd=dir_fd)
+        return whole_tree, opaque
+
     # -- copy-up and upper-layer plumbing -------------------------------------------------------
 
     def _copy_up(self, path: str, with_data: bool = True) -> Entry:
