@@ -1,4 +1,4 @@
-"""System calls Python's os module lacks, in one place: openat2, renameat2 exchange, FICLONE, umount2."""
+"""System calls Python's os module lacks, in one place: openat2, renameat2 exchange, FICLONE, fallocate, mount, umount2."""
 
 from __future__ import annotations
 
@@ -15,6 +15,9 @@ RENAME_EXCHANGE = 1 << 1
 RENAME_WHITEOUT = 1 << 2
 FICLONE = 0x40049409  # _IOW(0x94, 9, int)
 MNT_DETACH = 2
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
 
 _renameat2 = getattr(_libc, "renameat2", None)
 if _renameat2 is not None:
@@ -23,6 +26,10 @@ if _renameat2 is not None:
 
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 _libc.umount2.restype = ctypes.c_int
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_libc.fallocate.restype = ctypes.c_int
+_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
+_libc.mount.restype = ctypes.c_int
 
 _SYS_OPENAT2 = 437  # the same number on every architecture (the syscall came after the tables merged)
 _RESOLVE_NO_MAGICLINKS = 0x02
@@ -110,6 +117,17 @@ def open_beneath(path: str, flags: int, mode: int = 0, *, dir_fd: int) -> int:
     finally:
         for fd in held:
             os.close(fd)
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2) with its mode flags (os.posix_fallocate has none: no punching holes)."""
+    if _libc.fallocate(fd, mode, offset, length) != 0:
+        _raise_errno("(fallocate)")
+
+
+def mount(source: str, target: str, fstype: str, flags: int, data: str) -> None:
+    if _libc.mount(os.fsencode(source), os.fsencode(target), fstype.encode(), flags, data.encode()) != 0:
+        _raise_errno(target)
 
 
 def umount(path: str, lazy: bool = False) -> None:
