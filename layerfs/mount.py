@@ -2,17 +2,17 @@
 
 A mount program's caller (a person's shell, or containers-storage) waits for the command to exit and
 then uses the mount. So by default layerfs forks a daemon and exits 0 only when the kernel has
-initialised the FUSE connection; if the mount fails, the daemon's error (libfuse's own complaint
-included) is printed by the command, which exits non-zero.
+initialised the FUSE connection; if the mount fails, the daemon's error is printed by the command,
+which exits non-zero.
 """
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import resource
 import shutil
+import signal
 import subprocess
 import threading
 
@@ -25,16 +25,9 @@ from .options import MountConfig
 _READY = b"\0layerfs-ready\n"
 
 
-_M_ARENA_MAX = -8  # mallopt's parameter number
-
-
 def _prepare_process() -> None:
     # Modes arrive with the caller's umask already applied by the kernel; ours must not apply twice.
     os.umask(0)
-    # glibc gives every libfuse worker thread a malloc arena of its own, and their freed pages stay with
-    # the process: over the benchmark run the daemon grew 26 -> 40 MiB with them, 25 -> 33 MiB with one
-    # arena, at no cost in time measured.
-    ctypes.CDLL(None).mallopt(_M_ARENA_MAX, 1)
     # Every open file of every container process holds one descriptor here.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
@@ -42,7 +35,8 @@ def _prepare_process() -> None:
 
 
 def _serve(config: MountConfig, union: Union, debug: bool, on_ready=None) -> None:
-    from . import fuseops  # the binding loads libfuse; only a mount needs it
+    from .fs.operations import serve
+    from .fuse import Config
 
     def ready() -> None:
         registry.record(registry.MountRecord(os.path.abspath(config.mountpoint), os.getpid(), config.lowers,
@@ -52,21 +46,30 @@ def _serve(config: MountConfig, union: Union, debug: bool, on_ready=None) -> Non
         if on_ready is not None:
             on_ready()
 
+    # SIGINT, SIGTERM, SIGHUP: unmount, which ends the session once nothing uses the mount any more.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda *_: _detach_quietly(config.mountpoint))
+    fuse_config = Config(fsname=config.fsname, readonly=config.readonly, passthrough=config.passthrough,
+                         debug=debug)
     try:
-        fuseops.run(union, config.mountpoint, readonly=config.readonly, fsname=config.fsname, debug=debug,
-                    on_ready=ready, owners=config.owners, static_nlink=config.static_nlink)
+        serve(union, config.mountpoint, fuse_config, on_ready=ready, owners=config.owners,
+              static_nlink=config.static_nlink)
     finally:
         registry.forget(config.mountpoint, os.getpid())
+
+
+def _detach_quietly(mountpoint: str) -> None:
+    try:
+        syscalls.umount(os.path.abspath(mountpoint), lazy=True)
+    except OSError:
+        pass  # unmounted already
 
 
 def _unmount_when_gone(owner: int, mountpoint: str) -> None:
     """The mount's owner (layerfs run's shim) ended, maybe killed: detach the mount, so that the daemon
     ends once nothing uses it any more."""
     registry.wait_for_exit(owner, None)
-    try:
-        syscalls.umount(os.path.abspath(mountpoint), lazy=True)
-    except OSError:
-        pass  # unmounted already
+    _detach_quietly(mountpoint)
 
 
 def mount(config: MountConfig, *, foreground: bool = False, debug: bool = False) -> int:
@@ -95,7 +98,7 @@ def mount(config: MountConfig, *, foreground: bool = False, debug: bool = False)
         os.dup2(devnull, 0)
         os.dup2(devnull, 1)
         if not debug:
-            os.dup2(write_end, 2)  # until ready, complaints (libfuse's too) go to the waiting command
+            os.dup2(write_end, 2)  # until ready, complaints go to the waiting command
         keep = sorted({0, 1, 2, write_end, devnull, *union.descriptors()})
         for low, high in zip(keep, keep[1:] + [os.sysconf("SC_OPEN_MAX")]):
             os.closerange(low + 1, high)
@@ -108,8 +111,6 @@ def mount(config: MountConfig, *, foreground: bool = False, debug: bool = False)
 
         _serve(config, union, debug, on_ready=ready)
         code = 0
-    except RuntimeError:
-        pass  # fuse_main failed and libfuse has already said why, on our stderr
     except BaseException as e:  # noqa: BLE001 - the daemon reports everything to the waiting command
         try:
             os.write(write_end, f"{e}\n".encode(errors="replace"))

@@ -38,6 +38,7 @@ class MountConfig:
     owner: int | None = None  # x-layerfs-owner=PID: unmount when that process is gone (layerfs run's shim)
     owners: Owners = AS_STORED  # uidmapping, gidmapping, squash_to_*
     static_nlink: bool = False  # every directory shows st_nlink 1
+    passthrough: bool = True  # file data passed through to the layers by the kernel, where it allows
 
 
 def split_escaped(text: str, sep: str) -> list[str]:
@@ -157,6 +158,8 @@ def parse(option_strings: list[str], mountpoint: str | None) -> MountConfig:
     owners = _owners(values, flags)
     static_nlink = "static_nlink" in flags
     flags.discard("static_nlink")
+    passthrough = "nopassthrough" not in flags
+    flags.discard("nopassthrough")
     if values.get("xattr_permissions", "0") != "0":
         warnings.append(f"xattr_permissions={printable(values.pop('xattr_permissions'))} ignored: owners and modes are "
                         "stored as they are (layerfs runs as root)")
@@ -167,7 +170,8 @@ def parse(option_strings: list[str], mountpoint: str | None) -> MountConfig:
     for key in sorted(flags):
         if key not in _QUIET:
             warnings.append(f"unknown option {printable(key)} ignored")
-    return MountConfig(mnt, lowers, upper, work, readonly, sync, fsname, warnings, owner, owners, static_nlink)
+    return MountConfig(mnt, lowers, upper, work, readonly, sync, fsname, warnings, owner, owners, static_nlink,
+                       passthrough)
 
 
 def _owners(values: dict[str, str], flags: set[str]) -> Owners:

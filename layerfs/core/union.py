@@ -99,12 +99,9 @@ class Union:
         self.inodes = InodeMap(layers[0].dev)
         self.sync = sync
         self._lock = threading.RLock()
-        # open fd -> (merged inode number, real dev, real ino, an upper file with several names)
-        self._handles: dict[int, tuple[int, int, int, bool]] = {}
-        # Held while a descriptor is added, closed, or used for a file that has no name left, so that a
-        # release cannot close it (and an open reuse its number) in between.
+        # open fd -> (merged inode number, whether it is an upper file)
+        self._handles: dict[int, tuple[int, bool]] = {}
         self._handles_lock = threading.Lock()
-        self._detached: dict[tuple[int, int], bool] = {}  # unlinked while open: (dev, ino) -> was in upper
         self._names = itertools.count()
         self._work = -1  # descriptor of the work directory, where new entries are built
         self.index: ChangeIndex | None = None
@@ -230,13 +227,8 @@ class Union:
         return fd
 
     def _remember(self, fd: int, number: int, in_upper: bool) -> None:
-        st = os.fstat(fd)
         with self._handles_lock:
-            self._handles[fd] = (number, st.st_dev, st.st_ino, in_upper and st.st_nlink > 1)
-
-    def has_other_names(self, fd: int) -> bool:
-        """Whether the open file is an upper file reachable by several names (hard links)."""
-        return self._handles[fd][3]
+            self._handles[fd] = (number, in_upper)
 
     def create(self, path: str, flags: int, mode: int, uid: int, gid: int) -> int:
         """Create and open a new regular file owned by ``uid``/``gid``."""
@@ -262,18 +254,11 @@ class Union:
     def write(self, fd: int, data: bytes, offset: int) -> int:
         return os.pwrite(fd, data, offset)
 
-    def may_open(self, fd: int, flags: int, uid: int, gids: set[int]) -> bool:
-        """Whether a caller with ``uid`` and groups ``gids`` may open the file as ``flags`` asks, by its
-        mode as it is now (the kernel decides on what it has cached, which lags for files with several
-        names)."""
-        if uid == 0:
-            return True
-        st = os.fstat(fd)
-        want = {os.O_RDONLY: 4, os.O_WRONLY: 2, os.O_RDWR: 6}[flags & os.O_ACCMODE]
-        if flags & os.O_TRUNC:
-            want |= 2
-        shift = 6 if st.st_uid == uid else 3 if st.st_gid in gids else 0
-        return (st.st_mode >> shift) & want == want
+    def lseek(self, fd: int, offset: int, whence: int) -> int:
+        return os.lseek(fd, offset, whence)
+
+    def fallocate(self, fd: int, mode: int, offset: int, length: int) -> None:
+        syscalls.fallocate(fd, mode, offset, length)
 
     def drop_setid(self, fd: int) -> None:
         """Clear setuid (and setgid where group-executable) on the open file, as the kernel does when
@@ -288,60 +273,44 @@ class Union:
         known = self._handles.get(fd)
         return Attributes(st, known[0] if known else self.inodes.number(st), st.st_nlink)
 
-    def detach(self, path: str) -> tuple[int, int]:
-        """Unlink ``path`` while files opened on it stay usable; returns the key that
-        ``detached_attributes`` takes (for fstat of an unlinked open file)."""
-        entry = self.resolver.get(path)
-        key = (entry.st.st_dev, entry.st.st_ino)
-        self.unlink(path)
-        self._detached[key] = entry.in_upper
-        return key
+    def is_upper_file(self, fd: int) -> bool:
+        """Whether ``fd`` is open on a file of the upper layer (else a lower one, never written)."""
+        known = self._handles.get(fd)
+        return known is not None and known[1]
 
-    @contextlib.contextmanager
-    def _fd_of(self, key: tuple[int, int]) -> Iterator[int]:
-        """One of the open descriptors of the detached file ``key``, held open meanwhile."""
+    def reopen(self, fd: int, flags: int) -> int:
+        """Open again the file open at ``fd`` (a file whose last name went, opened again through
+        /proc/PID/fd). A lower one is only read: there is no copy of it to write."""
+        if (flags & os.O_ACCMODE) != os.O_RDONLY and not self.is_upper_file(fd):
+            raise _error(errno.ENOENT, "(a file with no name left)")
+        new = os.open(f"/proc/self/fd/{fd}", (flags & _OPENING_ONLY) | os.O_CLOEXEC)
         with self._handles_lock:
-            for fd, (_, dev, ino, _) in self._handles.items():
-                if (dev, ino) == key:
-                    yield fd
-                    return
-        raise _error(errno.ENOENT, "(unlinked file)")
-
-    def detached_attributes(self, key: tuple[int, int]) -> Attributes:
-        """Attributes of a detached file, from one of its open descriptors."""
-        with self._fd_of(key) as fd:
-            attrs = self.fstat(fd)
-        if not self._detached.get(key, True):
-            attrs.nlink = 0  # a lower file: it lives on in its layer, but has no name left here
-        return attrs
-
-    def reopen_detached(self, key: tuple[int, int], flags: int) -> int:
-        """Open the detached file ``key`` again (libfuse asks by its hidden name when a lookup raced with
-        the unlink), through one of its open descriptors. A lower one is only read."""
-        if (flags & os.O_ACCMODE) != os.O_RDONLY and not self._detached.get(key, False):
-            raise _error(errno.ENOENT, "(unlinked file)")
-        with self._fd_of(key) as fd:
-            new = os.open(f"/proc/self/fd/{fd}", (flags & _OPENING_ONLY) | os.O_CLOEXEC)
             self._handles[new] = self._handles[fd]
         return new
 
-    def change_detached(self, key: tuple[int, int], *, mode: int | None = None,
-                        owner: tuple[int, int] | None = None,
-                        times_ns: tuple[int | None, int | None] | None = None) -> None:
-        """chmod, chown or utimens of a detached file, through one of its open descriptors. A lower file
-        is never changed: one that was deleted while open read-only has no copy in the upper to change."""
-        if not self._detached.get(key, False):
-            raise _error(errno.ENOENT, "(unlinked file)")
-        with self._fd_of(key) as fd:
-            if mode is not None:
-                os.fchmod(fd, stat.S_IMODE(mode))
-            if owner is not None:
-                os.fchown(fd, *owner)
-            if times_ns is not None:
-                os.utime(fd, ns=_fill_times(times_ns, lambda: os.fstat(fd)))
+    def reopen_for_backing(self, fd: int) -> int:
+        """A descriptor of the file open at ``fd`` that takes every access the mount's users may make
+        through it: read-write for an upper file, read-only for a lower one (never written)."""
+        access = os.O_RDWR if self.is_upper_file(fd) else os.O_RDONLY
+        try:
+            return os.open(f"/proc/self/fd/{fd}", access | os.O_CLOEXEC)
+        except OSError:  # (an upper file being executed refuses writers)
+            return os.dup(fd)
 
-    def forget_detached(self, key: tuple[int, int]) -> None:
-        self._detached.pop(key, None)
+    def fchange(self, fd: int, *, mode: int | None = None, owner: tuple[int, int] | None = None,
+                times_ns: tuple[int | None, int | None] | None = None) -> None:
+        """chmod, chown or utimens of an open file that has no name left. A lower file is never changed:
+        one that was deleted while open read-only has no copy in the upper to change."""
+        if mode is None and owner is None and times_ns is None:
+            return
+        if not self.is_upper_file(fd):
+            raise _error(errno.ENOENT, "(a file with no name left)")
+        if owner is not None:
+            os.fchown(fd, *owner)
+        if mode is not None:
+            os.fchmod(fd, stat.S_IMODE(mode))
+        if times_ns is not None:
+            os.utime(fd, ns=_fill_times(times_ns, lambda: os.fstat(fd)))
 
     def ftruncate(self, fd: int, length: int) -> None:
         os.ftruncate(fd, length)
@@ -349,6 +318,16 @@ class Union:
     def fsync(self, fd: int, datasync: bool) -> None:
         if self.sync:
             (os.fdatasync if datasync else os.fsync)(fd)
+
+    def fsync_dir(self, path: str) -> None:
+        """fsync of a directory: its upper copy's entries reach the disk (a lower one never changes)."""
+        entry = self.resolver.get(path)
+        if self.sync and entry.in_upper:
+            fd = syscalls.open_beneath(entry.rel, os.O_RDONLY | os.O_DIRECTORY, dir_fd=entry.layer.fd)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
     def release(self, fd: int) -> None:
         with self._handles_lock:
@@ -456,11 +435,6 @@ class Union:
             with source.layer.at(source.rel) as (dir_fd, name):
                 os.link(name, tmp, src_dir_fd=dir_fd, dst_dir_fd=self._work, follow_symlinks=False)
             self._install_new(tmp, path)
-        # Files open on it now have a second name to keep up to date as they are written.
-        with self._handles_lock:
-            for fd, (number, dev, ino, _) in self._handles.items():
-                if (dev, ino) == (source.st.st_dev, source.st.st_ino):
-                    self._handles[fd] = (number, dev, ino, True)
 
     def _prepare_new(self, path: str, uid: int, gid: int, mode: int, *, is_dir: bool) -> tuple[str, int, int, int]:
         """Check that ``path`` can be created and copy its parent up; returns a temporary name and the

@@ -1,0 +1,439 @@
+"""The union served over FUSE: the kernel's requests by node id turned into the core Union's calls.
+
+- One kernel inode per file (``nodes.py``): hard links share the page cache and attributes, so a change
+  through one name is seen through every other at once, with nothing to invalidate.
+- File data is passed through where the kernel grants it (root, ``FUSE_PASSTHROUGH``): each node's open
+  files share one backing file registered with the kernel, and reads and writes never reach the daemon.
+  The kernel wants every open file of a node to use the same backing; a writable open that copies up a
+  file that is still open on its lower copy therefore gets ESTALE after the copy-up, having retired the
+  node: the kernel looks the name up again (open(2) retries a stale answer once, revalidating), finds the
+  copy, a new node, and opens that. The old opens keep reading the lower file, as ``O_RDONLY``
+  descriptors opened before a copy-up do on overlayfs without ``metacopy``.
+- Without passthrough, file pages stay cached across opens (``FOPEN_KEEP_CACHE``): every change to a
+  file's data goes through its one kernel inode.
+- Directory listings are cached by the kernel across opens (``FOPEN_CACHE_DIR``): lowers never change,
+  and the kernel drops a directory's cached listing itself when an entry is made, removed or renamed
+  through the mount.
+- Owners are shown through the mount's id mapping and stored through it (``core.idmap``).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import threading
+from typing import Iterator
+
+from ..core.idmap import AS_STORED, Owners
+from ..core.union import Attributes, Union
+from ..fuse import Config, Entry, Opened, Operations, Request, Session, SetAttr, abi, pack_attr
+from .nodes import Node, Nodes
+
+log = logging.getLogger("layerfs")
+
+_RENAME_NOREPLACE = 1 << 0
+_RENAME_EXCHANGE = 1 << 1
+_NO_ID = 0xFFFFFFFF  # (uid_t)-1
+_DT_DIR = stat.S_IFDIR >> 12
+
+
+class _File:
+    __slots__ = ("fd", "node")
+
+    def __init__(self, fd: int, node: Node) -> None:
+        self.fd = fd
+        self.node = node
+
+
+def _name(raw: bytes) -> str:
+    return os.fsdecode(raw)
+
+
+def _refuse_dot_names(name: str) -> None:
+    if name in (".", ".."):
+        raise OSError(errno.EINVAL, os.strerror(errno.EINVAL), name)
+
+
+class UnionOperations(Operations):
+    def __init__(self, union: Union, owners: Owners = AS_STORED, static_nlink: bool = False) -> None:
+        self.union = union
+        self.nodes = Nodes(union.getattr("/").ino)
+        self._owners = None if owners.identity else owners  # None: shown as stored, the common case
+        self._static_nlink = static_nlink
+        self._files: dict[int, _File] = {}
+        self._dirs: dict[int, list[tuple[bytes, int, int]] | None] = {}
+        self._dir_numbers = iter(range(1, 1 << 62))
+        self._io_lock = threading.Lock()  # a node's open-file state, and backing ids
+        self.session: Session | None = None
+        self._passthrough = False
+
+    def attach(self, session: Session) -> None:
+        """Called once INIT is answered: what the kernel granted decides how files are opened."""
+        self.session = session
+        self._passthrough = session.passthrough
+
+    # -- what is shown ----------------------------------------------------------------------------
+
+    def _attr(self, a: Attributes) -> bytes:
+        st = a.st
+        uid, gid, nlink = st.st_uid, st.st_gid, a.nlink
+        if self._owners is not None:
+            uid, gid = self._owners.uid.shown(uid), self._owners.gid.shown(gid)
+        if self._static_nlink and stat.S_ISDIR(st.st_mode):
+            nlink = 1
+        return pack_attr(a.ino, st, nlink, uid, gid)
+
+    def _caller(self, req: Request) -> tuple[int, int]:
+        """The caller's uid and gid as the layers store them."""
+        if self._owners is None:
+            return req.uid, req.gid
+        return self._owners.uid.stored(req.uid), self._owners.gid.stored(req.gid)
+
+    def _entry(self, parent: Node, name: str, path: str) -> Entry | None:
+        entry = self.union.lookup(path)
+        if entry is None:
+            return None
+        a = self.union.attributes(entry)
+        # A lower file with several links: each name becomes a file of its own on copy-up (overlayfs
+        # without index), so each name is a node of its own.
+        shared = entry.in_upper or entry.is_dir or entry.st.st_nlink == 1
+        node = self.nodes.found(parent, name, a.ino if shared else (parent.nodeid, name))
+        return Entry(node.nodeid, self._attr(a))
+
+    def _made(self, parent: Node, name: str, path: str) -> Entry:
+        entry = self._entry(parent, name, path)
+        if entry is None:  # removed again by someone else in between
+            raise OSError(errno.ENOENT, os.strerror(errno.ENOENT), path)
+        return entry
+
+    def _any_fd(self, node: Node, fh: int | None) -> int:
+        """A descriptor open on ``node``'s file: the request's own, else any."""
+        if fh is not None and fh in self._files:
+            return self._files[fh].fd
+        for file in list(self._files.values()):
+            if file.node is node:
+                return file.fd
+        raise OSError(errno.ENOENT, os.strerror(errno.ENOENT), "(a file with no name left)")
+
+    # -- lookups and attributes ---------------------------------------------------------------------
+
+    def lookup(self, req: Request, parent: int, name: bytes) -> Entry | None:
+        pnode = self.nodes[parent]
+        text = _name(name)
+        return self._entry(pnode, text, self.nodes.child_path(pnode, text))
+
+    def forget(self, nodes: list[tuple[int, int]]) -> None:
+        for nodeid, count in nodes:
+            self.nodes.forget(nodeid, count)
+
+    def getattr(self, req: Request, nodeid: int, fh: int | None) -> bytes:
+        node = self.nodes[nodeid]
+        if node.named:
+            return self._attr(self.union.getattr(self.nodes.path(node)))
+        fd = self._any_fd(node, fh)
+        a = self.union.fstat(fd)
+        if not self.union.is_upper_file(fd):
+            a.nlink = 0  # a lower file lives on in its layer, but has no name left here
+        return self._attr(a)
+
+    def setattr(self, req: Request, nodeid: int, fh: int | None, changes: SetAttr) -> bytes:
+        node = self.nodes[nodeid]
+        owner = None
+        if changes.uid is not None or changes.gid is not None:
+            owner = tuple(-1 if i is None or i == _NO_ID else i for i in (changes.uid, changes.gid))
+            if self._owners is not None:
+                owner = tuple(-1 if i == -1 else ids.stored(i) for i, ids in zip(owner, self._owners))
+        times = None
+        if changes.atime_ns is not None or changes.mtime_ns is not None:
+            times = (changes.atime_ns, changes.mtime_ns)
+        if not node.named:  # open, but unlinked: only its descriptors reach it
+            fd = self._any_fd(node, fh)
+            if changes.size is not None:
+                self.union.ftruncate(fd, changes.size)
+                if changes.kill_suidgid:
+                    self.union.drop_setid(fd)
+            self.union.fchange(fd, mode=changes.mode, owner=owner, times_ns=times)
+            return self._attr(self.union.fstat(fd))
+        path = self.nodes.path(node)
+        if changes.size is not None:
+            if fh is not None and fh in self._files:
+                self.union.ftruncate(self._files[fh].fd, changes.size)
+            else:
+                self.union.truncate(path, changes.size)
+            if changes.kill_suidgid:
+                self._kill_setid(path)
+        # (A chown clears setuid and setgid itself: the upper layer's filesystem does it.)
+        if owner is not None:
+            self.union.chown(path, *owner)
+        if changes.mode is not None:
+            self.union.chmod(path, changes.mode)
+        if times is not None:
+            self.union.utimens(path, *times)
+        return self._attr(self.union.getattr(path))
+
+    def _kill_setid(self, path: str) -> None:
+        """A truncate by a caller without CAP_FSETID clears setuid, and setgid where group-executable
+        (with HANDLE_KILLPRIV_V2 the kernel leaves that to the server)."""
+        mode = self.union.getattr(path).st.st_mode
+        kill = stat.S_ISUID | (stat.S_ISGID if mode & stat.S_IXGRP else 0)
+        if mode & kill:
+            self.union.chmod(path, stat.S_IMODE(mode) & ~kill)
+
+    def readlink(self, req: Request, nodeid: int) -> bytes:
+        return os.fsencode(self.union.readlink(self.nodes.path(self.nodes[nodeid])))
+
+    def statfs(self, req: Request, nodeid: int) -> os.statvfs_result:
+        return self.union.statvfs()
+
+    # -- making and removing entries ------------------------------------------------------------
+
+    def mkdir(self, req: Request, parent: int, name: bytes, mode: int) -> Entry:
+        pnode, text, path = self._child(parent, name)
+        self.union.mkdir(path, mode, *self._caller(req))
+        return self._made(pnode, text, path)
+
+    def mknod(self, req: Request, parent: int, name: bytes, mode: int, rdev: int) -> Entry:
+        pnode, text, path = self._child(parent, name)
+        self.union.mknod(path, mode, rdev, *self._caller(req))
+        return self._made(pnode, text, path)
+
+    def symlink(self, req: Request, parent: int, name: bytes, target: bytes) -> Entry:
+        pnode, text, path = self._child(parent, name)
+        self.union.symlink(os.fsdecode(target), path, *self._caller(req))
+        return self._made(pnode, text, path)
+
+    def link(self, req: Request, nodeid: int, newparent: int, newname: bytes) -> Entry:
+        node = self.nodes[nodeid]
+        pnode, text, path = self._child(newparent, newname)
+        self.union.link(self.nodes.path(node), path)
+        # A lower file was copied up to take the link: its node is now found by the copy's number.
+        self.nodes.rekey(node, self.union.getattr(path).ino)
+        return self._made(pnode, text, path)
+
+    def _child(self, parent: int, name: bytes) -> tuple[Node, str, str]:
+        pnode = self.nodes[parent]
+        text = _name(name)
+        _refuse_dot_names(text)
+        return pnode, text, self.nodes.child_path(pnode, text)
+
+    def unlink(self, req: Request, parent: int, name: bytes) -> None:
+        pnode, text, path = self._child(parent, name)
+        last = self.union.getattr(path).nlink <= 1
+        self.union.unlink(path)
+        self.nodes.removed(pnode, text, last=last)
+
+    def rmdir(self, req: Request, parent: int, name: bytes) -> None:
+        pnode, text, path = self._child(parent, name)
+        self.union.rmdir(path)
+        self.nodes.removed(pnode, text, last=True)
+
+    def rename(self, req: Request, parent: int, name: bytes, newparent: int, newname: bytes, flags: int) -> None:
+        pnode, text, old = self._child(parent, name)
+        newpnode, newtext, new = self._child(newparent, newname)
+        if flags & _RENAME_EXCHANGE:
+            if flags & ~_RENAME_EXCHANGE:
+                raise OSError(errno.EINVAL, os.strerror(errno.EINVAL), new)
+            sides = [(self.union.lookup(old), newpnode, newtext), (self.union.lookup(new), pnode, text)]
+            self.union.exchange(old, new)
+            self.nodes.exchanged(pnode, text, newpnode, newtext)
+            for entry, parent_node, landed in sides:
+                if entry is not None and entry.is_dir and (not entry.in_upper or entry.merged):
+                    self._copied_below(parent_node, landed)
+            return
+        if flags & ~_RENAME_NOREPLACE:
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL), new)  # RENAME_WHITEOUT: not through a union
+        source, target = self.union.lookup(old), self.union.lookup(new)
+        replaced_last = target is None or target.is_dir or self.union.attributes(target).nlink <= 1
+        self.union.rename(old, new, replace=not flags & _RENAME_NOREPLACE)
+        self.nodes.renamed(pnode, text, newpnode, newtext, replaced_last=replaced_last)
+        if source is not None and source.is_dir and (not source.in_upper or source.merged):
+            self._copied_below(newpnode, newtext)
+
+    def _copied_below(self, parent: Node, name: str) -> None:
+        """The directory ``name`` was copied up with all it holds (a rename of a directory with lower
+        parts): files that had several links in a lower layer are files of their own now, with other
+        numbers and link counts than the kernel has cached."""
+        moved = self.nodes.child(parent, name)
+        if moved is not None:
+            for node in self.nodes.below(moved):
+                self.session.invalidate_inode(node.nodeid)
+
+    # -- open files ----------------------------------------------------------------------------------
+
+    def open(self, req: Request, nodeid: int, flags: int, kill_suidgid: bool) -> Opened:
+        node = self.nodes[nodeid]
+        if node.named:
+            fd = self.union.open(self.nodes.path(node), flags)
+        else:  # reopened through /proc/PID/fd after its last name went
+            fd = self.union.reopen(self._any_fd(node, None), flags)
+        try:
+            if kill_suidgid:
+                self.union.drop_setid(fd)
+            writable = flags & os.O_ACCMODE != os.O_RDONLY
+            if writable and isinstance(node.key, tuple):
+                # A lower file with several links was copied up: a file of its own now, with its own
+                # number and one link, which the kernel has not seen.
+                self.nodes.rekey(node, self.union.fstat(fd).ino)
+                self.session.invalidate_inode(node.nodeid)
+            return self._opened(node, fd, passthrough=self._may_pass_through(req, flags, fd))
+        except BaseException:
+            self.union.release(fd)
+            raise
+
+    def create(self, req: Request, parent: int, name: bytes, flags: int, mode: int) -> tuple[Entry, Opened]:
+        pnode, text, path = self._child(parent, name)
+        fd = self.union.create(path, flags, mode, *self._caller(req))
+        try:
+            a = self.union.fstat(fd)
+            node = self.nodes.found(pnode, text, a.ino)
+            return Entry(node.nodeid, self._attr(a)), self._opened(node, fd,
+                                                                   passthrough=self._may_pass_through(req, flags, fd))
+        except BaseException:
+            self.union.release(fd)
+            raise
+
+    def _may_pass_through(self, req: Request, flags: int, fd: int) -> bool:
+        """A write by a caller without CAP_FSETID must clear setuid/setgid: the kernel says so in each
+        WRITE request, but a write passed through never comes here. Such files are served by the daemon."""
+        if flags & os.O_ACCMODE == os.O_RDONLY or req.uid == 0:
+            return True
+        mode = self.union.fstat(fd).st.st_mode
+        return not (mode & stat.S_ISUID or (mode & stat.S_ISGID and mode & stat.S_IXGRP))
+
+    def _opened(self, node: Node, fd: int, *, passthrough: bool = True) -> Opened:
+        st = self.union.fstat(fd).st
+        key = (st.st_dev, st.st_ino)
+        with self._io_lock:
+            if node.io_count and node.io_key != key:
+                # A copy-up gave the name a new file while this node's open files hold the old one; the
+                # kernel lets one node's opens share one backing only. See the module's docstring.
+                self.nodes.retire(node)
+                raise OSError(errno.ESTALE, os.strerror(errno.ESTALE))
+            if not node.io_count:
+                node.io_key = key
+                passthrough = passthrough and self._passthrough and stat.S_ISREG(st.st_mode)
+                node.backing = self._backing(fd) if passthrough else 0
+            elif node.backing and not passthrough:
+                self.union.drop_setid(fd)  # it must share the others' backing: clear them now, not on write
+            node.io_count += 1
+            self._files[fd] = _File(fd, node)
+        if node.backing:
+            return Opened(fd, abi.FOPEN_PASSTHROUGH, node.backing)
+        return Opened(fd, abi.FOPEN_KEEP_CACHE)
+
+    def _backing(self, fd: int) -> int:
+        """A passthrough backing id for the file open at ``fd``, 0 where the kernel refuses one. It serves
+        every open of the node, writable ones included: an upper file is registered opened for writing."""
+        backing_fd = self.union.reopen_for_backing(fd)
+        try:
+            return self.session.open_backing(backing_fd)
+        except OSError as e:
+            if e.errno in (errno.EPERM, errno.ENOTTY, errno.EOPNOTSUPP, errno.ENOSYS):
+                log.warning("passthrough refused by the kernel (%s): file data goes through the daemon",
+                            os.strerror(e.errno))
+                self._passthrough = False
+            return 0  # (ELOOP: a layer stacked too deep for this file; it is served by the daemon)
+        finally:
+            os.close(backing_fd)
+
+    def release(self, req: Request, fh: int) -> None:
+        with self._io_lock:
+            file = self._files.pop(fh, None)
+            if file is None:
+                return
+            node = file.node
+            node.io_count -= 1
+            if node.io_count == 0:
+                if node.backing:
+                    self.session.close_backing(node.backing)
+                node.backing = 0
+                node.io_key = None
+            self.union.release(file.fd)
+
+    def read(self, req: Request, fh: int, offset: int, size: int) -> bytes:
+        return self.union.read(self._files[fh].fd, size, offset)
+
+    def write(self, req: Request, fh: int, offset: int, data: memoryview, kill_suidgid: bool) -> int:
+        fd = self._files[fh].fd
+        if kill_suidgid:
+            self.union.drop_setid(fd)
+        return self.union.write(fd, data, offset)
+
+    def fsync(self, req: Request, fh: int, datasync: bool) -> None:
+        self.union.fsync(self._files[fh].fd, datasync)
+
+    def lseek(self, req: Request, fh: int, offset: int, whence: int) -> int:
+        return self.union.lseek(self._files[fh].fd, offset, whence)
+
+    def fallocate(self, req: Request, fh: int, offset: int, length: int, mode: int) -> None:
+        self.union.fallocate(self._files[fh].fd, mode, offset, length)
+
+    # -- directories ---------------------------------------------------------------------------------
+
+    def opendir(self, req: Request, nodeid: int, flags: int) -> Opened:
+        self.nodes[nodeid]
+        fh = next(self._dir_numbers)
+        self._dirs[fh] = None  # listed at the first read
+        return Opened(fh, abi.FOPEN_CACHE_DIR | abi.FOPEN_KEEP_CACHE)
+
+    def readdir(self, req: Request, nodeid: int, fh: int, offset: int) -> Iterator[tuple[bytes, int, int, int]]:
+        listing = self._dirs.get(fh)
+        if listing is None or offset == 0:
+            node = self.nodes[nodeid]
+            path = self.nodes.path(node)
+            ino = self.union.getattr(path).ino
+            listing = [(b".", ino, _DT_DIR), (b"..", ino, _DT_DIR)]
+            listing.extend((os.fsencode(name), number, bits >> 12)
+                           for name, (number, bits) in self.union.listdir(path).items())
+            self._dirs[fh] = listing
+        for index in range(offset, len(listing)):
+            name, ino, kind = listing[index]
+            yield name, ino, kind, index + 1
+
+    def releasedir(self, req: Request, fh: int) -> None:
+        self._dirs.pop(fh, None)
+
+    def fsyncdir(self, req: Request, nodeid: int, datasync: bool) -> None:
+        self.union.fsync_dir(self.nodes.path(self.nodes[nodeid]))
+
+    # -- extended attributes -------------------------------------------------------------------------
+
+    def getxattr(self, req: Request, nodeid: int, name: bytes) -> bytes:
+        return self.union.getxattr(self.nodes.path(self.nodes[nodeid]), _name(name))
+
+    def listxattr(self, req: Request, nodeid: int) -> list[bytes]:
+        names = self.union.listxattr(self.nodes.path(self.nodes[nodeid]))
+        if req.uid != 0:
+            # The daemon reads as root; the filesystem below would not list trusted.* to anyone else.
+            names = [n for n in names if not n.startswith("trusted.")]
+        return [os.fsencode(n) for n in names]
+
+    def setxattr(self, req: Request, nodeid: int, name: bytes, value: bytes, flags: int) -> None:
+        self.union.setxattr(self.nodes.path(self.nodes[nodeid]), _name(name), value, flags)
+
+    def removexattr(self, req: Request, nodeid: int, name: bytes) -> None:
+        self.union.removexattr(self.nodes.path(self.nodes[nodeid]), _name(name))
+
+    def destroy(self) -> None:
+        for fh in list(self._files):
+            self.release(None, fh)
+        self.union.close()
+
+
+def serve(union: Union, mountpoint: str, config: Config, *, on_ready=None, owners: Owners = AS_STORED,
+          static_nlink: bool = False) -> Session:
+    """Mount ``union`` at ``mountpoint`` and serve it until it is unmounted (blocks); returns the ended
+    session (its statistics)."""
+    operations = UnionOperations(union, owners, static_nlink)
+    session = Session(operations, mountpoint, config)
+    session.mount()
+
+    def ready() -> None:
+        operations.attach(session)
+        if on_ready is not None:
+            on_ready()
+
+    session.run(on_ready=ready)
+    return session
