@@ -16,7 +16,7 @@ import sys
 from . import __version__
 from .errors import LayerfsError, UsageError
 
-COMMANDS = ("mount", "umount", "diff", "export", "commit", "import", "images", "create", "rm", "rmi", "layers",
+COMMANDS = ("mount", "umount", "stats", "diff", "export", "commit", "import", "images", "create", "rm", "rmi", "layers",
             "gc", "inspect", "save", "run", "ps", "bundle", "example")
 _ROOT_HELP = "the store (default $LAYERFS_ROOT, else /var/lib/layerfs)"
 
@@ -41,6 +41,10 @@ def _parser() -> argparse.ArgumentParser:
     u.add_argument("-l", "--lazy", action="store_true", help="detach now, clean up when no longer busy")
     u.add_argument("mountpoint")
     u.add_argument("--debug", action="store_true")
+
+    t = sub.add_parser("stats", help="what a running mount's daemon has served: requests by operation and their time")
+    t.add_argument("mountpoint")
+    t.add_argument("--json", action="store_true", help="the daemon's figures as they are")
 
     d = sub.add_parser("diff", help="list a container's changes (A added, C changed, D deleted), as docker diff does",
                        usage="layerfs diff [--json] [--all] MOUNTPOINT [PATH]\n"
@@ -241,6 +245,12 @@ def _run(args: argparse.Namespace) -> int:
         from . import mount
 
         mount.umount(args.mountpoint, lazy=args.lazy)
+        return 0
+    if args.command == "stats":
+        from . import mount
+
+        report = mount.stats(args.mountpoint)
+        sys.stdout.write(json.dumps(report, indent=1) + "\n" if args.json else mount.render_stats(report))
         return 0
     if args.command == "diff":
         from . import container

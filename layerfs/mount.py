@@ -8,13 +8,18 @@ which exits non-zero.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import json
+import logging
+import logging.handlers
 import os
 import resource
 import shutil
 import signal
 import subprocess
 import threading
+import time
 
 from . import registry
 from .core import syscalls
@@ -38,7 +43,8 @@ def _serve(config: MountConfig, union: Union, debug: bool, on_ready=None) -> Non
     from .fs.operations import serve
     from .fuse import Config
 
-    def ready() -> None:
+    def ready(session) -> None:
+        signal.signal(signal.SIGUSR1, lambda *_: _write_stats(session, config.mountpoint))
         registry.record(registry.MountRecord(os.path.abspath(config.mountpoint), os.getpid(), config.lowers,
                                              config.upper, config.work, registry.start_time(os.getpid()) or 0))
         if config.owner is not None:
@@ -56,6 +62,19 @@ def _serve(config: MountConfig, union: Union, debug: bool, on_ready=None) -> Non
               static_nlink=config.static_nlink)
     finally:
         registry.forget(config.mountpoint, os.getpid())
+
+
+def _write_stats(session, mountpoint: str) -> None:
+    """SIGUSR1: the requests served so far, by operation, for ``layerfs stats``."""
+    stats = session.stats()
+    with open(f"/proc/{os.getpid()}/status") as f:
+        rss_kib = next((int(line.split()[1]) for line in f if line.startswith("VmRSS:")), 0)
+    report = {"counts": stats.counts, "seconds": stats.seconds, "granted": session.granted_names(),
+              "rss_kib": rss_kib, **session.operations.summary()}
+    path = registry.stats_file(mountpoint)
+    with open(path + ".tmp", "w") as f:
+        json.dump(report, f)
+    os.replace(path + ".tmp", path)
 
 
 def _detach_quietly(mountpoint: str) -> None:
@@ -106,6 +125,7 @@ def mount(config: MountConfig, *, foreground: bool = False, debug: bool = False)
         def ready() -> None:
             os.write(write_end, _READY)
             if not debug:
+                _log_to(config.log)
                 os.dup2(devnull, 2)
             os.close(write_end)
 
@@ -118,6 +138,23 @@ def mount(config: MountConfig, *, foreground: bool = False, debug: bool = False)
             pass
     finally:
         os._exit(code)
+
+
+def _log_to(path: str | None) -> None:
+    """Once the command has returned, the daemon's warnings and unexpected errors (with tracebacks) go
+    to ``path`` (-o log=FILE), else to syslog where there is one."""
+    if path is not None:
+        handler: logging.Handler = logging.FileHandler(path)
+        handler.setFormatter(logging.Formatter("%(asctime)s layerfs[%(process)d]: %(levelname)s %(message)s"))
+    elif os.path.exists("/dev/log"):
+        handler = logging.handlers.SysLogHandler("/dev/log")
+        handler.setFormatter(logging.Formatter("layerfs[%(process)d]: %(message)s"))
+    else:
+        return
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
 
 
 def _wait_until_ready(read_end: int, pid: int) -> int:
@@ -143,6 +180,36 @@ def umount(mountpoint: str, *, lazy: bool = False) -> None:
     _detach(mountpoint, path, lazy)
     if daemon is not None and not lazy and not registry.wait_for_exit(daemon.pid, _DAEMON_EXIT_S):
         raise LayerfsError(f"{mountpoint}: unmounted, but its daemon (pid {daemon.pid}) has not exited")
+
+
+def stats(mountpoint: str) -> dict:
+    """Ask the daemon of ``mountpoint`` for its statistics (SIGUSR1) and return them."""
+    daemon = registry.find(os.path.abspath(mountpoint))
+    if daemon is None:
+        raise LayerfsError(f"{mountpoint}: not a running layerfs mount")
+    path = registry.stats_file(daemon.mountpoint)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    os.kill(daemon.pid, signal.SIGUSR1)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            with open(path) as f:
+                return json.load(f)
+        except FileNotFoundError:
+            time.sleep(0.02)
+    raise LayerfsError(f"{mountpoint}: its daemon (pid {daemon.pid}) did not answer")
+
+
+def render_stats(report: dict) -> str:
+    lines = [f"{'operation':<14}{'requests':>10}{'total ms':>11}{'mean us':>10}"]
+    for name, count in sorted(report["counts"].items(), key=lambda item: -item[1]):
+        seconds = report["seconds"][name]
+        lines.append(f"{name:<14}{count:>10}{seconds * 1e3:>11.1f}{seconds / count * 1e6:>10.1f}")
+    lines.append(f"nodes {report['nodes']}, open files {report['open files']}, resident {report['rss_kib'] / 1024:.1f} MiB")
+    lines.append("kernel features: " + ", ".join(report["granted"])
+                 + ("" if report["passthrough"] else " (passthrough off)"))
+    return "\n".join(lines) + "\n"
 
 
 _DAEMON_EXIT_S = 120  # saving a change index of a million paths takes seconds, not minutes

@@ -39,6 +39,7 @@ class MountConfig:
     owners: Owners = AS_STORED  # uidmapping, gidmapping, squash_to_*
     static_nlink: bool = False  # every directory shows st_nlink 1
     passthrough: bool = True  # file data passed through to the layers by the kernel, where it allows
+    log: str | None = None  # log=FILE: the daemon's warnings and unexpected errors, else syslog
 
 
 def split_escaped(text: str, sep: str) -> list[str]:
@@ -160,6 +161,9 @@ def parse(option_strings: list[str], mountpoint: str | None) -> MountConfig:
     flags.discard("static_nlink")
     passthrough = "nopassthrough" not in flags
     flags.discard("nopassthrough")
+    log = values.pop("log", None)
+    if log is not None:
+        log = os.path.abspath(log)
     if values.get("xattr_permissions", "0") != "0":
         warnings.append(f"xattr_permissions={printable(values.pop('xattr_permissions'))} ignored: owners and modes are "
                         "stored as they are (layerfs runs as root)")
@@ -171,7 +175,7 @@ def parse(option_strings: list[str], mountpoint: str | None) -> MountConfig:
         if key not in _QUIET:
             warnings.append(f"unknown option {printable(key)} ignored")
     return MountConfig(mnt, lowers, upper, work, readonly, sync, fsname, warnings, owner, owners, static_nlink,
-                       passthrough)
+                       passthrough, log)
 
 
 def _owners(values: dict[str, str], flags: set[str]) -> Owners:

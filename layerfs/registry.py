@@ -45,6 +45,11 @@ def _file(mountpoint: str) -> str:
     return os.path.join(_run_dir(), digest[:32] + ".json")
 
 
+def stats_file(mountpoint: str) -> str:
+    """Where the daemon of ``mountpoint`` writes its request statistics when sent SIGUSR1."""
+    return _file(mountpoint).removesuffix(".json") + ".stats.json"
+
+
 def record(mount: MountRecord) -> None:
     os.makedirs(_run_dir(), mode=0o700, exist_ok=True)
     path = _file(mount.mountpoint)

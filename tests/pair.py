@@ -19,6 +19,7 @@ private to root).
 from __future__ import annotations
 
 import difflib
+import functools
 import errno
 import hashlib
 import os
@@ -192,7 +193,8 @@ class Pair:
 
 
 def make_pair(mounts, base: Path, build: Builder, *, nlowers: int = 3, form: str = "overlay",
-              ro_lowers: bool = False, readonly: bool = False, mnt_base: Path | None = None) -> Pair:
+              ro_lowers: bool = False, readonly: bool = False, mnt_base: Path | None = None,
+              layerfs_options: str = "") -> Pair:
     """Build layers with ``build`` and mount them twice: kernel overlayfs and layerfs.
 
     ``form`` is the whiteout form of layerfs's lower copies ("overlay", "oci" or "fuse-overlayfs"); in the
@@ -200,7 +202,8 @@ def make_pair(mounts, base: Path, build: Builder, *, nlowers: int = 3, form: str
     ``ro_lowers`` puts every lower behind a read-only bind mount (the layer directories themselves,
     ``Stack.sources``, stay writable for the test to inspect). ``readonly`` mounts the lowers alone, with
     no upper layer (overlayfs wants two lowers at least then). ``mnt_base`` holds the mount points
-    (default ``base``; use ``public_base`` when other users must reach them).
+    (default ``base``; use ``public_base`` when other users must reach them). ``layerfs_options`` are
+    more -o options for layerfs (``nopassthrough``).
     """
     assert form in ALL_FORMS
     kernel = _stack(base / "kernel", nlowers)
@@ -223,7 +226,10 @@ def make_pair(mounts, base: Path, build: Builder, *, nlowers: int = 3, form: str
             for src, dst in zip(side.sources, side.lowers):
                 _bind_read_only(mounts, src, dst)
         mnt = (mnt_base or base) / f"{name}-mnt"
-        mount = mounts.overlay if name == "kernel" else mounts.layerfs
+        if name == "kernel":
+            mount = mounts.overlay
+        else:
+            mount = functools.partial(mounts.layerfs, extra=layerfs_options)
         side.mnt = mount(mnt, side.lowers) if readonly else mount(mnt, side.lowers, side.upper, side.work)
     return Pair(mounts, kernel, layerfs)
 

@@ -630,3 +630,49 @@ def test_a_full_upper_can_be_mounted_again_and_freed(small_fs, mounts, tmp_path)
     assert results["overlay"]["seen"] == {"fill": "write: ENOSPC", "rm log": "ok", "copy up big": "ok"}
     assert results["layerfs"] == results["overlay"]
     assert _layer_digest(lower) == lower_before
+
+
+class _Signalled(Exception):
+    pass
+
+
+def test_a_signal_stops_a_long_copy_up_and_leaves_nothing(mounts, tmp_path):
+    """A caller signalled in the middle of a copy-up of a big file gets EINTR (here: its signal handler's
+    exception) instead of waiting for the copy; the upper layer and the work directory hold nothing of
+    it, the lower file shows as it was, and the next open copies it up whole."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3g", "tmpfs", str(disk)], check=True)
+    try:
+        lower, upper, work = (disk / n for n in ("lower", "upper", "work"))
+        for d in (lower, upper, work):
+            d.mkdir()
+        with open(lower / "big", "wb") as f:  # 1 GiB: copied at a few hundred MB/s here
+            for i in range(1024):
+                f.write(_content(str(i), MiB))
+        mnt = mounts.layerfs(tmp_path / "mnt", [lower], upper, work)
+        previous = signal.signal(signal.SIGALRM, functools.partial(_raise, _Signalled()))
+        try:
+            started = time.monotonic()
+            signal.setitimer(signal.ITIMER_REAL, 0.1)
+            with pytest.raises(_Signalled):
+                os.close(os.open(mnt / "big", os.O_RDWR))
+            waited = time.monotonic() - started
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+        assert os.listdir(upper) == [] and os.listdir(work / "work") == [], "a half copy was left"
+        assert os.stat(mnt / "big").st_size == 1024 * MiB
+        with open(mnt / "big", "r+b") as f:  # uninterrupted: copied up whole
+            f.seek(1023 * MiB)
+            assert f.read(MiB) == _content("1023", MiB)
+        assert os.stat(upper / "big").st_size == 1024 * MiB
+        print(f"interrupted copy-up answered after {waited:.2f} s")
+        mounts.unmount(mnt)
+    finally:
+        mounts.cleanup()
+        force_unmount(disk)
+
+
+def _raise(error: Exception, *_args) -> None:
+    raise error

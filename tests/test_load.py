@@ -14,8 +14,8 @@
   them through the mount took 53 s on a 2-core test machine.
 - The bugs the stress test found, each narrowed to a test of its own: a daemon deadlock, a stale size on
   a hard link, and fchmod of an unlinked file failing with EBADF or changing another file (all fixed);
-  ESTALE, and ENOENT from open(O_CREAT), when an open races with an unlink of its name: known failures
-  (xfail, strict) of libfuse's high-level API, which layerfs uses.
+  ESTALE, and ENOENT from open(O_CREAT), when an open raced with an unlink of its name (libfuse's
+  high-level API, which layerfs no longer uses).
 
 A daemon that hangs fails its test within seconds: its FUSE connection is aborted (through fusectl,
 mounted for that if it is not), since a process waiting for an answer the daemon has received cannot
@@ -574,14 +574,12 @@ def test_a_buffered_write_to_a_file_that_got_a_second_name_does_not_hang(layers,
     assert set(outcomes) == {"write ok", "open ok", "rmdir ENOTEMPTY"}, outcomes
 
 
-@pytest.mark.xfail(strict=True, reason="libfuse's high-level API answers it itself; needs the low-level API")
 def test_open_never_fails_with_estale_while_its_name_comes_and_goes(layers, mounts, tmp_path):
     """ESTALE reached the stress clients (open, create) now and then; kernel overlayfs never answers it.
 
-    libfuse's high-level API gives each name a node of its own and forgets a node's path when its name
-    is unlinked; a request for a node looked up just before answers ESTALE, from libfuse itself (layerfs
-    never sees it). The kernel retries a path walk once on ESTALE, so a user sees it when the race is
-    lost twice in a row. (A file created in a directory that is removed and made again meets the same.)
+    It came from libfuse's high-level API, which gave each name a node of its own and forgot a node's
+    path when its name was unlinked, so a request for a node looked up just before failed. layerfs now
+    keeps one node per file and the file itself for a node whose last name went (Node.keeper).
     """
     lower, upper, work = (layers.dir(n) for n in ("lower", "upper", "work"))
     mnt = mounts.layerfs(tmp_path / "mnt", [lower], upper, work)
@@ -600,14 +598,11 @@ def test_open_never_fails_with_estale_while_its_name_comes_and_goes(layers, moun
     assert not [what for what in outcomes if what.endswith("ESTALE")], outcomes
 
 
-@pytest.mark.xfail(strict=True, reason="libfuse's high-level API: a node whose name went has no path left")
 def test_open_with_o_creat_succeeds_while_another_client_unlinks_the_name(layers, mounts, tmp_path):
     """open(O_CREAT) failed with ENOENT in about one try in three here; kernel overlayfs never fails it.
 
-    The kernel looks the name up, then asks to open the node it found; an unlink in between makes
-    libfuse move a node that is open elsewhere to a hidden name (.fuse_hidden*). layerfs now reopens
-    such a file from a descriptor it holds, which took the failures down to about one in twenty: the
-    rest come when the last descriptor was closed meanwhile (ENOENT) or libfuse lost the path (ESTALE).
+    The kernel looks the name up, then asks to open the node it found; an unlink in between left the
+    node with no name. layerfs now opens such a file through the descriptor it keeps for it.
     """
     lower, upper, work = (layers.dir(n) for n in ("lower", "upper", "work"))
     mnt = mounts.layerfs(tmp_path / "mnt", [lower], upper, work)
@@ -639,9 +634,9 @@ def _size_after_a_write_through_an_earlier_open(mnt: Path) -> dict[str, int]:
 def test_a_write_shows_in_the_size_of_a_link_made_after_the_open(mounts, tmp_path):
     """A stress run found a file whose stat size was 2959 bytes while 6523 could be read from it.
 
-    A descriptor opened while its file had one name writes without invalidating what the kernel caches
-    for the file's other names (fuseops' write does so only for a file that had several names when it
-    was opened), so a name linked later keeps its old size, for the day-long attribute timeout.
+    A descriptor opened while its file had one name wrote without invalidating what the kernel cached
+    for the file's other names (libfuse's high-level API gave each name a kernel inode of its own), so a
+    name linked later kept its old size, for the day-long attribute timeout. Now a file is one inode.
     """
     pair = make_pair(mounts, tmp_path, lambda stack: None, nlowers=1)
     pair.compare(_size_after_a_write_through_an_earlier_open)
@@ -650,10 +645,10 @@ def test_a_write_shows_in_the_size_of_a_link_made_after_the_open(mounts, tmp_pat
 def test_fchmod_of_an_unlinked_open_file_changes_that_file_only(layers, mounts, tmp_path):
     """EBADF reached a stress client's chmod; kernel overlayfs never fails fchmod of an open file.
 
-    fchmod of an unlinked file reaches layerfs by its hidden name, and layerfs changes the file through
-    any of its descriptors that it finds (Union._open_fd_of), without holding it: the release of another
-    descriptor of the file may close that one meanwhile. fchmod then fails with EBADF, or, when the
-    daemon has reused the descriptor number for another open, changes the mode of that other file.
+    fchmod of an unlinked file reaches layerfs by a node with no name, and layerfs changes the file
+    through one of its descriptors; unless it holds that descriptor meanwhile, the release of another
+    open of the file may close it. fchmod then fails with EBADF, or, when the daemon has reused the
+    descriptor number for another open, changes the mode of that other file.
     """
     lower, upper, work = (layers.dir(n) for n in ("lower", "upper", "work"))
     mnt = mounts.layerfs(tmp_path / "mnt", [lower], upper, work)

@@ -4,6 +4,7 @@ and hard links that already exist in a lower layer."""
 
 from __future__ import annotations
 
+import mmap
 import os
 from pathlib import Path
 
@@ -128,3 +129,34 @@ def test_hard_links_of_a_lower_layer(mounts, tmp_path):
     seen = pair.compare(scenario)
     assert seen["steps"]["as found"] == {"nlink": [3, 3, 3], "same ino": [True, True, True]}
     assert seen["steps"]["data"][0] == b"shared+"
+
+
+@pytest.mark.parametrize("passthrough", [True, False], ids=["passthrough", "nopassthrough"])
+def test_mmap_through_one_name_read_through_another(mounts, tmp_path, passthrough):
+    """A file is one kernel inode, whatever name it is reached by: a shared mapping written through one
+    name is read(2) through another at once, without msync, as on kernel overlayfs; and the other way
+    round, a write(2) through one name shows in the mapping made through the other."""
+    pair = make_pair(mounts, tmp_path, build, layerfs_options="" if passthrough else "nopassthrough")
+
+    def scenario(mnt: Path):
+        write(mnt / "m", "0123456789" * 500)
+        os.link(mnt / "m", mnt / "dir/m2")
+        os.link(mnt / "a", mnt / "a2")  # a lower file: copied up by the link, then mapped
+        seen = {}
+        for first, second in (("m", "dir/m2"), ("a2", "a")):
+            fd = os.open(mnt / first, os.O_RDWR)
+            try:
+                size = os.fstat(fd).st_size
+                with mmap.mmap(fd, size) as mapped:
+                    mapped[0:1] = b"X"
+                    seen[f"{second} read after mapped write"] = (mnt / second).read_bytes()[:4]
+                    with open(mnt / second, "r+b") as other:
+                        other.write(b"YZ")
+                    seen[f"{first} mapping after write"] = mapped[0:4]
+            finally:
+                os.close(fd)
+        return seen
+
+    seen = pair.compare(scenario)
+    assert seen["dir/m2 read after mapped write"] == b"X123" and seen["m mapping after write"] == b"YZ23"
+    assert seen["a read after mapped write"] == b"X" and seen["a2 mapping after write"] == b"Y"  # a 1-byte map

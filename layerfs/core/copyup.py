@@ -4,27 +4,40 @@ The caller renames the copy into the upper layer, so the copy appears there whol
 mid copy-up leaves only a stray temporary in the work directory, which the next mount cleans.
 Data is copied by the cheapest means the kernel offers: a reflink (FICLONE) shares the extents when
 both sides are on a filesystem that can, else copy_file_range copies inside the kernel.
+
+A copy can be given up halfway (``CANCELLED``): the caller whose request it serves was interrupted by
+a signal, and a copy of gigabytes should not keep it waiting. It raises InterruptedError (EINTR), and
+the temporary copy goes like any failed one.
 """
 
 from __future__ import annotations
 
+import contextvars
 import errno
 import os
 import stat
+from typing import Callable
 
 from . import syscalls, whiteout, xattr
 
+# Set, for the thread serving a request, to what tells whether its caller gave up.
+CANCELLED: contextvars.ContextVar[Callable[[], bool] | None] = contextvars.ContextVar("cancelled", default=None)
 _CHUNK = 1 << 30
+_CANCELLABLE_CHUNK = 64 << 20  # between two looks at CANCELLED: about 50 ms of copying here
 
 
 def copy_data(src_fd: int, dst_fd: int, size: int) -> None:
     """Copy ``size`` bytes from the start of ``src_fd`` to ``dst_fd``."""
     if size == 0 or syscalls.clone_file(src_fd, dst_fd):
         return
+    cancelled = CANCELLED.get()
+    chunk = _CHUNK if cancelled is None else _CANCELLABLE_CHUNK
     offset = 0
     try:
         while offset < size:
-            n = os.copy_file_range(src_fd, dst_fd, min(_CHUNK, size - offset), offset, offset)
+            if cancelled is not None and cancelled():
+                raise InterruptedError(errno.EINTR, "copy-up interrupted")
+            n = os.copy_file_range(src_fd, dst_fd, min(chunk, size - offset), offset, offset)
             if n == 0:
                 break
             offset += n
@@ -33,10 +46,12 @@ def copy_data(src_fd: int, dst_fd: int, size: int) -> None:
         if e.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
             raise
     while offset < size:
-        chunk = os.pread(src_fd, min(1 << 20, size - offset), offset)
-        if not chunk:
+        if cancelled is not None and offset % _CANCELLABLE_CHUNK == 0 and cancelled():
+            raise InterruptedError(errno.EINTR, "copy-up interrupted")
+        data = os.pread(src_fd, min(1 << 20, size - offset), offset)
+        if not data:
             break
-        offset += os.pwrite(dst_fd, chunk, offset)
+        offset += os.pwrite(dst_fd, data, offset)
 
 
 def copy_xattrs(src: str, dst: str, *, src_dir_fd: int, dst_dir_fd: int) -> None:

@@ -45,5 +45,6 @@ class InodeMap:
             self._origin[(upper.st_dev, upper.st_ino)] = self.number(lower)
 
     def removed(self, st: os.stat_result) -> None:
-        """The real entry ``st`` lost its last name: its number may be reused by the filesystem."""
+        """The real entry ``st`` lost its last name: the filesystem may give its number to a new entry,
+        which must not be shown with the old one's origin."""
         self._origin.pop((st.st_dev, st.st_ino), None)

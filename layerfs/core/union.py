@@ -288,14 +288,18 @@ class Union:
             self._handles[new] = self._handles[fd]
         return new
 
-    def reopen_for_backing(self, fd: int) -> int:
+    def reopen_whole(self, fd: int) -> int:
         """A descriptor of the file open at ``fd`` that takes every access the mount's users may make
-        through it: read-write for an upper file, read-only for a lower one (never written)."""
+        through it (read-write for an upper file, read-only for a lower one, never written); ``release``
+        it like any other."""
         access = os.O_RDWR if self.is_upper_file(fd) else os.O_RDONLY
         try:
-            return os.open(f"/proc/self/fd/{fd}", access | os.O_CLOEXEC)
+            new = os.open(f"/proc/self/fd/{fd}", access | os.O_CLOEXEC)
         except OSError:  # (an upper file being executed refuses writers)
-            return os.dup(fd)
+            new = os.dup(fd)
+        with self._handles_lock:
+            self._handles[new] = self._handles[fd]
+        return new
 
     def fchange(self, fd: int, *, mode: int | None = None, owner: tuple[int, int] | None = None,
                 times_ns: tuple[int | None, int | None] | None = None) -> None:
@@ -514,6 +518,8 @@ class Union:
                         tmp = self._tmp()
                         os.rename(name, tmp, src_dir_fd=dir_fd, dst_dir_fd=self._work)
                         shutil.rmtree(tmp, dir_fd=self._work)
+            if entry.in_upper:
+                self.inodes.removed(entry.st)
             self.resolver.invalidate()
 
     def rename(self, old: str, new: str, *, replace: bool = True) -> None:
@@ -565,6 +571,8 @@ class Union:
                         _remove_tree(source_dir, source_name)
             if whole_tree:
                 self._drop_markers_below(Layer.rel(new), keep_opaque=opaque_at_target)
+            if target is not None and target.in_upper and (target.is_dir or target.st.st_nlink == 1):
+                self.inodes.removed(target.st)  # its number may come back for a new file
             if source.is_dir:
                 self.resolver.invalidate()
 

@@ -23,24 +23,34 @@ ROOT_ID = 1
 
 
 class Node:
-    __slots__ = ("nodeid", "key", "parent", "name", "aliases", "lookups", "io_key", "io_count", "backing")
+    __slots__ = ("nodeid", "key", "parent", "name", "aliases", "lookups", "io_key", "io_count", "backing", "keeper")
 
     def __init__(self, nodeid: int, key: Hashable, parent: Node | None, name: str) -> None:
         self.nodeid = nodeid
         self.key = key
         self.parent = parent
         self.name = name
-        self.aliases: list[tuple[Node, str]] = []  # more names of a hard-linked file
+        self.aliases: tuple[tuple[Node, str], ...] = ()  # more names of a hard-linked file (rare: a tuple)
         self.lookups = 0
         # Open files: which real file they hold ((dev, ino)), how many, and the passthrough backing id
         # they share (0: served through the daemon). The kernel wants every open of one node alike.
         self.io_key: tuple[int, int] | None = None
         self.io_count = 0
         self.backing = 0
+        # An O_PATH descriptor of a file that lost its last name while the kernel still knew the node:
+        # an open that looked the name up just before the unlink reaches the file through it, as on a
+        # local filesystem (-1: none).
+        self.keeper = -1
 
     @property
     def named(self) -> bool:
         return self.parent is not None or self.nodeid == ROOT_ID
+
+
+def _renumbered(old: Hashable, new: Hashable) -> bool:
+    """Whether ``new`` is the number key of the same kind of file that ``old``, a name key
+    ((parent, name, type)), stood for: a lower file with several links that was copied up."""
+    return isinstance(old, tuple) and isinstance(new, int) and new & 0xF == old[2]
 
 
 def _missing(nodeid: int) -> OSError:
@@ -88,8 +98,8 @@ class Nodes:
         with self._lock:
             node = self._by_name.get((parent.nodeid, name))
             if node is not None and node.key != key:
-                if node.io_count == 0 and key not in self._by_key:
-                    self._rekey(node, key)  # a copy-up gave the file behind the name a new number
+                if _renumbered(node.key, key) and node.io_count == 0 and key not in self._by_key:
+                    self._rekey(node, key)  # a lower file with several links, copied up: a number of its own
                 else:
                     self._drop_name(node, parent, name)
                     node = None
@@ -132,11 +142,12 @@ class Nodes:
         node.key = key
         self._by_key[key] = node
 
-    def forget(self, nodeid: int, count: int) -> None:
+    def forget(self, nodeid: int, count: int) -> Node | None:
+        """Drop ``count`` kernel references; returns the node if that was its last."""
         with self._lock:
             node = self._by_id.get(nodeid)
             if node is None or nodeid == ROOT_ID:
-                return
+                return None
             node.lookups -= count
             if node.lookups <= 0:
                 del self._by_id[nodeid]
@@ -145,6 +156,8 @@ class Nodes:
                 for parent, name in [(node.parent, node.name), *node.aliases]:
                     if parent is not None and self._by_name.get((parent.nodeid, name)) is node:
                         del self._by_name[(parent.nodeid, name)]
+                return node
+            return None
 
     def removed(self, parent: Node, name: str, *, last: bool) -> None:
         """``name`` in ``parent`` is gone; ``last``: its file has no other name left, here or unseen."""
@@ -196,11 +209,12 @@ class Nodes:
         if node.parent is None:
             node.parent, node.name = parent, name
         elif (node.parent, node.name) != (parent, name) and (parent, name) not in node.aliases:
-            node.aliases.append((parent, name))
+            node.aliases += ((parent, name),)
 
     @staticmethod
     def _drop_name(node: Node, parent: Node, name: str) -> None:
         if (node.parent, node.name) == (parent, name):
-            node.parent, node.name = (node.aliases.pop() if node.aliases else (None, ""))
+            node.parent, node.name = node.aliases[-1] if node.aliases else (None, "")
+            node.aliases = node.aliases[:-1]
         elif (parent, name) in node.aliases:
-            node.aliases.remove((parent, name))
+            node.aliases = tuple(alias for alias in node.aliases if alias != (parent, name))

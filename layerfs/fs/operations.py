@@ -19,13 +19,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import functools
 import logging
 import os
 import stat
 import threading
 from typing import Iterator
 
+from ..core import copyup
 from ..core.idmap import AS_STORED, Owners
 from ..core.union import Attributes, Union
 from ..fuse import Config, Entry, Opened, Operations, Request, Session, SetAttr, abi, pack_attr
@@ -47,6 +50,17 @@ class _File:
         self.node = node
 
 
+def _key(a: Attributes) -> int:
+    """What finds a file's node again: its merged inode number, and its type, so that a number a new
+    entry reuses can never give the kernel an inode whose type changed (it would call it bad: EIO)."""
+    return a.ino << 4 | stat.S_IFMT(a.st.st_mode) >> 12
+
+
+def _type_of(key) -> int:
+    """The file type (S_IFMT >> 12) a node's key records (a name key: (parent, name, type))."""
+    return key[2] if isinstance(key, tuple) else key & 0xF
+
+
 def _name(raw: bytes) -> str:
     return os.fsdecode(raw)
 
@@ -56,10 +70,22 @@ def _refuse_dot_names(name: str) -> None:
         raise OSError(errno.EINVAL, os.strerror(errno.EINVAL), name)
 
 
+def _interruptible(method):
+    """A request that may copy data up: a signal to its caller stops the copy (EINTR, nothing left)."""
+    @functools.wraps(method)
+    def wrapper(self, req: Request, *args):
+        token = copyup.CANCELLED.set(lambda: req.interrupted)
+        try:
+            return method(self, req, *args)
+        finally:
+            copyup.CANCELLED.reset(token)
+    return wrapper
+
+
 class UnionOperations(Operations):
     def __init__(self, union: Union, owners: Owners = AS_STORED, static_nlink: bool = False) -> None:
         self.union = union
-        self.nodes = Nodes(union.getattr("/").ino)
+        self.nodes = Nodes(_key(union.getattr("/")))
         self._owners = None if owners.identity else owners  # None: shown as stored, the common case
         self._static_nlink = static_nlink
         self._files: dict[int, _File] = {}
@@ -99,7 +125,7 @@ class UnionOperations(Operations):
         # A lower file with several links: each name becomes a file of its own on copy-up (overlayfs
         # without index), so each name is a node of its own.
         shared = entry.in_upper or entry.is_dir or entry.st.st_nlink == 1
-        node = self.nodes.found(parent, name, a.ino if shared else (parent.nodeid, name))
+        node = self.nodes.found(parent, name, _key(a) if shared else (parent.nodeid, name, _key(a) & 0xF))
         return Entry(node.nodeid, self._attr(a))
 
     def _made(self, parent: Node, name: str, path: str) -> Entry:
@@ -108,14 +134,28 @@ class UnionOperations(Operations):
             raise OSError(errno.ENOENT, os.strerror(errno.ENOENT), path)
         return entry
 
-    def _any_fd(self, node: Node, fh: int | None) -> int:
-        """A descriptor open on ``node``'s file: the request's own, else any."""
-        if fh is not None and fh in self._files:
-            return self._files[fh].fd
-        for file in list(self._files.values()):
-            if file.node is node:
-                return file.fd
-        raise OSError(errno.ENOENT, os.strerror(errno.ENOENT), "(a file with no name left)")
+    @contextlib.contextmanager
+    def _fd_of(self, node: Node, fh: int | None, *, usable: bool = False) -> Iterator[int]:
+        """A descriptor open on ``node``'s file (a file with no name left): the request's own, else any,
+        held open meanwhile (a release of another open could close it, and an open reuse its number).
+        ``usable``: one that takes fchmod and ftruncate (a held one may be O_PATH or read-only)."""
+        if fh is not None and fh in self._files and not usable:
+            yield self._files[fh].fd  # the kernel releases no file while a request uses it
+            return
+        with self._io_lock:
+            fds = [file.fd for file in self._files.values() if file.node is node]
+            if node.keeper >= 0:
+                fds.append(node.keeper)
+            if not fds:
+                raise OSError(errno.ENOENT, os.strerror(errno.ENOENT), "(a file with no name left)")
+            if not usable:
+                yield fds[0]
+                return
+            fd = self.union.reopen_whole(fds[0])
+        try:
+            yield fd
+        finally:
+            self.union.release(fd)
 
     # -- lookups and attributes ---------------------------------------------------------------------
 
@@ -126,18 +166,29 @@ class UnionOperations(Operations):
 
     def forget(self, nodes: list[tuple[int, int]]) -> None:
         for nodeid, count in nodes:
-            self.nodes.forget(nodeid, count)
+            gone = self.nodes.forget(nodeid, count)
+            if gone is not None and gone.keeper >= 0:
+                with self._io_lock:
+                    self.union.release(gone.keeper)
+                    gone.keeper = -1
 
     def getattr(self, req: Request, nodeid: int, fh: int | None) -> bytes:
         node = self.nodes[nodeid]
-        if node.named:
-            return self._attr(self.union.getattr(self.nodes.path(node)))
-        fd = self._any_fd(node, fh)
-        a = self.union.fstat(fd)
-        if not self.union.is_upper_file(fd):
-            a.nlink = 0  # a lower file lives on in its layer, but has no name left here
+        try:
+            a = self.union.getattr(self.nodes.path(node))
+            # Another type under its name: an unlink and a create raced this request (the node table is
+            # told of an unlink just after it). The kernel would call its inode bad.
+            if _type_of(node.key) == stat.S_IFMT(a.st.st_mode) >> 12:
+                return self._attr(a)
+        except FileNotFoundError:
+            pass  # a file with no name left (or not yet known to have none): its descriptors answer
+        with self._fd_of(node, fh) as fd:
+            a = self.union.fstat(fd)
+            if not self.union.is_upper_file(fd):
+                a.nlink = 0  # a lower file lives on in its layer, but has no name left here
         return self._attr(a)
 
+    @_interruptible
     def setattr(self, req: Request, nodeid: int, fh: int | None, changes: SetAttr) -> bytes:
         node = self.nodes[nodeid]
         owner = None
@@ -149,13 +200,13 @@ class UnionOperations(Operations):
         if changes.atime_ns is not None or changes.mtime_ns is not None:
             times = (changes.atime_ns, changes.mtime_ns)
         if not node.named:  # open, but unlinked: only its descriptors reach it
-            fd = self._any_fd(node, fh)
-            if changes.size is not None:
-                self.union.ftruncate(fd, changes.size)
-                if changes.kill_suidgid:
-                    self.union.drop_setid(fd)
-            self.union.fchange(fd, mode=changes.mode, owner=owner, times_ns=times)
-            return self._attr(self.union.fstat(fd))
+            with self._fd_of(node, fh, usable=True) as fd:
+                if changes.size is not None:
+                    self.union.ftruncate(fd, changes.size)
+                    if changes.kill_suidgid:
+                        self.union.drop_setid(fd)
+                self.union.fchange(fd, mode=changes.mode, owner=owner, times_ns=times)
+                return self._attr(self.union.fstat(fd))
         path = self.nodes.path(node)
         if changes.size is not None:
             if fh is not None and fh in self._files:
@@ -204,12 +255,13 @@ class UnionOperations(Operations):
         self.union.symlink(os.fsdecode(target), path, *self._caller(req))
         return self._made(pnode, text, path)
 
+    @_interruptible
     def link(self, req: Request, nodeid: int, newparent: int, newname: bytes) -> Entry:
         node = self.nodes[nodeid]
         pnode, text, path = self._child(newparent, newname)
         self.union.link(self.nodes.path(node), path)
         # A lower file was copied up to take the link: its node is now found by the copy's number.
-        self.nodes.rekey(node, self.union.getattr(path).ino)
+        self.nodes.rekey(node, _key(self.union.getattr(path)))
         return self._made(pnode, text, path)
 
     def _child(self, parent: int, name: bytes) -> tuple[Node, str, str]:
@@ -221,14 +273,25 @@ class UnionOperations(Operations):
     def unlink(self, req: Request, parent: int, name: bytes) -> None:
         pnode, text, path = self._child(parent, name)
         last = self.union.getattr(path).nlink <= 1
+        if last:
+            self._keep(pnode, text, path)
         self.union.unlink(path)
         self.nodes.removed(pnode, text, last=last)
+
+    def _keep(self, parent: Node, name: str, path: str) -> None:
+        """``path`` is about to lose its file for good: if the kernel knows its node, hold the file for
+        it (see Node.keeper): its open files may all be closed before the node is forgotten."""
+        node = self.nodes.child(parent, name)
+        if node is not None and node.keeper < 0 and not stat.S_ISDIR(
+                self.union.getattr(path).st.st_mode):
+            node.keeper = self.union.open(path, os.O_PATH)
 
     def rmdir(self, req: Request, parent: int, name: bytes) -> None:
         pnode, text, path = self._child(parent, name)
         self.union.rmdir(path)
         self.nodes.removed(pnode, text, last=True)
 
+    @_interruptible
     def rename(self, req: Request, parent: int, name: bytes, newparent: int, newname: bytes, flags: int) -> None:
         pnode, text, old = self._child(parent, name)
         newpnode, newtext, new = self._child(newparent, newname)
@@ -246,6 +309,8 @@ class UnionOperations(Operations):
             raise OSError(errno.EINVAL, os.strerror(errno.EINVAL), new)  # RENAME_WHITEOUT: not through a union
         source, target = self.union.lookup(old), self.union.lookup(new)
         replaced_last = target is None or target.is_dir or self.union.attributes(target).nlink <= 1
+        if target is not None and replaced_last and old != new:
+            self._keep(newpnode, newtext, new)
         self.union.rename(old, new, replace=not flags & _RENAME_NOREPLACE)
         self.nodes.renamed(pnode, text, newpnode, newtext, replaced_last=replaced_last)
         if source is not None and source.is_dir and (not source.in_upper or source.merged):
@@ -262,12 +327,16 @@ class UnionOperations(Operations):
 
     # -- open files ----------------------------------------------------------------------------------
 
+    @_interruptible
     def open(self, req: Request, nodeid: int, flags: int, kill_suidgid: bool) -> Opened:
         node = self.nodes[nodeid]
-        if node.named:
+        try:
             fd = self.union.open(self.nodes.path(node), flags)
-        else:  # reopened through /proc/PID/fd after its last name went
-            fd = self.union.reopen(self._any_fd(node, None), flags)
+        except FileNotFoundError:
+            # Its name went after the kernel looked it up (an unlink may not have reached the node
+            # table yet), or it is reopened through /proc/PID/fd.
+            with self._fd_of(node, None) as held:
+                fd = self.union.reopen(held, flags)
         try:
             if kill_suidgid:
                 self.union.drop_setid(fd)
@@ -275,7 +344,7 @@ class UnionOperations(Operations):
             if writable and isinstance(node.key, tuple):
                 # A lower file with several links was copied up: a file of its own now, with its own
                 # number and one link, which the kernel has not seen.
-                self.nodes.rekey(node, self.union.fstat(fd).ino)
+                self.nodes.rekey(node, _key(self.union.fstat(fd)))
                 self.session.invalidate_inode(node.nodeid)
             return self._opened(node, fd, passthrough=self._may_pass_through(req, flags, fd))
         except BaseException:
@@ -287,7 +356,7 @@ class UnionOperations(Operations):
         fd = self.union.create(path, flags, mode, *self._caller(req))
         try:
             a = self.union.fstat(fd)
-            node = self.nodes.found(pnode, text, a.ino)
+            node = self.nodes.found(pnode, text, _key(a))
             return Entry(node.nodeid, self._attr(a)), self._opened(node, fd,
                                                                    passthrough=self._may_pass_through(req, flags, fd))
         except BaseException:
@@ -326,7 +395,7 @@ class UnionOperations(Operations):
     def _backing(self, fd: int) -> int:
         """A passthrough backing id for the file open at ``fd``, 0 where the kernel refuses one. It serves
         every open of the node, writable ones included: an upper file is registered opened for writing."""
-        backing_fd = self.union.reopen_for_backing(fd)
+        backing_fd = self.union.reopen_whole(fd)
         try:
             return self.session.open_backing(backing_fd)
         except OSError as e:
@@ -336,7 +405,7 @@ class UnionOperations(Operations):
                 self._passthrough = False
             return 0  # (ELOOP: a layer stacked too deep for this file; it is served by the daemon)
         finally:
-            os.close(backing_fd)
+            self.union.release(backing_fd)
 
     def release(self, req: Request, fh: int) -> None:
         with self._io_lock:
@@ -410,11 +479,18 @@ class UnionOperations(Operations):
             names = [n for n in names if not n.startswith("trusted.")]
         return [os.fsencode(n) for n in names]
 
+    @_interruptible
     def setxattr(self, req: Request, nodeid: int, name: bytes, value: bytes, flags: int) -> None:
         self.union.setxattr(self.nodes.path(self.nodes[nodeid]), _name(name), value, flags)
 
+    @_interruptible
     def removexattr(self, req: Request, nodeid: int, name: bytes) -> None:
         self.union.removexattr(self.nodes.path(self.nodes[nodeid]), _name(name))
+
+    def summary(self) -> dict:
+        """What the daemon holds, for ``layerfs stats``."""
+        return {"nodes": len(self.nodes), "open files": len(self._files),
+                "passthrough": self._passthrough}
 
     def destroy(self) -> None:
         for fh in list(self._files):
@@ -424,8 +500,8 @@ class UnionOperations(Operations):
 
 def serve(union: Union, mountpoint: str, config: Config, *, on_ready=None, owners: Owners = AS_STORED,
           static_nlink: bool = False) -> Session:
-    """Mount ``union`` at ``mountpoint`` and serve it until it is unmounted (blocks); returns the ended
-    session (its statistics)."""
+    """Mount ``union`` at ``mountpoint`` and serve it until it is unmounted (blocks); ``on_ready`` gets the
+    session once the kernel has initialised it. Returns the ended session."""
     operations = UnionOperations(union, owners, static_nlink)
     session = Session(operations, mountpoint, config)
     session.mount()
@@ -433,7 +509,7 @@ def serve(union: Union, mountpoint: str, config: Config, *, on_ready=None, owner
     def ready() -> None:
         operations.attach(session)
         if on_ready is not None:
-            on_ready()
+            on_ready(session)
 
     session.run(on_ready=ready)
     return session

@@ -86,7 +86,6 @@ class Session:
         self.granted = 0  # INIT flags both sides agreed on
         self.proto_minor = 0
         self._clones: list[int] = []
-        self._stats_lock = threading.Lock()
         self._counts: dict[int, int] = {}
         self._times: dict[int, int] = {}
         self._in_flight: dict[int, Request] = {}
@@ -199,8 +198,8 @@ class Session:
             wanted |= abi.DO_READDIRPLUS | abi.READDIRPLUS_AUTO
         if self.config.passthrough and os.geteuid() == 0:
             wanted |= abi.PASSTHROUGH  # the backing ioctl needs CAP_SYS_ADMIN
-        if self.config.writeback_cache and not self.config.readonly:
-            wanted |= abi.WRITEBACK_CACHE
+        if self.config.writeback_cache and not self.config.readonly and not wanted & abi.PASSTHROUGH:
+            wanted |= abi.WRITEBACK_CACHE  # the kernel grants no passthrough beside it, silently
         self.granted = offered & wanted
         self.proto_minor = min(minor, abi.KERNEL_MINOR)
         reply = abi.init_out.pack(
@@ -210,8 +209,10 @@ class Session:
             1 if self.granted & abi.PASSTHROUGH else 0,  # max_stack_depth: backing files on a plain fs
             0)
         self._reply(self.fd, unique, reply)
-        log.debug("FUSE %d.%d, granted: %s", major, self.proto_minor,
-                  ", ".join(name for bit, name in abi.INIT_FLAG_NAMES.items() if self.granted & bit) or "nothing")
+        log.debug("FUSE %d.%d, granted: %s", major, self.proto_minor, ", ".join(self.granted_names()) or "nothing")
+
+    def granted_names(self) -> list[str]:
+        return [name for bit, name in abi.INIT_FLAG_NAMES.items() if self.granted & bit]
 
     @staticmethod
     def _read(fd: int, buffer: bytearray) -> int | None:
@@ -264,8 +265,9 @@ class Session:
             counts[opcode] = counts.get(opcode, 0) + 1
             times[opcode] = times.get(opcode, 0) + elapsed
             if debug:
-                log.debug("%s #%d node %d uid %d pid %d -> %s", abi.OPCODE_NAMES.get(opcode, opcode), unique,
-                          nodeid, uid, pid, errno.errorcode.get(-error, error) if error else "ok")
+                log.debug("%s #%d node %d%s uid %d pid %d -> %s", abi.OPCODE_NAMES.get(opcode, opcode), unique,
+                          nodeid, _named(opcode, body), uid, pid,
+                          errno.errorcode.get(-error, error) if error else "ok")
 
     def _reply(self, fd: int, unique: int, payload: bytes | memoryview) -> None:
         try:
@@ -529,11 +531,15 @@ class Session:
         self.operations.fsyncdir(req, req.nodeid, bool(flags & 1))
         return b""
 
-    def _interrupt(self, req: Request, body: memoryview) -> None:
+    def _interrupt(self, req: Request, body: memoryview) -> bytes | None:
         (unique,) = abi.interrupt_in.unpack_from(body)
         target = self._in_flight.get(unique)
-        if target is not None:
-            target.interrupted = True
+        if target is None:
+            # Not seen yet (another thread is about to take it) or answered already: EAGAIN makes the
+            # kernel send the interrupt again while the request is still pending.
+            raise OSError(errno.EAGAIN, os.strerror(errno.EAGAIN))
+        target.interrupted = True
+        return None
 
     def _lseek(self, req: Request, body: memoryview) -> bytes:
         fh, offset, whence, _ = abi.lseek_in.unpack_from(body)
@@ -543,6 +549,23 @@ class Session:
         fh, offset, length, mode, _ = abi.fallocate_in.unpack_from(body)
         self.operations.fallocate(req, fh, offset, length, mode)
         return b""
+
+
+# Where the name starts in the bodies of requests that carry one: for --debug.
+_NAME_AT = {abi.LOOKUP: 0, abi.UNLINK: 0, abi.RMDIR: 0, abi.SYMLINK: 0, abi.REMOVEXATTR: 0,
+            abi.MKNOD: abi.mknod_in.size, abi.MKDIR: abi.mkdir_in.size, abi.CREATE: abi.create_in.size,
+            abi.RENAME: abi.rename_in.size, abi.RENAME2: abi.rename2_in.size, abi.LINK: abi.link_in.size,
+            abi.SETXATTR: abi.setxattr_in.size, abi.GETXATTR: abi.getxattr_in.size}
+
+
+def _named(opcode: int, body: memoryview) -> str:
+    start = _NAME_AT.get(opcode)
+    if start is None:
+        return ""
+    try:
+        return " " + repr(os.fsdecode(_cstring(body, start)[0]))
+    except ValueError:
+        return ""
 
 
 def _ns(seconds: int, nanoseconds: int) -> int:
