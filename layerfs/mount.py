@@ -56,7 +56,7 @@ def _serve(config: MountConfig, union: Union, debug: bool, on_ready=None) -> Non
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, lambda *_: _detach_quietly(config.mountpoint))
     fuse_config = Config(fsname=config.fsname, readonly=config.readonly, passthrough=config.passthrough,
-                         debug=debug)
+                         threads=config.threads, debug=debug)
     try:
         serve(union, config.mountpoint, fuse_config, on_ready=ready, owners=config.owners,
               static_nlink=config.static_nlink)

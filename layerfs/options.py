@@ -40,6 +40,7 @@ class MountConfig:
     static_nlink: bool = False  # every directory shows st_nlink 1
     passthrough: bool = True  # file data passed through to the layers by the kernel, where it allows
     log: str | None = None  # log=FILE: the daemon's warnings and unexpected errors, else syslog
+    threads: int = 2  # threads=N: readers of /dev/fuse, each on a descriptor of its own
 
 
 def split_escaped(text: str, sep: str) -> list[str]:
@@ -164,6 +165,10 @@ def parse(option_strings: list[str], mountpoint: str | None) -> MountConfig:
     log = values.pop("log", None)
     if log is not None:
         log = os.path.abspath(log)
+    threads_text = values.pop("threads", "2")
+    threads = _number(threads_text, 65)
+    if not threads:
+        raise UsageError(f"threads={printable(threads_text)}: not a number from 1 to 64")
     if values.get("xattr_permissions", "0") != "0":
         warnings.append(f"xattr_permissions={printable(values.pop('xattr_permissions'))} ignored: owners and modes are "
                         "stored as they are (layerfs runs as root)")
@@ -175,7 +180,7 @@ def parse(option_strings: list[str], mountpoint: str | None) -> MountConfig:
         if key not in _QUIET:
             warnings.append(f"unknown option {printable(key)} ignored")
     return MountConfig(mnt, lowers, upper, work, readonly, sync, fsname, warnings, owner, owners, static_nlink,
-                       passthrough, log)
+                       passthrough, log, threads)
 
 
 def _owners(values: dict[str, str], flags: set[str]) -> Owners:

@@ -6,6 +6,7 @@ whole-tree tools (find, tar, du) seeing one consistent tree."""
 from __future__ import annotations
 
 import io
+import mmap
 import os
 import stat
 import subprocess
@@ -464,3 +465,39 @@ def test_find_tar_and_du_see_a_consistent_tree(mounts, tmp_path, form):
     # tar stores the second name of a hard link as a link entry, which it can only do if st_ino and
     # st_nlink agree.
     assert seen["tar"][3] == [["./dir/f", "./f-link"], ["./dir/hl2", "./hl"]]
+
+
+# -- direct I/O -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("options", ["", "nopassthrough"], ids=["passthrough", "nopassthrough"])
+def test_direct_io_before_and_after_a_copy_up(mounts, tmp_path, options):
+    """O_DIRECT reads and writes of aligned blocks: of a lower file (copied up by the writable open),
+    then through an ordinary descriptor and through a second O_DIRECT one, as on kernel overlayfs."""
+    pair = make_pair(mounts, tmp_path, build, layerfs_options=options)
+
+    def scenario(mnt: Path):
+        block = mmap.mmap(-1, 8192)  # page-aligned, as O_DIRECT wants
+        block.write(b"D" * 4096 + b"E" * 4096)
+        seen = {}
+        fd = os.open(mnt / "b", os.O_RDWR | os.O_DIRECT)
+        try:
+            seen["written"] = os.pwritev(fd, [block], 4096)
+            readback = mmap.mmap(-1, 8192)
+            seen["read back"] = os.preadv(fd, [readback], 4096)
+            seen["direct data"] = readback[:1] + readback[4096:4097]
+        finally:
+            os.close(fd)
+        data = (mnt / "b").read_bytes()
+        seen["size"], seen["head"], seen["tail"] = len(data), data[:4], data[-4:]
+        fd = os.open(mnt / "b", os.O_RDONLY | os.O_DIRECT)
+        try:
+            first = mmap.mmap(-1, 4096)
+            seen["direct read of the lower part"] = (os.preadv(fd, [first], 0), first[:4])
+        finally:
+            os.close(fd)
+        return seen
+
+    seen = pair.compare(scenario)
+    assert seen["size"] == 12288 and seen["direct data"] == b"DE" and seen["head"] == b"bbbb"
+    pair.compare_uppers()

@@ -40,6 +40,9 @@ _RENAME_NOREPLACE = 1 << 0
 _RENAME_EXCHANGE = 1 << 1
 _NO_ID = 0xFFFFFFFF  # (uid_t)-1
 _DT_DIR = stat.S_IFDIR >> 12
+# The daemon's own descriptors take no O_DIRECT: the data it moves sits at any offset of its buffers,
+# and the kernel has bypassed the page cache for such a caller already.
+_DAEMON_FLAGS = ~os.O_DIRECT
 
 
 class _File:
@@ -330,6 +333,7 @@ class UnionOperations(Operations):
     @_interruptible
     def open(self, req: Request, nodeid: int, flags: int, kill_suidgid: bool) -> Opened:
         node = self.nodes[nodeid]
+        flags &= _DAEMON_FLAGS
         try:
             fd = self.union.open(self.nodes.path(node), flags)
         except FileNotFoundError:
@@ -353,7 +357,7 @@ class UnionOperations(Operations):
 
     def create(self, req: Request, parent: int, name: bytes, flags: int, mode: int) -> tuple[Entry, Opened]:
         pnode, text, path = self._child(parent, name)
-        fd = self.union.create(path, flags, mode, *self._caller(req))
+        fd = self.union.create(path, flags & _DAEMON_FLAGS, mode, *self._caller(req))
         try:
             a = self.union.fstat(fd)
             node = self.nodes.found(pnode, text, _key(a))
