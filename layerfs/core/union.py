@@ -317,6 +317,10 @@ class Union:
             os.utime(fd, ns=_fill_times(times_ns, lambda: os.fstat(fd)))
 
     def ftruncate(self, fd: int, length: int) -> None:
+        """Truncate an open file. A lower file is never changed: one reached this way has no name left
+        (a writable open copies up), so there is no copy to change."""
+        if not self.is_upper_file(fd):
+            raise _error(errno.ENOENT, "(a file with no name left)")
         os.ftruncate(fd, length)
 
     def fsync(self, fd: int, datasync: bool) -> None:

@@ -9,17 +9,62 @@ exception is a lower file with several hard links: overlayfs (without ``index``)
 copy-up, so each of its names is a file of its own and gets a node keyed by that name. A node whose file
 lost its last name is *retired*: it lives on for the kernel's open files and references, but no lookup
 finds it, so a new file that the filesystem gives the same inode number gets a node of its own.
+
+A node's path is only right while no rename or removal is half done: between the union's change and the
+table's, a path computed for a node below a moved directory names what is at its old place now, or
+nothing. ``NameLock`` keeps the two in step (as libfuse's high-level API does with its tree lock).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import os
 import threading
-from typing import Hashable
+from typing import Hashable, Iterator
 
 ROOT_ID = 1
+
+
+class NameLock:
+    """Requests that name files by path share it; one that moves or removes names (the union's change
+    and the node table's) holds it alone, and goes first: new sharers wait while it waits."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._sharers = 0
+        self._changing = False
+        self._waiting = 0
+
+    @contextlib.contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._cond:
+            while self._changing or self._waiting:
+                self._cond.wait()
+            self._sharers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._sharers -= 1
+                if not self._sharers and self._waiting:
+                    self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._cond:
+            self._waiting += 1
+            while self._changing or self._sharers:
+                self._cond.wait()
+            self._waiting -= 1
+            self._changing = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._changing = False
+                self._cond.notify_all()
 
 
 class Node:

@@ -32,7 +32,7 @@ from ..core import copyup
 from ..core.idmap import AS_STORED, Owners
 from ..core.union import Attributes, Union
 from ..fuse import Config, Entry, Opened, Operations, Request, Session, SetAttr, abi, pack_attr
-from .nodes import Node, Nodes
+from .nodes import NameLock, Node, Nodes
 
 log = logging.getLogger("layerfs")
 
@@ -85,10 +85,29 @@ def _interruptible(method):
     return wrapper
 
 
+def _sharing_names(method):
+    """A request that names files by path (see NameLock)."""
+    @functools.wraps(method)
+    def wrapper(self, *args):
+        with self._names.shared():
+            return method(self, *args)
+    return wrapper
+
+
+def _changing_names(method):
+    """A request that moves or removes names: the union's change and the node table's are one step."""
+    @functools.wraps(method)
+    def wrapper(self, *args):
+        with self._names.exclusive():
+            return method(self, *args)
+    return wrapper
+
+
 class UnionOperations(Operations):
     def __init__(self, union: Union, owners: Owners = AS_STORED, static_nlink: bool = False) -> None:
         self.union = union
         self.nodes = Nodes(_key(union.getattr("/")))
+        self._names = NameLock()
         self._owners = None if owners.identity else owners  # None: shown as stored, the common case
         self._static_nlink = static_nlink
         self._files: dict[int, _File] = {}
@@ -162,6 +181,7 @@ class UnionOperations(Operations):
 
     # -- lookups and attributes ---------------------------------------------------------------------
 
+    @_sharing_names
     def lookup(self, req: Request, parent: int, name: bytes) -> Entry | None:
         pnode = self.nodes[parent]
         text = _name(name)
@@ -175,6 +195,7 @@ class UnionOperations(Operations):
                     self.union.release(gone.keeper)
                     gone.keeper = -1
 
+    @_sharing_names
     def getattr(self, req: Request, nodeid: int, fh: int | None) -> bytes:
         node = self.nodes[nodeid]
         try:
@@ -191,6 +212,7 @@ class UnionOperations(Operations):
                 a.nlink = 0  # a lower file lives on in its layer, but has no name left here
         return self._attr(a)
 
+    @_sharing_names
     @_interruptible
     def setattr(self, req: Request, nodeid: int, fh: int | None, changes: SetAttr) -> bytes:
         node = self.nodes[nodeid]
@@ -235,6 +257,7 @@ class UnionOperations(Operations):
         if mode & kill:
             self.union.chmod(path, stat.S_IMODE(mode) & ~kill)
 
+    @_sharing_names
     def readlink(self, req: Request, nodeid: int) -> bytes:
         return os.fsencode(self.union.readlink(self.nodes.path(self.nodes[nodeid])))
 
@@ -243,21 +266,25 @@ class UnionOperations(Operations):
 
     # -- making and removing entries ------------------------------------------------------------
 
+    @_sharing_names
     def mkdir(self, req: Request, parent: int, name: bytes, mode: int) -> Entry:
         pnode, text, path = self._child(parent, name)
         self.union.mkdir(path, mode, *self._caller(req))
         return self._made(pnode, text, path)
 
+    @_sharing_names
     def mknod(self, req: Request, parent: int, name: bytes, mode: int, rdev: int) -> Entry:
         pnode, text, path = self._child(parent, name)
         self.union.mknod(path, mode, rdev, *self._caller(req))
         return self._made(pnode, text, path)
 
+    @_sharing_names
     def symlink(self, req: Request, parent: int, name: bytes, target: bytes) -> Entry:
         pnode, text, path = self._child(parent, name)
         self.union.symlink(os.fsdecode(target), path, *self._caller(req))
         return self._made(pnode, text, path)
 
+    @_sharing_names
     @_interruptible
     def link(self, req: Request, nodeid: int, newparent: int, newname: bytes) -> Entry:
         node = self.nodes[nodeid]
@@ -273,6 +300,7 @@ class UnionOperations(Operations):
         _refuse_dot_names(text)
         return pnode, text, self.nodes.child_path(pnode, text)
 
+    @_changing_names
     def unlink(self, req: Request, parent: int, name: bytes) -> None:
         pnode, text, path = self._child(parent, name)
         last = self.union.getattr(path).nlink <= 1
@@ -289,11 +317,13 @@ class UnionOperations(Operations):
                 self.union.getattr(path).st.st_mode):
             node.keeper = self.union.open(path, os.O_PATH)
 
+    @_changing_names
     def rmdir(self, req: Request, parent: int, name: bytes) -> None:
         pnode, text, path = self._child(parent, name)
         self.union.rmdir(path)
         self.nodes.removed(pnode, text, last=True)
 
+    @_changing_names
     @_interruptible
     def rename(self, req: Request, parent: int, name: bytes, newparent: int, newname: bytes, flags: int) -> None:
         pnode, text, old = self._child(parent, name)
@@ -330,6 +360,7 @@ class UnionOperations(Operations):
 
     # -- open files ----------------------------------------------------------------------------------
 
+    @_sharing_names
     @_interruptible
     def open(self, req: Request, nodeid: int, flags: int, kill_suidgid: bool) -> Opened:
         node = self.nodes[nodeid]
@@ -355,6 +386,7 @@ class UnionOperations(Operations):
             self.union.release(fd)
             raise
 
+    @_sharing_names
     def create(self, req: Request, parent: int, name: bytes, flags: int, mode: int) -> tuple[Entry, Opened]:
         pnode, text, path = self._child(parent, name)
         fd = self.union.create(path, flags & _DAEMON_FLAGS, mode, *self._caller(req))
@@ -451,6 +483,7 @@ class UnionOperations(Operations):
         self._dirs[fh] = None  # listed at the first read
         return Opened(fh, abi.FOPEN_CACHE_DIR | abi.FOPEN_KEEP_CACHE)
 
+    @_sharing_names
     def readdir(self, req: Request, nodeid: int, fh: int, offset: int) -> Iterator[tuple[bytes, int, int, int]]:
         listing = self._dirs.get(fh)
         if listing is None or offset == 0:
@@ -461,21 +494,23 @@ class UnionOperations(Operations):
             listing.extend((os.fsencode(name), number, bits >> 12)
                            for name, (number, bits) in self.union.listdir(path).items())
             self._dirs[fh] = listing
-        for index in range(offset, len(listing)):
-            name, ino, kind = listing[index]
-            yield name, ino, kind, index + 1
+        # Taken now, under the lock: the caller looks entries up as it goes (readdirplus).
+        return ((name, ino, kind, index + 1) for index, (name, ino, kind) in enumerate(listing[offset:], offset))
 
     def releasedir(self, req: Request, fh: int) -> None:
         self._dirs.pop(fh, None)
 
+    @_sharing_names
     def fsyncdir(self, req: Request, nodeid: int, datasync: bool) -> None:
         self.union.fsync_dir(self.nodes.path(self.nodes[nodeid]))
 
     # -- extended attributes -------------------------------------------------------------------------
 
+    @_sharing_names
     def getxattr(self, req: Request, nodeid: int, name: bytes) -> bytes:
         return self.union.getxattr(self.nodes.path(self.nodes[nodeid]), _name(name))
 
+    @_sharing_names
     def listxattr(self, req: Request, nodeid: int) -> list[bytes]:
         names = self.union.listxattr(self.nodes.path(self.nodes[nodeid]))
         if req.uid != 0:
@@ -483,10 +518,12 @@ class UnionOperations(Operations):
             names = [n for n in names if not n.startswith("trusted.")]
         return [os.fsencode(n) for n in names]
 
+    @_sharing_names
     @_interruptible
     def setxattr(self, req: Request, nodeid: int, name: bytes, value: bytes, flags: int) -> None:
         self.union.setxattr(self.nodes.path(self.nodes[nodeid]), _name(name), value, flags)
 
+    @_sharing_names
     @_interruptible
     def removexattr(self, req: Request, nodeid: int, name: bytes) -> None:
         self.union.removexattr(self.nodes.path(self.nodes[nodeid]), _name(name))
