@@ -57,7 +57,7 @@ class Impl:
             return f"{_line(['unionfs', '--version'], 'unionfs-fuse version')} (Debian {_deb('unionfs-fuse')}, libfuse2 {_deb('libfuse2')})"
         commit = output(["git", "-C", REPO, "rev-parse", "--short", "HEAD"])
         dirty = output(["git", "-C", REPO, "status", "--porcelain", "--untracked-files=no", "layerfs"])
-        return f"{output(layerfs_command() + ['--version'])} (git {commit}{' + local changes' if dirty else ''}, libfuse3 {_deb('libfuse3-3')})"
+        return f"{output(layerfs_command() + ['--version'])} (git {commit}{' + local changes' if dirty else ''}, its own FUSE server)"
 
     def command(self, lowers: list[Path], upper: Path, work: Path, mnt: Path) -> list[str]:
         """The mount command; lowers top first."""
