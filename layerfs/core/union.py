@@ -340,7 +340,7 @@ class Union:
     def release(self, fd: int) -> None:
         with self._handles_lock:
             self._handles.pop(fd, None)
-            os.close(fd)
+        os.close(fd)  # (after: its number may come back to an open at once, which records it anew)
 
     def close(self) -> None:
         """Close every open file and bring the change index up to date (on unmount)."""

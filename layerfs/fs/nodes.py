@@ -17,58 +17,56 @@ nothing. ``NameLock`` keeps the two in step (as libfuse's high-level API does wi
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import itertools
 import os
 import threading
-from typing import Hashable, Iterator
+from typing import Hashable
 
 ROOT_ID = 1
 
 
 class NameLock:
     """Requests that name files by path share it; one that moves or removes names (the union's change
-    and the node table's) holds it alone, and goes first: new sharers wait while it waits."""
+    and the node table's) holds it alone, and goes first: new sharers wait while it waits. Taking it
+    shared costs two acquisitions of a plain lock when no change is pending: every request takes it."""
 
     def __init__(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._sharers = 0
         self._changing = False
         self._waiting = 0
 
-    @contextlib.contextmanager
-    def shared(self) -> Iterator[None]:
-        with self._cond:
+    def acquire_shared(self) -> None:
+        with self._lock:
             while self._changing or self._waiting:
                 self._cond.wait()
             self._sharers += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._sharers -= 1
-                if not self._sharers and self._waiting:
-                    self._cond.notify_all()
 
-    @contextlib.contextmanager
-    def exclusive(self) -> Iterator[None]:
-        with self._cond:
+    def release_shared(self) -> None:
+        with self._lock:
+            self._sharers -= 1
+            if not self._sharers and self._waiting:
+                self._cond.notify_all()
+
+    def acquire(self) -> None:
+        with self._lock:
             self._waiting += 1
             while self._changing or self._sharers:
                 self._cond.wait()
             self._waiting -= 1
             self._changing = True
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._changing = False
-                self._cond.notify_all()
+
+    def release(self) -> None:
+        with self._lock:
+            self._changing = False
+            self._cond.notify_all()
 
 
 class Node:
-    __slots__ = ("nodeid", "key", "parent", "name", "aliases", "lookups", "io_key", "io_count", "backing", "keeper")
+    __slots__ = ("nodeid", "key", "parent", "name", "aliases", "lookups", "io_key", "io_count", "passing", "backing",
+                 "backing_writable", "keeper")
 
     def __init__(self, nodeid: int, key: Hashable, parent: Node | None, name: str) -> None:
         self.nodeid = nodeid
@@ -77,11 +75,15 @@ class Node:
         self.name = name
         self.aliases: tuple[tuple[Node, str], ...] = ()  # more names of a hard-linked file (rare: a tuple)
         self.lookups = 0
-        # Open files: which real file they hold ((dev, ino)), how many, and the passthrough backing id
-        # they share (0: served through the daemon). The kernel wants every open of one node alike.
+        # Open files: which real file they hold ((dev, ino)), how many, and whether they pass through
+        # (else they are served through the daemon): the kernel wants every open of one node alike.
         self.io_key: tuple[int, int] | None = None
         self.io_count = 0
+        self.passing = False
+        # The passthrough backing id registered for io_key's file (0: none), kept between opens until
+        # the kernel forgets the node, and whether it was registered for writing.
         self.backing = 0
+        self.backing_writable = False
         # An O_PATH descriptor of a file that lost its last name while the kernel still knew the node:
         # an open that looked the name up just before the unlink reaches the file through it, as on a
         # local filesystem (-1: none).

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import functools
 import logging
 import os
@@ -89,8 +90,11 @@ def _sharing_names(method):
     """A request that names files by path (see NameLock)."""
     @functools.wraps(method)
     def wrapper(self, *args):
-        with self._names.shared():
+        self._names.acquire_shared()
+        try:
             return method(self, *args)
+        finally:
+            self._names.release_shared()
     return wrapper
 
 
@@ -98,8 +102,11 @@ def _changing_names(method):
     """A request that moves or removes names: the union's change and the node table's are one step."""
     @functools.wraps(method)
     def wrapper(self, *args):
-        with self._names.exclusive():
+        self._names.acquire()
+        try:
             return method(self, *args)
+        finally:
+            self._names.release()
     return wrapper
 
 
@@ -190,10 +197,12 @@ class UnionOperations(Operations):
     def forget(self, nodes: list[tuple[int, int]]) -> None:
         for nodeid, count in nodes:
             gone = self.nodes.forget(nodeid, count)
-            if gone is not None and gone.keeper >= 0:
+            if gone is not None and (gone.keeper >= 0 or gone.backing):
                 with self._io_lock:
-                    self.union.release(gone.keeper)
-                    gone.keeper = -1
+                    self._drop_backing(gone)
+                    if gone.keeper >= 0:
+                        self.union.release(gone.keeper)
+                        gone.keeper = -1
 
     @_sharing_names
     def getattr(self, req: Request, nodeid: int, fh: int | None) -> bytes:
@@ -381,7 +390,7 @@ class UnionOperations(Operations):
                 # number and one link, which the kernel has not seen.
                 self.nodes.rekey(node, _key(self.union.fstat(fd)))
                 self.session.invalidate_inode(node.nodeid)
-            return self._opened(node, fd, passthrough=self._may_pass_through(req, flags, fd))
+            return self._opened(node, fd, writable, passthrough=self._may_pass_through(req, flags, fd))
         except BaseException:
             self.union.release(fd)
             raise
@@ -393,8 +402,8 @@ class UnionOperations(Operations):
         try:
             a = self.union.fstat(fd)
             node = self.nodes.found(pnode, text, _key(a))
-            return Entry(node.nodeid, self._attr(a)), self._opened(node, fd,
-                                                                   passthrough=self._may_pass_through(req, flags, fd))
+            return Entry(node.nodeid, self._attr(a)), self._opened(
+                node, fd, True, passthrough=self._may_pass_through(req, flags, fd))
         except BaseException:
             self.union.release(fd)
             raise
@@ -407,7 +416,7 @@ class UnionOperations(Operations):
         mode = self.union.fstat(fd).st.st_mode
         return not (mode & stat.S_ISUID or (mode & stat.S_ISGID and mode & stat.S_IXGRP))
 
-    def _opened(self, node: Node, fd: int, *, passthrough: bool = True) -> Opened:
+    def _opened(self, node: Node, fd: int, writable: bool, *, passthrough: bool = True) -> Opened:
         st = self.union.fstat(fd).st
         key = (st.st_dev, st.st_ino)
         with self._io_lock:
@@ -417,31 +426,43 @@ class UnionOperations(Operations):
                 self.nodes.retire(node)
                 raise OSError(errno.ESTALE, os.strerror(errno.ESTALE))
             if not node.io_count:
-                node.io_key = key
+                if node.io_key != key or (writable and not node.backing_writable):
+                    self._drop_backing(node)  # registered for the lower copy, or read-only
+                    node.io_key = key
                 passthrough = passthrough and self._passthrough and stat.S_ISREG(st.st_mode)
-                node.backing = self._backing(fd) if passthrough else 0
-            elif node.backing and not passthrough:
+                if passthrough and not node.backing:
+                    node.backing, node.backing_writable = self._backing(fd)
+                node.passing = passthrough and node.backing != 0
+            elif node.passing and not passthrough:
                 self.union.drop_setid(fd)  # it must share the others' backing: clear them now, not on write
             node.io_count += 1
             self._files[fd] = _File(fd, node)
-        if node.backing:
-            return Opened(fd, abi.FOPEN_PASSTHROUGH, node.backing)
+            if node.passing:
+                return Opened(fd, abi.FOPEN_PASSTHROUGH, node.backing)
         return Opened(fd, abi.FOPEN_KEEP_CACHE)
 
-    def _backing(self, fd: int) -> int:
-        """A passthrough backing id for the file open at ``fd``, 0 where the kernel refuses one. It serves
-        every open of the node, writable ones included: an upper file is registered opened for writing."""
+    def _backing(self, fd: int) -> tuple[int, bool]:
+        """A passthrough backing id for the file open at ``fd`` (0 where the kernel refuses one), and
+        whether it takes writes. It serves every open of the node, writable ones included: an upper file
+        is registered opened for writing. It is kept when the node's last open file closes (registering
+        one costs about as much as the rest of an open), until the kernel forgets the node."""
         backing_fd = self.union.reopen_whole(fd)
         try:
-            return self.session.open_backing(backing_fd)
+            writable = fcntl.fcntl(backing_fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDWR
+            return self.session.open_backing(backing_fd), writable
         except OSError as e:
             if e.errno in (errno.EPERM, errno.ENOTTY, errno.EOPNOTSUPP, errno.ENOSYS):
                 log.warning("passthrough refused by the kernel (%s): file data goes through the daemon",
                             os.strerror(e.errno))
                 self._passthrough = False
-            return 0  # (ELOOP: a layer stacked too deep for this file; it is served by the daemon)
+            return 0, False  # (ELOOP: a layer stacked too deep for this file; it is served by the daemon)
         finally:
             self.union.release(backing_fd)
+
+    def _drop_backing(self, node: Node) -> None:
+        if node.backing:
+            self.session.close_backing(node.backing)
+            node.backing = 0
 
     def release(self, req: Request, fh: int) -> None:
         with self._io_lock:
@@ -451,11 +472,8 @@ class UnionOperations(Operations):
             node = file.node
             node.io_count -= 1
             if node.io_count == 0:
-                if node.backing:
-                    self.session.close_backing(node.backing)
-                node.backing = 0
-                node.io_key = None
-            self.union.release(file.fd)
+                node.passing = False
+        self.union.release(file.fd)
 
     def read(self, req: Request, fh: int, offset: int, size: int) -> bytes:
         return self.union.read(self._files[fh].fd, size, offset)
