@@ -66,7 +66,7 @@ class NameLock:
 
 class Node:
     __slots__ = ("nodeid", "key", "parent", "name", "aliases", "lookups", "io_key", "io_count", "passing", "backing",
-                 "backing_writable", "keeper")
+                 "backing_writable", "pages_stale", "keeper")
 
     def __init__(self, nodeid: int, key: Hashable, parent: Node | None, name: str) -> None:
         self.nodeid = nodeid
@@ -84,6 +84,8 @@ class Node:
         # the kernel forgets the node, and whether it was registered for writing.
         self.backing = 0
         self.backing_writable = False
+        # Written through a backing since the kernel may have cached its pages (opens not passed through).
+        self.pages_stale = False
         # An O_PATH descriptor of a file that lost its last name while the kernel still knew the node:
         # an open that looked the name up just before the unlink reaches the file through it, as on a
         # local filesystem (-1: none).

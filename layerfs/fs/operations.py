@@ -9,8 +9,9 @@
   node: the kernel looks the name up again (open(2) retries a stale answer once, revalidating), finds the
   copy, a new node, and opens that. The old opens keep reading the lower file, as ``O_RDONLY``
   descriptors opened before a copy-up do on overlayfs without ``metacopy``.
-- Without passthrough, file pages stay cached across opens (``FOPEN_KEEP_CACHE``): every change to a
-  file's data goes through its one kernel inode.
+- Without passthrough (and for small files opened read-only, see _PASSTHROUGH_MIN_READ), file pages
+  stay cached across opens (``FOPEN_KEEP_CACHE``): every change to a file's data goes through its one
+  kernel inode, except writes passed through, after which the next such open drops the cached pages.
 - Directory listings are cached by the kernel across opens (``FOPEN_CACHE_DIR``): lowers never change,
   and the kernel drops a directory's cached listing itself when an entry is made, removed or renamed
   through the mount.
@@ -37,6 +38,10 @@ from .nodes import NameLock, Node, Nodes
 
 log = logging.getLogger("layerfs")
 
+# A file opened read-only and smaller than this is read through the daemon with its pages cached across
+# opens: a passthrough read makes the kernel drop the file's access time, so that the next stat of it
+# costs a GETATTR, and a backing registered for a small file costs more than reading it.
+_PASSTHROUGH_MIN_READ = 64 << 10
 _RENAME_NOREPLACE = 1 << 0
 _RENAME_EXCHANGE = 1 << 1
 _NO_ID = 0xFFFFFFFF  # (uid_t)-1
@@ -256,7 +261,23 @@ class UnionOperations(Operations):
             self.union.chmod(path, changes.mode)
         if times is not None:
             self.union.utimens(path, *times)
-        return self._attr(self.union.getattr(path))
+        a = self.union.getattr(path)
+        self._copied_up(node, a)
+        return self._attr(a)
+
+    def _copied_up(self, node: Node, a: Attributes) -> None:
+        """``node``'s file was just changed, so copied up if it was a lower one (``a``: what it is now). A
+        lower file with several links becomes a file of its own: another number and one link, which the
+        kernel must learn (no reply to an xattr change carries attributes)."""
+        if isinstance(node.key, tuple):
+            self.nodes.rekey(node, _key(a))
+            self.session.invalidate_inode(node.nodeid)
+
+    def _maybe_copied_up(self, node: Node, path: str) -> None:
+        """``_copied_up`` after a change that may have failed once the file was copied up."""
+        if isinstance(node.key, tuple):
+            with contextlib.suppress(OSError):
+                self._copied_up(node, self.union.getattr(path))
 
     def _kill_setid(self, path: str) -> None:
         """A truncate by a caller without CAP_FSETID clears setuid, and setgid where group-executable
@@ -385,11 +406,8 @@ class UnionOperations(Operations):
             if kill_suidgid:
                 self.union.drop_setid(fd)
             writable = flags & os.O_ACCMODE != os.O_RDONLY
-            if writable and isinstance(node.key, tuple):
-                # A lower file with several links was copied up: a file of its own now, with its own
-                # number and one link, which the kernel has not seen.
-                self.nodes.rekey(node, _key(self.union.fstat(fd)))
-                self.session.invalidate_inode(node.nodeid)
+            if writable:
+                self._copied_up(node, self.union.fstat(fd))
             return self._opened(node, fd, writable, passthrough=self._may_pass_through(req, flags, fd))
         except BaseException:
             self.union.release(fd)
@@ -429,7 +447,8 @@ class UnionOperations(Operations):
                 if node.io_key != key or (writable and not node.backing_writable):
                     self._drop_backing(node)  # registered for the lower copy, or read-only
                     node.io_key = key
-                passthrough = passthrough and self._passthrough and stat.S_ISREG(st.st_mode)
+                passthrough = passthrough and self._passthrough and stat.S_ISREG(st.st_mode) and (
+                    writable or st.st_size >= _PASSTHROUGH_MIN_READ)
                 if passthrough and not node.backing:
                     node.backing, node.backing_writable = self._backing(fd)
                 node.passing = passthrough and node.backing != 0
@@ -438,8 +457,11 @@ class UnionOperations(Operations):
             node.io_count += 1
             self._files[fd] = _File(fd, node)
             if node.passing:
+                node.pages_stale = node.pages_stale or writable
                 return Opened(fd, abi.FOPEN_PASSTHROUGH, node.backing)
-        return Opened(fd, abi.FOPEN_KEEP_CACHE)
+            # Pages the kernel cached before a write passed through them are dropped at this open.
+            keep, node.pages_stale = not node.pages_stale, False
+        return Opened(fd, abi.FOPEN_KEEP_CACHE if keep else 0)
 
     def _backing(self, fd: int) -> tuple[int, bool]:
         """A passthrough backing id for the file open at ``fd`` (0 where the kernel refuses one), and
@@ -539,12 +561,22 @@ class UnionOperations(Operations):
     @_sharing_names
     @_interruptible
     def setxattr(self, req: Request, nodeid: int, name: bytes, value: bytes, flags: int) -> None:
-        self.union.setxattr(self.nodes.path(self.nodes[nodeid]), _name(name), value, flags)
+        node = self.nodes[nodeid]
+        path = self.nodes.path(node)
+        try:
+            self.union.setxattr(path, _name(name), value, flags)
+        finally:  # (an XATTR_REPLACE of a missing name fails after the copy-up, as on overlayfs)
+            self._maybe_copied_up(node, path)
 
     @_sharing_names
     @_interruptible
     def removexattr(self, req: Request, nodeid: int, name: bytes) -> None:
-        self.union.removexattr(self.nodes.path(self.nodes[nodeid]), _name(name))
+        node = self.nodes[nodeid]
+        path = self.nodes.path(node)
+        try:
+            self.union.removexattr(path, _name(name))
+        finally:
+            self._maybe_copied_up(node, path)
 
     def summary(self) -> dict:
         """What the daemon holds, for ``layerfs stats``."""
