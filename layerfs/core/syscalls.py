@@ -1,4 +1,5 @@
-"""System calls Python's os module lacks, in one place: openat2, renameat2 exchange, FICLONE, fallocate, mount, umount2."""
+"""System calls Python's os module lacks, in one place: openat2, renameat2 exchange, FICLONE, fallocate, mount,
+umount2, file handles (name_to_handle_at, open_by_handle_at) and a filesystem's UUID."""
 
 from __future__ import annotations
 
@@ -30,6 +31,15 @@ _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c
 _libc.fallocate.restype = ctypes.c_int
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
 _libc.mount.restype = ctypes.c_int
+
+_libc.name_to_handle_at.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_int),
+                                    ctypes.c_int]
+_libc.name_to_handle_at.restype = ctypes.c_int
+_libc.open_by_handle_at.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+_libc.open_by_handle_at.restype = ctypes.c_int
+_MAX_HANDLE_SZ = 128
+_AT_EMPTY_PATH = 0x1000
+_FS_IOC_GETFSUUID = 0x80111500  # _IOR(0x15, 0, struct fsuuid2 {u8 len; u8 uuid[16]})
 
 _SYS_OPENAT2 = 437  # the same number on every architecture (the syscall came after the tables merged)
 _RESOLVE_NO_MAGICLINKS = 0x02
@@ -117,6 +127,45 @@ def open_beneath(path: str, flags: int, mode: int = 0, *, dir_fd: int) -> int:
     finally:
         for fd in held:
             os.close(fd)
+
+
+class _FileHandle(ctypes.Structure):
+    _fields_ = [("handle_bytes", ctypes.c_uint), ("handle_type", ctypes.c_int),
+                ("f_handle", ctypes.c_ubyte * _MAX_HANDLE_SZ)]
+
+
+def file_handle(path: str, *, dir_fd: int) -> tuple[int, bytes]:
+    """The filesystem's handle of ``path`` (not followed; "" for ``dir_fd`` itself): its type and bytes."""
+    handle = _FileHandle(_MAX_HANDLE_SZ)
+    mount_id = ctypes.c_int()
+    if _libc.name_to_handle_at(dir_fd, os.fsencode(path), ctypes.byref(handle), ctypes.byref(mount_id),
+                               0 if path else _AT_EMPTY_PATH) != 0:
+        _raise_errno(path)
+    return handle.handle_type, bytes(handle.f_handle[:handle.handle_bytes])
+
+
+def open_by_handle(mount_fd: int, handle_type: int, handle: bytes, flags: int) -> int:
+    """Open the file ``handle`` names on the filesystem of ``mount_fd`` (needs CAP_DAC_READ_SEARCH)."""
+    if len(handle) > _MAX_HANDLE_SZ:
+        raise OSError(errno.EINVAL, "file handle too long")
+    fh = _FileHandle(len(handle), handle_type)
+    ctypes.memmove(fh.f_handle, handle, len(handle))
+    fd = _libc.open_by_handle_at(mount_fd, ctypes.byref(fh), flags | os.O_CLOEXEC)
+    if fd < 0:
+        _raise_errno("(file handle)")
+    return fd
+
+
+def filesystem_uuid(fd: int) -> bytes:
+    """The UUID of the filesystem holding ``fd`` (16 bytes; zeros where it has none to tell)."""
+    buf = bytearray(17)
+    try:
+        fcntl.ioctl(fd, _FS_IOC_GETFSUUID, buf, True)
+    except OSError as e:
+        if e.errno not in (errno.ENOTTY, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS, errno.EBADF):
+            raise
+        return bytes(16)
+    return bytes(buf[1:1 + min(buf[0], 16)]).ljust(16, b"\0")
 
 
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:

@@ -32,6 +32,7 @@ from .index import ChangeIndex
 from .inodes import InodeMap
 from .layer import Layer
 from .lookup import Entry, Resolver, join, split
+from .origin import Origins
 
 
 INDEX_DIR = "layerfs-index"  # in the work directory: the change index's snapshot and journal
@@ -96,7 +97,8 @@ class Union:
         self.upper = Layer(upper, writable=True) if upper else None
         layers = ([self.upper] if self.upper else []) + [Layer(p, writable=False) for p in lowers]
         self.resolver = Resolver(layers)
-        self.inodes = InodeMap(layers[0].dev)
+        self._origins = Origins(self.upper, layers[1:]) if self.upper else None
+        self.inodes = InodeMap(layers, self._origins)
         self.sync = sync
         self._lock = threading.RLock()
         # open fd -> (merged inode number, whether it is an upper file)
@@ -163,10 +165,15 @@ class Union:
 
     # -- reading --------------------------------------------------------------------------------
 
+    def _number(self, entry: Entry) -> int:
+        if entry.in_upper:
+            return self.inodes.number_of_upper(entry.rel, entry.st.st_dev, entry.st.st_ino)
+        return self.inodes.number(entry.st)
+
     def attributes(self, entry: Entry) -> Attributes:
         st = entry.st
         # overlayfs reports nlink 1 for a directory merged from several layers: its real count is unknown.
-        return Attributes(st, self.inodes.number(st), 1 if entry.merged else st.st_nlink)
+        return Attributes(st, self._number(entry), 1 if entry.merged else st.st_nlink)
 
     def getattr(self, path: str) -> Attributes:
         return self.attributes(self.resolver.get(path))
@@ -179,12 +186,17 @@ class Union:
         stack = self.resolver.stack_of(path)
         merged: dict[str, tuple[int, int]] = {}
         hidden: set[str] = set()
-        number = self.inodes.number_for
         for layer in stack:
             entries, whited_out = layer.scan(path)
+            # In an "impure" upper directory some entries are copies that show their origin's number.
+            impure = layer.writable and Origins.is_impure(Layer.rel(path), dir_fd=layer.fd)
             for name, info in entries.items():
                 if name not in merged and name not in hidden:
-                    merged[name] = (number(info.dev, info.ino), info.type_bits)
+                    if impure:
+                        number = self.inodes.number_of_upper(Layer.rel(join(path, name)), info.dev, info.ino)
+                    else:
+                        number = self.inodes.number_for(info.dev, info.ino)
+                    merged[name] = (number, info.type_bits)
             hidden.update(whited_out)
         return merged
 
@@ -223,7 +235,7 @@ class Union:
             with self._lock:
                 entry = self._copy_up(path, with_data=not flags & os.O_TRUNC)
         fd = syscalls.open_beneath(entry.rel, flags & _OPENING_ONLY, dir_fd=entry.layer.fd)
-        self._remember(fd, self.inodes.number(entry.st), entry.in_upper)
+        self._remember(fd, self._number(entry), entry.in_upper)
         return fd
 
     def _remember(self, fd: int, number: int, in_upper: bool) -> None:
@@ -349,6 +361,8 @@ class Union:
         if self.index is not None:
             self.index.close()
             self.index = None
+        if self._origins is not None:
+            self._origins.close()
 
     # -- changing metadata ----------------------------------------------------------------------
 
@@ -567,6 +581,7 @@ class Union:
             with upper.at(source_rel) as (source_dir, source_name):
                 if opaque_at_target:
                     whiteout.mark_opaque(source_name, dir_fd=source_dir)
+                self._mark_impure_for(old, new)
                 if not self._rename_leaving_whiteout(old, new):
                     displaced = self._install(source_dir, source_name, new)
                     if self._lower_has(old):
@@ -636,6 +651,8 @@ class Union:
             self._copy_up_dir_chain(split(a)[0])
             self._copy_up_dir_chain(split(b)[0])
             moves = [(a, b, *self._prepare_exchange(a, b, first)), (b, a, *self._prepare_exchange(b, a, second))]
+            self._mark_impure_for(a, b)
+            self._mark_impure_for(b, a)
             with upper.at(Layer.rel(a)) as (a_dir, a_name), upper.at(Layer.rel(b)) as (b_dir, b_name):
                 syscalls.exchange(a_name, b_name, a_dir_fd=a_dir, b_dir_fd=b_dir)
                 self._drop_oci_whiteout(a_dir, a_name)
@@ -678,11 +695,15 @@ class Union:
         parent, _ = split(entry.path)
         self._copy_up_dir_chain(parent)
         tmp = self._tmp()
+        origin = self._origins.record(entry.layer, entry.rel)
         with upper.at(entry.rel) as (dir_fd, name):
             pst = os.fstat(dir_fd)
             try:
                 copyup.copy_entry(entry.rel, entry.st, tmp, src_dir_fd=entry.layer.fd, dst_dir_fd=self._work,
                                   with_data=with_data, sync=self.sync)
+                if origin is not None:
+                    self._origins.write(tmp, origin, dir_fd=self._work)
+                    Origins.mark_impure(".", dir_fd=dir_fd)
                 os.rename(tmp, name, src_dir_fd=self._work, dst_dir_fd=dir_fd)
             except BaseException:
                 _remove_tree(self._work, tmp)
@@ -694,6 +715,13 @@ class Union:
             self.resolver.invalidate()
             return Entry(entry.path, upper, st, (upper,) + entry.stack)
         return Entry(entry.path, upper, st, ())
+
+    def _mark_impure_for(self, old: str, new: str) -> None:
+        """The upper entry at ``old`` is about to move to ``new``: if it is a copy that shows its origin's
+        number, the directory it moves into is marked as holding such entries (overlayfs does the same)."""
+        if self._origins.has_record(Layer.rel(old)):
+            with self.upper.at(Layer.rel(new)) as (dir_fd, _):
+                Origins.mark_impure(".", dir_fd=dir_fd)
 
     def _copy_up_dir_chain(self, path: str) -> None:
         """Make the directory ``path`` and its ancestors real directories of the upper layer."""

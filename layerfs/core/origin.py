@@ -1,0 +1,139 @@
+"""Where a copied-up entry came from, recorded as kernel overlayfs records it, so that it keeps its number.
+
+A copy-up writes ``trusted.overlay.origin`` on the copy: the lower entry's file handle in the kernel's
+``struct ovl_fb`` form (version 0, magic 0xfb, length, flags, handle type, the lower filesystem's UUID,
+then the handle ``name_to_handle_at`` gives). Kernel overlayfs writes the same and reports a copied-up
+entry's inode number from it, so the number an entry shows survives an unmount and a remount with
+either implementation. The UUID is all zeros where the lower is on the upper's filesystem, as the kernel
+writes it there (``uuid=auto``); the kernel also marks the copy's directory "impure" (it holds entries
+whose numbers are not their own), which tells a listing to look those entries' origins up.
+
+A record is resolved back to the lower entry with ``open_by_handle_at`` (CAP_DAC_READ_SEARCH): without
+it, or when the entry is gone, the copy shows its own number, as on the kernel when an origin does not
+decode.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import struct
+
+from . import syscalls, xattr
+from .layer import Layer
+
+ORIGIN_XATTRS = ("trusted.overlay.origin", "user.overlay.origin")
+IMPURE_XATTRS = ("trusted.overlay.impure", "user.overlay.impure")
+_HEADER = struct.Struct("<BBBBB16s")  # version, magic, length, flags, handle type, UUID
+_VERSION, _MAGIC = 0, 0xFB
+_NULL_UUID = bytes(16)
+# What a missing or unreadable record, or one a filesystem will not take, looks like.
+_ABSENT = (errno.ENODATA, errno.ENOTSUP, errno.EPERM, errno.EACCES)
+
+
+def _set_first(path: str, names: tuple[str, ...], value: bytes, dir_fd: int) -> None:
+    """Set the trusted.* form, else (no CAP_SYS_ADMIN: a rootless daemon) the user.* one, as overlayfs's
+    ``userxattr`` does; nothing where neither is allowed (the record is a hint, the copy is whole)."""
+    for name in names:
+        try:
+            xattr.set(path, name, value, dir_fd=dir_fd)
+            return
+        except OSError as e:
+            if e.errno not in _ABSENT:
+                raise
+
+
+def _get_first(path: str, names: tuple[str, ...], dir_fd: int) -> bytes | None:
+    for name in names:
+        try:
+            return xattr.get(path, name, dir_fd=dir_fd)
+        except OSError as e:
+            if e.errno not in _ABSENT:
+                raise
+    return None
+
+
+class Origins:
+    """The origin records of one union's upper layer: made at copy-up, read back into lower entries."""
+
+    def __init__(self, upper: Layer, lowers: list[Layer]) -> None:
+        self._upper = upper
+        self._lowers = lowers
+        self._mount_fds: dict[int, int] = {}  # dev -> a readable descriptor on it (open_by_handle_at's need)
+        self._uuids: dict[int, bytes] = {}
+
+    def close(self) -> None:
+        for fd in self._mount_fds.values():
+            os.close(fd)
+        self._mount_fds.clear()
+
+    def _uuid(self, layer: Layer) -> bytes:
+        if layer.dev == self._upper.dev:
+            return _NULL_UUID
+        uuid = self._uuids.get(layer.dev)
+        if uuid is None:
+            fd = self._mount_fd(layer)
+            uuid = self._uuids[layer.dev] = syscalls.filesystem_uuid(fd)
+        return uuid
+
+    def _mount_fd(self, layer: Layer) -> int:
+        fd = self._mount_fds.get(layer.dev)
+        if fd is None:
+            fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=layer.fd)
+            fd = self._mount_fds.setdefault(layer.dev, fd)
+        return fd
+
+    def record(self, layer: Layer, rel: str) -> bytes | None:
+        """The origin record of the lower entry ``rel`` of ``layer``; None where its filesystem gives no
+        handles."""
+        try:
+            handle_type, handle = syscalls.file_handle(rel, dir_fd=layer.fd)
+        except OSError as e:
+            if e.errno in (errno.EOPNOTSUPP, errno.ENOTSUP, errno.EOVERFLOW, errno.ENOSYS):
+                return None
+            raise
+        length = _HEADER.size + len(handle)
+        return _HEADER.pack(_VERSION, _MAGIC, length, 0, handle_type, self._uuid(layer)) + handle
+
+    def write(self, path: str, value: bytes, *, dir_fd: int) -> None:
+        """Record ``value`` on the copy ``path`` (relative to ``dir_fd``)."""
+        _set_first(path, ORIGIN_XATTRS, value, dir_fd)
+
+    def has_record(self, rel: str) -> bool:
+        """Whether the upper entry ``rel`` carries an origin record."""
+        return _get_first(rel, ORIGIN_XATTRS, self._upper.fd) is not None
+
+    @staticmethod
+    def mark_impure(path: str, *, dir_fd: int) -> None:
+        """Mark the upper directory ``path`` as holding entries with origins, unless it is already."""
+        if _get_first(path, IMPURE_XATTRS, dir_fd) != b"y":
+            _set_first(path, IMPURE_XATTRS, b"y", dir_fd)
+
+    @staticmethod
+    def is_impure(rel: str, *, dir_fd: int) -> bool:
+        return _get_first(rel, IMPURE_XATTRS, dir_fd) == b"y"
+
+    def lower_of(self, rel: str) -> os.stat_result | None:
+        """The lstat of the lower entry the upper entry ``rel`` was copied from; None when it has no
+        record, or one that names nothing in a lower layer's filesystem."""
+        value = _get_first(rel, ORIGIN_XATTRS, self._upper.fd)
+        if value is None or len(value) < _HEADER.size:
+            return None
+        version, magic, length, _flags, handle_type, uuid = _HEADER.unpack_from(value)
+        if (version, magic) != (_VERSION, _MAGIC) or length != len(value):
+            return None
+        for layer in {layer.dev: layer for layer in self._lowers}.values():  # one try per filesystem
+            if self._uuid(layer) != uuid:
+                continue
+            try:
+                fd = syscalls.open_by_handle(self._mount_fd(layer), handle_type, value[_HEADER.size:],
+                                             os.O_PATH | os.O_NOFOLLOW)
+            except OSError as e:
+                if e.errno in (errno.ESTALE, errno.ENOENT, errno.EPERM, errno.EINVAL, errno.EOPNOTSUPP):
+                    continue
+                raise
+            try:
+                return os.fstat(fd)
+            finally:
+                os.close(fd)
+        return None
