@@ -64,7 +64,7 @@ class Impl:
         lowerdir = ":".join(str(p) for p in lowers)
         if self.name == "overlay":
             return ["mount", "-t", "overlay", "overlay", "-o",
-                    f"lowerdir={lowerdir},upperdir={upper},workdir={work}", str(mnt)]
+                    f"lowerdir={lowerdir},upperdir={upper},workdir={work},redirect_dir=on", str(mnt)]
         if self.name == "fuse-overlayfs":
             return ["fuse-overlayfs", "-o", f"dev,suid,lowerdir={lowerdir},upperdir={upper},workdir={work}", str(mnt)]
         if self.name == "unionfs":

@@ -205,6 +205,14 @@ def copy_up(ctx: Ctx) -> int:
     return 1
 
 
+def dir_rename(ctx: Ctx) -> int:
+    """mv of usr/share/doc (a lower directory of thousands of files) to a new name: one rename by redirect
+    where the union makes them (layerfs; kernel overlayfs, mounted with redirect_dir=on here), else mv's
+    copy and delete after EXDEV (fuse-overlayfs, unionfs-fuse)."""
+    subprocess.run(["mv", ctx.path("usr/share/doc"), ctx.path("usr/share/doc-moved")], check=True)
+    return 1
+
+
 def _write_new(ctx: Ctx, block: bytes, mib: int) -> int:
     """Write a new file of ``mib`` MiB in writes of ``block`` and close it (no fsync, like plain dd); bytes."""
     fd = os.open(ctx.scratch("sw"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -379,6 +387,8 @@ WORKLOADS = [
              container_start, "fresh", "commands"),
     Workload("copyup", "copyup", "first write to a 100 MiB lower file (fresh mount each time)", copy_up,
              "fresh", "files"),
+    Workload("dir-rename", "dir-rename", "mv of a lower directory of thousands of files (fresh mount each time)",
+             dir_rename, "fresh", "renames"),
     Workload("create-delete", "create-delete", "create small files, then delete them", create_delete, "plain",
              "files"),
     Workload("seqwrite", "seqwrite", "write a new file sequentially in 1 MiB writes", seq_write, "plain",

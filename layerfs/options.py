@@ -20,7 +20,7 @@ _QUIET = frozenset({
     "rw", "dev", "suid", "exec", "atime", "noatime", "relatime", "strictatime", "nodiratime",
     "nodev", "nosuid", "noexec",
     "default_permissions", "allow_other", "allow_root", "fsync", "threaded", "noacl", "timeout",
-    "redirect_dir", "index", "metacopy", "xino", "userxattr", "context",
+    "index", "metacopy", "xino", "userxattr", "context",
     "fscontext", "defcontext", "rootcontext", "nfs_export", "uuid", "plugins", "debug", "max_idle_threads",
 })
 
@@ -41,6 +41,7 @@ class MountConfig:
     passthrough: bool = True  # file data passed through to the layers by the kernel, where it allows
     log: str | None = None  # log=FILE: the daemon's warnings and unexpected errors, else syslog
     threads: int = 2  # threads=N: readers of /dev/fuse, each on a descriptor of its own
+    redirect_dir: bool = True  # redirect_dir=off: a directory rename copies the tree up, as before redirects
 
 
 def split_escaped(text: str, sep: str) -> list[str]:
@@ -169,6 +170,10 @@ def parse(option_strings: list[str], mountpoint: str | None) -> MountConfig:
     threads = _number(threads_text, 65)
     if not threads:
         raise UsageError(f"threads={printable(threads_text)}: not a number from 1 to 64")
+    redirect_text = values.pop("redirect_dir", "on")
+    if redirect_text not in ("on", "off", "follow", "nofollow"):
+        raise UsageError(f"redirect_dir={printable(redirect_text)}: not one of on, off, follow, nofollow")
+    redirect_dir = redirect_text == "on"  # (redirects are followed whatever it says, as overlayfs does by default)
     if values.get("xattr_permissions", "0") != "0":
         warnings.append(f"xattr_permissions={printable(values.pop('xattr_permissions'))} ignored: owners and modes are "
                         "stored as they are (layerfs runs as root)")
@@ -180,7 +185,7 @@ def parse(option_strings: list[str], mountpoint: str | None) -> MountConfig:
         if key not in _QUIET:
             warnings.append(f"unknown option {printable(key)} ignored")
     return MountConfig(mnt, lowers, upper, work, readonly, sync, fsname, warnings, owner, owners, static_nlink,
-                       passthrough, log, threads)
+                       passthrough, log, threads, redirect_dir)
 
 
 def _owners(values: dict[str, str], flags: set[str]) -> Owners:

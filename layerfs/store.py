@@ -454,6 +454,7 @@ def _copy_changes(upper: str, changes: list[Change], build: str) -> None:
     build_fd = os.open(build, _DIR)
     linked: dict[tuple[int, int], str] = {}  # upper (dev, ino) -> the layer path first written for it
     dirs: list[tuple[str, os.stat_result]] = []
+    lowers: dict[str, int] = {}  # root -> descriptor, of the lowers that sources (Change.source) are in
     try:
         for change in changes:
             if change.path == "/":
@@ -461,10 +462,17 @@ def _copy_changes(upper: str, changes: list[Change], build: str) -> None:
             parent, _, name = change.path.rpartition("/")
             if whiteout.is_marker_name(name):
                 continue
-            src_dir = _open_dir(upper_fd, parent)
+            if change.source is None:
+                src_dir, src_name = _open_dir(upper_fd, parent), name
+            else:  # still in a lower layer, below a redirected directory
+                root, real = change.source
+                if root not in lowers:
+                    lowers[root] = os.open(root, _DIR)
+                head, _, src_name = real.rpartition("/")
+                src_dir = _open_dir(lowers[root], head)
             dst_dir = _open_dir(build_fd, parent)
             try:
-                _copy_one(change, name, src_dir, dst_dir, build_fd, linked, dirs)
+                _copy_one(change, src_name, name, src_dir, dst_dir, build_fd, linked, dirs)
             except FileNotFoundError as e:
                 raise LayerfsError(f"cannot commit {change.path}: it is no longer in the upper directory") from e
             finally:
@@ -478,14 +486,14 @@ def _copy_changes(upper: str, changes: list[Change], build: str) -> None:
             finally:
                 os.close(fd)
     finally:
-        os.close(upper_fd)
-        os.close(build_fd)
+        for fd in [upper_fd, build_fd, *lowers.values()]:
+            os.close(fd)
 
 
-def _copy_one(change: Change, name: str, src_dir: int, dst_dir: int, build_fd: int, linked: dict,
+def _copy_one(change: Change, src_name: str, name: str, src_dir: int, dst_dir: int, build_fd: int, linked: dict,
               dirs: list) -> None:
     try:
-        st = os.lstat(name, dir_fd=src_dir)
+        st = os.lstat(src_name, dir_fd=src_dir)
     except FileNotFoundError:
         if change.kind != DELETED:
             raise
@@ -496,8 +504,8 @@ def _copy_one(change: Change, name: str, src_dir: int, dst_dir: int, build_fd: i
     if stat.S_ISSOCK(st.st_mode):
         return  # a socket belongs to a process; layers do not carry them
     if stat.S_ISDIR(st.st_mode):
-        copyup.copy_entry(name, st, name, src_dir_fd=src_dir, dst_dir_fd=dst_dir, sync=False)
-        if change.kind == DELETED or whiteout.is_opaque_dir(name, dir_fd=src_dir):
+        copyup.copy_entry(src_name, st, name, src_dir_fd=src_dir, dst_dir_fd=dst_dir, sync=False)
+        if change.kind == DELETED or change.source is None and whiteout.is_opaque_dir(name, dir_fd=src_dir):
             whiteout.mark_opaque(name, dir_fd=dst_dir)  # a directory that replaced the lowers' one
         dirs.append((change.path, st))
         return
@@ -505,6 +513,6 @@ def _copy_one(change: Change, name: str, src_dir: int, dst_dir: int, build_fd: i
     if first is not None:  # another name of a file this layer has already: a hard link, as in the upper
         os.link(first[1:], name, src_dir_fd=build_fd, dst_dir_fd=dst_dir, follow_symlinks=False)
         return
-    copyup.copy_entry(name, st, name, src_dir_fd=src_dir, dst_dir_fd=dst_dir, sync=False)
+    copyup.copy_entry(src_name, st, name, src_dir_fd=src_dir, dst_dir_fd=dst_dir, sync=False)
     if st.st_nlink > 1:
         linked[(st.st_dev, st.st_ino)] = change.path

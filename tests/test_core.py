@@ -36,10 +36,10 @@ def stack(tmp_path):
     return dirs
 
 
-def union(stack, upper=True):
+def union(stack, upper=True, **options):
     lowers = [str(stack[n]) for n in ("top", "mid", "bottom")]
     if upper:
-        return Union(lowers, str(stack["upper"]), str(stack["work"]))
+        return Union(lowers, str(stack["upper"]), str(stack["work"]), **options)
     return Union(lowers)
 
 
@@ -144,10 +144,25 @@ def test_open_with_truncate_copies_no_data(stack):
     assert os.lstat(stack["upper"] / "big").st_size == 0
 
 
-def test_directory_rename_moves_the_merged_tree_and_cleans_markers(stack):
+def test_directory_rename_by_redirect_leaves_the_content_where_it_is(stack):
     make(stack["bottom"], {"src/a": "a", "src/sub/b": "b", "src/gone": ""})
     make(stack["top"], {"src/sub/c": "c"})
     u = union(stack)
+    u.unlink("/src/gone")
+    u.rename("/src", "/dst")
+    assert u.lookup("/src") is None
+    assert sorted(u.listdir("/dst")) == ["a", "sub"]
+    assert sorted(u.listdir("/dst/sub")) == ["b", "c"]
+    names = sorted(os.path.relpath(os.path.join(d, n), stack["upper"])
+                   for d, dirs, files in os.walk(stack["upper"]) for n in dirs + files)
+    assert names == ["dst", "dst/gone", "src"]  # the whiteout inside stays: it hides the lower "gone"
+    assert os.getxattr(stack["upper"] / "dst", "trusted.overlay.redirect") == b"src"
+
+
+def test_directory_rename_without_redirects_moves_the_merged_tree_and_cleans_markers(stack):
+    make(stack["bottom"], {"src/a": "a", "src/sub/b": "b", "src/gone": ""})
+    make(stack["top"], {"src/sub/c": "c"})
+    u = union(stack, redirect_dir=False)
     u.unlink("/src/gone")
     u.rename("/src", "/dst")
     assert u.lookup("/src") is None
@@ -162,16 +177,25 @@ def test_directory_rename_moves_the_merged_tree_and_cleans_markers(stack):
 def test_directory_rename_moves_symlinks_to_directories_as_symlinks(stack):
     make(stack["bottom"], {"src/sub/f": "f", "src/gone": ""})
     os.symlink("sub", stack["bottom"] / "src" / "link-to-dir")
-    u = union(stack)
+    u = union(stack, redirect_dir=False)
     u.unlink("/src/gone")  # a whiteout inside, so the moved tree has markers to clean
     u.rename("/src", "/dst")
     assert sorted(u.listdir("/dst")) == ["link-to-dir", "sub"]
     assert os.readlink(stack["upper"] / "dst" / "link-to-dir") == "sub"
 
 
-def test_rename_dir_over_a_merged_empty_dir_is_opaque(stack):
+def test_rename_dir_over_a_merged_empty_dir_hides_its_lower_parts(stack):
     make(stack["bottom"], {"target/x": "", "src/y": ""})
     u = union(stack)
+    u.unlink("/target/x")
+    u.rename("/src", "/target")
+    assert sorted(u.listdir("/target")) == ["y"]  # the redirect sends the lookups to /src alone
+    assert os.getxattr(stack["upper"] / "target", "trusted.overlay.redirect") == b"src"
+
+
+def test_rename_dir_over_a_merged_empty_dir_without_redirects_is_opaque(stack):
+    make(stack["bottom"], {"target/x": "", "src/y": ""})
+    u = union(stack, redirect_dir=False)
     u.unlink("/target/x")
     u.rename("/src", "/target")
     assert sorted(u.listdir("/target")) == ["y"]

@@ -9,8 +9,10 @@ end the upper layers are compared marker for marker, the change index layerfs ke
 walk of its upper, a new ``Union`` over the same layers must show the same tree, and so must kernel
 overlayfs mounting layerfs's upper over the same lowers.
 
-The one deliberate difference: kernel overlayfs (without redirect_dir) answers EXDEV when a directory
-with lower parts takes part, and layerfs copies that directory's merged subtree up and exchanges. The
+With ``redirect_dir`` on both sides (``Sides(..., redirect_dir=True)``) a directory with lower parts is
+exchanged as any other, by redirect on both. Without it (the default here), the one deliberate
+difference: kernel overlayfs answers EXDEV when a directory with lower parts takes part, and layerfs
+copies that directory's merged subtree up and exchanges. The
 kernel side then does what a program falling back would: three moves through a temporary name, a
 directory with lower parts moved the way ``mv`` does (copy, then delete). There the upper layers are
 compared with the opaque marks that hide nothing left out (the copy ``mv`` made is opaque where it
@@ -158,8 +160,11 @@ def _freeze_times(root: Path) -> None:
 class Sides:
     """Kernel overlayfs mounted over one copy of the layers, a Union over another."""
 
-    def __init__(self, mounts, base: Path, build: Callable[[Stack], None], form: str = "overlay") -> None:
+    def __init__(self, mounts, base: Path, build: Callable[[Stack], None], form: str = "overlay",
+                 redirect_dir: bool = False) -> None:
         self.mounts, self.base = mounts, base
+        self.redirect_dir = redirect_dir
+        self.k_options = "redirect_dir=on" if redirect_dir else ""
         src = Stack([base / "src" / f"lower{i}" for i in range(3)], base / "src" / "upper", base / "src" / "work")
         for p in src.lowers + [src.upper]:
             p.mkdir(parents=True)
@@ -175,7 +180,8 @@ class Sides:
         only_lowers = mounts.overlay(base / "lowers-mnt", self.kernel.lowers)
         self.lower_dirs = {p for p, kind in visible_kinds(only_lowers).items() if kind == "d"}
         mounts.unmount(only_lowers)
-        self.kmnt = mounts.overlay(base / "k-mnt", self.kernel.lowers, self.kernel.upper, self.kernel.work)
+        self.kmnt = mounts.overlay(base / "k-mnt", self.kernel.lowers, self.kernel.upper, self.kernel.work,
+                                   self.k_options)
         self.union: Union | None = self._open_union()
         self.by_moves = 0  # exchanges the kernel refused (EXDEV) and did by moves
         self.check()
@@ -190,7 +196,8 @@ class Sides:
         return side
 
     def _open_union(self) -> Union:
-        return Union([str(p) for p in self.layerfs.lowers], str(self.layerfs.upper), str(self.layerfs.work))
+        return Union([str(p) for p in self.layerfs.lowers], str(self.layerfs.upper), str(self.layerfs.work),
+                     redirect_dir=self.redirect_dir)
 
     def check(self) -> dict[str, dict[str, Any]]:
         """Both merged trees equal; returns the kernel's."""
@@ -263,7 +270,8 @@ class Sides:
             again.close()
         work = self.base / "work-for-kernel"
         work.mkdir()
-        kernel_again = self.mounts.overlay(self.base / "kernel-again", self.kernel.lowers, self.layerfs.upper, work)
+        kernel_again = self.mounts.overlay(self.base / "kernel-again", self.kernel.lowers, self.layerfs.upper, work,
+                                           self.k_options)
         assert comparable(kernel_tree(kernel_again)) == final, "kernel overlayfs reads layerfs's upper otherwise"
         self.mounts.unmount(kernel_again)
 
@@ -273,8 +281,8 @@ def sides(mounts, tmp_path):
     """``sides(build, form=...)`` makes a Sides; every Union is closed and every mount unmounted after."""
     made: list[Sides] = []
 
-    def make(build: Callable[[Stack], None], form: str = "overlay") -> Sides:
-        s = Sides(mounts, tmp_path / f"sides{len(made)}", build, form)
+    def make(build: Callable[[Stack], None], form: str = "overlay", redirect_dir: bool = False) -> Sides:
+        s = Sides(mounts, tmp_path / f"sides{len(made)}", build, form, redirect_dir)
         made.append(s)
         return s
 
@@ -415,6 +423,16 @@ def test_exchange_dirs_with_lower_parts(sides, form):
     assert "ld/dropped" not in view and "f2/dropped" not in view and "f2/x" not in view  # still deleted
     assert "opq/old" not in view and "ud/old" not in view  # still hidden
     assert s.by_moves == 5  # the last two are copies already, of the upper alone
+    s.finish()
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_exchange_dirs_with_lower_parts_by_redirect(sides, form):
+    """The same exchanges with redirect_dir on both sides: no EXDEV, no copies, the same uppers."""
+    s = sides(build, form, redirect_dir=True)
+    for a, b in (("ld", "f2"), ("lo", "p2/g"), ("p1/d", "p2/e"), ("opq", "ud"), ("edir", "uo"), ("f2", "p2/g")):
+        assert s.exchange(a, b) == "ok"
+    assert s.by_moves == 0
     s.finish()
 
 

@@ -110,7 +110,8 @@ def test_old_upper_stacked_as_lower_keeps_its_whiteouts_and_opaque_dirs(writer, 
 
     # The commit: the old upper becomes the top lower; both implementations read the same stack.
     stack = [old_upper] + lowers
-    twin = Twin(mounts, tmp_path / "second", stack, stack, f"{describe(spec)} + upper by {writer} as lower")
+    twin = Twin(mounts, tmp_path / "second", stack, stack, f"{describe(spec)} + upper by {writer} as lower",
+                redirect_dir=True)
     assert_same(seen, snapshot(twin.kernel), what="first view vs kernel over the stack", names=("first", "kernel"))
     assert_same(seen, snapshot(twin.layerfs), what="first view vs layerfs over the stack",
                 names=("first", "layerfs"))

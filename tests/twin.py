@@ -63,20 +63,24 @@ class Twin:
     """Kernel overlayfs (the oracle) and layerfs over identical copies of the same lower layers."""
 
     def __init__(self, mounts, base: Path, k_lowers: list[Path], l_lowers: list[Path], label: str,
-                 mount_base: Path | None = None) -> None:
+                 mount_base: Path | None = None, redirect_dir: bool = True) -> None:
         """Mount ``k_lowers`` (overlay form) with kernel overlayfs and ``l_lowers`` (same content, any
         form) with layerfs, each with an empty upper under ``base``; the mount points go in ``mount_base``
         (default ``base``; one other users can reach when operations run as them). ``label`` names the
-        run in failures."""
-        self.mounts, self.label = mounts, label
+        run in failures. With ``redirect_dir`` both rename directories by redirect (the kernel mounted
+        with ``redirect_dir=on``); without, layerfs copies their trees and the kernel answers EXDEV, for
+        ``step`` to do what mv does."""
+        self.mounts, self.label = mounts, label + ("" if redirect_dir else ", redirect_dir=off")
+        self.l_options = "" if redirect_dir else "redirect_dir=off"
         self.k_lowers, self.l_lowers = k_lowers, l_lowers
         names = ("k-upper", "k-work", "l-upper", "l-work")
         self.k_upper, self.k_work, self.l_upper, self.l_work = (base / n for n in names)
         for d in (self.k_upper, self.k_work, self.l_upper, self.l_work):
             d.mkdir(parents=True)
         mount_base = mount_base or base
-        self.kernel = mounts.overlay(mount_base / "k-mnt", self.k_lowers, self.k_upper, self.k_work)
-        self.layerfs = mounts.layerfs(mount_base / "l-mnt", self.l_lowers, self.l_upper, self.l_work)
+        self.kernel = mounts.overlay(mount_base / "k-mnt", self.k_lowers, self.k_upper, self.k_work,
+                                     "redirect_dir=on" if redirect_dir else "")
+        self.layerfs = mounts.layerfs(mount_base / "l-mnt", self.l_lowers, self.l_upper, self.l_work, self.l_options)
         # With the uppers still empty, the kernel shows the lower layers merged: where opaque marks matter.
         self.lower_dirs = {p for p, kind in visible_kinds(self.kernel).items() if kind == "d"}
         self.history: deque[str] = deque(maxlen=12)
@@ -85,12 +89,13 @@ class Twin:
         self.skipped_renames = 0
 
     @classmethod
-    def from_spec(cls, mounts, base: Path, spec: TreeSpec, form: str, mount_base: Path | None = None) -> "Twin":
+    def from_spec(cls, mounts, base: Path, spec: TreeSpec, form: str, mount_base: Path | None = None,
+                  redirect_dir: bool = True) -> "Twin":
         """Twin mounts of a generated tree; layerfs gets its lowers in whiteout ``form``."""
         k_lowers = render_all(spec, base / "k-lowers", "overlay")
         l_lowers = render_all(spec, base / "l-lowers", form)
         return cls(mounts, base, k_lowers, l_lowers, f"{describe(spec)}, layerfs lowers in {form} form",
-                   mount_base)
+                   mount_base, redirect_dir)
 
     def _context(self) -> str:
         recent = "\n    ".join(self.history)
@@ -142,7 +147,7 @@ class Twin:
                     without_idle_opaque(snapshot_upper(self.l_upper), self.lower_dirs),
                     what=f"upper layers ({self._context()})", names=("kernel", "layerfs"))
         self._check_index()
-        again = self.mounts.layerfs(self.layerfs, self.l_lowers, self.l_upper, self.l_work)
+        again = self.mounts.layerfs(self.layerfs, self.l_lowers, self.l_upper, self.l_work, self.l_options)
         assert_same(final, snapshot(again), what="kernel's final tree vs layerfs remounted",
                     names=("kernel", "layerfs"))
 

@@ -12,6 +12,11 @@ lowers had deleted counts as added, not changed. The report follows Docker's ove
   reported. An opaque directory over a lower one is reported ``D`` for the directory, then ``A`` for
   each entry in it, as Docker and Podman do.
 
+A directory renamed with a redirect (``redirect.py``) is new at its path with all it shows, wherever that
+is: ``A`` (``D`` where the lowers show something at its path) for it and ``A`` for every entry of the
+merged view below it, as Docker shows a renamed directory; the entries that are still in a lower layer
+carry where (``Change.source``), for the layer writers to read them there.
+
 ``changes`` walks the upper directory: good for any upper written by layerfs or kernel overlayfs.
 ``indexed_changes`` gives the same answer from a change index (core.index), which costs what changed:
 the upper is not read at all. No FUSE and no mount here.
@@ -23,7 +28,7 @@ import os
 import stat
 from typing import Callable, Iterator, NamedTuple, Sequence
 
-from . import whiteout, xattr
+from . import redirect, whiteout, xattr
 from .index import ChangeIndex, LowerFacts, file_digest
 from .layer import Layer
 from .lookup import Entry, Resolver, join
@@ -34,13 +39,18 @@ ADDED, CHANGED, DELETED = "A", "C", "D"
 class Change(NamedTuple):
     kind: str  # ADDED, CHANGED or DELETED
     path: str  # in the container: "/etc/passwd"
+    # Where an entry below a redirected directory still is, when not in the upper: (lower layer's root,
+    # its path in that layer). None: at ``path`` in the upper.
+    source: tuple[str, str] | None = None
 
     def __str__(self) -> str:
         return f"{self.kind} {self.path}"
 
 
-# What the walk needs of an upper directory: name -> (lstat-like, opaque directory?).
+# What the walk needs of an upper directory: name -> (lstat-like, opaque directory?, redirect or None).
 Listing = Callable[[str], dict]
+# Every entry the merged view shows below a redirected directory: (path, source as in Change).
+Moved = Callable[[str], Iterator[tuple[str, "tuple[str, str] | None"]]]
 # What the lowers show at a path (only asked where no upper directory hides them), or None.
 Below = Callable[[str], "LowerFacts | None"]
 # Whether the upper file at a path (its lstat-like, what the lowers show there) is an unchanged copy.
@@ -59,10 +69,18 @@ def changes(upper: str, lowers: Sequence[str], *, unchanged_copies: bool = True,
     # A diff asks about a few names per directory: looked up one by one, not listed whole.
     resolver = Resolver([Layer(p, writable=False, cached=False) for p in lowers]) if lowers else None
 
+    def marks(path: str) -> tuple[bool, str | None]:
+        """Whether the upper directory at ``path`` is opaque, and its redirect."""
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            return whiteout.is_opaque_dir(".", dir_fd=fd), redirect.read(".", dir_fd=fd)
+        finally:
+            os.close(fd)
+
     def listing(path: str) -> dict:
         with os.scandir(upper if path == "/" else upper + path) as it:
             return {e.name: (st := e.stat(follow_symlinks=False),
-                             stat.S_ISDIR(st.st_mode) and whiteout.is_opaque_dir(e.path)) for e in it}
+                             *(marks(e.path) if stat.S_ISDIR(st.st_mode) else (False, None))) for e in it}
 
     def lookup(path: str) -> Entry | None:
         try:
@@ -82,7 +100,8 @@ def changes(upper: str, lowers: Sequence[str], *, unchanged_copies: bool = True,
             file_digest(real) == file_digest(entry.rel, dir_fd=entry.layer.fd)
 
     return _sorted_with_ancestors(_walk(listing, below, whiteout.is_opaque_dir(upper),
-                                        None if unchanged_copies else unchanged), ignore)
+                                        None if unchanged_copies else unchanged,
+                                        _moved(Layer(upper, writable=True), lowers)), ignore)
 
 
 def indexed_changes(index: ChangeIndex, lowers: Sequence[str], *, unchanged_copies: bool = True,
@@ -95,14 +114,16 @@ def indexed_changes(index: ChangeIndex, lowers: Sequence[str], *, unchanged_copi
     for path, record in index.items():
         if path != "/":
             parent, _, name = path.rpartition("/")
-            children.setdefault(parent or "/", {})[name] = (record, record.opaque)
+            children.setdefault(parent or "/", {})[name] = (record, record.opaque, record.redirect)
     root = index.get("/")
 
     def unchanged(path: str, record, lower: LowerFacts) -> bool:
         return _alike(record, lower) and index.upper_signature(path) == index.lower_signature(path)
 
     return _sorted_with_ancestors(_walk(lambda path: children.get(path, {}), index.lower_facts,
-                                        root is not None and root.opaque, None if unchanged_copies else unchanged),
+                                        root is not None and root.opaque, None if unchanged_copies else unchanged,
+                                        # (the upper through the index's descriptor: a mount may hide its path)
+                                        _moved(Layer(f"/proc/self/fd/{index.upper_fd}", writable=True), lowers)),
                                   ignore)
 
 
@@ -117,6 +138,25 @@ def _xattrs(path: str, dir_fd: int | None) -> dict[str, bytes]:
             if not whiteout.is_private_xattr(n)}
 
 
+def _moved(upper: Layer, lowers: Sequence[str]) -> Moved:
+    """What the merged view of ``upper`` over ``lowers`` shows below a directory, for ``_walk``."""
+    resolver: Resolver | None = None
+
+    def below(top: str) -> Iterator[tuple[str, tuple[str, str] | None]]:
+        nonlocal resolver
+        if resolver is None:  # made when first needed: most diffs meet no redirect
+            resolver = Resolver([upper] + [Layer(p, writable=False, cached=False) for p in lowers])
+        todo = [top]
+        while todo:
+            directory = todo.pop()
+            for name, (part, info) in resolver.listing(directory).items():
+                path = join(directory, name)
+                yield path, None if part.layer.writable else (part.layer.root, join(part.path, name))
+                if info.type_bits == stat.S_IFDIR:
+                    todo.append(path)
+    return below
+
+
 def _sorted_with_ancestors(found_changes: Iterator[Change], ignore: frozenset[str]) -> list[Change]:
     found = {c.path: c for c in found_changes if c.path not in ignore}
     for path in list(found):
@@ -127,7 +167,8 @@ def _sorted_with_ancestors(found_changes: Iterator[Change], ignore: frozenset[st
     return sorted(found.values(), key=lambda c: c.path.split("/"))
 
 
-def _walk(listing: Listing, below: Below, root_opaque: bool, unchanged: Unchanged | None) -> Iterator[Change]:
+def _walk(listing: Listing, below: Below, root_opaque: bool, unchanged: Unchanged | None,
+          moved: Moved) -> Iterator[Change]:
     """Every change in the upper that ``listing`` lists, in no particular order.
 
     Each directory to visit comes with whether the lowers show a directory at its path that it merges
@@ -141,7 +182,7 @@ def _walk(listing: Listing, below: Below, root_opaque: bool, unchanged: Unchange
         path, merged = todo.pop()
         entries = listing(path)
 
-        for name, (st, opaque) in entries.items():
+        for name, (st, opaque, redirected) in entries.items():
             child = join(path, name)
             if whiteout.is_marker_name(name):
                 hidden = whiteout.whited_out_name(name)  # an OCI whiteout file (None for opaque markers)
@@ -157,6 +198,10 @@ def _walk(listing: Listing, below: Below, root_opaque: bool, unchanged: Unchange
                     yield Change(ADDED, child)
                 elif unchanged is None or not unchanged(child, st, old):
                     yield Change(CHANGED, child)
+            elif redirected is not None:
+                yield Change(ADDED if old is None else DELETED, child)
+                for inner, source in moved(child):
+                    yield Change(ADDED, inner, source)
             elif old is None:
                 yield Change(ADDED, child)
                 todo.append((child, False))

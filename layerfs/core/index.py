@@ -39,7 +39,7 @@ from typing import Iterator, NamedTuple, Sequence
 import xxhash
 from sortedcontainers import SortedDict
 
-from . import syscalls, whiteout, xattr
+from . import redirect, syscalls, whiteout, xattr
 from .layer import Layer
 from .lookup import Resolver
 
@@ -48,7 +48,7 @@ _SYNC_EVERY = 100_000  # journal lines
 _RECENT = 4096  # paths remembered as journaled already
 _JOURNAL = "journal-{}"  # one per snapshot generation
 _FULL = (errno.ENOSPC, errno.EDQUOT)
-_VERSION = 2
+_VERSION = 3
 
 
 class LowerFacts(NamedTuple):
@@ -82,6 +82,7 @@ class Record(NamedTuple):
     rdev: int
     target: str | None  # a symlink's target
     opaque: bool  # a directory hiding the lowers below it
+    redirect: str | None  # a directory renamed with its lower parts elsewhere: where (core.redirect)
     digest: str | None = None  # xxh3-128 of a regular file's content, once computed
     # What the lowers show at this path, looked up once (they never change): known or not, and the
     # lower entry's facts (None: nothing there) and signature (content and xattrs), once computed.
@@ -480,8 +481,9 @@ class ChangeIndex:
             return None
         target = os.readlink(rel, dir_fd=self._fd) if stat.S_ISLNK(st.st_mode) else None
         opaque = stat.S_ISDIR(st.st_mode) and whiteout.is_opaque_dir(rel, dir_fd=self._fd)
+        moved = redirect.read(rel, dir_fd=self._fd) if stat.S_ISDIR(st.st_mode) else None
         return Record(st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino,
-                      st.st_rdev, target, opaque)
+                      st.st_rdev, target, opaque, moved)
 
     def _forget_below(self, path: str) -> None:
         for child in list(self.paths_below(path)):

@@ -24,7 +24,7 @@ import os
 import stat
 from typing import Iterator, NamedTuple
 
-from . import syscalls, whiteout
+from . import redirect, syscalls, whiteout
 
 
 class DirEntryInfo(NamedTuple):
@@ -41,7 +41,8 @@ class _Listing(NamedTuple):
 
     entries: dict[str, DirEntryInfo]  # visible-candidate entries by name
     hidden: frozenset[str]  # names whited out in this directory (either form)
-    opaque: bool
+    opaque: bool  # (with the OCI marker among the entries, or an xattr)
+    redirect: str | None
 
 
 def _type_bits(entry: os.DirEntry) -> int:
@@ -122,6 +123,38 @@ class Layer:
             return None, True
         return st, False
 
+    def probe_beneath(self, path: str) -> tuple[os.stat_result | None, bool]:
+        """Like ``probe``, for a path whose directories lookup has not walked (a redirect's target):
+        reached without following a symlink on the way, and nothing where one is in the way."""
+        parent, name = path.rpartition("/")[0] or "/", path.rpartition("/")[2]
+        if self._cached:
+            return self.probe(parent, name, path)  # (a listing is read through open_beneath)
+        try:
+            fd = syscalls.open_beneath(self.rel(parent), os.O_PATH | os.O_DIRECTORY, dir_fd=self.fd)
+        except (FileNotFoundError, NotADirectoryError):
+            return None, False
+        except OSError as e:
+            if e.errno in (errno.ELOOP, errno.EXDEV):
+                return None, False
+            raise
+        try:
+            st = os.lstat(name, dir_fd=fd)
+        except FileNotFoundError:
+            try:
+                os.lstat(whiteout.oci_whiteout_name(name), dir_fd=fd)
+                return None, True
+            except (FileNotFoundError, OSError):
+                return None, False
+        finally:
+            os.close(fd)
+        return (None, True) if whiteout.is_whiteout_stat(st) else (st, False)
+
+    def redirect(self, path: str) -> str | None:
+        """Where the layers below hold the real directory ``path``'s lower parts, if it was renamed."""
+        if self._cached:
+            return self._listing(path).redirect
+        return redirect.read(self.rel(path), dir_fd=self.fd)
+
     def _has_oci_whiteout(self, path: str) -> bool:
         try:
             os.lstat(self.rel(oci_whiteout_path(path)), dir_fd=self.fd)
@@ -146,33 +179,36 @@ class Layer:
         if self._cached:
             listing = self._listing(path)
             return listing.entries, listing.hidden
-        entries, hidden, _ = self._read_dir(path)
-        return entries, hidden
+        listing = self._read_dir(path)
+        return listing.entries, listing.hidden
 
     def _listing(self, path: str) -> _Listing:
         listing = self._listings.get(path)
         if listing is None:
-            entries, hidden, has_marker = self._read_dir(path)
-            opaque = has_marker or whiteout.has_opaque_xattr(self.rel(path), dir_fd=self.fd)
-            listing = _Listing(entries, hidden, opaque)
-            self._listings[path] = listing
+            listing = self._listings[path] = self._read_dir(path, marks=True)
         return listing
 
-    def _read_dir(self, path: str) -> tuple[dict[str, DirEntryInfo], frozenset[str], bool]:
-        """The real entries of a directory, the names it whites out, and whether it holds an OCI opaque marker."""
+    def _read_dir(self, path: str, *, marks: bool = False) -> _Listing:
+        """The real entries of a directory and the names it whites out; with ``marks``, whether it is
+        opaque and where it redirects (read through the directory opened beneath the layer's root).
+        Nothing where there is no directory to open that way."""
         try:
             fd = syscalls.open_beneath(self.rel(path), os.O_RDONLY | os.O_DIRECTORY, dir_fd=self.fd)
         except (FileNotFoundError, NotADirectoryError):
-            return {}, frozenset(), False
+            return _Listing({}, frozenset(), False, None)
+        except OSError as e:
+            if e.errno in (errno.ELOOP, errno.EXDEV):  # (a symlink on the way: a redirect's target)
+                return _Listing({}, frozenset(), False, None)
+            raise
         entries: dict[str, DirEntryInfo] = {}
         hidden: set[str] = set()
-        has_marker = False
+        opaque = False
         try:
             with os.scandir(fd) as it:
                 for entry in it:
                     name = entry.name
                     if whiteout.is_marker_name(name):
-                        has_marker = has_marker or name == whiteout.OPAQUE_MARKER
+                        opaque = opaque or name == whiteout.OPAQUE_MARKER
                         hidden_name = whiteout.whited_out_name(name)
                         if hidden_name is not None:
                             hidden.add(hidden_name)
@@ -182,9 +218,13 @@ class Layer:
                         hidden.add(name)
                         continue
                     entries[name] = DirEntryInfo(name, entry.inode(), self.dev, bits)
+            target = None
+            if marks:
+                opaque = opaque or whiteout.has_opaque_xattr(".", dir_fd=fd)
+                target = redirect.read(".", dir_fd=fd)
         finally:
             os.close(fd)
-        return entries, frozenset(hidden), has_marker
+        return _Listing(entries, frozenset(hidden), opaque, target)
 
 
 def oci_whiteout_path(path: str) -> str:

@@ -6,6 +6,13 @@ directories of the same name below it until a layer where the name is not a dire
 directory is opaque. That list of layers is the directory's *stack*, and a child is looked up only in
 its parent's stack.
 
+A directory renamed by overlayfs's ``redirect_dir`` carries a *redirect* (``redirect.py``): below it,
+the layers are looked up at the path it names instead of its own. Each part of a stack is therefore a
+layer and the directory's path in that layer (``Part``), which is the merged path unless a redirect sent
+the lookup elsewhere, and an entry knows its path in its own layer (``Entry.real``). As on the kernel,
+an absolute redirect is looked up from the root of every layer below the one holding it, a relative one
+(a new name in the same parent) in the parent's parts.
+
 Stacks of directories are cached: the kernel hands a full path with every request, and without the
 cache each request would resolve every ancestor in every layer. The cache is dropped whenever the
 filesystem changes the shape of the tree (a directory made, copied up, renamed, removed or made opaque).
@@ -18,21 +25,32 @@ import os
 import stat
 import threading
 
+from typing import NamedTuple
+
 from . import whiteout
-from .layer import Layer
+from .layer import DirEntryInfo, Layer
+
+
+class Part(NamedTuple):
+    """One layer of a directory's stack, and the directory's path in it."""
+
+    layer: Layer
+    path: str
 
 
 class Entry:
-    """A resolved merged entry: the topmost layer holding it, its real lstat there, and for a
+    """A resolved merged entry: the topmost layer holding it, its path and real lstat there, and for a
     directory the stack of layers it merges."""
 
-    __slots__ = ("path", "layer", "st", "stack")
+    __slots__ = ("path", "layer", "st", "stack", "real")
 
-    def __init__(self, path: str, layer: Layer, st: os.stat_result, stack: tuple[Layer, ...]) -> None:
+    def __init__(self, path: str, layer: Layer, st: os.stat_result, stack: tuple[Part, ...],
+                 real: str | None = None) -> None:
         self.path = path
         self.layer = layer
         self.st = st
         self.stack = stack
+        self.real = path if real is None else real
 
     @property
     def is_dir(self) -> bool:
@@ -45,7 +63,7 @@ class Entry:
     @property
     def rel(self) -> str:
         """The entry's path relative to its layer's root descriptor, ``self.layer.fd``."""
-        return Layer.rel(self.path)
+        return Layer.rel(self.real)
 
     @property
     def merged(self) -> bool:
@@ -71,7 +89,8 @@ class Resolver:
 
     def __init__(self, layers: list[Layer]) -> None:
         self.layers = tuple(layers)
-        self._stacks: dict[str, tuple[Layer, ...]] = {}
+        self._depth = {id(layer): i for i, layer in enumerate(self.layers)}
+        self._stacks: dict[str, tuple[Part, ...]] = {}
         # A lookup racing with a change must not store what it read before the change: it stores only
         # if no invalidation happened since it started.
         self._generation = 0
@@ -91,11 +110,12 @@ class Resolver:
             return self._root()
         stack = self._stacks.get(path)
         if stack is not None:  # a directory looked up before: no need to probe every layer again
-            return Entry(path, stack[0], stack[0].lstat(path), stack)
+            top = stack[0]
+            return Entry(path, top.layer, top.layer.lstat(top.path), stack, top.path)
         parent, name = split(path)
         if whiteout.is_marker_name(name):
             return None  # bookkeeping, never an entry of the merged view
-        return self.find_in(self.stack_of(parent), parent, name, path)
+        return self.find_in(self.stack_of(parent), name, path)
 
     def get(self, path: str) -> Entry:
         """Like lookup, but a missing entry is ENOENT."""
@@ -104,7 +124,7 @@ class Resolver:
             raise OSError(errno.ENOENT, os.strerror(errno.ENOENT), path)
         return entry
 
-    def stack_of(self, path: str) -> tuple[Layer, ...]:
+    def stack_of(self, path: str) -> tuple[Part, ...]:
         """The stack of the directory at ``path``."""
         stack = self._stacks.get(path)
         if stack is not None:
@@ -120,39 +140,80 @@ class Resolver:
                 self._stacks[path] = entry.stack
         return entry.stack
 
+    def listing(self, path: str) -> dict[str, tuple[Part, DirEntryInfo]]:
+        """The merged directory ``path``: name -> the part (layer, and the directory's path in it) the
+        entry is shown from, and the entry."""
+        merged: dict[str, tuple[Part, DirEntryInfo]] = {}
+        hidden: set[str] = set()
+        for part in self.stack_of(path):
+            entries, whited_out = part.layer.scan(part.path)
+            for name, info in entries.items():
+                if name not in merged and name not in hidden:
+                    merged[name] = (part, info)
+            hidden.update(whited_out)
+        return merged
+
     def _root(self) -> Entry:
         stack = self._stacks.get("/")
         if stack is None:
-            layers = []
-            for layer in self.layers:
-                layers.append(layer)
-                if layer.is_opaque("/"):
-                    break
-            stack = tuple(layers)
+            stack = self.root_stack()
             self._stacks["/"] = stack
-        return Entry("/", stack[0], stack[0].lstat("/"), stack)
+        return Entry("/", stack[0].layer, stack[0].layer.lstat("/"), stack)
 
-    @staticmethod
-    def find_in(stack: tuple[Layer, ...], parent: str, name: str, path: str) -> Entry | None:
-        """Look ``name`` up in the layers of ``stack`` (its parent directory's stack)."""
+    def root_stack(self) -> tuple[Part, ...]:
+        parts = []
+        for layer in self.layers:
+            parts.append(Part(layer, "/"))
+            if layer.is_opaque("/"):
+                break
+        return tuple(parts)
+
+    def find_in(self, stack: tuple[Part, ...], name: str, path: str) -> Entry | None:
+        """Look ``name`` up in the layers of ``stack`` (its parent directory's stack); ``path`` is the
+        merged path it gets.
+
+        Below a directory with a redirect, the layers are looked up where it points: a relative redirect
+        is a new name in the parent's parts, an absolute one a path from the root of every layer below.
+        """
         top: Layer | None = None
         top_st: os.stat_result | None = None
-        dirs: list[Layer] = []
-        for layer in stack:
-            st, hidden = layer.probe(parent, name, path)
+        top_real = path
+        dirs: list[Part] = []
+        parts, i = stack, 0
+        absolute: str | None = None  # the path looked up once an absolute redirect was met
+        while i < len(parts):
+            layer, parent = parts[i]
+            i += 1
+            if absolute is None:
+                real = join(parent, name)
+                st, hidden = layer.probe(parent, name, real)
+            else:
+                real = absolute
+                st, hidden = layer.probe_beneath(real)
             if hidden:
                 break
             if st is None:
                 continue
             if not stat.S_ISDIR(st.st_mode):
                 if top is None:
-                    top, top_st = layer, st
+                    top, top_st, top_real = layer, st, real
                 break
             if top is None:
-                top, top_st = layer, st
-            dirs.append(layer)
-            if layer.is_opaque(path):
+                top, top_st, top_real = layer, st, real
+            dirs.append(Part(layer, real))
+            if layer.is_opaque(real):
                 break
+            target = layer.redirect(real)
+            if target is None:
+                continue
+            if target.startswith("/"):
+                absolute = target
+                below = self._depth[id(layer)]
+                parts, i = tuple(p for p in self.root_stack() if self._depth[id(p.layer)] > below), 0
+            elif absolute is None:
+                name = target
+            else:
+                absolute = join(split(absolute)[0], target)
         if top is None:
             return None
-        return Entry(path, top, top_st, tuple(dirs))
+        return Entry(path, top, top_st, tuple(dirs), top_real)

@@ -10,9 +10,11 @@ How changes are written, and why:
   whole or not at all, and an entry can replace a whiteout atomically.
 - Removing something a lower layer also has leaves a whiteout (a 0/0 character device); nothing is
   left where no lower layer needs hiding. A directory made where a lower one was deleted is opaque.
-- Renaming a directory that has lower parts copies its whole merged subtree up first, then renames it
-  in the upper layer. Kernel overlayfs answers EXDEV there (without redirect_dir), and many programs
-  then fail; the copy keeps the upper layer readable by kernel overlayfs, which a redirect xattr would not.
+- Renaming a directory that has lower parts copies up the directory alone and records where its lower
+  parts are (a redirect, as kernel overlayfs's ``redirect_dir`` does): constant time, whatever it holds.
+  With ``redirect_dir=False`` its whole merged subtree is copied up first instead, for an upper that a
+  union without redirects must read (kernel overlayfs without them answers EXDEV, and many programs
+  then fail).
 - Copy-up keeps the parent directory's timestamps, so copying up changes nothing a user can see.
 """
 
@@ -27,11 +29,11 @@ import stat
 import threading
 from typing import Iterator
 
-from . import copyup, syscalls, whiteout, xattr
+from . import copyup, redirect, syscalls, whiteout, xattr
 from .index import ChangeIndex
 from .inodes import InodeMap
 from .layer import Layer
-from .lookup import Entry, Resolver, join, split
+from .lookup import Entry, Part, Resolver, join, split
 from .origin import Origins
 
 
@@ -89,17 +91,19 @@ class Union:
     """Lower layers ``lowers`` (top first) under ``upper``; without an upper the union is read-only.
 
     ``work`` is a directory on the upper's filesystem for building entries before they appear.
-    ``sync=False`` (overlay's ``volatile``) skips every fsync.
+    ``sync=False`` (overlay's ``volatile``) skips every fsync. ``redirect_dir=False`` renames directories
+    with lower parts by copying their trees up (see above).
     """
 
     def __init__(self, lowers: list[str], upper: str | None = None, work: str | None = None,
-                 *, sync: bool = True) -> None:
+                 *, sync: bool = True, redirect_dir: bool = True) -> None:
         self.upper = Layer(upper, writable=True) if upper else None
         layers = ([self.upper] if self.upper else []) + [Layer(p, writable=False) for p in lowers]
         self.resolver = Resolver(layers)
         self._origins = Origins(self.upper, layers[1:]) if self.upper else None
         self.inodes = InodeMap(layers, self._origins)
         self.sync = sync
+        self.redirect_dir = redirect_dir
         self._lock = threading.RLock()
         # open fd -> (merged inode number, whether it is an upper file)
         self._handles: dict[int, tuple[int, bool]] = {}
@@ -183,21 +187,18 @@ class Union:
 
     def listdir(self, path: str) -> dict[str, tuple[int, int]]:
         """The merged directory ``path``: name -> (inode number, file type bits)."""
-        stack = self.resolver.stack_of(path)
         merged: dict[str, tuple[int, int]] = {}
-        hidden: set[str] = set()
-        for layer in stack:
-            entries, whited_out = layer.scan(path)
-            # In an "impure" upper directory some entries are copies that show their origin's number.
-            impure = layer.writable and Origins.is_impure(Layer.rel(path), dir_fd=layer.fd)
-            for name, info in entries.items():
-                if name not in merged and name not in hidden:
-                    if impure:
-                        number = self.inodes.number_of_upper(Layer.rel(join(path, name)), info.dev, info.ino)
-                    else:
-                        number = self.inodes.number_for(info.dev, info.ino)
-                    merged[name] = (number, info.type_bits)
-            hidden.update(whited_out)
+        impure: bool | None = None  # (the upper's directory; asked once)
+        for name, (part, info) in self.resolver.listing(path).items():
+            layer, real = part
+            if layer.writable and impure is None:
+                impure = Origins.is_impure(Layer.rel(real), dir_fd=layer.fd)
+            if layer.writable and impure:
+                # In an "impure" upper directory some entries are copies that show their origin's number.
+                number = self.inodes.number_of_upper(Layer.rel(join(real, name)), info.dev, info.ino)
+            else:
+                number = self.inodes.number_for(info.dev, info.ino)
+            merged[name] = (number, info.type_bits)
         return merged
 
     def readlink(self, path: str) -> str:
@@ -567,20 +568,8 @@ class Union:
         with self._lock:
             self._copy_up_dir_chain(split(old)[0])
             self._copy_up_dir_chain(split(new)[0])
-            whole_tree = source.is_dir and (not source.in_upper or source.merged)
-            if whole_tree:
-                self._copy_up_tree(old)
-            elif not source.in_upper:
-                self._copy_up(old)
-            source_rel = Layer.rel(old)
-            # As overlayfs: a directory of the upper alone turns opaque when moved into a merged
-            # directory; a copied-up tree (what `mv` would recreate) only where a lower has the name.
-            opaque_at_target = source.is_dir and (
-                self._lower_has(new)
-                or (not whole_tree and len(self.resolver.stack_of(split(new)[0])) > 1))
-            with upper.at(source_rel) as (source_dir, source_name):
-                if opaque_at_target:
-                    whiteout.mark_opaque(source_name, dir_fd=source_dir)
+            whole_tree, opaque_at_target = self._prepare_move(old, new, source)
+            with upper.at(Layer.rel(old)) as (source_dir, source_name):
                 self._mark_impure_for(old, new)
                 if not self._rename_leaving_whiteout(old, new):
                     displaced = self._install(source_dir, source_name, new)
@@ -615,18 +604,11 @@ class Union:
         """renameat2's RENAME_EXCHANGE: the entries at ``a`` and ``b`` (both must exist) swap places.
 
         As overlayfs does it: both are copied up, then exchanged in the upper layer in one step. Both
-        names go on existing, so no whiteout is needed; opaque marks keep each side's lower directory
-        from showing through the entry that comes in:
-
-        - a directory of the upper alone turns opaque when it lands in a merged directory (overlayfs's
-          rule, the same as for rename), whatever the lowers have at its new name;
-        - a directory with lower parts (kernel overlayfs answers EXDEV without redirect_dir) has its
-          merged subtree copied up first, as ``rename`` does; it is opaque where it lands if a lower
-          layer has that name, and the markers inside it, which referred to its old name, go;
-        - a non-directory hides whatever the lowers have at its new name by itself.
-
-        The name a directory with lower parts leaves sits in a merged directory and has a lower
-        directory below it: what comes in is a non-directory or, by the rules above, opaque.
+        names go on existing, so no whiteout is needed; each side is marked for where it lands as a
+        rename would mark it (``_prepare_move``): a directory with lower parts gets a redirect (or, without
+        redirects, its tree copied up and an opaque mark where a lower has the name, the markers inside,
+        which referred to its old name, gone), a directory of the upper alone turns opaque in a merged
+        directory, and a non-directory hides what the lowers have at its new name by itself.
         """
         for path in (a, b):
             if path == "/":
@@ -650,7 +632,7 @@ class Union:
         with self._lock:
             self._copy_up_dir_chain(split(a)[0])
             self._copy_up_dir_chain(split(b)[0])
-            moves = [(a, b, *self._prepare_exchange(a, b, first)), (b, a, *self._prepare_exchange(b, a, second))]
+            moves = [(a, b, *self._prepare_move(a, b, first)), (b, a, *self._prepare_move(b, a, second))]
             self._mark_impure_for(a, b)
             self._mark_impure_for(b, a)
             with upper.at(Layer.rel(a)) as (a_dir, a_name), upper.at(Layer.rel(b)) as (b_dir, b_name):
@@ -663,24 +645,52 @@ class Union:
             if first.is_dir or second.is_dir:
                 self.resolver.invalidate()
 
-    def _prepare_exchange(self, old: str, new: str, entry: Entry) -> tuple[bool, bool]:
-        """Bring ``entry`` (at ``old``, about to move to ``new`` by an exchange) into the upper layer, and
-        mark it opaque if it must be where it lands (before the move, as overlayfs does: while it is at
-        ``old`` the mark hides nothing, its content being all in the upper by then). Returns whether its
-        whole tree was copied up, and whether it lands opaque."""
-        whole_tree = entry.is_dir and (not entry.in_upper or entry.merged)
+    def _prepare_move(self, old: str, new: str, entry: Entry) -> tuple[bool, bool]:
+        """Bring ``entry`` (at ``old``, about to move to ``new``) into the upper layer as overlayfs does,
+        marked as it must be where it lands. Returns whether its whole tree was copied up, and whether it
+        lands opaque.
+
+        - A directory with lower parts is copied up alone and records where they are (a redirect, with
+          ``redirect_dir``, the default); without redirects its merged subtree is copied up (kernel
+          overlayfs answers EXDEV), and it is opaque where a lower layer has the new name.
+        - A directory of the upper alone turns opaque when it lands in a merged directory.
+        - A non-directory hides whatever the lowers have at its new name by itself.
+
+        The marks go on before the move: at ``old`` they change nothing (a redirect made for ``new``
+        names the lower parts it has there too, and an opaque mark is set only on a directory whose
+        content is all in the upper).
+        """
+        has_lower = entry.is_dir and (not entry.in_upper or entry.merged)
+        target = self._redirect_target(entry, old, new) if has_lower and self.redirect_dir else None
+        whole_tree = has_lower and target is None
         if whole_tree:
             self._copy_up_tree(old)
             opaque = self._lower_has(new)
         else:
             if not entry.in_upper:
                 self._copy_up(old)
-            opaque = entry.is_dir and len(self.resolver.stack_of(split(new)[0])) > 1
-        if opaque:
+            opaque = entry.is_dir and not has_lower and len(self.resolver.stack_of(split(new)[0])) > 1
+        if target is not None or opaque:
             with self.upper.at(Layer.rel(old)) as (dir_fd, name):
-                if not whiteout.is_opaque_dir(name, dir_fd=dir_fd):
+                if target is not None and target != redirect.read(name, dir_fd=dir_fd):
+                    redirect.write(name, target, dir_fd=dir_fd)
+                if opaque and not whiteout.is_opaque_dir(name, dir_fd=dir_fd):
                     whiteout.mark_opaque(name, dir_fd=dir_fd)
         return whole_tree, opaque
+
+    def _redirect_target(self, entry: Entry, old: str, new: str) -> str | None:
+        """Where the directory ``entry`` (at ``old``, with lower parts) must say its lower parts are once at
+        ``new``: its old name if it stays in its parent, else the absolute path of its first lower part; a
+        redirect it has already is kept where it still leads there. None for an absolute path longer than
+        kernel overlayfs takes (it answers EXDEV): the tree is copied up instead."""
+        current = redirect.read(Layer.rel(old), dir_fd=self.upper.fd) if entry.in_upper else None
+        same_parent = split(old)[0] == split(new)[0]
+        if current is not None and (same_parent or current.startswith("/")):
+            return current
+        if same_parent:
+            return split(old)[1]
+        target = next(part.path for part in entry.stack if not part.layer.writable)
+        return target if len(os.fsencode(target)) <= redirect.MAX_LENGTH else None
 
     # -- copy-up and upper-layer plumbing -------------------------------------------------------
 
@@ -696,7 +706,8 @@ class Union:
         self._copy_up_dir_chain(parent)
         tmp = self._tmp()
         origin = self._origins.record(entry.layer, entry.rel)
-        with upper.at(entry.rel) as (dir_fd, name):
+        # (The copy goes to the entry's merged path: below a redirect, the lower one is elsewhere.)
+        with upper.at(Layer.rel(entry.path)) as (dir_fd, name):
             pst = os.fstat(dir_fd)
             try:
                 copyup.copy_entry(entry.rel, entry.st, tmp, src_dir_fd=entry.layer.fd, dst_dir_fd=self._work,
@@ -713,7 +724,7 @@ class Union:
         self.inodes.copied_up(entry.st, st)
         if entry.is_dir:
             self.resolver.invalidate()
-            return Entry(entry.path, upper, st, (upper,) + entry.stack)
+            return Entry(entry.path, upper, st, (Part(upper, entry.path),) + entry.stack)
         return Entry(entry.path, upper, st, ())
 
     def _mark_impure_for(self, old: str, new: str) -> None:
@@ -726,7 +737,7 @@ class Union:
     def _copy_up_dir_chain(self, path: str) -> None:
         """Make the directory ``path`` and its ancestors real directories of the upper layer."""
         missing = []
-        while path != "/" and not self.resolver.stack_of(path)[0].writable:
+        while path != "/" and not self.resolver.stack_of(path)[0].layer.writable:
             missing.append(path)
             path = split(path)[0]
         for directory in reversed(missing):
@@ -771,8 +782,8 @@ class Union:
     def _lower_has(self, path: str) -> bool:
         """Whether a lower layer shows something at ``path`` when the upper layer has nothing there."""
         parent, name = split(path)
-        lowers = tuple(layer for layer in self.resolver.stack_of(parent) if not layer.writable)
-        return bool(lowers) and Resolver.find_in(lowers, parent, name, path) is not None
+        lowers = tuple(part for part in self.resolver.stack_of(parent) if not part.layer.writable)
+        return bool(lowers) and self.resolver.find_in(lowers, name, path) is not None
 
     def _install(self, src_dir_fd: int, src: str, path: str) -> bool:
         """Rename ``src`` (relative to ``src_dir_fd``) to ``path`` in the upper layer, replacing what the

@@ -30,15 +30,16 @@ instead of leading it out of the upper directory.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
 import stat
 import tarfile
 import zlib
-from typing import BinaryIO, Callable, Iterable, NamedTuple
+from typing import BinaryIO, Callable, Iterable, Iterator, NamedTuple
 
-from ..core import whiteout, xattr
+from ..core import syscalls, whiteout, xattr
 from ..core.changes import DELETED, Change
 from ..errors import LayerfsError
 
@@ -100,6 +101,7 @@ class _Item(NamedTuple):
     path: str  # in the container: "/etc/passwd"
     st: os.stat_result | None  # None: a deletion, written as a whiteout file
     opaque: bool = False  # a directory that hides what the lowers have at its path
+    source: tuple[str, str] | None = None  # in a lower layer (below a redirected directory): Change.source
 
 
 def _order(item: _Item) -> list[tuple[int, str]]:
@@ -129,14 +131,16 @@ class _Upper:
         except OSError as e:
             raise LayerfsError(f"upper directory {self.root}: {e.strerror}") from e
         self._open: list[tuple[str, int]] = []  # (name, descriptor) of each directory below the root
+        self._lowers: dict[str, int] = {}  # root -> descriptor of the lower layers sources are read from
 
     def __enter__(self) -> _Upper:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for _, fd in self._open:
+        for fd in [fd for _, fd in self._open] + list(self._lowers.values()):
             os.close(fd)
         self._open.clear()
+        self._lowers.clear()
         os.close(self.fd)
 
     def gone(self, path: str) -> LayerfsError:
@@ -164,6 +168,27 @@ class _Upper:
             self._open.append((name, fd))
         return self._open[-1][1] if self._open else self.fd
 
+    @contextlib.contextmanager
+    def directory_of(self, item: _Item) -> Iterator[tuple[int, str]]:
+        """The real directory holding ``item`` and its name there: in the upper, or in the lower layer a
+        source names (opened beneath that layer's root, without following a symlink on the way)."""
+        if item.source is None:
+            yield self.parent(item.path), os.path.basename(item.path)
+            return
+        root, real = item.source
+        try:
+            layer = self._lowers.get(root)
+            if layer is None:
+                layer = self._lowers[root] = os.open(root, _DIR_FLAGS)
+            head, _, name = real.rpartition("/")
+            fd = syscalls.open_beneath(head[1:] or ".", os.O_PATH | os.O_DIRECTORY, dir_fd=layer)
+        except OSError as e:
+            raise LayerfsError(f"cannot export {item.path} from {root}{real}: {e.strerror}") from e
+        try:
+            yield fd, name
+        finally:
+            os.close(fd)
+
     def root_opaque(self) -> bool:
         """An opaque upper root hides every lower entry; no change stands for it, so it is asked here."""
         return whiteout.is_opaque_dir(".", dir_fd=self.fd)
@@ -174,6 +199,14 @@ class _Upper:
         name = os.path.basename(path)
         if path == "/" or whiteout.is_marker_name(name):
             return None  # the root has no entry; markers are never written as themselves
+        if change.source is not None:  # still in a lower layer, below a redirected directory
+            item = _Item(path, None, source=change.source)
+            with self.directory_of(item) as (parent, real_name):
+                try:
+                    st = os.lstat(real_name, dir_fd=parent)
+                except OSError as e:
+                    raise self.failed(path, e) from e
+            return None if stat.S_ISSOCK(st.st_mode) else item._replace(st=st)
         parent = self.parent(path)
         try:
             st = os.lstat(name, dir_fd=parent)
@@ -238,8 +271,14 @@ class _Writer:
             head, _, base = name.rpartition("/")
             self.marker((head + "/" if head else "") + whiteout.oci_whiteout_name(base))
             return
-        parent = self.tree.parent(path)
-        base = os.path.basename(path)
+        with self.tree.directory_of(item) as (parent, base):
+            self._write_entry(item, parent, base)
+        if item.opaque:
+            self.marker(name + "/" + whiteout.OPAQUE_MARKER)
+
+    def _write_entry(self, item: _Item, parent: int, base: str) -> None:
+        path, st = item.path, item.st
+        name = path[1:]
         fd = None
         try:
             if stat.S_ISREG(st.st_mode):
@@ -266,8 +305,6 @@ class _Writer:
         finally:
             if fd is not None:
                 os.close(fd)
-        if item.opaque:
-            self.marker(name + "/" + whiteout.OPAQUE_MARKER)
 
     def _header(self, name: str, st: os.stat_result) -> tarfile.TarInfo:
         info = tarfile.TarInfo(name)
