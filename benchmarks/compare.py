@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     if layering:
         print("Layering cost (layerfs over the 3 layers vs over the same content flattened into 1):")
         print("\n".join("  " + line for line in layering))
-    print("Goals of issue 3 (layerfs):")
+    print("Goals (layerfs):")
     for goal, verdict, detail in report.goals(results):
         print(f"  [{verdict}] {goal}" + (f": {detail}" if detail else ""))
     rss = report.rss_summary(results)
