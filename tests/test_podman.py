@@ -1,5 +1,7 @@
 """Podman with layerfs as containers-storage's ``mount_program``, side by side with fuse-overlayfs in the
-same role: a busybox image imported, a container that adds, changes and deletes files, ``podman diff``,
+same role: a busybox image imported, a container that adds, changes, deletes files and renames a directory
+(containers-storage diffs a mount program's containers through the mount, so layerfs's redirects serve
+commit as they are), ``podman diff``,
 ``podman commit`` and the committed image run. Both must give the same output and the same diff.
 
 Each run of Podman here has its own graphroot, runroot and temporary directory, set in config files of
@@ -33,13 +35,15 @@ rm /etc/obsolete
 rm -r /opt/old
 mkdir -p /var/new/sub && echo deep > /var/new/sub/file
 rm -r /srv/data && mkdir /srv/data && echo fresh > /srv/data/fresh
+mv /usr/share/doc /usr/share/moved
 cat /etc/motd
 ls /opt /srv/data
 """
 EXPECTED_OUTPUT = "v2\n/opt:\nkept\n\n/srv/data:\nfresh\n"
 EXPECTED_DIFF = ["C /etc", "C /etc/motd", "D /etc/obsolete", "C /opt", "D /opt/old", "C /root",
                  "A /root/added.txt", "C /srv", "C /srv/data", "A /srv/data/fresh", "D /srv/data/stale",
-                 "C /var", "A /var/new", "A /var/new/sub", "A /var/new/sub/file"]
+                 "C /usr", "C /usr/share", "D /usr/share/doc", "A /usr/share/moved", "A /usr/share/moved/pkg",
+                 "A /usr/share/moved/pkg/copyright", "C /var", "A /var/new", "A /var/new/sub", "A /var/new/sub/file"]
 
 class Podman:
     """``podman`` with a storage of its own under ``base``, its overlay driver mounting with ``program``
@@ -82,15 +86,16 @@ class Podman:
 @pytest.fixture
 def rootfs_tar(tmp_path) -> Path:
     root = tmp_path / "rootfs"
-    for d in ("bin", "etc", "root", "tmp", "opt/old/inner", "opt/kept", "var", "srv/data"):
+    for d in ("bin", "etc", "root", "tmp", "opt/old/inner", "opt/kept", "var", "srv/data", "usr/share/doc/pkg"):
         (root / d).mkdir(parents=True)
     shutil.copy2(BUSYBOX, root / "bin/busybox")
-    for tool in ("sh", "cat", "echo", "ls", "rm", "mkdir", "sed"):
+    for tool in ("sh", "cat", "echo", "ls", "rm", "mkdir", "sed", "mv"):
         os.symlink("busybox", root / "bin" / tool)
     (root / "etc/motd").write_text("v1\n")
     (root / "etc/obsolete").write_text("to be deleted\n")
     (root / "opt/old/inner/file").write_text("a deleted directory's file\n")
     (root / "srv/data/stale").write_text("in a directory replaced by a new one\n")
+    (root / "usr/share/doc/pkg/copyright").write_text("in a directory renamed (by redirect on layerfs)\n")
     tar_file = tmp_path / "rootfs.tar"
     with tarfile.open(tar_file, "w") as tar:
         tar.add(root, arcname=".")
@@ -104,7 +109,7 @@ def scenario(podman: Podman, rootfs_tar: Path) -> dict:
     diff = podman("diff", CONTAINER).stdout.split("\n")
     podman("commit", CONTAINER, COMMITTED)
     again = podman("run", "--rm", COMMITTED, "sh", "-c",
-                   "cat /root/added.txt /etc/motd /var/new/sub/file; ls /opt /srv/data")
+                   "cat /root/added.txt /etc/motd /var/new/sub/file /usr/share/moved/pkg/copyright; ls /opt /srv/data")
     return {"output": ran.stdout, "diff": sorted(line for line in diff if line),
             "committed": again.stdout}
 
@@ -133,7 +138,8 @@ def test_podman_runs_diffs_and_commits_with_layerfs_as_with_fuse_overlayfs(podma
     assert results["layerfs"] == results["fuse-overlayfs"]
     assert results["layerfs"]["output"] == EXPECTED_OUTPUT
     assert results["layerfs"]["diff"] == sorted(EXPECTED_DIFF)
-    assert results["layerfs"]["committed"] == "added\nv2\ndeep\n" + EXPECTED_OUTPUT.split("\n", 1)[1]
+    assert results["layerfs"]["committed"] == ("added\nv2\ndeep\nin a directory renamed (by redirect on layerfs)\n"
+                                              + EXPECTED_OUTPUT.split("\n", 1)[1])
 
 
 def test_the_mount_is_layerfs_and_layerfs_diff_reads_it_as_podman_does_on_kernel_overlayfs(podmans, rootfs_tar):

@@ -20,9 +20,17 @@ from processes import wait_for
 BUSYBOX = shutil.which("busybox") or "/bin/busybox"
 
 
-def _layerfs_mounts() -> list[str]:
+def _all_layerfs_mounts() -> set[str]:
     with open("/proc/self/mounts") as f:
-        return [line.split()[1] for line in f if line.split()[2] == "fuse.layerfs"]
+        return {line.split()[1] for line in f if line.split()[2] == "fuse.layerfs"}
+
+
+@pytest.fixture
+def new_mounts():
+    """``new_mounts()``: the layerfs mounts made since the test began (another on the machine is not the
+    test's to judge)."""
+    before = _all_layerfs_mounts()
+    return lambda: sorted(_all_layerfs_mounts() - before)
 
 
 @pytest.fixture
@@ -64,7 +72,7 @@ def _running(*run_args: str | os.PathLike, stdin: bool = False):
             shim.wait()
 
 
-def test_a_command_runs_as_pid_1_in_its_own_root(rootfs, tmp_path):
+def test_a_command_runs_as_pid_1_in_its_own_root(rootfs, tmp_path, new_mounts):
     (tmp_path / "host-only").write_text("secret")
     script = ('echo "pid=$$ host=$(hostname) color=$COLOR pwd=$(pwd)"; ls /; ls /..; cat /proc/1/cmdline | '
               'tr "\\0" " "; echo; ls /dev; cat /host-only 2>&1; exit 7')
@@ -78,10 +86,10 @@ def test_a_command_runs_as_pid_1_in_its_own_root(rootfs, tmp_path):
     assert lines[15].startswith("/bin/sh -c ")
     assert {"null", "zero", "random", "urandom", "tty", "ptmx", "pts", "shm"} <= set(lines[16:-1])
     assert "No such file" in lines[-1]
-    assert _layerfs_mounts() == []
+    assert new_mounts() == []
 
 
-def test_changes_made_inside_show_in_diff_and_rm_leaves_nothing(store):
+def test_changes_made_inside_show_in_diff_and_rm_leaves_nothing(store, new_mounts):
     layerfs("run", "--root", store, "--name", "c1", "box:1", "/bin/sh", "-c", "echo made > /root/new; rm /etc/motd")
     assert layerfs("diff", "--root", store, "c1").stdout.splitlines() == ["C /etc", "D /etc/motd", "C /root",
                                                                             "A /root/new"]
@@ -93,24 +101,24 @@ def test_changes_made_inside_show_in_diff_and_rm_leaves_nothing(store):
         shim.stdin.close()
         assert shim.wait(timeout=30) == 0
     assert sorted(os.listdir(store / "containers")) == ["c1"]
-    assert _layerfs_mounts() == []
+    assert new_mounts() == []
 
 
-def test_sigterm_reaches_the_container_and_nothing_stays_mounted(rootfs):
+def test_sigterm_reaches_the_container_and_nothing_stays_mounted(rootfs, new_mounts):
     with _running("--lower", rootfs, "--", "/bin/sh", "-c",
                   "trap 'echo got TERM; exit 9' TERM; echo ready; while true; do sleep 0.1; done") as shim:
         shim.send_signal(signal.SIGTERM)
         assert shim.wait(timeout=30) == 9
         assert "got TERM" in shim.stdout.read()
-    assert wait_for(lambda: not _layerfs_mounts()), _layerfs_mounts()
+    assert wait_for(lambda: not new_mounts()), new_mounts()
 
 
-def test_a_killed_shim_takes_its_container_and_mount_with_it(rootfs):
+def test_a_killed_shim_takes_its_container_and_mount_with_it(rootfs, new_mounts):
     with _running("--lower", rootfs, "--", "/bin/sh", "-c", "echo ready; while true; do sleep 0.1; done") as shim:
-        assert _layerfs_mounts()
+        assert new_mounts()
         shim.kill()
         shim.wait(timeout=30)
-    assert wait_for(lambda: not _layerfs_mounts()), _layerfs_mounts()
+    assert wait_for(lambda: not new_mounts()), new_mounts()
     leftover = subprocess.run(["pgrep", "-f", f"lowerdir={rootfs}"], capture_output=True, text=True).stdout.split()
     assert leftover == [], leftover  # neither the container's processes nor the daemon
 
