@@ -53,13 +53,25 @@ def _serve(config: MountConfig, union: Union, debug: bool, on_ready=None) -> Non
             on_ready()
 
     # SIGINT, SIGTERM, SIGHUP: unmount, which ends the session once nothing uses the mount any more.
+    stopping = threading.Event()
+
+    def stop(*_) -> None:
+        stopping.set()
+        _detach_quietly(config.mountpoint)
+
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, lambda *_: _detach_quietly(config.mountpoint))
+        signal.signal(sig, stop)
     fuse_config = Config(fsname=config.fsname, readonly=config.readonly, passthrough=config.passthrough,
                          threads=config.threads, debug=debug)
     try:
         serve(union, config.mountpoint, fuse_config, on_ready=ready, owners=config.owners,
               static_nlink=config.static_nlink)
+    except OSError as e:
+        # Stopped by a signal between mount(2) and the kernel's INIT: nothing was served, and the
+        # unmount the signal asked for is done. Anything else is a failure.
+        if not (e.errno == errno.ENODEV and stopping.is_set()):
+            raise
+        union.close()
     finally:
         registry.forget(config.mountpoint, os.getpid())
 

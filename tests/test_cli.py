@@ -204,6 +204,26 @@ def test_foreground_signal_unmounts_and_exits(sig, tree, mounts, tmp_path):
             proc.wait()
 
 
+def test_a_signal_before_the_kernel_initialised_the_mount_still_ends_cleanly(tree, mounts, tmp_path):
+    """SIGTERM the moment the mount appears, before the kernel's INIT reached the daemon (it did, every
+    time, before the daemon took such an unmount for its own stop): exit 0, nothing mounted."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    mounts.points.append(mnt)
+    for _ in range(10):
+        proc = subprocess.Popen([LAYERFS, "-f", "-o", tree.lowerdir, str(mnt)], stderr=subprocess.PIPE, text=True)
+        try:
+            while not is_mounted(mnt) and proc.poll() is None:
+                pass  # no sleep: the signal must come within the window
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=60) == 0, proc.stderr.read()
+            assert not is_mounted(mnt)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
 # -- errors: one line, exit code != 0, nothing mounted ----------------------------------------------
 
 ERROR_CASES = {
