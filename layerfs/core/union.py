@@ -20,14 +20,12 @@ How changes are written, and why:
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import itertools
 import os
 import shutil
 import stat
 import threading
-from typing import Iterator
 
 from . import copyup, redirect, syscalls, whiteout, xattr
 from .index import ChangeIndex

@@ -233,7 +233,7 @@ class Session:
         counts, times = self._counts, self._times
         debug = self.config.debug
         clock = time.perf_counter_ns
-        while (n := self._read(fd, buffer)) is not None:
+        while self._read(fd, buffer) is not None:
             length, opcode, unique, nodeid, uid, gid, pid, _, _ = abi.in_header.unpack_from(view)
             body = view[abi.in_header.size:length]
             handler = handlers.get(opcode)
