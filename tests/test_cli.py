@@ -187,14 +187,17 @@ def test_foreground_and_debug(flags, logs, tree, mounts, tmp_path):
         assert text == ""
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
-def test_foreground_signal_unmounts_and_exits(sig, tree, mounts, tmp_path):
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    mounts.points.append(mnt)
-    proc = subprocess.Popen([LAYERFS, "-f", "-o", tree.lowerdir, str(mnt)], stderr=subprocess.PIPE, text=True)
+def _stop_foreground(sig: int, lowerdir: str, mnt: Path, *, at_once: bool = False) -> None:
+    """Start ``layerfs -f``, send ``sig`` once the mount is there (``at_once``: looked for without a pause,
+    so that the signal lands before the kernel's INIT reaches the daemon); it must exit 0, nothing mounted."""
+    proc = subprocess.Popen([LAYERFS, "-f", "-o", lowerdir, str(mnt)], stderr=subprocess.PIPE, text=True)
     try:
-        assert wait_for(lambda: is_mounted(mnt) or proc.poll() is not None) and proc.poll() is None
+        if at_once:
+            while not is_mounted(mnt) and proc.poll() is None:
+                pass
+        else:
+            wait_for(lambda: is_mounted(mnt) or proc.poll() is not None)
+        assert proc.poll() is None and is_mounted(mnt)
         proc.send_signal(sig)
         assert proc.wait(timeout=60) == 0, proc.stderr.read()
         assert not is_mounted(mnt)
@@ -204,6 +207,14 @@ def test_foreground_signal_unmounts_and_exits(sig, tree, mounts, tmp_path):
             proc.wait()
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_foreground_signal_unmounts_and_exits(sig, tree, mounts, tmp_path):
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    mounts.points.append(mnt)
+    _stop_foreground(sig, tree.lowerdir, mnt)
+
+
 def test_a_signal_before_the_kernel_initialised_the_mount_still_ends_cleanly(tree, mounts, tmp_path):
     """SIGTERM the moment the mount appears, before the kernel's INIT reached the daemon (it did, every
     time, before the daemon took such an unmount for its own stop): exit 0, nothing mounted."""
@@ -211,17 +222,7 @@ def test_a_signal_before_the_kernel_initialised_the_mount_still_ends_cleanly(tre
     mnt.mkdir()
     mounts.points.append(mnt)
     for _ in range(10):
-        proc = subprocess.Popen([LAYERFS, "-f", "-o", tree.lowerdir, str(mnt)], stderr=subprocess.PIPE, text=True)
-        try:
-            while not is_mounted(mnt) and proc.poll() is None:
-                pass  # no sleep: the signal must come within the window
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(timeout=60) == 0, proc.stderr.read()
-            assert not is_mounted(mnt)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+        _stop_foreground(signal.SIGTERM, tree.lowerdir, mnt, at_once=True)
 
 
 # -- errors: one line, exit code != 0, nothing mounted ----------------------------------------------

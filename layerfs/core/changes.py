@@ -101,7 +101,7 @@ def changes(upper: str, lowers: Sequence[str], *, unchanged_copies: bool = True,
 
     return _sorted_with_ancestors(_walk(listing, below, whiteout.is_opaque_dir(upper),
                                         None if unchanged_copies else unchanged,
-                                        _moved(Layer(upper, writable=True), lowers)), ignore)
+                                        _moved(upper, lowers)), ignore)
 
 
 def indexed_changes(index: ChangeIndex, lowers: Sequence[str], *, unchanged_copies: bool = True,
@@ -123,7 +123,7 @@ def indexed_changes(index: ChangeIndex, lowers: Sequence[str], *, unchanged_copi
     return _sorted_with_ancestors(_walk(lambda path: children.get(path, {}), index.lower_facts,
                                         root is not None and root.opaque, None if unchanged_copies else unchanged,
                                         # (the upper through the index's descriptor: a mount may hide its path)
-                                        _moved(Layer(f"/proc/self/fd/{index.upper_fd}", writable=True), lowers)),
+                                        _moved(f"/proc/self/fd/{index.upper_fd}", lowers)),
                                   ignore)
 
 
@@ -138,14 +138,16 @@ def _xattrs(path: str, dir_fd: int | None) -> dict[str, bytes]:
             if not whiteout.is_private_xattr(n)}
 
 
-def _moved(upper: Layer, lowers: Sequence[str]) -> Moved:
-    """What the merged view of ``upper`` over ``lowers`` shows below a directory, for ``_walk``."""
+def _moved(upper: str, lowers: Sequence[str]) -> Moved:
+    """What the merged view of the upper directory ``upper`` over ``lowers`` shows below a directory, for
+    ``_walk``."""
     resolver: Resolver | None = None
 
     def below(top: str) -> Iterator[tuple[str, tuple[str, str] | None]]:
         nonlocal resolver
         if resolver is None:  # made when first needed: most diffs meet no redirect
-            resolver = Resolver([upper] + [Layer(p, writable=False, cached=False) for p in lowers])
+            resolver = Resolver([Layer(upper, writable=True)] + [Layer(p, writable=False, cached=False)
+                                                                for p in lowers])
         todo = [top]
         while todo:
             directory = todo.pop()

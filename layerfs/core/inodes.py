@@ -54,8 +54,7 @@ class InodeMap:
         known = self._upper.get(key)
         if known is None:
             lower = self._origins.lower_of(rel) if self._origins is not None else None
-            known = self.number(lower) if lower is not None and _keeps_origin_number(lower) else self.raw_number(*key)
-            self._upper[key] = known
+            known = self._upper[key] = self._copy_number(lower, key)
         return known
 
     def raw_number(self, dev: int, ino: int) -> int:
@@ -68,7 +67,13 @@ class InodeMap:
     def copied_up(self, lower: os.stat_result, upper: os.stat_result) -> None:
         """Record that ``upper`` is the copy-up of ``lower``."""
         key = (upper.st_dev, upper.st_ino)
-        self._upper[key] = self.number(lower) if _keeps_origin_number(lower) else self.raw_number(*key)
+        self._upper[key] = self._copy_number(lower, key)
+
+    def _copy_number(self, lower: os.stat_result | None, key: tuple[int, int]) -> int:
+        """The number of the upper file ``key`` (dev, ino) copied up from ``lower`` (None: not a copy)."""
+        if lower is not None and _keeps_origin_number(lower):
+            return self.number(lower)
+        return self.raw_number(*key)
 
     def removed(self, st: os.stat_result) -> None:
         """The real entry ``st`` lost its last name: the filesystem may give its number to a new entry,

@@ -118,7 +118,7 @@ class Layer:
         try:
             st = os.lstat(path[1:], dir_fd=self.fd)
         except (FileNotFoundError, NotADirectoryError):
-            return None, self._has_oci_whiteout(path)
+            return None, _has_oci_whiteout(self.rel(oci_whiteout_path(path)), self.fd)
         if whiteout.is_whiteout_stat(st):
             return None, True
         return st, False
@@ -126,11 +126,11 @@ class Layer:
     def probe_beneath(self, path: str) -> tuple[os.stat_result | None, bool]:
         """Like ``probe``, for a path whose directories lookup has not walked (a redirect's target):
         reached without following a symlink on the way, and nothing where one is in the way."""
-        parent, name = path.rpartition("/")[0] or "/", path.rpartition("/")[2]
+        head, _, name = path.rpartition("/")
         if self._cached:
-            return self.probe(parent, name, path)  # (a listing is read through open_beneath)
+            return self.probe(head or "/", name, path)  # (a listing is read through open_beneath)
         try:
-            fd = syscalls.open_beneath(self.rel(parent), os.O_PATH | os.O_DIRECTORY, dir_fd=self.fd)
+            fd = syscalls.open_beneath(head[1:] or ".", os.O_PATH | os.O_DIRECTORY, dir_fd=self.fd)
         except (FileNotFoundError, NotADirectoryError):
             return None, False
         except OSError as e:
@@ -140,11 +140,7 @@ class Layer:
         try:
             st = os.lstat(name, dir_fd=fd)
         except FileNotFoundError:
-            try:
-                os.lstat(whiteout.oci_whiteout_name(name), dir_fd=fd)
-                return None, True
-            except (FileNotFoundError, OSError):
-                return None, False
+            return None, _has_oci_whiteout(whiteout.oci_whiteout_name(name), fd)
         finally:
             os.close(fd)
         return (None, True) if whiteout.is_whiteout_stat(st) else (st, False)
@@ -154,17 +150,6 @@ class Layer:
         if self._cached:
             return self._listing(path).redirect
         return redirect.read(self.rel(path), dir_fd=self.fd)
-
-    def _has_oci_whiteout(self, path: str) -> bool:
-        try:
-            os.lstat(self.rel(oci_whiteout_path(path)), dir_fd=self.fd)
-            return True
-        except (FileNotFoundError, NotADirectoryError):
-            return False
-        except OSError as e:
-            if e.errno == errno.ENAMETOOLONG:  # the name is too long to have a ".wh." twin
-                return False
-            raise
 
     def is_opaque(self, path: str) -> bool:
         """Whether the real directory at ``path`` hides the layers below it."""
@@ -225,6 +210,19 @@ class Layer:
         finally:
             os.close(fd)
         return _Listing(entries, frozenset(hidden), opaque, target)
+
+
+def _has_oci_whiteout(rel: str, dir_fd: int) -> bool:
+    """Whether the OCI whiteout file ``rel`` (relative to ``dir_fd``) is there."""
+    try:
+        os.lstat(rel, dir_fd=dir_fd)
+        return True
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError as e:
+        if e.errno == errno.ENAMETOOLONG:  # the name is too long to have a ".wh." twin
+            return False
+        raise
 
 
 def oci_whiteout_path(path: str) -> str:

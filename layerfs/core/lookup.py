@@ -156,17 +156,13 @@ class Resolver:
     def _root(self) -> Entry:
         stack = self._stacks.get("/")
         if stack is None:
-            stack = self.root_stack()
-            self._stacks["/"] = stack
+            parts = []
+            for layer in self.layers:
+                parts.append(Part(layer, "/"))
+                if layer.is_opaque("/"):
+                    break
+            stack = self._stacks["/"] = tuple(parts)
         return Entry("/", stack[0].layer, stack[0].layer.lstat("/"), stack)
-
-    def root_stack(self) -> tuple[Part, ...]:
-        parts = []
-        for layer in self.layers:
-            parts.append(Part(layer, "/"))
-            if layer.is_opaque("/"):
-                break
-        return tuple(parts)
 
     def find_in(self, stack: tuple[Part, ...], name: str, path: str) -> Entry | None:
         """Look ``name`` up in the layers of ``stack`` (its parent directory's stack); ``path`` is the
@@ -209,7 +205,7 @@ class Resolver:
             if target.startswith("/"):
                 absolute = target
                 below = self._depth[id(layer)]
-                parts, i = tuple(p for p in self.root_stack() if self._depth[id(p.layer)] > below), 0
+                parts, i = tuple(p for p in self.stack_of("/") if self._depth[id(p.layer)] > below), 0
             elif absolute is None:
                 name = target
             else:

@@ -27,32 +27,6 @@ IMPURE_XATTRS = ("trusted.overlay.impure", "user.overlay.impure")
 _HEADER = struct.Struct("<BBBBB16s")  # version, magic, length, flags, handle type, UUID
 _VERSION, _MAGIC = 0, 0xFB
 _NULL_UUID = bytes(16)
-# What a missing or unreadable record, or one a filesystem will not take, looks like.
-_ABSENT = (errno.ENODATA, errno.ENOTSUP, errno.EPERM, errno.EACCES)
-
-
-def _set_first(path: str, names: tuple[str, ...], value: bytes, dir_fd: int) -> None:
-    """Set the trusted.* form, else (no CAP_SYS_ADMIN: a rootless daemon) the user.* one, as overlayfs's
-    ``userxattr`` does; nothing where neither is allowed (the record is a hint, the copy is whole)."""
-    for name in names:
-        try:
-            xattr.set(path, name, value, dir_fd=dir_fd)
-            return
-        except OSError as e:
-            if e.errno not in _ABSENT:
-                raise
-
-
-def _get_first(path: str, names: tuple[str, ...], dir_fd: int) -> bytes | None:
-    for name in names:
-        try:
-            return xattr.get(path, name, dir_fd=dir_fd)
-        except OSError as e:
-            if e.errno not in _ABSENT:
-                raise
-    return None
-
-
 class Origins:
     """The origin records of one union's upper layer: made at copy-up, read back into lower entries."""
 
@@ -97,26 +71,27 @@ class Origins:
 
     def write(self, path: str, value: bytes, *, dir_fd: int) -> None:
         """Record ``value`` on the copy ``path`` (relative to ``dir_fd``)."""
-        _set_first(path, ORIGIN_XATTRS, value, dir_fd)
+        # (where neither form can be set, nothing: the record is a hint, the copy is whole)
+        xattr.set_first(path, ORIGIN_XATTRS, value, dir_fd=dir_fd)
 
     def has_record(self, rel: str) -> bool:
         """Whether the upper entry ``rel`` carries an origin record."""
-        return _get_first(rel, ORIGIN_XATTRS, self._upper.fd) is not None
+        return xattr.get_first(rel, ORIGIN_XATTRS, dir_fd=self._upper.fd) is not None
 
     @staticmethod
     def mark_impure(path: str, *, dir_fd: int) -> None:
         """Mark the upper directory ``path`` as holding entries with origins, unless it is already."""
-        if _get_first(path, IMPURE_XATTRS, dir_fd) != b"y":
-            _set_first(path, IMPURE_XATTRS, b"y", dir_fd)
+        if xattr.get_first(path, IMPURE_XATTRS, dir_fd=dir_fd) != b"y":
+            xattr.set_first(path, IMPURE_XATTRS, b"y", dir_fd=dir_fd)
 
     @staticmethod
     def is_impure(rel: str, *, dir_fd: int) -> bool:
-        return _get_first(rel, IMPURE_XATTRS, dir_fd) == b"y"
+        return xattr.get_first(rel, IMPURE_XATTRS, dir_fd=dir_fd) == b"y"
 
     def lower_of(self, rel: str) -> os.stat_result | None:
         """The lstat of the lower entry the upper entry ``rel`` was copied from; None when it has no
         record, or one that names nothing in a lower layer's filesystem."""
-        value = _get_first(rel, ORIGIN_XATTRS, self._upper.fd)
+        value = xattr.get_first(rel, ORIGIN_XATTRS, dir_fd=self._upper.fd)
         if value is None or len(value) < _HEADER.size:
             return None
         version, magic, length, _flags, handle_type, uuid = _HEADER.unpack_from(value)

@@ -30,25 +30,12 @@ def valid(target: str) -> bool:
 def read(path: str, *, dir_fd: int | None = None) -> str | None:
     """The redirect of the directory at ``path`` (relative to ``dir_fd``), None if it has none or an
     invalid one."""
-    for name in REDIRECT_XATTRS:
-        try:
-            value = xattr.get(path, name, dir_fd=dir_fd)
-        except OSError as e:
-            if e.errno in (errno.ENODATA, errno.ENOTSUP, errno.EPERM, errno.EACCES):
-                continue
-            raise
-        target = os.fsdecode(value)
-        return target if valid(target) else None
-    return None
+    value = xattr.get_first(path, REDIRECT_XATTRS, dir_fd=dir_fd)
+    target = None if value is None else os.fsdecode(value)
+    return target if target is not None and valid(target) else None
 
 
 def write(path: str, target: str, *, dir_fd: int) -> None:
     """Record on the upper directory ``path`` that its lower parts are at ``target``."""
-    for name in REDIRECT_XATTRS:
-        try:
-            xattr.set(path, name, os.fsencode(target), dir_fd=dir_fd)
-            return
-        except OSError as e:
-            if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EACCES):
-                raise
-    raise OSError(errno.EXDEV, "no redirect can be recorded here", path)
+    if not xattr.set_first(path, REDIRECT_XATTRS, os.fsencode(target), dir_fd=dir_fd):
+        raise OSError(errno.EXDEV, "no redirect can be recorded here", path)

@@ -659,7 +659,8 @@ class Union:
         content is all in the upper).
         """
         has_lower = entry.is_dir and (not entry.in_upper or entry.merged)
-        target = self._redirect_target(entry, old, new) if has_lower and self.redirect_dir else None
+        current = redirect.read(Layer.rel(old), dir_fd=self.upper.fd) if has_lower and entry.in_upper else None
+        target = self._redirect_target(entry, current, old, new) if has_lower and self.redirect_dir else None
         whole_tree = has_lower and target is None
         if whole_tree:
             self._copy_up_tree(old)
@@ -670,18 +671,18 @@ class Union:
             opaque = entry.is_dir and not has_lower and len(self.resolver.stack_of(split(new)[0])) > 1
         if target is not None or opaque:
             with self.upper.at(Layer.rel(old)) as (dir_fd, name):
-                if target is not None and target != redirect.read(name, dir_fd=dir_fd):
+                if target is not None and target != current:
                     redirect.write(name, target, dir_fd=dir_fd)
                 if opaque and not whiteout.is_opaque_dir(name, dir_fd=dir_fd):
                     whiteout.mark_opaque(name, dir_fd=dir_fd)
         return whole_tree, opaque
 
-    def _redirect_target(self, entry: Entry, old: str, new: str) -> str | None:
-        """Where the directory ``entry`` (at ``old``, with lower parts) must say its lower parts are once at
-        ``new``: its old name if it stays in its parent, else the absolute path of its first lower part; a
-        redirect it has already is kept where it still leads there. None for an absolute path longer than
-        kernel overlayfs takes (it answers EXDEV): the tree is copied up instead."""
-        current = redirect.read(Layer.rel(old), dir_fd=self.upper.fd) if entry.in_upper else None
+    @staticmethod
+    def _redirect_target(entry: Entry, current: str | None, old: str, new: str) -> str | None:
+        """Where the directory ``entry`` (at ``old``, with lower parts, its redirect ``current``) must say
+        its lower parts are once at ``new``: its old name if it stays in its parent, else the absolute path
+        of its first lower part; ``current`` is kept where it still leads there. None for an absolute path
+        longer than kernel overlayfs takes (it answers EXDEV): the tree is copied up instead."""
         same_parent = split(old)[0] == split(new)[0]
         if current is not None and (same_parent or current.startswith("/")):
             return current

@@ -9,10 +9,14 @@ and for paths up to PATH_MAX relative to the layer, however long the layer's own
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from typing import Iterator
 
 _DIR = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
+# A missing xattr, or a namespace the filesystem or the daemon may not use (trusted.* without
+# CAP_SYS_ADMIN): where overlayfs's records fall back from their trusted.* form to their user.* one.
+_UNAVAILABLE = (errno.ENODATA, errno.ENOTSUP, errno.EPERM, errno.EACCES)
 
 
 @contextlib.contextmanager
@@ -58,3 +62,27 @@ def set(path: str, name: str, value: bytes, flags: int = 0, *, dir_fd: int | Non
 def remove(path: str, name: str, *, dir_fd: int | None = None) -> None:
     with _reach(path, dir_fd) as target:
         os.removexattr(target, name, **_nofollow(target))
+
+
+def get_first(path: str, names: tuple[str, ...], *, dir_fd: int | None = None) -> bytes | None:
+    """The value of the first of ``names`` the entry has (an overlay record's trusted.* form, else its
+    user.* one, as overlayfs's ``userxattr`` writes it); None where it has none."""
+    for name in names:
+        try:
+            return get(path, name, dir_fd=dir_fd)
+        except OSError as e:
+            if e.errno not in _UNAVAILABLE:
+                raise
+    return None
+
+
+def set_first(path: str, names: tuple[str, ...], value: bytes, *, dir_fd: int | None = None) -> bool:
+    """Set the first of ``names`` the filesystem and the daemon may use; False where none."""
+    for name in names:
+        try:
+            set(path, name, value, dir_fd=dir_fd)
+            return True
+        except OSError as e:
+            if e.errno not in _UNAVAILABLE:
+                raise
+    return False
