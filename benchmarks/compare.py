@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{w.name:<15} [{w.group}, {w.mode}] {w.doc}")
         print()
         for i in IMPLS:
-            print(f"{i.name:<15} {i.problem() or i.version()}")
+            print(f"{i.name:<17} {i.problem() or i.version()}")
         return 0
     if os.geteuid() != 0:
         print("tools/bench: must run as root (it mounts filesystems and drops caches)", file=sys.stderr)
@@ -88,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         log(f"skipping {name}: {why}")
     if not any(w.layered for w in chosen_workloads) or (args.quick and not args.impl):
         impls = [i for i in impls if not i.flat]  # --quick leaves the layering comparison out unless asked
+    # A variant runs only in the workloads that name it: without one, it is not even mounted.
+    impls = [i for i in impls if not i.variant or any(i.name in (w.impls or ()) for w in chosen_workloads)]
     scale = workloads.QUICK if args.quick else workloads.FULL
     out = args.out or RUNS / "results" / time.strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
@@ -144,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     if layering:
         print("Layering cost (layerfs over the 3 layers vs over the same content flattened into 1):")
         print("\n".join("  " + line for line in layering))
+    upper = report.upper_table(results)
+    if upper:
+        print("\n".join(upper))
     print("Goals (layerfs):")
     for goal, verdict, detail in report.goals(results):
         print(f"  [{verdict}] {goal}" + (f": {detail}" if detail else ""))

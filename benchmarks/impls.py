@@ -12,6 +12,9 @@
 - layerfs: this project's command, ``layerfs -o lowerdir=...,upperdir=...,workdir=...``, as users run it.
 - layerfs-flat: layerfs over one lower layer holding the same merged content (hard links), to measure
   what the layering itself costs; it runs only the stat and read workloads.
+- overlay-metacopy, layerfs-metacopy: kernel overlayfs and layerfs mounted with ``metacopy=on`` as well
+  (a change of a lower file's metadata copies up its metadata only). Variants like these run only in the
+  workloads that name them (``Workload.impls``: chown-r), not in every one.
 """
 
 from __future__ import annotations
@@ -30,10 +33,16 @@ class Impl:
     name: str
     kind: str  # native | kernel | fuse
     flat: bool = False  # mounts the flattened one-layer tree instead of the layer stack
+    options: str = ""  # mount options added to the implementation's usual ones
+
+    @property
+    def variant(self) -> bool:
+        """Mounted with options of its own: it runs only in the workloads that name it (Workload.impls)."""
+        return bool(self.options)
 
     def problem(self) -> str | None:
         """Why this implementation cannot run here, or None."""
-        if self.name == "overlay":
+        if self.kind == "kernel":
             with open("/proc/filesystems") as f:
                 return None if "overlay" in f.read().split() else "kernel has no overlay filesystem"
         if self.name == "fuse-overlayfs" and not have("fuse-overlayfs"):
@@ -49,7 +58,7 @@ class Impl:
     def version(self) -> str:
         if self.name == "native":
             return f"ext4 (journaled loop image), kernel {platform.release()}"
-        if self.name == "overlay":
+        if self.kind == "kernel":
             return f"kernel {platform.release()}"
         if self.name == "fuse-overlayfs":
             return f"{_line(['fuse-overlayfs', '--version'], 'fuse-overlayfs')} (Debian {_deb('fuse-overlayfs')}, libfuse3 {_deb('fuse3')})"
@@ -62,25 +71,32 @@ class Impl:
     def command(self, lowers: list[Path], upper: Path, work: Path, mnt: Path) -> list[str]:
         """The mount command; lowers top first."""
         lowerdir = ":".join(str(p) for p in lowers)
-        if self.name == "overlay":
+        if self.kind == "kernel":
             return ["mount", "-t", "overlay", "overlay", "-o",
-                    f"lowerdir={lowerdir},upperdir={upper},workdir={work},redirect_dir=on", str(mnt)]
+                    self._with(f"lowerdir={lowerdir},upperdir={upper},workdir={work},redirect_dir=on"), str(mnt)]
         if self.name == "fuse-overlayfs":
-            return ["fuse-overlayfs", "-o", f"dev,suid,lowerdir={lowerdir},upperdir={upper},workdir={work}", str(mnt)]
+            return ["fuse-overlayfs", "-o", self._with(f"dev,suid,lowerdir={lowerdir},upperdir={upper},workdir={work}"),
+                    str(mnt)]
         if self.name == "unionfs":
             branches = ":".join([f"{upper}=RW"] + [f"{p}=RO" for p in lowers])
-            return ["unionfs", "-o", "cow,hide_meta_files,use_ino,dev,suid", branches, str(mnt)]
+            return ["unionfs", "-o", self._with("cow,hide_meta_files,use_ino,dev,suid"), branches, str(mnt)]
         if self.name.startswith("layerfs"):
-            return layerfs_command() + ["-o", f"lowerdir={lowerdir},upperdir={upper},workdir={work}", str(mnt)]
+            return layerfs_command() + ["-o", self._with(f"lowerdir={lowerdir},upperdir={upper},workdir={work}"),
+                                        str(mnt)]
         raise ValueError(f"{self.name} is not mounted")
+
+    def _with(self, options: str) -> str:
+        return f"{options},{self.options}" if self.options else options
 
 
 IMPLS = [
     Impl("native", "native"),
     Impl("overlay", "kernel"),
+    Impl("overlay-metacopy", "kernel", options="metacopy=on"),
     Impl("fuse-overlayfs", "fuse"),
     Impl("unionfs", "fuse"),
     Impl("layerfs", "fuse"),
+    Impl("layerfs-metacopy", "fuse", options="metacopy=on"),
     Impl("layerfs-flat", "fuse", flat=True),
 ]
 BY_NAME = {i.name: i for i in IMPLS}

@@ -13,6 +13,8 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .util import allocated
+
 OPAQUE_XATTR = "trusted.overlay.opaque"
 
 
@@ -92,6 +94,17 @@ def flat_view(tree: Node) -> dict[str, tuple[str, int, int]]:
             if child.kind == "d":
                 stack.append((rel + "/", child))
     return out
+
+
+def merged_usage(lowers: list[Path], rel: str) -> tuple[int, int]:
+    """(bytes allocated, entries) of the directory ``rel`` and everything below it in the merged view, each
+    entry counted in the layer that provides it: du of the merged tree, what a plain copy of it takes."""
+    node = merged_tree(lowers)
+    for name in Path(rel).parts:
+        assert node.children is not None
+        node = node.children[name]
+    below = [lowers[layer] / rel / path for path, (_, _, layer) in flat_view(node).items()]
+    return allocated([lowers[node.layer] / rel, *below])
 
 
 def flatten(lowers: list[Path], dest: Path) -> int:

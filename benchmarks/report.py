@@ -11,21 +11,24 @@ from pathlib import Path
 
 from .runner import Results
 
-BASELINES = ("overlay", "fuse-overlayfs")
+BASELINES = {"overlay": "/ overlay", "overlay-metacopy": "/ ovl-meta", "fuse-overlayfs": "/ fuse-ovl"}  # ratio rows
 AS_FAST_AS_FUSE_OVERLAYFS = ("open-close", "create-delete", "untar", "meta-mix", "build-mix", "start", "stat-warm",
                              "smallwrite", "podman-build", "stat-cold", "read-cold")
 DATA = ("read-cold", "read-warm", "seqread-cold", "seqread-warm", "randread", "seqwrite", "smallwrite", "copyup")
 LAYERED = ("stat-cold", "stat-warm", "read-cold", "read-warm")
+MiB = 1 << 20
 
 
-def medians(results: Results) -> dict[str, dict[str, float]]:
-    """workload -> impl -> median seconds (implementations with no successful pass left out)."""
+def medians(results: Results, measure: str = "seconds") -> dict[str, dict[str, float]]:
+    """workload -> impl -> median of a sample's ``measure`` (seconds, upper_bytes...) over its passes;
+    implementations without one left out."""
     out: dict[str, dict[str, float]] = {}
     for w in results.workloads:
         for i in results.impls:
-            times = [s.seconds for s in results.samples if s.workload == w and s.impl == i and s.seconds is not None]
-            if times:
-                out.setdefault(w, {})[i] = statistics.median(times)
+            values = [getattr(s, measure) for s in results.samples if s.workload == w and s.impl == i]
+            values = [v for v in values if v is not None]
+            if values:
+                out.setdefault(w, {})[i] = statistics.median(values)
     return out
 
 
@@ -57,12 +60,13 @@ def _r(x: float | None) -> str:
 
 
 def table(results: Results) -> str:
-    """Medians, then each one's ratio to kernel overlayfs and to fuse-overlayfs, a block per workload."""
+    """Medians, then each one's ratio to kernel overlayfs (with metacopy=on too, where it ran) and to
+    fuse-overlayfs, a block per workload."""
     med, err = medians(results), errors(results)
     impls = [i for i in results.impls if i not in results.skipped]
     width = max(14, *(len(w) for w in results.workloads))
-    col = max(9, *(len(i) + 1 for i in impls))
-    lines = [f"{'workload':<{width}}" + "".join(f"{i:>{col}}" for i in impls)]
+    col = {i: max(9, len(i) + 1) for i in impls}  # the variants' long names widen their own columns only
+    lines = [f"{'workload':<{width}}" + "".join(f"{i:>{col[i]}}" for i in impls)]
     for w in results.workloads:
         row = med.get(w, {})
         cells = []
@@ -75,11 +79,11 @@ def table(results: Results) -> str:
                 cells.append("—")
             else:
                 cells.append("")
-        lines.append(f"{w:<{width}}" + "".join(f"{c:>{col}}" for c in cells))
-        for base, label in (("overlay", "  / overlay"), ("fuse-overlayfs", "  / fuse-ovl")):
+        lines.append(f"{w:<{width}}" + "".join(f"{c:>{col[i]}}" for i, c in zip(impls, cells)))
+        for base, label in BASELINES.items():
             if base in row:
-                lines.append(f"{label:<{width}}" + "".join(
-                    f"{_r(ratio(med, w, i, base)) if i in row else '':>{col}}" for i in impls))
+                lines.append(f"{'  ' + label:<{width}}" + "".join(
+                    f"{_r(ratio(med, w, i, base)) if i in row else '':>{col[i]}}" for i in impls))
     if any(i in impls for names in results.inapplicable.values() for i in names):
         lines.append("— : the workload cannot run on that implementation")
     return "\n".join(lines)
@@ -94,6 +98,25 @@ def layering(results: Results) -> list[str]:
             out.append(f"{w}: layerfs over 3 layers {_t(med[w]['layerfs'])}, over 1 layer "
                        f"{_t(med[w]['layerfs-flat'])}: {r:.2f}x")
     return out
+
+
+def upper_table(results: Results) -> list[str]:
+    """For each workload that measures it: every implementation's median time next to the median bytes and
+    entries its passes left in the upper layer, and those bytes as a share of the directory it changed."""
+    med, size, entries = medians(results), medians(results, "upper_bytes"), medians(results, "upper_entries")
+    lines = []
+    for w, ref in results.upper_reference.items():
+        where = "/" + ref["path"]
+        lines += [f"{w}: upper layer bytes per implementation (medians; {where} in the merged view: "
+                  f"{ref['bytes'] / MiB:.1f} MiB, {ref['entries']:,} entries)",
+                  f"  {'':<18}{'time':>9}{'upper MiB':>11}{'% of ' + where:>11}{'entries':>9}"]
+        for i in [i for i in results.impls if i in med.get(w, {})]:
+            if i in size.get(w, {}):
+                cells = f"{size[w][i] / MiB:>11.1f}{size[w][i] / ref['bytes']:>11.1%}{entries[w][i]:>9,.0f}"
+            else:
+                cells = f"{'—':>11}{'—':>11}{'—':>9}"  # no upper layer: the plain directory
+            lines.append(f"  {i:<18}{_t(med[w][i]):>9}{cells}")
+    return lines
 
 
 def rss_summary(results: Results) -> dict[str, dict]:
@@ -116,14 +139,14 @@ def rss_summary(results: Results) -> dict[str, dict]:
 
 
 def goals(results: Results) -> list[tuple[str, str, str]]:
-    """The performance goals (issue 13's, and issue 3's on layering), each (goal, met / missed / not
-    measured, the numbers)."""
+    """The performance goals (issue 13's, issue 3's on layering, and the metacopy issue's on chown -R), each
+    (goal, met / missed / not measured, the numbers)."""
     med = medians(results)
     out: list[tuple[str, str, str]] = []
 
-    def check(goal: str, pairs: list[tuple[str, str, str, float]]) -> None:
-        # pairs: (workload, impl a, impl b, limit on a/b)
-        got = [(w, ratio(med, w, a, b), b, lim) for w, a, b, lim in pairs]
+    def check(goal: str, pairs: list[tuple[str, str, str, float]], values: dict | None = None) -> None:
+        # pairs: (workload, impl a, impl b, limit on a/b); values: medians of seconds unless told
+        got = [(w, ratio(med if values is None else values, w, a, b), b, lim) for w, a, b, lim in pairs]
         measured = [(w, r, b, lim) for w, r, b, lim in got if r is not None]
         if not measured:
             out.append((goal, "not measured", ""))
@@ -138,6 +161,15 @@ def goals(results: Results) -> list[tuple[str, str, str]]:
     check("data workloads within 1.2x of kernel overlayfs (passthrough)",
           [(w, "layerfs", "overlay", 1.2) for w in DATA])
     check("3 layers within 1.3x of 1 layer on stat and read", [(w, "layerfs", "layerfs-flat", 1.3) for w in LAYERED])
+    # chown -R is metacopy=on's workload: layerfs mounted with it is judged, against the kernel's with it.
+    check("chown-r with metacopy=on at least 2x faster than fuse-overlayfs",
+          [("chown-r", "layerfs-metacopy", "fuse-overlayfs", 0.5)])
+    check("chown-r with metacopy=on within 1.5x of kernel overlayfs metacopy=on",
+          [("chown-r", "layerfs-metacopy", "overlay-metacopy", 1.5)])
+    check("chown-r with metacopy=on no slower than kernel overlayfs metacopy=on (moonshot)",
+          [("chown-r", "layerfs-metacopy", "overlay-metacopy", 1.0)])
+    check("chown-r with metacopy=on leaves an upper layer no larger than 1.5x kernel overlayfs metacopy=on's",
+          [("chown-r", "layerfs-metacopy", "overlay-metacopy", 1.5)], medians(results, "upper_bytes"))
     rss = rss_summary(results).get("layerfs", {})
     if "first_mib" in rss and rss.get("samples", 0) > 1:
         grew = rss["last_mib"] - rss["first_mib"]
@@ -204,8 +236,8 @@ def chart(results: Results, path: Path, title: str) -> str | None:
         return "nothing was measured"
     fig, ax = plt.subplots(figsize=(max(10, 1.2 * len(workloads) + 3), 6.5))
     width = 0.8 / len(impls)
-    colors = {"native": "#888888", "overlay": "#1f77b4", "fuse-overlayfs": "#2ca02c", "unionfs": "#9467bd",
-              "layerfs": "#d62728", "layerfs-flat": "#ff9896"}
+    colors = {"native": "#888888", "overlay": "#1f77b4", "overlay-metacopy": "#aec7e8", "fuse-overlayfs": "#2ca02c",
+              "unionfs": "#9467bd", "layerfs": "#d62728", "layerfs-metacopy": "#ff7f0e", "layerfs-flat": "#ff9896"}
     for k, impl in enumerate(impls):
         xs, ys, lo, hi = [], [], [], []
         for j, w in enumerate(workloads):
@@ -240,6 +272,7 @@ def write_json(results: Results, path: Path, extra: dict) -> None:
         **extra,
         "medians_seconds": med,
         "ratios": ratios,
+        "medians_upper_bytes": medians(results, "upper_bytes"),
         "errors": errors(results),
         "goals": [{"goal": g, "verdict": v, "detail": d} for g, v, d in goals(results)],
         "rss": rss_summary(results),

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 
 from . import layers
 from .impls import Impl
-from .util import drop_caches, log
+from .util import allocated, below, drop_caches, log
 from .workloads import Ctx, Scale, Workload
 from .workspace import Mount, Workspace, rss_kib, stop_daemon
 
@@ -29,6 +29,8 @@ class Sample:
     seconds: float | None = None
     count: int | None = None
     error: str | None = None
+    upper_bytes: int | None = None  # allocated in the upper layer after the pass (Workload.measure_upper)
+    upper_entries: int | None = None
 
 
 @dataclass
@@ -76,6 +78,11 @@ class Trial:
         finally:
             watchdog.cancel()
 
+    def upper_usage(self) -> tuple[int | None, int | None]:
+        """(bytes allocated, entries) in the upper layer, a fresh mount's: what this pass left there."""
+        upper = self.mount.upper
+        return (None, None) if upper is None else allocated(below(upper))
+
     def finish(self) -> None:
         try:
             if self.workload.cleanup and self.ctx is not None and os.path.isdir(self.ctx.root):
@@ -97,6 +104,8 @@ class Results:
     skipped: dict[str, str] = field(default_factory=dict)  # impl -> why
     inapplicable: dict[str, list[str]] = field(default_factory=dict)  # workload -> impls it cannot run on
     wall: dict[str, float] = field(default_factory=dict)  # workload -> seconds spent on it, setup included
+    # workload -> its measure_upper directory in the merged view: {"path", "bytes", "entries"}
+    upper_reference: dict[str, dict] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         out = asdict(self)
@@ -143,14 +152,23 @@ class Runner:
                 continue
             self.results.views[impl.name] = layers.compare_views(expected[False], seen)
 
+    @staticmethod
+    def _eligible(w: Workload, i: Impl) -> bool:
+        """Whether ``i`` takes part in ``w`` as far as its kind goes (w.impls may narrow it further)."""
+        return (w.layered or not i.flat) and (not i.variant or i.name in (w.impls or ()))
+
     def _participants(self, w: Workload) -> list[Impl]:
-        return [i for i in self.impls if i.name in self.main and (w.layered or not i.flat)
+        return [i for i in self.impls if i.name in self.main and self._eligible(w, i)
                 and (w.impls is None or i.name in w.impls)]
 
     def _workload(self, w: Workload) -> None:
         impls = self._participants(w)
         if w.impls is not None:
-            self.results.inapplicable[w.name] = [i.name for i in self.impls if i.name not in w.impls and not i.flat]
+            self.results.inapplicable[w.name] = [i.name for i in self.impls
+                                                 if i.name not in w.impls and self._eligible(w, i)]
+        if w.measure_upper is not None:
+            size, entries = layers.merged_usage(self.ws.lowers, w.measure_upper)
+            self.results.upper_reference[w.name] = {"path": w.measure_upper, "bytes": size, "entries": entries}
         failed: set[str] = set()
         if w.mode == "warm":
             for impl in impls:
@@ -182,6 +200,8 @@ class Runner:
                 sample.seconds = time.perf_counter() - t
             finally:
                 gc.enable()
+            if w.measure_upper is not None:
+                sample.upper_bytes, sample.upper_entries = trial.upper_usage()
             self._rss(w, rep, impl, trial.mount)
         except Exception as e:  # noqa: BLE001 - recorded; the other implementations go on
             sample.error = f"{type(e).__name__}: {e}"[:500]

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import time
+from typing import Iterable, Iterator
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -50,6 +51,27 @@ def remove_mounted_tree(path: str | os.PathLike) -> None:
     for point in sorted((p for p in mounted_points() if p.startswith(prefix)), key=len, reverse=True):
         umount(point)
     remove_tree(path)
+
+
+def below(root: str | os.PathLike) -> Iterator[str]:
+    """Every path under ``root`` (not ``root`` itself), symbolic links not followed."""
+    for directory, dirs, files in os.walk(root):
+        for name in dirs + files:
+            yield os.path.join(directory, name)
+
+
+def allocated(paths: Iterable[str | os.PathLike]) -> tuple[int, int]:
+    """(bytes allocated, entries) of ``paths``: their st_blocks, an inode with several of the names counted
+    once, as du counts."""
+    inodes: set[tuple[int, int]] = set()
+    total = entries = 0
+    for path in paths:
+        st = os.lstat(path)
+        entries += 1
+        if (st.st_dev, st.st_ino) not in inodes:
+            inodes.add((st.st_dev, st.st_ino))
+            total += st.st_blocks * 512
+    return total, entries
 
 
 def drop_caches() -> None:

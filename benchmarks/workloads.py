@@ -20,6 +20,8 @@ otherwise (so that no timed pass is the first of its kind in the run; see runner
 
 Write workloads work in the rootfs's ``/tmp`` under a name unique to the pass, and remove what they made
 (untimed) unless removing is the workload. podman-build (podman.py) works in a Podman storage of its own.
+chown-r changes lower entries themselves, on fresh mounts; on the plain directory, whose files are the
+layers' own inodes (hard links), it puts back what it changed.
 """
 
 from __future__ import annotations
@@ -27,17 +29,23 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import stat
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from . import podman
 from .data import Data
-from .util import remove_tree
+from .util import below, remove_tree
 
 MiB = 1 << 20
 OPEN_FILES = 8  # open-close cycles through this many lower files
 CHROOT = shutil.which("chroot") or "/usr/sbin/chroot"
+CHOWN_DIR = "usr"  # chown-r's tree: most of the rootfs's files (Debian's /usr holds /bin, /lib, /sbin)
+CAPABILITY = "security.capability"
+# Not unionfs-fuse: a directory it copies up gets a new inode number, and chown's tree walk (fts), finding
+# another directory than the one it listed, stops with ENOENT ("fts_read failed").
+CHOWN_IMPLS = ("native", "overlay", "overlay-metacopy", "fuse-overlayfs", "layerfs", "layerfs-metacopy")
 
 
 @dataclass(frozen=True)
@@ -70,6 +78,7 @@ class Ctx:
     rep: int  # 0-based repetition; -1 for a warm-up pass
     tag: str  # unique per pass: scratch names
     impl: str  # the implementation's name (podman-build picks Podman's overlay driver by it)
+    kept: list[tuple] = field(default_factory=list)  # what prepare noted for cleanup to put back
 
     def path(self, rel: str) -> str:
         return os.path.join(self.root, rel)
@@ -87,7 +96,11 @@ class Workload:
     mode: str = "plain"  # warm | cold | fresh | plain (see the module docstring)
     unit: str = "entries"
     layered: bool = False  # also run on layerfs-flat: the 3-layers-vs-1 comparison
-    impls: tuple[str, ...] | None = None  # the only implementations it applies to (None: all)
+    # The only implementations it applies to (None: all but the variants, which run only where named).
+    impls: tuple[str, ...] | None = None
+    # A directory the workload changes: after each pass (untimed) what the pass left in the upper layer
+    # is measured, to be reported against that directory's size in the merged view.
+    measure_upper: str | None = None
     prepare: Callable[[Ctx], None] | None = None  # untimed, before each pass
     cleanup: Callable[[Ctx], None] | None = None  # untimed, after each pass
 
@@ -217,6 +230,41 @@ def _rename_back(ctx: Ctx) -> None:
     """The plain directory has no fresh mount to start the next pass from: the directory goes back."""
     if ctx.impl == "native":
         os.rename(ctx.path("usr/share/doc-moved"), ctx.path("usr/share/doc"))
+
+
+def chown_r(ctx: Ctx) -> int:
+    """chown -R of /usr, every entry a lower one: a copy-up of each, of its data too unless the union copies
+    metadata alone (metacopy=on)."""
+    subprocess.run(["chown", "-R", "1000:1000", ctx.path(CHOWN_DIR)], check=True, timeout=ctx.scale.timeout)
+    return 1
+
+
+def _note_owners(ctx: Ctx) -> None:
+    """What chown changes on the plain directory, noted first: owners; the setuid and setgid bits and file
+    capabilities, which a chown clears."""
+    if ctx.impl == "native":
+        top = ctx.path(CHOWN_DIR)
+        for path in [top, *below(top)]:
+            st = os.lstat(path)
+            ctx.kept.append((path, st.st_uid, st.st_gid, st.st_mode, _capability(path)))
+
+
+def _capability(path: str) -> bytes | None:
+    """A file's capabilities (security.capability), or None."""
+    try:
+        return os.getxattr(path, CAPABILITY, follow_symlinks=False)
+    except OSError:  # none (ENODATA), or a symlink's (unsupported)
+        return None
+
+
+def _restore_owners(ctx: Ctx) -> None:
+    """The plain directory's files are the layers' own inodes: the next implementations would see 1000:1000."""
+    for path, uid, gid, mode, capability in ctx.kept:
+        os.chown(path, uid, gid, follow_symlinks=False)
+        if mode & (stat.S_ISUID | stat.S_ISGID):
+            os.chmod(path, stat.S_IMODE(mode))
+        if capability is not None:
+            os.setxattr(path, CAPABILITY, capability, follow_symlinks=False)
 
 
 def _write_new(ctx: Ctx, block: bytes, mib: int) -> int:
@@ -395,6 +443,9 @@ WORKLOADS = [
              "fresh", "files"),
     Workload("dir-rename", "dir-rename", "mv of a lower directory of thousands of files (fresh mount each time)",
              dir_rename, "fresh", "renames", cleanup=_rename_back),
+    Workload("chown-r", "chown-r", "chown -R 1000:1000 of /usr (fresh mount each time); the bytes it leaves in the "
+             "upper layer measured after it", chown_r, "fresh", "trees", measure_upper=CHOWN_DIR,
+             impls=CHOWN_IMPLS, prepare=_note_owners, cleanup=_restore_owners),
     Workload("create-delete", "create-delete", "create small files, then delete them", create_delete, "plain",
              "files"),
     Workload("seqwrite", "seqwrite", "write a new file sequentially in 1 MiB writes", seq_write, "plain",

@@ -31,6 +31,10 @@ class Mount:
     base: Path | None = None  # holds upper/, work/ and mnt/ (None for native)
     pid: int | None = None  # the FUSE daemon
 
+    @property
+    def upper(self) -> Path | None:
+        return None if self.base is None else self.base / "upper"
+
 
 class Workspace:
     def __init__(self, data: Data, *, native: bool = True, flat: bool = True, size: str = "8G") -> None:
