@@ -106,7 +106,8 @@ def _unmount_when_gone(owner: int, mountpoint: str) -> None:
 def mount(config: MountConfig, *, foreground: bool = False, debug: bool = False) -> int:
     """Mount ``config``; returns the exit code for the command."""
     # The union opens its layers now, before the mount hides any of them (a mount over its own lower).
-    union = Union(config.lowers, config.upper, config.work, sync=config.sync, redirect_dir=config.redirect_dir)
+    union = Union(config.lowers, config.upper, config.work, sync=config.sync, redirect_dir=config.redirect_dir,
+                  metacopy=config.metacopy)
     if foreground:
         _prepare_process()
         _serve(config, union, debug)

@@ -20,7 +20,7 @@ _QUIET = frozenset({
     "rw", "dev", "suid", "exec", "atime", "noatime", "relatime", "strictatime", "nodiratime",
     "nodev", "nosuid", "noexec",
     "default_permissions", "allow_other", "allow_root", "fsync", "threaded", "noacl", "timeout",
-    "index", "metacopy", "xino", "userxattr", "context",
+    "index", "xino", "userxattr", "context",
     "fscontext", "defcontext", "rootcontext", "nfs_export", "uuid", "plugins", "debug", "max_idle_threads",
 })
 
@@ -42,6 +42,7 @@ class MountConfig:
     log: str | None = None  # log=FILE: the daemon's warnings and unexpected errors, else syslog
     threads: int = 2  # threads=N: readers of /dev/fuse, each on a descriptor of its own
     redirect_dir: bool = True  # redirect_dir=off: a directory rename copies the tree up, as before redirects
+    metacopy: bool = False  # metacopy=on: a metadata change of a lower file copies its metadata only
 
 
 def split_escaped(text: str, sep: str) -> list[str]:
@@ -174,6 +175,13 @@ def parse(option_strings: list[str], mountpoint: str | None) -> MountConfig:
     if redirect_text not in ("on", "off", "follow", "nofollow"):
         raise UsageError(f"redirect_dir={printable(redirect_text)}: not one of on, off, follow, nofollow")
     redirect_dir = redirect_text == "on"  # (redirects are followed whatever it says, as overlayfs does by default)
+    metacopy_text = values.pop("metacopy", "off")
+    if metacopy_text not in ("on", "off"):
+        raise UsageError(f"metacopy={printable(metacopy_text)}: not on or off")
+    metacopy = metacopy_text == "on"
+    if metacopy and not redirect_dir:
+        # A renamed metadata-only copy finds its data through a redirect, as on kernel overlayfs.
+        raise UsageError(f"metacopy=on needs redirect_dir=on (it is {redirect_text})")
     if values.get("xattr_permissions", "0") != "0":
         warnings.append(f"xattr_permissions={printable(values.pop('xattr_permissions'))} ignored: owners and modes are "
                         "stored as they are (layerfs runs as root)")
@@ -185,7 +193,7 @@ def parse(option_strings: list[str], mountpoint: str | None) -> MountConfig:
         if key not in _QUIET:
             warnings.append(f"unknown option {printable(key)} ignored")
     return MountConfig(mnt, lowers, upper, work, readonly, sync, fsname, warnings, owner, owners, static_nlink,
-                       passthrough, log, threads, redirect_dir)
+                       passthrough, log, threads, redirect_dir, metacopy)
 
 
 def _owners(values: dict[str, str], flags: set[str]) -> Owners:

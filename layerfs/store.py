@@ -454,7 +454,13 @@ def _copy_changes(upper: str, changes: list[Change], build: str) -> None:
     build_fd = os.open(build, _DIR)
     linked: dict[tuple[int, int], str] = {}  # upper (dev, ino) -> the layer path first written for it
     dirs: list[tuple[str, os.stat_result]] = []
-    lowers: dict[str, int] = {}  # root -> descriptor, of the lowers that sources (Change.source) are in
+    lowers: dict[str, int] = {}  # root -> descriptor, of the lowers that sources and data are in (Change)
+
+    def lower(root: str) -> int:
+        if root not in lowers:
+            lowers[root] = os.open(root, _DIR)
+        return lowers[root]
+
     try:
         for change in changes:
             if change.path == "/":
@@ -466,13 +472,12 @@ def _copy_changes(upper: str, changes: list[Change], build: str) -> None:
                 src_dir, src_name = _open_dir(upper_fd, parent), name
             else:  # still in a lower layer, below a redirected directory
                 root, real = change.source
-                if root not in lowers:
-                    lowers[root] = os.open(root, _DIR)
                 head, _, src_name = real.rpartition("/")
-                src_dir = _open_dir(lowers[root], head)
+                src_dir = _open_dir(lower(root), head)
+            data_at = None if change.data is None else (lower(change.data[0]), change.data[1][1:])
             dst_dir = _open_dir(build_fd, parent)
             try:
-                _copy_one(change, src_name, name, src_dir, dst_dir, build_fd, linked, dirs)
+                _copy_one(change, src_name, name, src_dir, dst_dir, build_fd, linked, dirs, data_at)
             except FileNotFoundError as e:
                 raise LayerfsError(f"cannot commit {change.path}: it is no longer in the upper directory") from e
             finally:
@@ -491,7 +496,8 @@ def _copy_changes(upper: str, changes: list[Change], build: str) -> None:
 
 
 def _copy_one(change: Change, src_name: str, name: str, src_dir: int, dst_dir: int, build_fd: int, linked: dict,
-              dirs: list) -> None:
+              dirs: list, data_at: tuple[int, str] | None) -> None:
+    """Copy one change into the layer being built; ``data_at`` is where a metadata-only copy's data is."""
     try:
         st = os.lstat(src_name, dir_fd=src_dir)
     except FileNotFoundError:
@@ -513,6 +519,6 @@ def _copy_one(change: Change, src_name: str, name: str, src_dir: int, dst_dir: i
     if first is not None:  # another name of a file this layer has already: a hard link, as in the upper
         os.link(first[1:], name, src_dir_fd=build_fd, dst_dir_fd=dst_dir, follow_symlinks=False)
         return
-    copyup.copy_entry(src_name, st, name, src_dir_fd=src_dir, dst_dir_fd=dst_dir, sync=False)
+    copyup.copy_entry(src_name, st, name, src_dir_fd=src_dir, dst_dir_fd=dst_dir, data_at=data_at, sync=False)
     if st.st_nlink > 1:
         linked[(st.st_dev, st.st_ino)] = change.path

@@ -224,7 +224,7 @@ def test_without_upper_everything_that_writes_is_erofs(stack):
     make(stack["bottom"], {"f": ""})
     u = union(stack, upper=False)
     for call in (lambda: u.unlink("/f"), lambda: u.mkdir("/d", 0o755, 0, 0),
-                 lambda: u.open("/f", os.O_WRONLY), lambda: u.chmod("/f", 0o600)):
+                 lambda: u.open("/f", os.O_WRONLY), lambda: u.change("/f", mode=0o600)):
         with pytest.raises(OSError) as e:
             call()
         assert e.value.errno == errno.EROFS

@@ -15,7 +15,9 @@ lowers had deleted counts as added, not changed. The report follows Docker's ove
 A directory renamed with a redirect (``redirect.py``) is new at its path with all it shows, wherever that
 is: ``A`` (``D`` where the lowers show something at its path) for it and ``A`` for every entry of the
 merged view below it, as Docker shows a renamed directory; the entries that are still in a lower layer
-carry where (``Change.source``), for the layer writers to read them there.
+carry where (``Change.source``), for the layer writers to read them there. A metadata-only copy
+(``metacopy.py``) is reported like any copy, with where its data is (``Change.data``), for the same
+reason; its content is that data when it is compared with the lowers' file.
 
 ``changes`` walks the upper directory: good for any upper written by layerfs or kernel overlayfs.
 ``indexed_changes`` gives the same answer from a change index (core.index), which costs what changed:
@@ -28,10 +30,10 @@ import os
 import stat
 from typing import Callable, Iterator, NamedTuple, Sequence
 
-from . import redirect, whiteout, xattr
+from . import metacopy, redirect, whiteout, xattr
 from .index import ChangeIndex, LowerFacts, file_digest
 from .layer import Layer
-from .lookup import Entry, Resolver, join
+from .lookup import Entry, Part, Resolver, join
 
 ADDED, CHANGED, DELETED = "A", "C", "D"
 
@@ -42,19 +44,21 @@ class Change(NamedTuple):
     # Where an entry below a redirected directory still is, when not in the upper: (lower layer's root,
     # its path in that layer). None: at ``path`` in the upper.
     source: tuple[str, str] | None = None
+    # Where a metadata-only copy's data is: (lower layer's root, its path in that layer).
+    data: tuple[str, str] | None = None
 
     def __str__(self) -> str:
         return f"{self.kind} {self.path}"
 
 
-# What the walk needs of an upper directory: name -> (lstat-like, opaque directory?, redirect or None).
+# What the walk needs of an upper directory: name -> (lstat-like, opaque directory?, redirect or None,
+# a metadata-only copy?).
 Listing = Callable[[str], dict]
-# Every entry the merged view shows below a redirected directory: (path, source as in Change).
-Moved = Callable[[str], Iterator[tuple[str, "tuple[str, str] | None"]]]
 # What the lowers show at a path (only asked where no upper directory hides them), or None.
 Below = Callable[[str], "LowerFacts | None"]
-# Whether the upper file at a path (its lstat-like, what the lowers show there) is an unchanged copy.
-Unchanged = Callable[[str, object, LowerFacts], bool]
+# Whether the upper file at a path (its lstat-like, what the lowers show there, where its data is if it
+# is a metadata-only copy) is an unchanged copy.
+Unchanged = Callable[[str, object, LowerFacts, "Part | None"], bool]
 
 
 def changes(upper: str, lowers: Sequence[str], *, unchanged_copies: bool = True,
@@ -69,18 +73,20 @@ def changes(upper: str, lowers: Sequence[str], *, unchanged_copies: bool = True,
     # A diff asks about a few names per directory: looked up one by one, not listed whole.
     resolver = Resolver([Layer(p, writable=False, cached=False) for p in lowers]) if lowers else None
 
-    def marks(path: str) -> tuple[bool, str | None]:
-        """Whether the upper directory at ``path`` is opaque, and its redirect."""
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        try:
-            return whiteout.is_opaque_dir(".", dir_fd=fd), redirect.read(".", dir_fd=fd)
-        finally:
-            os.close(fd)
+    def marks(path: str, st: os.stat_result) -> tuple[bool, str | None, bool]:
+        """Whether the upper entry at ``path`` is an opaque directory, its redirect, and whether it is a
+        metadata-only copy."""
+        if stat.S_ISDIR(st.st_mode):
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                return whiteout.is_opaque_dir(".", dir_fd=fd), redirect.read(".", dir_fd=fd), False
+            finally:
+                os.close(fd)
+        return False, None, metacopy.may_be(st) and metacopy.is_marked(path)
 
     def listing(path: str) -> dict:
         with os.scandir(upper if path == "/" else upper + path) as it:
-            return {e.name: (st := e.stat(follow_symlinks=False),
-                             *(marks(e.path) if stat.S_ISDIR(st.st_mode) else (False, None))) for e in it}
+            return {e.name: (st := e.stat(follow_symlinks=False), *marks(e.path, st)) for e in it}
 
     def lookup(path: str) -> Entry | None:
         try:
@@ -92,16 +98,17 @@ def changes(upper: str, lowers: Sequence[str], *, unchanged_copies: bool = True,
         entry = lookup(path)
         return None if entry is None else LowerFacts.of(entry.st)
 
-    def unchanged(path: str, st, lower: LowerFacts) -> bool:
+    def unchanged(path: str, st, lower: LowerFacts, data: Part | None) -> bool:
         if not _alike(st, lower):
             return False
         real, entry = upper + path, lookup(path)
+        content = file_digest(real) if data is None else file_digest(Layer.rel(data.path), dir_fd=data.layer.fd)
         return _xattrs(real, None) == _xattrs(entry.rel, entry.layer.fd) and \
-            file_digest(real) == file_digest(entry.rel, dir_fd=entry.layer.fd)
+            content == file_digest(entry.rel, dir_fd=entry.layer.fd)
 
     return _sorted_with_ancestors(_walk(listing, below, whiteout.is_opaque_dir(upper),
                                         None if unchanged_copies else unchanged,
-                                        _moved(upper, lowers)), ignore)
+                                        _MergedView(upper, lowers)), ignore)
 
 
 def indexed_changes(index: ChangeIndex, lowers: Sequence[str], *, unchanged_copies: bool = True,
@@ -114,17 +121,18 @@ def indexed_changes(index: ChangeIndex, lowers: Sequence[str], *, unchanged_copi
     for path, record in index.items():
         if path != "/":
             parent, _, name = path.rpartition("/")
-            children.setdefault(parent or "/", {})[name] = (record, record.opaque, record.redirect)
+            children.setdefault(parent or "/", {})[name] = (record, record.opaque, record.redirect,
+                                                            record.metacopy)
     root = index.get("/")
+    # (the upper through the index's descriptor: a mount may hide its path)
+    view = _MergedView(f"/proc/self/fd/{index.upper_fd}", lowers)
 
-    def unchanged(path: str, record, lower: LowerFacts) -> bool:
-        return _alike(record, lower) and index.upper_signature(path) == index.lower_signature(path)
+    def unchanged(path: str, record, lower: LowerFacts, data: Part | None) -> bool:
+        return _alike(record, lower) and index.upper_signature(path, data) == index.lower_signature(path)
 
     return _sorted_with_ancestors(_walk(lambda path: children.get(path, {}), index.lower_facts,
                                         root is not None and root.opaque, None if unchanged_copies else unchanged,
-                                        # (the upper through the index's descriptor: a mount may hide its path)
-                                        _moved(f"/proc/self/fd/{index.upper_fd}", lowers)),
-                                  ignore)
+                                        view), ignore)
 
 
 def _alike(st, lower: LowerFacts) -> bool:
@@ -138,25 +146,44 @@ def _xattrs(path: str, dir_fd: int | None) -> dict[str, bytes]:
             if not whiteout.is_private_xattr(n)}
 
 
-def _moved(upper: str, lowers: Sequence[str]) -> Moved:
-    """What the merged view of the upper directory ``upper`` over ``lowers`` shows below a directory, for
-    ``_walk``."""
-    resolver: Resolver | None = None
+class _MergedView:
+    """The upper directory ``upper`` over ``lowers`` merged, for what ``_walk`` must know beyond the upper
+    itself: what is below a redirected directory, where a metadata-only copy's data is. Opened when
+    first needed: most diffs meet neither."""
 
-    def below(top: str) -> Iterator[tuple[str, tuple[str, str] | None]]:
-        nonlocal resolver
-        if resolver is None:  # made when first needed: most diffs meet no redirect
-            resolver = Resolver([Layer(upper, writable=True)] + [Layer(p, writable=False, cached=False)
-                                                                for p in lowers])
+    def __init__(self, upper: str, lowers: Sequence[str]) -> None:
+        self._upper = upper
+        self._lowers = lowers
+        self._resolver: Resolver | None = None
+
+    def _view(self) -> Resolver:
+        if self._resolver is None:
+            self._resolver = Resolver([Layer(self._upper, writable=True)] +
+                                      [Layer(p, writable=False, cached=False) for p in self._lowers])
+        return self._resolver
+
+    def data_of(self, path: str) -> Part | None:
+        """Where the metadata-only copy at ``path`` has its data (None: it has none below any more)."""
+        try:
+            entry = self._view().lookup(path)
+        except OSError:
+            return None
+        return None if entry is None else entry.data
+
+    def below(self, top: str) -> Iterator[Change]:
+        """Every entry the merged view shows below the directory ``top``, added, with where it is when
+        not in the upper and where its data is when that is elsewhere."""
+        resolver = self._view()
         todo = [top]
         while todo:
             directory = todo.pop()
             for name, (part, info) in resolver.listing(directory).items():
                 path = join(directory, name)
-                yield path, None if part.layer.writable else (part.layer.root, join(part.path, name))
+                source = None if part.layer.writable else (part.layer.root, join(part.path, name))
+                data = self.data_of(path) if info.type_bits == stat.S_IFREG else None
+                yield Change(ADDED, path, source, None if data is None else (data.layer.root, data.path))
                 if info.type_bits == stat.S_IFDIR:
                     todo.append(path)
-    return below
 
 
 def _sorted_with_ancestors(found_changes: Iterator[Change], ignore: frozenset[str]) -> list[Change]:
@@ -170,7 +197,7 @@ def _sorted_with_ancestors(found_changes: Iterator[Change], ignore: frozenset[st
 
 
 def _walk(listing: Listing, below: Below, root_opaque: bool, unchanged: Unchanged | None,
-          moved: Moved) -> Iterator[Change]:
+          view: _MergedView) -> Iterator[Change]:
     """Every change in the upper that ``listing`` lists, in no particular order.
 
     Each directory to visit comes with whether the lowers show a directory at its path that it merges
@@ -184,7 +211,7 @@ def _walk(listing: Listing, below: Below, root_opaque: bool, unchanged: Unchange
         path, merged = todo.pop()
         entries = listing(path)
 
-        for name, (st, opaque, redirected) in entries.items():
+        for name, (st, opaque, redirected, metadata_only) in entries.items():
             child = join(path, name)
             if whiteout.is_marker_name(name):
                 hidden = whiteout.whited_out_name(name)  # an OCI whiteout file (None for opaque markers)
@@ -196,14 +223,15 @@ def _walk(listing: Listing, below: Below, root_opaque: bool, unchanged: Unchange
                 if old is not None:
                     yield Change(DELETED, child)
             elif not stat.S_ISDIR(st.st_mode):
+                data = view.data_of(child) if metadata_only else None
+                at = None if data is None else (data.layer.root, data.path)
                 if old is None:
-                    yield Change(ADDED, child)
-                elif unchanged is None or not unchanged(child, st, old):
-                    yield Change(CHANGED, child)
+                    yield Change(ADDED, child, data=at)
+                elif unchanged is None or not unchanged(child, st, old, data):
+                    yield Change(CHANGED, child, data=at)
             elif redirected is not None:
                 yield Change(ADDED if old is None else DELETED, child)
-                for inner, source in moved(child):
-                    yield Change(ADDED, inner, source)
+                yield from view.below(child)
             elif old is None:
                 yield Change(ADDED, child)
                 todo.append((child, False))

@@ -5,6 +5,9 @@ mid copy-up leaves only a stray temporary in the work directory, which the next 
 Data is copied by the cheapest means the kernel offers: a reflink (FICLONE) shares the extents when
 both sides are on a filesystem that can, else copy_file_range copies inside the kernel.
 
+A regular file is copied whole (``DATA``), empty (``EMPTY``: a copy-up about to truncate), or as its
+metadata alone (``METADATA``: overlayfs's metacopy, ``metacopy.py``) where its data can stay below.
+
 A copy can be given up halfway (``CANCELLED``): the caller whose request it serves was interrupted by
 a signal, and a copy of gigabytes should not keep it waiting. It raises InterruptedError (EINTR), and
 the temporary copy goes like any failed one.
@@ -18,10 +21,12 @@ import os
 import stat
 from typing import Callable
 
-from . import syscalls, whiteout, xattr
+from . import metacopy, syscalls, whiteout, xattr
 
 # Set, for the thread serving a request, to what tells whether its caller gave up.
 CANCELLED: contextvars.ContextVar[Callable[[], bool] | None] = contextvars.ContextVar("cancelled", default=None)
+DATA, EMPTY, METADATA = "data", "empty", "metadata"  # what a copy of a regular file holds
+_CAPABILITY = "security.capability"
 _CHUNK = 1 << 30
 _CANCELLABLE_CHUNK = 64 << 20  # between two looks at CANCELLED: about 50 ms of copying here
 
@@ -74,30 +79,36 @@ def copy_xattrs(src: str, dst: str, *, src_dir_fd: int, dst_dir_fd: int) -> None
 
 
 def copy_entry(src: str, st: os.stat_result, dst: str, *, src_dir_fd: int, dst_dir_fd: int,
-               with_data: bool = True, sync: bool = True) -> None:
+               content: str = DATA, data_at: tuple[int, str] | None = None, sync: bool = True) -> bool:
     """Create at ``dst`` (which must not exist) a copy of ``src`` whose lstat is ``st``; each path is
-    relative to its directory descriptor.
+    relative to its directory descriptor. Returns whether the copy holds metadata only.
 
     Ownership, mode (setuid bits included), xattrs and atime/mtime in ns are kept. A directory is
-    copied without its children. ``with_data=False`` makes a regular file empty (for a copy-up that
-    is about to truncate). ``sync`` flushes a file's data before returning, so that once renamed into
-    place the copy survives a crash.
+    copied without its children. ``content`` says what a regular file's copy holds (``METADATA`` falls
+    back to the data where the upper takes no metacopy mark); its data is read at ``data_at``
+    (a directory descriptor and a path in it) where ``src`` is a metadata-only copy itself. ``sync``
+    flushes a file's data before returning, so that once renamed into place the copy survives a crash.
     """
     mode = st.st_mode
     kind = stat.S_IFMT(mode)
+    metadata_only = False
     if kind == stat.S_IFREG:
-        src_fd = syscalls.open_beneath(src, os.O_RDONLY, dir_fd=src_dir_fd)
+        dst_fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=dst_dir_fd)
         try:
-            dst_fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=dst_dir_fd)
-            try:
-                if with_data:
+            if content == METADATA:
+                os.ftruncate(dst_fd, st.st_size)
+                metadata_only = metacopy.mark(dst_fd)
+            if content == DATA or content == METADATA and not metadata_only:
+                data_dir_fd, data_path = data_at or (src_dir_fd, src)
+                src_fd = syscalls.open_beneath(data_path, os.O_RDONLY, dir_fd=data_dir_fd)
+                try:
                     copy_data(src_fd, dst_fd, st.st_size)
-                if sync:
+                finally:
+                    os.close(src_fd)
+                if sync and st.st_size:
                     os.fsync(dst_fd)
-            finally:
-                os.close(dst_fd)
         finally:
-            os.close(src_fd)
+            os.close(dst_fd)
     elif kind == stat.S_IFDIR:
         os.mkdir(dst, 0o700, dir_fd=dst_dir_fd)
     elif kind == stat.S_IFLNK:
@@ -110,3 +121,23 @@ def copy_entry(src: str, st: os.stat_result, dst: str, *, src_dir_fd: int, dst_d
     if kind != stat.S_IFLNK:
         os.chmod(dst, stat.S_IMODE(mode), dir_fd=dst_dir_fd)
     os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dst_dir_fd, follow_symlinks=False)
+    return metadata_only
+
+
+def fill_in_place(fd: int, data_fd: int, length: int, *, sync: bool) -> None:
+    """Give the metadata-only copy open at ``fd`` its data, read from ``data_fd``, cut at ``length``, and
+    drop its mark, keeping its times and file capabilities (writing a file clears them). A crash halfway
+    leaves the copy marked, its data still read from below."""
+    st = os.fstat(fd)
+    capability = xattr.get_first(fd, (_CAPABILITY,))
+    try:
+        copy_data(data_fd, fd, min(length, st.st_size))
+        if length < st.st_size:
+            os.ftruncate(fd, length)
+        if capability is not None:
+            xattr.set(fd, _CAPABILITY, capability)
+        if sync:
+            os.fsync(fd)
+        metacopy.unmark(fd)
+    finally:
+        os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))

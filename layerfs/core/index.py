@@ -39,16 +39,16 @@ from typing import Iterator, NamedTuple, Sequence
 import xxhash
 from sortedcontainers import SortedDict
 
-from . import redirect, syscalls, whiteout, xattr
+from . import metacopy, redirect, syscalls, whiteout, xattr
 from .layer import Layer
-from .lookup import Resolver
+from .lookup import Part, Resolver
 
 _SNAPSHOT = "records"
 _SYNC_EVERY = 100_000  # journal lines
 _RECENT = 4096  # paths remembered as journaled already
 _JOURNAL = "journal-{}"  # one per snapshot generation
 _FULL = (errno.ENOSPC, errno.EDQUOT)
-_VERSION = 3
+_VERSION = 4
 
 
 class LowerFacts(NamedTuple):
@@ -83,6 +83,7 @@ class Record(NamedTuple):
     target: str | None  # a symlink's target
     opaque: bool  # a directory hiding the lowers below it
     redirect: str | None  # a directory renamed with its lower parts elsewhere: where (core.redirect)
+    metacopy: bool  # a regular file holding metadata only, its data below (core.metacopy)
     digest: str | None = None  # xxh3-128 of a regular file's content, once computed
     # What the lowers show at this path, looked up once (they never change): known or not, and the
     # lower entry's facts (None: nothing there) and signature (content and xattrs), once computed.
@@ -454,9 +455,11 @@ class ChangeIndex:
             self._records[path] = record._replace(lower_known=True, lower=facts)
         return facts
 
-    def upper_signature(self, path: str) -> str:
-        """The upper file's content and xattrs in one hash, to compare with ``lower_signature``."""
-        return _signature(self.digest(path), _rel(path), self._fd)
+    def upper_signature(self, path: str, data: Part | None = None) -> str:
+        """The upper file's content and xattrs in one hash, to compare with ``lower_signature``; the
+        content of a metadata-only copy is its ``data``."""
+        digest = self.digest(path) if data is None else file_digest(Layer.rel(data.path), dir_fd=data.layer.fd)
+        return _signature(digest, _rel(path), self._fd)
 
     def lower_signature(self, path: str) -> str:
         """The same of the file the lowers show at ``path`` (a regular file), computed once."""
@@ -482,8 +485,9 @@ class ChangeIndex:
         target = os.readlink(rel, dir_fd=self._fd) if stat.S_ISLNK(st.st_mode) else None
         opaque = stat.S_ISDIR(st.st_mode) and whiteout.is_opaque_dir(rel, dir_fd=self._fd)
         moved = redirect.read(rel, dir_fd=self._fd) if stat.S_ISDIR(st.st_mode) else None
+        metadata_only = metacopy.may_be(st) and metacopy.is_marked(rel, dir_fd=self._fd)
         return Record(st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino,
-                      st.st_rdev, target, opaque, moved)
+                      st.st_rdev, target, opaque, moved, metadata_only)
 
     def _forget_below(self, path: str) -> None:
         for child in list(self.paths_below(path)):

@@ -24,7 +24,7 @@ import os
 import stat
 from typing import Iterator, NamedTuple
 
-from . import redirect, syscalls, whiteout
+from . import metacopy, redirect, syscalls, whiteout
 
 
 class DirEntryInfo(NamedTuple):
@@ -70,6 +70,7 @@ class Layer:
         self.fd = os.open(self.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         self.dev = os.fstat(self.fd).st_dev
         self._listings: dict[str, _Listing] = {}
+        self._metacopies: dict[str, tuple[bool, str | None]] = {}  # (a lower layer's, asked once)
 
     def __del__(self) -> None:
         fd = getattr(self, "fd", None)
@@ -150,6 +151,20 @@ class Layer:
         if self._cached:
             return self._listing(path).redirect
         return redirect.read(self.rel(path), dir_fd=self.fd)
+
+    def metacopy(self, path: str, st: os.stat_result) -> tuple[bool, str | None]:
+        """Whether the file at ``path`` (its lstat ``st``) holds metadata only, its data being below, and
+        where its redirect says that is (``metacopy.py``)."""
+        if not metacopy.may_be(st):
+            return False, None
+        known = self._metacopies.get(path) if self._cached else None
+        if known is None:
+            rel = self.rel(path)
+            known = (True, redirect.read(rel, dir_fd=self.fd)) if metacopy.is_marked(rel, dir_fd=self.fd) \
+                else (False, None)
+            if self._cached:
+                self._metacopies[path] = known
+        return known
 
     def is_opaque(self, path: str) -> bool:
         """Whether the real directory at ``path`` hides the layers below it."""

@@ -42,15 +42,17 @@ class Entry:
     """A resolved merged entry: the topmost layer holding it, its path and real lstat there, and for a
     directory the stack of layers it merges."""
 
-    __slots__ = ("path", "layer", "st", "stack", "real")
+    __slots__ = ("path", "layer", "st", "stack", "real", "chain")
 
     def __init__(self, path: str, layer: Layer, st: os.stat_result, stack: tuple[Part, ...],
-                 real: str | None = None) -> None:
+                 real: str | None = None, chain: tuple[Part, ...] = ()) -> None:
         self.path = path
         self.layer = layer
         self.st = st
         self.stack = stack
         self.real = path if real is None else real
+        # A metadata-only copy's layers below it that hold its path, top first; the last holds its data.
+        self.chain = chain
 
     @property
     def is_dir(self) -> bool:
@@ -64,6 +66,11 @@ class Entry:
     def rel(self) -> str:
         """The entry's path relative to its layer's root descriptor, ``self.layer.fd``."""
         return Layer.rel(self.real)
+
+    @property
+    def data(self) -> Part | None:
+        """Where a metadata-only copy's data is (None: in the entry itself)."""
+        return self.chain[-1] if self.chain else None
 
     @property
     def merged(self) -> bool:
@@ -170,11 +177,16 @@ class Resolver:
 
         Below a directory with a redirect, the layers are looked up where it points: a relative redirect
         is a new name in the parent's parts, an absolute one a path from the root of every layer below.
+        Below a metadata-only copy (``metacopy.py``) the lookup goes on the same way, following its
+        redirect if it has one, down to the regular file holding its data; with none there (a layer
+        changed under the copy) the entry is unreadable: EIO, as on overlayfs.
         """
         top: Layer | None = None
         top_st: os.stat_result | None = None
         top_real = path
         dirs: list[Part] = []
+        chain: list[Part] = []  # below a metadata-only copy: the layers holding its path, to its data
+        needs_data = False
         parts, i = stack, 0
         absolute: str | None = None  # the path looked up once an absolute redirect was met
         while i < len(parts):
@@ -190,16 +202,25 @@ class Resolver:
                 break
             if st is None:
                 continue
-            if not stat.S_ISDIR(st.st_mode):
+            if stat.S_ISDIR(st.st_mode):
                 if top is None:
                     top, top_st, top_real = layer, st, real
-                break
-            if top is None:
-                top, top_st, top_real = layer, st, real
-            dirs.append(Part(layer, real))
-            if layer.is_opaque(real):
-                break
-            target = layer.redirect(real)
+                elif not dirs:
+                    break  # (below a file: its data is not a directory)
+                dirs.append(Part(layer, real))
+                if layer.is_opaque(real):
+                    break
+                target = layer.redirect(real)
+            else:
+                if top is None:
+                    top, top_st, top_real = layer, st, real
+                elif dirs or not stat.S_ISREG(st.st_mode):
+                    break  # a directory's stack ends here; a file's data is a regular file
+                else:
+                    chain.append(Part(layer, real))
+                needs_data, target = layer.metacopy(real, st)
+                if not needs_data:
+                    break
             if target is None:
                 continue
             if target.startswith("/"):
@@ -212,4 +233,6 @@ class Resolver:
                 absolute = join(split(absolute)[0], target)
         if top is None:
             return None
-        return Entry(path, top, top_st, tuple(dirs), top_real)
+        if needs_data:
+            raise OSError(errno.EIO, "a metadata-only copy with no data below it", path)
+        return Entry(path, top, top_st, tuple(dirs), top_real, tuple(chain))

@@ -4,8 +4,9 @@ A copy-up writes ``trusted.overlay.origin`` on the copy: the lower entry's file 
 ``struct ovl_fb`` form (version 0, magic 0xfb, length, flags, handle type, the lower filesystem's UUID,
 then the handle ``name_to_handle_at`` gives). Kernel overlayfs writes the same and reports a copied-up
 entry's inode number from it, so the number an entry shows survives an unmount and a remount with
-either implementation. The UUID is all zeros where the lower is on the upper's filesystem, as the kernel
-writes it there (``uuid=auto``); the kernel also marks the copy's directory "impure" (it holds entries
+either implementation. The UUID is the lower filesystem's, as the kernel writes it by default (all zeros
+where that filesystem tells none, or with the kernel's ``uuid=null``, where the lower is on the upper's
+filesystem: both are read). The kernel also marks the copy's directory "impure" (it holds entries
 whose numbers are not their own), which tells a listing to look those entries' origins up.
 
 A record is resolved back to the lower entry with ``open_by_handle_at`` (CAP_DAC_READ_SEARCH): without
@@ -15,9 +16,11 @@ decode.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import struct
+from typing import Iterator
 
 from . import syscalls, xattr
 from .layer import Layer
@@ -27,35 +30,33 @@ IMPURE_XATTRS = ("trusted.overlay.impure", "user.overlay.impure")
 _HEADER = struct.Struct("<BBBBB16s")  # version, magic, length, flags, handle type, UUID
 _VERSION, _MAGIC = 0, 0xFB
 _NULL_UUID = bytes(16)
+
+
 class Origins:
     """The origin records of one union's upper layer: made at copy-up, read back into lower entries."""
 
     def __init__(self, upper: Layer, lowers: list[Layer]) -> None:
         self._upper = upper
         self._lowers = lowers
-        self._mount_fds: dict[int, int] = {}  # dev -> a readable descriptor on it (open_by_handle_at's need)
-        self._uuids: dict[int, bytes] = {}
-
-    def close(self) -> None:
-        for fd in self._mount_fds.values():
-            os.close(fd)
-        self._mount_fds.clear()
+        self._uuids: dict[int, bytes] = {}  # dev -> its filesystem's UUID
 
     def _uuid(self, layer: Layer) -> bytes:
-        if layer.dev == self._upper.dev:
-            return _NULL_UUID
         uuid = self._uuids.get(layer.dev)
         if uuid is None:
-            fd = self._mount_fd(layer)
-            uuid = self._uuids[layer.dev] = syscalls.filesystem_uuid(fd)
+            with self._readable(layer) as fd:
+                uuid = self._uuids[layer.dev] = syscalls.filesystem_uuid(fd)
         return uuid
 
-    def _mount_fd(self, layer: Layer) -> int:
-        fd = self._mount_fds.get(layer.dev)
-        if fd is None:
-            fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=layer.fd)
-            fd = self._mount_fds.setdefault(layer.dev, fd)
-        return fd
+    @staticmethod
+    @contextlib.contextmanager
+    def _readable(layer: Layer) -> Iterator[int]:
+        """A readable descriptor on ``layer``'s filesystem (the layer's own is O_PATH), opened for a
+        moment: a mount's descriptors do not grow with its use."""
+        fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=layer.fd)
+        try:
+            yield fd
+        finally:
+            os.close(fd)
 
     def record(self, layer: Layer, rel: str) -> bytes | None:
         """The origin record of the lower entry ``rel`` of ``layer``; None where its filesystem gives no
@@ -98,11 +99,11 @@ class Origins:
         if (version, magic) != (_VERSION, _MAGIC) or length != len(value):
             return None
         for layer in {layer.dev: layer for layer in self._lowers}.values():  # one try per filesystem
-            if self._uuid(layer) != uuid:
+            if uuid != self._uuid(layer) and not (uuid == _NULL_UUID and layer.dev == self._upper.dev):
                 continue
             try:
-                fd = syscalls.open_by_handle(self._mount_fd(layer), handle_type, value[_HEADER.size:],
-                                             os.O_PATH | os.O_NOFOLLOW)
+                with self._readable(layer) as mount_fd:
+                    fd = syscalls.open_by_handle(mount_fd, handle_type, value[_HEADER.size:], os.O_PATH | os.O_NOFOLLOW)
             except OSError as e:
                 if e.errno in (errno.ESTALE, errno.ENOENT, errno.EPERM, errno.EINVAL, errno.EOPNOTSUPP):
                     continue

@@ -15,6 +15,10 @@ How changes are written, and why:
   With ``redirect_dir=False`` its whole merged subtree is copied up first instead, for an upper that a
   union without redirects must read (kernel overlayfs without them answers EXDEV, and many programs
   then fail).
+- With ``metacopy``, a metadata change of a lower regular file (chown, chmod, times, xattrs; a rename
+  or a link) copies up its metadata alone (``metacopy.py``), and its data stays below until the file is
+  opened for writing or truncated. A renamed or linked metadata-only copy finds its data through a
+  redirect, as a renamed directory does.
 - Copy-up keeps the parent directory's timestamps, so copying up changes nothing a user can see.
 """
 
@@ -27,7 +31,7 @@ import shutil
 import stat
 import threading
 
-from . import copyup, redirect, syscalls, whiteout, xattr
+from . import copyup, metacopy, redirect, syscalls, whiteout, xattr
 from .index import ChangeIndex
 from .inodes import InodeMap
 from .layer import Layer
@@ -75,14 +79,16 @@ def _refuse_marker_name(path: str) -> None:
 
 
 class Attributes:
-    """What getattr reports: the real lstat, with the merged view's inode number and link count."""
+    """What getattr reports: the real lstat, with the merged view's inode number and link count (and
+    for a metadata-only copy its data's blocks, as overlayfs shows them)."""
 
-    __slots__ = ("st", "ino", "nlink")
+    __slots__ = ("st", "ino", "nlink", "blocks")
 
-    def __init__(self, st: os.stat_result, ino: int, nlink: int) -> None:
+    def __init__(self, st: os.stat_result, ino: int, nlink: int, blocks: int | None = None) -> None:
         self.st = st
         self.ino = ino
         self.nlink = nlink
+        self.blocks = blocks
 
 
 class Union:
@@ -90,11 +96,13 @@ class Union:
 
     ``work`` is a directory on the upper's filesystem for building entries before they appear.
     ``sync=False`` (overlay's ``volatile``) skips every fsync. ``redirect_dir=False`` renames directories
-    with lower parts by copying their trees up (see above).
+    with lower parts by copying their trees up; ``metacopy`` makes metadata-only copies (see above).
     """
 
     def __init__(self, lowers: list[str], upper: str | None = None, work: str | None = None,
-                 *, sync: bool = True, redirect_dir: bool = True) -> None:
+                 *, sync: bool = True, redirect_dir: bool = True, metacopy: bool = False) -> None:
+        if metacopy and not redirect_dir:
+            raise ValueError("metadata-only copies need redirects")
         self.upper = Layer(upper, writable=True) if upper else None
         layers = ([self.upper] if self.upper else []) + [Layer(p, writable=False) for p in lowers]
         self.resolver = Resolver(layers)
@@ -102,6 +110,7 @@ class Union:
         self.inodes = InodeMap(layers, self._origins)
         self.sync = sync
         self.redirect_dir = redirect_dir
+        self._metadata_copy = copyup.METADATA if metacopy else copyup.DATA  # of a lower file whose metadata changes
         self._lock = threading.RLock()
         # open fd -> (merged inode number, whether it is an upper file)
         self._handles: dict[int, tuple[int, bool]] = {}
@@ -174,8 +183,10 @@ class Union:
 
     def attributes(self, entry: Entry) -> Attributes:
         st = entry.st
+        data = entry.data
+        blocks = None if data is None else data.layer.lstat(data.path).st_blocks
         # overlayfs reports nlink 1 for a directory merged from several layers: its real count is unknown.
-        return Attributes(st, self._number(entry), 1 if entry.merged else st.st_nlink)
+        return Attributes(st, self._number(entry), 1 if entry.merged else st.st_nlink, blocks)
 
     def getattr(self, path: str) -> Attributes:
         return self.attributes(self.resolver.get(path))
@@ -224,17 +235,26 @@ class Union:
     # -- open files -----------------------------------------------------------------------------
 
     def open(self, path: str, flags: int) -> int:
-        """Open ``path``; opening for writing (or truncating) copies a lower file up first."""
+        """Open ``path``; opening for writing (or truncating) copies a lower file up first, and gives a
+        metadata-only copy its data. Read, a metadata-only copy opens its data below."""
         entry = self.resolver.get(path)
         writing = (flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC
         if writing:
             self._note(path)
-        if writing and not entry.in_upper:
+        if writing and (not entry.in_upper or entry.chain):
             self._writable_upper()
             with self._lock:
-                entry = self._copy_up(path, with_data=not flags & os.O_TRUNC)
-        fd = syscalls.open_beneath(entry.rel, flags & _OPENING_ONLY, dir_fd=entry.layer.fd)
-        self._remember(fd, self._number(entry), entry.in_upper)
+                entry = self._with_data(path, 0 if flags & os.O_TRUNC else None)
+        data = entry.data
+        if data is None:
+            fd = syscalls.open_beneath(entry.rel, flags & _OPENING_ONLY, dir_fd=entry.layer.fd)
+        else:
+            fd = syscalls.open_beneath(Layer.rel(data.path), flags & _OPENING_ONLY, dir_fd=data.layer.fd)
+        if writing and stat.S_ISREG(entry.st.st_mode) and metacopy.is_marked(fd):
+            # A mark left by a crash after the data was copied in (its blocks cover its size, so it was
+            # not read as a metadata-only copy): off, or overlayfs would read the data below instead.
+            metacopy.unmark(fd)
+        self._remember(fd, self._number(entry), entry.in_upper and data is None)
         return fd
 
     def _remember(self, fd: int, number: int, in_upper: bool) -> None:
@@ -360,41 +380,44 @@ class Union:
         if self.index is not None:
             self.index.close()
             self.index = None
-        if self._origins is not None:
-            self._origins.close()
 
     # -- changing metadata ----------------------------------------------------------------------
 
-    def _copied_up(self, path: str, with_data: bool = True) -> Entry:
+    def _copied_up(self, path: str) -> Entry:
+        """``path`` in the upper layer, for a change of its metadata."""
         self._writable_upper()
         self._note(path)
         with self._lock:
-            return self._copy_up(path, with_data)
+            return self._copy_up(path, self._metadata_copy)
 
-    def chmod(self, path: str, mode: int) -> None:
+    def change(self, path: str, *, mode: int | None = None, owner: tuple[int, int] | None = None,
+               times_ns: tuple[int | None, int | None] | None = None) -> Attributes:
+        """chown, chmod and utimens of ``path`` (None: not that one; -1 in ``owner`` or None in
+        ``times_ns``: that id or time left as it is), in setattr's order; returns what it is then."""
+        if mode is None and owner is None and times_ns is None:
+            return self.getattr(path)
         entry = self._copied_up(path)
         with entry.layer.at(entry.rel) as (dir_fd, name):
-            os.chmod(name, stat.S_IMODE(mode), dir_fd=dir_fd)
-
-    def chown(self, path: str, uid: int, gid: int) -> None:
-        entry = self._copied_up(path)
-        with entry.layer.at(entry.rel) as (dir_fd, name):
-            os.chown(name, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
+            if owner is not None:
+                os.chown(name, *owner, dir_fd=dir_fd, follow_symlinks=False)
+            if mode is not None:
+                os.chmod(name, stat.S_IMODE(mode), dir_fd=dir_fd)
+            if times_ns is not None:
+                times = _fill_times(times_ns, lambda: os.lstat(name, dir_fd=dir_fd))
+                os.utime(name, ns=times, dir_fd=dir_fd, follow_symlinks=False)
+            entry.st = os.lstat(name, dir_fd=dir_fd)
+        return self.attributes(entry)
 
     def truncate(self, path: str, length: int) -> None:
-        entry = self._copied_up(path, with_data=length > 0)
+        self._writable_upper()
+        self._note(path)
+        with self._lock:
+            entry = self._with_data(path, length)
         fd = syscalls.open_beneath(entry.rel, os.O_WRONLY, dir_fd=entry.layer.fd)
         try:
             os.ftruncate(fd, length)
         finally:
             os.close(fd)
-
-    def utimens(self, path: str, atime_ns: int | None, mtime_ns: int | None) -> None:
-        """Set access and modification times in ns; None leaves that one as it is."""
-        entry = self._copied_up(path)
-        with entry.layer.at(entry.rel) as (dir_fd, name):
-            times = _fill_times((atime_ns, mtime_ns), lambda: os.lstat(name, dir_fd=dir_fd))
-            os.utime(name, ns=times, dir_fd=dir_fd, follow_symlinks=False)
 
     def setxattr(self, path: str, name: str, value: bytes, flags: int) -> None:
         if whiteout.is_private_xattr(name):
@@ -451,7 +474,9 @@ class Union:
         self._note(existing, path)
         with self._lock:
             self._prepare_new(path, 0, 0, 0, is_dir=False)
-            source = self._copy_up(existing)
+            source = self._copy_up(existing, self._metadata_copy)
+            if source.chain:
+                source = self._lead_to_data(source, existing, None)
             tmp = self._tmp()
             with source.layer.at(source.rel) as (dir_fd, name):
                 os.link(name, tmp, src_dir_fd=dir_fd, dst_dir_fd=self._work, follow_symlinks=False)
@@ -652,7 +677,9 @@ class Union:
           ``redirect_dir``, the default); without redirects its merged subtree is copied up (kernel
           overlayfs answers EXDEV), and it is opaque where a lower layer has the new name.
         - A directory of the upper alone turns opaque when it lands in a merged directory.
-        - A non-directory hides whatever the lowers have at its new name by itself.
+        - A non-directory hides whatever the lowers have at its new name by itself. A regular file is
+          copied up as its metadata alone with ``metacopy``, and one that has its data below gets a
+          redirect to it.
 
         The marks go on before the move: at ``old`` they change nothing (a redirect made for ``new``
         names the lower parts it has there too, and an opaque mark is set only on a directory whose
@@ -660,14 +687,19 @@ class Union:
         """
         has_lower = entry.is_dir and (not entry.in_upper or entry.merged)
         current = redirect.read(Layer.rel(old), dir_fd=self.upper.fd) if has_lower and entry.in_upper else None
-        target = self._redirect_target(entry, current, old, new) if has_lower and self.redirect_dir else None
+        target = None
+        if has_lower and self.redirect_dir:
+            first_lower = next(part.path for part in entry.stack if not part.layer.writable)
+            target = self._redirect_target(first_lower, current, old, new)
         whole_tree = has_lower and target is None
         if whole_tree:
             self._copy_up_tree(old)
             opaque = self._lower_has(new)
         else:
             if not entry.in_upper:
-                self._copy_up(old)
+                entry = self._copy_up_entry(entry, self._metadata_copy)
+            if entry.chain:
+                self._lead_to_data(entry, old, new)
             opaque = entry.is_dir and not has_lower and len(self.resolver.stack_of(split(new)[0])) > 1
         if target is not None or opaque:
             with self.upper.at(Layer.rel(old)) as (dir_fd, name):
@@ -678,39 +710,59 @@ class Union:
         return whole_tree, opaque
 
     @staticmethod
-    def _redirect_target(entry: Entry, current: str | None, old: str, new: str) -> str | None:
-        """Where the directory ``entry`` (at ``old``, with lower parts, its redirect ``current``) must say
-        its lower parts are once at ``new``: its old name if it stays in its parent, else the absolute path
-        of its first lower part; ``current`` is kept where it still leads there. None for an absolute path
-        longer than kernel overlayfs takes (it answers EXDEV): the tree is copied up instead."""
-        same_parent = split(old)[0] == split(new)[0]
+    def _redirect_target(first_lower: str, current: str | None, old: str, new: str | None) -> str | None:
+        """Where an entry with lower parts (at ``old``, its first lower part at ``first_lower`` in its
+        layer, its redirect ``current``) must say they are once at ``new`` (None: from any name, as a
+        linked file must): its old name if it stays in its parent, else the absolute path of its first
+        lower part; ``current`` is kept where it still leads there. None for an absolute path longer than
+        kernel overlayfs takes (it answers EXDEV): the entry's content is copied up instead."""
+        same_parent = new is not None and split(old)[0] == split(new)[0]
         if current is not None and (same_parent or current.startswith("/")):
             return current
         if same_parent:
             return split(old)[1]
-        target = next(part.path for part in entry.stack if not part.layer.writable)
-        return target if len(os.fsencode(target)) <= redirect.MAX_LENGTH else None
+        return first_lower if len(os.fsencode(first_lower)) <= redirect.MAX_LENGTH else None
+
+    def _lead_to_data(self, entry: Entry, old: str, new: str | None) -> Entry:
+        """Make the metadata-only copy ``entry`` (at ``old``) find its data once at ``new`` (None: from
+        a second name, a link's, wherever it is): a redirect, or its data copied in where the redirect
+        would be too long. Returns what it is then."""
+        current = redirect.read(entry.rel, dir_fd=self.upper.fd)
+        target = self._redirect_target(entry.chain[0].path, current, old, new)
+        if target is None:
+            return self._fill(entry, None)
+        if target != current:
+            with self.upper.at(entry.rel) as (dir_fd, name):
+                redirect.write(name, target, dir_fd=dir_fd)
+        return entry
 
     # -- copy-up and upper-layer plumbing -------------------------------------------------------
 
-    def _copy_up(self, path: str, with_data: bool = True) -> Entry:
+    def _copy_up(self, path: str, content: str = copyup.DATA) -> Entry:
         entry = self.resolver.get(path)
         if entry.in_upper:
             return entry
-        return self._copy_up_entry(entry, with_data)
+        return self._copy_up_entry(entry, content)
 
-    def _copy_up_entry(self, entry: Entry, with_data: bool = True) -> Entry:
+    def _copy_up_entry(self, entry: Entry, content: str = copyup.DATA) -> Entry:
+        """Copy ``entry`` up; a regular file's copy holds what ``content`` says (copyup's DATA, EMPTY or
+        METADATA)."""
         upper = self.upper
         parent, _ = split(entry.path)
         self._copy_up_dir_chain(parent)
         tmp = self._tmp()
+        if content == copyup.METADATA and entry.st.st_size == 0:
+            content = copyup.DATA  # (no data to leave below)
+        data = entry.data
+        data_at = None if data is None else (data.layer.fd, Layer.rel(data.path))
         origin = self._origins.record(entry.layer, entry.rel)
         # (The copy goes to the entry's merged path: below a redirect, the lower one is elsewhere.)
         with upper.at(Layer.rel(entry.path)) as (dir_fd, name):
             pst = os.fstat(dir_fd)
             try:
-                copyup.copy_entry(entry.rel, entry.st, tmp, src_dir_fd=entry.layer.fd, dst_dir_fd=self._work,
-                                  with_data=with_data, sync=self.sync)
+                metadata_only = copyup.copy_entry(entry.rel, entry.st, tmp, src_dir_fd=entry.layer.fd,
+                                                  dst_dir_fd=self._work, content=content, data_at=data_at,
+                                                  sync=self.sync)
                 if origin is not None:
                     self._origins.write(tmp, origin, dir_fd=self._work)
                     Origins.mark_impure(".", dir_fd=dir_fd)
@@ -724,7 +776,35 @@ class Union:
         if entry.is_dir:
             self.resolver.invalidate()
             return Entry(entry.path, upper, st, (Part(upper, entry.path),) + entry.stack)
-        return Entry(entry.path, upper, st, ())
+        return Entry(entry.path, upper, st, (), chain=(Part(entry.layer, entry.real),) + entry.chain
+                     if metadata_only else ())
+
+    def _with_data(self, path: str, length: int | None) -> Entry:
+        """``path`` in the upper layer holding its data, of which only the first ``length`` bytes are
+        wanted (None: all; what follows is about to be cut): a lower file copied up, a metadata-only
+        copy given its data."""
+        entry = self.resolver.get(path)
+        if not entry.in_upper:
+            return self._copy_up_entry(entry, copyup.EMPTY if length == 0 else copyup.DATA)
+        if entry.chain:
+            return self._fill(entry, length)
+        return entry
+
+    def _fill(self, entry: Entry, length: int | None) -> Entry:
+        """Give the metadata-only copy ``entry`` its data (the first ``length`` bytes, None: all), in
+        place: its other names, if it has any, are the same file. Returns what it is then."""
+        data = entry.data
+        fd = syscalls.open_beneath(entry.rel, os.O_WRONLY, dir_fd=entry.layer.fd)
+        try:
+            data_fd = syscalls.open_beneath(Layer.rel(data.path), os.O_RDONLY, dir_fd=data.layer.fd)
+            try:
+                copyup.fill_in_place(fd, data_fd, entry.st.st_size if length is None else length, sync=self.sync)
+            finally:
+                os.close(data_fd)
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
+        return Entry(entry.path, entry.layer, st, (), entry.real)
 
     def _mark_impure_for(self, old: str, new: str) -> None:
         """The upper entry at ``old`` is about to move to ``new``: if it is a copy that shows its origin's

@@ -1,9 +1,10 @@
 """Extended attributes of an entry named relative to a directory descriptor, never following it.
 
-The *xattr system calls have no ``*at`` form. The entry is reached through its parent directory's
-descriptor as ``/proc/self/fd/N/NAME``: the kernel jumps to that directory and looks NAME up without
-following it, which works for every file type (a symlink or a device cannot be opened to use f*xattr)
-and for paths up to PATH_MAX relative to the layer, however long the layer's own path is.
+The *xattr system calls have no ``*at`` form. The entry is reached through the directory descriptor as
+``/proc/self/fd/N/PATH``: the kernel jumps to that directory and looks PATH up from there, its last name
+without following it, which works for every file type (a symlink or a device cannot be opened to use
+f*xattr). Where that is longer than PATH_MAX, through its parent directory opened first, so that paths
+up to PATH_MAX relative to the layer work, however long the layer's own path is.
 """
 
 from __future__ import annotations
@@ -14,15 +15,20 @@ import os
 from typing import Iterator
 
 _DIR = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
+_PATH_MAX = 4096
 # A missing xattr, or a namespace the filesystem or the daemon may not use (trusted.* without
 # CAP_SYS_ADMIN): where overlayfs's records fall back from their trusted.* form to their user.* one.
 _UNAVAILABLE = (errno.ENODATA, errno.ENOTSUP, errno.EPERM, errno.EACCES)
 
 
 @contextlib.contextmanager
-def _reach(path: str, dir_fd: int | None) -> Iterator[str | int]:
-    if dir_fd is None:
+def _reach(path: str | int, dir_fd: int | None) -> Iterator[str | int]:
+    if dir_fd is None or isinstance(path, int):  # (a path from the cwd, or an open file)
         yield path
+        return
+    direct = f"/proc/self/fd/{dir_fd}/{path}"
+    if len(direct) < _PATH_MAX // 4 or len(os.fsencode(direct)) < _PATH_MAX:  # (the first test: no encoding)
+        yield direct
         return
     head, _, name = path.rpartition("/")
     if name in ("", "."):
@@ -44,27 +50,27 @@ def _nofollow(target: str | int) -> dict:
     return {} if isinstance(target, int) else {"follow_symlinks": False}
 
 
-def get(path: str, name: str, *, dir_fd: int | None = None) -> bytes:
+def get(path: str | int, name: str, *, dir_fd: int | None = None) -> bytes:
     with _reach(path, dir_fd) as target:
         return os.getxattr(target, name, **_nofollow(target))
 
 
-def names(path: str, *, dir_fd: int | None = None) -> list[str]:
+def names(path: str | int, *, dir_fd: int | None = None) -> list[str]:
     with _reach(path, dir_fd) as target:
         return os.listxattr(target, **_nofollow(target))
 
 
-def set(path: str, name: str, value: bytes, flags: int = 0, *, dir_fd: int | None = None) -> None:  # noqa: A001
+def set(path: str | int, name: str, value: bytes, flags: int = 0, *, dir_fd: int | None = None) -> None:  # noqa: A001
     with _reach(path, dir_fd) as target:
         os.setxattr(target, name, value, flags, **_nofollow(target))
 
 
-def remove(path: str, name: str, *, dir_fd: int | None = None) -> None:
+def remove(path: str | int, name: str, *, dir_fd: int | None = None) -> None:
     with _reach(path, dir_fd) as target:
         os.removexattr(target, name, **_nofollow(target))
 
 
-def get_first(path: str, names: tuple[str, ...], *, dir_fd: int | None = None) -> bytes | None:
+def get_first(path: str | int, names: tuple[str, ...], *, dir_fd: int | None = None) -> bytes | None:
     """The value of the first of ``names`` the entry has (an overlay record's trusted.* form, else its
     user.* one, as overlayfs's ``userxattr`` writes it); None where it has none."""
     for name in names:
@@ -76,7 +82,18 @@ def get_first(path: str, names: tuple[str, ...], *, dir_fd: int | None = None) -
     return None
 
 
-def set_first(path: str, names: tuple[str, ...], value: bytes, *, dir_fd: int | None = None) -> bool:
+def has_any(path: str | int, wanted: tuple[str, ...], *, dir_fd: int | None = None) -> bool:
+    """Whether the entry has one of ``wanted`` (one listxattr, where asking for each costs a call each)."""
+    try:
+        present = names(path, dir_fd=dir_fd)
+    except OSError as e:
+        if e.errno in _UNAVAILABLE:
+            return False
+        raise
+    return any(name in present for name in wanted)
+
+
+def set_first(path: str | int, names: tuple[str, ...], value: bytes, *, dir_fd: int | None = None) -> bool:
     """Set the first of ``names`` the filesystem and the daemon may use; False where none."""
     for name in names:
         try:
@@ -86,3 +103,13 @@ def set_first(path: str, names: tuple[str, ...], value: bytes, *, dir_fd: int | 
             if e.errno not in _UNAVAILABLE:
                 raise
     return False
+
+
+def remove_all(path: str | int, names: tuple[str, ...], *, dir_fd: int | None = None) -> None:
+    """Remove each of ``names`` the entry has (every form of an overlay record)."""
+    for name in names:
+        try:
+            remove(path, name, dir_fd=dir_fd)
+        except OSError as e:
+            if e.errno not in _UNAVAILABLE:
+                raise

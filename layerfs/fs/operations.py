@@ -143,7 +143,7 @@ class UnionOperations(Operations):
             uid, gid = self._owners.uid.shown(uid), self._owners.gid.shown(gid)
         if self._static_nlink and stat.S_ISDIR(st.st_mode):
             nlink = 1
-        return pack_attr(a.ino, st, nlink, uid, gid)
+        return pack_attr(a.ino, st, nlink, uid, gid, a.blocks)
 
     def _caller(self, req: Request) -> tuple[int, int]:
         """The caller's uid and gid as the layers store them."""
@@ -255,13 +255,7 @@ class UnionOperations(Operations):
             if changes.kill_suidgid:
                 self._kill_setid(path)
         # (A chown clears setuid and setgid itself: the upper layer's filesystem does it.)
-        if owner is not None:
-            self.union.chown(path, *owner)
-        if changes.mode is not None:
-            self.union.chmod(path, changes.mode)
-        if times is not None:
-            self.union.utimens(path, *times)
-        a = self.union.getattr(path)
+        a = self.union.change(path, mode=changes.mode, owner=owner, times_ns=times)
         self._copied_up(node, a)
         return self._attr(a)
 
@@ -285,7 +279,7 @@ class UnionOperations(Operations):
         mode = self.union.getattr(path).st.st_mode
         kill = stat.S_ISUID | (stat.S_ISGID if mode & stat.S_IXGRP else 0)
         if mode & kill:
-            self.union.chmod(path, stat.S_IMODE(mode) & ~kill)
+            self.union.change(path, mode=stat.S_IMODE(mode) & ~kill)
 
     @_sharing_names
     def readlink(self, req: Request, nodeid: int) -> bytes:

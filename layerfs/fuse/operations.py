@@ -62,12 +62,13 @@ class SetAttr:
 _U64 = (1 << 64) - 1
 
 
-def pack_attr(ino: int, st: os.stat_result, nlink: int, uid: int, gid: int) -> bytes:
-    """The kernel's ``fuse_attr`` for ``st``, with the inode number, link count and owner shown."""
+def pack_attr(ino: int, st: os.stat_result, nlink: int, uid: int, gid: int, blocks: int | None = None) -> bytes:
+    """The kernel's ``fuse_attr`` for ``st``, with the inode number, link count, owner (and blocks,
+    where they are another file's) shown."""
     atime, atime_ns = divmod(st.st_atime_ns, 1_000_000_000)
     mtime, mtime_ns = divmod(st.st_mtime_ns, 1_000_000_000)
     ctime, ctime_ns = divmod(st.st_ctime_ns, 1_000_000_000)
-    return abi.attr.pack(ino, st.st_size, st.st_blocks, atime & _U64, mtime & _U64, ctime & _U64,
+    return abi.attr.pack(ino, st.st_size, st.st_blocks if blocks is None else blocks, atime & _U64, mtime & _U64, ctime & _U64,
                          atime_ns, mtime_ns, ctime_ns, st.st_mode, nlink, uid, gid, st.st_rdev & 0xFFFFFFFF,
                          st.st_blksize, 0)
 

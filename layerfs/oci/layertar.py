@@ -102,6 +102,7 @@ class _Item(NamedTuple):
     st: os.stat_result | None  # None: a deletion, written as a whiteout file
     opaque: bool = False  # a directory that hides what the lowers have at its path
     source: tuple[str, str] | None = None  # in a lower layer (below a redirected directory): Change.source
+    data: tuple[str, str] | None = None  # a metadata-only copy's data, in a lower layer: Change.data
 
 
 def _order(item: _Item) -> list[tuple[int, str]]:
@@ -175,19 +176,26 @@ class _Upper:
         if item.source is None:
             yield self.parent(item.path), os.path.basename(item.path)
             return
-        root, real = item.source
-        try:
-            layer = self._lowers.get(root)
-            if layer is None:
-                layer = self._lowers[root] = os.open(root, _DIR_FLAGS)
-            head, _, name = real.rpartition("/")
-            fd = syscalls.open_beneath(head[1:] or ".", os.O_PATH | os.O_DIRECTORY, dir_fd=layer)
-        except OSError as e:
-            raise LayerfsError(f"cannot export {item.path} from {root}{real}: {e.strerror}") from e
+        head, _, name = item.source[1].rpartition("/")
+        fd = self._open_lower(item.path, item.source[0], head or "/", os.O_PATH | os.O_DIRECTORY)
         try:
             yield fd, name
         finally:
             os.close(fd)
+
+    def open_data(self, item: _Item) -> int:
+        """The data of the metadata-only copy ``item``, opened in the lower layer that holds it."""
+        return self._open_lower(item.path, *item.data, _FILE_FLAGS)
+
+    def _open_lower(self, path: str, root: str, real: str, flags: int) -> int:
+        """``real`` of the lower layer at ``root`` opened beneath it, for the change at ``path``."""
+        try:
+            layer = self._lowers.get(root)
+            if layer is None:
+                layer = self._lowers[root] = os.open(root, _DIR_FLAGS)
+            return syscalls.open_beneath(real[1:] or ".", flags, dir_fd=layer)
+        except OSError as e:
+            raise LayerfsError(f"cannot export {path} from {root}{real}: {e.strerror}") from e
 
     def root_opaque(self) -> bool:
         """An opaque upper root hides every lower entry; no change stands for it, so it is asked here."""
@@ -200,7 +208,7 @@ class _Upper:
         if path == "/" or whiteout.is_marker_name(name):
             return None  # the root has no entry; markers are never written as themselves
         if change.source is not None:  # still in a lower layer, below a redirected directory
-            item = _Item(path, None, source=change.source)
+            item = _Item(path, None, source=change.source, data=change.data)
             with self.directory_of(item) as (parent, real_name):
                 try:
                     st = os.lstat(real_name, dir_fd=parent)
@@ -221,7 +229,7 @@ class _Upper:
         if stat.S_ISSOCK(st.st_mode):
             return None
         if not stat.S_ISDIR(st.st_mode):
-            return _Item(path, st)
+            return _Item(path, st, data=change.data)
         # A directory reported deleted yet present was replaced: the lowers' content under it is gone.
         try:
             opaque = change.kind == DELETED or whiteout.is_opaque_dir(name, dir_fd=parent)
@@ -281,9 +289,11 @@ class _Writer:
         name = path[1:]
         fd = None
         try:
-            if stat.S_ISREG(st.st_mode):
+            if stat.S_ISREG(st.st_mode) and item.data is None:
                 fd = os.open(base, _FILE_FLAGS, dir_fd=parent)
                 st = os.fstat(fd)  # the header must match the data read: take both from the open file
+            elif stat.S_ISREG(st.st_mode):  # a metadata-only copy: its header from it, its data from below
+                fd = self.tree.open_data(item)
             if stat.S_IFMT(st.st_mode) not in _TYPES or (fd is not None and not stat.S_ISREG(st.st_mode)):
                 raise LayerfsError(f"cannot export {path}: it changed type during the export")
             info = self._header(name, st)
