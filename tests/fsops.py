@@ -206,12 +206,18 @@ def apply(root: str | os.PathLike, op: Op) -> Outcome:
 
 
 def rename_by_copy(root: str | os.PathLike, old: str, new: str) -> Outcome:
-    """Rename the directory ``old`` to ``new`` the way ``mv`` does when rename(2) says EXDEV: copy the
-    tree preserving everything (``cp -a``: modes, owners, times, xattrs, hard links inside it), then
-    remove the source. An existing ``new`` gets rename(2)'s treatment: an empty directory is replaced,
-    a non-empty one is ENOTEMPTY (the kernel checks that only after deciding on EXDEV)."""
+    """Rename ``old`` to ``new`` the way ``mv`` does when rename(2) says EXDEV: copy the tree preserving
+    everything (``cp -a``: modes, owners, times, xattrs, hard links inside it), then remove the source.
+    An existing ``new`` gets rename(2)'s treatment: a file or an empty directory is replaced, a non-empty
+    one is ENOTEMPTY (the kernel checks that only after deciding on EXDEV)."""
     root = os.fspath(root)
     src, dst = os.path.join(root, old), os.path.join(root, new)
+    if not stat.S_ISDIR(os.lstat(src).st_mode):
+        if os.path.lexists(dst):
+            os.unlink(dst)
+        subprocess.run(["cp", "-a", "--no-target-directory", src, dst], check=True, capture_output=True)
+        os.unlink(src)
+        return ("ok", None)
     if os.path.lexists(dst):
         if os.listdir(dst):
             return ("err", "ENOTEMPTY")

@@ -222,15 +222,21 @@ def test_scenario(name, form, mounts, tmp_path):
 # -- the seeded random run -------------------------------------------------------------------------
 
 
-def _runs() -> list[tuple[int, str, int, bool]]:
-    """(seed, whiteout form, operations, redirect_dir): the CI mix, or what LAYERFS_DIFF_SEED/_OPS ask for.
-    Two of the six runs rename directories without redirects (the kernel's EXDEV, layerfs's tree copy)."""
+_COPY_UP_MODES = {"redirect": (True, False), "no-redirect": (False, False), "metacopy": (True, True)}
+
+
+def _runs() -> list[tuple[int, str, int, str]]:
+    """(seed, whiteout form, operations, copy-up mode): the CI mix, or what LAYERFS_DIFF_SEED/_OPS ask for.
+    Of the eight runs, two rename directories without redirects (the kernel's EXDEV, layerfs's tree copy)
+    and two copy metadata alone where it changes (metacopy=on on both sides)."""
     ops = int(os.environ.get("LAYERFS_DIFF_OPS", "500"))
     seeds = os.environ.get("LAYERFS_DIFF_SEED")
     if seeds:
-        return [(int(s), form, ops, redirects) for s in seeds.split(",") for form in ("overlay", "oci")
-                for redirects in (True, False)]
-    return [(seed, ("overlay", "oci")[i % 2], ops, i < 4) for i, seed in enumerate((101, 202, 303, 404, 505, 606))]
+        return [(int(s), form, ops, mode) for s in seeds.split(",") for form in ("overlay", "oci")
+                for mode in _COPY_UP_MODES]
+    modes = ("redirect",) * 4 + ("no-redirect",) * 2 + ("metacopy",) * 2
+    return [(seed, ("overlay", "oci")[i % 2], ops, mode)
+            for i, (seed, mode) in enumerate(zip((101, 202, 303, 404, 505, 606, 707, 808), modes))]
 
 
 USER_SHARE = 0.2
@@ -239,14 +245,16 @@ USER_SHARE = 0.2
 CHECK_TREES_EVERY = int(os.environ.get("LAYERFS_DIFF_CHECK_EVERY", "100"))
 
 
-@pytest.mark.parametrize("seed,form,n_ops,redirect_dir", _runs(), ids=lambda v: str(v))
-def test_random_operations_match_kernel_overlayfs(seed, form, n_ops, redirect_dir, mounts, tmp_path, public_base):
+@pytest.mark.parametrize("seed,form,n_ops,mode", _runs(), ids=lambda v: str(v))
+def test_random_operations_match_kernel_overlayfs(seed, form, n_ops, mode, mounts, tmp_path, public_base):
     """Random operations, a share of them as an ordinary user (uid 1000, who owns part of the tree), so
     that permission checks are compared as well."""
     spec = generate(seed)
     print(f"differential random run: {describe(spec)}; layerfs lowers in {form} form; {n_ops} operations"
           f" (rerun: LAYERFS_DIFF_SEED={seed} LAYERFS_DIFF_OPS={n_ops})")
-    twin = Twin.from_spec(mounts, tmp_path, spec, form, mount_base=public_base, redirect_dir=redirect_dir)
+    redirect_dir, metacopy = _COPY_UP_MODES[mode]
+    twin = Twin.from_spec(mounts, tmp_path, spec, form, mount_base=public_base, redirect_dir=redirect_dir,
+                          metacopy=metacopy)
     ops = RandomOps(seed, spec, user=USER, user_share=USER_SHARE)
     outcomes: dict[str, int] = {}
     for i in range(1, n_ops + 1):
@@ -258,7 +266,7 @@ def test_random_operations_match_kernel_overlayfs(seed, form, n_ops, redirect_di
             twin.check_trees()
     twin.finish()
     print(f"done: {twin.renames_by_copy} directory renames done by copy on the kernel side (EXDEV there),"
-          f" {twin.skipped_renames} left out;"
+          f" {twin.skipped} left out;"
           f" outcomes: {dict(sorted(outcomes.items()))}")
     # The run must have exercised the interesting paths, or it proves little.
     assert sum(v for k, v in outcomes.items() if k.endswith(" ok")) > n_ops // 3

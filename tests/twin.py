@@ -51,8 +51,11 @@ def _with_parents(paths: list[str]) -> list[str]:
     return out
 
 
-def _has_hard_links(directory: Path) -> bool:
-    for parent, dirs, files in os.walk(directory):
+def _has_hard_links(path: Path) -> bool:
+    """Whether the file ``path``, or a file in the directory ``path``, has other names."""
+    if not stat.S_ISDIR(os.lstat(path).st_mode):
+        return os.lstat(path).st_nlink > 1
+    for parent, dirs, files in os.walk(path):
         for name in files:  # os.walk lists symlinks, fifos and devices among files too
             if os.lstat(os.path.join(parent, name)).st_nlink > 1:
                 return True
@@ -63,39 +66,41 @@ class Twin:
     """Kernel overlayfs (the oracle) and layerfs over identical copies of the same lower layers."""
 
     def __init__(self, mounts, base: Path, k_lowers: list[Path], l_lowers: list[Path], label: str,
-                 mount_base: Path | None = None, redirect_dir: bool = True) -> None:
+                 mount_base: Path | None = None, redirect_dir: bool = True, metacopy: bool = False) -> None:
         """Mount ``k_lowers`` (overlay form) with kernel overlayfs and ``l_lowers`` (same content, any
         form) with layerfs, each with an empty upper under ``base``; the mount points go in ``mount_base``
         (default ``base``; one other users can reach when operations run as them). ``label`` names the
         run in failures. With ``redirect_dir`` both rename directories by redirect (the kernel mounted
         with ``redirect_dir=on``); without, layerfs copies their trees and the kernel answers EXDEV, for
-        ``step`` to do what mv does."""
-        self.mounts, self.label = mounts, label + ("" if redirect_dir else ", redirect_dir=off")
-        self.l_options = "" if redirect_dir else "redirect_dir=off"
+        ``step`` to do what mv does. With ``metacopy`` (which needs ``redirect_dir``) both copy up only the
+        metadata of a lower file whose metadata changes."""
+        self.mounts, self.metacopy = mounts, metacopy
+        self.label = label + ("" if redirect_dir else ", redirect_dir=off") + (", metacopy=on" if metacopy else "")
+        self.l_options = ",".join(([] if redirect_dir else ["redirect_dir=off"]) + (["metacopy=on"] if metacopy else []))
+        k_options = ",".join((["redirect_dir=on"] if redirect_dir else []) + (["metacopy=on"] if metacopy else []))
         self.k_lowers, self.l_lowers = k_lowers, l_lowers
         names = ("k-upper", "k-work", "l-upper", "l-work")
         self.k_upper, self.k_work, self.l_upper, self.l_work = (base / n for n in names)
         for d in (self.k_upper, self.k_work, self.l_upper, self.l_work):
             d.mkdir(parents=True)
         mount_base = mount_base or base
-        self.kernel = mounts.overlay(mount_base / "k-mnt", self.k_lowers, self.k_upper, self.k_work,
-                                     "redirect_dir=on" if redirect_dir else "")
+        self.kernel = mounts.overlay(mount_base / "k-mnt", self.k_lowers, self.k_upper, self.k_work, k_options)
         self.layerfs = mounts.layerfs(mount_base / "l-mnt", self.l_lowers, self.l_upper, self.l_work, self.l_options)
         # With the uppers still empty, the kernel shows the lower layers merged: where opaque marks matter.
         self.lower_dirs = {p for p, kind in visible_kinds(self.kernel).items() if kind == "d"}
         self.history: deque[str] = deque(maxlen=12)
         self.steps = 0
         self.renames_by_copy = 0
-        self.skipped_renames = 0
+        self.skipped = 0
 
     @classmethod
     def from_spec(cls, mounts, base: Path, spec: TreeSpec, form: str, mount_base: Path | None = None,
-                  redirect_dir: bool = True) -> "Twin":
+                  redirect_dir: bool = True, metacopy: bool = False) -> "Twin":
         """Twin mounts of a generated tree; layerfs gets its lowers in whiteout ``form``."""
         k_lowers = render_all(spec, base / "k-lowers", "overlay")
         l_lowers = render_all(spec, base / "l-lowers", form)
         return cls(mounts, base, k_lowers, l_lowers, f"{describe(spec)}, layerfs lowers in {form} form",
-                   mount_base, redirect_dir)
+                   mount_base, redirect_dir, metacopy)
 
     def _context(self) -> str:
         recent = "\n    ".join(self.history)
@@ -106,19 +111,27 @@ class Twin:
         self.steps += 1
         kernel = apply(self.kernel, op)
         if op.name == "rename" and kernel == ("err", "EXDEV"):
-            # The deliberate difference: layerfs renames directories with lower parts, the kernel
-            # refuses; do on the kernel what mv does instead.
-            assert stat.S_ISDIR(os.lstat(self.kernel / op.args[0]).st_mode), f"EXDEV for a non-directory: {op}"
+            # The deliberate difference: layerfs renames directories with lower parts (and, with metacopy,
+            # files whose data is below) where the kernel refuses (no redirects, or one too long); do on
+            # the kernel what mv does instead.
+            assert self.metacopy or stat.S_ISDIR(os.lstat(self.kernel / op.args[0]).st_mode), \
+                f"EXDEV for a non-directory: {op}"
             if op.uid is not None or _has_hard_links(self.kernel / op.args[0]):
                 # mv keeps hard links inside the tree and breaks those reaching out of it; layerfs's
                 # rename keeps upper ones and (copying up as overlayfs does) breaks lower ones. Neither
                 # is wrong, and no copy can reproduce the other: such renames are left out. So are
                 # renames by another user, for whom mv could not keep owners.
                 self.history.append(f"#{self.steps} {op} -> skipped: EXDEV on kernel, hard links or not root")
-                self.skipped_renames += 1
+                self.skipped += 1
                 return ("skip", "not mirrored")
             kernel = rename_by_copy(self.kernel, *op.args)
             self.renames_by_copy += 1
+        elif op.name == "link" and kernel == ("err", "EXDEV") and self.metacopy:
+            # A file whose data is below takes a second name by an absolute redirect; where that would be
+            # too long the kernel refuses, layerfs copies the data in and links: nothing to mirror.
+            self.history.append(f"#{self.steps} {op} -> skipped: EXDEV on kernel (redirect too long)")
+            self.skipped += 1
+            return ("skip", "not mirrored")
         mine = apply(self.layerfs, op)
         self.history.append(f"#{self.steps} {op} -> kernel {kernel}, layerfs {mine}")
         assert mine == kernel, f"step {self.steps}: {op}: kernel {kernel}, layerfs {mine}\n  {self._context()}"

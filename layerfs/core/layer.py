@@ -124,27 +124,32 @@ class Layer:
             return None, True
         return st, False
 
-    def probe_beneath(self, path: str) -> tuple[os.stat_result | None, bool]:
-        """Like ``probe``, for a path whose directories lookup has not walked (a redirect's target):
-        reached without following a symlink on the way, and nothing where one is in the way."""
-        head, _, name = path.rpartition("/")
-        if self._cached:
-            return self.probe(head or "/", name, path)  # (a listing is read through open_beneath)
-        try:
-            fd = syscalls.open_beneath(head[1:] or ".", os.O_PATH | os.O_DIRECTORY, dir_fd=self.fd)
-        except (FileNotFoundError, NotADirectoryError):
-            return None, False
-        except OSError as e:
-            if e.errno in (errno.ELOOP, errno.EXDEV):
-                return None, False
-            raise
-        try:
-            st = os.lstat(name, dir_fd=fd)
-        except FileNotFoundError:
-            return None, _has_oci_whiteout(whiteout.oci_whiteout_name(name), fd)
-        finally:
-            os.close(fd)
-        return (None, True) if whiteout.is_whiteout_stat(st) else (st, False)
+    def probe_path(self, path: str) -> tuple[os.stat_result | None, bool, str]:
+        """Look up the absolute ``path`` (a redirect's target) from this layer's root, a component at a
+        time as overlayfs does. Returns the entry's lstat (None: nothing there), whether the layers
+        below must not be looked at (a whiteout, a non-directory or an opaque directory on the way),
+        and the path they must look up instead (a redirect of a directory on the way changes it)."""
+        names = path[1:].split("/")
+        below: list[str] = []  # the components the layers below look up, so far
+        stop = False
+        parent = "/"
+        for i, name in enumerate(names):
+            real = parent + name if parent == "/" else parent + "/" + name
+            st, hidden = self.probe(parent, name, real)
+            below.append(name)
+            rest = "/" + "/".join(below + names[i + 1:])
+            if hidden:
+                return None, True, rest
+            if st is None or i == len(names) - 1:
+                return st, stop, rest
+            if not stat.S_ISDIR(st.st_mode):
+                return None, True, rest
+            stop = stop or self.is_opaque(real)
+            target = self.redirect(real)
+            if target is not None:
+                below = target[1:].split("/") if target.startswith("/") else below[:-1] + [target]
+            parent = real
+        return None, stop, path  # (no components: never asked)
 
     def redirect(self, path: str) -> str | None:
         """Where the layers below hold the real directory ``path``'s lower parts, if it was renamed."""

@@ -192,12 +192,14 @@ class Resolver:
         while i < len(parts):
             layer, parent = parts[i]
             i += 1
+            last_layer = False
             if absolute is None:
                 real = join(parent, name)
                 st, hidden = layer.probe(parent, name, real)
             else:
                 real = absolute
-                st, hidden = layer.probe_beneath(real)
+                st, last_layer, absolute = layer.probe_path(real)
+                hidden = st is None and last_layer
             if hidden:
                 break
             if st is None:
@@ -221,16 +223,16 @@ class Resolver:
                 needs_data, target = layer.metacopy(real, st)
                 if not needs_data:
                     break
-            if target is None:
-                continue
-            if target.startswith("/"):
+            if target is not None and target.startswith("/"):
                 absolute = target
                 below = self._depth[id(layer)]
                 parts, i = tuple(p for p in self.stack_of("/") if self._depth[id(p.layer)] > below), 0
-            elif absolute is None:
+            elif target is not None and absolute is None:
                 name = target
-            else:
+            elif target is not None:
                 absolute = join(split(absolute)[0], target)
+            if last_layer:
+                break
         if top is None:
             return None
         if needs_data:
