@@ -182,24 +182,40 @@ def snapshot_upper(upper: str | os.PathLike) -> Snapshot:
     return Snapshot(entries, inodes)
 
 
-def without_idle_opaque(snap: Snapshot, lower_dirs: set[str]) -> Snapshot:
-    """``snap`` (an upper layer) with the opaque flag blanked on directories where it hides nothing.
+def without_idle_opaque(a: Snapshot, b: Snapshot, lower_dirs: set[str], uppers: tuple) -> tuple[Snapshot, Snapshot]:
+    """Two upper layers' snapshots ``a`` and ``b`` (of the upper directories ``uppers``) with the opaque
+    flag blanked on the directories where, in either, it hides nothing.
 
-    An opaque mark matters only where a lower layer has a directory at that path that the upper's
-    parents reach (no opaque ancestor in the upper). Kernel overlayfs marks every directory moved into
-    a merged parent opaque, layerfs only where there is something to hide; both read the same.
-    ``lower_dirs`` holds the directory paths of the merged lower layers.
+    An opaque mark matters only where a lower layer has a directory that the upper's parents reach: at
+    its path, or where the redirects of its parents send the lookup (no opaque ancestor in the upper).
+    Kernel overlayfs with redirects marks every directory made or moved into a merged parent opaque,
+    layerfs only where there is something to hide; both read the same. ``lower_dirs`` holds the directory
+    paths of the merged lower layers.
     """
-    entries = dict(snap.entries)
-    for path in sorted(entries, key=lambda p: p.count("/")):
-        entry = entries[path]
-        if entry.kind != "dir" or path == ".":
+    idle = _idle_opaque(a, lower_dirs, uppers[0]) | _idle_opaque(b, lower_dirs, uppers[1])
+    return tuple(Snapshot({path: entry._replace(opaque=None) if path in idle else entry
+                           for path, entry in snap.entries.items()}, snap.inodes) for snap in (a, b))
+
+
+def _idle_opaque(snap: Snapshot, lower_dirs: set[str], upper: str | os.PathLike) -> set[str]:
+    idle = set()
+    below: dict[str, str] = {}  # upper directory -> the path the lowers are looked up at for it
+    for path in sorted(snap.entries, key=lambda p: p.count("/")):
+        if snap.entries[path].kind != "dir" or path == ".":
             continue
+        parent, _, name = path.rpartition("/")
+        try:
+            target = os.fsdecode(os.getxattr(os.path.join(upper, path), OVERLAY_PRIVATE + "redirect",
+                                             follow_symlinks=False))
+        except OSError:
+            target = name
+        below[path] = target.lstrip("/") if target.startswith("/") else \
+            (below[parent] + "/" if parent else "") + target
         parts = path.split("/")
-        shadowed = any(snap.entries["/".join(parts[:i])].opaque for i in range(1, len(parts)))
-        if shadowed or path not in lower_dirs:
-            entries[path] = entry._replace(opaque=None)
-    return Snapshot(entries, snap.inodes)
+        if any(snap.entries["/".join(parts[:i])].opaque for i in range(1, len(parts))) or \
+                below[path] not in lower_dirs:
+            idle.add(path)
+    return idle
 
 
 def _project(entry: Entry, ignore: frozenset[str]) -> Entry:

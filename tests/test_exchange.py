@@ -244,8 +244,8 @@ class Sides:
         something once the kernel did an exchange by moves)."""
         kernel_upper, mine_upper = snapshot_upper(self.kernel.upper), snapshot_upper(self.layerfs.upper)
         if self.by_moves:
-            kernel_upper = without_idle_opaque(kernel_upper, self.lower_dirs)
-            mine_upper = without_idle_opaque(mine_upper, self.lower_dirs)
+            kernel_upper, mine_upper = without_idle_opaque(kernel_upper, mine_upper, self.lower_dirs,
+                                                           (self.kernel.upper, self.layerfs.upper))
         assert_same(kernel_upper, mine_upper, what="upper layers", names=("kernel", "layerfs"))
 
     def finish(self) -> None:

@@ -124,20 +124,20 @@ def copy_entry(src: str, st: os.stat_result, dst: str, *, src_dir_fd: int, dst_d
     return metadata_only
 
 
-def fill_in_place(fd: int, data_fd: int, length: int, *, sync: bool) -> None:
+def fill_in_place(fd: int, data_fd: int, length: int, *, sync: bool, keep_times: bool = False) -> None:
     """Give the metadata-only copy open at ``fd`` its data, read from ``data_fd``, cut at ``length``, and
-    drop its mark, keeping its times and file capabilities (writing a file clears them). A crash halfway
+    drop its mark, keeping its file capabilities (writing a file clears them). Its mtime becomes that of
+    the copy, as on overlayfs when it is opened for writing, unless ``keep_times``. A crash halfway
     leaves the copy marked, its data still read from below."""
     st = os.fstat(fd)
     capability = xattr.get_first(fd, (_CAPABILITY,))
-    try:
-        copy_data(data_fd, fd, min(length, st.st_size))
-        if length < st.st_size:
-            os.ftruncate(fd, length)
-        if capability is not None:
-            xattr.set(fd, _CAPABILITY, capability)
-        if sync:
-            os.fsync(fd)
-        metacopy.unmark(fd)
-    finally:
+    copy_data(data_fd, fd, min(length, st.st_size))
+    if length < st.st_size:
+        os.ftruncate(fd, length)
+    if capability is not None:
+        xattr.set(fd, _CAPABILITY, capability)
+    if keep_times:
         os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
+    if sync:
+        os.fsync(fd)
+    metacopy.unmark(fd)

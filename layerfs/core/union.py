@@ -475,8 +475,8 @@ class Union:
         with self._lock:
             self._prepare_new(path, 0, 0, 0, is_dir=False)
             source = self._copy_up(existing, self._metadata_copy)
-            if source.chain:
-                source = self._lead_to_data(source, existing, None)
+            if source.chain and not self._lead_to_data(source, existing, None):
+                raise _error(errno.EXDEV, existing)  # (as on overlayfs: the copy-up stays)
             tmp = self._tmp()
             with source.layer.at(source.rel) as (dir_fd, name):
                 os.link(name, tmp, src_dir_fd=dir_fd, dst_dir_fd=self._work, follow_symlinks=False)
@@ -698,8 +698,8 @@ class Union:
         else:
             if not entry.in_upper:
                 entry = self._copy_up_entry(entry, self._metadata_copy)
-            if entry.chain:
-                self._lead_to_data(entry, old, new)
+            if entry.chain and not self._lead_to_data(entry, old, new):
+                self._fill(entry, None, keep_times=True)  # (overlayfs answers EXDEV, and mv copies)
             opaque = entry.is_dir and not has_lower and len(self.resolver.stack_of(split(new)[0])) > 1
         if target is not None or opaque:
             with self.upper.at(Layer.rel(old)) as (dir_fd, name):
@@ -723,18 +723,17 @@ class Union:
             return split(old)[1]
         return first_lower if len(os.fsencode(first_lower)) <= redirect.MAX_LENGTH else None
 
-    def _lead_to_data(self, entry: Entry, old: str, new: str | None) -> Entry:
+    def _lead_to_data(self, entry: Entry, old: str, new: str | None) -> bool:
         """Make the metadata-only copy ``entry`` (at ``old``) find its data once at ``new`` (None: from
-        a second name, a link's, wherever it is): a redirect, or its data copied in where the redirect
-        would be too long. Returns what it is then."""
+        a second name, a link's, wherever it is): a redirect. False where it would be too long."""
         current = redirect.read(entry.rel, dir_fd=self.upper.fd)
         target = self._redirect_target(entry.chain[0].path, current, old, new)
         if target is None:
-            return self._fill(entry, None)
+            return False
         if target != current:
             with self.upper.at(entry.rel) as (dir_fd, name):
                 redirect.write(name, target, dir_fd=dir_fd)
-        return entry
+        return True
 
     # -- copy-up and upper-layer plumbing -------------------------------------------------------
 
@@ -751,11 +750,10 @@ class Union:
         parent, _ = split(entry.path)
         self._copy_up_dir_chain(parent)
         tmp = self._tmp()
-        if content == copyup.METADATA and entry.st.st_size == 0:
-            content = copyup.DATA  # (no data to leave below)
         data = entry.data
         data_at = None if data is None else (data.layer.fd, Layer.rel(data.path))
-        origin = self._origins.record(entry.layer, entry.rel)
+        # (No origin for a lower file with several names, as on overlayfs: the copy breaks the link.)
+        origin = self._origins.record(entry.layer, entry.rel) if entry.is_dir or entry.st.st_nlink == 1 else None
         # (The copy goes to the entry's merged path: below a redirect, the lower one is elsewhere.)
         with upper.at(Layer.rel(entry.path)) as (dir_fd, name):
             pst = os.fstat(dir_fd)
@@ -790,7 +788,7 @@ class Union:
             return self._fill(entry, length)
         return entry
 
-    def _fill(self, entry: Entry, length: int | None) -> Entry:
+    def _fill(self, entry: Entry, length: int | None, *, keep_times: bool = False) -> Entry:
         """Give the metadata-only copy ``entry`` its data (the first ``length`` bytes, None: all), in
         place: its other names, if it has any, are the same file. Returns what it is then."""
         data = entry.data
@@ -798,7 +796,8 @@ class Union:
         try:
             data_fd = syscalls.open_beneath(Layer.rel(data.path), os.O_RDONLY, dir_fd=data.layer.fd)
             try:
-                copyup.fill_in_place(fd, data_fd, entry.st.st_size if length is None else length, sync=self.sync)
+                copyup.fill_in_place(fd, data_fd, entry.st.st_size if length is None else length, sync=self.sync,
+                                     keep_times=keep_times)
             finally:
                 os.close(data_fd)
             st = os.fstat(fd)

@@ -28,6 +28,7 @@ import logging
 import os
 import stat
 import threading
+import time
 from typing import Iterator
 
 from ..core import copyup
@@ -49,6 +50,7 @@ _DT_DIR = stat.S_IFDIR >> 12
 # The daemon's own descriptors take no O_DIRECT: the data it moves sits at any offset of its buffers,
 # and the kernel has bypassed the page cache for such a caller already.
 _DAEMON_FLAGS = ~os.O_DIRECT
+_FILE_TIMES_CLOCK = 5  # CLOCK_REALTIME_COARSE, which the kernel stamps files with (Python has no name for it)
 
 
 class _File:
@@ -313,7 +315,12 @@ class UnionOperations(Operations):
     def link(self, req: Request, nodeid: int, newparent: int, newname: bytes) -> Entry:
         node = self.nodes[nodeid]
         pnode, text, path = self._child(newparent, newname)
-        self.union.link(self.nodes.path(node), path)
+        existing = self.nodes.path(node)
+        try:
+            self.union.link(existing, path)
+        except OSError:
+            self._maybe_copied_up(node, existing)  # (EXDEV after a metadata-only copy-up, as on overlayfs)
+            raise
         # A lower file was copied up to take the link: its node is now found by the copy's number.
         self.nodes.rekey(node, _key(self.union.getattr(path)))
         return self._made(pnode, text, path)
@@ -389,6 +396,8 @@ class UnionOperations(Operations):
     def open(self, req: Request, nodeid: int, flags: int, kill_suidgid: bool) -> Opened:
         node = self.nodes[nodeid]
         flags &= _DAEMON_FLAGS
+        # (the clock file times are taken from: a change made by this open shows a ctime not before it)
+        started = time.clock_gettime_ns(_FILE_TIMES_CLOCK)
         try:
             fd = self.union.open(self.nodes.path(node), flags)
         except FileNotFoundError:
@@ -401,7 +410,12 @@ class UnionOperations(Operations):
                 self.union.drop_setid(fd)
             writable = flags & os.O_ACCMODE != os.O_RDONLY
             if writable:
-                self._copied_up(node, self.union.fstat(fd))
+                a = self.union.fstat(fd)
+                self._copied_up(node, a)
+                if a.st.st_ctime_ns >= started:
+                    # Copied up, or its data copied in from below (a new mtime, as on overlayfs): the
+                    # attributes the kernel holds are out of date.
+                    self.session.invalidate_inode(node.nodeid)
             return self._opened(node, fd, writable, passthrough=self._may_pass_through(req, flags, fd))
         except BaseException:
             self.union.release(fd)
