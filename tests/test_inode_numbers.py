@@ -7,7 +7,8 @@ after a remount as before it. Three rounds: changes, unmount, remount the same u
 then rotate the upper under a new one as a lower (as a commit does) and make more changes. On the kernel,
 a copy-up keeps its lower's number across a remount (its origin record) but not across a rotation, where
 the copy is a lower entry of its own; layerfs must do the same, and each must read the upper the other
-wrote to the same numbers.
+wrote to the same numbers. All of it on two filesystems: one that tells no UUID and a tmpfs, whose UUID
+the origin records carry.
 """
 
 from __future__ import annotations
@@ -15,7 +16,10 @@ from __future__ import annotations
 import os
 import shutil
 import stat
+import subprocess
 from pathlib import Path
+
+import pytest
 
 from pair import walk, write
 
@@ -105,9 +109,25 @@ def side(base: Path, mounts, kind: str) -> dict[int, dict[str, str]]:
     return seen
 
 
-def test_numbers_survive_a_remount_and_rotate_as_on_overlayfs(tmp_path, mounts):
-    kernel = side(tmp_path / "kernel", mounts, "overlay")
-    ours = side(tmp_path / "layerfs", mounts, "layerfs")
+@pytest.fixture(params=["here", "tmpfs"])
+def where(request, tmp_path):
+    """Where the layers are: the test directory's filesystem (which tells no UUID on this machine), or a
+    tmpfs, which has one: origin records carry it, as the kernel writes them."""
+    if request.param == "here":
+        yield tmp_path
+        return
+    path = tmp_path / "tmpfs"
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+def test_numbers_survive_a_remount_and_rotate_as_on_overlayfs(where, mounts):
+    kernel = side(where / "kernel", mounts, "overlay")
+    ours = side(where / "layerfs", mounts, "layerfs")
     for round_ in range(ROUNDS):
         assert ours[round_] == kernel[round_], f"round {round_}"
     # Not vacuous: copies show their lower's number, and rotated copies their own.

@@ -59,8 +59,9 @@ def copy_data(src_fd: int, dst_fd: int, size: int) -> None:
         offset += os.pwrite(dst_fd, data, offset)
 
 
-def copy_xattrs(src: str, dst: str, *, src_dir_fd: int, dst_dir_fd: int) -> None:
-    """Copy the xattrs of ``src`` to ``dst`` (neither followed), except overlay bookkeeping."""
+def copy_xattrs(src: str, dst: str | int, *, src_dir_fd: int, dst_dir_fd: int | None) -> None:
+    """Copy the xattrs of ``src`` to ``dst`` (a path, or an open file; neither followed), except overlay
+    bookkeeping."""
     try:
         names = xattr.names(src, dir_fd=src_dir_fd)
     except OSError as e:
@@ -78,50 +79,68 @@ def copy_xattrs(src: str, dst: str, *, src_dir_fd: int, dst_dir_fd: int) -> None
                 raise
 
 
+Records = tuple[tuple[tuple[str, ...], bytes], ...]  # overlay records: (the forms of one xattr, its value)
+
+
 def copy_entry(src: str, st: os.stat_result, dst: str, *, src_dir_fd: int, dst_dir_fd: int,
-               content: str = DATA, data_at: tuple[int, str] | None = None, sync: bool = True) -> bool:
+               content: str = DATA, data_at: tuple[int, str] | None = None, records: Records = (),
+               sync: bool = True) -> bool:
     """Create at ``dst`` (which must not exist) a copy of ``src`` whose lstat is ``st``; each path is
     relative to its directory descriptor. Returns whether the copy holds metadata only.
 
-    Ownership, mode (setuid bits included), xattrs and atime/mtime in ns are kept. A directory is
-    copied without its children. ``content`` says what a regular file's copy holds (``METADATA`` falls
-    back to the data where the upper takes no metacopy mark); its data is read at ``data_at``
-    (a directory descriptor and a path in it) where ``src`` is a metadata-only copy itself. ``sync``
-    flushes a file's data before returning, so that once renamed into place the copy survives a crash.
+    Ownership, mode (setuid bits included), xattrs and atime/mtime in ns are kept; ``records`` are set
+    on the copy too, each in the first of its forms the upper takes. A directory is copied without its
+    children. ``content`` says what a regular file's copy holds (``METADATA`` falls back to the data
+    where the upper takes no metacopy mark); its data is read at ``data_at`` (a directory descriptor
+    and a path in it) where ``src`` is a metadata-only copy itself. ``sync`` flushes a file's data
+    before returning, so that once renamed into place the copy survives a crash.
     """
-    mode = st.st_mode
-    kind = stat.S_IFMT(mode)
+    kind = stat.S_IFMT(st.st_mode)
+    if kind != stat.S_IFREG:
+        if kind == stat.S_IFDIR:
+            os.mkdir(dst, 0o700, dir_fd=dst_dir_fd)
+        elif kind == stat.S_IFLNK:
+            os.symlink(os.readlink(src, dir_fd=src_dir_fd), dst, dir_fd=dst_dir_fd)
+        else:
+            os.mknod(dst, kind | 0o600, st.st_rdev, dir_fd=dst_dir_fd)
+        _copy_metadata(src, st, dst, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd, records=records)
+        return False
     metadata_only = False
-    if kind == stat.S_IFREG:
-        dst_fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=dst_dir_fd)
-        try:
-            if content == METADATA:
-                os.ftruncate(dst_fd, st.st_size)
-                metadata_only = metacopy.mark(dst_fd)
-            if content == DATA or content == METADATA and not metadata_only:
-                data_dir_fd, data_path = data_at or (src_dir_fd, src)
-                src_fd = syscalls.open_beneath(data_path, os.O_RDONLY, dir_fd=data_dir_fd)
-                try:
-                    copy_data(src_fd, dst_fd, st.st_size)
-                finally:
-                    os.close(src_fd)
-                if sync and st.st_size:
-                    os.fsync(dst_fd)
-        finally:
-            os.close(dst_fd)
-    elif kind == stat.S_IFDIR:
-        os.mkdir(dst, 0o700, dir_fd=dst_dir_fd)
-    elif kind == stat.S_IFLNK:
-        os.symlink(os.readlink(src, dir_fd=src_dir_fd), dst, dir_fd=dst_dir_fd)
-    else:
-        os.mknod(dst, kind | 0o600, st.st_rdev, dir_fd=dst_dir_fd)
-    # chown first: it clears setuid/setgid bits and file capabilities (security.capability), even for root.
-    os.chown(dst, st.st_uid, st.st_gid, dir_fd=dst_dir_fd, follow_symlinks=False)
-    copy_xattrs(src, dst, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd)
-    if kind != stat.S_IFLNK:
-        os.chmod(dst, stat.S_IMODE(mode), dir_fd=dst_dir_fd)
-    os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dst_dir_fd, follow_symlinks=False)
+    dst_fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=dst_dir_fd)
+    try:
+        if content == METADATA:
+            os.ftruncate(dst_fd, st.st_size)
+            metadata_only = metacopy.mark(dst_fd)
+        if content == DATA or content == METADATA and not metadata_only:
+            data_dir_fd, data_path = data_at or (src_dir_fd, src)
+            src_fd = syscalls.open_beneath(data_path, os.O_RDONLY, dir_fd=data_dir_fd)
+            try:
+                copy_data(src_fd, dst_fd, st.st_size)
+            finally:
+                os.close(src_fd)
+            if sync and st.st_size:
+                os.fsync(dst_fd)
+        # (through the open file: no lookup of its name for each change)
+        _copy_metadata(src, st, dst_fd, src_dir_fd=src_dir_fd, dst_dir_fd=None, records=records)
+    finally:
+        os.close(dst_fd)
     return metadata_only
+
+
+def _copy_metadata(src: str, st: os.stat_result, dst: str | int, *, src_dir_fd: int, dst_dir_fd: int | None,
+                   records: Records) -> None:
+    """Owner, xattrs, records, mode and times of ``src`` (its lstat ``st``) onto ``dst``, a path
+    relative to ``dst_dir_fd`` or an open file."""
+    at = {} if isinstance(dst, int) else {"dir_fd": dst_dir_fd}
+    nofollow = {} if isinstance(dst, int) else {"follow_symlinks": False}
+    # chown first: it clears setuid/setgid bits and file capabilities (security.capability), even for root.
+    os.chown(dst, st.st_uid, st.st_gid, **at, **nofollow)
+    copy_xattrs(src, dst, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd)
+    for names, value in records:
+        xattr.set_first(dst, names, value, dir_fd=dst_dir_fd)
+    if not stat.S_ISLNK(st.st_mode):
+        os.chmod(dst, stat.S_IMODE(st.st_mode), **at)
+    os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns), **at, **nofollow)
 
 
 def fill_in_place(fd: int, data_fd: int, length: int, *, sync: bool, keep_times: bool = False) -> None:

@@ -108,6 +108,12 @@ class Resolver:
             self._generation += 1
             self._stacks.clear()
 
+    def forget(self, path: str) -> None:
+        """The stack of the directory ``path`` alone changed: drop it (lookups under way store nothing)."""
+        with self._lock:
+            self._generation += 1
+            self._stacks.pop(path, None)
+
     def lookup(self, path: str) -> Entry | None:
         """The entry at ``path``, or None when nothing is visible there.
 

@@ -70,11 +70,6 @@ class Origins:
         length = _HEADER.size + len(handle)
         return _HEADER.pack(_VERSION, _MAGIC, length, 0, handle_type, self._uuid(layer)) + handle
 
-    def write(self, path: str, value: bytes, *, dir_fd: int) -> None:
-        """Record ``value`` on the copy ``path`` (relative to ``dir_fd``)."""
-        # (where neither form can be set, nothing: the record is a hint, the copy is whole)
-        xattr.set_first(path, ORIGIN_XATTRS, value, dir_fd=dir_fd)
-
     def has_record(self, rel: str) -> bool:
         """Whether the upper entry ``rel`` carries an origin record."""
         return xattr.get_first(rel, ORIGIN_XATTRS, dir_fd=self._upper.fd) is not None

@@ -36,7 +36,7 @@ from .index import ChangeIndex
 from .inodes import InodeMap
 from .layer import Layer
 from .lookup import Entry, Part, Resolver, join, split
-from .origin import Origins
+from .origin import ORIGIN_XATTRS, Origins
 
 
 INDEX_DIR = "layerfs-index"  # in the work directory: the change index's snapshot and journal
@@ -758,11 +758,10 @@ class Union:
         with upper.at(Layer.rel(entry.path)) as (dir_fd, name):
             pst = os.fstat(dir_fd)
             try:
-                metadata_only = copyup.copy_entry(entry.rel, entry.st, tmp, src_dir_fd=entry.layer.fd,
-                                                  dst_dir_fd=self._work, content=content, data_at=data_at,
-                                                  sync=self.sync)
+                metadata_only = copyup.copy_entry(
+                    entry.rel, entry.st, tmp, src_dir_fd=entry.layer.fd, dst_dir_fd=self._work, content=content,
+                    data_at=data_at, records=() if origin is None else ((ORIGIN_XATTRS, origin),), sync=self.sync)
                 if origin is not None:
-                    self._origins.write(tmp, origin, dir_fd=self._work)
                     Origins.mark_impure(".", dir_fd=dir_fd)
                 os.rename(tmp, name, src_dir_fd=self._work, dst_dir_fd=dir_fd)
             except BaseException:
@@ -772,7 +771,8 @@ class Union:
             st = os.lstat(name, dir_fd=dir_fd)
         self.inodes.copied_up(entry.st, st)
         if entry.is_dir:
-            self.resolver.invalidate()
+            # Its own stack gains the upper part; every other stands (nothing below it is in the upper yet).
+            self.resolver.forget(entry.path)
             return Entry(entry.path, upper, st, (Part(upper, entry.path),) + entry.stack)
         return Entry(entry.path, upper, st, (), chain=(Part(entry.layer, entry.real),) + entry.chain
                      if metadata_only else ())
