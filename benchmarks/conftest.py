@@ -12,7 +12,7 @@ test suite (and CI) never runs these.
 from __future__ import annotations
 
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 

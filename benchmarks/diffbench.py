@@ -129,7 +129,8 @@ def measure(files: int, n_changes: int, reps: int, base: Path) -> dict:
     listed = {c.path for c in answers["index"]}
     assert answers["index"] == answers["upper walk"], "the index and the walk disagree"
     assert answers["naive"] <= listed, f"the naive diff saw more: {sorted(answers['naive'] - listed)}"
-    return {"files": files, "changes": len(listed), "medians_seconds": {w: statistics.median(t) for w, t in times.items()}}
+    medians = {w: statistics.median(t) for w, t in times.items()}
+    return {"files": files, "changes": len(listed), "medians_seconds": medians}
 
 
 def main() -> int:

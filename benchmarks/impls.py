@@ -61,12 +61,15 @@ class Impl:
         if self.kind == "kernel":
             return f"kernel {platform.release()}"
         if self.name == "fuse-overlayfs":
-            return f"{_line(['fuse-overlayfs', '--version'], 'fuse-overlayfs')} (Debian {_deb('fuse-overlayfs')}, libfuse3 {_deb('fuse3')})"
+            return (f"{_line(['fuse-overlayfs', '--version'], 'fuse-overlayfs')} "
+                    f"(Debian {_deb('fuse-overlayfs')}, libfuse3 {_deb('fuse3')})")
         if self.name == "unionfs":
-            return f"{_line(['unionfs', '--version'], 'unionfs-fuse version')} (Debian {_deb('unionfs-fuse')}, libfuse2 {_deb('libfuse2')})"
+            return (f"{_line(['unionfs', '--version'], 'unionfs-fuse version')} "
+                    f"(Debian {_deb('unionfs-fuse')}, libfuse2 {_deb('libfuse2')})")
         commit = output(["git", "-C", REPO, "rev-parse", "--short", "HEAD"])
         dirty = output(["git", "-C", REPO, "status", "--porcelain", "--untracked-files=no", "layerfs"])
-        return f"{output(layerfs_command() + ['--version'])} (git {commit}{' + local changes' if dirty else ''}, its own FUSE server)"
+        changes = " + local changes" if dirty else ""
+        return f"{output(layerfs_command() + ['--version'])} (git {commit}{changes}, its own FUSE server)"
 
     def command(self, lowers: list[Path], upper: Path, work: Path, mnt: Path) -> list[str]:
         """The mount command; lowers top first."""

@@ -25,7 +25,7 @@ class Node:
     kind: str  # d f l c b p s
     size: int
     layer: int
-    children: dict[str, "Node"] | None = field(default=None, repr=False)
+    children: dict[str, Node] | None = field(default=None, repr=False)
 
 
 def kind_of(mode: int) -> str:

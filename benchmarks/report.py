@@ -79,7 +79,7 @@ def table(results: Results) -> str:
                 cells.append("—")
             else:
                 cells.append("")
-        lines.append(f"{w:<{width}}" + "".join(f"{c:>{col[i]}}" for i, c in zip(impls, cells)))
+        lines.append(f"{w:<{width}}" + "".join(f"{c:>{col[i]}}" for i, c in zip(impls, cells, strict=True)))
         for base, label in BASELINES.items():
             if base in row:
                 lines.append(f"{'  ' + label:<{width}}" + "".join(

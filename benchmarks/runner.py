@@ -53,7 +53,7 @@ class Trial:
         self.temp: Mount | None = None
         self.ctx: Ctx | None = None
 
-    def begin(self) -> "Trial":
+    def begin(self) -> Trial:
         w, impl = self.workload, self.main.impl
         if w.mode in ("cold", "fresh") and impl.kind != "native":
             self.temp = self.mount = self.ws.mount(impl, "fresh")
@@ -126,7 +126,7 @@ class Runner:
         for impl in self.impls:
             try:
                 self.main[impl.name] = self.ws.mount(impl, "main")
-            except Exception as e:  # noqa: BLE001 - one implementation failing to mount skips it
+            except Exception as e:  # (one implementation failing to mount skips it)
                 self.results.skipped[impl.name] = f"mount failed: {e}"
                 log(f"{impl.name}: {self.results.skipped[impl.name]}")
         if self.check_views:
@@ -203,14 +203,14 @@ class Runner:
             if w.measure_upper is not None:
                 sample.upper_bytes, sample.upper_entries = trial.upper_usage()
             self._rss(w, rep, impl, trial.mount)
-        except Exception as e:  # noqa: BLE001 - recorded; the other implementations go on
+        except Exception as e:  # (recorded; the other implementations go on)
             sample.error = f"{type(e).__name__}: {e}"[:500]
             failed.add(impl.name)
             log(f"{w.name} on {impl.name} (pass {rep}): {sample.error}")
         finally:
             try:
                 trial.finish()
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 log(f"{w.name} on {impl.name}: cleanup failed: {e}")
         if rep >= 0:
             self.results.samples.append(sample)
@@ -240,6 +240,6 @@ class Runner:
         log(f"{impl.name}: its long-lived mount is broken; mounting it again")
         try:
             self.main[impl.name] = self.ws.replace(m)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             self.results.skipped[impl.name] = f"remount failed: {e}"
             del self.main[impl.name]

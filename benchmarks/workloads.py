@@ -31,8 +31,8 @@ import random
 import shutil
 import stat
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from . import podman
 from .data import Data

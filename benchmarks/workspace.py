@@ -50,7 +50,7 @@ class Workspace:
 
     # -- life cycle
 
-    def __enter__(self) -> "Workspace":
+    def __enter__(self) -> Workspace:
         try:
             self.open()
         except BaseException:
@@ -95,7 +95,7 @@ class Workspace:
             for m in reversed(list(self.mounts)):
                 try:
                     self.unmount(m)
-                except Exception as e:  # noqa: BLE001 - keep unmounting the rest
+                except Exception as e:  # (keep unmounting the rest)
                     log(f"unmounting {m.root}: {e}")
             if self._image_mounted:
                 umount(str(self.fs))

@@ -88,7 +88,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--lowerdir", metavar="IMAGE", help="print the lowerdir= list that mounts IMAGE")
     g.add_argument("--debug", action="store_true")
 
-    n = sub.add_parser("create", help="make a container of an image", usage="layerfs create [--root DIR] --name C IMAGE")
+    n = sub.add_parser("create", help="make a container of an image",
+                       usage="layerfs create [--root DIR] --name C IMAGE")
     n.add_argument("--name", required=True)
     n.add_argument("image")
     n.add_argument("--root", metavar="DIR", help=_ROOT_HELP)

@@ -21,9 +21,9 @@ from .core.index import ChangeIndex
 from .core.union import INDEX_DIR
 from .errors import UsageError
 from .oci.layertar import LayerDigests, write_layer
+from .options import checked_directory, split_escaped
 from .progress import on_terminal
 from .store import Committed, Store
-from .options import checked_directory, split_escaped
 
 _DOCKER_KIND = {CHANGED: 0, ADDED: 1, DELETED: 2}  # Docker's ContainerChanges API numbers
 

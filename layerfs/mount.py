@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import json
 import logging
 import logging.handlers
@@ -132,7 +133,7 @@ def mount(config: MountConfig, *, foreground: bool = False, debug: bool = False)
         if not debug:
             os.dup2(write_end, 2)  # until ready, complaints go to the waiting command
         keep = sorted({0, 1, 2, write_end, devnull, *union.descriptors()})
-        for low, high in zip(keep, keep[1:] + [os.sysconf("SC_OPEN_MAX")]):
+        for low, high in itertools.pairwise([*keep, os.sysconf("SC_OPEN_MAX")]):
             os.closerange(low + 1, high)
 
         def ready() -> None:
@@ -144,7 +145,7 @@ def mount(config: MountConfig, *, foreground: bool = False, debug: bool = False)
 
         _serve(config, union, debug, on_ready=ready)
         code = 0
-    except BaseException as e:  # noqa: BLE001 - the daemon reports everything to the waiting command
+    except BaseException as e:  # (the daemon reports everything to the waiting command)
         try:
             os.write(write_end, f"{e}\n".encode(errors="replace"))
         except OSError:
@@ -219,7 +220,8 @@ def render_stats(report: dict) -> str:
     for name, count in sorted(report["counts"].items(), key=lambda item: -item[1]):
         seconds = report["seconds"][name]
         lines.append(f"{name:<14}{count:>10}{seconds * 1e3:>11.1f}{seconds / count * 1e6:>10.1f}")
-    lines.append(f"nodes {report['nodes']}, open files {report['open files']}, resident {report['rss_kib'] / 1024:.1f} MiB")
+    lines.append(f"nodes {report['nodes']}, open files {report['open files']}, "
+                 f"resident {report['rss_kib'] / 1024:.1f} MiB")
     lines.append("kernel features: " + ", ".join(report["granted"])
                  + ("" if report["passthrough"] else " (passthrough off)"))
     return "\n".join(lines) + "\n"

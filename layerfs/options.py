@@ -8,6 +8,7 @@ was given with control characters escaped, to stay one line whatever a path hold
 
 from __future__ import annotations
 
+import itertools
 import os
 from dataclasses import dataclass, field
 
@@ -222,7 +223,7 @@ def _ranges(option: str, text: str) -> list[Range]:
     ranges = [Range(*numbers[i:i + 3]) for i in range(0, len(numbers), 3)]
     for side in (0, 1):
         spans = sorted((r[side], r[side] + r.count) for r in ranges)
-        if any(r.count == 0 for r in ranges) or any(a[1] > b[0] for a, b in zip(spans, spans[1:])):
+        if any(r.count == 0 for r in ranges) or any(a[1] > b[0] for a, b in itertools.pairwise(spans)):
             raise UsageError(f"{option}={printable(text)}: a range is empty or two overlap")
         if spans[-1][1] > 1 << 32:
             raise UsageError(f"{option}={printable(text)}: ids beyond 2^32")

@@ -32,8 +32,8 @@ import shutil
 import stat
 import tarfile
 import uuid
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 import xxhash
 
@@ -387,9 +387,9 @@ class Store:
                     try:
                         os.link(path, shared)
                     except FileExistsError:
-                        _replace(path, lambda tmp: os.link(shared, tmp))
+                        _replace(path, lambda tmp, shared=shared: os.link(shared, tmp))
                 elif os.path.exists(shared):
-                    _replace(path, lambda tmp: _reflink(shared, tmp, st))
+                    _replace(path, lambda tmp, shared=shared, st=st: _reflink(shared, tmp, st))
                 elif not _reflink(path, shared, st):
                     return  # no reflinks on this filesystem: nothing to share
 

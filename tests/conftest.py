@@ -2,7 +2,8 @@
 
 Tests run as root with /dev/fuse (tools/test installs what is needed). Every mount made through the
 ``mounts`` fixture is unmounted at teardown even when the test fails; a session-end check fails the run
-if anything under pytest's temporary directories is still mounted.
+if anything under pytest's temporary directories is still mounted. ``public_base`` gives mount points
+that users other than root can reach (pytest's own temporary directories are private to root).
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -157,3 +160,24 @@ def _nothing_left_mounted(tmp_path_factory):
 def pytest_configure(config):
     if os.geteuid() != 0:
         raise pytest.UsageError("layerfs tests mount filesystems for real and must run as root")
+
+
+@pytest.fixture
+def public_base(mounts) -> Iterator[Path]:
+    """A directory every user can traverse, for mount points used by non-root scenarios.
+
+    Only mount point directories go in here: at teardown everything is unmounted first, then the
+    (empty) directories are removed with rmdir, which never descends into anything still mounted.
+    """
+    base = Path(tempfile.mkdtemp(prefix="layerfs-scenarios-"))
+    base.chmod(0o755)
+    try:
+        yield base
+    finally:
+        mounts.cleanup()
+        for child in base.iterdir():
+            try:
+                child.rmdir()
+            except OSError:
+                pass
+        base.rmdir()

@@ -20,12 +20,11 @@ import random
 import shutil
 import stat
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Callable, Optional
 
 from pair import run_as
 from snapshot import short_path
-
 from treespec import DIR_MODES, FILE_MODES, OWNERS, RECENT_NS, TreeSpec, odd_name
 
 Outcome = tuple  # ("ok", value) | ("err", errno name) | ("skip", why)
@@ -37,7 +36,7 @@ _OPEN_NOFOLLOW = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # O_NONBLOCK: a f
 class Op:
     name: str
     args: tuple
-    uid: Optional[int] = None  # run as this user (gid the same, no supplementary groups); None: root
+    uid: int | None = None  # run as this user (gid the same, no supplementary groups); None: root
 
     def __str__(self) -> str:
         shown = [f"<{len(a)} bytes>" if isinstance(a, bytes) and len(a) > 16 else

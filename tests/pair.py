@@ -11,28 +11,24 @@ copy (it reads no other form); layerfs mounts a copy in the form the test asks f
 the OCI form (``.wh.NAME`` files and ``.wh..wh..opq``).
 
 Also here, because several test modules need them: observation helpers (``outcome``, ``describe``,
-``tree``, ``upper_tree``), running a scenario as another user (``run_as``), and the ``public_base``
-fixture for mount points that users other than root can reach (pytest's own temporary directories are
-private to root).
+``tree``, ``upper_tree``) and running a scenario as another user (``run_as``).
 """
 
 from __future__ import annotations
 
 import difflib
-import functools
 import errno
+import functools
 import hashlib
 import os
 import pickle
 import pprint
 import stat
 import subprocess
-import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
-
-import pytest
+from typing import Any
 
 FORMS = ("overlay", "oci")
 # fuse-overlayfs writes three markers into an opaque directory at once (the xattr, a ".wh..wh..opq" file
@@ -94,7 +90,7 @@ def append(path: Path | str, data: bytes) -> int:
 def to_oci_form(root: Path) -> int:
     """Rewrite the overlay-form markers under ``root`` in OCI form; returns how many were rewritten."""
     count = 0
-    for dirpath, dirnames, filenames in os.walk(root):
+    for dirpath, _, filenames in os.walk(root):
         d = Path(dirpath)
         try:
             if os.getxattr(d, OPAQUE_XATTR) == b"y":
@@ -223,7 +219,7 @@ def make_pair(mounts, base: Path, build: Builder, *, nlowers: int = 3, form: str
     for side, name in ((kernel, "kernel"), (layerfs, "layerfs")):
         if ro_lowers:
             side.lowers = [side.sources[i].with_name(f"ro{i}") for i in range(len(side.sources))]
-            for src, dst in zip(side.sources, side.lowers):
+            for src, dst in zip(side.sources, side.lowers, strict=True):
                 _bind_read_only(mounts, src, dst)
         mnt = (mnt_base or base) / f"{name}-mnt"
         if name == "kernel":
@@ -232,27 +228,6 @@ def make_pair(mounts, base: Path, build: Builder, *, nlowers: int = 3, form: str
             mount = functools.partial(mounts.layerfs, extra=layerfs_options)
         side.mnt = mount(mnt, side.lowers) if readonly else mount(mnt, side.lowers, side.upper, side.work)
     return Pair(mounts, kernel, layerfs)
-
-
-@pytest.fixture
-def public_base(mounts) -> Iterator[Path]:
-    """A directory every user can traverse, for mount points used by non-root scenarios.
-
-    Only mount point directories go in here: at teardown everything is unmounted first, then the
-    (empty) directories are removed with rmdir, which never descends into anything still mounted.
-    """
-    base = Path(tempfile.mkdtemp(prefix="layerfs-scenarios-"))
-    base.chmod(0o755)
-    try:
-        yield base
-    finally:
-        mounts.cleanup()
-        for child in base.iterdir():
-            try:
-                child.rmdir()
-            except OSError:
-                pass
-        base.rmdir()
 
 
 # -- observations ---------------------------------------------------------------------------------
@@ -417,11 +392,11 @@ def run_as(uid: int, gid: int, fn: Callable[..., Any], *args: Any, groups: tuple
                 os.setgid(gid)
                 os.setuid(uid)
                 result: tuple[str, Any] = ("ok", fn(*args))
-            except BaseException as e:  # noqa: BLE001 - reported to the parent
+            except BaseException as e:  # (reported to the parent)
                 result = ("raised", repr(e))
             try:
                 data = pickle.dumps(result)
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 data = pickle.dumps(("raised", f"unpicklable result: {e!r}"))
             with os.fdopen(write_end, "wb") as f:
                 f.write(data)

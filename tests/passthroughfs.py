@@ -15,8 +15,7 @@ import stat
 import sys
 import threading
 
-from layerfs.fuse import Config, Entry, Opened, Operations, Request, Session, SetAttr, pack_attr
-from layerfs.fuse import abi
+from layerfs.fuse import Config, Entry, Opened, Operations, Request, Session, SetAttr, abi, pack_attr
 
 
 class PassthroughFS(Operations):
@@ -196,7 +195,8 @@ class PassthroughFS(Operations):
         entries = [(b".", 1, stat.S_IFDIR >> 12), (b"..", 1, stat.S_IFDIR >> 12)]
         with os.scandir(path) as it:
             for e in it:
-                entries.append((os.fsencode(e.name), e.inode(), stat.S_IFMT(e.stat(follow_symlinks=False).st_mode) >> 12))
+                kind = stat.S_IFMT(e.stat(follow_symlinks=False).st_mode) >> 12
+                entries.append((os.fsencode(e.name), e.inode(), kind))
         with self.lock:
             fh = next(self.numbers)
             self.dirs[fh] = entries

@@ -20,8 +20,9 @@ import errno
 import hashlib
 import os
 import stat
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable, NamedTuple, Optional
+from typing import NamedTuple
 
 from treespec import RECENT_NS
 
@@ -38,14 +39,14 @@ class Entry(NamedTuple):
     mode: int  # permission bits incl. setuid/setgid/sticky
     uid: int
     gid: int
-    size: Optional[int]  # None for directories
-    sha: Optional[str]  # regular files
-    target: Optional[str]  # symlinks
-    rdev: Optional[tuple[int, int]]  # devices
+    size: int | None  # None for directories
+    sha: str | None  # regular files
+    target: str | None  # symlinks
+    rdev: tuple[int, int] | None  # devices
     xattrs: tuple[tuple[str, bytes], ...]
-    nlink: Optional[int]  # None for directories
+    nlink: int | None  # None for directories
     mtime: object  # exact ns when set on purpose, "recent" when changed now; None for whiteouts
-    opaque: Optional[bool] = None  # upper-layer snapshots only
+    opaque: bool | None = None  # upper-layer snapshots only
 
     def __str__(self) -> str:
         parts = [self.kind, f"{self.mode:04o}" if self.mode is not None else "mode?", f"{self.uid}:{self.gid}"]

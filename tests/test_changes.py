@@ -11,11 +11,11 @@ import shutil
 from pathlib import Path
 
 import pytest
+from pair import make_opaque, whiteout, write
+from treediff import two_tree_changes
 
 from layerfs.core.changes import changes, indexed_changes
 from layerfs.core.index import ChangeIndex
-from pair import make_opaque, whiteout, write
-from treediff import two_tree_changes
 
 
 def diff(upper: Path, *lowers: Path) -> list[str]:

@@ -17,10 +17,10 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-
-import layerfs
 from conftest import Mounts, errno_of, is_mounted
 from processes import daemon_pids, open_files_under, pids_using, wait_for
+
+import layerfs
 
 LAYERFS = str(Path(sys.executable).with_name("layerfs"))  # the console script containers-storage runs
 

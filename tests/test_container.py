@@ -12,13 +12,12 @@ from __future__ import annotations
 import json
 import os
 import signal
-import tarfile
 import subprocess
+import tarfile
 import time
 from pathlib import Path
 
 import pytest
-
 from conftest import LAYERFS, is_mounted
 from pair import write
 from processes import daemon_pids

@@ -26,12 +26,23 @@ import os
 import stat
 
 import pytest
-
 from fsops import Op, RandomOps, visible_kinds
-from pair import USER, public_base  # noqa: F401 - public_base is a fixture
+from pair import USER
 from snapshot import assert_same, snapshot
-from treespec import (Dir, File, HardLink, Meta, Special, Symlink, TreeSpec, Whiteout, describe, generate, merge,
-                      render_all)
+from treespec import (
+    Dir,
+    File,
+    HardLink,
+    Meta,
+    Special,
+    Symlink,
+    TreeSpec,
+    Whiteout,
+    describe,
+    generate,
+    merge,
+    render_all,
+)
 from twin import Twin
 
 T0 = 1_200_000_000 * 10**9  # a fixed, old mtime for the hand-written scenario tree
@@ -236,7 +247,7 @@ def _runs() -> list[tuple[int, str, int, str]]:
                 for mode in _COPY_UP_MODES]
     modes = ("redirect",) * 4 + ("no-redirect",) * 2 + ("metacopy",) * 2
     return [(seed, ("overlay", "oci")[i % 2], ops, mode)
-            for i, (seed, mode) in enumerate(zip((101, 202, 303, 404, 505, 606, 707, 808), modes))]
+            for i, (seed, mode) in enumerate(zip((101, 202, 303, 404, 505, 606, 707, 808), modes, strict=True))]
 
 
 USER_SHARE = 0.2

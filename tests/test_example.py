@@ -13,9 +13,10 @@ import sys
 from pathlib import Path
 
 from conftest import layerfs
-from layerfs import example
 from processes import pids_using, wait_for
 from treediff import two_tree_changes
+
+from layerfs import example
 
 LAYERFS = str(Path(sys.executable).with_name("layerfs"))
 CHANGE_LINE = re.compile(r"^  ([ACD]) (/\S*)$")

@@ -26,19 +26,19 @@ import ctypes
 import errno
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
-
 from fsops import rename_by_copy, visible_kinds
+from pair import FORMS, Stack, content, copy_tree, describe, errname, explain, make_opaque, to_oci_form, whiteout, write
+from snapshot import assert_same, normalize_mtime, snapshot_upper, without_idle_opaque
+
 from layerfs.core.changes import changes, indexed_changes
 from layerfs.core.index import ChangeIndex
 from layerfs.core.lookup import join
 from layerfs.core.union import INDEX_DIR, Union
-from pair import (FORMS, Stack, content, copy_tree, describe, errname, explain, make_opaque, to_oci_form,
-                  whiteout, write)
-from snapshot import assert_same, normalize_mtime, snapshot_upper, without_idle_opaque
 
 OLD_NS = 1_500_000_000 * 10**9  # every entry the builders make gets this atime and mtime (whole seconds)
 
@@ -190,7 +190,7 @@ class Sides:
     def _copy(src: Stack, base: Path) -> Stack:
         base.mkdir()
         side = Stack([base / p.name for p in src.lowers], base / "upper", base / "work")
-        for s, d in zip(src.lowers + [src.upper], side.lowers + [side.upper]):
+        for s, d in zip(src.lowers + [src.upper], side.lowers + [side.upper], strict=True):
             copy_tree(s, d)
         side.work.mkdir()
         return side

@@ -14,6 +14,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import itertools
 import json
 import os
 import shutil
@@ -23,13 +24,13 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from pair import copy_tree, to_oci_form, write
+from snapshot import assert_same, snapshot
 
 from layerfs.core.changes import changes
 from layerfs.core.whiteout import make_whiteout, mark_opaque
 from layerfs.errors import LayerfsError
 from layerfs.oci.layertar import LayerDigests, write_layer
-from pair import copy_tree, to_oci_form, write
-from snapshot import assert_same, snapshot
 
 OLD_NS = 1_500_000_000_123_456_789  # 2017, with nanoseconds: kept exactly by every step
 NAMES_DIR_NS = 1_400_000_000_000_000_001
@@ -266,7 +267,7 @@ def test_progress_follows_the_file_data(layers):
     export(upper, [], progress=lambda done, total: calls.append((done, total)))
     total = (3 << 20 | 123) + 2
     assert calls[0] == (0, total) and calls[-1] == (total, total)
-    assert len(calls) > 3 and all(a[0] <= b[0] for a, b in zip(calls, calls[1:]))
+    assert len(calls) > 3 and all(a[0] <= b[0] for a, b in itertools.pairwise(calls))
 
 
 def test_a_vanished_path_is_a_clear_error(image):

@@ -37,19 +37,19 @@ import stat
 import subprocess
 import time
 import traceback
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pytest
 import xxhash
-
 from conftest import Mounts, errno_of, force_unmount, is_mounted
-from layerfs.core.index import ChangeIndex
-from layerfs.core.union import INDEX_DIR
 from pair import append, errname, tree
 from processes import daemon_pids, wait_for
 from test_index import _fields
+
+from layerfs.core.index import ChangeIndex
+from layerfs.core.union import INDEX_DIR
 
 MiB = 1 << 20
 KILLS = 26  # per seed
@@ -59,6 +59,10 @@ DEAD = (errno.ENOTCONN, errno.ECONNABORTED, errno.EIO)
 BIG_SIZES = (24 * MiB, 36 * MiB, 48 * MiB)
 BIG_NAMES = 250  # hard links to each big lower file: every name is copied up on its own
 HEADER = 64  # bytes a worker writes over the start of a big file
+
+
+def _create_empty(path: Path) -> None:
+    os.close(os.open(path, os.O_CREAT | os.O_WRONLY))
 
 
 def _content(seed: str, size: int) -> bytes:
@@ -261,7 +265,7 @@ def _fork(target: Callable[..., None], *args) -> int:
         try:
             target(*args)
             code = 0
-        except BaseException:  # noqa: BLE001 - the child must never return into pytest
+        except BaseException:  # (the child must never return into pytest)
             traceback.print_exc()
         finally:
             os._exit(code)
@@ -445,7 +449,7 @@ def test_a_killed_daemon_loses_nothing_finished_and_leaves_nothing_half_done(mou
             break
         logs = [tmp_path / f"log-{n}-{name}" for name in ("small", "big")]
         pids = [_fork(_work, str(scene.mnt), scene.model, choose, f"{seed}-{n}-{i}", log)
-                for i, (choose, log) in enumerate(zip((_small_op, _big_op), logs))]
+                for i, (choose, log) in enumerate(zip((_small_op, _big_op), logs, strict=True))]
         children.extend(pids)
         time.sleep(rng.uniform(0.1, 0.9))
         (daemon,) = daemon_pids(scene.mnt)
@@ -594,7 +598,7 @@ def test_a_full_upper_still_takes_changes_that_need_no_space(small_fs, mounts, t
         seen["fill"][_write_new(mnt / "filler", _content("filler", 9 * MiB))] += 1
         for i in range(40):
             name = f"{i:02}-" + "n" * 100  # long names: layerfs journals each new path
-            seen["create empty file"][errname(lambda: os.close(os.open(mnt / name, os.O_CREAT | os.O_WRONLY)))] += 1
+            seen["create empty file"][errname(_create_empty, mnt / name)] += 1
             seen["rename"][errname(os.rename, mnt / name, mnt / f"{name}.moved")] += 1
             seen["mkdir"][errname(os.mkdir, mnt / f"{name}.d")] += 1
             seen["rm lower file"][errname(os.unlink, mnt / "gone" / f"{i:02}")] += 1

@@ -27,7 +27,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-
 from conftest import errno_of, force_unmount, is_mounted
 
 ROOT = Path(__file__).resolve().parent.parent

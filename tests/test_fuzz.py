@@ -34,6 +34,7 @@ import collections
 import gzip
 import hashlib
 import io
+import itertools
 import json
 import os
 import re
@@ -41,8 +42,9 @@ import shutil
 import stat
 import tarfile
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import pytest
 import zstandard
@@ -405,7 +407,7 @@ def check_unpack(target: str, base: Path, make: Callable[[Sandbox], tuple[bytes,
             if layer is not None:
                 check_tree(layer, box.target, box.outside)
         assert outside_state(box) == before, "the layer changed something outside the destination"
-        assert all(a[0] <= b[0] for a, b in zip(steps, steps[1:])), f"progress went back: {steps}"
+        assert all(a[0] <= b[0] for a, b in itertools.pairwise(steps)), f"progress went back: {steps}"
         assert all(total is None or done <= total for done, total in steps), f"progress past the total: {steps}"
     finally:
         shutil.rmtree(box.root)
@@ -692,7 +694,7 @@ def mount_options(draw: st.DrawFn) -> list[str]:
         items.append("workdir=" + draw(mostly(st.just(f"{D}/wk"), _PATHS)))
     items += draw(st.lists(_EXTRAS, max_size=4))
     cuts = sorted(draw(st.lists(st.integers(0, len(items)), max_size=2)))
-    return [",".join(items[a:b]) for a, b in zip([0, *cuts], [*cuts, len(items)])]
+    return [",".join(items[a:b]) for a, b in itertools.pairwise([0, *cuts, len(items)])]
 
 
 @pytest.fixture(scope="module")

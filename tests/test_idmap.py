@@ -11,9 +11,8 @@ import tarfile
 from pathlib import Path
 
 import pytest
-
 from conftest import LAYERFS, is_mounted
-from pair import public_base, run_as  # noqa: F401 - public_base is a fixture
+from pair import run_as
 
 # Stored owners of the lower layer's entries: inside and outside the mappings below, and their edges.
 LOWER_OWNERS = {"root-file": (0, 0), "one": (1, 1), "edge": (65536, 65536), "outside": (70000, 70001),

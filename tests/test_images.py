@@ -12,7 +12,6 @@ import tarfile
 from pathlib import Path
 
 import pytest
-
 from conftest import LAYERFS, layerfs
 from snapshot import assert_same, snapshot
 

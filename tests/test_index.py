@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from layerfs.core import whiteout
 from layerfs.core import index as index_module
+from layerfs.core import whiteout
 from layerfs.core.index import ChangeIndex, file_digest
 
 

@@ -20,7 +20,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from pair import walk, write
 
 ROUNDS = 3

@@ -20,7 +20,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from fsops import RandomOps, drive, rename_by_copy, visible_kinds
 from snapshot import OVERLAY_PRIVATE, Snapshot, assert_same, snapshot, snapshot_upper
 from treespec import FORMS, TreeSpec, describe, generate, render_all

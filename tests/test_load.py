@@ -39,12 +39,11 @@ import subprocess
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable
 
 import pytest
-
 from pair import Err, assert_no_internals, explain, make_opaque, make_pair, outcome, tree, whiteout, write
 from processes import daemon_pids, wait_for
 

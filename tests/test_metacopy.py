@@ -31,16 +31,17 @@ import sys
 import time
 from pathlib import Path
 
-from layerfs.core import syscalls
-from layerfs.core.changes import changes, indexed_changes
-from layerfs.core.index import ChangeIndex
-from layerfs.oci.layertar import write_layer
-from layerfs.store import Store
 from pair import walk, write
 from processes import daemon_pids
 from snapshot import assert_same, snapshot
 from test_export import Layout, umoci
 from treediff import two_tree_changes
+
+from layerfs.core import syscalls
+from layerfs.core.changes import changes, indexed_changes
+from layerfs.core.index import ChangeIndex
+from layerfs.oci.layertar import write_layer
+from layerfs.store import Store
 
 KERNEL_OPTIONS = "metacopy=on,redirect_dir=on"
 OLD_NS = 1_500_000_000_123_456_789  # lower files' times: far from "now", so a change of them shows

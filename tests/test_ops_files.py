@@ -9,9 +9,7 @@ import stat
 from pathlib import Path
 
 import pytest
-
-from pair import (ALL_FORMS, FORMS, Err, Stack, describe, errname, make_opaque, make_pair, outcome, tree, whiteout,
-                  write)
+from pair import ALL_FORMS, FORMS, Err, Stack, describe, errname, make_opaque, make_pair, outcome, tree, whiteout, write
 
 
 def build(s: Stack) -> None:

@@ -9,7 +9,6 @@ import os
 from pathlib import Path
 
 import pytest
-
 from pair import FORMS, Err, Stack, describe, make_pair, outcome, tree, whiteout, write
 
 

@@ -11,9 +11,20 @@ import stat
 import subprocess
 from pathlib import Path
 
-
-from pair import (USER, Err, Stack, append, as_user, describe, errname, make_pair, outcome, public_base,  # noqa: F401
-                  tree, whiteout, write)
+from pair import (
+    USER,
+    Err,
+    Stack,
+    append,
+    as_user,
+    describe,
+    errname,
+    make_pair,
+    outcome,
+    tree,
+    whiteout,
+    write,
+)
 
 GROUP = 3000  # the user's primary group in these tests: not its own uid, so a mix-up shows
 OTHER_GROUP = 2000  # a group the user is not in

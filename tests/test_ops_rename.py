@@ -13,7 +13,6 @@ import os
 from pathlib import Path
 
 import pytest
-
 from pair import ALL_FORMS, FORMS, Err, Stack, errname, make_opaque, make_pair, outcome, tree, whiteout, write
 
 

@@ -8,7 +8,6 @@ import struct
 from pathlib import Path
 
 import pytest
-
 from pair import ALL_FORMS, FORMS, Err, Stack, make_opaque, make_pair, outcome, tree, whiteout, write, xattrs
 
 

@@ -20,7 +20,6 @@ import tempfile
 from pathlib import Path
 
 import pytest
-
 from conftest import LAYERFS, force_unmount, is_mounted
 from processes import wait_for
 

@@ -12,14 +12,27 @@ import stat
 import subprocess
 import tarfile
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import pytest
-
-from pair import (FORMS, Err, Stack, append, content, errname, explain, make_opaque,
-                  make_pair, outcome, tree, walk, whiteout, write)
+from pair import (
+    FORMS,
+    Err,
+    Stack,
+    append,
+    content,
+    errname,
+    explain,
+    make_opaque,
+    make_pair,
+    outcome,
+    tree,
+    walk,
+    whiteout,
+    write,
+)
 
 PATH_MAX = 4096  # including the terminating NUL
 

@@ -27,16 +27,17 @@ import sys
 import time
 from pathlib import Path
 
-from layerfs.core import syscalls
-from layerfs.core.changes import changes, indexed_changes
-from layerfs.core.index import ChangeIndex
-from layerfs.oci.layertar import write_layer
-from layerfs.store import Store
 from pair import walk, whiteout, write
 from processes import daemon_pids
 from snapshot import assert_same, snapshot
 from test_export import Layout, umoci
 from treediff import two_tree_changes
+
+from layerfs.core import syscalls
+from layerfs.core.changes import changes, indexed_changes
+from layerfs.core.index import ChangeIndex
+from layerfs.oci.layertar import write_layer
+from layerfs.store import Store
 
 FILES = 2_000  # in the directory that moves: 100 directories of 20 files
 

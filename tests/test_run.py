@@ -10,27 +10,30 @@ import shutil
 import signal
 import subprocess
 import tarfile
+import tempfile
 from pathlib import Path
 
 import pytest
-
 from conftest import LAYERFS, layerfs
 from processes import wait_for
 
 BUSYBOX = shutil.which("busybox") or "/bin/busybox"
 
 
-def _all_layerfs_mounts() -> set[str]:
+def _run_mounts() -> set[str]:
+    """The layerfs mounts ``layerfs run`` makes (in a ``layerfs-run-*`` temporary directory)."""
+    where = os.path.join(tempfile.gettempdir(), "layerfs-run-")
     with open("/proc/self/mounts") as f:
-        return {line.split()[1] for line in f if line.split()[2] == "fuse.layerfs"}
+        mounts = [line.split() for line in f]
+    return {fields[1] for fields in mounts if fields[2] == "fuse.layerfs" and fields[1].startswith(where)}
 
 
 @pytest.fixture
 def new_mounts():
-    """``new_mounts()``: the layerfs mounts made since the test began (another on the machine is not the
-    test's to judge)."""
-    before = _all_layerfs_mounts()
-    return lambda: sorted(_all_layerfs_mounts() - before)
+    """``new_mounts()``: the mounts of ``layerfs run`` made since the test began (others on the machine,
+    another test session's included, are not the test's to judge)."""
+    before = _run_mounts()
+    return lambda: sorted(_run_mounts() - before)
 
 
 @pytest.fixture

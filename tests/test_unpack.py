@@ -18,6 +18,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import itertools
 import json
 import os
 import re
@@ -27,11 +28,14 @@ import struct
 import subprocess
 import tarfile
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import zstandard
+from pair import USER, run_as, write
+from snapshot import Snapshot, assert_same, snapshot, snapshot_upper
+from treespec import generate, render, render_all
 
 from layerfs.core import whiteout
 from layerfs.core.changes import changes
@@ -39,9 +43,6 @@ from layerfs.core.whiteout import OPAQUE_XATTR_TRUSTED, OPAQUE_XATTR_USER, make_
 from layerfs.errors import LayerfsError
 from layerfs.oci.layertar import write_layer
 from layerfs.oci.unpack import UnpackResult, unpack_layer
-from pair import USER, run_as, write
-from snapshot import Snapshot, assert_same, snapshot, snapshot_upper
-from treespec import generate, render, render_all
 
 OLD_NS = 1_500_000_000_123_456_789  # 2017, with nanoseconds: kept exactly by every step
 DIR_NS = 1_400_000_000_000_000_001
@@ -205,7 +206,7 @@ def test_a_gnu_tar_layer_in_oci_form_unpacks_to_the_overlay_form(seed, tmp_path,
     render(spec.layers[0], tmp_path / "oci", "oci")
     render(spec.layers[0], tmp_path / "overlay", "overlay")
     lowers = [tmp_path / f"l{i}" for i in (1, 2)]
-    for layer, path in zip(spec.layers[1:], lowers):
+    for layer, path in zip(spec.layers[1:], lowers, strict=True):
         render(layer, path, "overlay")
     data = gnu_tar(tmp_path / "oci")
     assert b"./.wh." in data or b"/.wh." in data
@@ -483,7 +484,7 @@ def test_progress_follows_the_bytes_read(tmp_path):
     calls: list[tuple[int, int | None]] = []
     unpack(data, fresh(tmp_path / "a"), progress=lambda done, total: calls.append((done, total)))
     assert calls[0] == (0, len(data)) and calls[-1] == (len(data), len(data))
-    assert len(calls) > 3 and all(a[0] <= b[0] for a, b in zip(calls, calls[1:]))
+    assert len(calls) > 3 and all(a[0] <= b[0] for a, b in itertools.pairwise(calls))
 
     path = tmp_path / "layer.tar.gz"
     path.write_bytes(data)

@@ -22,9 +22,9 @@ from __future__ import annotations
 import os
 import random
 import stat
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Union
 
 FORMS = ("overlay", "oci")
 
@@ -84,7 +84,7 @@ class Whiteout:
     pass
 
 
-Node = Union[File, Dir, Symlink, HardLink, Special, Whiteout]
+Node = File | Dir | Symlink | HardLink | Special | Whiteout
 Layer = dict  # path -> Node, parents before children
 
 

@@ -20,16 +20,15 @@ import stat
 from collections import deque
 from pathlib import Path
 
-import pytest
-
 import fsops
+import pytest
+from fsops import Op, apply, rename_by_copy, visible_kinds
+from snapshot import Snapshot, assert_same, diff, entry_of, short_path, snapshot, snapshot_upper, without_idle_opaque
+from treespec import TreeSpec, describe, render_all
+
 from layerfs.core.changes import changes, indexed_changes
 from layerfs.core.index import ChangeIndex
 from layerfs.core.union import INDEX_DIR
-from fsops import Op, apply, rename_by_copy, visible_kinds
-from snapshot import (Snapshot, assert_same, diff, entry_of, short_path, snapshot, snapshot_upper,
-                      without_idle_opaque)
-from treespec import TreeSpec, describe, render_all
 
 
 def _state(root: Path, path: str) -> object:
@@ -55,7 +54,7 @@ def _has_hard_links(path: Path) -> bool:
     """Whether the file ``path``, or a file in the directory ``path``, has other names."""
     if not stat.S_ISDIR(os.lstat(path).st_mode):
         return os.lstat(path).st_nlink > 1
-    for parent, dirs, files in os.walk(path):
+    for parent, _, files in os.walk(path):
         for name in files:  # os.walk lists symlinks, fifos and devices among files too
             if os.lstat(os.path.join(parent, name)).st_nlink > 1:
                 return True
@@ -76,7 +75,8 @@ class Twin:
         metadata of a lower file whose metadata changes."""
         self.mounts, self.metacopy = mounts, metacopy
         self.label = label + ("" if redirect_dir else ", redirect_dir=off") + (", metacopy=on" if metacopy else "")
-        self.l_options = ",".join(([] if redirect_dir else ["redirect_dir=off"]) + (["metacopy=on"] if metacopy else []))
+        metacopy_option = ["metacopy=on"] if metacopy else []
+        self.l_options = ",".join(([] if redirect_dir else ["redirect_dir=off"]) + metacopy_option)
         k_options = ",".join((["redirect_dir=on"] if redirect_dir else []) + (["metacopy=on"] if metacopy else []))
         self.k_lowers, self.l_lowers = k_lowers, l_lowers
         names = ("k-upper", "k-work", "l-upper", "l-work")
@@ -95,7 +95,7 @@ class Twin:
 
     @classmethod
     def from_spec(cls, mounts, base: Path, spec: TreeSpec, form: str, mount_base: Path | None = None,
-                  redirect_dir: bool = True, metacopy: bool = False) -> "Twin":
+                  redirect_dir: bool = True, metacopy: bool = False) -> Twin:
         """Twin mounts of a generated tree; layerfs gets its lowers in whiteout ``form``."""
         k_lowers = render_all(spec, base / "k-lowers", "overlay")
         l_lowers = render_all(spec, base / "l-lowers", form)

@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import os
 import stat
-from typing import Callable, Iterator, NamedTuple, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import NamedTuple
 
 from . import metacopy, redirect, whiteout, xattr
 from .index import ChangeIndex, LowerFacts, file_digest

@@ -19,7 +19,7 @@ import contextvars
 import errno
 import os
 import stat
-from typing import Callable
+from collections.abc import Callable
 
 from . import metacopy, syscalls, whiteout, xattr
 

@@ -34,7 +34,8 @@ import json
 import os
 import stat
 import threading
-from typing import Iterator, NamedTuple, Sequence
+from collections.abc import Iterator, Sequence
+from typing import NamedTuple
 
 import xxhash
 from sortedcontainers import SortedDict

@@ -22,7 +22,8 @@ import contextlib
 import errno
 import os
 import stat
-from typing import Iterator, NamedTuple
+from collections.abc import Iterator
+from typing import NamedTuple
 
 from . import metacopy, redirect, syscalls, whiteout
 

@@ -24,7 +24,6 @@ import errno
 import os
 import stat
 import threading
-
 from typing import NamedTuple
 
 from . import whiteout

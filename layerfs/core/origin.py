@@ -20,7 +20,7 @@ import contextlib
 import errno
 import os
 import struct
-from typing import Iterator
+from collections.abc import Iterator
 
 from . import syscalls, xattr
 from .layer import Layer

@@ -38,7 +38,6 @@ from .layer import Layer
 from .lookup import Entry, Part, Resolver, join, split
 from .origin import ORIGIN_XATTRS, Origins
 
-
 INDEX_DIR = "layerfs-index"  # in the work directory: the change index's snapshot and journal
 
 

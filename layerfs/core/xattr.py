@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 _DIR = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
 _PATH_MAX = 4096
@@ -60,7 +60,7 @@ def names(path: str | int, *, dir_fd: int | None = None) -> list[str]:
         return os.listxattr(target, **_nofollow(target))
 
 
-def set(path: str | int, name: str, value: bytes, flags: int = 0, *, dir_fd: int | None = None) -> None:  # noqa: A001
+def set(path: str | int, name: str, value: bytes, flags: int = 0, *, dir_fd: int | None = None) -> None:
     with _reach(path, dir_fd) as target:
         os.setxattr(target, name, value, flags, **_nofollow(target))
 

@@ -21,7 +21,7 @@ import errno
 import itertools
 import os
 import threading
-from typing import Hashable
+from collections.abc import Hashable
 
 ROOT_ID = 1
 
@@ -233,7 +233,7 @@ class Nodes:
         with self._lock:
             a = self._by_name.pop((parent.nodeid, name), None)
             b = self._by_name.pop((newparent.nodeid, newname), None)
-            for node, old, new in ((a, (parent, name), (newparent, newname)), (b, (newparent, newname), (parent, name))):
+            for node, old in ((a, (parent, name)), (b, (newparent, newname))):
                 if node is not None:
                     self._drop_name(node, *old)
             for node, new in ((a, (newparent, newname)), (b, (parent, name))):

@@ -29,7 +29,7 @@ import os
 import stat
 import threading
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 from ..core import copyup
 from ..core.idmap import AS_STORED, Owners
@@ -236,7 +236,7 @@ class UnionOperations(Operations):
         if changes.uid is not None or changes.gid is not None:
             owner = tuple(-1 if i is None or i == _NO_ID else i for i in (changes.uid, changes.gid))
             if self._owners is not None:
-                owner = tuple(-1 if i == -1 else ids.stored(i) for i, ids in zip(owner, self._owners))
+                owner = tuple(-1 if i == -1 else ids.stored(i) for i, ids in zip(owner, self._owners, strict=True))
         times = None
         if changes.atime_ns is not None or changes.mtime_ns is not None:
             times = (changes.atime_ns, changes.mtime_ns)

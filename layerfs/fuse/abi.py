@@ -62,7 +62,8 @@ TMPFILE = 51
 STATX = 52
 
 OPCODE_NAMES = {value: name.lower() for name, value in list(globals().items())
-                if name.isupper() and isinstance(value, int) and name not in ("KERNEL_MAJOR", "KERNEL_MINOR", "ROOT_ID")}
+                if name.isupper() and isinstance(value, int)
+                and name not in ("KERNEL_MAJOR", "KERNEL_MINOR", "ROOT_ID")}
 
 # -- INIT flags (flags, and flags2 shifted down by 32 when INIT_EXT is set)
 ASYNC_READ = 1 << 0
@@ -128,11 +129,13 @@ init_in = struct.Struct("=IIIII")  # major, minor, max_readahead, flags, flags2
 # major, minor, max_readahead, flags, max_background, congestion_threshold, max_write, time_gran,
 # max_pages, map_alignment, flags2, max_stack_depth, request_timeout, 11 x unused
 init_out = struct.Struct("=IIIIHHIIHHIIH22x")
-attr = struct.Struct("=QQQQQQIIIIIIIIII")  # ino size blocks atime mtime ctime *nsec mode nlink uid gid rdev blksize flags
+# ino size blocks atime mtime ctime *nsec mode nlink uid gid rdev blksize flags
+attr = struct.Struct("=QQQQQQIIIIIIIIII")
 entry_out = struct.Struct("=QQQQII")  # nodeid, generation, entry_valid, attr_valid, *_nsec; then attr
 attr_out = struct.Struct("=QII")  # attr_valid, attr_valid_nsec, dummy; then attr
 getattr_in = struct.Struct("=IIQ")  # getattr_flags, dummy, fh
-setattr_in = struct.Struct("=IIQQQQQQIIIIIIII")  # valid, pad, fh, size, lock_owner, atime, mtime, ctime, *nsec, mode, _, uid, gid, _
+# valid, pad, fh, size, lock_owner, atime, mtime, ctime, *nsec, mode, _, uid, gid, _
+setattr_in = struct.Struct("=IIQQQQQQIIIIIIII")
 forget_in = struct.Struct("=Q")
 batch_forget_in = struct.Struct("=II")
 forget_one = struct.Struct("=QQ")

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 from . import abi
 
@@ -68,7 +68,8 @@ def pack_attr(ino: int, st: os.stat_result, nlink: int, uid: int, gid: int, bloc
     atime, atime_ns = divmod(st.st_atime_ns, 1_000_000_000)
     mtime, mtime_ns = divmod(st.st_mtime_ns, 1_000_000_000)
     ctime, ctime_ns = divmod(st.st_ctime_ns, 1_000_000_000)
-    return abi.attr.pack(ino, st.st_size, st.st_blocks if blocks is None else blocks, atime & _U64, mtime & _U64, ctime & _U64,
+    blocks = st.st_blocks if blocks is None else blocks
+    return abi.attr.pack(ino, st.st_size, blocks, atime & _U64, mtime & _U64, ctime & _U64,
                          atime_ns, mtime_ns, ctime_ns, st.st_mode, nlink, uid, gid, st.st_rdev & 0xFFFFFFFF,
                          st.st_blksize, 0)
 

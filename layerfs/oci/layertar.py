@@ -37,7 +37,8 @@ import os
 import stat
 import tarfile
 import zlib
-from typing import BinaryIO, Callable, Iterable, Iterator, NamedTuple
+from collections.abc import Callable, Iterable, Iterator
+from typing import BinaryIO, NamedTuple
 
 from ..core import syscalls, whiteout, xattr
 from ..core.changes import DELETED, Change

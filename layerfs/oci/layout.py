@@ -180,7 +180,7 @@ def read_image(layout: str, tag: str | None = None) -> Image:
     if len(diff_ids) != len(descriptors):
         raise LayerfsError(f"{layout}: the manifest lists {len(descriptors)} layers, the config {len(diff_ids)}")
     layers = []
-    for d, diff_id in zip(descriptors, diff_ids):
+    for d, diff_id in zip(descriptors, diff_ids, strict=True):
         path = _blob_path(layout, d.get("digest"))
         size = _typed(d.get("size"), int, f"{where}: the size of layer {d['digest']}")
         if size < 0:
@@ -226,7 +226,7 @@ def read_docker_save(root: str, name: str | None = None) -> Image:
     if len(diff_ids) != len(files):
         raise LayerfsError(f"docker archive: {len(files)} layer files, {len(diff_ids)} in the config")
     layers = []
-    for file, diff_id in zip(files, diff_ids):
+    for file, diff_id in zip(files, diff_ids, strict=True):
         path = _inside(root, _typed(file, str, "docker archive: a layer file's name"))
         layers.append(Layer(path, None, diff_id, os.path.getsize(path), "application/vnd.docker.image.rootfs.diff.tar"))
     manifest_digest = f"sha256:{hashlib.sha256(json.dumps(entry, sort_keys=True).encode()).hexdigest()}"

@@ -60,7 +60,8 @@ import re
 import stat
 import tarfile
 import zlib
-from typing import BinaryIO, Callable, Iterator, NamedTuple
+from collections.abc import Callable, Iterator
+from typing import BinaryIO, NamedTuple
 
 import zstandard
 
@@ -215,14 +216,14 @@ class _Header(tarfile.TarInfo):
     takes one after the first header for the end of the archive), only a zero block ends the tar."""
 
     @classmethod
-    def frombuf(cls, buf, encoding, errors):  # noqa: ANN001, ANN206 - tarfile's signature
+    def frombuf(cls, buf, encoding, errors):  # (tarfile's signature)
         info = super().frombuf(buf, encoding, errors)
         if info.type in _RECORD_TYPES and info.size > _RECORD_MAX:
             raise tarfile.InvalidHeaderError(f"a {info.size}-byte header record, over the {_RECORD_MAX} allowed")
         return info
 
     @classmethod
-    def fromtarfile(cls, tar):  # noqa: ANN001, ANN206
+    def fromtarfile(cls, tar):
         try:
             return super().fromtarfile(tar)
         except tarfile.EOFHeaderError:
