@@ -121,8 +121,8 @@ class Union:
             if not work:
                 raise ValueError("an upper layer needs a work directory")
             self._work = self._open_clean_work(work)
-            self.index = ChangeIndex(upper, os.path.join(work, INDEX_DIR), lowers=lowers,
-                                     lower_layers=layers[1:], upper_fd=self.upper.fd)
+            self.index = ChangeIndex(self.upper.root, os.path.join(work, INDEX_DIR), lowers=lowers,
+                                     lower_layers=layers[1:], upper_fd=self._writable_upper().fd)
             self.index.start_journal()
 
     def descriptors(self) -> list[int]:
@@ -172,6 +172,11 @@ class Union:
         if self.upper is None:
             raise _error(errno.EROFS, "/")
         return self.upper
+
+    def _origin_records(self) -> Origins:
+        if self._origins is None:
+            raise _error(errno.EROFS, "/")
+        return self._origins
 
     # -- reading --------------------------------------------------------------------------------
 
@@ -281,7 +286,7 @@ class Union:
     def read(self, fd: int, size: int, offset: int) -> bytes:
         return os.pread(fd, size, offset)
 
-    def write(self, fd: int, data: bytes, offset: int) -> int:
+    def write(self, fd: int, data: bytes | memoryview, offset: int) -> int:
         return os.pwrite(fd, data, offset)
 
     def lseek(self, fd: int, offset: int, whence: int) -> int:
@@ -611,7 +616,8 @@ class Union:
         and the target needs no exchange. False when it was not done."""
         if not self._lower_has(old):
             return False
-        with self.upper.at(Layer.rel(old)) as (old_dir, old_name), self.upper.at(Layer.rel(new)) as (new_dir, new_name):
+        upper = self._writable_upper()
+        with upper.at(Layer.rel(old)) as (old_dir, old_name), upper.at(Layer.rel(new)) as (new_dir, new_name):
             try:
                 syscalls.rename_whiteout(old_name, new_name, a_dir_fd=old_dir, b_dir_fd=new_dir)
             except OSError as e:
@@ -684,8 +690,9 @@ class Union:
         names the lower parts it has there too, and an opaque mark is set only on a directory whose
         content is all in the upper).
         """
+        upper = self._writable_upper()
         has_lower = entry.is_dir and (not entry.in_upper or entry.merged)
-        current = redirect.read(Layer.rel(old), dir_fd=self.upper.fd) if has_lower and entry.in_upper else None
+        current = redirect.read(Layer.rel(old), dir_fd=upper.fd) if has_lower and entry.in_upper else None
         target = None
         if has_lower and self.redirect_dir:
             first_lower = next(part.path for part in entry.stack if not part.layer.writable)
@@ -701,7 +708,7 @@ class Union:
                 self._fill(entry, None, keep_times=True)  # (overlayfs answers EXDEV, and mv copies)
             opaque = entry.is_dir and not has_lower and len(self.resolver.stack_of(split(new)[0])) > 1
         if target is not None or opaque:
-            with self.upper.at(Layer.rel(old)) as (dir_fd, name):
+            with upper.at(Layer.rel(old)) as (dir_fd, name):
                 if target is not None and target != current:
                     redirect.write(name, target, dir_fd=dir_fd)
                 if opaque and not whiteout.is_opaque_dir(name, dir_fd=dir_fd):
@@ -725,12 +732,12 @@ class Union:
     def _lead_to_data(self, entry: Entry, old: str, new: str | None) -> bool:
         """Make the metadata-only copy ``entry`` (at ``old``) find its data once at ``new`` (None: from
         a second name, a link's, wherever it is): a redirect. False where it would be too long."""
-        current = redirect.read(entry.rel, dir_fd=self.upper.fd)
+        current = redirect.read(entry.rel, dir_fd=self._writable_upper().fd)
         target = self._redirect_target(entry.chain[0].path, current, old, new)
         if target is None:
             return False
         if target != current:
-            with self.upper.at(entry.rel) as (dir_fd, name):
+            with self._writable_upper().at(entry.rel) as (dir_fd, name):
                 redirect.write(name, target, dir_fd=dir_fd)
         return True
 
@@ -745,14 +752,15 @@ class Union:
     def _copy_up_entry(self, entry: Entry, content: str = copyup.DATA) -> Entry:
         """Copy ``entry`` up; a regular file's copy holds what ``content`` says (copyup's DATA, EMPTY or
         METADATA)."""
-        upper = self.upper
+        upper = self._writable_upper()
         parent, _ = split(entry.path)
         self._copy_up_dir_chain(parent)
         tmp = self._tmp()
         data = entry.data
         data_at = None if data is None else (data.layer.fd, Layer.rel(data.path))
         # (No origin for a lower file with several names, as on overlayfs: the copy breaks the link.)
-        origin = self._origins.record(entry.layer, entry.rel) if entry.is_dir or entry.st.st_nlink == 1 else None
+        origin = self._origin_records().record(entry.layer, entry.rel) \
+            if entry.is_dir or entry.st.st_nlink == 1 else None
         # (The copy goes to the entry's merged path: below a redirect, the lower one is elsewhere.)
         with upper.at(Layer.rel(entry.path)) as (dir_fd, name):
             pst = os.fstat(dir_fd)
@@ -790,7 +798,7 @@ class Union:
     def _fill(self, entry: Entry, length: int | None, *, keep_times: bool = False) -> Entry:
         """Give the metadata-only copy ``entry`` its data (the first ``length`` bytes, None: all), in
         place: its other names, if it has any, are the same file. Returns what it is then."""
-        data = entry.data
+        data = entry.chain[-1]
         fd = syscalls.open_beneath(entry.rel, os.O_WRONLY, dir_fd=entry.layer.fd)
         try:
             data_fd = syscalls.open_beneath(Layer.rel(data.path), os.O_RDONLY, dir_fd=data.layer.fd)
@@ -807,8 +815,8 @@ class Union:
     def _mark_impure_for(self, old: str, new: str) -> None:
         """The upper entry at ``old`` is about to move to ``new``: if it is a copy that shows its origin's
         number, the directory it moves into is marked as holding such entries (overlayfs does the same)."""
-        if self._origins.has_record(Layer.rel(old)):
-            with self.upper.at(Layer.rel(new)) as (dir_fd, _):
+        if self._origin_records().has_record(Layer.rel(old)):
+            with self._writable_upper().at(Layer.rel(new)) as (dir_fd, _):
                 Origins.mark_impure(".", dir_fd=dir_fd)
 
     def _copy_up_dir_chain(self, path: str) -> None:
@@ -839,7 +847,7 @@ class Union:
     def _drop_markers_below(self, rel: str, *, keep_opaque: bool) -> None:
         """After a subtree was copied up and moved, the whiteouts and opaque marks inside it refer to
         nothing: remove them, so the upper layer reads the same with any overlay implementation."""
-        with self.upper.at(rel) as (parent, top):
+        with self._writable_upper().at(rel) as (parent, top):
             if not keep_opaque:
                 whiteout.clear_opaque(top, dir_fd=parent)
             for _, dirs, files, dir_fd in os.fwalk(top, dir_fd=parent):
@@ -871,7 +879,7 @@ class Union:
         caller to dispose of.
         """
         displaced = False
-        with self.upper.at(Layer.rel(path)) as (dir_fd, name):
+        with self._writable_upper().at(Layer.rel(path)) as (dir_fd, name):
             try:
                 os.rename(src, name, src_dir_fd=src_dir_fd, dst_dir_fd=dir_fd)
             except OSError as e:
@@ -898,7 +906,7 @@ class Union:
         try:
             os.mknod(tmp, stat.S_IFCHR, os.makedev(0, 0), dir_fd=self._work)
         except PermissionError:
-            _remove_tree(self.upper.fd, Layer.rel(path))
-            whiteout.make_whiteout(Layer.rel(path), dir_fd=self.upper.fd)
+            _remove_tree(self._writable_upper().fd, Layer.rel(path))
+            whiteout.make_whiteout(Layer.rel(path), dir_fd=self._writable_upper().fd)
             return
         self._install_new(tmp, path)

@@ -128,13 +128,20 @@ class UnionOperations(Operations):
         self._dirs: dict[int, list[tuple[bytes, int, int]] | None] = {}
         self._dir_numbers = iter(range(1, 1 << 62))
         self._io_lock = threading.Lock()  # a node's open-file state, and backing ids
-        self.session: Session | None = None
+        self._session: Session | None = None
         self._passthrough = False
 
     def attach(self, session: Session) -> None:
         """Called once INIT is answered: what the kernel granted decides how files are opened."""
-        self.session = session
+        self._session = session
         self._passthrough = session.passthrough
+
+    @property
+    def session(self) -> Session:
+        """The session serving this filesystem (requests come only once it is attached)."""
+        if self._session is None:
+            raise RuntimeError("no session attached yet")
+        return self._session
 
     # -- what is shown ----------------------------------------------------------------------------
 
@@ -232,11 +239,13 @@ class UnionOperations(Operations):
     @_interruptible
     def setattr(self, req: Request, nodeid: int, fh: int | None, changes: SetAttr) -> bytes:
         node = self.nodes[nodeid]
-        owner = None
+        owner: tuple[int, int] | None = None
         if changes.uid is not None or changes.gid is not None:
-            owner = tuple(-1 if i is None or i == _NO_ID else i for i in (changes.uid, changes.gid))
+            uid, gid = (-1 if i is None or i == _NO_ID else i for i in (changes.uid, changes.gid))
             if self._owners is not None:
-                owner = tuple(-1 if i == -1 else ids.stored(i) for i, ids in zip(owner, self._owners, strict=True))
+                uid = -1 if uid == -1 else self._owners.uid.stored(uid)
+                gid = -1 if gid == -1 else self._owners.gid.stored(gid)
+            owner = (uid, gid)
         times = None
         if changes.atime_ns is not None or changes.mtime_ns is not None:
             times = (changes.atime_ns, changes.mtime_ns)
@@ -494,7 +503,7 @@ class UnionOperations(Operations):
             self.session.close_backing(node.backing)
             node.backing = 0
 
-    def release(self, req: Request, fh: int) -> None:
+    def release(self, req: Request | None, fh: int) -> None:
         with self._io_lock:
             file = self._files.pop(fh, None)
             if file is None:

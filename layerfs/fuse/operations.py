@@ -13,6 +13,7 @@ import errno
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import NoReturn
 
 from . import abi
 
@@ -74,7 +75,7 @@ def pack_attr(ino: int, st: os.stat_result, nlink: int, uid: int, gid: int, bloc
                          st.st_blksize, 0)
 
 
-def _unsupported(*_args, **_kwargs):
+def _unsupported(*_args, **_kwargs) -> NoReturn:
     raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
 
 
