@@ -329,6 +329,8 @@ def _run(args: argparse.Namespace) -> int:
 
             for name in images.containers():
                 record = images.container(name)
+                if record is None:
+                    continue  # (removed since it was listed)
                 mounted = registry.find(record["merged"])
                 print(f"{name}  {record['image']}  "
                       f"{'running, pid ' + str(mounted.pid) + ' at ' + record['merged'] if mounted else 'stopped'}")

@@ -90,20 +90,21 @@ def render(found: list[Change], *, as_json: bool) -> str:
 def export(container: Container, out: BinaryIO, *, compress: bool, mtime_clamp_ns: int | None,
            unchanged_copies: bool = False) -> LayerDigests:
     """Write the container's changes to ``out`` as an OCI layer; a progress bar on a terminal."""
-    found = _changes_to_keep(container, unchanged_copies)
+    found, upper = _changes_to_keep(container, unchanged_copies)
     with on_terminal() as progress:
-        return write_layer(out, container.upper, found, compress=compress, mtime_clamp_ns=mtime_clamp_ns,
+        return write_layer(out, upper, found, compress=compress, mtime_clamp_ns=mtime_clamp_ns,
                            progress=progress)
 
 
 def commit(container: Container, store: Store, *, share: str = "reflink", unchanged_copies: bool = False) -> Committed:
     """Freeze the container's changes into a read-only layer of ``store``, ready to be a lower."""
-    found = _changes_to_keep(container, unchanged_copies)
+    found, upper = _changes_to_keep(container, unchanged_copies)
     with on_terminal() as progress:
-        return store.commit(container.upper, found, share=share, progress=progress)
+        return store.commit(upper, found, share=share, progress=progress)
 
 
-def _changes_to_keep(container: Container, unchanged_copies: bool) -> list[Change]:
+def _changes_to_keep(container: Container, unchanged_copies: bool) -> tuple[list[Change], str]:
+    """The changes a layer is made of, and the upper they are in."""
     if container.upper is None:
         raise UsageError("a read-only mount has no changes")
-    return container_changes(container, unchanged_copies=unchanged_copies)
+    return container_changes(container, unchanged_copies=unchanged_copies), container.upper

@@ -217,13 +217,14 @@ def _owners(values: dict[str, str], flags: set[str]) -> Owners:
 def _ranges(option: str, text: str) -> list[Range]:
     """``[:]ID:MAPPED-ID:COUNT[:ID:MAPPED-ID:COUNT...]`` (containers-storage writes a leading colon) as
     ranges; UsageError if malformed or overlapping."""
-    numbers = [_number(w, 1 << 64) for w in text.split(":") if w]
-    if not numbers or len(numbers) % 3 or None in numbers:
+    parsed = [_number(w, 1 << 64) for w in text.split(":") if w]
+    numbers = [n for n in parsed if n is not None]
+    if not numbers or len(numbers) % 3 or len(numbers) != len(parsed):
         raise UsageError(f"{option}={printable(text)}: not a list of ID:MAPPED-ID:COUNT ranges")
     ranges = [Range(*numbers[i:i + 3]) for i in range(0, len(numbers), 3)]
     for side in (0, 1):
-        spans = sorted((r[side], r[side] + r.count) for r in ranges)
-        if any(r.count == 0 for r in ranges) or any(a[1] > b[0] for a, b in itertools.pairwise(spans)):
+        spans = sorted((r[side], r[side] + r.length) for r in ranges)
+        if any(r.length == 0 for r in ranges) or any(a[1] > b[0] for a, b in itertools.pairwise(spans)):
             raise UsageError(f"{option}={printable(text)}: a range is empty or two overlap")
         if spans[-1][1] > 1 << 32:
             raise UsageError(f"{option}={printable(text)}: ids beyond 2^32")

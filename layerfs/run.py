@@ -41,10 +41,10 @@ def _run_on_lowers(lowers: list[str], command: list[str], args: argparse.Namespa
     """A container of plain lower directories, with a throwaway upper."""
     where = tempfile.mkdtemp(prefix="layerfs-run-")
     try:
-        dirs = [os.path.join(where, d) for d in ("upper", "work", "merged")]
-        for d in dirs:
+        upper, work, merged = (os.path.join(where, d) for d in ("upper", "work", "merged"))
+        for d in (upper, work, merged):
             os.mkdir(d)
-        return _run(lowers, *dirs, command, {}, args)
+        return _run(lowers, upper, work, merged, command, {}, args)
     finally:
         shutil.rmtree(where, ignore_errors=True)
 

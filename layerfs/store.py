@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -34,6 +35,7 @@ import tarfile
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import BinaryIO, cast
 
 import xxhash
 
@@ -244,7 +246,10 @@ class Store:
                            "layers": record["layers"]}, f, indent=1)
             os.makedirs(os.path.dirname(where), exist_ok=True)
             os.rename(build, where)
-        return self.container(name)
+        made = self.container(name)
+        if made is None:
+            raise LayerfsError(f"container {name}: gone as soon as it was made")
+        return made
 
     def add_runtime_paths(self, name: str, paths: list[str]) -> None:
         """Paths the runtime made in container ``name`` for itself: its diff leaves them out."""
@@ -350,7 +355,7 @@ class Store:
                progress: Callable[[int, int], None] | None = None) -> Committed:
         """Freeze ``changes`` (as ``container_changes`` lists them) of ``upper`` into a layer."""
         found = list(changes)
-        diff_id = write_layer(_Discard(), upper, found, progress=progress).diff_id
+        diff_id = write_layer(cast(BinaryIO, _Discard()), upper, found, progress=progress).diff_id
         final = self.layer_path(diff_id)
         with self._locked():
             if os.path.isdir(final):
@@ -387,9 +392,9 @@ class Store:
                     try:
                         os.link(path, shared)
                     except FileExistsError:
-                        _replace(path, lambda tmp, shared=shared: os.link(shared, tmp))
+                        _replace(path, functools.partial(os.link, shared))
                 elif os.path.exists(shared):
-                    _replace(path, lambda tmp, shared=shared, st=st: _reflink(shared, tmp, st))
+                    _replace(path, functools.partial(_reflink, shared, st=st))
                 elif not _reflink(path, shared, st):
                     return  # no reflinks on this filesystem: nothing to share
 

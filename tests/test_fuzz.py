@@ -731,7 +731,7 @@ def test_mount_options(option_dirs: Path, strings: list[str], mountpoint: str | 
     assert config.owner is None or 0 < config.owner < 1 << 22, "x-layerfs-owner: not a process id"
     for idmap in config.owners:
         assert idmap.squash is None or 0 <= idmap.squash < 1 << 32
-        assert all(0 <= r.stored and 0 <= r.shown and 0 < r.count for r in idmap.ranges)
+        assert all(0 <= r.stored and 0 <= r.shown and 0 < r.length for r in idmap.ranges)
     assert all("\n" not in w for w in config.warnings), config.warnings
 
 

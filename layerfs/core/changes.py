@@ -103,6 +103,8 @@ def changes(upper: str, lowers: Sequence[str], *, unchanged_copies: bool = True,
         if not _alike(st, lower):
             return False
         real, entry = upper + path, lookup(path)
+        if entry is None:
+            return False
         content = file_digest(real) if data is None else file_digest(Layer.rel(data.path), dir_fd=data.layer.fd)
         return _xattrs(real, None) == _xattrs(entry.rel, entry.layer.fd) and \
             content == file_digest(entry.rel, dir_fd=entry.layer.fd)

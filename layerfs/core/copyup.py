@@ -59,7 +59,7 @@ def copy_data(src_fd: int, dst_fd: int, size: int) -> None:
         offset += os.pwrite(dst_fd, data, offset)
 
 
-def copy_xattrs(src: str, dst: str | int, *, src_dir_fd: int, dst_dir_fd: int | None) -> None:
+def copy_xattrs(src: str, dst: str | int, *, src_dir_fd: int | None, dst_dir_fd: int | None) -> None:
     """Copy the xattrs of ``src`` to ``dst`` (a path, or an open file; neither followed), except overlay
     bookkeeping."""
     try:
@@ -131,16 +131,22 @@ def _copy_metadata(src: str, st: os.stat_result, dst: str | int, *, src_dir_fd: 
                    records: Records) -> None:
     """Owner, xattrs, records, mode and times of ``src`` (its lstat ``st``) onto ``dst``, a path
     relative to ``dst_dir_fd`` or an open file."""
-    at = {} if isinstance(dst, int) else {"dir_fd": dst_dir_fd}
-    nofollow = {} if isinstance(dst, int) else {"follow_symlinks": False}
+    times = (st.st_atime_ns, st.st_mtime_ns)
     # chown first: it clears setuid/setgid bits and file capabilities (security.capability), even for root.
-    os.chown(dst, st.st_uid, st.st_gid, **at, **nofollow)
+    if isinstance(dst, int):
+        os.chown(dst, st.st_uid, st.st_gid)
+    else:
+        os.chown(dst, st.st_uid, st.st_gid, dir_fd=dst_dir_fd, follow_symlinks=False)
     copy_xattrs(src, dst, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd)
     for names, value in records:
         xattr.set_first(dst, names, value, dir_fd=dst_dir_fd)
+    if isinstance(dst, int):
+        os.chmod(dst, stat.S_IMODE(st.st_mode))
+        os.utime(dst, ns=times)
+        return
     if not stat.S_ISLNK(st.st_mode):
-        os.chmod(dst, stat.S_IMODE(st.st_mode), **at)
-    os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns), **at, **nofollow)
+        os.chmod(dst, stat.S_IMODE(st.st_mode), dir_fd=dst_dir_fd)
+    os.utime(dst, ns=times, dir_fd=dst_dir_fd, follow_symlinks=False)
 
 
 def fill_in_place(fd: int, data_fd: int, length: int, *, sync: bool, keep_times: bool = False) -> None:

@@ -14,6 +14,7 @@ mount shows the tree, not what it holds. (``options`` reads the mount options in
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 
@@ -29,13 +30,13 @@ def overflow_id(kind: str) -> int:
 class Range(NamedTuple):
     stored: int
     shown: int
-    count: int
+    length: int  # how many ids (a field named count would hide tuple.count)
 
 
 class IdMap:
     """One kind of id (user or group): ranges, or a squash, or neither (ids as they are)."""
 
-    def __init__(self, ranges: list[Range] = (), squash: int | None = None, overflow: int = 65534) -> None:
+    def __init__(self, ranges: Sequence[Range] = (), squash: int | None = None, overflow: int = 65534) -> None:
         self.ranges = list(ranges)
         self.squash = squash
         self.overflow = overflow
@@ -50,7 +51,7 @@ class IdMap:
         if not self.ranges:
             return stored
         for r in self.ranges:
-            if r.stored <= stored < r.stored + r.count:
+            if r.stored <= stored < r.stored + r.length:
                 return r.shown + (stored - r.stored)
         return self.overflow
 
@@ -59,7 +60,7 @@ class IdMap:
         if not self.ranges:
             return shown
         for r in self.ranges:
-            if r.shown <= shown < r.shown + r.count:
+            if r.shown <= shown < r.shown + r.length:
                 return r.stored + (shown - r.shown)
         return self.overflow
 

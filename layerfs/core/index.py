@@ -35,7 +35,7 @@ import os
 import stat
 import threading
 from collections.abc import Iterator, Sequence
-from typing import NamedTuple
+from typing import NamedTuple, TextIO
 
 import xxhash
 from sortedcontainers import SortedDict
@@ -101,12 +101,29 @@ class Record(NamedTuple):
         return whiteout.is_whiteout_device(self.mode, self.rdev)
 
     # Read like an os.stat_result by the code that classifies changes.
-    st_mode = property(lambda self: self.mode)
-    st_uid = property(lambda self: self.uid)
-    st_gid = property(lambda self: self.gid)
-    st_size = property(lambda self: self.size)
-    st_mtime_ns = property(lambda self: self.mtime_ns)
-    st_rdev = property(lambda self: self.rdev)
+    @property
+    def st_mode(self) -> int:
+        return self.mode
+
+    @property
+    def st_uid(self) -> int:
+        return self.uid
+
+    @property
+    def st_gid(self) -> int:
+        return self.gid
+
+    @property
+    def st_size(self) -> int:
+        return self.size
+
+    @property
+    def st_mtime_ns(self) -> int:
+        return self.mtime_ns
+
+    @property
+    def st_rdev(self) -> int:
+        return self.rdev
 
 
 def _key(path: str) -> str:
@@ -139,12 +156,14 @@ class ChangeIndex:
         self._fd = os.open(upper, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC) if upper_fd is None else upper_fd
         self._own_state = state_fd is None
         if state_fd is None:
+            if state_dir is None:
+                raise ValueError("an index needs its state directory or its descriptor")
             # Opened now: the state directory's path may be hidden by the mount later, like the upper's.
             os.makedirs(state_dir, exist_ok=True)
             state_fd = os.open(state_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         self._state = state_fd
         self._records: SortedDict = SortedDict(_key)
-        self._journal = None
+        self._journal: TextIO | None = None
         self._generation = 0  # of the snapshot read: the first journal it needs
         self._journal_generation = 0  # of the journal being written
         self._compactor: threading.Thread | None = None
@@ -368,7 +387,7 @@ class ChangeIndex:
         """``paths`` are about to change in the upper: journal them first, so that a killed daemon
         loses nothing. Their records are brought up to date at the next sync."""
         with self._lock:
-            if self._paused:
+            if self._paused or self._journal is None:  # (paused, or not journaling: a reader)
                 return
             try:
                 if self._lines >= _SYNC_EVERY:  # keep the journal, and the work of the next load, bounded
@@ -376,9 +395,10 @@ class ChangeIndex:
                         self._sync()
                     elif self._compactor is None or not self._compactor.is_alive():
                         self._compact_in_background()
+                journal = self._journal  # (a sync above may have started a new one)
                 for path in paths:
                     if path not in self._recent:
-                        self._journal.write(json.dumps(path) + "\n")
+                        journal.write(json.dumps(path) + "\n")
                         self._lines += 1
                         self._recent[path] = None
                         if len(self._recent) > _RECENT:
@@ -400,7 +420,7 @@ class ChangeIndex:
     def _refresh_with_ancestors(self, path: str) -> None:
         """Record ``path``, and its directories if the upper did not have them before (a copy-up made
         them; the directory they were made in changed too)."""
-        missing = []
+        missing: list[str] = []
         parent = path
         while parent != "/":
             parent = parent.rpartition("/")[0] or "/"

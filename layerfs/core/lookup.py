@@ -234,11 +234,11 @@ class Resolver:
                 parts, i = tuple(p for p in self.stack_of("/") if self._depth[id(p.layer)] > below), 0
             elif target is not None and absolute is None:
                 name = target
-            elif target is not None:
+            elif target is not None and absolute is not None:
                 absolute = join(split(absolute)[0], target)
             if last_layer:
                 break
-        if top is None:
+        if top is None or top_st is None:
             return None
         if needs_data:
             raise OSError(errno.EIO, "a metadata-only copy with no data below it", path)

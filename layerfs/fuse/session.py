@@ -158,7 +158,7 @@ class Session:
         self._init(buffer)
         if on_ready is not None:
             on_ready()
-        workers = []
+        workers: list[threading.Thread] = []
         for _ in range(self.config.threads - 1):
             clone = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
             fcntl.ioctl(clone, abi.DEV_IOC_CLONE, array.array("I", [self.fd]))

@@ -38,7 +38,7 @@ import stat
 import tarfile
 import zlib
 from collections.abc import Callable, Iterable, Iterator
-from typing import BinaryIO, NamedTuple
+from typing import BinaryIO, NamedTuple, cast
 
 from ..core import syscalls, whiteout, xattr
 from ..core.changes import DELETED, Change
@@ -81,8 +81,9 @@ def write_layer(out: BinaryIO, upper: str, changes: Iterable[Change], *, compres
         items.sort(key=_order)
         meter = _Progress(progress, _data_size(items))
         stream = _Stream(out, compress)
-        tar = tarfile.TarFile(fileobj=stream, mode="w", format=tarfile.PAX_FORMAT, encoding="utf-8",
-                              errors="surrogateescape", copybufsize=_CHUNK)
+        # (a writing TarFile calls write and tell alone, which is all the stream has)
+        tar = tarfile.TarFile(fileobj=cast(BinaryIO, stream), mode="w", format=tarfile.PAX_FORMAT,
+                              encoding="utf-8", errors="surrogateescape", copybufsize=_CHUNK)
         writer = _Writer(tar, tree, mtime_clamp_ns, meter)
         meter.report()
         if tree.root_opaque():
@@ -186,7 +187,10 @@ class _Upper:
 
     def open_data(self, item: _Item) -> int:
         """The data of the metadata-only copy ``item``, opened in the lower layer that holds it."""
-        return self._open_lower(item.path, *item.data, _FILE_FLAGS)
+        if item.data is None:
+            raise ValueError(f"{item.path} is no metadata-only copy")
+        root, real = item.data
+        return self._open_lower(item.path, root, real, _FILE_FLAGS)
 
     def _open_lower(self, path: str, root: str, real: str, flags: int) -> int:
         """``real`` of the lower layer at ``root`` opened beneath it, for the change at ``path``."""
@@ -265,7 +269,7 @@ class _Writer:
         self.tar.addfile(info, data)
         # TarFile remembers every member for reading back; a writer never needs them, a big layer
         # would hold them all in memory.
-        self.tar.members.clear()
+        self.tar.members.clear()  # type: ignore[attr-defined]  # (not in typeshed's TarFile)
 
     def marker(self, name: str) -> None:
         """An OCI marker file (whiteout or opaque): empty, owned by root, mode and time 0."""
@@ -281,12 +285,12 @@ class _Writer:
             self.marker((head + "/" if head else "") + whiteout.oci_whiteout_name(base))
             return
         with self.tree.directory_of(item) as (parent, base):
-            self._write_entry(item, parent, base)
+            self._write_entry(item, st, parent, base)
         if item.opaque:
             self.marker(name + "/" + whiteout.OPAQUE_MARKER)
 
-    def _write_entry(self, item: _Item, parent: int, base: str) -> None:
-        path, st = item.path, item.st
+    def _write_entry(self, item: _Item, st: os.stat_result, parent: int, base: str) -> None:
+        path = item.path
         name = path[1:]
         fd = None
         try:
@@ -303,7 +307,7 @@ class _Writer:
                 info.type, info.linkname, info.size = tarfile.LNKTYPE, link, 0
                 self.add(info)
                 return
-            info.pax_headers.update(self._xattrs(base, parent, path))
+            info.pax_headers = {**info.pax_headers, **self._xattrs(base, parent, path)}
             if info.type == tarfile.SYMTYPE:
                 info.linkname = os.readlink(base, dir_fd=parent)
             if fd is not None:
@@ -329,7 +333,7 @@ class _Writer:
         info.mtime = mtime_ns // 10**9
         if mtime_ns % 10**9:
             # First in the PAX records, before the xattrs: a fixed order keeps the bytes reproducible.
-            info.pax_headers["mtime"] = _pax_time(mtime_ns)
+            info.pax_headers = {"mtime": _pax_time(mtime_ns)}
         return info
 
     def _hard_link(self, name: str, st: os.stat_result) -> str | None:
@@ -401,8 +405,8 @@ class _FileData:
         self.meter = meter
         self.tree = tree
 
-    def read(self, n: int) -> bytes:
-        n = min(n, self.left)
+    def read(self, n: int = -1, /) -> bytes:
+        n = self.left if n < 0 else min(n, self.left)
         chunks = []
         got = 0
         while got < n:

@@ -45,7 +45,7 @@ class Layer(NamedTuple):
     size: int
     media_type: str
 
-    def open(self) -> BinaryIO:
+    def open(self) -> BinaryIO | VerifiedBlob:
         """The blob as a stream; checked against its digest as it is read, where it has one."""
         if self.digest is not None:
             return VerifiedBlob(self.path, self.digest, self.size)
@@ -156,8 +156,8 @@ def read_image(layout: str, tag: str | None = None) -> Image:
                        f"{layout}: the index's manifests")
 
     def ref_name(m: object) -> object:
-        m = _typed(m, dict, f"{layout}: an entry of the index")
-        return _typed(m.get("annotations") or {}, dict, f"{layout}: an index entry's annotations").get(_REF_NAME)
+        entry = _typed(m, dict, f"{layout}: an entry of the index")
+        return _typed(entry.get("annotations") or {}, dict, f"{layout}: an index entry's annotations").get(_REF_NAME)
 
     if tag is not None:
         manifests = [m for m in manifests if ref_name(m) == tag]
@@ -211,8 +211,8 @@ def read_docker_save(root: str, name: str | None = None) -> Image:
     entry = entries[0]
     config_name = _typed(entry.get("Config"), str, "docker archive: its Config")
     config_path = _inside(root, config_name)
-    with open(config_path, "rb") as f:
-        data = f.read(_MAX_JSON + 1)
+    with open(config_path, "rb") as blob:
+        data = blob.read(_MAX_JSON + 1)
     config_digest = f"sha256:{hashlib.sha256(data).hexdigest()}"
     stem = os.path.basename(config_path).removesuffix(".json")
     if len(stem) == 64 and f"sha256:{stem}" != config_digest:

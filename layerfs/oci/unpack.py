@@ -61,7 +61,7 @@ import stat
 import tarfile
 import zlib
 from collections.abc import Callable, Iterator
-from typing import BinaryIO, NamedTuple
+from typing import IO, BinaryIO, NamedTuple, cast
 
 import zstandard
 
@@ -178,15 +178,15 @@ class _Input:
 
     def __init__(self, stream: BinaryIO, progress: ProgressFn | None) -> None:
         self.raw = _Raw(stream, progress)
+        raw = cast(BinaryIO, self.raw)  # (it has read, all the decompressors ask of it)
+        self.decompressed: IO[bytes] | gzip.GzipFile | None = None  # None: not compressed
         head = self.raw.peek(4)
         self.compression = "zstd" if head.startswith(_ZSTD_MAGIC) else "gzip" if head.startswith(_GZIP_MAGIC) else None
         if self.compression == "zstd":
             # read_across_frames: a layer may be several zstd frames one after the other, as gzip members.
-            self.decompressed = zstandard.ZstdDecompressor().stream_reader(self.raw, read_across_frames=True)
+            self.decompressed = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
         elif self.compression == "gzip":
-            self.decompressed = gzip.GzipFile(fileobj=self.raw, mode="rb")
-        else:
-            self.decompressed = None
+            self.decompressed = gzip.GzipFile(fileobj=raw, mode="rb")
         self.sha = hashlib.sha256()
         self.size = 0
 
@@ -280,9 +280,11 @@ class _Unpacker:
 
     def _unpack(self) -> _Input:
         data = _Input(self.stream, self.progress)
-        tar = tarfile.open(fileobj=data, mode="r|", tarinfo=_Header, encoding="utf-8", errors="surrogateescape")
+        tar = tarfile.open(fileobj=cast(BinaryIO, data), mode="r|", tarinfo=_Header, encoding="utf-8",
+                           errors="surrogateescape")
         while (info := tar.next()) is not None:
-            tar.members.clear()  # kept for random access, which a stream has not: a big layer would fill memory
+            # kept for random access, which a stream has not: a big layer would fill memory
+            tar.members.clear()  # type: ignore[attr-defined]  # (not in typeshed's TarFile)
             self.current = info.name
             self._entry(info, tar)
             self.entries += 1
@@ -319,8 +321,8 @@ class _Unpacker:
         parent, name = self.tree.place(parts, directory=info.isdir())
         if parent is None:  # a directory already there: this entry changes its metadata
             self.tree.update_dir(parts, meta)
-        elif info.isreg():
-            self._file(parent, name, meta, tar.extractfile(info))
+        elif info.isreg() and (content := tar.extractfile(info)) is not None:
+            self._file(parent, name, meta, content)
         elif info.isdir():
             self.tree.new_dir(parent, name, parts, meta)
         elif info.issym():
@@ -366,7 +368,7 @@ class _Unpacker:
         finally:
             os.close(target_dir)
 
-    def _file(self, parent: int, name: str, meta: _Meta, data: BinaryIO) -> None:
+    def _file(self, parent: int, name: str, meta: _Meta, data: IO[bytes]) -> None:
         fd = os.open(name, _NEW_FILE, 0o600, dir_fd=parent)
         try:
             while chunk := data.read(_CHUNK):
@@ -741,9 +743,10 @@ class _Pending:
     def drop(self, parts: tuple[str, ...]) -> None:
         node = self.tree
         for part in parts[:-1]:
-            node = node.get(part)
-            if node is None:
+            child = node.get(part)
+            if child is None:
                 return
+            node = child
         node.pop(parts[-1], None)
 
     def children_first(self) -> Iterator[tuple[tuple[str, ...], tuple[int, tuple[int, int] | None]]]:
