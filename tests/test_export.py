@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import stat
+import struct
 import subprocess
 import tarfile
 from pathlib import Path
@@ -193,12 +194,15 @@ def test_a_symlink_pointing_outside_is_stored_not_followed(layers, tmp_path):
 
 
 def test_private_xattrs_and_upper_markers_never_travel(layers):
+    """Nor do security labels (this host's policy), as with umoci; file capabilities do."""
     lower, upper = layers.dir("lower"), layers.dir("upper")
     write(lower / "d/old", "o\n")
     write(lower / "gone", "g\n")
     p = write(upper / "f", "f\n")
+    capability = struct.pack("<IIIII", 0x02000001, 1 << 10, 0, 0, 0)  # cap_net_bind_service, revision 2
     for attr, value in (("user.keep", b"1"), ("user.fuseoverlayfs.origin", b"x"), ("user.overlay.origin", b"y"),
-                        ("trusted.overlay.origin", b"z")):
+                        ("trusted.overlay.origin", b"z"), ("security.label", b"host's"),
+                        ("security.capability", capability)):
         os.setxattr(p, attr, value)
     (upper / "d").mkdir()
     mark_opaque(str(upper / "d"))
@@ -206,7 +210,7 @@ def test_private_xattrs_and_upper_markers_never_travel(layers):
     make_whiteout(str(upper / "never-existed"))  # hides nothing: no change, no entry
     data, _ = export(upper, [lower])
     assert [m.name for m in members(data)] == [".wh.gone", "d", "d/.wh..wh..opq", "f"]
-    assert pax_xattrs(by_name(data)["f"]) == {"user.keep": b"1"}
+    assert pax_xattrs(by_name(data)["f"]) == {"user.keep": b"1", "security.capability": capability}
 
 
 def test_oci_form_markers_in_the_upper_give_the_same_layer(image, tmp_path):

@@ -45,6 +45,7 @@ from ..core.changes import DELETED, Change
 from ..errors import LayerfsError
 
 _CHUNK = 1 << 20  # bytes read from a file at a time: one progress step
+_CAPABILITY = "security.capability"
 _DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # O_NONBLOCK: never hang on a fifo
 _GONE = (errno.ENOENT, errno.ENOTDIR, errno.ELOOP)  # the path, or a directory on it, is not what it was
@@ -347,7 +348,9 @@ class _Writer:
         return first
 
     def _xattrs(self, base: str, parent: int, path: str) -> dict[str, str]:
-        """PAX records of the entry's own xattrs, sorted by name; values as bytes (surrogate-escaped)."""
+        """PAX records of the entry's own xattrs, sorted by name; values as bytes (surrogate-escaped).
+        Of the security namespace only file capabilities travel: a label such as ``security.selinux``
+        belongs to this host's policy, and umoci leaves it out too."""
         try:
             names = xattr.names(base, dir_fd=parent)
         except OSError as e:
@@ -356,7 +359,7 @@ class _Writer:
             raise
         records = {}
         for attr in sorted(names):
-            if whiteout.is_private_xattr(attr):
+            if whiteout.is_private_xattr(attr) or attr.startswith("security.") and attr != _CAPABILITY:
                 continue
             try:
                 value = xattr.get(base, attr, dir_fd=parent)
