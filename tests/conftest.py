@@ -181,3 +181,17 @@ def public_base(mounts) -> Iterator[Path]:
             except OSError:
                 pass
         base.rmdir()
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """A small tmpfs: another filesystem (one with a UUID), and one we can try to unmount to see who still
+    holds it."""
+    path = tmp_path / "tmpfs"
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        if is_mounted(path):
+            subprocess.run(["umount", "-l", str(path)], check=True)

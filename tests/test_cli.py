@@ -73,19 +73,6 @@ def assert_merged(mnt: Path) -> None:
     assert (mnt / "shared").read_text() == "top\n"
 
 
-@pytest.fixture
-def tmpfs(tmp_path):
-    """A small tmpfs: another filesystem, and one we can try to unmount to see who still holds it."""
-    path = tmp_path / "tmpfs"
-    path.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(path)], check=True)
-    try:
-        yield path
-    finally:
-        if is_mounted(path):
-            subprocess.run(["umount", "-l", str(path)], check=True)
-
-
 # -- calling forms ---------------------------------------------------------------------------------
 
 

@@ -348,6 +348,29 @@ class Layout:
         entry.update(self._put(json.dumps(manifest).encode(), entry["mediaType"]))
         (self.root / "index.json").write_text(json.dumps(index))
 
+def assert_umoci_gives(merged: Path, work: Path, lowers: list[Path], upper: Path, found: list) -> None:
+    """The OCI layer of ``found`` (the changes of ``upper``), applied by umoci over an image of ``lowers``
+    (top first, each tarred as it is), unpacks to the tree ``merged`` shows; ``work`` holds the image."""
+    layout = Layout(work / "oci", "t")
+    ref = f"{layout.root}:{layout.tag}"
+    umoci("init", "--layout", str(layout.root))
+    umoci("new", "--image", ref)
+    for i, lower in enumerate(reversed(lowers)):
+        tar = work / f"lower{i}.tar"
+        subprocess.run(["tar", "-C", str(lower), "-c", "-f", str(tar), "--xattrs", "--xattrs-include=*",
+                        "--numeric-owner", "--format=posix", "."], check=True)
+        umoci("raw", "add-layer", "--image", ref, str(tar))
+    layer = work / "layer.tar"
+    with open(layer, "wb") as out:
+        write_layer(out, str(upper), found)
+    umoci("raw", "add-layer", "--image", ref, str(layer))
+    umoci("unpack", "--image", ref, str(work / "bundle"))
+    unpacked, expected = snapshot(work / "bundle/rootfs"), snapshot(merged)
+    for snap in (expected, unpacked):  # the root's own metadata is not in a layer made of changes
+        del snap.entries["."], snap.inodes["."]
+    assert_same(expected, unpacked, what="the merged tree and umoci's rootfs", names=("overlay", "umoci"))
+
+
 
 @pytest.mark.parametrize("route", ["raw add-layer", "gzip blob as written"])
 def test_umoci_applies_the_layer_to_the_merged_tree(route, image, mounts, tmp_path):

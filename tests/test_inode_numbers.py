@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import shutil
 import stat
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -112,16 +111,7 @@ def side(base: Path, mounts, kind: str) -> dict[int, dict[str, str]]:
 def where(request, tmp_path):
     """Where the layers are: the test directory's filesystem (which tells no UUID on this machine), or a
     tmpfs, which has one: origin records carry it, as the kernel writes them."""
-    if request.param == "here":
-        yield tmp_path
-        return
-    path = tmp_path / "tmpfs"
-    path.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(path)], check=True)
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=True)
+    return tmp_path if request.param == "here" else request.getfixturevalue("tmpfs")
 
 
 def test_numbers_survive_a_remount_and_rotate_as_on_overlayfs(where, mounts):

@@ -34,13 +34,12 @@ from pathlib import Path
 from pair import walk, write
 from processes import daemon_pids
 from snapshot import assert_same, snapshot
-from test_export import Layout, umoci
+from test_export import assert_umoci_gives
 from treediff import two_tree_changes
 
 from layerfs.core import syscalls
 from layerfs.core.changes import changes, indexed_changes
 from layerfs.core.index import ChangeIndex
-from layerfs.oci.layertar import write_layer
 from layerfs.store import Store
 
 KERNEL_OPTIONS = "metacopy=on,redirect_dir=on"
@@ -193,25 +192,7 @@ def test_metadata_only_copies_match_kernel_overlayfs_and_everything_built_on_the
     os.chown(l_upper / "usr/lib/big", 1000, 1000)
 
     # The OCI layer, applied by umoci over the lowers, gives the merged tree.
-    layout = Layout(tmp_path / "oci", "t")
-    ref = f"{layout.root}:{layout.tag}"
-    umoci("init", "--layout", str(layout.root))
-    umoci("new", "--image", ref)
-    for i, lower in enumerate(reversed(l_lowers)):
-        tar = tmp_path / f"lower{i}.tar"
-        subprocess.run(["tar", "-C", str(lower), "-c", "-f", str(tar), "--xattrs", "--xattrs-include=*",
-                        "--numeric-owner", "--format=posix", "."], check=True)
-        umoci("raw", "add-layer", "--image", ref, str(tar))
-    layer_tar = tmp_path / "layer.tar"
-    with open(layer_tar, "wb") as out:
-        write_layer(out, str(l_upper), walked)
-    umoci("raw", "add-layer", "--image", ref, str(layer_tar))
-    umoci("unpack", "--image", ref, str(tmp_path / "bundle"))
-    unpacked = snapshot(tmp_path / "bundle/rootfs")
-    expected_tree = snapshot(container)
-    for snap in (expected_tree, unpacked):  # the root's own metadata is not in a layer made of changes
-        del snap.entries["."], snap.inodes["."]
-    assert_same(expected_tree, unpacked, what="the merged tree and umoci's rootfs", names=("overlay", "umoci"))
+    assert_umoci_gives(container, tmp_path, l_lowers, l_upper, walked)
 
     # A committed layer over the lowers, mounted read-only: the merged tree again, every file whole.
     committed = Store(str(tmp_path / "store")).commit(str(l_upper), walked)
