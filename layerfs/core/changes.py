@@ -184,9 +184,14 @@ class _MergedView:
                 path = join(directory, name)
                 source = None if part.layer.writable else (part.layer.root, join(part.path, name))
                 data = self.data_of(path) if info.type_bits == stat.S_IFREG else None
-                yield Change(ADDED, path, source, None if data is None else (data.layer.root, data.path))
+                yield Change(ADDED, path, source, _where(data))
                 if info.type_bits == stat.S_IFDIR:
                     todo.append(path)
+
+
+def _where(part: Part | None) -> tuple[str, str] | None:
+    """A part as a change names it: (the layer's root, the path in it)."""
+    return None if part is None else (part.layer.root, part.path)
 
 
 def _sorted_with_ancestors(found_changes: Iterator[Change], ignore: frozenset[str]) -> list[Change]:
@@ -227,11 +232,10 @@ def _walk(listing: Listing, below: Below, root_opaque: bool, unchanged: Unchange
                     yield Change(DELETED, child)
             elif not stat.S_ISDIR(st.st_mode):
                 data = view.data_of(child) if metadata_only else None
-                at = None if data is None else (data.layer.root, data.path)
                 if old is None:
-                    yield Change(ADDED, child, data=at)
+                    yield Change(ADDED, child, data=_where(data))
                 elif unchanged is None or not unchanged(child, st, old, data):
-                    yield Change(CHANGED, child, data=at)
+                    yield Change(CHANGED, child, data=_where(data))
             elif redirected is not None:
                 yield Change(ADDED if old is None else DELETED, child)
                 yield from view.below(child)

@@ -254,9 +254,9 @@ class Union:
             fd = syscalls.open_beneath(entry.rel, flags & _OPENING_ONLY, dir_fd=entry.layer.fd)
         else:
             fd = syscalls.open_beneath(Layer.rel(data.path), flags & _OPENING_ONLY, dir_fd=data.layer.fd)
-        if writing and stat.S_ISREG(entry.st.st_mode) and metacopy.is_marked(fd):
-            # A mark left by a crash after the data was copied in (its blocks cover its size, so it was
-            # not read as a metadata-only copy): off, or overlayfs would read the data below instead.
+        if writing and stat.S_ISREG(entry.st.st_mode) and entry.st.st_size == 0 and metacopy.is_marked(fd):
+            # An empty metadata-only copy (never read as one: there is no data to fetch): unmarked, or
+            # overlayfs would go on reading the empty file below, whatever is written to this one.
             metacopy.unmark(fd)
         self._remember(fd, self._number(entry), entry.in_upper and data is None)
         return fd

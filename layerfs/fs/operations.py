@@ -405,8 +405,9 @@ class UnionOperations(Operations):
     def open(self, req: Request, nodeid: int, flags: int, kill_suidgid: bool) -> Opened:
         node = self.nodes[nodeid]
         flags &= _DAEMON_FLAGS
+        writable = flags & os.O_ACCMODE != os.O_RDONLY
         # (the clock file times are taken from: a change made by this open shows a ctime not before it)
-        started = time.clock_gettime_ns(_FILE_TIMES_CLOCK)
+        started = time.clock_gettime_ns(_FILE_TIMES_CLOCK) if writable else 0
         try:
             fd = self.union.open(self.nodes.path(node), flags)
         except FileNotFoundError:
@@ -417,11 +418,11 @@ class UnionOperations(Operations):
         try:
             if kill_suidgid:
                 self.union.drop_setid(fd)
-            writable = flags & os.O_ACCMODE != os.O_RDONLY
             if writable:
                 a = self.union.fstat(fd)
-                self._copied_up(node, a)
-                if a.st.st_ctime_ns >= started:
+                if isinstance(node.key, tuple):
+                    self._copied_up(node, a)  # (which drops the attributes the kernel holds too)
+                elif a.st.st_ctime_ns >= started:
                     # Copied up, or its data copied in from below (a new mtime, as on overlayfs): the
                     # attributes the kernel holds are out of date.
                     self.session.invalidate_inode(node.nodeid)
