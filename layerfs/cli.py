@@ -228,7 +228,8 @@ def _output(path: str):
 
 def _run(args: argparse.Namespace) -> int:
     if args.command == "mount":
-        from . import mount, options, store
+        from . import store
+        from .fs import mount, options
 
         if not args.options and args.mountpoint:  # a container of the store
             record = store.Store(store.root_from(args.root)).container(args.mountpoint)
@@ -243,12 +244,12 @@ def _run(args: argparse.Namespace) -> int:
             print(f"layerfs: warning: {warning}", file=sys.stderr)
         return mount.mount(config, foreground=args.foreground, debug=args.debug)
     if args.command == "umount":
-        from . import mount
+        from .fs import mount
 
         mount.umount(args.mountpoint, lazy=args.lazy)
         return 0
     if args.command == "stats":
-        from . import mount
+        from .fs import mount
 
         report = mount.stats(args.mountpoint)
         sys.stdout.write(json.dumps(report, indent=1) + "\n" if args.json else mount.render_stats(report))
@@ -292,11 +293,12 @@ def _run(args: argparse.Namespace) -> int:
         print(record["name"])
         return 0
     if args.command == "run":
-        from . import run
+        from .runtime import run
 
         return run.main(args)
     if args.command == "bundle":
-        from . import bundle, store
+        from . import store
+        from .runtime import bundle
 
         command = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
         rootfs = bundle.write(store.Store(store.root_from(args.root)), args.name, args.directory, command)
@@ -325,13 +327,13 @@ def _run(args: argparse.Namespace) -> int:
                 raise UsageError(f"{args.name}: no such image or container")
             print(json.dumps(record, indent=1, sort_keys=True))
         elif args.command == "ps":
-            from . import registry
+            from .fs import mounts
 
             for name in images.containers():
                 record = images.container(name)
                 if record is None:
                     continue  # (removed since it was listed)
-                mounted = registry.find(record["merged"])
+                mounted = mounts.find(record["merged"])
                 print(f"{name}  {record['image']}  "
                       f"{'running, pid ' + str(mounted.pid) + ' at ' + record['merged'] if mounted else 'stopped'}")
         elif args.command == "layers":

@@ -2,7 +2,7 @@
 (``layerfs diff``, as ``docker diff`` lists them; ``layerfs export``, as an OCI layer; ``layerfs commit``,
 as a layer of the store).
 
-For a mount, the layers come from the daemon's record (registry) and the answer from its change index,
+For a mount, the layers come from the daemon's record (fs.mounts) and the answer from its change index,
 read beside the running daemon: what the daemon journaled is caught up with, everything checked once
 against the upper. For an unmounted container (``--upperdir``, ``--lowerdir``), the index in its
 ``--workdir`` is used if there is one; otherwise the upper is walked.
@@ -15,13 +15,13 @@ import os
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from . import registry
 from .core.changes import ADDED, CHANGED, DELETED, Change, changes, indexed_changes
 from .core.index import ChangeIndex
 from .core.union import INDEX_DIR
 from .errors import UsageError
+from .fs import mounts
+from .fs.options import checked_directory, split_escaped
 from .oci.layertar import LayerDigests, write_layer
-from .options import checked_directory, split_escaped
 from .progress import on_terminal
 from .store import Committed, Store
 
@@ -38,7 +38,7 @@ class Container:
 
 
 def of_mount(mountpoint: str) -> Container:
-    mount = registry.find(os.path.abspath(mountpoint))
+    mount = mounts.find(os.path.abspath(mountpoint))
     if mount is None:
         raise UsageError(f"{mountpoint}: not a running layerfs mount "
                          "(for an unmounted container give --upperdir and --lowerdir)")

@@ -52,9 +52,9 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from layerfs.errors import LayerfsError, UsageError
+from layerfs.fs.options import MountConfig, parse
 from layerfs.oci.layout import Image, read_docker_save, read_image
 from layerfs.oci.unpack import unpack_layer
-from layerfs.options import MountConfig, parse
 
 _SCALE = int(os.environ.get("LAYERFS_FUZZ_SCALE", "1"))
 

@@ -7,7 +7,7 @@ import os
 import pytest
 
 from layerfs.errors import UsageError
-from layerfs.options import for_dirs, parse, split_escaped
+from layerfs.fs.options import for_dirs, parse, split_escaped
 
 
 @pytest.fixture

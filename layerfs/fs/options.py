@@ -12,8 +12,8 @@ import itertools
 import os
 from dataclasses import dataclass, field
 
-from .core.idmap import AS_STORED, IdMap, Owners, Range, overflow_id
-from .errors import UsageError, printable
+from ..core.idmap import AS_STORED, IdMap, Owners, Range, overflow_id
+from ..errors import UsageError, printable
 
 # Options of overlayfs and fuse-overlayfs that only tune their own implementations: accepted without a
 # word, since callers (containers-storage) pass them routinely.

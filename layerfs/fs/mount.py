@@ -22,10 +22,10 @@ import subprocess
 import threading
 import time
 
-from . import registry
-from .core import syscalls
-from .core.union import Union
-from .errors import LayerfsError
+from ..core import syscalls
+from ..core.union import Union
+from ..errors import LayerfsError
+from . import mounts
 from .options import MountConfig
 
 _READY = b"\0layerfs-ready\n"
@@ -41,13 +41,13 @@ def _prepare_process() -> None:
 
 
 def _serve(config: MountConfig, union: Union, debug: bool, on_ready=None) -> None:
-    from .fs.operations import serve
-    from .fuse import Config
+    from ..fuse import Config
+    from .operations import serve
 
     def ready(session) -> None:
         signal.signal(signal.SIGUSR1, lambda *_: _write_stats(session, config.mountpoint))
-        registry.record(registry.MountRecord(os.path.abspath(config.mountpoint), os.getpid(), config.lowers,
-                                             config.upper, config.work, registry.start_time(os.getpid()) or 0))
+        mounts.record(mounts.MountRecord(os.path.abspath(config.mountpoint), os.getpid(), config.lowers,
+                                             config.upper, config.work, mounts.start_time(os.getpid()) or 0))
         if config.owner is not None:
             threading.Thread(target=_unmount_when_gone, args=(config.owner, config.mountpoint), daemon=True).start()
         if on_ready is not None:
@@ -74,7 +74,7 @@ def _serve(config: MountConfig, union: Union, debug: bool, on_ready=None) -> Non
             raise
         union.close()
     finally:
-        registry.forget(config.mountpoint, os.getpid())
+        mounts.forget(config.mountpoint, os.getpid())
 
 
 def _write_stats(session, mountpoint: str) -> None:
@@ -84,7 +84,7 @@ def _write_stats(session, mountpoint: str) -> None:
         rss_kib = next((int(line.split()[1]) for line in f if line.startswith("VmRSS:")), 0)
     report = {"counts": stats.counts, "seconds": stats.seconds, "granted": session.granted_names(),
               "rss_kib": rss_kib, **session.operations.summary()}
-    path = registry.stats_file(mountpoint)
+    path = mounts.stats_file(mountpoint)
     with open(path + ".tmp", "w") as f:
         json.dump(report, f)
     os.replace(path + ".tmp", path)
@@ -100,7 +100,7 @@ def _detach_quietly(mountpoint: str) -> None:
 def _unmount_when_gone(owner: int, mountpoint: str) -> None:
     """The mount's owner (layerfs run's shim) ended, maybe killed: detach the mount, so that the daemon
     ends once nothing uses it any more."""
-    registry.wait_for_exit(owner, None)
+    mounts.wait_for_exit(owner, None)
     _detach_quietly(mountpoint)
 
 
@@ -190,18 +190,18 @@ def umount(mountpoint: str, *, lazy: bool = False) -> None:
     """Unmount a layerfs (or any FUSE) mount, a dead one (daemon killed) included. Unless ``lazy``,
     returns when the daemon has finished (its change index saved)."""
     path = os.path.abspath(mountpoint)
-    daemon = registry.find(path)
+    daemon = mounts.find(path)
     _detach(mountpoint, path, lazy)
-    if daemon is not None and not lazy and not registry.wait_for_exit(daemon.pid, _DAEMON_EXIT_S):
+    if daemon is not None and not lazy and not mounts.wait_for_exit(daemon.pid, _DAEMON_EXIT_S):
         raise LayerfsError(f"{mountpoint}: unmounted, but its daemon (pid {daemon.pid}) has not exited")
 
 
 def stats(mountpoint: str) -> dict:
     """Ask the daemon of ``mountpoint`` for its statistics (SIGUSR1) and return them."""
-    daemon = registry.find(os.path.abspath(mountpoint))
+    daemon = mounts.find(os.path.abspath(mountpoint))
     if daemon is None:
         raise LayerfsError(f"{mountpoint}: not a running layerfs mount")
-    path = registry.stats_file(daemon.mountpoint)
+    path = mounts.stats_file(daemon.mountpoint)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
     os.kill(daemon.pid, signal.SIGUSR1)

@@ -9,8 +9,10 @@ import shutil
 import tempfile
 import uuid
 
-from . import mount, options, shim, store
-from .errors import UsageError
+from .. import store
+from ..errors import UsageError
+from ..fs import mount, options
+from . import shim
 
 _DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 

@@ -19,7 +19,7 @@ import signal
 import stat
 from dataclasses import dataclass, field
 
-from .errors import LayerfsError
+from ..errors import LayerfsError
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _CLONE_NEWNS, _CLONE_NEWUTS, _CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000

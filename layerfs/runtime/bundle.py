@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import os
 
-from . import mount, options, shim, store
-from .errors import LayerfsError
+from .. import store
+from ..errors import LayerfsError
+from ..fs import mount, options
+from . import shim
 
 _PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _CAPABILITIES = ["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"]
