@@ -152,7 +152,8 @@ def layers(tmp_path) -> Layers:
 @pytest.fixture(scope="session", autouse=True)
 def _nothing_left_mounted(tmp_path_factory):
     yield
-    base = str(tmp_path_factory.getbasetemp())
+    # With the slash: a run in pytest-1 must not take the mounts of another run, in pytest-12, for its own.
+    base = str(tmp_path_factory.getbasetemp()) + "/"
     left = sorted(p for p in _mounted_points() if p.startswith(base))
     for p in left:
         force_unmount(p)
