@@ -39,7 +39,8 @@ from typing import BinaryIO, cast
 
 import xxhash
 
-from .core import copyup, syscalls, whiteout, xattr
+from . import syscalls
+from .core import copyup, whiteout, xattr
 from .core.changes import DELETED, Change
 from .core.index import file_digest
 from .errors import LayerfsError

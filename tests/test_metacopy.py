@@ -37,7 +37,7 @@ from snapshot import assert_same, snapshot
 from test_export import assert_umoci_gives
 from treediff import two_tree_changes
 
-from layerfs.core import syscalls
+from layerfs import syscalls
 from layerfs.core.changes import changes, indexed_changes
 from layerfs.core.index import ChangeIndex
 from layerfs.store import Store

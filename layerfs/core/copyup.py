@@ -21,7 +21,8 @@ import os
 import stat
 from collections.abc import Callable
 
-from . import metacopy, syscalls, whiteout, xattr
+from .. import syscalls
+from . import confined, metacopy, whiteout, xattr
 
 # Set, for the thread serving a request, to what tells whether its caller gave up.
 CANCELLED: contextvars.ContextVar[Callable[[], bool] | None] = contextvars.ContextVar("cancelled", default=None)
@@ -100,7 +101,7 @@ def copy_entry(src: str, st: os.stat_result, dst: str, *, src_dir_fd: int, dst_d
         if kind == stat.S_IFDIR:
             os.mkdir(dst, 0o700, dir_fd=dst_dir_fd)
         elif kind == stat.S_IFLNK:
-            os.symlink(os.readlink(src, dir_fd=src_dir_fd), dst, dir_fd=dst_dir_fd)
+            os.symlink(confined.readlink(src, dir_fd=src_dir_fd), dst, dir_fd=dst_dir_fd)
         else:
             os.mknod(dst, kind | 0o600, st.st_rdev, dir_fd=dst_dir_fd)
         _copy_metadata(src, st, dst, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd, records=records)
@@ -113,7 +114,7 @@ def copy_entry(src: str, st: os.stat_result, dst: str, *, src_dir_fd: int, dst_d
             metadata_only = metacopy.mark(dst_fd)
         if content == DATA or content == METADATA and not metadata_only:
             data_dir_fd, data_path = data_at or (src_dir_fd, src)
-            src_fd = syscalls.open_beneath(data_path, os.O_RDONLY, dir_fd=data_dir_fd)
+            src_fd = confined.open_beneath(data_path, os.O_RDONLY, dir_fd=data_dir_fd)
             try:
                 copy_data(src_fd, dst_fd, st.st_size)
             finally:

@@ -40,7 +40,7 @@ from typing import NamedTuple, TextIO
 import xxhash
 from sortedcontainers import SortedDict
 
-from . import metacopy, redirect, syscalls, whiteout, xattr
+from . import confined, metacopy, redirect, whiteout, xattr
 from .layer import Layer
 from .lookup import Part, Resolver
 
@@ -605,7 +605,7 @@ def file_digest(path: str, *, dir_fd: int | None = None) -> str:
     if dir_fd is None:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     else:
-        fd = syscalls.open_beneath(path, os.O_RDONLY, dir_fd=dir_fd)
+        fd = confined.open_beneath(path, os.O_RDONLY, dir_fd=dir_fd)
     try:
         while chunk := os.read(fd, 1 << 20):
             h.update(chunk)

@@ -31,7 +31,8 @@ import shutil
 import stat
 import threading
 
-from . import copyup, metacopy, redirect, syscalls, whiteout, xattr
+from .. import syscalls
+from . import confined, copyup, metacopy, redirect, whiteout, xattr
 from .index import ChangeIndex
 from .inodes import InodeMap
 from .layer import Layer
@@ -49,15 +50,15 @@ def _error(code: int, path: str) -> OSError:
     return OSError(code, os.strerror(code), path)
 
 
-def _remove_tree(dir_fd: int, rel: str) -> None:
+def _remove_tree(dir_fd: int, name: str) -> None:
     try:
-        st = os.lstat(rel, dir_fd=dir_fd)
+        st = os.lstat(name, dir_fd=dir_fd)
     except FileNotFoundError:
         return
     if stat.S_ISDIR(st.st_mode):
-        shutil.rmtree(rel, dir_fd=dir_fd)
+        shutil.rmtree(name, dir_fd=dir_fd)
     else:
-        os.unlink(rel, dir_fd=dir_fd)
+        os.unlink(name, dir_fd=dir_fd)
 
 
 def _fill_times(times_ns: tuple[int | None, int | None], current) -> tuple[int, int]:
@@ -216,7 +217,7 @@ class Union:
 
     def readlink(self, path: str) -> str:
         entry = self.resolver.get(path)
-        return os.readlink(entry.rel, dir_fd=entry.layer.fd)
+        return confined.readlink(entry.rel, dir_fd=entry.layer.fd)
 
     def statvfs(self) -> os.statvfs_result:
         return os.fstatvfs(self.resolver.layers[0].fd)
@@ -251,9 +252,9 @@ class Union:
                 entry = self._with_data(path, 0 if flags & os.O_TRUNC else None)
         data = entry.data
         if data is None:
-            fd = syscalls.open_beneath(entry.rel, flags & _OPENING_ONLY, dir_fd=entry.layer.fd)
+            fd = confined.open_beneath(entry.rel, flags & _OPENING_ONLY, dir_fd=entry.layer.fd)
         else:
-            fd = syscalls.open_beneath(Layer.rel(data.path), flags & _OPENING_ONLY, dir_fd=data.layer.fd)
+            fd = confined.open_beneath(Layer.rel(data.path), flags & _OPENING_ONLY, dir_fd=data.layer.fd)
         if writing and stat.S_ISREG(entry.st.st_mode) and entry.st.st_size == 0 and metacopy.is_marked(fd):
             # An empty metadata-only copy (never read as one: there is no data to fetch): unmarked, or
             # overlayfs would go on reading the empty file below, whatever is written to this one.
@@ -366,7 +367,7 @@ class Union:
         """fsync of a directory: its upper copy's entries reach the disk (a lower one never changes)."""
         entry = self.resolver.get(path)
         if self.sync and entry.in_upper:
-            fd = syscalls.open_beneath(entry.rel, os.O_RDONLY | os.O_DIRECTORY, dir_fd=entry.layer.fd)
+            fd = confined.open_beneath(entry.rel, os.O_RDONLY | os.O_DIRECTORY, dir_fd=entry.layer.fd)
             try:
                 os.fsync(fd)
             finally:
@@ -417,7 +418,7 @@ class Union:
         self._note(path)
         with self._lock:
             entry = self._with_data(path, length)
-        fd = syscalls.open_beneath(entry.rel, os.O_WRONLY, dir_fd=entry.layer.fd)
+        fd = confined.open_beneath(entry.rel, os.O_WRONLY, dir_fd=entry.layer.fd)
         try:
             os.ftruncate(fd, length)
         finally:
@@ -799,9 +800,9 @@ class Union:
         """Give the metadata-only copy ``entry`` its data (the first ``length`` bytes, None: all), in
         place: its other names, if it has any, are the same file. Returns what it is then."""
         data = entry.chain[-1]
-        fd = syscalls.open_beneath(entry.rel, os.O_WRONLY, dir_fd=entry.layer.fd)
+        fd = confined.open_beneath(entry.rel, os.O_WRONLY, dir_fd=entry.layer.fd)
         try:
-            data_fd = syscalls.open_beneath(Layer.rel(data.path), os.O_RDONLY, dir_fd=data.layer.fd)
+            data_fd = confined.open_beneath(Layer.rel(data.path), os.O_RDONLY, dir_fd=data.layer.fd)
             try:
                 copyup.fill_in_place(fd, data_fd, entry.st.st_size if length is None else length, sync=self.sync,
                                      keep_times=keep_times)
@@ -906,7 +907,8 @@ class Union:
         try:
             os.mknod(tmp, stat.S_IFCHR, os.makedev(0, 0), dir_fd=self._work)
         except PermissionError:
-            _remove_tree(self._writable_upper().fd, Layer.rel(path))
-            whiteout.make_whiteout(Layer.rel(path), dir_fd=self._writable_upper().fd)
+            with self._writable_upper().at(Layer.rel(path)) as (dir_fd, name):
+                _remove_tree(dir_fd, name)
+                whiteout.make_whiteout(name, dir_fd=dir_fd)
             return
         self._install_new(tmp, path)

@@ -40,7 +40,7 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator
 from typing import BinaryIO, NamedTuple, cast
 
-from ..core import syscalls, whiteout, xattr
+from ..core import confined, whiteout, xattr
 from ..core.changes import DELETED, Change
 from ..errors import LayerfsError
 
@@ -122,11 +122,9 @@ def _data_size(items: list[_Item]) -> int:
 
 
 class _Upper:
-    """The upper directory, reached one real directory at a time so that no access follows a symlink.
-
-    Entries come parents first and mostly in tree order, so the descriptors of the current directory and
-    its ancestors are kept, and only the components that differ from the previous entry's are opened.
-    """
+    """The upper directory, reached one real directory at a time so that no access follows a symlink
+    (``confined.DirChain``: entries come parents first and mostly in tree order, so only the components
+    that differ from the previous entry's are opened)."""
 
     def __init__(self, root: str) -> None:
         self.root = root.rstrip("/") or "/"
@@ -134,16 +132,16 @@ class _Upper:
             self.fd = os.open(self.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as e:
             raise LayerfsError(f"upper directory {self.root}: {e.strerror}") from e
-        self._open: list[tuple[str, int]] = []  # (name, descriptor) of each directory below the root
+        self._chain = confined.DirChain(self.fd)
         self._lowers: dict[str, int] = {}  # root -> descriptor of the lower layers sources are read from
 
     def __enter__(self) -> _Upper:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for fd in [fd for _, fd in self._open] + list(self._lowers.values()):
+        self._chain.release()
+        for fd in self._lowers.values():
             os.close(fd)
-        self._open.clear()
         self._lowers.clear()
         os.close(self.fd)
 
@@ -157,20 +155,10 @@ class _Upper:
 
     def parent(self, path: str) -> int:
         """A descriptor of the real directory holding ``path`` (a container path, not ``/``)."""
-        parts = path[1:].split("/")[:-1]
-        keep = 0
-        while keep < len(self._open) and keep < len(parts) and self._open[keep][0] == parts[keep]:
-            keep += 1
-        for _, fd in self._open[keep:]:
-            os.close(fd)
-        del self._open[keep:]
-        for name in parts[keep:]:
-            try:
-                fd = os.open(name, _DIR_FLAGS, dir_fd=self._open[-1][1] if self._open else self.fd)
-            except OSError as e:
-                raise self.failed(path, e) from e
-            self._open.append((name, fd))
-        return self._open[-1][1] if self._open else self.fd
+        try:
+            return self._chain.get(path[1:].split("/")[:-1])
+        except OSError as e:
+            raise self.failed(path, e) from e
 
     @contextlib.contextmanager
     def directory_of(self, item: _Item) -> Iterator[tuple[int, str]]:
@@ -199,7 +187,7 @@ class _Upper:
             layer = self._lowers.get(root)
             if layer is None:
                 layer = self._lowers[root] = os.open(root, _DIR_FLAGS)
-            return syscalls.open_beneath(real[1:] or ".", flags, dir_fd=layer)
+            return confined.open_beneath(real[1:] or ".", flags, dir_fd=layer)
         except OSError as e:
             raise LayerfsError(f"cannot export {path} from {root}{real}: {e.strerror}") from e
 
