@@ -47,7 +47,7 @@ def of_mount(mountpoint: str) -> Container:
 
 def of_name_or_mount(target: str, store_root: str) -> Container:
     """A container of the store by name, else the running mount at ``target``."""
-    record = Store(store_root).container(target) if "/" not in target else None
+    record = Store(store_root).containers.get(target) if "/" not in target else None
     if record is not None:
         return Container(record["lowers"], record["upper"], record["work"], tuple(record.get("runtime_paths", ())))
     return of_mount(target)
