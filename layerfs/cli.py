@@ -283,21 +283,26 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "export":
         from . import container
+        from .oci.layertar import write_layer
+        from .progress import on_terminal
 
         target, _ = _container(args, path_argument=False)
+        found, upper = container.layer_changes(target, unchanged_copies=args.all)
         clamp = None if args.clamp_mtime is None else int(args.clamp_mtime * 1_000_000_000)
-        with _output(args.output) as out:
-            digests = container.export(target, out, compress=args.gzip, mtime_clamp_ns=clamp,
-                                       unchanged_copies=args.all)
+        with _output(args.output) as out, on_terminal() as progress:
+            digests = write_layer(out, upper, found, compress=args.gzip, mtime_clamp_ns=clamp, progress=progress)
         where = sys.stderr if args.output == "-" else sys.stdout
         print(f"diff_id {digests.diff_id}\ndigest  {digests.digest}\nsize    {digests.size}", file=where)
         return 0
     if args.command == "commit":
         from . import container
+        from .progress import on_terminal
 
         target, _ = _container(args, path_argument=False)
         store = _store(args)
-        committed = container.commit(target, store, share=args.share, unchanged_copies=args.all)
+        found, upper = container.layer_changes(target, unchanged_copies=args.all)
+        with on_terminal() as progress:
+            committed = store.commit(upper, found, share=args.share, progress=progress)
         print(f"{committed.path}\ndiff_id {committed.diff_id}{'' if committed.new else ' (in the store already)'}")
         if args.image:
             record = store.containers.get(args.target) if args.target else None
