@@ -32,8 +32,8 @@ import stat
 import threading
 
 from . import copyup, metacopy, redirect, syscalls, whiteout, xattr
-from .index import ChangeIndex
 from .inodes import InodeMap
+from .journal import ChangeJournal
 from .layer import Layer
 from .lookup import Entry, Part, Resolver, join, split
 from .origin import ORIGIN_XATTRS, Origins
@@ -116,14 +116,13 @@ class Union:
         self._handles_lock = threading.Lock()
         self._names = itertools.count()
         self._work = -1  # descriptor of the work directory, where new entries are built
-        self.index: ChangeIndex | None = None
+        self.index: ChangeJournal | None = None
         if self.upper:
             if not work:
                 raise ValueError("an upper layer needs a work directory")
             self._work = self._open_clean_work(work)
-            self.index = ChangeIndex(self.upper.root, os.path.join(work, INDEX_DIR), lowers=lowers,
-                                     lower_layers=layers[1:], upper_fd=self._writable_upper().fd)
-            self.index.start_journal()
+            self.index = ChangeJournal(self.upper.root, os.path.join(work, INDEX_DIR), lowers=lowers,
+                                       lower_layers=layers[1:], upper_fd=self._writable_upper().fd)
 
     def descriptors(self) -> list[int]:
         """The descriptors the union holds (layer roots, work directory): a daemonizing caller keeps them."""
