@@ -20,7 +20,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import requests
 from conftest import layerfs
 from test_images import make_layout
 
@@ -147,7 +146,8 @@ def _free_port() -> int:
 class Registry:
     """docker-registry on a loopback port, its requests logged to ``log``."""
 
-    def __init__(self, base: Path, auth: str = "") -> None:
+    def __init__(self, base: Path, auth: str = "", tls: str = "") -> None:
+        """``auth``: the config's auth section; ``tls``: its http.tls section, for https."""
         base.mkdir(parents=True, exist_ok=True)
         self.port = _free_port()
         self.host = f"127.0.0.1:{self.port}"
@@ -156,7 +156,7 @@ class Registry:
         config.write_text(f"""version: 0.1
 log: {{level: info, formatter: text}}
 storage: {{filesystem: {{rootdirectory: {base / "storage"}}}}}
-http: {{addr: "{self.host}", secret: test}}
+http: {{addr: "{self.host}", secret: test{", tls: " + tls if tls else ""}}}
 {auth}
 """)
         with open(self.log, "wb") as log:
@@ -164,9 +164,9 @@ http: {{addr: "{self.host}", secret: test}}
         deadline = time.monotonic() + 20
         while True:
             try:
-                requests.get(f"http://{self.host}/v2/", timeout=1)
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
                 break
-            except requests.ConnectionError:
+            except OSError:
                 if self.process.poll() is not None or time.monotonic() > deadline:
                     self.stop()
                     raise RuntimeError(f"docker-registry did not start: {self.log.read_text()}") from None
@@ -297,6 +297,23 @@ def test_the_registrys_errors_are_one_line(registry, image, tmp_path):
         pull(f"{registry.host}/test/busybox:nosuch", str(tmp_path / "oci"))
     with pytest.raises(LayerfsError, match="cannot be reached: Connection refused"):
         pull(f"127.0.0.1:{_free_port()}/test/busybox:v2", str(tmp_path / "oci"))
+
+
+def test_https_is_verified_unless_told_not_to(tmp_path, image, registry):
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert,
+                    "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    secure = Registry(tmp_path / "tls", tls=f"{{certificate: {cert}, key: {key}}}")
+    try:
+        pull(f"{registry.host}/test/busybox:v2", str(tmp_path / "oci"))
+        with pytest.raises(LayerfsError, match=f"^{secure.host}: TLS failed .*: certificate verify failed: self-signed "
+                                               "certificate$"):
+            push(str(tmp_path / "oci"), f"{secure.host}/app:v2")
+        assert push(str(tmp_path / "oci"), f"{secure.host}/app:v2", tls_verify=False).manifest_digest == image["v2"]
+        assert pull(f"{secure.host}/app:v2", str(tmp_path / "back"), tls_verify=False).manifest_digest == image["v2"]
+    finally:
+        secure.stop()
 
 
 # ---- logins: htpasswd, and bearer tokens from a token server ----

@@ -133,8 +133,9 @@ class Authenticator:
     learnt from the registry's challenges: a basic one for every scope, or a bearer token per scope."""
 
     def __init__(self, registry: str, credentials: Credentials | None, session: requests.Session,
-                 timeout: float) -> None:
+                 timeout: float, tls_verify: bool) -> None:
         self.registry, self.credentials, self._session, self._timeout = registry, credentials, session, timeout
+        self._verify = tls_verify  # given with each request: a session's own is overridden by REQUESTS_CA_BUNDLE
         self._basic: str | None = None
         self._tokens: dict[str, str] = {}
         self._lock = threading.Lock()
@@ -171,7 +172,7 @@ class Authenticator:
         query = {"scope": scopes, **({"service": params["service"]} if "service" in params else {})}
         auth = (self.credentials.username, self.credentials.password) if self.credentials else None
         try:
-            response = self._session.get(realm, params=query, auth=auth, timeout=self._timeout)
+            response = self._session.get(realm, params=query, auth=auth, timeout=self._timeout, verify=self._verify)
         except requests.RequestException as e:
             raise LayerfsError(f"{self.registry}: its token server {printable(realm)} failed: {e}") from None
         if response.status_code in (401, 403):

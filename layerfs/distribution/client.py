@@ -22,6 +22,7 @@ from typing import BinaryIO, NamedTuple
 from urllib.parse import urljoin
 
 import requests
+import urllib3
 
 from ..errors import LayerfsError, printable
 from ..oci.layout import checked_digest
@@ -58,8 +59,9 @@ class RegistryClient:
         self._host = "registry-1.docker.io" if registry == DOCKER_HUB else registry
         self._session = requests.Session()
         self._session.max_redirects = _MAX_REDIRECTS
-        self._session.verify = tls_verify
-        self._auth = Authenticator(registry, credentials, self._session, timeout)
+        if not tls_verify:  # asked for: not a warning on every request
+            urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
+        self._auth = Authenticator(registry, credentials, self._session, timeout, tls_verify)
         self._base: str | None = None
         self._base_lock = threading.Lock()
 
@@ -84,9 +86,11 @@ class RegistryClient:
                     schemes.append("http")
                 for number, scheme in enumerate(schemes):
                     try:
-                        self._session.get(f"{scheme}://{self._host}/v2/", timeout=self.timeout).close()
+                        self._session.get(f"{scheme}://{self._host}/v2/", timeout=self.timeout,
+                                          verify=self.tls_verify).close()
                     except requests.RequestException as e:
-                        if number == len(schemes) - 1:
+                        # a certificate refused is a TLS server there: not one to talk to in the clear
+                        if number == len(schemes) - 1 or "CERTIFICATE_VERIFY_FAILED" in str(e):
                             raise self._unreachable(e) from None
                         continue
                     self._base = f"{scheme}://{self._host}"
@@ -115,7 +119,7 @@ class RegistryClient:
             headers = {**extra, **self._auth.header(scope)}
             try:
                 response = self._session.request(method, url, headers=headers, timeout=self.timeout,
-                                                 **kwargs)  # type: ignore[arg-type]
+                                                 verify=self.tls_verify, **kwargs)  # type: ignore[arg-type]
             except requests.RequestException as e:
                 raise self._unreachable(e) from None
             challenge = response.headers.get("WWW-Authenticate")
@@ -276,8 +280,8 @@ class _Body:
 
 def _reason(e: Exception) -> str:
     """What a requests error comes down to (``Connection refused``), not its pool's whole story."""
-    found = re.search(r"\[Errno -?\d+\] ([^'\")]+)", str(e))
-    return printable(found.group(1) if found else str(e) or type(e).__name__)
+    found = re.search(r"\[(?:Errno -?\d+|SSL: \w+)\] ([^'\"()]+)", str(e))
+    return printable(found.group(1).strip() if found else str(e) or type(e).__name__)
 
 
 def _error_message(response: requests.Response) -> str:
