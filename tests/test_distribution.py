@@ -242,6 +242,16 @@ def test_layers_the_caller_has_are_not_fetched(registry, image, tmp_path):
         d.removeprefix("sha256:") for d in again.fetched + [again.manifest_digest])
 
 
+def test_an_interrupted_pull_leaves_no_blob_and_no_image(registry, image, tmp_path):
+    def interrupt(done: int, total: int | None, label: str) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        pull(f"{registry.host}/test/busybox:v2", str(tmp_path / "oci"), progress=interrupt)
+    assert not (tmp_path / "oci/index.json").exists()
+    assert not list((tmp_path / "oci/blobs/sha256").iterdir())
+
+
 def test_a_pushed_image_keeps_its_digest_and_a_second_push_mounts_its_blobs(registry, image, tmp_path):
     pull(f"{registry.host}/test/busybox:v2", str(tmp_path / "oci"))
     first = push(str(tmp_path / "oci"), f"{registry.host}/copies/one:v2")
