@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass
 
 from .core.changes import ADDED, CHANGED, DELETED, Change, changes, indexed_changes
-from .core.index import ChangeIndex
+from .core.index import read_index
 from .core.union import INDEX_DIR
 from .errors import UsageError
 from .fs import mounts
@@ -62,13 +62,9 @@ def container_changes(container: Container, *, under: str = "/", unchanged_copie
         return []  # a read-only mount changes nothing
     state = os.path.join(container.work, INDEX_DIR) if container.work else None
     if state is not None and os.path.isdir(state):
-        index = ChangeIndex(container.upper, state, lowers=container.lowers)
-        try:
-            index.load(readonly=True)
+        with read_index(container.upper, state, lowers=container.lowers) as index:
             found = indexed_changes(index, container.lowers, unchanged_copies=unchanged_copies,
                                     ignore=frozenset(container.runtime_paths))
-        finally:
-            index.close()
     else:
         found = changes(container.upper, container.lowers, unchanged_copies=unchanged_copies,
                         ignore=frozenset(container.runtime_paths))

@@ -31,8 +31,8 @@ import threading
 
 from .. import syscalls
 from . import confined, copyup, metacopy, redirect, whiteout, xattr
-from .index import ChangeIndex
 from .inodes import InodeMap
+from .journal import ChangeJournal
 from .layer import Layer
 from .lookup import Entry, Resolver, join, split
 from .origin import Origins
@@ -103,7 +103,7 @@ class Union:
         # open fd -> (merged inode number, whether it is an upper file)
         self._handles: dict[int, tuple[int, bool]] = {}
         self._handles_lock = threading.Lock()
-        self.index: ChangeIndex | None = None
+        self.index: ChangeJournal | None = None
         # Only with an upper layer (every change checks for one first, with _writable_upper):
         self._work: WorkDir
         self._copy: copyup.CopyUp
@@ -113,9 +113,8 @@ class Union:
             self._work = WorkDir(work)
             self._copy = copyup.CopyUp(self.resolver, self.upper, self._work, self._origin_records(), self.inodes,
                                        sync=sync)
-            self.index = ChangeIndex(self.upper.root, os.path.join(work, INDEX_DIR), lowers=lowers,
-                                     lower_layers=layers[1:], upper_fd=self._writable_upper().fd)
-            self.index.start_journal()
+            self.index = ChangeJournal(self.upper.root, os.path.join(work, INDEX_DIR), lowers=lowers,
+                                       lower_layers=layers[1:], upper_fd=self._writable_upper().fd)
 
     def descriptors(self) -> list[int]:
         """The descriptors the union holds (layer roots, work directory): a daemonizing caller keeps them."""
