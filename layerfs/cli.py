@@ -12,9 +12,13 @@ import json
 import logging
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from . import __version__
 from .errors import LayerfsError, UsageError
+
+if TYPE_CHECKING:
+    from .store import Store
 
 COMMANDS = ("mount", "umount", "stats", "diff", "export", "commit", "import", "images", "create", "rm", "rmi", "layers",
             "gc", "inspect", "save", "run", "ps", "bundle", "example")
@@ -173,6 +177,23 @@ def _container(args: argparse.Namespace, *, path_argument: bool):
     return container.of_name_or_mount(args.target, root_from(args.root)), (args.path or "/") if path_argument else "/"
 
 
+def _store(args: argparse.Namespace) -> Store:
+    from .store import Store, root_from
+
+    return Store(root_from(args.root))
+
+
+def _advice(e: LayerfsError) -> str:
+    """What to do about a store's error, in this command line's words (the store says what is wrong)."""
+    from .store import ContainerMounted, ImageInUse, NoSuchImage
+
+    for kind, advice in ((NoSuchImage, "layerfs images lists them"), (ImageInUse, "layerfs rm first"),
+                         (ContainerMounted, "layerfs umount it first")):
+        if isinstance(e, kind):
+            return f" ({advice})"
+    return ""
+
+
 def _split_tag(reference: str) -> tuple[str, str | None]:
     """``DIR:TAG`` -> (DIR, TAG); a colon inside the directory's path is not a tag."""
     where, colon, tag = reference.rpartition(":")
@@ -197,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     except LayerfsError as e:
         if debug:
             logging.exception("details")
-        print(f"layerfs: {e}", file=sys.stderr)
+        print(f"layerfs: {e}{_advice(e)}", file=sys.stderr)
         return 2 if isinstance(e, UsageError) else 1
     except OSError as e:
         if debug:
@@ -228,11 +249,10 @@ def _output(path: str):
 
 def _run(args: argparse.Namespace) -> int:
     if args.command == "mount":
-        from . import store
         from .fs import mount, options
 
         if not args.options and args.mountpoint:  # a container of the store
-            record = store.Store(store.root_from(args.root)).container(args.mountpoint)
+            record = _store(args).containers.get(args.mountpoint)
             if record is None:
                 raise UsageError(f"{args.mountpoint}: no such container (or give -o lowerdir=...)")
             args.options = [options.for_dirs(record["lowers"], record["upper"], record["work"])]
@@ -263,33 +283,36 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "export":
         from . import container
+        from .oci.layertar import write_layer
+        from .progress import on_terminal
 
         target, _ = _container(args, path_argument=False)
+        found, upper = container.layer_changes(target, unchanged_copies=args.all)
         clamp = None if args.clamp_mtime is None else int(args.clamp_mtime * 1_000_000_000)
-        with _output(args.output) as out:
-            digests = container.export(target, out, compress=args.gzip, mtime_clamp_ns=clamp,
-                                       unchanged_copies=args.all)
+        with _output(args.output) as out, on_terminal() as progress:
+            digests = write_layer(out, upper, found, compress=args.gzip, mtime_clamp_ns=clamp, progress=progress)
         where = sys.stderr if args.output == "-" else sys.stdout
         print(f"diff_id {digests.diff_id}\ndigest  {digests.digest}\nsize    {digests.size}", file=where)
         return 0
     if args.command == "commit":
-        from . import container, store
+        from . import container
+        from .progress import on_terminal
 
         target, _ = _container(args, path_argument=False)
-        images = store.Store(store.root_from(args.root))
-        committed = container.commit(target, images, share=args.share, unchanged_copies=args.all)
+        store = _store(args)
+        found, upper = container.layer_changes(target, unchanged_copies=args.all)
+        with on_terminal() as progress:
+            committed = store.commit(upper, found, share=args.share, progress=progress)
         print(f"{committed.path}\ndiff_id {committed.diff_id}{'' if committed.new else ' (in the store already)'}")
         if args.image:
-            record = images.container(args.target) if args.target else None
+            record = store.containers.get(args.target) if args.target else None
             if record is None:
                 raise UsageError("a new image needs a container of the store to start from: layerfs commit C IMAGE")
-            images.add_image(args.image, record["image"], committed.diff_id)
+            store.add_image(args.image, record["image"], committed.diff_id)
             print(f"image {args.image}")
         return 0
     if args.command == "create":
-        from . import store
-
-        record = store.Store(store.root_from(args.root)).create(args.name, args.image)
+        record = _store(args).create(args.name, args.image)
         print(record["name"])
         return 0
     if args.command == "run":
@@ -297,54 +320,48 @@ def _run(args: argparse.Namespace) -> int:
 
         return run.main(args)
     if args.command == "bundle":
-        from . import store
         from .runtime import bundle
 
         command = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
-        rootfs = bundle.write(store.Store(store.root_from(args.root)), args.name, args.directory, command)
+        rootfs = bundle.write(_store(args), args.name, args.directory, command)
         print(f"{os.path.join(args.directory, 'config.json')}\n{rootfs} (layerfs umount it when done)")
         return 0
     if args.command == "save":
-        from . import store
-
         if not args.destination.startswith("oci:"):
             raise UsageError(f"{args.destination}: give an OCI image layout as oci:DIR[:TAG]")
         where, tag = _split_tag(args.destination[len("oci:"):])
         tag = tag or args.name.rpartition(":")[2] or "latest"
-        print(store.Store(store.root_from(args.root)).save(args.name, where, tag))
+        print(_store(args).images.save(args.name, where, tag))
         return 0
     if args.command in ("rm", "rmi", "inspect", "layers", "gc", "ps"):
-        from . import store
-
-        images = store.Store(store.root_from(args.root))
+        store = _store(args)
         if args.command == "rm":
-            images.remove(args.name)
+            store.remove(args.name)
         elif args.command == "rmi":
-            images.remove_image(args.name)
+            store.remove_image(args.name)
         elif args.command == "inspect":
-            record = images.container(args.name) or images.images().get(args.name)
+            record = store.containers.get(args.name) or store.images.find(args.name)
             if record is None:
                 raise UsageError(f"{args.name}: no such image or container")
             print(json.dumps(record, indent=1, sort_keys=True))
         elif args.command == "ps":
             from .fs import mounts
 
-            for name in images.containers():
-                record = images.container(name)
+            for name in store.containers.names():
+                record = store.containers.get(name)
                 if record is None:
                     continue  # (removed since it was listed)
                 mounted = mounts.find(record["merged"])
                 print(f"{name}  {record['image']}  "
                       f"{'running, pid ' + str(mounted.pid) + ' at ' + record['merged'] if mounted else 'stopped'}")
         elif args.command == "layers":
-            for diff_id, users in sorted(images.layers().items()):
+            for diff_id, users in sorted(store.layer_users().items()):
                 print(f"{diff_id}  {', '.join(users) or '(unused)'}")
         else:
-            for diff_id in images.gc():
+            for diff_id in store.gc():
                 print(f"removed {diff_id}")
         return 0
     if args.command == "import":
-        from . import store
         from .progress import on_terminal
 
         kind, colon, reference = args.source.partition(":")
@@ -365,17 +382,15 @@ def _run(args: argparse.Namespace) -> int:
         else:
             name = f"{os.path.basename(os.path.abspath(where)).removesuffix('.tar')}:{tag or 'latest'}"
         with on_terminal() as progress:
-            record = store.Store(store.root_from(args.root)).import_image(kind, where, tag, name, progress=progress)
+            record = _store(args).import_image(kind, where, tag, name, progress=progress)
         print(f"{name}\n{len(record['layers'])} layers, config {record['config_digest']}")
         return 0
     if args.command == "images":
-        from . import store
-
-        images = store.Store(store.root_from(args.root))
+        images = _store(args).images
         if args.lowerdir:
             print(":".join(images.lowerdirs(args.lowerdir)))
             return 0
-        for name, image in sorted(images.images().items()):
+        for name, image in sorted(images.all().items()):
             print(f"{name}  {len(image['layers'])} layers  {image['config_digest'][:19]}")
         return 0
     if args.command == "example":

@@ -1,6 +1,6 @@
-"""A container: its layers, found from a running mount or given as directories, and its changes
-(``layerfs diff``, as ``docker diff`` lists them; ``layerfs export``, as an OCI layer; ``layerfs commit``,
-as a layer of the store).
+"""A container: its layers, found from the store, a running mount or given as directories, and its changes
+(``layerfs diff``, as ``docker diff`` lists them; the changes ``layerfs export`` writes as an OCI layer tar
+and ``layerfs commit`` stores as a layer, both by ``oci.entries``' rules).
 
 For a mount, the layers come from the daemon's record (fs.mounts) and the answer from its change index,
 read beside the running daemon: what the daemon journaled is caught up with, everything checked once
@@ -13,17 +13,14 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import BinaryIO
 
 from .core.changes import ADDED, CHANGED, DELETED, Change, changes, indexed_changes
-from .core.index import ChangeIndex
+from .core.index import read_index
 from .core.union import INDEX_DIR
 from .errors import UsageError
 from .fs import mounts
 from .fs.options import checked_directory, split_escaped
-from .oci.layertar import LayerDigests, write_layer
-from .progress import on_terminal
-from .store import Committed, Store
+from .store import Store
 
 _DOCKER_KIND = {CHANGED: 0, ADDED: 1, DELETED: 2}  # Docker's ContainerChanges API numbers
 
@@ -47,7 +44,7 @@ def of_mount(mountpoint: str) -> Container:
 
 def of_name_or_mount(target: str, store_root: str) -> Container:
     """A container of the store by name, else the running mount at ``target``."""
-    record = Store(store_root).container(target) if "/" not in target else None
+    record = Store(store_root).containers.get(target) if "/" not in target else None
     if record is not None:
         return Container(record["lowers"], record["upper"], record["work"], tuple(record.get("runtime_paths", ())))
     return of_mount(target)
@@ -65,13 +62,9 @@ def container_changes(container: Container, *, under: str = "/", unchanged_copie
         return []  # a read-only mount changes nothing
     state = os.path.join(container.work, INDEX_DIR) if container.work else None
     if state is not None and os.path.isdir(state):
-        index = ChangeIndex(container.upper, state, lowers=container.lowers)
-        try:
-            index.load(readonly=True)
+        with read_index(container.upper, state, lowers=container.lowers) as index:
             found = indexed_changes(index, container.lowers, unchanged_copies=unchanged_copies,
                                     ignore=frozenset(container.runtime_paths))
-        finally:
-            index.close()
     else:
         found = changes(container.upper, container.lowers, unchanged_copies=unchanged_copies,
                         ignore=frozenset(container.runtime_paths))
@@ -87,24 +80,8 @@ def render(found: list[Change], *, as_json: bool) -> str:
     return "".join(f"{c}\n" for c in found)
 
 
-def export(container: Container, out: BinaryIO, *, compress: bool, mtime_clamp_ns: int | None,
-           unchanged_copies: bool = False) -> LayerDigests:
-    """Write the container's changes to ``out`` as an OCI layer; a progress bar on a terminal."""
-    found, upper = _changes_to_keep(container, unchanged_copies)
-    with on_terminal() as progress:
-        return write_layer(out, upper, found, compress=compress, mtime_clamp_ns=mtime_clamp_ns,
-                           progress=progress)
-
-
-def commit(container: Container, store: Store, *, share: str = "reflink", unchanged_copies: bool = False) -> Committed:
-    """Freeze the container's changes into a read-only layer of ``store``, ready to be a lower."""
-    found, upper = _changes_to_keep(container, unchanged_copies)
-    with on_terminal() as progress:
-        return store.commit(upper, found, share=share, progress=progress)
-
-
-def _changes_to_keep(container: Container, unchanged_copies: bool) -> tuple[list[Change], str]:
-    """The changes a layer is made of, and the upper they are in."""
+def layer_changes(container: Container, *, unchanged_copies: bool = False) -> tuple[list[Change], str]:
+    """The changes a layer of the container is made of, and the upper they are in."""
     if container.upper is None:
         raise UsageError("a read-only mount has no changes")
     return container_changes(container, unchanged_copies=unchanged_copies), container.upper

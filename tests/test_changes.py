@@ -15,16 +15,15 @@ from pair import make_opaque, whiteout, write
 from treediff import two_tree_changes
 
 from layerfs.core.changes import changes, indexed_changes
-from layerfs.core.index import ChangeIndex
+from layerfs.core.index import read_index
 
 
 def diff(upper: Path, *lowers: Path) -> list[str]:
     """The walk's answer, checked against the change index's answer for the same upper (indexed from
     scratch in a state directory beside it)."""
     walked = changes(str(upper), [str(p) for p in lowers])
-    index = ChangeIndex(str(upper), str(upper.parent / f"{upper.name}-index"), lowers=[str(p) for p in lowers])
-    index.load()
-    assert indexed_changes(index, [str(p) for p in lowers]) == walked
+    with read_index(str(upper), str(upper.parent / f"{upper.name}-index"), lowers=[str(p) for p in lowers]) as index:
+        assert indexed_changes(index, [str(p) for p in lowers]) == walked
     return [str(c) for c in walked]
 
 
@@ -223,6 +222,5 @@ def test_unchanged_copies_are_left_out_on_request(image):
     real = [str(c) for c in changes(str(upper), lowers, unchanged_copies=False)]
     assert real == ["C /etc", "C /etc/skel", "C /etc/skel/profile", "C /var", "C /var/cache", "C /var/cache/app",
                     "C /var/cache/app/one", "C /var/cache/app/two"]
-    index = ChangeIndex(str(upper), str(upper.parent / "index-state"), lowers=lowers)
-    index.load()
-    assert [str(c) for c in indexed_changes(index, lowers, unchanged_copies=False)] == real
+    with read_index(str(upper), str(upper.parent / "index-state"), lowers=lowers) as index:
+        assert [str(c) for c in indexed_changes(index, lowers, unchanged_copies=False)] == real

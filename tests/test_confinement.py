@@ -103,20 +103,27 @@ def test_a_directory_swapped_for_a_symlink_after_lookup_is_not_followed(tmp_path
     home = lower if layer == "lower" else upper
     (home / "d").mkdir(exist_ok=True)
     (home / "d" / "file").write_text("the layer's own\n")
+    os.symlink("the layer's target", home / "d" / "link")
+    (outside / "d" / "link").symlink_to("the host's target")
+    os.setxattr(outside / "d" / "file", "user.secret", SECRET.encode())
     mnt = mounts.layerfs(tmp_path / "mnt", [lower], upper, work)
     assert (mnt / "d" / "file").read_text() == "the layer's own\n"  # looked up: the daemon knows d is a directory
+    assert os.path.islink(mnt / "d" / "link")  # looked up, its target not read (the kernel would keep that)
 
     swap_for_symlink(home / "d", outside / "d")
     before = fingerprint(outside)
     # The kernel still has d/file cached and asks the daemon for it by name: every way in fails. (ELOOP
-    # where the path is taken apart, ENOTDIR where the lookup sees the symlink for what it is now.)
+    # where the path is taken apart, ENOTDIR or ENOENT where the lookup sees the symlink for what it is
+    # now: no directory, so nothing in it.)
     file = mnt / "d" / "file"
-    refused = {errno.ELOOP, errno.ENOTDIR}
+    refused = {errno.ELOOP, errno.ENOTDIR, errno.ENOENT}
     for action in (file.read_text, lambda: file.write_text("overwritten\n"), lambda: os.chmod(file, 0o777),
                    lambda: os.chown(file, 1234, 1234), lambda: os.utime(file, (1, 1)),
                    lambda: os.setxattr(file, "user.x", b"x"), lambda: os.truncate(file, 0),
                    lambda: os.link(file, mnt / "linked"), lambda: os.unlink(file),
-                   lambda: os.rename(file, mnt / "moved")):
+                   lambda: os.rename(file, mnt / "moved"), lambda: os.readlink(mnt / "d" / "link"),
+                   lambda: os.getxattr(file, "user.secret"), lambda: os.listxattr(file),
+                   lambda: os.removexattr(file, "user.secret")):
         assert errno_of(action) in refused, action
     assert fingerprint(outside) == before
     assert (outside / "d" / "file").read_text() == SECRET

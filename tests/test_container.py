@@ -4,7 +4,7 @@ diff: every kind of change, checked against Docker's two-tree comparison of the 
 (kernel overlayfs mounts, an independent reading), from a running mount, from the unmounted container with
 its change index, and from a walk of its upper; and after a killed daemon. export: the same layer from the
 mount and from its layers. commit: the layer, mounted by kernel overlayfs under the same lowers, shows the
-container's tree.
+container's tree, and is what the exported tar unpacks to.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
+import stat
 import subprocess
 import tarfile
 import time
@@ -21,7 +23,7 @@ import pytest
 from conftest import LAYERFS, is_mounted
 from pair import write
 from processes import daemon_pids
-from snapshot import assert_same, snapshot
+from snapshot import assert_same, snapshot, snapshot_upper
 from treediff import two_tree_changes
 
 
@@ -220,3 +222,32 @@ def test_commit_can_share_alike_files_by_hard_links(container, tmp_path):
     layer = Path(result.stdout.splitlines()[0])
     a, b, other = (os.stat(layer / "srv" / n) for n in ("a", "b", "other"))
     assert a.st_ino == b.st_ino != other.st_ino and a.st_nlink == 3  # both names and the store's entry
+
+
+def test_a_committed_layer_is_its_exported_tar_unpacked(layers, tmp_path):
+    """Commit and export take a layer's entries by the same rules, so the directory a commit stores is what
+    the exported tar (same diff_id) unpacks to: whiteouts, opaque directories, an opaque upper root, hard
+    links, a fifo, and no socket."""
+    lower, upper = layers.dir("lower"), layers.dir("upper")
+    write(lower / "etc/old", "old\n")
+    write(lower / "var/cache/stale", "stale\n")
+    write(upper / "etc/new", "new\n")
+    os.link(upper / "etc/new", upper / "etc/new-link")
+    os.mknod(upper / "etc/old", 0o600 | stat.S_IFCHR, 0)  # a whiteout
+    write(upper / "var/cache/fresh", "fresh\n")
+    os.setxattr(upper / "var/cache", "trusted.overlay.opaque", b"y")
+    os.mkfifo(upper / "var/fifo")
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(upper / "var/sock"))
+    os.setxattr(upper, "trusted.overlay.opaque", b"y")
+    dirs = ["--upperdir", str(upper), "--lowerdir", str(lower)]
+    exported = tmp_path / "layer.tar"
+    subprocess.run(LAYERFS + ["export", *dirs, "-o", str(exported)], capture_output=True, check=True)
+    committed = subprocess.run(LAYERFS + ["commit", "--root", str(tmp_path / "a"), *dirs], capture_output=True,
+                               text=True, check=True).stdout.splitlines()
+    subprocess.run(LAYERFS + ["import", "--root", str(tmp_path / "b"), f"rootfs:{exported}", "x"], capture_output=True,
+                   check=True)
+    unpacked = tmp_path / "b/layers" / committed[1].split(":")[1]
+    assert os.getxattr(committed[0], "trusted.overlay.opaque") == os.getxattr(unpacked, "trusted.overlay.opaque")
+    assert_same(snapshot_upper(committed[0]), snapshot_upper(unpacked), what="committed vs exported, unpacked",
+                names=("committed", "unpacked"))

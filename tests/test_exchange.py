@@ -36,7 +36,7 @@ from pair import FORMS, Stack, content, copy_tree, describe, errname, explain, m
 from snapshot import assert_same, normalize_mtime, snapshot_upper, without_idle_opaque
 
 from layerfs.core.changes import changes, indexed_changes
-from layerfs.core.index import ChangeIndex
+from layerfs.core.index import read_index
 from layerfs.core.lookup import join
 from layerfs.core.union import INDEX_DIR, Union
 
@@ -257,11 +257,10 @@ class Sides:
         self.compare_uppers()
 
         lowers = [str(p) for p in self.layerfs.lowers]
-        index = ChangeIndex(str(self.layerfs.upper), str(self.layerfs.work / INDEX_DIR), lowers=lowers)
-        index.load(readonly=True)
-        assert not index.rebuilt and not index.rescanned, \
-            f"the change index was not up to date (rebuilt: {index.rebuilt}, rescanned {index.rescanned})"
-        assert indexed_changes(index, lowers) == changes(str(self.layerfs.upper), lowers)
+        with read_index(str(self.layerfs.upper), str(self.layerfs.work / INDEX_DIR), lowers=lowers) as index:
+            assert not index.rebuilt and not index.rescanned, \
+                f"the change index was not up to date (rebuilt: {index.rebuilt}, rescanned {index.rescanned})"
+            assert indexed_changes(index, lowers) == changes(str(self.layerfs.upper), lowers)
 
         again = self._open_union()
         try:

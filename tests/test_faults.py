@@ -48,7 +48,7 @@ from pair import append, errname, tree
 from processes import daemon_pids, wait_for
 from test_index import _fields
 
-from layerfs.core.index import ChangeIndex
+from layerfs.core.index import read_index
 from layerfs.core.union import INDEX_DIR
 
 MiB = 1 << 20
@@ -108,16 +108,10 @@ def _assert_index_agrees(upper: Path, work: Path, lowers: list[Path], walk_state
     """The change index in ``work`` (read back as the next mount reads it, but read-only: the next mount
     does it again for real) holds what a full walk of the upper finds, lower facts included."""
     lower_paths = [str(p) for p in lowers]
-    left = ChangeIndex(str(upper), str(work / INDEX_DIR), lowers=lower_paths)
-    walked = ChangeIndex(str(upper), str(walk_state), lowers=lower_paths)
-    try:
-        left.load(readonly=True)
-        walked.load(readonly=True)  # nothing is ever saved in walk_state: always a full walk
-        assert walked.rebuilt
+    with read_index(str(upper), str(work / INDEX_DIR), lowers=lower_paths) as left, \
+            read_index(str(upper), str(walk_state), lowers=lower_paths) as walked:
+        assert walked.rebuilt  # nothing is ever saved in walk_state: always a full walk
         assert _fields(left) == _fields(walked)
-    finally:
-        left.close()
-        walked.close()
 
 
 def _free(fs: Path) -> int:

@@ -26,6 +26,10 @@ def _umoci(*args: str | os.PathLike) -> None:
 
 @pytest.fixture
 def layout(tmp_path) -> Path:
+    return make_layout(tmp_path)
+
+
+def make_layout(tmp_path: Path) -> Path:
     """An OCI image layout with ``base`` (a busybox rootfs) and ``v2`` (a second layer over it that adds,
     deletes, replaces a directory and changes a file), both written by umoci."""
     oci = tmp_path / "oci"

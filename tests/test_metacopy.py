@@ -37,9 +37,9 @@ from snapshot import assert_same, snapshot
 from test_export import assert_umoci_gives
 from treediff import two_tree_changes
 
-from layerfs.core import syscalls
+from layerfs import syscalls
 from layerfs.core.changes import changes, indexed_changes
-from layerfs.core.index import ChangeIndex
+from layerfs.core.index import read_index
 from layerfs.store import Store
 
 KERNEL_OPTIONS = "metacopy=on,redirect_dir=on"
@@ -180,10 +180,9 @@ def test_metadata_only_copies_match_kernel_overlayfs_and_everything_built_on_the
                                                   if mark[1] and os.lstat(l_upper / rel).st_size}
     assert next(c.data for c in walked if c.path == "/etc/f1-link") == (str(l_lowers[0]), "/usr/lib/d1/f1")
     assert next(c.data for c in walked if c.path == "/usr/lib/d3-f4") == (str(l_lowers[1]), "/usr/lib/d3/f4")
-    index = ChangeIndex(str(l_upper), str(l_work / "layerfs-index"), lowers=lowers)
-    index.load(readonly=True)
-    assert not index.rebuilt and not index.rescanned
-    assert indexed_changes(index, lowers) == walked
+    with read_index(str(l_upper), str(l_work / "layerfs-index"), lowers=lowers) as index:
+        assert not index.rebuilt and not index.rescanned
+        assert indexed_changes(index, lowers) == walked
     # Metadata put back as it was: no change, though the file is still a metadata-only copy.
     os.chown(l_upper / "usr/lib/big", 0, 0)
     os.utime(l_upper / "usr/lib/big", ns=(OLD_NS, OLD_NS))
@@ -246,9 +245,8 @@ def test_a_killed_daemon_leaves_every_file_whole(layers, mounts, tmp_path):
             now = (mnt / name).read_bytes()
             assert now in (data, data + b"!"), f"round {round_}: {name} holds {len(now)} bytes, not its content"
         mounts.unmount(mnt)
-        index = ChangeIndex(str(upper), str(work / "layerfs-index"), lowers=[str(lower)])
-        index.load(readonly=True)
-        assert indexed_changes(index, [str(lower)]) == changes(str(upper), [str(lower)])
+        with read_index(str(upper), str(work / "layerfs-index"), lowers=[str(lower)]) as index:
+            assert indexed_changes(index, [str(lower)]) == changes(str(upper), [str(lower)])
         if caught == 3:
             break
     assert caught == 3, f"only {caught} of {round_ + 1} kills came while data was being copied in"

@@ -33,9 +33,9 @@ from snapshot import assert_same, snapshot
 from test_export import assert_umoci_gives
 from treediff import two_tree_changes
 
-from layerfs.core import syscalls
+from layerfs import syscalls
 from layerfs.core.changes import changes, indexed_changes
-from layerfs.core.index import ChangeIndex
+from layerfs.core.index import read_index
 from layerfs.store import Store
 
 FILES = 2_000  # in the directory that moves: 100 directories of 20 files
@@ -118,10 +118,9 @@ def test_renames_by_redirect_match_kernel_overlayfs_and_everything_built_on_them
     assert docker_style <= set(walked_text) and two_tree_style <= set(expected)
     assert [c for c in walked_text if c not in docker_style] == [c for c in expected if c not in two_tree_style]
     assert {"D /usr/share/doc", "A /opt/doc", "A /opt/doc/pkg99/file19", "A /srv/pkg6/file3"} <= set(expected)
-    index = ChangeIndex(str(l_upper), str(l_work / "layerfs-index"), lowers=lowers)
-    index.load(readonly=True)
-    assert not index.rebuilt and not index.rescanned
-    assert indexed_changes(index, lowers) == walked
+    with read_index(str(l_upper), str(l_work / "layerfs-index"), lowers=lowers) as index:
+        assert not index.rebuilt and not index.rescanned
+        assert indexed_changes(index, lowers) == walked
 
     # The OCI layer, applied by umoci over the lowers, gives the merged tree.
     assert_umoci_gives(container, tmp_path, l_lowers, l_upper, walked)
@@ -187,7 +186,6 @@ def test_a_killed_daemon_leaves_every_renamed_directory_whole(layers, mounts, tm
         worker.wait(timeout=30)
         renames_cut += worker.returncode != 0
         mounts.unmount(mnt)
-        index = ChangeIndex(str(upper), str(work / "layerfs-index"), lowers=[str(lower)])
-        index.load(readonly=True)
-        assert indexed_changes(index, [str(lower)]) == changes(str(upper), [str(lower)])
+        with read_index(str(upper), str(work / "layerfs-index"), lowers=[str(lower)]) as index:
+            assert indexed_changes(index, [str(lower)]) == changes(str(upper), [str(lower)])
     assert renames_cut == 10  # every worker was stopped by the kill, in the middle of its renames

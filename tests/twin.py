@@ -27,7 +27,7 @@ from snapshot import Snapshot, assert_same, diff, entry_of, short_path, snapshot
 from treespec import TreeSpec, describe, render_all
 
 from layerfs.core.changes import changes, indexed_changes
-from layerfs.core.index import ChangeIndex
+from layerfs.core.index import read_index
 from layerfs.core.union import INDEX_DIR
 
 
@@ -162,8 +162,7 @@ class Twin:
         """The change index layerfs kept while the operations ran, read back after the unmount: nothing
         in it is stale, and it gives the same changes as a walk of the upper layer."""
         lowers = [str(p) for p in self.l_lowers]
-        index = ChangeIndex(str(self.l_upper), str(self.l_work / INDEX_DIR), lowers=lowers)
-        index.load(readonly=True)
-        assert not index.rebuilt and not index.rescanned, \
-            f"the index was not up to date at unmount (rebuilt: {index.rebuilt}, rescanned {index.rescanned})"
-        assert indexed_changes(index, lowers) == changes(str(self.l_upper), lowers), self._context()
+        with read_index(str(self.l_upper), str(self.l_work / INDEX_DIR), lowers=lowers) as index:
+            assert not index.rebuilt and not index.rescanned, \
+                f"the index was not up to date at unmount (rebuilt: {index.rebuilt}, rescanned {index.rescanned})"
+            assert indexed_changes(index, lowers) == changes(str(self.l_upper), lowers), self._context()

@@ -31,7 +31,7 @@ import stat
 from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
 
-from . import metacopy, redirect, whiteout, xattr
+from . import confined, metacopy, redirect, whiteout, xattr
 from .index import ChangeIndex, LowerFacts, file_digest
 from .layer import Layer
 from .lookup import Entry, Part, Resolver, join
@@ -73,21 +73,23 @@ def changes(upper: str, lowers: Sequence[str], *, unchanged_copies: bool = True,
     upper = upper.rstrip("/") or "/"
     # A diff asks about a few names per directory: looked up one by one, not listed whole.
     resolver = Resolver([Layer(p, writable=False, cached=False) for p in lowers]) if lowers else None
+    # The upper's directories are entered through its descriptor, never by a path from outside.
+    top = Layer(upper, writable=True, cached=False)
 
-    def marks(path: str, st: os.stat_result) -> tuple[bool, str | None, bool]:
-        """Whether the upper entry at ``path`` is an opaque directory, its redirect, and whether it is a
-        metadata-only copy."""
+    def marks(name: str, st: os.stat_result, dir_fd: int) -> tuple[bool, str | None, bool]:
+        """Whether the upper entry ``name`` in ``dir_fd`` is an opaque directory, its redirect, and
+        whether it is a metadata-only copy."""
         if stat.S_ISDIR(st.st_mode):
-            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            try:
-                return whiteout.is_opaque_dir(".", dir_fd=fd), redirect.read(".", dir_fd=fd), False
-            finally:
-                os.close(fd)
-        return False, None, metacopy.may_be(st) and metacopy.is_marked(path)
+            return whiteout.is_opaque_dir(name, dir_fd=dir_fd), redirect.read(name, dir_fd=dir_fd), False
+        return False, None, metacopy.may_be(st) and metacopy.is_marked(name, dir_fd=dir_fd)
 
     def listing(path: str) -> dict:
-        with os.scandir(upper if path == "/" else upper + path) as it:
-            return {e.name: (st := e.stat(follow_symlinks=False), *marks(e.path, st)) for e in it}
+        fd = confined.open_beneath(Layer.rel(path), os.O_RDONLY | os.O_DIRECTORY, dir_fd=top.fd)
+        try:
+            with os.scandir(fd) as it:
+                return {e.name: (st := e.stat(follow_symlinks=False), *marks(e.name, st, fd)) for e in it}
+        finally:
+            os.close(fd)
 
     def lookup(path: str) -> Entry | None:
         try:
@@ -102,14 +104,15 @@ def changes(upper: str, lowers: Sequence[str], *, unchanged_copies: bool = True,
     def unchanged(path: str, st, lower: LowerFacts, data: Part | None) -> bool:
         if not _alike(st, lower):
             return False
-        real, entry = upper + path, lookup(path)
+        entry = lookup(path)
         if entry is None:
             return False
-        content = file_digest(real) if data is None else file_digest(Layer.rel(data.path), dir_fd=data.layer.fd)
-        return _xattrs(real, None) == _xattrs(entry.rel, entry.layer.fd) and \
+        content = file_digest(Layer.rel(path), dir_fd=top.fd) if data is None \
+            else file_digest(Layer.rel(data.path), dir_fd=data.layer.fd)
+        return _xattrs(Layer.rel(path), top.fd) == _xattrs(entry.rel, entry.layer.fd) and \
             content == file_digest(entry.rel, dir_fd=entry.layer.fd)
 
-    return _sorted_with_ancestors(_walk(listing, below, whiteout.is_opaque_dir(upper),
+    return _sorted_with_ancestors(_walk(listing, below, top.is_opaque("/"),
                                         None if unchanged_copies else unchanged,
                                         _MergedView(upper, lowers)), ignore)
 
@@ -144,7 +147,7 @@ def _alike(st, lower: LowerFacts) -> bool:
         (st.st_mode, st.st_uid, st.st_gid, st.st_size) == tuple(lower[:4])
 
 
-def _xattrs(path: str, dir_fd: int | None) -> dict[str, bytes]:
+def _xattrs(path: str, dir_fd: int) -> dict[str, bytes]:
     return {n: xattr.get(path, n, dir_fd=dir_fd) for n in xattr.names(path, dir_fd=dir_fd)
             if not whiteout.is_private_xattr(n)}
 

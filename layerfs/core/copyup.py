@@ -1,7 +1,8 @@
-"""Copying an entry from a lower layer into a private temporary path, metadata and all.
+"""Copy-up: an entry of a lower layer copied, metadata and all, into a private temporary path, and a
+union's copy-up (``CopyUp``) built on it.
 
-The caller renames the copy into the upper layer, so the copy appears there whole or not at all: a crash
-mid copy-up leaves only a stray temporary in the work directory, which the next mount cleans.
+The copy is renamed into the upper layer, so it appears there whole or not at all: a crash mid copy-up
+leaves only a stray temporary in the work directory, which the next mount cleans.
 Data is copied by the cheapest means the kernel offers: a reflink (FICLONE) shares the extents when
 both sides are on a filesystem that can, else copy_file_range copies inside the kernel.
 
@@ -21,7 +22,13 @@ import os
 import stat
 from collections.abc import Callable
 
-from . import metacopy, syscalls, whiteout, xattr
+from .. import syscalls
+from . import confined, metacopy, whiteout, xattr
+from .inodes import InodeMap
+from .layer import Layer
+from .lookup import Entry, Part, Resolver, join, split
+from .origin import ORIGIN_XATTRS, Origins
+from .work import WorkDir
 
 # Set, for the thread serving a request, to what tells whether its caller gave up.
 CANCELLED: contextvars.ContextVar[Callable[[], bool] | None] = contextvars.ContextVar("cancelled", default=None)
@@ -100,7 +107,7 @@ def copy_entry(src: str, st: os.stat_result, dst: str, *, src_dir_fd: int, dst_d
         if kind == stat.S_IFDIR:
             os.mkdir(dst, 0o700, dir_fd=dst_dir_fd)
         elif kind == stat.S_IFLNK:
-            os.symlink(os.readlink(src, dir_fd=src_dir_fd), dst, dir_fd=dst_dir_fd)
+            os.symlink(confined.readlink(src, dir_fd=src_dir_fd), dst, dir_fd=dst_dir_fd)
         else:
             os.mknod(dst, kind | 0o600, st.st_rdev, dir_fd=dst_dir_fd)
         _copy_metadata(src, st, dst, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd, records=records)
@@ -113,7 +120,7 @@ def copy_entry(src: str, st: os.stat_result, dst: str, *, src_dir_fd: int, dst_d
             metadata_only = metacopy.mark(dst_fd)
         if content == DATA or content == METADATA and not metadata_only:
             data_dir_fd, data_path = data_at or (src_dir_fd, src)
-            src_fd = syscalls.open_beneath(data_path, os.O_RDONLY, dir_fd=data_dir_fd)
+            src_fd = confined.open_beneath(data_path, os.O_RDONLY, dir_fd=data_dir_fd)
             try:
                 copy_data(src_fd, dst_fd, st.st_size)
             finally:
@@ -166,3 +173,110 @@ def fill_in_place(fd: int, data_fd: int, length: int, *, sync: bool, keep_times:
     if sync:
         os.fsync(fd)
     metacopy.unmark(fd)
+
+
+class CopyUp:
+    """A union's copy-up: a lower entry made a real entry of the upper layer, its parent directories
+    first, built in the work directory and renamed into place, with the origin record and inode number
+    overlayfs gives it. The union calls it before changing an entry that is not in the upper yet."""
+
+    def __init__(self, resolver: Resolver, upper: Layer, work: WorkDir, origins: Origins, inodes: InodeMap,
+                 *, sync: bool) -> None:
+        self.resolver = resolver
+        self.upper = upper
+        self.work = work
+        self.origins = origins
+        self.inodes = inodes
+        self.sync = sync
+
+    def path(self, path: str, content: str = DATA) -> Entry:
+        """The entry at ``path``, copied up if it is not in the upper layer yet."""
+        entry = self.resolver.get(path)
+        if entry.in_upper:
+            return entry
+        return self.entry(entry, content)
+
+    def entry(self, entry: Entry, content: str = DATA) -> Entry:
+        """Copy the lower ``entry`` up; a regular file's copy holds what ``content`` says (DATA, EMPTY or
+        METADATA). Returns the entry it is then."""
+        self.parents(split(entry.path)[0])
+        tmp = self.work.tmp()
+        data = entry.data
+        data_at = None if data is None else (data.layer.fd, Layer.rel(data.path))
+        # (No origin for a lower file with several names, as on overlayfs: the copy breaks the link.)
+        origin = self.origins.record(entry.layer, entry.rel) if entry.is_dir or entry.st.st_nlink == 1 else None
+        # (The copy goes to the entry's merged path: below a redirect, the lower one is elsewhere.)
+        with self.upper.at(Layer.rel(entry.path)) as (dir_fd, name):
+            pst = os.fstat(dir_fd)
+            try:
+                metadata_only = copy_entry(
+                    entry.rel, entry.st, tmp, src_dir_fd=entry.layer.fd, dst_dir_fd=self.work.fd, content=content,
+                    data_at=data_at, records=() if origin is None else ((ORIGIN_XATTRS, origin),), sync=self.sync)
+                if origin is not None:
+                    Origins.mark_impure(".", dir_fd=dir_fd)
+                os.rename(tmp, name, src_dir_fd=self.work.fd, dst_dir_fd=dir_fd)
+            except BaseException:
+                self.work.discard(tmp)
+                raise
+            os.utime(dir_fd, ns=(pst.st_atime_ns, pst.st_mtime_ns))
+            st = os.lstat(name, dir_fd=dir_fd)
+        self.inodes.copied_up(entry.st, st)
+        if entry.is_dir:
+            # Its own stack gains the upper part; every other stands (nothing below it is in the upper yet).
+            self.resolver.forget(entry.path)
+            return Entry(entry.path, self.upper, st, (Part(self.upper, entry.path),) + entry.stack)
+        return Entry(entry.path, self.upper, st, (), chain=(Part(entry.layer, entry.real),) + entry.chain
+                     if metadata_only else ())
+
+    def with_data(self, path: str, length: int | None) -> Entry:
+        """``path`` in the upper layer holding its data, of which only the first ``length`` bytes are
+        wanted (None: all; what follows is about to be cut): a lower file copied up, a metadata-only
+        copy given its data."""
+        entry = self.resolver.get(path)
+        if not entry.in_upper:
+            return self.entry(entry, EMPTY if length == 0 else DATA)
+        if entry.chain:
+            return self.fill(entry, length)
+        return entry
+
+    def fill(self, entry: Entry, length: int | None, *, keep_times: bool = False) -> Entry:
+        """Give the metadata-only copy ``entry`` its data (the first ``length`` bytes, None: all), in
+        place: its other names, if it has any, are the same file. Returns what it is then."""
+        data = entry.chain[-1]
+        fd = confined.open_beneath(entry.rel, os.O_WRONLY, dir_fd=entry.layer.fd)
+        try:
+            data_fd = confined.open_beneath(Layer.rel(data.path), os.O_RDONLY, dir_fd=data.layer.fd)
+            try:
+                fill_in_place(fd, data_fd, entry.st.st_size if length is None else length, sync=self.sync,
+                              keep_times=keep_times)
+            finally:
+                os.close(data_fd)
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
+        return Entry(entry.path, entry.layer, st, (), entry.real)
+
+    def parents(self, path: str) -> None:
+        """Make the directory ``path`` and its ancestors real directories of the upper layer."""
+        missing = []
+        while path != "/" and not self.resolver.stack_of(path)[0].layer.writable:
+            missing.append(path)
+            path = split(path)[0]
+        for directory in reversed(missing):
+            entry = self.resolver.get(directory)
+            if not entry.is_dir:  # (a lower changed behind the mount's back: never copy a symlink up as a parent)
+                raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), directory)
+            self.entry(entry)
+
+    def tree(self, path: str) -> None:
+        """Copy the directory ``path`` and everything visible below it into the upper layer."""
+        pending = [path]
+        while pending:
+            directory = pending.pop()
+            self.path(directory)
+            for name, (_, info) in self.resolver.listing(directory).items():
+                child = join(directory, name)
+                if info.type_bits == stat.S_IFDIR:
+                    pending.append(child)
+                else:
+                    self.path(child)

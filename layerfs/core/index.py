@@ -1,54 +1,48 @@
-"""The change index: what the upper layer holds, path by path, kept as changes happen.
+"""The change index: what the upper layer holds, path by path; its saved form; and its reader.
 
 A container's changes are exactly its upper layer, so a diff only needs the upper's entries, never the
 lowers' whole tree. The index keeps one record per upper path (sorted, so a subtree is a range) with
 what ``lstat`` said of it, and the content hash of regular files once asked.
 
+Saved in a state directory beside the upper (``SavedIndex``): a snapshot (``records``: a JSON header, then
+one JSON record a line) of one generation, and the journals (``journal-N``, one JSON path a line) of
+that generation and later ones: the paths changed since. The daemon writes them (core.journal); a
+reader (``ChangeIndex``, what diff, export and commit use) pairs a snapshot with its journals and
+checks the result against the upper.
+
 Why it can be trusted after a crash, or after someone else wrote to the upper:
 
-- Every path is written to the journal (``journal``, one JSON string per line) *before* the upper
-  changes there. A killed daemon's last writes are in the kernel already; on the next load the
-  journal's paths are looked at again (and what is new below them), so nothing the daemon did goes
-  unrecorded. The daemon itself only journals, and holds no records; every 100,000 journal lines a
-  background thread folds the journals into a new snapshot, and ``sync`` (unmount) does it at once.
-  Readers pair a snapshot with the journals of its generation and later ones.
+- Every path is journaled *before* the upper changes there. A killed daemon's last writes are in the
+  kernel already; on the next load the journal's paths are looked at again (and what is new below
+  them), so nothing the daemon did goes unrecorded.
 - Every record holds the entry's inode number and ctime. Nobody can change an entry without changing
   its ctime, nor add or remove one without changing its directory's: on load, ``verify`` looks at every
   recorded path once and rescans the directories whose ctime moved. That catches kernel overlayfs or
   a person having written to the upper in between, at the cost of the index's size, not the tree's.
-- ``sync`` writes a snapshot (``records``) atomically and empties the journal; a missing or unreadable
-  snapshot means a full walk of the upper, never a wrong answer.
-- The state lives beside the upper, on its filesystem. When that is full, the index does not stand in
-  the way of changes that need no space (a container freeing space by deleting files): it stops
-  journaling and removes its snapshot, so that readers, and the next load, walk the upper instead of
-  trusting a journal with gaps. The next sync that finds space (the unmount's) saves it again.
+- A snapshot is written atomically; a missing or unreadable one means a full walk of the upper, never
+  a wrong answer.
 
-No FUSE here; the union calls ``note`` before its changes.
+No FUSE here.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import stat
-import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import NamedTuple, TextIO
 
 import xxhash
 from sortedcontainers import SortedDict
 
-from . import metacopy, redirect, syscalls, whiteout, xattr
+from . import confined, metacopy, redirect, whiteout, xattr
 from .layer import Layer
 from .lookup import Part, Resolver
 
 _SNAPSHOT = "records"
-_SYNC_EVERY = 100_000  # journal lines
-_RECENT = 4096  # paths remembered as journaled already
 _JOURNAL = "journal-{}"  # one per snapshot generation
-_FULL = (errno.ENOSPC, errno.EDQUOT)
 _VERSION = 4
 
 
@@ -136,209 +130,36 @@ def _rel(path: str) -> str:
     return "." if path == "/" else path[1:]
 
 
-class ChangeIndex:
-    """The records of one upper layer, persisted in ``state_dir`` (outside the upper and the view).
+def journal_line(path: str) -> str:
+    """A journal's line for ``path`` (read back by ``SavedIndex.read_journals``)."""
+    return json.dumps(path) + "\n"
 
-    The upper is read through ``upper_fd`` (an O_PATH descriptor of its root, opened here if not given):
-    a mount may hide the upper's path, as a mount over its own directories does.
-    """
 
-    def __init__(self, upper: str, state_dir: str | None, *, lowers: Sequence[str] = (),
-                 lower_layers: Sequence[Layer] | None = None, upper_fd: int | None = None,
-                 state_fd: int | None = None) -> None:
-        """``lowers`` are the paths of the lower layers (top first); a mount passes its own open
-        ``lower_layers`` too, else they are opened here (looked up name by name: a diff asks about few)."""
+class SavedIndex:
+    """The index of ``upper`` over ``lowers`` as saved in ``state_dir`` (outside the upper and the view).
+
+    The directory is opened now and used through its descriptor: its path may be hidden by the mount
+    later, like the upper's. A snapshot saved for another upper is never read; one saved over other
+    lowers is read without what it knew of the lowers."""
+
+    def __init__(self, state_dir: str, upper: str, lowers: Sequence[str]) -> None:
         self.upper = upper.rstrip("/") or "/"
         self.lowers = [os.path.abspath(p) for p in lowers]
-        self._lower_layers = None if lower_layers is None else list(lower_layers)
-        self._lower_resolver: Resolver | None = None
-        self._own_fd = upper_fd is None
-        self._fd = os.open(upper, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC) if upper_fd is None else upper_fd
-        self._own_state = state_fd is None
-        if state_fd is None:
-            if state_dir is None:
-                raise ValueError("an index needs its state directory or its descriptor")
-            # Opened now: the state directory's path may be hidden by the mount later, like the upper's.
-            os.makedirs(state_dir, exist_ok=True)
-            state_fd = os.open(state_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        self._state = state_fd
-        self._records: SortedDict = SortedDict(_key)
-        self._journal: TextIO | None = None
-        self._generation = 0  # of the snapshot read: the first journal it needs
-        self._journal_generation = 0  # of the journal being written
-        self._compactor: threading.Thread | None = None
-        self._recent: dict[str, None] = {}  # paths journaled lately: not written again
-        self._lines = 0  # in the journal
-        self._journal_only = False  # the daemon's way: records only in the snapshot
-        self._paused = False  # the state's filesystem was full: no journal, no snapshot
-        self._lock = threading.Lock()
-        self.rebuilt = False  # whether the last load had to walk the whole upper
-        self.rescanned: list[str] = []  # directories whose ctime had moved behind the index's back
+        os.makedirs(state_dir, exist_ok=True)
+        self.fd = os.open(state_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
 
-    @property
-    def upper_fd(self) -> int:
-        return self._fd
-
-    def descriptors(self) -> list[int]:
-        """The descriptors the index holds (upper, lowers, state directory, journal)."""
-        held = [self._fd, self._state] + ([self._journal.fileno()] if self._journal is not None else [])
-        return held + [layer.fd for layer in self._lower_view().layers] if self.lowers else held
+    def close(self) -> None:
+        os.close(self.fd)
 
     def _open(self, name: str, mode: str):
         return open(name, mode, encoding="utf-8", errors="surrogateescape",
-                    opener=lambda n, flags: os.open(n, flags | os.O_CLOEXEC, 0o600, dir_fd=self._state))
+                    opener=lambda n, flags: os.open(n, flags | os.O_CLOEXEC, 0o600, dir_fd=self.fd))
 
-    # -- loading and saving
-
-    def load(self, *, readonly: bool = False) -> None:
-        """Read the snapshot, catch up with the journal, check everything against the upper; then
-        (unless ``readonly``: someone else, a running daemon, owns the state) save and start journaling."""
-        for _ in range(5):
-            journal = self._read_state()
-            if journal is not None:
-                self._catch_up(journal)
-                self.verify()
-                break
-            if self._generation == 0:
-                break  # no snapshot (or an unreadable one)
-            # The daemon saved a new generation between our reading the snapshot and its journal.
-        else:
-            journal = None
-        if journal is None:
-            self.rebuilt = True
-            self._records.clear()
-            self._scan("/", recursive=True)
-        if not readonly:
-            try:
-                self._save()
-                self._paused = False
-            except OSError as e:
-                if e.errno not in _FULL:
-                    raise
-                self._pause()
-
-    def _pause(self) -> None:
-        """The state's filesystem is full: stop journaling, and take the snapshot away first, so that
-        nobody trusts the journal's gaps (readers walk the upper instead)."""
-        self._paused = True
-        if self._compactor is not None:
-            self._compactor.join()  # it could write a snapshot after ours is gone
-            self._compactor = None
-        for name in (_SNAPSHOT, _SNAPSHOT + ".tmp"):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(name, dir_fd=self._state)
-
-    def start_journal(self) -> None:
-        """For the daemon: bring the saved state up to date and start journaling. The records are not
-        kept: each sync reads them back, so the daemon's memory does not grow with the upper."""
-        self.load()
-        self._records.clear()
-        self._journal_only = True
-
-    def sync(self) -> None:
-        """Catch the records up with the journal, check them, save them (the journal starts over)."""
-        with self._lock:
-            self._sync()
-
-    def _sync(self) -> None:
-        if self._compactor is not None:
-            self._compactor.join()
-            self._compactor = None
-        if self._journal_only:
-            self.load()  # read back what was saved, catch up, save
-            self._records.clear()
-        else:
-            self._catch_up(self._read_journals(self._generation) or [])
-            self.verify()
-            self._save()
-
-    def _save(self) -> None:
-        """The records as the snapshot of a new generation, whose journal starts empty. Readers pair a
-        snapshot with the journals of its generation and later ones: the new journal comes first, the
-        snapshot that needs it next, and only then do older journals go (a reader that finds its
-        snapshot's journal gone reads again)."""
-        generation = max(self._generation, self._journal_generation) + 1
-        self._start_journal(generation)
-        self._write_snapshot(generation)
-        self._remove_journals_before(generation)
-
-    def _start_journal(self, generation: int) -> None:
-        # Line-buffered: each noted path is in the kernel (safe from a killed daemon) when note returns.
-        journal = self._open(_JOURNAL.format(generation), "w")
-        journal.reconfigure(line_buffering=True)
-        if self._journal is not None:
-            self._journal.close()
-        self._journal, self._journal_generation = journal, generation
-        self._recent.clear()
-        self._lines = 0
-
-    def _write_snapshot(self, generation: int) -> None:
-        with self._open(_SNAPSHOT + ".tmp", "w") as f:
-            f.write(json.dumps(self._header(generation)) + "\n")
-            for path, r in self._records.items():
-                f.write(json.dumps([path, *r]) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(_SNAPSHOT + ".tmp", _SNAPSHOT, src_dir_fd=self._state, dst_dir_fd=self._state)
-        self._generation = generation
-
-    def _journal_generations(self) -> list[int]:
-        listing = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self._state)
-        try:
-            names = os.listdir(listing)
-        finally:
-            os.close(listing)
-        return sorted(int(n[len("journal-"):]) for n in names if n.startswith("journal-") and n[8:].isdigit())
-
-    def _remove_journals_before(self, generation: int) -> None:
-        for old in self._journal_generations():
-            if old < generation:
-                os.unlink(_JOURNAL.format(old), dir_fd=self._state)
-
-    def _compact_in_background(self) -> None:
-        """Start a new journal now, and fold the older ones into a new snapshot in another thread, so
-        that a long-lived daemon's journal stays bounded without stopping its requests."""
-        generation = self._journal_generation + 1
-        self._start_journal(generation)
-        self._compactor = threading.Thread(target=self._compact, args=(generation,), name="index-compaction",
-                                           daemon=True)
-        self._compactor.start()
-
-    def _compact(self, generation: int) -> None:
-        reader = ChangeIndex(self.upper, None, lowers=self.lowers, lower_layers=self._lower_view().layers,
-                             upper_fd=self._fd, state_fd=self._state)
-        reader.load(readonly=True)  # the journal being written now is read too: harmless, it stays
-        try:
-            reader._write_snapshot(generation)
-        except OSError as e:
-            if e.errno not in _FULL:
-                raise
-            # No room for a new snapshot: the old one and every journal since stay, as good as before.
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(_SNAPSHOT + ".tmp", dir_fd=self._state)
-            return
-        reader._remove_journals_before(generation)
-
-    def _header(self, generation: int) -> dict:
+    def _header(self, generation: int | None) -> dict:
         return {"version": _VERSION, "upper": self.upper, "generation": generation, "lowers": self.lowers}
 
-    def close(self) -> None:
-        """Sync (unless loaded read-only) and let go of everything (a clean unmount)."""
-        if self._journal is not None:
-            self.sync()
-            with contextlib.suppress(OSError):  # (what a full filesystem left in its buffer)
-                self._journal.close()
-            self._journal = None
-        if self._own_state:
-            os.close(self._state)
-        if self._own_fd:
-            os.close(self._fd)
-
-    def _read_state(self) -> list[str] | None:
-        """Read the snapshot into the records; returns the paths its journal names, or None if there is
-        no usable snapshot (generation 0) or its journal is gone (a newer generation was saved)."""
-        self._records.clear()
-        self._generation = 0
+    def read_snapshot(self) -> tuple[int, dict[str, Record]] | None:
+        """The snapshot's generation and records; None if there is no usable snapshot."""
         try:
             with self._open(_SNAPSHOT, "r") as f:
                 header = json.loads(f.readline())
@@ -356,13 +177,37 @@ class ChangeIndex:
                     records[path] = record
         except (OSError, ValueError, TypeError, AttributeError):
             return None
-        self._generation = header["generation"]
-        paths = self._read_journals(self._generation)
-        if paths is not None:
-            self._records.update(records)
-        return paths
+        return header["generation"], records
 
-    def _read_journals(self, generation: int) -> list[str] | None:
+    def write_snapshot(self, generation: int, records: Iterable[tuple[str, Record]]) -> None:
+        """``records`` as the snapshot of ``generation``, in place of the old one at once (or not at all)."""
+        try:
+            with self._open(_SNAPSHOT + ".tmp", "w") as f:
+                f.write(json.dumps(self._header(generation)) + "\n")
+                for path, r in records:
+                    f.write(json.dumps([path, *r]) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(_SNAPSHOT + ".tmp", dir_fd=self.fd)
+            raise
+        os.replace(_SNAPSHOT + ".tmp", _SNAPSHOT, src_dir_fd=self.fd, dst_dir_fd=self.fd)
+
+    def remove_snapshot(self) -> None:
+        """No snapshot, so that nobody trusts the journals (readers walk the upper instead)."""
+        for name in (_SNAPSHOT, _SNAPSHOT + ".tmp"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name, dir_fd=self.fd)
+
+    def start_journal(self, generation: int) -> TextIO:
+        """The journal of ``generation``, empty, to write ``journal_line``s to. Line-buffered: each line
+        is in the kernel (safe from a killed daemon) once written."""
+        journal = self._open(_JOURNAL.format(generation), "w")
+        journal.reconfigure(line_buffering=True)
+        return journal
+
+    def read_journals(self, generation: int) -> list[str] | None:
         """The paths in the journals of ``generation`` and later ones; None if its own is gone (a
         newer snapshot replaced the one just read)."""
         generations = [g for g in self._journal_generations() if g >= generation]
@@ -381,32 +226,84 @@ class ChangeIndex:
                 return None
         return paths
 
-    # -- keeping it current
+    def remove_journals_before(self, generation: int) -> None:
+        for old in self._journal_generations():
+            if old < generation:
+                os.unlink(_JOURNAL.format(old), dir_fd=self.fd)
 
-    def note(self, *paths: str) -> None:
-        """``paths`` are about to change in the upper: journal them first, so that a killed daemon
-        loses nothing. Their records are brought up to date at the next sync."""
-        with self._lock:
-            if self._paused or self._journal is None:  # (paused, or not journaling: a reader)
+    def _journal_generations(self) -> list[int]:
+        listing = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.fd)
+        try:
+            names = os.listdir(listing)
+        finally:
+            os.close(listing)
+        return sorted(int(n[len("journal-"):]) for n in names if n.startswith("journal-") and n[8:].isdigit())
+
+
+@contextlib.contextmanager
+def read_index(upper: str, state_dir: str, *, lowers: Sequence[str] = ()) -> Iterator[ChangeIndex]:
+    """The index of ``upper`` saved in ``state_dir`` (by a mount, running or not), loaded: read, never
+    written (a running daemon owns the state)."""
+    with contextlib.closing(SavedIndex(state_dir, upper, lowers)) as saved:
+        upper_fd = os.open(upper, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            index = ChangeIndex(saved, upper_fd)
+            index.load()
+            yield index
+        finally:
+            os.close(upper_fd)
+
+
+class ChangeIndex:
+    """The records of one upper layer, read from its saved state and checked against the upper.
+
+    The upper is read through ``upper_fd`` (an O_PATH descriptor of its root): a mount may hide the
+    upper's path, as a mount over its own directories does. A mount passes its own open
+    ``lower_layers`` too, else they are opened when first needed (looked up name by name: a diff asks
+    about few). ``saved`` and ``upper_fd`` stay the caller's to close (``read_index`` does)."""
+
+    def __init__(self, saved: SavedIndex, upper_fd: int, *, lower_layers: Sequence[Layer] | None = None) -> None:
+        self._saved = saved
+        self._fd = upper_fd
+        self._lower_layers = None if lower_layers is None else list(lower_layers)
+        self._lower_resolver: Resolver | None = None
+        self._records: SortedDict = SortedDict(_key)
+        self.generation = 0  # of the snapshot read, 0 if none
+        self.rebuilt = False  # whether the load had to walk the whole upper
+        self.rescanned: list[str] = []  # directories whose ctime had moved behind the index's back
+
+    @property
+    def upper(self) -> str:
+        return self._saved.upper
+
+    @property
+    def lowers(self) -> list[str]:
+        return self._saved.lowers
+
+    @property
+    def upper_fd(self) -> int:
+        return self._fd
+
+    def load(self) -> None:
+        """Read the snapshot, catch up with its journals, check everything against the upper; walk the
+        whole upper instead if there is no usable snapshot."""
+        for _ in range(5):
+            snapshot = self._saved.read_snapshot()
+            if snapshot is None:
+                self.generation = 0
+                break
+            self.generation, records = snapshot
+            journal = self._saved.read_journals(self.generation)
+            if journal is not None:
+                self._records.clear()
+                self._records.update(records)
+                self._catch_up(journal)
+                self.verify()
                 return
-            try:
-                if self._lines >= _SYNC_EVERY:  # keep the journal, and the work of the next load, bounded
-                    if not self._journal_only:
-                        self._sync()
-                    elif self._compactor is None or not self._compactor.is_alive():
-                        self._compact_in_background()
-                journal = self._journal  # (a sync above may have started a new one)
-                for path in paths:
-                    if path not in self._recent:
-                        journal.write(json.dumps(path) + "\n")
-                        self._lines += 1
-                        self._recent[path] = None
-                        if len(self._recent) > _RECENT:
-                            del self._recent[next(iter(self._recent))]
-            except OSError as e:
-                if e.errno not in _FULL:
-                    raise
-                self._pause()
+            # The daemon saved a new generation between our reading the snapshot and its journal.
+        self.rebuilt = True
+        self._records.clear()
+        self._scan("/", recursive=True)
 
     def _catch_up(self, paths) -> None:
         """Records for ``paths`` (and what is new below them) as the upper has them now."""
@@ -500,10 +397,10 @@ class ChangeIndex:
                 return None
         rel = _rel(path)
         try:
-            st = os.lstat(rel, dir_fd=self._fd)
+            st = confined.lstat(rel, dir_fd=self._fd)
         except (FileNotFoundError, NotADirectoryError):
             return None
-        target = os.readlink(rel, dir_fd=self._fd) if stat.S_ISLNK(st.st_mode) else None
+        target = confined.readlink(rel, dir_fd=self._fd) if stat.S_ISLNK(st.st_mode) else None
         opaque = stat.S_ISDIR(st.st_mode) and whiteout.is_opaque_dir(rel, dir_fd=self._fd)
         moved = redirect.read(rel, dir_fd=self._fd) if stat.S_ISDIR(st.st_mode) else None
         metadata_only = metacopy.may_be(st) and metacopy.is_marked(rel, dir_fd=self._fd)
@@ -521,8 +418,7 @@ class ChangeIndex:
             directory = todo.pop()
             self._refresh(directory)
             try:
-                fd = os.open(_rel(directory), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                             dir_fd=self._fd)
+                fd = confined.open_beneath(_rel(directory), os.O_RDONLY | os.O_DIRECTORY, dir_fd=self._fd)
             except (FileNotFoundError, NotADirectoryError):
                 continue
             try:
@@ -544,7 +440,7 @@ class ChangeIndex:
             if old is None:
                 continue  # dropped with a directory that went
             try:
-                st = os.lstat(_rel(path), dir_fd=self._fd)
+                st = confined.lstat(_rel(path), dir_fd=self._fd)
                 if (st.st_ino, st.st_ctime_ns) == (old.ino, old.ctime_ns):
                     continue  # the cheap look; its directory was checked just before, in path order
             except OSError:
@@ -605,7 +501,7 @@ def file_digest(path: str, *, dir_fd: int | None = None) -> str:
     if dir_fd is None:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     else:
-        fd = syscalls.open_beneath(path, os.O_RDONLY, dir_fd=dir_fd)
+        fd = confined.open_beneath(path, os.O_RDONLY, dir_fd=dir_fd)
     try:
         while chunk := os.read(fd, 1 << 20):
             h.update(chunk)

@@ -8,7 +8,7 @@ The caller guarantees that every ancestor of a path is a real directory in this 
 the stack level by level, and a layer takes part in a directory only where that directory is a real
 directory in it), so resolution never passes through a symlink; the final component is always looked at
 without following. Should a directory be swapped for a symlink behind the lookup's back, the kernel
-refuses to follow it where it matters: file data is opened with ``syscalls.open_beneath`` and entries
+refuses to follow it where it matters: file data is opened with ``confined.open_beneath`` and entries
 are changed through ``at``, both of which fail rather than leave the layer.
 
 Lower layers never change while mounted, so what is read from them (directory listings, which names
@@ -25,7 +25,7 @@ import stat
 from collections.abc import Iterator
 from typing import NamedTuple
 
-from . import metacopy, redirect, syscalls, whiteout
+from . import confined, metacopy, redirect, whiteout
 
 
 class DirEntryInfo(NamedTuple):
@@ -87,7 +87,7 @@ class Layer:
         return path[1:] or "."
 
     def lstat(self, path: str) -> os.stat_result:
-        return os.lstat(self.rel(path), dir_fd=self.fd)
+        return confined.lstat(self.rel(path), dir_fd=self.fd)
 
     @contextlib.contextmanager
     def at(self, rel: str) -> Iterator[tuple[int, str]]:
@@ -96,7 +96,7 @@ class Layer:
         fails (ELOOP) instead of changing something outside the layer."""
         parent, _, name = rel.rpartition("/")
         # Opened for reading, not O_PATH: fstat, fchmod and futimens work on it.
-        fd = syscalls.open_beneath(parent or ".", os.O_RDONLY | os.O_DIRECTORY, dir_fd=self.fd)
+        fd = confined.open_beneath(parent or ".", os.O_RDONLY | os.O_DIRECTORY, dir_fd=self.fd)
         try:
             yield fd, name
         finally:
@@ -116,9 +116,9 @@ class Layer:
                 return None, True
             if name not in listing.entries:
                 return None, False
-            return os.lstat(path[1:], dir_fd=self.fd), False
+            return confined.lstat(path[1:], dir_fd=self.fd), False
         try:
-            st = os.lstat(path[1:], dir_fd=self.fd)
+            st = confined.lstat(path[1:], dir_fd=self.fd)
         except (FileNotFoundError, NotADirectoryError):
             return None, _has_oci_whiteout(self.rel(oci_whiteout_path(path)), self.fd)
         if whiteout.is_whiteout_stat(st):
@@ -199,7 +199,7 @@ class Layer:
         opaque and where it redirects (read through the directory opened beneath the layer's root).
         Nothing where there is no directory to open that way."""
         try:
-            fd = syscalls.open_beneath(self.rel(path), os.O_RDONLY | os.O_DIRECTORY, dir_fd=self.fd)
+            fd = confined.open_beneath(self.rel(path), os.O_RDONLY | os.O_DIRECTORY, dir_fd=self.fd)
         except (FileNotFoundError, NotADirectoryError):
             return _Listing({}, frozenset(), False, None)
         except OSError as e:
@@ -236,7 +236,7 @@ class Layer:
 def _has_oci_whiteout(rel: str, dir_fd: int) -> bool:
     """Whether the OCI whiteout file ``rel`` (relative to ``dir_fd``) is there."""
     try:
-        os.lstat(rel, dir_fd=dir_fd)
+        confined.lstat(rel, dir_fd=dir_fd)
         return True
     except (FileNotFoundError, NotADirectoryError):
         return False

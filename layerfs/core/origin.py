@@ -22,7 +22,8 @@ import os
 import struct
 from collections.abc import Iterator
 
-from . import syscalls, xattr
+from .. import syscalls
+from . import xattr
 from .layer import Layer
 
 ORIGIN_XATTRS = ("trusted.overlay.origin", "user.overlay.origin")

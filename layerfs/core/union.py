@@ -25,18 +25,18 @@ How changes are written, and why:
 from __future__ import annotations
 
 import errno
-import itertools
 import os
-import shutil
 import stat
 import threading
 
-from . import copyup, metacopy, redirect, syscalls, whiteout, xattr
-from .index import ChangeIndex
+from .. import syscalls
+from . import confined, copyup, metacopy, redirect, whiteout, xattr
 from .inodes import InodeMap
+from .journal import ChangeJournal
 from .layer import Layer
-from .lookup import Entry, Part, Resolver, join, split
-from .origin import ORIGIN_XATTRS, Origins
+from .lookup import Entry, Resolver, join, split
+from .origin import Origins
+from .work import WorkDir, remove_tree
 
 INDEX_DIR = "layerfs-index"  # in the work directory: the change index's snapshot and journal
 
@@ -47,17 +47,6 @@ _OPENING_ONLY = ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY)
 
 def _error(code: int, path: str) -> OSError:
     return OSError(code, os.strerror(code), path)
-
-
-def _remove_tree(dir_fd: int, rel: str) -> None:
-    try:
-        st = os.lstat(rel, dir_fd=dir_fd)
-    except FileNotFoundError:
-        return
-    if stat.S_ISDIR(st.st_mode):
-        shutil.rmtree(rel, dir_fd=dir_fd)
-    else:
-        os.unlink(rel, dir_fd=dir_fd)
 
 
 def _fill_times(times_ns: tuple[int | None, int | None], current) -> tuple[int, int]:
@@ -114,22 +103,24 @@ class Union:
         # open fd -> (merged inode number, whether it is an upper file)
         self._handles: dict[int, tuple[int, bool]] = {}
         self._handles_lock = threading.Lock()
-        self._names = itertools.count()
-        self._work = -1  # descriptor of the work directory, where new entries are built
-        self.index: ChangeIndex | None = None
+        self.index: ChangeJournal | None = None
+        # Only with an upper layer (every change checks for one first, with _writable_upper):
+        self._work: WorkDir
+        self._copy: copyup.CopyUp
         if self.upper:
             if not work:
                 raise ValueError("an upper layer needs a work directory")
-            self._work = self._open_clean_work(work)
-            self.index = ChangeIndex(self.upper.root, os.path.join(work, INDEX_DIR), lowers=lowers,
-                                     lower_layers=layers[1:], upper_fd=self._writable_upper().fd)
-            self.index.start_journal()
+            self._work = WorkDir(work)
+            self._copy = copyup.CopyUp(self.resolver, self.upper, self._work, self._origin_records(), self.inodes,
+                                       sync=sync)
+            self.index = ChangeJournal(self.upper.root, os.path.join(work, INDEX_DIR), lowers=lowers,
+                                       lower_layers=layers[1:], upper_fd=self._writable_upper().fd)
 
     def descriptors(self) -> list[int]:
         """The descriptors the union holds (layer roots, work directory): a daemonizing caller keeps them."""
         held = [layer.fd for layer in self.resolver.layers]
         if self.upper:
-            held.append(self._work)
+            held.append(self._work.fd)
         if self.index is not None:
             held.extend(self.index.descriptors())
         return held
@@ -138,35 +129,10 @@ class Union:
     def readonly(self) -> bool:
         return self.upper is None
 
-    @staticmethod
-    def _open_clean_work(work: str) -> int:
-        """Open ``work``/work, emptied: what is there is an interrupted operation's leftovers, never data.
-        (Kernel overlayfs and fuse-overlayfs use and clean the same directory.)"""
-        parent = os.open(work, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            try:
-                os.mkdir("work", 0o700, dir_fd=parent)
-            except FileExistsError:
-                pass
-            fd = os.open("work", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=parent)
-        finally:
-            os.close(parent)
-        listing = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=fd)
-        try:
-            for name in os.listdir(listing):
-                _remove_tree(fd, name)
-        finally:
-            os.close(listing)
-        return fd
-
     def _note(self, *paths: str) -> None:
         """``paths`` are about to change in the upper, and so are their directories."""
         if self.index is not None:
             self.index.note(*paths, *(split(p)[0] for p in paths))
-
-    def _tmp(self) -> str:
-        """A fresh name in the work directory."""
-        return f"#{next(self._names):x}"
 
     def _writable_upper(self) -> Layer:
         if self.upper is None:
@@ -216,7 +182,7 @@ class Union:
 
     def readlink(self, path: str) -> str:
         entry = self.resolver.get(path)
-        return os.readlink(entry.rel, dir_fd=entry.layer.fd)
+        return confined.readlink(entry.rel, dir_fd=entry.layer.fd)
 
     def statvfs(self) -> os.statvfs_result:
         return os.fstatvfs(self.resolver.layers[0].fd)
@@ -248,12 +214,12 @@ class Union:
         if writing and (not entry.in_upper or entry.chain):
             self._writable_upper()
             with self._lock:
-                entry = self._with_data(path, 0 if flags & os.O_TRUNC else None)
+                entry = self._copy.with_data(path, 0 if flags & os.O_TRUNC else None)
         data = entry.data
         if data is None:
-            fd = syscalls.open_beneath(entry.rel, flags & _OPENING_ONLY, dir_fd=entry.layer.fd)
+            fd = confined.open_beneath(entry.rel, flags & _OPENING_ONLY, dir_fd=entry.layer.fd)
         else:
-            fd = syscalls.open_beneath(Layer.rel(data.path), flags & _OPENING_ONLY, dir_fd=data.layer.fd)
+            fd = confined.open_beneath(Layer.rel(data.path), flags & _OPENING_ONLY, dir_fd=data.layer.fd)
         if writing and stat.S_ISREG(entry.st.st_mode) and entry.st.st_size == 0 and metacopy.is_marked(fd):
             # An empty metadata-only copy (never read as one: there is no data to fetch): unmarked, or
             # overlayfs would go on reading the empty file below, whatever is written to this one.
@@ -271,14 +237,14 @@ class Union:
         self._note(path)
         with self._lock:
             tmp, uid, gid, mode = self._prepare_new(path, uid, gid, mode, is_dir=False)
-            fd = os.open(tmp, keep | os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=self._work)
+            fd = os.open(tmp, keep | os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=self._work.fd)
             try:
                 os.fchown(fd, uid, gid)
                 os.fchmod(fd, mode)
                 self._install_new(tmp, path)
             except BaseException:
                 os.close(fd)
-                _remove_tree(self._work, tmp)
+                self._work.discard(tmp)
                 raise
         self._remember(fd, self.inodes.number(os.fstat(fd)), True)
         return fd
@@ -366,7 +332,7 @@ class Union:
         """fsync of a directory: its upper copy's entries reach the disk (a lower one never changes)."""
         entry = self.resolver.get(path)
         if self.sync and entry.in_upper:
-            fd = syscalls.open_beneath(entry.rel, os.O_RDONLY | os.O_DIRECTORY, dir_fd=entry.layer.fd)
+            fd = confined.open_beneath(entry.rel, os.O_RDONLY | os.O_DIRECTORY, dir_fd=entry.layer.fd)
             try:
                 os.fsync(fd)
             finally:
@@ -392,7 +358,7 @@ class Union:
         self._writable_upper()
         self._note(path)
         with self._lock:
-            return self._copy_up(path, self._metadata_copy)
+            return self._copy.path(path, self._metadata_copy)
 
     def change(self, path: str, *, mode: int | None = None, owner: tuple[int, int] | None = None,
                times_ns: tuple[int | None, int | None] | None = None) -> Attributes:
@@ -416,8 +382,8 @@ class Union:
         self._writable_upper()
         self._note(path)
         with self._lock:
-            entry = self._with_data(path, length)
-        fd = syscalls.open_beneath(entry.rel, os.O_WRONLY, dir_fd=entry.layer.fd)
+            entry = self._copy.with_data(path, length)
+        fd = confined.open_beneath(entry.rel, os.O_WRONLY, dir_fd=entry.layer.fd)
         try:
             os.ftruncate(fd, length)
         finally:
@@ -446,10 +412,10 @@ class Union:
         self._note(path)
         with self._lock:
             tmp, uid, gid, mode = self._prepare_new(path, uid, gid, mode, is_dir=True)
-            os.mkdir(tmp, 0o700, dir_fd=self._work)
+            os.mkdir(tmp, 0o700, dir_fd=self._work.fd)
             self._finish_new(tmp, uid, gid, mode)
             if self._lower_has(path):
-                whiteout.mark_opaque(tmp, dir_fd=self._work)
+                whiteout.mark_opaque(tmp, dir_fd=self._work.fd)
             self._install_new(tmp, path)
 
     def mknod(self, path: str, mode: int, rdev: int, uid: int, gid: int) -> None:
@@ -459,7 +425,7 @@ class Union:
         self._note(path)
         with self._lock:
             tmp, uid, gid, mode = self._prepare_new(path, uid, gid, mode, is_dir=False)
-            os.mknod(tmp, stat.S_IFMT(mode) | 0o600, rdev, dir_fd=self._work)
+            os.mknod(tmp, stat.S_IFMT(mode) | 0o600, rdev, dir_fd=self._work.fd)
             self._finish_new(tmp, uid, gid, mode)
             self._install_new(tmp, path)
 
@@ -467,7 +433,7 @@ class Union:
         self._note(path)
         with self._lock:
             tmp, uid, gid, _ = self._prepare_new(path, uid, gid, 0o777, is_dir=False)
-            os.symlink(target, tmp, dir_fd=self._work)
+            os.symlink(target, tmp, dir_fd=self._work.fd)
             self._finish_new(tmp, uid, gid, None)
             self._install_new(tmp, path)
 
@@ -478,12 +444,12 @@ class Union:
         self._note(existing, path)
         with self._lock:
             self._prepare_new(path, 0, 0, 0, is_dir=False)
-            source = self._copy_up(existing, self._metadata_copy)
+            source = self._copy.path(existing, self._metadata_copy)
             if source.chain and not self._lead_to_data(source, existing, None):
                 raise _error(errno.EXDEV, existing)  # (as on overlayfs: the copy-up stays)
-            tmp = self._tmp()
+            tmp = self._work.tmp()
             with source.layer.at(source.rel) as (dir_fd, name):
-                os.link(name, tmp, src_dir_fd=dir_fd, dst_dir_fd=self._work, follow_symlinks=False)
+                os.link(name, tmp, src_dir_fd=dir_fd, dst_dir_fd=self._work.fd, follow_symlinks=False)
             self._install_new(tmp, path)
 
     def _prepare_new(self, path: str, uid: int, gid: int, mode: int, *, is_dir: bool) -> tuple[str, int, int, int]:
@@ -494,32 +460,32 @@ class Union:
         parent, _ = split(path)
         if self.resolver.lookup(path) is not None:
             raise _error(errno.EEXIST, path)
-        self._copy_up_dir_chain(parent)
+        self._copy.parents(parent)
         pst = upper.lstat(parent)
         if pst.st_mode & stat.S_ISGID:
             gid = pst.st_gid
             if is_dir:
                 mode |= stat.S_ISGID
-        return self._tmp(), uid, gid, mode
+        return self._work.tmp(), uid, gid, mode
 
     def _finish_new(self, tmp: str, uid: int, gid: int, mode: int | None) -> None:
         try:
-            os.chown(tmp, uid, gid, dir_fd=self._work, follow_symlinks=False)
+            os.chown(tmp, uid, gid, dir_fd=self._work.fd, follow_symlinks=False)
             if mode is not None:
-                os.chmod(tmp, stat.S_IMODE(mode), dir_fd=self._work)
+                os.chmod(tmp, stat.S_IMODE(mode), dir_fd=self._work.fd)
         except BaseException:
-            _remove_tree(self._work, tmp)
+            self._work.discard(tmp)
             raise
 
     def _install_new(self, tmp: str, path: str) -> None:
         """Move the new entry ``tmp`` into place, replacing a whiteout of the upper layer if there is one."""
         try:
-            displaced = self._install(self._work, tmp, path)
+            displaced = self._install(self._work.fd, tmp, path)
         except BaseException:
-            _remove_tree(self._work, tmp)
+            self._work.discard(tmp)
             raise
         if displaced:
-            _remove_tree(self._work, tmp)  # what the upper had there (a whiteout) now sits at tmp
+            self._work.discard(tmp)  # what the upper had there (a whiteout) now sits at tmp
 
     # -- removing and renaming ------------------------------------------------------------------
 
@@ -530,7 +496,7 @@ class Union:
         self._writable_upper()
         self._note(path)
         with self._lock:
-            self._copy_up_dir_chain(split(path)[0])
+            self._copy.parents(split(path)[0])
             if self._lower_has(path):
                 self._whiteout(path)
             else:
@@ -550,7 +516,7 @@ class Union:
         with self._lock:
             if self.listdir(path):
                 raise _error(errno.ENOTEMPTY, path)
-            self._copy_up_dir_chain(split(path)[0])
+            self._copy.parents(split(path)[0])
             if self._lower_has(path):
                 self._whiteout(path)
             elif entry.in_upper:
@@ -561,9 +527,9 @@ class Union:
                         if e.errno != errno.ENOTEMPTY:
                             raise
                         # Only whiteouts are left inside: take it out of view first, then empty it.
-                        tmp = self._tmp()
-                        os.rename(name, tmp, src_dir_fd=dir_fd, dst_dir_fd=self._work)
-                        shutil.rmtree(tmp, dir_fd=self._work)
+                        tmp = self._work.tmp()
+                        os.rename(name, tmp, src_dir_fd=dir_fd, dst_dir_fd=self._work.fd)
+                        self._work.discard(tmp)
             if entry.in_upper:
                 self.inodes.removed(entry.st)
             self.resolver.invalidate()
@@ -593,8 +559,8 @@ class Union:
         upper = self._writable_upper()
         self._note(old, new)
         with self._lock:
-            self._copy_up_dir_chain(split(old)[0])
-            self._copy_up_dir_chain(split(new)[0])
+            self._copy.parents(split(old)[0])
+            self._copy.parents(split(new)[0])
             whole_tree, opaque_at_target = self._prepare_move(old, new, source)
             with upper.at(Layer.rel(old)) as (source_dir, source_name):
                 self._mark_impure_for(old, new)
@@ -603,7 +569,7 @@ class Union:
                     if self._lower_has(old):
                         self._whiteout(old)
                     elif displaced:
-                        _remove_tree(source_dir, source_name)
+                        remove_tree(source_dir, source_name)
             if whole_tree:
                 self._drop_markers_below(Layer.rel(new), keep_opaque=opaque_at_target)
             if target is not None and target.in_upper and (target.is_dir or target.st.st_nlink == 1):
@@ -658,8 +624,8 @@ class Union:
             return
         self._note(a, b)
         with self._lock:
-            self._copy_up_dir_chain(split(a)[0])
-            self._copy_up_dir_chain(split(b)[0])
+            self._copy.parents(split(a)[0])
+            self._copy.parents(split(b)[0])
             moves = [(a, b, *self._prepare_move(a, b, first)), (b, a, *self._prepare_move(b, a, second))]
             self._mark_impure_for(a, b)
             self._mark_impure_for(b, a)
@@ -699,13 +665,13 @@ class Union:
             target = self._redirect_target(first_lower, current, old, new)
         whole_tree = has_lower and target is None
         if whole_tree:
-            self._copy_up_tree(old)
+            self._copy.tree(old)
             opaque = self._lower_has(new)
         else:
             if not entry.in_upper:
-                entry = self._copy_up_entry(entry, self._metadata_copy)
+                entry = self._copy.entry(entry, self._metadata_copy)
             if entry.chain and not self._lead_to_data(entry, old, new):
-                self._fill(entry, None, keep_times=True)  # (overlayfs answers EXDEV, and mv copies)
+                self._copy.fill(entry, None, keep_times=True)  # (overlayfs answers EXDEV, and mv copies)
             opaque = entry.is_dir and not has_lower and len(self.resolver.stack_of(split(new)[0])) > 1
         if target is not None or opaque:
             with upper.at(Layer.rel(old)) as (dir_fd, name):
@@ -743,106 +709,12 @@ class Union:
 
     # -- copy-up and upper-layer plumbing -------------------------------------------------------
 
-    def _copy_up(self, path: str, content: str = copyup.DATA) -> Entry:
-        entry = self.resolver.get(path)
-        if entry.in_upper:
-            return entry
-        return self._copy_up_entry(entry, content)
-
-    def _copy_up_entry(self, entry: Entry, content: str = copyup.DATA) -> Entry:
-        """Copy ``entry`` up; a regular file's copy holds what ``content`` says (copyup's DATA, EMPTY or
-        METADATA)."""
-        upper = self._writable_upper()
-        parent, _ = split(entry.path)
-        self._copy_up_dir_chain(parent)
-        tmp = self._tmp()
-        data = entry.data
-        data_at = None if data is None else (data.layer.fd, Layer.rel(data.path))
-        # (No origin for a lower file with several names, as on overlayfs: the copy breaks the link.)
-        origin = self._origin_records().record(entry.layer, entry.rel) \
-            if entry.is_dir or entry.st.st_nlink == 1 else None
-        # (The copy goes to the entry's merged path: below a redirect, the lower one is elsewhere.)
-        with upper.at(Layer.rel(entry.path)) as (dir_fd, name):
-            pst = os.fstat(dir_fd)
-            try:
-                metadata_only = copyup.copy_entry(
-                    entry.rel, entry.st, tmp, src_dir_fd=entry.layer.fd, dst_dir_fd=self._work, content=content,
-                    data_at=data_at, records=() if origin is None else ((ORIGIN_XATTRS, origin),), sync=self.sync)
-                if origin is not None:
-                    Origins.mark_impure(".", dir_fd=dir_fd)
-                os.rename(tmp, name, src_dir_fd=self._work, dst_dir_fd=dir_fd)
-            except BaseException:
-                _remove_tree(self._work, tmp)
-                raise
-            os.utime(dir_fd, ns=(pst.st_atime_ns, pst.st_mtime_ns))
-            st = os.lstat(name, dir_fd=dir_fd)
-        self.inodes.copied_up(entry.st, st)
-        if entry.is_dir:
-            # Its own stack gains the upper part; every other stands (nothing below it is in the upper yet).
-            self.resolver.forget(entry.path)
-            return Entry(entry.path, upper, st, (Part(upper, entry.path),) + entry.stack)
-        return Entry(entry.path, upper, st, (), chain=(Part(entry.layer, entry.real),) + entry.chain
-                     if metadata_only else ())
-
-    def _with_data(self, path: str, length: int | None) -> Entry:
-        """``path`` in the upper layer holding its data, of which only the first ``length`` bytes are
-        wanted (None: all; what follows is about to be cut): a lower file copied up, a metadata-only
-        copy given its data."""
-        entry = self.resolver.get(path)
-        if not entry.in_upper:
-            return self._copy_up_entry(entry, copyup.EMPTY if length == 0 else copyup.DATA)
-        if entry.chain:
-            return self._fill(entry, length)
-        return entry
-
-    def _fill(self, entry: Entry, length: int | None, *, keep_times: bool = False) -> Entry:
-        """Give the metadata-only copy ``entry`` its data (the first ``length`` bytes, None: all), in
-        place: its other names, if it has any, are the same file. Returns what it is then."""
-        data = entry.chain[-1]
-        fd = syscalls.open_beneath(entry.rel, os.O_WRONLY, dir_fd=entry.layer.fd)
-        try:
-            data_fd = syscalls.open_beneath(Layer.rel(data.path), os.O_RDONLY, dir_fd=data.layer.fd)
-            try:
-                copyup.fill_in_place(fd, data_fd, entry.st.st_size if length is None else length, sync=self.sync,
-                                     keep_times=keep_times)
-            finally:
-                os.close(data_fd)
-            st = os.fstat(fd)
-        finally:
-            os.close(fd)
-        return Entry(entry.path, entry.layer, st, (), entry.real)
-
     def _mark_impure_for(self, old: str, new: str) -> None:
         """The upper entry at ``old`` is about to move to ``new``: if it is a copy that shows its origin's
         number, the directory it moves into is marked as holding such entries (overlayfs does the same)."""
         if self._origin_records().has_record(Layer.rel(old)):
             with self._writable_upper().at(Layer.rel(new)) as (dir_fd, _):
                 Origins.mark_impure(".", dir_fd=dir_fd)
-
-    def _copy_up_dir_chain(self, path: str) -> None:
-        """Make the directory ``path`` and its ancestors real directories of the upper layer."""
-        missing = []
-        while path != "/" and not self.resolver.stack_of(path)[0].layer.writable:
-            missing.append(path)
-            path = split(path)[0]
-        for directory in reversed(missing):
-            entry = self.resolver.get(directory)
-            if not entry.is_dir:  # (a lower changed behind the mount's back: never copy a symlink up as a parent)
-                raise _error(errno.ENOTDIR, directory)
-            self._copy_up_entry(entry)
-
-    def _copy_up_tree(self, path: str) -> None:
-        """Copy the directory ``path`` and everything visible below it into the upper layer."""
-        pending = [path]
-        while pending:
-            directory = pending.pop()
-            self._copy_up(directory)
-            for name, (_, bits) in self.listdir(directory).items():
-                child = join(directory, name)
-                if bits == stat.S_IFDIR:
-                    pending.append(child)
-                else:
-                    self._copy_up(child)
 
     def _drop_markers_below(self, rel: str, *, keep_opaque: bool) -> None:
         """After a subtree was copied up and moved, the whiteouts and opaque marks inside it refer to
@@ -902,11 +774,12 @@ class Union:
 
     def _whiteout(self, path: str) -> None:
         """Make ``path`` a whiteout in the upper layer, replacing atomically whatever the upper has there."""
-        tmp = self._tmp()
+        tmp = self._work.tmp()
         try:
-            os.mknod(tmp, stat.S_IFCHR, os.makedev(0, 0), dir_fd=self._work)
+            os.mknod(tmp, stat.S_IFCHR, os.makedev(0, 0), dir_fd=self._work.fd)
         except PermissionError:
-            _remove_tree(self._writable_upper().fd, Layer.rel(path))
-            whiteout.make_whiteout(Layer.rel(path), dir_fd=self._writable_upper().fd)
+            with self._writable_upper().at(Layer.rel(path)) as (dir_fd, name):
+                remove_tree(dir_fd, name)
+                whiteout.make_whiteout(name, dir_fd=dir_fd)
             return
         self._install_new(tmp, path)

@@ -1,10 +1,10 @@
 """Extended attributes of an entry named relative to a directory descriptor, never following it.
 
-The *xattr system calls have no ``*at`` form. The entry is reached through the directory descriptor as
-``/proc/self/fd/N/PATH``: the kernel jumps to that directory and looks PATH up from there, its last name
-without following it, which works for every file type (a symlink or a device cannot be opened to use
-f*xattr). Where that is longer than PATH_MAX, through its parent directory opened first, so that paths
-up to PATH_MAX relative to the layer work, however long the layer's own path is.
+The *xattr system calls have no ``*at`` form. The entry's parent directory is opened beneath the
+directory descriptor (``confined.beneath``) and the entry reached as ``/proc/self/fd/PARENT/NAME``: the
+kernel jumps to that directory and looks NAME up without following it, which works for every file type
+(a symlink or a device cannot be opened to use f*xattr), and the path is short whatever the layer's own
+path is.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import errno
 import os
 from collections.abc import Iterator
 
-_DIR = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
-_PATH_MAX = 4096
+from . import confined
+
 # A missing xattr, or a namespace the filesystem or the daemon may not use (trusted.* without
 # CAP_SYS_ADMIN): where overlayfs's records fall back from their trusted.* form to their user.* one.
 _UNAVAILABLE = (errno.ENODATA, errno.ENOTSUP, errno.EPERM, errno.EACCES)
@@ -26,24 +26,10 @@ def _reach(path: str | int, dir_fd: int | None) -> Iterator[str | int]:
     if dir_fd is None or isinstance(path, int):  # (a path from the cwd, or an open file)
         yield path
         return
-    direct = f"/proc/self/fd/{dir_fd}/{path}"
-    if len(direct) < _PATH_MAX // 4 or len(os.fsencode(direct)) < _PATH_MAX:  # (the first test: no encoding)
-        yield direct
-        return
-    head, _, name = path.rpartition("/")
-    if name in ("", "."):
-        # The directory itself: an ordinary descriptor takes f*xattr calls.
-        fd = os.open(head or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dir_fd)
-        try:
-            yield fd
-        finally:
-            os.close(fd)
-        return
-    parent = os.open(head or ".", _DIR, dir_fd=dir_fd)
-    try:
+    # Through /proc/self/fd, the kernel follows every directory on the way: the entry's parent is opened
+    # beneath the layer first (confined.beneath), so that a directory swapped for a symlink is not.
+    with confined.beneath(path, dir_fd=dir_fd) as (parent, name):
         yield f"/proc/self/fd/{parent}/{name}"
-    finally:
-        os.close(parent)
 
 
 def _nofollow(target: str | int) -> dict:

@@ -22,7 +22,7 @@ import subprocess
 import threading
 import time
 
-from ..core import syscalls
+from .. import syscalls
 from ..core.union import Union
 from ..errors import LayerfsError
 from . import mounts

@@ -112,7 +112,7 @@ class Session:
         return options
 
     def _mount_directly(self) -> None:
-        from ..core import syscalls
+        from .. import syscalls
 
         st = os.stat(self.mountpoint)
         data = ",".join([f"fd={self.fd}", f"rootmode={stat.S_IFMT(st.st_mode) | 0o755:o}",

@@ -2,53 +2,45 @@
 
 ``write_layer(out, upper, changes(upper, lowers))`` turns the ``docker diff`` view of an upper directory
 into the layer that, applied over the lowers' image by any OCI tool, gives the container's merged tree.
-The tar follows the image-spec's layer rules, which differ from what is stored in the upper directory:
+What the layer holds for each change is decided in ``entries`` (whiteouts, opaque directories, what is
+left out, hard links), which the store's commit follows too; this module writes those entries in the tar
+form the image-spec's layer rules give them, which differs from what is stored in the upper directory:
 
-- a deletion is an empty regular file ``.wh.NAME`` beside the deleted name, written before its siblings
-  (some extractors apply entries strictly in order); an opaque upper directory is its directory entry
-  followed at once by ``DIR/.wh..wh..opq``. The upper's own markers (0/0 character devices, ``.wh.*``
-  files, opaque xattrs) are bookkeeping of the overlay format and never travel as themselves.
+- a deletion is an empty regular file ``.wh.NAME`` beside the deleted name, written before its siblings;
+  an opaque directory is its directory entry followed at once by ``DIR/.wh..wh..opq``. The upper's own
+  markers (0/0 character devices, ``.wh.*`` files, opaque xattrs) are bookkeeping of the overlay format
+  and never travel as themselves.
 - A file with several names in this layer is stored once; its other names are hard-link entries to the
   first name written, so the extracted layer keeps the link.
 - Owners are numeric (empty user and group names: the image's /etc/passwd, not the host's, gives them a
   meaning); mode bits keep setuid, setgid and sticky; mtimes keep nanoseconds in PAX records; xattrs go in
-  PAX ``SCHILY.xattr.*`` records, except overlay's and layerfs's private ones. Sockets are left out: they
-  belong to a running process, and tar cannot hold them.
+  PAX ``SCHILY.xattr.*`` records, except overlay's and layerfs's private ones.
 - Names are stored as bytes: a name that is not UTF-8 travels unchanged (PAX ``hdrcharset=BINARY``).
 
 Deterministic: the same upper directory and changes give the same bytes, so a rebuilt layer has the same
-digest and registries and caches can share it. Entries come in path order, as ``changes`` lists them
-(whiteouts moved before their siblings), no atime or ctime is stored, PAX records are in a fixed order,
-whiteout files carry no time at all, ``mtime_clamp_ns`` caps every mtime (for SOURCE_DATE_EPOCH-style
-builds), and the gzip header has neither a time nor a name.
-
-Everything is read relative to descriptors of the upper's real directories, opened one component at a
-time without following symlinks, and no entry is followed: a symlink in the upper that points outside is
-written as a symlink, and an upper directory swapped for a symlink during the export stops it with an error
-instead of leading it out of the upper directory.
+digest and registries and caches can share it. Entries come in ``entries``' order, no atime or ctime is
+stored, PAX records are in a fixed order, whiteout files carry no time at all, ``mtime_clamp_ns`` caps
+every mtime (for SOURCE_DATE_EPOCH-style builds), and the gzip header has neither a time nor a name.
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import os
 import stat
 import tarfile
 import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import BinaryIO, NamedTuple, cast
 
-from ..core import syscalls, whiteout, xattr
-from ..core.changes import DELETED, Change
+from ..core import whiteout, xattr
+from ..core.changes import Change
 from ..errors import LayerfsError
+from .entries import Entry, FirstNames, Upper
 
 _CHUNK = 1 << 20  # bytes read from a file at a time: one progress step
 _CAPABILITY = "security.capability"
-_DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # O_NONBLOCK: never hang on a fifo
-_GONE = (errno.ENOENT, errno.ENOTDIR, errno.ELOOP)  # the path, or a directory on it, is not what it was
 
 _TYPES = {
     stat.S_IFDIR: tarfile.DIRTYPE, stat.S_IFREG: tarfile.REGTYPE, stat.S_IFLNK: tarfile.SYMTYPE,
@@ -77,194 +69,49 @@ def write_layer(out: BinaryIO, upper: str, changes: Iterable[Change], *, compres
     ``upper`` raises LayerfsError, as does a failure to read the upper or to write ``out``; ``out`` then
     holds an unfinished layer for the caller to discard.
     """
-    with _Upper(upper) as tree:
-        items = [item for change in changes if (item := tree.classify(change)) is not None]
-        items.sort(key=_order)
-        meter = _Progress(progress, _data_size(items))
-        stream = _Stream(out, compress)
-        # (a writing TarFile calls write and tell alone, which is all the stream has)
-        tar = tarfile.TarFile(fileobj=cast(BinaryIO, stream), mode="w", format=tarfile.PAX_FORMAT,
-                              encoding="utf-8", errors="surrogateescape", copybufsize=_CHUNK)
-        writer = _Writer(tar, tree, mtime_clamp_ns, meter)
-        meter.report()
-        if tree.root_opaque():
-            writer.marker(whiteout.OPAQUE_MARKER)
-        for item in items:
-            writer.write(item)
-        tar.close()  # the end-of-archive blocks; ``stream`` itself stays open for the gzip trailer
-        return stream.finish()
+    with Upper(upper) as tree:
+        return write_entries(out, tree, tree.entries(changes), compress=compress, mtime_clamp_ns=mtime_clamp_ns,
+                             progress=progress)
 
 
-# -- first pass: what each change is -----------------------------------------------------------------
+def write_entries(out: BinaryIO, tree: Upper, found: list[Entry], *, compress: bool = False,
+                  mtime_clamp_ns: int | None = None, progress: ProgressFn | None = None) -> LayerDigests:
+    """``write_layer`` for entries already found (``tree.entries``), as a commit that also builds a layer
+    directory from the same entries writes it."""
+    meter = _Progress(progress, _data_size(found))
+    stream = _Stream(out, compress)
+    # (a writing TarFile calls write and tell alone, which is all the stream has)
+    tar = tarfile.TarFile(fileobj=cast(BinaryIO, stream), mode="w", format=tarfile.PAX_FORMAT,
+                          encoding="utf-8", errors="surrogateescape", copybufsize=_CHUNK)
+    writer = _Writer(tar, tree, mtime_clamp_ns, meter)
+    meter.report()
+    if tree.root_opaque():
+        writer.marker(whiteout.OPAQUE_MARKER)
+    for entry in found:
+        writer.write(entry)
+    tar.close()  # the end-of-archive blocks; ``stream`` itself stays open for the gzip trailer
+    return stream.finish()
 
 
-class _Item(NamedTuple):
-    """One change, as the first pass found it in the upper directory."""
-
-    path: str  # in the container: "/etc/passwd"
-    st: os.stat_result | None  # None: a deletion, written as a whiteout file
-    opaque: bool = False  # a directory that hides what the lowers have at its path
-    source: tuple[str, str] | None = None  # in a lower layer (below a redirected directory): Change.source
-    data: tuple[str, str] | None = None  # a metadata-only copy's data, in a lower layer: Change.data
-
-
-def _order(item: _Item) -> list[tuple[int, str]]:
-    """Sort key: path order, component by component as ``changes`` sorts, a whiteout before its siblings."""
-    parts = item.path[1:].split("/")
-    return [(1, p) for p in parts[:-1]] + [(0 if item.st is None else 1, parts[-1])]
-
-
-def _data_size(items: list[_Item]) -> int:
+def _data_size(found: list[Entry]) -> int:
     """Bytes of file data the layer will carry: each regular file once, however many names it has."""
-    sizes = {(it.st.st_dev, it.st.st_ino): it.st.st_size for it in items
-             if it.st is not None and stat.S_ISREG(it.st.st_mode)}
+    sizes = {(e.st.st_dev, e.st.st_ino): e.st.st_size for e in found
+             if e.st is not None and stat.S_ISREG(e.st.st_mode)}
     return sum(sizes.values())
-
-
-class _Upper:
-    """The upper directory, reached one real directory at a time so that no access follows a symlink.
-
-    Entries come parents first and mostly in tree order, so the descriptors of the current directory and
-    its ancestors are kept, and only the components that differ from the previous entry's are opened.
-    """
-
-    def __init__(self, root: str) -> None:
-        self.root = root.rstrip("/") or "/"
-        try:
-            self.fd = os.open(self.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        except OSError as e:
-            raise LayerfsError(f"upper directory {self.root}: {e.strerror}") from e
-        self._open: list[tuple[str, int]] = []  # (name, descriptor) of each directory below the root
-        self._lowers: dict[str, int] = {}  # root -> descriptor of the lower layers sources are read from
-
-    def __enter__(self) -> _Upper:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for fd in [fd for _, fd in self._open] + list(self._lowers.values()):
-            os.close(fd)
-        self._open.clear()
-        self._lowers.clear()
-        os.close(self.fd)
-
-    def gone(self, path: str) -> LayerfsError:
-        return LayerfsError(f"cannot export {path}: it is no longer in the upper directory {self.root}")
-
-    def failed(self, path: str, e: OSError) -> LayerfsError:
-        if e.errno in _GONE:
-            return self.gone(path)
-        return LayerfsError(f"cannot export {path}: {e.strerror}")
-
-    def parent(self, path: str) -> int:
-        """A descriptor of the real directory holding ``path`` (a container path, not ``/``)."""
-        parts = path[1:].split("/")[:-1]
-        keep = 0
-        while keep < len(self._open) and keep < len(parts) and self._open[keep][0] == parts[keep]:
-            keep += 1
-        for _, fd in self._open[keep:]:
-            os.close(fd)
-        del self._open[keep:]
-        for name in parts[keep:]:
-            try:
-                fd = os.open(name, _DIR_FLAGS, dir_fd=self._open[-1][1] if self._open else self.fd)
-            except OSError as e:
-                raise self.failed(path, e) from e
-            self._open.append((name, fd))
-        return self._open[-1][1] if self._open else self.fd
-
-    @contextlib.contextmanager
-    def directory_of(self, item: _Item) -> Iterator[tuple[int, str]]:
-        """The real directory holding ``item`` and its name there: in the upper, or in the lower layer a
-        source names (opened beneath that layer's root, without following a symlink on the way)."""
-        if item.source is None:
-            yield self.parent(item.path), os.path.basename(item.path)
-            return
-        head, _, name = item.source[1].rpartition("/")
-        fd = self._open_lower(item.path, item.source[0], head or "/", os.O_PATH | os.O_DIRECTORY)
-        try:
-            yield fd, name
-        finally:
-            os.close(fd)
-
-    def open_data(self, item: _Item) -> int:
-        """The data of the metadata-only copy ``item``, opened in the lower layer that holds it."""
-        if item.data is None:
-            raise ValueError(f"{item.path} is no metadata-only copy")
-        root, real = item.data
-        return self._open_lower(item.path, root, real, _FILE_FLAGS)
-
-    def _open_lower(self, path: str, root: str, real: str, flags: int) -> int:
-        """``real`` of the lower layer at ``root`` opened beneath it, for the change at ``path``."""
-        try:
-            layer = self._lowers.get(root)
-            if layer is None:
-                layer = self._lowers[root] = os.open(root, _DIR_FLAGS)
-            return syscalls.open_beneath(real[1:] or ".", flags, dir_fd=layer)
-        except OSError as e:
-            raise LayerfsError(f"cannot export {path} from {root}{real}: {e.strerror}") from e
-
-    def root_opaque(self) -> bool:
-        """An opaque upper root hides every lower entry; no change stands for it, so it is asked here."""
-        return whiteout.is_opaque_dir(".", dir_fd=self.fd)
-
-    def classify(self, change: Change) -> _Item | None:
-        """What ``change`` is in the upper now; None for what a layer does not carry."""
-        path = change.path
-        name = os.path.basename(path)
-        if path == "/" or whiteout.is_marker_name(name):
-            return None  # the root has no entry; markers are never written as themselves
-        if change.source is not None:  # still in a lower layer, below a redirected directory
-            item = _Item(path, None, source=change.source, data=change.data)
-            with self.directory_of(item) as (parent, real_name):
-                try:
-                    st = os.lstat(real_name, dir_fd=parent)
-                except OSError as e:
-                    raise self.failed(path, e) from e
-            return None if stat.S_ISSOCK(st.st_mode) else item._replace(st=st)
-        parent = self.parent(path)
-        try:
-            st = os.lstat(name, dir_fd=parent)
-        except OSError as e:
-            if e.errno != errno.ENOENT:
-                raise self.failed(path, e) from e
-            if change.kind == DELETED and self._has_oci_whiteout(parent, name, path):
-                return _Item(path, None)
-            raise self.gone(path) from e
-        if whiteout.is_whiteout_stat(st):
-            return _Item(path, None)
-        if stat.S_ISSOCK(st.st_mode):
-            return None
-        if not stat.S_ISDIR(st.st_mode):
-            return _Item(path, st, data=change.data)
-        # A directory reported deleted yet present was replaced: the lowers' content under it is gone.
-        try:
-            opaque = change.kind == DELETED or whiteout.is_opaque_dir(name, dir_fd=parent)
-        except OSError as e:
-            raise self.failed(path, e) from e
-        return _Item(path, st, opaque)
-
-    def _has_oci_whiteout(self, parent: int, name: str, path: str) -> bool:
-        try:
-            os.lstat(whiteout.oci_whiteout_name(name), dir_fd=parent)
-            return True
-        except OSError as e:
-            if e.errno in (errno.ENOENT, errno.ENAMETOOLONG):  # too long a name has no ".wh." twin
-                return False
-            raise self.failed(path, e) from e
 
 
 # -- second pass: the tar entries --------------------------------------------------------------------
 
 
 class _Writer:
-    """Turns items into tar entries, reading each from the upper when it is written."""
+    """Turns entries into tar entries, reading each from the upper when it is written."""
 
-    def __init__(self, tar: tarfile.TarFile, tree: _Upper, clamp_ns: int | None, meter: _Progress) -> None:
+    def __init__(self, tar: tarfile.TarFile, tree: Upper, clamp_ns: int | None, meter: _Progress) -> None:
         self.tar = tar
         self.tree = tree
         self.clamp_ns = clamp_ns
         self.meter = meter
-        self.first_name: dict[tuple[int, int], str] = {}  # (dev, ino) of a multi-link file -> its tar name
+        self.first_names = FirstNames()
 
     def add(self, info: tarfile.TarInfo, data: _FileData | None = None) -> None:
         self.tar.addfile(info, data)
@@ -278,34 +125,33 @@ class _Writer:
         info.mode = 0
         self.add(info)
 
-    def write(self, item: _Item) -> None:
-        path, st = item.path, item.st
+    def write(self, entry: Entry) -> None:
+        path, st = entry.path, entry.st
         name = path[1:]
         if st is None:
             head, _, base = name.rpartition("/")
             self.marker((head + "/" if head else "") + whiteout.oci_whiteout_name(base))
             return
-        with self.tree.directory_of(item) as (parent, base):
-            self._write_entry(item, st, parent, base)
-        if item.opaque:
+        with self.tree.directory_of(entry) as (parent, base):
+            self._write_entry(entry, st, parent, base)
+        if entry.opaque:
             self.marker(name + "/" + whiteout.OPAQUE_MARKER)
 
-    def _write_entry(self, item: _Item, st: os.stat_result, parent: int, base: str) -> None:
-        path = item.path
+    def _write_entry(self, entry: Entry, st: os.stat_result, parent: int, base: str) -> None:
+        path = entry.path
         name = path[1:]
         fd = None
         try:
-            if stat.S_ISREG(st.st_mode) and item.data is None:
-                fd = os.open(base, _FILE_FLAGS, dir_fd=parent)
-                st = os.fstat(fd)  # the header must match the data read: take both from the open file
-            elif stat.S_ISREG(st.st_mode):  # a metadata-only copy: its header from it, its data from below
-                fd = self.tree.open_data(item)
+            if stat.S_ISREG(st.st_mode):
+                fd = self.tree.open_file(entry, parent, base)
+                if entry.data is None:  # (a metadata-only copy: its header from it, its data from below)
+                    st = os.fstat(fd)  # the header must match the data read: take both from the open file
             if stat.S_IFMT(st.st_mode) not in _TYPES or (fd is not None and not stat.S_ISREG(st.st_mode)):
                 raise LayerfsError(f"cannot export {path}: it changed type during the export")
             info = self._header(name, st)
-            link = self._hard_link(name, st)
+            link = self.first_names.link_target(path, st)
             if link is not None:
-                info.type, info.linkname, info.size = tarfile.LNKTYPE, link, 0
+                info.type, info.linkname, info.size = tarfile.LNKTYPE, link[1:], 0
                 self.add(info)
                 return
             info.pax_headers = {**info.pax_headers, **self._xattrs(base, parent, path)}
@@ -336,16 +182,6 @@ class _Writer:
             # First in the PAX records, before the xattrs: a fixed order keeps the bytes reproducible.
             info.pax_headers = {"mtime": _pax_time(mtime_ns)}
         return info
-
-    def _hard_link(self, name: str, st: os.stat_result) -> str | None:
-        """The tar name this inode was first written under, if it was; remembers it otherwise."""
-        if stat.S_ISDIR(st.st_mode) or st.st_nlink < 2:
-            return None
-        key = (st.st_dev, st.st_ino)
-        first = self.first_name.get(key)
-        if first is None:
-            self.first_name[key] = name
-        return first
 
     def _xattrs(self, base: str, parent: int, path: str) -> dict[str, str]:
         """PAX records of the entry's own xattrs, sorted by name; values as bytes (surrogate-escaped).
@@ -401,7 +237,7 @@ class _Progress:
 class _FileData:
     """A regular file's data as tarfile reads it: exactly the size in its header, or an error."""
 
-    def __init__(self, fd: int, path: str, size: int, meter: _Progress, tree: _Upper) -> None:
+    def __init__(self, fd: int, path: str, size: int, meter: _Progress, tree: Upper) -> None:
         self.fd = fd
         self.path = path
         self.left = size

@@ -266,7 +266,17 @@ def write_image(dest: str, tag: str, layer_dirs: list[str], config: dict) -> str
     config_descriptor = _write_json_blob(blobs, config, _CONFIG)
     manifest = {"schemaVersion": 2, "mediaType": _MANIFEST, "config": config_descriptor, "layers": descriptors}
     manifest_descriptor = _write_json_blob(blobs, manifest, _MANIFEST)
-    manifest_descriptor["annotations"] = {_REF_NAME: tag}
+    add_to_index(dest, manifest_descriptor, tag)
+    return manifest_descriptor["digest"]
+
+
+def add_to_index(dest: str, descriptor: dict, tag: str | None) -> None:
+    """List the manifest ``descriptor`` (its blob in place already) in the index of the layout ``dest`` as
+    ``tag`` (in ``org.opencontainers.image.ref.name``; none if None), in place of the image it had of that
+    tag, and mark ``dest`` an OCI image layout."""
+    entry = dict(descriptor)
+    if tag:
+        entry["annotations"] = {**entry.get("annotations", {}), _REF_NAME: tag}
     index_path = os.path.join(dest, "index.json")
     try:
         with open(index_path) as f:
@@ -274,12 +284,11 @@ def write_image(dest: str, tag: str, layer_dirs: list[str], config: dict) -> str
     except FileNotFoundError:
         index = {"schemaVersion": 2, "manifests": []}
     index["manifests"] = [m for m in index.get("manifests", []) if (m.get("annotations") or {}).get(_REF_NAME) != tag]
-    index["manifests"].append(manifest_descriptor)
+    index["manifests"].append(entry)
     for path, content in ((os.path.join(dest, "oci-layout"), {"imageLayoutVersion": "1.0.0"}), (index_path, index)):
         with open(path + ".tmp", "w") as f:
             json.dump(content, f)
         os.replace(path + ".tmp", path)
-    return manifest_descriptor["digest"]
 
 
 def _write_json_blob(blobs: str, content: dict, media_type: str) -> dict:

@@ -60,16 +60,15 @@ import re
 import stat
 import tarfile
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import IO, BinaryIO, NamedTuple, cast
 
 import zstandard
 
-from ..core import whiteout, xattr
+from ..core import confined, whiteout, xattr
 from ..errors import LayerfsError, printable
 
 _CHUNK = 1 << 20  # bytes read from the stream, or written to a file, at a time: one progress step
-_WALK = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _PATH_MAX = 4096
@@ -571,27 +570,23 @@ def _remove_tree(parent: int, name: str) -> None:
 class _Tree:
     """The layer being built below the destination's root.
 
-    Directories are reached one component at a time with O_NOFOLLOW|O_DIRECTORY. The descriptors from the
-    root down to the last parent used stay open (a tar lists a directory's entries together, parents
-    first), so the next parent costs the components that differ; an entry only ever replaces something
-    below the last parent, never a directory on that chain. Directory modes and times wait in
+    Directories are reached one component at a time, never through a symlink (``confined.DirChain``,
+    which makes the missing ones here). The descriptors from the root down to the last parent used stay
+    open (a tar lists a directory's entries together, parents first), so the next parent costs the
+    components that differ; an entry only ever replaces something below the last parent, never a
+    directory on that chain. Directory modes and times wait in
     ``pending`` until the end. ``deleted`` holds every path the layer whites out: a directory made there
     is opaque, whatever came first.
     """
 
     def __init__(self, dest: _Dest) -> None:
         self.root = dest.root
-        self.chain: list[tuple[str, int]] = []  # (name, O_PATH descriptor) of each directory below the root
+        self.chain = confined.DirChain(self.root, lambda fd, parts, i: self._step(fd, parts, i, create=True))
         self.pending = _Pending()
         self.deleted: set[str] = set()
 
     def close(self) -> None:
-        self._keep(0)
-
-    def _keep(self, n: int) -> None:
-        for _, fd in self.chain[n:]:
-            os.close(fd)
-        del self.chain[n:]
+        self.chain.release()
 
     def reach(self, parts: tuple[str, ...]) -> int:
         """A new O_PATH descriptor of the existing directory ``parts``, for the caller to close."""
@@ -606,12 +601,12 @@ class _Tree:
             raise
         return fd
 
-    def _step(self, fd: int, parts: tuple[str, ...], i: int, *, create: bool) -> int:
+    def _step(self, fd: int, parts: Sequence[str], i: int, *, create: bool) -> int:
         """The directory ``parts[i]`` in ``fd`` opened; with ``create``, made if missing (whiteouts of this
         layer give way to it)."""
         name = parts[i]
         try:
-            return os.open(name, _WALK, dir_fd=fd)
+            return confined.open_dir(name, dir_fd=fd)
         except OSError as e:
             if e.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
                 raise
@@ -626,24 +621,17 @@ class _Tree:
         if st is not None:
             os.unlink(name, dir_fd=fd)  # a whiteout of this layer: the directory hides the lower one too
         self._mkdir(fd, name, parts[:i + 1])
-        self.pending.set(parts[:i + 1], (0o755, None))  # implied by the tar: no metadata of its own
-        return os.open(name, _WALK, dir_fd=fd)
+        self.pending.set(tuple(parts[:i + 1]), (0o755, None))  # implied by the tar: no metadata of its own
+        return confined.open_dir(name, dir_fd=fd)
 
-    def _mkdir(self, parent: int, name: str, parts: tuple[str, ...]) -> None:
+    def _mkdir(self, parent: int, name: str, parts: Sequence[str]) -> None:
         os.mkdir(name, 0o700, dir_fd=parent)
         if "/".join(parts) in self.deleted:
             whiteout.mark_opaque(name, dir_fd=parent)
 
     def parent(self, parts: tuple[str, ...]) -> int:
         """The descriptor of the directory ``parts`` (made if missing), kept until another is asked for."""
-        same = 0
-        while same < min(len(parts), len(self.chain)) and self.chain[same][0] == parts[same]:
-            same += 1
-        self._keep(same)
-        for i in range(same, len(parts)):
-            fd = self._step(self.chain[-1][1] if self.chain else self.root, parts, i, create=True)
-            self.chain.append((parts[i], fd))
-        return self.chain[-1][1] if self.chain else self.root
+        return self.chain.get(parts)
 
     def place(self, parts: tuple[str, ...], *, directory: bool) -> tuple[int | None, str]:
         """Clear the way for an entry at ``parts``: (its parent's descriptor, its name). What a later

@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 import os
 
-from .. import store
 from ..errors import LayerfsError
 from ..fs import mount, options
+from ..store import Store
 from . import shim
 
 _PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -64,20 +64,20 @@ def config(image_config: dict, command: list[str], hostname: str) -> dict:
     }
 
 
-def write(images: store.Store, name: str, directory: str, command: list[str]) -> str:
+def write(store: Store, name: str, directory: str, command: list[str]) -> str:
     """Mount container ``name`` at ``directory``/rootfs and write the bundle's config.json; returns the
     rootfs path."""
-    record = images.container(name)
+    record = store.containers.get(name)
     if record is None:
         raise LayerfsError(f"no container {name!r}")
-    image_config = (images.images().get(record["image"]) or {}).get("config", {}).get("config") or {}
+    image_config = (store.images.find(record["image"]) or {}).get("config", {}).get("config") or {}
     rootfs = os.path.join(os.path.abspath(directory), "rootfs")
     os.makedirs(rootfs, exist_ok=True)
     if mount.mount(options.parse([options.for_dirs(record["lowers"], record["upper"], record["work"])],
                                  rootfs)) != 0:
         raise LayerfsError(f"could not mount container {name!r}")
     try:
-        images.add_runtime_paths(name, shim.make_mount_points(rootfs))
+        store.add_runtime_paths(name, shim.make_mount_points(rootfs))
         with open(os.path.join(directory, "config.json"), "w") as f:
             json.dump(config(image_config, command, name[:63]), f, indent=1)
     except BaseException:

@@ -9,9 +9,9 @@ import shutil
 import tempfile
 import uuid
 
-from .. import store
 from ..errors import UsageError
 from ..fs import mount, options
+from ..store import Store, root_from
 from . import shim
 
 _DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -28,15 +28,15 @@ def main(args: argparse.Namespace) -> int:
     image, command = words[0], words[1:]
     if command[:1] == ["--"]:
         command = command[1:]
-    images = store.Store(store.root_from(args.root))
-    config = (images.images().get(image) or {}).get("config", {}).get("config") or {}
-    record = images.create(args.name or f"run-{uuid.uuid4().hex[:8]}", image)
+    store = Store(root_from(args.root))
+    config = (store.images.find(image) or {}).get("config", {}).get("config") or {}
+    record = store.create(args.name or f"run-{uuid.uuid4().hex[:8]}", image)
     try:
         return _run(record["lowers"], record["upper"], record["work"], record["merged"], command, config, args,
-                    made=lambda paths: images.add_runtime_paths(record["name"], paths))
+                    made=lambda paths: store.add_runtime_paths(record["name"], paths))
     finally:
         if args.rm:
-            images.remove(record["name"])
+            store.remove(record["name"])
 
 
 def _run_on_lowers(lowers: list[str], command: list[str], args: argparse.Namespace) -> int:

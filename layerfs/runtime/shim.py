@@ -13,23 +13,18 @@ taken down by the shim when the command ends, on errors too.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
+import socket
 import stat
 from dataclasses import dataclass, field
 
+from .. import syscalls
 from ..errors import LayerfsError
+from ..syscalls import MS_BIND, MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_PRIVATE, MS_RDONLY, MS_REC
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_CLONE_NEWNS, _CLONE_NEWUTS, _CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
-_CLONE_NEWPID, _CLONE_NEWNET = 0x20000000, 0x40000000
-_MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 1, 2, 4, 8
-_MS_BIND, _MS_REC, _MS_PRIVATE = 4096, 16384, 1 << 18
-_MNT_DETACH = 2
 _DEVICES = {"null": (1, 3), "zero": (1, 5), "full": (1, 7), "random": (1, 8), "urandom": (1, 9), "tty": (5, 0)}
 _EXEC_FAILED = 127  # as a shell says "command not found"
-_PR_SET_PDEATHSIG = 1
 
 
 @dataclass
@@ -42,17 +37,6 @@ class Process:
     hostname: str = "layerfs"
     network: bool = True  # False: a network namespace of its own (loopback only, down)
     binds: list[tuple[str, str]] = field(default_factory=list)  # (host file, container path) bind-mounted
-
-
-def _check(result: int, what: str) -> None:
-    if result != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, f"{what}: {os.strerror(e)}")
-
-
-def _mount(source: str, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
-    _check(_libc.mount(source.encode(), target.encode(), fstype.encode() if fstype else None, flags,
-                       data.encode() if data else None), f"mount {target}")
 
 
 _MOUNT_POINTS = ("proc", "dev", "sys")
@@ -148,7 +132,7 @@ def _exit_code(status: int) -> int:
 
 def _die_with_parent(parent: int) -> None:
     """Be killed when the parent ends, even by SIGKILL: a killed shim takes its container with it."""
-    _check(_libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL), "prctl")
+    syscalls.set_death_signal(signal.SIGKILL)
     # It ended before the line above: we were given to another parent. (PID 1 of a new PID namespace
     # sees its parent, outside, as 0.)
     if os.getppid() not in (parent, 0):
@@ -159,8 +143,8 @@ def _container(rootfs: str, process: Process, shim: int) -> int:
     """(In the shim's child.) New namespaces, then PID 1 in them; returns its exit code."""
     try:
         _die_with_parent(shim)
-        flags = _CLONE_NEWNS | _CLONE_NEWPID | _CLONE_NEWUTS | _CLONE_NEWIPC
-        _check(_libc.unshare(flags | (0 if process.network else _CLONE_NEWNET)), "unshare")
+        flags = syscalls.CLONE_NEWNS | syscalls.CLONE_NEWPID | syscalls.CLONE_NEWUTS | syscalls.CLONE_NEWIPC
+        syscalls.unshare(flags | (0 if process.network else syscalls.CLONE_NEWNET))
         parent = os.getpid()
         pid = os.fork()
         if pid == 0:
@@ -174,28 +158,33 @@ def _container(rootfs: str, process: Process, shim: int) -> int:
             except InterruptedError:
                 continue
     except OSError as e:
-        os.write(2, f"layerfs: run: {e.strerror or e}\n".encode())
+        os.write(2, f"layerfs: run: {_described(e)}\n".encode())
         return 125  # as docker run says the runtime failed
+
+
+def _described(e: OSError) -> str:
+    """A failed setup call in a line: what it was about (a mount point, "unshare") and why."""
+    return f"{e.filename}: {e.strerror}" if e.filename else e.strerror or str(e)
 
 
 def _become_pid1(rootfs: str, process: Process) -> None:
     code = 125
     try:
-        _mount("none", "/", None, _MS_REC | _MS_PRIVATE)  # nothing from here reaches the host
-        _mount(rootfs, rootfs, None, _MS_BIND | _MS_REC)  # pivot_root wants the new root a mount point
-        _mount("proc", os.path.join(rootfs, "proc"), "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
+        syscalls.mount("none", "/", None, MS_REC | MS_PRIVATE)  # nothing from here reaches the host
+        syscalls.mount(rootfs, rootfs, None, MS_BIND | MS_REC)  # pivot_root wants the new root a mount point
+        syscalls.mount("proc", os.path.join(rootfs, "proc"), "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
         _make_dev(os.path.join(rootfs, "dev"))
-        _mount("sysfs", os.path.join(rootfs, "sys"), "sysfs", _MS_RDONLY | _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
+        syscalls.mount("sysfs", os.path.join(rootfs, "sys"), "sysfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
         for source, target in process.binds:  # the runtime's /etc/hostname and friends, over the image's
-            _mount(source, os.path.join(rootfs, target.lstrip("/")), None, _MS_BIND)
+            syscalls.mount(source, os.path.join(rootfs, target.lstrip("/")), None, MS_BIND)
         # Where the old root goes until it is detached: inside /dev, a tmpfs, so no trace in the rootfs.
         old = os.path.join(rootfs, "dev", ".oldroot")
         os.mkdir(old, 0o700)
-        _check(_libc.syscall(155, rootfs.encode(), old.encode()), "pivot_root")  # SYS_pivot_root, x86-64
+        syscalls.pivot_root(rootfs, old)
         os.chdir("/")
-        _check(_libc.umount2(b"/dev/.oldroot", _MNT_DETACH), "detach the old root")
+        syscalls.umount("/dev/.oldroot", lazy=True)
         os.rmdir("/dev/.oldroot")
-        _check(_libc.sethostname(process.hostname.encode(), len(process.hostname.encode())), "sethostname")
+        socket.sethostname(process.hostname)
         os.setgroups([])
         os.setgid(process.gid)
         os.setuid(process.uid)
@@ -203,21 +192,22 @@ def _become_pid1(rootfs: str, process: Process) -> None:
         code = _EXEC_FAILED
         os.execvpe(process.argv[0], process.argv, process.env)
     except OSError as e:
-        os.write(2, f"layerfs: run: {process.argv[0] if code == _EXEC_FAILED else 'setup'}: "
-                    f"{e.strerror or e}\n".encode())
+        what = f"{process.argv[0]}: {e.strerror or e}" if code == _EXEC_FAILED else f"setup: {_described(e)}"
+        os.write(2, f"layerfs: run: {what}\n".encode())
     os._exit(code)
 
 
 def _make_dev(dev: str) -> None:
     """A fresh /dev: tmpfs with the usual character devices, pts (its own ptmx) and shm."""
-    _mount("tmpfs", dev, "tmpfs", _MS_NOSUID, "mode=755,size=65536k")
+    syscalls.mount("tmpfs", dev, "tmpfs", MS_NOSUID, "mode=755,size=65536k")
     for name, (major, minor) in _DEVICES.items():
         os.mknod(os.path.join(dev, name), stat.S_IFCHR | 0o666, os.makedev(major, minor))
     for name in ("pts", "shm"):
         os.mkdir(os.path.join(dev, name), 0o755)
-    _mount("devpts", os.path.join(dev, "pts"), "devpts", _MS_NOSUID | _MS_NOEXEC, "newinstance,ptmxmode=0666,mode=620")
+    syscalls.mount("devpts", os.path.join(dev, "pts"), "devpts", MS_NOSUID | MS_NOEXEC,
+                   "newinstance,ptmxmode=0666,mode=620")
     os.symlink("pts/ptmx", os.path.join(dev, "ptmx"))
-    _mount("shm", os.path.join(dev, "shm"), "tmpfs", _MS_NOSUID | _MS_NODEV, "mode=1777,size=65536k")
+    syscalls.mount("shm", os.path.join(dev, "shm"), "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777,size=65536k")
     for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
                          ("stderr", "/proc/self/fd/2")):
         os.symlink(target, os.path.join(dev, name))

@@ -1,5 +1,6 @@
 """System calls Python's os module lacks, in one place: openat2, renameat2 exchange, FICLONE, fallocate, mount,
-umount2, file handles (name_to_handle_at, open_by_handle_at) and a filesystem's UUID."""
+umount2, file handles (name_to_handle_at, open_by_handle_at), a filesystem's UUID, and what a container's
+start needs (unshare, pivot_root, a parent-death signal). The only module that calls libc directly."""
 
 from __future__ import annotations
 
@@ -19,6 +20,19 @@ MNT_DETACH = 2
 MS_RDONLY = 1
 MS_NOSUID = 2
 MS_NODEV = 4
+MS_NOEXEC = 8
+MS_BIND = 4096
+MS_REC = 16384
+MS_PRIVATE = 1 << 18
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+_PR_SET_PDEATHSIG = 1
+# glibc has no pivot_root(2): it is reached by number, which differs by architecture.
+_SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "ppc64le": 203, "s390x": 217, "i686": 217,
+                   "armv7l": 218}
 
 _renameat2 = getattr(_libc, "renameat2", None)
 if _renameat2 is not None:
@@ -31,6 +45,13 @@ _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c
 _libc.fallocate.restype = ctypes.c_int
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
 _libc.mount.restype = ctypes.c_int
+_libc.unshare.argtypes = [ctypes.c_int]
+_libc.unshare.restype = ctypes.c_int
+_libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong]
+_libc.prctl.restype = ctypes.c_int
+_pivot_root = _libc["syscall"]  # (a function object of its own: openat2's below has other argument types)
+_pivot_root.argtypes = [ctypes.c_long, ctypes.c_char_p, ctypes.c_char_p]
+_pivot_root.restype = ctypes.c_int
 
 _libc.name_to_handle_at.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_int),
                                     ctypes.c_int]
@@ -45,8 +66,6 @@ _SYS_OPENAT2 = 437  # the same number on every architecture (the syscall came af
 _RESOLVE_NO_MAGICLINKS = 0x02
 _RESOLVE_NO_SYMLINKS = 0x04
 _RESOLVE_BENEATH = 0x08
-# openat2 refuses flags it does not know, where openat ignores them; FUSE hands on the kernel's own file
-# flags (FMODE_EXEC among them), so only open(2)'s flags go through.
 _OPEN_FLAGS = 0
 for _name in ("O_ACCMODE", "O_APPEND", "O_TRUNC", "O_NONBLOCK", "O_DSYNC", "O_SYNC", "O_DIRECT", "O_NOATIME",
               "O_LARGEFILE", "O_DIRECTORY", "O_NOFOLLOW", "O_CLOEXEC", "O_PATH", "O_CREAT", "O_EXCL", "O_ASYNC",
@@ -58,11 +77,10 @@ class _OpenHow(ctypes.Structure):
     _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
 
 
-_openat2 = _libc.syscall
+_openat2 = _libc["syscall"]
 _openat2.argtypes = [ctypes.c_long, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_size_t]
 _openat2.restype = ctypes.c_int
-_hows: dict[tuple[int, int], _OpenHow] = {}  # built once per (flags, mode): opens are a hot path
-_have_openat2 = True
+_hows: dict[tuple[int, int], _OpenHow] = {}
 
 
 def _raise_errno(path: str) -> None:
@@ -98,35 +116,26 @@ def clone_file(src_fd: int, dst_fd: int) -> bool:
         raise
 
 
-def open_beneath(path: str, flags: int, mode: int = 0, *, dir_fd: int) -> int:
-    """Open ``path`` (relative, no ``..``) below ``dir_fd`` without following any symlink on the way, the
-    last component included: a layer's directory that someone swapped for a symlink fails with ELOOP
-    instead of leading out of the layer. openat2 with RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS where the
-    kernel has it (5.6), else a walk of O_NOFOLLOW opens, one per component."""
-    global _have_openat2
+def openat2(dir_fd: int, path: str, how: _OpenHow) -> int:
+    """openat2(2) with ``how`` (from ``open_how``); ENOSYS where the kernel has none (before 5.6)."""
+    fd = _openat2(_SYS_OPENAT2, dir_fd, os.fsencode(path), ctypes.addressof(how), ctypes.sizeof(how))
+    if fd < 0:
+        _raise_errno(path)
+    return fd
+
+
+def open_how(flags: int, mode: int) -> _OpenHow:
+    """The openat2 arguments for an open below a directory that follows no symlink (RESOLVE_BENEATH |
+    RESOLVE_NO_SYMLINKS), built once per (flags, mode): opens are a hot path. Only open(2)'s own flags go
+    through: openat2 refuses flags it does not know, where openat ignores them, and FUSE hands on the
+    kernel's own file flags (FMODE_EXEC among them)."""
     flags = (flags & _OPEN_FLAGS) | os.O_NOFOLLOW | os.O_CLOEXEC
-    if _have_openat2:
-        how = _hows.get((flags, mode))
-        if how is None:
-            creating = flags & (os.O_CREAT | getattr(os, "O_TMPFILE", 0))
-            how = _hows[flags, mode] = _OpenHow(flags, mode if creating else 0,
-                                                _RESOLVE_BENEATH | _RESOLVE_NO_SYMLINKS | _RESOLVE_NO_MAGICLINKS)
-        fd = _openat2(_SYS_OPENAT2, dir_fd, os.fsencode(path), ctypes.addressof(how), 24)
-        if fd >= 0:
-            return fd
-        if ctypes.get_errno() != errno.ENOSYS:
-            _raise_errno(path)
-        _have_openat2 = False
-    *parents, name = path.split("/")
-    held = []
-    try:
-        for parent in parents:
-            dir_fd = os.open(parent, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
-            held.append(dir_fd)
-        return os.open(name, flags, mode, dir_fd=dir_fd)
-    finally:
-        for fd in held:
-            os.close(fd)
+    how = _hows.get((flags, mode))
+    if how is None:
+        creating = flags & (os.O_CREAT | getattr(os, "O_TMPFILE", 0))
+        how = _hows[flags, mode] = _OpenHow(flags, mode if creating else 0,
+                                            _RESOLVE_BENEATH | _RESOLVE_NO_SYMLINKS | _RESOLVE_NO_MAGICLINKS)
+    return how
 
 
 class _FileHandle(ctypes.Structure):
@@ -174,11 +183,32 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
         _raise_errno("(fallocate)")
 
 
-def mount(source: str, target: str, fstype: str, flags: int, data: str) -> None:
-    if _libc.mount(os.fsencode(source), os.fsencode(target), fstype.encode(), flags, data.encode()) != 0:
+def mount(source: str, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
+    if _libc.mount(os.fsencode(source), os.fsencode(target), fstype.encode() if fstype else None, flags,
+                   data.encode() if data else None) != 0:
         _raise_errno(target)
 
 
 def umount(path: str, lazy: bool = False) -> None:
     if _libc.umount2(os.fsencode(path), MNT_DETACH if lazy else 0) != 0:
         _raise_errno(path)
+
+
+def unshare(flags: int) -> None:
+    """unshare(2) (os.unshare came with Python 3.12)."""
+    if _libc.unshare(flags) != 0:
+        _raise_errno("unshare")
+
+
+def pivot_root(new_root: str, put_old: str) -> None:
+    number = _SYS_PIVOT_ROOT.get(os.uname().machine)
+    if number is None:
+        raise OSError(errno.ENOSYS, f"pivot_root on {os.uname().machine} is not known to layerfs", new_root)
+    if _pivot_root(number, os.fsencode(new_root), os.fsencode(put_old)) != 0:
+        _raise_errno(new_root)
+
+
+def set_death_signal(signal: int) -> None:
+    """Have the kernel send ``signal`` to this process when its parent ends (PR_SET_PDEATHSIG)."""
+    if _libc.prctl(_PR_SET_PDEATHSIG, signal) != 0:
+        _raise_errno("prctl")

@@ -1,0 +1,62 @@
+"""Layer directories named by their content: ``STORE/layers/<sha256 hex of the diff_id>/``, each a layer
+in overlay form, usable as a lowerdir and never changed once named.
+
+A layer's name is the diff_id of its OCI layer tar: of the tar it was unpacked from (an import), or of the
+tar ``layerfs export`` writes for the same changes (a commit), so the same layer is stored once however it
+arrives.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from typing import BinaryIO
+
+from ..errors import LayerfsError
+from ..oci import layout
+from ..oci.unpack import ProgressFn, unpack_layer
+from .root import Root
+
+
+class Layers:
+    def __init__(self, root: Root) -> None:
+        self.root = root
+
+    def path(self, diff_id: str) -> str:
+        """Where layer ``diff_id`` lives; anything but a sha256 digest is refused (it becomes a path)."""
+        return self.root.sub("layers", layout.checked_digest(diff_id, "layer").removeprefix("sha256:"))
+
+    def has(self, diff_id: str) -> bool:
+        return os.path.isdir(self.path(diff_id))
+
+    def diff_ids(self) -> list[str]:
+        """Every layer the store holds."""
+        return [f"sha256:{hexdigest}" for hexdigest in sorted(os.listdir(self.root.sub("layers")))]
+
+    def add_tar(self, stream: BinaryIO, progress: ProgressFn | None = None, *, expected: str | None = None) -> str:
+        """(Holding the lock.) The layer tar ``stream`` unpacked into a layer of the store; returns its
+        diff_id, which must be ``expected`` where the image gives one."""
+        build = self.root.scratch()
+        os.mkdir(build, 0o755)
+        try:
+            diff_id = unpack_layer(stream, build, progress=progress).diff_id
+            if expected is not None and diff_id != expected:
+                raise LayerfsError(f"a layer unpacked to {diff_id}, but the image says {expected}")
+            self.adopt(build, diff_id)
+        except BaseException:
+            shutil.rmtree(build, ignore_errors=True)
+            raise
+        return diff_id
+
+    def adopt(self, build: str, diff_id: str) -> None:
+        """(Holding the lock.) The layer built in the scratch directory ``build`` becomes layer ``diff_id``;
+        where the store has that layer already, ``build`` goes."""
+        if self.has(diff_id):
+            shutil.rmtree(build)
+            return
+        os.sync()  # whole on disk before it gets its name
+        os.rename(build, self.path(diff_id))
+
+    def remove(self, diff_id: str) -> None:
+        """(Holding the lock.) Layer ``diff_id`` gone; whether anything still uses it is the caller's to ask."""
+        self.root.discard(self.path(diff_id))
