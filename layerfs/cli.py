@@ -101,7 +101,8 @@ def _parser() -> argparse.ArgumentParser:
 
     x = sub.add_parser("run", help="run a command in a container of an image (or of lower dirs)",
                        usage="layerfs run [--root DIR] [--name C] [--rm] [-e K=V] [-w DIR] [-u UID[:GID]] "
-                             "[--hostname H] [--net host|none] IMAGE|--lower DIR... [--] [CMD ARGS...]")
+                             "[--hostname H] [--net host|none] [--cap-add CAP] [--cap-drop CAP] [--privileged] "
+                             "IMAGE|--lower DIR... [--] [CMD ARGS...]")
     x.add_argument("--root", metavar="DIR", help=_ROOT_HELP)
     x.add_argument("--name", help="the container's name (default: run-<random>)")
     x.add_argument("--rm", action="store_true", help="remove the container when the command ends")
@@ -111,6 +112,10 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--hostname")
     x.add_argument("--net", choices=("host", "none"), default="host")
     x.add_argument("--lower", action="append", metavar="DIR", help="plain lower dirs instead of an image (top first)")
+    x.add_argument("--cap-add", action="append", default=[], metavar="CAP", help="keep a capability (or ALL)")
+    x.add_argument("--cap-drop", action="append", default=[], metavar="CAP", help="drop a capability (or ALL)")
+    x.add_argument("--privileged", action="store_true",
+                   help="no confinement: every capability, no seccomp, /proc and /sys unmasked")
     x.add_argument("--debug", action="store_true")
     x.add_argument("args", nargs=argparse.REMAINDER, metavar="IMAGE [CMD ...]")
 

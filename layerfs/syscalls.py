@@ -1,6 +1,7 @@
 """System calls Python's os module lacks, in one place: openat2, renameat2 exchange, FICLONE, fallocate, mount,
 umount2, file handles (name_to_handle_at, open_by_handle_at), a filesystem's UUID, and what a container's
-start needs (unshare, pivot_root, a parent-death signal). The only module that calls libc directly."""
+start needs (unshare, pivot_root, a parent-death signal) and its confinement (capability sets, no_new_privs).
+The only module that calls libc directly."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ MS_RDONLY = 1
 MS_NOSUID = 2
 MS_NODEV = 4
 MS_NOEXEC = 8
+MS_REMOUNT = 32
 MS_BIND = 4096
 MS_REC = 16384
 MS_PRIVATE = 1 << 18
@@ -30,6 +32,11 @@ CLONE_NEWIPC = 0x08000000
 CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
 _PR_SET_PDEATHSIG = 1
+_PR_CAPBSET_DROP = 24
+_PR_SET_NO_NEW_PRIVS = 38
+_PR_CAP_AMBIENT = 47
+_PR_CAP_AMBIENT_CLEAR_ALL = 4
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
 # glibc has no pivot_root(2): it is reached by number, which differs by architecture.
 _SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "ppc64le": 203, "s390x": 217, "i686": 217,
                    "armv7l": 218}
@@ -47,7 +54,8 @@ _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctype
 _libc.mount.restype = ctypes.c_int
 _libc.unshare.argtypes = [ctypes.c_int]
 _libc.unshare.restype = ctypes.c_int
-_libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong]
+# (All five arguments always passed: some options want the unused ones zero.)
+_libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
 _libc.prctl.restype = ctypes.c_int
 _pivot_root = _libc["syscall"]  # (a function object of its own: openat2's below has other argument types)
 _pivot_root.argtypes = [ctypes.c_long, ctypes.c_char_p, ctypes.c_char_p]
@@ -208,7 +216,45 @@ def pivot_root(new_root: str, put_old: str) -> None:
         _raise_errno(new_root)
 
 
+def _prctl(option: int, arg: int) -> None:
+    if _libc.prctl(option, arg, 0, 0, 0) != 0:
+        _raise_errno("prctl")
+
+
 def set_death_signal(signal: int) -> None:
     """Have the kernel send ``signal`` to this process when its parent ends (PR_SET_PDEATHSIG)."""
-    if _libc.prctl(_PR_SET_PDEATHSIG, signal) != 0:
-        _raise_errno("prctl")
+    _prctl(_PR_SET_PDEATHSIG, signal)
+
+
+def set_no_new_privs() -> None:
+    """From here on, exec never gains privileges (setuid bits, file capabilities): PR_SET_NO_NEW_PRIVS."""
+    _prctl(_PR_SET_NO_NEW_PRIVS, 1)
+
+
+def drop_bounding_capability(number: int) -> None:
+    """Take capability ``number`` out of the bounding set: no exec can give it back (PR_CAPBSET_DROP)."""
+    _prctl(_PR_CAPBSET_DROP, number)
+
+
+def clear_ambient_capabilities() -> None:
+    _prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL)
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+
+_libc.capset.argtypes = [ctypes.POINTER(_CapHeader), ctypes.POINTER(_CapData)]
+_libc.capset.restype = ctypes.c_int
+
+
+def set_capabilities(effective: int, permitted: int, inheritable: int) -> None:
+    """capset(2) of this thread's three sets, each a mask of capability numbers (bit N: capability N)."""
+    data = (_CapData * 2)(*(_CapData((effective >> shift) & 0xFFFFFFFF, (permitted >> shift) & 0xFFFFFFFF,
+                                     (inheritable >> shift) & 0xFFFFFFFF) for shift in (0, 32)))
+    if _libc.capset(ctypes.byref(_CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)), data) != 0:
+        _raise_errno("capset")

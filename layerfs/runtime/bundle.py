@@ -3,7 +3,9 @@
 ``DIR/config.json`` is runc's default configuration (``runc spec``) with the image's process: its
 ``Entrypoint``/``Cmd`` (or the command given), ``Env`` and ``WorkingDir``, no terminal (a bundle is run
 by a program more often than by a person), and a writable root, since writes are what the container's
-upper layer is for. ``DIR/rootfs`` is the mount; ``layerfs umount DIR/rootfs`` takes it down.
+upper layer is for; and with docker's default confinement (confinement.py), capabilities, seccomp
+profile, masked and read-only paths, which runc applies itself. ``DIR/rootfs`` is the mount; ``layerfs
+umount DIR/rootfs`` takes it down.
 """
 
 from __future__ import annotations
@@ -15,9 +17,9 @@ from ..errors import LayerfsError
 from ..fs import mount, options
 from ..store import Store
 from . import shim
+from .confinement import MASKED_PATHS, READONLY_PATHS, Confinement
 
 _PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-_CAPABILITIES = ["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"]
 
 
 def _mounts() -> list[dict]:
@@ -42,13 +44,14 @@ def config(image_config: dict, command: list[str], hostname: str) -> dict:
     if not args:
         raise LayerfsError("no command given, and the image names none")
     env = image_config.get("Env") or []
+    confined = Confinement()
     if not any(e.startswith("PATH=") for e in env):
         env = [_PATH] + env
     return {
         "ociVersion": "1.0.2-dev",
         "process": {"terminal": False, "user": {"uid": 0, "gid": 0}, "args": args, "env": env,
                     "cwd": image_config.get("WorkingDir") or "/",
-                    "capabilities": {k: list(_CAPABILITIES) for k in ("bounding", "effective", "permitted", "ambient")},
+                    "capabilities": {k: sorted(confined.capabilities) for k in ("bounding", "effective", "permitted")},
                     "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}], "noNewPrivileges": True},
         "root": {"path": "rootfs", "readonly": False},
         "hostname": hostname,
@@ -56,10 +59,9 @@ def config(image_config: dict, command: list[str], hostname: str) -> dict:
         "linux": {
             "resources": {"devices": [{"allow": False, "access": "rwm"}]},
             "namespaces": [{"type": t} for t in ("pid", "network", "ipc", "uts", "mount")],
-            "maskedPaths": ["/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
-                            "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/sys/firmware",
-                            "/proc/scsi"],
-            "readonlyPaths": ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"],
+            "maskedPaths": list(MASKED_PATHS),
+            "readonlyPaths": list(READONLY_PATHS),
+            "seccomp": confined.seccomp(),
         },
     }
 

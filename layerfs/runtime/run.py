@@ -13,16 +13,18 @@ from ..errors import UsageError
 from ..fs import mount, options
 from ..store import Store, root_from
 from . import shim
+from .confinement import Confinement
 
 _DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 def main(args: argparse.Namespace) -> int:
     words = list(args.args)
+    confined = Confinement.from_flags(args.cap_add, args.cap_drop, args.privileged)  # (its errors before any change)
     if args.lower:
         if words[:1] == ["--"]:
             words = words[1:]
-        return _run_on_lowers([os.path.abspath(p) for p in args.lower], words, args)
+        return _run_on_lowers([os.path.abspath(p) for p in args.lower], words, args, confined)
     if not words:
         raise UsageError("run what? give an IMAGE (or --lower DIR) and a command")
     image, command = words[0], words[1:]
@@ -33,26 +35,26 @@ def main(args: argparse.Namespace) -> int:
     record = store.create(args.name or f"run-{uuid.uuid4().hex[:8]}", image)
     try:
         return _run(record["lowers"], record["upper"], record["work"], record["merged"], command, config, args,
-                    made=lambda paths: store.add_runtime_paths(record["name"], paths))
+                    confined, made=lambda paths: store.add_runtime_paths(record["name"], paths))
     finally:
         if args.rm:
             store.remove(record["name"])
 
 
-def _run_on_lowers(lowers: list[str], command: list[str], args: argparse.Namespace) -> int:
+def _run_on_lowers(lowers: list[str], command: list[str], args: argparse.Namespace, confined: Confinement) -> int:
     """A container of plain lower directories, with a throwaway upper."""
     where = tempfile.mkdtemp(prefix="layerfs-run-")
     try:
         upper, work, merged = (os.path.join(where, d) for d in ("upper", "work", "merged"))
         for d in (upper, work, merged):
             os.mkdir(d)
-        return _run(lowers, upper, work, merged, command, {}, args)
+        return _run(lowers, upper, work, merged, command, {}, args, confined)
     finally:
         shutil.rmtree(where, ignore_errors=True)
 
 
 def _run(lowers: list[str], upper: str, work: str, merged: str, command: list[str], config: dict,
-         args: argparse.Namespace, made=lambda paths: None) -> int:
+         args: argparse.Namespace, confined: Confinement, made=lambda paths: None) -> int:
     argv = command or (config.get("Entrypoint") or []) + (config.get("Cmd") or [])
     if not argv:
         raise UsageError("no command given, and the image names none")
@@ -63,7 +65,7 @@ def _run(lowers: list[str], upper: str, work: str, merged: str, command: list[st
     env.setdefault("HOSTNAME", hostname)
     uid, gid = shim.parse_user(args.user)
     process = shim.Process(argv, env, args.workdir or config.get("WorkingDir") or "/", uid, gid, hostname,
-                           network=args.net == "host")
+                           network=args.net == "host", confinement=confined)
     mount_options = options.for_dirs(lowers, upper, work, x_layerfs_owner=os.getpid())
     if mount.mount(options.parse([mount_options], merged)) != 0:
         return 125

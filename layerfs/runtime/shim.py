@@ -7,8 +7,11 @@ namespace applies to the children of the caller of unshare, that child forks onc
 PID 1 of the container. It makes every mount private, mounts ``/proc``, a fresh ``/dev`` (tmpfs with the
 usual nodes, ``pts`` and ``shm``) and a read-only ``/sys`` inside the rootfs, pivot_roots into it and
 detaches the old root (chroot would leave it reachable), sets the hostname, user and directory, and execs
-the command. Everything mounted inside dies with the container's mount namespace; the rootfs mount is
-taken down by the shim when the command ends, on errors too.
+the command, confined as confinement.py says (as runc orders it: the rootfs nodev and docker's /proc and
+/sys paths masked before pivot_root, the bounding set cut before setuid, the process's capabilities,
+no_new_privs, the descriptors and seccomp after it, just before exec). Everything mounted inside dies with
+the container's mount namespace; the rootfs mount is taken down by the shim when the command ends, on
+errors too.
 """
 
 from __future__ import annotations
@@ -19,9 +22,13 @@ import socket
 import stat
 from dataclasses import dataclass, field
 
+import pyseccomp
+
 from .. import syscalls
 from ..errors import LayerfsError
 from ..syscalls import MS_BIND, MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_PRIVATE, MS_RDONLY, MS_REC
+from . import confinement
+from .confinement import Confinement
 
 _DEVICES = {"null": (1, 3), "zero": (1, 5), "full": (1, 7), "random": (1, 8), "urandom": (1, 9), "tty": (5, 0)}
 _EXEC_FAILED = 127  # as a shell says "command not found"
@@ -37,6 +44,7 @@ class Process:
     hostname: str = "layerfs"
     network: bool = True  # False: a network namespace of its own (loopback only, down)
     binds: list[tuple[str, str]] = field(default_factory=list)  # (host file, container path) bind-mounted
+    confinement: Confinement = field(default_factory=Confinement)
 
 
 _MOUNT_POINTS = ("proc", "dev", "sys")
@@ -100,9 +108,10 @@ def make_mount_points(rootfs: str) -> list[str]:
 def run(rootfs: str, process: Process) -> int:
     """Run ``process`` in ``rootfs`` (a mounted rootfs) and return its exit code (128+N for signal N)."""
     shim = os.getpid()
+    seccomp = process.confinement.seccomp_filter()
     pid = os.fork()
     if pid == 0:
-        os._exit(_container(rootfs, process, shim))
+        os._exit(_container(rootfs, process, seccomp, shim))
     forward = {s: signal.signal(s, lambda n, _: _pass_on(pid, n)) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         while True:
@@ -139,7 +148,7 @@ def _die_with_parent(parent: int) -> None:
         os._exit(125)
 
 
-def _container(rootfs: str, process: Process, shim: int) -> int:
+def _container(rootfs: str, process: Process, seccomp: pyseccomp.SyscallFilter | None, shim: int) -> int:
     """(In the shim's child.) New namespaces, then PID 1 in them; returns its exit code."""
     try:
         _die_with_parent(shim)
@@ -149,7 +158,7 @@ def _container(rootfs: str, process: Process, shim: int) -> int:
         pid = os.fork()
         if pid == 0:
             _die_with_parent(parent)
-            _become_pid1(rootfs, process)  # never returns
+            _become_pid1(rootfs, process, seccomp)  # never returns
         signal.signal(signal.SIGINT, lambda n, _: _pass_on(pid, n))
         signal.signal(signal.SIGTERM, lambda n, _: _pass_on(pid, n))
         while True:
@@ -167,7 +176,7 @@ def _described(e: OSError) -> str:
     return f"{e.filename}: {e.strerror}" if e.filename else e.strerror or str(e)
 
 
-def _become_pid1(rootfs: str, process: Process) -> None:
+def _become_pid1(rootfs: str, process: Process, seccomp: pyseccomp.SyscallFilter | None) -> None:
     code = 125
     try:
         syscalls.mount("none", "/", None, MS_REC | MS_PRIVATE)  # nothing from here reaches the host
@@ -177,6 +186,7 @@ def _become_pid1(rootfs: str, process: Process) -> None:
         syscalls.mount("sysfs", os.path.join(rootfs, "sys"), "sysfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
         for source, target in process.binds:  # the runtime's /etc/hostname and friends, over the image's
             syscalls.mount(source, os.path.join(rootfs, target.lstrip("/")), None, MS_BIND)
+        confinement.confine_rootfs(rootfs, process.confinement)
         # Where the old root goes until it is detached: inside /dev, a tmpfs, so no trace in the rootfs.
         old = os.path.join(rootfs, "dev", ".oldroot")
         os.mkdir(old, 0o700)
@@ -185,10 +195,12 @@ def _become_pid1(rootfs: str, process: Process) -> None:
         syscalls.umount("/dev/.oldroot", lazy=True)
         os.rmdir("/dev/.oldroot")
         socket.sethostname(process.hostname)
+        confinement.bound_capabilities(process.confinement)
         os.setgroups([])
         os.setgid(process.gid)
         os.setuid(process.uid)
         os.chdir(process.cwd)
+        confinement.enter(process.confinement, seccomp, process.uid)
         code = _EXEC_FAILED
         os.execvpe(process.argv[0], process.argv, process.env)
     except OSError as e:
