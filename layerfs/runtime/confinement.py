@@ -133,10 +133,10 @@ def _resolved_profile(capabilities: frozenset[str]) -> dict:
                 and not any(c in capabilities for c in excludes.get("caps", []))
                 and arch not in excludes.get("arches", []))
 
-    syscalls_ = [{k: v for k, v in rule.items() if k in ("names", "action", "errnoRet", "args")}
+    rules = [{k: v for k, v in rule.items() if k in ("names", "action", "errnoRet", "args")}
                  for rule in profile["syscalls"] if kept(rule)]
     return {"defaultAction": profile["defaultAction"], "defaultErrnoRet": profile["defaultErrnoRet"],
-            "architectures": architectures, "syscalls": syscalls_}
+            "architectures": architectures, "syscalls": rules}
 
 
 def _action(name: str, errno_ret: int | None) -> int:
