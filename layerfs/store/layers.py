@@ -33,20 +33,21 @@ class Layers:
         """Every layer the store holds."""
         return [f"sha256:{hexdigest}" for hexdigest in sorted(os.listdir(self.root.sub("layers")))]
 
-    def add_tar(self, stream: BinaryIO, progress: ProgressFn | None = None, *, expected: str | None = None) -> str:
-        """(Holding the lock.) The layer tar ``stream`` unpacked into a layer of the store; returns its
-        diff_id, which must be ``expected`` where the image gives one."""
+    def build(self, stream: BinaryIO, progress: ProgressFn | None = None, *,
+              expected: str | None = None) -> tuple[str, str]:
+        """(Holding the lock.) The layer tar ``stream`` unpacked into a new directory of the scratch space, to
+        ``adopt`` once the rest of its image is in; returns the directory and the layer's diff_id, which must
+        be ``expected`` where the image gives one."""
         build = self.root.scratch()
         os.mkdir(build, 0o755)
         try:
             diff_id = unpack_layer(stream, build, progress=progress).diff_id
             if expected is not None and diff_id != expected:
                 raise LayerfsError(f"a layer unpacked to {diff_id}, but the image says {expected}")
-            self.adopt(build, diff_id)
         except BaseException:
             shutil.rmtree(build, ignore_errors=True)
             raise
-        return diff_id
+        return build, diff_id
 
     def adopt(self, build: str, diff_id: str) -> None:
         """(Holding the lock.) The layer built in the scratch directory ``build`` becomes layer ``diff_id``;
