@@ -309,7 +309,8 @@ def _run(args: argparse.Namespace) -> int:
         elif args.command == "rmi":
             store.remove_image(args.name)
         elif args.command == "inspect":
-            record = store.containers.get(args.name) or store.images.find(args.name)
+            # (a name with a slash is no container's: an image's full name)
+            record = ("/" not in args.name and store.containers.get(args.name)) or store.images.find(args.name)
             if record is None:
                 raise UsageError(f"{args.name}: no such image or container")
             print(json.dumps(record, indent=1, sort_keys=True))

@@ -171,7 +171,8 @@ class Images:
 
     def tag(self, name: str, new: str) -> str:
         """(Holding the lock.) Image ``name`` known as ``new`` too; returns the full new name."""
-        record, key = self.record(name), image_name(new)
+        key = image_name(new)
+        record = self.record(name)
         self._set(key, record)
         return key
 
