@@ -206,18 +206,13 @@ def main(argv: list[str] | None = None) -> int:
 @contextlib.contextmanager
 def _output(path: str):
     """Standard output, or a file written beside its final name and moved there once complete."""
+    from ..store.archives import atomic_file
+
     if path == "-":
         yield sys.stdout.buffer
         return
-    tmp = f"{path}.partial"
-    try:
-        with open(tmp, "wb") as out:
-            yield out
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_file(path) as out:
+        yield out
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -230,11 +230,12 @@ def _tree_size(path: str) -> int:
 
 def _human_size(size: int) -> str:
     """As docker shows sizes: three significant digits, powers of 1000 (``4.26MB``, ``0B``)."""
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if size < 1000 or unit == "TB":
-            return f"{size:.3g}{unit}"
-        size /= 1000  # type: ignore[assignment]
-    raise AssertionError
+    shown = float(size)
+    for unit in ("B", "kB", "MB", "GB"):
+        if shown < 1000:
+            return f"{shown:.3g}{unit}"
+        shown /= 1000
+    return f"{shown:.3g}TB"
 
 
 def _ago(created: object) -> str:

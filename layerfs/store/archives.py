@@ -17,6 +17,7 @@ import os
 import shutil
 import tarfile
 from collections.abc import Iterator
+from typing import BinaryIO
 
 from ..distribution.client import Manifest
 from ..distribution.push import Blob
@@ -44,7 +45,7 @@ def write(kind: str, dest: str, manifest: Manifest, blobs: list[Blob], *, tag: s
         docker = [{"Config": _blob_name(blobs[0].digest), "RepoTags": [name],
                    "Layers": [_blob_name(blob.digest) for blob in blobs[1:]]}]
         members.append(("manifest.json", json.dumps(docker).encode()))
-    with _replaced(dest) as out, tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+    with atomic_file(dest) as out, tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for directory in ("blobs", "blobs/sha256"):
             info = tarfile.TarInfo(directory)
             info.type, info.mode = tarfile.DIRTYPE, 0o755
@@ -67,9 +68,9 @@ def _write_layout(dest: str, manifest: Manifest, blobs: list[Blob], tag: str) ->
     for blob in blobs:
         final = os.path.join(dest, _blob_name(blob.digest))
         if not os.path.exists(final):
-            with _replaced(final) as out, open(blob.path, "rb") as f:
+            with atomic_file(final) as out, open(blob.path, "rb") as f:
                 shutil.copyfileobj(f, out, 1 << 20)
-    with _replaced(os.path.join(dest, _blob_name(manifest.digest))) as out:
+    with atomic_file(os.path.join(dest, _blob_name(manifest.digest))) as out:
         out.write(manifest.data)
     add_to_index(dest, _descriptor(manifest), tag)
 
@@ -83,7 +84,7 @@ def _descriptor(manifest: Manifest) -> dict:
 
 
 @contextlib.contextmanager
-def _replaced(path: str) -> Iterator:
+def atomic_file(path: str) -> Iterator[BinaryIO]:
     """A file written as ``path.partial``, renamed to ``path`` once complete (removed if not)."""
     tmp = f"{path}.partial"
     try:
