@@ -94,6 +94,7 @@ def test_a_committed_image_travels_to_podman_and_back(registry, image, tmp_path)
     assert "2 uploaded, 2 mounted" in pushed  # the new layer and config; the base's from where they came
     inspected = _skopeo_inspect(f"docker://{registry.host}/app/committed:1")
     assert inspected["Digest"] == committed["manifest"] and inspected["Layers"] == committed["blobs"]
+    assert inspected["Created"] and inspected["Created"] != _skopeo_inspect(f"docker://{source}")["Created"]
 
     (tmp_path / "podman").mkdir()
     podman = Podman(tmp_path / "podman", None)  # (kernel overlayfs: what podman users have)

@@ -107,5 +107,5 @@ class Incoming:
             self.blobs.adopt(path, digest)
         self._blobs.clear()
         for diff_id, build in self._layers.items():
-            self.layers.adopt(build, diff_id)
+            self.layers.adopt(build, diff_id, synced=True)
         self._layers.clear()

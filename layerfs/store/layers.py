@@ -49,13 +49,14 @@ class Layers:
             raise
         return build, diff_id
 
-    def adopt(self, build: str, diff_id: str) -> None:
+    def adopt(self, build: str, diff_id: str, *, synced: bool = False) -> None:
         """(Holding the lock.) The layer built in the scratch directory ``build`` becomes layer ``diff_id``;
-        where the store has that layer already, ``build`` goes."""
+        where the store has that layer already, ``build`` goes. ``synced``: the caller has synced it."""
         if self.has(diff_id):
             shutil.rmtree(build)
             return
-        os.sync()  # whole on disk before it gets its name
+        if not synced:
+            os.sync()  # whole on disk before it gets its name
         os.rename(build, self.path(diff_id))
 
     def remove(self, diff_id: str) -> None:
