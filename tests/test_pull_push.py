@@ -156,12 +156,19 @@ def test_short_names_and_tags(registry, image, tmp_path):  # noqa: F811
     assert "docker.io/library/busybox:latest  2 layers" in listed and f"{registry.host}/test/busybox:v2" in listed
 
 
-def test_login_checks_the_credentials_and_logout_forgets_them(tmp_path, monkeypatch):
-    from test_distribution import Registry
+@pytest.mark.parametrize("guard", ["htpasswd", "token"])
+def test_login_checks_the_credentials_and_logout_forgets_them(guard, tmp_path):
+    from test_distribution import Registry, TokenServer
 
-    htpasswd = tmp_path / "htpasswd"
-    subprocess.run(["htpasswd", "-Bbc", htpasswd, "me", "secret"], check=True, capture_output=True)
-    guarded = Registry(tmp_path / "guarded", f"auth: {{htpasswd: {{realm: test, path: {htpasswd}}}}}")
+    if guard == "htpasswd":
+        htpasswd = tmp_path / "htpasswd"
+        subprocess.run(["htpasswd", "-Bbc", htpasswd, "me", "secret"], check=True, capture_output=True)
+        tokens, auth = None, f"auth: {{htpasswd: {{realm: test, path: {htpasswd}}}}}"
+    else:
+        tokens = TokenServer(tmp_path)
+        auth = (f"auth: {{token: {{realm: '{tokens.realm}', service: test-registry, issuer: test-issuer, "
+                f"rootcertbundle: {tokens.cert}}}}}")
+    guarded = Registry(tmp_path / "guarded", auth)
     env = {**os.environ, "REGISTRY_AUTH_FILE": str(tmp_path / "auth.json")}
     try:
         def login(password: str) -> subprocess.CompletedProcess:
@@ -169,7 +176,8 @@ def test_login_checks_the_credentials_and_logout_forgets_them(tmp_path, monkeypa
                                   input=password + "\n", capture_output=True, text=True, env=env, timeout=60)
 
         refused = login("wrong")
-        assert refused.returncode != 0 and "access denied" in refused.stderr and refused.stderr.count("\n") == 1
+        assert refused.returncode != 0 and refused.stderr.count("\n") == 1, refused.stderr
+        assert ("access denied" if guard == "htpasswd" else "refused the login") in refused.stderr
         assert not (tmp_path / "auth.json").exists()
         assert login("secret").stdout == "Login Succeeded!\n"
         assert guarded.host in json.loads((tmp_path / "auth.json").read_text())["auths"]
@@ -177,6 +185,8 @@ def test_login_checks_the_credentials_and_logout_forgets_them(tmp_path, monkeypa
         assert out.returncode == 0 and json.loads((tmp_path / "auth.json").read_text())["auths"] == {}
     finally:
         guarded.stop()
+        if tokens is not None:
+            tokens.stop()
 
 
 @pytest.mark.parametrize("kind", ["oci-archive", "docker-archive", "rootfs"])

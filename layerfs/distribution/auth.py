@@ -181,7 +181,8 @@ class Authenticator:
         except requests.RequestException as e:
             raise LayerfsError(f"{self.registry}: its token server {printable(realm)} failed: {e}") from None
         if response.status_code in (401, 403):
-            raise LayerfsError(f"{self.registry}: the token server refused the login for {scope}")
+            raise LayerfsError(f"{self.registry}: the token server refused the login"
+                               + (f" for {scope}" if scope else ""))
         if response.status_code != 200:
             raise LayerfsError(f"{self.registry}: the token server answered HTTP {response.status_code}")
         try:

@@ -147,14 +147,14 @@ class Store:
         with Upper(upper) as tree:
             found = tree.entries(changes)
             if image is not None:
+                name = image_name(image[0])  # (a name docker refuses is refused before any work)
                 with self.root.locked(), Incoming(self.root, self.layers, self.blobs) as incoming:
                     blob = incoming.new_file()
                     with open(blob, "wb") as out:
                         written = write_entries(out, tree, found, compress=True, progress=progress)
                     incoming.keep(blob, written.digest)
                     committed = self._add_layer(tree, found, written.diff_id, share)
-                    self.images.add_commit(incoming, image_name(image[0]),
-                                           image[1], written.diff_id, written.digest)
+                    self.images.add_commit(incoming, name, image[1], written.diff_id, written.digest)
                 return committed
             layer = layer_diff_id(tree, found, progress)
             with self.root.locked():

@@ -222,10 +222,9 @@ def _name_for(name: str | None, image: layout.Image, default: str, tag: str | No
     ref.name that is a tag alone, put after the file's name), else the file's name and ``tag``."""
     if name:
         return image_name(name)
-    for given in image.names:
-        if "/" in given or ":" in given:
-            return image_name(given)
-        return image_name(f"{default}:{given}")
+    if image.names:
+        given = image.names[0]
+        return image_name(given if "/" in given or ":" in given else f"{default}:{given}")
     return image_name(f"{default}:{tag or 'latest'}")
 
 
