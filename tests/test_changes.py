@@ -96,7 +96,7 @@ def test_a_whiteout_that_hides_nothing_is_no_change(image):
     assert diff(upper, top, bottom) == []
 
 
-@pytest.mark.parametrize("form", ["xattr", "marker"])
+@pytest.mark.parametrize("form", [pytest.param("xattr", marks=pytest.mark.root), "marker"])
 def test_an_opaque_directory_is_deleted_then_added_as_docker_says(form, image):
     upper, top, bottom = image
     app = copy_dir(bottom, upper, "var/cache/app")

@@ -224,6 +224,7 @@ def test_commit_can_share_alike_files_by_hard_links(container, tmp_path):
     assert a.st_ino == b.st_ino != other.st_ino and a.st_nlink == 3  # both names and the store's entry
 
 
+@pytest.mark.root  # trusted.overlay.* xattrs in the upper
 def test_a_committed_layer_is_its_exported_tar_unpacked(layers, tmp_path):
     """Commit and export take a layer's entries by the same rules, so the directory a commit stores is what
     the exported tar (same diff_id) unpacks to: whiteouts, opaque directories, an opaque upper root, hard

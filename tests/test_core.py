@@ -58,7 +58,7 @@ def test_whiteout_in_a_middle_layer_hides_only_what_is_below(stack, form):
     assert gone.layer.root == str(stack["top"])
 
 
-@pytest.mark.parametrize("form", ["xattr-trusted", "xattr-user", "oci-marker"])
+@pytest.mark.parametrize("form", [pytest.param("xattr-trusted", marks=pytest.mark.root), "xattr-user", "oci-marker"])
 def test_opaque_directory_hides_lower_content(stack, form):
     make(stack["bottom"], {"d/old": "", "d/sub/deep": ""})
     make(stack["mid"], {"d/new": ""})
@@ -91,6 +91,7 @@ def test_markers_never_show_in_listings(stack):
     assert sorted(u.listdir("/d")) == ["b"]
 
 
+@pytest.mark.root  # makes files owned by root, or trusted.overlay.* xattrs (opaque, redirect)
 def test_unlink_leaves_a_whiteout_only_where_a_lower_layer_has_the_name(stack):
     make(stack["bottom"], {"lower": ""})
     u = union(stack)
@@ -102,6 +103,7 @@ def test_unlink_leaves_a_whiteout_only_where_a_lower_layer_has_the_name(stack):
     assert u.listdir("/") == {}
 
 
+@pytest.mark.root
 def test_mkdir_where_a_lower_dir_was_deleted_is_opaque(stack):
     make(stack["bottom"], {"d/old": ""})
     u = union(stack)
@@ -116,6 +118,7 @@ def test_mkdir_where_a_lower_dir_was_deleted_is_opaque(stack):
     assert e.value.errno == errno.ENODATA
 
 
+@pytest.mark.root
 def test_copy_up_keeps_metadata_and_the_parents_timestamps(stack):
     make(stack["bottom"], {"etc/conf": "v1"})
     conf, etc = stack["bottom"] / "etc/conf", stack["bottom"] / "etc"
@@ -144,6 +147,7 @@ def test_open_with_truncate_copies_no_data(stack):
     assert os.lstat(stack["upper"] / "big").st_size == 0
 
 
+@pytest.mark.root
 def test_directory_rename_by_redirect_leaves_the_content_where_it_is(stack):
     make(stack["bottom"], {"src/a": "a", "src/sub/b": "b", "src/gone": ""})
     make(stack["top"], {"src/sub/c": "c"})
@@ -184,6 +188,7 @@ def test_directory_rename_moves_symlinks_to_directories_as_symlinks(stack):
     assert os.readlink(stack["upper"] / "dst" / "link-to-dir") == "sub"
 
 
+@pytest.mark.root
 def test_rename_dir_over_a_merged_empty_dir_hides_its_lower_parts(stack):
     make(stack["bottom"], {"target/x": "", "src/y": ""})
     u = union(stack)
@@ -193,6 +198,7 @@ def test_rename_dir_over_a_merged_empty_dir_hides_its_lower_parts(stack):
     assert os.getxattr(stack["upper"] / "target", "trusted.overlay.redirect") == b"src"
 
 
+@pytest.mark.root
 def test_rename_dir_over_a_merged_empty_dir_without_redirects_is_opaque(stack):
     make(stack["bottom"], {"target/x": "", "src/y": ""})
     u = union(stack, redirect_dir=False)
@@ -210,6 +216,7 @@ def test_rename_onto_a_non_empty_dir_is_refused(stack):
     assert e.value.errno == errno.ENOTEMPTY
 
 
+@pytest.mark.root
 def test_create_over_an_oci_whiteout_in_upper_removes_it(stack):
     make(stack["bottom"], {"f": "old"})
     make(stack["upper"], {".wh.f": ""})

@@ -114,6 +114,7 @@ def test_credentials_are_found_where_podman_and_docker_keep_them(auth_env, monke
         find_credentials("quay.io")
 
 
+@pytest.mark.root  # podman login, as root (rootless Podman needs a setup of its own)
 def test_a_stored_login_is_found_and_kept_private(auth_env):
     path = store_login("127.0.0.1:5000", Credentials("me", "secret"))
     assert path == str(auth_env / "run/containers/auth.json")
@@ -215,6 +216,7 @@ def _skopeo_inspect(where: str) -> dict:
     return json.loads(_skopeo("inspect", *tls, where))
 
 
+@pytest.mark.root  # the image is made by umoci, which gives its files their owners
 def test_a_pulled_image_is_the_registrys_byte_for_byte(registry, image, tmp_path):
     seen: list[tuple[int, int | None, str]] = []
     pulled = pull(f"{registry.host}/test/busybox:v2", str(tmp_path / "oci"), progress=lambda *a: seen.append(a))
@@ -232,6 +234,7 @@ def test_a_pulled_image_is_the_registrys_byte_for_byte(registry, image, tmp_path
     assert "pulled:v2" in layerfs("images", "--root", store).stdout
 
 
+@pytest.mark.root
 def test_layers_the_caller_has_are_not_fetched(registry, image, tmp_path):
     base = pull(f"{registry.host}/test/busybox:base", str(tmp_path / "base"))
     base_layers = [d for d in base.fetched if d != base.config_digest]
@@ -242,6 +245,7 @@ def test_layers_the_caller_has_are_not_fetched(registry, image, tmp_path):
         d.removeprefix("sha256:") for d in again.fetched + [again.manifest_digest])
 
 
+@pytest.mark.root
 def test_an_interrupted_pull_leaves_no_blob_and_no_image(registry, image, tmp_path):
     def interrupt(done: int, total: int | None, label: str) -> None:
         raise KeyboardInterrupt
@@ -252,6 +256,7 @@ def test_an_interrupted_pull_leaves_no_blob_and_no_image(registry, image, tmp_pa
     assert not list((tmp_path / "oci/blobs/sha256").iterdir())
 
 
+@pytest.mark.root
 def test_a_pushed_image_keeps_its_digest_and_a_second_push_mounts_its_blobs(registry, image, tmp_path):
     pull(f"{registry.host}/test/busybox:v2", str(tmp_path / "oci"))
     first = push(str(tmp_path / "oci"), f"{registry.host}/copies/one:v2")
@@ -270,6 +275,7 @@ def test_a_pushed_image_keeps_its_digest_and_a_second_push_mounts_its_blobs(regi
     assert sorted(third.present) == sorted(first.uploaded) and not third.uploaded
 
 
+@pytest.mark.root
 def test_a_chunked_push_gives_the_same_image(registry, image, tmp_path):
     pull(f"{registry.host}/test/busybox:v2", str(tmp_path / "oci"))
     pushed = push(str(tmp_path / "oci"), f"{registry.host}/chunked/app:v2", chunk_size=256 << 10)
@@ -281,6 +287,7 @@ def test_a_chunked_push_gives_the_same_image(registry, image, tmp_path):
     assert _skopeo_inspect(f"oci:{bundle}:v2")["Digest"] == image["v2"]
 
 
+@pytest.mark.root
 def test_an_index_gives_the_image_for_the_platform(registry, image, tmp_path):
     here = host_platform()
     other = "s390x" if here.architecture != "s390x" else "amd64"
@@ -302,6 +309,7 @@ def test_an_index_gives_the_image_for_the_platform(registry, image, tmp_path):
         pull(f"{registry.host}/test/busybox:multi", str(tmp_path / "c"), platform="linux/mips")
 
 
+@pytest.mark.root
 def test_the_registrys_errors_are_one_line(registry, image, tmp_path):
     with pytest.raises(LayerfsError, match=r"^127.0.0.1:\d+: manifest test/busybox:nosuch: manifest unknown"):
         pull(f"{registry.host}/test/busybox:nosuch", str(tmp_path / "oci"))
@@ -309,6 +317,7 @@ def test_the_registrys_errors_are_one_line(registry, image, tmp_path):
         pull(f"127.0.0.1:{_free_port()}/test/busybox:v2", str(tmp_path / "oci"))
 
 
+@pytest.mark.root
 def test_https_is_verified_unless_told_not_to(tmp_path, image, registry):
     key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert,
@@ -329,6 +338,7 @@ def test_https_is_verified_unless_told_not_to(tmp_path, image, registry):
 # ---- logins: htpasswd, and bearer tokens from a token server ----
 
 
+@pytest.mark.root
 def test_basic_auth_with_a_stored_login(tmp_path, auth_env, image, registry):
     htpasswd = tmp_path / "htpasswd"
     subprocess.run(["htpasswd", "-Bbc", htpasswd, "me", "secret"], check=True, capture_output=True)
@@ -401,6 +411,7 @@ def _b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
+@pytest.mark.root
 def test_bearer_tokens_from_the_registrys_token_server(tmp_path, auth_env, image, registry):
     tokens = TokenServer(tmp_path)
     guarded = Registry(tmp_path / "guarded", f"auth: {{token: {{realm: '{tokens.realm}', service: test-registry, "
@@ -513,7 +524,7 @@ class FakeRegistry:
 
 
 @pytest.fixture
-def fake() -> Iterator[FakeRegistry]:
+def fake(auth_env) -> Iterator[FakeRegistry]:  # no credentials of the machine's
     server = FakeRegistry()
     yield server
     server.stop()

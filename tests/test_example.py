@@ -12,12 +12,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import layerfs
 from processes import pids_using, wait_for
 from treediff import two_tree_changes
 
 from layerfs import example
 
+pytestmark = pytest.mark.root  # the example mounts and runs a container
 LAYERFS = str(Path(sys.executable).with_name("layerfs"))
 CHANGE_LINE = re.compile(r"^  ([ACD]) (/\S*)$")
 

@@ -33,6 +33,7 @@ from layerfs.core.whiteout import make_whiteout, mark_opaque
 from layerfs.errors import LayerfsError
 from layerfs.oci.layertar import LayerDigests, write_layer
 
+pytestmark = pytest.mark.root  # the uppers have owners and devices: chown, mknod, trusted.* xattrs
 OLD_NS = 1_500_000_000_123_456_789  # 2017, with nanoseconds: kept exactly by every step
 NAMES_DIR_NS = 1_400_000_000_000_000_001
 LATIN1 = os.fsdecode(b"caf\xe9")  # not UTF-8: a str with a surrogate escape, as os gives it

@@ -29,6 +29,7 @@ from pathlib import Path
 import pytest
 from conftest import errno_of, force_unmount, is_mounted
 
+pytestmark = pytest.mark.root  # every test mounts passthroughfs
 ROOT = Path(__file__).resolve().parent.parent
 PASSTHROUGHFS = [sys.executable, "-m", "tests.passthroughfs"]
 WAIT = 60  # seconds: bounds a hang, never asserted on

@@ -413,6 +413,7 @@ def check_unpack(target: str, base: Path, make: Callable[[Sandbox], tuple[bytes,
         shutil.rmtree(box.root)
 
 
+@pytest.mark.root  # the layers have owners and devices: chown and mknod
 @fuzz(400)
 @given(layer=_LAYERS, fmt=_FORMATS)
 @example(layer=[Entry("symlink", "etc", OUT), Entry("file", "etc/secret", data=b"x")], fmt=tarfile.PAX_FORMAT)
@@ -428,6 +429,7 @@ def test_layer_entries(base: Path, layer: list[Entry], fmt: int) -> None:
     check_unpack("layer entries", base, make, layer=layer if modelled else None)
 
 
+@pytest.mark.root
 @fuzz(300)
 @given(layer=_LAYERS, fmt=_FORMATS, damage=mutations())
 def test_damaged_layer_bytes(base: Path, layer: list[Entry], fmt: int, damage: list[tuple]) -> None:
@@ -439,6 +441,7 @@ def test_damaged_layer_bytes(base: Path, layer: list[Entry], fmt: int, damage: l
     check_unpack("damaged layer bytes", base, make)
 
 
+@pytest.mark.root
 @pytest.mark.parametrize("layer, message", [
     # was "No such file or directory": the link replaced the directory its target was in
     ([Entry("file", "b/x", data=b"x"), Entry("hardlink", "b", "b/x")], "its hard-link target 'b/x' is below it"),
@@ -454,6 +457,7 @@ def test_refusals_say_why(base: Path, layer: list[Entry], message: str) -> None:
         shutil.rmtree(box.root)
 
 
+@pytest.mark.root
 @fuzz(200)
 @given(layer=_LAYERS, how=st.sampled_from([None, "gzip", "zstd"]), split=st.integers(0, 4096),
        before=st.none() | mutations(), after=st.none() | mutations())

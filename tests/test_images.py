@@ -15,6 +15,7 @@ import pytest
 from conftest import LAYERFS, layerfs
 from snapshot import assert_same, snapshot
 
+pytestmark = pytest.mark.root  # umoci unpacks as root; the store's layers have owners
 BUSYBOX = shutil.which("busybox") or "/bin/busybox"
 HUB = "docker.io/library/"  # where a short name is, as docker reads it
 

@@ -36,6 +36,7 @@ def _blob_gets(server, digest: str) -> int:  # noqa: ANN001 (test_distribution's
     return sum(r.startswith("GET ") and r.split()[1].endswith(f"/blobs/{digest}") for r in server.requests())
 
 
+@pytest.mark.root  # the image's files are root's: unpacking gives them their owners
 def test_pull_then_push_and_save_keep_every_digest(registry, image, tmp_path):  # noqa: F811
     root = tmp_path / "store"
     v2 = f"{registry.host}/test/busybox:v2"
@@ -73,6 +74,7 @@ def test_pull_then_push_and_save_keep_every_digest(registry, image, tmp_path):  
             assert name == v2  # its RepoTags
 
 
+@pytest.mark.root  # run, podman
 def test_a_committed_image_travels_to_podman_and_back(registry, image, tmp_path):  # noqa: F811
     root = tmp_path / "store"
     source = f"{registry.host}/test/busybox:v2"
@@ -117,6 +119,7 @@ def test_a_committed_image_travels_to_podman_and_back(registry, image, tmp_path)
     assert run.stdout == "made-here\n", run.stderr
 
 
+@pytest.mark.root
 def test_an_interrupted_pull_leaves_the_store_as_it_was(registry, image, fake, tmp_path):  # noqa: F811
     root = tmp_path / "store"
     layerfs("pull", "--root", root, TLS, f"{registry.host}/test/busybox:base")
@@ -146,6 +149,7 @@ def test_a_bad_reference_and_an_unreachable_registry_are_one_line(tmp_path):
         assert result.returncode != 0 and says in result.stderr and result.stderr.count("\n") == 1, result.stderr
 
 
+@pytest.mark.root
 def test_short_names_and_tags(registry, image, tmp_path):  # noqa: F811
     root = tmp_path / "store"
     layerfs("pull", "--root", root, TLS, f"{registry.host}/test/busybox:v2")
@@ -189,6 +193,7 @@ def test_login_checks_the_credentials_and_logout_forgets_them(guard, tmp_path):
             tokens.stop()
 
 
+@pytest.mark.root
 @pytest.mark.parametrize("kind", ["oci-archive", "docker-archive", "rootfs"])
 def test_import_finds_out_what_a_file_is(kind, registry, image, tmp_path):  # noqa: F811
     made = tmp_path / "image.tar"

@@ -10,30 +10,32 @@ import shutil
 import signal
 import subprocess
 import tarfile
-import tempfile
 from pathlib import Path
 
 import pytest
 from conftest import LAYERFS, layerfs
 from processes import wait_for
 
+pytestmark = pytest.mark.root  # containers: namespaces, mounts, pivot_root
 BUSYBOX = shutil.which("busybox") or "/bin/busybox"
 
 
-def _run_mounts() -> set[str]:
-    """The layerfs mounts ``layerfs run`` makes (in a ``layerfs-run-*`` temporary directory)."""
-    where = os.path.join(tempfile.gettempdir(), "layerfs-run-")
+def _run_mounts(tmp: Path) -> list[str]:
+    """The layerfs mounts ``layerfs run`` made in ``tmp`` (its ``layerfs-run-*`` temporary directories)."""
+    where = os.path.join(tmp, "layerfs-run-")
     with open("/proc/self/mounts") as f:
         mounts = [line.split() for line in f]
-    return {fields[1] for fields in mounts if fields[2] == "fuse.layerfs" and fields[1].startswith(where)}
+    return sorted(fields[1] for fields in mounts if fields[2] == "fuse.layerfs" and fields[1].startswith(where))
 
 
 @pytest.fixture
-def new_mounts():
-    """``new_mounts()``: the mounts of ``layerfs run`` made since the test began (others on the machine,
-    another test session's included, are not the test's to judge)."""
-    before = _run_mounts()
-    return lambda: sorted(_run_mounts() - before)
+def new_mounts(tmp_path, monkeypatch):
+    """``new_mounts()``: the mounts of the test's ``layerfs run`` commands, made in a temporary directory
+    of the test's own (others on the machine, another test session's included, are not the test's to judge)."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp))  # for the layerfs commands the test starts
+    return lambda: _run_mounts(tmp)
 
 
 @pytest.fixture

@@ -44,6 +44,7 @@ from layerfs.errors import LayerfsError
 from layerfs.oci.layertar import write_layer
 from layerfs.oci.unpack import UnpackResult, unpack_layer
 
+pytestmark = pytest.mark.root  # the layers have owners and devices: chown, mknod, trusted.* xattrs
 OLD_NS = 1_500_000_000_123_456_789  # 2017, with nanoseconds: kept exactly by every step
 DIR_NS = 1_400_000_000_000_000_001
 LATIN1 = os.fsdecode(b"caf\xe9")  # not UTF-8: a str with a surrogate escape, as os gives it

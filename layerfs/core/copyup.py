@@ -21,6 +21,7 @@ import errno
 import os
 import stat
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from .. import syscalls
 from . import confined, metacopy, whiteout, xattr
@@ -175,19 +176,18 @@ def fill_in_place(fd: int, data_fd: int, length: int, *, sync: bool, keep_times:
     metacopy.unmark(fd)
 
 
+@dataclass
 class CopyUp:
     """A union's copy-up: a lower entry made a real entry of the upper layer, its parent directories
     first, built in the work directory and renamed into place, with the origin record and inode number
     overlayfs gives it. The union calls it before changing an entry that is not in the upper yet."""
 
-    def __init__(self, resolver: Resolver, upper: Layer, work: WorkDir, origins: Origins, inodes: InodeMap,
-                 *, sync: bool) -> None:
-        self.resolver = resolver
-        self.upper = upper
-        self.work = work
-        self.origins = origins
-        self.inodes = inodes
-        self.sync = sync
+    resolver: Resolver
+    upper: Layer
+    work: WorkDir
+    origins: Origins
+    inodes: InodeMap
+    sync: bool
 
     def path(self, path: str, content: str = DATA) -> Entry:
         """The entry at ``path``, copied up if it is not in the upper layer yet."""

@@ -63,7 +63,9 @@ def _read_auths(path: str) -> dict:
     try:
         with open(path) as f:
             document = json.load(f)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError, PermissionError):
+        # (none for this user: another user's runtime directory, /run/containers/UID of root's podman, is
+        # no error; a registry that wants a login then says so)
         return {}
     except (OSError, ValueError) as e:
         raise LayerfsError(f"{path}: cannot be read as a credentials file ({e})") from None
