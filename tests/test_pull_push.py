@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pytest
 from conftest import LAYERFS, layerfs
-from test_distribution import _free_port, _skopeo, _skopeo_inspect, fake, image, registry  # noqa: F401 (fixtures)
+from test_distribution import _free_port, _skopeo, _skopeo_inspect, auth_env, fake, image, registry  # noqa: F401
 from test_podman import Podman
 
 TLS = "--tls-verify=false"
+# (auth_env, fake, image and registry above are test_distribution's fixtures, used here by name)
 
 
 def _store_state(root: Path) -> dict[str, list[str]]:
