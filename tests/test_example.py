@@ -69,7 +69,8 @@ def test_example_reports_what_its_command_did(tmp_path, mounts):
     assert two_tree_changes(before, after) == shown
     assert (after / example.NEW_FILE.lstrip("/")).read_text() in result.stdout
     # The --rm run left nothing; the container that made the changes is kept, stopped.
-    assert layerfs("ps", "--root", str(base / "store")).stdout.split() == [example.CONTAINER, example.IMAGE, "stopped"]
+    assert layerfs("ps", "--root", str(base / "store")).stdout.split() == [
+        example.CONTAINER, f"docker.io/library/{example.IMAGE}", "stopped"]  # the image's full name
 
 
 def test_example_shows_the_merged_layers_and_cleans_up_its_temporary_directory():

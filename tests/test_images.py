@@ -17,6 +17,7 @@ from snapshot import assert_same, snapshot
 
 pytestmark = pytest.mark.root  # umoci unpacks as root; the store's layers have owners
 BUSYBOX = shutil.which("busybox") or "/bin/busybox"
+HUB = "docker.io/library/"  # where a short name is, as docker reads it
 
 
 def _umoci(*args: str | os.PathLike) -> None:
@@ -63,10 +64,10 @@ def make_layout(tmp_path: Path) -> Path:
 def test_an_imported_image_mounts_as_umoci_unpacks_it(layout, mounts, tmp_path):
     store = tmp_path / "store"
     result = layerfs("import", "--root", store, f"oci:{layout}:v2", "demo:v2")
-    assert result.stdout.splitlines()[0] == "demo:v2"
+    assert result.stdout.splitlines()[0] == f"{HUB}demo:v2"  # names as docker reads them
     layerfs("import", "--root", store, f"oci:{layout}:base", "demo:base")
     images = json.loads((store / "images.json").read_text())
-    assert images["demo:v2"]["layers"][0] == images["demo:base"]["layers"][0]  # shared, stored once
+    assert images[f"{HUB}demo:v2"]["layers"][0] == images[f"{HUB}demo:base"]["layers"][0]  # shared, stored once
     assert len(os.listdir(store / "layers")) == 2
     lowers = layerfs("images", "--root", store, "--lowerdir", "demo:v2").stdout.strip().split(":")
 
@@ -94,13 +95,15 @@ def test_a_blob_that_does_not_match_its_digest_is_refused(layout, tmp_path):
     store = tmp_path / "store"
     result = layerfs("import", "--root", store, f"oci:{layout}:v2", "broken", check=False)
     assert result.returncode != 0 and result.stderr.count("\n") == 1, result.stderr
-    assert "broken" not in json.loads((store / "images.json").read_text() if (store / "images.json").exists()
-                                      else "{}")
+    assert not (store / "images.json").exists() or f"{HUB}broken:latest" not in json.loads(
+        (store / "images.json").read_text())
+    assert os.listdir(store / "blobs/sha256") == []
     assert os.listdir(store / "tmp") == []
 
 
 def test_errors_name_the_problem(tmp_path):
-    for source, message in ((f"oci:{tmp_path}", "not an OCI image layout"), (str(tmp_path), "oci:DIR")):
+    for source, message in ((f"oci:{tmp_path}", "not an OCI image layout"), (str(tmp_path), "not an OCI image layout"),
+                            (str(tmp_path / "nothing"), "no such file or directory")):
         result = layerfs("import", "--root", tmp_path / "store", source, check=False)
         assert result.returncode != 0 and message in result.stderr and result.stderr.count("\n") == 1, result.stderr
 
@@ -115,7 +118,8 @@ def test_archives_from_skopeo_import_to_the_same_layers(layout, mounts, tmp_path
     layerfs("import", "--root", store, f"docker-archive:{docker}", "from-docker")
     layerfs("import", "--root", store, f"oci-archive:{oci}:v2", "from-oci-archive")
     images = json.loads((store / "images.json").read_text())
-    assert images["from-docker"]["layers"] == images["from-oci-archive"]["layers"] == images["from-layout"]["layers"]
+    assert images[f"{HUB}from-docker:latest"]["layers"] == images[f"{HUB}from-oci-archive:latest"]["layers"] \
+        == images[f"{HUB}from-layout:latest"]["layers"]
     assert len(os.listdir(store / "layers")) == 2 and os.listdir(store / "tmp") == []
     lowers = layerfs("images", "--root", store, "--lowerdir", "from-docker").stdout.strip().split(":")
     mounted = mounts.layerfs(tmp_path / "mnt", [Path(p) for p in lowers])
@@ -138,10 +142,10 @@ def test_a_container_by_name_round_trip(layout, tmp_path):
         assert "is mounted" in layerfs("rm", "--root", root, "c1", check=False).stderr
     finally:
         layerfs("umount", merged)
-    assert "image demo:changed" in layerfs("commit", "--root", root, "c1", "demo:changed").stdout
+    assert "image docker.io/library/demo:changed" in layerfs("commit", "--root", root, "c1", "demo:changed").stdout
     images = json.loads((root / "images.json").read_text())
-    assert images["demo:changed"]["layers"][:-1] == images["demo:v2"]["layers"]
-    assert images["demo:changed"]["config"]["rootfs"]["diff_ids"] == images["demo:changed"]["layers"]
+    assert images[f"{HUB}demo:changed"]["layers"][:-1] == images[f"{HUB}demo:v2"]["layers"]
+    assert images[f"{HUB}demo:changed"]["config"]["rootfs"]["diff_ids"] == images[f"{HUB}demo:changed"]["layers"]
 
     layerfs("create", "--root", root, "--name", "c2", "demo:changed")
     elsewhere = tmp_path / "c2-rootfs"
@@ -164,17 +168,20 @@ def test_rmi_layers_gc_and_inspect(layout, tmp_path):
     layerfs("create", "--root", root, "--name", "c", "demo:base")
     assert "used by container c" in layerfs("rmi", "--root", root, "demo:base", check=False).stderr
     inspected = json.loads(layerfs("inspect", "--root", root, "c").stdout)
-    assert inspected["image"] == "demo:base" and len(inspected["lowers"]) == 1
+    assert inspected["image"] == f"{HUB}demo:base" and len(inspected["lowers"]) == 1
     layerfs("rmi", "--root", root, "demo:v2")
     top = json.loads(layerfs("inspect", "--root", root, "demo:base").stdout)["layers"][0]
     listed = dict(line.split("  ", 1) for line in layerfs("layers", "--root", root).stdout.splitlines())
-    assert listed[top] == "demo:base, container c" and list(listed.values()).count("(unused)") == 1
-    removed = layerfs("gc", "--root", root).stdout.split()
-    assert len(removed) == 2 and removed[1] != top and os.listdir(root / "layers") == [top.split(":")[1]]
+    assert listed[top] == f"{HUB}demo:base, container c" and list(listed.values()).count("(unused)") == 1
+    removed = layerfs("gc", "--root", root).stdout.splitlines()
+    layers = [line.split()[1] for line in removed if not line.startswith("removed blob ")]
+    assert len(layers) == 1 and layers[0] != top and os.listdir(root / "layers") == [top.split(":")[1]]
+    assert len(removed) == 1 + 3  # and v2's manifest, config and top layer's blob
     layerfs("rm", "--root", root, "c")
     layerfs("rmi", "--root", root, "demo:base")
     layerfs("gc", "--root", root)
     assert os.listdir(root / "layers") == [] and json.loads((root / "images.json").read_text()) == {}
+    assert os.listdir(root / "blobs/sha256") == []
 
 
 def test_a_committed_image_saved_as_a_layout_unpacks_with_umoci_to_the_changed_tree(layout, mounts, tmp_path):
@@ -226,7 +233,7 @@ def test_a_rootfs_tar_imports_as_a_one_layer_image(layout, mounts, tmp_path):
         tar.addfile(escape)
     result = layerfs("import", "--root", root, f"rootfs:{hostile}", "bad", check=False)
     assert result.returncode != 0 and "escape" in result.stderr and result.stderr.count("\n") == 1, result.stderr
-    assert "bad" not in json.loads((root / "images.json").read_text())
+    assert f"{HUB}bad:latest" not in json.loads((root / "images.json").read_text())
     assert os.listdir(root / "tmp") == [] and len(os.listdir(root / "layers")) == 1
     assert not (tmp_path / "escape").exists() and not (root / "escape").exists()
 

@@ -101,7 +101,8 @@ def test_changes_made_inside_show_in_diff_and_rm_leaves_nothing(store, new_mount
     with _running("--root", store, "--name", "c2", "--rm", "box:1", "/bin/sh", "-c",
                   "echo x > /root/y; echo ready; read line", stdin=True) as shim:
         listed = layerfs("ps", "--root", store).stdout.splitlines()
-        assert listed[0] == "c1  box:1  stopped" and listed[1].startswith("c2  box:1  running, pid ")
+        image = "docker.io/library/box:1"  # (the image's full name, as docker reads "box:1")
+        assert listed[0] == f"c1  {image}  stopped" and listed[1].startswith(f"c2  {image}  running, pid ")
         shim.stdin.write("done\n")
         shim.stdin.close()
         assert shim.wait(timeout=30) == 0

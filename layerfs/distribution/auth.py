@@ -108,6 +108,12 @@ def store_login(registry: str, credentials: Credentials, path: str | None = None
         raise LayerfsError(f"{path}: not a credentials file (no auths object)")
     secret = base64.b64encode(f"{credentials.username}:{credentials.password}".encode()).decode()
     document["auths"][registry] = {"auth": secret}
+    _write(path, document)
+    return path
+
+
+def _write(path: str, document: dict) -> None:
+    """``document`` as the file ``path``, readable by the user alone, replaced in one step."""
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".auth-")  # mkstemp: mode 0600
     try:
         with os.fdopen(fd, "w") as f:
@@ -116,7 +122,6 @@ def store_login(registry: str, credentials: Credentials, path: str | None = None
     except BaseException:
         os.unlink(tmp)
         raise
-    return path
 
 
 def parse_challenge(header: str) -> tuple[str, dict[str, str]]:
@@ -178,7 +183,8 @@ class Authenticator:
         except requests.RequestException as e:
             raise LayerfsError(f"{self.registry}: its token server {printable(realm)} failed: {e}") from None
         if response.status_code in (401, 403):
-            raise LayerfsError(f"{self.registry}: the token server refused the login for {scope}")
+            raise LayerfsError(f"{self.registry}: the token server refused the login"
+                               + (f" for {scope}" if scope else ""))
         if response.status_code != 200:
             raise LayerfsError(f"{self.registry}: the token server answered HTTP {response.status_code}")
         try:
@@ -189,3 +195,16 @@ class Authenticator:
         if not isinstance(token, str) or not token:
             raise LayerfsError(f"{self.registry}: the token server gave no token")
         return token
+
+
+def forget_login(registry: str, path: str | None = None) -> bool:
+    """Remove ``registry``'s entry from ``path`` (``login_file()`` if None); False if it had none."""
+    path = path or login_file()
+    auths = _read_auths(path)
+    if registry not in auths:
+        return False
+    with open(path) as f:
+        document = json.load(f)
+    del document["auths"][registry]
+    _write(path, document)
+    return True

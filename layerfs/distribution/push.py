@@ -62,8 +62,16 @@ def push(layout: str, reference: Reference | str, *, tag: str | None = None, mou
     """Push the image ``tag`` of ``layout`` (the only one if None) as ``reference``. ``mount_from``: a
     repository of the same registry that may hold its blobs. ``credentials``: found in the auth files if
     None. ``chunk_size``: upload every blob in PATCHes of this size (else as the module's doc says)."""
-    ref = parse_reference(reference) if isinstance(reference, str) else reference
     manifest, blobs = read_manifest(layout, tag)
+    return push_image(manifest, blobs, reference, mount_from=mount_from, tls_verify=tls_verify,
+                      credentials=credentials, progress=progress, jobs=jobs, chunk_size=chunk_size, timeout=timeout)
+
+
+def push_image(manifest: Manifest, blobs: list[Blob], reference: Reference | str, *, mount_from: str | None = None,
+               tls_verify: bool = True, credentials: Credentials | None = None, progress: Progress | None = None,
+               jobs: int = 4, chunk_size: int | None = None, timeout: float = 30.0) -> Pushed:
+    """``push`` of an image kept elsewhere than a layout: its ``manifest`` and its ``blobs`` as files."""
+    ref = parse_reference(reference) if isinstance(reference, str) else reference
     if ref.digest and ref.digest != manifest.digest:
         raise LayerfsError(f"{ref}: the image's manifest is {manifest.digest}")
     if credentials is None:

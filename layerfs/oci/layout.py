@@ -57,6 +57,9 @@ class Image(NamedTuple):
     config_digest: str
     config: dict
     layers: list[Layer]  # bottom first, as the manifest lists them
+    manifest_path: str | None  # the manifest's blob; None in a docker archive, which has none
+    config_path: str
+    names: list[str]  # what the archive calls it: its ref.name annotation, or docker's RepoTags
 
 
 def _typed(value: object, kind: type, what: str) -> Any:
@@ -187,7 +190,9 @@ def read_image(layout: str, tag: str | None = None) -> Image:
             raise LayerfsError(f"{where}: layer {d['digest']} has the size {size}")
         media_type = _typed(d.get("mediaType", ""), str, f"{where}: the mediaType of layer {d['digest']}")
         layers.append(Layer(path, d["digest"], diff_id, size, media_type))
-    return Image(descriptor["digest"], config_digest, config, layers)
+    name = ref_name(descriptor)
+    return Image(descriptor["digest"], config_digest, config, layers, _blob_path(layout, descriptor["digest"]),
+                 _blob_path(layout, config_digest), [name] if isinstance(name, str) and name else [])
 
 
 def read_docker_save(root: str, name: str | None = None) -> Image:
@@ -230,7 +235,7 @@ def read_docker_save(root: str, name: str | None = None) -> Image:
         path = _inside(root, _typed(file, str, "docker archive: a layer file's name"))
         layers.append(Layer(path, None, diff_id, os.path.getsize(path), "application/vnd.docker.image.rootfs.diff.tar"))
     manifest_digest = f"sha256:{hashlib.sha256(json.dumps(entry, sort_keys=True).encode()).hexdigest()}"
-    return Image(manifest_digest, config_digest, config, layers)
+    return Image(manifest_digest, config_digest, config, layers, None, config_path, tags(entry))
 
 
 def _inside(root: str, name: str) -> str:

@@ -2,7 +2,8 @@
 containers made from those images, in one directory.
 
     STORE/layers/<sha256 hex of the layer's diff_id>/   a layer in overlay form, usable as a lowerdir (layers)
-    STORE/images.json                                   name:tag -> digests, config, layers (images)
+    STORE/blobs/sha256/<hex>                            manifests, configs, layer tars as they came (blobs)
+    STORE/images.json                                   full name -> digests, config, layers (images)
     STORE/containers/<name>/container.json              the image it came from, its layers (containers)
     STORE/containers/<name>/{upper,work,merged}/        its upper and work dirs, its default mount point
     STORE/content/<2 hex>/<key>                         one inode per distinct file (content)
@@ -13,7 +14,8 @@ containers made from those images, in one directory.
 ``store.layers.path(diff_id)``) and makes every change itself, each under the store's one lock; the parts
 never take the lock, so a change that spans them (a container of an image, an image no container uses
 any more, a gc) is one locked step. A commit (``commit``) is the layer ``layerfs export`` writes for the
-same changes, stored as a directory.
+same changes, stored as a directory (and, for a new image, as a gzip blob too). What comes in (an import,
+a pull, a commit's image) is gathered in the scratch space and named at once (``incoming``).
 """
 
 from __future__ import annotations
@@ -23,12 +25,18 @@ import shutil
 from collections.abc import Iterable
 
 from ..core.changes import Change
-from ..oci.entries import Upper
-from ..oci.layertar import ProgressFn
+from ..distribution import pull as pulling
+from ..distribution import push as pushing
+from ..distribution.reference import parse_reference
+from ..oci.entries import Entry, Upper
+from ..oci.layertar import ProgressFn, write_entries
+from . import archives
+from .blobs import Blobs
 from .commit import Committed, build_layer, layer_diff_id
 from .containers import ContainerMounted, Containers
 from .content import SHARING, Content
-from .images import ImageInUse, Images, NoSuchImage, Progress
+from .images import ImageInUse, Images, NoSuchImage, Progress, image_name
+from .incoming import Incoming
 from .layers import Layers
 from .root import DEFAULT_ROOT, Root, root_from
 
@@ -41,23 +49,51 @@ class Store:
         self.root = Root(root)
         self.layers = Layers(self.root)
         self.content = Content(self.root)
-        self.images = Images(self.root, self.layers)
+        self.blobs = Blobs(self.root)
+        self.images = Images(self.root, self.layers, self.blobs)
         self.containers = Containers(self.root, self.layers)
 
-    def import_image(self, kind: str, path: str, tag: str | None, name: str,
-                     progress: Progress | None = None) -> dict:
-        """``Images.import_image``: image ``tag`` of ``path`` imported as ``name``."""
+    def import_image(self, kind: str, path: str, tag: str | None, name: str | None,
+                     progress: Progress | None = None) -> tuple[str, dict]:
+        """``Images.import_image``: image ``tag`` of ``path`` imported as ``name``; its name and record."""
         with self.root.locked():
             return self.images.import_image(kind, path, tag, name, progress)
 
-    def add_image(self, name: str, base: str, diff_id: str) -> dict:
-        """Image ``name``: image ``base`` with the layer ``diff_id`` on top (a commit)."""
+    def pull(self, reference: str, *, platform: str | None = None, tls_verify: bool = True,
+             progress: Progress | None = None) -> tuple[str, dict]:
+        """Image ``reference`` pulled from its registry (blobs the store has are not fetched) and kept under
+        its full name; its name and record."""
+        ref = parse_reference(reference)
+        with self.root.locked(), Incoming(self.root, self.layers, self.blobs) as incoming:
+            pulled = os.path.join(incoming.dir, "pulled")
+            pulling.pull(ref, pulled, platform=platform, tls_verify=tls_verify, have=self.blobs.has, progress=progress)
+            return str(ref), self.images.add_pulled(incoming, pulled, str(ref), ref.name, progress)
+
+    def push(self, name: str, reference: str | None = None, *, tls_verify: bool = True,
+             progress: Progress | None = None) -> pushing.Pushed:
+        """Image ``name`` pushed as ``reference`` (its own name if None), its stored bytes unchanged; blobs
+        mounted from the repository it was pulled from, where that is on the same registry."""
+        ref = parse_reference(reference or self.images.key(name))
+        manifest, blobs = self.images.stored(name)
+        registry, _, repository = (self.images.record(name).get("source") or "").partition("/")
+        return pushing.push_image(manifest, blobs, ref, mount_from=repository if registry == ref.registry else None,
+                                  tls_verify=tls_verify, progress=progress)
+
+    def save(self, name: str, kind: str, dest: str, tag: str | None = None) -> str:
+        """Image ``name`` written to ``dest`` as ``kind`` (``archives.FORMATS``) with its stored bytes,
+        listed as ``tag`` (its own if None); returns its manifest's digest."""
+        key = self.images.key(name)
+        manifest, blobs = self.images.stored(name)
+        archives.write(kind, dest, manifest, blobs, tag=tag or parse_reference(key).tag or "latest", name=key)
+        return manifest.digest
+
+    def tag(self, name: str, new: str) -> str:
         with self.root.locked():
-            return self.images.add_commit(name, base, diff_id)
+            return self.images.tag(name, new)
 
     def remove_image(self, name: str) -> None:
         with self.root.locked():
-            users = self.containers.using(name)
+            users = self.containers.using(self.images.key(name))
             if users:
                 raise ImageInUse(name, users)
             self.images.remove(name)
@@ -65,7 +101,7 @@ class Store:
     def create(self, name: str, image: str) -> dict:
         """A new container of ``image``: an empty upper over the image's layers."""
         with self.root.locked():
-            return self.containers.create(name, image, self.images.record(image))
+            return self.containers.create(name, self.images.key(image), self.images.record(image))
 
     def add_runtime_paths(self, name: str, paths: list[str]) -> None:
         """Paths the runtime made in container ``name`` for itself: its diff leaves them out."""
@@ -89,32 +125,53 @@ class Store:
         return users
 
     def gc(self) -> list[str]:
-        """Remove the layers no image or container uses, and file data no layer shares any more."""
+        """Remove the layers no image or container uses, the blobs no image has, and file data no layer
+        shares any more; returns the layers' diff_ids and the blobs' digests."""
         with self.root.locked():
             unused = [diff_id for diff_id, users in self.layer_users().items() if not users]
             for diff_id in unused:
                 self.layers.remove(diff_id)
+            used = self.images.blobs_used()
+            blobs = [digest for digest in self.blobs.digests() if digest not in used]
+            for digest in blobs:
+                self.blobs.remove(digest)
             self.content.forget_unshared()
-        return unused
+        return unused + [f"blob {digest}" for digest in blobs]
 
     def commit(self, upper: str, changes: Iterable[Change], *, share: str = "reflink",
-               progress: ProgressFn | None = None) -> Committed:
+               progress: ProgressFn | None = None, image: tuple[str, str] | None = None) -> Committed:
         """Freeze ``changes`` (as ``layerfs.core.changes`` lists them) of ``upper`` into a layer, its file
-        data shared with the store's alike files as ``share`` says (one of ``SHARING``)."""
+        data shared with the store's alike files as ``share`` says (one of ``SHARING``). ``image``: (name,
+        base): also record image ``name``, image ``base`` with this layer on top, its tar kept as a gzip blob
+        (written once, in the same locked step)."""
         with Upper(upper) as tree:
             found = tree.entries(changes)
+            if image is not None:
+                name = image_name(image[0])  # (a name docker refuses is refused before any work)
+                with self.root.locked(), Incoming(self.root, self.layers, self.blobs) as incoming:
+                    blob = incoming.new_file()
+                    with open(blob, "wb") as out:
+                        written = write_entries(out, tree, found, compress=True, progress=progress)
+                    incoming.keep(blob, written.digest)
+                    committed = self._add_layer(tree, found, written.diff_id, share)
+                    self.images.add_commit(incoming, name, image[1], written.diff_id, written.digest)
+                return committed
             layer = layer_diff_id(tree, found, progress)
-            final = self.layers.path(layer)
             with self.root.locked():
-                if self.layers.has(layer):
-                    return Committed(final, layer, new=False)
-                build = self.root.scratch()
-                os.mkdir(build, 0o755)
-                try:
-                    build_layer(tree, found, build)
-                    self.content.share(build, share)
-                    self.layers.adopt(build, layer)
-                except BaseException:
-                    shutil.rmtree(build, ignore_errors=True)
-                    raise
+                return self._add_layer(tree, found, layer, share)
+
+    def _add_layer(self, tree: Upper, found: list[Entry], layer: str, share: str) -> Committed:
+        """(Holding the lock.) The layer ``layer`` of ``found`` built as a directory, unless the store has it."""
+        final = self.layers.path(layer)
+        if self.layers.has(layer):
+            return Committed(final, layer, new=False)
+        build = self.root.scratch()
+        os.mkdir(build, 0o755)
+        try:
+            build_layer(tree, found, build)
+            self.content.share(build, share)
+            self.layers.adopt(build, layer)
+        except BaseException:
+            shutil.rmtree(build, ignore_errors=True)
+            raise
         return Committed(final, layer, new=True)

@@ -33,28 +33,30 @@ class Layers:
         """Every layer the store holds."""
         return [f"sha256:{hexdigest}" for hexdigest in sorted(os.listdir(self.root.sub("layers")))]
 
-    def add_tar(self, stream: BinaryIO, progress: ProgressFn | None = None, *, expected: str | None = None) -> str:
-        """(Holding the lock.) The layer tar ``stream`` unpacked into a layer of the store; returns its
-        diff_id, which must be ``expected`` where the image gives one."""
+    def build(self, stream: BinaryIO, progress: ProgressFn | None = None, *,
+              expected: str | None = None) -> tuple[str, str]:
+        """(Holding the lock.) The layer tar ``stream`` unpacked into a new directory of the scratch space, to
+        ``adopt`` once the rest of its image is in; returns the directory and the layer's diff_id, which must
+        be ``expected`` where the image gives one."""
         build = self.root.scratch()
         os.mkdir(build, 0o755)
         try:
             diff_id = unpack_layer(stream, build, progress=progress).diff_id
             if expected is not None and diff_id != expected:
                 raise LayerfsError(f"a layer unpacked to {diff_id}, but the image says {expected}")
-            self.adopt(build, diff_id)
         except BaseException:
             shutil.rmtree(build, ignore_errors=True)
             raise
-        return diff_id
+        return build, diff_id
 
-    def adopt(self, build: str, diff_id: str) -> None:
+    def adopt(self, build: str, diff_id: str, *, synced: bool = False) -> None:
         """(Holding the lock.) The layer built in the scratch directory ``build`` becomes layer ``diff_id``;
-        where the store has that layer already, ``build`` goes."""
+        where the store has that layer already, ``build`` goes. ``synced``: the caller has synced it."""
         if self.has(diff_id):
             shutil.rmtree(build)
             return
-        os.sync()  # whole on disk before it gets its name
+        if not synced:
+            os.sync()  # whole on disk before it gets its name
         os.rename(build, self.path(diff_id))
 
     def remove(self, diff_id: str) -> None:

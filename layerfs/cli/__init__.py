@@ -14,14 +14,15 @@ import os
 import sys
 from typing import TYPE_CHECKING
 
-from . import __version__
-from .errors import LayerfsError, UsageError
+from .. import __version__
+from ..errors import LayerfsError, UsageError
+from . import images
 
 if TYPE_CHECKING:
-    from .store import Store
+    from ..store import Store
 
-COMMANDS = ("mount", "umount", "stats", "diff", "export", "commit", "import", "images", "create", "rm", "rmi", "layers",
-            "gc", "inspect", "save", "run", "ps", "bundle", "example")
+COMMANDS = ("mount", "umount", "stats", "diff", "export", "commit", "create", "rm", "rmi", "layers", "gc", "inspect",
+            "run", "ps", "bundle", "example") + images.COMMANDS
 _ROOT_HELP = "the store (default $LAYERFS_ROOT, else /var/lib/layerfs)"
 
 
@@ -78,20 +79,6 @@ def _parser() -> argparse.ArgumentParser:
                         "hardlink (everywhere, but st_nlink shows it), none")
     _container_arguments(c)
 
-    i = sub.add_parser("import", help="import an image into the store",
-                       usage="layerfs import [--root DIR] SOURCE [NAME[:TAG]]")
-    i.add_argument("source", metavar="SOURCE", help="oci:DIR[:TAG] (an OCI image layout), oci-archive:FILE[:TAG], "
-                                                    "docker-archive:FILE[:NAME:TAG] (docker save), "
-                                                    "rootfs:FILE.tar (a root filesystem, as docker import takes)")
-    i.add_argument("name", nargs="?", help="the name to give it (default: the layout's directory name and the tag)")
-    i.add_argument("--root", metavar="DIR", help=_ROOT_HELP)
-    i.add_argument("--debug", action="store_true")
-
-    g = sub.add_parser("images", help="list the store's images")
-    g.add_argument("--root", metavar="DIR", help=_ROOT_HELP)
-    g.add_argument("--lowerdir", metavar="IMAGE", help="print the lowerdir= list that mounts IMAGE")
-    g.add_argument("--debug", action="store_true")
-
     n = sub.add_parser("create", help="make a container of an image",
                        usage="layerfs create [--root DIR] --name C IMAGE")
     n.add_argument("--name", required=True)
@@ -127,13 +114,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--root", metavar="DIR", help=_ROOT_HELP)
     b.add_argument("--debug", action="store_true")
 
-    v = sub.add_parser("save", help="write an image of the store into an OCI image layout",
-                       usage="layerfs save [--root DIR] IMAGE oci:DIR[:TAG]")
-    v.add_argument("name", metavar="IMAGE")
-    v.add_argument("destination", metavar="oci:DIR[:TAG]")
-    v.add_argument("--root", metavar="DIR", help=_ROOT_HELP)
-    v.add_argument("--debug", action="store_true")
-
+    images.add_parsers(sub, _ROOT_HELP)
     for command, help_text, argument in (
             ("rm", "remove a container (not mounted) and its changes", "name"),
             ("rmi", "remove an image no container uses (its layers stay until gc)", "name"),
@@ -166,7 +147,7 @@ def _container_arguments(p: argparse.ArgumentParser) -> None:
 
 def _container(args: argparse.Namespace, *, path_argument: bool):
     """The container the diff or export arguments name, and the path the diff is limited to."""
-    from . import container
+    from .. import container
 
     if args.upperdir is not None:
         if args.lowerdir is None:
@@ -177,34 +158,26 @@ def _container(args: argparse.Namespace, *, path_argument: bool):
             (args.target or "/") if path_argument else "/"
     if args.target is None:
         raise UsageError(f"{args.command} of what? give a mount point, or --upperdir and --lowerdir")
-    from .store import root_from
+    from ..store import root_from
 
     return container.of_name_or_mount(args.target, root_from(args.root)), (args.path or "/") if path_argument else "/"
 
 
 def _store(args: argparse.Namespace) -> Store:
-    from .store import Store, root_from
+    from ..store import Store, root_from
 
     return Store(root_from(args.root))
 
 
 def _advice(e: LayerfsError) -> str:
     """What to do about a store's error, in this command line's words (the store says what is wrong)."""
-    from .store import ContainerMounted, ImageInUse, NoSuchImage
+    from ..store import ContainerMounted, ImageInUse, NoSuchImage
 
     for kind, advice in ((NoSuchImage, "layerfs images lists them"), (ImageInUse, "layerfs rm first"),
                          (ContainerMounted, "layerfs umount it first")):
         if isinstance(e, kind):
             return f" ({advice})"
     return ""
-
-
-def _split_tag(reference: str) -> tuple[str, str | None]:
-    """``DIR:TAG`` -> (DIR, TAG); a colon inside the directory's path is not a tag."""
-    where, colon, tag = reference.rpartition(":")
-    if colon and where and "/" not in tag:
-        return where, tag
-    return reference, None
 
 
 def _normalise(argv: list[str]) -> list[str]:
@@ -238,23 +211,18 @@ def main(argv: list[str] | None = None) -> int:
 @contextlib.contextmanager
 def _output(path: str):
     """Standard output, or a file written beside its final name and moved there once complete."""
+    from ..store.archives import atomic_file
+
     if path == "-":
         yield sys.stdout.buffer
         return
-    tmp = f"{path}.partial"
-    try:
-        with open(tmp, "wb") as out:
-            yield out
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_file(path) as out:
+        yield out
 
 
 def _run(args: argparse.Namespace) -> int:
     if args.command == "mount":
-        from .fs import mount, options
+        from ..fs import mount, options
 
         if not args.options and args.mountpoint:  # a container of the store
             record = _store(args).containers.get(args.mountpoint)
@@ -269,27 +237,27 @@ def _run(args: argparse.Namespace) -> int:
             print(f"layerfs: warning: {warning}", file=sys.stderr)
         return mount.mount(config, foreground=args.foreground, debug=args.debug)
     if args.command == "umount":
-        from .fs import mount
+        from ..fs import mount
 
         mount.umount(args.mountpoint, lazy=args.lazy)
         return 0
     if args.command == "stats":
-        from .fs import mount
+        from ..fs import mount
 
         report = mount.stats(args.mountpoint)
         sys.stdout.write(json.dumps(report, indent=1) + "\n" if args.json else mount.render_stats(report))
         return 0
     if args.command == "diff":
-        from . import container
+        from .. import container
 
         target, under = _container(args, path_argument=True)
         found = container.container_changes(target, under=under, unchanged_copies=args.all)
         sys.stdout.write(container.render(found, as_json=args.json))
         return 0
     if args.command == "export":
-        from . import container
-        from .oci.layertar import write_layer
-        from .progress import on_terminal
+        from .. import container
+        from ..oci.layertar import write_layer
+        from ..progress import on_terminal
 
         target, _ = _container(args, path_argument=False)
         found, upper = container.layer_changes(target, unchanged_copies=args.all)
@@ -300,43 +268,39 @@ def _run(args: argparse.Namespace) -> int:
         print(f"diff_id {digests.diff_id}\ndigest  {digests.digest}\nsize    {digests.size}", file=where)
         return 0
     if args.command == "commit":
-        from . import container
-        from .progress import on_terminal
+        from .. import container
+        from ..progress import on_terminal
 
         target, _ = _container(args, path_argument=False)
         store = _store(args)
-        found, upper = container.layer_changes(target, unchanged_copies=args.all)
-        with on_terminal() as progress:
-            committed = store.commit(upper, found, share=args.share, progress=progress)
-        print(f"{committed.path}\ndiff_id {committed.diff_id}{'' if committed.new else ' (in the store already)'}")
+        base = None
         if args.image:
             record = store.containers.get(args.target) if args.target else None
             if record is None:
                 raise UsageError("a new image needs a container of the store to start from: layerfs commit C IMAGE")
-            store.add_image(args.image, record["image"], committed.diff_id)
-            print(f"image {args.image}")
+            base = record["image"]
+        found, upper = container.layer_changes(target, unchanged_copies=args.all)
+        with on_terminal() as progress:
+            committed = store.commit(upper, found, share=args.share, progress=progress,
+                                     image=(args.image, base) if base else None)
+        print(f"{committed.path}\ndiff_id {committed.diff_id}{'' if committed.new else ' (in the store already)'}")
+        if base:
+            print(f"image {store.images.key(args.image)}")
         return 0
     if args.command == "create":
         record = _store(args).create(args.name, args.image)
         print(record["name"])
         return 0
     if args.command == "run":
-        from .runtime import run
+        from ..runtime import run
 
         return run.main(args)
     if args.command == "bundle":
-        from .runtime import bundle
+        from ..runtime import bundle
 
         command = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
         rootfs = bundle.write(_store(args), args.name, args.directory, command)
         print(f"{os.path.join(args.directory, 'config.json')}\n{rootfs} (layerfs umount it when done)")
-        return 0
-    if args.command == "save":
-        if not args.destination.startswith("oci:"):
-            raise UsageError(f"{args.destination}: give an OCI image layout as oci:DIR[:TAG]")
-        where, tag = _split_tag(args.destination[len("oci:"):])
-        tag = tag or args.name.rpartition(":")[2] or "latest"
-        print(_store(args).images.save(args.name, where, tag))
         return 0
     if args.command in ("rm", "rmi", "inspect", "layers", "gc", "ps"):
         store = _store(args)
@@ -345,12 +309,13 @@ def _run(args: argparse.Namespace) -> int:
         elif args.command == "rmi":
             store.remove_image(args.name)
         elif args.command == "inspect":
-            record = store.containers.get(args.name) or store.images.find(args.name)
+            # (a name with a slash is no container's: an image's full name)
+            record = ("/" not in args.name and store.containers.get(args.name)) or store.images.find(args.name)
             if record is None:
                 raise UsageError(f"{args.name}: no such image or container")
             print(json.dumps(record, indent=1, sort_keys=True))
         elif args.command == "ps":
-            from .fs import mounts
+            from ..fs import mounts
 
             for name in store.containers.names():
                 record = store.containers.get(name)
@@ -366,40 +331,10 @@ def _run(args: argparse.Namespace) -> int:
             for diff_id in store.gc():
                 print(f"removed {diff_id}")
         return 0
-    if args.command == "import":
-        from .progress import on_terminal
-
-        kind, colon, reference = args.source.partition(":")
-        if not colon or kind not in ("oci", "oci-archive", "docker-archive", "rootfs"):
-            raise UsageError(f"{args.source}: give oci:DIR[:TAG], oci-archive:FILE[:TAG], docker-archive:FILE "
-                             "or rootfs:FILE.tar")
-        if kind == "rootfs":
-            where, tag = reference, None
-        elif kind == "docker-archive":
-            where, _, tag = reference.partition(":")
-            tag = tag or None
-        else:
-            where, tag = _split_tag(reference)
-        if args.name:
-            name = args.name
-        elif kind == "docker-archive" and tag:
-            name = tag
-        else:
-            name = f"{os.path.basename(os.path.abspath(where)).removesuffix('.tar')}:{tag or 'latest'}"
-        with on_terminal() as progress:
-            record = _store(args).import_image(kind, where, tag, name, progress=progress)
-        print(f"{name}\n{len(record['layers'])} layers, config {record['config_digest']}")
-        return 0
-    if args.command == "images":
-        images = _store(args).images
-        if args.lowerdir:
-            print(":".join(images.lowerdirs(args.lowerdir)))
-            return 0
-        for name, image in sorted(images.all().items()):
-            print(f"{name}  {len(image['layers'])} layers  {image['config_digest'][:19]}")
-        return 0
+    if args.command in images.COMMANDS:
+        return images.run(args)
     if args.command == "example":
-        from . import example
+        from .. import example
 
         return example.main(args.dir)
     _parser().print_help(sys.stderr)
