@@ -20,9 +20,10 @@ a pull, a commit's image) is gathered in the scratch space and named at once (``
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 from ..core.changes import Change
 from ..distribution import pull as pulling
@@ -74,18 +75,35 @@ class Store:
         """Image ``name`` pushed as ``reference`` (its own name if None), its stored bytes unchanged; blobs
         mounted from the repository it was pulled from, where that is on the same registry."""
         ref = parse_reference(reference or self.images.key(name))
-        manifest, blobs = self.images.stored(name)
         registry, _, repository = (self.images.record(name).get("source") or "").partition("/")
-        return pushing.push_image(manifest, blobs, ref, mount_from=repository if registry == ref.registry else None,
-                                  tls_verify=tls_verify, progress=progress)
+        with self._held(name) as (manifest, blobs):
+            return pushing.push_image(manifest, blobs, ref,
+                                      mount_from=repository if registry == ref.registry else None,
+                                      tls_verify=tls_verify, progress=progress)
 
     def save(self, name: str, kind: str, dest: str, tag: str | None = None) -> str:
         """Image ``name`` written to ``dest`` as ``kind`` (``archives.FORMATS``) with its stored bytes,
         listed as ``tag`` (its own if None); returns its manifest's digest."""
         key = self.images.key(name)
-        manifest, blobs = self.images.stored(name)
-        archives.write(kind, dest, manifest, blobs, tag=tag or parse_reference(key).tag or "latest", name=key)
+        with self._held(name) as (manifest, blobs):
+            archives.write(kind, dest, manifest, blobs, tag=tag or parse_reference(key).tag or "latest", name=key)
         return manifest.digest
+
+    @contextlib.contextmanager
+    def _held(self, name: str) -> Iterator[tuple[pushing.Manifest, list[pushing.Blob]]]:
+        """Image ``name``'s stored manifest and blobs, each blob open for the while (named by its
+        descriptor): a push or a save is long and takes no lock, and a gc or an rmi meanwhile must not
+        take its blobs from under it."""
+        held: list[int] = []
+        try:
+            with self.root.locked():
+                manifest, blobs = self.images.stored(name)
+                for blob in blobs:
+                    held.append(os.open(blob.path, os.O_RDONLY | os.O_CLOEXEC))
+            yield manifest, [blob._replace(path=f"/proc/self/fd/{fd}") for blob, fd in zip(blobs, held, strict=True)]
+        finally:
+            for fd in held:
+                os.close(fd)
 
     def tag(self, name: str, new: str) -> str:
         with self.root.locked():
