@@ -31,15 +31,20 @@ from .workspace import RUNS, Workspace
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tools/bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="tools/bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--quick", action="store_true", help="one repetition, smaller counts (< 2 minutes)")
     p.add_argument("--only", metavar="W[,W]", help="workloads or workload groups to run")
     p.add_argument("--impl", metavar="I[,I]", help="implementations to run (default: all available)")
     p.add_argument("--reps", type=int, help="repetitions (default: 5, --quick 1)")
     p.add_argument("--out", type=Path, help="directory for results.json and chart.png")
-    p.add_argument("--data", choices=["auto", "debootstrap", "generated"], default="auto",
-                   help="bottom layer: debootstrap (falls back to generated under auto)")
+    p.add_argument(
+        "--data",
+        choices=["auto", "debootstrap", "generated"],
+        default="auto",
+        help="bottom layer: debootstrap (falls back to generated under auto)",
+    )
     p.add_argument("--cache", type=Path, default=data_mod.DEFAULT_CACHE, help="where the layers are cached")
     p.add_argument("--rebuild", action="store_true", help="rebuild the cached layers first")
     p.add_argument("--no-views", action="store_true", help="skip checking what each implementation sees")
@@ -104,14 +109,19 @@ def main(argv: list[str] | None = None) -> int:
     versions = {i.name: i.version() for i in impls}
     load_before = os.getloadavg()
     try:
-        with Workspace(data, native=any(i.kind == "native" for i in impls),
-                       flat=any(i.flat for i in impls)) as ws:
-            commands = {i.name: " ".join(i.command(ws.lowers_for(i), Path("UPPER"), Path("WORK"), Path("MNT")))
-                        for i in impls if i.kind != "native"}
-            log(f"running {len(chosen_workloads)} workloads x {len(impls)} implementations "
-                f"({', '.join(i.name for i in impls)}), {args.reps or scale.reps} repetitions, interleaved")
-            results = Runner(ws, impls, chosen_workloads, scale, args.reps,
-                             views=not (args.no_views or args.quick)).run()
+        with Workspace(data, native=any(i.kind == "native" for i in impls), flat=any(i.flat for i in impls)) as ws:
+            commands = {
+                i.name: " ".join(i.command(ws.lowers_for(i), Path("UPPER"), Path("WORK"), Path("MNT")))
+                for i in impls
+                if i.kind != "native"
+            }
+            log(
+                f"running {len(chosen_workloads)} workloads x {len(impls)} implementations "
+                f"({', '.join(i.name for i in impls)}), {args.reps or scale.reps} repetitions, interleaved"
+            )
+            results = Runner(
+                ws, impls, chosen_workloads, scale, args.reps, views=not (args.no_views or args.quick)
+            ).run()
     except KeyboardInterrupt:
         log("interrupted; everything it mounted is unmounted and its image removed")
         return 130
@@ -125,18 +135,29 @@ def main(argv: list[str] | None = None) -> int:
         "`layerfs diff` after N changes has its own benchmark: python -m benchmarks.diffbench.",
     ]
     if data.manifest["source"] != "debootstrap":
-        notes.append("The bottom layer is the generated tree (asked for, or debootstrap could not run); "
-                     "'start' does the lookups directly instead of running programs in a chroot.")
-    title = (f"layerfs benchmarks ({scale.name}, {args.reps or scale.reps} reps, medians) - "
-             f"{report.machine()['cpus']} CPUs, kernel {report.machine()['kernel']}, {data.manifest['source']} rootfs")
+        notes.append(
+            "The bottom layer is the generated tree (asked for, or debootstrap could not run); "
+            "'start' does the lookups directly instead of running programs in a chroot."
+        )
+    title = (
+        f"layerfs benchmarks ({scale.name}, {args.reps or scale.reps} reps, medians) - "
+        f"{report.machine()['cpus']} CPUs, kernel {report.machine()['kernel']}, {data.manifest['source']} rootfs"
+    )
     chart_problem = report.chart(results, out / "chart.png", title)
-    report.write_json(results, out / "results.json", {
-        "command": " ".join(["tools/bench"] + (argv if argv is not None else sys.argv[1:])),
-        "scale": vars(scale) | {"reps": args.reps or scale.reps},
-        "versions": versions, "mount_commands": commands,
-        "data": {k: v for k, v in data.manifest.items() if k not in ("meta_files", "meta_dirs", "build_sources")},
-        "loadavg_before": load_before, "duration_seconds": round(duration, 1), "notes": notes,
-    })
+    report.write_json(
+        results,
+        out / "results.json",
+        {
+            "command": " ".join(["tools/bench"] + (argv if argv is not None else sys.argv[1:])),
+            "scale": vars(scale) | {"reps": args.reps or scale.reps},
+            "versions": versions,
+            "mount_commands": commands,
+            "data": {k: v for k, v in data.manifest.items() if k not in ("meta_files", "meta_dirs", "build_sources")},
+            "loadavg_before": load_before,
+            "duration_seconds": round(duration, 1),
+            "notes": notes,
+        },
+    )
 
     print()
     print(title)
@@ -158,8 +179,10 @@ def main(argv: list[str] | None = None) -> int:
         for impl, r in rss.items():
             parts = []
             if "first_mib" in r:
-                parts.append(f"long-lived daemon {r['first_mib']:.0f} MiB after {r['first_after']} -> "
-                             f"{r['last_mib']:.0f} MiB after {r['last_after']} (max {r['max_mib']:.0f})")
+                parts.append(
+                    f"long-lived daemon {r['first_mib']:.0f} MiB after {r['first_after']} -> "
+                    f"{r['last_mib']:.0f} MiB after {r['last_after']} (max {r['max_mib']:.0f})"
+                )
             if "fresh_peak_mib" in r:
                 parts.append(f"fresh-mount daemons peak {r['fresh_peak_mib']:.0f} MiB")
             print(f"  {impl}: " + "; ".join(parts))
@@ -177,9 +200,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Skipped {name}: {why}")
     for note in notes:
         print(f"Note: {note}")
-    print(f"Wall time {duration:.0f}s (load average before {load_before[0]:.1f}, after {os.getloadavg()[0]:.1f}). "
-          f"Results: {out / 'results.json'}" + (f"; no chart: {chart_problem}" if chart_problem
-                                               else f", chart: {out / 'chart.png'}"))
+    print(
+        f"Wall time {duration:.0f}s (load average before {load_before[0]:.1f}, after {os.getloadavg()[0]:.1f}). "
+        f"Results: {out / 'results.json'}"
+        + (f"; no chart: {chart_problem}" if chart_problem else f", chart: {out / 'chart.png'}")
+    )
     return 0
 
 

@@ -38,8 +38,16 @@ DEBOOTSTRAP_INCLUDE = ["python3", "perl", "python3-pip", "git"]
 MIRROR = "http://deb.debian.org/debian"
 MAX_REPS = 8  # meta-mix consumes a fresh slice of lower files per pass (the last for the untimed one)
 # Where deletions and modifications may land: nothing any workload's programs need.
-_SAFE = ("usr/share/doc/", "usr/share/man/", "usr/share/zoneinfo/", "usr/share/locale/", "usr/share/info/",
-         "usr/share/lintian/", "usr/share/common-licenses/", "usr/share/bash-completion/")
+_SAFE = (
+    "usr/share/doc/",
+    "usr/share/man/",
+    "usr/share/zoneinfo/",
+    "usr/share/locale/",
+    "usr/share/info/",
+    "usr/share/lintian/",
+    "usr/share/common-licenses/",
+    "usr/share/bash-completion/",
+)
 START_COMMANDS = [
     ["/usr/bin/ls", "-l", "/usr/bin"],
     ["/usr/bin/python3", "-c", "import json, email.parser, http.client, asyncio, decimal, argparse, logging"],
@@ -70,7 +78,7 @@ def ensure(cache: Path = DEFAULT_CACHE, source: str = "auto") -> Data:
     wanted = {"auto": None, "debootstrap": "debootstrap", "generated": "generated"}[source]
     with open(cache / "lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # two runs at once: the second waits and reuses
-        for kind in ([wanted] if wanted else ["debootstrap", "generated"]):
+        for kind in [wanted] if wanted else ["debootstrap", "generated"]:
             done = cache / f"data-v{VERSION}-{kind}"
             if (done / "manifest.json").exists():
                 return Data(done, json.loads((done / "manifest.json").read_text()))
@@ -94,8 +102,17 @@ def _debootstrap(cache: Path) -> Path:
     tmp = cache / "debootstrap-bookworm.tmp"
     remove_tree(tmp)
     log("building the base layer with debootstrap (once; about a minute)")
-    run(["debootstrap", "--variant=minbase", "--include=" + ",".join(DEBOOTSTRAP_INCLUDE), "bookworm",
-         str(tmp), MIRROR], timeout=1800)
+    run(
+        [
+            "debootstrap",
+            "--variant=minbase",
+            "--include=" + ",".join(DEBOOTSTRAP_INCLUDE),
+            "bookworm",
+            str(tmp),
+            MIRROR,
+        ],
+        timeout=1800,
+    )
     for deb in (tmp / "var/cache/apt/archives").glob("*.deb"):
         deb.unlink()  # as image builds do (apt-get clean)
     os.rename(tmp, done)
@@ -129,8 +146,9 @@ def _build(cache: Path, kind: str) -> Data:
     manifest = {
         "version": VERSION,
         "source": kind,
-        "debootstrap": {"variant": "minbase", "suite": "bookworm", "include": DEBOOTSTRAP_INCLUDE,
-                        "mirror": MIRROR} if kind == "debootstrap" else None,
+        "debootstrap": {"variant": "minbase", "suite": "bookworm", "include": DEBOOTSTRAP_INCLUDE, "mirror": MIRROR}
+        if kind == "debootstrap"
+        else None,
         "layers": LAYER_NAMES,
         "big": {name: f"bench/{name}" for name in BIG_FILES},
         "stats": _stats(lowers, view),
@@ -151,7 +169,7 @@ def _big_files(directory: Path) -> None:
     for name, size in BIG_FILES.items():
         with open(directory / name, "wb") as f:
             for i in range(size >> 20):
-                f.write(block[i % 251:] + block[:i % 251])  # every MiB differs: nothing dedups or compresses
+                f.write(block[i % 251 :] + block[: i % 251])  # every MiB differs: nothing dedups or compresses
 
 
 def _regular_files(root: Path, prefixes: tuple[str, ...]) -> list[str]:
@@ -245,8 +263,11 @@ def _make_app(base: Path, mod: Path, app: Path, rng: random.Random) -> None:
     (app / "opt/vendor/pkg7").mkdir()  # replaces mod's directory
     os.setxattr(app / "opt/vendor/pkg7", layers.OPAQUE_XATTR, b"y")
     (app / "opt/vendor/pkg7/only-this").write_bytes(_payload(rng))
-    vendor = sorted(str(p.relative_to(mod)) for p in (mod / "opt/vendor").rglob("*.dat")
-                    if not str(p).startswith(str(mod / "opt/vendor/pkg7/")))
+    vendor = sorted(
+        str(p.relative_to(mod))
+        for p in (mod / "opt/vendor").rglob("*.dat")
+        if not str(p).startswith(str(mod / "opt/vendor/pkg7/"))
+    )
     for rel in vendor[:50:2]:  # delete some of mod's files
         _parents(mod, app, rel)
         layers.make_whiteout(app / rel)
@@ -264,28 +285,40 @@ def _picks(view: dict[str, tuple[str, int, int]], rng: random.Random) -> dict:
     children: dict[str, list[str]] = {}
     for p in view:
         children.setdefault(os.path.dirname(p), []).append(p)
-    meta_dirs = [d for d in sorted(from_base) if view[d][0] == "d" and d.startswith(_SAFE)
-                 and 0 < len(children.get(d, [])) <= 6
-                 and all(view[c][0] == "f" and c in from_base for c in children[d])]
+    meta_dirs = [
+        d
+        for d in sorted(from_base)
+        if view[d][0] == "d"
+        and d.startswith(_SAFE)
+        and 0 < len(children.get(d, [])) <= 6
+        and all(view[c][0] == "f" and c in from_base for c in children[d])
+    ]
     rng.shuffle(meta_dirs)
     per_rep_dirs = 8
-    meta_dirs = meta_dirs[:per_rep_dirs * MAX_REPS]
+    meta_dirs = meta_dirs[: per_rep_dirs * MAX_REPS]
     in_meta_dirs = tuple(d + "/" for d in meta_dirs)
-    meta_files = [p for p in sorted(from_base) if view[p][0] == "f" and p.startswith(_SAFE)
-                  and not p.startswith(in_meta_dirs)]
+    meta_files = [
+        p for p in sorted(from_base) if view[p][0] == "f" and p.startswith(_SAFE) and not p.startswith(in_meta_dirs)
+    ]
     rng.shuffle(meta_files)
     per_rep_files = 150
-    sources = sorted(p for p in from_base if view[p][0] == "f" and p.endswith(".py")
-                     and p.startswith(("usr/lib/python3", "usr/share/perl", "usr/include")))
+    sources = sorted(
+        p
+        for p in from_base
+        if view[p][0] == "f"
+        and p.endswith(".py")
+        and p.startswith(("usr/lib/python3", "usr/share/perl", "usr/include"))
+    )
     if len(sources) < 600:
-        sources = sorted(p for p in from_base if view[p][0] == "f" and 0 < view[p][1] < 200_000
-                         and p.startswith("usr/"))
+        sources = sorted(
+            p for p in from_base if view[p][0] == "f" and 0 < view[p][1] < 200_000 and p.startswith("usr/")
+        )
     rng.shuffle(sources)
     if len(meta_dirs) < per_rep_dirs * MAX_REPS or len(meta_files) < per_rep_files * MAX_REPS:
         raise RuntimeError("the rootfs is too small for meta-mix's targets")
     return {
-        "meta_files": [meta_files[i * per_rep_files:(i + 1) * per_rep_files] for i in range(MAX_REPS)],
-        "meta_dirs": [meta_dirs[i * per_rep_dirs:(i + 1) * per_rep_dirs] for i in range(MAX_REPS)],
+        "meta_files": [meta_files[i * per_rep_files : (i + 1) * per_rep_files] for i in range(MAX_REPS)],
+        "meta_dirs": [meta_dirs[i * per_rep_dirs : (i + 1) * per_rep_dirs] for i in range(MAX_REPS)],
         "build_sources": sorted(sources[:1000]),
     }
 
@@ -311,9 +344,11 @@ def _stats(lowers: list[Path], view: dict[str, tuple[str, int, int]]) -> dict:
 def describe(data: Data) -> str:
     s = data.manifest["stats"]
     mb = s["merged"]["bytes"] / 1e6
-    return (f"{data.manifest['source']} rootfs, merged {s['merged']['entries']} entries / {mb:.0f} MB "
-            f"(base {s['base']['entries']}, mod {s['mod']['entries']} with {s['mod']['whiteouts']} whiteouts, "
-            f"app {s['app']['entries']} with {s['app']['whiteouts']})")
+    return (
+        f"{data.manifest['source']} rootfs, merged {s['merged']['entries']} entries / {mb:.0f} MB "
+        f"(base {s['base']['entries']}, mod {s['mod']['entries']} with {s['mod']['whiteouts']} whiteouts, "
+        f"app {s['app']['entries']} with {s['app']['whiteouts']})"
+    )
 
 
 def clear(cache: Path = DEFAULT_CACHE) -> None:

@@ -65,6 +65,7 @@ def _change(mnt: Path, n: int) -> None:
 
 def _naive(image: Path, container: Path) -> set[str]:
     """Docker's naive diff: both trees walked whole, entries compared by their lstat facts."""
+
     def entries(root: Path) -> dict[str, tuple]:
         out = {}
         todo = [""]
@@ -145,16 +146,27 @@ def main() -> int:
         log(f"{files} files: building (once), mounting, changing, measuring")
         with tempfile.TemporaryDirectory(dir="/var/tmp", prefix="layerfs-diffbench-") as tmp:
             rows.append(measure(files, args.changes, args.reps, Path(tmp)))
-    print(f"{'files':>8} {'changes':>8} {'index':>10} {'upper walk':>11} {'naive':>10} "
-          f"{'naive/index':>12} {'walk/index':>11}")
+    print(
+        f"{'files':>8} {'changes':>8} {'index':>10} {'upper walk':>11} {'naive':>10} "
+        f"{'naive/index':>12} {'walk/index':>11}"
+    )
     for r in rows:
         m = r["medians_seconds"]
-        print(f"{r['files']:>8} {r['changes']:>8} {m['index'] * 1e3:>8.2f}ms {m['upper walk'] * 1e3:>9.2f}ms "
-              f"{m['naive'] * 1e3:>8.1f}ms {m['naive'] / m['index']:>11.0f}x {m['upper walk'] / m['index']:>10.2f}x")
+        print(
+            f"{r['files']:>8} {r['changes']:>8} {m['index'] * 1e3:>8.2f}ms {m['upper walk'] * 1e3:>9.2f}ms "
+            f"{m['naive'] * 1e3:>8.1f}ms {m['naive'] / m['index']:>11.0f}x {m['upper walk'] / m['index']:>10.2f}x"
+        )
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"machine": {"kernel": platform.release(), "cpus": os.cpu_count(), "python": sys.version.split()[0]},
-                   "command": sys.argv, "rows": rows}, f, indent=1)
+        json.dump(
+            {
+                "machine": {"kernel": platform.release(), "cpus": os.cpu_count(), "python": sys.version.split()[0]},
+                "command": sys.argv,
+                "rows": rows,
+            },
+            f,
+            indent=1,
+        )
     return 0
 
 

@@ -32,8 +32,23 @@ _CATEGORIES = [
     ("var/lib/apt/lists", 0, 8, 7_000_000, 0.5, "deb_{i}_Packages"),
 ]
 _BIG = [("usr/lib/x86_64-linux-gnu/libbig1.so.1", 28_000_000), ("usr/lib/x86_64-linux-gnu/libbig2.so.3", 21_000_000)]
-_EMPTY_DIRS = ["proc", "sys", "dev", "run", "root", "home", "srv", "mnt", "opt", "media", "usr/local/bin",
-               "usr/local/lib", "var/tmp", "var/log", "tmp"]
+_EMPTY_DIRS = [
+    "proc",
+    "sys",
+    "dev",
+    "run",
+    "root",
+    "home",
+    "srv",
+    "mnt",
+    "opt",
+    "media",
+    "usr/local/bin",
+    "usr/local/lib",
+    "var/tmp",
+    "var/log",
+    "tmp",
+]
 _MERGED_USR = {"bin": "usr/bin", "sbin": "usr/sbin", "lib": "usr/lib", "lib64": "usr/lib64"}
 
 
@@ -49,7 +64,7 @@ class _Content:
             while size > 0:
                 start = self.rng.randrange(len(self.block) // 2)
                 n = min(size, len(self.block) - start)
-                f.write(self.block[start:start + n])
+                f.write(self.block[start : start + n])
                 size -= n
 
 
@@ -94,11 +109,15 @@ def start_lookups(root: Path) -> dict:
     modules = sorted({p.stem for p in (root / "usr/lib/python3.11").rglob("*.py")})[:150]
     return {
         "kind": "lookups",
-        "libdirs": ["usr/local/lib/x86_64-linux-gnu", "usr/local/lib", "lib/x86_64-linux-gnu/tls",
-                    "lib/x86_64-linux-gnu", "usr/lib/x86_64-linux-gnu"],
+        "libdirs": [
+            "usr/local/lib/x86_64-linux-gnu",
+            "usr/local/lib",
+            "lib/x86_64-linux-gnu/tls",
+            "lib/x86_64-linux-gnu",
+            "usr/lib/x86_64-linux-gnu",
+        ],
         "libs": libs,
-        "pydirs": ["usr/lib/python311.zip", "usr/local/lib/python3.11/dist-packages",
-                   "usr/lib/python3/dist-packages"]
-                  + sorted(str(p.relative_to(root)) for p in (root / "usr/lib/python3.11").iterdir() if p.is_dir()),
+        "pydirs": ["usr/lib/python311.zip", "usr/local/lib/python3.11/dist-packages", "usr/lib/python3/dist-packages"]
+        + sorted(str(p.relative_to(root)) for p in (root / "usr/lib/python3.11").iterdir() if p.is_dir()),
         "modules": modules,
     }

@@ -61,11 +61,15 @@ class Impl:
         if self.kind == "kernel":
             return f"kernel {platform.release()}"
         if self.name == "fuse-overlayfs":
-            return (f"{_line(['fuse-overlayfs', '--version'], 'fuse-overlayfs')} "
-                    f"(Debian {_deb('fuse-overlayfs')}, libfuse3 {_deb('fuse3')})")
+            return (
+                f"{_line(['fuse-overlayfs', '--version'], 'fuse-overlayfs')} "
+                f"(Debian {_deb('fuse-overlayfs')}, libfuse3 {_deb('fuse3')})"
+            )
         if self.name == "unionfs":
-            return (f"{_line(['unionfs', '--version'], 'unionfs-fuse version')} "
-                    f"(Debian {_deb('unionfs-fuse')}, libfuse2 {_deb('libfuse2')})")
+            return (
+                f"{_line(['unionfs', '--version'], 'unionfs-fuse version')} "
+                f"(Debian {_deb('unionfs-fuse')}, libfuse2 {_deb('libfuse2')})"
+            )
         commit = output(["git", "-C", REPO, "rev-parse", "--short", "HEAD"])
         dirty = output(["git", "-C", REPO, "status", "--porcelain", "--untracked-files=no", "layerfs"])
         changes = " + local changes" if dirty else ""
@@ -75,17 +79,31 @@ class Impl:
         """The mount command; lowers top first."""
         lowerdir = ":".join(str(p) for p in lowers)
         if self.kind == "kernel":
-            return ["mount", "-t", "overlay", "overlay", "-o",
-                    self._with(f"lowerdir={lowerdir},upperdir={upper},workdir={work},redirect_dir=on"), str(mnt)]
+            return [
+                "mount",
+                "-t",
+                "overlay",
+                "overlay",
+                "-o",
+                self._with(f"lowerdir={lowerdir},upperdir={upper},workdir={work},redirect_dir=on"),
+                str(mnt),
+            ]
         if self.name == "fuse-overlayfs":
-            return ["fuse-overlayfs", "-o", self._with(f"dev,suid,lowerdir={lowerdir},upperdir={upper},workdir={work}"),
-                    str(mnt)]
+            return [
+                "fuse-overlayfs",
+                "-o",
+                self._with(f"dev,suid,lowerdir={lowerdir},upperdir={upper},workdir={work}"),
+                str(mnt),
+            ]
         if self.name == "unionfs":
             branches = ":".join([f"{upper}=RW"] + [f"{p}=RO" for p in lowers])
             return ["unionfs", "-o", self._with("cow,hide_meta_files,use_ino,dev,suid"), branches, str(mnt)]
         if self.name.startswith("layerfs"):
-            return layerfs_command() + ["-o", self._with(f"lowerdir={lowerdir},upperdir={upper},workdir={work}"),
-                                        str(mnt)]
+            return layerfs_command() + [
+                "-o",
+                self._with(f"lowerdir={lowerdir},upperdir={upper},workdir={work}"),
+                str(mnt),
+            ]
         raise ValueError(f"{self.name} is not mounted")
 
     def _with(self, options: str) -> str:

@@ -29,8 +29,14 @@ class Node:
 
 
 def kind_of(mode: int) -> str:
-    for test, kind in ((stat.S_ISDIR, "d"), (stat.S_ISREG, "f"), (stat.S_ISLNK, "l"), (stat.S_ISCHR, "c"),
-                       (stat.S_ISBLK, "b"), (stat.S_ISFIFO, "p")):
+    for test, kind in (
+        (stat.S_ISDIR, "d"),
+        (stat.S_ISREG, "f"),
+        (stat.S_ISLNK, "l"),
+        (stat.S_ISCHR, "c"),
+        (stat.S_ISBLK, "b"),
+        (stat.S_ISFIFO, "p"),
+    ):
         if test(mode):
             return kind
     return "s"
@@ -162,14 +168,20 @@ def compare_views(expected: dict[str, tuple[str, int, int]], seen: dict[str, tup
     missing = sorted(p for p in expected if p not in seen)
     extra = sorted(p for p in seen if p not in expected)
     kind = sorted(p for p in seen if p in expected and seen[p][0] != expected[p][0])
-    size = sorted(p for p in seen if p in expected and seen[p][0] == expected[p][0] == "f"
-                  and seen[p][1] != expected[p][1])
+    size = sorted(
+        p for p in seen if p in expected and seen[p][0] == expected[p][0] == "f" and seen[p][1] != expected[p][1]
+    )
     extra_kinds: dict[str, int] = {}
     for p in extra:
         extra_kinds[seen[p][0]] = extra_kinds.get(seen[p][0], 0) + 1
     return {
-        "entries": len(seen), "expected": len(expected), "identical": not (missing or extra or kind or size),
-        "missing": len(missing), "extra": len(extra), "extra_by_kind": extra_kinds, "kind_differs": len(kind),
+        "entries": len(seen),
+        "expected": len(expected),
+        "identical": not (missing or extra or kind or size),
+        "missing": len(missing),
+        "extra": len(extra),
+        "extra_by_kind": extra_kinds,
+        "kind_differs": len(kind),
         "size_differs": len(size),
         "examples": {"missing": missing[:5], "extra": extra[:5], "kind_differs": kind[:5], "size_differs": size[:5]},
     }

@@ -60,8 +60,11 @@ def _mount_program(impl: str) -> str | None:
 
 
 def _podman(base: Path, *args: str | os.PathLike, timeout: float = 120) -> subprocess.CompletedProcess:
-    env = {**os.environ, "CONTAINERS_STORAGE_CONF": str(base / "storage.conf"),
-           "CONTAINERS_CONF": str(base / "containers.conf")}
+    env = {
+        **os.environ,
+        "CONTAINERS_STORAGE_CONF": str(base / "storage.conf"),
+        "CONTAINERS_CONF": str(base / "containers.conf"),
+    }
     return run(["podman", *map(str, args)], env=env, timeout=timeout)
 
 
@@ -74,11 +77,13 @@ def prepare(ctx: Ctx) -> None:
     program = _mount_program(ctx.impl)
     (base / "storage.conf").write_text(
         f'[storage]\ndriver = "overlay"\ngraphroot = "{base}/graph"\nrunroot = "{base}/run"\n'
-        + (f'[storage.options.overlay]\nmount_program = "{program}"\n' if program else ""))
+        + (f'[storage.options.overlay]\nmount_program = "{program}"\n' if program else "")
+    )
     (base / "containers.conf").write_text(
         '[containers]\ndefault_ulimits = ["nofile=20000:20000", "nproc=32768:32768"]\nnetns = "none"\n'
         f'[engine]\nruntime = "runc"\ncgroup_manager = "cgroupfs"\nevents_logger = "file"\n'
-        f'tmp_dir = "{base}/tmp"\n')
+        f'tmp_dir = "{base}/tmp"\n'
+    )
     (base / "context" / "Dockerfile").write_text(DOCKERFILE)
     (base / "context" / "small.txt").write_text("a small file\n")
     _rootfs_tar(base / "busybox.tar")
@@ -87,6 +92,7 @@ def prepare(ctx: Ctx) -> None:
 
 def _rootfs_tar(path: Path) -> None:
     """A busybox rootfs: the static binary, a link per applet in /bin, and the FILES the build changes."""
+
     def entry(name: str, kind: bytes, mode: int, size: int = 0, link: str = "") -> tarfile.TarInfo:
         info = tarfile.TarInfo(name)
         info.type, info.mode, info.size, info.linkname = kind, mode, size, link
@@ -106,8 +112,19 @@ def _rootfs_tar(path: Path) -> None:
 def build(ctx: Ctx) -> int:
     """podman build of the Dockerfile; every step really runs (--no-cache) and is committed (--layers)."""
     base = home(ctx)
-    _podman(base, "build", "--layers", "--no-cache", "--pull=never", "--network", "none",
-            "-t", "localhost/bench-built", base / "context", timeout=ctx.scale.timeout)
+    _podman(
+        base,
+        "build",
+        "--layers",
+        "--no-cache",
+        "--pull=never",
+        "--network",
+        "none",
+        "-t",
+        "localhost/bench-built",
+        base / "context",
+        timeout=ctx.scale.timeout,
+    )
     return STEPS
 
 

@@ -55,8 +55,9 @@ def _image() -> Path:
                 path = layer / f"data{number}/d{n % 6}/f{n}"
                 path.parent.mkdir(parents=True, exist_ok=True)
                 size = (n % 7 + 1) * 64 << 10
-                path.write_bytes(os.urandom(size) if n % 2 else (f"line {n} of layer {number}\n" * size)[:size]
-                                 .encode())
+                path.write_bytes(
+                    os.urandom(size) if n % 2 else (f"line {n} of layer {number}\n" * size)[:size].encode()
+                )
             dirs.append(str(layer))
         tmp = _CACHE.with_name("registry-building")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -74,10 +75,13 @@ def _registry(base: Path) -> Iterator[str]:
         s.bind(("127.0.0.1", 0))
         host = f"127.0.0.1:{s.getsockname()[1]}"
     base.mkdir(parents=True)
-    (base / "config.yml").write_text(f"version: 0.1\nlog: {{level: error}}\nstorage: {{filesystem: "
-                                     f"{{rootdirectory: {base}/storage}}}}\nhttp: {{addr: '{host}'}}\n")
-    server = subprocess.Popen(["docker-registry", "serve", str(base / "config.yml")], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
+    (base / "config.yml").write_text(
+        f"version: 0.1\nlog: {{level: error}}\nstorage: {{filesystem: "
+        f"{{rootdirectory: {base}/storage}}}}\nhttp: {{addr: '{host}'}}\n"
+    )
+    server = subprocess.Popen(
+        ["docker-registry", "serve", str(base / "config.yml")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         for _ in range(200):
             try:
@@ -96,13 +100,17 @@ def _podman_env(base: Path) -> dict[str, str]:
     environment that says so (the other commands ignore it)."""
     for d in ("graph", "run", "tmp"):
         (base / d).mkdir(parents=True)
-    (base / "storage.conf").write_text(f'[storage]\ndriver = "overlay"\ngraphroot = "{base}/graph"\n'
-                                       f'runroot = "{base}/run"\n')
+    (base / "storage.conf").write_text(
+        f'[storage]\ndriver = "overlay"\ngraphroot = "{base}/graph"\nrunroot = "{base}/run"\n'
+    )
     (base / "containers.conf").write_text(
-        '[engine]\nruntime = "runc"\ncgroup_manager = "cgroupfs"\nevents_logger = "file"\n'
-        f'tmp_dir = "{base}/tmp"\n')
-    return {**os.environ, "CONTAINERS_STORAGE_CONF": str(base / "storage.conf"),
-            "CONTAINERS_CONF": str(base / "containers.conf")}
+        f'[engine]\nruntime = "runc"\ncgroup_manager = "cgroupfs"\nevents_logger = "file"\ntmp_dir = "{base}/tmp"\n'
+    )
+    return {
+        **os.environ,
+        "CONTAINERS_STORAGE_CONF": str(base / "storage.conf"),
+        "CONTAINERS_CONF": str(base / "containers.conf"),
+    }
 
 
 def _timed(env: dict[str, str], *commands: list[str]) -> float:
@@ -121,8 +129,10 @@ def _repetition(here: Path, ref: str) -> dict[str, float]:
     took = {
         "pull: layerfs pull": _timed(env, _LAYERFS + ["pull", "--root", store, "--tls-verify=false", ref]),
         "pull: skopeo copy + layerfs import": _timed(
-            env, ["skopeo", "copy", "--src-tls-verify=false", f"docker://{ref}", oci],
-            _LAYERFS + ["import", "--root", imported, oci, "bench"]),
+            env,
+            ["skopeo", "copy", "--src-tls-verify=false", f"docker://{ref}", oci],
+            _LAYERFS + ["import", "--root", imported, oci, "bench"],
+        ),
         "pull: podman pull": _timed(env, ["podman", "pull", "--tls-verify=false", ref]),
     }
     pushes = {

@@ -12,8 +12,19 @@ from pathlib import Path
 from .runner import Results
 
 BASELINES = {"overlay": "/ overlay", "overlay-metacopy": "/ ovl-meta", "fuse-overlayfs": "/ fuse-ovl"}  # ratio rows
-AS_FAST_AS_FUSE_OVERLAYFS = ("open-close", "create-delete", "untar", "meta-mix", "build-mix", "start", "stat-warm",
-                             "smallwrite", "podman-build", "stat-cold", "read-cold")
+AS_FAST_AS_FUSE_OVERLAYFS = (
+    "open-close",
+    "create-delete",
+    "untar",
+    "meta-mix",
+    "build-mix",
+    "start",
+    "stat-warm",
+    "smallwrite",
+    "podman-build",
+    "stat-cold",
+    "read-cold",
+)
 DATA = ("read-cold", "read-warm", "seqread-cold", "seqread-warm", "randread", "seqwrite", "smallwrite", "copyup")
 LAYERED = ("stat-cold", "stat-warm", "read-cold", "read-warm")
 MiB = 1 << 20
@@ -82,8 +93,10 @@ def table(results: Results) -> str:
         lines.append(f"{w:<{width}}" + "".join(f"{c:>{col[i]}}" for i, c in zip(impls, cells, strict=True)))
         for base, label in BASELINES.items():
             if base in row:
-                lines.append(f"{'  ' + label:<{width}}" + "".join(
-                    f"{_r(ratio(med, w, i, base)) if i in row else '':>{col[i]}}" for i in impls))
+                lines.append(
+                    f"{'  ' + label:<{width}}"
+                    + "".join(f"{_r(ratio(med, w, i, base)) if i in row else '':>{col[i]}}" for i in impls)
+                )
     if any(i in impls for names in results.inapplicable.values() for i in names):
         lines.append("— : the workload cannot run on that implementation")
     return "\n".join(lines)
@@ -95,8 +108,10 @@ def layering(results: Results) -> list[str]:
     for w in LAYERED:
         r = ratio(med, w, "layerfs", "layerfs-flat")
         if r is not None:
-            out.append(f"{w}: layerfs over 3 layers {_t(med[w]['layerfs'])}, over 1 layer "
-                       f"{_t(med[w]['layerfs-flat'])}: {r:.2f}x")
+            out.append(
+                f"{w}: layerfs over 3 layers {_t(med[w]['layerfs'])}, over 1 layer "
+                f"{_t(med[w]['layerfs-flat'])}: {r:.2f}x"
+            )
     return out
 
 
@@ -107,9 +122,11 @@ def upper_table(results: Results) -> list[str]:
     lines = []
     for w, ref in results.upper_reference.items():
         where = "/" + ref["path"]
-        lines += [f"{w}: upper layer bytes per implementation (medians; {where} in the merged view: "
-                  f"{ref['bytes'] / MiB:.1f} MiB, {ref['entries']:,} entries)",
-                  f"  {'':<18}{'time':>9}{'upper MiB':>11}{'% of ' + where:>11}{'entries':>9}"]
+        lines += [
+            f"{w}: upper layer bytes per implementation (medians; {where} in the merged view: "
+            f"{ref['bytes'] / MiB:.1f} MiB, {ref['entries']:,} entries)",
+            f"  {'':<18}{'time':>9}{'upper MiB':>11}{'% of ' + where:>11}{'entries':>9}",
+        ]
         for i in [i for i in results.impls if i in med.get(w, {})]:
             if i in size.get(w, {}):
                 cells = f"{size[w][i] / MiB:>11.1f}{size[w][i] / ref['bytes']:>11.1%}{entries[w][i]:>9,.0f}"
@@ -129,9 +146,14 @@ def rss_summary(results: Results) -> dict[str, dict]:
             continue
         entry: dict = {}
         if main:
-            entry.update(first_mib=main[0].rss_kib / 1024, last_mib=main[-1].rss_kib / 1024,
-                         max_mib=max(r.rss_kib for r in main) / 1024,
-                         first_after=main[0].workload, last_after=main[-1].workload, samples=len(main))
+            entry.update(
+                first_mib=main[0].rss_kib / 1024,
+                last_mib=main[-1].rss_kib / 1024,
+                max_mib=max(r.rss_kib for r in main) / 1024,
+                first_after=main[0].workload,
+                last_after=main[-1].workload,
+                samples=len(main),
+            )
         if fresh:
             entry["fresh_peak_mib"] = max(r.hwm_kib for r in fresh) / 1024
         out[impl] = entry
@@ -156,29 +178,44 @@ def goals(results: Results) -> list[tuple[str, str, str]]:
         partial = len(measured) < len(got)
         out.append((goal, ("met" if met else "missed") + (" (partly measured)" if partial else ""), detail))
 
-    check("at least as fast as fuse-overlayfs",
-          [(w, "layerfs", "fuse-overlayfs", 1.0) for w in AS_FAST_AS_FUSE_OVERLAYFS])
-    check("data workloads within 1.2x of kernel overlayfs (passthrough)",
-          [(w, "layerfs", "overlay", 1.2) for w in DATA])
+    check(
+        "at least as fast as fuse-overlayfs", [(w, "layerfs", "fuse-overlayfs", 1.0) for w in AS_FAST_AS_FUSE_OVERLAYFS]
+    )
+    check(
+        "data workloads within 1.2x of kernel overlayfs (passthrough)", [(w, "layerfs", "overlay", 1.2) for w in DATA]
+    )
     check("3 layers within 1.3x of 1 layer on stat and read", [(w, "layerfs", "layerfs-flat", 1.3) for w in LAYERED])
     # chown -R is metacopy=on's workload: layerfs mounted with it is judged, against the kernel's with it.
-    check("chown-r with metacopy=on at least 2x faster than fuse-overlayfs",
-          [("chown-r", "layerfs-metacopy", "fuse-overlayfs", 0.5)])
-    check("chown-r with metacopy=on within 1.5x of kernel overlayfs metacopy=on",
-          [("chown-r", "layerfs-metacopy", "overlay-metacopy", 1.5)])
-    check("chown-r with metacopy=on no slower than kernel overlayfs metacopy=on (moonshot)",
-          [("chown-r", "layerfs-metacopy", "overlay-metacopy", 1.0)])
-    check("chown-r with metacopy=on leaves an upper layer no larger than 1.5x kernel overlayfs metacopy=on's",
-          [("chown-r", "layerfs-metacopy", "overlay-metacopy", 1.5)], medians(results, "upper_bytes"))
+    check(
+        "chown-r with metacopy=on at least 2x faster than fuse-overlayfs",
+        [("chown-r", "layerfs-metacopy", "fuse-overlayfs", 0.5)],
+    )
+    check(
+        "chown-r with metacopy=on within 1.5x of kernel overlayfs metacopy=on",
+        [("chown-r", "layerfs-metacopy", "overlay-metacopy", 1.5)],
+    )
+    check(
+        "chown-r with metacopy=on no slower than kernel overlayfs metacopy=on (moonshot)",
+        [("chown-r", "layerfs-metacopy", "overlay-metacopy", 1.0)],
+    )
+    check(
+        "chown-r with metacopy=on leaves an upper layer no larger than 1.5x kernel overlayfs metacopy=on's",
+        [("chown-r", "layerfs-metacopy", "overlay-metacopy", 1.5)],
+        medians(results, "upper_bytes"),
+    )
     rss = rss_summary(results).get("layerfs", {})
     if "first_mib" in rss and rss.get("samples", 0) > 1:
         grew = rss["last_mib"] - rss["first_mib"]
         flat = grew <= max(10.0, 0.1 * rss["first_mib"])
-        out.append(("daemon memory flat over the run (long-lived daemon's RSS after its last pass <= after its "
-                    "first + max(10 MiB, 10%))",
-                    "met" if flat else "missed",
-                    f"RSS {rss['first_mib']:.0f} MiB after {rss['first_after']} -> {rss['last_mib']:.0f} MiB after "
-                    f"{rss['last_after']} (max {rss['max_mib']:.0f} MiB)"))
+        out.append(
+            (
+                "daemon memory flat over the run (long-lived daemon's RSS after its last pass <= after its "
+                "first + max(10 MiB, 10%))",
+                "met" if flat else "missed",
+                f"RSS {rss['first_mib']:.0f} MiB after {rss['first_after']} -> {rss['last_mib']:.0f} MiB after "
+                f"{rss['last_after']} (max {rss['max_mib']:.0f} MiB)",
+            )
+        )
     else:
         out.append(("daemon memory flat over the run", "not measured", ""))
     return out
@@ -195,9 +232,11 @@ def views_summary(results: Results) -> list[str]:
             names = {"c": "char devices", "d": "directories", "f": "files", "l": "symlinks"}
             kinds = ", ".join(f"{n} {names.get(k, k)}" for k, n in sorted(v["extra_by_kind"].items()))
             examples = "; ".join(f"{what}: {', '.join(paths[:2])}" for what, paths in v["examples"].items() if paths)
-            lines.append(f"{impl}: {v['entries']} entries for {v['expected']}: {v['extra']} extra ({kinds}), "
-                         f"{v['missing']} missing, {v['kind_differs']} of another type, "
-                         f"{v['size_differs']} of another size (e.g. {examples})")
+            lines.append(
+                f"{impl}: {v['entries']} entries for {v['expected']}: {v['extra']} extra ({kinds}), "
+                f"{v['missing']} missing, {v['kind_differs']} of another type, "
+                f"{v['size_differs']} of another size (e.g. {examples})"
+            )
     return lines
 
 
@@ -214,9 +253,15 @@ def machine() -> dict:
             mem = f.readline().split(":", 1)[1].strip()
     except OSError:
         pass
-    return {"kernel": platform.release(), "uname": " ".join(platform.uname()), "cpus": os.cpu_count(),
-            "cpu_model": cpu, "memory": mem, "python": platform.python_version(),
-            "loadavg": os.getloadavg()}
+    return {
+        "kernel": platform.release(),
+        "uname": " ".join(platform.uname()),
+        "cpus": os.cpu_count(),
+        "cpu_model": cpu,
+        "memory": mem,
+        "python": platform.python_version(),
+        "loadavg": os.getloadavg(),
+    }
 
 
 def chart(results: Results, path: Path, title: str) -> str | None:
@@ -236,8 +281,16 @@ def chart(results: Results, path: Path, title: str) -> str | None:
         return "nothing was measured"
     fig, ax = plt.subplots(figsize=(max(10, 1.2 * len(workloads) + 3), 6.5))
     width = 0.8 / len(impls)
-    colors = {"native": "#888888", "overlay": "#1f77b4", "overlay-metacopy": "#aec7e8", "fuse-overlayfs": "#2ca02c",
-              "unionfs": "#9467bd", "layerfs": "#d62728", "layerfs-metacopy": "#ff7f0e", "layerfs-flat": "#ff9896"}
+    colors = {
+        "native": "#888888",
+        "overlay": "#1f77b4",
+        "overlay-metacopy": "#aec7e8",
+        "fuse-overlayfs": "#2ca02c",
+        "unionfs": "#9467bd",
+        "layerfs": "#d62728",
+        "layerfs-metacopy": "#ff7f0e",
+        "layerfs-flat": "#ff9896",
+    }
     for k, impl in enumerate(impls):
         xs, ys, lo, hi = [], [], [], []
         for j, w in enumerate(workloads):
@@ -248,8 +301,9 @@ def chart(results: Results, path: Path, title: str) -> str | None:
             ys.append(med[w][impl])
             lo.append(med[w][impl] - min(times))
             hi.append(max(times) - med[w][impl])
-        ax.bar(xs, ys, width, label=impl, color=colors.get(impl), yerr=[lo, hi], capsize=2,
-               error_kw={"elinewidth": 0.8})
+        ax.bar(
+            xs, ys, width, label=impl, color=colors.get(impl), yerr=[lo, hi], capsize=2, error_kw={"elinewidth": 0.8}
+        )
     ax.set_yscale("log")
     ax.set_xticks(range(len(workloads)))
     ax.set_xticklabels(workloads, rotation=30, ha="right")

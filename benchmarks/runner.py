@@ -113,8 +113,15 @@ class Results:
 
 
 class Runner:
-    def __init__(self, ws: Workspace, impls: list[Impl], workloads: list[Workload], scale: Scale,
-                 reps: int | None = None, views: bool = True) -> None:
+    def __init__(
+        self,
+        ws: Workspace,
+        impls: list[Impl],
+        workloads: list[Workload],
+        scale: Scale,
+        reps: int | None = None,
+        views: bool = True,
+    ) -> None:
         self.ws, self.impls, self.workloads, self.scale = ws, impls, workloads, scale
         self.reps = reps or scale.reps
         self.check_views = views
@@ -158,14 +165,18 @@ class Runner:
         return (w.layered or not i.flat) and (not i.variant or i.name in (w.impls or ()))
 
     def _participants(self, w: Workload) -> list[Impl]:
-        return [i for i in self.impls if i.name in self.main and self._eligible(w, i)
-                and (w.impls is None or i.name in w.impls)]
+        return [
+            i
+            for i in self.impls
+            if i.name in self.main and self._eligible(w, i) and (w.impls is None or i.name in w.impls)
+        ]
 
     def _workload(self, w: Workload) -> None:
         impls = self._participants(w)
         if w.impls is not None:
-            self.results.inapplicable[w.name] = [i.name for i in self.impls
-                                                 if i.name not in w.impls and self._eligible(w, i)]
+            self.results.inapplicable[w.name] = [
+                i.name for i in self.impls if i.name not in w.impls and self._eligible(w, i)
+            ]
         if w.measure_upper is not None:
             size, entries = layers.merged_usage(self.ws.lowers, w.measure_upper)
             self.results.upper_reference[w.name] = {"path": w.measure_upper, "bytes": size, "entries": entries}
@@ -183,8 +194,11 @@ class Runner:
                 if impl.name not in failed:
                     self._pass(w, impl, rep, failed)
         done = [s for s in self.results.samples if s.workload == w.name and s.seconds is not None]
-        summary = ", ".join(f"{i.name} {min((s.seconds for s in done if s.impl == i.name), default=float('nan')):.3f}"
-                            for i in impls if i.name not in failed)
+        summary = ", ".join(
+            f"{i.name} {min((s.seconds for s in done if s.impl == i.name), default=float('nan')):.3f}"
+            for i in impls
+            if i.name not in failed
+        )
         log(f"{w.name}: {summary}" + (f"; failed: {', '.join(sorted(failed))}" if failed else ""))
 
     def _pass(self, w: Workload, impl: Impl, rep: int, failed: set[str]) -> None:

@@ -8,8 +8,17 @@ import pytest
 
 from benchmarks.conftest import IMPLS
 
-READ_WORKLOADS = ["stat-cold", "stat-warm", "read-cold", "read-warm", "seqread-cold", "seqread-warm", "randread",
-                  "open-close", "start"]
+READ_WORKLOADS = [
+    "stat-cold",
+    "stat-warm",
+    "read-cold",
+    "read-warm",
+    "seqread-cold",
+    "seqread-warm",
+    "randread",
+    "open-close",
+    "start",
+]
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -8,8 +8,16 @@ import pytest
 
 from benchmarks.conftest import IMPLS
 
-WRITE_WORKLOADS = ["copyup", "create-delete", "seqwrite", "smallwrite", "untar", "meta-mix", "build-mix",
-                   "podman-build"]
+WRITE_WORKLOADS = [
+    "copyup",
+    "create-delete",
+    "seqwrite",
+    "smallwrite",
+    "untar",
+    "meta-mix",
+    "build-mix",
+    "podman-build",
+]
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -35,7 +35,7 @@ def output(args: list[str]) -> str:
         r = subprocess.run(args, capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
         return ""
-    text = (r.stdout.strip() or r.stderr.strip())
+    text = r.stdout.strip() or r.stderr.strip()
     return text.splitlines()[0] if text else ""
 
 

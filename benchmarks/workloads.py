@@ -64,10 +64,30 @@ class Scale:
     timeout: float  # seconds one timed pass may take before its daemon is stopped
 
 
-FULL = Scale("full", reps=5, randreads=20_000, creates=5_000, meta_dirs=400, build_sources=600,
-             seqwrite_mib=256, smallwrite_mib=100, opens=20_000, timeout=300)
-QUICK = Scale("quick", reps=1, randreads=5_000, creates=2_000, meta_dirs=150, build_sources=200,
-              seqwrite_mib=128, smallwrite_mib=32, opens=5_000, timeout=120)
+FULL = Scale(
+    "full",
+    reps=5,
+    randreads=20_000,
+    creates=5_000,
+    meta_dirs=400,
+    build_sources=600,
+    seqwrite_mib=256,
+    smallwrite_mib=100,
+    opens=20_000,
+    timeout=300,
+)
+QUICK = Scale(
+    "quick",
+    reps=1,
+    randreads=5_000,
+    creates=2_000,
+    meta_dirs=150,
+    build_sources=200,
+    seqwrite_mib=128,
+    smallwrite_mib=32,
+    opens=5_000,
+    timeout=120,
+)
 
 
 @dataclass
@@ -295,8 +315,9 @@ def _remove_written(ctx: Ctx) -> None:
 
 def untar(ctx: Ctx) -> int:
     """GNU tar extracting the Python library directories (a few thousand files) into a new directory."""
-    subprocess.run(["tar", "-xf", str(ctx.data.untar), "-C", ctx.scratch("untar")], check=True,
-                   timeout=ctx.scale.timeout)
+    subprocess.run(
+        ["tar", "-xf", str(ctx.data.untar), "-C", ctx.scratch("untar")], check=True, timeout=ctx.scale.timeout
+    )
     return ctx.data.manifest["untar_entries"]
 
 
@@ -349,7 +370,7 @@ def build_mix(ctx: Ctx) -> int:
     out = ctx.scratch("build")
     objs = os.path.join(out, "obj")
     os.makedirs(objs)
-    sources = ctx.data.manifest["build_sources"][:ctx.scale.build_sources]
+    sources = ctx.data.manifest["build_sources"][: ctx.scale.build_sources]
     missing = [ctx.path(f"usr/include/bench-{i}.h") for i in range(4)]
     for i, rel in enumerate(sources):
         src = ctx.path(rel)
@@ -384,11 +405,21 @@ def container_start(ctx: Ctx) -> int:
     name lookups done directly (a dynamic loader's and an importer's search paths, mostly misses)."""
     start = ctx.data.manifest["start"]
     if start["kind"] == "chroot":
-        env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8",
-               "HOME": "/root", "PYTHONDONTWRITEBYTECODE": "1"}
+        env = {
+            "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            "LANG": "C.UTF-8",
+            "HOME": "/root",
+            "PYTHONDONTWRITEBYTECODE": "1",
+        }
         for command in start["commands"]:
-            r = subprocess.run([CHROOT, ctx.root] + command, env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True, timeout=ctx.scale.timeout)
+            r = subprocess.run(
+                [CHROOT, ctx.root] + command,
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+                timeout=ctx.scale.timeout,
+            )
             if r.returncode:
                 raise RuntimeError(f"{command[0]} in the chroot: exit {r.returncode}: {r.stderr.strip()[-300:]}")
         return len(start["commands"])
@@ -425,42 +456,116 @@ def _lookups(ctx: Ctx, start: dict) -> int:
 
 
 WORKLOADS = [
-    Workload("stat-cold", "stat", "lstat every entry after a fresh mount and a cache drop", stat_all, "cold",
-             layered=True),
+    Workload(
+        "stat-cold", "stat", "lstat every entry after a fresh mount and a cache drop", stat_all, "cold", layered=True
+    ),
     Workload("stat-warm", "stat", "lstat every entry, caches warm", stat_all, "warm", layered=True),
-    Workload("read-cold", "read", "read every file after a fresh mount and a cache drop", read_all, "cold",
-             "files", layered=True),
+    Workload(
+        "read-cold",
+        "read",
+        "read every file after a fresh mount and a cache drop",
+        read_all,
+        "cold",
+        "files",
+        layered=True,
+    ),
     Workload("read-warm", "read", "read every file again", read_all, "warm", "files", layered=True),
-    Workload("seqread-cold", "seqread", "read 512 MiB sequentially after a cache drop", seq_read, "cold",
-             "bytes"),
+    Workload("seqread-cold", "seqread", "read 512 MiB sequentially after a cache drop", seq_read, "cold", "bytes"),
     Workload("seqread-warm", "seqread", "read 512 MiB sequentially again", seq_read, "warm", "bytes"),
     Workload("randread", "randread", "random 4 KiB reads in the 512 MiB file", random_read, "warm", "reads"),
-    Workload("open-close", "open-close", "open and close 8 lower files in turn, 20,000 times (5,000 with "
-             "--quick); one open+close takes the time / that count", open_close, "warm", "opens"),
-    Workload("start", "start", "container start: chroot exec of programs and interpreters after a fresh mount",
-             container_start, "fresh", "commands"),
-    Workload("copyup", "copyup", "first write to a 100 MiB lower file (fresh mount each time)", copy_up,
-             "fresh", "files"),
-    Workload("dir-rename", "dir-rename", "mv of a lower directory of thousands of files (fresh mount each time)",
-             dir_rename, "fresh", "renames", cleanup=_rename_back),
-    Workload("chown-r", "chown-r", "chown -R 1000:1000 of /usr (fresh mount each time); the bytes it leaves in the "
-             "upper layer measured after it", chown_r, "fresh", "trees", measure_upper=CHOWN_DIR,
-             impls=CHOWN_IMPLS, prepare=_note_owners, cleanup=_restore_owners),
-    Workload("create-delete", "create-delete", "create small files, then delete them", create_delete, "plain",
-             "files"),
-    Workload("seqwrite", "seqwrite", "write a new file sequentially in 1 MiB writes", seq_write, "plain",
-             "bytes", cleanup=_remove_written),
-    Workload("smallwrite", "smallwrite", "write a new 100 MiB file in 4 KiB writes (32 MiB with --quick)",
-             small_write, "plain", "bytes", cleanup=_remove_written),
-    Workload("untar", "untar", "tar -x of a few thousand files", untar, "plain", "entries",
-             prepare=_mkdir_scratch("untar"), cleanup=_remove_scratch("untar")),
-    Workload("meta-mix", "meta-mix", "mkdir/create/rename/unlink/rmdir mix, lower entries included", meta_mix,
-             "plain", "ops"),
-    Workload("build-mix", "build-mix", "compile-like loop: stats, failed lookups, reads, writes, renames",
-             build_mix, "plain", "sources", cleanup=_remove_scratch("build")),
-    Workload("podman-build", "podman-build", "podman build of a 3-step Dockerfile over busybox, the union as "
-             "the storage's overlay driver", podman.build, "plain", "steps", impls=podman.DRIVERS,
-             prepare=podman.prepare, cleanup=podman.cleanup),
+    Workload(
+        "open-close",
+        "open-close",
+        "open and close 8 lower files in turn, 20,000 times (5,000 with "
+        "--quick); one open+close takes the time / that count",
+        open_close,
+        "warm",
+        "opens",
+    ),
+    Workload(
+        "start",
+        "start",
+        "container start: chroot exec of programs and interpreters after a fresh mount",
+        container_start,
+        "fresh",
+        "commands",
+    ),
+    Workload(
+        "copyup", "copyup", "first write to a 100 MiB lower file (fresh mount each time)", copy_up, "fresh", "files"
+    ),
+    Workload(
+        "dir-rename",
+        "dir-rename",
+        "mv of a lower directory of thousands of files (fresh mount each time)",
+        dir_rename,
+        "fresh",
+        "renames",
+        cleanup=_rename_back,
+    ),
+    Workload(
+        "chown-r",
+        "chown-r",
+        "chown -R 1000:1000 of /usr (fresh mount each time); the bytes it leaves in the upper layer measured after it",
+        chown_r,
+        "fresh",
+        "trees",
+        measure_upper=CHOWN_DIR,
+        impls=CHOWN_IMPLS,
+        prepare=_note_owners,
+        cleanup=_restore_owners,
+    ),
+    Workload("create-delete", "create-delete", "create small files, then delete them", create_delete, "plain", "files"),
+    Workload(
+        "seqwrite",
+        "seqwrite",
+        "write a new file sequentially in 1 MiB writes",
+        seq_write,
+        "plain",
+        "bytes",
+        cleanup=_remove_written,
+    ),
+    Workload(
+        "smallwrite",
+        "smallwrite",
+        "write a new 100 MiB file in 4 KiB writes (32 MiB with --quick)",
+        small_write,
+        "plain",
+        "bytes",
+        cleanup=_remove_written,
+    ),
+    Workload(
+        "untar",
+        "untar",
+        "tar -x of a few thousand files",
+        untar,
+        "plain",
+        "entries",
+        prepare=_mkdir_scratch("untar"),
+        cleanup=_remove_scratch("untar"),
+    ),
+    Workload(
+        "meta-mix", "meta-mix", "mkdir/create/rename/unlink/rmdir mix, lower entries included", meta_mix, "plain", "ops"
+    ),
+    Workload(
+        "build-mix",
+        "build-mix",
+        "compile-like loop: stats, failed lookups, reads, writes, renames",
+        build_mix,
+        "plain",
+        "sources",
+        cleanup=_remove_scratch("build"),
+    ),
+    Workload(
+        "podman-build",
+        "podman-build",
+        "podman build of a 3-step Dockerfile over busybox, the union as the storage's overlay driver",
+        podman.build,
+        "plain",
+        "steps",
+        impls=podman.DRIVERS,
+        prepare=podman.prepare,
+        cleanup=podman.cleanup,
+    ),
 ]
 BY_NAME = {w.name: w for w in WORKLOADS}
 
@@ -472,6 +577,7 @@ def select(spec: str | None) -> list[Workload]:
     wanted = {s.strip() for s in spec.split(",") if s.strip()}
     unknown = wanted - set(BY_NAME) - {w.group for w in WORKLOADS}
     if unknown:
-        raise ValueError(f"unknown workload(s): {', '.join(sorted(unknown))}; "
-                         f"known: {', '.join(w.name for w in WORKLOADS)}")
+        raise ValueError(
+            f"unknown workload(s): {', '.join(sorted(unknown))}; known: {', '.join(w.name for w in WORKLOADS)}"
+        )
     return [w for w in WORKLOADS if w.name in wanted or w.group in wanted]

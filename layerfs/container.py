@@ -37,8 +37,9 @@ class Container:
 def of_mount(mountpoint: str) -> Container:
     mount = mounts.find(os.path.abspath(mountpoint))
     if mount is None:
-        raise UsageError(f"{mountpoint}: not a running layerfs mount "
-                         "(for an unmounted container give --upperdir and --lowerdir)")
+        raise UsageError(
+            f"{mountpoint}: not a running layerfs mount (for an unmounted container give --upperdir and --lowerdir)"
+        )
     return Container(mount.lowers, mount.upper, mount.work)
 
 
@@ -52,8 +53,9 @@ def of_name_or_mount(target: str, store_root: str) -> Container:
 
 def of_dirs(lowerdir: str, upperdir: str, workdir: str | None) -> Container:
     lowers = [checked_directory("lowerdir", p) for p in split_escaped(lowerdir, ":")]
-    return Container(lowers, checked_directory("upperdir", upperdir),
-                     checked_directory("workdir", workdir) if workdir else None)
+    return Container(
+        lowers, checked_directory("upperdir", upperdir), checked_directory("workdir", workdir) if workdir else None
+    )
 
 
 def container_changes(container: Container, *, under: str = "/", unchanged_copies: bool = False) -> list[Change]:
@@ -63,11 +65,16 @@ def container_changes(container: Container, *, under: str = "/", unchanged_copie
     state = os.path.join(container.work, INDEX_DIR) if container.work else None
     if state is not None and os.path.isdir(state):
         with read_index(container.upper, state, lowers=container.lowers) as index:
-            found = indexed_changes(index, container.lowers, unchanged_copies=unchanged_copies,
-                                    ignore=frozenset(container.runtime_paths))
+            found = indexed_changes(
+                index, container.lowers, unchanged_copies=unchanged_copies, ignore=frozenset(container.runtime_paths)
+            )
     else:
-        found = changes(container.upper, container.lowers, unchanged_copies=unchanged_copies,
-                        ignore=frozenset(container.runtime_paths))
+        found = changes(
+            container.upper,
+            container.lowers,
+            unchanged_copies=unchanged_copies,
+            ignore=frozenset(container.runtime_paths),
+        )
     under = "/" + under.strip("/")
     if under == "/":
         return found

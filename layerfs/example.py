@@ -23,21 +23,47 @@ from .errors import LayerfsError
 from .oci import layout
 
 BUSYBOX = "/bin/busybox"
-APPLETS = ("sh", "ls", "cat", "echo", "rm", "mkdir", "rmdir", "mv", "cp", "ln", "touch", "sed", "grep",
-           "head", "wc", "id", "env", "printf", "find", "sort", "uname", "hostname", "chmod", "true")
+APPLETS = (
+    "sh",
+    "ls",
+    "cat",
+    "echo",
+    "rm",
+    "mkdir",
+    "rmdir",
+    "mv",
+    "cp",
+    "ln",
+    "touch",
+    "sed",
+    "grep",
+    "head",
+    "wc",
+    "id",
+    "env",
+    "printf",
+    "find",
+    "sort",
+    "uname",
+    "hostname",
+    "chmod",
+    "true",
+)
 
 # What the container does; the test checks the printed diff against these.
 NEW_FILE = "/root/hello.txt"
 EDITED_FILE = "/etc/app.conf"
 DELETED_FILE = "/opt/app/run.sh"
-SCRIPT = "\n".join([
-    "cat /etc/motd",
-    "ls /opt/app /var/cache/app",
-    f"echo 'hello from the container' > {NEW_FILE}",
-    f"sed -i s/green/red/ {EDITED_FILE}",
-    f"rm {DELETED_FILE}",
-    f"cat {EDITED_FILE}",
-])
+SCRIPT = "\n".join(
+    [
+        "cat /etc/motd",
+        "ls /opt/app /var/cache/app",
+        f"echo 'hello from the container' > {NEW_FILE}",
+        f"sed -i s/green/red/ {EDITED_FILE}",
+        f"rm {DELETED_FILE}",
+        f"cat {EDITED_FILE}",
+    ]
+)
 DEMO = "/usr/bin/demo"  # the image's Cmd: SCRIPT, each command echoed before it runs, as on a terminal
 IMAGE, COMMITTED, CONTAINER = "example:1", "example:2", "demo"
 
@@ -105,8 +131,11 @@ def _build_image(base: Path) -> Path:
         for i, what in enumerate(build(layer)):
             print(f"  {name if i == 0 else '':9} {what}")
         layers.append(str(layer))
-    config = {"architecture": _ARCHITECTURES.get(os.uname().machine, os.uname().machine), "os": "linux",
-              "config": {"Env": ["PATH=/bin:/usr/bin"], "Cmd": [DEMO], "WorkingDir": "/root"}}
+    config = {
+        "architecture": _ARCHITECTURES.get(os.uname().machine, os.uname().machine),
+        "os": "linux",
+        "config": {"Env": ["PATH=/bin:/usr/bin"], "Cmd": [DEMO], "WorkingDir": "/root"},
+    }
     image = base / "image"
     layout.write_image(str(image), "1", layers, config)
     shutil.rmtree(base / "build")
@@ -144,8 +173,14 @@ def _layerfs(*words: str, store: Path, note: str = "") -> int:
     indenting its output; its exit code."""
     print(f"$ layerfs {shlex.join(words)}" + (f"    # {note}" if note else ""))
     sys.stdout.flush()
-    result = subprocess.run([sys.executable, "-m", "layerfs", *words], env={**os.environ, "LAYERFS_ROOT": str(store)},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
+    result = subprocess.run(
+        [sys.executable, "-m", "layerfs", *words],
+        env={**os.environ, "LAYERFS_ROOT": str(store)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+    )
     for line in result.stdout.splitlines():
         print("  " + line)
     if result.returncode:

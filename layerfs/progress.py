@@ -18,8 +18,10 @@ class Bar:
         if total:
             percent = min(100, 100 * done // total)
             shown = (label, percent)
-            line = f"{prefix}[{'#' * (percent // 5)}{'.' * (20 - percent // 5)}] {percent:3d}% " \
-                   f"{done >> 20}/{total >> 20} MiB"
+            line = (
+                f"{prefix}[{'#' * (percent // 5)}{'.' * (20 - percent // 5)}] {percent:3d}% "
+                f"{done >> 20}/{total >> 20} MiB"
+            )
         else:
             shown = (label, done >> 20)
             line = f"{prefix}{done >> 20} MiB"

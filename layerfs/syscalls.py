@@ -38,8 +38,15 @@ _PR_CAP_AMBIENT = 47
 _PR_CAP_AMBIENT_CLEAR_ALL = 4
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 # glibc has no pivot_root(2): it is reached by number, which differs by architecture.
-_SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "ppc64le": 203, "s390x": 217, "i686": 217,
-                   "armv7l": 218}
+_SYS_PIVOT_ROOT = {
+    "x86_64": 155,
+    "aarch64": 41,
+    "riscv64": 41,
+    "ppc64le": 203,
+    "s390x": 217,
+    "i686": 217,
+    "armv7l": 218,
+}
 
 _renameat2 = getattr(_libc, "renameat2", None)
 if _renameat2 is not None:
@@ -61,8 +68,13 @@ _pivot_root = _libc["syscall"]  # (a function object of its own: openat2's below
 _pivot_root.argtypes = [ctypes.c_long, ctypes.c_char_p, ctypes.c_char_p]
 _pivot_root.restype = ctypes.c_int
 
-_libc.name_to_handle_at.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_int),
-                                    ctypes.c_int]
+_libc.name_to_handle_at.argtypes = [
+    ctypes.c_int,
+    ctypes.c_char_p,
+    ctypes.c_void_p,
+    ctypes.POINTER(ctypes.c_int),
+    ctypes.c_int,
+]
 _libc.name_to_handle_at.restype = ctypes.c_int
 _libc.open_by_handle_at.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
 _libc.open_by_handle_at.restype = ctypes.c_int
@@ -75,9 +87,26 @@ _RESOLVE_NO_MAGICLINKS = 0x02
 _RESOLVE_NO_SYMLINKS = 0x04
 _RESOLVE_BENEATH = 0x08
 _OPEN_FLAGS = 0
-for _name in ("O_ACCMODE", "O_APPEND", "O_TRUNC", "O_NONBLOCK", "O_DSYNC", "O_SYNC", "O_DIRECT", "O_NOATIME",
-              "O_LARGEFILE", "O_DIRECTORY", "O_NOFOLLOW", "O_CLOEXEC", "O_PATH", "O_CREAT", "O_EXCL", "O_ASYNC",
-              "O_TMPFILE", "O_NOCTTY"):
+for _name in (
+    "O_ACCMODE",
+    "O_APPEND",
+    "O_TRUNC",
+    "O_NONBLOCK",
+    "O_DSYNC",
+    "O_SYNC",
+    "O_DIRECT",
+    "O_NOATIME",
+    "O_LARGEFILE",
+    "O_DIRECTORY",
+    "O_NOFOLLOW",
+    "O_CLOEXEC",
+    "O_PATH",
+    "O_CREAT",
+    "O_EXCL",
+    "O_ASYNC",
+    "O_TMPFILE",
+    "O_NOCTTY",
+):
     _OPEN_FLAGS |= getattr(os, _name, 0)
 
 
@@ -141,24 +170,32 @@ def open_how(flags: int, mode: int) -> _OpenHow:
     how = _hows.get((flags, mode))
     if how is None:
         creating = flags & (os.O_CREAT | getattr(os, "O_TMPFILE", 0))
-        how = _hows[flags, mode] = _OpenHow(flags, mode if creating else 0,
-                                            _RESOLVE_BENEATH | _RESOLVE_NO_SYMLINKS | _RESOLVE_NO_MAGICLINKS)
+        how = _hows[flags, mode] = _OpenHow(
+            flags, mode if creating else 0, _RESOLVE_BENEATH | _RESOLVE_NO_SYMLINKS | _RESOLVE_NO_MAGICLINKS
+        )
     return how
 
 
 class _FileHandle(ctypes.Structure):
-    _fields_ = [("handle_bytes", ctypes.c_uint), ("handle_type", ctypes.c_int),
-                ("f_handle", ctypes.c_ubyte * _MAX_HANDLE_SZ)]
+    _fields_ = [
+        ("handle_bytes", ctypes.c_uint),
+        ("handle_type", ctypes.c_int),
+        ("f_handle", ctypes.c_ubyte * _MAX_HANDLE_SZ),
+    ]
 
 
 def file_handle(path: str, *, dir_fd: int) -> tuple[int, bytes]:
     """The filesystem's handle of ``path`` (not followed; "" for ``dir_fd`` itself): its type and bytes."""
     handle = _FileHandle(_MAX_HANDLE_SZ)
     mount_id = ctypes.c_int()
-    if _libc.name_to_handle_at(dir_fd, os.fsencode(path), ctypes.byref(handle), ctypes.byref(mount_id),
-                               0 if path else _AT_EMPTY_PATH) != 0:
+    if (
+        _libc.name_to_handle_at(
+            dir_fd, os.fsencode(path), ctypes.byref(handle), ctypes.byref(mount_id), 0 if path else _AT_EMPTY_PATH
+        )
+        != 0
+    ):
         _raise_errno(path)
-    return handle.handle_type, bytes(handle.f_handle[:handle.handle_bytes])
+    return handle.handle_type, bytes(handle.f_handle[: handle.handle_bytes])
 
 
 def open_by_handle(mount_fd: int, handle_type: int, handle: bytes, flags: int) -> int:
@@ -182,7 +219,7 @@ def filesystem_uuid(fd: int) -> bytes:
         if e.errno not in (errno.ENOTTY, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS, errno.EBADF):
             raise
         return bytes(16)
-    return bytes(buf[1:1 + min(buf[0], 16)]).ljust(16, b"\0")
+    return bytes(buf[1 : 1 + min(buf[0], 16)]).ljust(16, b"\0")
 
 
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
@@ -192,8 +229,16 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
 
 
 def mount(source: str, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
-    if _libc.mount(os.fsencode(source), os.fsencode(target), fstype.encode() if fstype else None, flags,
-                   data.encode() if data else None) != 0:
+    if (
+        _libc.mount(
+            os.fsencode(source),
+            os.fsencode(target),
+            fstype.encode() if fstype else None,
+            flags,
+            data.encode() if data else None,
+        )
+        != 0
+    ):
         _raise_errno(target)
 
 
@@ -254,7 +299,15 @@ _libc.capset.restype = ctypes.c_int
 
 def set_capabilities(effective: int, permitted: int, inheritable: int) -> None:
     """capset(2) of this thread's three sets, each a mask of capability numbers (bit N: capability N)."""
-    data = (_CapData * 2)(*(_CapData((effective >> shift) & 0xFFFFFFFF, (permitted >> shift) & 0xFFFFFFFF,
-                                     (inheritable >> shift) & 0xFFFFFFFF) for shift in (0, 32)))
+    data = (_CapData * 2)(
+        *(
+            _CapData(
+                (effective >> shift) & 0xFFFFFFFF,
+                (permitted >> shift) & 0xFFFFFFFF,
+                (inheritable >> shift) & 0xFFFFFFFF,
+            )
+            for shift in (0, 32)
+        )
+    )
     if _libc.capset(ctypes.byref(_CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)), data) != 0:
         _raise_errno("capset")

@@ -25,8 +25,9 @@ LAYERFS = [sys.executable, "-m", "layerfs"]
 
 def layerfs(*args, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
     """Run ``layerfs ARGS`` (text output captured); a failure fails the test unless ``check`` is False."""
-    return subprocess.run(LAYERFS + [*map(str, args)], capture_output=True, text=True, timeout=120, check=check,
-                          **kwargs)
+    return subprocess.run(
+        LAYERFS + [*map(str, args)], capture_output=True, text=True, timeout=120, check=check, **kwargs
+    )
 
 
 def errno_of(action) -> int | None:
@@ -94,8 +95,12 @@ class Mounts:
         mnt = Path(mountpoint)
         mnt.mkdir(parents=True, exist_ok=True)
         self.points.append(mnt)
-        result = subprocess.run(LAYERFS + ["-o", self.options(lowers, upper, work, extra), str(mnt)],
-                                capture_output=True, text=True, timeout=60)
+        result = subprocess.run(
+            LAYERFS + ["-o", self.options(lowers, upper, work, extra), str(mnt)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert result.returncode == 0, f"layerfs mount failed: {result.stderr}"
         assert is_mounted(mnt)
         return mnt
@@ -106,8 +111,9 @@ class Mounts:
         mnt.mkdir(parents=True, exist_ok=True)
         self.points.append(mnt)
         opts = self.options(lowers, upper, work, extra)
-        subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, str(mnt)], check=True,
-                       capture_output=True, timeout=60)
+        subprocess.run(
+            ["mount", "-t", "overlay", "overlay", "-o", opts, str(mnt)], check=True, capture_output=True, timeout=60
+        )
         return mnt
 
     def fuse_overlayfs(self, mountpoint, lowers, upper, work, extra: str = "") -> Path:
@@ -115,8 +121,12 @@ class Mounts:
         mnt = Path(mountpoint)
         mnt.mkdir(parents=True, exist_ok=True)
         self.points.append(mnt)
-        subprocess.run(["fuse-overlayfs", "-o", self.options(lowers, upper, work, extra), str(mnt)], check=True,
-                       capture_output=True, timeout=60)
+        subprocess.run(
+            ["fuse-overlayfs", "-o", self.options(lowers, upper, work, extra), str(mnt)],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
         return mnt
 
     def unmount(self, mountpoint) -> None:

@@ -39,8 +39,14 @@ class Op:
     uid: int | None = None  # run as this user (gid the same, no supplementary groups); None: root
 
     def __str__(self) -> str:
-        shown = [f"<{len(a)} bytes>" if isinstance(a, bytes) and len(a) > 16 else
-                 repr(short_path(a)) if isinstance(a, str) else repr(a) for a in self.args]
+        shown = [
+            f"<{len(a)} bytes>"
+            if isinstance(a, bytes) and len(a) > 16
+            else repr(short_path(a))
+            if isinstance(a, str)
+            else repr(a)
+            for a in self.args
+        ]
         return f"{self.name}({', '.join(shown)})" + (f" as uid {self.uid}" if self.uid is not None else "")
 
     @property
@@ -105,29 +111,37 @@ def _do(root: str, op: Op) -> object:
     if name == "read":  # (path, offset, size)
         return _read(p, a[1], a[2])
     if name == "read_after_write":  # one descriptor: write, then read back through it
+
         def rw(fd: int) -> str:
             os.pwrite(fd, a[2], a[1])
             return _digest(os.pread(fd, 1 << 20, 0))
+
         return _open_and(p, os.O_RDWR, 0, rw)
     if name == "unlink_open":  # (path, data): unlink while open, then use the descriptor
+
         def orphan(fd: int) -> tuple:
             os.unlink(p)
             nlink = os.fstat(fd).st_nlink
             os.pwrite(fd, a[1], 0)
             return nlink, _digest(os.pread(fd, 1 << 20, 0)), os.fstat(fd).st_size
+
         return _open_and(p, os.O_RDWR, 0, orphan)
     if name == "orphan_setattr":  # (path, mode, ns): unlink while open, then fchmod and futimens
+
         def orphan_attrs(fd: int) -> tuple:
             os.unlink(p)
             os.fchmod(fd, a[1])
             os.utime(fd, ns=a[2])
             st = os.fstat(fd)
             return stat.filemode(st.st_mode), st.st_mtime_ns
+
         return _open_and(p, os.O_RDWR, 0, orphan_attrs)
     if name == "rename_open":  # (old, new, data): rename while open, write through the descriptor
+
         def moved(fd: int) -> None:
             os.rename(p, os.path.join(root, a[1]))
             os.pwrite(fd, a[2], 0)
+
         _open_and(p, os.O_RDWR, 0, moved)
         return _read(os.path.join(root, a[1]), 0, 1 << 20)
     if name == "ftruncate":
@@ -175,8 +189,13 @@ def _do(root: str, op: Op) -> object:
     if name == "stat":
         st = os.lstat(p)
         mtime = st.st_mtime_ns if st.st_mtime_ns < RECENT_NS else "recent"
-        return (stat.filemode(st.st_mode), st.st_uid, st.st_gid,
-                None if stat.S_ISDIR(st.st_mode) else (st.st_size, st.st_nlink), mtime)
+        return (
+            stat.filemode(st.st_mode),
+            st.st_uid,
+            st.st_gid,
+            None if stat.S_ISDIR(st.st_mode) else (st.st_size, st.st_nlink),
+            mtime,
+        )
     raise ValueError(f"unknown operation {name}")
 
 
@@ -258,10 +277,34 @@ _XATTR_NAMES = ("user.a", "user.comment", "user.new", "user.big", "trusted.test"
 
 # operation name -> weight in the random mix
 WEIGHTS = {
-    "create": 9, "open_excl": 3, "write": 8, "append": 5, "read": 7, "read_after_write": 2, "truncate": 4,
-    "ftruncate": 2, "mkdir": 6, "rmdir": 5, "unlink": 8, "rename_file": 8, "rename_dir": 5, "symlink": 4,
-    "link": 4, "chmod": 4, "chown": 4, "utime": 4, "setxattr": 5, "removexattr": 3, "getxattr": 1,
-    "listxattr": 2, "mkfifo": 2, "mknod": 1, "listdir": 3, "stat": 3, "unlink_open": 2, "rename_open": 2,
+    "create": 9,
+    "open_excl": 3,
+    "write": 8,
+    "append": 5,
+    "read": 7,
+    "read_after_write": 2,
+    "truncate": 4,
+    "ftruncate": 2,
+    "mkdir": 6,
+    "rmdir": 5,
+    "unlink": 8,
+    "rename_file": 8,
+    "rename_dir": 5,
+    "symlink": 4,
+    "link": 4,
+    "chmod": 4,
+    "chown": 4,
+    "utime": 4,
+    "setxattr": 5,
+    "removexattr": 3,
+    "getxattr": 1,
+    "listxattr": 2,
+    "mkfifo": 2,
+    "mknod": 1,
+    "listdir": 3,
+    "stat": 3,
+    "unlink_open": 2,
+    "rename_open": 2,
     "orphan_setattr": 1,
 }
 
@@ -274,8 +317,9 @@ class RandomOps:
     (so whiteouts and opaque directories get exercised), else fresh names.
     """
 
-    def __init__(self, seed: int, spec: TreeSpec | None = None, *, user: int | None = None,
-                 user_share: float = 0.0) -> None:
+    def __init__(
+        self, seed: int, spec: TreeSpec | None = None, *, user: int | None = None, user_share: float = 0.0
+    ) -> None:
         """``user_share`` of the operations run as ``user`` instead of root."""
         self.rng = random.Random(seed * 7919 + 1)
         self.user, self.user_share = user, user_share
@@ -294,8 +338,7 @@ class RandomOps:
         """A path that does not exist, in a directory that does."""
         dirs = [p for p, k in view.items() if k == "d"] + [""]
         if self.rng.random() < 0.5:
-            ghosts = [p for p in self.known
-                      if p not in view and (p.rpartition("/")[0] in view or "/" not in p)]
+            ghosts = [p for p in self.known if p not in view and (p.rpartition("/")[0] in view or "/" not in p)]
             if ghosts:
                 return self.rng.choice(sorted(ghosts))
         self.counter += 1
@@ -311,8 +354,13 @@ class RandomOps:
 
     def _data(self) -> bytes:
         r = self.rng.random()
-        size = self.rng.randint(0, 64) if r < 0.5 else self.rng.randint(65, 8192) if r < 0.9 else \
-            self.rng.randint(8193, 96 * 1024)
+        size = (
+            self.rng.randint(0, 64)
+            if r < 0.5
+            else self.rng.randint(65, 8192)
+            if r < 0.9
+            else self.rng.randint(8193, 96 * 1024)
+        )
         return self.rng.randbytes(size)
 
     def _offset(self) -> int:
@@ -339,8 +387,15 @@ class RandomOps:
     def _make(self, kind: str, view: dict[str, str]) -> Op:
         rng = self.rng
         if kind == "create":
-            return Op("create", (self._any(view, "fo") if rng.random() < 0.4 else self._new(view),
-                                 rng.choice(("", "", "excl", "trunc")), rng.choice(FILE_MODES), self._data()))
+            return Op(
+                "create",
+                (
+                    self._any(view, "fo") if rng.random() < 0.4 else self._new(view),
+                    rng.choice(("", "", "excl", "trunc")),
+                    rng.choice(FILE_MODES),
+                    self._data(),
+                ),
+            )
         if kind == "open_excl":
             return Op("open_excl", (self._any(view), rng.choice(FILE_MODES)))
         if kind == "write":
@@ -348,15 +403,16 @@ class RandomOps:
         if kind == "append":
             return Op("append", (self._any(view, "f"), self._data()))
         if kind == "read":
-            return Op("read", (self._any(view, "fd"), self._offset() if rng.random() < 0.3 else 0,
-                               rng.choice((1 << 20, 100, 4096))))
+            return Op(
+                "read",
+                (self._any(view, "fd"), self._offset() if rng.random() < 0.3 else 0, rng.choice((1 << 20, 100, 4096))),
+            )
         if kind == "read_after_write":
             return Op("read_after_write", (self._any(view, "f"), self._offset(), self._data()))
         if kind in ("truncate", "ftruncate"):
             return Op(kind, (self._any(view, "f"), rng.choice((0, 0, 1, 4096, 10000, 300_000))))
         if kind == "mkdir":
-            return Op("mkdir", (self._new(view) if rng.random() < 0.85 else self._any(view),
-                                rng.choice(DIR_MODES)))
+            return Op("mkdir", (self._new(view) if rng.random() < 0.85 else self._any(view), rng.choice(DIR_MODES)))
         if kind == "rmdir":
             return Op("rmdir", (self._any(view, "d"),))
         if kind == "unlink":
@@ -379,12 +435,20 @@ class RandomOps:
                 new = self._new(view)
             return Op("rename", (old, new))
         if kind == "symlink":
-            target = rng.choice(("dangling", "../x", "/d0/nowhere")) if rng.random() < 0.3 else \
-                (self._pick(view, "fdl") or "t")
+            target = (
+                rng.choice(("dangling", "../x", "/d0/nowhere"))
+                if rng.random() < 0.3
+                else (self._pick(view, "fdl") or "t")
+            )
             return Op("symlink", (target, self._new(view) if rng.random() < 0.9 else self._any(view)))
         if kind == "link":
-            return Op("link", (self._any(view, "flo" if rng.random() < 0.9 else "d"),
-                               self._new(view) if rng.random() < 0.85 else self._any(view)))
+            return Op(
+                "link",
+                (
+                    self._any(view, "flo" if rng.random() < 0.9 else "d"),
+                    self._new(view) if rng.random() < 0.85 else self._any(view),
+                ),
+            )
         if kind == "chmod":
             path = self._any(view, "fdo")
             return Op("chmod", (path, rng.choice(DIR_MODES if view.get(path) == "d" else FILE_MODES)))
@@ -396,15 +460,23 @@ class RandomOps:
             return Op("utime", (self._any(view), self._time()))
         if kind == "setxattr":
             flags = rng.choice((0, 0, 0, os.XATTR_CREATE, os.XATTR_REPLACE))
-            return Op("setxattr", (self._any(view, "fd"), rng.choice(_XATTR_NAMES), rng.randbytes(rng.randint(0, 40)),
-                                   flags))
+            return Op(
+                "setxattr", (self._any(view, "fd"), rng.choice(_XATTR_NAMES), rng.randbytes(rng.randint(0, 40)), flags)
+            )
         if kind in ("removexattr", "getxattr"):
             return Op(kind, (self._any(view, "fd"), rng.choice(_XATTR_NAMES)))
         if kind == "listxattr":
             return Op("listxattr", (self._any(view, "fd"),))
         if kind == "mkfifo":
-            return Op("mknod", (self._new(view) if rng.random() < 0.9 else self._any(view), stat.S_IFIFO, 0,
-                                rng.choice((0o644, 0o600))))
+            return Op(
+                "mknod",
+                (
+                    self._new(view) if rng.random() < 0.9 else self._any(view),
+                    stat.S_IFIFO,
+                    0,
+                    rng.choice((0o644, 0o600)),
+                ),
+            )
         if kind == "mknod":
             rdev = rng.choice((os.makedev(1, 3), os.makedev(0, 0)))  # 0/0 is a whiteout: refused
             return Op("mknod", (self._new(view), stat.S_IFCHR, rdev, 0o600))

@@ -188,9 +188,18 @@ class Pair:
         return expected
 
 
-def make_pair(mounts, base: Path, build: Builder, *, nlowers: int = 3, form: str = "overlay",
-              ro_lowers: bool = False, readonly: bool = False, mnt_base: Path | None = None,
-              layerfs_options: str = "") -> Pair:
+def make_pair(
+    mounts,
+    base: Path,
+    build: Builder,
+    *,
+    nlowers: int = 3,
+    form: str = "overlay",
+    ro_lowers: bool = False,
+    readonly: bool = False,
+    mnt_base: Path | None = None,
+    layerfs_options: str = "",
+) -> Pair:
     """Build layers with ``build`` and mount them twice: kernel overlayfs and layerfs.
 
     ``form`` is the whiteout form of layerfs's lower copies ("overlay", "oci" or "fuse-overlayfs"); in the
@@ -253,13 +262,20 @@ def outcome(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
 
 
 def errname(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> str:
-    """"ok", or the errno name ``fn`` failed with."""
+    """ "ok", or the errno name ``fn`` failed with."""
     result = outcome(fn, *args, **kwargs)
     return result.name if isinstance(result, Err) else "ok"
 
 
-_KINDS = {stat.S_IFREG: "file", stat.S_IFDIR: "dir", stat.S_IFLNK: "symlink", stat.S_IFCHR: "chardev",
-          stat.S_IFBLK: "blockdev", stat.S_IFIFO: "fifo", stat.S_IFSOCK: "socket"}
+_KINDS = {
+    stat.S_IFREG: "file",
+    stat.S_IFDIR: "dir",
+    stat.S_IFLNK: "symlink",
+    stat.S_IFCHR: "chardev",
+    stat.S_IFBLK: "blockdev",
+    stat.S_IFIFO: "fifo",
+    stat.S_IFSOCK: "socket",
+}
 
 
 def xattrs(path: Path | str) -> dict[str, bytes]:
@@ -282,8 +298,13 @@ def describe(path: Path | str, *, data: bool = True) -> dict[str, Any]:
     """
     st = os.lstat(path)
     kind = _KINDS[stat.S_IFMT(st.st_mode)]
-    d: dict[str, Any] = {"type": kind, "mode": f"{stat.S_IMODE(st.st_mode):04o}", "uid": st.st_uid,
-                         "gid": st.st_gid, "nlink": st.st_nlink}
+    d: dict[str, Any] = {
+        "type": kind,
+        "mode": f"{stat.S_IMODE(st.st_mode):04o}",
+        "uid": st.st_uid,
+        "gid": st.st_gid,
+        "nlink": st.st_nlink,
+    }
     if kind == "file":
         d["size"] = st.st_size
         if data:
@@ -372,8 +393,9 @@ def explain(expected: Any, got: Any) -> str:
             if e != g:
                 lines.append(f"  {key}:\n    kernel:  {e!r}\n    layerfs: {g!r}")
         return "layerfs differs from kernel overlayfs:\n" + "\n".join(lines)
-    diff = difflib.unified_diff(pprint.pformat(expected).splitlines(), pprint.pformat(got).splitlines(),
-                                "kernel", "layerfs", lineterm="")
+    diff = difflib.unified_diff(
+        pprint.pformat(expected).splitlines(), pprint.pformat(got).splitlines(), "kernel", "layerfs", lineterm=""
+    )
     return "layerfs differs from kernel overlayfs:\n" + "\n".join(diff)
 
 

@@ -71,15 +71,24 @@ class PassthroughFS(Operations):
         if changes.size is not None:
             os.truncate(self.files[fh] if fh is not None else path, changes.size)
         if changes.uid is not None or changes.gid is not None:
-            os.chown(path, -1 if changes.uid is None else changes.uid, -1 if changes.gid is None else changes.gid,
-                     follow_symlinks=False)
+            os.chown(
+                path,
+                -1 if changes.uid is None else changes.uid,
+                -1 if changes.gid is None else changes.gid,
+                follow_symlinks=False,
+            )
         if changes.mode is not None:
             os.chmod(path, stat.S_IMODE(changes.mode))
         if changes.atime_ns is not None or changes.mtime_ns is not None:
             st = os.lstat(path)
-            os.utime(path, ns=(changes.atime_ns if changes.atime_ns is not None else st.st_atime_ns,
-                               changes.mtime_ns if changes.mtime_ns is not None else st.st_mtime_ns),
-                     follow_symlinks=False)
+            os.utime(
+                path,
+                ns=(
+                    changes.atime_ns if changes.atime_ns is not None else st.st_atime_ns,
+                    changes.mtime_ns if changes.mtime_ns is not None else st.st_mtime_ns,
+                ),
+                follow_symlinks=False,
+            )
         return self.getattr(req, nodeid, None)
 
     def readlink(self, req, nodeid):
@@ -123,7 +132,7 @@ class PassthroughFS(Operations):
         with self.lock:
             for nodeid, path in list(self.paths.items()):
                 if path == old or path.startswith(old + "/"):
-                    self.paths[nodeid] = new + path[len(old):]
+                    self.paths[nodeid] = new + path[len(old) :]
 
     def _opened(self, nodeid: int, fd: int) -> Opened:
         with self.lock:
@@ -218,8 +227,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     fs = PassthroughFS(args.source)
-    session = Session(fs, args.mountpoint, Config(fsname="passthroughfs", subtype="passthroughfs",
-                                                   passthrough=not args.nopassthrough, threads=args.threads))
+    session = Session(
+        fs,
+        args.mountpoint,
+        Config(
+            fsname="passthroughfs", subtype="passthroughfs", passthrough=not args.nopassthrough, threads=args.threads
+        ),
+    )
     fs.session = session
     session.mount()
 

@@ -29,8 +29,13 @@ from treespec import RECENT_NS
 OVERLAY_PRIVATE = "trusted.overlay."
 
 _KINDS = {
-    stat.S_IFREG: "file", stat.S_IFDIR: "dir", stat.S_IFLNK: "symlink", stat.S_IFIFO: "fifo",
-    stat.S_IFCHR: "chr", stat.S_IFBLK: "blk", stat.S_IFSOCK: "sock",
+    stat.S_IFREG: "file",
+    stat.S_IFDIR: "dir",
+    stat.S_IFLNK: "symlink",
+    stat.S_IFIFO: "fifo",
+    stat.S_IFCHR: "chr",
+    stat.S_IFBLK: "blk",
+    stat.S_IFSOCK: "sock",
 }
 
 
@@ -60,6 +65,7 @@ class Entry(NamedTuple):
 
 
 WHITEOUT = Entry("whiteout", 0, 0, 0, None, None, None, None, (), None, None)
+
 
 def short_path(path: str, keep: int = 24) -> str:
     """``path`` for messages: components longer than ``keep`` characters cut, with their length."""
@@ -194,8 +200,13 @@ def without_idle_opaque(a: Snapshot, b: Snapshot, lower_dirs: set[str], uppers: 
     paths of the merged lower layers.
     """
     idle = _idle_opaque(a, lower_dirs, uppers[0]) | _idle_opaque(b, lower_dirs, uppers[1])
-    return tuple(Snapshot({path: entry._replace(opaque=None) if path in idle else entry
-                           for path, entry in snap.entries.items()}, snap.inodes) for snap in (a, b))
+    return tuple(
+        Snapshot(
+            {path: entry._replace(opaque=None) if path in idle else entry for path, entry in snap.entries.items()},
+            snap.inodes,
+        )
+        for snap in (a, b)
+    )
 
 
 def _idle_opaque(snap: Snapshot, lower_dirs: set[str], upper: str | os.PathLike) -> set[str]:
@@ -206,15 +217,14 @@ def _idle_opaque(snap: Snapshot, lower_dirs: set[str], upper: str | os.PathLike)
             continue
         parent, _, name = path.rpartition("/")
         try:
-            target = os.fsdecode(os.getxattr(os.path.join(upper, path), OVERLAY_PRIVATE + "redirect",
-                                             follow_symlinks=False))
+            target = os.fsdecode(
+                os.getxattr(os.path.join(upper, path), OVERLAY_PRIVATE + "redirect", follow_symlinks=False)
+            )
         except OSError:
             target = name
-        below[path] = target.lstrip("/") if target.startswith("/") else \
-            (below[parent] + "/" if parent else "") + target
+        below[path] = target.lstrip("/") if target.startswith("/") else (below[parent] + "/" if parent else "") + target
         parts = path.split("/")
-        if any(snap.entries["/".join(parts[:i])].opaque for i in range(1, len(parts))) or \
-                below[path] not in lower_dirs:
+        if any(snap.entries["/".join(parts[:i])].opaque for i in range(1, len(parts))) or below[path] not in lower_dirs:
             idle.add(path)
     return idle
 
@@ -223,8 +233,14 @@ def _project(entry: Entry, ignore: frozenset[str]) -> Entry:
     return entry._replace(**{f: None for f in ignore}) if ignore else entry
 
 
-def diff(a: Snapshot | dict[str, Entry], b: Snapshot | dict[str, Entry], *, ignore: Iterable[str] = (),
-         names: tuple[str, str] = ("a", "b"), limit: int = 40) -> list[str]:
+def diff(
+    a: Snapshot | dict[str, Entry],
+    b: Snapshot | dict[str, Entry],
+    *,
+    ignore: Iterable[str] = (),
+    names: tuple[str, str] = ("a", "b"),
+    limit: int = 40,
+) -> list[str]:
     """Differences between two snapshots as readable lines; empty when equal.
 
     ``ignore`` names Entry fields left out (e.g. ``("mtime",)``, or ``("mtime", "opaque")``).
@@ -245,8 +261,7 @@ def diff(a: Snapshot | dict[str, Entry], b: Snapshot | dict[str, Entry], *, igno
             x, y = _project(x, ignore), _project(y, ignore)
             if x != y:
                 changed = [f for f in Entry._fields if getattr(x, f) != getattr(y, f)]
-                detail = "; ".join(f"{f}: {_short(f, getattr(x, f))} vs {_short(f, getattr(y, f))}"
-                                   for f in changed)
+                detail = "; ".join(f"{f}: {_short(f, getattr(x, f))} vs {_short(f, getattr(y, f))}" for f in changed)
                 lines.append(f"differs: {short_path(path)}: {detail}")
     if isinstance(a, Snapshot) and isinstance(b, Snapshot) and "nlink" not in ignore:
         ga, gb = a.link_groups(), b.link_groups()

@@ -64,8 +64,13 @@ def test_added_entries_and_their_ancestors(image):
     write(upper / "var/cache/app/new/deep/file", "n\n")
     write(upper / "brand-new", "b\n")
     assert diff(upper, top, bottom) == [
-        "A /brand-new", "C /var", "C /var/cache", "C /var/cache/app",
-        "A /var/cache/app/new", "A /var/cache/app/new/deep", "A /var/cache/app/new/deep/file",
+        "A /brand-new",
+        "C /var",
+        "C /var/cache",
+        "C /var/cache/app",
+        "A /var/cache/app/new",
+        "A /var/cache/app/new/deep",
+        "A /var/cache/app/new/deep/file",
     ]
 
 
@@ -85,8 +90,7 @@ def test_whiteouts_are_deletions(form, image):
             whiteout(parent, name)
         else:
             (parent / f".wh.{name}").touch()
-    assert diff(upper, top, bottom) == ["D /etc", "C /var", "C /var/cache", "C /var/cache/app",
-                                        "D /var/cache/app/one"]
+    assert diff(upper, top, bottom) == ["D /etc", "C /var", "C /var/cache", "C /var/cache/app", "D /var/cache/app/one"]
 
 
 def test_a_whiteout_that_hides_nothing_is_no_change(image):
@@ -106,8 +110,13 @@ def test_an_opaque_directory_is_deleted_then_added_as_docker_says(form, image):
         (app / ".wh..wh..opq").touch()
     write(app / "one", "replaced\n")  # same name as below, but the lower one is hidden: added
     write(app / "fresh", "f\n")
-    assert diff(upper, top, bottom) == ["C /var", "C /var/cache", "D /var/cache/app",
-                                        "A /var/cache/app/fresh", "A /var/cache/app/one"]
+    assert diff(upper, top, bottom) == [
+        "C /var",
+        "C /var/cache",
+        "D /var/cache/app",
+        "A /var/cache/app/fresh",
+        "A /var/cache/app/one",
+    ]
 
 
 def test_the_lowers_own_whiteouts_and_opaque_dirs_apply(image):
@@ -123,8 +132,16 @@ def test_the_lowers_own_whiteouts_and_opaque_dirs_apply(image):
     write(upper / "var/cache/app/one", "again\n")
     whiteout(upper / "var/cache/app", "two")  # hid nothing visible: no D
     whiteout(upper / "var/cache/app", "kept")
-    assert diff(upper, top, bottom) == ["A /etc", "A /etc/passwd", "A /file", "C /var", "C /var/cache",
-                                        "C /var/cache/app", "D /var/cache/app/kept", "A /var/cache/app/one"]
+    assert diff(upper, top, bottom) == [
+        "A /etc",
+        "A /etc/passwd",
+        "A /file",
+        "C /var",
+        "C /var/cache",
+        "C /var/cache/app",
+        "D /var/cache/app/kept",
+        "A /var/cache/app/one",
+    ]
 
 
 def test_directory_metadata_change_alone(image):
@@ -220,7 +237,15 @@ def test_unchanged_copies_are_left_out_on_request(image):
     everything = [str(c) for c in changes(str(upper), lowers)]
     assert "C /etc/passwd" in everything
     real = [str(c) for c in changes(str(upper), lowers, unchanged_copies=False)]
-    assert real == ["C /etc", "C /etc/skel", "C /etc/skel/profile", "C /var", "C /var/cache", "C /var/cache/app",
-                    "C /var/cache/app/one", "C /var/cache/app/two"]
+    assert real == [
+        "C /etc",
+        "C /etc/skel",
+        "C /etc/skel/profile",
+        "C /var",
+        "C /var/cache",
+        "C /var/cache/app",
+        "C /var/cache/app/one",
+        "C /var/cache/app/two",
+    ]
     with read_index(str(upper), str(upper.parent / "index-state"), lowers=lowers) as index:
         assert [str(c) for c in indexed_changes(index, lowers, unchanged_copies=False)] == real

@@ -25,8 +25,9 @@ import layerfs
 LAYERFS = str(Path(sys.executable).with_name("layerfs"))  # the console script containers-storage runs
 
 
-def layerfs_cmd(*args: str | os.PathLike, cwd: str | os.PathLike | None = None,
-                **kwargs) -> subprocess.CompletedProcess:
+def layerfs_cmd(
+    *args: str | os.PathLike, cwd: str | os.PathLike | None = None, **kwargs
+) -> subprocess.CompletedProcess:
     kwargs.setdefault("capture_output", True)
     return subprocess.run([LAYERFS, *map(str, args)], cwd=cwd, text=True, timeout=60, **kwargs)
 
@@ -64,8 +65,9 @@ def tree(layers) -> SimpleNamespace:
     (bottom / "shared").write_text("bottom\n")
     (top / "from-top").write_text("t\n")
     (bottom / "from-bottom").write_text("b\n")
-    return SimpleNamespace(top=top, bottom=bottom, upper=layers.dir("upper"), work=layers.dir("work"),
-                           lowerdir=f"lowerdir={top}:{bottom}")
+    return SimpleNamespace(
+        top=top, bottom=bottom, upper=layers.dir("upper"), work=layers.dir("work"), lowerdir=f"lowerdir={top}:{bottom}"
+    )
 
 
 def assert_merged(mnt: Path) -> None:
@@ -114,8 +116,7 @@ def test_relative_paths_from_the_current_directory_like_containers_storage(mount
     (home / "ctr" / "diff").mkdir(parents=True)
     (home / "ctr" / "work").mkdir()
     mnt = home / "ctr" / "merged"
-    result = cli_mount(mounts, mnt, "-o", "lowerdir=l/ABC:l/DEF,upperdir=ctr/diff,workdir=ctr/work", mnt,
-                       cwd=home)
+    result = cli_mount(mounts, mnt, "-o", "lowerdir=l/ABC:l/DEF,upperdir=ctr/diff,workdir=ctr/work", mnt, cwd=home)
     assert_mounted_ok(result, mnt)
     assert sorted(os.listdir(mnt)) == ["app", "base", "shared"]
     assert (mnt / "shared").read_text() == "app"
@@ -130,8 +131,9 @@ def test_backslash_escapes_colon_and_comma_in_paths(layers, mounts, tmp_path):
     (bottom / "b").write_text("b")
     mnt = tmp_path / "mnt"
     esc = lambda p: str(p).replace(":", "\\:").replace(",", "\\,")  # noqa: E731
-    result = cli_mount(mounts, mnt, "-o", f"lowerdir={esc(top)}:{esc(bottom)},upperdir={esc(upper)},"
-                       f"workdir={esc(work)}", mnt)
+    result = cli_mount(
+        mounts, mnt, "-o", f"lowerdir={esc(top)}:{esc(bottom)},upperdir={esc(upper)},workdir={esc(work)}", mnt
+    )
     assert_mounted_ok(result, mnt)
     assert sorted(os.listdir(mnt)) == ["b", "t"]
     (mnt / "new").write_text("x")
@@ -141,16 +143,20 @@ def test_backslash_escapes_colon_and_comma_in_paths(layers, mounts, tmp_path):
 # -- foreground, debug ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("flags, logs", [(["-f", "--debug"], True), (["--debug"], True), (["-f"], False)],
-                         ids=["foreground-debug", "daemon-debug", "foreground-quiet"])
+@pytest.mark.parametrize(
+    "flags, logs",
+    [(["-f", "--debug"], True), (["--debug"], True), (["-f"], False)],
+    ids=["foreground-debug", "daemon-debug", "foreground-quiet"],
+)
 def test_foreground_and_debug(flags, logs, tree, mounts, tmp_path):
     mnt, log = tmp_path / "mnt", tmp_path / "stderr.log"
     mnt.mkdir()
     mounts.points.append(mnt)
     foreground = "-f" in flags
     with open(log, "w") as err:
-        proc = subprocess.Popen([LAYERFS, "mount", *flags, "-o", tree.lowerdir, str(mnt)],
-                                stdout=subprocess.DEVNULL, stderr=err)
+        proc = subprocess.Popen(
+            [LAYERFS, "mount", *flags, "-o", tree.lowerdir, str(mnt)], stdout=subprocess.DEVNULL, stderr=err
+        )
     try:
         if foreground:
             assert wait_for(lambda: is_mounted(mnt) or proc.poll() is not None), "never mounted"
@@ -270,8 +276,9 @@ def test_no_mount_point_given(tree):
 
 def test_unknown_options_are_a_warning_and_the_mount_proceeds(tree, mounts, tmp_path):
     mnt = tmp_path / "mnt"
-    result = cli_mount(mounts, mnt, "-o", f"{tree.lowerdir},upperdir={tree.upper},workdir={tree.work},"
-                       "frobnicate,colour=blue", mnt)
+    result = cli_mount(
+        mounts, mnt, "-o", f"{tree.lowerdir},upperdir={tree.upper},workdir={tree.work},frobnicate,colour=blue", mnt
+    )
     assert_mounted_ok(result, mnt)
     warnings = result.stderr.splitlines()
     assert all(w.startswith("layerfs: ") for w in warnings)
@@ -282,8 +289,7 @@ def test_unknown_options_are_a_warning_and_the_mount_proceeds(tree, mounts, tmp_
 
 def test_volatile_is_accepted_silently(tree, mounts, tmp_path):
     mnt = tmp_path / "mnt"
-    result = cli_mount(mounts, mnt, "-o", f"{tree.lowerdir},upperdir={tree.upper},workdir={tree.work},volatile",
-                       mnt)
+    result = cli_mount(mounts, mnt, "-o", f"{tree.lowerdir},upperdir={tree.upper},workdir={tree.work},volatile", mnt)
     assert_mounted_ok(result, mnt)
     assert result.stderr == ""
     (mnt / "new").write_text("kept")
@@ -402,8 +408,9 @@ def test_leftovers_in_the_work_directory_are_removed_at_mount(tree, mounts, tmp_
 
 def test_files_closed_through_the_mount_are_closed_by_the_daemon(tree, mounts, tmp_path):
     mnt = tmp_path / "mnt"
-    assert_mounted_ok(cli_mount(mounts, mnt, "-o", f"{tree.lowerdir},upperdir={tree.upper},workdir={tree.work}",
-                                mnt), mnt)
+    assert_mounted_ok(
+        cli_mount(mounts, mnt, "-o", f"{tree.lowerdir},upperdir={tree.upper},workdir={tree.work}", mnt), mnt
+    )
     (pid,) = daemon_pids(mnt)
     layers = tree.top.parent
     # The daemon holds its layer roots, work directory and change index open for as long as it runs (so
@@ -458,8 +465,9 @@ def test_mount_over_one_of_its_own_lower_dirs_shows_what_was_there_like_overlayf
         if fs == "overlay":
             mounts.overlay(target, lowers, upper, work)
         else:
-            result = cli_mount(mounts, target, "-o", f"lowerdir={target}:{extra},upperdir={upper},workdir={work}",
-                               target)
+            result = cli_mount(
+                mounts, target, "-o", f"lowerdir={target}:{extra},upperdir={upper},workdir={work}", target
+            )
             assert result.returncode == 0 and is_mounted(target), result.stderr
         # In a subprocess with a timeout: a daemon that looks its layers up through its own mount hangs.
         listing = subprocess.run(["ls", "-A", str(target)], capture_output=True, text=True, timeout=30)

@@ -117,13 +117,22 @@ def test_a_directory_swapped_for_a_symlink_after_lookup_is_not_followed(tmp_path
     # now: no directory, so nothing in it.)
     file = mnt / "d" / "file"
     refused = {errno.ELOOP, errno.ENOTDIR, errno.ENOENT}
-    for action in (file.read_text, lambda: file.write_text("overwritten\n"), lambda: os.chmod(file, 0o777),
-                   lambda: os.chown(file, 1234, 1234), lambda: os.utime(file, (1, 1)),
-                   lambda: os.setxattr(file, "user.x", b"x"), lambda: os.truncate(file, 0),
-                   lambda: os.link(file, mnt / "linked"), lambda: os.unlink(file),
-                   lambda: os.rename(file, mnt / "moved"), lambda: os.readlink(mnt / "d" / "link"),
-                   lambda: os.getxattr(file, "user.secret"), lambda: os.listxattr(file),
-                   lambda: os.removexattr(file, "user.secret")):
+    for action in (
+        file.read_text,
+        lambda: file.write_text("overwritten\n"),
+        lambda: os.chmod(file, 0o777),
+        lambda: os.chown(file, 1234, 1234),
+        lambda: os.utime(file, (1, 1)),
+        lambda: os.setxattr(file, "user.x", b"x"),
+        lambda: os.truncate(file, 0),
+        lambda: os.link(file, mnt / "linked"),
+        lambda: os.unlink(file),
+        lambda: os.rename(file, mnt / "moved"),
+        lambda: os.readlink(mnt / "d" / "link"),
+        lambda: os.getxattr(file, "user.secret"),
+        lambda: os.listxattr(file),
+        lambda: os.removexattr(file, "user.secret"),
+    ):
         assert errno_of(action) in refused, action
     assert fingerprint(outside) == before
     assert (outside / "d" / "file").read_text() == SECRET

@@ -72,14 +72,21 @@ def _layerfs_run(rootfs: Path, script: str, *flags: str, **kwargs) -> subprocess
 
 
 def _podman_run(podman: Podman, script: str, *flags: str, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run(["podman", "run", "--rm", *flags, IMAGE, "/bin/sh", "-c", script], env=podman.env,
-                          capture_output=True, text=True, timeout=180, **kwargs)
+    return subprocess.run(
+        ["podman", "run", "--rm", *flags, IMAGE, "/bin/sh", "-c", script],
+        env=podman.env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        **kwargs,
+    )
 
 
 def _docker_defaults(podman: Podman, script: str, *flags: str, **kwargs) -> subprocess.CompletedProcess:
     """Podman as docker runs by default."""
-    return _podman_run(podman, script, "--security-opt", f"seccomp={PROFILE}", "--security-opt",
-                       "no-new-privileges", *flags, **kwargs)
+    return _podman_run(
+        podman, script, "--security-opt", f"seccomp={PROFILE}", "--security-opt", "no-new-privileges", *flags, **kwargs
+    )
 
 
 def _status(output: str) -> dict[str, str]:
@@ -107,8 +114,10 @@ def test_a_container_is_confined_as_docker_confines_it(rootfs, podman):
 
 
 def test_privileged_lifts_it(rootfs, podman):
-    script = f"{STATUS}; grep -c -E ' /proc/| /sys/firmware' /proc/mounts; echo x > /tmp/x; mknod /tmp/b c 1 3; " \
-             "cat /tmp/b; echo $?"
+    script = (
+        f"{STATUS}; grep -c -E ' /proc/| /sys/firmware' /proc/mounts; echo x > /tmp/x; mknod /tmp/b c 1 3; "
+        "cat /tmp/b; echo $?"
+    )
     ours = _layerfs_run(rootfs, script, "--privileged")
     assert ours.stdout == _podman_run(podman, script, "--privileged").stdout, ours.stderr
     status = _status(ours.stdout)
@@ -118,9 +127,16 @@ def test_privileged_lifts_it(rootfs, podman):
     assert ours.stdout.splitlines()[-2:] == ["0", "0"]  # nothing masked; a device node opens
 
 
-@pytest.mark.parametrize("flags", [("--cap-drop", "CHOWN"), ("--cap-drop", "chown", "--cap-add", "CAP_SYS_ADMIN"),
-                                   ("--cap-drop", "ALL", "--cap-add", "fowner"), ("--cap-add", "ALL"),
-                                   ("-u", "1000")])
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ("--cap-drop", "CHOWN"),
+        ("--cap-drop", "chown", "--cap-add", "CAP_SYS_ADMIN"),
+        ("--cap-drop", "ALL", "--cap-add", "fowner"),
+        ("--cap-add", "ALL"),
+        ("-u", "1000"),
+    ],
+)
 def test_capabilities_changed_by_flags_are_podmans(rootfs, podman, flags):
     script = f"{STATUS}; touch /tmp/f; chown 7 /tmp/f 2>&1; echo chown $?; unshare -U true 2>&1; echo unshare $?"
     ours = _layerfs_run(rootfs, script, *flags)
@@ -148,8 +164,12 @@ def test_runc_confines_a_bundle_as_layerfs_run_does(rootfs, tmp_path):
     config = json.loads((bundle / "config.json").read_text())
     assert config["linux"]["seccomp"]["defaultAction"] == "SCMP_ACT_ERRNO"
     try:
-        ran = subprocess.run(["runc", "run", "--bundle", str(bundle), f"layerfs-confined-{os.getpid()}"],
-                             capture_output=True, text=True, timeout=120)
+        ran = subprocess.run(
+            ["runc", "run", "--bundle", str(bundle), f"layerfs-confined-{os.getpid()}"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     finally:
         layerfs("umount", bundle / "rootfs")
     ours = _layerfs_run(rootfs, PROBE)

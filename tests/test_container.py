@@ -91,11 +91,27 @@ def test_every_kind_of_change_matches_dockers_two_tree_comparison(container, mou
 
     assert comparable(live) == comparable(two_tree_changes(image, view))
     assert [line for line in live if line not in comparable(live)] == [
-        "C /opt/app/bin", "C /opt/app/bin/run", "D /var/lib/old", "A /var/lib/old/fresh"]
-    assert {"A /srv/new/file", "C /etc/passwd", "C /etc/hosts", "D /etc/motd", "D /usr/share/doc/a",
-            "D /var/lib/old", "A /var/lib/old/fresh", "D /opt/app/conf", "A /opt/app/conf.old",
-            "D /usr/share/doc/b", "A /usr/share/doc/b2", "A /srv/link", "C /opt/app/bin/run",
-            "A /srv/fifo"} <= set(live)
+        "C /opt/app/bin",
+        "C /opt/app/bin/run",
+        "D /var/lib/old",
+        "A /var/lib/old/fresh",
+    ]
+    assert {
+        "A /srv/new/file",
+        "C /etc/passwd",
+        "C /etc/hosts",
+        "D /etc/motd",
+        "D /usr/share/doc/a",
+        "D /var/lib/old",
+        "A /var/lib/old/fresh",
+        "D /opt/app/conf",
+        "A /opt/app/conf.old",
+        "D /usr/share/doc/b",
+        "A /usr/share/doc/b2",
+        "A /srv/link",
+        "C /opt/app/bin/run",
+        "A /srv/fifo",
+    } <= set(live)
 
     lowerdir = ":".join(map(str, lowers))
     with_index = _diff("--upperdir", upper, "--lowerdir", lowerdir, "--workdir", work)
@@ -107,10 +123,15 @@ def test_a_path_limits_it_and_json_is_dockers(container):
     mnt, *_ = container
     _every_kind_of_change(mnt)
     assert _diff(mnt, "/etc") == ["C /etc", "C /etc/hosts", "D /etc/motd", "C /etc/passwd"]
-    as_json = json.loads(subprocess.run(LAYERFS + ["diff", "--json", str(mnt), "etc"], capture_output=True,
-                                        text=True, check=True).stdout)
-    assert as_json == [{"Path": "/etc", "Kind": 0}, {"Path": "/etc/hosts", "Kind": 0},
-                       {"Path": "/etc/motd", "Kind": 2}, {"Path": "/etc/passwd", "Kind": 0}]
+    as_json = json.loads(
+        subprocess.run(LAYERFS + ["diff", "--json", str(mnt), "etc"], capture_output=True, text=True, check=True).stdout
+    )
+    assert as_json == [
+        {"Path": "/etc", "Kind": 0},
+        {"Path": "/etc/hosts", "Kind": 0},
+        {"Path": "/etc/motd", "Kind": 2},
+        {"Path": "/etc/passwd", "Kind": 0},
+    ]
 
 
 def test_unchanged_copies_show_only_with_all(container):
@@ -127,13 +148,20 @@ def test_unchanged_copies_show_only_with_all(container):
 def test_after_a_killed_daemon_the_index_agrees_with_a_walk(container, mounts):
     mnt, lowers, upper, work = container
     (pid,) = daemon_pids(mnt)
-    writer = subprocess.Popen(["sh", "-c", f"""
+    writer = subprocess.Popen(
+        [
+            "sh",
+            "-c",
+            f"""
         cd {mnt} && i=0
         while true; do
             i=$((i+1)); mkdir -p d$((i % 7))/s$((i % 3)) || exit 0; echo $i > d$((i % 7))/s$((i % 3))/f$i
             echo $i >> etc/passwd; mv d$((i % 7))/s$((i % 3))/f$i d$((i % 5))/g$i 2>/dev/null
             rm -f d$((i % 5))/g$((i - 20)); chmod 0$((600 + i % 77)) etc/hosts 2>/dev/null
-        done"""], stderr=subprocess.DEVNULL)
+        done""",
+        ],
+        stderr=subprocess.DEVNULL,
+    )
     try:
         time.sleep(1.5)
         os.kill(pid, signal.SIGKILL)
@@ -153,11 +181,13 @@ def test_after_a_killed_daemon_the_index_agrees_with_a_walk(container, mounts):
 
 
 def test_errors_are_one_line(tmp_path):
-    for args, message in ((["diff", str(tmp_path)], "not a running layerfs mount"),
-                          (["diff", "--upperdir", str(tmp_path / "nope"), "--lowerdir", str(tmp_path)],
-                           "upperdir"),
-                          (["diff", "--upperdir", str(tmp_path)], "--upperdir needs --lowerdir"),
-                          (["diff"], "diff of what?"), (["export", "-o", str(tmp_path / "x.tar")], "export of what?")):
+    for args, message in (
+        (["diff", str(tmp_path)], "not a running layerfs mount"),
+        (["diff", "--upperdir", str(tmp_path / "nope"), "--lowerdir", str(tmp_path)], "upperdir"),
+        (["diff", "--upperdir", str(tmp_path)], "--upperdir needs --lowerdir"),
+        (["diff"], "diff of what?"),
+        (["export", "-o", str(tmp_path / "x.tar")], "export of what?"),
+    ):
         result = subprocess.run(LAYERFS + args, capture_output=True, text=True, timeout=60)
         assert result.returncode == 2 and result.stderr.count("\n") == 1 and message in result.stderr, result
 
@@ -168,8 +198,9 @@ def test_export_from_the_mount_and_from_its_layers_gives_the_same_layer(containe
 
     def export(*args) -> tuple[str, list[str]]:
         out = tmp_path / f"layer-{len(list(tmp_path.glob('layer-*')))}.tar"
-        result = subprocess.run(LAYERFS + ["export", "-o", str(out), *map(str, args)], capture_output=True,
-                                text=True, timeout=60)
+        result = subprocess.run(
+            LAYERFS + ["export", "-o", str(out), *map(str, args)], capture_output=True, text=True, timeout=60
+        )
         assert result.returncode == 0, result.stderr
         with tarfile.open(out) as tar:
             return result.stdout.split()[1], tar.getnames()
@@ -191,22 +222,28 @@ def test_commit_makes_a_layer_that_gives_the_same_tree_as_a_lower(container, mou
     store = tmp_path / "store"
 
     def commit(*args) -> list[str]:
-        result = subprocess.run(LAYERFS + ["commit", "--root", str(store), *map(str, args)], capture_output=True,
-                                text=True, timeout=60)
+        result = subprocess.run(
+            LAYERFS + ["commit", "--root", str(store), *map(str, args)], capture_output=True, text=True, timeout=60
+        )
         assert result.returncode == 0, result.stderr
         return result.stdout.splitlines()
 
     layer, diff_id = commit(mnt)
     assert commit(mnt) == [layer, f"{diff_id} (in the store already)"]  # content-addressed: stored once
-    exported = subprocess.run(LAYERFS + ["export", "-o", str(tmp_path / "l.tar"), str(mnt)], capture_output=True,
-                              text=True, check=True).stdout.split()[1]
+    exported = subprocess.run(
+        LAYERFS + ["export", "-o", str(tmp_path / "l.tar"), str(mnt)], capture_output=True, text=True, check=True
+    ).stdout.split()[1]
     assert diff_id == f"diff_id {exported}"
     mounts.unmount(mnt)
     # The layer as a lower under the same lowers shows what the container showed.
     container_view = mounts.overlay(tmp_path / "container-view", [upper, *lowers])
     committed_view = mounts.overlay(tmp_path / "committed-view", [Path(layer), *lowers])
-    assert_same(snapshot(container_view), snapshot(committed_view), what="container vs its committed layer",
-                names=("container", "committed"))
+    assert_same(
+        snapshot(container_view),
+        snapshot(committed_view),
+        what="container vs its committed layer",
+        names=("container", "committed"),
+    )
     # By default alike files share data only by reflink (invisible; ext4 has none): separate inodes.
     assert os.stat(Path(layer) / "srv/copy-a").st_ino != os.stat(Path(layer) / "srv/copy-b").st_ino
 
@@ -217,8 +254,13 @@ def test_commit_can_share_alike_files_by_hard_links(container, tmp_path):
         write(mnt / f"srv/{name}", "alike\n")
         os.utime(mnt / f"srv/{name}", ns=(10**18, 10**18))
     write(mnt / "srv/other", "different\n")
-    result = subprocess.run(LAYERFS + ["commit", "--share", "hardlink", "--root", str(tmp_path / "store"), str(mnt)],
-                            capture_output=True, text=True, timeout=60, check=True)
+    result = subprocess.run(
+        LAYERFS + ["commit", "--share", "hardlink", "--root", str(tmp_path / "store"), str(mnt)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     layer = Path(result.stdout.splitlines()[0])
     a, b, other = (os.stat(layer / "srv" / n) for n in ("a", "b", "other"))
     assert a.st_ino == b.st_ino != other.st_ino and a.st_nlink == 3  # both names and the store's entry
@@ -244,11 +286,17 @@ def test_a_committed_layer_is_its_exported_tar_unpacked(layers, tmp_path):
     dirs = ["--upperdir", str(upper), "--lowerdir", str(lower)]
     exported = tmp_path / "layer.tar"
     subprocess.run(LAYERFS + ["export", *dirs, "-o", str(exported)], capture_output=True, check=True)
-    committed = subprocess.run(LAYERFS + ["commit", "--root", str(tmp_path / "a"), *dirs], capture_output=True,
-                               text=True, check=True).stdout.splitlines()
-    subprocess.run(LAYERFS + ["import", "--root", str(tmp_path / "b"), f"rootfs:{exported}", "x"], capture_output=True,
-                   check=True)
+    committed = subprocess.run(
+        LAYERFS + ["commit", "--root", str(tmp_path / "a"), *dirs], capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    subprocess.run(
+        LAYERFS + ["import", "--root", str(tmp_path / "b"), f"rootfs:{exported}", "x"], capture_output=True, check=True
+    )
     unpacked = tmp_path / "b/layers" / committed[1].split(":")[1]
     assert os.getxattr(committed[0], "trusted.overlay.opaque") == os.getxattr(unpacked, "trusted.overlay.opaque")
-    assert_same(snapshot_upper(committed[0]), snapshot_upper(unpacked), what="committed vs exported, unpacked",
-                names=("committed", "unpacked"))
+    assert_same(
+        snapshot_upper(committed[0]),
+        snapshot_upper(unpacked),
+        what="committed vs exported, unpacked",
+        names=("committed", "unpacked"),
+    )

@@ -157,8 +157,11 @@ def test_directory_rename_by_redirect_leaves_the_content_where_it_is(stack):
     assert u.lookup("/src") is None
     assert sorted(u.listdir("/dst")) == ["a", "sub"]
     assert sorted(u.listdir("/dst/sub")) == ["b", "c"]
-    names = sorted(os.path.relpath(os.path.join(d, n), stack["upper"])
-                   for d, dirs, files in os.walk(stack["upper"]) for n in dirs + files)
+    names = sorted(
+        os.path.relpath(os.path.join(d, n), stack["upper"])
+        for d, dirs, files in os.walk(stack["upper"])
+        for n in dirs + files
+    )
     assert names == ["dst", "dst/gone", "src"]  # the whiteout inside stays: it hides the lower "gone"
     assert os.getxattr(stack["upper"] / "dst", "trusted.overlay.redirect") == b"src"
 
@@ -172,8 +175,11 @@ def test_directory_rename_without_redirects_moves_the_merged_tree_and_cleans_mar
     assert u.lookup("/src") is None
     assert sorted(u.listdir("/dst")) == ["a", "sub"]
     assert sorted(u.listdir("/dst/sub")) == ["b", "c"]
-    names = sorted(os.path.relpath(os.path.join(d, n), stack["upper"])
-                   for d, dirs, files in os.walk(stack["upper"]) for n in dirs + files)
+    names = sorted(
+        os.path.relpath(os.path.join(d, n), stack["upper"])
+        for d, dirs, files in os.walk(stack["upper"])
+        for n in dirs + files
+    )
     assert names == ["dst", "dst/a", "dst/sub", "dst/sub/b", "dst/sub/c", "src"]
     assert stat.S_ISCHR(os.lstat(stack["upper"] / "src").st_mode)
 
@@ -230,8 +236,12 @@ def test_create_over_an_oci_whiteout_in_upper_removes_it(stack):
 def test_without_upper_everything_that_writes_is_erofs(stack):
     make(stack["bottom"], {"f": ""})
     u = union(stack, upper=False)
-    for call in (lambda: u.unlink("/f"), lambda: u.mkdir("/d", 0o755, 0, 0),
-                 lambda: u.open("/f", os.O_WRONLY), lambda: u.change("/f", mode=0o600)):
+    for call in (
+        lambda: u.unlink("/f"),
+        lambda: u.mkdir("/d", 0o755, 0, 0),
+        lambda: u.open("/f", os.O_WRONLY),
+        lambda: u.change("/f", mode=0o600),
+    ):
         with pytest.raises(OSError) as e:
             call()
         assert e.value.errno == errno.EROFS

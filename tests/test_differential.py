@@ -86,34 +86,60 @@ D, F = _m(0o755), _m(0o644)
 def scenario_spec() -> TreeSpec:
     """A small hand-written stack with each situation the scenarios need, named for what it is."""
     bottom = {
-        "etc": Dir(D), "etc/passwd": File(b"root:x:0:0\n" * 50, F), "etc/group": File(b"root:x:0:\n", F),
+        "etc": Dir(D),
+        "etc/passwd": File(b"root:x:0:0\n" * 50, F),
+        "etc/group": File(b"root:x:0:\n", F),
         "etc/hosts": File(b"127.0.0.1 localhost\n", F),
-        "bin": Dir(D), "bin/sh": File(b"\x7fELF" + bytes(5000), _m(0o755)),
-        "bin/su": File(b"su", _m(0o4755)), "bin/wall": File(b"wall", _m(0o2755, 0, 5)),
-        "data": Dir(_m(0o775, 1000, 1000)), "data/a.txt": File(b"alpha\n", _m(0o644, 1000, 1000)),
-        "data/b.txt": File(b"bravo\n" * 1000, F), "data/sub": Dir(D), "data/sub/c.txt": File(b"charlie", F),
-        "gone": Dir(D), "gone/x": File(b"x", F), "gonefile": File(b"old", F),
-        "full": Dir(D), "full/f1": File(b"1", F), "empty": Dir(D),
-        "mixed": Dir(D), "mixed/m1": File(b"m1", F),
-        "opaq": Dir(D), "opaq/old": File(b"hidden by opaque", F),
-        "hl1": File(b"shared inode\n", F), "hl2": HardLink("hl1"),
-        "hl4": File(b"another shared inode\n", F), "hl5": HardLink("hl4"),
-        "rel-link": Symlink("etc/passwd", F), "abs-link": Symlink("/data/a.txt", F),
+        "bin": Dir(D),
+        "bin/sh": File(b"\x7fELF" + bytes(5000), _m(0o755)),
+        "bin/su": File(b"su", _m(0o4755)),
+        "bin/wall": File(b"wall", _m(0o2755, 0, 5)),
+        "data": Dir(_m(0o775, 1000, 1000)),
+        "data/a.txt": File(b"alpha\n", _m(0o644, 1000, 1000)),
+        "data/b.txt": File(b"bravo\n" * 1000, F),
+        "data/sub": Dir(D),
+        "data/sub/c.txt": File(b"charlie", F),
+        "gone": Dir(D),
+        "gone/x": File(b"x", F),
+        "gonefile": File(b"old", F),
+        "full": Dir(D),
+        "full/f1": File(b"1", F),
+        "empty": Dir(D),
+        "mixed": Dir(D),
+        "mixed/m1": File(b"m1", F),
+        "opaq": Dir(D),
+        "opaq/old": File(b"hidden by opaque", F),
+        "hl1": File(b"shared inode\n", F),
+        "hl2": HardLink("hl1"),
+        "hl4": File(b"another shared inode\n", F),
+        "hl5": HardLink("hl4"),
+        "rel-link": Symlink("etc/passwd", F),
+        "abs-link": Symlink("/data/a.txt", F),
         "dangling": Symlink("no/such/file", F),
         "fifo": Special(stat.S_IFIFO, 0, _m(0o644)),
         "attrs": File(b"x", _m(0o644, xattrs=(("user.a", b"1"), ("user.b", b"2")))),
         "secret": File(b"s3cret", _m(0o600, 1000, 1000)),
-        "dir-with-deleted": Dir(D), "dir-with-deleted/only": File(b"o", F),
+        "dir-with-deleted": Dir(D),
+        "dir-with-deleted/only": File(b"o", F),
     }
     middle = {
-        "gone": Whiteout(), "gonefile": Whiteout(),
-        "data": Dir(_m(0o775, 1000, 1000)), "data/a.txt": File(b"alpha v2\n", _m(0o644, 1000, 1000)),
-        "opaq": Dir(D, opaque=True), "opaq/new": File(b"new", F),
-        "mixed": Dir(D), "mixed/m2": File(b"m2", F),
-        "dir-with-deleted": Dir(D), "dir-with-deleted/only": Whiteout(),
+        "gone": Whiteout(),
+        "gonefile": Whiteout(),
+        "data": Dir(_m(0o775, 1000, 1000)),
+        "data/a.txt": File(b"alpha v2\n", _m(0o644, 1000, 1000)),
+        "opaq": Dir(D, opaque=True),
+        "opaq/new": File(b"new", F),
+        "mixed": Dir(D),
+        "mixed/m2": File(b"m2", F),
+        "dir-with-deleted": Dir(D),
+        "dir-with-deleted/only": Whiteout(),
     }
-    top = {"data": Dir(_m(0o775, 1000, 1000)), "data/new.txt": File(b"new in top\n", F),
-           "etc": Dir(D), "etc/hostname": File(b"box\n", F)}
+    top = {
+        "data": Dir(_m(0o775, 1000, 1000)),
+        "data/new.txt": File(b"new in top\n", F),
+        "etc": Dir(D),
+        "etc/hostname": File(b"box\n", F),
+    }
     return TreeSpec(0, [top, middle, bottom])
 
 
@@ -123,100 +149,196 @@ def O(name: str, *args) -> Op:  # noqa: E743 - short on purpose: the scenarios r
 
 SCENARIOS: dict[str, list[Op]] = {
     "write_to_lower_file": [
-        O("write", "etc/passwd", 5, b"XYZ"), O("read", "etc/passwd", 0, 1 << 20),
-        O("write", "bin/sh", 10_000, b"past the end"), O("read", "bin/sh", 0, 1 << 20),
+        O("write", "etc/passwd", 5, b"XYZ"),
+        O("read", "etc/passwd", 0, 1 << 20),
+        O("write", "bin/sh", 10_000, b"past the end"),
+        O("read", "bin/sh", 0, 1 << 20),
         O("read_after_write", "data/a.txt", 2, b"--"),
     ],
     "append": [
-        O("append", "etc/hosts", b"10.0.0.1 other\n"), O("append", "hl1", b"through one link\n"),
-        O("read", "hl2", 0, 4096), O("append", "data/new.txt", b"more\n"), O("read", "data/new.txt", 0, 4096),
+        O("append", "etc/hosts", b"10.0.0.1 other\n"),
+        O("append", "hl1", b"through one link\n"),
+        O("read", "hl2", 0, 4096),
+        O("append", "data/new.txt", b"more\n"),
+        O("read", "data/new.txt", 0, 4096),
     ],
     "truncate": [
-        O("truncate", "etc/passwd", 0), O("truncate", "data/b.txt", 100_000), O("ftruncate", "data/a.txt", 3),
-        O("truncate", "bin/su", 1), O("truncate", "empty", 0), O("read", "data/b.txt", 0, 1 << 20),
+        O("truncate", "etc/passwd", 0),
+        O("truncate", "data/b.txt", 100_000),
+        O("ftruncate", "data/a.txt", 3),
+        O("truncate", "bin/su", 1),
+        O("truncate", "empty", 0),
+        O("read", "data/b.txt", 0, 1 << 20),
         O("create", "etc/group", "trunc", 0o644, b""),
     ],
     "excl_create": [
-        O("open_excl", "etc/hosts", 0o644), O("open_excl", "gonefile", 0o600), O("unlink", "data/a.txt"),
-        O("open_excl", "data/a.txt", 0o640), O("open_excl", "data/a.txt", 0o640),
+        O("open_excl", "etc/hosts", 0o644),
+        O("open_excl", "gonefile", 0o600),
+        O("unlink", "data/a.txt"),
+        O("open_excl", "data/a.txt", 0o640),
+        O("open_excl", "data/a.txt", 0o640),
         O("create", "gone", "excl", 0o644, b"file where a dir was deleted"),
-        O("open_excl", "rel-link", 0o644), O("open_excl", "dangling", 0o644),
+        O("open_excl", "rel-link", 0o644),
+        O("open_excl", "dangling", 0o644),
     ],
     "unlink_then_recreate": [
-        O("unlink", "data/a.txt"), O("stat", "data/a.txt"), O("listdir", "data"),
-        O("create", "data/a.txt", "", 0o600, b"recreated"), O("read", "data/a.txt", 0, 100),
-        O("unlink", "data/a.txt"), O("unlink", "data/new.txt"), O("unlink", "data/new.txt"),
-        O("unlink", "hl1"), O("stat", "hl2"), O("unlink", "data"), O("listdir", "data"),
+        O("unlink", "data/a.txt"),
+        O("stat", "data/a.txt"),
+        O("listdir", "data"),
+        O("create", "data/a.txt", "", 0o600, b"recreated"),
+        O("read", "data/a.txt", 0, 100),
+        O("unlink", "data/a.txt"),
+        O("unlink", "data/new.txt"),
+        O("unlink", "data/new.txt"),
+        O("unlink", "hl1"),
+        O("stat", "hl2"),
+        O("unlink", "data"),
+        O("listdir", "data"),
         # An open file unlinked: fstat, write and read through the descriptor; with a name left, and without.
-        O("unlink_open", "etc/hosts", b"after unlink"), O("link", "data/b.txt", "b-link"),
-        O("unlink_open", "data/b.txt", b"seen through b-link"), O("read", "b-link", 0, 100),
-        O("orphan_setattr", "etc/group", 0o600, (T0, T0 + 1)), O("orphan_setattr", "bin/su", 0o4700, (T0, T0)),
+        O("unlink_open", "etc/hosts", b"after unlink"),
+        O("link", "data/b.txt", "b-link"),
+        O("unlink_open", "data/b.txt", b"seen through b-link"),
+        O("read", "b-link", 0, 100),
+        O("orphan_setattr", "etc/group", 0o600, (T0, T0 + 1)),
+        O("orphan_setattr", "bin/su", 0o4700, (T0, T0)),
     ],
     "rmdir": [
-        O("rmdir", "full"), O("rmdir", "empty"), O("rmdir", "gone"), O("rmdir", "etc/passwd"),
-        O("unlink", "mixed/m1"), O("rmdir", "mixed"), O("unlink", "mixed/m2"), O("rmdir", "mixed"),
-        O("rmdir", "dir-with-deleted"), O("rmdir", "opaq"), O("listdir", "."),
+        O("rmdir", "full"),
+        O("rmdir", "empty"),
+        O("rmdir", "gone"),
+        O("rmdir", "etc/passwd"),
+        O("unlink", "mixed/m1"),
+        O("rmdir", "mixed"),
+        O("unlink", "mixed/m2"),
+        O("rmdir", "mixed"),
+        O("rmdir", "dir-with-deleted"),
+        O("rmdir", "opaq"),
+        O("listdir", "."),
     ],
     "mkdir_over_deleted_dir": [
-        O("unlink", "data/sub/c.txt"), O("rmdir", "data/sub"), O("mkdir", "data/sub", 0o700),
-        O("listdir", "data/sub"), O("mkdir", "gone", 0o755), O("listdir", "gone"),
-        O("unlink", "full/f1"), O("rmdir", "full"), O("mkdir", "full", 0o750),
-        O("create", "full/f1", "", 0o644, b"new f1"), O("mkdir", "empty", 0o755), O("mkdir", "etc/hosts", 0o755),
+        O("unlink", "data/sub/c.txt"),
+        O("rmdir", "data/sub"),
+        O("mkdir", "data/sub", 0o700),
+        O("listdir", "data/sub"),
+        O("mkdir", "gone", 0o755),
+        O("listdir", "gone"),
+        O("unlink", "full/f1"),
+        O("rmdir", "full"),
+        O("mkdir", "full", 0o750),
+        O("create", "full/f1", "", 0o644, b"new f1"),
+        O("mkdir", "empty", 0o755),
+        O("mkdir", "etc/hosts", 0o755),
     ],
     "rename_file_over_lower_file": [
-        O("rename", "data/b.txt", "etc/passwd"), O("read", "etc/passwd", 0, 1 << 20),
-        O("rename", "etc/group", "data/a.txt"), O("rename", "data/new.txt", "bin/sh"),
-        O("rename", "hl1", "hl2"), O("rename", "fifo", "etc/hosts"), O("rename", "rel-link", "bin/su"),
-        O("rename", "etc/hostname", "empty"), O("listdir", "etc"), O("listdir", "data"),
+        O("rename", "data/b.txt", "etc/passwd"),
+        O("read", "etc/passwd", 0, 1 << 20),
+        O("rename", "etc/group", "data/a.txt"),
+        O("rename", "data/new.txt", "bin/sh"),
+        O("rename", "hl1", "hl2"),
+        O("rename", "fifo", "etc/hosts"),
+        O("rename", "rel-link", "bin/su"),
+        O("rename", "etc/hostname", "empty"),
+        O("listdir", "etc"),
+        O("listdir", "data"),
     ],
     "rename_over_whited_out_name": [
-        O("unlink", "data/a.txt"), O("rename", "etc/hosts", "data/a.txt"), O("rename", "etc/group", "gonefile"),
-        O("rename", "bin/sh", "gone"), O("rename", "data/a.txt", "data/a.txt"),
-        O("rename", "dir-with-deleted", "x-renamed"), O("listdir", "."),
-        O("create", "fresh", "", 0o644, b"upper only"), O("rename", "fresh", "opaq/old"), O("listdir", "opaq"),
+        O("unlink", "data/a.txt"),
+        O("rename", "etc/hosts", "data/a.txt"),
+        O("rename", "etc/group", "gonefile"),
+        O("rename", "bin/sh", "gone"),
+        O("rename", "data/a.txt", "data/a.txt"),
+        O("rename", "dir-with-deleted", "x-renamed"),
+        O("listdir", "."),
+        O("create", "fresh", "", 0o644, b"upper only"),
+        O("rename", "fresh", "opaq/old"),
+        O("listdir", "opaq"),
     ],
     "hard_link_of_lower_file": [
-        O("link", "etc/passwd", "etc/passwd-link"), O("stat", "etc/passwd"),
-        O("write", "etc/passwd-link", 0, b"ROOT"), O("read", "etc/passwd", 0, 16),
-        O("link", "hl1", "hl3"), O("stat", "hl2"), O("stat", "hl1"), O("link", "etc", "etc-link"),
-        O("link", "rel-link", "link-to-symlink"), O("link", "gonefile", "resurrected"),
+        O("link", "etc/passwd", "etc/passwd-link"),
+        O("stat", "etc/passwd"),
+        O("write", "etc/passwd-link", 0, b"ROOT"),
+        O("read", "etc/passwd", 0, 16),
+        O("link", "hl1", "hl3"),
+        O("stat", "hl2"),
+        O("stat", "hl1"),
+        O("link", "etc", "etc-link"),
+        O("link", "rel-link", "link-to-symlink"),
+        O("link", "gonefile", "resurrected"),
         O("link", "data/a.txt", "etc/hosts"),
         # A change through one name shows through the other at once (one inode on overlayfs).
-        O("stat", "etc/passwd"), O("chmod", "etc/passwd-link", 0o600), O("chown", "etc/passwd-link", 1000, 1000),
-        O("append", "etc/passwd-link", b"more"), O("stat", "etc/passwd"), O("unlink", "etc/passwd-link"),
+        O("stat", "etc/passwd"),
+        O("chmod", "etc/passwd-link", 0o600),
+        O("chown", "etc/passwd-link", 1000, 1000),
+        O("append", "etc/passwd-link", b"more"),
+        O("stat", "etc/passwd"),
+        O("unlink", "etc/passwd-link"),
         O("stat", "etc/passwd"),
         # Opening one name of a lower hard link for writing copies it up and breaks the link at once.
-        O("stat", "hl4"), O("write", "hl4", 0, b""), O("stat", "hl4"), O("stat", "hl5"),
+        O("stat", "hl4"),
+        O("write", "hl4", 0, b""),
+        O("stat", "hl4"),
+        O("stat", "hl5"),
     ],
     "chmod_chown_utime_of_lower_entries": [
-        O("chmod", "bin/su", 0o755), O("chmod", "secret", 0o644), O("chown", "secret", 0, 0),
-        O("chown", "bin/su", 1000, -1), O("chown", "bin/wall", -1, 1000), O("chown", "rel-link", 33, 33),
-        O("utime", "data/a.txt", (T0 + 5, T0 + 7)), O("utime", "etc", (T0, T0 + 9)), O("utime", "abs-link", None),
-        O("chmod", "data", 0o2770), O("chown", "data", 0, 0), O("chmod", "fifo", 0o600), O("utime", "gone", None),
+        O("chmod", "bin/su", 0o755),
+        O("chmod", "secret", 0o644),
+        O("chown", "secret", 0, 0),
+        O("chown", "bin/su", 1000, -1),
+        O("chown", "bin/wall", -1, 1000),
+        O("chown", "rel-link", 33, 33),
+        O("utime", "data/a.txt", (T0 + 5, T0 + 7)),
+        O("utime", "etc", (T0, T0 + 9)),
+        O("utime", "abs-link", None),
+        O("chmod", "data", 0o2770),
+        O("chown", "data", 0, 0),
+        O("chmod", "fifo", 0o600),
+        O("utime", "gone", None),
     ],
     "xattrs": [
-        O("setxattr", "attrs", "user.c", b"3", 0), O("removexattr", "attrs", "user.a"),
-        O("removexattr", "attrs", "user.missing"), O("setxattr", "attrs", "user.b", b"22", os.XATTR_CREATE),
-        O("setxattr", "attrs", "user.zz", b"", os.XATTR_REPLACE), O("listxattr", "attrs"),
-        O("getxattr", "attrs", "user.b"), O("setxattr", "etc", "user.dir", b"d", 0),
-        O("setxattr", "fifo", "user.no", b"x", 0), O("setxattr", "rel-link", "user.no", b"x", 0),
-        O("setxattr", "secret", "trusted.test", b"t", 0), O("removexattr", "secret", "user.none"),
+        O("setxattr", "attrs", "user.c", b"3", 0),
+        O("removexattr", "attrs", "user.a"),
+        O("removexattr", "attrs", "user.missing"),
+        O("setxattr", "attrs", "user.b", b"22", os.XATTR_CREATE),
+        O("setxattr", "attrs", "user.zz", b"", os.XATTR_REPLACE),
+        O("listxattr", "attrs"),
+        O("getxattr", "attrs", "user.b"),
+        O("setxattr", "etc", "user.dir", b"d", 0),
+        O("setxattr", "fifo", "user.no", b"x", 0),
+        O("setxattr", "rel-link", "user.no", b"x", 0),
+        O("setxattr", "secret", "trusted.test", b"t", 0),
+        O("removexattr", "secret", "user.none"),
         O("listxattr", "secret"),
     ],
     "symlink_and_fifo": [
-        O("symlink", "etc/passwd", "new-link"), O("symlink", "x", "rel-link"), O("symlink", "/abs/target", "gone"),
-        O("unlink", "dangling"), O("symlink", "other", "dangling"), O("mknod", "pipe", stat.S_IFIFO, 0, 0o640),
-        O("mknod", "fifo", stat.S_IFIFO, 0, 0o640), O("unlink", "fifo"), O("mknod", "fifo", stat.S_IFIFO, 0, 0o600),
+        O("symlink", "etc/passwd", "new-link"),
+        O("symlink", "x", "rel-link"),
+        O("symlink", "/abs/target", "gone"),
+        O("unlink", "dangling"),
+        O("symlink", "other", "dangling"),
+        O("mknod", "pipe", stat.S_IFIFO, 0, 0o640),
+        O("mknod", "fifo", stat.S_IFIFO, 0, 0o640),
+        O("unlink", "fifo"),
+        O("mknod", "fifo", stat.S_IFIFO, 0, 0o600),
         O("mknod", "null", stat.S_IFCHR, os.makedev(1, 3), 0o666),
-        O("mknod", "fake-whiteout", stat.S_IFCHR, os.makedev(0, 0), 0o600), O("listdir", "."),
+        O("mknod", "fake-whiteout", stat.S_IFCHR, os.makedev(0, 0), 0o600),
+        O("listdir", "."),
     ],
     "directory_renames": [
-        O("mkdir", "newdir", 0o755), O("create", "newdir/f", "", 0o644, b"f"), O("rename", "newdir", "moved"),
+        O("mkdir", "newdir", 0o755),
+        O("create", "newdir/f", "", 0o644, b"f"),
+        O("rename", "newdir", "moved"),
         # A directory holding a whiteout, its mtime set: a rename keeps the mtime (so does mv).
-        O("unlink", "data/b.txt"), O("utime", "data", (T0, T0 + 3)),
-        O("rename", "data", "data2"), O("listdir", "data2"), O("rename", "etc", "empty"),
-        O("rename", "bin", "full"), O("rename", "opaq", "opaq/inside"), O("rename", "mixed", "gone"),
-        O("listdir", "gone"), O("rename", "moved", "data"), O("listdir", "."),
+        O("unlink", "data/b.txt"),
+        O("utime", "data", (T0, T0 + 3)),
+        O("rename", "data", "data2"),
+        O("listdir", "data2"),
+        O("rename", "etc", "empty"),
+        O("rename", "bin", "full"),
+        O("rename", "opaq", "opaq/inside"),
+        O("rename", "mixed", "gone"),
+        O("listdir", "gone"),
+        O("rename", "moved", "data"),
+        O("listdir", "."),
     ],
 }
 
@@ -243,11 +365,17 @@ def _runs() -> list[tuple[int, str, int, str]]:
     ops = int(os.environ.get("LAYERFS_DIFF_OPS", "500"))
     seeds = os.environ.get("LAYERFS_DIFF_SEED")
     if seeds:
-        return [(int(s), form, ops, mode) for s in seeds.split(",") for form in ("overlay", "oci")
-                for mode in _COPY_UP_MODES]
+        return [
+            (int(s), form, ops, mode)
+            for s in seeds.split(",")
+            for form in ("overlay", "oci")
+            for mode in _COPY_UP_MODES
+        ]
     modes = ("redirect",) * 4 + ("no-redirect",) * 2 + ("metacopy",) * 2
-    return [(seed, ("overlay", "oci")[i % 2], ops, mode)
-            for i, (seed, mode) in enumerate(zip((101, 202, 303, 404, 505, 606, 707, 808), modes, strict=True))]
+    return [
+        (seed, ("overlay", "oci")[i % 2], ops, mode)
+        for i, (seed, mode) in enumerate(zip((101, 202, 303, 404, 505, 606, 707, 808), modes, strict=True))
+    ]
 
 
 USER_SHARE = 0.2
@@ -261,11 +389,14 @@ def test_random_operations_match_kernel_overlayfs(seed, form, n_ops, mode, mount
     """Random operations, a share of them as an ordinary user (uid 1000, who owns part of the tree), so
     that permission checks are compared as well."""
     spec = generate(seed)
-    print(f"differential random run: {describe(spec)}; layerfs lowers in {form} form; {n_ops} operations"
-          f" (rerun: LAYERFS_DIFF_SEED={seed} LAYERFS_DIFF_OPS={n_ops})")
+    print(
+        f"differential random run: {describe(spec)}; layerfs lowers in {form} form; {n_ops} operations"
+        f" (rerun: LAYERFS_DIFF_SEED={seed} LAYERFS_DIFF_OPS={n_ops})"
+    )
     redirect_dir, metacopy = _COPY_UP_MODES[mode]
-    twin = Twin.from_spec(mounts, tmp_path, spec, form, mount_base=public_base, redirect_dir=redirect_dir,
-                          metacopy=metacopy)
+    twin = Twin.from_spec(
+        mounts, tmp_path, spec, form, mount_base=public_base, redirect_dir=redirect_dir, metacopy=metacopy
+    )
     ops = RandomOps(seed, spec, user=USER, user_share=USER_SHARE)
     outcomes: dict[str, int] = {}
     for i in range(1, n_ops + 1):
@@ -276,9 +407,11 @@ def test_random_operations_match_kernel_overlayfs(seed, form, n_ops, mode, mount
         if i % CHECK_TREES_EVERY == 0:
             twin.check_trees()
     twin.finish()
-    print(f"done: {twin.renames_by_copy} directory renames done by copy on the kernel side (EXDEV there),"
-          f" {twin.skipped} left out;"
-          f" outcomes: {dict(sorted(outcomes.items()))}")
+    print(
+        f"done: {twin.renames_by_copy} directory renames done by copy on the kernel side (EXDEV there),"
+        f" {twin.skipped} left out;"
+        f" outcomes: {dict(sorted(outcomes.items()))}"
+    )
     # The run must have exercised the interesting paths, or it proves little.
     assert sum(v for k, v in outcomes.items() if k.endswith(" ok")) > n_ops // 3
     assert any(k.startswith("rename ok") for k in outcomes)

@@ -33,35 +33,41 @@ from layerfs.errors import LayerfsError
 # ---- references ----
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("busybox", Reference("docker.io", "library/busybox", "latest", None)),
-    ("busybox:1.36", Reference("docker.io", "library/busybox", "1.36", None)),
-    ("docker.io/busybox", Reference("docker.io", "library/busybox", "latest", None)),
-    ("index.docker.io/library/busybox", Reference("docker.io", "library/busybox", "latest", None)),
-    ("user/app", Reference("docker.io", "user/app", "latest", None)),
-    ("quay.io/team/app:v1", Reference("quay.io", "team/app", "v1", None)),
-    ("127.0.0.1:5000/app:v1", Reference("127.0.0.1:5000", "app", "v1", None)),
-    ("localhost/a/b__c/d-e", Reference("localhost", "a/b__c/d-e", "latest", None)),
-    ("[::1]:5000/app", Reference("[::1]:5000", "app", "latest", None)),
-    ("app@sha256:" + "a" * 64, Reference("docker.io", "library/app", None, "sha256:" + "a" * 64)),
-    ("host:1/app:v2@sha256:" + "b" * 64, Reference("host:1", "app", "v2", "sha256:" + "b" * 64)),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("busybox", Reference("docker.io", "library/busybox", "latest", None)),
+        ("busybox:1.36", Reference("docker.io", "library/busybox", "1.36", None)),
+        ("docker.io/busybox", Reference("docker.io", "library/busybox", "latest", None)),
+        ("index.docker.io/library/busybox", Reference("docker.io", "library/busybox", "latest", None)),
+        ("user/app", Reference("docker.io", "user/app", "latest", None)),
+        ("quay.io/team/app:v1", Reference("quay.io", "team/app", "v1", None)),
+        ("127.0.0.1:5000/app:v1", Reference("127.0.0.1:5000", "app", "v1", None)),
+        ("localhost/a/b__c/d-e", Reference("localhost", "a/b__c/d-e", "latest", None)),
+        ("[::1]:5000/app", Reference("[::1]:5000", "app", "latest", None)),
+        ("app@sha256:" + "a" * 64, Reference("docker.io", "library/app", None, "sha256:" + "a" * 64)),
+        ("host:1/app:v2@sha256:" + "b" * 64, Reference("host:1", "app", "v2", "sha256:" + "b" * 64)),
+    ],
+)
 def test_references_read_as_docker_reads_them(text, expected):
     assert parse_reference(text) == expected
     assert parse_reference(str(expected)) == expected
 
 
-@pytest.mark.parametrize("text, says", [
-    ("bad name", "'bad name' is not a valid repository name"),
-    ("../../etc", "'..' is not a valid registry name"),
-    ("Busybox", "(names are lowercase)"),
-    ("busybox:bad/tag", "'busybox:bad' is not a valid registry name"),
-    ("busybox:-x", "'-x' is not a valid tag"),
-    ("busybox@sha256:../../x", "is not a sha256 digest"),
-    ("busybox@md5:abc", "is not a sha256 digest"),
-    ("", "'' is not a valid repository name"),
-    ("a" * 256, "longer than 255"),
-])
+@pytest.mark.parametrize(
+    "text, says",
+    [
+        ("bad name", "'bad name' is not a valid repository name"),
+        ("../../etc", "'..' is not a valid registry name"),
+        ("Busybox", "(names are lowercase)"),
+        ("busybox:bad/tag", "'busybox:bad' is not a valid registry name"),
+        ("busybox:-x", "'-x' is not a valid tag"),
+        ("busybox@sha256:../../x", "is not a sha256 digest"),
+        ("busybox@md5:abc", "is not a sha256 digest"),
+        ("", "'' is not a valid repository name"),
+        ("a" * 256, "longer than 255"),
+    ],
+)
 def test_bad_references_are_refused_in_one_line(text, says):
     with pytest.raises(LayerfsError, match="^reference ") as caught:
         parse_reference(text)
@@ -91,8 +97,9 @@ def auth_env(tmp_path, monkeypatch) -> Path:
 
 def _auth_file(path: Path, auths: dict[str, str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"auths": {k: {"auth": base64.b64encode(v.encode()).decode()}
-                                          for k, v in auths.items()}}))
+    path.write_text(
+        json.dumps({"auths": {k: {"auth": base64.b64encode(v.encode()).decode()} for k, v in auths.items()}})
+    )
 
 
 def test_credentials_are_found_where_podman_and_docker_keep_them(auth_env, monkeypatch):
@@ -122,15 +129,26 @@ def test_a_stored_login_is_found_and_kept_private(auth_env):
     store_login("quay.io", Credentials("other", "x"))
     assert find_credentials("127.0.0.1:5000", "app") == Credentials("me", "secret")
     assert find_credentials("quay.io") == Credentials("other", "x")
-    assert subprocess.run(["podman", "login", "--get-login", "--authfile", path, "127.0.0.1:5000"],
-                          capture_output=True, text=True).stdout.strip() == "me"
+    assert (
+        subprocess.run(
+            ["podman", "login", "--get-login", "--authfile", path, "127.0.0.1:5000"], capture_output=True, text=True
+        ).stdout.strip()
+        == "me"
+    )
 
 
 def test_challenges_are_parsed():
-    assert parse_challenge('Bearer realm="https://auth.docker.io/token",service="registry.docker.io",'
-                           'scope="repository:library/busybox:pull"') == (
-        "bearer", {"realm": "https://auth.docker.io/token", "service": "registry.docker.io",
-                   "scope": "repository:library/busybox:pull"})
+    assert parse_challenge(
+        'Bearer realm="https://auth.docker.io/token",service="registry.docker.io",'
+        'scope="repository:library/busybox:pull"'
+    ) == (
+        "bearer",
+        {
+            "realm": "https://auth.docker.io/token",
+            "service": "registry.docker.io",
+            "scope": "repository:library/busybox:pull",
+        },
+    )
     assert parse_challenge('Basic realm="a \\"quoted\\" realm"') == ("basic", {"realm": 'a "quoted" realm'})
     assert parse_challenge("Bearer realm=http://x/t, service=s") == ("bearer", {"realm": "http://x/t", "service": "s"})
 
@@ -183,8 +201,13 @@ http: {{addr: "{self.host}", secret: test{", tls: " + tls if tls else ""}}}
 
     def requests(self) -> list[str]:
         """The requests it served, as ``METHOD PATH`` (its access log)."""
-        return [line.split('"')[1] for line in self.log.read_text().splitlines() if '"' in line and " HTTP/" in line
-                and line.split('"')[1].split(" ")[0] in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")]
+        return [
+            line.split('"')[1]
+            for line in self.log.read_text().splitlines()
+            if '"' in line
+            and " HTTP/" in line
+            and line.split('"')[1].split(" ")[0] in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+        ]
 
 
 @pytest.fixture(scope="module")
@@ -225,8 +248,9 @@ def test_a_pulled_image_is_the_registrys_byte_for_byte(registry, image, tmp_path
     assert seen and seen[-1][0] == seen[-1][1]
     for blob in (tmp_path / "oci/blobs/sha256").iterdir():
         assert hashlib.sha256(blob.read_bytes()).hexdigest() == blob.name
-    result = subprocess.run(["umoci", "unpack", "--image", f"{tmp_path / 'oci'}:v2", tmp_path / "bundle"],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        ["umoci", "unpack", "--image", f"{tmp_path / 'oci'}:v2", tmp_path / "bundle"], capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "bundle/rootfs/etc/new").read_text() == "new\n"
     store = tmp_path / "store"  # what a pull is until the store takes it directly: a layout, then import
@@ -242,7 +266,8 @@ def test_layers_the_caller_has_are_not_fetched(registry, image, tmp_path):
     assert again.skipped == base_layers
     assert not set(base_layers) & set(again.fetched) and len(again.fetched) == 2  # its config and its own layer
     assert sorted(p.name for p in (tmp_path / "v2/blobs/sha256").iterdir()) == sorted(
-        d.removeprefix("sha256:") for d in again.fetched + [again.manifest_digest])
+        d.removeprefix("sha256:") for d in again.fetched + [again.manifest_digest]
+    )
 
 
 @pytest.mark.root
@@ -296,15 +321,17 @@ def test_an_index_gives_the_image_for_the_platform(registry, image, tmp_path):
         pull(f"{registry.host}/test/busybox:{tag}", str(tmp_path / tag))
         data = (tmp_path / tag / "blobs/sha256" / image[tag].removeprefix("sha256:")).read_bytes()
         platform = {"os": "linux", "architecture": arch, **({"variant": here.variant} if here.variant else {})}
-        entries.append({"mediaType": OCI_MANIFEST, "digest": image[tag], "size": len(data),
-                        "platform": platform})
+        entries.append({"mediaType": OCI_MANIFEST, "digest": image[tag], "size": len(data), "platform": platform})
     index = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": entries}).encode()
     with RegistryClient(registry.host, actions="pull,push") as client:
-        client.put_manifest("test/busybox", "multi",
-                            Manifest(index, OCI_INDEX, f"sha256:{hashlib.sha256(index).hexdigest()}"))
+        client.put_manifest(
+            "test/busybox", "multi", Manifest(index, OCI_INDEX, f"sha256:{hashlib.sha256(index).hexdigest()}")
+        )
     assert pull(f"{registry.host}/test/busybox:multi", str(tmp_path / "a")).manifest_digest == image["v2"]
-    assert pull(f"{registry.host}/test/busybox:multi", str(tmp_path / "b"),
-                platform=f"linux/{other}").manifest_digest == image["base"]
+    assert (
+        pull(f"{registry.host}/test/busybox:multi", str(tmp_path / "b"), platform=f"linux/{other}").manifest_digest
+        == image["base"]
+    )
     with pytest.raises(LayerfsError, match=r"no image for linux/mips \(it has linux/"):
         pull(f"{registry.host}/test/busybox:multi", str(tmp_path / "c"), platform="linux/mips")
 
@@ -320,14 +347,34 @@ def test_the_registrys_errors_are_one_line(registry, image, tmp_path):
 @pytest.mark.root
 def test_https_is_verified_unless_told_not_to(tmp_path, image, registry):
     key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert,
-                    "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            key,
+            "-out",
+            cert,
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+    )
     secure = Registry(tmp_path / "tls", tls=f"{{certificate: {cert}, key: {key}}}")
     try:
         pull(f"{registry.host}/test/busybox:v2", str(tmp_path / "oci"))
-        with pytest.raises(LayerfsError, match=f"^{secure.host}: TLS failed .*: certificate verify failed: self-signed "
-                                               "certificate$"):
+        with pytest.raises(
+            LayerfsError, match=f"^{secure.host}: TLS failed .*: certificate verify failed: self-signed certificate$"
+        ):
             push(str(tmp_path / "oci"), f"{secure.host}/app:v2")
         assert push(str(tmp_path / "oci"), f"{secure.host}/app:v2", tls_verify=False).manifest_digest == image["v2"]
         assert pull(f"{secure.host}/app:v2", str(tmp_path / "back"), tls_verify=False).manifest_digest == image["v2"]
@@ -364,31 +411,65 @@ class TokenServer:
 
     def __init__(self, base: Path) -> None:
         self.key, self.cert = base / "key.pem", base / "cert.pem"
-        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", self.key, "-out",
-                        self.cert, "-days", "1", "-subj", "/CN=token"], check=True, capture_output=True)
-        der = subprocess.run(["openssl", "x509", "-in", self.cert, "-outform", "DER"], check=True,
-                             capture_output=True).stdout
+        subprocess.run(
+            [
+                "openssl",
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                self.key,
+                "-out",
+                self.cert,
+                "-days",
+                "1",
+                "-subj",
+                "/CN=token",
+            ],
+            check=True,
+            capture_output=True,
+        )
+        der = subprocess.run(
+            ["openssl", "x509", "-in", self.cert, "-outform", "DER"], check=True, capture_output=True
+        ).stdout
         self.asked: list[dict] = []
         outer = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 from urllib.parse import parse_qs, urlparse
+
                 query = parse_qs(urlparse(self.path).query)
                 outer.asked.append(query)
                 if self.headers.get("Authorization") != "Basic " + base64.b64encode(b"me:secret").decode():
                     self.send_response(401)
                     self.end_headers()
                     return
-                access = [{"type": "repository", "name": s.split(":")[1], "actions": s.split(":")[2].split(",")}
-                          for s in query.get("scope", [])]
+                access = [
+                    {"type": "repository", "name": s.split(":")[1], "actions": s.split(":")[2].split(",")}
+                    for s in query.get("scope", [])
+                ]
                 now = int(time.time())
-                claims = {"iss": "test-issuer", "sub": "me", "aud": query["service"][0], "exp": now + 600,
-                          "nbf": now - 10, "iat": now, "jti": str(now), "access": access}
+                claims = {
+                    "iss": "test-issuer",
+                    "sub": "me",
+                    "aud": query["service"][0],
+                    "exp": now + 600,
+                    "nbf": now - 10,
+                    "iat": now,
+                    "jti": str(now),
+                    "access": access,
+                }
                 header = {"typ": "JWT", "alg": "RS256", "x5c": [base64.b64encode(der).decode()]}
                 signed = ".".join(_b64url(json.dumps(part).encode()) for part in (header, claims))
-                signature = subprocess.run(["openssl", "dgst", "-sha256", "-sign", outer.key], input=signed.encode(),
-                                           check=True, capture_output=True).stdout
+                signature = subprocess.run(
+                    ["openssl", "dgst", "-sha256", "-sign", outer.key],
+                    input=signed.encode(),
+                    check=True,
+                    capture_output=True,
+                ).stdout
                 body = json.dumps({"token": f"{signed}.{_b64url(signature)}"}).encode()
                 self.send_response(200)
                 self.send_header("Content-Length", str(len(body)))
@@ -414,8 +495,11 @@ def _b64url(data: bytes) -> str:
 @pytest.mark.root
 def test_bearer_tokens_from_the_registrys_token_server(tmp_path, auth_env, image, registry):
     tokens = TokenServer(tmp_path)
-    guarded = Registry(tmp_path / "guarded", f"auth: {{token: {{realm: '{tokens.realm}', service: test-registry, "
-                                             f"issuer: test-issuer, rootcertbundle: {tokens.cert}}}}}")
+    guarded = Registry(
+        tmp_path / "guarded",
+        f"auth: {{token: {{realm: '{tokens.realm}', service: test-registry, "
+        f"issuer: test-issuer, rootcertbundle: {tokens.cert}}}}}",
+    )
     try:
         pull(f"{registry.host}/test/busybox:v2", str(tmp_path / "oci"))
         target = f"{guarded.host}/private/app:v2"
@@ -426,8 +510,10 @@ def test_bearer_tokens_from_the_registrys_token_server(tmp_path, auth_env, image
         mounted = push(str(tmp_path / "oci"), f"{guarded.host}/private/copy:v2", mount_from="private/app")
         assert mounted.mounted and not mounted.uploaded
         assert pull(target, str(tmp_path / "back")).manifest_digest == image["v2"]
-        assert {"service": ["test-registry"], "scope": ["repository:private/copy:pull,push",
-                                                        "repository:private/app:pull"]} in tokens.asked
+        assert {
+            "service": ["test-registry"],
+            "scope": ["repository:private/copy:pull,push", "repository:private/app:pull"],
+        } in tokens.asked
         assert {"service": ["test-registry"], "scope": ["repository:private/app:pull"]} in tokens.asked
     finally:
         guarded.stop()
@@ -465,11 +551,24 @@ class FakeRegistry:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def manifest(self, config_digest: str | None = None) -> bytes:
-        return json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST,
-                           "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
-                                      "digest": config_digest or _sha256(self.CONFIG), "size": len(self.CONFIG)},
-                           "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
-                                       "digest": _sha256(self.LAYER), "size": len(self.LAYER)}]}).encode()
+        return json.dumps(
+            {
+                "schemaVersion": 2,
+                "mediaType": OCI_MANIFEST,
+                "config": {
+                    "mediaType": "application/vnd.oci.image.config.v1+json",
+                    "digest": config_digest or _sha256(self.CONFIG),
+                    "size": len(self.CONFIG),
+                },
+                "layers": [
+                    {
+                        "mediaType": "application/vnd.oci.image.layer.v1.tar",
+                        "digest": _sha256(self.LAYER),
+                        "size": len(self.LAYER),
+                    }
+                ],
+            }
+        ).encode()
 
     def _answer(self, request: http.server.BaseHTTPRequestHandler) -> None:
         repository, _, rest = request.path.removeprefix("/v2/").partition("/")
@@ -484,7 +583,7 @@ class FakeRegistry:
                 request.send_response(200)
                 request.send_header("Content-Length", str(len(body)))
                 request.end_headers()
-                request.wfile.write(body[:len(body) // 2])
+                request.wfile.write(body[: len(body) // 2])
                 request.wfile.flush()
                 self.release.wait(30)
                 return
@@ -530,16 +629,19 @@ def fake(auth_env) -> Iterator[FakeRegistry]:  # no credentials of the machine's
     server.stop()
 
 
-@pytest.mark.parametrize("repository, says", [
-    ("wrong-blob", r"blob sha256:\w+ does not match its digest"),
-    ("huge", "manifest huge:latest is larger than 4 MiB"),
-    ("huge-unsized", "manifest huge-unsized:latest is larger than 4 MiB"),
-    ("path-digest", r"'sha256:../../../etc/passwd' is not a sha256 digest"),
-    ("lying-digest", "manifest lying-digest:latest does not match its digest"),
-    ("redirect-loop", "more than 8 redirects"),
-    ("stalled", r"no answer within 0.5 s"),
-    ("stalled-blob", r"no answer within 0.5 s"),
-])
+@pytest.mark.parametrize(
+    "repository, says",
+    [
+        ("wrong-blob", r"blob sha256:\w+ does not match its digest"),
+        ("huge", "manifest huge:latest is larger than 4 MiB"),
+        ("huge-unsized", "manifest huge-unsized:latest is larger than 4 MiB"),
+        ("path-digest", r"'sha256:../../../etc/passwd' is not a sha256 digest"),
+        ("lying-digest", "manifest lying-digest:latest does not match its digest"),
+        ("redirect-loop", "more than 8 redirects"),
+        ("stalled", r"no answer within 0.5 s"),
+        ("stalled-blob", r"no answer within 0.5 s"),
+    ],
+)
 def test_hostile_answers_are_refused_and_leave_nothing(fake, tmp_path, repository, says):
     layout = tmp_path / "oci"
     with pytest.raises(LayerfsError, match=f"^{fake.host}[:/].*{says}") as caught:

@@ -70,7 +70,10 @@ def test_example_reports_what_its_command_did(tmp_path, mounts):
     assert (after / example.NEW_FILE.lstrip("/")).read_text() in result.stdout
     # The --rm run left nothing; the container that made the changes is kept, stopped.
     assert layerfs("ps", "--root", str(base / "store")).stdout.split() == [
-        example.CONTAINER, f"docker.io/library/{example.IMAGE}", "stopped"]  # the image's full name
+        example.CONTAINER,
+        f"docker.io/library/{example.IMAGE}",
+        "stopped",
+    ]  # the image's full name
 
 
 def test_example_shows_the_merged_layers_and_cleans_up_its_temporary_directory():
@@ -90,8 +93,7 @@ def test_example_dir_is_reusable_but_a_foreign_dir_is_refused(tmp_path):
 
     foreign = tmp_path / "foreign"
     (foreign / "precious").mkdir(parents=True)
-    result = subprocess.run([LAYERFS, "example", "--dir", str(foreign)], capture_output=True, text=True,
-                            timeout=120)
+    result = subprocess.run([LAYERFS, "example", "--dir", str(foreign)], capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert result.stderr.startswith("layerfs: ") and len(result.stderr.splitlines()) == 1
     assert [p.name for p in foreign.iterdir()] == ["precious"]

@@ -68,8 +68,15 @@ def exchange_by_moves(mnt: Path, a: str, b: str) -> None:
 
 # -- observing -----------------------------------------------------------------------------------
 
-_KINDS = {stat.S_IFREG: "file", stat.S_IFDIR: "dir", stat.S_IFLNK: "symlink", stat.S_IFCHR: "chardev",
-          stat.S_IFBLK: "blockdev", stat.S_IFIFO: "fifo", stat.S_IFSOCK: "socket"}
+_KINDS = {
+    stat.S_IFREG: "file",
+    stat.S_IFDIR: "dir",
+    stat.S_IFLNK: "symlink",
+    stat.S_IFCHR: "chardev",
+    stat.S_IFBLK: "blockdev",
+    stat.S_IFIFO: "fifo",
+    stat.S_IFSOCK: "socket",
+}
 
 
 def kernel_tree(root: Path) -> dict[str, dict[str, Any]]:
@@ -96,8 +103,13 @@ def union_tree(u: Union) -> dict[str, dict[str, Any]]:
         attrs = u.getattr(path)
         st = attrs.st
         kind = _KINDS[stat.S_IFMT(st.st_mode)]
-        d: dict[str, Any] = {"type": kind, "mode": f"{stat.S_IMODE(st.st_mode):04o}", "uid": st.st_uid,
-                             "gid": st.st_gid, "nlink": attrs.nlink}
+        d: dict[str, Any] = {
+            "type": kind,
+            "mode": f"{stat.S_IMODE(st.st_mode):04o}",
+            "uid": st.st_uid,
+            "gid": st.st_gid,
+            "nlink": attrs.nlink,
+        }
         if kind == "file":
             d["size"] = st.st_size
             fd = u.open(path, os.O_RDONLY)
@@ -145,7 +157,7 @@ def subtree(view: dict[str, dict[str, Any]], top: str) -> dict[str, dict[str, An
     out = {}
     for rel, d in view.items():
         if rel == top or rel.startswith(top + "/"):
-            out[rel[len(top):]] = {k: v for k, v in d.items() if k not in ("ino", "nlink")}
+            out[rel[len(top) :]] = {k: v for k, v in d.items() if k not in ("ino", "nlink")}
     return out
 
 
@@ -160,8 +172,9 @@ def _freeze_times(root: Path) -> None:
 class Sides:
     """Kernel overlayfs mounted over one copy of the layers, a Union over another."""
 
-    def __init__(self, mounts, base: Path, build: Callable[[Stack], None], form: str = "overlay",
-                 redirect_dir: bool = False) -> None:
+    def __init__(
+        self, mounts, base: Path, build: Callable[[Stack], None], form: str = "overlay", redirect_dir: bool = False
+    ) -> None:
         self.mounts, self.base = mounts, base
         self.redirect_dir = redirect_dir
         self.k_options = "redirect_dir=on" if redirect_dir else ""
@@ -180,8 +193,9 @@ class Sides:
         only_lowers = mounts.overlay(base / "lowers-mnt", self.kernel.lowers)
         self.lower_dirs = {p for p, kind in visible_kinds(only_lowers).items() if kind == "d"}
         mounts.unmount(only_lowers)
-        self.kmnt = mounts.overlay(base / "k-mnt", self.kernel.lowers, self.kernel.upper, self.kernel.work,
-                                   self.k_options)
+        self.kmnt = mounts.overlay(
+            base / "k-mnt", self.kernel.lowers, self.kernel.upper, self.kernel.work, self.k_options
+        )
         self.union: Union | None = self._open_union()
         self.by_moves = 0  # exchanges the kernel refused (EXDEV) and did by moves
         self.check()
@@ -196,8 +210,12 @@ class Sides:
         return side
 
     def _open_union(self) -> Union:
-        return Union([str(p) for p in self.layerfs.lowers], str(self.layerfs.upper), str(self.layerfs.work),
-                     redirect_dir=self.redirect_dir)
+        return Union(
+            [str(p) for p in self.layerfs.lowers],
+            str(self.layerfs.upper),
+            str(self.layerfs.work),
+            redirect_dir=self.redirect_dir,
+        )
 
     def check(self) -> dict[str, dict[str, Any]]:
         """Both merged trees equal; returns the kernel's."""
@@ -222,13 +240,16 @@ class Sides:
         assert mine == kernel, f"exchange({a}, {b}): kernel {kernel}, layerfs {mine}"
         after = self.check()
         if kernel == "ok" and a != b:
-            assert subtree(after, b) == subtree(before, a) and subtree(after, a) == subtree(before, b), \
+            assert subtree(after, b) == subtree(before, a) and subtree(after, a) == subtree(before, b), (
                 f"exchange({a}, {b}): not swapped"
+            )
             if not by_moves:  # copies made by mv are new files; the kernel's own exchange keeps numbers
                 mine_after = union_tree(self.union)
                 kept = (after[b]["ino"] == before[a]["ino"], after[a]["ino"] == before[b]["ino"])
-                mine_kept = (mine_after[b]["ino"] == mine_before[a]["ino"],
-                             mine_after[a]["ino"] == mine_before[b]["ino"])
+                mine_kept = (
+                    mine_after[b]["ino"] == mine_before[a]["ino"],
+                    mine_after[a]["ino"] == mine_before[b]["ino"],
+                )
                 assert mine_kept == kept, f"exchange({a}, {b}): inode numbers kept: kernel {kept}, layerfs {mine_kept}"
         elif kernel != "ok":
             assert after == before, f"exchange({a}, {b}) failed with {kernel} but changed the tree"
@@ -244,8 +265,9 @@ class Sides:
         something once the kernel did an exchange by moves)."""
         kernel_upper, mine_upper = snapshot_upper(self.kernel.upper), snapshot_upper(self.layerfs.upper)
         if self.by_moves:
-            kernel_upper, mine_upper = without_idle_opaque(kernel_upper, mine_upper, self.lower_dirs,
-                                                           (self.kernel.upper, self.layerfs.upper))
+            kernel_upper, mine_upper = without_idle_opaque(
+                kernel_upper, mine_upper, self.lower_dirs, (self.kernel.upper, self.layerfs.upper)
+            )
         assert_same(kernel_upper, mine_upper, what="upper layers", names=("kernel", "layerfs"))
 
     def finish(self) -> None:
@@ -258,8 +280,9 @@ class Sides:
 
         lowers = [str(p) for p in self.layerfs.lowers]
         with read_index(str(self.layerfs.upper), str(self.layerfs.work / INDEX_DIR), lowers=lowers) as index:
-            assert not index.rebuilt and not index.rescanned, \
+            assert not index.rebuilt and not index.rescanned, (
                 f"the change index was not up to date (rebuilt: {index.rebuilt}, rescanned {index.rescanned})"
+            )
             assert indexed_changes(index, lowers) == changes(str(self.layerfs.upper), lowers)
 
         again = self._open_union()
@@ -269,8 +292,9 @@ class Sides:
             again.close()
         work = self.base / "work-for-kernel"
         work.mkdir()
-        kernel_again = self.mounts.overlay(self.base / "kernel-again", self.kernel.lowers, self.layerfs.upper, work,
-                                           self.k_options)
+        kernel_again = self.mounts.overlay(
+            self.base / "kernel-again", self.kernel.lowers, self.layerfs.upper, work, self.k_options
+        )
         assert comparable(kernel_tree(kernel_again)) == final, "kernel overlayfs reads layerfs's upper otherwise"
         self.mounts.unmount(kernel_again)
 

@@ -61,8 +61,11 @@ def file_data(data: bytes, name: str) -> bytes:
 
 def pax_xattrs(info: tarfile.TarInfo) -> dict[str, bytes]:
     prefix = "SCHILY.xattr."
-    return {k[len(prefix):]: v.encode("utf-8", "surrogateescape")
-            for k, v in info.pax_headers.items() if k.startswith(prefix)}
+    return {
+        k[len(prefix) :]: v.encode("utf-8", "surrogateescape")
+        for k, v in info.pax_headers.items()
+        if k.startswith(prefix)
+    }
 
 
 @pytest.fixture
@@ -125,22 +128,44 @@ def image(layers) -> tuple[Path, Path]:
 
 
 EXPECTED_ENTRIES = [
-    ("data", tarfile.DIRTYPE), ("data/.wh.old-name", tarfile.REGTYPE), ("data/new-name", tarfile.REGTYPE),
-    ("dev", tarfile.DIRTYPE), ("dev/blk", tarfile.BLKTYPE), ("dev/chr", tarfile.CHRTYPE),
+    ("data", tarfile.DIRTYPE),
+    ("data/.wh.old-name", tarfile.REGTYPE),
+    ("data/new-name", tarfile.REGTYPE),
+    ("dev", tarfile.DIRTYPE),
+    ("dev/blk", tarfile.BLKTYPE),
+    ("dev/chr", tarfile.CHRTYPE),
     ("dev/fifo", tarfile.FIFOTYPE),
-    ("etc", tarfile.DIRTYPE), ("etc/.wh.motd", tarfile.REGTYPE), ("etc/hosts", tarfile.REGTYPE),
-    ("etc/new-file", tarfile.REGTYPE), ("etc/passwd", tarfile.REGTYPE),
-    ("lib", tarfile.DIRTYPE), ("lib/dir-to-file", tarfile.REGTYPE),
-    ("links", tarfile.DIRTYPE), ("links/escape", tarfile.SYMTYPE), ("links/first", tarfile.REGTYPE),
-    ("links/second", tarfile.LNKTYPE), ("links/sym", tarfile.SYMTYPE), ("links/up", tarfile.SYMTYPE),
-    ("names", tarfile.DIRTYPE), ("names/" + LATIN1, tarfile.REGTYPE),
-    ("opt", tarfile.DIRTYPE), ("opt/old", tarfile.DIRTYPE), ("opt/old/.wh..wh..opq", tarfile.REGTYPE),
+    ("etc", tarfile.DIRTYPE),
+    ("etc/.wh.motd", tarfile.REGTYPE),
+    ("etc/hosts", tarfile.REGTYPE),
+    ("etc/new-file", tarfile.REGTYPE),
+    ("etc/passwd", tarfile.REGTYPE),
+    ("lib", tarfile.DIRTYPE),
+    ("lib/dir-to-file", tarfile.REGTYPE),
+    ("links", tarfile.DIRTYPE),
+    ("links/escape", tarfile.SYMTYPE),
+    ("links/first", tarfile.REGTYPE),
+    ("links/second", tarfile.LNKTYPE),
+    ("links/sym", tarfile.SYMTYPE),
+    ("links/up", tarfile.SYMTYPE),
+    ("names", tarfile.DIRTYPE),
+    ("names/" + LATIN1, tarfile.REGTYPE),
+    ("opt", tarfile.DIRTYPE),
+    ("opt/old", tarfile.DIRTYPE),
+    ("opt/old/.wh..wh..opq", tarfile.REGTYPE),
     ("opt/old/new", tarfile.REGTYPE),
-    ("srv", tarfile.DIRTYPE), ("srv/thing", tarfile.DIRTYPE), ("srv/thing/inside", tarfile.REGTYPE),
-    ("usr", tarfile.DIRTYPE), ("usr/bin", tarfile.DIRTYPE), ("usr/bin/tool", tarfile.REGTYPE),
-    ("usr/share", tarfile.DIRTYPE), ("usr/share/doc", tarfile.DIRTYPE),
+    ("srv", tarfile.DIRTYPE),
+    ("srv/thing", tarfile.DIRTYPE),
+    ("srv/thing/inside", tarfile.REGTYPE),
+    ("usr", tarfile.DIRTYPE),
+    ("usr/bin", tarfile.DIRTYPE),
+    ("usr/bin/tool", tarfile.REGTYPE),
+    ("usr/share", tarfile.DIRTYPE),
+    ("usr/share/doc", tarfile.DIRTYPE),
     ("usr/share/doc/notes", tarfile.REGTYPE),
-    ("var", tarfile.DIRTYPE), ("var/cache", tarfile.DIRTYPE), ("var/cache/.wh.app", tarfile.REGTYPE),
+    ("var", tarfile.DIRTYPE),
+    ("var/cache", tarfile.DIRTYPE),
+    ("var/cache/.wh.app", tarfile.REGTYPE),
 ]
 
 
@@ -169,7 +194,10 @@ def test_every_kind_of_change_becomes_the_right_entries(image):
     assert file_data(data, "links/first") == b"shared\n"
     assert (m["links/second"].linkname, m["links/second"].size) == ("links/first", 0)
     assert {n: m[n].linkname for n in ("links/sym", "links/escape", "links/up")} == {
-        "links/sym": "../etc/passwd", "links/escape": "/etc/shadow", "links/up": "../../../../../../../../outside"}
+        "links/sym": "../etc/passwd",
+        "links/escape": "/etc/shadow",
+        "links/up": "../../../../../../../../outside",
+    }
     assert (m["dev/chr"].devmajor, m["dev/chr"].devminor, m["dev/chr"].mode) == (1, 3, 0o666)
     assert (m["dev/blk"].devmajor, m["dev/blk"].devminor, m["dev/blk"].mode) == (7, 200, 0o660)
     assert m["dev/fifo"].mode == 0o620
@@ -201,9 +229,14 @@ def test_private_xattrs_and_upper_markers_never_travel(layers):
     write(lower / "gone", "g\n")
     p = write(upper / "f", "f\n")
     capability = struct.pack("<IIIII", 0x02000001, 1 << 10, 0, 0, 0)  # cap_net_bind_service, revision 2
-    for attr, value in (("user.keep", b"1"), ("user.fuseoverlayfs.origin", b"x"), ("user.overlay.origin", b"y"),
-                        ("trusted.overlay.origin", b"z"), ("security.label", b"host's"),
-                        ("security.capability", capability)):
+    for attr, value in (
+        ("user.keep", b"1"),
+        ("user.fuseoverlayfs.origin", b"x"),
+        ("user.overlay.origin", b"y"),
+        ("trusted.overlay.origin", b"z"),
+        ("security.label", b"host's"),
+        ("security.capability", capability),
+    ):
         os.setxattr(p, attr, value)
     (upper / "d").mkdir()
     mark_opaque(str(upper / "d"))
@@ -222,8 +255,7 @@ def test_oci_form_markers_in_the_upper_give_the_same_layer(image, tmp_path):
 
     def essence(data: bytes) -> list[tuple]:
         # Rewriting markers changes the mtimes of the directories holding them, nothing else.
-        return [(m.name, m.type, m.mode, m.uid, m.gid, m.size, m.linkname, pax_xattrs(m))
-                for m in members(data)]
+        return [(m.name, m.type, m.mode, m.uid, m.gid, m.size, m.linkname, pax_xattrs(m)) for m in members(data)]
 
     assert essence(export(oci, [lower])[0]) == essence(export(upper, [lower])[0])
 
@@ -349,6 +381,7 @@ class Layout:
         entry.update(self._put(json.dumps(manifest).encode(), entry["mediaType"]))
         (self.root / "index.json").write_text(json.dumps(index))
 
+
 def assert_umoci_gives(merged: Path, work: Path, lowers: list[Path], upper: Path, found: list) -> None:
     """The OCI layer of ``found`` (the changes of ``upper``), applied by umoci over an image of ``lowers``
     (top first, each tarred as it is), unpacks to the tree ``merged`` shows; ``work`` holds the image."""
@@ -358,8 +391,22 @@ def assert_umoci_gives(merged: Path, work: Path, lowers: list[Path], upper: Path
     umoci("new", "--image", ref)
     for i, lower in enumerate(reversed(lowers)):
         tar = work / f"lower{i}.tar"
-        subprocess.run(["tar", "-C", str(lower), "-c", "-f", str(tar), "--xattrs", "--xattrs-include=*",
-                        "--numeric-owner", "--format=posix", "."], check=True)
+        subprocess.run(
+            [
+                "tar",
+                "-C",
+                str(lower),
+                "-c",
+                "-f",
+                str(tar),
+                "--xattrs",
+                "--xattrs-include=*",
+                "--numeric-owner",
+                "--format=posix",
+                ".",
+            ],
+            check=True,
+        )
         umoci("raw", "add-layer", "--image", ref, str(tar))
     layer = work / "layer.tar"
     with open(layer, "wb") as out:
@@ -372,13 +419,26 @@ def assert_umoci_gives(merged: Path, work: Path, lowers: list[Path], upper: Path
     assert_same(expected, unpacked, what="the merged tree and umoci's rootfs", names=("overlay", "umoci"))
 
 
-
 @pytest.mark.parametrize("route", ["raw add-layer", "gzip blob as written"])
 def test_umoci_applies_the_layer_to_the_merged_tree(route, image, mounts, tmp_path):
     upper, lower = image
     lower_tar = tmp_path / "lower.tar"
-    subprocess.run(["tar", "-C", str(lower), "-c", "-f", str(lower_tar), "--xattrs", "--xattrs-include=*",
-                    "--numeric-owner", "--format=posix", "."], check=True)
+    subprocess.run(
+        [
+            "tar",
+            "-C",
+            str(lower),
+            "-c",
+            "-f",
+            str(lower_tar),
+            "--xattrs",
+            "--xattrs-include=*",
+            "--numeric-owner",
+            "--format=posix",
+            ".",
+        ],
+        check=True,
+    )
     layout = Layout(tmp_path / "oci", "t")
     image_ref = f"{layout.root}:{layout.tag}"
     umoci("init", "--layout", str(layout.root))
@@ -411,5 +471,6 @@ def test_umoci_applies_the_layer_to_the_merged_tree(route, image, mounts, tmp_pa
     assert "names/" + LATIN1 in got.entries
     assert "opt/old/a" not in got.entries and "var/cache/app" not in got.entries
     assert got.link_groups() == {frozenset({"links/first", "links/second"})}
-    assert_same(expected, got, what="kernel overlayfs's merged view and umoci's unpacked rootfs",
-                names=("overlay", "umoci"))
+    assert_same(
+        expected, got, what="kernel overlayfs's merged view and umoci's unpacked rootfs", names=("overlay", "umoci")
+    )

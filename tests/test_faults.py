@@ -74,7 +74,7 @@ def _content(seed: str, size: int) -> bytes:
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
-        view = view[os.write(fd, view):]
+        view = view[os.write(fd, view) :]
 
 
 def _layer_digest(root: Path) -> dict[str, tuple]:
@@ -91,8 +91,9 @@ def _layer_digest(root: Path) -> dict[str, tuple]:
 
 def _entry_digest(path: str, digests: dict[int, str]) -> tuple:
     st = os.lstat(path)
-    xattrs = tuple((n, os.getxattr(path, n, follow_symlinks=False))
-                   for n in sorted(os.listxattr(path, follow_symlinks=False)))
+    xattrs = tuple(
+        (n, os.getxattr(path, n, follow_symlinks=False)) for n in sorted(os.listxattr(path, follow_symlinks=False))
+    )
     data = None
     if stat.S_ISREG(st.st_mode):
         if st.st_ino not in digests:
@@ -108,8 +109,10 @@ def _assert_index_agrees(upper: Path, work: Path, lowers: list[Path], walk_state
     """The change index in ``work`` (read back as the next mount reads it, but read-only: the next mount
     does it again for real) holds what a full walk of the upper finds, lower facts included."""
     lower_paths = [str(p) for p in lowers]
-    with read_index(str(upper), str(work / INDEX_DIR), lowers=lower_paths) as left, \
-            read_index(str(upper), str(walk_state), lowers=lower_paths) as walked:
+    with (
+        read_index(str(upper), str(work / INDEX_DIR), lowers=lower_paths) as left,
+        read_index(str(upper), str(walk_state), lowers=lower_paths) as walked,
+    ):
         assert walked.rebuilt  # nothing is ever saved in walk_state: always a full walk
         assert _fields(left) == _fields(walked)
 
@@ -172,8 +175,13 @@ def _small_op(model: Model, rng: random.Random, tag: str) -> dict:
         return {"op": "put", "path": f"{where}/n{tag}", "seed": tag, "size": size}
     if r < 0.45:
         target = rng.choice(files)
-        return {"op": "replace", "path": target, "tmp": f"{os.path.dirname(target)}/.tmp{tag}", "seed": tag,
-                "size": size}
+        return {
+            "op": "replace",
+            "path": target,
+            "tmp": f"{os.path.dirname(target)}/.tmp{tag}",
+            "seed": tag,
+            "size": size,
+        }
     if r < 0.6:
         return {"op": "rename", "path": rng.choice(files), "to": f"{where}/m{tag}"}
     if r < 0.8:
@@ -233,8 +241,9 @@ def _do(mnt: str, op: dict) -> None:
             os.close(fd)
 
 
-def _work(mnt: str, model: Model, choose: Callable[[Model, random.Random, str], dict], seed: str,
-          log_path: Path) -> None:
+def _work(
+    mnt: str, model: Model, choose: Callable[[Model, random.Random, str], dict], seed: str, log_path: Path
+) -> None:
     """A worker: one operation after another until the mount dies. The log gets ``begin`` before an
     operation, ``done`` once it returned and ``error`` at the end. Only the daemon is killed, never the
     worker, so what it logged is in the kernel: the log needs no fsync."""
@@ -372,7 +381,7 @@ class KillScene:
                 self.model.small[op["tmp"]] = tmp
         elif kind == "append":
             old, data = self.model.small[path], op["data"].encode()
-            assert seen is not None and seen.startswith(old) and data.startswith(seen[len(old):]), what
+            assert seen is not None and seen.startswith(old) and data.startswith(seen[len(old) :]), what
             self.model.small[path] = seen
         elif kind == "header":
             base, header = self.model.big[path]
@@ -394,8 +403,9 @@ class KillScene:
             for directory, _, files in os.walk(self.mnt / top):
                 visible.update("/" + os.path.relpath(os.path.join(directory, f), mnt) for f in files)
         expected = self.model.small.keys() | self.model.big.keys()
-        assert visible == expected, f"only in the mount: {sorted(visible - expected)}; " \
-                                    f"missing: {sorted(expected - visible)}"
+        assert visible == expected, (
+            f"only in the mount: {sorted(visible - expected)}; missing: {sorted(expected - visible)}"
+        )
         for path, content in self.model.small.items():
             seen = _read(mnt + path)
             assert seen == content, f"{path}: {len(seen)} bytes {seen[:40]!r}, not {len(content)} {content[:40]!r}"
@@ -442,8 +452,10 @@ def test_a_killed_daemon_loses_nothing_finished_and_leaves_nothing_half_done(mou
         if n == KILLS:
             break
         logs = [tmp_path / f"log-{n}-{name}" for name in ("small", "big")]
-        pids = [_fork(_work, str(scene.mnt), scene.model, choose, f"{seed}-{n}-{i}", log)
-                for i, (choose, log) in enumerate(zip((_small_op, _big_op), logs, strict=True))]
+        pids = [
+            _fork(_work, str(scene.mnt), scene.model, choose, f"{seed}-{n}-{i}", log)
+            for i, (choose, log) in enumerate(zip((_small_op, _big_op), logs, strict=True))
+        ]
         children.extend(pids)
         time.sleep(rng.uniform(0.1, 0.9))
         (daemon,) = daemon_pids(scene.mnt)
@@ -530,8 +542,13 @@ def _write_new(path: Path, data: bytes) -> str:
     return failed or "ok"
 
 
-def _both(mounts: Mounts, small_fs: Callable[[str], Path], lower: Path, tmp_path: Path,
-          scenario: Callable[[Callable[[], Path], Path], dict]) -> dict[str, dict]:
+def _both(
+    mounts: Mounts,
+    small_fs: Callable[[str], Path],
+    lower: Path,
+    tmp_path: Path,
+    scenario: Callable[[Callable[[], Path], Path], dict],
+) -> dict[str, dict]:
     """Run ``scenario(mount, fs)`` on kernel overlayfs, then on layerfs, each with its upper and work on
     a small filesystem ``fs``; ``mount()`` mounts (again) and returns the mount point."""
     results = {}
@@ -552,10 +569,12 @@ def test_what_does_not_fit_fails_with_enospc_and_leaves_no_half_copy(small_fs, m
 
     def scenario(mount: Callable[[], Path], fs: Path) -> dict:
         mnt, leftovers = mount(), fs / "work" / "work"
-        seen = {"write a": _write_new(mnt / "a", _content("a", 2 * MiB)),
-                "write b": _write_new(mnt / "b", _content("b", 3 * MiB)),
-                # 5 MiB to copy into the 3 MiB left: it fails half way.
-                "copy up big": errname(append, mnt / "big", b"tail\n")}
+        seen = {
+            "write a": _write_new(mnt / "a", _content("a", 2 * MiB)),
+            "write b": _write_new(mnt / "b", _content("b", 3 * MiB)),
+            # 5 MiB to copy into the 3 MiB left: it fails half way.
+            "copy up big": errname(append, mnt / "big", b"tail\n"),
+        }
         assert (mnt / "big").read_bytes() == big and os.listdir(leftovers) == []
         seen["write c"] = _write_new(mnt / "c", _content("c", 4 * MiB))
         c = (mnt / "c").read_bytes()
@@ -573,8 +592,16 @@ def test_what_does_not_fit_fails_with_enospc_and_leaves_no_half_copy(small_fs, m
 
     results = _both(mounts, small_fs, lower, tmp_path, scenario)
     assert results["overlay"]["seen"] == {
-        "write a": "ok", "write b": "ok", "copy up big": "ENOSPC", "write c": "write: ENOSPC", "chmod small": "ENOSPC",
-        "rm c": "ok", "rm b": "ok", "copy up big, with room": "ok", "chmod small, with room": "ok"}
+        "write a": "ok",
+        "write b": "ok",
+        "copy up big": "ENOSPC",
+        "write c": "write: ENOSPC",
+        "chmod small": "ENOSPC",
+        "rm c": "ok",
+        "rm b": "ok",
+        "copy up big, with room": "ok",
+        "chmod small, with room": "ok",
+    }
     assert results["layerfs"] == results["overlay"]
     assert _layer_digest(lower) == lower_before
 
@@ -602,9 +629,16 @@ def test_a_full_upper_still_takes_changes_that_need_no_space(small_fs, mounts, t
         return {"seen": {k: dict(v) for k, v in seen.items()}, "tree": tree(mnt)}
 
     results = _both(mounts, small_fs, lower, tmp_path, scenario)
-    assert results["overlay"]["seen"] == {"write old": {"ok": 1}, "fill": {"write: ENOSPC": 1},
-                                          "create empty file": {"ok": 40}, "rename": {"ok": 40}, "mkdir": {"ok": 40},
-                                          "rm lower file": {"ok": 40}, "rm old": {"ok": 1}, "rm filler": {"ok": 1}}
+    assert results["overlay"]["seen"] == {
+        "write old": {"ok": 1},
+        "fill": {"write: ENOSPC": 1},
+        "create empty file": {"ok": 40},
+        "rename": {"ok": 40},
+        "mkdir": {"ok": 40},
+        "rm lower file": {"ok": 40},
+        "rm old": {"ok": 1},
+        "rm filler": {"ok": 1},
+    }
     assert results["layerfs"]["seen"] == results["overlay"]["seen"]
     assert results["layerfs"]["tree"] == results["overlay"]["tree"]
     assert _layer_digest(lower) == lower_before

@@ -45,8 +45,13 @@ class Mount:
         self.path = path
         self.log = log
         with open(log, "wb") as stderr:
-            self.proc = subprocess.Popen(PASSTHROUGHFS + [str(source), str(path), *args], cwd=ROOT,
-                                         stdout=subprocess.PIPE, stderr=stderr, text=True)
+            self.proc = subprocess.Popen(
+                PASSTHROUGHFS + [str(source), str(path), *args],
+                cwd=ROOT,
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                text=True,
+            )
         self.granted: set[str] = set()
         self.stats: collections.Counter | None = None
 
@@ -226,7 +231,7 @@ def test_large_file_io(ptfs, passthrough):
     with open(m.path / "in", "r+b") as f, mmap.mmap(f.fileno(), 0) as mapped:
         assert sha(mapped) == sha(original)
         for offset in (0, 3 * 4096 + 5, size // 2 - 3, size - 7):
-            mapped[offset:offset + 7] = expected[offset:offset + 7] = b"mmapped"
+            mapped[offset : offset + 7] = expected[offset : offset + 7] = b"mmapped"
         mapped.flush()
         assert sha((ptfs.source / "in").read_bytes()) == sha(expected)
     assert sha((m.path / "in").read_bytes()) == sha(expected)
@@ -309,7 +314,7 @@ def test_concurrent_opens_see_one_content(ptfs, passthrough):
             for i, mode in enumerate(modes):
                 if mode == os.O_RDWR:
                     text = b"turn %d thread %d" % (turn, i)
-                    content[i * 4096:i * 4096 + len(text)] = text
+                    content[i * 4096 : i * 4096 + len(text)] = text
             assert all(s == content for s in seen)
     m.stop()
     assert (ptfs.source / "f").read_bytes() == content
@@ -466,8 +471,11 @@ def test_statfs_is_the_sources(ptfs):
 # -- worker threads --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("args", [["--threads", "1"], ["--threads", "4"], ["--threads", "4", "--nopassthrough"]],
-                         ids=["1-thread", "4-threads", "4-threads-nopassthrough"])
+@pytest.mark.parametrize(
+    "args",
+    [["--threads", "1"], ["--threads", "4"], ["--threads", "4", "--nopassthrough"]],
+    ids=["1-thread", "4-threads", "4-threads-nopassthrough"],
+)
 def test_concurrent_load(ptfs, args):
     m = ptfs.start(*args)
 

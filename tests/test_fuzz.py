@@ -66,15 +66,25 @@ OUTCOMES: collections.defaultdict[str, collections.Counter] = collections.defaul
 # layers 0.185, OCI layouts 0.114, docker archives 0.368, mount options 0.66; the same on every machine: the
 # examples are derandomized and the sandbox's paths, inside the tars, have a fixed length): a change that
 # makes a target refuse most inputs fails here.
-MIN_ACCEPTED = {"layer entries": 0.2, "damaged layer bytes": 0.035, "compressed layers": 0.09, "OCI layouts": 0.05,
-                "docker archives": 0.18, "mount options": 0.33}
+MIN_ACCEPTED = {
+    "layer entries": 0.2,
+    "damaged layer bytes": 0.035,
+    "compressed layers": 0.09,
+    "OCI layouts": 0.05,
+    "docker archives": 0.18,
+    "mount options": 0.33,
+}
 
 
 def fuzz(max_examples: int) -> settings:
     # too_slow / data_too_large: the examples do real file system work and some tars are big on purpose.
-    return settings(max_examples=max_examples * _SCALE, deadline=None, derandomize=True, database=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                           HealthCheck.large_base_example])
+    return settings(
+        max_examples=max_examples * _SCALE,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example],
+    )
 
 
 def rarely(draw: st.DrawFn, odds: int) -> bool:
@@ -118,13 +128,34 @@ def base() -> Iterator[Path]:
 
 OUT = "@OUT@"  # in a generated link target: the sandbox's sentinel directory, outside the destination
 
-_TYPES = {"file": tarfile.REGTYPE, "dir": tarfile.DIRTYPE, "symlink": tarfile.SYMTYPE, "hardlink": tarfile.LNKTYPE,
-          "chr": tarfile.CHRTYPE, "blk": tarfile.BLKTYPE, "fifo": tarfile.FIFOTYPE}
+_TYPES = {
+    "file": tarfile.REGTYPE,
+    "dir": tarfile.DIRTYPE,
+    "symlink": tarfile.SYMTYPE,
+    "hardlink": tarfile.LNKTYPE,
+    "chr": tarfile.CHRTYPE,
+    "blk": tarfile.BLKTYPE,
+    "fifo": tarfile.FIFOTYPE,
+}
 # PAX records that change what tarfile makes of the entry (its name, size, owner, layout), so that the
 # model of the unpacked tree no longer holds: a layer with one is checked for safety only.
-_RAW_PAX = ("path", "linkpath", "size", "uid", "gid", "hdrcharset", "GNU.sparse.major", "GNU.sparse.minor",
-            "GNU.sparse.name", "GNU.sparse.realsize", "GNU.sparse.size", "GNU.sparse.map",
-            "GNU.sparse.numblocks", "GNU.sparse.offset", "GNU.sparse.numbytes")
+_RAW_PAX = (
+    "path",
+    "linkpath",
+    "size",
+    "uid",
+    "gid",
+    "hdrcharset",
+    "GNU.sparse.major",
+    "GNU.sparse.minor",
+    "GNU.sparse.name",
+    "GNU.sparse.realsize",
+    "GNU.sparse.size",
+    "GNU.sparse.map",
+    "GNU.sparse.numblocks",
+    "GNU.sparse.offset",
+    "GNU.sparse.numbytes",
+)
 
 
 class Entry(NamedTuple):
@@ -142,30 +173,84 @@ class Entry(NamedTuple):
 # Few names, so that entries collide: a symlink ``etc`` then a file ``etc/secret``, a whiteout of a
 # directory the layer has, a hard link to a name replaced since...
 _USUAL = st.sampled_from(["a", "b", "etc", "secret"])
-_CALM_NAMES = st.builds(lambda parents, last: "/".join([*parents, last]), st.lists(_USUAL, max_size=2),
-                        mostly(_USUAL, st.sampled_from([".wh.a", ".wh.secret", ".wh..wh..opq"]), odds=8))
-_COMPONENTS = mostly(_USUAL, st.sampled_from([
-    ".", "..", "", ".wh.a", ".wh.secret", ".wh..wh..opq", ".wh.", ".wh...", ".wh..wh.plnk", ".wh..opq", "é",
-    os.fsdecode(b"caf\xe9"), "new\nline", "n" * 255, "n" * 256,
-]), odds=4)
+_CALM_NAMES = st.builds(
+    lambda parents, last: "/".join([*parents, last]),
+    st.lists(_USUAL, max_size=2),
+    mostly(_USUAL, st.sampled_from([".wh.a", ".wh.secret", ".wh..wh..opq"]), odds=8),
+)
+_COMPONENTS = mostly(
+    _USUAL,
+    st.sampled_from(
+        [
+            ".",
+            "..",
+            "",
+            ".wh.a",
+            ".wh.secret",
+            ".wh..wh..opq",
+            ".wh.",
+            ".wh...",
+            ".wh..wh.plnk",
+            ".wh..opq",
+            "é",
+            os.fsdecode(b"caf\xe9"),
+            "new\nline",
+            "n" * 255,
+            "n" * 256,
+        ]
+    ),
+    odds=4,
+)
 _PREFIXES = mostly(st.just(""), st.sampled_from(["/", "./", "../", "//"]))
 _NAMES = mostly(
     st.builds(lambda prefix, parts: prefix + "/".join(parts), _PREFIXES, st.lists(_COMPONENTS, min_size=1, max_size=3)),
-    st.sampled_from(["d/" * 2050 + "f", "z" * 5000, "./", "/", ""]), odds=20,
+    st.sampled_from(["d/" * 2050 + "f", "z" * 5000, "./", "/", ""]),
+    odds=20,
 )
-_LINKS = mostly(_NAMES, st.sampled_from([OUT, OUT + "/secret", OUT + "/sub", "../outside", "../outside/secret",
-                                         "..", "../..", "/", "/etc/passwd", "a/../../outside/secret"]), odds=3)
-_XATTRS = st.sampled_from([
-    "user.k", "trusted.k", "trusted.overlay.opaque", "trusted.overlay.redirect", "trusted.overlay.metacopy",
-    "user.overlay.opaque", "user.fuseoverlayfs.x", "security.capability", "bogus", "",
-])
-_PAX_VALUES = st.one_of(st.text(max_size=8), st.sampled_from(["1.5", "-1.000000001", "1e3", "1.", "0", "-0",
-                                                              "99999999999999999999", "4294967296", "0,0,1,1"]))
-_PAX = st.lists(st.one_of(
-    st.tuples(_XATTRS.map(lambda attr: "SCHILY.xattr." + attr), st.text(max_size=8)),
-    st.tuples(st.sampled_from(("mtime", "atime", "comment")), _PAX_VALUES),
-    st.tuples(st.sampled_from(_RAW_PAX), _PAX_VALUES),
-), max_size=3).map(tuple)
+_LINKS = mostly(
+    _NAMES,
+    st.sampled_from(
+        [
+            OUT,
+            OUT + "/secret",
+            OUT + "/sub",
+            "../outside",
+            "../outside/secret",
+            "..",
+            "../..",
+            "/",
+            "/etc/passwd",
+            "a/../../outside/secret",
+        ]
+    ),
+    odds=3,
+)
+_XATTRS = st.sampled_from(
+    [
+        "user.k",
+        "trusted.k",
+        "trusted.overlay.opaque",
+        "trusted.overlay.redirect",
+        "trusted.overlay.metacopy",
+        "user.overlay.opaque",
+        "user.fuseoverlayfs.x",
+        "security.capability",
+        "bogus",
+        "",
+    ]
+)
+_PAX_VALUES = st.one_of(
+    st.text(max_size=8),
+    st.sampled_from(["1.5", "-1.000000001", "1e3", "1.", "0", "-0", "99999999999999999999", "4294967296", "0,0,1,1"]),
+)
+_PAX = st.lists(
+    st.one_of(
+        st.tuples(_XATTRS.map(lambda attr: "SCHILY.xattr." + attr), st.text(max_size=8)),
+        st.tuples(st.sampled_from(("mtime", "atime", "comment")), _PAX_VALUES),
+        st.tuples(st.sampled_from(_RAW_PAX), _PAX_VALUES),
+    ),
+    max_size=3,
+).map(tuple)
 _IDS = st.sampled_from([0, 1000, 65534, 2**21 + 1, 2**32 - 1, 2**32 + 7])
 
 
@@ -173,8 +258,9 @@ _IDS = st.sampled_from([0, 1000, 65534, 2**21 + 1, 2**32 - 1, 2**32 + 7])
 def entries(draw: st.DrawFn, earlier: list[str], calm: bool) -> Entry:
     """An entry; a hard link mostly to a name of the ``earlier`` entries, as a valid one would be. A
     ``calm`` one has a plain name, owner and no PAX records (its links may still aim anywhere)."""
-    kind = draw(mostly(st.sampled_from(["file", "dir", "symlink", "hardlink"]),
-                       st.sampled_from(["chr", "blk", "fifo"])))
+    kind = draw(
+        mostly(st.sampled_from(["file", "dir", "symlink", "hardlink"]), st.sampled_from(["chr", "blk", "fifo"]))
+    )
     link = ""
     if kind == "symlink" or kind == "hardlink" and not earlier:
         link = draw(_LINKS)
@@ -182,9 +268,17 @@ def entries(draw: st.DrawFn, earlier: list[str], calm: bool) -> Entry:
         link = draw(mostly(st.sampled_from(earlier), _LINKS, odds=3))
     dev = draw(st.sampled_from([(0, 0), (1, 3), (8, 0), (4095, 255)])) if kind in ("chr", "blk") else (0, 0)
     ids = st.sampled_from([0, 1000]) if calm else _IDS
-    return Entry(kind, draw(_CALM_NAMES if calm else _NAMES), link,
-                 draw(st.binary(max_size=40)) if kind == "file" else b"", draw(st.integers(0, 0o7777)),
-                 (draw(ids), draw(ids)), draw(st.integers(-2**33, 2**34)), dev, () if calm else draw(_PAX))
+    return Entry(
+        kind,
+        draw(_CALM_NAMES if calm else _NAMES),
+        link,
+        draw(st.binary(max_size=40)) if kind == "file" else b"",
+        draw(st.integers(0, 0o7777)),
+        (draw(ids), draw(ids)),
+        draw(st.integers(-(2**33), 2**34)),
+        dev,
+        () if calm else draw(_PAX),
+    )
 
 
 @st.composite
@@ -220,9 +314,9 @@ def header_blocks(tar: bytes) -> list[int]:
     """Offsets of the 512-byte header blocks of a tar ``build_tar`` wrote (PAX and GNU records' own too),
     found by the size fields: tarfile may not read it back (a PAX record it cannot take)."""
     offsets, at = [], 0
-    while tar[at:at + tarfile.BLOCKSIZE].strip(b"\0"):
+    while tar[at : at + tarfile.BLOCKSIZE].strip(b"\0"):
         offsets.append(at)
-        size = tarfile.nti(tar[at + 124:at + 136])
+        size = tarfile.nti(tar[at + 124 : at + 136])
         at += tarfile.BLOCKSIZE * (1 + -(-size // tarfile.BLOCKSIZE))
     return offsets
 
@@ -231,13 +325,24 @@ def header_blocks(tar: bytes) -> list[int]:
 def mutations(draw: st.DrawFn) -> list[tuple]:
     """Byte-level damage, applied by ``mutate``: mostly inside header blocks, whose checksum is then made
     right again now and then, so that tarfile takes the damaged fields for real ones."""
-    return draw(st.lists(st.one_of(
-        st.tuples(st.just("header"), st.integers(0, 50), st.integers(0, 511), st.binary(min_size=1, max_size=12),
-                  st.booleans()),
-        st.tuples(st.just("flip"), st.integers(0, 2**20), st.integers(0, 7)),
-        st.tuples(st.just("truncate"), st.integers(0, 2**20)),
-        st.tuples(st.just("append"), st.binary(max_size=1100)),
-    ), min_size=1, max_size=4))
+    return draw(
+        st.lists(
+            st.one_of(
+                st.tuples(
+                    st.just("header"),
+                    st.integers(0, 50),
+                    st.integers(0, 511),
+                    st.binary(min_size=1, max_size=12),
+                    st.booleans(),
+                ),
+                st.tuples(st.just("flip"), st.integers(0, 2**20), st.integers(0, 7)),
+                st.tuples(st.just("truncate"), st.integers(0, 2**20)),
+                st.tuples(st.just("append"), st.binary(max_size=1100)),
+            ),
+            min_size=1,
+            max_size=4,
+        )
+    )
 
 
 def mutate(data: bytes, damage: list[tuple], headers: list[int]) -> bytes:
@@ -247,16 +352,16 @@ def mutate(data: bytes, damage: list[tuple], headers: list[int]) -> bytes:
         if kind == "header" and whole:
             block, at, new, fix_checksum = args
             start = whole[block % len(whole)]
-            new = new[:tarfile.BLOCKSIZE - at]  # overwritten in place: the blocks stay aligned
-            out[start + at:start + at + len(new)] = new
+            new = new[: tarfile.BLOCKSIZE - at]  # overwritten in place: the blocks stay aligned
+            out[start + at : start + at + len(new)] = new
             if fix_checksum:
-                header = out[start:start + tarfile.BLOCKSIZE]
-                out[start + 148:start + 156] = b"%06o\0 " % tarfile.calc_chksums(bytes(header))[0]
+                header = out[start : start + tarfile.BLOCKSIZE]
+                out[start + 148 : start + 156] = b"%06o\0 " % tarfile.calc_chksums(bytes(header))[0]
         elif kind == "flip" and out:
             at, bit = args
             out[at % len(out)] ^= 1 << bit
         elif kind == "truncate":
-            del out[args[0] % (len(out) + 1):]
+            del out[args[0] % (len(out) + 1) :]
         elif kind == "append":
             out += args[0]
     return bytes(out)
@@ -282,8 +387,10 @@ def make_sandbox(base: Path) -> Sandbox:
     root = tempfile.mkdtemp(dir=base)
     outside = os.path.join(root, "outside")
     os.mkdir(outside)
-    for path, data, mode in ((os.path.join(outside, "secret"), b"secret\n", 0o640),
-                             (os.path.join(root, "victim"), b"victim\n", 0o600)):
+    for path, data, mode in (
+        (os.path.join(outside, "secret"), b"secret\n", 0o640),
+        (os.path.join(root, "victim"), b"victim\n", 0o600),
+    ):
         with open(path, "wb") as f:
             f.write(data)
         os.chmod(path, mode)
@@ -361,7 +468,7 @@ def check_tree(layer: list[Entry], target: str, outside: str) -> None:
         allowed.update(parts[:n] for n in range(len(parts) + 1))
         if parts and parts[-1].startswith(".wh."):
             if parts[-1] != ".wh..wh..opq":
-                allowed.add(parts[:-1] + (parts[-1][len(".wh."):],))
+                allowed.add(parts[:-1] + (parts[-1][len(".wh.") :],))
             continue
         if not (e.kind == "chr" and e.dev == (0, 0)):
             last[parts] = i
@@ -371,13 +478,22 @@ def check_tree(layer: list[Entry], target: str, outside: str) -> None:
             found.add(tuple(os.path.relpath(os.path.join(parent, name), target).split("/")))
     assert found <= allowed, f"entries no name of the layer explains: {sorted(found - allowed)}"
     for parts, i in last.items():
-        if not parts or any(len(placed[j]) < len(parts) and parts[:len(placed[j])] == placed[j]
-                            and _replaces_below(layer[j]) for j in range(i + 1, len(layer))):
+        if not parts or any(
+            len(placed[j]) < len(parts) and parts[: len(placed[j])] == placed[j] and _replaces_below(layer[j])
+            for j in range(i + 1, len(layer))
+        ):
             continue
         e, path = layer[i], os.path.join(target, *parts)
         st_ = os.lstat(path)
-        kinds = {"file": stat.S_ISREG, "dir": stat.S_ISDIR, "symlink": stat.S_ISLNK, "chr": stat.S_ISCHR,
-                 "blk": stat.S_ISBLK, "fifo": stat.S_ISFIFO, "hardlink": lambda m: not stat.S_ISDIR(m)}
+        kinds = {
+            "file": stat.S_ISREG,
+            "dir": stat.S_ISDIR,
+            "symlink": stat.S_ISLNK,
+            "chr": stat.S_ISCHR,
+            "blk": stat.S_ISBLK,
+            "fifo": stat.S_ISFIFO,
+            "hardlink": lambda m: not stat.S_ISDIR(m),
+        }
         assert kinds[e.kind](st_.st_mode), f"{parts}: {stat.filemode(st_.st_mode)}, not a {e.kind}"
         if e.kind == "file":
             assert Path(path).read_bytes() == e.data, f"{parts}: not the entry's content"
@@ -389,8 +505,9 @@ def check_tree(layer: list[Entry], target: str, outside: str) -> None:
             assert st_.st_rdev == os.makedev(*e.dev)
 
 
-def check_unpack(target: str, base: Path, make: Callable[[Sandbox], tuple[bytes, bytes | None]], *,
-                 layer: list[Entry] | None = None) -> None:
+def check_unpack(
+    target: str, base: Path, make: Callable[[Sandbox], tuple[bytes, bytes | None]], *, layer: list[Entry] | None = None
+) -> None:
     """Unpack the layer ``make`` builds for a fresh sandbox (with the tar inside it, if known). It must be
     refused with one line and leave the destination as it was, or be taken, with the tar's diff_id and,
     given the ``layer`` it was made of, the tree the model says. Nothing outside the destination changes."""
@@ -400,8 +517,9 @@ def check_unpack(target: str, base: Path, make: Callable[[Sandbox], tuple[bytes,
         before, own = outside_state(box), own_state(box.target)
         steps: list[tuple[int, int | None]] = []
         try:
-            result = unpack_layer(io.BytesIO(data), box.target,
-                                  progress=lambda done, total: steps.append((done, total)))
+            result = unpack_layer(
+                io.BytesIO(data), box.target, progress=lambda done, total: steps.append((done, total))
+            )
         except LayerfsError as e:
             one_line(e)
             OUTCOMES[target]["refused"] += 1
@@ -449,12 +567,18 @@ def test_damaged_layer_bytes(base: Path, layer: list[Entry], fmt: int, damage: l
 
 
 @pytest.mark.root
-@pytest.mark.parametrize("layer, message", [
-    # was "No such file or directory": the link replaced the directory its target was in
-    ([Entry("file", "b/x", data=b"x"), Entry("hardlink", "b", "b/x")], "its hard-link target 'b/x' is below it"),
-    # was "... after entry X: invalid literal for int()": tarfile's ValueError, on the header after X's
-    ([Entry("file", "f", pax=(("GNU.sparse.size", "1.5"),))], "cannot unpack the layer: damaged tar header at byte"),
-])
+@pytest.mark.parametrize(
+    "layer, message",
+    [
+        # was "No such file or directory": the link replaced the directory its target was in
+        ([Entry("file", "b/x", data=b"x"), Entry("hardlink", "b", "b/x")], "its hard-link target 'b/x' is below it"),
+        # was "... after entry X: invalid literal for int()": tarfile's ValueError, on the header after X's
+        (
+            [Entry("file", "f", pax=(("GNU.sparse.size", "1.5"),))],
+            "cannot unpack the layer: damaged tar header at byte",
+        ),
+    ],
+)
 def test_refusals_say_why(base: Path, layer: list[Entry], message: str) -> None:
     box = make_sandbox(base)
     try:
@@ -466,12 +590,19 @@ def test_refusals_say_why(base: Path, layer: list[Entry], message: str) -> None:
 
 @pytest.mark.root
 @fuzz(200)
-@given(layer=_LAYERS, how=st.sampled_from([None, "gzip", "zstd"]), split=st.integers(0, 4096),
-       before=st.none() | mutations(), after=st.none() | mutations())
-def test_compressed_layers(base: Path, layer: list[Entry], how: str | None, split: int,
-                           before: list[tuple] | None, after: list[tuple] | None) -> None:
+@given(
+    layer=_LAYERS,
+    how=st.sampled_from([None, "gzip", "zstd"]),
+    split=st.integers(0, 4096),
+    before=st.none() | mutations(),
+    after=st.none() | mutations(),
+)
+def test_compressed_layers(
+    base: Path, layer: list[Entry], how: str | None, split: int, before: list[tuple] | None, after: list[tuple] | None
+) -> None:
     """Damage to the tar inside the compression, or to the compressed bytes; what the layer's diff_id
     must be is known only for the first."""
+
     def make(box: Sandbox) -> tuple[bytes, bytes | None]:
         tar = build_tar(layer, tarfile.PAX_FORMAT, box.outside)
         if before is not None:
@@ -485,19 +616,52 @@ def test_compressed_layers(base: Path, layer: list[Entry], how: str | None, spli
 # -- image layouts and docker save archives -------------------------------------------------------------
 
 _JSON = st.recursive(
-    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=6),
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=6),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
-    max_leaves=6)
+    max_leaves=6,
+)
 # Values of a plausible type and hostile content, for any field.
-_HOSTILE = st.sampled_from([
-    "sha256:" + "0" * 64, "sha256:../../../../etc", "sha256:", "sha512:" + "0" * 128, "sha256:" + "A" * 64,
-    "../outside.json", "/etc/hostname", "link.json", "layer", "layer/../../outside.json", "a\0b", "line\nbreak",
-    "", float("inf"), float("nan"), -1, 2**64, 1.5, True, [], {}, [[]], {"": {}},
-])
+_HOSTILE = st.sampled_from(
+    [
+        "sha256:" + "0" * 64,
+        "sha256:../../../../etc",
+        "sha256:",
+        "sha512:" + "0" * 128,
+        "sha256:" + "A" * 64,
+        "../outside.json",
+        "/etc/hostname",
+        "link.json",
+        "layer",
+        "layer/../../outside.json",
+        "a\0b",
+        "line\nbreak",
+        "",
+        float("inf"),
+        float("nan"),
+        -1,
+        2**64,
+        1.5,
+        True,
+        [],
+        {},
+        [[]],
+        {"": {}},
+    ]
+)
 # Whole files that are not JSON, or JSON that parsers choke on.
-_BAD_FILES = st.one_of(st.binary(max_size=16), st.sampled_from([
-    b"", b"\xff\xfe", b"{", b"[" * 100_000 + b"]" * 100_000, b'{"size": 1' + b"0" * 5000 + b"}", b"NaN",
-]))
+_BAD_FILES = st.one_of(
+    st.binary(max_size=16),
+    st.sampled_from(
+        [
+            b"",
+            b"\xff\xfe",
+            b"{",
+            b"[" * 100_000 + b"]" * 100_000,
+            b'{"size": 1' + b"0" * 5000 + b"}",
+            b"NaN",
+        ]
+    ),
+)
 
 
 @st.composite
@@ -535,22 +699,48 @@ def blob(draw: st.DrawFn, files: Files, data: bytes) -> str:
 def oci_layouts(draw: st.DrawFn) -> Files:
     files: Files = {}
     layers = draw(st.lists(st.binary(max_size=8), max_size=3, unique=True))
-    config = {"architecture": "amd64", "os": "linux",
-              "rootfs": {"type": "layers", "diff_ids": [sha256(b"tar" + data) for data in layers]}}
+    config = {
+        "architecture": "amd64",
+        "os": "linux",
+        "rootfs": {"type": "layers", "diff_ids": [sha256(b"tar" + data) for data in layers]},
+    }
     config_bytes = document(draw, config)
-    manifest = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
-                           "digest": blob(draw, files, config_bytes), "size": len(config_bytes)},
-                "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
-                            "digest": blob(draw, files, data), "size": len(data)} for data in layers]}
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {
+            "mediaType": "application/vnd.oci.image.config.v1+json",
+            "digest": blob(draw, files, config_bytes),
+            "size": len(config_bytes),
+        },
+        "layers": [
+            {
+                "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                "digest": blob(draw, files, data),
+                "size": len(data),
+            }
+            for data in layers
+        ],
+    }
     manifest_bytes = document(draw, manifest)
-    descriptor = {"mediaType": manifest["mediaType"], "digest": blob(draw, files, manifest_bytes),
-                  "size": len(manifest_bytes), "annotations": {"org.opencontainers.image.ref.name": "latest"}}
-    others = draw(st.lists(st.sampled_from([
-        {**descriptor, "annotations": {"org.opencontainers.image.ref.name": "v2"}},
-        {**descriptor, "mediaType": "application/vnd.oci.image.index.v1+json"},
-        {k: v for k, v in descriptor.items() if k != "annotations"},
-    ]), max_size=2))
+    descriptor = {
+        "mediaType": manifest["mediaType"],
+        "digest": blob(draw, files, manifest_bytes),
+        "size": len(manifest_bytes),
+        "annotations": {"org.opencontainers.image.ref.name": "latest"},
+    }
+    others = draw(
+        st.lists(
+            st.sampled_from(
+                [
+                    {**descriptor, "annotations": {"org.opencontainers.image.ref.name": "v2"}},
+                    {**descriptor, "mediaType": "application/vnd.oci.image.index.v1+json"},
+                    {k: v for k, v in descriptor.items() if k != "annotations"},
+                ]
+            ),
+            max_size=2,
+        )
+    )
     files["index.json"] = document(draw, {"schemaVersion": 2, "manifests": [descriptor, *others]})
     files["oci-layout"] = document(draw, {"imageLayoutVersion": "1.0.0"})
     if rarely(draw, 10):
@@ -566,13 +756,20 @@ def docker_archives(draw: st.DrawFn) -> Files:
     for number, data in enumerate(layers):
         files[f"l{number}/layer.tar"] = data
         names.append(f"l{number}/layer.tar")
-    config = document(draw, {"architecture": "amd64", "os": "linux",
-                             "rootfs": {"type": "layers", "diff_ids": [sha256(data) for data in layers]}})
+    config = document(
+        draw,
+        {
+            "architecture": "amd64",
+            "os": "linux",
+            "rootfs": {"type": "layers", "diff_ids": [sha256(data) for data in layers]},
+        },
+    )
     config_name = sha256(config)[7:] + ".json"
     if not rarely(draw, 10):  # else missing
         files[config_name] = config + b" " if rarely(draw, 10) else config
-    files["manifest.json"] = document(draw, [{"Config": config_name, "RepoTags": ["repo/name:latest"],
-                                              "Layers": names}])
+    files["manifest.json"] = document(
+        draw, [{"Config": config_name, "RepoTags": ["repo/name:latest"], "Layers": names}]
+    )
     return files
 
 
@@ -597,9 +794,13 @@ def oci_image(config: bytes) -> Files:
 def docker_image(config: bytes, config_name: str | None = None) -> Files:
     """A ``docker save`` archive of one image, ``config`` over one layer."""
     name = config_name or sha256(config)[7:] + ".json"
-    return {name: config, "l0/layer.tar": b"layer",
-            "manifest.json": json.dumps([{"Config": name, "RepoTags": ["repo/name:latest"],
-                                          "Layers": ["l0/layer.tar"]}]).encode()}
+    return {
+        name: config,
+        "l0/layer.tar": b"layer",
+        "manifest.json": json.dumps(
+            [{"Config": name, "RepoTags": ["repo/name:latest"], "Layers": ["l0/layer.tar"]}]
+        ).encode(),
+    }
 
 
 _VALID = config_of([sha256(b"tar")])
@@ -650,8 +851,10 @@ def read_from(target: str, base: Path, files: Files, read: Callable[[str], Image
 
 
 @fuzz(400)
-@given(files=oci_layouts(),
-       tag=mostly(st.sampled_from([None, "latest"]), st.sampled_from(["v2", "none"]) | st.text(max_size=4)))
+@given(
+    files=oci_layouts(),
+    tag=mostly(st.sampled_from([None, "latest"]), st.sampled_from(["v2", "none"]) | st.text(max_size=4)),
+)
 @example(files=oci_image(_UP_AND_OUT), tag=None)
 @example(files={**oci_image(_VALID), "index.json": b"[" * 100_000}, tag=None)  # RecursionError in json
 @example(files={**oci_image(_VALID), "oci-layout": None}, tag=None)
@@ -662,8 +865,10 @@ def test_oci_layouts(base: Path, files: Files, tag: str | None) -> None:
 
 
 @fuzz(300)
-@given(files=docker_archives(),
-       name=mostly(st.sampled_from([None, "repo/name:latest", "name:latest"]), st.just("latest") | st.text(max_size=4)))
+@given(
+    files=docker_archives(),
+    name=mostly(st.sampled_from([None, "repo/name:latest", "name:latest"]), st.just("latest") | st.text(max_size=4)),
+)
 @example(files=docker_image(_UP_AND_OUT), name=None)
 @example(files=docker_image(b"[" * 100_000, "config.json"), name=None)
 @example(files={**docker_image(_VALID), "manifest.json": b'[{"Config": "a\\u0000b", "Layers": []}]'}, name=None)
@@ -677,18 +882,58 @@ def test_docker_archives(base: Path, files: Files, name: str | None) -> None:
 D = "@D@"  # in generated options: the directory the test's directories are in
 
 _LOWERS = st.sampled_from([f"{D}/l1", f"{D}/l2", f"{D}/odd\\:\\,\\\\dir", f"{D}/new\nline"])
-_PATHS = mostly(st.sampled_from([f"{D}/up", f"{D}/wk"]) | _LOWERS, st.sampled_from([
-    f"{D}/up/inner", f"{D}/file", f"{D}/missing", f"{D}/odd:,\\dir", "", "l1", "/", "\0", f"{D}/l1\\", "\udcff",
-]), odds=4)
-_NUMBERS = mostly(st.sampled_from(["0", "1", "1000", "65534", "100000"]), st.sampled_from([
-    "4194304", "4294967295", "4294967296", "-1", "", "x", "²", "١٢", "１２", "1" * 5000, "0x10", " 1", "1.0", "\n",
-]), odds=4)
-_MAPPINGS = mostly(st.sampled_from(["0:100000:65536", ":0:1000:1:1:100000:65535", "0:0:1"]),
-                   st.lists(_NUMBERS, max_size=7).map(":".join), odds=3)
+_PATHS = mostly(
+    st.sampled_from([f"{D}/up", f"{D}/wk"]) | _LOWERS,
+    st.sampled_from(
+        [
+            f"{D}/up/inner",
+            f"{D}/file",
+            f"{D}/missing",
+            f"{D}/odd:,\\dir",
+            "",
+            "l1",
+            "/",
+            "\0",
+            f"{D}/l1\\",
+            "\udcff",
+        ]
+    ),
+    odds=4,
+)
+_NUMBERS = mostly(
+    st.sampled_from(["0", "1", "1000", "65534", "100000"]),
+    st.sampled_from(
+        [
+            "4194304",
+            "4294967295",
+            "4294967296",
+            "-1",
+            "",
+            "x",
+            "²",
+            "١٢",
+            "１２",
+            "1" * 5000,
+            "0x10",
+            " 1",
+            "1.0",
+            "\n",
+        ]
+    ),
+    odds=4,
+)
+_MAPPINGS = mostly(
+    st.sampled_from(["0:100000:65536", ":0:1000:1:1:100000:65535", "0:0:1"]),
+    st.lists(_NUMBERS, max_size=7).map(":".join),
+    odds=3,
+)
 _EXTRAS = st.one_of(
     st.builds("{}={}".format, st.sampled_from(["uidmapping", "gidmapping"]), _MAPPINGS),
-    st.builds("{}={}".format, st.sampled_from(["squash_to_uid", "squash_to_gid", "x-layerfs-owner", "fsync",
-                                               "xattr_permissions"]), _NUMBERS),
+    st.builds(
+        "{}={}".format,
+        st.sampled_from(["squash_to_uid", "squash_to_gid", "x-layerfs-owner", "fsync", "xattr_permissions"]),
+        _NUMBERS,
+    ),
     st.sampled_from(["ro", "volatile", "squash_to_root", "static_nlink", "noatime", "fsname=x", "", "=", "\\"]),
     st.text(alphabet=",=:\\ab\n", max_size=8),
 )
@@ -698,8 +943,11 @@ _EXTRAS = st.one_of(
 def mount_options(draw: st.DrawFn) -> list[str]:
     """``-o`` strings: mostly a lowerdir, half the time an upper and a work dir, a few more options; all
     split into one to three strings."""
-    items = [] if rarely(draw, 10) else ["lowerdir=" + ":".join(draw(st.lists(mostly(_LOWERS, _PATHS), min_size=1,
-                                                                                max_size=3)))]
+    items = (
+        []
+        if rarely(draw, 10)
+        else ["lowerdir=" + ":".join(draw(st.lists(mostly(_LOWERS, _PATHS), min_size=1, max_size=3)))]
+    )
     if draw(st.booleans()):
         items.append("upperdir=" + draw(mostly(st.just(f"{D}/up"), _PATHS)))
         items.append("workdir=" + draw(mostly(st.just(f"{D}/wk"), _PATHS)))
@@ -718,9 +966,12 @@ def option_dirs(base: Path) -> Path:
 
 
 @fuzz(800)
-@given(strings=mount_options(),
-       mountpoint=mostly(st.just(f"{D}/mnt"), st.sampled_from([f"{D}/missing", f"{D}/file", None, "", "\0",
-                                                               f"{D}/new\nline"])))
+@given(
+    strings=mount_options(),
+    mountpoint=mostly(
+        st.just(f"{D}/mnt"), st.sampled_from([f"{D}/missing", f"{D}/file", None, "", "\0", f"{D}/new\nline"])
+    ),
+)
 @example(strings=[f"lowerdir={D}/l1,x-layerfs-owner=²"], mountpoint=f"{D}/mnt")
 @example(strings=[f"lowerdir={D}/l1,uidmapping=0:1:{'1' * 5000}"], mountpoint=f"{D}/mnt")
 @example(strings=[f"lowerdir={D}/missing\nline"], mountpoint=f"{D}/mnt")

@@ -15,8 +15,15 @@ from conftest import LAYERFS, is_mounted
 from pair import run_as
 
 # Stored owners of the lower layer's entries: inside and outside the mappings below, and their edges.
-LOWER_OWNERS = {"root-file": (0, 0), "one": (1, 1), "edge": (65536, 65536), "outside": (70000, 70001),
-                "dir": (0, 0), "dir/deep": (1, 1), "link": (1, 1)}
+LOWER_OWNERS = {
+    "root-file": (0, 0),
+    "one": (1, 1),
+    "edge": (65536, 65536),
+    "outside": (70000, 70001),
+    "dir": (0, 0),
+    "dir/deep": (1, 1),
+    "link": (1, 1),
+}
 MAPPED = "uidmapping=:0:1000:1:1:110000:65536,gidmapping=:0:2000:1:1:120000:65536"
 CASES = {
     "mapping": MAPPED,
@@ -73,8 +80,11 @@ def exercise(mnt: Path) -> dict:
 
 def stored(upper: Path) -> dict[str, tuple[int, int, int]]:
     """The upper layer's owners of what the operations made or changed (fuse-overlayfs's markers aside)."""
-    return {path: ids for path, ids in owners(upper).items()
-            if not Path(path).name.startswith(".wh.") and path not in ("dir",)}
+    return {
+        path: ids
+        for path, ids in owners(upper).items()
+        if not Path(path).name.startswith(".wh.") and path not in ("dir",)
+    }
 
 
 @pytest.mark.parametrize("options", CASES.values(), ids=CASES.keys())
@@ -108,21 +118,25 @@ def test_without_options_owners_are_shown_as_stored(tmp_path, mounts):
     assert {path: ids[:2] for path, ids in owners(mnt).items()} == LOWER_OWNERS
 
 
-@pytest.mark.parametrize("bad, message", [
-    ("uidmapping=0:100000", "uidmapping=0:100000: not a list of ID:MAPPED-ID:COUNT ranges"),
-    ("gidmapping=0:x:1", "gidmapping=0:x:1: not a list of ID:MAPPED-ID:COUNT ranges"),
-    ("uidmapping=0:100:10:5:200:10", "uidmapping=0:100:10:5:200:10: a range is empty or two overlap"),
-    ("uidmapping=0:100:10:20:105:10", "uidmapping=0:100:10:20:105:10: a range is empty or two overlap"),
-    ("uidmapping=0:100:0", "uidmapping=0:100:0: a range is empty or two overlap"),
-    ("uidmapping=0:4294967295:2", "uidmapping=0:4294967295:2: ids beyond 2^32"),
-    ("squash_to_uid=-1", "squash_to_uid=-1: not an id"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ("uidmapping=0:100000", "uidmapping=0:100000: not a list of ID:MAPPED-ID:COUNT ranges"),
+        ("gidmapping=0:x:1", "gidmapping=0:x:1: not a list of ID:MAPPED-ID:COUNT ranges"),
+        ("uidmapping=0:100:10:5:200:10", "uidmapping=0:100:10:5:200:10: a range is empty or two overlap"),
+        ("uidmapping=0:100:10:20:105:10", "uidmapping=0:100:10:20:105:10: a range is empty or two overlap"),
+        ("uidmapping=0:100:0", "uidmapping=0:100:0: a range is empty or two overlap"),
+        ("uidmapping=0:4294967295:2", "uidmapping=0:4294967295:2: ids beyond 2^32"),
+        ("squash_to_uid=-1", "squash_to_uid=-1: not an id"),
+    ],
+)
 def test_a_bad_mapping_is_refused_in_one_line_and_nothing_is_mounted(tmp_path, bad, message):
     lower, mnt = tmp_path / "lower", tmp_path / "mnt"
     lower.mkdir()
     mnt.mkdir()
-    result = subprocess.run(LAYERFS + ["-o", f"lowerdir={lower},{bad}", str(mnt)], capture_output=True, text=True,
-                            timeout=60)
+    result = subprocess.run(
+        LAYERFS + ["-o", f"lowerdir={lower},{bad}", str(mnt)], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode != 0
     assert result.stderr == f"layerfs: {message}\n"
     assert not is_mounted(mnt)
@@ -136,8 +150,9 @@ def test_an_exported_layer_holds_the_stored_owners(tmp_path, mounts, public_base
     mnt = mounts.layerfs(public_base / "mnt", [lower], upper, work, MAPPED)
     run_as(USER_UID, USER_GID, user_creates, mnt)
     assert (mnt / "dir" / "by-user").stat().st_uid == USER_UID
-    subprocess.run(LAYERFS + ["export", "-o", str(tmp_path / "layer.tar"), str(mnt)], check=True,
-                   capture_output=True, timeout=60)
+    subprocess.run(
+        LAYERFS + ["export", "-o", str(tmp_path / "layer.tar"), str(mnt)], check=True, capture_output=True, timeout=60
+    )
     with tarfile.open(tmp_path / "layer.tar") as tar:
         member = tar.getmember("dir/by-user")
     assert (member.uid, member.gid) == (6, 6)  # the ids the image's layers (and user namespaces) speak

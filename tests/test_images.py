@@ -74,18 +74,24 @@ def test_an_imported_image_mounts_as_umoci_unpacks_it(layout, mounts, tmp_path):
     unpacked = tmp_path / "unpacked"
     _umoci("unpack", "--image", f"{layout}:v2", unpacked)
     mounted = mounts.layerfs(tmp_path / "mnt", [Path(p) for p in lowers])
-    assert_same(snapshot(unpacked / "rootfs"), snapshot(mounted), what="umoci's rootfs vs the store's layers",
-                names=("umoci", "layerfs"))
+    assert_same(
+        snapshot(unpacked / "rootfs"),
+        snapshot(mounted),
+        what="umoci's rootfs vs the store's layers",
+        names=("umoci", "layerfs"),
+    )
     assert (mounted / "etc/app/conf").read_text() == "color=red\n" and not (mounted / "etc/motd").exists()
     assert sorted(os.listdir(mounted / "var/cache/app")) == ["fresh"]
-    assert subprocess.run(["chroot", mounted, "/bin/sh", "-c", "echo ok"], capture_output=True,
-                          text=True).stdout == "ok\n"
+    assert (
+        subprocess.run(["chroot", mounted, "/bin/sh", "-c", "echo ok"], capture_output=True, text=True).stdout == "ok\n"
+    )
 
 
 def test_a_blob_that_does_not_match_its_digest_is_refused(layout, tmp_path):
     index = json.loads((layout / "index.json").read_text())
-    manifest_digest = next(m["digest"] for m in index["manifests"]
-                           if m["annotations"]["org.opencontainers.image.ref.name"] == "v2")
+    manifest_digest = next(
+        m["digest"] for m in index["manifests"] if m["annotations"]["org.opencontainers.image.ref.name"] == "v2"
+    )
     manifest = json.loads((layout / "blobs/sha256" / manifest_digest.split(":")[1]).read_text())
     blob = layout / "blobs/sha256" / manifest["layers"][-1]["digest"].split(":")[1]
     data = bytearray(blob.read_bytes())
@@ -96,14 +102,18 @@ def test_a_blob_that_does_not_match_its_digest_is_refused(layout, tmp_path):
     result = layerfs("import", "--root", store, f"oci:{layout}:v2", "broken", check=False)
     assert result.returncode != 0 and result.stderr.count("\n") == 1, result.stderr
     assert not (store / "images.json").exists() or f"{HUB}broken:latest" not in json.loads(
-        (store / "images.json").read_text())
+        (store / "images.json").read_text()
+    )
     assert os.listdir(store / "blobs/sha256") == []
     assert os.listdir(store / "tmp") == []
 
 
 def test_errors_name_the_problem(tmp_path):
-    for source, message in ((f"oci:{tmp_path}", "not an OCI image layout"), (str(tmp_path), "not an OCI image layout"),
-                            (str(tmp_path / "nothing"), "no such file or directory")):
+    for source, message in (
+        (f"oci:{tmp_path}", "not an OCI image layout"),
+        (str(tmp_path), "not an OCI image layout"),
+        (str(tmp_path / "nothing"), "no such file or directory"),
+    ):
         result = layerfs("import", "--root", tmp_path / "store", source, check=False)
         assert result.returncode != 0 and message in result.stderr and result.stderr.count("\n") == 1, result.stderr
 
@@ -112,14 +122,18 @@ def test_archives_from_skopeo_import_to_the_same_layers(layout, mounts, tmp_path
     store = tmp_path / "store"
     docker, oci = tmp_path / "image-docker.tar", tmp_path / "image-oci.tar"
     for destination in (f"docker-archive:{docker}:demo:v2", f"oci-archive:{oci}:v2"):
-        subprocess.run(["skopeo", "copy", f"oci:{layout}:v2", destination], check=True, capture_output=True,
-                       timeout=120)
+        subprocess.run(
+            ["skopeo", "copy", f"oci:{layout}:v2", destination], check=True, capture_output=True, timeout=120
+        )
     layerfs("import", "--root", store, f"oci:{layout}:v2", "from-layout")
     layerfs("import", "--root", store, f"docker-archive:{docker}", "from-docker")
     layerfs("import", "--root", store, f"oci-archive:{oci}:v2", "from-oci-archive")
     images = json.loads((store / "images.json").read_text())
-    assert images[f"{HUB}from-docker:latest"]["layers"] == images[f"{HUB}from-oci-archive:latest"]["layers"] \
+    assert (
+        images[f"{HUB}from-docker:latest"]["layers"]
+        == images[f"{HUB}from-oci-archive:latest"]["layers"]
         == images[f"{HUB}from-layout:latest"]["layers"]
+    )
     assert len(os.listdir(store / "layers")) == 2 and os.listdir(store / "tmp") == []
     lowers = layerfs("images", "--root", store, "--lowerdir", "from-docker").stdout.strip().split(":")
     mounted = mounts.layerfs(tmp_path / "mnt", [Path(p) for p in lowers])
@@ -137,8 +151,11 @@ def test_a_container_by_name_round_trip(layout, tmp_path):
         (merged / "etc/app/conf").write_text("color=blue\n")
         (merged / "srv").mkdir(exist_ok=True)
         (merged / "srv/data").write_text("kept\n")
-        assert layerfs("diff", "--root", root, "c1", "/etc").stdout.splitlines() == ["C /etc", "C /etc/app",
-                                                                                      "C /etc/app/conf"]
+        assert layerfs("diff", "--root", root, "c1", "/etc").stdout.splitlines() == [
+            "C /etc",
+            "C /etc/app",
+            "C /etc/app/conf",
+        ]
         assert "is mounted" in layerfs("rm", "--root", root, "c1", check=False).stderr
     finally:
         layerfs("umount", merged)
@@ -240,9 +257,15 @@ def test_a_rootfs_tar_imports_as_a_one_layer_image(layout, mounts, tmp_path):
 
 def test_concurrent_imports_leave_a_consistent_store(layout, tmp_path):
     root = tmp_path / "store"
-    runs = [subprocess.Popen(LAYERFS + ["import", "--root", str(root), f"oci:{layout}:{tag}", f"img{n}:{tag}"],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-            for n in range(3) for tag in ("base", "v2")]
+    runs = [
+        subprocess.Popen(
+            LAYERFS + ["import", "--root", str(root), f"oci:{layout}:{tag}", f"img{n}:{tag}"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for n in range(3)
+        for tag in ("base", "v2")
+    ]
     assert [run.wait(timeout=120) for run in runs] == [0] * len(runs), [run.stderr.read() for run in runs]
     images = json.loads((root / "images.json").read_text())
     assert len(images) == 6 and len(os.listdir(root / "layers")) == 2 and os.listdir(root / "tmp") == []

@@ -50,8 +50,19 @@ def test_first_load_walks_the_upper_and_records_every_entry(tmp_path):
     upper = _upper(tmp_path)
     with read_index(str(upper), str(tmp_path / "state")) as index:
         assert index.rebuilt
-        assert [p for p, _ in index.items()] == ["/", "/a", "/a/b", "/a-b", "/etc", "/etc/app", "/etc/app/conf",
-                                                 "/etc/hosts", "/gone", "/link", "/opq"]
+        assert [p for p, _ in index.items()] == [
+            "/",
+            "/a",
+            "/a/b",
+            "/a-b",
+            "/etc",
+            "/etc/app",
+            "/etc/app/conf",
+            "/etc/hosts",
+            "/gone",
+            "/link",
+            "/opq",
+        ]
         assert index.get("/gone").is_whiteout and index.get("/opq").opaque and index.get("/link").target == "/nowhere"
         assert [p for p, _ in index.items("/a")] == ["/a", "/a/b"]  # not /a-b
         assert list(index.paths_below("/etc")) == ["/etc/app", "/etc/app/conf", "/etc/hosts"]
@@ -82,8 +93,9 @@ def test_journaled_changes_survive_a_killed_daemon(tmp_path):
         assert after_crash.get("/a/b") is None and after_crash.get("/etc/new").size == 3
 
 
-@pytest.mark.parametrize("change", ["add in dir", "new subtree", "content", "delete", "delete dir",
-                                    "replace by dir", "opaque mark"])
+@pytest.mark.parametrize(
+    "change", ["add in dir", "new subtree", "content", "delete", "delete dir", "replace by dir", "opaque mark"]
+)
 def test_changes_behind_its_back_are_noticed(tmp_path, change):
     upper = _upper(tmp_path)
     _saved(upper, tmp_path / "state")

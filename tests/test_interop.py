@@ -65,8 +65,9 @@ def _assert_has_markers(upper: Path) -> None:
 
 def _assert_no_bookkeeping(view: Snapshot) -> None:
     stray = [p for p in view.entries if any(part.startswith(".wh.") for part in p.split("/"))]
-    stray += [f"{p}: {name}" for p, e in view.entries.items() for name, _ in e.xattrs
-              if name.startswith(PRIVATE_XATTRS)]
+    stray += [
+        f"{p}: {name}" for p, e in view.entries.items() for name, _ in e.xattrs if name.startswith(PRIVATE_XATTRS)
+    ]
     assert not stray, f"bookkeeping visible: {stray}"
 
 
@@ -76,8 +77,10 @@ def test_an_upper_reads_the_same_with_the_other_implementation(writer, reader, s
     """An upper written through one implementation, mounted with the other over the same lowers."""
     spec = generate(seed)
     print(describe(spec))
-    lowers = {"kernel": render_all(spec, tmp_path / "k-lowers", "overlay"),
-              "layerfs": render_all(spec, tmp_path / "l-lowers", form)}
+    lowers = {
+        "kernel": render_all(spec, tmp_path / "k-lowers", "overlay"),
+        "layerfs": render_all(spec, tmp_path / "l-lowers", form),
+    }
     mount = {"kernel": mounts.overlay, "layerfs": mounts.layerfs}
     upper = tmp_path / "upper"
     upper.mkdir()
@@ -109,11 +112,11 @@ def test_old_upper_stacked_as_lower_keeps_its_whiteouts_and_opaque_dirs(writer, 
 
     # The commit: the old upper becomes the top lower; both implementations read the same stack.
     stack = [old_upper] + lowers
-    twin = Twin(mounts, tmp_path / "second", stack, stack, f"{describe(spec)} + upper by {writer} as lower",
-                redirect_dir=True)
+    twin = Twin(
+        mounts, tmp_path / "second", stack, stack, f"{describe(spec)} + upper by {writer} as lower", redirect_dir=True
+    )
     assert_same(seen, snapshot(twin.kernel), what="first view vs kernel over the stack", names=("first", "kernel"))
-    assert_same(seen, snapshot(twin.layerfs), what="first view vs layerfs over the stack",
-                names=("first", "layerfs"))
+    assert_same(seen, snapshot(twin.layerfs), what="first view vs layerfs over the stack", names=("first", "layerfs"))
     ops = RandomOps(spec.seed + 1, spec)
     for _ in range(OPS):
         twin.step(ops.next(visible_kinds(twin.kernel)))

@@ -74,7 +74,8 @@ def abort_hung_daemon(pid: int, dev: int) -> str:
         if borrowed:
             subprocess.run(["umount", str(CONNECTIONS)], check=True, capture_output=True)
     return "the daemon hangs; its threads were waiting in " + ", ".join(
-        f"{where} (x{n})" for where, n in sorted(waits.items()))
+        f"{where} (x{n})" for where, n in sorted(waits.items())
+    )
 
 
 def race(mnt: Path, actions: dict[str, Callable[[], None]], seconds: float) -> Counter:
@@ -96,8 +97,9 @@ def race(mnt: Path, actions: dict[str, Callable[[], None]], seconds: float) -> C
             tallies[i][f"{name} {result}"] += 1
             progress[i] += 1
 
-    threads = [threading.Thread(target=loop, args=(i, name, action))
-               for i, (name, action) in enumerate(actions.items())]
+    threads = [
+        threading.Thread(target=loop, args=(i, name, action)) for i, (name, action) in enumerate(actions.items())
+    ]
     for t in threads:
         t.start()
     end = time.monotonic() + seconds
@@ -215,8 +217,9 @@ def op_chmod(mnt: str, rng: random.Random) -> None:
 
 
 def op_setxattr(mnt: str, rng: random.Random) -> None:
-    os.setxattr(_pick(mnt, rng), f"user.k{rng.randrange(3)}", rng.randbytes(rng.randrange(1, 64)),
-                follow_symlinks=False)
+    os.setxattr(
+        _pick(mnt, rng), f"user.k{rng.randrange(3)}", rng.randbytes(rng.randrange(1, 64)), follow_symlinks=False
+    )
 
 
 def op_readdir(mnt: str, rng: random.Random) -> None:
@@ -386,8 +389,11 @@ def test_concurrent_clients_leave_a_consistent_tree(seed, layers, mounts, tmp_pa
         by_errno: Counter = Counter()
         for what, n in refused.items():
             by_errno[what.split()[1]] += n
-        print(f"  refused, as a race explains: {sum(by_errno.values())} (" +
-              ", ".join(f"{name} {n}" for name, n in by_errno.most_common()) + ")")
+        print(
+            f"  refused, as a race explains: {sum(by_errno.values())} ("
+            + ", ".join(f"{name} {n}" for name, n in by_errno.most_common())
+            + ")"
+        )
     assert not failures, f"{len(failures)} unexpected errors:\n" + "\n".join(failures[:30])
     assert total == PROCESSES * THREADS * OPERATIONS or elapsed >= STRESS_BUDGET_S
 
@@ -468,7 +474,7 @@ def test_ten_thousand_files_open_at_once(layers, mounts, tmp_path, record_proper
             opened.append((fd, expected))
         during = _fd_count(pid)
         for fd, expected in opened:
-            assert os.pread(fd, 100, 0)[:len(expected)] == expected
+            assert os.pread(fd, 100, 0)[: len(expected)] == expected
     finally:
         for fd, _ in opened:
             os.close(fd)
@@ -482,8 +488,10 @@ def test_ten_thousand_files_open_at_once(layers, mounts, tmp_path, record_proper
     record_property("daemon_fds_open", during)
     record_property("daemon_fds_after", _fd_count(pid))
     with capsys.disabled():
-        print(f"\nopen files: daemon descriptors {before} before, {during} with {OPEN_FILES} files open, "
-              f"{_fd_count(pid)} after closing (limit {daemon_soft})")
+        print(
+            f"\nopen files: daemon descriptors {before} before, {during} with {OPEN_FILES} files open, "
+            f"{_fd_count(pid)} after closing (limit {daemon_soft})"
+        )
 
 
 # -- memory ---------------------------------------------------------------------------------------
@@ -530,8 +538,10 @@ def test_daemon_memory_stays_bounded_over_many_files(layers, mounts, tmp_path, r
     record_property("daemon_rss_before_bytes", before)
     record_property("daemon_rss_after_bytes", after)
     with capsys.disabled():
-        print(f"\nmemory: daemon VmRSS {before / MiB:.1f} MiB before, {after / MiB:.1f} MiB after touching "
-              f"{TOUCHED} files ({CREATED} created in {creating:.1f} s), {elapsed:.1f} s in all")
+        print(
+            f"\nmemory: daemon VmRSS {before / MiB:.1f} MiB before, {after / MiB:.1f} MiB after touching "
+            f"{TOUCHED} files ({CREATED} created in {creating:.1f} s), {elapsed:.1f} s in all"
+        )
     assert daemon_pids(mnt) == [pid]
     assert after < RSS_BOUND, f"daemon VmRSS {after / MiB:.0f} MiB after touching {TOUCHED} files"
 
@@ -568,8 +578,9 @@ def test_a_buffered_write_to_a_file_that_got_a_second_name_does_not_hang(layers,
         def remove_parent() -> None:
             os.rmdir(directory)
 
-        outcomes = race(mnt, {"write": write_through_first_name, "open": open_second_name,
-                              "rmdir": remove_parent}, seconds=5)
+        outcomes = race(
+            mnt, {"write": write_through_first_name, "open": open_second_name, "rmdir": remove_parent}, seconds=5
+        )
     finally:
         os.close(fd)
     assert set(outcomes) == {"write ok", "open ok", "rmdir ENOTEMPTY"}, outcomes
@@ -594,8 +605,9 @@ def test_open_never_fails_with_estale_while_its_name_comes_and_goes(layers, moun
     def open_it() -> None:
         os.close(os.open(path, os.O_RDONLY))
 
-    outcomes = race(mnt, {"churn 1": make_and_remove, "churn 2": make_and_remove, "open 1": open_it,
-                          "open 2": open_it}, seconds=10)
+    outcomes = race(
+        mnt, {"churn 1": make_and_remove, "churn 2": make_and_remove, "open 1": open_it, "open 2": open_it}, seconds=10
+    )
     assert not [what for what in outcomes if what.endswith("ESTALE")], outcomes
 
 
@@ -670,8 +682,9 @@ def test_fchmod_of_an_unlinked_open_file_changes_that_file_only(layers, mounts, 
     def open_other() -> None:
         os.close(os.open(other, os.O_RDONLY))  # takes the descriptor numbers the daemon frees
 
-    outcomes = race(mnt, {"fchmod 1": open_unlink_fchmod, "fchmod 2": open_unlink_fchmod,
-                          "other": open_other}, seconds=8)
+    outcomes = race(
+        mnt, {"fchmod 1": open_unlink_fchmod, "fchmod 2": open_unlink_fchmod, "other": open_other}, seconds=8
+    )
     mode = stat.S_IMODE(os.stat(upper / "other").st_mode)
     assert mode == 0o644, f"fchmod of f made another file {mode:o}: {outcomes}"
     assert not [what for what in outcomes if what.endswith("EBADF")], outcomes

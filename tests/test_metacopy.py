@@ -99,8 +99,11 @@ def upper_marks(upper: Path, lowers_base: Path) -> dict[str, tuple]:
     for rel, st in walk(upper):
         path = upper / rel
         names = os.listxattr(path, follow_symlinks=False)
-        redirect = os.getxattr(path, "trusted.overlay.redirect", follow_symlinks=False) \
-            if "trusted.overlay.redirect" in names else None
+        redirect = (
+            os.getxattr(path, "trusted.overlay.redirect", follow_symlinks=False)
+            if "trusted.overlay.redirect" in names
+            else None
+        )
         marks[rel] = (stat.S_IFMT(st.st_mode), METACOPY in names, redirect, _origin(path, names, lowers_base))
     return marks
 
@@ -164,8 +167,11 @@ def test_metadata_only_copies_match_kernel_overlayfs_and_everything_built_on_the
     for reader, upper, lowers in (("kernel", l_upper, k_lowers), ("layerfs", k_upper, l_lowers)):
         work = tmp_path / f"{reader}-reads-work"
         work.mkdir()
-        mnt = mounts.overlay(tmp_path / f"{reader}-reads", lowers, upper, work, KERNEL_OPTIONS) \
-            if reader == "kernel" else mounts.layerfs(tmp_path / f"{reader}-reads", lowers, upper, work)
+        mnt = (
+            mounts.overlay(tmp_path / f"{reader}-reads", lowers, upper, work, KERNEL_OPTIONS)
+            if reader == "kernel"
+            else mounts.layerfs(tmp_path / f"{reader}-reads", lowers, upper, work)
+        )
         assert_same(merged, snapshot(mnt), what=f"{reader} over the other's upper", names=("kernel", reader))
         mounts.unmount(mnt)
 
@@ -176,8 +182,9 @@ def test_metadata_only_copies_match_kernel_overlayfs_and_everything_built_on_the
     walked = changes(str(l_upper), lowers)
     assert [str(c) for c in walked] == two_tree_changes(image, container)
     # Every metadata-only copy with data to read is reported with where it is, wherever the copy went.
-    assert {c.path for c in walked if c.data} == {"/" + rel for rel, mark in marks.items()
-                                                  if mark[1] and os.lstat(l_upper / rel).st_size}
+    assert {c.path for c in walked if c.data} == {
+        "/" + rel for rel, mark in marks.items() if mark[1] and os.lstat(l_upper / rel).st_size
+    }
     assert next(c.data for c in walked if c.path == "/etc/f1-link") == (str(l_lowers[0]), "/usr/lib/d1/f1")
     assert next(c.data for c in walked if c.path == "/usr/lib/d3-f4") == (str(l_lowers[1]), "/usr/lib/d3/f4")
     with read_index(str(l_upper), str(l_work / "layerfs-index"), lowers=lowers) as index:
@@ -195,11 +202,18 @@ def test_metadata_only_copies_match_kernel_overlayfs_and_everything_built_on_the
 
     # A committed layer over the lowers, mounted read-only: the merged tree again, every file whole.
     committed = Store(str(tmp_path / "store")).commit(str(l_upper), walked)
-    assert not any(METACOPY in os.listxattr(Path(committed.path) / rel, follow_symlinks=False)
-                   for rel, st in walk(Path(committed.path)) if stat.S_ISREG(st.st_mode))
+    assert not any(
+        METACOPY in os.listxattr(Path(committed.path) / rel, follow_symlinks=False)
+        for rel, st in walk(Path(committed.path))
+        if stat.S_ISREG(st.st_mode)
+    )
     again = mounts.overlay(tmp_path / "committed", [Path(committed.path)] + l_lowers)
-    assert_same(snapshot(container), snapshot(again), what="the committed layer over the lowers",
-                names=("container", "committed"))
+    assert_same(
+        snapshot(container),
+        snapshot(again),
+        what="the committed layer over the lowers",
+        names=("container", "committed"),
+    )
 
 
 WRITER = """
@@ -214,8 +228,11 @@ for name in sorted(os.listdir(mnt)):
 
 def _caught_filling(upper: Path) -> bool:
     """Whether the upper holds a metadata-only copy whose data was being copied in."""
-    return any(METACOPY in os.listxattr(upper / rel) and st.st_blocks * 512 > 64 << 10
-               for rel, st in walk(upper) if stat.S_ISREG(st.st_mode))
+    return any(
+        METACOPY in os.listxattr(upper / rel) and st.st_blocks * 512 > 64 << 10
+        for rel, st in walk(upper)
+        if stat.S_ISREG(st.st_mode)
+    )
 
 
 def test_a_killed_daemon_leaves_every_file_whole(layers, mounts, tmp_path):

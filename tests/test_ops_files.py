@@ -49,10 +49,15 @@ def test_getattr_and_readdir_of_the_merged_tree(mounts, tmp_path, form):
         for rel in (".", "d", "m", "opq", "emptydir"):
             with os.scandir(mnt / rel) as it:
                 # d_type and d_ino of readdir must agree with lstat (find and du rely on it).
-                listing[rel] = sorted((e.name, e.is_dir(follow_symlinks=False),
-                                       e.inode() == e.stat(follow_symlinks=False).st_ino) for e in it)
-        return {"tree": tree(mnt), "listing": listing,
-                "errors": [errname(os.lstat, f"{mnt}/{p}") for p in ("gone", "d/y", "opq/old", "a/", "a/x", "nope")]}
+                listing[rel] = sorted(
+                    (e.name, e.is_dir(follow_symlinks=False), e.inode() == e.stat(follow_symlinks=False).st_ino)
+                    for e in it
+                )
+        return {
+            "tree": tree(mnt),
+            "listing": listing,
+            "errors": [errname(os.lstat, f"{mnt}/{p}") for p in ("gone", "d/y", "opq/old", "a/", "a/x", "nope")],
+        }
 
     seen = pair.compare(scenario)
     # The facts that make the comparison meaningful: each layer rule was exercised.
@@ -147,8 +152,13 @@ def test_read_write_at_offsets_and_reads_do_not_copy_up(mounts, tmp_path):
         finally:
             os.close(fd)
         (mnt / "big").write_bytes(big)
-        return {"read only": read_only, "rewritten": rewritten, "shadow": describe(mnt / "shadow"),
-                "big": (mnt / "big").read_bytes() == big, "top": describe(mnt / "top")}
+        return {
+            "read only": read_only,
+            "rewritten": rewritten,
+            "shadow": describe(mnt / "shadow"),
+            "big": (mnt / "big").read_bytes() == big,
+            "top": describe(mnt / "top"),
+        }
 
     seen = pair.compare(scenario)
     assert seen["rewritten"] == b"miXYle\0\0\0\0end" and seen["big"]
@@ -174,12 +184,20 @@ def test_mmap_and_sparse_files(mounts, tmp_path):
         try:
             os.pwrite(fd, b"far", far)
             st = os.fstat(fd)
-            sparse = {"size": st.st_size, "mostly holes": st.st_blocks * 512 < 1 << 20,
-                      "hole": os.pread(fd, 4, 4096), "end": os.pread(fd, 10, far - 2)}
+            sparse = {
+                "size": st.st_size,
+                "mostly holes": st.st_blocks * 512 < 1 << 20,
+                "hole": os.pread(fd, 4, 4096),
+                "end": os.pread(fd, 10, far - 2),
+            }
         finally:
             os.close(fd)
-        return {"mapped": mapped, "after mmap write": (mnt / "shadow").read_bytes(), "read-only map": read_only_map,
-                "sparse": sparse}
+        return {
+            "mapped": mapped,
+            "after mmap write": (mnt / "shadow").read_bytes(),
+            "read-only map": read_only_map,
+            "sparse": sparse,
+        }
 
     seen = pair.compare(scenario)
     assert seen["after mmap write"] == b"MIDdle" and seen["read-only map"] == b"top"
@@ -288,8 +306,13 @@ def test_statfs(mounts, tmp_path):
     def scenario(mnt: Path):
         v = os.statvfs(mnt)
         # Free counts move with everything else on the machine; sizes and limits do not.
-        return {"bsize": v.f_bsize, "blocks": v.f_blocks, "files": v.f_files, "namemax": v.f_namemax,
-                "readonly": bool(v.f_flag & os.ST_RDONLY)}
+        return {
+            "bsize": v.f_bsize,
+            "blocks": v.f_blocks,
+            "files": v.f_files,
+            "namemax": v.f_namemax,
+            "readonly": bool(v.f_flag & os.ST_RDONLY),
+        }
 
     seen = pair.compare(scenario)
     # Both report the upper layer's filesystem.
@@ -301,8 +324,10 @@ def test_access_as_root(mounts, tmp_path):
 
     def scenario(mnt: Path):
         modes = {"R": os.R_OK, "W": os.W_OK, "X": os.X_OK, "F": os.F_OK}
-        return {rel: "".join(k for k, m in modes.items() if os.access(mnt / rel, m))
-                for rel in ("a", "run", "secret", "noperm", "d", "m", "gone", "opq/old")}
+        return {
+            rel: "".join(k for k, m in modes.items() if os.access(mnt / rel, m))
+            for rel in ("a", "run", "secret", "noperm", "d", "m", "gone", "opq/old")
+        }
 
     seen = pair.compare(scenario)
     # Root may read and write anything, but execute only what has an x bit somewhere.
@@ -363,9 +388,12 @@ def test_read_only_mount(mounts, tmp_path, form):
             "utime": lambda: os.utime(mnt / "a", ns=(1, 1)),
             "setxattr": lambda: os.setxattr(mnt / "a", "user.x", b"1"),
         }
-        return {"writes": {k: errname(w) for k, w in writes.items()}, "tree": tree(mnt),
-                "may write": os.access(mnt / "a", os.W_OK),
-                "statfs read-only": bool(os.statvfs(mnt).f_flag & os.ST_RDONLY)}
+        return {
+            "writes": {k: errname(w) for k, w in writes.items()},
+            "tree": tree(mnt),
+            "may write": os.access(mnt / "a", os.W_OK),
+            "statfs read-only": bool(os.statvfs(mnt).f_flag & os.ST_RDONLY),
+        }
 
     seen = pair.compare(scenario)
     assert set(seen["writes"].values()) == {"EROFS"} and seen["statfs read-only"] and not seen["may write"]

@@ -174,9 +174,10 @@ def _user_steps(mnt: Path) -> dict:
         # Writing to one's own setuid/setgid file drops both bits (the kernel's file_remove_privs).
         "write own setuid file": errname(append, home / "own-setuid", b"#"),
         "write others' setuid file": errname(append, home / "others-setuid", b"#"),
-        "access": {rel: "".join(k for k, m in (("R", os.R_OK), ("W", os.W_OK), ("X", os.X_OK))
-                                if os.access(mnt / rel, m))
-                   for rel in ("secret", "pub", "home", "rootdir", "shared", "bin/whoami-suid")},
+        "access": {
+            rel: "".join(k for k, m in (("R", os.R_OK), ("W", os.W_OK), ("X", os.X_OK)) if os.access(mnt / rel, m))
+            for rel in ("secret", "pub", "home", "rootdir", "shared", "bin/whoami-suid")
+        },
     }
     # What the user makes belongs to the user, with the caller's group.
     write(home / "new", "new")

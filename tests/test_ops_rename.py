@@ -118,8 +118,11 @@ def test_rename_of_open_files(mounts, tmp_path):
             os.rename(mnt / "a", mnt / "a-moved")
             os.rename(mnt / "b", mnt / "dir/b-moved")
             os.pwrite(writer, b"B", 1)
-            seen = {"reader": os.pread(reader, 10, 0), "writer": os.pread(writer, 10, 0),
-                    "fstat sizes": (os.fstat(reader).st_size, os.fstat(writer).st_size)}
+            seen = {
+                "reader": os.pread(reader, 10, 0),
+                "writer": os.pread(writer, 10, 0),
+                "fstat sizes": (os.fstat(reader).st_size, os.fstat(writer).st_size),
+            }
         finally:
             os.close(reader)
             os.close(writer)
@@ -134,12 +137,11 @@ def test_rename_of_open_files(mounts, tmp_path):
 def _without_dir_nlink(view: dict) -> dict:
     """A tree minus the link counts of directories: a merged dir reports 1, the same dir copied up its
     real count, and both are right."""
-    return {rel: {k: v for k, v in d.items() if not (d["type"] == "dir" and k == "nlink")}
-            for rel, d in view.items()}
+    return {rel: {k: v for k, v in d.items() if not (d["type"] == "dir" and k == "nlink")} for rel, d in view.items()}
 
 
 def _subtree(view: dict, prefix: str) -> dict:
-    return {rel[len(prefix) + 1:]: d for rel, d in view.items() if rel.startswith(prefix + "/")}
+    return {rel[len(prefix) + 1 :]: d for rel, d in view.items() if rel.startswith(prefix + "/")}
 
 
 @pytest.mark.parametrize("form", ALL_FORMS)

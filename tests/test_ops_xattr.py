@@ -131,8 +131,10 @@ def test_file_capabilities_survive_copy_up(mounts, tmp_path):
         os.utime(mnt / "ping")  # copy-up by a metadata change
         with open(mnt / "setuid-ping", "a"):  # copy-up by an open for writing
             pass
-        return {name: (outcome(os.getxattr, mnt / name, "security.capability"), oct(os.stat(mnt / name).st_mode))
-                for name in ("ping", "setuid-ping")}
+        return {
+            name: (outcome(os.getxattr, mnt / name, "security.capability"), oct(os.stat(mnt / name).st_mode))
+            for name in ("ping", "setuid-ping")
+        }
 
     seen = pair.compare(scenario)
     assert seen["ping"][0] == seen["setuid-ping"][0] == _CAP_NET_RAW

@@ -58,14 +58,17 @@ def test_unknown_options_warn_and_known_tuning_options_are_quiet(dirs):
     assert not c.sync
 
 
-@pytest.mark.parametrize("opts, mnt, message", [
-    ("upperdir={d}/up,workdir={d}/wk", "mnt", "no lowerdir given"),
-    ("lowerdir={d}/nope", "mnt", "lowerdir {d}/nope: no such directory"),
-    ("lowerdir={d}/l1::{d}/l2", "mnt", "lowerdir: empty path in the list"),
-    ("lowerdir={d}/l1,upperdir={d}/up", "mnt", "upperdir needs a workdir"),
-    ("lowerdir={d}/l1,upperdir={d}/up,workdir={d}/up/w", "mnt", "must be separate directories"),
-    ("lowerdir={d}/l1", "nomnt", "mount point {d}/nomnt: no such directory"),
-])
+@pytest.mark.parametrize(
+    "opts, mnt, message",
+    [
+        ("upperdir={d}/up,workdir={d}/wk", "mnt", "no lowerdir given"),
+        ("lowerdir={d}/nope", "mnt", "lowerdir {d}/nope: no such directory"),
+        ("lowerdir={d}/l1::{d}/l2", "mnt", "lowerdir: empty path in the list"),
+        ("lowerdir={d}/l1,upperdir={d}/up", "mnt", "upperdir needs a workdir"),
+        ("lowerdir={d}/l1,upperdir={d}/up,workdir={d}/up/w", "mnt", "must be separate directories"),
+        ("lowerdir={d}/l1", "nomnt", "mount point {d}/nomnt: no such directory"),
+    ],
+)
 def test_mistakes_are_one_clear_line(dirs, opts, mnt, message):
     if "up/w" in opts:
         (dirs / "up" / "w").mkdir()

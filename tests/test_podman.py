@@ -40,10 +40,30 @@ cat /etc/motd
 ls /opt /srv/data
 """
 EXPECTED_OUTPUT = "v2\n/opt:\nkept\n\n/srv/data:\nfresh\n"
-EXPECTED_DIFF = ["C /etc", "C /etc/motd", "D /etc/obsolete", "C /opt", "D /opt/old", "C /root",
-                 "A /root/added.txt", "C /srv", "C /srv/data", "A /srv/data/fresh", "D /srv/data/stale",
-                 "C /usr", "C /usr/share", "D /usr/share/doc", "A /usr/share/moved", "A /usr/share/moved/pkg",
-                 "A /usr/share/moved/pkg/copyright", "C /var", "A /var/new", "A /var/new/sub", "A /var/new/sub/file"]
+EXPECTED_DIFF = [
+    "C /etc",
+    "C /etc/motd",
+    "D /etc/obsolete",
+    "C /opt",
+    "D /opt/old",
+    "C /root",
+    "A /root/added.txt",
+    "C /srv",
+    "C /srv/data",
+    "A /srv/data/fresh",
+    "D /srv/data/stale",
+    "C /usr",
+    "C /usr/share",
+    "D /usr/share/doc",
+    "A /usr/share/moved",
+    "A /usr/share/moved/pkg",
+    "A /usr/share/moved/pkg/copyright",
+    "C /var",
+    "A /var/new",
+    "A /var/new/sub",
+    "A /var/new/sub/file",
+]
+
 
 class Podman:
     """``podman`` with a storage of its own under ``base``, its overlay driver mounting with ``program``
@@ -55,17 +75,21 @@ class Podman:
             (base / d).mkdir()
         (base / "storage.conf").write_text(
             f'[storage]\ndriver = "overlay"\ngraphroot = "{base}/graph"\nrunroot = "{base}/run"\n'
-            + (f'[storage.options.overlay]\nmount_program = "{program}"\n' if program else ""))
+            + (f'[storage.options.overlay]\nmount_program = "{program}"\n' if program else "")
+        )
         (base / "containers.conf").write_text(
             '[containers]\ndefault_ulimits = ["nofile=20000:20000", "nproc=32768:32768"]\nnetns = "none"\n'
             f'[engine]\nruntime = "runc"\ncgroup_manager = "cgroupfs"\nevents_logger = "file"\n'
-            f'tmp_dir = "{base}/tmp"\n')
-        self.env = {**os.environ, "CONTAINERS_STORAGE_CONF": str(base / "storage.conf"),
-                    "CONTAINERS_CONF": str(base / "containers.conf")}
+            f'tmp_dir = "{base}/tmp"\n'
+        )
+        self.env = {
+            **os.environ,
+            "CONTAINERS_STORAGE_CONF": str(base / "storage.conf"),
+            "CONTAINERS_CONF": str(base / "containers.conf"),
+        }
 
     def __call__(self, *args: str | os.PathLike, check: bool = True) -> subprocess.CompletedProcess:
-        result = subprocess.run(["podman", *map(str, args)], env=self.env, capture_output=True, text=True,
-                                timeout=180)
+        result = subprocess.run(["podman", *map(str, args)], env=self.env, capture_output=True, text=True, timeout=180)
         if check and result.returncode != 0:
             raise AssertionError(f"podman {' '.join(map(str, args))} failed ({result.returncode}): {result.stderr}")
         return result
@@ -108,10 +132,15 @@ def scenario(podman: Podman, rootfs_tar: Path) -> dict:
     ran = podman("run", "--name", CONTAINER, IMAGE, "sh", "-c", SCRIPT)
     diff = podman("diff", CONTAINER).stdout.split("\n")
     podman("commit", CONTAINER, COMMITTED)
-    again = podman("run", "--rm", COMMITTED, "sh", "-c",
-                   "cat /root/added.txt /etc/motd /var/new/sub/file /usr/share/moved/pkg/copyright; ls /opt /srv/data")
-    return {"output": ran.stdout, "diff": sorted(line for line in diff if line),
-            "committed": again.stdout}
+    again = podman(
+        "run",
+        "--rm",
+        COMMITTED,
+        "sh",
+        "-c",
+        "cat /root/added.txt /etc/motd /var/new/sub/file /usr/share/moved/pkg/copyright; ls /opt /srv/data",
+    )
+    return {"output": ran.stdout, "diff": sorted(line for line in diff if line), "committed": again.stdout}
 
 
 @pytest.fixture
@@ -133,13 +162,16 @@ def podmans():
 
 
 def test_podman_runs_diffs_and_commits_with_layerfs_as_with_fuse_overlayfs(podmans, rootfs_tar):
-    results = {name: scenario(podmans(program), rootfs_tar)
-               for name, program in (("fuse-overlayfs", shutil.which("fuse-overlayfs")), ("layerfs", LAYERFS_PROGRAM))}
+    results = {
+        name: scenario(podmans(program), rootfs_tar)
+        for name, program in (("fuse-overlayfs", shutil.which("fuse-overlayfs")), ("layerfs", LAYERFS_PROGRAM))
+    }
     assert results["layerfs"] == results["fuse-overlayfs"]
     assert results["layerfs"]["output"] == EXPECTED_OUTPUT
     assert results["layerfs"]["diff"] == sorted(EXPECTED_DIFF)
-    assert results["layerfs"]["committed"] == ("added\nv2\ndeep\nin a directory renamed (by redirect on layerfs)\n"
-                                              + EXPECTED_OUTPUT.split("\n", 1)[1])
+    assert results["layerfs"]["committed"] == (
+        "added\nv2\ndeep\nin a directory renamed (by redirect on layerfs)\n" + EXPECTED_OUTPUT.split("\n", 1)[1]
+    )
 
 
 def test_the_mount_is_layerfs_and_layerfs_diff_reads_it_as_podman_does_on_kernel_overlayfs(podmans, rootfs_tar):
@@ -156,8 +188,16 @@ def test_the_mount_is_layerfs_and_layerfs_diff_reads_it_as_podman_does_on_kernel
     # The change index of the mount Podman made: the same changes, besides what Podman adds to every
     # container's upper layer (mount points, runtime files) and leaves out of its own diff.
     ours = subprocess.run(LAYERFS + ["diff", merged], capture_output=True, text=True, check=True).stdout.split("\n")
-    podman_stubs = {"A /dev", "A /proc", "A /sys", "A /run", "A /run/.containerenv", "A /etc/hostname",
-                    "A /etc/hosts", "A /etc/mtab"}
+    podman_stubs = {
+        "A /dev",
+        "A /proc",
+        "A /sys",
+        "A /run",
+        "A /run/.containerenv",
+        "A /etc/hostname",
+        "A /etc/hosts",
+        "A /etc/mtab",
+    }
     assert podman_stubs <= set(ours)
     # On kernel overlayfs Podman reads the upper layer, as layerfs diff does, and reports a replaced
     # directory as D (with a mount program it compares two trees: C, and D for each old entry).

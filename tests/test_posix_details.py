@@ -222,8 +222,12 @@ def test_fstat_of_an_unlinked_open_file(mounts, tmp_path):
 
     def scenario(mnt: Path):
         out = {}
-        cases = (("lower, read-write", "a", os.O_RDWR), ("lower, read-only", "dir/f", os.O_RDONLY),
-                 ("lower in merged dir", "dir/m", os.O_RDWR), ("upper", "new", os.O_RDWR | os.O_CREAT))
+        cases = (
+            ("lower, read-write", "a", os.O_RDWR),
+            ("lower, read-only", "dir/f", os.O_RDONLY),
+            ("lower in merged dir", "dir/m", os.O_RDWR),
+            ("upper", "new", os.O_RDWR | os.O_CREAT),
+        )
         for label, rel, flags in cases:
             if label == "upper":
                 write(mnt / "new", "fresh")
@@ -290,10 +294,13 @@ def test_times_updated_and_visible_right_after_each_change(mounts, tmp_path):
         seen = {}
 
         def observe(label: str, before: os.stat_result, after: os.stat_result) -> None:
-            seen[label] = {"mtime changed": after.st_mtime_ns != before.st_mtime_ns,
-                           "ctime changed": after.st_ctime_ns != before.st_ctime_ns,
-                           "ctime >= mtime": after.st_ctime_ns >= after.st_mtime_ns,
-                           "mode": f"{after.st_mode:o}", "size": after.st_size}
+            seen[label] = {
+                "mtime changed": after.st_mtime_ns != before.st_mtime_ns,
+                "ctime changed": after.st_ctime_ns != before.st_ctime_ns,
+                "ctime >= mtime": after.st_ctime_ns >= after.st_mtime_ns,
+                "mode": f"{after.st_mode:o}",
+                "size": after.st_size,
+            }
 
         for label, change in changes.items():
             target = d if "dir" in label else f
@@ -302,8 +309,10 @@ def test_times_updated_and_visible_right_after_each_change(mounts, tmp_path):
             change()
             observe(label, before, os.stat(target))  # at once: no waiting for the 1 s attribute cache
         # Hard links change the file's ctime, seen at once through the name just used and the other.
-        for label, change, name in (("link", lambda: os.link(f, mnt / "a2"), "a2"),
-                                    ("rename", lambda: os.rename(mnt / "a2", mnt / "a3"), "a3")):
+        for label, change, name in (
+            ("link", lambda: os.link(f, mnt / "a2"), "a2"),
+            ("rename", lambda: os.rename(mnt / "a2", mnt / "a3"), "a3"),
+        ):
             before = os.stat(f)
             _tick()
             change()
@@ -336,8 +345,17 @@ def _layer_state(root: Path) -> dict:
     out = {}
     for rel, st in walk(root):
         p = root / rel
-        entry = (stat.S_IFMT(st.st_mode), st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns,
-                 st.st_ctime_ns, st.st_nlink, sorted(os.listxattr(p, follow_symlinks=False)))
+        entry = (
+            stat.S_IFMT(st.st_mode),
+            st.st_mode,
+            st.st_uid,
+            st.st_gid,
+            st.st_size,
+            st.st_mtime_ns,
+            st.st_ctime_ns,
+            st.st_nlink,
+            sorted(os.listxattr(p, follow_symlinks=False)),
+        )
         if stat.S_ISREG(st.st_mode):
             entry += (p.read_bytes(),)
         out[rel] = entry
@@ -430,8 +448,9 @@ def _tools(mnt: Path) -> dict:
     os.link(mnt / "dir/f", mnt / "f-link")
     write(mnt / "dir/sub/new", "new")
 
-    found = subprocess.run(["find", ".", "-printf", r"%y %p %n %s %m %U %G %l\n"], cwd=mnt,
-                           capture_output=True, text=True)
+    found = subprocess.run(
+        ["find", ".", "-printf", r"%y %p %n %s %m %U %G %l\n"], cwd=mnt, capture_output=True, text=True
+    )
     out["find"] = (found.returncode, found.stderr, sorted(found.stdout.splitlines()))
     by_ino = subprocess.run(["find", ".", "-printf", r"%i %p\n"], cwd=mnt, capture_output=True, text=True)
     groups: dict[str, list[str]] = {}
@@ -462,8 +481,17 @@ def _archive(data: bytes) -> tuple[list, list]:
     for name, m in members.items():
         first = members[m.linkname] if m.islnk() else m
         groups.setdefault(first.name, set()).add(name)
-        entries.append((name, first.type, first.mode, first.uid, first.gid, contents.get(first.name),
-                        m.linkname if m.issym() else None))
+        entries.append(
+            (
+                name,
+                first.type,
+                first.mode,
+                first.uid,
+                first.gid,
+                contents.get(first.name),
+                m.linkname if m.issym() else None,
+            )
+        )
     return sorted(entries), sorted(sorted(g) for g in groups.values() if len(g) > 1)
 
 

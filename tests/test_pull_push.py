@@ -25,8 +25,12 @@ TLS = "--tls-verify=false"
 def _store_state(root: Path) -> dict[str, list[str]]:
     """What a store holds: its images, layers and blobs (names only), and its scratch space."""
     images = json.loads((root / "images.json").read_text()) if (root / "images.json").exists() else {}
-    return {"images": sorted(images), "layers": sorted(os.listdir(root / "layers")),
-            "blobs": sorted(os.listdir(root / "blobs/sha256")), "tmp": os.listdir(root / "tmp")}
+    return {
+        "images": sorted(images),
+        "layers": sorted(os.listdir(root / "layers")),
+        "blobs": sorted(os.listdir(root / "blobs/sha256")),
+        "tmp": os.listdir(root / "tmp"),
+    }
 
 
 def _record(root: Path, name: str) -> dict:
@@ -80,9 +84,25 @@ def test_a_committed_image_travels_to_podman_and_back(registry, image, tmp_path)
     root = tmp_path / "store"
     source = f"{registry.host}/test/busybox:v2"
     layerfs("pull", "--root", root, TLS, source)
-    run = subprocess.run(LAYERFS + ["run", "--root", str(root), "--name", "c", "--net", "none", source, "/bin/sh",
-                                    "-c", "echo made-here > /etc/made; rm /etc/new"],
-                         capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        LAYERFS
+        + [
+            "run",
+            "--root",
+            str(root),
+            "--name",
+            "c",
+            "--net",
+            "none",
+            source,
+            "/bin/sh",
+            "-c",
+            "echo made-here > /etc/made; rm /etc/new",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 0, run.stderr
     layerfs("commit", "--root", root, "c", f"{registry.host}/app/committed:1")
     committed = _record(root, f"{registry.host}/app/committed:1")
@@ -103,20 +123,50 @@ def test_a_committed_image_travels_to_podman_and_back(registry, image, tmp_path)
     podman = Podman(tmp_path / "podman", None)  # (kernel overlayfs: what podman users have)
     try:
         podman("pull", TLS, f"{registry.host}/app/committed:1")
-        result = podman("--runtime", "runc", "--cgroup-manager", "cgroupfs", "--events-backend", "file", "run",
-                        "--rm", "--network", "none", f"{registry.host}/app/committed:1", "/bin/sh", "-c",
-                        "cat /etc/made; ls /etc/new 2>&1 || true")
-        assert result.stdout.splitlines()[0] == "made-here" and "No such file" in result.stdout, \
-            (result.stdout, result.stderr)
+        result = podman(
+            "--runtime",
+            "runc",
+            "--cgroup-manager",
+            "cgroupfs",
+            "--events-backend",
+            "file",
+            "run",
+            "--rm",
+            "--network",
+            "none",
+            f"{registry.host}/app/committed:1",
+            "/bin/sh",
+            "-c",
+            "cat /etc/made; ls /etc/new 2>&1 || true",
+        )
+        assert result.stdout.splitlines()[0] == "made-here" and "No such file" in result.stdout, (
+            result.stdout,
+            result.stderr,
+        )
         podman("tag", f"{registry.host}/app/committed:1", f"{registry.host}/from/podman:1")
         podman("push", TLS, f"{registry.host}/from/podman:1")
     finally:
         podman.clean_up()
     back = tmp_path / "back"
     assert layerfs("pull", "--root", back, TLS, f"{registry.host}/from/podman:1").returncode == 0
-    run = subprocess.run(LAYERFS + ["run", "--root", str(back), "--rm", "--net", "none",
-                                    f"{registry.host}/from/podman:1", "/bin/busybox", "cat", "/etc/made"],
-                         capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        LAYERFS
+        + [
+            "run",
+            "--root",
+            str(back),
+            "--rm",
+            "--net",
+            "none",
+            f"{registry.host}/from/podman:1",
+            "/bin/busybox",
+            "cat",
+            "/etc/made",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.stdout == "made-here\n", run.stderr
 
 
@@ -126,8 +176,11 @@ def test_an_interrupted_pull_leaves_the_store_as_it_was(registry, image, fake, t
     layerfs("pull", "--root", root, TLS, f"{registry.host}/test/busybox:base")
     before = _store_state(root)
     for how in (signal.SIGKILL, signal.SIGINT):  # the fake's blob stalls halfway: the pull is under way
-        puller = subprocess.Popen(LAYERFS + ["pull", "--root", str(root), TLS, f"{fake.host}/stalled-blob"],
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        puller = subprocess.Popen(
+            LAYERFS + ["pull", "--root", str(root), TLS, f"{fake.host}/stalled-blob"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
         deadline = time.monotonic() + 20
         while not any(os.scandir(root / "tmp")) and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -142,10 +195,12 @@ def test_an_interrupted_pull_leaves_the_store_as_it_was(registry, image, fake, t
 
 
 def test_a_bad_reference_and_an_unreachable_registry_are_one_line(tmp_path):
-    for args, says in ((["pull", "bad name"], "is not a valid repository name"),
-                       (["pull", "../../etc"], "is not a valid registry name"),
-                       (["pull", f"127.0.0.1:{_free_port()}/app"], "cannot be reached"),
-                       (["tag", "x", "Bad"], "names are lowercase")):
+    for args, says in (
+        (["pull", "bad name"], "is not a valid repository name"),
+        (["pull", "../../etc"], "is not a valid registry name"),
+        (["pull", f"127.0.0.1:{_free_port()}/app"], "cannot be reached"),
+        (["tag", "x", "Bad"], "names are lowercase"),
+    ):
         result = layerfs(*args, "--root", tmp_path / "store", check=False)
         assert result.returncode != 0 and says in result.stderr and result.stderr.count("\n") == 1, result.stderr
 
@@ -154,8 +209,10 @@ def test_a_bad_reference_and_an_unreachable_registry_are_one_line(tmp_path):
 def test_short_names_and_tags(registry, image, tmp_path):  # noqa: F811
     root = tmp_path / "store"
     layerfs("pull", "--root", root, TLS, f"{registry.host}/test/busybox:v2")
-    assert layerfs("tag", "--root", root, f"{registry.host}/test/busybox:v2", "busybox").stdout.strip() == \
-        "docker.io/library/busybox:latest"
+    assert (
+        layerfs("tag", "--root", root, f"{registry.host}/test/busybox:v2", "busybox").stdout.strip()
+        == "docker.io/library/busybox:latest"
+    )
     assert json.loads(layerfs("inspect", "--root", root, "busybox").stdout)["manifest"] == image["v2"]
     listed = layerfs("images", "--root", root).stdout
     assert "docker.io/library/busybox:latest  2 layers" in listed and f"{registry.host}/test/busybox:v2" in listed
@@ -171,14 +228,23 @@ def test_login_checks_the_credentials_and_logout_forgets_them(guard, tmp_path):
         tokens, auth = None, f"auth: {{htpasswd: {{realm: test, path: {htpasswd}}}}}"
     else:
         tokens = TokenServer(tmp_path)
-        auth = (f"auth: {{token: {{realm: '{tokens.realm}', service: test-registry, issuer: test-issuer, "
-                f"rootcertbundle: {tokens.cert}}}}}")
+        auth = (
+            f"auth: {{token: {{realm: '{tokens.realm}', service: test-registry, issuer: test-issuer, "
+            f"rootcertbundle: {tokens.cert}}}}}"
+        )
     guarded = Registry(tmp_path / "guarded", auth)
     env = {**os.environ, "REGISTRY_AUTH_FILE": str(tmp_path / "auth.json")}
     try:
+
         def login(password: str) -> subprocess.CompletedProcess:
-            return subprocess.run(LAYERFS + ["login", "-u", "me", "--password-stdin", TLS, guarded.host],
-                                  input=password + "\n", capture_output=True, text=True, env=env, timeout=60)
+            return subprocess.run(
+                LAYERFS + ["login", "-u", "me", "--password-stdin", TLS, guarded.host],
+                input=password + "\n",
+                capture_output=True,
+                text=True,
+                env=env,
+                timeout=60,
+            )
 
         refused = login("wrong")
         assert refused.returncode != 0 and refused.stderr.count("\n") == 1, refused.stderr
@@ -203,12 +269,22 @@ def test_import_finds_out_what_a_file_is(kind, registry, image, tmp_path):  # no
         (tmp_path / "tree/etc/hello").write_text("hi\n")
         subprocess.run(["tar", "-C", tmp_path / "tree", "-cf", made, "."], check=True)
     else:
-        _skopeo("copy", "--src-tls-verify=false", f"docker://{registry.host}/test/busybox:v2",
-                f"{kind}:{made}:{'example.com/named/app:7' if kind == 'docker-archive' else 'v7'}")
+        _skopeo(
+            "copy",
+            "--src-tls-verify=false",
+            f"docker://{registry.host}/test/busybox:v2",
+            f"{kind}:{made}:{'example.com/named/app:7' if kind == 'docker-archive' else 'v7'}",
+        )
     root = tmp_path / "store"
     name = layerfs("load", "--root", root, "-i", made).stdout.splitlines()[0]
-    assert name == {"oci-archive": "docker.io/library/image:v7", "docker-archive": "example.com/named/app:7",
-                    "rootfs": "docker.io/library/image:latest"}[kind]
+    assert (
+        name
+        == {
+            "oci-archive": "docker.io/library/image:v7",
+            "docker-archive": "example.com/named/app:7",
+            "rootfs": "docker.io/library/image:latest",
+        }[kind]
+    )
     record = json.loads(layerfs("inspect", "--root", root, name).stdout)
     if kind == "oci-archive":
         assert record["manifest"] == image["v2"]

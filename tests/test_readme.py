@@ -26,8 +26,11 @@ def mapped_modules(readme: str) -> set[str]:
 
 
 def test_the_code_map_lists_every_module_and_no_other():
-    modules = {str(p.relative_to(ROOT)) for p in (ROOT / "layerfs").rglob("*.py") if p.name != "__init__.py"
-               and p.name != "__main__.py"}
+    modules = {
+        str(p.relative_to(ROOT))
+        for p in (ROOT / "layerfs").rglob("*.py")
+        if p.name != "__init__.py" and p.name != "__main__.py"
+    }
     mapped = mapped_modules((ROOT / "README.md").read_text())
     assert not modules - mapped, "modules the README's code map does not name"
     assert not mapped - modules, "modules the README's code map names that are not there"

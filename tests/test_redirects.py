@@ -128,8 +128,12 @@ def test_renames_by_redirect_match_kernel_overlayfs_and_everything_built_on_them
     # A committed layer over the lowers, mounted read-only: the merged tree again.
     committed = Store(str(tmp_path / "store")).commit(str(l_upper), walked)
     again = mounts.overlay(tmp_path / "committed", [Path(committed.path)] + l_lowers)
-    assert_same(snapshot(container), snapshot(again), what="the committed layer over the lowers",
-                names=("container", "committed"))
+    assert_same(
+        snapshot(container),
+        snapshot(again),
+        what="the committed layer over the lowers",
+        names=("container", "committed"),
+    )
 
 
 def test_without_redirects_the_tree_is_copied_and_reads_the_same(layers, mounts, tmp_path):
@@ -178,8 +182,7 @@ def test_a_killed_daemon_leaves_every_renamed_directory_whole(layers, mounts, tm
             assert inside == contents, f"after kill {kill}: {name} holds {sorted(inside ^ contents)[:5]}..."
             found[(mnt / name / "sub/f0").read_text()] = name
         assert sorted(found) == [f"{d}/0\n" for d in range(4)], f"after kill {kill}: {sorted(os.listdir(mnt))}"
-        worker = subprocess.Popen([sys.executable, "-c", RENAMER, str(mnt), str(kill)],
-                                  stderr=subprocess.DEVNULL)
+        worker = subprocess.Popen([sys.executable, "-c", RENAMER, str(mnt), str(kill)], stderr=subprocess.DEVNULL)
         time.sleep(rng.uniform(0.05, 0.3))
         (daemon,) = daemon_pids(mnt)
         os.kill(daemon, signal.SIGKILL)

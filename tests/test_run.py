@@ -66,8 +66,12 @@ def store(rootfs, tmp_path) -> Path:
 def _running(*run_args: str | os.PathLike, stdin: bool = False):
     """``layerfs run RUN_ARGS`` in the background, once its command has printed "ready"; killed on the
     way out if it still runs."""
-    shim = subprocess.Popen(LAYERFS + ["run", *map(str, run_args)], stdout=subprocess.PIPE, text=True,
-                            stdin=subprocess.PIPE if stdin else None)
+    shim = subprocess.Popen(
+        LAYERFS + ["run", *map(str, run_args)],
+        stdout=subprocess.PIPE,
+        text=True,
+        stdin=subprocess.PIPE if stdin else None,
+    )
     try:
         assert shim.stdout.readline() == "ready\n"
         yield shim
@@ -79,10 +83,26 @@ def _running(*run_args: str | os.PathLike, stdin: bool = False):
 
 def test_a_command_runs_as_pid_1_in_its_own_root(rootfs, tmp_path, new_mounts):
     (tmp_path / "host-only").write_text("secret")
-    script = ('echo "pid=$$ host=$(hostname) color=$COLOR pwd=$(pwd)"; ls /; ls /..; cat /proc/1/cmdline | '
-              'tr "\\0" " "; echo; ls /dev; cat /host-only 2>&1; exit 7')
-    result = layerfs("run", "--hostname", "box", "-e", "COLOR=red", "-w", "/etc", "--lower", rootfs, "--",
-                      "/bin/sh", "-c", script, check=False)
+    script = (
+        'echo "pid=$$ host=$(hostname) color=$COLOR pwd=$(pwd)"; ls /; ls /..; cat /proc/1/cmdline | '
+        'tr "\\0" " "; echo; ls /dev; cat /host-only 2>&1; exit 7'
+    )
+    result = layerfs(
+        "run",
+        "--hostname",
+        "box",
+        "-e",
+        "COLOR=red",
+        "-w",
+        "/etc",
+        "--lower",
+        rootfs,
+        "--",
+        "/bin/sh",
+        "-c",
+        script,
+        check=False,
+    )
     assert result.returncode == 7, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0] == "pid=1 host=box color=red pwd=/etc"
@@ -96,10 +116,24 @@ def test_a_command_runs_as_pid_1_in_its_own_root(rootfs, tmp_path, new_mounts):
 
 def test_changes_made_inside_show_in_diff_and_rm_leaves_nothing(store, new_mounts):
     layerfs("run", "--root", store, "--name", "c1", "box:1", "/bin/sh", "-c", "echo made > /root/new; rm /etc/motd")
-    assert layerfs("diff", "--root", store, "c1").stdout.splitlines() == ["C /etc", "D /etc/motd", "C /root",
-                                                                            "A /root/new"]
-    with _running("--root", store, "--name", "c2", "--rm", "box:1", "/bin/sh", "-c",
-                  "echo x > /root/y; echo ready; read line", stdin=True) as shim:
+    assert layerfs("diff", "--root", store, "c1").stdout.splitlines() == [
+        "C /etc",
+        "D /etc/motd",
+        "C /root",
+        "A /root/new",
+    ]
+    with _running(
+        "--root",
+        store,
+        "--name",
+        "c2",
+        "--rm",
+        "box:1",
+        "/bin/sh",
+        "-c",
+        "echo x > /root/y; echo ready; read line",
+        stdin=True,
+    ) as shim:
         listed = layerfs("ps", "--root", store).stdout.splitlines()
         image = "docker.io/library/box:1"  # (the image's full name, as docker reads "box:1")
         assert listed[0] == f"c1  {image}  stopped" and listed[1].startswith(f"c2  {image}  running, pid ")
@@ -111,8 +145,14 @@ def test_changes_made_inside_show_in_diff_and_rm_leaves_nothing(store, new_mount
 
 
 def test_sigterm_reaches_the_container_and_nothing_stays_mounted(rootfs, new_mounts):
-    with _running("--lower", rootfs, "--", "/bin/sh", "-c",
-                  "trap 'echo got TERM; exit 9' TERM; echo ready; while true; do sleep 0.1; done") as shim:
+    with _running(
+        "--lower",
+        rootfs,
+        "--",
+        "/bin/sh",
+        "-c",
+        "trap 'echo got TERM; exit 9' TERM; echo ready; while true; do sleep 0.1; done",
+    ) as shim:
         shim.send_signal(signal.SIGTERM)
         assert shim.wait(timeout=30) == 9
         assert "got TERM" in shim.stdout.read()
@@ -136,8 +176,12 @@ def test_runc_runs_the_bundle_and_the_diff_is_the_same_as_layerfs_runs(store, tm
     bundle = tmp_path / "bundle"
     layerfs("bundle", "--root", store, "by-runc", bundle, "--", "/bin/sh", "-c", script)
     try:
-        ran = subprocess.run(["runc", "run", "--bundle", str(bundle), f"layerfs-test-{os.getpid()}"],
-                             capture_output=True, text=True, timeout=120)
+        ran = subprocess.run(
+            ["runc", "run", "--bundle", str(bundle), f"layerfs-test-{os.getpid()}"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert ran.returncode == 0, ran.stderr
         assert (bundle / "rootfs/tmp/host").read_text() == "by-runc\n"
     finally:
@@ -147,16 +191,39 @@ def test_runc_runs_the_bundle_and_the_diff_is_the_same_as_layerfs_runs(store, tm
 
 
 def test_the_runtime_gives_hostname_hosts_and_resolv_conf_which_are_not_changes(store):
-    seen = layerfs("run", "--root", store, "--name", "c", "--hostname", "web", "box:1", "/bin/sh", "-c",
-                   "cat /etc/hostname; grep -c web /etc/hosts; test -f /etc/resolv.conf && echo resolv").stdout
+    seen = layerfs(
+        "run",
+        "--root",
+        store,
+        "--name",
+        "c",
+        "--hostname",
+        "web",
+        "box:1",
+        "/bin/sh",
+        "-c",
+        "cat /etc/hostname; grep -c web /etc/hosts; test -f /etc/resolv.conf && echo resolv",
+    ).stdout
     assert seen.splitlines() == ["web", "1", "resolv"]
     assert layerfs("diff", "--root", store, "c").stdout == ""
 
 
 def test_user_and_a_network_of_its_own(rootfs):
-    seen = layerfs("run", "-u", "1000:100", "--net", "none", "--lower", rootfs, "--", "/bin/sh", "-c",
-                   "id -u; id -g; cat /proc/net/dev | tail -n +3 | cut -d: -f1 | tr -d ' '").stdout.splitlines()
+    seen = layerfs(
+        "run",
+        "-u",
+        "1000:100",
+        "--net",
+        "none",
+        "--lower",
+        rootfs,
+        "--",
+        "/bin/sh",
+        "-c",
+        "id -u; id -g; cat /proc/net/dev | tail -n +3 | cut -d: -f1 | tr -d ' '",
+    ).stdout.splitlines()
     assert seen == ["1000", "100", "lo"]
-    host_side = layerfs("run", "--lower", rootfs, "--", "/bin/sh", "-c",
-                        "cat /proc/net/dev | tail -n +3 | wc -l").stdout.strip()
+    host_side = layerfs(
+        "run", "--lower", rootfs, "--", "/bin/sh", "-c", "cat /proc/net/dev | tail -n +3 | wc -l"
+    ).stdout.strip()
     assert int(host_side) >= 1  # --net host (the default) sees the host's interfaces

@@ -78,8 +78,24 @@ def merged(mounts, mountpoint: Path, lowers: list[Path]) -> Snapshot:
 
 
 def gnu_tar(src: Path) -> bytes:
-    return subprocess.run(["tar", "-C", str(src), "-c", "-f", "-", "--format=posix", "--sort=name", "--numeric-owner",
-                           "--xattrs", "--xattrs-include=*", "."], capture_output=True, check=True).stdout
+    return subprocess.run(
+        [
+            "tar",
+            "-C",
+            str(src),
+            "-c",
+            "-f",
+            "-",
+            "--format=posix",
+            "--sort=name",
+            "--numeric-owner",
+            "--xattrs",
+            "--xattrs-include=*",
+            ".",
+        ],
+        capture_output=True,
+        check=True,
+    ).stdout
 
 
 # -- our exporter's layers, unpacked --------------------------------------------------------------------
@@ -168,8 +184,12 @@ def test_an_exported_layer_unpacks_to_the_upper_it_came_from(image, compress, mo
     assert result.diff_id == digests.diff_id
 
     # The layer itself, marker for marker: whiteouts are 0/0 devices, opaque dirs carry the xattr.
-    assert_same(without(snapshot_upper(upper), ".", "dev/sock"), without(snapshot_upper(dest), "."),
-                what="the upper layer and its export unpacked", names=("upper", "unpacked"))
+    assert_same(
+        without(snapshot_upper(upper), ".", "dev/sock"),
+        without(snapshot_upper(dest), "."),
+        what="the upper layer and its export unpacked",
+        names=("upper", "unpacked"),
+    )
     assert os.getxattr(dest / "bin/tool", "security.capability") == CAP_NET_RAW
     assert stat.S_IMODE(os.stat(dest / "bin/tool").st_mode) == 0o4755
     assert not any(name.startswith(".wh.") for _, _, files in os.walk(dest) for name in files)
@@ -179,8 +199,9 @@ def test_an_exported_layer_unpacks_to_the_upper_it_came_from(image, compress, mo
     got = without(merged(mounts, tmp_path / "m-unpacked", [dest, lower]), ".")
     assert "opt/old/a" not in got.entries and "var/cache/app" not in got.entries and "etc/motd" not in got.entries
     assert got.link_groups() == {frozenset({"links/first", "links/second", "other/third"})}
-    assert_same(expected, got, what="kernel overlayfs over the upper and over the unpacked layer",
-                names=("upper", "unpacked"))
+    assert_same(
+        expected, got, what="kernel overlayfs over the upper and over the unpacked layer", names=("upper", "unpacked")
+    )
 
 
 @pytest.mark.parametrize("seed", [3, 17, 2024])
@@ -216,9 +237,12 @@ def test_a_gnu_tar_layer_in_oci_form_unpacks_to_the_overlay_form(seed, tmp_path,
     assert result.diff_id == "sha256:" + hashlib.sha256(data).hexdigest()  # GNU tar's padding included
     assert result.size == len(data)
     # "." included: the root's own entry gave dest the metadata of the directory tar read.
-    assert_same(snapshot_upper(tmp_path / "overlay"), snapshot_upper(dest),
-                what=f"seed {seed}: the layer in overlay form and GNU tar's OCI-form layer unpacked",
-                names=("overlay-form", "unpacked"))
+    assert_same(
+        snapshot_upper(tmp_path / "overlay"),
+        snapshot_upper(dest),
+        what=f"seed {seed}: the layer in overlay form and GNU tar's OCI-form layer unpacked",
+        names=("overlay-form", "unpacked"),
+    )
     expected = without(merged(mounts, tmp_path / "m-overlay", [tmp_path / "overlay", *lowers]), ".")
     got = without(merged(mounts, tmp_path / "m-unpacked", [dest, *lowers]), ".")
     assert_same(expected, got, what=f"seed {seed}: the merged trees", names=("overlay-form", "unpacked"))
@@ -286,8 +310,9 @@ def test_a_layer_umoci_repacked_unpacks_to_the_bundle(layers, tmp_path, mounts):
     assert result.entries == len(names)
     expected = without(snapshot(rootfs), ".")
     got = without(merged(mounts, tmp_path / "m", [dest, lower]), ".")
-    assert_same(expected, got, what="umoci's changed bundle and its layer unpacked over the lower",
-                names=("bundle", "unpacked"))
+    assert_same(
+        expected, got, what="umoci's changed bundle and its layer unpacked over the lower", names=("bundle", "unpacked")
+    )
 
 
 # -- what the entries mean ------------------------------------------------------------------------------
@@ -296,10 +321,21 @@ def test_a_layer_umoci_repacked_unpacks_to_the_bundle(layers, tmp_path, mounts):
 Entry = tuple[tarfile.TarInfo, bytes | None]
 
 
-def entry(name: str, kind: bytes = tarfile.REGTYPE, data: bytes | None = None, *, mode: int | None = None,
-          linkname: str = "", uid: int = 0, gid: int = 0, mtime_ns: int = OLD_NS,
-          xattrs: dict[str, bytes] | None = None, pax: dict[str, str] | None = None,
-          major: int = 0, minor: int = 0) -> Entry:
+def entry(
+    name: str,
+    kind: bytes = tarfile.REGTYPE,
+    data: bytes | None = None,
+    *,
+    mode: int | None = None,
+    linkname: str = "",
+    uid: int = 0,
+    gid: int = 0,
+    mtime_ns: int = OLD_NS,
+    xattrs: dict[str, bytes] | None = None,
+    pax: dict[str, str] | None = None,
+    major: int = 0,
+    minor: int = 0,
+) -> Entry:
     info = tarfile.TarInfo(name)
     info.type = kind
     info.mode = mode if mode is not None else 0o755 if kind == tarfile.DIRTYPE else 0o644
@@ -333,8 +369,9 @@ def link(name: str, target: str, **kw) -> Entry:
 
 def tar_of(*entries: Entry, compress: bool = False) -> bytes:
     out = io.BytesIO()
-    with tarfile.TarFile(fileobj=out, mode="w", format=tarfile.PAX_FORMAT, encoding="utf-8",
-                         errors="surrogateescape") as tar:
+    with tarfile.TarFile(
+        fileobj=out, mode="w", format=tarfile.PAX_FORMAT, encoding="utf-8", errors="surrogateescape"
+    ) as tar:
         for info, data in entries:
             tar.addfile(info, io.BytesIO(data) if data is not None else None)
     return gzip.compress(out.getvalue()) if compress else out.getvalue()
@@ -356,13 +393,25 @@ def opaque(path: Path) -> bool:
 
 def test_a_later_entry_replaces_the_earlier_one(tmp_path):
     dest = fresh(tmp_path / "dest")
-    unpack(tar_of(
-        reg("x", b"1"), dir_("x/"), reg("x/child", b"c"), reg("x", b"3"),  # file, dir with content, file
-        dir_("d/", mode=0o700, uid=5, xattrs={"user.a": b"1"}), reg("d/keep", b"k"),
-        dir_("d/", mode=0o751, uid=6, mtime_ns=DIR_NS, xattrs={"user.b": b"2"}),  # a directory over one
-        reg("h1", b"old"), link("h2", "h1"), reg("h1", b"new"),  # the link keeps the file it was made to
-        sym("s", "first"), sym("s", "second"), reg("f", b"file"), sym("f", "now a symlink"),
-    ), dest)
+    unpack(
+        tar_of(
+            reg("x", b"1"),
+            dir_("x/"),
+            reg("x/child", b"c"),
+            reg("x", b"3"),  # file, dir with content, file
+            dir_("d/", mode=0o700, uid=5, xattrs={"user.a": b"1"}),
+            reg("d/keep", b"k"),
+            dir_("d/", mode=0o751, uid=6, mtime_ns=DIR_NS, xattrs={"user.b": b"2"}),  # a directory over one
+            reg("h1", b"old"),
+            link("h2", "h1"),
+            reg("h1", b"new"),  # the link keeps the file it was made to
+            sym("s", "first"),
+            sym("s", "second"),
+            reg("f", b"file"),
+            sym("f", "now a symlink"),
+        ),
+        dest,
+    )
     assert (dest / "x").read_bytes() == b"3" and kind_of(dest / "x") == "file"
     st = os.stat(dest / "d")
     assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_mtime_ns) == (0o751, 6, DIR_NS)
@@ -377,17 +426,33 @@ def test_whiteouts_apply_to_the_layers_below_only(tmp_path):
     """A name the layer both whites out and carries is the layer's; a directory there is opaque, in
     whichever order the two come; a directory implied there (by a child) too."""
     dest = fresh(tmp_path / "dest")
-    result = unpack(tar_of(
-        reg(".wh.a"), dir_("a/"), reg("a/f"),  # whiteout first
-        dir_("b/"), reg("b/f"), reg(".wh.b"),  # whiteout after
-        reg("c", b"c"), reg(".wh.c"),  # a file and its whiteout
-        reg(".wh.e"), reg("e", b"e"),
-        reg(".wh.g"), reg("g/x"),  # implied directory
-        reg(".wh.h"), reg("h", b"h"), dir_("h/"),  # whited out, a file, then a directory: still opaque
-        reg("o/.wh..wh..opq"), reg("o/y"), dir_("o/", mode=0o700),  # the marker before the directory
-        entry("w", tarfile.CHRTYPE),  # overlay's whiteout as an entry: a whiteout
-        reg("gone/.wh.deep"), reg(".wh.gone2"), reg("./.wh..wh..opq"),
-    ), dest)
+    result = unpack(
+        tar_of(
+            reg(".wh.a"),
+            dir_("a/"),
+            reg("a/f"),  # whiteout first
+            dir_("b/"),
+            reg("b/f"),
+            reg(".wh.b"),  # whiteout after
+            reg("c", b"c"),
+            reg(".wh.c"),  # a file and its whiteout
+            reg(".wh.e"),
+            reg("e", b"e"),
+            reg(".wh.g"),
+            reg("g/x"),  # implied directory
+            reg(".wh.h"),
+            reg("h", b"h"),
+            dir_("h/"),  # whited out, a file, then a directory: still opaque
+            reg("o/.wh..wh..opq"),
+            reg("o/y"),
+            dir_("o/", mode=0o700),  # the marker before the directory
+            entry("w", tarfile.CHRTYPE),  # overlay's whiteout as an entry: a whiteout
+            reg("gone/.wh.deep"),
+            reg(".wh.gone2"),
+            reg("./.wh..wh..opq"),
+        ),
+        dest,
+    )
     assert result.entries == 22
     for name in "abgho":
         assert kind_of(dest / name) == "dir" and opaque(dest / name), name
@@ -401,22 +466,30 @@ def test_whiteouts_apply_to_the_layers_below_only(tmp_path):
 def test_names_metadata_and_special_files(tmp_path, arena):
     dest = arena.dest
     outside = str(arena.outside)
-    unpack(tar_of(
-        dir_(".", mode=0o750, uid=7, gid=8, mtime_ns=DIR_NS, xattrs={"user.root": b"r"}),  # the root's own entry
-        reg("/abs/path", b"inside"),  # a leading "/" is the layer's root
-        reg("./dot//slashes/./f", b"n"), reg("lex/../lexical", b"l"),
-        reg("p/q/r", b"implied parents"),
-        dir_("ro/", mode=0o555, mtime_ns=DIR_NS), reg("ro/f", b"in a read-only dir"), dir_("ro/sub/", mode=0o500),
-        reg("tool", b"x", mode=0o4755, uid=1000, gid=1000, xattrs={"security.capability": CAP_NET_RAW}),
-        dir_("shared/", mode=0o3775, gid=50), dir_("tmp/", mode=0o1777),
-        sym("s", outside + "/secret", uid=1000, gid=100),
-        link("s-again", "s"),  # a hard link to the symlink itself, not to what it points at
-        entry("chr", tarfile.CHRTYPE, mode=0o666, major=1, minor=3),
-        entry("blk", tarfile.BLKTYPE, mode=0o660, major=7, minor=200),
-        entry("fifo", tarfile.FIFOTYPE, mode=0o620, uid=33, gid=33),
-        reg(LATIN1, b"latin-1"), reg("t\u00e9l\u00e9", b"utf-8"),
-        reg("old", b"o", pax={"mtime": "-1.5"}),  # before 1970
-    ), dest)
+    unpack(
+        tar_of(
+            dir_(".", mode=0o750, uid=7, gid=8, mtime_ns=DIR_NS, xattrs={"user.root": b"r"}),  # the root's own entry
+            reg("/abs/path", b"inside"),  # a leading "/" is the layer's root
+            reg("./dot//slashes/./f", b"n"),
+            reg("lex/../lexical", b"l"),
+            reg("p/q/r", b"implied parents"),
+            dir_("ro/", mode=0o555, mtime_ns=DIR_NS),
+            reg("ro/f", b"in a read-only dir"),
+            dir_("ro/sub/", mode=0o500),
+            reg("tool", b"x", mode=0o4755, uid=1000, gid=1000, xattrs={"security.capability": CAP_NET_RAW}),
+            dir_("shared/", mode=0o3775, gid=50),
+            dir_("tmp/", mode=0o1777),
+            sym("s", outside + "/secret", uid=1000, gid=100),
+            link("s-again", "s"),  # a hard link to the symlink itself, not to what it points at
+            entry("chr", tarfile.CHRTYPE, mode=0o666, major=1, minor=3),
+            entry("blk", tarfile.BLKTYPE, mode=0o660, major=7, minor=200),
+            entry("fifo", tarfile.FIFOTYPE, mode=0o620, uid=33, gid=33),
+            reg(LATIN1, b"latin-1"),
+            reg("t\u00e9l\u00e9", b"utf-8"),
+            reg("old", b"o", pax={"mtime": "-1.5"}),  # before 1970
+        ),
+        dest,
+    )
     st = os.stat(dest)
     assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_mtime_ns) == (0o750, 7, 8, DIR_NS)
     assert os.getxattr(dest, "user.root") == b"r"
@@ -508,12 +581,26 @@ def _state(root: Path) -> dict[str, tuple]:
             if not name and dirpath != str(root):
                 continue
             st = os.lstat(path)
-            content = (os.readlink(path) if stat.S_ISLNK(st.st_mode) else
-                       Path(path).read_bytes() if stat.S_ISREG(st.st_mode) else
-                       sorted(os.listdir(path)) if stat.S_ISDIR(st.st_mode) else st.st_rdev)
+            content = (
+                os.readlink(path)
+                if stat.S_ISLNK(st.st_mode)
+                else Path(path).read_bytes()
+                if stat.S_ISREG(st.st_mode)
+                else sorted(os.listdir(path))
+                if stat.S_ISDIR(st.st_mode)
+                else st.st_rdev
+            )
             xattrs = {a: os.getxattr(path, a, follow_symlinks=False) for a in os.listxattr(path, follow_symlinks=False)}
-            out[os.path.relpath(path, root)] = (st.st_mode, st.st_uid, st.st_gid, st.st_nlink, st.st_size,
-                                                st.st_mtime_ns, content, xattrs)
+            out[os.path.relpath(path, root)] = (
+                st.st_mode,
+                st.st_uid,
+                st.st_gid,
+                st.st_nlink,
+                st.st_size,
+                st.st_mtime_ns,
+                content,
+                xattrs,
+            )
     return out
 
 
@@ -534,7 +621,8 @@ class Arena:
     def outside_unchanged(self) -> bool:
         now = _state(self.base)
         return {k: v for k, v in now.items() if not k.startswith("dest")} == {
-            k: v for k, v in self.before.items() if not k.startswith("dest")}
+            k: v for k, v in self.before.items() if not k.startswith("dest")
+        }
 
     def refused(self, data: bytes, match: str) -> str:
         try:
@@ -560,85 +648,153 @@ def arena(tmp_path) -> Arena:
 
 def benign(outside: str) -> list[Entry]:
     """Something of every kind first, so that the undoing has work to do, the root's metadata too."""
-    return [dir_(".", mode=0o700, uid=3, xattrs={"user.root": b"1"}), reg(".wh..wh..opq"), dir_("ok/"),
-            reg("ok/file", b"data\n"), reg("ok/sub/deep/file", b"deep\n"), reg(".wh.gone"), reg("ok/.wh..wh..opq"),
-            link("ok/link", "ok/file"), sym("ok/sym", outside + "/secret"), dir_("ok/ro", mode=0o555),
-            entry("ok/fifo", tarfile.FIFOTYPE), reg("ok/" + LATIN1, b"x")]
+    return [
+        dir_(".", mode=0o700, uid=3, xattrs={"user.root": b"1"}),
+        reg(".wh..wh..opq"),
+        dir_("ok/"),
+        reg("ok/file", b"data\n"),
+        reg("ok/sub/deep/file", b"deep\n"),
+        reg(".wh.gone"),
+        reg("ok/.wh..wh..opq"),
+        link("ok/link", "ok/file"),
+        sym("ok/sym", outside + "/secret"),
+        dir_("ok/ro", mode=0o555),
+        entry("ok/fifo", tarfile.FIFOTYPE),
+        reg("ok/" + LATIN1, b"x"),
+    ]
 
 
 HOSTILE: list = [
-    pytest.param(lambda o: [reg("../escape", b"x")], r"entry '\.\./escape': the name leads out of the layer",
-                 id="dotdot"),
+    pytest.param(
+        lambda o: [reg("../escape", b"x")], r"entry '\.\./escape': the name leads out of the layer", id="dotdot"
+    ),
     pytest.param(lambda o: [reg("a/../../x", b"x")], r"entry 'a/\.\./\.\./x': the name leads out", id="dotdot-inside"),
     pytest.param(lambda o: [reg("/../escape", b"x")], r"entry '/\.\./escape': the name leads out", id="abs-dotdot"),
-    pytest.param(lambda o: [sym("a", o), reg("a/file", b"x")],
-                 r"entry 'a/file': 'a' is a symlink, which a layer is never written or read through",
-                 id="symlink-absolute"),
-    pytest.param(lambda o: [dir_("d/"), sym("d/a", ".."), reg("d/a/x", b"x")], r"entry 'd/a/x': 'd/a' is a symlink",
-                 id="symlink-dotdot"),
+    pytest.param(
+        lambda o: [sym("a", o), reg("a/file", b"x")],
+        r"entry 'a/file': 'a' is a symlink, which a layer is never written or read through",
+        id="symlink-absolute",
+    ),
+    pytest.param(
+        lambda o: [dir_("d/"), sym("d/a", ".."), reg("d/a/x", b"x")],
+        r"entry 'd/a/x': 'd/a' is a symlink",
+        id="symlink-dotdot",
+    ),
     pytest.param(lambda o: [sym("a", o), dir_("a/sub/")], r"entry 'a/sub': 'a' is a symlink", id="symlink-then-dir"),
     pytest.param(lambda o: [sym("a", o), reg("a/new/deep", b"x")], r"'a' is a symlink", id="symlink-implied-dir"),
-    pytest.param(lambda o: [sym("a", o), reg("a/.wh.secret")], r"entry 'a/\.wh\.secret': 'a' is a symlink",
-                 id="symlink-whiteout"),
-    pytest.param(lambda o: [sym("a", o), reg("a/.wh..wh..opq")], r"entry 'a/\.wh\.\.wh\.\.opq': 'a' is a symlink",
-                 id="symlink-opaque"),
-    pytest.param(lambda o: [dir_("a/"), reg("a/f"), sym("a", o), reg("a/g", b"x")], r"entry 'a/g': 'a' is a symlink",
-                 id="symlink-replacing-dir"),
-    pytest.param(lambda o: [link("h", "../outside/secret")],
-                 r"entry 'h': its hard-link target '\.\./outside/secret' leads out of the layer", id="link-dotdot"),
-    pytest.param(lambda o: [link("h", o + "/secret")], r"entry 'h': its hard-link target '/.*/secret' cannot be "
-                 r"reached: '\w+' does not exist", id="link-absolute"),
-    pytest.param(lambda o: [sym("s", o), link("h", "s/secret")],
-                 r"entry 'h': its hard-link target 's/secret' cannot be reached: 's' is a symlink",
-                 id="link-through-symlink"),
-    pytest.param(lambda o: [link("h", "nope")], r"entry 'h': its hard-link target 'nope' is not in the layer",
-                 id="link-missing"),
+    pytest.param(
+        lambda o: [sym("a", o), reg("a/.wh.secret")], r"entry 'a/\.wh\.secret': 'a' is a symlink", id="symlink-whiteout"
+    ),
+    pytest.param(
+        lambda o: [sym("a", o), reg("a/.wh..wh..opq")],
+        r"entry 'a/\.wh\.\.wh\.\.opq': 'a' is a symlink",
+        id="symlink-opaque",
+    ),
+    pytest.param(
+        lambda o: [dir_("a/"), reg("a/f"), sym("a", o), reg("a/g", b"x")],
+        r"entry 'a/g': 'a' is a symlink",
+        id="symlink-replacing-dir",
+    ),
+    pytest.param(
+        lambda o: [link("h", "../outside/secret")],
+        r"entry 'h': its hard-link target '\.\./outside/secret' leads out of the layer",
+        id="link-dotdot",
+    ),
+    pytest.param(
+        lambda o: [link("h", o + "/secret")],
+        r"entry 'h': its hard-link target '/.*/secret' cannot be "
+        r"reached: '\w+' does not exist",
+        id="link-absolute",
+    ),
+    pytest.param(
+        lambda o: [sym("s", o), link("h", "s/secret")],
+        r"entry 'h': its hard-link target 's/secret' cannot be reached: 's' is a symlink",
+        id="link-through-symlink",
+    ),
+    pytest.param(
+        lambda o: [link("h", "nope")], r"entry 'h': its hard-link target 'nope' is not in the layer", id="link-missing"
+    ),
     pytest.param(lambda o: [reg(".wh.w"), link("h", "w")], r"target 'w' is not in the layer", id="link-to-whiteout"),
     pytest.param(lambda o: [dir_("d/"), link("h", "d")], r"target 'd' is a directory", id="link-to-dir"),
-    pytest.param(lambda o: [reg("f", b"x"), link("f", "f")], r"entry 'f': it is a hard link to itself",
-                 id="link-to-itself"),
+    pytest.param(
+        lambda o: [reg("f", b"x"), link("f", "f")], r"entry 'f': it is a hard link to itself", id="link-to-itself"
+    ),
     pytest.param(lambda o: [reg(".wh...")], r"entry '\.wh\.\.\.': it is neither a whiteout", id="whiteout-dotdot"),
     pytest.param(lambda o: [reg("d/.wh..")], r"entry 'd/\.wh\.\.': it is neither", id="whiteout-dot"),
     pytest.param(lambda o: [reg("../.wh.x")], r"entry '\.\./\.wh\.x': the name leads out", id="whiteout-outside"),
     pytest.param(lambda o: [reg("d/.wh.")], r"entry 'd/\.wh\.': it is neither", id="whiteout-bare"),
     pytest.param(lambda o: [dir_(".wh..wh.plnk/")], r"it is neither a whiteout", id="aufs-metadata"),
     pytest.param(lambda o: [reg(".wh.a/b", b"x")], r"entry '\.wh\.a/b': '\.wh\.a' is a whiteout name", id="marker-dir"),
-    pytest.param(lambda o: [dir_("d/", xattrs={"trusted.overlay.opaque": b"y"})],
-                 r"entry 'd': it carries the xattr 'trusted\.overlay\.opaque', overlay's own", id="xattr-opaque"),
-    pytest.param(lambda o: [dir_("d/", xattrs={"trusted.overlay.redirect": o.encode()})],
-                 r"'trusted\.overlay\.redirect'", id="xattr-redirect"),
-    pytest.param(lambda o: [reg("f", b"x", xattrs={"trusted.overlay.metacopy": b""})], r"'trusted\.overlay\.metacopy'",
-                 id="xattr-metacopy"),
-    pytest.param(lambda o: [dir_("d/", xattrs={"user.overlay.opaque": b"y"})], r"'user\.overlay\.opaque'",
-                 id="xattr-user-overlay"),
-    pytest.param(lambda o: [reg("f", xattrs={"user.fuseoverlayfs.origin": b"x"})], r"'user\.fuseoverlayfs\.origin'",
-                 id="xattr-fuse-overlayfs"),
-    pytest.param(lambda o: [reg("x", b"x", pax={"path": "a\0b"})], r"entry 'a\\x00b': the name holds a NUL byte",
-                 id="nul-in-name"),
-    pytest.param(lambda o: [sym("x", "", pax={"linkpath": "a\0b"})], r"entry 'x': the symlink target holds a NUL",
-                 id="nul-in-target"),
-    pytest.param(lambda o: [reg("f", b"x"), reg("f/x", b"x")], r"entry 'f/x': 'f' is not a directory",
-                 id="file-as-parent"),
+    pytest.param(
+        lambda o: [dir_("d/", xattrs={"trusted.overlay.opaque": b"y"})],
+        r"entry 'd': it carries the xattr 'trusted\.overlay\.opaque', overlay's own",
+        id="xattr-opaque",
+    ),
+    pytest.param(
+        lambda o: [dir_("d/", xattrs={"trusted.overlay.redirect": o.encode()})],
+        r"'trusted\.overlay\.redirect'",
+        id="xattr-redirect",
+    ),
+    pytest.param(
+        lambda o: [reg("f", b"x", xattrs={"trusted.overlay.metacopy": b""})],
+        r"'trusted\.overlay\.metacopy'",
+        id="xattr-metacopy",
+    ),
+    pytest.param(
+        lambda o: [dir_("d/", xattrs={"user.overlay.opaque": b"y"})],
+        r"'user\.overlay\.opaque'",
+        id="xattr-user-overlay",
+    ),
+    pytest.param(
+        lambda o: [reg("f", xattrs={"user.fuseoverlayfs.origin": b"x"})],
+        r"'user\.fuseoverlayfs\.origin'",
+        id="xattr-fuse-overlayfs",
+    ),
+    pytest.param(
+        lambda o: [reg("x", b"x", pax={"path": "a\0b"})],
+        r"entry 'a\\x00b': the name holds a NUL byte",
+        id="nul-in-name",
+    ),
+    pytest.param(
+        lambda o: [sym("x", "", pax={"linkpath": "a\0b"})],
+        r"entry 'x': the symlink target holds a NUL",
+        id="nul-in-target",
+    ),
+    pytest.param(
+        lambda o: [reg("f", b"x"), reg("f/x", b"x")], r"entry 'f/x': 'f' is not a directory", id="file-as-parent"
+    ),
     pytest.param(lambda o: [reg(".", b"x")], r"entry '\.': the layer's root can only be a directory", id="root-file"),
     pytest.param(lambda o: [entry("v", b"V", b"")], r"entry 'v': entry type b'V' is not one", id="volume-header"),
-    pytest.param(lambda o: [reg("f", b"", pax={"uid": "4294967295"})], r"entry 'f': its owner 4294967295:0 is out",
-                 id="owner-minus-one"),
-    pytest.param(lambda o: [reg("f", b"", pax={"mtime": "soon"})], r"its PAX mtime record 'soon' is not a time",
-                 id="bad-time"),
-    pytest.param(lambda o: [reg("f", b"", xattrs={"user.big": b"x" * (1 << 20)})],
-                 r"after entry 'ok/.*': damaged tar header .*over the 1048576 allowed", id="huge-pax-record"),
-    pytest.param(lambda o: [reg("x" * 256, b"x")], r"entry 'x{120}…\[256 characters\]': File name too long",
-                 id="name-too-long"),
+    pytest.param(
+        lambda o: [reg("f", b"", pax={"uid": "4294967295"})],
+        r"entry 'f': its owner 4294967295:0 is out",
+        id="owner-minus-one",
+    ),
+    pytest.param(
+        lambda o: [reg("f", b"", pax={"mtime": "soon"})], r"its PAX mtime record 'soon' is not a time", id="bad-time"
+    ),
+    pytest.param(
+        lambda o: [reg("f", b"", xattrs={"user.big": b"x" * (1 << 20)})],
+        r"after entry 'ok/.*': damaged tar header .*over the 1048576 allowed",
+        id="huge-pax-record",
+    ),
+    pytest.param(
+        lambda o: [reg("x" * 256, b"x")], r"entry 'x{120}…\[256 characters\]': File name too long", id="name-too-long"
+    ),
     pytest.param(lambda o: [reg("a/" * 2100, b"x")], r"the name is longer than PATH_MAX", id="path-too-long"),
-    pytest.param(lambda o: [reg("d/" * 2000 + "f", b"x"), reg("../x")], r"entry '\.\./x': the name leads out",
-                 id="deep-tree-then-escape"),  # undone without recursion: deeper than Python's stack
+    pytest.param(
+        lambda o: [reg("d/" * 2000 + "f", b"x"), reg("../x")],
+        r"entry '\.\./x': the name leads out",
+        id="deep-tree-then-escape",
+    ),  # undone without recursion: deeper than Python's stack
 ]
 
 
 @pytest.mark.parametrize("hostile, match", HOSTILE)
 @pytest.mark.parametrize("compress", [False, True], ids=["plain", "gzip"])
-def test_a_hostile_layer_is_refused_and_leaves_nothing(hostile: Callable[[str], list[Entry]], match: str,
-                                                       compress: bool, arena):
+def test_a_hostile_layer_is_refused_and_leaves_nothing(
+    hostile: Callable[[str], list[Entry]], match: str, compress: bool, arena
+):
     outside = str(arena.outside)
     data = tar_of(*benign(outside), *hostile(outside), reg("never", b"reached"), compress=compress)
     assert arena.refused(data, match).startswith("cannot unpack ")
@@ -656,24 +812,36 @@ def _damaged_cases() -> list:
     garbled = bytearray(packed)
     garbled[len(packed) // 2] ^= 0xFF
     return [
-        pytest.param(good[:big.offset_data + 1000], r"entry 'big': the tar ends inside the entry's data \(truncated\)$",
-                     id="cut-in-data"),
-        pytest.param(good[:end], r"after entry 'after': the tar ends without its end-of-archive block",
-                     id="cut-before-end-block"),
-        pytest.param(good[:after.offset + 100], r"after entry 'big': the tar ends inside a header", id="cut-in-header"),
-        pytest.param(bytes(corrupt), r"after entry 'big': damaged tar header at byte \d+ \(bad checksum\)",
-                     id="bad-checksum"),
+        pytest.param(
+            good[: big.offset_data + 1000],
+            r"entry 'big': the tar ends inside the entry's data \(truncated\)$",
+            id="cut-in-data",
+        ),
+        pytest.param(
+            good[:end], r"after entry 'after': the tar ends without its end-of-archive block", id="cut-before-end-block"
+        ),
+        pytest.param(
+            good[: after.offset + 100], r"after entry 'big': the tar ends inside a header", id="cut-in-header"
+        ),
+        pytest.param(
+            bytes(corrupt), r"after entry 'big': damaged tar header at byte \d+ \(bad checksum\)", id="bad-checksum"
+        ),
         pytest.param(b"", r"^cannot unpack the layer: it is empty$", id="empty"),
-        pytest.param(b"not a tar at all\n" * 40, r"^cannot unpack the layer: it is not a tar \(invalid header\)$",
-                     id="not-a-tar"),
+        pytest.param(
+            b"not a tar at all\n" * 40, r"^cannot unpack the layer: it is not a tar \(invalid header\)$", id="not-a-tar"
+        ),
         pytest.param(bytes(garbled), r"the gzip data is damaged|damaged tar", id="gzip-garbled"),
-        pytest.param(packed[:len(packed) - 30], r"the gzip data ends early \(truncated\)", id="gzip-cut"),
+        pytest.param(packed[: len(packed) - 30], r"the gzip data ends early \(truncated\)", id="gzip-cut"),
         pytest.param(packed[:-4] + b"\0\0\0\0", r"the gzip data is damaged \(Incorrect length", id="gzip-bad-length"),
-        pytest.param(packed + b"garbage", r"after entry 'after': the gzip data is damaged \(Not a gzipped file",
-                     id="gzip-trailing-garbage"),
+        pytest.param(
+            packed + b"garbage",
+            r"after entry 'after': the gzip data is damaged \(Not a gzipped file",
+            id="gzip-trailing-garbage",
+        ),
         pytest.param(b"\x28\xb5\x2f\xfd" + b"\1" * 100, r"the zstd data is damaged|it is empty", id="zstd-garbled"),
-        pytest.param(zstandard.ZstdCompressor().compress(b"not a tar at all\n" * 40), r"it is not a tar",
-                     id="zstd-not-a-tar"),
+        pytest.param(
+            zstandard.ZstdCompressor().compress(b"not a tar at all\n" * 40), r"it is not a tar", id="zstd-not-a-tar"
+        ),
     ]
 
 
@@ -739,16 +907,28 @@ def test_without_root_owners_and_devices_are_errors_markers_fall_back(user_dir):
     namespace's xattr, as whiteout.mark_opaque does."""
     mine = {"uid": USER, "gid": USER}
     dest = str(user_dir)
-    error, left = run_as(USER, USER, _unpack_as_user, tar_of(dir_("d/", **mine), reg("d/f", b"x", **mine),
-                                                             entry("null", tarfile.CHRTYPE, major=1, minor=3, **mine)),
-                         dest)
+    error, left = run_as(
+        USER,
+        USER,
+        _unpack_as_user,
+        tar_of(dir_("d/", **mine), reg("d/f", b"x", **mine), entry("null", tarfile.CHRTYPE, major=1, minor=3, **mine)),
+        dest,
+    )
     assert error == "cannot unpack layer entry 'null': making a device node needs root (CAP_MKNOD)" and left == []
     error, left = run_as(USER, USER, _unpack_as_user, tar_of(reg("f", b"x", **mine), reg("root-owned", b"x")), dest)
     assert error is not None and left == []
-    assert re.fullmatch(r"cannot unpack layer entry 'root-owned': cannot give it the owner 0:0: Operation not "
-                        r"permitted \(that needs root\)", error), error
-    error, left = run_as(USER, USER, _unpack_as_user, tar_of(dir_("d/", **mine), reg("d/.wh.x"), reg("d/.wh..wh..opq"),
-                                                             reg("d/f", b"x", **mine)), dest)
+    assert re.fullmatch(
+        r"cannot unpack layer entry 'root-owned': cannot give it the owner 0:0: Operation not "
+        r"permitted \(that needs root\)",
+        error,
+    ), error
+    error, left = run_as(
+        USER,
+        USER,
+        _unpack_as_user,
+        tar_of(dir_("d/", **mine), reg("d/.wh.x"), reg("d/.wh..wh..opq"), reg("d/f", b"x", **mine)),
+        dest,
+    )
     assert error is None and left == ["d"]
     assert kind_of(user_dir / "d/x") == "whiteout"
     assert os.getxattr(user_dir / "d", OPAQUE_XATTR_USER) == b"y"

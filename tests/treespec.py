@@ -173,8 +173,9 @@ class _Generator:
         if self.rng.random() > 0.25:
             return ()
         names = self.rng.sample(["user.a", "user.comment", "user.mime_type", "user.big"], self.rng.randint(1, 2))
-        return tuple(sorted((n, self.rng.randbytes(300 if n == "user.big" else self.rng.randint(0, 12)))
-                            for n in names))
+        return tuple(
+            sorted((n, self.rng.randbytes(300 if n == "user.big" else self.rng.randint(0, 12))) for n in names)
+        )
 
     def meta(self, modes: tuple[int, ...], xattrs: bool = True) -> Meta:
         uid, gid = self.rng.choice(OWNERS)
@@ -264,8 +265,7 @@ class _Generator:
         paths = sorted(visible)
         rng = self.rng
         dirs = [p for p in paths if isinstance(visible[p], Dir)]
-        hidden = sorted(p for p in seen - visible.keys() if isinstance(visible.get(parent_of(p)), Dir)
-                        or "/" not in p)
+        hidden = sorted(p for p in seen - visible.keys() if isinstance(visible.get(parent_of(p)), Dir) or "/" not in p)
 
         def taken(path: str) -> bool:
             # Only one node per path per layer, and nothing below something this layer replaced.
@@ -278,8 +278,11 @@ class _Generator:
             # Each change picks a path of the kind it needs; paths this layer already decided are skipped.
             pool = files if r < 0.2 else paths if r < 0.4 else dirs if r < 0.58 else others if r < 0.66 else dirs
             path = rng.choice(pool) if pool else ""
-            if not path or taken(path) or any(isinstance(layer.get(a), Dir) and layer[a].opaque
-                                              for a in ancestors(path)):
+            if (
+                not path
+                or taken(path)
+                or any(isinstance(layer.get(a), Dir) and layer[a].opaque for a in ancestors(path))
+            ):
                 continue
             if r < 0.2:  # modified file
                 if self.ensure_parents(layer, path, visible):

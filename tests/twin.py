@@ -64,8 +64,17 @@ def _has_hard_links(path: Path) -> bool:
 class Twin:
     """Kernel overlayfs (the oracle) and layerfs over identical copies of the same lower layers."""
 
-    def __init__(self, mounts, base: Path, k_lowers: list[Path], l_lowers: list[Path], label: str,
-                 mount_base: Path | None = None, redirect_dir: bool = True, metacopy: bool = False) -> None:
+    def __init__(
+        self,
+        mounts,
+        base: Path,
+        k_lowers: list[Path],
+        l_lowers: list[Path],
+        label: str,
+        mount_base: Path | None = None,
+        redirect_dir: bool = True,
+        metacopy: bool = False,
+    ) -> None:
         """Mount ``k_lowers`` (overlay form) with kernel overlayfs and ``l_lowers`` (same content, any
         form) with layerfs, each with an empty upper under ``base``; the mount points go in ``mount_base``
         (default ``base``; one other users can reach when operations run as them). ``label`` names the
@@ -94,13 +103,29 @@ class Twin:
         self.skipped = 0
 
     @classmethod
-    def from_spec(cls, mounts, base: Path, spec: TreeSpec, form: str, mount_base: Path | None = None,
-                  redirect_dir: bool = True, metacopy: bool = False) -> Twin:
+    def from_spec(
+        cls,
+        mounts,
+        base: Path,
+        spec: TreeSpec,
+        form: str,
+        mount_base: Path | None = None,
+        redirect_dir: bool = True,
+        metacopy: bool = False,
+    ) -> Twin:
         """Twin mounts of a generated tree; layerfs gets its lowers in whiteout ``form``."""
         k_lowers = render_all(spec, base / "k-lowers", "overlay")
         l_lowers = render_all(spec, base / "l-lowers", form)
-        return cls(mounts, base, k_lowers, l_lowers, f"{describe(spec)}, layerfs lowers in {form} form",
-                   mount_base, redirect_dir, metacopy)
+        return cls(
+            mounts,
+            base,
+            k_lowers,
+            l_lowers,
+            f"{describe(spec)}, layerfs lowers in {form} form",
+            mount_base,
+            redirect_dir,
+            metacopy,
+        )
 
     def _context(self) -> str:
         recent = "\n    ".join(self.history)
@@ -114,8 +139,9 @@ class Twin:
             # The deliberate difference: layerfs renames directories with lower parts (and, with metacopy,
             # files whose data is below) where the kernel refuses (no redirects, or one too long); do on
             # the kernel what mv does instead.
-            assert self.metacopy or stat.S_ISDIR(os.lstat(self.kernel / op.args[0]).st_mode), \
+            assert self.metacopy or stat.S_ISDIR(os.lstat(self.kernel / op.args[0]).st_mode), (
                 f"EXDEV for a non-directory: {op}"
+            )
             if op.uid is not None or _has_hard_links(self.kernel / op.args[0]):
                 # mv keeps hard links inside the tree and breaks those reaching out of it; layerfs's
                 # rename keeps upper ones and (copying up as overlayfs does) breaks lower ones. Neither
@@ -132,17 +158,25 @@ class Twin:
         for path in _with_parents(op.paths):
             k, m = _state(self.kernel, path), _state(self.layerfs, path)
             if k != m:
-                lines = diff({path: k}, {path: m}, names=("kernel", "layerfs")) if not isinstance(k, str) and \
-                    not isinstance(m, str) else [f"{short_path(path)}: kernel {k}, layerfs {m}"]
-                pytest.fail(f"step {self.steps}: after {op}, state differs:\n  " + "\n  ".join(lines)
-                            + f"\n  {self._context()}")
+                lines = (
+                    diff({path: k}, {path: m}, names=("kernel", "layerfs"))
+                    if not isinstance(k, str) and not isinstance(m, str)
+                    else [f"{short_path(path)}: kernel {k}, layerfs {m}"]
+                )
+                pytest.fail(
+                    f"step {self.steps}: after {op}, state differs:\n  " + "\n  ".join(lines) + f"\n  {self._context()}"
+                )
         return kernel
 
     def check_trees(self) -> Snapshot:
         """Whole visible trees equal; returns the kernel's."""
         kernel = snapshot(self.kernel)
-        assert_same(kernel, snapshot(self.layerfs),
-                    what=f"visible trees after {self.steps} steps ({self._context()})", names=("kernel", "layerfs"))
+        assert_same(
+            kernel,
+            snapshot(self.layerfs),
+            what=f"visible trees after {self.steps} steps ({self._context()})",
+            names=("kernel", "layerfs"),
+        )
         return kernel
 
     def finish(self) -> None:
@@ -150,19 +184,28 @@ class Twin:
         final = self.check_trees()
         self.mounts.unmount(self.kernel)
         self.mounts.unmount(self.layerfs)
-        assert_same(*without_idle_opaque(snapshot_upper(self.k_upper), snapshot_upper(self.l_upper),
-                                         self.lower_dirs, (self.k_upper, self.l_upper)),
-                    what=f"upper layers ({self._context()})", names=("kernel", "layerfs"))
+        assert_same(
+            *without_idle_opaque(
+                snapshot_upper(self.k_upper),
+                snapshot_upper(self.l_upper),
+                self.lower_dirs,
+                (self.k_upper, self.l_upper),
+            ),
+            what=f"upper layers ({self._context()})",
+            names=("kernel", "layerfs"),
+        )
         self._check_index()
         again = self.mounts.layerfs(self.layerfs, self.l_lowers, self.l_upper, self.l_work, self.l_options)
-        assert_same(final, snapshot(again), what="kernel's final tree vs layerfs remounted",
-                    names=("kernel", "layerfs"))
+        assert_same(
+            final, snapshot(again), what="kernel's final tree vs layerfs remounted", names=("kernel", "layerfs")
+        )
 
     def _check_index(self) -> None:
         """The change index layerfs kept while the operations ran, read back after the unmount: nothing
         in it is stale, and it gives the same changes as a walk of the upper layer."""
         lowers = [str(p) for p in self.l_lowers]
         with read_index(str(self.l_upper), str(self.l_work / INDEX_DIR), lowers=lowers) as index:
-            assert not index.rebuilt and not index.rescanned, \
+            assert not index.rebuilt and not index.rescanned, (
                 f"the index was not up to date at unmount (rebuilt: {index.rebuilt}, rescanned {index.rescanned})"
+            )
             assert indexed_changes(index, lowers) == changes(str(self.l_upper), lowers), self._context()

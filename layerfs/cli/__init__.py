@@ -21,8 +21,24 @@ from . import images
 if TYPE_CHECKING:
     from ..store import Store
 
-COMMANDS = ("mount", "umount", "stats", "diff", "export", "commit", "create", "rm", "rmi", "layers", "gc", "inspect",
-            "run", "ps", "bundle", "example") + images.COMMANDS
+COMMANDS = (
+    "mount",
+    "umount",
+    "stats",
+    "diff",
+    "export",
+    "commit",
+    "create",
+    "rm",
+    "rmi",
+    "layers",
+    "gc",
+    "inspect",
+    "run",
+    "ps",
+    "bundle",
+    "example",
+) + images.COMMANDS
 _ROOT_HELP = "the store (default $LAYERFS_ROOT, else /var/lib/layerfs)"
 
 
@@ -31,11 +47,20 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"layerfs version {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    m = sub.add_parser("mount", help="mount lower layers under an upper layer, or a container of the store",
-                       usage="layerfs mount [-f] [--debug] -o lowerdir=L1:L2,upperdir=U,workdir=W MOUNTPOINT\n"
-                             "       layerfs mount [--root DIR] CONTAINER [MOUNTPOINT]")
-    m.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
-                   help="lowerdir=DIR[:DIR...] (leftmost on top), upperdir=DIR, workdir=DIR, volatile, ro")
+    m = sub.add_parser(
+        "mount",
+        help="mount lower layers under an upper layer, or a container of the store",
+        usage="layerfs mount [-f] [--debug] -o lowerdir=L1:L2,upperdir=U,workdir=W MOUNTPOINT\n"
+        "       layerfs mount [--root DIR] CONTAINER [MOUNTPOINT]",
+    )
+    m.add_argument(
+        "-o",
+        dest="options",
+        action="append",
+        default=[],
+        metavar="OPTIONS",
+        help="lowerdir=DIR[:DIR...] (leftmost on top), upperdir=DIR, workdir=DIR, volatile, ro",
+    )
     m.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
     m.add_argument("-d", "--debug", action="store_true", help="log every operation (implies nothing else)")
     m.add_argument("mountpoint", nargs="?")
@@ -51,45 +76,66 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("mountpoint")
     t.add_argument("--json", action="store_true", help="the daemon's figures as they are")
 
-    d = sub.add_parser("diff", help="list a container's changes (A added, C changed, D deleted), as docker diff does",
-                       usage="layerfs diff [--json] [--all] MOUNTPOINT [PATH]\n"
-                             "       layerfs diff [--json] [--all] --upperdir U --lowerdir L1:L2 [--workdir W] [PATH]")
+    d = sub.add_parser(
+        "diff",
+        help="list a container's changes (A added, C changed, D deleted), as docker diff does",
+        usage="layerfs diff [--json] [--all] MOUNTPOINT [PATH]\n"
+        "       layerfs diff [--json] [--all] --upperdir U --lowerdir L1:L2 [--workdir W] [PATH]",
+    )
     d.add_argument("target", nargs="?", metavar="MOUNTPOINT", help="a running layerfs mount")
     d.add_argument("path", nargs="?", metavar="PATH", help="only this path and what is below it")
     d.add_argument("--json", action="store_true", help='[{"Path": ..., "Kind": 0|1|2}], as Docker\'s API')
     _container_arguments(d)
 
-    x = sub.add_parser("export", help="write a container's changes as an OCI image layer (tar)",
-                       usage="layerfs export [--gzip] [--clamp-mtime SECONDS] -o FILE MOUNTPOINT\n"
-                             "       layerfs export [--gzip] -o FILE --upperdir U --lowerdir L1:L2 [--workdir W]")
+    x = sub.add_parser(
+        "export",
+        help="write a container's changes as an OCI image layer (tar)",
+        usage="layerfs export [--gzip] [--clamp-mtime SECONDS] -o FILE MOUNTPOINT\n"
+        "       layerfs export [--gzip] -o FILE --upperdir U --lowerdir L1:L2 [--workdir W]",
+    )
     x.add_argument("target", nargs="?", metavar="MOUNTPOINT", help="a running layerfs mount")
     x.add_argument("-o", "--output", required=True, metavar="FILE", help="the layer file (- for standard output)")
     x.add_argument("--gzip", action="store_true", help="compress (the digest is then of the compressed bytes)")
-    x.add_argument("--clamp-mtime", type=float, metavar="SECONDS",
-                   help="no mtime later than this (seconds since the epoch), for reproducible layers")
+    x.add_argument(
+        "--clamp-mtime",
+        type=float,
+        metavar="SECONDS",
+        help="no mtime later than this (seconds since the epoch), for reproducible layers",
+    )
     _container_arguments(x)
 
-    c = sub.add_parser("commit", help="freeze a container's changes into a read-only layer, usable as a lowerdir",
-                       usage="layerfs commit [--root DIR] MOUNTPOINT\n"
-                             "       layerfs commit [--root DIR] --upperdir U --lowerdir L1:L2 [--workdir W]")
+    c = sub.add_parser(
+        "commit",
+        help="freeze a container's changes into a read-only layer, usable as a lowerdir",
+        usage="layerfs commit [--root DIR] MOUNTPOINT\n"
+        "       layerfs commit [--root DIR] --upperdir U --lowerdir L1:L2 [--workdir W]",
+    )
     c.add_argument("target", nargs="?", metavar="CONTAINER|MOUNTPOINT", help="a container, or a running mount")
     c.add_argument("image", nargs="?", metavar="IMAGE[:TAG]", help="record it as a new image (a container's only)")
-    c.add_argument("--share", default="reflink", choices=("reflink", "hardlink", "none"),
-                   help="how alike files share their data in the store: reflink (invisible; none on ext4), "
-                        "hardlink (everywhere, but st_nlink shows it), none")
+    c.add_argument(
+        "--share",
+        default="reflink",
+        choices=("reflink", "hardlink", "none"),
+        help="how alike files share their data in the store: reflink (invisible; none on ext4), "
+        "hardlink (everywhere, but st_nlink shows it), none",
+    )
     _container_arguments(c)
 
-    n = sub.add_parser("create", help="make a container of an image",
-                       usage="layerfs create [--root DIR] --name C IMAGE")
+    n = sub.add_parser(
+        "create", help="make a container of an image", usage="layerfs create [--root DIR] --name C IMAGE"
+    )
     n.add_argument("--name", required=True)
     n.add_argument("image")
     n.add_argument("--root", metavar="DIR", help=_ROOT_HELP)
     n.add_argument("--debug", action="store_true")
 
-    x = sub.add_parser("run", help="run a command in a container of an image (or of lower dirs)",
-                       usage="layerfs run [--root DIR] [--name C] [--rm] [-e K=V] [-w DIR] [-u UID[:GID]] "
-                             "[--hostname H] [--net host|none] [--cap-add CAP] [--cap-drop CAP] [--privileged] "
-                             "IMAGE|--lower DIR... [--] [CMD ARGS...]")
+    x = sub.add_parser(
+        "run",
+        help="run a command in a container of an image (or of lower dirs)",
+        usage="layerfs run [--root DIR] [--name C] [--rm] [-e K=V] [-w DIR] [-u UID[:GID]] "
+        "[--hostname H] [--net host|none] [--cap-add CAP] [--cap-drop CAP] [--privileged] "
+        "IMAGE|--lower DIR... [--] [CMD ARGS...]",
+    )
     x.add_argument("--root", metavar="DIR", help=_ROOT_HELP)
     x.add_argument("--name", help="the container's name (default: run-<random>)")
     x.add_argument("--rm", action="store_true", help="remove the container when the command ends")
@@ -101,13 +147,19 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--lower", action="append", metavar="DIR", help="plain lower dirs instead of an image (top first)")
     x.add_argument("--cap-add", action="append", default=[], metavar="CAP", help="keep a capability (or ALL)")
     x.add_argument("--cap-drop", action="append", default=[], metavar="CAP", help="drop a capability (or ALL)")
-    x.add_argument("--privileged", action="store_true",
-                   help="no confinement: every capability, no seccomp, /proc and /sys unmasked")
+    x.add_argument(
+        "--privileged",
+        action="store_true",
+        help="no confinement: every capability, no seccomp, /proc and /sys unmasked",
+    )
     x.add_argument("--debug", action="store_true")
     x.add_argument("args", nargs=argparse.REMAINDER, metavar="IMAGE [CMD ...]")
 
-    b = sub.add_parser("bundle", help="an OCI runtime bundle (for runc) whose rootfs is a container's mount",
-                       usage="layerfs bundle [--root DIR] CONTAINER DIR [-- CMD ARGS...]")
+    b = sub.add_parser(
+        "bundle",
+        help="an OCI runtime bundle (for runc) whose rootfs is a container's mount",
+        usage="layerfs bundle [--root DIR] CONTAINER DIR [-- CMD ARGS...]",
+    )
     b.add_argument("name", metavar="CONTAINER")
     b.add_argument("directory", metavar="DIR")
     b.add_argument("cmd", nargs=argparse.REMAINDER, metavar="CMD")
@@ -116,20 +168,22 @@ def _parser() -> argparse.ArgumentParser:
 
     images.add_parsers(sub, _ROOT_HELP)
     for command, help_text, argument in (
-            ("rm", "remove a container (not mounted) and its changes", "name"),
-            ("rmi", "remove an image no container uses (its layers stay until gc)", "name"),
-            ("inspect", "an image or container of the store, as JSON", "name"),
-            ("layers", "the store's layers and what uses each", None),
-            ("gc", "remove the layers no image or container uses", None),
-            ("ps", "the store's containers, their images and where they are mounted", None)):
+        ("rm", "remove a container (not mounted) and its changes", "name"),
+        ("rmi", "remove an image no container uses (its layers stay until gc)", "name"),
+        ("inspect", "an image or container of the store, as JSON", "name"),
+        ("layers", "the store's layers and what uses each", None),
+        ("gc", "remove the layers no image or container uses", None),
+        ("ps", "the store's containers, their images and where they are mounted", None),
+    ):
         p = sub.add_parser(command, help=help_text)
         if argument:
             p.add_argument(argument)
         p.add_argument("--root", metavar="DIR", help=_ROOT_HELP)
         p.add_argument("--debug", action="store_true")
 
-    e = sub.add_parser("example",
-                       help="import a small layered busybox image, run a command in it, show its diff, commit it")
+    e = sub.add_parser(
+        "example", help="import a small layered busybox image, run a command in it, show its diff, commit it"
+    )
     e.add_argument("--dir", help="build in DIR and keep it (default: a temporary directory, removed after)")
     e.add_argument("--debug", action="store_true")
     return parser
@@ -140,8 +194,11 @@ def _container_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--upperdir", help="the upper layer of an unmounted container")
     p.add_argument("--lowerdir", help="its lower layers, leftmost on top")
     p.add_argument("--workdir", help="its work directory (where layerfs keeps its change index)")
-    p.add_argument("--all", action="store_true",
-                   help="also files copied up that ended identical to the lower ones (content, mode, owner, xattrs)")
+    p.add_argument(
+        "--all",
+        action="store_true",
+        help="also files copied up that ended identical to the lower ones (content, mode, owner, xattrs)",
+    )
     p.add_argument("--debug", action="store_true")
 
 
@@ -154,8 +211,9 @@ def _container(args: argparse.Namespace, *, path_argument: bool):
             raise UsageError("--upperdir needs --lowerdir")
         if path_argument and args.path is not None:
             raise UsageError("give either a mount point or --upperdir, not both")
-        return container.of_dirs(args.lowerdir, args.upperdir, args.workdir), \
-            (args.target or "/") if path_argument else "/"
+        return container.of_dirs(args.lowerdir, args.upperdir, args.workdir), (
+            args.target or "/"
+        ) if path_argument else "/"
     if args.target is None:
         raise UsageError(f"{args.command} of what? give a mount point, or --upperdir and --lowerdir")
     from ..store import root_from
@@ -173,8 +231,11 @@ def _advice(e: LayerfsError) -> str:
     """What to do about a store's error, in this command line's words (the store says what is wrong)."""
     from ..store import ContainerMounted, ImageInUse, NoSuchImage
 
-    for kind, advice in ((NoSuchImage, "layerfs images lists them"), (ImageInUse, "layerfs rm first"),
-                         (ContainerMounted, "layerfs umount it first")):
+    for kind, advice in (
+        (NoSuchImage, "layerfs images lists them"),
+        (ImageInUse, "layerfs rm first"),
+        (ContainerMounted, "layerfs umount it first"),
+    ):
         if isinstance(e, kind):
             return f" ({advice})"
     return ""
@@ -281,8 +342,9 @@ def _run(args: argparse.Namespace) -> int:
             base = record["image"]
         found, upper = container.layer_changes(target, unchanged_copies=args.all)
         with on_terminal() as progress:
-            committed = store.commit(upper, found, share=args.share, progress=progress,
-                                     image=(args.image, base) if base else None)
+            committed = store.commit(
+                upper, found, share=args.share, progress=progress, image=(args.image, base) if base else None
+            )
         print(f"{committed.path}\ndiff_id {committed.diff_id}{'' if committed.new else ' (in the store already)'}")
         if base:
             print(f"image {store.images.key(args.image)}")
@@ -322,8 +384,10 @@ def _run(args: argparse.Namespace) -> int:
                 if record is None:
                     continue  # (removed since it was listed)
                 mounted = mounts.find(record["merged"])
-                print(f"{name}  {record['image']}  "
-                      f"{'running, pid ' + str(mounted.pid) + ' at ' + record['merged'] if mounted else 'stopped'}")
+                print(
+                    f"{name}  {record['image']}  "
+                    f"{'running, pid ' + str(mounted.pid) + ' at ' + record['merged'] if mounted else 'stopped'}"
+                )
         elif args.command == "layers":
             for diff_id, users in sorted(store.layer_users().items()):
                 print(f"{diff_id}  {', '.join(users) or '(unused)'}")

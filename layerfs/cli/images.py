@@ -30,27 +30,55 @@ def add_parsers(sub: argparse._SubParsersAction, root_help: str) -> None:
         return p
 
     def tls(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--tls-verify", type=_tls, nargs="?", const=True, default=True, metavar="BOOL",
-                       help="check the registry's certificate (false: also plain http, as podman does)")
+        p.add_argument(
+            "--tls-verify",
+            type=_tls,
+            nargs="?",
+            const=True,
+            default=True,
+            metavar="BOOL",
+            help="check the registry's certificate (false: also plain http, as podman does)",
+        )
 
-    i = parser("import", "import an image into the store: an OCI layout or archive, a docker archive, a rootfs tar",
-               "layerfs import [--root DIR] [oci:|oci-archive:|docker-archive:|rootfs:]FILE[:TAG] [NAME[:TAG]]")
-    i.add_argument("source", metavar="SOURCE", help="a file or directory (what it is is found out), or "
-                   "oci:DIR[:TAG], oci-archive:FILE[:TAG], docker-archive:FILE[:NAME:TAG], rootfs:FILE.tar")
+    i = parser(
+        "import",
+        "import an image into the store: an OCI layout or archive, a docker archive, a rootfs tar",
+        "layerfs import [--root DIR] [oci:|oci-archive:|docker-archive:|rootfs:]FILE[:TAG] [NAME[:TAG]]",
+    )
+    i.add_argument(
+        "source",
+        metavar="SOURCE",
+        help="a file or directory (what it is is found out), or "
+        "oci:DIR[:TAG], oci-archive:FILE[:TAG], docker-archive:FILE[:NAME:TAG], rootfs:FILE.tar",
+    )
     i.add_argument("name", nargs="?", help="the name to give it (default: the name in the archive, else the file's)")
-    i = parser("load", "import an image file (podman load): what it is is found out",
-               "layerfs load [--root DIR] -i FILE [NAME[:TAG]]")
+    i = parser(
+        "load",
+        "import an image file (podman load): what it is is found out",
+        "layerfs load [--root DIR] -i FILE [NAME[:TAG]]",
+    )
     i.add_argument("-i", "--input", dest="source", required=True, metavar="FILE")
     i.add_argument("name", nargs="?")
 
-    v = parser("save", "write an image of the store with its own bytes: OCI layout, OCI archive or docker archive",
-               "layerfs save [--root DIR] [--format docker-archive|oci-archive|oci] IMAGE (-o DEST | DEST)")
+    v = parser(
+        "save",
+        "write an image of the store with its own bytes: OCI layout, OCI archive or docker archive",
+        "layerfs save [--root DIR] [--format docker-archive|oci-archive|oci] IMAGE (-o DEST | DEST)",
+    )
     v.add_argument("name", metavar="IMAGE")
-    v.add_argument("destination", nargs="?", metavar="DEST", help="a path, or oci:DIR[:TAG], oci-archive:FILE[:TAG], "
-                   "docker-archive:FILE")
+    v.add_argument(
+        "destination",
+        nargs="?",
+        metavar="DEST",
+        help="a path, or oci:DIR[:TAG], oci-archive:FILE[:TAG], docker-archive:FILE",
+    )
     v.add_argument("-o", "--output", metavar="DEST")
-    v.add_argument("--format", choices=sorted(_SAVE_FORMATS), default="docker-archive",
-                   help="for a DEST without a prefix (default docker-archive, as docker save and podman save)")
+    v.add_argument(
+        "--format",
+        choices=sorted(_SAVE_FORMATS),
+        default="docker-archive",
+        help="for a DEST without a prefix (default docker-archive, as docker save and podman save)",
+    )
 
     g = parser("images", "list the store's images", "layerfs images [--root DIR] [--lowerdir IMAGE]")
     g.add_argument("--lowerdir", metavar="IMAGE", help="print the lowerdir= list that mounts IMAGE")
@@ -63,20 +91,29 @@ def add_parsers(sub: argparse._SubParsersAction, root_help: str) -> None:
     h.add_argument("name", metavar="IMAGE")
     h.add_argument("--no-trunc", action="store_true", help="the commands whole")
 
-    p = parser("pull", "pull an image from a registry into the store",
-               "layerfs pull [--root DIR] [--tls-verify=false] [--platform OS/ARCH] REF")
+    p = parser(
+        "pull",
+        "pull an image from a registry into the store",
+        "layerfs pull [--root DIR] [--tls-verify=false] [--platform OS/ARCH] REF",
+    )
     p.add_argument("reference", metavar="REF")
     p.add_argument("--platform", metavar="OS/ARCH[/VARIANT]", help="from a multi-platform image (default: this host's)")
     tls(p)
 
-    u = parser("push", "push an image of the store to a registry, its bytes unchanged",
-               "layerfs push [--root DIR] [--tls-verify=false] IMAGE [REF]")
+    u = parser(
+        "push",
+        "push an image of the store to a registry, its bytes unchanged",
+        "layerfs push [--root DIR] [--tls-verify=false] IMAGE [REF]",
+    )
     u.add_argument("name", metavar="IMAGE")
     u.add_argument("reference", nargs="?", metavar="REF", help="where to (default: the image's own name)")
     tls(u)
 
-    n = parser("login", "check credentials against a registry and keep them (where podman keeps its own)",
-               "layerfs login [-u USER] [-p PASSWORD | --password-stdin] [--tls-verify=false] REGISTRY")
+    n = parser(
+        "login",
+        "check credentials against a registry and keep them (where podman keeps its own)",
+        "layerfs login [-u USER] [-p PASSWORD | --password-stdin] [--tls-verify=false] REGISTRY",
+    )
     n.add_argument("registry", metavar="REGISTRY")
     n.add_argument("-u", "--username")
     n.add_argument("-p", "--password")
@@ -113,14 +150,17 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write(_history(store, args.name, truncate=not args.no_trunc))
     elif args.command == "pull":
         with on_terminal() as progress:
-            name, record = store.pull(args.reference, platform=args.platform, tls_verify=args.tls_verify,
-                                      progress=progress)
+            name, record = store.pull(
+                args.reference, platform=args.platform, tls_verify=args.tls_verify, progress=progress
+            )
         print(f"Digest: {record['manifest']}\n{name}")
     elif args.command == "push":
         with on_terminal() as progress:
             pushed = store.push(args.name, args.reference, tls_verify=args.tls_verify, progress=progress)
-        print(f"Digest: {pushed.manifest_digest}\nblobs: {len(pushed.uploaded)} uploaded, {len(pushed.mounted)} "
-              f"mounted, {len(pushed.present)} there already")
+        print(
+            f"Digest: {pushed.manifest_digest}\nblobs: {len(pushed.uploaded)} uploaded, {len(pushed.mounted)} "
+            f"mounted, {len(pushed.present)} there already"
+        )
     return 0
 
 
@@ -159,8 +199,11 @@ def _destination(args: argparse.Namespace) -> tuple[str, str, str | None]:
         raise UsageError("save it where? give DEST or -o DEST (one of them)")
     kind, colon, reference = dest.partition(":")
     if colon and kind in _SAVE_FORMATS:
-        return (_SAVE_FORMATS[kind], *_split_tag(reference)) if kind != "docker-archive" else \
-            ("docker-archive", reference, None)
+        return (
+            (_SAVE_FORMATS[kind], *_split_tag(reference))
+            if kind != "docker-archive"
+            else ("docker-archive", reference, None)
+        )
     return _SAVE_FORMATS[args.format], dest, None
 
 
@@ -205,15 +248,18 @@ def _history(store, name: str, *, truncate: bool) -> str:  # noqa: ANN001 (a Sto
         created_by = " ".join(str(entry.get("created_by", "")).split())
         if truncate and len(created_by) > 45:
             created_by = created_by[:44] + "…"
-        rows.append(["<missing>", _ago(entry.get("created")), created_by, _human_size(size),
-                     str(entry.get("comment", ""))])
+        rows.append(
+            ["<missing>", _ago(entry.get("created")), created_by, _human_size(size), str(entry.get("comment", ""))]
+        )
     rows.reverse()
     if rows:
         rows[0][0] = record["config_digest"].removeprefix("sha256:")[:12]
     table = [["IMAGE", "CREATED", "CREATED BY", "SIZE", "COMMENT"], *rows]
     widths = [max(len(row[n]) for row in table) for n in range(4)]
-    return "".join("   ".join(cell.ljust(width) for cell, width in zip(row, widths + [0], strict=True)).rstrip()
-                   + "\n" for row in table)
+    return "".join(
+        "   ".join(cell.ljust(width) for cell, width in zip(row, widths + [0], strict=True)).rstrip() + "\n"
+        for row in table
+    )
 
 
 def _tree_size(path: str) -> int:
@@ -244,8 +290,15 @@ def _ago(created: object) -> str:
         seconds = time.time() - datetime.fromisoformat(str(created).replace("Z", "+00:00")).timestamp()
     except ValueError:
         return "N/A"
-    for size, unit in ((31536000, "year"), (2592000, "month"), (604800, "week"), (86400, "day"), (3600, "hour"),
-                       (60, "minute"), (1, "second")):
+    for size, unit in (
+        (31536000, "year"),
+        (2592000, "month"),
+        (604800, "week"),
+        (86400, "day"),
+        (3600, "hour"),
+        (60, "minute"),
+        (1, "second"),
+    ):
         count = int(seconds // size)
         if count >= 1:
             return f"{count} {unit}{'s' if count != 1 else ''} ago"

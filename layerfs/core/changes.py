@@ -62,8 +62,9 @@ Below = Callable[[str], "LowerFacts | None"]
 Unchanged = Callable[[str, object, LowerFacts, "Part | None"], bool]
 
 
-def changes(upper: str, lowers: Sequence[str], *, unchanged_copies: bool = True,
-            ignore: frozenset[str] = frozenset()) -> list[Change]:
+def changes(
+    upper: str, lowers: Sequence[str], *, unchanged_copies: bool = True, ignore: frozenset[str] = frozenset()
+) -> list[Change]:
     """The changes ``upper`` makes to ``lowers`` (top first), sorted by path, ancestors included.
 
     With ``unchanged_copies`` False, a file copied up that ended identical to the lower one (content,
@@ -107,18 +108,24 @@ def changes(upper: str, lowers: Sequence[str], *, unchanged_copies: bool = True,
         entry = lookup(path)
         if entry is None:
             return False
-        content = file_digest(Layer.rel(path), dir_fd=top.fd) if data is None \
+        content = (
+            file_digest(Layer.rel(path), dir_fd=top.fd)
+            if data is None
             else file_digest(Layer.rel(data.path), dir_fd=data.layer.fd)
-        return _xattrs(Layer.rel(path), top.fd) == _xattrs(entry.rel, entry.layer.fd) and \
-            content == file_digest(entry.rel, dir_fd=entry.layer.fd)
+        )
+        return _xattrs(Layer.rel(path), top.fd) == _xattrs(entry.rel, entry.layer.fd) and content == file_digest(
+            entry.rel, dir_fd=entry.layer.fd
+        )
 
-    return _sorted_with_ancestors(_walk(listing, below, top.is_opaque("/"),
-                                        None if unchanged_copies else unchanged,
-                                        _MergedView(upper, lowers)), ignore)
+    return _sorted_with_ancestors(
+        _walk(listing, below, top.is_opaque("/"), None if unchanged_copies else unchanged, _MergedView(upper, lowers)),
+        ignore,
+    )
 
 
-def indexed_changes(index: ChangeIndex, lowers: Sequence[str], *, unchanged_copies: bool = True,
-                    ignore: frozenset[str] = frozenset()) -> list[Change]:
+def indexed_changes(
+    index: ChangeIndex, lowers: Sequence[str], *, unchanged_copies: bool = True, ignore: frozenset[str] = frozenset()
+) -> list[Change]:
     """The same as ``changes(index.upper, lowers)``, from the index's records instead of the upper; what
     the lowers show at each path is kept in the records too, so a diff reads neither layer again."""
     if [os.path.abspath(p) for p in lowers] != index.lowers:
@@ -127,8 +134,7 @@ def indexed_changes(index: ChangeIndex, lowers: Sequence[str], *, unchanged_copi
     for path, record in index.items():
         if path != "/":
             parent, _, name = path.rpartition("/")
-            children.setdefault(parent or "/", {})[name] = (record, record.opaque, record.redirect,
-                                                            record.metacopy)
+            children.setdefault(parent or "/", {})[name] = (record, record.opaque, record.redirect, record.metacopy)
     root = index.get("/")
     # (the upper through the index's descriptor: a mount may hide its path)
     view = _MergedView(f"/proc/self/fd/{index.upper_fd}", lowers)
@@ -136,20 +142,33 @@ def indexed_changes(index: ChangeIndex, lowers: Sequence[str], *, unchanged_copi
     def unchanged(path: str, record, lower: LowerFacts, data: Part | None) -> bool:
         return _alike(record, lower) and index.upper_signature(path, data) == index.lower_signature(path)
 
-    return _sorted_with_ancestors(_walk(lambda path: children.get(path, {}), index.lower_facts,
-                                        root is not None and root.opaque, None if unchanged_copies else unchanged,
-                                        view), ignore)
+    return _sorted_with_ancestors(
+        _walk(
+            lambda path: children.get(path, {}),
+            index.lower_facts,
+            root is not None and root.opaque,
+            None if unchanged_copies else unchanged,
+            view,
+        ),
+        ignore,
+    )
 
 
 def _alike(st, lower: LowerFacts) -> bool:
     """The cheap part of "an unchanged copy": both regular files, same mode, owner and size."""
-    return stat.S_ISREG(st.st_mode) and stat.S_ISREG(lower.st_mode) and \
-        (st.st_mode, st.st_uid, st.st_gid, st.st_size) == tuple(lower[:4])
+    return (
+        stat.S_ISREG(st.st_mode)
+        and stat.S_ISREG(lower.st_mode)
+        and (st.st_mode, st.st_uid, st.st_gid, st.st_size) == tuple(lower[:4])
+    )
 
 
 def _xattrs(path: str, dir_fd: int) -> dict[str, bytes]:
-    return {n: xattr.get(path, n, dir_fd=dir_fd) for n in xattr.names(path, dir_fd=dir_fd)
-            if not whiteout.is_private_xattr(n)}
+    return {
+        n: xattr.get(path, n, dir_fd=dir_fd)
+        for n in xattr.names(path, dir_fd=dir_fd)
+        if not whiteout.is_private_xattr(n)
+    }
 
 
 class _MergedView:
@@ -164,8 +183,9 @@ class _MergedView:
 
     def _view(self) -> Resolver:
         if self._resolver is None:
-            self._resolver = Resolver([Layer(self._upper, writable=True)] +
-                                      [Layer(p, writable=False, cached=False) for p in self._lowers])
+            self._resolver = Resolver(
+                [Layer(self._upper, writable=True)] + [Layer(p, writable=False, cached=False) for p in self._lowers]
+            )
         return self._resolver
 
     def data_of(self, path: str) -> Part | None:
@@ -207,8 +227,9 @@ def _sorted_with_ancestors(found_changes: Iterator[Change], ignore: frozenset[st
     return sorted(found.values(), key=lambda c: c.path.split("/"))
 
 
-def _walk(listing: Listing, below: Below, root_opaque: bool, unchanged: Unchanged | None,
-          view: _MergedView) -> Iterator[Change]:
+def _walk(
+    listing: Listing, below: Below, root_opaque: bool, unchanged: Unchanged | None, view: _MergedView
+) -> Iterator[Change]:
     """Every change in the upper that ``listing`` lists, in no particular order.
 
     Each directory to visit comes with whether the lowers show a directory at its path that it merges

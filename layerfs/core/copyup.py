@@ -90,9 +90,18 @@ def copy_xattrs(src: str, dst: str | int, *, src_dir_fd: int | None, dst_dir_fd:
 Records = tuple[tuple[tuple[str, ...], bytes], ...]  # overlay records: (the forms of one xattr, its value)
 
 
-def copy_entry(src: str, st: os.stat_result, dst: str, *, src_dir_fd: int, dst_dir_fd: int,
-               content: str = DATA, data_at: tuple[int, str] | None = None, records: Records = (),
-               sync: bool = True) -> bool:
+def copy_entry(
+    src: str,
+    st: os.stat_result,
+    dst: str,
+    *,
+    src_dir_fd: int,
+    dst_dir_fd: int,
+    content: str = DATA,
+    data_at: tuple[int, str] | None = None,
+    records: Records = (),
+    sync: bool = True,
+) -> bool:
     """Create at ``dst`` (which must not exist) a copy of ``src`` whose lstat is ``st``; each path is
     relative to its directory descriptor. Returns whether the copy holds metadata only.
 
@@ -135,8 +144,9 @@ def copy_entry(src: str, st: os.stat_result, dst: str, *, src_dir_fd: int, dst_d
     return metadata_only
 
 
-def _copy_metadata(src: str, st: os.stat_result, dst: str | int, *, src_dir_fd: int, dst_dir_fd: int | None,
-                   records: Records) -> None:
+def _copy_metadata(
+    src: str, st: os.stat_result, dst: str | int, *, src_dir_fd: int, dst_dir_fd: int | None, records: Records
+) -> None:
     """Owner, xattrs, records, mode and times of ``src`` (its lstat ``st``) onto ``dst``, a path
     relative to ``dst_dir_fd`` or an open file."""
     times = (st.st_atime_ns, st.st_mtime_ns)
@@ -210,8 +220,16 @@ class CopyUp:
             pst = os.fstat(dir_fd)
             try:
                 metadata_only = copy_entry(
-                    entry.rel, entry.st, tmp, src_dir_fd=entry.layer.fd, dst_dir_fd=self.work.fd, content=content,
-                    data_at=data_at, records=() if origin is None else ((ORIGIN_XATTRS, origin),), sync=self.sync)
+                    entry.rel,
+                    entry.st,
+                    tmp,
+                    src_dir_fd=entry.layer.fd,
+                    dst_dir_fd=self.work.fd,
+                    content=content,
+                    data_at=data_at,
+                    records=() if origin is None else ((ORIGIN_XATTRS, origin),),
+                    sync=self.sync,
+                )
                 if origin is not None:
                     Origins.mark_impure(".", dir_fd=dir_fd)
                 os.rename(tmp, name, src_dir_fd=self.work.fd, dst_dir_fd=dir_fd)
@@ -225,8 +243,13 @@ class CopyUp:
             # Its own stack gains the upper part; every other stands (nothing below it is in the upper yet).
             self.resolver.forget(entry.path)
             return Entry(entry.path, self.upper, st, (Part(self.upper, entry.path),) + entry.stack)
-        return Entry(entry.path, self.upper, st, (), chain=(Part(entry.layer, entry.real),) + entry.chain
-                     if metadata_only else ())
+        return Entry(
+            entry.path,
+            self.upper,
+            st,
+            (),
+            chain=(Part(entry.layer, entry.real),) + entry.chain if metadata_only else (),
+        )
 
     def with_data(self, path: str, length: int | None) -> Entry:
         """``path`` in the upper layer holding its data, of which only the first ``length`` bytes are
@@ -247,8 +270,9 @@ class CopyUp:
         try:
             data_fd = confined.open_beneath(Layer.rel(data.path), os.O_RDONLY, dir_fd=data.layer.fd)
             try:
-                fill_in_place(fd, data_fd, entry.st.st_size if length is None else length, sync=self.sync,
-                              keep_times=keep_times)
+                fill_in_place(
+                    fd, data_fd, entry.st.st_size if length is None else length, sync=self.sync, keep_times=keep_times
+                )
             finally:
                 os.close(data_fd)
             st = os.fstat(fd)

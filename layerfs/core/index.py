@@ -152,8 +152,13 @@ class SavedIndex:
         os.close(self.fd)
 
     def _open(self, name: str, mode: str):
-        return open(name, mode, encoding="utf-8", errors="surrogateescape",
-                    opener=lambda n, flags: os.open(n, flags | os.O_CLOEXEC, 0o600, dir_fd=self.fd))
+        return open(
+            name,
+            mode,
+            encoding="utf-8",
+            errors="surrogateescape",
+            opener=lambda n, flags: os.open(n, flags | os.O_CLOEXEC, 0o600, dir_fd=self.fd),
+        )
 
     def _header(self, generation: int | None) -> dict:
         return {"version": _VERSION, "upper": self.upper, "generation": generation, "lowers": self.lowers}
@@ -237,7 +242,7 @@ class SavedIndex:
             names = os.listdir(listing)
         finally:
             os.close(listing)
-        return sorted(int(n[len("journal-"):]) for n in names if n.startswith("journal-") and n[8:].isdigit())
+        return sorted(int(n[len("journal-") :]) for n in names if n.startswith("journal-") and n[8:].isdigit())
 
 
 @contextlib.contextmanager
@@ -404,8 +409,20 @@ class ChangeIndex:
         opaque = stat.S_ISDIR(st.st_mode) and whiteout.is_opaque_dir(rel, dir_fd=self._fd)
         moved = redirect.read(rel, dir_fd=self._fd) if stat.S_ISDIR(st.st_mode) else None
         metadata_only = metacopy.may_be(st) and metacopy.is_marked(rel, dir_fd=self._fd)
-        return Record(st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino,
-                      st.st_rdev, target, opaque, moved, metadata_only)
+        return Record(
+            st.st_mode,
+            st.st_uid,
+            st.st_gid,
+            st.st_size,
+            st.st_mtime_ns,
+            st.st_ctime_ns,
+            st.st_ino,
+            st.st_rdev,
+            target,
+            opaque,
+            moved,
+            metadata_only,
+        )
 
     def _forget_below(self, path: str) -> None:
         for child in list(self.paths_below(path)):

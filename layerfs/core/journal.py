@@ -36,8 +36,15 @@ class ChangeJournal:
     and starts journaling. The upper is read through ``upper_fd`` (opened here if not given), and the
     lowers through ``lower_layers`` (the mount's own; opened when needed if not given)."""
 
-    def __init__(self, upper: str, state_dir: str, *, lowers: Sequence[str] = (),
-                 lower_layers: Sequence[Layer] | None = None, upper_fd: int | None = None) -> None:
+    def __init__(
+        self,
+        upper: str,
+        state_dir: str,
+        *,
+        lowers: Sequence[str] = (),
+        lower_layers: Sequence[Layer] | None = None,
+        upper_fd: int | None = None,
+    ) -> None:
         self._saved = SavedIndex(state_dir, upper, lowers)
         self._lower_layers = lower_layers
         self._own_fd = upper_fd is None
@@ -132,8 +139,9 @@ class ChangeJournal:
         that a long-lived daemon's journal stays bounded without stopping its requests."""
         generation = self._journal_generation + 1
         self._start_journal(generation)
-        self._compactor = threading.Thread(target=self._compact, args=(generation,), name="index-compaction",
-                                           daemon=True)
+        self._compactor = threading.Thread(
+            target=self._compact, args=(generation,), name="index-compaction", daemon=True
+        )
         self._compactor.start()
 
     def _compact(self, generation: int) -> None:

@@ -138,7 +138,7 @@ class Layer:
             real = parent + name if parent == "/" else parent + "/" + name
             st, hidden = self.probe(parent, name, real)
             below.append(name)
-            rest = "/" + "/".join(below + names[i + 1:])
+            rest = "/" + "/".join(below + names[i + 1 :])
             if hidden:
                 return None, True, rest
             if st is None or i == len(names) - 1:
@@ -166,8 +166,9 @@ class Layer:
         known = self._metacopies.get(path) if self._cached else None
         if known is None:
             rel = self.rel(path)
-            known = (True, redirect.read(rel, dir_fd=self.fd)) if metacopy.is_marked(rel, dir_fd=self.fd) \
-                else (False, None)
+            known = (
+                (True, redirect.read(rel, dir_fd=self.fd)) if metacopy.is_marked(rel, dir_fd=self.fd) else (False, None)
+            )
             if self._cached:
                 self._metacopies[path] = known
         return known

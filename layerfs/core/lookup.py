@@ -43,8 +43,15 @@ class Entry:
 
     __slots__ = ("path", "layer", "st", "stack", "real", "chain")
 
-    def __init__(self, path: str, layer: Layer, st: os.stat_result, stack: tuple[Part, ...],
-                 real: str | None = None, chain: tuple[Part, ...] = ()) -> None:
+    def __init__(
+        self,
+        path: str,
+        layer: Layer,
+        st: os.stat_result,
+        stack: tuple[Part, ...],
+        real: str | None = None,
+        chain: tuple[Part, ...] = (),
+    ) -> None:
         self.path = path
         self.layer = layer
         self.st = st

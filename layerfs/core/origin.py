@@ -99,7 +99,9 @@ class Origins:
                 continue
             try:
                 with self._readable(layer) as mount_fd:
-                    fd = syscalls.open_by_handle(mount_fd, handle_type, value[_HEADER.size:], os.O_PATH | os.O_NOFOLLOW)
+                    fd = syscalls.open_by_handle(
+                        mount_fd, handle_type, value[_HEADER.size :], os.O_PATH | os.O_NOFOLLOW
+                    )
             except OSError as e:
                 if e.errno in (errno.ESTALE, errno.ENOENT, errno.EPERM, errno.EINVAL, errno.EOPNOTSUPP):
                     continue

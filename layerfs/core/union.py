@@ -87,8 +87,16 @@ class Union:
     with lower parts by copying their trees up; ``metacopy`` makes metadata-only copies (see above).
     """
 
-    def __init__(self, lowers: list[str], upper: str | None = None, work: str | None = None,
-                 *, sync: bool = True, redirect_dir: bool = True, metacopy: bool = False) -> None:
+    def __init__(
+        self,
+        lowers: list[str],
+        upper: str | None = None,
+        work: str | None = None,
+        *,
+        sync: bool = True,
+        redirect_dir: bool = True,
+        metacopy: bool = False,
+    ) -> None:
         if metacopy and not redirect_dir:
             raise ValueError("metadata-only copies need redirects")
         self.upper = Layer(upper, writable=True) if upper else None
@@ -111,10 +119,16 @@ class Union:
             if not work:
                 raise ValueError("an upper layer needs a work directory")
             self._work = WorkDir(work)
-            self._copy = copyup.CopyUp(self.resolver, self.upper, self._work, self._origin_records(), self.inodes,
-                                       sync=sync)
-            self.index = ChangeJournal(self.upper.root, os.path.join(work, INDEX_DIR), lowers=lowers,
-                                       lower_layers=layers[1:], upper_fd=self._writable_upper().fd)
+            self._copy = copyup.CopyUp(
+                self.resolver, self.upper, self._work, self._origin_records(), self.inodes, sync=sync
+            )
+            self.index = ChangeJournal(
+                self.upper.root,
+                os.path.join(work, INDEX_DIR),
+                lowers=lowers,
+                lower_layers=layers[1:],
+                upper_fd=self._writable_upper().fd,
+            )
 
     def descriptors(self) -> list[int]:
         """The descriptors the union holds (layer roots, work directory): a daemonizing caller keeps them."""
@@ -302,8 +316,14 @@ class Union:
             self._handles[new] = self._handles[fd]
         return new
 
-    def fchange(self, fd: int, *, mode: int | None = None, owner: tuple[int, int] | None = None,
-                times_ns: tuple[int | None, int | None] | None = None) -> None:
+    def fchange(
+        self,
+        fd: int,
+        *,
+        mode: int | None = None,
+        owner: tuple[int, int] | None = None,
+        times_ns: tuple[int | None, int | None] | None = None,
+    ) -> None:
         """chmod, chown or utimens of an open file that has no name left. A lower file is never changed:
         one that was deleted while open read-only has no copy in the upper to change."""
         if mode is None and owner is None and times_ns is None:
@@ -360,8 +380,14 @@ class Union:
         with self._lock:
             return self._copy.path(path, self._metadata_copy)
 
-    def change(self, path: str, *, mode: int | None = None, owner: tuple[int, int] | None = None,
-               times_ns: tuple[int | None, int | None] | None = None) -> Attributes:
+    def change(
+        self,
+        path: str,
+        *,
+        mode: int | None = None,
+        owner: tuple[int, int] | None = None,
+        times_ns: tuple[int | None, int | None] | None = None,
+    ) -> Attributes:
         """chown, chmod and utimens of ``path`` (None: not that one; -1 in ``owner`` or None in
         ``times_ns``: that id or time left as it is), in setattr's order; returns what it is then."""
         if mode is None and owner is None and times_ns is None:
@@ -587,8 +613,16 @@ class Union:
             try:
                 syscalls.rename_whiteout(old_name, new_name, a_dir_fd=old_dir, b_dir_fd=new_dir)
             except OSError as e:
-                if e.errno in (errno.EINVAL, errno.EPERM, errno.ENOSYS, errno.ENOTDIR, errno.EISDIR,
-                               errno.ENOTEMPTY, errno.EEXIST, errno.EOPNOTSUPP):
+                if e.errno in (
+                    errno.EINVAL,
+                    errno.EPERM,
+                    errno.ENOSYS,
+                    errno.ENOTDIR,
+                    errno.EISDIR,
+                    errno.ENOTEMPTY,
+                    errno.EEXIST,
+                    errno.EOPNOTSUPP,
+                ):
                     return False
                 raise
             self._drop_oci_whiteout(new_dir, new_name)
@@ -727,8 +761,11 @@ class Union:
                     # fwalk counts a symlink to a directory among the directories; it has no marks to clear.
                     if stat.S_ISDIR(os.lstat(name, dir_fd=dir_fd).st_mode):
                         whiteout.clear_opaque(name, dir_fd=dir_fd)
-                markers = [name for name in files if whiteout.is_marker_name(name)
-                           or whiteout.is_whiteout_stat(os.lstat(name, dir_fd=dir_fd))]
+                markers = [
+                    name
+                    for name in files
+                    if whiteout.is_marker_name(name) or whiteout.is_whiteout_stat(os.lstat(name, dir_fd=dir_fd))
+                ]
                 if markers:
                     st = os.fstat(dir_fd)
                     for name in markers:

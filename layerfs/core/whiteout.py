@@ -59,7 +59,7 @@ def whited_out_name(name: str) -> str | None:
     """For an OCI whiteout file name ``.wh.X`` return ``X``; None for opaque markers and other names."""
     if not name.startswith(WHITEOUT_PREFIX) or name in (OPAQUE_MARKER, FUSE_OVERLAYFS_OPAQUE):
         return None
-    hidden = name[len(WHITEOUT_PREFIX):]
+    hidden = name[len(WHITEOUT_PREFIX) :]
     return hidden or None
 
 
@@ -115,8 +115,9 @@ def make_whiteout(path: str, *, dir_fd: int | None = None) -> None:
     except PermissionError:
         head, _, name = path.rpartition("/")
         with _directory(head or ".", dir_fd) as fd:
-            os.close(os.open(oci_whiteout_name(name), os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o000,
-                             dir_fd=fd))
+            os.close(
+                os.open(oci_whiteout_name(name), os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o000, dir_fd=fd)
+            )
 
 
 def mark_opaque(path: str, *, dir_fd: int | None = None) -> None:

@@ -139,8 +139,14 @@ class Authenticator:
     """The ``Authorization`` header for each scope (``repository:NAME:pull,push``, several apart by spaces),
     learnt from the registry's challenges: a basic one for every scope, or a bearer token per scope."""
 
-    def __init__(self, registry: str, credentials: Credentials | None, session: requests.Session,
-                 timeout: float, tls_verify: bool) -> None:
+    def __init__(
+        self,
+        registry: str,
+        credentials: Credentials | None,
+        session: requests.Session,
+        timeout: float,
+        tls_verify: bool,
+    ) -> None:
         self.registry, self.credentials, self._session, self._timeout = registry, credentials, session, timeout
         self._verify = tls_verify  # given with each request: a session's own is overridden by REQUESTS_CA_BUNDLE
         self._basic: str | None = None
@@ -183,8 +189,9 @@ class Authenticator:
         except requests.RequestException as e:
             raise LayerfsError(f"{self.registry}: its token server {printable(realm)} failed: {e}") from None
         if response.status_code in (401, 403):
-            raise LayerfsError(f"{self.registry}: the token server refused the login"
-                               + (f" for {scope}" if scope else ""))
+            raise LayerfsError(
+                f"{self.registry}: the token server refused the login" + (f" for {scope}" if scope else "")
+            )
         if response.status_code != 200:
             raise LayerfsError(f"{self.registry}: the token server answered HTTP {response.status_code}")
         try:

@@ -18,7 +18,7 @@ import re
 import threading
 import uuid
 from collections.abc import Callable, Iterator
-from typing import BinaryIO, NamedTuple
+from typing import Any, BinaryIO, NamedTuple
 from urllib.parse import urljoin
 
 import requests
@@ -53,8 +53,15 @@ class RegistryClient:
     """The registry ``registry`` (``host[:port]``, as in a Reference). ``actions`` are what the requests ask
     a bearer token for on each repository: ``pull``, or ``pull,push`` for a push."""
 
-    def __init__(self, registry: str, credentials: Credentials | None = None, *, tls_verify: bool = True,
-                 timeout: float = 30.0, actions: str = "pull") -> None:
+    def __init__(
+        self,
+        registry: str,
+        credentials: Credentials | None = None,
+        *,
+        tls_verify: bool = True,
+        timeout: float = 30.0,
+        actions: str = "pull",
+    ) -> None:
         self.registry, self.tls_verify, self.timeout, self.actions = registry, tls_verify, timeout, actions
         self._host = "registry-1.docker.io" if registry == DOCKER_HUB else registry
         self._session = requests.Session()
@@ -86,8 +93,9 @@ class RegistryClient:
                     schemes.append("http")
                 for number, scheme in enumerate(schemes):
                     try:
-                        self._session.get(f"{scheme}://{self._host}/v2/", timeout=self.timeout,
-                                          verify=self.tls_verify).close()
+                        self._session.get(
+                            f"{scheme}://{self._host}/v2/", timeout=self.timeout, verify=self.tls_verify
+                        ).close()
                     except requests.RequestException as e:
                         # a certificate refused is a TLS server there: not one to talk to in the clear
                         if number == len(schemes) - 1 or "CERTIFICATE_VERIFY_FAILED" in str(e):
@@ -107,19 +115,21 @@ class RegistryClient:
             return LayerfsError(f"{self.registry}: TLS failed (--tls-verify=false to skip it): {_reason(e)}")
         return LayerfsError(f"{self.registry}: cannot be reached: {_reason(e)}")
 
-    def request(self, method: str, path: str, *, scope: str, ok: tuple[int, ...] = (200,), what: str,
-                **kwargs: object) -> requests.Response:
+    def request(
+        self, method: str, path: str, *, scope: str, ok: tuple[int, ...] = (200,), what: str, **kwargs: Any
+    ) -> requests.Response:
         """Send ``method`` to ``path`` (``/v2/...``, or a URL the registry gave, such as an upload's Location),
         answering one authentication challenge; a status outside ``ok`` is a LayerfsError with the
         registry's own message, saying ``what`` failed."""
         url = urljoin(self._base_url(), path)
         data = kwargs.get("data")
-        extra: dict = kwargs.pop("headers", {})  # type: ignore[assignment]
+        extra: dict = kwargs.pop("headers", {})
         for attempt in (1, 2):
             headers = {**extra, **self._auth.header(scope)}
             try:
-                response = self._session.request(method, url, headers=headers, timeout=self.timeout,
-                                                 verify=self.tls_verify, **kwargs)  # type: ignore[arg-type]
+                response = self._session.request(
+                    method, url, headers=headers, timeout=self.timeout, verify=self.tls_verify, **kwargs
+                )
             except requests.RequestException as e:
                 raise self._unreachable(e) from None
             challenge = response.headers.get("WWW-Authenticate")
@@ -140,8 +150,14 @@ class RegistryClient:
         it is asked by, or the one the registry names (``Docker-Content-Digest``)."""
         what = f"{repository}:{version}" if not version.startswith("sha256:") else f"{repository}@{version}"
         accept = ", ".join(MANIFEST_TYPES + INDEX_TYPES)
-        with self.request("GET", f"/v2/{repository}/manifests/{version}", scope=self.scope(repository),
-                          headers={"Accept": accept}, stream=True, what=f"manifest {what}") as response:
+        with self.request(
+            "GET",
+            f"/v2/{repository}/manifests/{version}",
+            scope=self.scope(repository),
+            headers={"Accept": accept},
+            stream=True,
+            what=f"manifest {what}",
+        ) as response:
             length = response.headers.get("Content-Length", "")
             if length.isdigit() and int(length) > MAX_MANIFEST:
                 raise LayerfsError(f"{self.registry}: manifest {what} is larger than {MAX_MANIFEST >> 20} MiB")
@@ -158,8 +174,15 @@ class RegistryClient:
             raise LayerfsError(f"{self.registry}: manifest {what} does not match its digest {printable(expected)}")
         return Manifest(data, media_type, digest)
 
-    def fetch_blob(self, repository: str, digest: str, directory: str, size: int,
-                   on_bytes: Callable[[int], None] = lambda n: None, stop: threading.Event | None = None) -> str:
+    def fetch_blob(
+        self,
+        repository: str,
+        digest: str,
+        directory: str,
+        size: int,
+        on_bytes: Callable[[int], None] = lambda n: None,
+        stop: threading.Event | None = None,
+    ) -> str:
         """Download blob ``digest`` of ``size`` bytes into ``directory`` as ``<hex>``, checked as it streams
         (``on_bytes`` told of each block); nothing is left behind if it fails or ``stop`` is set."""
         hex_digest = checked_digest(digest, f"{self.registry}: {repository}").removeprefix("sha256:")
@@ -167,8 +190,16 @@ class RegistryClient:
         tmp = os.path.join(directory, f".{hex_digest}.{uuid.uuid4().hex}.part")
         hashed, received = hashlib.sha256(), 0
         try:
-            with self.request("GET", f"/v2/{repository}/blobs/{digest}", scope=self.scope(repository), stream=True,
-                              what=f"blob {digest}") as response, open(tmp, "wb") as out:
+            with (
+                self.request(
+                    "GET",
+                    f"/v2/{repository}/blobs/{digest}",
+                    scope=self.scope(repository),
+                    stream=True,
+                    what=f"blob {digest}",
+                ) as response,
+                open(tmp, "wb") as out,
+            ):
                 for block in self._stream(response):
                     if stop is not None and stop.is_set():
                         raise Stopped
@@ -195,8 +226,13 @@ class RegistryClient:
 
     def has_blob(self, repository: str, digest: str) -> bool:
         checked_digest(digest, f"{self.registry}: {repository}")
-        response = self.request("HEAD", f"/v2/{repository}/blobs/{digest}", scope=self.scope(repository),
-                                ok=(200, 404), what=f"blob {digest}")
+        response = self.request(
+            "HEAD",
+            f"/v2/{repository}/blobs/{digest}",
+            scope=self.scope(repository),
+            ok=(200, 404),
+            what=f"blob {digest}",
+        )
         return response.status_code == 200
 
     def start_upload(self, repository: str, digest: str, mount_from: str | None = None) -> Upload | None:
@@ -204,8 +240,14 @@ class RegistryClient:
         repository ``mount_from`` (no bytes need to travel), else the upload to send it to."""
         scope = self.scope(repository) + (f" repository:{mount_from}:pull" if mount_from else "")
         params = {"mount": digest, "from": mount_from} if mount_from else None
-        response = self.request("POST", f"/v2/{repository}/blobs/uploads/", scope=scope, params=params,
-                                ok=(201, 202), what=f"upload of {digest}")
+        response = self.request(
+            "POST",
+            f"/v2/{repository}/blobs/uploads/",
+            scope=scope,
+            params=params,
+            ok=(201, 202),
+            what=f"upload of {digest}",
+        )
         if response.status_code == 201:
             return None
         least = response.headers.get("OCI-Chunk-Min-Length", "")
@@ -217,37 +259,74 @@ class RegistryClient:
             raise LayerfsError(f"{self.registry}: an upload answer without a Location")
         return urljoin(response.url, location)
 
-    def upload_blob(self, repository: str, location: str, digest: str, path: str, size: int, *,
-                    chunk_size: int | None = None, on_bytes: Callable[[int], None] = lambda n: None,
-                    stop: threading.Event | None = None) -> None:
+    def upload_blob(
+        self,
+        repository: str,
+        location: str,
+        digest: str,
+        path: str,
+        size: int,
+        *,
+        chunk_size: int | None = None,
+        on_bytes: Callable[[int], None] = lambda n: None,
+        stop: threading.Event | None = None,
+    ) -> None:
         """Send the file ``path`` as blob ``digest`` to the upload at ``location``: in one PUT, or in PATCHes of
         ``chunk_size`` bytes and a closing PUT. ``stop`` set gives up between blocks (raising Stopped)."""
         scope = self.scope(repository)
         stop = stop or threading.Event()
         with open(path, "rb") as f:
             if chunk_size is None:
-                self.request("PUT", location, scope=scope, params={"digest": digest}, ok=(201,),
-                             data=_Body(f, size, on_bytes, stop), what=f"upload of {digest}",
-                             headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)})
+                self.request(
+                    "PUT",
+                    location,
+                    scope=scope,
+                    params={"digest": digest},
+                    ok=(201,),
+                    data=_Body(f, size, on_bytes, stop),
+                    what=f"upload of {digest}",
+                    headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)},
+                )
                 return
             for start in range(0, size, chunk_size):
                 if stop.is_set():
                     raise Stopped
                 chunk = f.read(chunk_size)
-                response = self.request("PATCH", location, scope=scope, data=chunk, ok=(202,),
-                                        headers={"Content-Type": "application/octet-stream",
-                                                 "Content-Range": f"{start}-{start + len(chunk) - 1}"},
-                                        what=f"upload of {digest}")
+                response = self.request(
+                    "PATCH",
+                    location,
+                    scope=scope,
+                    data=chunk,
+                    ok=(202,),
+                    headers={
+                        "Content-Type": "application/octet-stream",
+                        "Content-Range": f"{start}-{start + len(chunk) - 1}",
+                    },
+                    what=f"upload of {digest}",
+                )
                 location = self._location(response)
                 on_bytes(len(chunk))
-        self.request("PUT", location, scope=scope, params={"digest": digest}, ok=(201,), what=f"upload of {digest}",
-                     headers={"Content-Length": "0"})
+        self.request(
+            "PUT",
+            location,
+            scope=scope,
+            params={"digest": digest},
+            ok=(201,),
+            what=f"upload of {digest}",
+            headers={"Content-Length": "0"},
+        )
 
     def put_manifest(self, repository: str, version: str, manifest: Manifest) -> None:
         """Store ``manifest``'s very bytes as ``version`` (a tag or its digest) of ``repository``."""
-        response = self.request("PUT", f"/v2/{repository}/manifests/{version}", scope=self.scope(repository),
-                                data=manifest.data, ok=(201,), headers={"Content-Type": manifest.media_type},
-                                what=f"manifest {repository}:{version}")
+        response = self.request(
+            "PUT",
+            f"/v2/{repository}/manifests/{version}",
+            scope=self.scope(repository),
+            data=manifest.data,
+            ok=(201,),
+            headers={"Content-Type": manifest.media_type},
+            what=f"manifest {repository}:{version}",
+        )
         named = response.headers.get("Docker-Content-Digest")
         if named and named != manifest.digest:
             raise LayerfsError(f"{self.registry}: stored the manifest as {printable(named)}, not {manifest.digest}")

@@ -25,10 +25,19 @@ from .parallel import Counter, Progress, in_parallel
 from .reference import Reference, parse_reference
 
 # platform.machine() as OCI names architectures (and variants), per the image index spec
-_ARCHITECTURES = {"x86_64": ("amd64", None), "amd64": ("amd64", None), "aarch64": ("arm64", "v8"),
-                  "arm64": ("arm64", "v8"), "armv7l": ("arm", "v7"), "armv6l": ("arm", "v6"), "i686": ("386", None),
-                  "i386": ("386", None), "ppc64le": ("ppc64le", None), "s390x": ("s390x", None),
-                  "riscv64": ("riscv64", None)}
+_ARCHITECTURES = {
+    "x86_64": ("amd64", None),
+    "amd64": ("amd64", None),
+    "aarch64": ("arm64", "v8"),
+    "arm64": ("arm64", "v8"),
+    "armv7l": ("arm", "v7"),
+    "armv6l": ("arm", "v6"),
+    "i686": ("386", None),
+    "i386": ("386", None),
+    "ppc64le": ("ppc64le", None),
+    "s390x": ("s390x", None),
+    "riscv64": ("riscv64", None),
+}
 
 
 class Platform(NamedTuple):
@@ -87,8 +96,9 @@ def _kind(manifest: Manifest, document: dict, where: str) -> str:
     if kind in MANIFEST_TYPES + INDEX_TYPES:
         return kind
     if document.get("schemaVersion") == 1:
-        raise LayerfsError(f"{where}: a Docker schema 1 manifest, which is not supported (push it again with a "
-                           "current tool)")
+        raise LayerfsError(
+            f"{where}: a Docker schema 1 manifest, which is not supported (push it again with a current tool)"
+        )
     raise LayerfsError(f"{where}: {printable(str(kind))!r} is not an image manifest or index")
 
 
@@ -119,8 +129,13 @@ def resolve(client: RegistryClient, reference: Reference, want: Platform) -> tup
         entries = [e for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
         chosen = [e for e in entries if _matches(e, want)]
         if not chosen:
-            offered = sorted({str(Platform(p.get("os", "?"), p.get("architecture", "?"), p.get("variant")))
-                              for e in entries if isinstance(p := e.get("platform"), dict)})
+            offered = sorted(
+                {
+                    str(Platform(p.get("os", "?"), p.get("architecture", "?"), p.get("variant")))
+                    for e in entries
+                    if isinstance(p := e.get("platform"), dict)
+                }
+            )
             raise LayerfsError(f"{where}: no image for {want} (it has {', '.join(offered) or 'none'})")
         digest, _ = _descriptor(chosen[0], where)
         manifest, document = _fetch_manifest(client, reference.repository, digest, where)
@@ -129,9 +144,18 @@ def resolve(client: RegistryClient, reference: Reference, want: Platform) -> tup
     return manifest, document
 
 
-def pull(reference: Reference | str, layout: str, *, platform: str | None = None, tls_verify: bool = True,
-         credentials: Credentials | None = None, have: Callable[[str], bool] = lambda digest: False,
-         progress: Progress | None = None, jobs: int = 4, timeout: float = 30.0) -> Pulled:
+def pull(
+    reference: Reference | str,
+    layout: str,
+    *,
+    platform: str | None = None,
+    tls_verify: bool = True,
+    credentials: Credentials | None = None,
+    have: Callable[[str], bool] = lambda digest: False,
+    progress: Progress | None = None,
+    jobs: int = 4,
+    timeout: float = 30.0,
+) -> Pulled:
     """Pull ``reference`` into the OCI image layout ``layout`` (made if missing; other images in it kept),
     listed in its index by the reference's tag. ``credentials``: found in the auth files if None.
     ``have(digest)``: True for a layer blob not to fetch (the layout then lacks it). ``progress(done, total,
@@ -154,11 +178,17 @@ def pull(reference: Reference | str, layout: str, *, platform: str | None = None
         wanted = [(config_digest, config_size)] + [(d, s) for d, s in layer_blobs if d not in skipped]
         wanted = [(d, s) for d, s in dict(wanted).items() if not os.path.exists(os.path.join(blobs, d[7:]))]
         counter = Counter(progress, sum(size for _, size in wanted), "pull")
-        in_parallel([functools.partial(client.fetch_blob, ref.repository, digest, blobs, size, counter)
-                     for digest, size in wanted], jobs)
+        in_parallel(
+            [
+                functools.partial(client.fetch_blob, ref.repository, digest, blobs, size, counter)
+                for digest, size in wanted
+            ],
+            jobs,
+        )
         _write_blob(blobs, manifest)
-    add_to_index(layout, {"mediaType": manifest.media_type, "digest": manifest.digest, "size": len(manifest.data)},
-                 ref.tag)
+    add_to_index(
+        layout, {"mediaType": manifest.media_type, "digest": manifest.digest, "size": len(manifest.data)}, ref.tag
+    )
     return Pulled(manifest.digest, config_digest, [d for d, _ in wanted], skipped)
 
 

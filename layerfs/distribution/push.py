@@ -56,36 +56,84 @@ def read_manifest(layout: str, tag: str | None = None) -> tuple[Manifest, list[B
     return Manifest(data, media_type, image.manifest_digest), blobs
 
 
-def push(layout: str, reference: Reference | str, *, tag: str | None = None, mount_from: str | None = None,
-         tls_verify: bool = True, credentials: Credentials | None = None, progress: Progress | None = None,
-         jobs: int = 4, chunk_size: int | None = None, timeout: float = 30.0) -> Pushed:
+def push(
+    layout: str,
+    reference: Reference | str,
+    *,
+    tag: str | None = None,
+    mount_from: str | None = None,
+    tls_verify: bool = True,
+    credentials: Credentials | None = None,
+    progress: Progress | None = None,
+    jobs: int = 4,
+    chunk_size: int | None = None,
+    timeout: float = 30.0,
+) -> Pushed:
     """Push the image ``tag`` of ``layout`` (the only one if None) as ``reference``. ``mount_from``: a
     repository of the same registry that may hold its blobs. ``credentials``: found in the auth files if
     None. ``chunk_size``: upload every blob in PATCHes of this size (else as the module's doc says)."""
     manifest, blobs = read_manifest(layout, tag)
-    return push_image(manifest, blobs, reference, mount_from=mount_from, tls_verify=tls_verify,
-                      credentials=credentials, progress=progress, jobs=jobs, chunk_size=chunk_size, timeout=timeout)
+    return push_image(
+        manifest,
+        blobs,
+        reference,
+        mount_from=mount_from,
+        tls_verify=tls_verify,
+        credentials=credentials,
+        progress=progress,
+        jobs=jobs,
+        chunk_size=chunk_size,
+        timeout=timeout,
+    )
 
 
-def push_image(manifest: Manifest, blobs: list[Blob], reference: Reference | str, *, mount_from: str | None = None,
-               tls_verify: bool = True, credentials: Credentials | None = None, progress: Progress | None = None,
-               jobs: int = 4, chunk_size: int | None = None, timeout: float = 30.0) -> Pushed:
+def push_image(
+    manifest: Manifest,
+    blobs: list[Blob],
+    reference: Reference | str,
+    *,
+    mount_from: str | None = None,
+    tls_verify: bool = True,
+    credentials: Credentials | None = None,
+    progress: Progress | None = None,
+    jobs: int = 4,
+    chunk_size: int | None = None,
+    timeout: float = 30.0,
+) -> Pushed:
     """``push`` of an image kept elsewhere than a layout: its ``manifest`` and its ``blobs`` as files."""
     ref = parse_reference(reference) if isinstance(reference, str) else reference
     if ref.digest and ref.digest != manifest.digest:
         raise LayerfsError(f"{ref}: the image's manifest is {manifest.digest}")
     if credentials is None:
         credentials = find_credentials(ref.registry, ref.repository)
-    with RegistryClient(ref.registry, credentials, tls_verify=tls_verify, timeout=timeout,
-                        actions="pull,push") as client:
-        return push_manifest(client, ref.repository, ref.tag or manifest.digest, manifest, blobs,
-                             mount_from=mount_from if mount_from != ref.repository else None,
-                             progress=progress, jobs=jobs, chunk_size=chunk_size)
+    with RegistryClient(
+        ref.registry, credentials, tls_verify=tls_verify, timeout=timeout, actions="pull,push"
+    ) as client:
+        return push_manifest(
+            client,
+            ref.repository,
+            ref.tag or manifest.digest,
+            manifest,
+            blobs,
+            mount_from=mount_from if mount_from != ref.repository else None,
+            progress=progress,
+            jobs=jobs,
+            chunk_size=chunk_size,
+        )
 
 
-def push_manifest(client: RegistryClient, repository: str, version: str, manifest: Manifest, blobs: list[Blob], *,
-                  mount_from: str | None = None, progress: Progress | None = None, jobs: int = 4,
-                  chunk_size: int | None = None) -> Pushed:
+def push_manifest(
+    client: RegistryClient,
+    repository: str,
+    version: str,
+    manifest: Manifest,
+    blobs: list[Blob],
+    *,
+    mount_from: str | None = None,
+    progress: Progress | None = None,
+    jobs: int = 4,
+    chunk_size: int | None = None,
+) -> Pushed:
     """Put ``blobs`` (files, named by digest) into ``repository`` where it lacks them, then ``manifest`` as
     ``version``: the part of a push that does not care where the blobs are kept."""
     counter = Counter(progress, sum(blob.size for blob in blobs), "push")
@@ -93,13 +141,22 @@ def push_manifest(client: RegistryClient, repository: str, version: str, manifes
     unique = list({blob.digest: blob for blob in blobs}.values())
     outcomes = in_parallel([functools.partial(put, blob) for blob in unique], jobs)
     client.put_manifest(repository, version, manifest)
-    by = {outcome: [blob.digest for blob, o in zip(unique, outcomes, strict=True) if o == outcome]
-          for outcome in ("uploaded", "mounted", "present")}
+    by = {
+        outcome: [blob.digest for blob, o in zip(unique, outcomes, strict=True) if o == outcome]
+        for outcome in ("uploaded", "mounted", "present")
+    }
     return Pushed(manifest.digest, by["uploaded"], by["mounted"], by["present"])
 
 
-def _put_blob(client: RegistryClient, repository: str, mount_from: str | None, chunk_size: int | None,
-              on_bytes: Callable[[int], None], blob: Blob, stop: threading.Event) -> str:
+def _put_blob(
+    client: RegistryClient,
+    repository: str,
+    mount_from: str | None,
+    chunk_size: int | None,
+    on_bytes: Callable[[int], None],
+    blob: Blob,
+    stop: threading.Event,
+) -> str:
     """Put one blob into ``repository`` as the module's doc says; which way it went."""
     if client.has_blob(repository, blob.digest):
         on_bytes(blob.size)
@@ -112,6 +169,14 @@ def _put_blob(client: RegistryClient, repository: str, mount_from: str | None, c
         raise LayerfsError(f"{blob.path}: blob {blob.digest} is not there to push")
     if chunk_size is None and (upload.min_chunk or blob.size > CHUNK):
         chunk_size = max(upload.min_chunk or 0, CHUNK)
-    client.upload_blob(repository, upload.location, blob.digest, blob.path, blob.size, chunk_size=chunk_size,
-                       on_bytes=on_bytes, stop=stop)
+    client.upload_blob(
+        repository,
+        upload.location,
+        blob.digest,
+        blob.path,
+        blob.size,
+        chunk_size=chunk_size,
+        on_bytes=on_bytes,
+        stop=stop,
+    )
     return "uploaded"

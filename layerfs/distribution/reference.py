@@ -55,7 +55,7 @@ def parse_reference(text: str) -> Reference:
     colon = rest.rfind(":")
     tag = None
     if colon > slash:  # a colon after the last slash is a tag's; before it, a registry's port
-        rest, tag = rest[:colon], rest[colon + 1:]
+        rest, tag = rest[:colon], rest[colon + 1 :]
         if not _TAG.fullmatch(tag):
             raise LayerfsError(f"reference {shown}: {printable(tag)!r} is not a valid tag")
     first, slash_found, remainder = rest.partition("/")

@@ -46,8 +46,16 @@ def _serve(config: MountConfig, union: Union, debug: bool, on_ready=None) -> Non
 
     def ready(session) -> None:
         signal.signal(signal.SIGUSR1, lambda *_: _write_stats(session, config.mountpoint))
-        mounts.record(mounts.MountRecord(os.path.abspath(config.mountpoint), os.getpid(), config.lowers,
-                                             config.upper, config.work, mounts.start_time(os.getpid()) or 0))
+        mounts.record(
+            mounts.MountRecord(
+                os.path.abspath(config.mountpoint),
+                os.getpid(),
+                config.lowers,
+                config.upper,
+                config.work,
+                mounts.start_time(os.getpid()) or 0,
+            )
+        )
         if config.owner is not None:
             threading.Thread(target=_unmount_when_gone, args=(config.owner, config.mountpoint), daemon=True).start()
         if on_ready is not None:
@@ -62,11 +70,22 @@ def _serve(config: MountConfig, union: Union, debug: bool, on_ready=None) -> Non
 
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, stop)
-    fuse_config = Config(fsname=config.fsname, readonly=config.readonly, passthrough=config.passthrough,
-                         threads=config.threads, debug=debug)
+    fuse_config = Config(
+        fsname=config.fsname,
+        readonly=config.readonly,
+        passthrough=config.passthrough,
+        threads=config.threads,
+        debug=debug,
+    )
     try:
-        serve(union, config.mountpoint, fuse_config, on_ready=ready, owners=config.owners,
-              static_nlink=config.static_nlink)
+        serve(
+            union,
+            config.mountpoint,
+            fuse_config,
+            on_ready=ready,
+            owners=config.owners,
+            static_nlink=config.static_nlink,
+        )
     except OSError as e:
         # Stopped by a signal between mount(2) and the kernel's INIT: nothing was served, and the
         # unmount the signal asked for is done. Anything else is a failure.
@@ -82,8 +101,13 @@ def _write_stats(session, mountpoint: str) -> None:
     stats = session.stats()
     with open(f"/proc/{os.getpid()}/status") as f:
         rss_kib = next((int(line.split()[1]) for line in f if line.startswith("VmRSS:")), 0)
-    report = {"counts": stats.counts, "seconds": stats.seconds, "granted": session.granted_names(),
-              "rss_kib": rss_kib, **session.operations.summary()}
+    report = {
+        "counts": stats.counts,
+        "seconds": stats.seconds,
+        "granted": session.granted_names(),
+        "rss_kib": rss_kib,
+        **session.operations.summary(),
+    }
     path = mounts.stats_file(mountpoint)
     with open(path + ".tmp", "w") as f:
         json.dump(report, f)
@@ -107,8 +131,14 @@ def _unmount_when_gone(owner: int, mountpoint: str) -> None:
 def mount(config: MountConfig, *, foreground: bool = False, debug: bool = False) -> int:
     """Mount ``config``; returns the exit code for the command."""
     # The union opens its layers now, before the mount hides any of them (a mount over its own lower).
-    union = Union(config.lowers, config.upper, config.work, sync=config.sync, redirect_dir=config.redirect_dir,
-                  metacopy=config.metacopy)
+    union = Union(
+        config.lowers,
+        config.upper,
+        config.work,
+        sync=config.sync,
+        redirect_dir=config.redirect_dir,
+        metacopy=config.metacopy,
+    )
     if foreground:
         _prepare_process()
         _serve(config, union, debug)
@@ -220,10 +250,12 @@ def render_stats(report: dict) -> str:
     for name, count in sorted(report["counts"].items(), key=lambda item: -item[1]):
         seconds = report["seconds"][name]
         lines.append(f"{name:<14}{count:>10}{seconds * 1e3:>11.1f}{seconds / count * 1e6:>10.1f}")
-    lines.append(f"nodes {report['nodes']}, open files {report['open files']}, "
-                 f"resident {report['rss_kib'] / 1024:.1f} MiB")
-    lines.append("kernel features: " + ", ".join(report["granted"])
-                 + ("" if report["passthrough"] else " (passthrough off)"))
+    lines.append(
+        f"nodes {report['nodes']}, open files {report['open files']}, resident {report['rss_kib'] / 1024:.1f} MiB"
+    )
+    lines.append(
+        "kernel features: " + ", ".join(report["granted"]) + ("" if report["passthrough"] else " (passthrough off)")
+    )
     return "\n".join(lines) + "\n"
 
 

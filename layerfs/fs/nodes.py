@@ -65,8 +65,21 @@ class NameLock:
 
 
 class Node:
-    __slots__ = ("nodeid", "key", "parent", "name", "aliases", "lookups", "io_key", "io_count", "passing", "backing",
-                 "backing_writable", "pages_stale", "keeper")
+    __slots__ = (
+        "nodeid",
+        "key",
+        "parent",
+        "name",
+        "aliases",
+        "lookups",
+        "io_key",
+        "io_count",
+        "passing",
+        "backing",
+        "backing_writable",
+        "pages_stale",
+        "keeper",
+    )
 
     def __init__(self, nodeid: int, key: Hashable, parent: Node | None, name: str) -> None:
         self.nodeid = nodeid

@@ -83,6 +83,7 @@ def _refuse_dot_names(name: str) -> None:
 
 def _interruptible(method):
     """A request that may copy data up: a signal to its caller stops the copy (EINTR, nothing left)."""
+
     @functools.wraps(method)
     def wrapper(self, req: Request, *args):
         token = copyup.CANCELLED.set(lambda: req.interrupted)
@@ -90,11 +91,13 @@ def _interruptible(method):
             return method(self, req, *args)
         finally:
             copyup.CANCELLED.reset(token)
+
     return wrapper
 
 
 def _sharing_names(method):
     """A request that names files by path (see NameLock)."""
+
     @functools.wraps(method)
     def wrapper(self, *args):
         self._names.acquire_shared()
@@ -102,11 +105,13 @@ def _sharing_names(method):
             return method(self, *args)
         finally:
             self._names.release_shared()
+
     return wrapper
 
 
 def _changing_names(method):
     """A request that moves or removes names: the union's change and the node table's are one step."""
+
     @functools.wraps(method)
     def wrapper(self, *args):
         self._names.acquire()
@@ -114,6 +119,7 @@ def _changing_names(method):
             return method(self, *args)
         finally:
             self._names.release()
+
     return wrapper
 
 
@@ -353,8 +359,7 @@ class UnionOperations(Operations):
         """``path`` is about to lose its file for good: if the kernel knows its node, hold the file for
         it (see Node.keeper): its open files may all be closed before the node is forgotten."""
         node = self.nodes.child(parent, name)
-        if node is not None and node.keeper < 0 and not stat.S_ISDIR(
-                self.union.getattr(path).st.st_mode):
+        if node is not None and node.keeper < 0 and not stat.S_ISDIR(self.union.getattr(path).st.st_mode):
             node.keeper = self.union.open(path, os.O_PATH)
 
     @_changing_names
@@ -439,7 +444,8 @@ class UnionOperations(Operations):
             a = self.union.fstat(fd)
             node = self.nodes.found(pnode, text, _key(a))
             return Entry(node.nodeid, self._attr(a)), self._opened(
-                node, fd, True, passthrough=self._may_pass_through(req, flags, fd))
+                node, fd, True, passthrough=self._may_pass_through(req, flags, fd)
+            )
         except BaseException:
             self.union.release(fd)
             raise
@@ -465,8 +471,12 @@ class UnionOperations(Operations):
                 if node.io_key != key or (writable and not node.backing_writable):
                     self._drop_backing(node)  # registered for the lower copy, or read-only
                     node.io_key = key
-                passthrough = passthrough and self._passthrough and stat.S_ISREG(st.st_mode) and (
-                    writable or st.st_size >= _PASSTHROUGH_MIN_READ)
+                passthrough = (
+                    passthrough
+                    and self._passthrough
+                    and stat.S_ISREG(st.st_mode)
+                    and (writable or st.st_size >= _PASSTHROUGH_MIN_READ)
+                )
                 if passthrough and not node.backing:
                     node.backing, node.backing_writable = self._backing(fd)
                 node.passing = passthrough and node.backing != 0
@@ -492,8 +502,9 @@ class UnionOperations(Operations):
             return self.session.open_backing(backing_fd), writable
         except OSError as e:
             if e.errno in (errno.EPERM, errno.ENOTTY, errno.EOPNOTSUPP, errno.ENOSYS):
-                log.warning("passthrough refused by the kernel (%s): file data goes through the daemon",
-                            os.strerror(e.errno))
+                log.warning(
+                    "passthrough refused by the kernel (%s): file data goes through the daemon", os.strerror(e.errno)
+                )
                 self._passthrough = False
             return 0, False  # (ELOOP: a layer stacked too deep for this file; it is served by the daemon)
         finally:
@@ -549,8 +560,9 @@ class UnionOperations(Operations):
             path = self.nodes.path(node)
             ino = self.union.getattr(path).ino
             listing = [(b".", ino, _DT_DIR), (b"..", ino, _DT_DIR)]
-            listing.extend((os.fsencode(name), number, bits >> 12)
-                           for name, (number, bits) in self.union.listdir(path).items())
+            listing.extend(
+                (os.fsencode(name), number, bits >> 12) for name, (number, bits) in self.union.listdir(path).items()
+            )
             self._dirs[fh] = listing
         # Taken now, under the lock: the caller looks entries up as it goes (readdirplus).
         return ((name, ino, kind, index + 1) for index, (name, ino, kind) in enumerate(listing[offset:], offset))
@@ -598,8 +610,7 @@ class UnionOperations(Operations):
 
     def summary(self) -> dict:
         """What the daemon holds, for ``layerfs stats``."""
-        return {"nodes": len(self.nodes), "open files": len(self._files),
-                "passthrough": self._passthrough}
+        return {"nodes": len(self.nodes), "open files": len(self._files), "passthrough": self._passthrough}
 
     def destroy(self) -> None:
         for fh in list(self._files):
@@ -607,8 +618,15 @@ class UnionOperations(Operations):
         self.union.close()
 
 
-def serve(union: Union, mountpoint: str, config: Config, *, on_ready=None, owners: Owners = AS_STORED,
-          static_nlink: bool = False) -> Session:
+def serve(
+    union: Union,
+    mountpoint: str,
+    config: Config,
+    *,
+    on_ready=None,
+    owners: Owners = AS_STORED,
+    static_nlink: bool = False,
+) -> Session:
     """Mount ``union`` at ``mountpoint`` and serve it until it is unmounted (blocks); ``on_ready`` gets the
     session once the kernel has initialised it. Returns the ended session."""
     operations = UnionOperations(union, owners, static_nlink)

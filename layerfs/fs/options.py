@@ -17,13 +17,41 @@ from ..errors import UsageError, printable
 
 # Options of overlayfs and fuse-overlayfs that only tune their own implementations: accepted without a
 # word, since callers (containers-storage) pass them routinely.
-_QUIET = frozenset({
-    "rw", "dev", "suid", "exec", "atime", "noatime", "relatime", "strictatime", "nodiratime",
-    "nodev", "nosuid", "noexec",
-    "default_permissions", "allow_other", "allow_root", "fsync", "threaded", "noacl", "timeout",
-    "index", "xino", "userxattr", "context",
-    "fscontext", "defcontext", "rootcontext", "nfs_export", "uuid", "plugins", "debug", "max_idle_threads",
-})
+_QUIET = frozenset(
+    {
+        "rw",
+        "dev",
+        "suid",
+        "exec",
+        "atime",
+        "noatime",
+        "relatime",
+        "strictatime",
+        "nodiratime",
+        "nodev",
+        "nosuid",
+        "noexec",
+        "default_permissions",
+        "allow_other",
+        "allow_root",
+        "fsync",
+        "threaded",
+        "noacl",
+        "timeout",
+        "index",
+        "xino",
+        "userxattr",
+        "context",
+        "fscontext",
+        "defcontext",
+        "rootcontext",
+        "nfs_export",
+        "uuid",
+        "plugins",
+        "debug",
+        "max_idle_threads",
+    }
+)
 
 
 @dataclass
@@ -184,8 +212,10 @@ def parse(option_strings: list[str], mountpoint: str | None) -> MountConfig:
         # A renamed metadata-only copy finds its data through a redirect, as on kernel overlayfs.
         raise UsageError(f"metacopy=on needs redirect_dir=on (it is {redirect_text})")
     if values.get("xattr_permissions", "0") != "0":
-        warnings.append(f"xattr_permissions={printable(values.pop('xattr_permissions'))} ignored: owners and modes are "
-                        "stored as they are (layerfs runs as root)")
+        warnings.append(
+            f"xattr_permissions={printable(values.pop('xattr_permissions'))} ignored: owners and modes are "
+            "stored as they are (layerfs runs as root)"
+        )
 
     for key in sorted(values):
         if key not in _QUIET:
@@ -193,8 +223,24 @@ def parse(option_strings: list[str], mountpoint: str | None) -> MountConfig:
     for key in sorted(flags):
         if key not in _QUIET:
             warnings.append(f"unknown option {printable(key)} ignored")
-    return MountConfig(mnt, lowers, upper, work, readonly, sync, fsname, warnings, owner, owners, static_nlink,
-                       passthrough, log, threads, redirect_dir, metacopy)
+    return MountConfig(
+        mnt,
+        lowers,
+        upper,
+        work,
+        readonly,
+        sync,
+        fsname,
+        warnings,
+        owner,
+        owners,
+        static_nlink,
+        passthrough,
+        log,
+        threads,
+        redirect_dir,
+        metacopy,
+    )
 
 
 def _owners(values: dict[str, str], flags: set[str]) -> Owners:
@@ -221,7 +267,7 @@ def _ranges(option: str, text: str) -> list[Range]:
     numbers = [n for n in parsed if n is not None]
     if not numbers or len(numbers) % 3 or len(numbers) != len(parsed):
         raise UsageError(f"{option}={printable(text)}: not a list of ID:MAPPED-ID:COUNT ranges")
-    ranges = [Range(*numbers[i:i + 3]) for i in range(0, len(numbers), 3)]
+    ranges = [Range(*numbers[i : i + 3]) for i in range(0, len(numbers), 3)]
     for side in (0, 1):
         spans = sorted((r[side], r[side] + r.length) for r in ranges)
         if any(r.length == 0 for r in ranges) or any(a[1] > b[0] for a, b in itertools.pairwise(spans)):
@@ -234,6 +280,7 @@ def _ranges(option: str, text: str) -> list[Range]:
 def for_dirs(lowers: list[str], upper: str, work: str, **extra: object) -> str:
     """The ``-o`` string that mounts ``lowers`` (top first) under ``upper``, paths escaped as ``parse``
     reads them; ``extra`` options are appended as ``key=value``."""
+
     def escaped(path: object) -> str:
         return "".join("\\" + ch if ch in "\\,:" else ch for ch in str(path))
 

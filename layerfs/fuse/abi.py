@@ -61,9 +61,11 @@ SYNCFS = 50
 TMPFILE = 51
 STATX = 52
 
-OPCODE_NAMES = {value: name.lower() for name, value in list(globals().items())
-                if name.isupper() and isinstance(value, int)
-                and name not in ("KERNEL_MAJOR", "KERNEL_MINOR", "ROOT_ID")}
+OPCODE_NAMES = {
+    value: name.lower()
+    for name, value in list(globals().items())
+    if name.isupper() and isinstance(value, int) and name not in ("KERNEL_MAJOR", "KERNEL_MINOR", "ROOT_ID")
+}
 
 # -- INIT flags (flags, and flags2 shifted down by 32 when INIT_EXT is set)
 ASYNC_READ = 1 << 0
@@ -81,10 +83,18 @@ INIT_EXT = 1 << 30
 PASSTHROUGH = 1 << 37
 
 INIT_FLAG_NAMES = {
-    ASYNC_READ: "async_read", ATOMIC_O_TRUNC: "atomic_o_trunc", BIG_WRITES: "big_writes",
-    DONT_MASK: "dont_mask", DO_READDIRPLUS: "readdirplus", READDIRPLUS_AUTO: "readdirplus_auto",
-    WRITEBACK_CACHE: "writeback_cache", PARALLEL_DIROPS: "parallel_dirops", MAX_PAGES: "max_pages",
-    CACHE_SYMLINKS: "cache_symlinks", HANDLE_KILLPRIV_V2: "handle_killpriv_v2", PASSTHROUGH: "passthrough",
+    ASYNC_READ: "async_read",
+    ATOMIC_O_TRUNC: "atomic_o_trunc",
+    BIG_WRITES: "big_writes",
+    DONT_MASK: "dont_mask",
+    DO_READDIRPLUS: "readdirplus",
+    READDIRPLUS_AUTO: "readdirplus_auto",
+    WRITEBACK_CACHE: "writeback_cache",
+    PARALLEL_DIROPS: "parallel_dirops",
+    MAX_PAGES: "max_pages",
+    CACHE_SYMLINKS: "cache_symlinks",
+    HANDLE_KILLPRIV_V2: "handle_killpriv_v2",
+    PASSTHROUGH: "passthrough",
 }
 
 # -- open reply flags

@@ -70,9 +70,24 @@ def pack_attr(ino: int, st: os.stat_result, nlink: int, uid: int, gid: int, bloc
     mtime, mtime_ns = divmod(st.st_mtime_ns, 1_000_000_000)
     ctime, ctime_ns = divmod(st.st_ctime_ns, 1_000_000_000)
     blocks = st.st_blocks if blocks is None else blocks
-    return abi.attr.pack(ino, st.st_size, blocks, atime & _U64, mtime & _U64, ctime & _U64,
-                         atime_ns, mtime_ns, ctime_ns, st.st_mode, nlink, uid, gid, st.st_rdev & 0xFFFFFFFF,
-                         st.st_blksize, 0)
+    return abi.attr.pack(
+        ino,
+        st.st_size,
+        blocks,
+        atime & _U64,
+        mtime & _U64,
+        ctime & _U64,
+        atime_ns,
+        mtime_ns,
+        ctime_ns,
+        st.st_mode,
+        nlink,
+        uid,
+        gid,
+        st.st_rdev & 0xFFFFFFFF,
+        st.st_blksize,
+        0,
+    )
 
 
 def _unsupported(*_args, **_kwargs) -> NoReturn:

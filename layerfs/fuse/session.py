@@ -115,8 +115,15 @@ class Session:
         from .. import syscalls
 
         st = os.stat(self.mountpoint)
-        data = ",".join([f"fd={self.fd}", f"rootmode={stat.S_IFMT(st.st_mode) | 0o755:o}",
-                         f"user_id={os.geteuid()}", f"group_id={os.getegid()}", *self._options()])
+        data = ",".join(
+            [
+                f"fd={self.fd}",
+                f"rootmode={stat.S_IFMT(st.st_mode) | 0o755:o}",
+                f"user_id={os.geteuid()}",
+                f"group_id={os.getegid()}",
+                *self._options(),
+            ]
+        )
         flags = syscalls.MS_RDONLY if self.config.readonly else 0
         if not self.config.suid_dev:
             flags |= syscalls.MS_NOSUID | syscalls.MS_NODEV
@@ -132,8 +139,13 @@ class Session:
             options.append("ro")
         env = dict(os.environ, _FUSE_COMMFD=str(theirs.fileno()))
         try:
-            result = subprocess.run(["fusermount3", "-o", ",".join(options), "--", self.mountpoint], env=env,
-                                    pass_fds=(theirs.fileno(),), capture_output=True, text=True)
+            result = subprocess.run(
+                ["fusermount3", "-o", ",".join(options), "--", self.mountpoint],
+                env=env,
+                pass_fds=(theirs.fileno(),),
+                capture_output=True,
+                text=True,
+            )
             theirs.close()
             if result.returncode != 0:
                 raise OSError(errno.EPERM, result.stderr.strip() or "fusermount3 failed", self.mountpoint)
@@ -141,7 +153,7 @@ class Session:
             _, ancillary, _, _ = ours.recvmsg(1, socket.CMSG_LEN(fds.itemsize))
             for level, kind, data in ancillary:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    fds.frombytes(data[:fds.itemsize])
+                    fds.frombytes(data[: fds.itemsize])
             if not fds:
                 raise OSError(errno.EIO, "fusermount3 passed no descriptor", self.mountpoint)
             os.set_inheritable(fds[0], False)
@@ -163,8 +175,9 @@ class Session:
             clone = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
             fcntl.ioctl(clone, abi.DEV_IOC_CLONE, array.array("I", [self.fd]))
             self._clones.append(clone)
-            worker = threading.Thread(target=self._serve, args=(clone, bytearray(_BUFFER)), daemon=True,
-                                      name=f"fuse-{len(workers) + 1}")
+            worker = threading.Thread(
+                target=self._serve, args=(clone, bytearray(_BUFFER)), daemon=True, name=f"fuse-{len(workers) + 1}"
+            )
             worker.start()
             workers.append(worker)
         try:
@@ -189,11 +202,18 @@ class Session:
         if major != abi.KERNEL_MAJOR:
             raise OSError(errno.EPROTO, f"the kernel speaks FUSE {major}.{minor}, layerfs speaks 7", self.mountpoint)
         offered = flags | (flags2 << 32 if flags & abi.INIT_EXT else 0)
-        wanted = (abi.ASYNC_READ | abi.BIG_WRITES | abi.MAX_PAGES | abi.PARALLEL_DIROPS | abi.ATOMIC_O_TRUNC
-                  | abi.CACHE_SYMLINKS | abi.INIT_EXT
-                  # Without it the kernel asks for security.capability before every write(2), to see
-                  # whether to clear privileges; with it, it says when the server must clear them.
-                  | abi.HANDLE_KILLPRIV_V2)
+        wanted = (
+            abi.ASYNC_READ
+            | abi.BIG_WRITES
+            | abi.MAX_PAGES
+            | abi.PARALLEL_DIROPS
+            | abi.ATOMIC_O_TRUNC
+            | abi.CACHE_SYMLINKS
+            | abi.INIT_EXT
+            # Without it the kernel asks for security.capability before every write(2), to see
+            # whether to clear privileges; with it, it says when the server must clear them.
+            | abi.HANDLE_KILLPRIV_V2
+        )
         if self.config.readdirplus:
             wanted |= abi.DO_READDIRPLUS | abi.READDIRPLUS_AUTO
         if self.config.passthrough and os.geteuid() == 0:
@@ -203,11 +223,20 @@ class Session:
         self.granted = offered & wanted
         self.proto_minor = min(minor, abi.KERNEL_MINOR)
         reply = abi.init_out.pack(
-            abi.KERNEL_MAJOR, self.proto_minor, max_readahead, self.granted & 0xFFFFFFFF,
-            64, 48,  # max_background, congestion_threshold: room for readahead and async reads
-            _MAX_WRITE, 1, _MAX_PAGES, 0, self.granted >> 32,
+            abi.KERNEL_MAJOR,
+            self.proto_minor,
+            max_readahead,
+            self.granted & 0xFFFFFFFF,
+            64,
+            48,  # max_background, congestion_threshold: room for readahead and async reads
+            _MAX_WRITE,
+            1,
+            _MAX_PAGES,
+            0,
+            self.granted >> 32,
             1 if self.granted & abi.PASSTHROUGH else 0,  # max_stack_depth: backing files on a plain fs
-            0)
+            0,
+        )
         self._reply(self.fd, unique, reply)
         log.debug("FUSE %d.%d, granted: %s", major, self.proto_minor, ", ".join(self.granted_names()) or "nothing")
 
@@ -235,7 +264,7 @@ class Session:
         clock = time.perf_counter_ns
         while self._read(fd, buffer) is not None:
             length, opcode, unique, nodeid, uid, gid, pid, _, _ = abi.in_header.unpack_from(view)
-            body = view[abi.in_header.size:length]
+            body = view[abi.in_header.size : length]
             handler = handlers.get(opcode)
             started = clock()
             if handler is None:
@@ -265,9 +294,16 @@ class Session:
             counts[opcode] = counts.get(opcode, 0) + 1
             times[opcode] = times.get(opcode, 0) + elapsed
             if debug:
-                log.debug("%s #%d node %d%s uid %d pid %d -> %s", abi.OPCODE_NAMES.get(opcode, opcode), unique,
-                          nodeid, _named(opcode, body), uid, pid,
-                          errno.errorcode.get(-error, error) if error else "ok")
+                log.debug(
+                    "%s #%d node %d%s uid %d pid %d -> %s",
+                    abi.OPCODE_NAMES.get(opcode, opcode),
+                    unique,
+                    nodeid,
+                    _named(opcode, body),
+                    uid,
+                    pid,
+                    errno.errorcode.get(-error, error) if error else "ok",
+                )
 
     def _reply(self, fd: int, unique: int, payload: bytes | memoryview) -> None:
         try:
@@ -324,17 +360,38 @@ class Session:
 
     def _handler_table(self):
         return {
-            abi.LOOKUP: self._lookup, abi.FORGET: self._forget, abi.BATCH_FORGET: self._batch_forget,
-            abi.GETATTR: self._getattr, abi.SETATTR: self._setattr, abi.READLINK: self._readlink,
-            abi.SYMLINK: self._symlink, abi.MKNOD: self._mknod, abi.MKDIR: self._mkdir,
-            abi.UNLINK: self._unlink, abi.RMDIR: self._rmdir, abi.RENAME: self._rename,
-            abi.RENAME2: self._rename2, abi.LINK: self._link, abi.OPEN: self._open, abi.CREATE: self._create,
-            abi.READ: self._read_data, abi.WRITE: self._write, abi.STATFS: self._statfs,
-            abi.RELEASE: self._release, abi.FSYNC: self._fsync, abi.SETXATTR: self._setxattr,
-            abi.GETXATTR: self._getxattr, abi.LISTXATTR: self._listxattr,
-            abi.REMOVEXATTR: self._removexattr, abi.OPENDIR: self._opendir, abi.READDIR: self._readdir,
-            abi.READDIRPLUS: self._readdirplus, abi.RELEASEDIR: self._releasedir,
-            abi.FSYNCDIR: self._fsyncdir, abi.INTERRUPT: self._interrupt, abi.LSEEK: self._lseek,
+            abi.LOOKUP: self._lookup,
+            abi.FORGET: self._forget,
+            abi.BATCH_FORGET: self._batch_forget,
+            abi.GETATTR: self._getattr,
+            abi.SETATTR: self._setattr,
+            abi.READLINK: self._readlink,
+            abi.SYMLINK: self._symlink,
+            abi.MKNOD: self._mknod,
+            abi.MKDIR: self._mkdir,
+            abi.UNLINK: self._unlink,
+            abi.RMDIR: self._rmdir,
+            abi.RENAME: self._rename,
+            abi.RENAME2: self._rename2,
+            abi.LINK: self._link,
+            abi.OPEN: self._open,
+            abi.CREATE: self._create,
+            abi.READ: self._read_data,
+            abi.WRITE: self._write,
+            abi.STATFS: self._statfs,
+            abi.RELEASE: self._release,
+            abi.FSYNC: self._fsync,
+            abi.SETXATTR: self._setxattr,
+            abi.GETXATTR: self._getxattr,
+            abi.LISTXATTR: self._listxattr,
+            abi.REMOVEXATTR: self._removexattr,
+            abi.OPENDIR: self._opendir,
+            abi.READDIR: self._readdir,
+            abi.READDIRPLUS: self._readdirplus,
+            abi.RELEASEDIR: self._releasedir,
+            abi.FSYNCDIR: self._fsyncdir,
+            abi.INTERRUPT: self._interrupt,
+            abi.LSEEK: self._lseek,
             abi.FALLOCATE: self._fallocate,
         }
 
@@ -368,8 +425,9 @@ class Session:
         return self._attr(self.operations.getattr(req, req.nodeid, fh if flags & abi.GETATTR_FH else None))
 
     def _setattr(self, req: Request, body: memoryview) -> bytes:
-        (valid, _, fh, size, _, atime, mtime, _, atimensec, mtimensec, _, mode, _, uid, gid, _) = \
+        (valid, _, fh, size, _, atime, mtime, _, atimensec, mtimensec, _, mode, _, uid, gid, _) = (
             abi.setattr_in.unpack_from(body)
+        )
         now = time.time_ns()
         changes = SetAttr(
             mode=mode if valid & abi.FATTR_MODE else None,
@@ -445,14 +503,16 @@ class Session:
     def _write(self, req: Request, body: memoryview) -> bytes:
         fh, offset, size, write_flags, *_ = abi.write_in.unpack_from(body)
         start = abi.write_in.size
-        written = self.operations.write(req, fh, offset, body[start:start + size],
-                                        bool(write_flags & abi.WRITE_KILL_SUIDGID))
+        written = self.operations.write(
+            req, fh, offset, body[start : start + size], bool(write_flags & abi.WRITE_KILL_SUIDGID)
+        )
         return abi.write_out.pack(written, 0)
 
     def _statfs(self, req: Request, body: memoryview) -> bytes:
         v = self.operations.statfs(req, req.nodeid)
-        return abi.statfs_out.pack(v.f_blocks, v.f_bfree, v.f_bavail, v.f_files, v.f_ffree, v.f_bsize,
-                                   v.f_namemax, v.f_frsize)
+        return abi.statfs_out.pack(
+            v.f_blocks, v.f_bfree, v.f_bavail, v.f_files, v.f_ffree, v.f_bsize, v.f_namemax, v.f_frsize
+        )
 
     def _release(self, req: Request, body: memoryview) -> bytes:
         fh, *_ = abi.release_in.unpack_from(body)
@@ -467,7 +527,7 @@ class Session:
     def _setxattr(self, req: Request, body: memoryview) -> bytes:
         size, flags = abi.setxattr_in.unpack_from(body)
         name, after = _cstring(body, abi.setxattr_in.size)
-        self.operations.setxattr(req, req.nodeid, name, bytes(body[after:after + size]), flags)
+        self.operations.setxattr(req, req.nodeid, name, bytes(body[after : after + size]), flags)
         return b""
 
     def _getxattr(self, req: Request, body: memoryview) -> bytes:
@@ -552,10 +612,21 @@ class Session:
 
 
 # Where the name starts in the bodies of requests that carry one: for --debug.
-_NAME_AT = {abi.LOOKUP: 0, abi.UNLINK: 0, abi.RMDIR: 0, abi.SYMLINK: 0, abi.REMOVEXATTR: 0,
-            abi.MKNOD: abi.mknod_in.size, abi.MKDIR: abi.mkdir_in.size, abi.CREATE: abi.create_in.size,
-            abi.RENAME: abi.rename_in.size, abi.RENAME2: abi.rename2_in.size, abi.LINK: abi.link_in.size,
-            abi.SETXATTR: abi.setxattr_in.size, abi.GETXATTR: abi.getxattr_in.size}
+_NAME_AT = {
+    abi.LOOKUP: 0,
+    abi.UNLINK: 0,
+    abi.RMDIR: 0,
+    abi.SYMLINK: 0,
+    abi.REMOVEXATTR: 0,
+    abi.MKNOD: abi.mknod_in.size,
+    abi.MKDIR: abi.mkdir_in.size,
+    abi.CREATE: abi.create_in.size,
+    abi.RENAME: abi.rename_in.size,
+    abi.RENAME2: abi.rename2_in.size,
+    abi.LINK: abi.link_in.size,
+    abi.SETXATTR: abi.setxattr_in.size,
+    abi.GETXATTR: abi.getxattr_in.size,
+}
 
 
 def _named(opcode: int, body: memoryview) -> str:

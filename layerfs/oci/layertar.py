@@ -43,8 +43,12 @@ _CHUNK = 1 << 20  # bytes read from a file at a time: one progress step
 _CAPABILITY = "security.capability"
 
 _TYPES = {
-    stat.S_IFDIR: tarfile.DIRTYPE, stat.S_IFREG: tarfile.REGTYPE, stat.S_IFLNK: tarfile.SYMTYPE,
-    stat.S_IFCHR: tarfile.CHRTYPE, stat.S_IFBLK: tarfile.BLKTYPE, stat.S_IFIFO: tarfile.FIFOTYPE,
+    stat.S_IFDIR: tarfile.DIRTYPE,
+    stat.S_IFREG: tarfile.REGTYPE,
+    stat.S_IFLNK: tarfile.SYMTYPE,
+    stat.S_IFCHR: tarfile.CHRTYPE,
+    stat.S_IFBLK: tarfile.BLKTYPE,
+    stat.S_IFIFO: tarfile.FIFOTYPE,
 }
 
 
@@ -59,8 +63,15 @@ class LayerDigests(NamedTuple):
 ProgressFn = Callable[[int, int], None]
 
 
-def write_layer(out: BinaryIO, upper: str, changes: Iterable[Change], *, compress: bool = False,
-                mtime_clamp_ns: int | None = None, progress: ProgressFn | None = None) -> LayerDigests:
+def write_layer(
+    out: BinaryIO,
+    upper: str,
+    changes: Iterable[Change],
+    *,
+    compress: bool = False,
+    mtime_clamp_ns: int | None = None,
+    progress: ProgressFn | None = None,
+) -> LayerDigests:
     """Write the OCI layer for ``changes`` (from ``layerfs.core.changes.changes``) of ``upper`` to ``out``.
 
     Entries are read from ``upper`` as they are now. Both digests are computed as the bytes go by, so the
@@ -70,19 +81,33 @@ def write_layer(out: BinaryIO, upper: str, changes: Iterable[Change], *, compres
     holds an unfinished layer for the caller to discard.
     """
     with Upper(upper) as tree:
-        return write_entries(out, tree, tree.entries(changes), compress=compress, mtime_clamp_ns=mtime_clamp_ns,
-                             progress=progress)
+        return write_entries(
+            out, tree, tree.entries(changes), compress=compress, mtime_clamp_ns=mtime_clamp_ns, progress=progress
+        )
 
 
-def write_entries(out: BinaryIO, tree: Upper, found: list[Entry], *, compress: bool = False,
-                  mtime_clamp_ns: int | None = None, progress: ProgressFn | None = None) -> LayerDigests:
+def write_entries(
+    out: BinaryIO,
+    tree: Upper,
+    found: list[Entry],
+    *,
+    compress: bool = False,
+    mtime_clamp_ns: int | None = None,
+    progress: ProgressFn | None = None,
+) -> LayerDigests:
     """``write_layer`` for entries already found (``tree.entries``), as a commit that also builds a layer
     directory from the same entries writes it."""
     meter = _Progress(progress, _data_size(found))
     stream = _Stream(out, compress)
     # (a writing TarFile calls write and tell alone, which is all the stream has)
-    tar = tarfile.TarFile(fileobj=cast(BinaryIO, stream), mode="w", format=tarfile.PAX_FORMAT,
-                          encoding="utf-8", errors="surrogateescape", copybufsize=_CHUNK)
+    tar = tarfile.TarFile(
+        fileobj=cast(BinaryIO, stream),
+        mode="w",
+        format=tarfile.PAX_FORMAT,
+        encoding="utf-8",
+        errors="surrogateescape",
+        copybufsize=_CHUNK,
+    )
     writer = _Writer(tar, tree, mtime_clamp_ns, meter)
     meter.report()
     if tree.root_opaque():
@@ -95,8 +120,7 @@ def write_entries(out: BinaryIO, tree: Upper, found: list[Entry], *, compress: b
 
 def _data_size(found: list[Entry]) -> int:
     """Bytes of file data the layer will carry: each regular file once, however many names it has."""
-    sizes = {(e.st.st_dev, e.st.st_ino): e.st.st_size for e in found
-             if e.st is not None and stat.S_ISREG(e.st.st_mode)}
+    sizes = {(e.st.st_dev, e.st.st_ino): e.st.st_size for e in found if e.st is not None and stat.S_ISREG(e.st.st_mode)}
     return sum(sizes.values())
 
 
@@ -206,8 +230,9 @@ class _Writer:
             try:
                 attr.encode("utf-8")
             except UnicodeEncodeError:
-                raise LayerfsError(f"cannot export {path}: xattr name {attr!r} is not UTF-8, "
-                                   "which a PAX record cannot hold") from None
+                raise LayerfsError(
+                    f"cannot export {path}: xattr name {attr!r} is not UTF-8, which a PAX record cannot hold"
+                ) from None
             records["SCHILY.xattr." + attr] = value.decode("utf-8", "surrogateescape")
         return records
 
@@ -271,8 +296,9 @@ class _Stream:
         self.tar_sha = hashlib.sha256()
         self.tar_size = 0
         # wbits 16 + MAX_WBITS: a gzip member rather than a bare zlib stream.
-        self.zip = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, 16 + zlib.MAX_WBITS) \
-            if compress else None
+        self.zip = (
+            zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, 16 + zlib.MAX_WBITS) if compress else None
+        )
         self.out_sha = hashlib.sha256() if compress else self.tar_sha
         self.size = 0
 

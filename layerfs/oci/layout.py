@@ -155,8 +155,9 @@ def read_image(layout: str, tag: str | None = None) -> Image:
     version = oci_layout.get("imageLayoutVersion") if isinstance(oci_layout, dict) else None
     if version != "1.0.0":
         raise LayerfsError(f"{layout}: image layout version {version!r}, not 1.0.0")
-    manifests = _typed(_typed(index, dict, f"{layout}: the index").get("manifests") or [], list,
-                       f"{layout}: the index's manifests")
+    manifests = _typed(
+        _typed(index, dict, f"{layout}: the index").get("manifests") or [], list, f"{layout}: the index's manifests"
+    )
 
     def ref_name(m: object) -> object:
         entry = _typed(m, dict, f"{layout}: an entry of the index")
@@ -167,8 +168,10 @@ def read_image(layout: str, tag: str | None = None) -> Image:
         if not manifests:
             raise LayerfsError(f"{layout}: no image tagged {tag!r}")
     if len(manifests) != 1:
-        tags = sorted("?" if t is None else t if isinstance(t, str) and t.isprintable() else repr(t)
-                      for t in map(ref_name, manifests))
+        tags = sorted(
+            "?" if t is None else t if isinstance(t, str) and t.isprintable() else repr(t)
+            for t in map(ref_name, manifests)
+        )
         raise LayerfsError(f"{layout}: {len(manifests)} images; say which (:TAG): {', '.join(tags)}")
     descriptor = _typed(manifests[0], dict, f"{layout}: an entry of the index")
     if descriptor.get("mediaType") in _INDEX_TYPES:
@@ -178,8 +181,9 @@ def read_image(layout: str, tag: str | None = None) -> Image:
     config_digest = _typed(manifest.get("config"), dict, f"{where}: its config").get("digest")
     config = _json_blob(layout, config_digest, "config")
     diff_ids = _diff_ids(config, f"{layout}: the config {config_digest}")
-    descriptors = [_typed(d, dict, f"{where}: a layer") for d in _typed(manifest.get("layers") or [], list,
-                                                                         f"{where}: its layers")]
+    descriptors = [
+        _typed(d, dict, f"{where}: a layer") for d in _typed(manifest.get("layers") or [], list, f"{where}: its layers")
+    ]
     if len(diff_ids) != len(descriptors):
         raise LayerfsError(f"{layout}: the manifest lists {len(descriptors)} layers, the config {len(diff_ids)}")
     layers = []
@@ -191,8 +195,15 @@ def read_image(layout: str, tag: str | None = None) -> Image:
         media_type = _typed(d.get("mediaType", ""), str, f"{where}: the mediaType of layer {d['digest']}")
         layers.append(Layer(path, d["digest"], diff_id, size, media_type))
     name = ref_name(descriptor)
-    return Image(descriptor["digest"], config_digest, config, layers, _blob_path(layout, descriptor["digest"]),
-                 _blob_path(layout, config_digest), [name] if isinstance(name, str) and name else [])
+    return Image(
+        descriptor["digest"],
+        config_digest,
+        config,
+        layers,
+        _blob_path(layout, descriptor["digest"]),
+        _blob_path(layout, config_digest),
+        [name] if isinstance(name, str) and name else [],
+    )
 
 
 def read_docker_save(root: str, name: str | None = None) -> Image:
@@ -202,12 +213,16 @@ def read_docker_save(root: str, name: str | None = None) -> Image:
             entries = json.load(f)
     except (OSError, ValueError, RecursionError):
         raise LayerfsError("not a docker archive (no readable manifest.json)") from None
-    entries = [_typed(e, dict, "docker archive: an entry of manifest.json")
-               for e in _typed(entries, list, "docker archive: manifest.json")]
+    entries = [
+        _typed(e, dict, "docker archive: an entry of manifest.json")
+        for e in _typed(entries, list, "docker archive: manifest.json")
+    ]
 
     def tags(e: dict) -> list[str]:
-        return [_typed(t, str, "docker archive: a RepoTag") for t in _typed(e.get("RepoTags") or [], list,
-                                                                             "docker archive: RepoTags")]
+        return [
+            _typed(t, str, "docker archive: a RepoTag")
+            for t in _typed(e.get("RepoTags") or [], list, "docker archive: RepoTags")
+        ]
 
     if name is not None:
         entries = [e for e in entries if name in tags(e) or any(t.endswith("/" + name) for t in tags(e))]

@@ -73,8 +73,13 @@ _OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _PATH_MAX = 4096
 _RECORD_MAX = 1 << 20  # largest PAX or GNU long-name record taken
-_RECORD_TYPES = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE, tarfile.GNUTYPE_LONGNAME,
-                 tarfile.GNUTYPE_LONGLINK)
+_RECORD_TYPES = (
+    tarfile.XHDTYPE,
+    tarfile.XGLTYPE,
+    tarfile.SOLARIS_XHDTYPE,
+    tarfile.GNUTYPE_LONGNAME,
+    tarfile.GNUTYPE_LONGLINK,
+)
 _GZIP_MAGIC = b"\x1f\x8b"
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _XATTR_RECORD = "SCHILY.xattr."
@@ -147,14 +152,14 @@ class _Raw:
             chunk = self._more()
             if not chunk:
                 break
-            self.buf, self.pos = self.buf[self.pos:] + chunk, 0
-        return self.buf[self.pos:self.pos + n]
+            self.buf, self.pos = self.buf[self.pos :] + chunk, 0
+        return self.buf[self.pos : self.pos + n]
 
     def read(self, n: int = -1) -> bytes:
         if self.pos == len(self.buf):
             self.buf, self.pos = self._more(), 0
         end = len(self.buf) if n < 0 else min(len(self.buf), self.pos + n)
-        data = self.buf[self.pos:end]
+        data = self.buf[self.pos : end]
         self.pos = end
         return data
 
@@ -228,13 +233,15 @@ class _Header(tarfile.TarInfo):
         except tarfile.EOFHeaderError:
             raise  # a zero block: the end of the archive
         except tarfile.EmptyHeaderError:
-            raise _Reason("it is empty" if tar.offset == 0 else
-                          "the tar ends without its end-of-archive block (truncated)") from None
+            raise _Reason(
+                "it is empty" if tar.offset == 0 else "the tar ends without its end-of-archive block (truncated)"
+            ) from None
         except tarfile.TruncatedHeaderError:
             raise _Reason("the tar ends inside a header (truncated)") from None
         except tarfile.HeaderError as e:
-            raise _Reason(f"it is not a tar ({e})" if tar.offset == 0 else
-                          f"damaged tar header at byte {tar.offset} ({e})") from None
+            raise _Reason(
+                f"it is not a tar ({e})" if tar.offset == 0 else f"damaged tar header at byte {tar.offset} ({e})"
+            ) from None
         except ValueError as e:  # tarfile's int() of a PAX record (GNU.sparse.size=x), uncaught there
             raise _Reason(f"damaged tar header at byte {tar.offset} ({e})") from None
 
@@ -279,8 +286,9 @@ class _Unpacker:
 
     def _unpack(self) -> _Input:
         data = _Input(self.stream, self.progress)
-        tar = tarfile.open(fileobj=cast(BinaryIO, data), mode="r|", tarinfo=_Header, encoding="utf-8",
-                           errors="surrogateescape")
+        tar = tarfile.open(
+            fileobj=cast(BinaryIO, data), mode="r|", tarinfo=_Header, encoding="utf-8", errors="surrogateescape"
+        )
         while (info := tar.next()) is not None:
             # kept for random access, which a stream has not: a big layer would fill memory
             tar.members.clear()  # type: ignore[attr-defined]  # (not in typeshed's TarFile)
@@ -297,7 +305,7 @@ class _Unpacker:
         parts = _parts(info.name, "the name")
         for i, part in enumerate(parts[:-1]):
             if whiteout.is_marker_name(part):
-                raise _Reason(f"{_show('/'.join(parts[:i + 1]))} is a whiteout name, which cannot be a directory")
+                raise _Reason(f"{_show('/'.join(parts[: i + 1]))} is a whiteout name, which cannot be a directory")
         if parts and whiteout.is_marker_name(parts[-1]):
             self._marker(parts)
             return
@@ -350,7 +358,7 @@ class _Unpacker:
         target = _parts(info.linkname, f"its hard-link target {_show(info.linkname)}")
         if target == parts:
             raise _Reason("it is a hard link to itself")
-        if target[:len(parts)] == parts:  # the directory it replaces would take its target with it
+        if target[: len(parts)] == parts:  # the directory it replaces would take its target with it
             raise _Reason(f"its hard-link target {_show(info.linkname)} is below it")
         try:
             target_dir = self.tree.reach(target[:-1])
@@ -373,7 +381,7 @@ class _Unpacker:
             while chunk := data.read(_CHUNK):
                 view = memoryview(chunk)
                 while view:
-                    view = view[os.write(fd, view):]
+                    view = view[os.write(fd, view) :]
             meta.apply_fd(fd)
         finally:
             os.close(fd)
@@ -396,10 +404,11 @@ class _Meta:
         for key, value in info.pax_headers.items():
             if not key.startswith(_XATTR_RECORD):
                 continue
-            attr = key[len(_XATTR_RECORD):]
+            attr = key[len(_XATTR_RECORD) :]
             if whiteout.is_private_xattr(attr):
-                raise _Reason(f"it carries the xattr {_show(attr)}, overlay's own bookkeeping, which a layer "
-                              "may not set")
+                raise _Reason(
+                    f"it carries the xattr {_show(attr)}, overlay's own bookkeeping, which a layer may not set"
+                )
             if not attr or "\0" in attr:
                 raise _Reason(f"it carries an xattr with an invalid name {_show(attr)}")
             self.xattrs[attr] = value.encode("utf-8", "surrogateescape")
@@ -610,7 +619,7 @@ class _Tree:
         except OSError as e:
             if e.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
                 raise
-        shown = _show("/".join(parts[:i + 1]))
+        shown = _show("/".join(parts[: i + 1]))
         st = _lstat(name, fd)
         if st is not None and not (create and whiteout.is_whiteout_stat(st)):
             if stat.S_ISLNK(st.st_mode):
@@ -620,8 +629,8 @@ class _Tree:
             raise _Reason(f"{shown} does not exist")
         if st is not None:
             os.unlink(name, dir_fd=fd)  # a whiteout of this layer: the directory hides the lower one too
-        self._mkdir(fd, name, parts[:i + 1])
-        self.pending.set(tuple(parts[:i + 1]), (0o755, None))  # implied by the tar: no metadata of its own
+        self._mkdir(fd, name, parts[: i + 1])
+        self.pending.set(tuple(parts[: i + 1]), (0o755, None))  # implied by the tar: no metadata of its own
         return confined.open_dir(name, dir_fd=fd)
 
     def _mkdir(self, parent: int, name: str, parts: Sequence[str]) -> None:

@@ -26,16 +26,32 @@ def _mounts() -> list[dict]:
     """runc spec's mounts."""
     return [
         {"destination": "/proc", "type": "proc", "source": "proc"},
-        {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
-         "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
-        {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
-         "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]},
-        {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
-         "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
+        {
+            "destination": "/dev",
+            "type": "tmpfs",
+            "source": "tmpfs",
+            "options": ["nosuid", "strictatime", "mode=755", "size=65536k"],
+        },
+        {
+            "destination": "/dev/pts",
+            "type": "devpts",
+            "source": "devpts",
+            "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"],
+        },
+        {
+            "destination": "/dev/shm",
+            "type": "tmpfs",
+            "source": "shm",
+            "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"],
+        },
         {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]},
         {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]},
-        {"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
-         "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]},
+        {
+            "destination": "/sys/fs/cgroup",
+            "type": "cgroup",
+            "source": "cgroup",
+            "options": ["nosuid", "noexec", "nodev", "relatime", "ro"],
+        },
     ]
 
 
@@ -49,10 +65,16 @@ def config(image_config: dict, command: list[str], hostname: str) -> dict:
         env = [_PATH] + env
     return {
         "ociVersion": "1.0.2-dev",
-        "process": {"terminal": False, "user": {"uid": 0, "gid": 0}, "args": args, "env": env,
-                    "cwd": image_config.get("WorkingDir") or "/",
-                    "capabilities": {k: sorted(confined.capabilities) for k in ("bounding", "effective", "permitted")},
-                    "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}], "noNewPrivileges": True},
+        "process": {
+            "terminal": False,
+            "user": {"uid": 0, "gid": 0},
+            "args": args,
+            "env": env,
+            "cwd": image_config.get("WorkingDir") or "/",
+            "capabilities": {k: sorted(confined.capabilities) for k in ("bounding", "effective", "permitted")},
+            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}],
+            "noNewPrivileges": True,
+        },
         "root": {"path": "rootfs", "readonly": False},
         "hostname": hostname,
         "mounts": _mounts(),
@@ -75,8 +97,7 @@ def write(store: Store, name: str, directory: str, command: list[str]) -> str:
     image_config = (store.images.find(record["image"]) or {}).get("config", {}).get("config") or {}
     rootfs = os.path.join(os.path.abspath(directory), "rootfs")
     os.makedirs(rootfs, exist_ok=True)
-    if mount.mount(options.parse([options.for_dirs(record["lowers"], record["upper"], record["work"])],
-                                 rootfs)) != 0:
+    if mount.mount(options.parse([options.for_dirs(record["lowers"], record["upper"], record["work"])], rootfs)) != 0:
         raise LayerfsError(f"could not mount container {name!r}")
     try:
         store.add_runtime_paths(name, shim.make_mount_points(rootfs))

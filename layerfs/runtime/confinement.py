@@ -30,32 +30,99 @@ from ..syscalls import MS_BIND, MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_RDONLY, MS_RE
 
 # Capability names by number (linux/capability.h).
 CAPABILITIES = (
-    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH", "CAP_FOWNER", "CAP_FSETID", "CAP_KILL", "CAP_SETGID",
-    "CAP_SETUID", "CAP_SETPCAP", "CAP_LINUX_IMMUTABLE", "CAP_NET_BIND_SERVICE", "CAP_NET_BROADCAST", "CAP_NET_ADMIN",
-    "CAP_NET_RAW", "CAP_IPC_LOCK", "CAP_IPC_OWNER", "CAP_SYS_MODULE", "CAP_SYS_RAWIO", "CAP_SYS_CHROOT",
-    "CAP_SYS_PTRACE", "CAP_SYS_PACCT", "CAP_SYS_ADMIN", "CAP_SYS_BOOT", "CAP_SYS_NICE", "CAP_SYS_RESOURCE",
-    "CAP_SYS_TIME", "CAP_SYS_TTY_CONFIG", "CAP_MKNOD", "CAP_LEASE", "CAP_AUDIT_WRITE", "CAP_AUDIT_CONTROL",
-    "CAP_SETFCAP", "CAP_MAC_OVERRIDE", "CAP_MAC_ADMIN", "CAP_SYSLOG", "CAP_WAKE_ALARM", "CAP_BLOCK_SUSPEND",
-    "CAP_AUDIT_READ", "CAP_PERFMON", "CAP_BPF", "CAP_CHECKPOINT_RESTORE",
-)
-DEFAULT_CAPABILITIES = frozenset({
-    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_MKNOD", "CAP_NET_RAW", "CAP_SETGID",
-    "CAP_SETUID", "CAP_SETFCAP", "CAP_SETPCAP", "CAP_NET_BIND_SERVICE", "CAP_SYS_CHROOT", "CAP_KILL",
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_DAC_READ_SEARCH",
+    "CAP_FOWNER",
+    "CAP_FSETID",
+    "CAP_KILL",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETPCAP",
+    "CAP_LINUX_IMMUTABLE",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_NET_BROADCAST",
+    "CAP_NET_ADMIN",
+    "CAP_NET_RAW",
+    "CAP_IPC_LOCK",
+    "CAP_IPC_OWNER",
+    "CAP_SYS_MODULE",
+    "CAP_SYS_RAWIO",
+    "CAP_SYS_CHROOT",
+    "CAP_SYS_PTRACE",
+    "CAP_SYS_PACCT",
+    "CAP_SYS_ADMIN",
+    "CAP_SYS_BOOT",
+    "CAP_SYS_NICE",
+    "CAP_SYS_RESOURCE",
+    "CAP_SYS_TIME",
+    "CAP_SYS_TTY_CONFIG",
+    "CAP_MKNOD",
+    "CAP_LEASE",
     "CAP_AUDIT_WRITE",
-})
-MASKED_PATHS = ("/proc/asound", "/proc/acpi", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
-                "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi", "/sys/firmware",
-                "/sys/devices/virtual/powercap")
+    "CAP_AUDIT_CONTROL",
+    "CAP_SETFCAP",
+    "CAP_MAC_OVERRIDE",
+    "CAP_MAC_ADMIN",
+    "CAP_SYSLOG",
+    "CAP_WAKE_ALARM",
+    "CAP_BLOCK_SUSPEND",
+    "CAP_AUDIT_READ",
+    "CAP_PERFMON",
+    "CAP_BPF",
+    "CAP_CHECKPOINT_RESTORE",
+)
+DEFAULT_CAPABILITIES = frozenset(
+    {
+        "CAP_CHOWN",
+        "CAP_DAC_OVERRIDE",
+        "CAP_FSETID",
+        "CAP_FOWNER",
+        "CAP_MKNOD",
+        "CAP_NET_RAW",
+        "CAP_SETGID",
+        "CAP_SETUID",
+        "CAP_SETFCAP",
+        "CAP_SETPCAP",
+        "CAP_NET_BIND_SERVICE",
+        "CAP_SYS_CHROOT",
+        "CAP_KILL",
+        "CAP_AUDIT_WRITE",
+    }
+)
+MASKED_PATHS = (
+    "/proc/asound",
+    "/proc/acpi",
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/proc/sched_debug",
+    "/proc/scsi",
+    "/sys/firmware",
+    "/sys/devices/virtual/powercap",
+)
 READONLY_PATHS = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger")
 
 _PROFILE = os.path.join(os.path.dirname(__file__), "seccomp_default.json")
 # The machine as docker's profile names it (Go's GOARCH) and as libseccomp does.
-_ARCHES = {"x86_64": ("amd64", "SCMP_ARCH_X86_64"), "aarch64": ("arm64", "SCMP_ARCH_AARCH64"),
-           "s390x": ("s390x", "SCMP_ARCH_S390X"), "riscv64": ("riscv64", "SCMP_ARCH_RISCV64"),
-           "ppc64le": ("ppc64le", "SCMP_ARCH_PPC64LE")}
-_OPERATORS = {"SCMP_CMP_NE": pyseccomp.NE, "SCMP_CMP_LT": pyseccomp.LT, "SCMP_CMP_LE": pyseccomp.LE,
-              "SCMP_CMP_EQ": pyseccomp.EQ, "SCMP_CMP_GE": pyseccomp.GE, "SCMP_CMP_GT": pyseccomp.GT,
-              "SCMP_CMP_MASKED_EQ": pyseccomp.MASKED_EQ}
+_ARCHES = {
+    "x86_64": ("amd64", "SCMP_ARCH_X86_64"),
+    "aarch64": ("arm64", "SCMP_ARCH_AARCH64"),
+    "s390x": ("s390x", "SCMP_ARCH_S390X"),
+    "riscv64": ("riscv64", "SCMP_ARCH_RISCV64"),
+    "ppc64le": ("ppc64le", "SCMP_ARCH_PPC64LE"),
+}
+_OPERATORS = {
+    "SCMP_CMP_NE": pyseccomp.NE,
+    "SCMP_CMP_LT": pyseccomp.LT,
+    "SCMP_CMP_LE": pyseccomp.LE,
+    "SCMP_CMP_EQ": pyseccomp.EQ,
+    "SCMP_CMP_GE": pyseccomp.GE,
+    "SCMP_CMP_GT": pyseccomp.GT,
+    "SCMP_CMP_MASKED_EQ": pyseccomp.MASKED_EQ,
+}
 _UNKNOWN_SYSCALL = -1  # libseccomp's __NR_SCMP_ERROR: a name it does not know (newer than it): left out, as runc does
 
 
@@ -76,8 +143,9 @@ class Confinement:
     privileged: bool = False  # none of it: every capability the caller has, no seccomp, nothing masked
 
     @classmethod
-    def from_flags(cls, cap_add: Iterable[str] = (), cap_drop: Iterable[str] = (),
-                   privileged: bool = False) -> Confinement:
+    def from_flags(
+        cls, cap_add: Iterable[str] = (), cap_drop: Iterable[str] = (), privileged: bool = False
+    ) -> Confinement:
         """docker's rules: ``--privileged`` keeps everything (and ignores the others); ``--cap-add ALL``
         keeps all but the dropped; ``--cap-drop ALL`` keeps only the added; otherwise the defaults less the
         dropped plus the added."""
@@ -112,6 +180,7 @@ def _docker_profile() -> dict:
 def _kernel_at_least(version: str) -> bool:
     def numbers(release: str) -> tuple[int, ...]:
         return tuple(int("".join(c for c in part if c.isdigit()) or 0) for part in release.split(".")[:2])
+
     return numbers(os.uname().release) >= numbers(version)
 
 
@@ -127,16 +196,25 @@ def _resolved_profile(capabilities: frozenset[str]) -> dict:
 
     def kept(rule: dict) -> bool:
         includes, excludes = rule.get("includes") or {}, rule.get("excludes") or {}
-        return (all(c in capabilities for c in includes.get("caps", []))
-                and ("arches" not in includes or arch in includes["arches"])
-                and ("minKernel" not in includes or _kernel_at_least(includes["minKernel"]))
-                and not any(c in capabilities for c in excludes.get("caps", []))
-                and arch not in excludes.get("arches", []))
+        return (
+            all(c in capabilities for c in includes.get("caps", []))
+            and ("arches" not in includes or arch in includes["arches"])
+            and ("minKernel" not in includes or _kernel_at_least(includes["minKernel"]))
+            and not any(c in capabilities for c in excludes.get("caps", []))
+            and arch not in excludes.get("arches", [])
+        )
 
-    rules = [{k: v for k, v in rule.items() if k in ("names", "action", "errnoRet", "args")}
-                 for rule in profile["syscalls"] if kept(rule)]
-    return {"defaultAction": profile["defaultAction"], "defaultErrnoRet": profile["defaultErrnoRet"],
-            "architectures": architectures, "syscalls": rules}
+    rules = [
+        {k: v for k, v in rule.items() if k in ("names", "action", "errnoRet", "args")}
+        for rule in profile["syscalls"]
+        if kept(rule)
+    ]
+    return {
+        "defaultAction": profile["defaultAction"],
+        "defaultErrnoRet": profile["defaultErrnoRet"],
+        "architectures": architectures,
+        "syscalls": rules,
+    }
 
 
 def _action(name: str, errno_ret: int | None) -> int:
@@ -156,8 +234,10 @@ def _filter(profile: dict) -> pyseccomp.SyscallFilter:
             f.add_arch(arch)
     for rule in profile["syscalls"]:
         action = _action(rule["action"], rule.get("errnoRet"))
-        args = [pyseccomp.Arg(a["index"], _OPERATORS[a["op"]], a["value"], a.get("valueTwo", 0))
-                for a in rule.get("args") or []]
+        args = [
+            pyseccomp.Arg(a["index"], _OPERATORS[a["op"]], a["value"], a.get("valueTwo", 0))
+            for a in rule.get("args") or []
+        ]
         for name in rule["names"]:
             number = pyseccomp.resolve_syscall(pyseccomp.Arch.NATIVE, name)
             if number != _UNKNOWN_SYSCALL:

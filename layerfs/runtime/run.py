@@ -34,8 +34,17 @@ def main(args: argparse.Namespace) -> int:
     config = (store.images.find(image) or {}).get("config", {}).get("config") or {}
     record = store.create(args.name or f"run-{uuid.uuid4().hex[:8]}", image)
     try:
-        return _run(record["lowers"], record["upper"], record["work"], record["merged"], command, config, args,
-                    confined, made=lambda paths: store.add_runtime_paths(record["name"], paths))
+        return _run(
+            record["lowers"],
+            record["upper"],
+            record["work"],
+            record["merged"],
+            command,
+            config,
+            args,
+            confined,
+            made=lambda paths: store.add_runtime_paths(record["name"], paths),
+        )
     finally:
         if args.rm:
             store.remove(record["name"])
@@ -53,8 +62,17 @@ def _run_on_lowers(lowers: list[str], command: list[str], args: argparse.Namespa
         shutil.rmtree(where, ignore_errors=True)
 
 
-def _run(lowers: list[str], upper: str, work: str, merged: str, command: list[str], config: dict,
-         args: argparse.Namespace, confined: Confinement, made=lambda paths: None) -> int:
+def _run(
+    lowers: list[str],
+    upper: str,
+    work: str,
+    merged: str,
+    command: list[str],
+    config: dict,
+    args: argparse.Namespace,
+    confined: Confinement,
+    made=lambda paths: None,
+) -> int:
     argv = command or (config.get("Entrypoint") or []) + (config.get("Cmd") or [])
     if not argv:
         raise UsageError("no command given, and the image names none")
@@ -64,8 +82,16 @@ def _run(lowers: list[str], upper: str, work: str, merged: str, command: list[st
     hostname = args.hostname or (args.name or "layerfs")[:63]
     env.setdefault("HOSTNAME", hostname)
     uid, gid = shim.parse_user(args.user)
-    process = shim.Process(argv, env, args.workdir or config.get("WorkingDir") or "/", uid, gid, hostname,
-                           network=args.net == "host", confinement=confined)
+    process = shim.Process(
+        argv,
+        env,
+        args.workdir or config.get("WorkingDir") or "/",
+        uid,
+        gid,
+        hostname,
+        network=args.net == "host",
+        confinement=confined,
+    )
     mount_options = options.for_dirs(lowers, upper, work, x_layerfs_owner=os.getpid())
     if mount.mount(options.parse([mount_options], merged)) != 0:
         return 125

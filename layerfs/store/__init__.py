@@ -41,8 +41,16 @@ from .incoming import Incoming
 from .layers import Layers
 from .root import DEFAULT_ROOT, Root, root_from
 
-__all__ = ["DEFAULT_ROOT", "SHARING", "Committed", "ContainerMounted", "ImageInUse", "NoSuchImage", "Store",
-           "root_from"]
+__all__ = [
+    "DEFAULT_ROOT",
+    "SHARING",
+    "Committed",
+    "ContainerMounted",
+    "ImageInUse",
+    "NoSuchImage",
+    "Store",
+    "root_from",
+]
 
 
 class Store:
@@ -54,14 +62,16 @@ class Store:
         self.images = Images(self.root, self.layers, self.blobs)
         self.containers = Containers(self.root, self.layers)
 
-    def import_image(self, kind: str, path: str, tag: str | None, name: str | None,
-                     progress: Progress | None = None) -> tuple[str, dict]:
+    def import_image(
+        self, kind: str, path: str, tag: str | None, name: str | None, progress: Progress | None = None
+    ) -> tuple[str, dict]:
         """``Images.import_image``: image ``tag`` of ``path`` imported as ``name``; its name and record."""
         with self.root.locked():
             return self.images.import_image(kind, path, tag, name, progress)
 
-    def pull(self, reference: str, *, platform: str | None = None, tls_verify: bool = True,
-             progress: Progress | None = None) -> tuple[str, dict]:
+    def pull(
+        self, reference: str, *, platform: str | None = None, tls_verify: bool = True, progress: Progress | None = None
+    ) -> tuple[str, dict]:
         """Image ``reference`` pulled from its registry (blobs the store has are not fetched) and kept under
         its full name; its name and record."""
         ref = parse_reference(reference)
@@ -70,16 +80,22 @@ class Store:
             pulling.pull(ref, pulled, platform=platform, tls_verify=tls_verify, have=self.blobs.has, progress=progress)
             return str(ref), self.images.add_pulled(incoming, pulled, str(ref), ref.name, progress)
 
-    def push(self, name: str, reference: str | None = None, *, tls_verify: bool = True,
-             progress: Progress | None = None) -> pushing.Pushed:
+    def push(
+        self, name: str, reference: str | None = None, *, tls_verify: bool = True, progress: Progress | None = None
+    ) -> pushing.Pushed:
         """Image ``name`` pushed as ``reference`` (its own name if None), its stored bytes unchanged; blobs
         mounted from the repository it was pulled from, where that is on the same registry."""
         ref = parse_reference(reference or self.images.key(name))
         registry, _, repository = (self.images.record(name).get("source") or "").partition("/")
         with self._held(name) as (manifest, blobs):
-            return pushing.push_image(manifest, blobs, ref,
-                                      mount_from=repository if registry == ref.registry else None,
-                                      tls_verify=tls_verify, progress=progress)
+            return pushing.push_image(
+                manifest,
+                blobs,
+                ref,
+                mount_from=repository if registry == ref.registry else None,
+                tls_verify=tls_verify,
+                progress=progress,
+            )
 
     def save(self, name: str, kind: str, dest: str, tag: str | None = None) -> str:
         """Image ``name`` written to ``dest`` as ``kind`` (``archives.FORMATS``) with its stored bytes,
@@ -156,8 +172,15 @@ class Store:
             self.content.forget_unshared()
         return unused + [f"blob {digest}" for digest in blobs]
 
-    def commit(self, upper: str, changes: Iterable[Change], *, share: str = "reflink",
-               progress: ProgressFn | None = None, image: tuple[str, str] | None = None) -> Committed:
+    def commit(
+        self,
+        upper: str,
+        changes: Iterable[Change],
+        *,
+        share: str = "reflink",
+        progress: ProgressFn | None = None,
+        image: tuple[str, str] | None = None,
+    ) -> Committed:
         """Freeze ``changes`` (as ``layerfs.core.changes`` lists them) of ``upper`` into a layer, its file
         data shared with the store's alike files as ``share`` says (one of ``SHARING``). ``image``: (name,
         base): also record image ``name``, image ``base`` with this layer on top, its tar kept as a gzip blob

@@ -42,8 +42,13 @@ def write(kind: str, dest: str, manifest: Manifest, blobs: list[Blob], *, tag: s
     entry = {**_descriptor(manifest), "annotations": {_REF_NAME: tag}}
     members.append(("index.json", json.dumps({"schemaVersion": 2, "manifests": [entry]}).encode()))
     if kind == "docker-archive":
-        docker = [{"Config": _blob_name(blobs[0].digest), "RepoTags": [name],
-                   "Layers": [_blob_name(blob.digest) for blob in blobs[1:]]}]
+        docker = [
+            {
+                "Config": _blob_name(blobs[0].digest),
+                "RepoTags": [name],
+                "Layers": [_blob_name(blob.digest) for blob in blobs[1:]],
+            }
+        ]
         members.append(("manifest.json", json.dumps(docker).encode()))
     with atomic_file(dest) as out, tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for directory in ("blobs", "blobs/sha256"):

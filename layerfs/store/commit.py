@@ -76,7 +76,8 @@ def _write(tree: Upper, entry: Entry, parent: int, name: str, build_fd: int, fir
             os.link(first_name, name, src_dir_fd=first_parent, dst_dir_fd=parent, follow_symlinks=False)
         return
     with tree.directory_of(entry) as (src_parent, src_name):
-        copyup.copy_entry(src_name, entry.st, name, src_dir_fd=src_parent, dst_dir_fd=parent,
-                          data_at=tree.data_at(entry), sync=False)
+        copyup.copy_entry(
+            src_name, entry.st, name, src_dir_fd=src_parent, dst_dir_fd=parent, data_at=tree.data_at(entry), sync=False
+        )
     if entry.opaque:
         whiteout.mark_opaque(name, dir_fd=parent)

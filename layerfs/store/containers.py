@@ -35,9 +35,12 @@ class Containers:
                 record = json.load(f)
         except FileNotFoundError:
             return None
-        record.update(upper=os.path.join(where, "upper"), work=os.path.join(where, "work"),
-                      merged=os.path.join(where, "merged"),
-                      lowers=[self.layers.path(d) for d in reversed(record["layers"])])
+        record.update(
+            upper=os.path.join(where, "upper"),
+            work=os.path.join(where, "work"),
+            merged=os.path.join(where, "merged"),
+            lowers=[self.layers.path(d) for d in reversed(record["layers"])],
+        )
         return record
 
     def names(self) -> list[str]:
@@ -59,8 +62,16 @@ class Containers:
         for sub in ("upper", "work", "merged"):
             os.makedirs(os.path.join(build, sub), mode=0o755)
         with open(os.path.join(build, "container.json"), "w") as f:
-            json.dump({"name": name, "image": image, "config_digest": image_record["config_digest"],
-                       "layers": image_record["layers"]}, f, indent=1)
+            json.dump(
+                {
+                    "name": name,
+                    "image": image,
+                    "config_digest": image_record["config_digest"],
+                    "layers": image_record["layers"],
+                },
+                f,
+                indent=1,
+            )
         os.makedirs(os.path.dirname(where), exist_ok=True)
         os.rename(build, where)
         made = self.get(name)

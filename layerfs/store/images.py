@@ -76,11 +76,16 @@ class Images:
 
     def blobs_used(self) -> set[str]:
         """Every blob an image of the store is made of."""
-        return {digest for image in self.all().values()
-                for digest in [image.get("manifest"), image["config_digest"], *image.get("blobs", [])] if digest}
+        return {
+            digest
+            for image in self.all().values()
+            for digest in [image.get("manifest"), image["config_digest"], *image.get("blobs", [])]
+            if digest
+        }
 
-    def import_image(self, kind: str, path: str, tag: str | None, name: str | None,
-                     progress: Progress | None = None) -> tuple[str, dict]:
+    def import_image(
+        self, kind: str, path: str, tag: str | None, name: str | None, progress: Progress | None = None
+    ) -> tuple[str, dict]:
         """(Holding the lock.) Import the image ``tag`` of ``path`` as ``name`` (None: the name the archive
         gives it, else the file's). ``kind``: ``oci`` (a layout directory), ``oci-archive`` (a tar of one),
         ``docker-archive`` (``docker save``) or ``rootfs`` (a plain tar of a root filesystem, as ``docker
@@ -99,25 +104,39 @@ class Images:
                 return key, self._add(incoming, image, key, progress)
             unpacked = os.path.join(incoming.dir, "archive")
             _extract_archive(path, unpacked)
-            image = layout.read_image(unpacked, tag) if kind == "oci-archive" else \
-                layout.read_docker_save(unpacked, tag)
+            image = (
+                layout.read_image(unpacked, tag) if kind == "oci-archive" else layout.read_docker_save(unpacked, tag)
+            )
             key = _name_for(name, image, default, tag)
             return key, self._add(incoming, image, key, progress)
 
-    def add_pulled(self, incoming: Incoming, pulled: str, name: str, source: str,
-                   progress: Progress | None = None) -> dict:
+    def add_pulled(
+        self, incoming: Incoming, pulled: str, name: str, source: str, progress: Progress | None = None
+    ) -> dict:
         """(Holding the lock.) The image of the layout ``pulled`` (in ``incoming``, its blobs checked as they
         arrived; those the store had are not there) as ``name``, pulled from ``source`` (registry/repository)."""
         return self._add(incoming, layout.read_image(pulled), name, progress, checked=True, source=source)
 
-    def _add(self, incoming: Incoming, image: layout.Image, name: str, progress: Progress | None, *,
-             checked: bool = False, source: str | None = None) -> dict:
+    def _add(
+        self,
+        incoming: Incoming,
+        image: layout.Image,
+        name: str,
+        progress: Progress | None,
+        *,
+        checked: bool = False,
+        source: str | None = None,
+    ) -> dict:
         """The image's blobs and layers the store lacks, then its record."""
         diff_ids, digests = [], []
         for number, layer in enumerate(image.layers, 1):
-            diff_id, digest = incoming.add_layer(layer.path, layer.digest, layer.diff_id,
-                                                 _labelled(progress, f"layer {number}/{len(image.layers)}"),
-                                                 checked=checked)
+            diff_id, digest = incoming.add_layer(
+                layer.path,
+                layer.digest,
+                layer.diff_id,
+                _labelled(progress, f"layer {number}/{len(image.layers)}"),
+                checked=checked,
+            )
             diff_ids.append(diff_id)
             digests.append(digest)
         config_digest = incoming.add_blob(image.config_path, image.config_digest, checked=checked)
@@ -127,12 +146,21 @@ class Images:
                 manifest_type = json.load(f).get("mediaType") or manifests.OCI_MANIFEST
         else:  # a docker archive: a manifest of docker's own form for its blobs
             manifest_type = manifests.DOCKER_MANIFEST
-            document = manifests.manifest(manifest_type, _descriptor(incoming, config_digest),
-                                          [_descriptor(incoming, d, manifest_type) for d in digests])
+            document = manifests.manifest(
+                manifest_type,
+                _descriptor(incoming, config_digest),
+                [_descriptor(incoming, d, manifest_type) for d in digests],
+            )
             manifest_digest = incoming.add_bytes(manifests.dump(document))
         incoming.adopt()
-        record = {"manifest": manifest_digest, "manifest_type": manifest_type, "config_digest": config_digest,
-                  "config": image.config, "layers": diff_ids, "blobs": digests}
+        record = {
+            "manifest": manifest_digest,
+            "manifest_type": manifest_type,
+            "config_digest": config_digest,
+            "config": image.config,
+            "layers": diff_ids,
+            "blobs": digests,
+        }
         return self._set(name, {**record, "source": source} if source else record)
 
     def _add_rootfs(self, incoming: Incoming, path: str, name: str, progress: Progress | None) -> dict:
@@ -146,8 +174,17 @@ class Images:
         document = manifests.manifest(kind, _descriptor(incoming, config_digest), [_descriptor(incoming, digest, kind)])
         manifest_digest = incoming.add_bytes(manifests.dump(document))
         incoming.adopt()
-        return self._set(name, {"manifest": manifest_digest, "manifest_type": kind, "config_digest": config_digest,
-                                "config": config, "layers": [diff_id], "blobs": [digest]})
+        return self._set(
+            name,
+            {
+                "manifest": manifest_digest,
+                "manifest_type": kind,
+                "config_digest": config_digest,
+                "config": config,
+                "layers": [diff_id],
+                "blobs": [digest],
+            },
+        )
 
     def add_commit(self, incoming: Incoming, name: str, base: str, diff_id: str, blob: str) -> dict:
         """(Holding the lock.) Image ``name``: image ``base`` with the layer ``diff_id`` on top, its
@@ -158,16 +195,27 @@ class Images:
         config_digest = incoming.add_bytes(manifests.dump(config))
         kind = parent.get("manifest_type") or manifests.OCI_MANIFEST
         if parent.get("manifest"):
-            document = manifests.with_layer(json.loads(self.blobs.read(parent["manifest"])),
-                                            _descriptor(incoming, config_digest), _descriptor(incoming, blob, kind))
+            document = manifests.with_layer(
+                json.loads(self.blobs.read(parent["manifest"])),
+                _descriptor(incoming, config_digest),
+                _descriptor(incoming, blob, kind),
+            )
         else:  # a store from before blobs were kept: a manifest for the new layer alone cannot be pushed
             raise LayerfsError(f"image {base} was stored without its blobs; import or pull it again to commit on it")
         manifest_digest = incoming.add_bytes(manifests.dump(document))
         incoming.adopt()
-        return self._set(name, {"manifest": manifest_digest, "manifest_type": kind, "config_digest": config_digest,
-                                "config": config, "layers": [*parent["layers"], diff_id],
-                                "blobs": [*parent.get("blobs", []), blob],
-                                **({"source": parent["source"]} if parent.get("source") else {})})
+        return self._set(
+            name,
+            {
+                "manifest": manifest_digest,
+                "manifest_type": kind,
+                "config_digest": config_digest,
+                "config": config,
+                "layers": [*parent["layers"], diff_id],
+                "blobs": [*parent.get("blobs", []), blob],
+                **({"source": parent["source"]} if parent.get("source") else {}),
+            },
+        )
 
     def tag(self, name: str, new: str) -> str:
         """(Holding the lock.) Image ``name`` known as ``new`` too; returns the full new name."""
@@ -254,8 +302,10 @@ def _extract_archive(path: str, dest: str) -> None:
         raise LayerfsError(f"{path}: not a readable image archive ({e})") from None
 
 
-_ARCHIVE_MEMBER = re.compile(r"oci-layout|index\.json|manifest\.json|repositories|blobs(/.*)?"
-                             r"|[0-9a-f]{64}(\.json|\.tar|/.*)?")
+_ARCHIVE_MEMBER = re.compile(
+    r"oci-layout|index\.json|manifest\.json|repositories|blobs(/.*)?"
+    r"|[0-9a-f]{64}(\.json|\.tar|/.*)?"
+)
 
 
 def kind_of(path: str) -> str:

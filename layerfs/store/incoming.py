@@ -71,8 +71,15 @@ class Incoming:
         self.keep(staged.path, staged.digest)
         return staged.digest
 
-    def add_layer(self, path: str, digest: str | None, diff_id: str | None, progress: ProgressFn | None = None,
-                  *, checked: bool = False) -> tuple[str, str]:
+    def add_layer(
+        self,
+        path: str,
+        digest: str | None,
+        diff_id: str | None,
+        progress: ProgressFn | None = None,
+        *,
+        checked: bool = False,
+    ) -> tuple[str, str]:
         """Keep the layer blob at ``path`` (where the store lacks ``digest``; None: not known) and unpack it
         (where the store lacks ``diff_id``; None: not known); returns its diff_id and digest. ``checked``:
         ``path`` is here and checked against ``digest`` already (a pull), so it is moved, not copied."""

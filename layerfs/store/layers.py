@@ -33,8 +33,9 @@ class Layers:
         """Every layer the store holds."""
         return [f"sha256:{hexdigest}" for hexdigest in sorted(os.listdir(self.root.sub("layers")))]
 
-    def build(self, stream: BinaryIO, progress: ProgressFn | None = None, *,
-              expected: str | None = None) -> tuple[str, str]:
+    def build(
+        self, stream: BinaryIO, progress: ProgressFn | None = None, *, expected: str | None = None
+    ) -> tuple[str, str]:
         """(Holding the lock.) The layer tar ``stream`` unpacked into a new directory of the scratch space, to
         ``adopt`` once the rest of its image is in; returns the directory and the layer's diff_id, which must
         be ``expected`` where the image gives one."""

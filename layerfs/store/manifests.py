@@ -13,10 +13,14 @@ from datetime import UTC, datetime
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
-_CONFIG = {OCI_MANIFEST: "application/vnd.oci.image.config.v1+json",
-           DOCKER_MANIFEST: "application/vnd.docker.container.image.v1+json"}
-_LAYER = {OCI_MANIFEST: "application/vnd.oci.image.layer.v1.tar",
-          DOCKER_MANIFEST: "application/vnd.docker.image.rootfs.diff.tar"}
+_CONFIG = {
+    OCI_MANIFEST: "application/vnd.oci.image.config.v1+json",
+    DOCKER_MANIFEST: "application/vnd.docker.container.image.v1+json",
+}
+_LAYER = {
+    OCI_MANIFEST: "application/vnd.oci.image.layer.v1.tar",
+    DOCKER_MANIFEST: "application/vnd.docker.image.rootfs.diff.tar",
+}
 _SUFFIX = {OCI_MANIFEST: {"gzip": "+gzip", "zstd": "+zstd"}, DOCKER_MANIFEST: {"gzip": ".gzip", "zstd": ".zstd"}}
 _GZIP_MAGIC, _ZSTD_MAGIC = b"\x1f\x8b", b"\x28\xb5\x2f\xfd"
 
@@ -55,17 +59,25 @@ def commit_config(parent: dict, diff_id: str, created_by: str) -> dict:
 def rootfs_config(diff_id: str, created_by: str) -> dict:
     """The config of a one-layer image made of a root filesystem tar, as ``docker import`` makes it."""
     created = now()
-    return {"architecture": "amd64", "os": "linux", "created": created, "config": {},
-            "rootfs": {"type": "layers", "diff_ids": [diff_id]},
-            "history": [{"created": created, "created_by": created_by}]}
+    return {
+        "architecture": "amd64",
+        "os": "linux",
+        "created": created,
+        "config": {},
+        "rootfs": {"type": "layers", "diff_ids": [diff_id]},
+        "history": [{"created": created, "created_by": created_by}],
+    }
 
 
 def manifest(manifest_type: str, config: tuple[str, int], layers: list[tuple[str, int, str]]) -> dict:
     """A manifest of ``manifest_type`` naming the ``config`` blob (digest, size) and ``layers`` (digest,
     size, media type), bottom first."""
-    document: dict = {"schemaVersion": 2, "mediaType": manifest_type,
-                      "config": {"mediaType": _CONFIG[manifest_type], "digest": config[0], "size": config[1]},
-                      "layers": [{"mediaType": kind, "digest": digest, "size": size} for digest, size, kind in layers]}
+    document: dict = {
+        "schemaVersion": 2,
+        "mediaType": manifest_type,
+        "config": {"mediaType": _CONFIG[manifest_type], "digest": config[0], "size": config[1]},
+        "layers": [{"mediaType": kind, "digest": digest, "size": size} for digest, size, kind in layers],
+    }
     return document
 
 
@@ -74,6 +86,7 @@ def with_layer(parent: dict, config: tuple[str, int], layer: tuple[str, int, str
     document = copy.deepcopy(parent)
     document["config"] = {**document["config"], "digest": config[0], "size": config[1]}
     document["layers"] = list(document.get("layers") or []) + [
-        {"mediaType": layer[2], "digest": layer[0], "size": layer[1]}]
+        {"mediaType": layer[2], "digest": layer[0], "size": layer[1]}
+    ]
     document.pop("annotations", None)  # the parent's, such as its creation date or base name, are not ours
     return document
