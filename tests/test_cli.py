@@ -475,3 +475,20 @@ def test_mount_over_one_of_its_own_lower_dirs_shows_what_was_there_like_overlayf
         seen[fs] = (listing.stdout.split(), listing.returncode, content.stdout, content.returncode)
     assert seen["overlay"] == (["extra", "was-there"], 0, "old\n", 0)
     assert seen["layerfs"] == seen["overlay"]
+
+
+# -- what the command line refuses -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("role", ["upperdir", "workdir"])
+def test_an_upper_or_work_directory_in_use_by_a_mount_is_refused(role, tree, layers, mounts, tmp_path):
+    # As kernel overlayfs refuses them (EBUSY): two daemons would each change the directory under the other.
+    first, second = tmp_path / "first", tmp_path / "second"
+    options = f"{tree.lowerdir},upperdir={tree.upper},workdir={tree.work}"
+    assert_mounted_ok(cli_mount(mounts, first, "-o", options, first), first)
+    dirs = {"upperdir": layers.dir("upper2"), "workdir": layers.dir("work2"), role: getattr(tree, role[:-3])}
+    options = f"{tree.lowerdir},upperdir={dirs['upperdir']},workdir={dirs['workdir']}"
+    line = assert_mount_refused(cli_mount(mounts, second, "-o", options, second), second)
+    assert line == f"layerfs: {role} {dirs[role]}: in use by the mount at {first}"
+    assert layerfs_cmd("umount", first).returncode == 0
+    assert_mounted_ok(cli_mount(mounts, second, "-o", options, second), second)  # free again

@@ -24,7 +24,7 @@ import time
 
 from .. import syscalls
 from ..core.union import Union
-from ..errors import LayerfsError
+from ..errors import LayerfsError, printable
 from . import mounts
 from .options import MountConfig
 
@@ -130,6 +130,7 @@ def _unmount_when_gone(owner: int, mountpoint: str) -> None:
 
 def mount(config: MountConfig, *, foreground: bool = False, debug: bool = False) -> int:
     """Mount ``config``; returns the exit code for the command."""
+    _refuse_layers_in_use(config)
     # The union opens its layers now, before the mount hides any of them (a mount over its own lower).
     union = Union(
         config.lowers,
@@ -182,6 +183,15 @@ def mount(config: MountConfig, *, foreground: bool = False, debug: bool = False)
             pass
     finally:
         os._exit(code)
+
+
+def _refuse_layers_in_use(config: MountConfig) -> None:
+    """Two daemons writing one upper (or work) directory would each change it under the other's
+    feet: refused, as kernel overlayfs refuses one in use by another mount (EBUSY)."""
+    for other in mounts.running():
+        for role, mine in (("upperdir", config.upper), ("workdir", config.work)):
+            if mine is not None and mine in (other.upper, other.work):
+                raise LayerfsError(f"{role} {printable(mine)}: in use by the mount at {printable(other.mountpoint)}")
 
 
 def _log_to(path: str | None) -> None:

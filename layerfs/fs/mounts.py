@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import select
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 
@@ -60,7 +61,23 @@ def record(mount: MountRecord) -> None:
 
 def find(mountpoint: str) -> MountRecord | None:
     """The record of the live daemon serving ``mountpoint``, if there is one."""
-    path = _file(mountpoint)
+    return _live(_file(mountpoint))
+
+
+def running() -> Iterator[MountRecord]:
+    """The records of every live daemon."""
+    try:
+        names = os.listdir(_run_dir())
+    except FileNotFoundError:
+        return
+    for name in names:
+        if name.endswith(".json") and not name.endswith(".stats.json"):
+            mount = _live(os.path.join(_run_dir(), name))
+            if mount is not None:
+                yield mount
+
+
+def _live(path: str) -> MountRecord | None:
     try:
         with open(path, encoding="utf-8", errors="surrogateescape") as f:
             mount = MountRecord(**json.load(f))
