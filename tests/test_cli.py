@@ -480,6 +480,82 @@ def test_mount_over_one_of_its_own_lower_dirs_shows_what_was_there_like_overlayf
 # -- what the command line refuses -------------------------------------------------------------------
 
 
+@pytest.fixture
+def store_with_container(tmp_path) -> Path:
+    """A store with a container named ``logs`` (a word close to a command), of a one-file image."""
+    rootfs, root = tmp_path / "rootfs", tmp_path / "store"
+    (rootfs / "etc").mkdir(parents=True)
+    (rootfs / "etc/hello").write_text("hi\n")
+    subprocess.run(["tar", "-C", rootfs, "-cf", tmp_path / "rootfs.tar", "."], check=True)
+    for args in (["import", f"rootfs:{tmp_path / 'rootfs.tar'}", "demo"], ["create", "--name", "logs", "demo"]):
+        assert layerfs_cmd(*args, "--root", root).returncode == 0
+    return root
+
+
+@pytest.mark.parametrize(
+    "argv, line",
+    [
+        (["imgaes"], "layerfs: imgaes: unknown command (did you mean images?)"),
+        (["frobnicate", "x"], "layerfs: frobnicate: unknown command (layerfs --help lists them)"),
+    ],
+)
+def test_an_unknown_command_is_refused_with_the_nearest_one(argv, line):
+    result = layerfs_cmd(*argv)
+    assert result.returncode == 2
+    assert assert_one_line_error(result) == line
+
+
+@pytest.mark.parametrize("flags", [[], ["-f"]], ids=["plain", "foreground"])
+def test_a_container_name_is_never_taken_for_a_command(flags, store_with_container, mounts, tmp_path):
+    # Before: `layerfs logs DIR` mounted container logs over DIR, without a word.
+    mnt = tmp_path / "full"
+    mnt.mkdir()
+    (mnt / "mine").write_text("x")
+    mounts.points.append(mnt)
+    result = layerfs_cmd(*flags, "logs", mnt, env={**os.environ, "LAYERFS_ROOT": str(store_with_container)})
+    assert "logs: unknown command" in assert_one_line_error(result)
+    assert result.returncode == 2
+    assert not is_mounted(mnt) and os.listdir(mnt) == ["mine"]
+
+
+def test_the_mount_form_with_two_mount_points_is_refused(tree, mounts, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    two.mkdir()
+    result = cli_mount(mounts, one, "-o", f"{tree.lowerdir},upperdir={tree.upper},workdir={tree.work}", one, two)
+    assert_mount_refused(result, one)
+    assert not is_mounted(two)
+
+
+def test_a_container_is_not_mounted_over_a_non_empty_directory(store_with_container, mounts, tmp_path):
+    mnt = tmp_path / "full"
+    mnt.mkdir()
+    (mnt / "mine").write_text("x")
+    result = cli_mount(mounts, mnt, "mount", "--root", store_with_container, "logs", mnt)
+    assert assert_mount_refused(result, mnt) == f"layerfs: {mnt}: mount point is not empty"
+    assert os.listdir(mnt) == ["mine"]
+    empty = tmp_path / "empty"
+    assert_mounted_ok(cli_mount(mounts, empty, "mount", "--root", store_with_container, "logs", empty), empty)
+    assert (empty / "etc/hello").read_text() == "hi\n"
+
+
+def test_the_fuse_overlayfs_form_mounts_over_a_non_empty_directory_as_its_peers_do(tree, mounts, tmp_path):
+    # Kernel overlayfs and fuse-overlayfs (libfuse 3 dropped `nonempty`) both do, and containers-storage
+    # may hand its mount program a merged directory with something in it.
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    (mnt / "hidden").write_text("x")
+    for fs in ("overlay", "layerfs"):
+        options = f"{tree.lowerdir},upperdir={tree.upper},workdir={tree.work}"
+        if fs == "overlay":
+            mounts.points.append(mnt)
+            subprocess.run(["mount", "-t", "overlay", "overlay", "-o", options, mnt], check=True)
+        else:
+            assert_mounted_ok(cli_mount(mounts, mnt, "-o", options, mnt), mnt)
+        assert_merged(mnt)
+        layerfs_cmd("umount", mnt) if fs == "layerfs" else subprocess.run(["umount", mnt], check=True)
+    assert os.listdir(mnt) == ["hidden"]
+
+
 @pytest.mark.parametrize("role", ["upperdir", "workdir"])
 def test_an_upper_or_work_directory_in_use_by_a_mount_is_refused(role, tree, layers, mounts, tmp_path):
     # As kernel overlayfs refuses them (EBUSY): two daemons would each change the directory under the other.
@@ -492,3 +568,28 @@ def test_an_upper_or_work_directory_in_use_by_a_mount_is_refused(role, tree, lay
     assert line == f"layerfs: {role} {dirs[role]}: in use by the mount at {first}"
     assert layerfs_cmd("umount", first).returncode == 0
     assert_mounted_ok(cli_mount(mounts, second, "-o", options, second), second)  # free again
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["diff", "--upperdir", "{upper}", "--lowerdir", "{lower}"]])
+def test_a_closed_standard_output_ends_the_command_quietly(argv, tmp_path):
+    # As `layerfs diff ... | head -1` once the head has gone: the status of a command SIGPIPE ended.
+    upper, lower = tmp_path / "upper", tmp_path / "lower"
+    upper.mkdir()
+    lower.mkdir()
+    for i in range(5000):  # more than a pipe holds, for the diff
+        (upper / f"file{i}").touch()
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = layerfs_cmd(
+            *(a.format(upper=upper, lower=lower) for a in argv),
+            capture_output=False,
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+        )
+    finally:
+        os.close(write_end)
+    assert result.stderr == ""
+    assert result.returncode in (0, 128 + signal.SIGPIPE)
+    if argv[0] == "diff":
+        assert result.returncode == 128 + signal.SIGPIPE

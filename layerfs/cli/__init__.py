@@ -11,12 +11,14 @@ import contextlib
 import json
 import logging
 import os
+import select
+import signal
 import sys
 from typing import TYPE_CHECKING
 
 from .. import __version__
 from ..errors import LayerfsError, UsageError
-from . import images
+from . import dispatch, images
 
 if TYPE_CHECKING:
     from ..store import Store
@@ -241,25 +243,35 @@ def _advice(e: LayerfsError) -> str:
     return ""
 
 
-def _normalise(argv: list[str]) -> list[str]:
-    """fuse-overlayfs form: no command word, options first."""
-    if argv and argv[0] not in COMMANDS and argv[0] not in ("-h", "--help", "--version"):
-        return ["mount"] + argv
-    return argv
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(_normalise(list(sys.argv[1:] if argv is None else argv)))
+    try:
+        return _command(list(sys.argv[1:] if argv is None else argv))
+    except BrokenPipeError:
+        if not _stdout_closed_by_reader():
+            raise
+        return _quiet_end()
+
+
+def _command(arguments: list[str]) -> int:
+    try:
+        args = _parser().parse_args(dispatch.command_line(arguments, COMMANDS))
+    except UsageError as e:
+        print(f"layerfs: {e}", file=sys.stderr)
+        return 2
     debug = getattr(args, "debug", False)
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="layerfs: %(message)s")
     try:
-        return _run(args)
+        code = _run(args)
+        sys.stdout.flush()  # (a closed pipe is found here, not in an error at the interpreter's exit)
+        return code
     except LayerfsError as e:
         if debug:
             logging.exception("details")
         print(f"layerfs: {e}{_advice(e)}", file=sys.stderr)
         return 2 if isinstance(e, UsageError) else 1
     except OSError as e:
+        if isinstance(e, BrokenPipeError) and _stdout_closed_by_reader():
+            raise  # (no error: main ends quietly)
         if debug:
             logging.exception("details")
         where = f"{e.filename}: " if e.filename else ""
@@ -267,6 +279,24 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def _stdout_closed_by_reader() -> bool:
+    """Whether standard output is a pipe nobody reads any more (a write end polls as an error then)."""
+    poll = select.poll()
+    poll.register(sys.stdout.fileno(), select.POLLOUT)
+    return any(events & select.POLLERR for _, events in poll.poll(0))
+
+
+def _quiet_end() -> int:
+    """Standard output's reader has gone (``layerfs inspect X | head -1``): end quietly, with the status
+    of a command SIGPIPE ended, as cat's is in the same place."""
+    # Python's advice: what is still buffered for the closed pipe goes nowhere, not into an error at
+    # the interpreter's exit.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 128 + signal.SIGPIPE
 
 
 @contextlib.contextmanager
@@ -291,6 +321,10 @@ def _run(args: argparse.Namespace) -> int:
                 raise UsageError(f"{args.mountpoint}: no such container (or give -o lowerdir=...)")
             args.options = [options.for_dirs(record["lowers"], record["upper"], record["work"])]
             args.mountpoint = args.container_mountpoint or record["merged"]
+            # (kernel overlayfs and fuse-overlayfs mount over anything, and containers-storage relies on it
+            # for -o; a container of the store over a directory's own files is a mistake)
+            if os.path.isdir(args.mountpoint) and os.listdir(args.mountpoint):
+                raise UsageError(f"{args.mountpoint}: mount point is not empty")
         elif args.container_mountpoint:
             raise UsageError(f"{args.container_mountpoint}: one mount point only")
         config = options.parse(args.options, args.mountpoint)
