@@ -81,7 +81,7 @@ def workdir(config: dict, flag: str | None) -> str:
 class User:
     uid: int
     gid: int
-    groups: list[int]  # the supplementary groups
+    groups: list[int]  # the supplementary groups: its own group and, unless a group is given, those naming it
     home: str
 
 
@@ -108,9 +108,9 @@ def find_user(spec: str, passwd: str = "/etc/passwd", group: str = "/etc/group")
             if named is None:
                 raise LayerfsError(f"unable to find group {group_part}: no matching entries in group file")
             gid = int(named[2])
-        return User(uid, gid, [], home)
+        return User(uid, gid, [gid], home)
     member_of = [int(g[2]) for g in groups if entry and len(g) > 3 and entry[0] in g[3].split(",")]
-    return User(uid, gid, member_of, home)
+    return User(uid, gid, sorted({gid, *member_of}), home)
 
 
 def _entries(path: str) -> list[list[str]]:
@@ -123,11 +123,8 @@ def _entries(path: str) -> list[list[str]]:
 
 
 def make_workdir(path: str, user: User) -> None:
-    """Make the working directory, and any parent missing, owned by the user, as docker does."""
-    missing = []
-    while not os.path.lexists(path):
-        missing.append(path)
-        path = os.path.dirname(path)
-    for made in reversed(missing):
-        os.mkdir(made, 0o755)
-        os.chown(made, user.uid, user.gid)
+    """Make the working directory where it is missing, owned by the user (the parents it needs, by root),
+    as Podman makes an image's WorkingDir."""
+    if not os.path.lexists(path):
+        os.makedirs(path, 0o755)
+        os.chown(path, user.uid, user.gid)
