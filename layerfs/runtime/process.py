@@ -88,28 +88,29 @@ class User:
 def find_user(spec: str, passwd: str = "/etc/passwd", group: str = "/etc/group") -> User:
     """``name``, ``uid``, ``name:group`` or ``uid:gid`` ("" is root) as runc finds it in the files given."""
     user_part, _, group_part = spec.partition(":")
-    users = _entries(passwd)  # name, password, uid, gid, gecos, home, shell
+    # name, password, uid, gid, gecos, home, shell (a line not of that form is passed over, as runc does)
+    users = [u for u in _entries(passwd) if len(u) > 5 and u[2].isdigit() and u[3].isdigit()]
     if user_part.isdigit() or not user_part:
         uid = int(user_part or 0)
-        entry = next((u for u in users if len(u) > 5 and u[2] == str(uid)), None)
+        entry = next((u for u in users if int(u[2]) == uid), None)
     else:
-        entry = next((u for u in users if len(u) > 5 and u[0] == user_part), None)
+        entry = next((u for u in users if u[0] == user_part), None)
         if entry is None:
             raise LayerfsError(f"unable to find user {user_part}: no matching entries in passwd file")
         uid = int(entry[2])
     gid = int(entry[3]) if entry else 0
     home = entry[5] if entry else "/"
-    groups = _entries(group)  # name, password, gid, members
+    groups = [g for g in _entries(group) if len(g) > 3 and g[2].isdigit()]  # name, password, gid, members
     if group_part:
         if group_part.isdigit():
             gid = int(group_part)
         else:
-            named = next((g for g in groups if len(g) > 2 and g[0] == group_part), None)
+            named = next((g for g in groups if g[0] == group_part), None)
             if named is None:
                 raise LayerfsError(f"unable to find group {group_part}: no matching entries in group file")
             gid = int(named[2])
         return User(uid, gid, [gid], home)
-    member_of = [int(g[2]) for g in groups if entry and len(g) > 3 and entry[0] in g[3].split(",")]
+    member_of = [int(g[2]) for g in groups if entry and entry[0] in g[3].split(",")]
     return User(uid, gid, sorted({gid, *member_of}), home)
 
 
