@@ -134,16 +134,19 @@ def _parser() -> argparse.ArgumentParser:
     x = sub.add_parser(
         "run",
         help="run a command in a container of an image (or of lower dirs)",
-        usage="layerfs run [--root DIR] [--name C] [--rm] [-e K=V] [-w DIR] [-u UID[:GID]] "
+        usage="layerfs run [--root DIR] [--name C] [--rm] [-e K[=V]] [--env-file FILE] [-w DIR] "
+        "[-u USER[:GROUP]] [--entrypoint CMD] "
         "[--hostname H] [--net host|none] [--cap-add CAP] [--cap-drop CAP] [--privileged] "
         "IMAGE|--lower DIR... [--] [CMD ARGS...]",
     )
     x.add_argument("--root", metavar="DIR", help=_ROOT_HELP)
     x.add_argument("--name", help="the container's name (default: run-<random>)")
     x.add_argument("--rm", action="store_true", help="remove the container when the command ends")
-    x.add_argument("-e", "--env", action="append", default=[], metavar="K=V")
-    x.add_argument("-w", "--workdir", metavar="DIR", help="the command's working directory")
-    x.add_argument("-u", "--user", metavar="UID[:GID]")
+    x.add_argument("-e", "--env", action="append", default=[], metavar="K[=V]", help="K alone: the host's value")
+    x.add_argument("--env-file", action="append", default=[], metavar="FILE", help="K=V or K lines, # comments")
+    x.add_argument("-w", "--workdir", metavar="DIR", help="the command's working directory (made if missing)")
+    x.add_argument("-u", "--user", metavar="USER[:GROUP]", help="a name or number (the container's /etc/passwd)")
+    x.add_argument("--entrypoint", metavar="CMD", help="instead of the image's Entrypoint (and Cmd); '' clears it")
     x.add_argument("--hostname")
     x.add_argument("--net", choices=("host", "none"), default="host")
     x.add_argument("--lower", action="append", metavar="DIR", help="plain lower dirs instead of an image (top first)")

@@ -16,7 +16,7 @@ import os
 from ..errors import LayerfsError
 from ..fs import mount, options
 from ..store import Store
-from . import shim
+from . import process, shim
 from .confinement import MASKED_PATHS, READONLY_PATHS, Confinement
 
 _PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -56,9 +56,7 @@ def _mounts() -> list[dict]:
 
 
 def config(image_config: dict, command: list[str], hostname: str) -> dict:
-    args = command or (image_config.get("Entrypoint") or []) + (image_config.get("Cmd") or [])
-    if not args:
-        raise LayerfsError("no command given, and the image names none")
+    args = process.argv(image_config, command)
     env = image_config.get("Env") or []
     confined = Confinement()
     if not any(e.startswith("PATH=") for e in env):

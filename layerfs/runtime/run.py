@@ -12,10 +12,8 @@ import uuid
 from ..errors import UsageError
 from ..fs import mount, options
 from ..store import Store, root_from
-from . import shim
+from . import process, shim
 from .confinement import Confinement
-
-_DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 def main(args: argparse.Namespace) -> int:
@@ -73,21 +71,12 @@ def _run(
     confined: Confinement,
     made=lambda paths: None,
 ) -> int:
-    argv = command or (config.get("Entrypoint") or []) + (config.get("Cmd") or [])
-    if not argv:
-        raise UsageError("no command given, and the image names none")
-    env = dict(e.partition("=")[::2] for e in config.get("Env") or [])
-    env.update(e.partition("=")[::2] for e in args.env)
-    env.setdefault("PATH", _DEFAULT_PATH)
     hostname = args.hostname or (args.name or "layerfs")[:63]
-    env.setdefault("HOSTNAME", hostname)
-    uid, gid = shim.parse_user(args.user)
-    process = shim.Process(
-        argv,
-        env,
-        args.workdir or config.get("WorkingDir") or "/",
-        uid,
-        gid,
+    to_run = shim.Process(
+        process.argv(config, command, args.entrypoint),
+        process.environment(config, args.env, args.env_file, hostname),
+        process.workdir(config, args.workdir),
+        args.user or config.get("User") or "",
         hostname,
         network=args.net == "host",
         confinement=confined,
@@ -97,9 +86,9 @@ def _run(
         return 125
     runtime = tempfile.mkdtemp(prefix="layerfs-runtime-")
     try:
-        process.binds, files = shim.runtime_files(merged, runtime, hostname, process.network)
+        to_run.binds, files = shim.runtime_files(merged, runtime, hostname, to_run.network)
         made(shim.make_mount_points(merged) + files)
-        return shim.run(merged, process)
+        return shim.run(merged, to_run)
     finally:
         mount.umount(merged)
         shutil.rmtree(runtime, ignore_errors=True)

@@ -29,6 +29,7 @@ from ..errors import LayerfsError
 from ..syscalls import MS_BIND, MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_PRIVATE, MS_RDONLY, MS_REC
 from . import confinement
 from .confinement import Confinement
+from .process import find_user, make_workdir
 
 _DEVICES = {"null": (1, 3), "zero": (1, 5), "full": (1, 7), "random": (1, 8), "urandom": (1, 9), "tty": (5, 0)}
 _EXEC_FAILED = 127  # as a shell says "command not found"
@@ -39,8 +40,7 @@ class Process:
     argv: list[str]
     env: dict[str, str] = field(default_factory=dict)
     cwd: str = "/"
-    uid: int = 0
-    gid: int = 0
+    user: str = ""  # -u or the image's User, looked up in the container's /etc/passwd once inside
     hostname: str = "layerfs"
     network: bool = True  # False: a network namespace of its own (loopback only, down)
     binds: list[tuple[str, str]] = field(default_factory=list)  # (host file, container path) bind-mounted
@@ -195,17 +195,22 @@ def _become_pid1(rootfs: str, process: Process, seccomp: pyseccomp.SyscallFilter
         syscalls.umount("/dev/.oldroot", lazy=True)
         os.rmdir("/dev/.oldroot")
         socket.sethostname(process.hostname)
+        user = find_user(process.user)
+        env = {"HOME": user.home, **process.env}
+        make_workdir(process.cwd, user)
         confinement.bound_capabilities(process.confinement)
-        os.setgroups([])
-        os.setgid(process.gid)
-        os.setuid(process.uid)
+        os.setgroups(user.groups)
+        os.setgid(user.gid)
+        os.setuid(user.uid)
         os.chdir(process.cwd)
-        confinement.enter(process.confinement, seccomp, process.uid)
+        confinement.enter(process.confinement, seccomp, user.uid)
         code = _EXEC_FAILED
-        os.execvpe(process.argv[0], process.argv, process.env)
+        os.execvpe(process.argv[0], process.argv, env)
     except OSError as e:
         what = f"{process.argv[0]}: {e.strerror or e}" if code == _EXEC_FAILED else f"setup: {_described(e)}"
         os.write(2, f"layerfs: run: {what}\n".encode())
+    except LayerfsError as e:
+        os.write(2, f"layerfs: run: {e}\n".encode())
     os._exit(code)
 
 
@@ -228,14 +233,3 @@ def _make_dev(dev: str) -> None:
         ("stderr", "/proc/self/fd/2"),
     ):
         os.symlink(target, os.path.join(dev, name))
-
-
-def parse_user(spec: str | None) -> tuple[int, int]:
-    """``UID[:GID]`` (numbers) as (uid, gid); the gid defaults to the uid."""
-    if not spec:
-        return 0, 0
-    uid, _, gid = spec.partition(":")
-    try:
-        return int(uid), int(gid or uid)
-    except ValueError:
-        raise LayerfsError(f"-u {spec}: give numeric UID[:GID]") from None
