@@ -267,7 +267,7 @@ def errname(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> str:
     return result.name if isinstance(result, Err) else "ok"
 
 
-_KINDS = {
+KINDS = {  # file type bits -> the name a tree description uses
     stat.S_IFREG: "file",
     stat.S_IFDIR: "dir",
     stat.S_IFLNK: "symlink",
@@ -297,7 +297,7 @@ def describe(path: Path | str, *, data: bool = True) -> dict[str, Any]:
     Directory sizes are left out: they depend on the history of the real directory, not on the tree.
     """
     st = os.lstat(path)
-    kind = _KINDS[stat.S_IFMT(st.st_mode)]
+    kind = KINDS[stat.S_IFMT(st.st_mode)]
     d: dict[str, Any] = {
         "type": kind,
         "mode": f"{stat.S_IMODE(st.st_mode):04o}",

@@ -346,29 +346,7 @@ def test_the_registrys_errors_are_one_line(registry, image, tmp_path):
 
 @pytest.mark.root
 def test_https_is_verified_unless_told_not_to(tmp_path, image, registry):
-    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            key,
-            "-out",
-            cert,
-            "-days",
-            "1",
-            "-subj",
-            "/CN=127.0.0.1",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
-        ],
-        check=True,
-        capture_output=True,
-    )
+    key, cert = self_signed(tmp_path, "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1")
     secure = Registry(tmp_path / "tls", tls=f"{{certificate: {cert}, key: {key}}}")
     try:
         pull(f"{registry.host}/test/busybox:v2", str(tmp_path / "oci"))
@@ -405,32 +383,24 @@ def test_basic_auth_with_a_stored_login(tmp_path, auth_env, image, registry):
         guarded.stop()
 
 
+def self_signed(base: Path, subject: str, *extra: str) -> tuple[Path, Path]:
+    """A key and a self-signed certificate for ``subject`` (openssl req ``extra`` options), in ``base``."""
+    key, cert = base / "key.pem", base / "cert.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert, "-days", "1",
+         "-subj", subject, *extra],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    return key, cert
+
+
 class TokenServer:
     """A token realm as docker's auth servers are: it signs (with openssl, RS256) a JWT granting what is asked
     for, to ``me``:``secret`` only; docker-registry checks the signature against ``cert``."""
 
     def __init__(self, base: Path) -> None:
-        self.key, self.cert = base / "key.pem", base / "cert.pem"
-        subprocess.run(
-            [
-                "openssl",
-                "req",
-                "-x509",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-keyout",
-                self.key,
-                "-out",
-                self.cert,
-                "-days",
-                "1",
-                "-subj",
-                "/CN=token",
-            ],
-            check=True,
-            capture_output=True,
-        )
+        self.key, self.cert = self_signed(base, "/CN=token")
         der = subprocess.run(
             ["openssl", "x509", "-in", self.cert, "-outform", "DER"], check=True, capture_output=True
         ).stdout

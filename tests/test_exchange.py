@@ -32,7 +32,20 @@ from typing import Any
 
 import pytest
 from fsops import rename_by_copy, visible_kinds
-from pair import FORMS, Stack, content, copy_tree, describe, errname, explain, make_opaque, to_oci_form, whiteout, write
+from pair import (
+    FORMS,
+    KINDS,
+    Stack,
+    content,
+    copy_tree,
+    describe,
+    errname,
+    explain,
+    make_opaque,
+    to_oci_form,
+    whiteout,
+    write,
+)
 from snapshot import assert_same, normalize_mtime, snapshot_upper, without_idle_opaque
 
 from layerfs.core.changes import changes, indexed_changes
@@ -68,16 +81,6 @@ def exchange_by_moves(mnt: Path, a: str, b: str) -> None:
 
 # -- observing -----------------------------------------------------------------------------------
 
-_KINDS = {
-    stat.S_IFREG: "file",
-    stat.S_IFDIR: "dir",
-    stat.S_IFLNK: "symlink",
-    stat.S_IFCHR: "chardev",
-    stat.S_IFBLK: "blockdev",
-    stat.S_IFIFO: "fifo",
-    stat.S_IFSOCK: "socket",
-}
-
 
 def kernel_tree(root: Path) -> dict[str, dict[str, Any]]:
     """A mounted tree as pair.tree describes it, each entry with its mtime ("recent" when changed now)
@@ -102,7 +105,7 @@ def union_tree(u: Union) -> dict[str, dict[str, Any]]:
         path = pending.pop()
         attrs = u.getattr(path)
         st = attrs.st
-        kind = _KINDS[stat.S_IFMT(st.st_mode)]
+        kind = KINDS[stat.S_IFMT(st.st_mode)]
         d: dict[str, Any] = {
             "type": kind,
             "mode": f"{stat.S_IMODE(st.st_mode):04o}",
