@@ -227,3 +227,12 @@ def test_user_and_a_network_of_its_own(rootfs):
         "run", "--lower", rootfs, "--", "/bin/sh", "-c", "cat /proc/net/dev | tail -n +3 | wc -l"
     ).stdout.strip()
     assert int(host_side) >= 1  # --net host (the default) sees the host's interfaces
+
+
+def test_a_named_container_of_lower_dirs_is_kept(rootfs, tmp_path, new_mounts):
+    store = tmp_path / "store"
+    layerfs("run", "--root", store, "--name", "low", "--lower", rootfs, "--", "/bin/sh", "-c", "echo x > /root/new")
+    assert layerfs("diff", "--root", store, "low").stdout.splitlines() == ["C /root", "A /root/new"]
+    assert "low" in layerfs("ps", "--root", store).stdout
+    layerfs("rm", "--root", store, "low")
+    assert new_mounts() == []

@@ -142,11 +142,7 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--root", metavar="DIR", help=_ROOT_HELP)
     x.add_argument("--name", help="the container's name (default: run-<random>)")
     x.add_argument("--rm", action="store_true", help="remove the container when the command ends")
-    x.add_argument("-e", "--env", action="append", default=[], metavar="K[=V]", help="K alone: the host's value")
-    x.add_argument("--env-file", action="append", default=[], metavar="FILE", help="K=V or K lines, # comments")
-    x.add_argument("-w", "--workdir", metavar="DIR", help="the command's working directory (made if missing)")
-    x.add_argument("-u", "--user", metavar="USER[:GROUP]", help="a name or number (the container's /etc/passwd)")
-    x.add_argument("--entrypoint", metavar="CMD", help="instead of the image's Entrypoint (and Cmd); '' clears it")
+    _process_arguments(x)
     x.add_argument("--hostname")
     x.add_argument("--net", choices=("host", "none"), default="host")
     x.add_argument("--lower", action="append", metavar="DIR", help="plain lower dirs instead of an image (top first)")
@@ -163,8 +159,10 @@ def _parser() -> argparse.ArgumentParser:
     b = sub.add_parser(
         "bundle",
         help="an OCI runtime bundle (for runc) whose rootfs is a container's mount",
-        usage="layerfs bundle [--root DIR] CONTAINER DIR [-- CMD ARGS...]",
+        usage="layerfs bundle [--root DIR] [-e K[=V]] [--env-file FILE] [-w DIR] [-u USER[:GROUP]] "
+        "[--entrypoint CMD] CONTAINER DIR [-- CMD ARGS...]",
     )
+    _process_arguments(b)
     b.add_argument("name", metavar="CONTAINER")
     b.add_argument("directory", metavar="DIR")
     b.add_argument("cmd", nargs=argparse.REMAINDER, metavar="CMD")
@@ -192,6 +190,15 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--dir", help="build in DIR and keep it (default: a temporary directory, removed after)")
     e.add_argument("--debug", action="store_true")
     return parser
+
+
+def _process_arguments(p: argparse.ArgumentParser) -> None:
+    """What a container's process is, beside the image's config (run's and bundle's)."""
+    p.add_argument("-e", "--env", action="append", default=[], metavar="K[=V]", help="K alone: the host's value")
+    p.add_argument("--env-file", action="append", default=[], metavar="FILE", help="K=V or K lines, # comments")
+    p.add_argument("-w", "--workdir", metavar="DIR", help="the command's working directory (made if missing)")
+    p.add_argument("-u", "--user", metavar="USER[:GROUP]", help="a name or number (the container's /etc/passwd)")
+    p.add_argument("--entrypoint", metavar="CMD", help="instead of the image's Entrypoint (and Cmd); '' clears it")
 
 
 def _container_arguments(p: argparse.ArgumentParser) -> None:
@@ -398,7 +405,7 @@ def _run(args: argparse.Namespace) -> int:
         from ..runtime import bundle
 
         command = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
-        rootfs = bundle.write(_store(args), args.name, args.directory, command)
+        rootfs = bundle.write(_store(args), args.name, args.directory, command, args)
         print(f"{os.path.join(args.directory, 'config.json')}\n{rootfs} (layerfs umount it when done)")
         return 0
     if args.command in ("rm", "rmi", "inspect", "layers", "gc", "ps"):

@@ -1,15 +1,18 @@
 """``layerfs run``: the command line's side: which layers, which process, and the container's life cycle
-(create, mount, run, unmount, remove with ``--rm``) around shim.run."""
+(check, create, mount, run, unmount, remove with ``--rm``) around shim.run. A container of an image, or of
+plain lower directories given a ``--name``, is recorded in the store; a nameless ``--lower`` run is a
+throwaway."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import shutil
+import sys
 import tempfile
 import uuid
 
-from ..errors import UsageError
+from ..errors import LayerfsError, UsageError
 from ..fs import mount, options
 from ..store import Store, root_from
 from . import process, shim
@@ -17,60 +20,10 @@ from .confinement import Confinement
 
 
 def main(args: argparse.Namespace) -> int:
-    words = list(args.args)
-    confined = Confinement.from_flags(args.cap_add, args.cap_drop, args.privileged)  # (its errors before any change)
-    if args.lower:
-        if words[:1] == ["--"]:
-            words = words[1:]
-        return _run_on_lowers([os.path.abspath(p) for p in args.lower], words, args, confined)
-    if not words:
-        raise UsageError("run what? give an IMAGE (or --lower DIR) and a command")
-    image, command = words[0], words[1:]
-    if command[:1] == ["--"]:
-        command = command[1:]
-    store = Store(root_from(args.root))
-    config = (store.images.find(image) or {}).get("config", {}).get("config") or {}
-    record = store.create(args.name or f"run-{uuid.uuid4().hex[:8]}", image)
-    try:
-        return _run(
-            record["lowers"],
-            record["upper"],
-            record["work"],
-            record["merged"],
-            command,
-            config,
-            args,
-            confined,
-            made=lambda paths: store.add_runtime_paths(record["name"], paths),
-        )
-    finally:
-        if args.rm:
-            store.remove(record["name"])
-
-
-def _run_on_lowers(lowers: list[str], command: list[str], args: argparse.Namespace, confined: Confinement) -> int:
-    """A container of plain lower directories, with a throwaway upper."""
-    where = tempfile.mkdtemp(prefix="layerfs-run-")
-    try:
-        upper, work, merged = (os.path.join(where, d) for d in ("upper", "work", "merged"))
-        for d in (upper, work, merged):
-            os.mkdir(d)
-        return _run(lowers, upper, work, merged, command, {}, args, confined)
-    finally:
-        shutil.rmtree(where, ignore_errors=True)
-
-
-def _run(
-    lowers: list[str],
-    upper: str,
-    work: str,
-    merged: str,
-    command: list[str],
-    config: dict,
-    args: argparse.Namespace,
-    confined: Confinement,
-    made=lambda paths: None,
-) -> int:
+    confined = Confinement.from_flags(args.cap_add, args.cap_drop, args.privileged)
+    store = Store(root_from(args.root)) if args.name or not args.lower else None
+    image, lowers, command, config = _what_to_run(args, store)
+    # Everything that can refuse the run is asked before a container is made: a refused run leaves nothing.
     hostname = args.hostname or (args.name or "layerfs")[:63]
     to_run = shim.Process(
         process.argv(config, command, args.entrypoint),
@@ -81,12 +34,62 @@ def _run(
         network=args.net == "host",
         confinement=confined,
     )
+    try:
+        process.find_user_in_layers(to_run.user, None, lowers)
+    except LayerfsError as e:
+        print(f"layerfs: run: {e}", file=sys.stderr)
+        return 125  # as docker run says it
+    if store is None:
+        return _run_throwaway(lowers, to_run)
+    name = args.name or f"run-{uuid.uuid4().hex[:8]}"
+    record = store.create(name, image) if image else store.create_on_dirs(name, lowers)
+    try:
+        return _run(
+            record["lowers"],
+            record["upper"],
+            record["work"],
+            record["merged"],
+            to_run,
+            made=lambda paths: store.add_runtime_paths(name, paths),
+        )
+    finally:
+        if args.rm:
+            store.remove(name)
+
+
+def _what_to_run(args: argparse.Namespace, store: Store | None) -> tuple[str | None, list[str], list[str], dict]:
+    """The image (None for ``--lower``), the lower directories, the command given and the image's config."""
+    words = list(args.args)
+    if args.lower:
+        return None, [os.path.abspath(p) for p in args.lower], words[1:] if words[:1] == ["--"] else words, {}
+    if not words or store is None:
+        raise UsageError("run what? give an IMAGE (or --lower DIR) and a command")
+    image, command = words[0], words[1:]
+    config = store.images.record(image).get("config", {}).get("config") or {}
+    return image, store.images.lowerdirs(image), command[1:] if command[:1] == ["--"] else command, config
+
+
+def _run_throwaway(lowers: list[str], to_run: shim.Process) -> int:
+    """A container of plain lower directories with no name: a throwaway upper, nothing kept."""
+    where = tempfile.mkdtemp(prefix="layerfs-run-")
+    try:
+        upper, work, merged = (os.path.join(where, d) for d in ("upper", "work", "merged"))
+        for d in (upper, work, merged):
+            os.mkdir(d)
+        return _run(lowers, upper, work, merged, to_run)
+    finally:
+        shutil.rmtree(where, ignore_errors=True)
+
+
+def _run(
+    lowers: list[str], upper: str, work: str, merged: str, to_run: shim.Process, made=lambda paths: None
+) -> int:
     mount_options = options.for_dirs(lowers, upper, work, x_layerfs_owner=os.getpid())
     if mount.mount(options.parse([mount_options], merged)) != 0:
         return 125
     runtime = tempfile.mkdtemp(prefix="layerfs-runtime-")
     try:
-        to_run.binds, files = shim.runtime_files(merged, runtime, hostname, to_run.network)
+        to_run.binds, files = shim.runtime_files(merged, runtime, to_run.hostname, to_run.network)
         made(shim.make_mount_points(merged) + files)
         return shim.run(merged, to_run)
     finally:

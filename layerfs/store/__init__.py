@@ -137,6 +137,16 @@ class Store:
         with self.root.locked():
             return self.containers.create(name, self.images.key(image), self.images.record(image))
 
+    def create_on_dirs(self, name: str, lowers: list[str]) -> dict:
+        """A new container over the plain directories ``lowers`` (top first), with no image."""
+        with self.root.locked():
+            return self.containers.create(name, "", None, lowers)
+
+    def update_container(self, name: str, **fields: object) -> None:
+        """``fields`` set in container ``name``'s record."""
+        with self.root.locked():
+            self.containers.update(name, **fields)
+
     def add_runtime_paths(self, name: str, paths: list[str]) -> None:
         """Paths the runtime made in container ``name`` for itself: its diff leaves them out."""
         with self.root.locked():
