@@ -81,9 +81,7 @@ def _run_throwaway(lowers: list[str], to_run: shim.Process) -> int:
         shutil.rmtree(where, ignore_errors=True)
 
 
-def _run(
-    lowers: list[str], upper: str, work: str, merged: str, to_run: shim.Process, made=lambda paths: None
-) -> int:
+def _run(lowers: list[str], upper: str, work: str, merged: str, to_run: shim.Process, made=lambda paths: None) -> int:
     mount_options = options.for_dirs(lowers, upper, work, x_layerfs_owner=os.getpid())
     if mount.mount(options.parse([mount_options], merged)) != 0:
         return 125
