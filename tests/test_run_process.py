@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from conftest import layerfs
+from conftest import layerfs, table_rows
 from test_podman import Podman
 
 pytestmark = pytest.mark.root  # containers: namespaces, mounts, setuid
@@ -210,3 +210,13 @@ def test_a_bundle_runs_the_process_layerfs_run_would(images, tmp_path):
         == theirs
         == "uid=1000(app) gid=1000(app) groups=10(wheel),50(staff),1000(app) /home/app image 1 /srv/work\n"
     ), ran.stderr
+
+
+def test_images_in_dockers_columns(images):
+    store, ids, podman = images
+    listed = table_rows(layerfs("images", "--root", store).stdout)
+    assert [(r["REPOSITORY"], r["TAG"]) for r in listed] == [("docker.io/library/box", tag) for tag in sorted(CONFIGS)]
+    assert [r["IMAGE ID"] for r in listed] == [ids[tag][:12] for tag in sorted(CONFIGS)]  # Podman's ids
+    assert all(r["CREATED"].endswith(" ago") and r["SIZE"].endswith("MB") for r in listed), listed
+    quiet = layerfs("images", "--root", store, "-q").stdout.split()
+    assert quiet == [r["IMAGE ID"] for r in listed]

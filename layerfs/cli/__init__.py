@@ -176,13 +176,15 @@ def _parser() -> argparse.ArgumentParser:
         ("inspect", "an image or container of the store, as JSON", "name"),
         ("layers", "the store's layers and what uses each", None),
         ("gc", "remove the layers no image or container uses", None),
-        ("ps", "the store's containers, their images and where they are mounted", None),
+        ("ps", "the store's containers in docker's columns (running ones unless -a)", None),
     ):
         p = sub.add_parser(command, help=help_text)
         if argument:
             p.add_argument(argument)
         p.add_argument("--root", metavar="DIR", help=_ROOT_HELP)
         p.add_argument("--debug", action="store_true")
+    sub.choices["ps"].add_argument("-a", "--all", action="store_true", help="stopped containers too")
+    sub.choices["ps"].add_argument("-q", "--quiet", action="store_true", help="their ids only")
 
     e = sub.add_parser(
         "example", help="import a small layered busybox image, run a command in it, show its diff, commit it"
@@ -421,17 +423,9 @@ def _run(args: argparse.Namespace) -> int:
                 raise UsageError(f"{args.name}: no such image or container")
             print(json.dumps(record, indent=1, sort_keys=True))
         elif args.command == "ps":
-            from ..fs import mounts
+            from . import ps
 
-            for name in store.containers.names():
-                record = store.containers.get(name)
-                if record is None:
-                    continue  # (removed since it was listed)
-                mounted = mounts.find(record["merged"])
-                print(
-                    f"{name}  {record['image']}  "
-                    f"{'running, pid ' + str(mounted.pid) + ' at ' + record['merged'] if mounted else 'stopped'}"
-                )
+            sys.stdout.write(ps.render(store, everything=args.all, quiet=args.quiet))
         elif args.command == "layers":
             for diff_id, users in sorted(store.layer_users().items()):
                 print(f"{diff_id}  {', '.join(users) or '(unused)'}")

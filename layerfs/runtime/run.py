@@ -11,6 +11,7 @@ import shutil
 import sys
 import tempfile
 import uuid
+from datetime import UTC, datetime
 
 from ..errors import LayerfsError, UsageError
 from ..fs import mount, options
@@ -43,8 +44,9 @@ def main(args: argparse.Namespace) -> int:
         return _run_throwaway(lowers, to_run)
     name = args.name or f"run-{uuid.uuid4().hex[:8]}"
     record = store.create(name, image) if image else store.create_on_dirs(name, lowers)
+    store.update_container(name, command=to_run.argv, started=_now(), pid=os.getpid())
     try:
-        return _run(
+        code = _run(
             record["lowers"],
             record["upper"],
             record["work"],
@@ -55,6 +57,13 @@ def main(args: argparse.Namespace) -> int:
     finally:
         if args.rm:
             store.remove(name)
+    if not args.rm:
+        store.update_container(name, exit_code=code, finished=_now())
+    return code
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat()
 
 
 def _what_to_run(args: argparse.Namespace, store: Store | None) -> tuple[str | None, list[str], list[str], dict]:

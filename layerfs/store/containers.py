@@ -5,8 +5,10 @@ point) directories."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import secrets
 from datetime import UTC, datetime
 
 from ..errors import LayerfsError
@@ -30,13 +32,14 @@ class Containers:
         return self.root.sub("containers", name)
 
     def get(self, name: str) -> dict | None:
-        """The record of container ``name``, with its directories; None if there is none."""
+        """The record of container ``name`` (or of the one container whose id starts with ``name``, as docker
+        takes either), with its directories; None if there is none."""
         where = self.dir(name)
         try:
             with open(os.path.join(where, "container.json")) as f:
                 record = json.load(f)
         except FileNotFoundError:
-            return None
+            return self._by_id(name)
         record.update(
             upper=os.path.join(where, "upper"),
             work=os.path.join(where, "work"),
@@ -44,6 +47,16 @@ class Containers:
             lowers=record.get("lower_dirs") or [self.layers.path(d) for d in reversed(record["layers"])],
         )
         return record
+
+    def _by_id(self, prefix: str) -> dict | None:
+        if not all(c in "0123456789abcdef" for c in prefix):
+            return None
+        found = []
+        for name in self.names():
+            with contextlib.suppress(FileNotFoundError), open(self.root.sub("containers", name, "container.json")) as f:
+                if json.load(f).get("id", "").startswith(prefix):
+                    found.append(name)
+        return self.get(found[0]) if len(found) == 1 else None
 
     def names(self) -> list[str]:
         try:
@@ -67,6 +80,7 @@ class Containers:
         with open(os.path.join(build, "container.json"), "w") as f:
             json.dump(
                 {
+                    "id": secrets.token_hex(32),
                     "name": name,
                     "image": image,
                     "config_digest": image_record["config_digest"] if image_record else "",
@@ -109,4 +123,4 @@ class Containers:
             raise LayerfsError(f"no container {name!r}")
         if os.path.ismount(record["merged"]):
             raise ContainerMounted(name, record["merged"])
-        self.root.discard(self.dir(name))
+        self.root.discard(self.dir(record["name"]))
