@@ -139,9 +139,8 @@ def test_changes_made_inside_show_in_diff_and_rm_leaves_nothing(store, new_mount
         assert [(r["NAMES"], r["IMAGE"], r["STATUS"][:3]) for r in running] == [("c2", image, "Up ")]
         assert running[0]["COMMAND"] == '"/bin/sh -c \'echo x …"' and running[0]["CREATED"].endswith(" ago")
         everything = table_rows(layerfs("ps", "--root", store, "-a").stdout)
-        assert [(r["NAMES"], r["STATUS"].split(" ")[:2]) for r in everything] == [("c1", ["Exited", "(0)"])] + [
-            ("c2", ["Up", running[0]["STATUS"].split(" ")[1]])
-        ]
+        assert [(r["NAMES"], r["STATUS"].split(" ")[0]) for r in everything] == [("c1", "Exited"), ("c2", "Up")]
+        assert everything[0]["STATUS"].startswith("Exited (0) ") and everything[0]["STATUS"].endswith(" ago")
         ids = layerfs("ps", "--root", store, "-a", "-q").stdout.split()
         assert ids == [r["CONTAINER ID"] for r in everything] and all(len(i) == 12 for i in ids)
         assert layerfs("diff", "--root", store, ids[0]).stdout.splitlines()[-1] == "A /root/new"  # an id names it
