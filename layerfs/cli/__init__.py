@@ -18,29 +18,33 @@ from typing import TYPE_CHECKING
 
 from .. import __version__
 from ..errors import LayerfsError, UsageError
-from . import dispatch, images
+from . import dispatch, images, volumes
 
 if TYPE_CHECKING:
     from ..store import Store
 
 COMMANDS = (
-    "mount",
-    "umount",
-    "stats",
-    "diff",
-    "export",
-    "commit",
-    "create",
-    "rm",
-    "rmi",
-    "layers",
-    "gc",
-    "inspect",
-    "run",
-    "ps",
-    "bundle",
-    "example",
-) + images.COMMANDS
+    (
+        "mount",
+        "umount",
+        "stats",
+        "diff",
+        "export",
+        "commit",
+        "create",
+        "rm",
+        "rmi",
+        "layers",
+        "gc",
+        "inspect",
+        "run",
+        "ps",
+        "bundle",
+        "example",
+    )
+    + images.COMMANDS
+    + volumes.COMMANDS
+)
 _ROOT_HELP = "the store (default $LAYERFS_ROOT, else /var/lib/layerfs)"
 
 
@@ -137,6 +141,7 @@ def _parser() -> argparse.ArgumentParser:
         usage="layerfs run [--root DIR] [--name C] [--rm] [-e K[=V]] [--env-file FILE] [-w DIR] "
         "[-u USER[:GROUP]] [--entrypoint CMD] "
         "[--hostname H] [--net host|none] [--cap-add CAP] [--cap-drop CAP] [--privileged] "
+        "[-v [SRC:]DEST[:ro]] [--mount type=...] [--tmpfs DEST] [--read-only] "
         "IMAGE|--lower DIR... [--] [CMD ARGS...]",
     )
     x.add_argument("--root", metavar="DIR", help=_ROOT_HELP)
@@ -146,6 +151,25 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--hostname")
     x.add_argument("--net", choices=("host", "none"), default="host")
     x.add_argument("--lower", action="append", metavar="DIR", help="plain lower dirs instead of an image (top first)")
+    x.add_argument(
+        "-v",
+        "--volume",
+        action="append",
+        default=[],
+        metavar="[SRC:]DEST[:ro]",
+        help="a host directory (absolute SRC), a named volume (SRC a name) or an anonymous one (no SRC)",
+    )
+    x.add_argument(
+        "--mount",
+        action="append",
+        default=[],
+        metavar="type=bind|volume|tmpfs,...",
+        help="source=, target=, readonly, volume-nocopy, tmpfs-size=, tmpfs-mode=",
+    )
+    x.add_argument(
+        "--tmpfs", action="append", default=[], metavar="DEST[:OPTIONS]", help="a tmpfs (noexec,nosuid,nodev)"
+    )
+    x.add_argument("--read-only", action="store_true", help="the rootfs read-only (its volumes and /dev as they are)")
     x.add_argument("--cap-add", action="append", default=[], metavar="CAP", help="keep a capability (or ALL)")
     x.add_argument("--cap-drop", action="append", default=[], metavar="CAP", help="drop a capability (or ALL)")
     x.add_argument(
@@ -170,6 +194,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--debug", action="store_true")
 
     images.add_parsers(sub, _ROOT_HELP)
+    volumes.add_parsers(sub, _ROOT_HELP)
     for command, help_text, argument in (
         ("rm", "remove a container (not mounted) and its changes", "name"),
         ("rmi", "remove an image no container uses (its layers stay until gc)", "name"),
@@ -183,6 +208,7 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument(argument)
         p.add_argument("--root", metavar="DIR", help=_ROOT_HELP)
         p.add_argument("--debug", action="store_true")
+    sub.choices["rm"].add_argument("-v", "--volumes", action="store_true", help="its anonymous volumes too")
     sub.choices["ps"].add_argument("-a", "--all", action="store_true", help="stopped containers too")
     sub.choices["ps"].add_argument("-q", "--quiet", action="store_true", help="their ids only")
 
@@ -413,7 +439,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command in ("rm", "rmi", "inspect", "layers", "gc", "ps"):
         store = _store(args)
         if args.command == "rm":
-            store.remove(args.name)
+            store.remove(args.name, anonymous_volumes=args.volumes)
         elif args.command == "rmi":
             store.remove_image(args.name)
         elif args.command == "inspect":
@@ -435,6 +461,8 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command in images.COMMANDS:
         return images.run(args)
+    if args.command in volumes.COMMANDS:
+        return volumes.run(args)
     if args.command == "example":
         from .. import example
 

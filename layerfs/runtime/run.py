@@ -11,20 +11,24 @@ import shutil
 import sys
 import tempfile
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 from ..errors import LayerfsError, UsageError
 from ..fs import mount, options
 from ..store import Store, root_from
-from . import process, shim
+from . import process, shim, volumes
 from .confinement import Confinement
 
 
 def main(args: argparse.Namespace) -> int:
-    confined = Confinement.from_flags(args.cap_add, args.cap_drop, args.privileged)
-    store = Store(root_from(args.root)) if args.name or not args.lower else None
-    image, lowers, command, config = _what_to_run(args, store)
     # Everything that can refuse the run is asked before a container is made: a refused run leaves nothing.
+    confined = Confinement.from_flags(args.cap_add, args.cap_drop, args.privileged)
+    requested = volumes.parse(args.volume, args.mount, args.tmpfs)
+    throwaway = args.lower and not args.name
+    needs_store = not throwaway or any(m.kind == volumes.VOLUME for m in requested)
+    store = Store(root_from(args.root)) if needs_store else None
+    image, lowers, command, config = _what_to_run(args, store)
     hostname = args.hostname or (args.name or "layerfs")[:63]
     to_run = shim.Process(
         process.argv(config, command, args.entrypoint),
@@ -34,29 +38,29 @@ def main(args: argparse.Namespace) -> int:
         hostname,
         network=args.net == "host",
         confinement=confined,
+        read_only=args.read_only,
     )
     try:
         process.find_user_in_layers(to_run.user, None, lowers)
     except LayerfsError as e:
         print(f"layerfs: run: {e}", file=sys.stderr)
         return 125  # as docker run says it
-    if store is None:
-        return _run_throwaway(lowers, to_run)
+    if throwaway:
+        return _run_throwaway(lowers, to_run, requested, store)
+    assert store is not None
     name = args.name or f"run-{uuid.uuid4().hex[:8]}"
     record = store.create(name, image) if image else store.create_on_dirs(name, lowers)
     store.update_container(name, command=to_run.argv, started=_now(), pid=os.getpid())
+
+    def keep(paths: list[str], mounts: list[dict]) -> None:
+        store.add_runtime_paths(name, paths)
+        store.update_container(name, mounts=mounts)
+
     try:
-        code = _run(
-            record["lowers"],
-            record["upper"],
-            record["work"],
-            record["merged"],
-            to_run,
-            made=lambda paths: store.add_runtime_paths(name, paths),
-        )
+        code = _run(record["lowers"], record["upper"], record["work"], record["merged"], to_run, requested, store, keep)
     finally:
         if args.rm:
-            store.remove(name)
+            store.remove(name, anonymous_volumes=True)
     if not args.rm:
         store.update_container(name, exit_code=code, finished=_now())
     return code
@@ -78,26 +82,45 @@ def _what_to_run(args: argparse.Namespace, store: Store | None) -> tuple[str | N
     return image, store.images.lowerdirs(image), command[1:] if command[:1] == ["--"] else command, config
 
 
-def _run_throwaway(lowers: list[str], to_run: shim.Process) -> int:
-    """A container of plain lower directories with no name: a throwaway upper, nothing kept."""
+def _run_throwaway(lowers: list[str], to_run: shim.Process, requested: list[volumes.Mount], store: Store | None) -> int:
+    """A container of plain lower directories with no name: a throwaway upper, nothing kept (its anonymous
+    volumes neither)."""
     where = tempfile.mkdtemp(prefix="layerfs-run-")
+    mounted: list[dict] = []
     try:
         upper, work, merged = (os.path.join(where, d) for d in ("upper", "work", "merged"))
         for d in (upper, work, merged):
             os.mkdir(d)
-        return _run(lowers, upper, work, merged, to_run)
+        return _run(lowers, upper, work, merged, to_run, requested, store, lambda _, mounts: mounted.extend(mounts))
     finally:
         shutil.rmtree(where, ignore_errors=True)
+        for volume in (m["Name"] for m in mounted if "Name" in m):
+            if store is not None and store.volumes.is_anonymous(volume):
+                store.remove_volume(volume)
 
 
-def _run(lowers: list[str], upper: str, work: str, merged: str, to_run: shim.Process, made=lambda paths: None) -> int:
+def _run(
+    lowers: list[str],
+    upper: str,
+    work: str,
+    merged: str,
+    to_run: shim.Process,
+    requested: list[volumes.Mount],
+    store: Store | None,
+    keep: Callable[[list[str], list[dict]], None],
+) -> int:
+    """Mount the rootfs, make it ready (the runtime's files and mount points, the volumes: ``keep`` is told
+    the paths made and the volumes mounted), run the process, unmount."""
     mount_options = options.for_dirs(lowers, upper, work, x_layerfs_owner=os.getpid())
     if mount.mount(options.parse([mount_options], merged)) != 0:
         return 125
     runtime = tempfile.mkdtemp(prefix="layerfs-runtime-")
     try:
         to_run.binds, files = shim.runtime_files(merged, runtime, to_run.hostname, to_run.network)
-        made(shim.make_mount_points(merged) + files)
+        made = shim.make_mount_points(merged) + files
+        prepared = volumes.prepare(merged, requested, store)
+        to_run.mounts = prepared.mounts
+        keep(made + prepared.made, prepared.described)
         return shim.run(merged, to_run)
     finally:
         mount.umount(merged)
