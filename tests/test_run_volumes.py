@@ -29,7 +29,7 @@ def box(tmp_path_factory):
     for d in ("bin", "etc", "tmp", "root", "srv/data"):
         (root / d).mkdir(parents=True)
     shutil.copy2(BUSYBOX, root / "bin/busybox")
-    for tool in ("sh", "cat", "echo", "ls", "touch", "stat", "grep", "sort", "rm", "mkdir", "true"):
+    for tool in ("sh", "cat", "echo", "ls", "touch", "stat", "grep", "sort", "rm", "mkdir", "true", "sleep"):
         os.symlink("busybox", root / "bin" / tool)
     (root / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
     (root / "srv/data/seed").write_text("from the image\n")

@@ -142,6 +142,7 @@ def _parser() -> argparse.ArgumentParser:
         "[-u USER[:GROUP]] [--entrypoint CMD] "
         "[--hostname H] [--net host|none] [--cap-add CAP] [--cap-drop CAP] [--privileged] "
         "[-v [SRC:]DEST[:ro]] [--mount type=...] [--tmpfs DEST] [--read-only] "
+        "[-m BYTES] [--pids-limit N] [--cpus N] "
         "IMAGE|--lower DIR... [--] [CMD ARGS...]",
     )
     x.add_argument("--root", metavar="DIR", help=_ROOT_HELP)
@@ -169,6 +170,9 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument(
         "--tmpfs", action="append", default=[], metavar="DEST[:OPTIONS]", help="a tmpfs (noexec,nosuid,nodev)"
     )
+    x.add_argument("-m", "--memory", metavar="BYTES", help="a memory limit (b, k, m, g), through the host's cgroups")
+    x.add_argument("--pids-limit", type=int, metavar="N", help="at most N processes (0 or -1: no limit)")
+    x.add_argument("--cpus", metavar="N", help="at most N CPUs' time (0.5: half of one)")
     x.add_argument("--read-only", action="store_true", help="the rootfs read-only (its volumes and /dev as they are)")
     x.add_argument("--cap-add", action="append", default=[], metavar="CAP", help="keep a capability (or ALL)")
     x.add_argument("--cap-drop", action="append", default=[], metavar="CAP", help="drop a capability (or ALL)")

@@ -12,12 +12,13 @@ import sys
 import tempfile
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from ..errors import LayerfsError, UsageError
 from ..fs import mount, options
 from ..store import Store, root_from
-from . import process, shim, volumes
+from . import cgroups, process, shim, volumes
 from .confinement import Confinement
 
 
@@ -25,6 +26,8 @@ def main(args: argparse.Namespace) -> int:
     # Everything that can refuse the run is asked before a container is made: a refused run leaves nothing.
     confined = Confinement.from_flags(args.cap_add, args.cap_drop, args.privileged)
     requested = volumes.parse(args.volume, args.mount, args.tmpfs)
+    limits = cgroups.Limits.from_flags(args.memory, args.pids_limit, args.cpus)
+    cgroups.check(limits)
     throwaway = args.lower and not args.name
     needs_store = not throwaway or any(m.kind == volumes.VOLUME for m in requested)
     store = Store(root_from(args.root)) if needs_store else None
@@ -45,10 +48,11 @@ def main(args: argparse.Namespace) -> int:
     except LayerfsError as e:
         print(f"layerfs: run: {e}", file=sys.stderr)
         return 125  # as docker run says it
-    if throwaway:
-        return _run_throwaway(lowers, to_run, requested, store)
-    assert store is not None
     name = args.name or f"run-{uuid.uuid4().hex[:8]}"
+    asked = _Asked(name, requested, limits, store)
+    if throwaway:
+        return _run_throwaway(lowers, to_run, asked)
+    assert store is not None
     record = store.create(name, image) if image else store.create_on_dirs(name, lowers)
     store.update_container(name, command=to_run.argv, started=_now(), pid=os.getpid())
 
@@ -57,7 +61,7 @@ def main(args: argparse.Namespace) -> int:
         store.update_container(name, mounts=mounts)
 
     try:
-        code = _run(record["lowers"], record["upper"], record["work"], record["merged"], to_run, requested, store, keep)
+        code = _run(record["lowers"], record["upper"], record["work"], record["merged"], to_run, asked, keep)
     finally:
         if args.rm:
             store.remove(name, anonymous_volumes=True)
@@ -82,7 +86,18 @@ def _what_to_run(args: argparse.Namespace, store: Store | None) -> tuple[str | N
     return image, store.images.lowerdirs(image), command[1:] if command[:1] == ["--"] else command, config
 
 
-def _run_throwaway(lowers: list[str], to_run: shim.Process, requested: list[volumes.Mount], store: Store | None) -> int:
+@dataclass
+class _Asked:
+    """What a run asks for beside its process, under the container's name: its volumes (made in the store,
+    if it has one) and its limits."""
+
+    name: str
+    mounts: list[volumes.Mount]
+    limits: cgroups.Limits
+    store: Store | None
+
+
+def _run_throwaway(lowers: list[str], to_run: shim.Process, asked: _Asked) -> int:
     """A container of plain lower directories with no name: a throwaway upper, nothing kept (its anonymous
     volumes neither)."""
     where = tempfile.mkdtemp(prefix="layerfs-run-")
@@ -91,12 +106,12 @@ def _run_throwaway(lowers: list[str], to_run: shim.Process, requested: list[volu
         upper, work, merged = (os.path.join(where, d) for d in ("upper", "work", "merged"))
         for d in (upper, work, merged):
             os.mkdir(d)
-        return _run(lowers, upper, work, merged, to_run, requested, store, lambda _, mounts: mounted.extend(mounts))
+        return _run(lowers, upper, work, merged, to_run, asked, lambda _, mounts: mounted.extend(mounts))
     finally:
         shutil.rmtree(where, ignore_errors=True)
         for volume in (m["Name"] for m in mounted if "Name" in m):
-            if store is not None and store.volumes.is_anonymous(volume):
-                store.remove_volume(volume)
+            if asked.store is not None and asked.store.volumes.is_anonymous(volume):
+                asked.store.remove_volume(volume)
 
 
 def _run(
@@ -105,12 +120,11 @@ def _run(
     work: str,
     merged: str,
     to_run: shim.Process,
-    requested: list[volumes.Mount],
-    store: Store | None,
+    asked: _Asked,
     keep: Callable[[list[str], list[dict]], None],
 ) -> int:
     """Mount the rootfs, make it ready (the runtime's files and mount points, the volumes: ``keep`` is told
-    the paths made and the volumes mounted), run the process, unmount."""
+    the paths made and the volumes mounted), run the process in its cgroup, unmount."""
     mount_options = options.for_dirs(lowers, upper, work, x_layerfs_owner=os.getpid())
     if mount.mount(options.parse([mount_options], merged)) != 0:
         return 125
@@ -118,10 +132,17 @@ def _run(
     try:
         to_run.binds, files = shim.runtime_files(merged, runtime, to_run.hostname, to_run.network)
         made = shim.make_mount_points(merged) + files
-        prepared = volumes.prepare(merged, requested, store)
+        prepared = volumes.prepare(merged, asked.mounts, asked.store)
         to_run.mounts = prepared.mounts
         keep(made + prepared.made, prepared.described)
-        return shim.run(merged, to_run)
+        if not asked.limits.controllers():
+            return shim.run(merged, to_run)
+        cgroup = cgroups.Cgroup(asked.name, asked.limits)
+        try:
+            to_run.cgroups = cgroup.dirs
+            return shim.run(merged, to_run)
+        finally:
+            cgroup.remove()
     finally:
         mount.umount(merged)
         shutil.rmtree(runtime, ignore_errors=True)

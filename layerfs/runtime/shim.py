@@ -28,7 +28,7 @@ import pyseccomp
 from .. import syscalls
 from ..errors import LayerfsError
 from ..syscalls import MS_BIND, MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_PRIVATE, MS_RDONLY, MS_REC
-from . import confinement, volumes
+from . import cgroups, confinement, volumes
 from .confinement import Confinement
 from .process import find_user, make_workdir
 
@@ -48,6 +48,7 @@ class Process:
     confinement: Confinement = field(default_factory=Confinement)
     mounts: list[volumes.Mount] = field(default_factory=list)  # -v, --mount, --tmpfs (their sources on the host)
     read_only: bool = False  # --read-only: the rootfs mounted read-only (its mounts as they are)
+    cgroups: list[str] = field(default_factory=list)  # the cgroups (cgroups.py) the container goes in
 
 
 _MOUNT_POINTS = ("proc", "dev", "sys")
@@ -155,6 +156,7 @@ def _container(rootfs: str, process: Process, seccomp: pyseccomp.SyscallFilter |
     """(In the shim's child.) New namespaces, then PID 1 in them; returns its exit code."""
     try:
         _die_with_parent(shim)
+        cgroups.enter(process.cgroups)  # (before any process of the container is made)
         flags = syscalls.CLONE_NEWNS | syscalls.CLONE_NEWPID | syscalls.CLONE_NEWUTS | syscalls.CLONE_NEWIPC
         syscalls.unshare(flags | (0 if process.network else syscalls.CLONE_NEWNET))
         parent = os.getpid()
