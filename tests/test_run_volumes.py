@@ -122,9 +122,10 @@ def test_anonymous_volumes_go_with_run_rm(box):
 
 
 def test_tmpfs_mounts(box):
-    script = "grep -E ' /(scratch|sized) ' /proc/mounts | cut -d' ' -f2,3; echo x > /scratch/x && cat /scratch/x"
+    # (sorted: Podman mounts --tmpfs and --mount ones in no fixed order)
+    script = "grep -E ' /(scratch|sized) ' /proc/mounts | cut -d' ' -f2,3 | sort; echo x > /scratch/x && cat /scratch/x"
     shown = _both(box, script, "--tmpfs", "/scratch", "--mount", "type=tmpfs,target=/sized,tmpfs-size=1048576")
-    assert shown == "/sized tmpfs\n/scratch tmpfs\nx\n"  # (--mount's before --tmpfs's, as in Podman)
+    assert shown == "/scratch tmpfs\n/sized tmpfs\nx\n"
     flags = ("--mount", "type=tmpfs,target=/sized,tmpfs-size=1m", "--tmpfs", "/scratch:size=2m,exec")
     options = layerfs(
         "run", "--root", box[0], "--rm", *flags, "box:1", "grep", "-E", "tmpfs /s(cratch|ized) ", "/proc/mounts"
@@ -226,3 +227,17 @@ def test_volumes_of_a_throwaway_container(box, tmp_path):
     assert result.returncode == 0 and result.stdout == "/anon:\n\n/srv/data:\nseed\n", result.stderr
     assert (tmp_path / "x").read_text() == "x\n"
     assert layerfs("volume", "ls", "--root", store, "-q").stdout == ""
+
+
+def test_a_destination_through_an_images_symlink_stays_in_the_rootfs(tmp_path):
+    """An image's absolute symlink is followed inside the rootfs (as runc resolves it), never on the host."""
+    host, bound, rootfs = tmp_path / "host", tmp_path / "bound", tmp_path / "rootfs"
+    for d in (host, bound, rootfs / "bin", rootfs / "etc"):
+        d.mkdir(parents=True)
+    shutil.copy2(BUSYBOX, rootfs / "bin/busybox")
+    os.symlink("busybox", rootfs / "bin/sh")
+    os.symlink(str(host), rootfs / "escape")  # absolute: on the host it names the host's directory
+    script = "echo inside > /escape/x/f"
+    layerfs("run", "-v", f"{bound}:/escape/x", "--lower", rootfs, "--", "/bin/sh", "-c", script)
+    assert (bound / "f").read_text() == "inside\n"
+    assert os.listdir(host) == []  # no mount point made there, nothing mounted there

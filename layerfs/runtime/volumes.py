@@ -13,6 +13,7 @@ mount points made for them are the runtime's paths.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import posixpath
 import subprocess
@@ -214,12 +215,24 @@ def _fill(data: str, rootfs: str, target: str) -> None:
 
 
 def make_target(rootfs: str, target: str, *, directory: bool) -> list[str]:
-    """Make ``target`` in ``rootfs`` where missing, resolved inside it, with the directories it needs; the
-    times of a directory that gets a new entry put back (so it is not the container's change). Returns
-    the container paths made."""
+    """Make ``target`` in ``rootfs`` where missing, resolved inside it, with the directories it needs (a
+    symlink to what is missing made as where it points, inside the rootfs, as runc does); the times of a
+    directory that gets a new entry put back (so it is not the container's change). Returns the
+    container paths made."""
+    made: list[str] = []
+    for _ in range(40):  # (as many symlinks as the kernel follows in one path)
+        target = _make_path(rootfs, target, directory, made)
+        if not target:
+            return made
+    raise LayerfsError(f"mount point {target}: too many levels of symbolic links")
+
+
+def _make_path(rootfs: str, target: str, directory: bool, made: list[str]) -> str:
+    """Make what is missing of ``target``, adding it to ``made``; "" when done, or the path to make
+    instead when a missing part is a symlink."""
     root = os.open(rootfs, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     parent = os.dup(root)
-    made, path = [], ""
+    path = ""
     names = target.strip("/").split("/")
     try:
         for n, name in enumerate(names):
@@ -227,6 +240,9 @@ def make_target(rootfs: str, target: str, *, directory: bool) -> list[str]:
             try:
                 fd = syscalls.open_in_root(root, path, os.O_PATH)
             except FileNotFoundError:
+                with contextlib.suppress(OSError):  # (a symlink to what is not there: make that instead)
+                    link = os.readlink(name, dir_fd=parent)
+                    return posixpath.normpath(posixpath.join(posixpath.dirname(path), link, *names[n + 1 :]))
                 times = os.fstat(parent)
                 if n == len(names) - 1 and not directory:
                     os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644, dir_fd=parent))
@@ -242,7 +258,7 @@ def make_target(rootfs: str, target: str, *, directory: bool) -> list[str]:
     finally:
         os.close(parent)
         os.close(root)
-    return made
+    return ""
 
 
 def mount_all(rootfs: str, mounts: list[Mount]) -> None:
