@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import layerfs
+from conftest import layerfs, table_rows
 from test_images import make_layout
 
 from layerfs.distribution.auth import Credentials, find_credentials, parse_challenge, store_login
@@ -255,7 +255,8 @@ def test_a_pulled_image_is_the_registrys_byte_for_byte(registry, image, tmp_path
     assert (tmp_path / "bundle/rootfs/etc/new").read_text() == "new\n"
     store = tmp_path / "store"  # what a pull is until the store takes it directly: a layout, then import
     layerfs("import", "--root", store, f"oci:{tmp_path / 'oci'}:v2", "pulled:v2")
-    assert "pulled:v2" in layerfs("images", "--root", store).stdout
+    listed = table_rows(layerfs("images", "--root", store).stdout)
+    assert [(r["REPOSITORY"], r["TAG"]) for r in listed] == [("docker.io/library/pulled", "v2")]
 
 
 @pytest.mark.root
