@@ -36,10 +36,14 @@ empty again, with its own mode, owner, times and xattrs as they were:
   what the layers below show, so it is refused rather than dropped. A name starting ``.wh.`` is a
   whiteout or the opaque marker, or refused (``.wh.``, ``.wh...``, AUFS's ``.wh..wh.*`` metadata, a
   ``.wh.`` name used as a directory).
-- Be damaged: truncated or corrupt gzip or tar data, a tar that ends without its end-of-archive block,
-  a PAX or GNU long-name record over 1 MiB (Go's archive/tar limit), an entry type tar layers do not
-  use. (Python's tarfile alone would take a damaged header after the first one for the end of the archive
-  and stop without a word; here that is an error.)
+- Be damaged: truncated or corrupt gzip or tar data (a tar that ends inside an entry's data, inside a
+  header, or after a PAX or GNU long-name record without the entry it is for), a PAX or GNU long-name
+  record over 1 MiB (Go's archive/tar limit), an entry type tar layers do not use. (Python's tarfile alone
+  would take a damaged header after the first one for the end of the archive and stop without a word;
+  here that is an error.) A tar that ends right after an entry's data, without the padding of its last
+  block or the end-of-archive block, is whole: ``umoci insert`` writes such layers, and Go's archive/tar,
+  which docker, containerd, podman and umoci read layers with, takes them as GNU tar takes a tar that
+  ends at a block boundary without its end block.
 - Ask what the machine refuses: a full disk, an owner or a device node an unprivileged caller cannot
   make (no "rootless" mapping is attempted: run as root, or in a user namespace where the layer's ids
   are mapped), an xattr the filesystem cannot hold. Whiteouts need no privilege (Linux lets anyone make
@@ -233,9 +237,11 @@ class _Header(tarfile.TarInfo):
         except tarfile.EOFHeaderError:
             raise  # a zero block: the end of the archive
         except tarfile.EmptyHeaderError:
-            raise _Reason(
-                "it is empty" if tar.offset == 0 else "the tar ends without its end-of-archive block (truncated)"
-            ) from None
+            if tar.offset == 0:
+                raise _Reason("it is empty") from None
+            if tar.fileobj.tell() == tar.offset:
+                raise  # the stream ends where an entry's header would start: the end, as tarfile takes it
+            raise _Reason("the tar ends after a header record, without the entry it is for (truncated)") from None
         except tarfile.TruncatedHeaderError:
             raise _Reason("the tar ends inside a header (truncated)") from None
         except tarfile.HeaderError as e:
@@ -244,6 +250,32 @@ class _Header(tarfile.TarInfo):
             ) from None
         except ValueError as e:  # tarfile's int() of a PAX record (GNU.sparse.size=x), uncaught there
             raise _Reason(f"damaged tar header at byte {tar.offset} ({e})") from None
+
+
+def _next_entry(tar: tarfile.TarFile, previous: tarfile.TarInfo | None) -> tarfile.TarInfo | None:
+    """The tar's next entry, None at its end. A stream that ends in the padding after ``previous``'s data
+    ends the tar, as Go's archive/tar takes it (tarfile calls that "unexpected end of data"); one that ends
+    inside the data is truncated."""
+    if previous is None:
+        return tar.next()  # (the first, which tarfile has read already)
+    stream = cast(IO[bytes], tar.fileobj)
+    here = stream.tell()
+    padding = tar.offset - here
+    if padding > 0:
+        got = len(stream.read(padding))
+        if got < padding:
+            if here + got < _data_end(previous, tar):
+                raise _Reason("the tar ends inside that entry's data (truncated)")
+            return None
+    return tar.next()
+
+
+def _data_end(info: tarfile.TarInfo, tar: tarfile.TarFile) -> int:
+    """Where ``info``'s data ends in the tar: a sparse file's stored size is not its size, so its data is
+    taken to end at the next header's block."""
+    if not info.isreg():
+        return info.offset_data  # no data: tarfile reads none for the other kinds a layer holds
+    return tar.offset if info.issparse() else info.offset_data + info.size
 
 
 # -- the entries ----------------------------------------------------------------------------------------
@@ -289,7 +321,8 @@ class _Unpacker:
         tar = tarfile.open(
             fileobj=cast(BinaryIO, data), mode="r|", tarinfo=_Header, encoding="utf-8", errors="surrogateescape"
         )
-        while (info := tar.next()) is not None:
+        info: tarfile.TarInfo | None = None
+        while (info := _next_entry(tar, info)) is not None:
             # kept for random access, which a stream has not: a big layer would fill memory
             tar.members.clear()  # type: ignore[attr-defined]  # (not in typeshed's TarFile)
             self.current = info.name
