@@ -60,9 +60,11 @@ import errno
 import gzip
 import hashlib
 import os
+import queue
 import re
 import stat
 import tarfile
+import threading
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from typing import IO, BinaryIO, NamedTuple, cast
@@ -73,6 +75,7 @@ from ..core import confined, whiteout, xattr
 from ..errors import LayerfsError, printable
 
 _CHUNK = 1 << 20  # bytes read from the stream, or written to a file, at a time: one progress step
+_AHEAD = 8  # chunks read ahead of the unpacking
 _OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _PATH_MAX = 4096
@@ -124,7 +127,10 @@ class _Reason(Exception):
 
 
 class _Raw:
-    """The stream as given, read a chunk at a time, counted for ``progress``."""
+    """The stream as given, read a chunk at a time, counted for ``progress``. Once ``start``ed, a thread of its
+    own reads ahead (and hashes what it reads, for an uncompressed layer, whose diff_id is that of these
+    bytes), so the reading, the hashing and a caller's copy of the stream (``store.blobs.Tee``) overlap the
+    making of entries, whose system calls leave the interpreter free."""
 
     def __init__(self, stream: BinaryIO, progress: ProgressFn | None) -> None:
         self.stream = stream
@@ -133,6 +139,10 @@ class _Raw:
         self.done = 0
         self.buf = b""
         self.pos = 0
+        self.sha: hashlib._Hash | None = None
+        self._ahead: queue.Queue[bytes | BaseException] = queue.Queue(maxsize=_AHEAD)
+        self._stop = threading.Event()
+        self._ended = False
         self.report()
 
     def report(self) -> None:
@@ -152,6 +162,7 @@ class _Raw:
         return chunk
 
     def peek(self, n: int) -> bytes:
+        """(Before ``start``.)"""
         while len(self.buf) - self.pos < n:
             chunk = self._more()
             if not chunk:
@@ -159,13 +170,53 @@ class _Raw:
             self.buf, self.pos = self.buf[self.pos :] + chunk, 0
         return self.buf[self.pos : self.pos + n]
 
+    def start(self, *, hashed: bool) -> None:
+        """Read ahead from here on; ``hashed``: hash every byte of the stream into ``sha``."""
+        if hashed:
+            self.sha = hashlib.sha256(self.buf)
+        threading.Thread(target=self._read_ahead, daemon=True).start()
+
+    def stop(self) -> None:
+        """No more reading ahead: the thread ends at its next chunk (one stuck in a read is a daemon)."""
+        self._stop.set()
+
+    def _read_ahead(self) -> None:
+        try:
+            while not self._stop.is_set():
+                chunk = self._more()
+                if self.sha is not None:
+                    self.sha.update(chunk)
+                self._put(chunk)
+                if not chunk:
+                    return
+        except BaseException as e:  # the reader's to raise, where it gets to it
+            self._put(e)
+
+    def _put(self, item: bytes | BaseException) -> None:
+        while not self._stop.is_set():
+            try:
+                self._ahead.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
     def read(self, n: int = -1) -> bytes:
         if self.pos == len(self.buf):
-            self.buf, self.pos = self._more(), 0
+            self.buf, self.pos = self._next_chunk(), 0
         end = len(self.buf) if n < 0 else min(len(self.buf), self.pos + n)
         data = self.buf[self.pos : end]
         self.pos = end
         return data
+
+    def _next_chunk(self) -> bytes:
+        if self._ended:
+            return b""
+        item = self._ahead.get()
+        if isinstance(item, BaseException):
+            self._ended = True
+            raise item
+        self._ended = not item
+        return item
 
 
 def _remaining(stream: BinaryIO) -> int | None:
@@ -195,8 +246,9 @@ class _Input:
             self.decompressed = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
         elif self.compression == "gzip":
             self.decompressed = gzip.GzipFile(fileobj=raw, mode="rb")
-        self.sha = hashlib.sha256()
+        self.sha = hashlib.sha256()  # of the decompressed tar; an uncompressed one's is the raw stream's
         self.size = 0
+        self.raw.start(hashed=self.compression is None)
 
     def read(self, n: int = -1) -> bytes:
         try:
@@ -205,7 +257,8 @@ class _Input:
             raise _Reason(f"the {self.compression} data ends early (truncated)") from None
         except (zlib.error, gzip.BadGzipFile, zstandard.ZstdError) as e:
             raise _Reason(f"the {self.compression} data is damaged ({e})") from None
-        self.sha.update(data)
+        if self.decompressed is not None:
+            self.sha.update(data)
         self.size += len(data)
         return data
 
@@ -216,7 +269,8 @@ class _Input:
             pass
 
     def diff_id(self) -> str:
-        return "sha256:" + self.sha.hexdigest()
+        """(Once drained.)"""
+        return "sha256:" + (self.raw.sha or self.sha).hexdigest()
 
 
 class _Header(tarfile.TarInfo):
@@ -318,18 +372,21 @@ class _Unpacker:
 
     def _unpack(self) -> _Input:
         data = _Input(self.stream, self.progress)
-        tar = tarfile.open(
-            fileobj=cast(BinaryIO, data), mode="r|", tarinfo=_Header, encoding="utf-8", errors="surrogateescape"
-        )
-        info: tarfile.TarInfo | None = None
-        while (info := _next_entry(tar, info)) is not None:
-            # kept for random access, which a stream has not: a big layer would fill memory
-            tar.members.clear()  # type: ignore[attr-defined]  # (not in typeshed's TarFile)
-            self.current = info.name
-            self._entry(info, tar)
-            self.entries += 1
-            self.last, self.current = self.current, None
-        data.drain()
+        try:
+            tar = tarfile.open(
+                fileobj=cast(BinaryIO, data), mode="r|", tarinfo=_Header, encoding="utf-8", errors="surrogateescape"
+            )
+            info: tarfile.TarInfo | None = None
+            while (info := _next_entry(tar, info)) is not None:
+                # kept for random access, which a stream has not: a big layer would fill memory
+                tar.members.clear()  # type: ignore[attr-defined]  # (not in typeshed's TarFile)
+                self.current = info.name
+                self._entry(info, tar)
+                self.entries += 1
+                self.last, self.current = self.current, None
+            data.drain()
+        finally:
+            data.raw.stop()
         self.tree.finish()
         data.raw.report()
         return data
