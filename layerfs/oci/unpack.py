@@ -75,7 +75,8 @@ from ..core import confined, whiteout, xattr
 from ..errors import LayerfsError, printable
 
 _CHUNK = 1 << 20  # bytes read from the stream, or written to a file, at a time: one progress step
-_AHEAD = 8  # chunks read ahead of the unpacking
+_AHEAD = 8  # chunks read ahead of the parsing
+_PARSED_AHEAD = 64  # entries and chunks of their data parsed ahead of the making
 _OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _PATH_MAX = 4096
@@ -132,7 +133,7 @@ class _Raw:
     bytes), so the reading, the hashing and a caller's copy of the stream (``store.blobs.Tee``) overlap the
     making of entries, whose system calls leave the interpreter free."""
 
-    def __init__(self, stream: BinaryIO, progress: ProgressFn | None) -> None:
+    def __init__(self, stream: BinaryIO, progress: ProgressFn | None, stop: threading.Event) -> None:
         self.stream = stream
         self.progress = progress
         self.total = _remaining(stream)
@@ -141,7 +142,7 @@ class _Raw:
         self.pos = 0
         self.sha: hashlib._Hash | None = None
         self._ahead: queue.Queue[bytes | BaseException] = queue.Queue(maxsize=_AHEAD)
-        self._stop = threading.Event()
+        self._stop = stop  # set: the unpack is over, the reading ahead ends
         self._ended = False
         self.report()
 
@@ -176,10 +177,6 @@ class _Raw:
             self.sha = hashlib.sha256(self.buf)
         threading.Thread(target=self._read_ahead, daemon=True).start()
 
-    def stop(self) -> None:
-        """No more reading ahead: the thread ends at its next chunk (one stuck in a read is a daemon)."""
-        self._stop.set()
-
     def _read_ahead(self) -> None:
         try:
             while not self._stop.is_set():
@@ -211,7 +208,13 @@ class _Raw:
     def _next_chunk(self) -> bytes:
         if self._ended:
             return b""
-        item = self._ahead.get()
+        while True:
+            try:
+                item = self._ahead.get(timeout=0.1)
+                break
+            except queue.Empty:
+                if self._stop.is_set():
+                    raise _Reason("stopped") from None  # (the unpack is over: no one reads this)
         if isinstance(item, BaseException):
             self._ended = True
             raise item
@@ -235,8 +238,8 @@ def _remaining(stream: BinaryIO) -> int | None:
 class _Input:
     """The uncompressed tar as tarfile reads it, hashed and counted as it goes by."""
 
-    def __init__(self, stream: BinaryIO, progress: ProgressFn | None) -> None:
-        self.raw = _Raw(stream, progress)
+    def __init__(self, stream: BinaryIO, progress: ProgressFn | None, stop: threading.Event) -> None:
+        self.raw = _Raw(stream, progress, stop)
         raw = cast(BinaryIO, self.raw)  # (it has read, all the decompressors ask of it)
         self.decompressed: IO[bytes] | gzip.GzipFile | None = None  # None: not compressed
         head = self.raw.peek(4)
@@ -307,29 +310,83 @@ class _Header(tarfile.TarInfo):
 
 
 def _next_entry(tar: tarfile.TarFile, previous: tarfile.TarInfo | None) -> tarfile.TarInfo | None:
-    """The tar's next entry, None at its end. A stream that ends in the padding after ``previous``'s data
-    ends the tar, as Go's archive/tar takes it (tarfile calls that "unexpected end of data"); one that ends
-    inside the data is truncated."""
+    """The tar's next entry, None at its end. ``previous``'s data was read whole (a short one is an error
+    there), so a stream that ends in the padding after it ends the tar, as Go's archive/tar takes it
+    (tarfile calls that "unexpected end of data")."""
     if previous is None:
         return tar.next()  # (the first, which tarfile has read already)
     stream = cast(IO[bytes], tar.fileobj)
-    here = stream.tell()
-    padding = tar.offset - here
-    if padding > 0:
-        got = len(stream.read(padding))
-        if got < padding:
-            if here + got < _data_end(previous, tar):
-                raise _Reason("the tar ends inside that entry's data (truncated)")
-            return None
+    padding = tar.offset - stream.tell()
+    if padding > 0 and len(stream.read(padding)) < padding:
+        return None
     return tar.next()
 
 
-def _data_end(info: tarfile.TarInfo, tar: tarfile.TarFile) -> int:
-    """Where ``info``'s data ends in the tar: a sparse file's stored size is not its size, so its data is
-    taken to end at the next header's block."""
-    if not info.isreg():
-        return info.offset_data  # no data: tarfile reads none for the other kinds a layer holds
-    return tar.offset if info.issparse() else info.offset_data + info.size
+class _Parsed:
+    """The tar's entries, parsed in a thread of their own ahead of their making, in order: tarfile's parsing
+    (Python's work) overlaps the making's system calls. Each entry's data (a regular file's) follows it as
+    chunks, read whole whether the making wants them or not; an error comes where it happened."""
+
+    def __init__(self, data: _Input, stop: threading.Event) -> None:
+        self._items: queue.Queue[tarfile.TarInfo | bytes | BaseException | None] = queue.Queue(maxsize=_PARSED_AHEAD)
+        self._stop = stop
+        self._in_data = False  # the entry last given has data items left (up to its b"")
+        threading.Thread(target=self._parse, args=(data,), daemon=True).start()
+
+    def _parse(self, data: _Input) -> None:
+        try:
+            tar = tarfile.open(
+                fileobj=cast(BinaryIO, data), mode="r|", tarinfo=_Header, encoding="utf-8", errors="surrogateescape"
+            )
+            info: tarfile.TarInfo | None = None
+            while (info := _next_entry(tar, info)) is not None:
+                # kept for random access, which a stream has not: a big layer would fill memory
+                tar.members.clear()  # type: ignore[attr-defined]  # (not in typeshed's TarFile)
+                self._put(info)
+                content = tar.extractfile(info) if info.isreg() else None
+                while content is not None and (chunk := content.read(_CHUNK)):
+                    self._put(chunk)
+                self._put(b"")
+            data.drain()
+            self._put(None)
+        except BaseException as e:  # the making's to raise, where it gets to it
+            self._put(e)
+
+    def _put(self, item: tarfile.TarInfo | bytes | BaseException | None) -> None:
+        while not self._stop.is_set():
+            try:
+                self._items.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def _get(self) -> tarfile.TarInfo | bytes | None:
+        item = self._items.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def next(self) -> tarfile.TarInfo | None:
+        """The next entry (what is left of the previous one's data passed over); None at the end."""
+        self.pass_data()
+        item = self._get()
+        assert not isinstance(item, bytes)
+        self._in_data = item is not None
+        return item
+
+    def read(self, n: int = -1) -> bytes:
+        """The current entry's next chunk of data; b"" at its end."""
+        if not self._in_data:
+            return b""
+        item = self._get()
+        assert isinstance(item, bytes)
+        self._in_data = bool(item)
+        return item
+
+    def pass_data(self) -> None:
+        """What is left of the current entry's data read (and checked whole) unused."""
+        while self.read():
+            pass
 
 
 # -- the entries ----------------------------------------------------------------------------------------
@@ -371,27 +428,23 @@ class _Unpacker:
         return "cannot unpack the layer"
 
     def _unpack(self) -> _Input:
-        data = _Input(self.stream, self.progress)
+        stop = threading.Event()
+        data = _Input(self.stream, self.progress, stop)
         try:
-            tar = tarfile.open(
-                fileobj=cast(BinaryIO, data), mode="r|", tarinfo=_Header, encoding="utf-8", errors="surrogateescape"
-            )
-            info: tarfile.TarInfo | None = None
-            while (info := _next_entry(tar, info)) is not None:
-                # kept for random access, which a stream has not: a big layer would fill memory
-                tar.members.clear()  # type: ignore[attr-defined]  # (not in typeshed's TarFile)
+            parsed = _Parsed(data, stop)
+            while (info := parsed.next()) is not None:
                 self.current = info.name
-                self._entry(info, tar)
+                self._entry(info, parsed)
+                parsed.pass_data()  # (a whiteout file's, which no one wants)
                 self.entries += 1
                 self.last, self.current = self.current, None
-            data.drain()
         finally:
-            data.raw.stop()
+            stop.set()
         self.tree.finish()
         data.raw.report()
         return data
 
-    def _entry(self, info: tarfile.TarInfo, tar: tarfile.TarFile) -> None:
+    def _entry(self, info: tarfile.TarInfo, content: _Parsed) -> None:
         parts = _parts(info.name, "the name")
         for i, part in enumerate(parts[:-1]):
             if whiteout.is_marker_name(part):
@@ -418,7 +471,7 @@ class _Unpacker:
         parent, name = self.tree.place(parts, directory=info.isdir())
         if parent is None:  # a directory already there: this entry changes its metadata
             self.tree.update_dir(parts, meta)
-        elif info.isreg() and (content := tar.extractfile(info)) is not None:
+        elif info.isreg():
             self._file(parent, name, meta, content)
         elif info.isdir():
             self.tree.new_dir(parent, name, parts, meta)
@@ -465,7 +518,7 @@ class _Unpacker:
         finally:
             os.close(target_dir)
 
-    def _file(self, parent: int, name: str, meta: _Meta, data: IO[bytes]) -> None:
+    def _file(self, parent: int, name: str, meta: _Meta, data: _Parsed) -> None:
         fd = os.open(name, _NEW_FILE, 0o600, dir_fd=parent)
         try:
             while chunk := data.read(_CHUNK):
