@@ -18,7 +18,8 @@ kernel overlayfs and layerfs read a lowerdir:
   the tar implies without an entry of its own is made 0755, owned by the caller. The root's own entry
   (``./``) gives ``dest`` its metadata.
 - ``diff_id``, the sha256 of the uncompressed tar (all of it: end blocks and padding too), is computed as
-  the bytes go by; the layer is never held or copied whole.
+  the bytes go by; the layer is never held or copied whole. The stream is read (and hashed) ahead in one
+  thread and parsed ahead in another, both in order, while the calling thread makes the entries.
 
 What a layer may not do is refused with a one-line LayerfsError naming the entry, after which ``dest`` is
 empty again, with its own mode, owner, times and xattrs as they were:
@@ -367,10 +368,9 @@ class _Parsed:
         return item
 
     def next(self) -> tarfile.TarInfo | None:
-        """The next entry (what is left of the previous one's data passed over); None at the end."""
-        self.pass_data()
+        """The next entry, once the previous one's data is passed (``pass_data``); None at the end."""
         item = self._get()
-        assert not isinstance(item, bytes)
+        assert not isinstance(item, bytes) and not self._in_data
         self._in_data = item is not None
         return item
 
