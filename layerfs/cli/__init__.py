@@ -320,6 +320,7 @@ def _command(arguments: list[str]) -> int:
         print(f"layerfs: {where}{e.strerror or e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        print("layerfs: interrupted", file=sys.stderr)
         return 130
 
 
