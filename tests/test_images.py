@@ -280,6 +280,43 @@ def test_a_rootfs_tar_imports_as_a_one_layer_image(layout, mounts, tmp_path):
     assert not (tmp_path / "escape").exists() and not (root / "escape").exists()
 
 
+def test_a_rootfs_tar_is_kept_as_its_framing_and_saved_byte_for_byte(layout, tmp_path):
+    """An imported root filesystem tar is not written a second time as its blob: the store keeps its headers
+    (a split), and save gives back the very same bytes from the unpacked layer. A tar whose data the layer
+    does not hold whole (an entry replaced by a later one) is kept as it came; a layer changed on disk is
+    an error at save, never a wrong blob."""
+    rootfs = tmp_path / "bundle2/rootfs"
+    (rootfs / ("long-" * 30)).write_bytes(os.urandom(70_000))  # (a PAX name, data not on a block boundary)
+    plain, replaced = tmp_path / "rootfs.tar", tmp_path / "replaced.tar"
+    subprocess.run(["tar", "-C", rootfs, "--xattrs", "--numeric-owner", "-cf", plain, "."], check=True)
+    shutil.copy(plain, replaced)
+    subprocess.run(["tar", "-C", rootfs, "--numeric-owner", "-rf", replaced, "./bin/busybox"], check=True)
+    root = tmp_path / "store"
+    for tar_file, name in ((plain, "plain:1"), (replaced, "replaced:1")):
+        layerfs("import", "--root", root, f"rootfs:{tar_file}", name)
+    digest = {
+        name: json.loads(layerfs("inspect", "--root", root, name).stdout)["layers"][0]
+        for name in ("plain:1", "replaced:1")
+    }
+    split, kept = root / "blobs/split", root / "blobs/sha256"
+    assert os.listdir(split) == [digest["plain:1"].removeprefix("sha256:")]
+    assert not (kept / digest["plain:1"].removeprefix("sha256:")).exists()
+    assert (kept / digest["replaced:1"].removeprefix("sha256:")).read_bytes() == replaced.read_bytes()
+    assert os.path.getsize(split / os.listdir(split)[0]) < plain.stat().st_size // 10
+    for tar_file, name in ((plain, "plain:1"), (replaced, "replaced:1")):
+        saved = tmp_path / f"saved-{name}"
+        layerfs("save", "--root", root, "--format", "oci", name, saved)
+        assert (saved / "blobs/sha256" / digest[name].removeprefix("sha256:")).read_bytes() == tar_file.read_bytes()
+
+    layer = root / "layers" / digest["plain:1"].removeprefix("sha256:")
+    (layer / "bin/busybox").chmod(0o755)
+    with open(layer / "bin/busybox", "r+b") as f:
+        f.write(b"X")
+    result = layerfs("save", "--root", root, "--format", "oci", "plain:1", tmp_path / "bad", check=False)
+    assert result.returncode == 1 and "its layer changed on disk" in result.stderr, result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
+
+
 def test_concurrent_imports_leave_a_consistent_store(layout, tmp_path):
     root = tmp_path / "store"
     runs = [

@@ -549,7 +549,7 @@ def test_diff_id_size_and_entries(image, tmp_path):
         result = unpack(layer, fresh(tmp_path / f"d{i}"))
         size = len(data) + (10240 if i == 3 else 0)
         expected = whole if i < 3 else "sha256:" + hashlib.sha256(layer).hexdigest()
-        assert result == UnpackResult(expected, count, size), i
+        assert result[:3] == (expected, count, size), i
 
 
 def test_progress_follows_the_bytes_read(tmp_path):
@@ -870,7 +870,7 @@ def test_a_tar_that_ends_after_an_entry_without_its_end_block_is_whole(cut, tmp_
     end = {"after-data": last.offset_data + 3, "in-padding": last.offset_data + 100, "at-block": last.offset_data + 512}
     data = good[: end[cut]]
     got = unpack(data, fresh(tmp_path / "dest"))
-    assert got == UnpackResult("sha256:" + hashlib.sha256(data).hexdigest(), 2, len(data))
+    assert got[:3] == ("sha256:" + hashlib.sha256(data).hexdigest(), 2, len(data))
     assert (tmp_path / "dest/last").read_bytes() == b"abc"
     assert (tmp_path / "dest/big").read_bytes() == bytes(range(256)) * 20
 

@@ -96,12 +96,20 @@ _IDS = range(0, 2**32 - 1)  # (uid_t)-1 means "leave unchanged" to chown: not an
 _PAX_TIME = re.compile(r"(-?)([0-9]+)(?:\.([0-9]*))?")
 
 
+# A regular file's data in the tar: (the offset of its first byte, its size, its path in the layer).
+DataRef = tuple[int, int, str]
+
+
 class UnpackResult(NamedTuple):
     """What was unpacked."""
 
     diff_id: str  # "sha256:<hex>" of the uncompressed tar: the image config's rootfs.diff_ids entry
     entries: int  # tar entries applied: files, directories, links, whiteouts, opaque markers...
     size: int  # bytes of the uncompressed tar
+    # Where each regular file's data is in the tar, in order, so the tar can be put back together from
+    # the layer; None where some of its data is not in the layer (replaced by a later entry, a whiteout
+    # file's, a sparse file's).
+    data: tuple[DataRef, ...] | None
 
 
 ProgressFn = Callable[[int, int | None], None]
@@ -401,6 +409,7 @@ class _Unpacker:
         self.entries = 0
         self.current: str | None = None  # the entry being applied
         self.last: str | None = None  # the last one applied
+        self.data: list[DataRef] | None = []  # (None: some data is not kept)
 
     def run(self) -> UnpackResult:
         try:
@@ -418,7 +427,8 @@ class _Unpacker:
             raise LayerfsError(f"{self._where()}: {e.strerror or e}") from e
         except (OverflowError, ValueError) as e:  # a number out of range for a system call
             raise LayerfsError(f"{self._where()}: {e}") from e
-        return UnpackResult(data.diff_id(), self.entries, data.size)
+        kept = None if self.data is None or self.tree.removed else tuple(self.data)
+        return UnpackResult(data.diff_id(), self.entries, data.size, kept)
 
     def _where(self) -> str:
         if self.current is not None:
@@ -446,6 +456,11 @@ class _Unpacker:
 
     def _entry(self, info: tarfile.TarInfo, content: _Parsed) -> None:
         parts = _parts(info.name, "the name")
+        if info.isreg() and info.size and self.data is not None:
+            if info.issparse() or whiteout.is_marker_name(parts[-1] if parts else ""):
+                self.data = None  # (data that is not in the layer as the tar has it)
+            else:
+                self.data.append((info.offset_data, info.size, "/".join(parts)))
         for i, part in enumerate(parts[:-1]):
             if whiteout.is_marker_name(part):
                 raise _Reason(f"{_show('/'.join(parts[: i + 1]))} is a whiteout name, which cannot be a directory")
@@ -733,6 +748,7 @@ class _Tree:
 
     def __init__(self, dest: _Dest) -> None:
         self.root = dest.root
+        self.removed = False  # whether a later entry replaced something (and the data it had)
         self.chain = confined.DirChain(self.root, lambda fd, parts, i: self._step(fd, parts, i, create=True))
         self.pending = _Pending()
         self.deleted: set[str] = set()
@@ -799,6 +815,7 @@ class _Tree:
                 self.pending.drop(parts)
             else:
                 os.unlink(name, dir_fd=fd)
+            self.removed = True
         path = "/".join(parts)
         if path in self.deleted:
             try:  # the OCI form make_whiteout falls back to where it may not make a device

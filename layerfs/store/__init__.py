@@ -32,7 +32,7 @@ from ..distribution import push as pushing
 from ..distribution.reference import parse_reference
 from ..oci.entries import Entry, Upper
 from ..oci.layertar import ProgressFn, write_entries
-from . import archives
+from . import archives, splits
 from .blobs import Blobs
 from .commit import Committed, build_layer, layer_diff_id
 from .containers import ContainerMounted, Containers
@@ -124,11 +124,25 @@ class Store:
             with self.root.locked():
                 manifest, blobs = self.images.stored(name)
                 for blob in blobs:
-                    held.append(os.open(blob.path, os.O_RDONLY | os.O_CLOEXEC))
+                    held.append(self._open_blob(blob.digest))
             yield manifest, [blob._replace(path=f"/proc/self/fd/{fd}") for blob, fd in zip(blobs, held, strict=True)]
         finally:
             for fd in held:
                 os.close(fd)
+
+    def _open_blob(self, digest: str) -> int:
+        """(Holding the lock.) A descriptor of blob ``digest``'s bytes: its file, or for a split one (an
+        imported root filesystem tar) a nameless file of the scratch space it is put back together in."""
+        split = self.blobs.split_path(digest)
+        if not os.path.isfile(split):
+            return os.open(self.blobs.path(digest), os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(self.root.sub("tmp"), os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+        try:
+            splits.rebuild(split, self.layers.path(digest), digest, fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
     def tag(self, name: str, new: str) -> str:
         with self.root.locked():

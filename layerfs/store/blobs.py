@@ -1,5 +1,7 @@
 """Blobs as a registry holds them: ``STORE/blobs/sha256/<hex>``, each image's manifest, config and layers
 byte for byte as they came (compressed or not), so an image saved or pushed unchanged keeps its digests.
+An imported root filesystem tar is kept as its framing alone, ``STORE/blobs/split/<hex>`` (``splits.py``):
+its bytes come back from its unpacked layer.
 
 New blobs are first written into a staging directory (in the store's scratch space), hashed as they are
 written, and get their name only when the whole image is in: a rename, so a reader never sees a partial
@@ -90,16 +92,23 @@ def copy_into(stream: BinaryIO, directory: str, expected: str | None = None) -> 
 class Blobs:
     def __init__(self, root: Root) -> None:
         self.dir = root.sub("blobs", "sha256")
+        self.split_dir = root.sub("blobs", "split")
         os.makedirs(self.dir, exist_ok=True)
+        os.makedirs(self.split_dir, exist_ok=True)
 
     def path(self, digest: str) -> str:
         return os.path.join(self.dir, checked_digest(digest, "blob").removeprefix("sha256:"))
 
+    def split_path(self, digest: str) -> str:
+        """Where blob ``digest`` is kept as a split (``splits.py``), if it is."""
+        return os.path.join(self.split_dir, checked_digest(digest, "blob").removeprefix("sha256:"))
+
     def has(self, digest: str) -> bool:
-        return os.path.isfile(self.path(digest))
+        return os.path.isfile(self.path(digest)) or os.path.isfile(self.split_path(digest))
 
     def digests(self) -> list[str]:
-        return [f"sha256:{name}" for name in sorted(os.listdir(self.dir)) if not name.startswith(".")]
+        names = {name for d in (self.dir, self.split_dir) for name in os.listdir(d) if not name.startswith(".")}
+        return [f"sha256:{name}" for name in sorted(names)]
 
     def read(self, digest: str) -> bytes:
         try:
@@ -108,13 +117,16 @@ class Blobs:
         except FileNotFoundError:
             raise LayerfsError(f"blob {digest} is missing from the store") from None
 
-    def adopt(self, staged: str, digest: str) -> None:
-        """(Holding the lock.) The checked blob at ``staged`` (in the scratch space) becomes blob ``digest``."""
+    def adopt(self, staged: str, digest: str, *, split: bool = False) -> None:
+        """(Holding the lock.) The checked blob at ``staged`` (in the scratch space), or its split, becomes
+        blob ``digest``."""
         if self.has(digest):
             os.unlink(staged)
         else:
-            os.replace(staged, self.path(digest))
+            os.replace(staged, self.split_path(digest) if split else self.path(digest))
 
     def remove(self, digest: str) -> None:
         """(Holding the lock.) Blob ``digest`` gone; whether an image still uses it is the caller's to ask."""
-        os.unlink(self.path(digest))
+        for path in (self.path(digest), self.split_path(digest)):
+            if os.path.isfile(path):
+                os.unlink(path)

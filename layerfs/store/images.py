@@ -165,7 +165,7 @@ class Images:
 
     def _add_rootfs(self, incoming: Incoming, path: str, name: str, progress: Progress | None) -> dict:
         try:
-            diff_id, digest = incoming.add_layer(path, None, None, _labelled(progress, ""))
+            diff_id, digest = incoming.add_rootfs(path, _labelled(progress, ""))
         except FileNotFoundError:
             raise LayerfsError(f"{path}: no such file") from None
         config = manifests.rootfs_config(diff_id, f"layerfs import rootfs:{os.path.basename(path)}")
@@ -278,12 +278,10 @@ def _name_for(name: str | None, image: layout.Image, default: str, tag: str | No
 
 def _descriptor(incoming: Incoming, digest: str, manifest_type: str | None = None) -> Any:
     """(digest, size) of a blob, and its layer media type in a manifest of ``manifest_type`` if one is given."""
-    path = incoming.blob_path(digest)
-    size = os.path.getsize(path)
+    size, head = incoming.describe(digest)
     if manifest_type is None:
         return digest, size
-    with open(path, "rb") as f:
-        return digest, size, manifests.layer_type(manifest_type, manifests.compression_of(f.read(4)))
+    return digest, size, manifests.layer_type(manifest_type, manifests.compression_of(head[:4]))
 
 
 def _labelled(progress: Progress | None, label: str) -> ProgressFn | None:

@@ -14,7 +14,7 @@ from typing import BinaryIO
 
 from ..errors import LayerfsError
 from ..oci import layout
-from ..oci.unpack import ProgressFn, unpack_layer
+from ..oci.unpack import ProgressFn, UnpackResult, unpack_layer
 from .root import Root
 
 
@@ -35,20 +35,20 @@ class Layers:
 
     def build(
         self, stream: BinaryIO, progress: ProgressFn | None = None, *, expected: str | None = None
-    ) -> tuple[str, str]:
+    ) -> tuple[str, UnpackResult]:
         """(Holding the lock.) The layer tar ``stream`` unpacked into a new directory of the scratch space, to
-        ``adopt`` once the rest of its image is in; returns the directory and the layer's diff_id, which must
-        be ``expected`` where the image gives one."""
+        ``adopt`` once the rest of its image is in; returns the directory and what was unpacked, whose
+        diff_id must be ``expected`` where the image gives one."""
         build = self.root.scratch()
         os.mkdir(build, 0o755)
         try:
-            diff_id = unpack_layer(stream, build, progress=progress).diff_id
-            if expected is not None and diff_id != expected:
-                raise LayerfsError(f"a layer unpacked to {diff_id}, but the image says {expected}")
+            result = unpack_layer(stream, build, progress=progress)
+            if expected is not None and result.diff_id != expected:
+                raise LayerfsError(f"a layer unpacked to {result.diff_id}, but the image says {expected}")
         except BaseException:
             shutil.rmtree(build, ignore_errors=True)
             raise
-        return build, diff_id
+        return build, result
 
     def adopt(self, build: str, diff_id: str, *, synced: bool = False) -> None:
         """(Holding the lock.) The layer built in the scratch directory ``build`` becomes layer ``diff_id``;
