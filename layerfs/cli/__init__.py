@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING
 
 from .. import __version__
 from ..errors import LayerfsError, UsageError
-from . import dispatch, images
+from . import build, dispatch, images
 
 if TYPE_CHECKING:
     from ..store import Store
 
-COMMANDS = (
+COMMANDS: tuple[str, ...] = (
     "mount",
     "umount",
     "stats",
@@ -41,6 +41,7 @@ COMMANDS = (
     "bundle",
     "example",
 ) + images.COMMANDS
+COMMANDS += build.COMMANDS
 _ROOT_HELP = "the store (default $LAYERFS_ROOT, else /var/lib/layerfs)"
 
 
@@ -172,6 +173,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--debug", action="store_true")
 
     images.add_parsers(sub, _ROOT_HELP)
+    build.add_parsers(sub, _ROOT_HELP)
     for command, help_text, argument in (
         ("rm", "remove a container (not mounted) and its changes", "name"),
         ("rmi", "remove an image no container uses (its layers stay until gc)", "name"),
@@ -434,6 +436,8 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command in images.COMMANDS:
         return images.run(args)
+    if args.command in build.COMMANDS:
+        return build.run(args)
     if args.command == "example":
         from .. import example
 

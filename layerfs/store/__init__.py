@@ -190,16 +190,40 @@ class Store:
             if image is not None:
                 name = image_name(image[0])  # (a name docker refuses is refused before any work)
                 with self.root.locked(), Incoming(self.root, self.layers, self.blobs) as incoming:
-                    blob = incoming.new_file()
-                    with open(blob, "wb") as out:
-                        written = write_entries(out, tree, found, compress=True, progress=progress)
-                    incoming.keep(blob, written.digest)
-                    committed = self._add_layer(tree, found, written.diff_id, share)
-                    self.images.add_commit(incoming, name, image[1], written.diff_id, written.digest)
+                    committed, blob = self._add_layer_and_blob(incoming, tree, found, share, progress)
+                    self.images.add_commit(incoming, name, image[1], committed.diff_id, blob)
                 return committed
             layer = layer_diff_id(tree, found, progress)
             with self.root.locked():
                 return self._add_layer(tree, found, layer, share)
+
+    def commit_step(
+        self, upper: str, changes: Iterable[Change], progress: ProgressFn | None = None
+    ) -> tuple[Committed, str]:
+        """A build step's ``changes`` of ``upper`` frozen into a layer and kept as its gzip blob too (an image
+        made of it can be saved and pushed); the layer and the blob's digest."""
+        with Upper(upper) as tree:
+            found = tree.entries(changes)
+            with self.root.locked(), Incoming(self.root, self.layers, self.blobs) as incoming:
+                committed, blob = self._add_layer_and_blob(incoming, tree, found, "reflink", progress)
+                incoming.adopt()
+            return committed, blob
+
+    def add_built(self, name: str, config: dict, blobs: list[str], manifest_type: str) -> dict:
+        """Image ``name`` of a build: its config and its layers' blobs (all in the store), with a new manifest."""
+        key = image_name(name)
+        with self.root.locked(), Incoming(self.root, self.layers, self.blobs) as incoming:
+            return self.images.add_built(incoming, key, config, blobs, manifest_type)
+
+    def _add_layer_and_blob(
+        self, incoming: Incoming, tree: Upper, found: list[Entry], share: str, progress: ProgressFn | None
+    ) -> tuple[Committed, str]:
+        """(Holding the lock.) The layer of ``found`` as a directory, and its gzip tar as a blob of ``incoming``."""
+        blob = incoming.new_file()
+        with open(blob, "wb") as out:
+            written = write_entries(out, tree, found, compress=True, progress=progress)
+        incoming.keep(blob, written.digest)
+        return self._add_layer(tree, found, written.diff_id, share), written.digest
 
     def _add_layer(self, tree: Upper, found: list[Entry], layer: str, share: str) -> Committed:
         """(Holding the lock.) The layer ``layer`` of ``found`` built as a directory, unless the store has it."""

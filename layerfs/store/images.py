@@ -217,6 +217,29 @@ class Images:
             },
         )
 
+    def add_built(self, incoming: Incoming, name: str, config: dict, blobs: list[str], manifest_type: str) -> dict:
+        """(Holding the lock.) Image ``name`` of ``config`` and the layer ``blobs`` (the store's, bottom first,
+        beside the config's diff_ids): the config stored as a blob, and a manifest of ``manifest_type``."""
+        config_digest = incoming.add_bytes(manifests.dump(config))
+        document = manifests.manifest(
+            manifest_type,
+            _descriptor(incoming, config_digest),
+            [_descriptor(incoming, digest, manifest_type) for digest in blobs],
+        )
+        manifest_digest = incoming.add_bytes(manifests.dump(document))
+        incoming.adopt()
+        return self._set(
+            name,
+            {
+                "manifest": manifest_digest,
+                "manifest_type": manifest_type,
+                "config_digest": config_digest,
+                "config": config,
+                "layers": list(config["rootfs"]["diff_ids"]),
+                "blobs": list(blobs),
+            },
+        )
+
     def tag(self, name: str, new: str) -> str:
         """(Holding the lock.) Image ``name`` known as ``new`` too; returns the full new name."""
         key = image_name(new)
