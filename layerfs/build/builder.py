@@ -12,33 +12,23 @@ image, named by each ``-t``.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import os
-import shutil
 import sys
-import tempfile
 import time
-import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TextIO
 
-from ..container import Container, container_changes
 from ..errors import LayerfsError
-from ..fs import mount, options
-from ..runtime import shim
-from ..runtime.confinement import Confinement
 from ..runtime.process import DEFAULT_PATH, find_user
 from ..store import Store
-from ..store.manifests import OCI_MANIFEST, now
+from ..store.manifests import OCI_MANIFEST
 from . import dockerfile, steps
 from .cache import Cache, State, key
 from .context import Context
 from .copying import Copy, is_archive
 from .dockerfile import Instruction, Stage
 
-_HOSTNAME = "layerfs-build"
 _COPY_FLAGS = ("from", "chown", "chmod", "link")  # (--link: layers are independent here anyway)
 
 
@@ -99,8 +89,9 @@ class Builder:
             if final.base is not None:
                 name = self.store.tag(final.base, tag)
             else:
-                self.store.add_built(tag, final.config, final.blobs, final.manifest_type)
                 name = self.store.images.key(tag)
+                if (self.store.images.find(name) or {}).get("config_digest") != image_id:  # (else named so already)
+                    self.store.add_built(tag, final.config, final.blobs, final.manifest_type)
             self._say(f"naming to {name} done")
         self._say(f"DONE {time.monotonic() - started:.1f}s")
         return image_id
@@ -232,34 +223,30 @@ class Builder:
         steps.configure(instruction, config.setdefault("config", {}), variables, stage.cmd_set)
         if instruction.keyword == "MAINTAINER":
             config["author"] = instruction.value
-        state = stage.state
-        return _with_history(config, state.blobs, state.manifest_type, steps.history_text(instruction), empty=True)
+        return stage.state.after(config, steps.history_text(instruction), empty=True)
 
     def _run(self, instruction: Instruction, stage: _Stage, argv: list[str]) -> State:
+        from ..runtime import shim
+        from ..runtime.confinement import Confinement
+        from . import stepcontainer
+
         config = self._config(stage)
-        env = {"PATH": DEFAULT_PATH, **stage.args, **steps.env_of(config)}
         process = shim.Process(
             argv,
-            env,
+            {"PATH": DEFAULT_PATH, **stage.args, **steps.env_of(config)},
             config.get("WorkingDir") or "/",
             config.get("User") or "",
-            _HOSTNAME,
+            stepcontainer.HOSTNAME,
             network=self.opts.network,
             confinement=Confinement(),
         )
-        history = steps.history_text(instruction, argv, stage.args)
-        with self._container(stage.state) as box:
-            runtime = tempfile.mkdtemp(prefix="layerfs-build-")
-            try:
-                process.binds, files = shim.runtime_files(box.merged, runtime, _HOSTNAME, self.opts.network)
-                box.runtime_paths(shim.make_mount_points(box.merged) + files)
-                self.out.flush()
-                code = shim.run(box.merged, process)
-            finally:
-                shutil.rmtree(runtime, ignore_errors=True)
+        with stepcontainer.mounted(self.store, stage.state) as box:
+            self.out.flush()
+            code = box.run(process)
             if code != 0:
                 raise instruction.error(f"{' '.join(argv)}: exit code {code}")
-            return self._committed(stage.state, box, history)
+            history = steps.history_text(instruction, argv, stage.args)
+            return stepcontainer.committed(self.store, stage.state, box, history)
 
     def _copying(
         self,
@@ -300,44 +287,11 @@ class Builder:
         return _Copying(self, instruction, items[:-1], dest, source, found.get("chown"), mode)
 
     def _copy(self, instruction: Instruction, stage: _Stage, copying: _Copying) -> State:
-        with self._container(stage.state) as box:
+        from . import stepcontainer
+
+        with stepcontainer.mounted(self.store, stage.state) as box:
             copying.into(box.merged)
-            return self._committed(stage.state, box, steps.history_text(instruction))
-
-    @contextlib.contextmanager
-    def _container(self, state: State) -> Iterator[_Mounted]:
-        """A container of ``state``, mounted for a step; unmounted (if the step has not) and removed after."""
-        name = f"build-{uuid.uuid4().hex[:12]}"
-        with self.store.root.locked():
-            record = self.store.containers.create(name, "(build)", {"config_digest": state.id, "layers": state.layers})
-        try:
-            lowers = record["lowers"]
-            if not lowers:  # scratch: one empty lower, since a mount needs one
-                lowers = [os.path.join(os.path.dirname(record["upper"]), "empty")]
-                os.mkdir(lowers[0])
-            box = _Mounted(record["merged"], Container(lowers, record["upper"], record["work"]))
-            text = options.for_dirs(lowers, record["upper"], record["work"], x_layerfs_owner=os.getpid())
-            if mount.mount(options.parse([text], box.merged)) != 0:
-                raise LayerfsError("cannot mount the build container")
-            try:
-                yield box
-            finally:
-                box.unmount()
-        finally:
-            self.store.remove(name)
-
-    def _committed(self, parent: State, box: _Mounted, history: str) -> State:
-        """The state after a step, from its (unmounted) container: its changes as one layer, none where
-        nothing changed."""
-        box.unmount()
-        changes = container_changes(box.container)
-        config = copy.deepcopy(parent.config)
-        if not changes:
-            return _with_history(config, parent.blobs, parent.manifest_type, history, empty=True)
-        committed, blob = self.store.commit_step(box.container.upper or "", changes)
-        rootfs = config.setdefault("rootfs", {"type": "layers", "diff_ids": []})
-        rootfs["diff_ids"] = [*(rootfs.get("diff_ids") or []), committed.diff_id]
-        return _with_history(config, [*parent.blobs, blob], parent.manifest_type, history)
+            return stepcontainer.committed(self.store, stage.state, box, steps.history_text(instruction))
 
     def _announce(self, what: str, *, counted: bool = True) -> None:
         """A step's first line, as BuildKit's plain output: ``#3 [3/9] COPY app.py /app/``."""
@@ -394,7 +348,9 @@ class _Copying:
         if self.source is None:
             self._copy(merged, self.builder.context, self.paths, (0, 0))
             return
-        with self.builder._container(self.source) as box:
+        from . import stepcontainer
+
+        with stepcontainer.mounted(self.builder.store, self.source) as box:
             context = Context(box.merged, ignore_file=False)
             self._copy(merged, context, [self._matched(context, p) for p in self.patterns], None)
 
@@ -450,31 +406,3 @@ def _with_path(state: State) -> State:
     changed = copy.deepcopy(state.config)
     changed.setdefault("config", {})["Env"] = [f"PATH={DEFAULT_PATH}", *(config.get("Env") or [])]
     return State(changed, state.blobs, state.manifest_type)
-
-
-def _with_history(config: dict, blobs: list[str], manifest_type: str, created_by: str, *, empty: bool = False) -> State:
-    """The state of ``config`` with a history entry for its step, made now."""
-    created = now()
-    config["created"] = created
-    entry: dict[str, object] = {"created": created, "created_by": created_by, "comment": steps.HISTORY_COMMENT}
-    if empty:
-        entry["empty_layer"] = True
-    config["history"] = [*(config.get("history") or []), entry]
-    return State(config, list(blobs), manifest_type)
-
-
-class _Mounted:
-    """A step's container while it is mounted: where, and what the runtime made in it for itself."""
-
-    def __init__(self, merged: str, container: Container) -> None:
-        self.merged = merged
-        self.container = container
-        self._mounted = True
-
-    def runtime_paths(self, paths: list[str]) -> None:
-        self.container.runtime_paths = (*self.container.runtime_paths, *paths)
-
-    def unmount(self) -> None:
-        if self._mounted:
-            mount.umount(self.merged)
-            self._mounted = False

@@ -15,7 +15,9 @@ import os
 from dataclasses import dataclass
 
 from ..store import Store
-from ..store.manifests import dump
+from ..store.manifests import dump, now
+
+HISTORY_COMMENT = "buildkit.dockerfile.v0"  # as BuildKit marks the history entries of a Dockerfile's steps
 
 _FILE = "build-cache.json"
 
@@ -36,6 +38,17 @@ class State:
     @property
     def layers(self) -> list[str]:
         return list(self.config.get("rootfs", {}).get("diff_ids") or [])
+
+    def after(self, config: dict, created_by: str, *, empty: bool = False) -> State:
+        """The state a step made of this one: ``config`` (this one's, changed by the step; its layers
+        those of this state and, unless ``empty``, one more) with the step's history entry, made now."""
+        created = now()
+        config["created"] = created
+        entry: dict[str, object] = {"created": created, "created_by": created_by, "comment": HISTORY_COMMENT}
+        if empty:
+            entry["empty_layer"] = True
+        config["history"] = [*(config.get("history") or []), entry]
+        return State(config, list(self.blobs), self.manifest_type)
 
 
 def key(parent: State, text: str, extra: object = None) -> str:

@@ -13,7 +13,6 @@ import re
 from .dockerfile import Instruction, json_form, key_values, substitute, words
 
 DEFAULT_SHELL = ["/bin/sh", "-c"]
-HISTORY_COMMENT = "buildkit.dockerfile.v0"
 CONFIG_ONLY = frozenset(
     "ENV WORKDIR USER ENTRYPOINT CMD LABEL EXPOSE VOLUME STOPSIGNAL SHELL HEALTHCHECK MAINTAINER ONBUILD".split()
 )

@@ -24,10 +24,9 @@ import contextlib
 import os
 import shutil
 from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
 
 from ..core.changes import Change
-from ..distribution import pull as pulling
-from ..distribution import push as pushing
 from ..distribution.reference import parse_reference
 from ..oci.entries import Entry, Upper
 from ..oci.layertar import ProgressFn, write_entries
@@ -40,6 +39,9 @@ from .images import ImageInUse, Images, NoSuchImage, Progress, image_name
 from .incoming import Incoming
 from .layers import Layers
 from .root import DEFAULT_ROOT, Root, root_from
+
+if TYPE_CHECKING:  # (the registry client is imported by what uses it: a cached build loads no HTTP library)
+    from ..distribution import push as pushing
 
 __all__ = [
     "DEFAULT_ROOT",
@@ -74,6 +76,8 @@ class Store:
     ) -> tuple[str, dict]:
         """Image ``reference`` pulled from its registry (blobs the store has are not fetched) and kept under
         its full name; its name and record."""
+        from ..distribution import pull as pulling
+
         ref = parse_reference(reference)
         with self.root.locked(), Incoming(self.root, self.layers, self.blobs) as incoming:
             pulled = os.path.join(incoming.dir, "pulled")
@@ -85,6 +89,8 @@ class Store:
     ) -> pushing.Pushed:
         """Image ``name`` pushed as ``reference`` (its own name if None), its stored bytes unchanged; blobs
         mounted from the repository it was pulled from, where that is on the same registry."""
+        from ..distribution import push as pushing
+
         ref = parse_reference(reference or self.images.key(name))
         registry, _, repository = (self.images.record(name).get("source") or "").partition("/")
         with self._held(name) as (manifest, blobs):

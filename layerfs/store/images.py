@@ -13,10 +13,8 @@ import os
 import re
 import tarfile
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..distribution.client import Manifest
-from ..distribution.push import Blob
 from ..distribution.reference import parse_reference
 from ..errors import LayerfsError
 from ..oci import layout
@@ -26,6 +24,10 @@ from .blobs import Blobs
 from .incoming import Incoming
 from .layers import Layers
 from .root import Root
+
+if TYPE_CHECKING:  # (the registry client is imported by what uses it: a cached build loads no HTTP library)
+    from ..distribution.client import Manifest
+    from ..distribution.push import Blob
 
 SOURCES = ("oci", "oci-archive", "docker-archive", "rootfs")
 # progress(done, total, label): bytes of a layer unpacked, of about total (None: unknown), which layer
@@ -249,6 +251,9 @@ class Images:
 
     def stored(self, name: str) -> tuple[Manifest, list[Blob]]:
         """Image ``name``'s manifest as stored, and its blobs (config first) as files of the store."""
+        from ..distribution.client import Manifest
+        from ..distribution.push import Blob
+
         image = self.record(name)
         if not image.get("manifest") or "blobs" not in image:
             raise LayerfsError(f"image {name} was stored without its blobs; import or pull it again")
