@@ -75,12 +75,13 @@ def _make_context(context: Path) -> None:
     (context / "data/one").write_text("1\n")
     (context / "data/deep/two").write_text("2\n")
     (context / "data/secret.key").write_text("left out by .dockerignore\n")
+    (context / "data/deep/public.key").write_text("an exception in .dockerignore\n")
     (context / "tree/sub").mkdir(parents=True)
     (context / "tree/sub/file").write_text("in a tree\n")
     os.link(context / "tree/sub/file", context / "tree/linked")
     os.symlink("sub/file", context / "tree/symlink")
     (context / "tree/sub").chmod(0o700)
-    (context / ".dockerignore").write_text("# comments too\n**/*.key\n")
+    (context / ".dockerignore").write_text("# comments too\n**/*.key\n!data/deep/public.key\n")
     (context / "notes.txt").write_text("a plain file, which ADD copies\n")
     bundle = context / "bundle"
     (bundle / "pkg").mkdir(parents=True)
@@ -275,6 +276,10 @@ def test_a_missing_source_names_its_line(images, tmp_path):
     failed = build(store, context, check=False)
     assert failed.returncode == 1
     assert failed.stderr.strip() == "layerfs: Dockerfile:4: COPY: app.py: no such file in the context"
+
+    (context / "Dockerfile").write_text("FROM box:1\nADD https://example.com/x.tar /x/\n")
+    failed = build(store, context, check=False)
+    assert failed.stderr.strip() == "layerfs: Dockerfile:2: ADD: https://example.com/x.tar: URLs are not supported"
 
 
 def test_target_builds_only_that_stage_and_what_it_needs(images, tmp_path):

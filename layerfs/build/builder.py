@@ -164,7 +164,7 @@ class Builder:
         if base.lower() in names:
             state = built[names[base.lower()]]
         elif base == "scratch":
-            state = State(_scratch_config(), [], OCI_MANIFEST)
+            state = State(_scratch_config(self.opts.platform), [], OCI_MANIFEST)
         else:
             record = self.store.images.find(base)
             if record is None:
@@ -328,7 +328,7 @@ class _Copying:
 
     def _matched(self, context: Context, pattern: str) -> list[str]:
         if "://" in pattern:
-            raise self.instruction.error(f"{pattern}: sources from URLs are not supported")
+            raise self.instruction.error(f"{pattern}: URLs are not supported")
         found = context.sources(pattern)
         if not found:
             where = "in the context" if self.source is None else "in the source image"
@@ -388,10 +388,15 @@ def _owner(rootfs: str, spec: str, instruction: Instruction) -> tuple[int, int]:
     return uid, gid
 
 
-def _scratch_config() -> dict:
+def _scratch_config(platform: str | None) -> dict:
+    """An empty image's config, for ``platform`` (OS/ARCH[/VARIANT]; None: this host's)."""
+    from ..distribution.pull import host_platform, parse_platform
+
+    chosen = parse_platform(platform) if platform else host_platform()
     return {
-        "architecture": "amd64",
-        "os": "linux",
+        "architecture": chosen.architecture,
+        **({"variant": chosen.variant} if chosen.variant else {}),
+        "os": chosen.os,
         "config": {},
         "rootfs": {"type": "layers", "diff_ids": []},
         "history": [],
