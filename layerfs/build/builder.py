@@ -25,7 +25,7 @@ from ..store import Store
 from ..store.manifests import OCI_MANIFEST
 from . import dockerfile, steps
 from .cache import Cache, State, key
-from .context import Context
+from .context import Context, resolve_in_root
 from .copying import Copy, is_archive
 from .dockerfile import Instruction, Stage
 
@@ -144,23 +144,25 @@ class Builder:
     def _stage(self, stage: Stage, globals_: dict[str, str], built: dict[int, State], names: dict[str, int]) -> State:
         base = dockerfile.substitute(stage.base, globals_)
         self._announce(f"FROM {base}{' AS ' + stage.name if stage.name else ''}")
-        now_ = _Stage(self._from(base, stage.from_line, built, names))
+        started = time.monotonic()
+        current = _Stage(self._from(base, stage.from_line, built, names))
+        self._say(f"DONE {time.monotonic() - started:.1f}s")
         for instruction in stage.instructions:
             if instruction.keyword == "ARG":
-                for name, default in self._arg_words(instruction, {**now_.args, **steps.env_of(self._config(now_))}):
+                variables = {**current.args, **steps.env_of(self._config(current))}
+                for name, default in self._arg_words(instruction, variables):
                     value = self.opts.build_args.get(name, default if default is not None else globals_.get(name))
                     if value is not None:
-                        now_.args[name] = value
+                        current.args[name] = value
                 continue
-            if instruction.keyword == "FROM":
-                continue
-            now_.state = self._step(instruction, now_, built, names)
+            current.state = self._step(instruction, current, built, names)
             if instruction.keyword == "CMD":
-                now_.cmd_set = True
-        return now_.state
+                current.cmd_set = True
+        return current.state
 
     def _from(self, base: str, line: Instruction, built: dict[int, State], names: dict[str, int]) -> State:
-        started = time.monotonic()
+        """The state a FROM (or a COPY --from) starts from: an earlier stage, scratch, or a store image
+        (pulled when the store lacks it)."""
         if base.lower() in names:
             state = built[names[base.lower()]]
         elif base == "scratch":
@@ -179,7 +181,6 @@ class Builder:
                 record.get("manifest_type") or OCI_MANIFEST,
                 base=self.store.images.key(base),
             )
-        self._say(f"DONE {time.monotonic() - started:.1f}s")
         return _with_path(state)
 
     @staticmethod
@@ -378,8 +379,8 @@ def _owner(rootfs: str, spec: str, instruction: Instruction) -> tuple[int, int]:
     """``--chown``'s user and group, names looked up in the image's /etc/passwd and /etc/group (a user
     alone gives the group of the same number, as docker has it)."""
     user, _, group = spec.partition(":")
-    files = [os.path.join(rootfs, "etc", name) for name in ("passwd", "group")]
-    files = [f if not os.path.islink(f) else "/nonexistent" for f in files]  # (never the host's, through a link)
+    # (resolved inside the rootfs: a symlink in the image never leads to the host's files)
+    files = [os.path.join(rootfs, resolve_in_root(rootfs, f"etc/{name}")) for name in ("passwd", "group")]
     try:
         uid = find_user(user, *files).uid
         gid = find_user(f"{user}:{group}", *files).gid if group else uid

@@ -109,7 +109,7 @@ class Copy:
 
 def is_archive(path: str) -> bool:
     """Whether ADD unpacks ``path``: a regular file tarfile can read (plain, gzip, bzip2, xz)."""
-    return os.path.isfile(path) and tarfile.is_tarfile(path)
+    return stat.S_ISREG(os.lstat(path).st_mode) and tarfile.is_tarfile(path)  # (a symlink is copied, not read)
 
 
 def _inside(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
