@@ -27,7 +27,7 @@ from pathlib import Path
 
 from layerfs.oci.layout import write_image
 
-from .podman import BUSYBOX
+from .podman import BUSYBOX, storage_env, write_configs
 from .util import log, remove_mounted_tree, run
 
 IMAGE = "localhost/bench-busybox:latest"
@@ -85,22 +85,8 @@ class _Layerfs:
 
 class _Buildah:
     def __init__(self, home: Path, layout: Path, mount_program: str | None) -> None:
-        for d in ("graph", "run", "tmp"):
-            (home / d).mkdir(parents=True)
-        (home / "storage.conf").write_text(
-            f'[storage]\ndriver = "overlay"\ngraphroot = "{home}/graph"\nrunroot = "{home}/run"\n'
-            + (f'[storage.options.overlay]\nmount_program = "{mount_program}"\n' if mount_program else "")
-        )
-        (home / "containers.conf").write_text(
-            '[containers]\ndefault_ulimits = ["nofile=20000:20000", "nproc=32768:32768"]\nnetns = "none"\n'
-            f'[engine]\nruntime = "runc"\ncgroup_manager = "cgroupfs"\nevents_logger = "file"\n'
-            f'tmp_dir = "{home}/tmp"\n'
-        )
-        self.env = {
-            **os.environ,
-            "CONTAINERS_STORAGE_CONF": str(home / "storage.conf"),
-            "CONTAINERS_CONF": str(home / "containers.conf"),
-        }
+        write_configs(home, mount_program)
+        self.env = storage_env(home)
         image_id = self._buildah("pull", "-q", f"oci:{layout}:1").stdout.split()[-1]
         self._buildah("tag", image_id, IMAGE)
 

@@ -171,22 +171,7 @@ class Images:
         except FileNotFoundError:
             raise LayerfsError(f"{path}: no such file") from None
         config = manifests.rootfs_config(diff_id, f"layerfs import rootfs:{os.path.basename(path)}")
-        config_digest = incoming.add_bytes(manifests.dump(config))
-        kind = manifests.OCI_MANIFEST
-        document = manifests.manifest(kind, _descriptor(incoming, config_digest), [_descriptor(incoming, digest, kind)])
-        manifest_digest = incoming.add_bytes(manifests.dump(document))
-        incoming.adopt()
-        return self._set(
-            name,
-            {
-                "manifest": manifest_digest,
-                "manifest_type": kind,
-                "config_digest": config_digest,
-                "config": config,
-                "layers": [diff_id],
-                "blobs": [digest],
-            },
-        )
+        return self.add_built(incoming, name, config, [digest], manifests.OCI_MANIFEST)
 
     def add_commit(self, incoming: Incoming, name: str, base: str, diff_id: str, blob: str) -> dict:
         """(Holding the lock.) Image ``name``: image ``base`` with the layer ``diff_id`` on top, its
@@ -220,8 +205,9 @@ class Images:
         )
 
     def add_built(self, incoming: Incoming, name: str, config: dict, blobs: list[str], manifest_type: str) -> dict:
-        """(Holding the lock.) Image ``name`` of ``config`` and the layer ``blobs`` (the store's, bottom first,
-        beside the config's diff_ids): the config stored as a blob, and a manifest of ``manifest_type``."""
+        """(Holding the lock.) Image ``name`` of ``config`` and the layer ``blobs`` (in the store or in
+        ``incoming``, bottom first, beside the config's diff_ids): the config stored as a blob, and a
+        manifest of ``manifest_type`` (a build's image, or a root filesystem tar's)."""
         config_digest = incoming.add_bytes(manifests.dump(config))
         document = manifests.manifest(
             manifest_type,
