@@ -185,14 +185,18 @@ def test_the_same_files_and_config_as_buildah(images, tmp_path):
         assert ours.get(name) == theirs.get(name), name
     assert ours["Healthcheck"] == {"Test": ["CMD-SHELL", "cat /srv/app/greeting"], "Interval": 30 * 10**9, "Retries": 2}
 
-    layerfs("create", "--root", store, "--name", "compare", "built:1")
-    mine = tmp_path / "mine"
-    mine.mkdir()
-    layerfs("mount", "--root", store, "compare", mine)
+    assert_same_trees(store, "built:1", podman, "localhost/built:1", tmp_path / "mine")
+
+
+def assert_same_trees(store: Path, ours: str, podman: Podman, theirs: str, mountpoint: Path) -> None:
+    """Image ``ours`` of the store and ``theirs`` of Buildah's, mounted: the same entries."""
+    layerfs("create", "--root", store, "--name", "compare", ours)
+    mountpoint.mkdir()
+    layerfs("mount", "--root", store, "compare", mountpoint)
     try:
-        where = podman("image", "mount", "localhost/built:1").stdout.strip()
+        where = podman("image", "mount", theirs).stdout.strip()
         try:
-            ours_tree, theirs_tree = snapshot(mine), snapshot(where)
+            ours_tree, theirs_tree = snapshot(mountpoint), snapshot(where)
             assert not {"dev", "proc", "sys", "run", "etc/hostname"} & set(ours_tree.entries)
             for path in BUILDAH_RUN_LEFTOVERS:
                 for tree in (ours_tree, theirs_tree):
@@ -200,11 +204,11 @@ def test_the_same_files_and_config_as_buildah(images, tmp_path):
                     tree.inodes.pop(path, None)
             assert_same(ours_tree, theirs_tree, what="trees", ignore=("mtime",), names=("layerfs", "buildah"))
         finally:
-            podman("image", "unmount", "localhost/built:1")
+            podman("image", "unmount", theirs)
     finally:
-        layerfs("umount", mine)
+        layerfs("umount", mountpoint)
         layerfs("rm", "--root", store, "compare")
-    assert (mine / "srv").exists() is False  # (unmounted)
+    assert not is_mounted(mountpoint)
 
 
 def _steps(output: str) -> list[tuple[str, str]]:
@@ -314,3 +318,43 @@ def test_scratch_and_the_image_runs_under_podman_after_save(images, tmp_path):
     assert podman("run", "--rm", image_id).stdout == "from scratch\n"
     assert podman("run", "--rm", image_id, "echo", "args").stdout == "args\n"
     assert not is_mounted(tmp_path)
+
+
+CONFIG_DOCKERFILE = """\
+FROM box:1
+ARG SIGNAL=SIGQUIT
+ENV OLD_FORM value with spaces
+ENV A=1 B=$A C="${A}x"
+CMD ["kept", "until", "an", "entrypoint"]
+ENTRYPOINT exec /bin/sh -c 'echo shell form'
+CMD echo through the shell
+SHELL ["/bin/sh", "-ec"]
+WORKDIR /srv
+WORKDIR relative/$A
+USER 1000:50
+LABEL one=1 "two words"="2" three=$SIGNAL
+EXPOSE 7000/tcp 7001 9000/udp
+VOLUME ["/var/lib/one", "/var/lib/two"]
+STOPSIGNAL $SIGNAL
+"""
+
+
+def test_config_instructions_as_buildah_sets_them(images, tmp_path):
+    # (Where Buildah 1.28 differs from docker, layerfs follows docker, and the Dockerfile keeps out of the
+    # way: SHELL comes after CMD, since Buildah does not apply it to CMD and ENTRYPOINT; EXPOSE has no port
+    # range, which Buildah keeps as one key, "7000-7002/tcp", and docker makes a key per port.)
+    store, podman, _ = images
+    context = tmp_path / "context"
+    context.mkdir()
+    (context / "Dockerfile").write_text(CONFIG_DOCKERFILE)
+    build(store, context, "-t", "configured:1")
+    buildah_bud(podman, context, "-t", "localhost/configured:1")
+    ours = json.loads(layerfs("inspect", "--root", store, "configured:1").stdout)["config"]
+    theirs = json.loads(buildah(podman, "inspect", "--type", "image", "localhost/configured:1").stdout)["OCIv1"]
+    theirs["config"]["Labels"].pop("io.buildah.version")
+    for name in CONFIG_FIELDS:
+        assert ours["config"].get(name) == theirs["config"].get(name), name
+    # Config steps add no layer; the second WORKDIR makes its directory, which the image lacks.
+    made = [h["created_by"] for h in ours["history"][1:] if not h.get("empty_layer")]
+    assert made == ["WORKDIR relative/$A"]
+    assert_same_trees(store, "configured:1", podman, "localhost/configured:1", tmp_path / "mine")

@@ -193,7 +193,10 @@ class Builder:
         keyword = instruction.keyword
         extra: object
         self._announce(f"{keyword} {instruction.value}")
-        if keyword in steps.CONFIG_ONLY:
+        if keyword == "WORKDIR":
+            text, extra = f"WORKDIR {dockerfile.substitute(instruction.value, variables)}", None
+            make = lambda: self._workdir(instruction, stage, variables)  # noqa: E731
+        elif keyword in steps.CONFIG_ONLY:
             text, extra = f"{keyword} {dockerfile.substitute(instruction.value, variables)}", stage.cmd_set
             make = lambda: self._configured(instruction, stage, variables)  # noqa: E731
         elif keyword == "RUN":
@@ -225,6 +228,17 @@ class Builder:
         if instruction.keyword == "MAINTAINER":
             config["author"] = instruction.value
         return stage.state.after(config, steps.history_text(instruction), empty=True)
+
+    def _workdir(self, instruction: Instruction, stage: _Stage, variables: dict[str, str]) -> State:
+        """WORKDIR's config, and the directory made (as root, 0755) where the image lacks it, as docker makes it."""
+        from . import stepcontainer
+
+        config = copy.deepcopy(stage.state.config)
+        steps.configure(instruction, config.setdefault("config", {}), variables, stage.cmd_set)
+        with stepcontainer.mounted(self.store, stage.state) as box:
+            Copy(box.merged, None, None).make_dirs(config["config"]["WorkingDir"])
+            changed = State(config, stage.state.blobs, stage.state.manifest_type)
+            return stepcontainer.committed(self.store, changed, box, steps.history_text(instruction))
 
     def _run(self, instruction: Instruction, stage: _Stage, argv: list[str]) -> State:
         from ..runtime import shim

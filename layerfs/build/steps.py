@@ -1,7 +1,8 @@
 """What each instruction does to an image's config (docker's rules), and the words RUN runs.
 
-ENV, WORKDIR, USER, ENTRYPOINT, CMD, LABEL, EXPOSE, VOLUME, STOPSIGNAL, SHELL, HEALTHCHECK, MAINTAINER and
-ONBUILD change the config alone (``configure``); RUN, COPY and ADD change files, and the builder runs them.
+ENV, USER, ENTRYPOINT, CMD, LABEL, EXPOSE, VOLUME, STOPSIGNAL, SHELL, HEALTHCHECK, MAINTAINER and ONBUILD
+change the config alone (``configure``); WORKDIR changes it too, and the builder makes the directory where
+it is missing; RUN, COPY and ADD change files, and the builder runs them.
 History entries are written as docker's BuildKit writes them.
 """
 
