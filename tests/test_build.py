@@ -358,3 +358,28 @@ def test_config_instructions_as_buildah_sets_them(images, tmp_path):
     made = [h["created_by"] for h in ours["history"][1:] if not h.get("empty_layer")]
     assert made == ["WORKDIR relative/$A"]
     assert_same_trees(store, "configured:1", podman, "localhost/configured:1", tmp_path / "mine")
+
+
+def test_copy_follows_the_images_symlinks_inside_it_never_to_the_host(tmp_path):
+    root = tmp_path / "rootfs"
+    (root / "usr/lib").mkdir(parents=True)
+    os.symlink("usr/lib", root / "lib")
+    os.symlink("/etc", root / "hostetc")  # the image's /etc, which it lacks; never the host's
+    with tarfile.open(tmp_path / "rootfs.tar", "w") as tar:
+        tar.add(root, arcname=".")
+    store, context = tmp_path / "store", tmp_path / "context"
+    layerfs("import", "--root", store, f"rootfs:{tmp_path / 'rootfs.tar'}", "links:1")
+    context.mkdir()
+    (context / "x").write_text("x\n")
+    (context / "Dockerfile").write_text("FROM links:1\nCOPY x /lib/x\nCOPY x /hostetc/layerfs-build-escaped\n")
+    build(store, context, "-t", "links:2")
+    assert not os.path.exists("/etc/layerfs-build-escaped")
+    layerfs("create", "--root", store, "--name", "look", "links:2")
+    mounted = tmp_path / "mounted"
+    mounted.mkdir()
+    layerfs("mount", "--root", store, "look", mounted)
+    try:
+        assert (mounted / "usr/lib/x").read_text() == "x\n"
+        assert (mounted / "etc/layerfs-build-escaped").read_text() == "x\n"
+    finally:
+        layerfs("umount", mounted)

@@ -376,17 +376,23 @@ class _Copying:
         flat = [p for found in paths for p in found]
         into_dir = self.dest.endswith("/") or len(flat) > 1 or copier.is_dir(self.dest)
         for path in flat:
-            full = os.path.join(context.root, path)
-            if self.instruction.keyword == "ADD" and self.source is None and is_archive(full):
-                copier.make_dirs(self.dest)
-                copier.unpack(full, self.dest)
-            elif os.path.isdir(full) and not os.path.islink(full):
-                copier.make_dirs(os.path.dirname(self.dest.rstrip("/")) or "/")
-                copier.tree(context.root, context.tree(path), self.dest.rstrip("/") or "/")
-            else:
-                target = os.path.join(self.dest, os.path.basename(path)) if into_dir else self.dest
-                copier.make_dirs(os.path.dirname(target))
-                copier.tree(context.root, [path], target)
+            try:
+                self._copy_one(copier, context, path, into_dir)
+            except OSError as e:  # (named as the container sees it, not by the mount's path on the host)
+                raise self.instruction.error(f"{path}: {e.strerror}") from None
+
+    def _copy_one(self, copier: Copy, context: Context, path: str, into_dir: bool) -> None:
+        full = os.path.join(context.root, path)
+        if self.instruction.keyword == "ADD" and self.source is None and is_archive(full):
+            copier.make_dirs(self.dest)
+            copier.unpack(full, self.dest)
+        elif os.path.isdir(full) and not os.path.islink(full):
+            copier.make_dirs(os.path.dirname(self.dest.rstrip("/")) or "/")
+            copier.tree(context.root, context.tree(path), self.dest.rstrip("/") or "/")
+        else:
+            target = os.path.join(self.dest, os.path.basename(path)) if into_dir else self.dest
+            copier.make_dirs(os.path.dirname(target))
+            copier.tree(context.root, [path], target)
 
 
 def _owner(rootfs: str, spec: str, instruction: Instruction) -> tuple[int, int]:

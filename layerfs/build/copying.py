@@ -38,16 +38,15 @@ class Copy:
         return os.path.isdir(os.path.join(self.rootfs, resolve_in_root(self.rootfs, path)))
 
     def make_dirs(self, path: str) -> None:
-        """Container directory ``path`` and its missing parents, made as root with mode 0755 (docker's)."""
+        """Container directory ``path`` and its missing parents, made as root with mode 0755 (docker's),
+        symlinks on the way followed inside the rootfs (one to a missing directory makes that)."""
         done = ""
         for name in [p for p in path.split("/") if p]:
             done = f"{done}/{name}"
-            host = self.host_path(done)
-            if not os.path.lexists(host):
-                os.mkdir(host, 0o755)
-            elif os.path.islink(host) and self.is_dir(done):
-                continue
-            elif not os.path.isdir(host):
+            real = os.path.join(self.rootfs, resolve_in_root(self.rootfs, done))
+            if not os.path.lexists(real):
+                os.mkdir(real, 0o755)
+            elif not stat.S_ISDIR(os.lstat(real).st_mode):
                 raise LayerfsError(f"{done}: not a directory in the image")
 
     def tree(self, source_root: str, paths: list[str], dest: str) -> None:

@@ -208,6 +208,8 @@ class Images:
         """(Holding the lock.) Image ``name`` of ``config`` and the layer ``blobs`` (in the store or in
         ``incoming``, bottom first, beside the config's diff_ids): the config stored as a blob, and a
         manifest of ``manifest_type`` (a build's image, or a root filesystem tar's)."""
+        if len(blobs) != len(config["rootfs"]["diff_ids"]):  # (a base image stored before blobs were kept)
+            raise LayerfsError(f"image {name}: a layer without its blob; import or pull its base image again")
         config_digest = incoming.add_bytes(manifests.dump(config))
         document = manifests.manifest(
             manifest_type,
