@@ -54,6 +54,8 @@ class _Stage:
 
 
 class Builder:
+    """One build of a Dockerfile into the store, its steps' lines written to ``out``."""
+
     def __init__(self, store: Store, opts: Options, out: TextIO = sys.stdout) -> None:
         self.store = store
         self.opts = opts
@@ -351,6 +353,7 @@ class _Copying:
         return found
 
     def describe(self) -> str:
+        """The step as the cache keys it (with ``hash``): sources, destination, owner, mode, source image."""
         return repr((self.patterns, self.dest, self.chown, self.mode, self.source.id if self.source else None))
 
     def hash(self) -> str | None:
