@@ -60,21 +60,23 @@ def _mount_program(impl: str) -> str | None:
 
 
 def _podman(base: Path, *args: str | os.PathLike, timeout: float = 120) -> subprocess.CompletedProcess:
-    env = {
+    return run(["podman", *map(str, args)], env=storage_env(base), timeout=timeout)
+
+
+def storage_env(base: Path) -> dict[str, str]:
+    """The environment that points Podman and Buildah at the configuration ``write_configs`` wrote in ``base``."""
+    return {
         **os.environ,
         "CONTAINERS_STORAGE_CONF": str(base / "storage.conf"),
         "CONTAINERS_CONF": str(base / "containers.conf"),
     }
-    return run(["podman", *map(str, args)], env=env, timeout=timeout)
 
 
-def prepare(ctx: Ctx) -> None:
-    if not have("podman"):
-        raise RuntimeError("podman is not installed (tools/setup installs it)")
-    base = home(ctx)
-    for d in ("graph", "run", "tmp", "context"):
+def write_configs(base: Path, program: str | None) -> None:
+    """A storage of its own under ``base`` (graph, run, tmp) mounting with ``program`` (None: kernel
+    overlayfs), and this host's settings: runc, cgroupfs, events in a file, no network, ulimits it allows."""
+    for d in ("graph", "run", "tmp"):
         (base / d).mkdir(parents=True)
-    program = _mount_program(ctx.impl)
     (base / "storage.conf").write_text(
         f'[storage]\ndriver = "overlay"\ngraphroot = "{base}/graph"\nrunroot = "{base}/run"\n'
         + (f'[storage.options.overlay]\nmount_program = "{program}"\n' if program else "")
@@ -84,6 +86,14 @@ def prepare(ctx: Ctx) -> None:
         f'[engine]\nruntime = "runc"\ncgroup_manager = "cgroupfs"\nevents_logger = "file"\n'
         f'tmp_dir = "{base}/tmp"\n'
     )
+
+
+def prepare(ctx: Ctx) -> None:
+    if not have("podman"):
+        raise RuntimeError("podman is not installed (tools/setup installs it)")
+    base = home(ctx)
+    write_configs(base, _mount_program(ctx.impl))
+    (base / "context").mkdir()
     (base / "context" / "Dockerfile").write_text(DOCKERFILE)
     (base / "context" / "small.txt").write_text("a small file\n")
     _rootfs_tar(base / "busybox.tar")

@@ -4,7 +4,8 @@ Builds a tiny image from Debian's busybox-static (``/bin/busybox``) in three lay
 arrive (a base, an update that deletes a file and replaces a directory, a config layer), and writes it
 as an OCI image layout. Then, as a person would type them, the ``layerfs`` commands that import it into a
 store, run its command in a container (PID 1 in its own namespaces, after pivot_root into the layerfs
-mount), list the container's changes as ``docker diff`` would, commit them as a new image, and run that.
+mount), list the container's changes as ``docker diff`` would, commit them as a new image, and run that;
+then build an image from a Dockerfile over it, twice (the second build from the cache), and run that.
 Needs root (mounts and namespaces).
 """
 
@@ -66,6 +67,14 @@ SCRIPT = "\n".join(
 )
 DEMO = "/usr/bin/demo"  # the image's Cmd: SCRIPT, each command echoed before it runs, as on a terminal
 IMAGE, COMMITTED, CONTAINER = "example:1", "example:2", "demo"
+BUILT = "example:3"  # built from DOCKERFILE over the committed image, twice: the second time from the cache
+DOCKERFILE = f"""\
+FROM {COMMITTED}
+COPY greeting.txt /srv/
+RUN wc -c /srv/greeting.txt > /srv/size
+WORKDIR /srv
+CMD ["cat", "greeting.txt", "size"]
+"""
 
 # A --dir holding this file is ours to clear when the example runs there again.
 _STAMP = ".layerfs-example"
@@ -168,6 +177,16 @@ def _prepare(directory: str | None) -> Path:
     return base
 
 
+def _build_context(base: Path) -> Path:
+    """A build context: DOCKERFILE and the file it copies; shown as a person would look at it."""
+    context = base / "app"
+    _write(context, "Dockerfile", DOCKERFILE)
+    _write(context, "greeting.txt", "hello from a layerfs build\n")
+    print(f"$ cat {context}/Dockerfile")
+    print("".join(f"  {line}\n" for line in DOCKERFILE.splitlines()))
+    return context
+
+
 def _layerfs(*words: str, store: Path, note: str = "") -> int:
     """Run ``layerfs WORDS`` (this installation's, on ``store``) as a person would, echoing the command and
     indenting its output; its exit code."""
@@ -202,10 +221,20 @@ def _run(base: Path) -> int:
         (("run", "--rm", COMMITTED, "cat", NEW_FILE, EDITED_FILE), "the new image has them"),
         (("images",), ""),
     ]
-    for words, note in steps:
-        if _layerfs(*words, store=store, note=note):
-            return 1
-    return 0
+    if not _typed(steps, store):
+        return 1
+    context = _build_context(base)
+    steps = [
+        (("build", "-t", BUILT, str(context)), "an image from a Dockerfile: a layer per COPY and RUN"),
+        (("build", "-t", BUILT, str(context)), "again: every step from the cache, the same image id"),
+        (("run", "--rm", BUILT), ""),
+    ]
+    return 0 if _typed(steps, store) else 1
+
+
+def _typed(steps: list[tuple[tuple[str, ...], str]], store: Path) -> bool:
+    """Each command run in turn, until one fails; whether all succeeded."""
+    return all(_layerfs(*words, store=store, note=note) == 0 for words, note in steps)
 
 
 def main(directory: str | None = None) -> int:

@@ -96,3 +96,18 @@ def test_example_dir_is_reusable_but_a_foreign_dir_is_refused(tmp_path):
     assert result.returncode != 0
     assert result.stderr.startswith("layerfs: ") and len(result.stderr.splitlines()) == 1
     assert [p.name for p in foreign.iterdir()] == ["precious"]
+
+
+def test_example_builds_from_a_dockerfile_and_the_second_build_is_cached():
+    result = run_example()
+    first, second = result.stdout.split(f"$ layerfs build -t {example.BUILT} ")[1:3]
+    assert "CACHED" not in first
+    assert second.count(" CACHED") == len(example.DOCKERFILE.splitlines()) - 1  # every step but the FROM
+
+    def image_id(output: str) -> str:
+        return re.search(r"writing image (sha256:\w+)", output)[1]
+
+    assert image_id(first) == image_id(second)
+    assert result.stdout.split(f"$ layerfs run --rm {example.BUILT}\n", 1)[1].startswith(
+        "  hello from a layerfs build\n  27 /srv/greeting.txt\n"
+    )

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from .. import __version__
 from ..errors import LayerfsError, UsageError
-from . import dispatch, images, volumes
+from . import build, dispatch, images, volumes
 
 if TYPE_CHECKING:
     from ..store import Store
@@ -44,6 +44,7 @@ COMMANDS = (
     )
     + images.COMMANDS
     + volumes.COMMANDS
+    + build.COMMANDS
 )
 _ROOT_HELP = "the store (default $LAYERFS_ROOT, else /var/lib/layerfs)"
 
@@ -199,6 +200,7 @@ def _parser() -> argparse.ArgumentParser:
 
     images.add_parsers(sub, _ROOT_HELP)
     volumes.add_parsers(sub, _ROOT_HELP)
+    build.add_parsers(sub, _ROOT_HELP)
     for command, help_text, argument in (
         ("rm", "remove a container (not mounted) and its changes", "name"),
         ("rmi", "remove an image no container uses (its layers stay until gc)", "name"),
@@ -468,6 +470,8 @@ def _run(args: argparse.Namespace) -> int:
         return images.run(args)
     if args.command in volumes.COMMANDS:
         return volumes.run(args)
+    if args.command in build.COMMANDS:
+        return build.run(args)
     if args.command == "example":
         from .. import example
 

@@ -25,10 +25,9 @@ import contextlib
 import os
 import shutil
 from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
 
 from ..core.changes import Change
-from ..distribution import pull as pulling
-from ..distribution import push as pushing
 from ..distribution.reference import parse_reference
 from ..oci.entries import Entry, Upper
 from ..oci.layertar import ProgressFn, write_entries
@@ -42,6 +41,9 @@ from .incoming import Incoming
 from .layers import Layers
 from .root import DEFAULT_ROOT, Root, root_from
 from .volumes import VolumeInUse, Volumes
+
+if TYPE_CHECKING:  # (the registry client is imported by what uses it: a cached build loads no HTTP library)
+    from ..distribution import push as pushing
 
 __all__ = [
     "DEFAULT_ROOT",
@@ -83,6 +85,8 @@ class Store:
     ) -> tuple[str, dict]:
         """Image ``reference`` pulled from its registry (blobs the store has are not fetched) and kept under
         its full name; its name and record."""
+        from ..distribution import pull as pulling
+
         ref = parse_reference(reference)
         with self.root.locked(), Incoming(self.root, self.layers, self.blobs) as incoming:
             pulled = os.path.join(incoming.dir, "pulled")
@@ -94,6 +98,8 @@ class Store:
     ) -> pushing.Pushed:
         """Image ``name`` pushed as ``reference`` (its own name if None), its stored bytes unchanged; blobs
         mounted from the repository it was pulled from, where that is on the same registry."""
+        from ..distribution import push as pushing
+
         ref = parse_reference(reference or self.images.key(name))
         registry, _, repository = (self.images.record(name).get("source") or "").partition("/")
         with self._held(name) as (manifest, blobs):
@@ -256,16 +262,40 @@ class Store:
             if image is not None:
                 name = image_name(image[0])  # (a name docker refuses is refused before any work)
                 with self.root.locked(), Incoming(self.root, self.layers, self.blobs) as incoming:
-                    blob = incoming.new_file()
-                    with open(blob, "wb") as out:
-                        written = write_entries(out, tree, found, compress=True, progress=progress)
-                    incoming.keep(blob, written.digest)
-                    committed = self._add_layer(tree, found, written.diff_id, share)
-                    self.images.add_commit(incoming, name, image[1], written.diff_id, written.digest)
+                    committed, blob = self._add_layer_and_blob(incoming, tree, found, share, progress)
+                    self.images.add_commit(incoming, name, image[1], committed.diff_id, blob)
                 return committed
             layer = layer_diff_id(tree, found, progress)
             with self.root.locked():
                 return self._add_layer(tree, found, layer, share)
+
+    def commit_step(
+        self, upper: str, changes: Iterable[Change], progress: ProgressFn | None = None
+    ) -> tuple[Committed, str]:
+        """A build step's ``changes`` of ``upper`` frozen into a layer and kept as its gzip blob too (an image
+        made of it can be saved and pushed); the layer and the blob's digest."""
+        with Upper(upper) as tree:
+            found = tree.entries(changes)
+            with self.root.locked(), Incoming(self.root, self.layers, self.blobs) as incoming:
+                committed, blob = self._add_layer_and_blob(incoming, tree, found, "reflink", progress)
+                incoming.adopt()
+            return committed, blob
+
+    def add_built(self, name: str, config: dict, blobs: list[str], manifest_type: str) -> dict:
+        """Image ``name`` of a build: its config and its layers' blobs (all in the store), with a new manifest."""
+        key = image_name(name)
+        with self.root.locked(), Incoming(self.root, self.layers, self.blobs) as incoming:
+            return self.images.add_built(incoming, key, config, blobs, manifest_type)
+
+    def _add_layer_and_blob(
+        self, incoming: Incoming, tree: Upper, found: list[Entry], share: str, progress: ProgressFn | None
+    ) -> tuple[Committed, str]:
+        """(Holding the lock.) The layer of ``found`` as a directory, and its gzip tar as a blob of ``incoming``."""
+        blob = incoming.new_file()
+        with open(blob, "wb") as out:
+            written = write_entries(out, tree, found, compress=True, progress=progress)
+        incoming.keep(blob, written.digest)
+        return self._add_layer(tree, found, written.diff_id, share), written.digest
 
     def _add_layer(self, tree: Upper, found: list[Entry], layer: str, share: str) -> Committed:
         """(Holding the lock.) The layer ``layer`` of ``found`` built as a directory, unless the store has it."""

@@ -17,12 +17,14 @@ import os
 import shutil
 import tarfile
 from collections.abc import Iterator
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
-from ..distribution.client import Manifest
-from ..distribution.push import Blob
 from ..errors import LayerfsError
 from ..oci.layout import add_to_index
+
+if TYPE_CHECKING:  # (annotations only: the registry client is imported by what uses it)
+    from ..distribution.client import Manifest
+    from ..distribution.push import Blob
 
 FORMATS = ("oci", "oci-archive", "docker-archive")
 _REF_NAME = "org.opencontainers.image.ref.name"

@@ -13,10 +13,8 @@ import os
 import re
 import tarfile
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..distribution.client import Manifest
-from ..distribution.push import Blob
 from ..distribution.reference import parse_reference
 from ..errors import LayerfsError
 from ..oci import layout
@@ -26,6 +24,10 @@ from .blobs import Blobs
 from .incoming import Incoming
 from .layers import Layers
 from .root import Root
+
+if TYPE_CHECKING:  # (the registry client is imported by what uses it: a cached build loads no HTTP library)
+    from ..distribution.client import Manifest
+    from ..distribution.push import Blob
 
 SOURCES = ("oci", "oci-archive", "docker-archive", "rootfs")
 # progress(done, total, label): bytes of a layer unpacked, of about total (None: unknown), which layer
@@ -169,22 +171,7 @@ class Images:
         except FileNotFoundError:
             raise LayerfsError(f"{path}: no such file") from None
         config = manifests.rootfs_config(diff_id, f"layerfs import rootfs:{os.path.basename(path)}")
-        config_digest = incoming.add_bytes(manifests.dump(config))
-        kind = manifests.OCI_MANIFEST
-        document = manifests.manifest(kind, _descriptor(incoming, config_digest), [_descriptor(incoming, digest, kind)])
-        manifest_digest = incoming.add_bytes(manifests.dump(document))
-        incoming.adopt()
-        return self._set(
-            name,
-            {
-                "manifest": manifest_digest,
-                "manifest_type": kind,
-                "config_digest": config_digest,
-                "config": config,
-                "layers": [diff_id],
-                "blobs": [digest],
-            },
-        )
+        return self.add_built(incoming, name, config, [digest], manifests.OCI_MANIFEST)
 
     def add_commit(self, incoming: Incoming, name: str, base: str, diff_id: str, blob: str) -> dict:
         """(Holding the lock.) Image ``name``: image ``base`` with the layer ``diff_id`` on top, its
@@ -217,6 +204,32 @@ class Images:
             },
         )
 
+    def add_built(self, incoming: Incoming, name: str, config: dict, blobs: list[str], manifest_type: str) -> dict:
+        """(Holding the lock.) Image ``name`` of ``config`` and the layer ``blobs`` (in the store or in
+        ``incoming``, bottom first, beside the config's diff_ids): the config stored as a blob, and a
+        manifest of ``manifest_type`` (a build's image, or a root filesystem tar's)."""
+        if len(blobs) != len(config["rootfs"]["diff_ids"]):  # (a base image stored before blobs were kept)
+            raise LayerfsError(f"image {name}: a layer without its blob; import or pull its base image again")
+        config_digest = incoming.add_bytes(manifests.dump(config))
+        document = manifests.manifest(
+            manifest_type,
+            _descriptor(incoming, config_digest),
+            [_descriptor(incoming, digest, manifest_type) for digest in blobs],
+        )
+        manifest_digest = incoming.add_bytes(manifests.dump(document))
+        incoming.adopt()
+        return self._set(
+            name,
+            {
+                "manifest": manifest_digest,
+                "manifest_type": manifest_type,
+                "config_digest": config_digest,
+                "config": config,
+                "layers": list(config["rootfs"]["diff_ids"]),
+                "blobs": list(blobs),
+            },
+        )
+
     def tag(self, name: str, new: str) -> str:
         """(Holding the lock.) Image ``name`` known as ``new`` too; returns the full new name."""
         key = image_name(new)
@@ -226,6 +239,9 @@ class Images:
 
     def stored(self, name: str) -> tuple[Manifest, list[Blob]]:
         """Image ``name``'s manifest as stored, and its blobs (config first) as files of the store."""
+        from ..distribution.client import Manifest
+        from ..distribution.push import Blob
+
         image = self.record(name)
         if not image.get("manifest") or "blobs" not in image:
             raise LayerfsError(f"image {name} was stored without its blobs; import or pull it again")
