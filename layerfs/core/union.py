@@ -30,7 +30,7 @@ import stat
 import threading
 
 from .. import syscalls
-from . import confined, copyup, metacopy, redirect, whiteout, xattr
+from . import confined, copyup, forms, metacopy, redirect, whiteout, xattr
 from .inodes import InodeMap
 from .journal import ChangeJournal
 from .layer import Layer
@@ -85,6 +85,8 @@ class Union:
     ``work`` is a directory on the upper's filesystem for building entries before they appear.
     ``sync=False`` (overlay's ``volatile``) skips every fsync. ``redirect_dir=False`` renames directories
     with lower parts by copying their trees up; ``metacopy`` makes metadata-only copies (see above).
+    The upper's records and whiteouts are written in the forms the work directory's probe allows
+    (``forms.py``); ``userxattr`` asks for the user.* records, as overlayfs's option does.
     """
 
     def __init__(
@@ -96,13 +98,21 @@ class Union:
         sync: bool = True,
         redirect_dir: bool = True,
         metacopy: bool = False,
+        userxattr: bool = False,
     ) -> None:
         if metacopy and not redirect_dir:
             raise ValueError("metadata-only copies need redirects")
         self.upper = Layer(upper, writable=True) if upper else None
         layers = ([self.upper] if self.upper else []) + [Layer(p, writable=False) for p in lowers]
         self.resolver = Resolver(layers)
-        self._origins = Origins(self.upper, layers[1:]) if self.upper else None
+        if self.upper and not work:
+            raise ValueError("an upper layer needs a work directory")
+        self._work: WorkDir  # (only with an upper layer: every change checks for one first, with _writable_upper)
+        self.forms = forms.DEFAULT
+        if self.upper and work:
+            self._work = WorkDir(work)
+            self.forms = forms.probe(self._work, userxattr=userxattr)
+        self._origins = Origins(self.upper, layers[1:], self.forms) if self.upper else None
         self.inodes = InodeMap(layers, self._origins)
         self.sync = sync
         self.redirect_dir = redirect_dir
@@ -112,13 +122,8 @@ class Union:
         self._handles: dict[int, tuple[int, bool]] = {}
         self._handles_lock = threading.Lock()
         self.index: ChangeJournal | None = None
-        # Only with an upper layer (every change checks for one first, with _writable_upper):
-        self._work: WorkDir
-        self._copy: copyup.CopyUp
-        if self.upper:
-            if not work:
-                raise ValueError("an upper layer needs a work directory")
-            self._work = WorkDir(work)
+        self._copy: copyup.CopyUp  # (only with an upper layer)
+        if self.upper and work:
             self._copy = copyup.CopyUp(
                 self.resolver, self.upper, self._work, self._origin_records(), self.inodes, sync=sync
             )
@@ -441,7 +446,7 @@ class Union:
             os.mkdir(tmp, 0o700, dir_fd=self._work.fd)
             self._finish_new(tmp, uid, gid, mode)
             if self._lower_has(path):
-                whiteout.mark_opaque(tmp, dir_fd=self._work.fd)
+                whiteout.mark_opaque(tmp, dir_fd=self._work.fd, xattrs=self.forms.written("opaque"))
             self._install_new(tmp, path)
 
     def mknod(self, path: str, mode: int, rdev: int, uid: int, gid: int) -> None:
@@ -606,7 +611,7 @@ class Union:
     def _rename_leaving_whiteout(self, old: str, new: str) -> bool:
         """Rename in the upper layer leaving a whiteout at ``old`` in the same step, when ``old`` needs one
         and the target needs no exchange. False when it was not done."""
-        if not self._lower_has(old):
+        if not self._lower_has(old) or not self.forms.device_whiteouts:
             return False
         upper = self._writable_upper()
         with upper.at(Layer.rel(old)) as (old_dir, old_name), upper.at(Layer.rel(new)) as (new_dir, new_name):
@@ -710,9 +715,9 @@ class Union:
         if target is not None or opaque:
             with upper.at(Layer.rel(old)) as (dir_fd, name):
                 if target is not None and target != current:
-                    redirect.write(name, target, dir_fd=dir_fd)
+                    redirect.write(name, target, dir_fd=dir_fd, forms=self.forms)
                 if opaque and not whiteout.is_opaque_dir(name, dir_fd=dir_fd):
-                    whiteout.mark_opaque(name, dir_fd=dir_fd)
+                    whiteout.mark_opaque(name, dir_fd=dir_fd, xattrs=self.forms.written("opaque"))
         return whole_tree, opaque
 
     @staticmethod
@@ -738,7 +743,7 @@ class Union:
             return False
         if target != current:
             with self._writable_upper().at(entry.rel) as (dir_fd, name):
-                redirect.write(name, target, dir_fd=dir_fd)
+                redirect.write(name, target, dir_fd=dir_fd, forms=self.forms)
         return True
 
     # -- copy-up and upper-layer plumbing -------------------------------------------------------
@@ -748,7 +753,7 @@ class Union:
         number, the directory it moves into is marked as holding such entries (overlayfs does the same)."""
         if self._origin_records().has_record(Layer.rel(old)):
             with self._writable_upper().at(Layer.rel(new)) as (dir_fd, _):
-                Origins.mark_impure(".", dir_fd=dir_fd)
+                self._origin_records().mark_impure(".", dir_fd=dir_fd)
 
     def _drop_markers_below(self, rel: str, *, keep_opaque: bool) -> None:
         """After a subtree was copied up and moved, the whiteouts and opaque marks inside it refer to
@@ -810,13 +815,13 @@ class Union:
                 raise
 
     def _whiteout(self, path: str) -> None:
-        """Make ``path`` a whiteout in the upper layer, replacing atomically whatever the upper has there."""
-        tmp = self._work.tmp()
-        try:
-            os.mknod(tmp, stat.S_IFCHR, os.makedev(0, 0), dir_fd=self._work.fd)
-        except PermissionError:
+        """Make ``path`` a whiteout in the upper layer, replacing atomically whatever the upper has there
+        (the OCI form, where the mount writes no devices, in two steps)."""
+        if not self.forms.device_whiteouts:
             with self._writable_upper().at(Layer.rel(path)) as (dir_fd, name):
                 remove_tree(dir_fd, name)
-                whiteout.make_whiteout(name, dir_fd=dir_fd)
+                whiteout.make_whiteout(name, dir_fd=dir_fd, device=False)
             return
+        tmp = self._work.tmp()
+        os.mknod(tmp, stat.S_IFCHR, os.makedev(0, 0), dir_fd=self._work.fd)
         self._install_new(tmp, path)

@@ -139,6 +139,7 @@ def mount(config: MountConfig, *, foreground: bool = False, debug: bool = False)
         sync=config.sync,
         redirect_dir=config.redirect_dir,
         metacopy=config.metacopy,
+        userxattr=config.userxattr,
     )
     if foreground:
         _prepare_process()

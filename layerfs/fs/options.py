@@ -40,7 +40,6 @@ _QUIET = frozenset(
         "timeout",
         "index",
         "xino",
-        "userxattr",
         "context",
         "fscontext",
         "defcontext",
@@ -72,6 +71,7 @@ class MountConfig:
     threads: int = 2  # threads=N: readers of /dev/fuse, each on a descriptor of its own
     redirect_dir: bool = True  # redirect_dir=off: a directory rename copies the tree up, as before redirects
     metacopy: bool = False  # metacopy=on: a metadata change of a lower file copies its metadata only
+    userxattr: bool = False  # overlay's records as user.overlay.* (else as the work directory's probe says)
 
 
 def split_escaped(text: str, sep: str) -> list[str]:
@@ -211,6 +211,8 @@ def parse(option_strings: list[str], mountpoint: str | None) -> MountConfig:
     if metacopy and not redirect_dir:
         # A renamed metadata-only copy finds its data through a redirect, as on kernel overlayfs.
         raise UsageError(f"metacopy=on needs redirect_dir=on (it is {redirect_text})")
+    userxattr = "userxattr" in flags
+    flags.discard("userxattr")
     if values.get("xattr_permissions", "0") != "0":
         warnings.append(
             f"xattr_permissions={printable(values.pop('xattr_permissions'))} ignored: owners and modes are "
@@ -240,6 +242,7 @@ def parse(option_strings: list[str], mountpoint: str | None) -> MountConfig:
         threads,
         redirect_dir,
         metacopy,
+        userxattr,
     )
 
 
