@@ -71,3 +71,22 @@ def test_userxattr_option_writes_user_forms_as_root(tmp_path, mounts):
     assert os.getxattr(upper / "a/renamed", "user.overlay.redirect") == b"sub"
     assert os.getxattr(upper / "a/renamed", "user.overlay.origin")[:2] == b"\x00\xfb"  # (root opens handles)
     assert not [name for name in os.listxattr(upper / "a/renamed") if name.startswith("trusted.")]
+
+
+def test_override_stat_records_are_shown_with_xattr_permissions(tmp_path, mounts):
+    """fuse-overlayfs's xattr_permissions records (containers-storage's preferred) give the owner and
+    mode getattr shows, with the same option; without it, the file's own."""
+    lower = _lower(tmp_path)
+    os.setxattr(lower / "b/keep", "user.fuseoverlayfs.override_stat", b"5:6:0600")
+    os.setxattr(lower / "b/keep", "user.containers.override_stat", b"1000:1001:4750:file")
+    os.setxattr(lower / "a/file1", "user.fuseoverlayfs.override_stat", b"7:8:0711")
+    mnt = mounts.layerfs(tmp_path / "mnt", [lower], extra="xattr_permissions=2")
+    shown = {name: os.lstat(mnt / name) for name in ("b/keep", "a/file1", "c/gone")}
+    assert [(s.st_uid, s.st_gid, oct(s.st_mode)) for s in shown.values()] == [
+        (1000, 1001, oct(0o104750)),
+        (7, 8, oct(0o100711)),
+        (0, 0, oct(0o100644)),
+    ]
+    mounts.unmount(mnt)
+    mnt = mounts.layerfs(tmp_path / "plain", [lower])
+    assert (os.lstat(mnt / "b/keep").st_uid, oct(os.lstat(mnt / "b/keep").st_mode)) == (0, oct(0o100644))

@@ -30,12 +30,13 @@ import stat
 import threading
 
 from .. import syscalls
-from . import confined, copyup, forms, metacopy, redirect, whiteout, xattr
+from . import confined, copyup, forms, metacopy, overridestat, redirect, whiteout, xattr
 from .inodes import InodeMap
 from .journal import ChangeJournal
 from .layer import Layer
 from .lookup import Entry, Resolver, join, split
 from .origin import Origins
+from .overridestat import Override
 from .work import WorkDir, remove_tree
 
 INDEX_DIR = "layerfs-index"  # in the work directory: the change index's snapshot and journal
@@ -68,15 +69,20 @@ def _refuse_marker_name(path: str) -> None:
 
 class Attributes:
     """What getattr reports: the real lstat, with the merged view's inode number and link count (and
-    for a metadata-only copy its data's blocks, as overlayfs shows them)."""
+    for a metadata-only copy its data's blocks, as overlayfs shows them; an owner and permission bits
+    an override_stat record gives, ``overridestat.py``)."""
 
-    __slots__ = ("st", "ino", "nlink", "blocks")
+    __slots__ = ("st", "ino", "nlink", "blocks", "uid", "gid", "mode")
 
-    def __init__(self, st: os.stat_result, ino: int, nlink: int, blocks: int | None = None) -> None:
+    def __init__(
+        self, st: os.stat_result, ino: int, nlink: int, blocks: int | None = None, shown: Override | None = None
+    ) -> None:
         self.st = st
         self.ino = ino
         self.nlink = nlink
         self.blocks = blocks
+        self.uid, self.gid = (st.st_uid, st.st_gid) if shown is None else (shown.uid, shown.gid)
+        self.mode = st.st_mode if shown is None else stat.S_IFMT(st.st_mode) | shown.mode
 
 
 class Union:
@@ -86,7 +92,8 @@ class Union:
     ``sync=False`` (overlay's ``volatile``) skips every fsync. ``redirect_dir=False`` renames directories
     with lower parts by copying their trees up; ``metacopy`` makes metadata-only copies (see above).
     The upper's records and whiteouts are written in the forms the work directory's probe allows
-    (``forms.py``); ``userxattr`` asks for the user.* records, as overlayfs's option does.
+    (``forms.py``); ``userxattr`` asks for the user.* records, as overlayfs's option does. Owners and
+    modes are shown as the first of the ``override_stat`` xattrs says, where an entry has one.
     """
 
     def __init__(
@@ -99,6 +106,7 @@ class Union:
         redirect_dir: bool = True,
         metacopy: bool = False,
         userxattr: bool = False,
+        override_stat: tuple[str, ...] = (),
     ) -> None:
         if metacopy and not redirect_dir:
             raise ValueError("metadata-only copies need redirects")
@@ -115,6 +123,7 @@ class Union:
         self._origins = Origins(self.upper, layers[1:], self.forms) if self.upper else None
         self.inodes = InodeMap(layers, self._origins)
         self.sync = sync
+        self._override_stat = override_stat
         self.redirect_dir = redirect_dir
         self._metadata_copy = copyup.METADATA if metacopy else copyup.DATA  # of a lower file whose metadata changes
         self._lock = threading.RLock()
@@ -174,8 +183,11 @@ class Union:
         st = entry.st
         data = entry.data
         blocks = None if data is None else data.layer.lstat(data.path).st_blocks
+        shown = (
+            overridestat.read(entry.rel, self._override_stat, dir_fd=entry.layer.fd) if self._override_stat else None
+        )
         # overlayfs reports nlink 1 for a directory merged from several layers: its real count is unknown.
-        return Attributes(st, self._number(entry), 1 if entry.merged else st.st_nlink, blocks)
+        return Attributes(st, self._number(entry), 1 if entry.merged else st.st_nlink, blocks, shown)
 
     def getattr(self, path: str) -> Attributes:
         return self.attributes(self.resolver.get(path))

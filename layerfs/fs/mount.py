@@ -140,6 +140,7 @@ def mount(config: MountConfig, *, foreground: bool = False, debug: bool = False)
         redirect_dir=config.redirect_dir,
         metacopy=config.metacopy,
         userxattr=config.userxattr,
+        override_stat=config.override_stat,
     )
     if foreground:
         _prepare_process()

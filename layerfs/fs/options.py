@@ -12,6 +12,7 @@ import itertools
 import os
 from dataclasses import dataclass, field
 
+from ..core import overridestat
 from ..core.idmap import AS_STORED, IdMap, Owners, Range, overflow_id
 from ..errors import UsageError, printable
 
@@ -72,6 +73,7 @@ class MountConfig:
     redirect_dir: bool = True  # redirect_dir=off: a directory rename copies the tree up, as before redirects
     metacopy: bool = False  # metacopy=on: a metadata change of a lower file copies its metadata only
     userxattr: bool = False  # overlay's records as user.overlay.* (else as the work directory's probe says)
+    override_stat: tuple[str, ...] = ()  # xattr_permissions=1|2: owners and modes shown as these xattrs say
 
 
 def split_escaped(text: str, sep: str) -> list[str]:
@@ -213,11 +215,10 @@ def parse(option_strings: list[str], mountpoint: str | None) -> MountConfig:
         raise UsageError(f"metacopy=on needs redirect_dir=on (it is {redirect_text})")
     userxattr = "userxattr" in flags
     flags.discard("userxattr")
-    if values.get("xattr_permissions", "0") != "0":
-        warnings.append(
-            f"xattr_permissions={printable(values.pop('xattr_permissions'))} ignored: owners and modes are "
-            "stored as they are (layerfs runs as root)"
-        )
+    permissions = values.pop("xattr_permissions", "0")
+    if permissions not in ("0", *overridestat.NAMES):
+        raise UsageError(f"xattr_permissions={printable(permissions)}: not 0, 1 or 2")
+    override_stat = overridestat.NAMES.get(permissions, ())
 
     for key in sorted(values):
         if key not in _QUIET:
@@ -243,6 +244,7 @@ def parse(option_strings: list[str], mountpoint: str | None) -> MountConfig:
         redirect_dir,
         metacopy,
         userxattr,
+        override_stat,
     )
 
 
