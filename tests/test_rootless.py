@@ -1,16 +1,31 @@
-"""layerfs without root: in a user namespace (the forms kernel overlayfs writes with ``userxattr``)."""
+"""layerfs without root: in a user namespace (the forms kernel overlayfs writes with ``userxattr``), and
+as a plain user outside any namespace (fusermount3 mounts), with a throwaway user made for the test."""
 
 from __future__ import annotations
 
 import os
 import pickle
+import pwd
+import secrets
 import shutil
+import signal
+import stat
 import subprocess
 import sys
+import sysconfig
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from snapshot import Snapshot, assert_same
+from conftest import force_unmount, is_mounted
+from conftest import layerfs as run_layerfs
+from pair import run_as
+from processes import daemon_pids, wait_for
+from snapshot import Snapshot, assert_same, snapshot, snapshot_upper
+
+import layerfs
 
 pytestmark = pytest.mark.root
 
@@ -90,3 +105,140 @@ def test_override_stat_records_are_shown_with_xattr_permissions(tmp_path, mounts
     mounts.unmount(mnt)
     mnt = mounts.layerfs(tmp_path / "plain", [lower])
     assert (os.lstat(mnt / "b/keep").st_uid, oct(os.lstat(mnt / "b/keep").st_mode)) == (0, oct(0o100644))
+
+
+# -- a plain user ---------------------------------------------------------------------------------
+
+
+@dataclass
+class User:
+    name: str
+    uid: int
+    gid: int
+    env: dict[str, str]  # what runs layerfs as this user: PATH, and PYTHONPATH where the interpreter needs it
+    python: str
+
+    def run(self, *args: str | Path, check: bool = True) -> subprocess.CompletedProcess:
+        """``args`` run as the user (runuser: no password, no login shell), text output captured."""
+        command = ["runuser", "-u", self.name, "--", "env", *(f"{k}={v}" for k, v in self.env.items()), *map(str, args)]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0 or not check, f"{args} as {self.name}: {result.stderr}"
+        return result
+
+    def layerfs(self, *args: str | Path, check: bool = True) -> subprocess.CompletedProcess:
+        return self.run(self.python, "-m", "layerfs", *args, check=check)
+
+
+def _python_for(name: str) -> tuple[str, dict[str, str]]:
+    """An interpreter the user may run, with this layerfs and its packages: this one where it can (the
+    set-up's venv), else the system's python3 given this venv's packages (a Python under /root is not
+    reachable by other users)."""
+    probe = subprocess.run(["runuser", "-u", name, "--", sys.executable, "-c", "import layerfs"], capture_output=True)
+    source = str(Path(layerfs.__file__).parents[1])
+    if probe.returncode == 0:
+        return sys.executable, {"PYTHONPATH": source}
+    return "/usr/bin/python3", {"PYTHONPATH": os.pathsep.join([source, sysconfig.get_paths()["purelib"]])}
+
+
+def _end_processes_of(uid: int) -> None:
+    for pid in os.listdir("/proc"):
+        try:
+            if pid.isdigit() and os.stat(f"/proc/{pid}").st_uid == uid:
+                os.kill(int(pid), signal.SIGKILL)
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+
+
+@pytest.fixture
+def plain_user() -> Iterator[User]:
+    """A user made for this test alone, removed (with whatever it left running) even when the test fails;
+    /dev/fuse opened to every user for the test, as udev leaves it on every desktop and server."""
+    name = f"lfs-{secrets.token_hex(4)}"
+    subprocess.run(
+        ["useradd", "--no-create-home", "--home-dir", "/nonexistent", "--shell", "/usr/sbin/nologin", name],
+        check=True,
+        capture_output=True,
+    )
+    mode = stat.S_IMODE(os.stat("/dev/fuse").st_mode)
+    entry = pwd.getpwnam(name)
+    try:
+        os.chmod("/dev/fuse", 0o666)
+        python, env = _python_for(name)
+        env["PATH"] = "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin"
+        yield User(name, entry.pw_uid, entry.pw_gid, env, python)
+    finally:
+        os.chmod("/dev/fuse", mode)
+        _end_processes_of(entry.pw_uid)
+        subprocess.run(["userdel", name], check=True, capture_output=True)
+
+
+@pytest.fixture
+def user_layers(plain_user: User) -> Iterator[Path]:
+    """lower (the user's files, readable by all), upper, work and mnt of the user, in a directory every
+    user can reach; nothing left mounted there afterwards."""
+    base = Path(tempfile.gettempdir()) / f"layerfs-{plain_user.name}"
+    base.mkdir(mode=0o755)
+    try:
+        lower = _lower(base)
+        for name in ("upper", "work", "mnt"):
+            (base / name).mkdir()
+        for path in [base, base / "upper", base / "work", base / "mnt", *lower.rglob("*"), lower]:
+            os.lchown(path, plain_user.uid, plain_user.gid)
+        yield base
+    finally:
+        force_unmount(base / "mnt")
+        shutil.rmtree(base)
+
+
+def _changes_as(user: User, mnt: Path) -> None:
+    user.run("sh", "-ec", f"cd {mnt}; echo new > new; rm c/gone; rm -r d; mkdir d; echo more >> a/file1")
+
+
+def test_plain_user_mounts_through_fusermount3(plain_user, user_layers):
+    """fuse-overlayfs's form run by a plain user: mounted by fusermount3, changed, diffed, unmounted
+    with fusermount3 -u; the upper is in the user forms kernel overlayfs reads with userxattr."""
+    base, mnt = user_layers, user_layers / "mnt"
+    options = f"lowerdir={base / 'lower'},upperdir={base / 'upper'},workdir={base / 'work'}"
+    mounted = plain_user.layerfs("-o", options, mnt)
+    assert mounted.stderr == ""
+    assert is_mounted(mnt)
+    _changes_as(plain_user, mnt)
+    seen = run_as(plain_user.uid, plain_user.gid, snapshot, mnt)  # (root may not enter the user's mount)
+    diff = plain_user.layerfs("diff", mnt).stdout  # (from the daemon's change index)
+    assert {"A /new", "D /c/gone", "C /a/file1", "D /d"} <= set(diff.splitlines())
+    plain_user.run("fusermount3", "-u", mnt)
+    assert wait_for(lambda: not daemon_pids(mnt))
+    walked = run_layerfs("diff", "--upperdir", base / "upper", "--lowerdir", base / "lower").stdout
+    assert walked == diff
+    upper = snapshot_upper(base / "upper")
+    assert upper.entries["c/gone"].kind == "whiteout"  # (a 0/0 device: since Linux 5.8 anyone may make one)
+    assert dict(upper.entries["d"].xattrs).get("user.overlay.opaque") == b"y"
+    assert not [n for e in upper.entries.values() for n, _ in e.xattrs if n.startswith("trusted.")]
+    kernel = base / "kernel"
+    kernel.mkdir()
+    (base / "kwork").mkdir()
+    subprocess.run(
+        ["mount", "-t", "overlay", "overlay", "-o", options.replace("/work", "/kwork") + ",userxattr", str(kernel)],
+        check=True,
+    )
+    try:
+        assert_same(seen, snapshot(kernel), what="the user's mount and kernel overlayfs on its upper")
+    finally:
+        subprocess.run(["umount", str(kernel)], check=True)
+
+
+def test_plain_user_layerfs_mount_and_umount(plain_user, user_layers):
+    """``layerfs mount`` by a plain user: allow_other, which /etc/fuse.conf does not allow it here, is
+    dropped with a one-line note; passthrough's fallback is logged; ``layerfs umount`` unmounts."""
+    base, mnt = user_layers, user_layers / "mnt"
+    log = base / "work.log"
+    options = f"lowerdir={base / 'lower'},upperdir={base / 'upper'},workdir={base / 'work'},allow_other,log={log}"
+    allowed = any(line.strip() == "user_allow_other" for line in Path("/etc/fuse.conf").read_text().splitlines())
+    mounted = plain_user.layerfs("mount", "-o", options, mnt)
+    assert ("user_allow_other" in mounted.stderr) != allowed
+    _changes_as(plain_user, mnt)
+    assert plain_user.run("cat", mnt / "a/file1").stdout == "one\nmore\n"
+    plain_user.layerfs("umount", mnt)
+    assert not is_mounted(mnt) and not daemon_pids(mnt)
+    assert "passthrough refused by the kernel (Operation not permitted)" in log.read_text()
+    assert (base / "upper/a/file1").read_bytes() == b"one\nmore\n"

@@ -73,6 +73,7 @@ def _serve(config: MountConfig, union: Union, debug: bool, on_ready=None) -> Non
     fuse_config = Config(
         fsname=config.fsname,
         readonly=config.readonly,
+        allow_other=config.allow_other,
         passthrough=config.passthrough,
         threads=config.threads,
         debug=debug,

@@ -33,7 +33,6 @@ _QUIET = frozenset(
         "nosuid",
         "noexec",
         "default_permissions",
-        "allow_other",
         "allow_root",
         "fsync",
         "threaded",
@@ -74,6 +73,7 @@ class MountConfig:
     metacopy: bool = False  # metacopy=on: a metadata change of a lower file copies its metadata only
     userxattr: bool = False  # overlay's records as user.overlay.* (else as the work directory's probe says)
     override_stat: tuple[str, ...] = ()  # xattr_permissions=1|2: owners and modes shown as these xattrs say
+    allow_other: bool = True  # other users see the mount: always for root, for a plain user when asked and allowed
 
 
 def split_escaped(text: str, sep: str) -> list[str]:
@@ -215,6 +215,8 @@ def parse(option_strings: list[str], mountpoint: str | None) -> MountConfig:
         raise UsageError(f"metacopy=on needs redirect_dir=on (it is {redirect_text})")
     userxattr = "userxattr" in flags
     flags.discard("userxattr")
+    allow_other = _allow_other("allow_other" in flags, warnings)
+    flags.discard("allow_other")
     permissions = values.pop("xattr_permissions", "0")
     if permissions not in ("0", *overridestat.NAMES):
         raise UsageError(f"xattr_permissions={printable(permissions)}: not 0, 1 or 2")
@@ -245,7 +247,25 @@ def parse(option_strings: list[str], mountpoint: str | None) -> MountConfig:
         metacopy,
         userxattr,
         override_stat,
+        allow_other,
     )
+
+
+def _allow_other(asked: bool, warnings: list[str]) -> bool:
+    """Whether the mount is open to other users: root's always (a container's processes run as many
+    users); a plain user's when asked and fusermount3 allows it (``user_allow_other`` in /etc/fuse.conf)."""
+    if os.geteuid() == 0:
+        return True
+    if not asked:
+        return False
+    try:
+        with open("/etc/fuse.conf") as f:
+            allowed = any(line.split("#", 1)[0].strip() == "user_allow_other" for line in f)
+    except FileNotFoundError:
+        allowed = False
+    if not allowed:
+        warnings.append("allow_other ignored: /etc/fuse.conf has no user_allow_other, the mount is yours alone")
+    return allowed
 
 
 def _owners(values: dict[str, str], flags: set[str]) -> Owners:
