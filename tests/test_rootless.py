@@ -229,8 +229,11 @@ def test_plain_user_mounts_through_fusermount3(plain_user, user_layers):
 
 def test_plain_user_layerfs_mount_and_umount(plain_user, user_layers):
     """``layerfs mount`` by a plain user: allow_other, which /etc/fuse.conf does not allow it here, is
-    dropped with a one-line note; passthrough's fallback is logged; ``layerfs umount`` unmounts."""
+    dropped with a one-line note; passthrough's fallback is logged; the mount's record is in the user's
+    runtime directory, the store in their data directory; ``layerfs umount`` unmounts."""
     base, mnt = user_layers, user_layers / "mnt"
+    plain_user.run("mkdir", "-m", "0700", base / "run", base / "data")
+    plain_user.env.update(XDG_RUNTIME_DIR=str(base / "run"), XDG_DATA_HOME=str(base / "data"))
     log = base / "work.log"
     options = f"lowerdir={base / 'lower'},upperdir={base / 'upper'},workdir={base / 'work'},allow_other,log={log}"
     allowed = any(line.strip() == "user_allow_other" for line in Path("/etc/fuse.conf").read_text().splitlines())
@@ -238,6 +241,9 @@ def test_plain_user_layerfs_mount_and_umount(plain_user, user_layers):
     assert ("user_allow_other" in mounted.stderr) != allowed
     _changes_as(plain_user, mnt)
     assert plain_user.run("cat", mnt / "a/file1").stdout == "one\nmore\n"
+    assert len(list((base / "run/layerfs").glob("*.json"))) == 1
+    assert plain_user.layerfs("images").returncode == 0
+    assert (base / "data/layerfs/layers").is_dir()
     plain_user.layerfs("umount", mnt)
     assert not is_mounted(mnt) and not daemon_pids(mnt)
     assert "passthrough refused by the kernel (Operation not permitted)" in log.read_text()

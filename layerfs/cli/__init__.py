@@ -41,7 +41,7 @@ COMMANDS = (
     "bundle",
     "example",
 ) + images.COMMANDS
-_ROOT_HELP = "the store (default $LAYERFS_ROOT, else /var/lib/layerfs)"
+_ROOT_HELP = "the store (default $LAYERFS_ROOT, else /var/lib/layerfs, or $XDG_DATA_HOME/layerfs without root)"
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -39,10 +39,9 @@ from .content import SHARING, Content
 from .images import ImageInUse, Images, NoSuchImage, Progress, image_name
 from .incoming import Incoming
 from .layers import Layers
-from .root import DEFAULT_ROOT, Root, root_from
+from .root import Root, root_from
 
 __all__ = [
-    "DEFAULT_ROOT",
     "SHARING",
     "Committed",
     "ContainerMounted",
@@ -54,7 +53,7 @@ __all__ = [
 
 
 class Store:
-    def __init__(self, root: str = DEFAULT_ROOT) -> None:
+    def __init__(self, root: str) -> None:
         self.root = Root(root)
         self.layers = Layers(self.root)
         self.content = Content(self.root)
