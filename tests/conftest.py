@@ -10,6 +10,7 @@ that users other than root can reach (pytest's own temporary directories are pri
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import secrets
@@ -271,13 +272,26 @@ def _python_for(name: str) -> tuple[str, dict[str, str]]:
     return "/usr/bin/python3", {"PYTHONPATH": os.pathsep.join([source, sysconfig.get_paths()["purelib"]])}
 
 
-def _end_processes_of(uid: int) -> None:
+def _processes_of(uid: int) -> list[int]:
+    found = []
     for pid in os.listdir("/proc"):
         try:
             if pid.isdigit() and os.stat(f"/proc/{pid}").st_uid == uid:
-                os.kill(int(pid), signal.SIGKILL)
-        except (FileNotFoundError, ProcessLookupError):
+                found.append(int(pid))
+        except FileNotFoundError:
             pass
+    return found
+
+
+def _end_processes_of(uid: int) -> None:
+    """Kill every process of ``uid`` until none is left (one may start another as it is killed: Podman's
+    pause process, conmon), so that userdel finds the user gone."""
+    deadline = time.monotonic() + 15
+    while (pids := _processes_of(uid)) and time.monotonic() < deadline:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.05)
 
 
 @pytest.fixture
