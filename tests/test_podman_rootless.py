@@ -124,10 +124,10 @@ def _both(rootless_podmans, shared: Path) -> dict[str, RootlessPodman]:
     }
 
 
-def _upper(podman: RootlessPodman) -> tuple[dict[str, tuple], bool]:
-    """The container's upper layer: each entry's kind and owner (whiteouts as such; fuse-overlayfs's marker
-    files, and what it copied up of a renamed directory, left out), and whether /srv/data is opaque."""
-    upper = Path(podman("inspect", "--format", "{{.GraphDriver.Data.UpperDir}}", CONTAINER).stdout.strip())
+def _upper_entries(podman: RootlessPodman, container: str) -> tuple[Path, dict[str, tuple]]:
+    """The container's upper layer, and each entry's kind and owner there (whiteouts as such;
+    fuse-overlayfs's marker files, and what it copied up of a renamed directory, left out)."""
+    upper = Path(podman("inspect", "--format", "{{.GraphDriver.Data.UpperDir}}", container).stdout.strip())
     entries = {}
     for path in upper.rglob("*"):
         rel = path.relative_to(upper)
@@ -136,6 +136,12 @@ def _upper(podman: RootlessPodman) -> tuple[dict[str, tuple], bool]:
         st = os.lstat(path)
         kind = "whiteout" if whiteout.is_whiteout_stat(st) else stat.S_IFMT(st.st_mode)
         entries[str(rel)] = (kind, st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode))
+    return upper, entries
+
+
+def _upper(podman: RootlessPodman) -> tuple[dict[str, tuple], bool]:
+    """The scenario container's upper entries, and whether /srv/data, replaced, is opaque."""
+    upper, entries = _upper_entries(podman, CONTAINER)
     return entries, whiteout.is_opaque_dir(str(upper / "srv/data"))
 
 
@@ -191,3 +197,29 @@ def test_rootless_podman_build_and_buildah_bud_with_layerfs_as_with_fuse_overlay
         }
         assert seen[name]["podman build"] == seen[name]["buildah bud"], name
     assert seen["layerfs"] == seen["fuse-overlayfs"]
+
+
+def test_rootless_podman_uidmap_with_layerfs_as_with_fuse_overlayfs(rootless_podmans, shared):
+    """``--uidmap``/``--gidmap``: containers-storage passes them to the mount program as uidmapping= and
+    gidmapping=; what the container sees and what lands in the upper must be the same on both."""
+    podmans = _both(rootless_podmans, shared)
+    seen = {}
+    for name, podman in podmans.items():
+        podman("import", shared / "rootfs.tar", IMAGE)
+        ran = podman(
+            "run",
+            "--name",
+            "mapped",
+            "--uidmap",
+            "0:1:5000",
+            "--gidmap",
+            "0:1:5000",
+            IMAGE,
+            "sh",
+            "-c",
+            "touch /root/mine; mkdir /srv/new; echo x > /etc/motd; ls -lnd /etc/motd /root/mine /srv/new /bin/busybox",
+        )
+        seen[name] = (ran.stdout, _upper_entries(podman, "mapped")[1])
+    assert seen["layerfs"] == seen["fuse-overlayfs"]
+    # Container root is the mapping's first id, which containers-storage keeps as the layers' own owner.
+    assert {owner for _, owner, _, _ in seen["layerfs"][1].values()} == {podmans["layerfs"].user.uid}
