@@ -221,5 +221,5 @@ def test_rootless_podman_uidmap_with_layerfs_as_with_fuse_overlayfs(rootless_pod
         )
         seen[name] = (ran.stdout, _upper_entries(podman, "mapped")[1])
     assert seen["layerfs"] == seen["fuse-overlayfs"]
-    # Container root is the mapping's first id, which containers-storage keeps as the layers' own owner.
+    # What container root writes is stored as the layers' owner, the user: uidmapping did its part.
     assert {owner for _, owner, _, _ in seen["layerfs"][1].values()} == {podmans["layerfs"].user.uid}
