@@ -198,6 +198,9 @@ def parse(option_strings: list[str], mountpoint: str | None) -> MountConfig:
     log = values.pop("log", None)
     if log is not None:
         log = os.path.abspath(log)
+        # (the daemon opens it once the mount is ready: a failure then would leave a dead mount)
+        if not os.access(log if os.path.exists(log) else os.path.dirname(log), os.W_OK):
+            raise UsageError(f"log {printable(log)}: not writable")
     threads_text = values.pop("threads", "2")
     threads = _number(threads_text, 65)
     if not threads:
