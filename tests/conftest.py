@@ -6,6 +6,8 @@ skipped, and ``-m "not root"`` runs the rest, which needs neither. Every mount m
 ``mounts`` fixture is unmounted at teardown even when the test fails; a session-end check fails the run
 if anything under pytest's temporary directories is still mounted. ``public_base`` gives mount points
 that users other than root can reach (pytest's own temporary directories are private to root).
+``plain_user`` is a user made for one test (and removed after it, with its processes), who runs layerfs
+through an interpreter they may use, with /dev/fuse open to them for the test.
 """
 
 from __future__ import annotations
