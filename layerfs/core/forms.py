@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .. import syscalls
@@ -49,16 +50,22 @@ def probe(work: WorkDir, *, userxattr: bool = False) -> Forms:
     )
 
 
+def _allowed(attempt: Callable[[], object], refusals: tuple[int, ...]) -> bool:
+    """Whether ``attempt()`` succeeds; False where it fails with one of ``refusals``."""
+    try:
+        attempt()
+        return True
+    except OSError as e:
+        if e.errno in refusals:
+            return False
+        raise
+
+
 def _may_set_trusted(work: WorkDir) -> bool:
     name = work.tmp()
     fd = os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600, dir_fd=work.fd)
     try:
-        os.setxattr(fd, TRUSTED + "probe", b"y")
-        return True
-    except OSError as e:
-        if e.errno in (errno.EPERM, errno.EACCES, errno.ENOTSUP):
-            return False
-        raise
+        return _allowed(lambda: os.setxattr(fd, TRUSTED + "probe", b"y"), (errno.EPERM, errno.EACCES, errno.ENOTSUP))
     finally:
         os.close(fd)
         os.unlink(name, dir_fd=work.fd)
@@ -66,22 +73,18 @@ def _may_set_trusted(work: WorkDir) -> bool:
 
 def _may_mknod(work: WorkDir) -> bool:
     name = work.tmp()
-    try:
-        os.mknod(name, stat.S_IFCHR, os.makedev(0, 0), dir_fd=work.fd)
-    except PermissionError:
-        return False
-    os.unlink(name, dir_fd=work.fd)
-    return True
+    made = _allowed(lambda: os.mknod(name, stat.S_IFCHR, os.makedev(0, 0), dir_fd=work.fd), (errno.EPERM,))
+    if made:
+        os.unlink(name, dir_fd=work.fd)
+    return made
 
 
 def _may_open_handles(work: WorkDir) -> bool:
     fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=work.fd)
     try:
-        os.close(syscalls.open_by_handle(fd, *syscalls.file_handle("", dir_fd=fd), os.O_PATH))
-        return True
-    except OSError as e:
-        if e.errno in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP):
-            return False
-        raise
+        return _allowed(
+            lambda: os.close(syscalls.open_by_handle(fd, *syscalls.file_handle("", dir_fd=fd), os.O_PATH)),
+            (errno.EPERM, errno.ENOTSUP),
+        )
     finally:
         os.close(fd)
