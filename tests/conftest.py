@@ -6,20 +6,32 @@ skipped, and ``-m "not root"`` runs the rest, which needs neither. Every mount m
 ``mounts`` fixture is unmounted at teardown even when the test fails; a session-end check fails the run
 if anything under pytest's temporary directories is still mounted. ``public_base`` gives mount points
 that users other than root can reach (pytest's own temporary directories are private to root).
+``plain_user`` is a user made for one test (and removed after it, with its processes), who runs layerfs
+through an interpreter they may use, with /dev/fuse open to them for the test.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import pwd
 import re
+import secrets
+import shlex
+import signal
+import stat
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+import layerfs as layerfs_package
 
 LAYERFS = [sys.executable, "-m", "layerfs"]
 
@@ -233,3 +245,88 @@ def tmpfs(tmp_path):
     finally:
         if is_mounted(path):
             subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+# -- a plain user ---------------------------------------------------------------------------------
+
+
+@dataclass
+class User:
+    name: str
+    uid: int
+    gid: int
+    env: dict[str, str]  # what runs layerfs as this user: PATH, and PYTHONPATH where the interpreter needs it
+    python: str
+
+    def run(self, *args: str | Path, check: bool = True) -> subprocess.CompletedProcess:
+        """``args`` run as the user (runuser: no password, no login shell), text output captured."""
+        command = ["runuser", "-u", self.name, "--", "env", *(f"{k}={v}" for k, v in self.env.items()), *map(str, args)]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0 or not check, f"{args} as {self.name}: {result.stderr}"
+        return result
+
+    def layerfs(self, *args: str | Path, check: bool = True) -> subprocess.CompletedProcess:
+        return self.run(self.python, "-m", "layerfs", *args, check=check)
+
+    def layerfs_program(self, path: Path) -> Path:
+        """A ``layerfs`` the user can run, at ``path`` (a mount_program for their Podman)."""
+        settings = " ".join(f"{k}={shlex.quote(v)}" for k, v in self.env.items() if k == "PYTHONPATH")
+        path.write_text(f'#!/bin/sh\n{settings} exec {self.python} -m layerfs "$@"\n')
+        path.chmod(0o755)
+        return path
+
+
+def _python_for(name: str) -> tuple[str, dict[str, str]]:
+    """An interpreter the user may run, with this layerfs and its packages: this one where it can (the
+    set-up's venv), else the system's python3 given this venv's packages (a Python under /root is not
+    reachable by other users)."""
+    probe = subprocess.run(["runuser", "-u", name, "--", sys.executable, "-c", "import layerfs"], capture_output=True)
+    source = str(Path(layerfs_package.__file__).parents[1])
+    if probe.returncode == 0:
+        return sys.executable, {"PYTHONPATH": source}
+    return "/usr/bin/python3", {"PYTHONPATH": os.pathsep.join([source, sysconfig.get_paths()["purelib"]])}
+
+
+def _processes_of(uid: int) -> list[int]:
+    found = []
+    for pid in os.listdir("/proc"):
+        try:
+            if pid.isdigit() and os.stat(f"/proc/{pid}").st_uid == uid:
+                found.append(int(pid))
+        except FileNotFoundError:
+            pass
+    return found
+
+
+def _end_processes_of(uid: int) -> None:
+    """Kill every process of ``uid`` until none is left (one may start another as it is killed: Podman's
+    pause process, conmon), so that userdel finds the user gone."""
+    deadline = time.monotonic() + 15
+    while (pids := _processes_of(uid)) and time.monotonic() < deadline:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def plain_user() -> Iterator[User]:
+    """A user made for this test alone, removed (with whatever it left running) even when the test fails;
+    /dev/fuse opened to every user for the test, as udev leaves it on every desktop and server."""
+    name = f"lfs-{secrets.token_hex(4)}"
+    subprocess.run(
+        ["useradd", "--no-create-home", "--home-dir", "/nonexistent", "--shell", "/usr/sbin/nologin", name],
+        check=True,
+        capture_output=True,
+    )
+    mode = stat.S_IMODE(os.stat("/dev/fuse").st_mode)
+    entry = pwd.getpwnam(name)
+    try:
+        os.chmod("/dev/fuse", 0o666)
+        python, env = _python_for(name)
+        env["PATH"] = "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin"
+        yield User(name, entry.pw_uid, entry.pw_gid, env, python)
+    finally:
+        os.chmod("/dev/fuse", mode)
+        _end_processes_of(entry.pw_uid)
+        subprocess.run(["userdel", name], check=True, capture_output=True)

@@ -67,6 +67,7 @@ def test_unknown_options_warn_and_known_tuning_options_are_quiet(dirs):
         ("lowerdir={d}/l1,upperdir={d}/up", "mnt", "upperdir needs a workdir"),
         ("lowerdir={d}/l1,upperdir={d}/up,workdir={d}/up/w", "mnt", "must be separate directories"),
         ("lowerdir={d}/l1", "nomnt", "mount point {d}/nomnt: no such directory"),
+        ("lowerdir={d}/l1,log={d}/nodir/log", "mnt", "log {d}/nodir/log: not writable"),
     ],
 )
 def test_mistakes_are_one_clear_line(dirs, opts, mnt, message):

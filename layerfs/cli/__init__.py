@@ -46,7 +46,7 @@ COMMANDS = (
     + volumes.COMMANDS
     + build.COMMANDS
 )
-_ROOT_HELP = "the store (default $LAYERFS_ROOT, else /var/lib/layerfs)"
+_ROOT_HELP = "the store (default $LAYERFS_ROOT, else /var/lib/layerfs, or $XDG_DATA_HOME/layerfs without root)"
 
 
 def _parser() -> argparse.ArgumentParser:

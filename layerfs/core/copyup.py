@@ -25,10 +25,11 @@ from dataclasses import dataclass
 
 from .. import syscalls
 from . import confined, metacopy, whiteout, xattr
+from .forms import DEFAULT, Forms
 from .inodes import InodeMap
 from .layer import Layer
 from .lookup import Entry, Part, Resolver, join, split
-from .origin import ORIGIN_XATTRS, Origins
+from .origin import Origins
 from .work import WorkDir
 
 # Set, for the thread serving a request, to what tells whether its caller gave up.
@@ -101,6 +102,7 @@ def copy_entry(
     data_at: tuple[int, str] | None = None,
     records: Records = (),
     sync: bool = True,
+    forms: Forms = DEFAULT,
 ) -> bool:
     """Create at ``dst`` (which must not exist) a copy of ``src`` whose lstat is ``st``; each path is
     relative to its directory descriptor. Returns whether the copy holds metadata only.
@@ -108,7 +110,7 @@ def copy_entry(
     Ownership, mode (setuid bits included), xattrs and atime/mtime in ns are kept; ``records`` are set
     on the copy too, each in the first of its forms the upper takes. A directory is copied without its
     children. ``content`` says what a regular file's copy holds (``METADATA`` falls back to the data
-    where the upper takes no metacopy mark); its data is read at ``data_at`` (a directory descriptor
+    where the upper takes no metacopy mark in ``forms``); its data is read at ``data_at`` (a directory descriptor
     and a path in it) where ``src`` is a metadata-only copy itself. ``sync`` flushes a file's data
     before returning, so that once renamed into place the copy survives a crash.
     """
@@ -127,7 +129,7 @@ def copy_entry(
     try:
         if content == METADATA:
             os.ftruncate(dst_fd, st.st_size)
-            metadata_only = metacopy.mark(dst_fd)
+            metadata_only = metacopy.mark(dst_fd, forms)
         if content == DATA or content == METADATA and not metadata_only:
             data_dir_fd, data_path = data_at or (src_dir_fd, src)
             src_fd = confined.open_beneath(data_path, os.O_RDONLY, dir_fd=data_dir_fd)
@@ -227,11 +229,12 @@ class CopyUp:
                     dst_dir_fd=self.work.fd,
                     content=content,
                     data_at=data_at,
-                    records=() if origin is None else ((ORIGIN_XATTRS, origin),),
+                    records=() if origin is None else ((self.origins.forms.written("origin"), origin),),
                     sync=self.sync,
+                    forms=self.origins.forms,
                 )
                 if origin is not None:
-                    Origins.mark_impure(".", dir_fd=dir_fd)
+                    self.origins.mark_impure(".", dir_fd=dir_fd)
                 os.rename(tmp, name, src_dir_fd=self.work.fd, dst_dir_fd=dir_fd)
             except BaseException:
                 self.work.discard(tmp)

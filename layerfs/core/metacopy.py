@@ -17,6 +17,7 @@ import os
 import stat
 
 from . import xattr
+from .forms import Forms
 
 METACOPY_XATTRS = ("trusted.overlay.metacopy", "user.overlay.metacopy")
 
@@ -31,10 +32,10 @@ def is_marked(path: str | int, *, dir_fd: int | None = None) -> bool:
     return xattr.has_any(path, METACOPY_XATTRS, dir_fd=dir_fd)
 
 
-def mark(fd: int) -> bool:
-    """Mark the open copy as holding metadata only; False where no form of the mark can be set (then
-    the copy must hold its data)."""
-    return xattr.set_first(fd, METACOPY_XATTRS, b"")
+def mark(fd: int, forms: Forms) -> bool:
+    """Mark the open copy as holding metadata only, in the mount's form; False where it cannot be set
+    (then the copy must hold its data)."""
+    return xattr.set_first(fd, forms.written("metacopy"), b"")
 
 
 def unmark(fd: int) -> None:

@@ -24,6 +24,7 @@ from collections.abc import Iterator
 
 from .. import syscalls
 from . import xattr
+from .forms import Forms
 from .layer import Layer
 
 ORIGIN_XATTRS = ("trusted.overlay.origin", "user.overlay.origin")
@@ -36,9 +37,10 @@ _NULL_UUID = bytes(16)
 class Origins:
     """The origin records of one union's upper layer: made at copy-up, read back into lower entries."""
 
-    def __init__(self, upper: Layer, lowers: list[Layer]) -> None:
+    def __init__(self, upper: Layer, lowers: list[Layer], forms: Forms) -> None:
         self._upper = upper
         self._lowers = lowers
+        self.forms = forms  # (what records are written as)
         self._uuids: dict[int, bytes] = {}  # dev -> its filesystem's UUID
 
     def _uuid(self, layer: Layer) -> bytes:
@@ -60,8 +62,10 @@ class Origins:
             os.close(fd)
 
     def record(self, layer: Layer, rel: str) -> bytes | None:
-        """The origin record of the lower entry ``rel`` of ``layer``; None where its filesystem gives no
-        handles."""
+        """The origin record of the lower entry ``rel`` of ``layer``: empty where the mount opens no handles
+        (as the kernel's), None where the filesystem gives none."""
+        if not self.forms.origin_handles:
+            return b""
         try:
             handle_type, handle = syscalls.file_handle(rel, dir_fd=layer.fd)
         except OSError as e:
@@ -76,11 +80,10 @@ class Origins:
         parent, name = self._upper.near(rel)
         return xattr.get_first(name, ORIGIN_XATTRS, dir_fd=parent.fd) is not None
 
-    @staticmethod
-    def mark_impure(path: str, *, dir_fd: int) -> None:
+    def mark_impure(self, path: str, *, dir_fd: int) -> None:
         """Mark the upper directory ``path`` as holding entries with origins, unless it is already."""
         if xattr.get_first(path, IMPURE_XATTRS, dir_fd=dir_fd) != b"y":
-            xattr.set_first(path, IMPURE_XATTRS, b"y", dir_fd=dir_fd)
+            xattr.set_first(path, self.forms.written("impure"), b"y", dir_fd=dir_fd)
 
     @staticmethod
     def is_impure(layer: Layer, path: str) -> bool:

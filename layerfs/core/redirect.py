@@ -17,6 +17,7 @@ import errno
 import os
 
 from . import xattr
+from .forms import Forms
 
 REDIRECT_XATTRS = ("trusted.overlay.redirect", "user.overlay.redirect")
 MAX_LENGTH = 256  # bytes: kernel overlayfs's redirect_max, beyond which it refuses a rename (EXDEV)
@@ -35,7 +36,7 @@ def read(path: str, *, dir_fd: int | None = None) -> str | None:
     return target if target is not None and valid(target) else None
 
 
-def write(path: str, target: str, *, dir_fd: int) -> None:
-    """Record on the upper directory ``path`` that its lower parts are at ``target``."""
-    if not xattr.set_first(path, REDIRECT_XATTRS, os.fsencode(target), dir_fd=dir_fd):
+def write(path: str, target: str, *, dir_fd: int, forms: Forms) -> None:
+    """Record on the upper directory ``path`` that its lower parts are at ``target``, in the mount's form."""
+    if not xattr.set_first(path, forms.written("redirect"), os.fsencode(target), dir_fd=dir_fd):
         raise OSError(errno.EXDEV, "no redirect can be recorded here", path)

@@ -30,12 +30,13 @@ import stat
 import threading
 
 from .. import syscalls
-from . import confined, copyup, metacopy, redirect, whiteout, xattr
+from . import confined, copyup, forms, metacopy, overridestat, redirect, whiteout, xattr
 from .inodes import InodeMap
 from .journal import ChangeJournal
 from .layer import Layer
 from .lookup import Entry, Resolver, join, split
 from .origin import Origins
+from .overridestat import Override
 from .work import WorkDir, remove_tree
 
 INDEX_DIR = "layerfs-index"  # in the work directory: the change index's snapshot and journal
@@ -68,15 +69,20 @@ def _refuse_marker_name(path: str) -> None:
 
 class Attributes:
     """What getattr reports: the real lstat, with the merged view's inode number and link count (and
-    for a metadata-only copy its data's blocks, as overlayfs shows them)."""
+    for a metadata-only copy its data's blocks, as overlayfs shows them; an owner and permission bits
+    an override_stat record gives, ``overridestat.py``)."""
 
-    __slots__ = ("st", "ino", "nlink", "blocks")
+    __slots__ = ("st", "ino", "nlink", "blocks", "uid", "gid", "mode")
 
-    def __init__(self, st: os.stat_result, ino: int, nlink: int, blocks: int | None = None) -> None:
+    def __init__(
+        self, st: os.stat_result, ino: int, nlink: int, blocks: int | None = None, shown: Override | None = None
+    ) -> None:
         self.st = st
         self.ino = ino
         self.nlink = nlink
         self.blocks = blocks
+        self.uid, self.gid = (st.st_uid, st.st_gid) if shown is None else (shown.uid, shown.gid)
+        self.mode = st.st_mode if shown is None else stat.S_IFMT(st.st_mode) | shown.mode
 
 
 class Union:
@@ -85,6 +91,9 @@ class Union:
     ``work`` is a directory on the upper's filesystem for building entries before they appear.
     ``sync=False`` (overlay's ``volatile``) skips every fsync. ``redirect_dir=False`` renames directories
     with lower parts by copying their trees up; ``metacopy`` makes metadata-only copies (see above).
+    The upper's records and whiteouts are written in the forms the work directory's probe allows
+    (``forms.py``); ``userxattr`` asks for the user.* records, as overlayfs's option does. Owners and
+    modes are shown as the first of the ``override_stat`` xattrs says, where an entry has one.
     """
 
     def __init__(
@@ -96,15 +105,25 @@ class Union:
         sync: bool = True,
         redirect_dir: bool = True,
         metacopy: bool = False,
+        userxattr: bool = False,
+        override_stat: tuple[str, ...] = (),
     ) -> None:
         if metacopy and not redirect_dir:
             raise ValueError("metadata-only copies need redirects")
         self.upper = Layer(upper, writable=True) if upper else None
         layers = ([self.upper] if self.upper else []) + [Layer(p, writable=False) for p in lowers]
         self.resolver = Resolver(layers)
-        self._origins = Origins(self.upper, layers[1:]) if self.upper else None
+        if self.upper and not work:
+            raise ValueError("an upper layer needs a work directory")
+        self._work: WorkDir  # (only with an upper layer: every change checks for one first, with _writable_upper)
+        self.forms = forms.DEFAULT
+        if self.upper and work:
+            self._work = WorkDir(work)
+            self.forms = forms.probe(self._work, userxattr=userxattr)
+        self._origins = Origins(self.upper, layers[1:], self.forms) if self.upper else None
         self.inodes = InodeMap(layers, self._origins)
         self.sync = sync
+        self._override_stat = override_stat
         self.redirect_dir = redirect_dir
         self._metadata_copy = copyup.METADATA if metacopy else copyup.DATA  # of a lower file whose metadata changes
         self._lock = threading.RLock()
@@ -112,13 +131,8 @@ class Union:
         self._handles: dict[int, tuple[int, bool]] = {}
         self._handles_lock = threading.Lock()
         self.index: ChangeJournal | None = None
-        # Only with an upper layer (every change checks for one first, with _writable_upper):
-        self._work: WorkDir
-        self._copy: copyup.CopyUp
-        if self.upper:
-            if not work:
-                raise ValueError("an upper layer needs a work directory")
-            self._work = WorkDir(work)
+        self._copy: copyup.CopyUp  # (only with an upper layer)
+        if self.upper and work:
             self._copy = copyup.CopyUp(
                 self.resolver, self.upper, self._work, self._origin_records(), self.inodes, sync=sync
             )
@@ -169,8 +183,11 @@ class Union:
         st = entry.st
         data = entry.data
         blocks = None if data is None else data.layer.lstat(data.path).st_blocks
+        shown = (
+            overridestat.read(entry.rel, self._override_stat, dir_fd=entry.layer.fd) if self._override_stat else None
+        )
         # overlayfs reports nlink 1 for a directory merged from several layers: its real count is unknown.
-        return Attributes(st, self._number(entry), 1 if entry.merged else st.st_nlink, blocks)
+        return Attributes(st, self._number(entry), 1 if entry.merged else st.st_nlink, blocks, shown)
 
     def getattr(self, path: str) -> Attributes:
         return self.attributes(self.resolver.get(path))
@@ -441,7 +458,7 @@ class Union:
             os.mkdir(tmp, 0o700, dir_fd=self._work.fd)
             self._finish_new(tmp, uid, gid, mode)
             if self._lower_has(path):
-                whiteout.mark_opaque(tmp, dir_fd=self._work.fd)
+                whiteout.mark_opaque(tmp, dir_fd=self._work.fd, xattrs=self.forms.written("opaque"))
             self._install_new(tmp, path)
 
     def mknod(self, path: str, mode: int, rdev: int, uid: int, gid: int) -> None:
@@ -606,7 +623,7 @@ class Union:
     def _rename_leaving_whiteout(self, old: str, new: str) -> bool:
         """Rename in the upper layer leaving a whiteout at ``old`` in the same step, when ``old`` needs one
         and the target needs no exchange. False when it was not done."""
-        if not self._lower_has(old):
+        if not self._lower_has(old) or not self.forms.device_whiteouts:
             return False
         upper = self._writable_upper()
         with upper.at(Layer.rel(old)) as (old_dir, old_name), upper.at(Layer.rel(new)) as (new_dir, new_name):
@@ -710,9 +727,9 @@ class Union:
         if target is not None or opaque:
             with upper.at(Layer.rel(old)) as (dir_fd, name):
                 if target is not None and target != current:
-                    redirect.write(name, target, dir_fd=dir_fd)
+                    redirect.write(name, target, dir_fd=dir_fd, forms=self.forms)
                 if opaque and not whiteout.is_opaque_dir(name, dir_fd=dir_fd):
-                    whiteout.mark_opaque(name, dir_fd=dir_fd)
+                    whiteout.mark_opaque(name, dir_fd=dir_fd, xattrs=self.forms.written("opaque"))
         return whole_tree, opaque
 
     @staticmethod
@@ -738,7 +755,7 @@ class Union:
             return False
         if target != current:
             with self._writable_upper().at(entry.rel) as (dir_fd, name):
-                redirect.write(name, target, dir_fd=dir_fd)
+                redirect.write(name, target, dir_fd=dir_fd, forms=self.forms)
         return True
 
     # -- copy-up and upper-layer plumbing -------------------------------------------------------
@@ -748,7 +765,7 @@ class Union:
         number, the directory it moves into is marked as holding such entries (overlayfs does the same)."""
         if self._origin_records().has_record(Layer.rel(old)):
             with self._writable_upper().at(Layer.rel(new)) as (dir_fd, _):
-                Origins.mark_impure(".", dir_fd=dir_fd)
+                self._origin_records().mark_impure(".", dir_fd=dir_fd)
 
     def _drop_markers_below(self, rel: str, *, keep_opaque: bool) -> None:
         """After a subtree was copied up and moved, the whiteouts and opaque marks inside it refer to
@@ -810,13 +827,13 @@ class Union:
                 raise
 
     def _whiteout(self, path: str) -> None:
-        """Make ``path`` a whiteout in the upper layer, replacing atomically whatever the upper has there."""
-        tmp = self._work.tmp()
-        try:
-            os.mknod(tmp, stat.S_IFCHR, os.makedev(0, 0), dir_fd=self._work.fd)
-        except PermissionError:
+        """Make ``path`` a whiteout in the upper layer, replacing atomically whatever the upper has there
+        (the OCI form, where the mount writes no devices, in two steps)."""
+        if not self.forms.device_whiteouts:
             with self._writable_upper().at(Layer.rel(path)) as (dir_fd, name):
                 remove_tree(dir_fd, name)
-                whiteout.make_whiteout(name, dir_fd=dir_fd)
+                whiteout.make_whiteout(name, dir_fd=dir_fd, device=False)
             return
+        tmp = self._work.tmp()
+        os.mknod(tmp, stat.S_IFCHR, os.makedev(0, 0), dir_fd=self._work.fd)
         self._install_new(tmp, path)

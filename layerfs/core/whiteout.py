@@ -4,12 +4,14 @@ Two formats are met in the wild and both are read:
 
 - overlay (kernel overlayfs, fuse-overlayfs, containers-storage with kernel overlay): a whiteout is a
   character device 0/0 with the deleted name; an opaque directory carries the xattr
-  ``trusted.overlay.opaque=y`` (``user.overlay.opaque`` when overlay runs with ``userxattr``).
+  ``trusted.overlay.opaque=y`` (``user.overlay.opaque`` when overlay runs with ``userxattr``,
+  ``user.fuseoverlayfs.opaque`` from an unprivileged fuse-overlayfs).
 - OCI/AUFS (image layer tars, containers-storage layers for a mount program): a whiteout is an empty file
   ``.wh.NAME``; an opaque directory contains ``.wh..wh..opq``.
 
 layerfs writes the overlay form, so an upper it wrote mounts with kernel overlayfs unchanged; it falls
-back to the OCI form only where creating a device node is not permitted (no CAP_MKNOD).
+back to the OCI form only where creating a device node is not permitted (no CAP_MKNOD). A mount chooses
+its forms once (``forms.py``).
 
 Every magic name and xattr lives here, so nothing else in the code base spells them.
 """
@@ -29,7 +31,7 @@ FUSE_OVERLAYFS_OPAQUE = ".wh..opq"
 
 OPAQUE_XATTR_TRUSTED = "trusted.overlay.opaque"
 OPAQUE_XATTR_USER = "user.overlay.opaque"
-OPAQUE_XATTRS = (OPAQUE_XATTR_TRUSTED, OPAQUE_XATTR_USER)
+OPAQUE_XATTRS = (OPAQUE_XATTR_TRUSTED, OPAQUE_XATTR_USER, "user.fuseoverlayfs.opaque")
 
 # Xattr namespaces that belong to overlay implementations, not to the files: never shown in the merged
 # view, never settable through it, never copied up.
@@ -104,26 +106,31 @@ def is_opaque_dir(path: str, *, dir_fd: int | None = None) -> bool:
             return _opaque_xattr(fd)
 
 
-def make_whiteout(path: str, *, dir_fd: int | None = None) -> None:
-    """Create a whiteout at ``path`` (which must not exist): overlay form, else OCI form.
+def make_whiteout(path: str, *, dir_fd: int | None = None, device: bool = True) -> None:
+    """Create a whiteout at ``path`` (which must not exist): overlay form, else (or without ``device``)
+    OCI form.
 
-    The OCI fallback is used only where mknod is refused (an unprivileged daemon); kernel overlayfs cannot
+    The OCI form is used only where mknod is refused (an unprivileged daemon); kernel overlayfs cannot
     read it, but layerfs and every OCI tool can.
     """
-    try:
-        os.mknod(path, stat.S_IFCHR | 0o000, os.makedev(0, 0), dir_fd=dir_fd)
-    except PermissionError:
-        head, _, name = path.rpartition("/")
-        with _directory(head or ".", dir_fd) as fd:
-            os.close(
-                os.open(oci_whiteout_name(name), os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o000, dir_fd=fd)
-            )
+    if device:
+        try:
+            os.mknod(path, stat.S_IFCHR | 0o000, os.makedev(0, 0), dir_fd=dir_fd)
+            return
+        except PermissionError:
+            pass
+    head, _, name = path.rpartition("/")
+    with _directory(head or ".", dir_fd) as fd:
+        os.close(
+            os.open(oci_whiteout_name(name), os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o000, dir_fd=fd)
+        )
 
 
-def mark_opaque(path: str, *, dir_fd: int | None = None) -> None:
-    """Mark the directory at ``path`` opaque: trusted xattr, else user xattr, else the OCI marker file."""
+def mark_opaque(path: str, *, dir_fd: int | None = None, xattrs: tuple[str, ...] = OPAQUE_XATTRS[:2]) -> None:
+    """Mark the directory at ``path`` opaque: the first of ``xattrs`` that can be set (trusted, else user),
+    else the OCI marker file."""
     with _directory(path, dir_fd) as fd:
-        for attr in OPAQUE_XATTRS:
+        for attr in xattrs:
             try:
                 os.setxattr(fd, attr, b"y")
                 return

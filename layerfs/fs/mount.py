@@ -73,6 +73,7 @@ def _serve(config: MountConfig, union: Union, debug: bool, on_ready=None) -> Non
     fuse_config = Config(
         fsname=config.fsname,
         readonly=config.readonly,
+        allow_other=config.allow_other,
         passthrough=config.passthrough,
         threads=config.threads,
         debug=debug,
@@ -139,6 +140,8 @@ def mount(config: MountConfig, *, foreground: bool = False, debug: bool = False)
         sync=config.sync,
         redirect_dir=config.redirect_dir,
         metacopy=config.metacopy,
+        userxattr=config.userxattr,
+        override_stat=config.override_stat,
     )
     if foreground:
         _prepare_process()

@@ -13,11 +13,7 @@ import select
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
-
-def _run_dir() -> str:
-    if os.geteuid() == 0:
-        return "/run/layerfs"
-    return os.path.join(os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/layerfs-{os.geteuid()}", "layerfs")
+from .. import userdirs
 
 
 @dataclass
@@ -43,7 +39,7 @@ def start_time(pid: int) -> int | None:
 
 def _file(mountpoint: str) -> str:
     digest = hashlib.sha256(os.path.abspath(mountpoint).encode("utf-8", "surrogateescape")).hexdigest()
-    return os.path.join(_run_dir(), digest[:32] + ".json")
+    return os.path.join(userdirs.runtime_dir(), digest[:32] + ".json")
 
 
 def stats_file(mountpoint: str) -> str:
@@ -52,7 +48,7 @@ def stats_file(mountpoint: str) -> str:
 
 
 def record(mount: MountRecord) -> None:
-    os.makedirs(_run_dir(), mode=0o700, exist_ok=True)
+    os.makedirs(userdirs.runtime_dir(), mode=0o700, exist_ok=True)
     path = _file(mount.mountpoint)
     with open(path + ".tmp", "w", encoding="utf-8", errors="surrogateescape") as f:
         json.dump(asdict(mount), f)
@@ -67,12 +63,12 @@ def find(mountpoint: str) -> MountRecord | None:
 def running() -> Iterator[MountRecord]:
     """The records of every live daemon."""
     try:
-        names = os.listdir(_run_dir())
+        names = os.listdir(userdirs.runtime_dir())
     except FileNotFoundError:
         return
     for name in names:
         if name.endswith(".json") and not name.endswith(".stats.json"):
-            mount = _live(os.path.join(_run_dir(), name))
+            mount = _live(os.path.join(userdirs.runtime_dir(), name))
             if mount is not None:
                 yield mount
 

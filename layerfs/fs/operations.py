@@ -152,13 +152,12 @@ class UnionOperations(Operations):
     # -- what is shown ----------------------------------------------------------------------------
 
     def _attr(self, a: Attributes) -> bytes:
-        st = a.st
-        uid, gid, nlink = st.st_uid, st.st_gid, a.nlink
+        uid, gid, nlink = a.uid, a.gid, a.nlink
         if self._owners is not None:
             uid, gid = self._owners.uid.shown(uid), self._owners.gid.shown(gid)
-        if self._static_nlink and stat.S_ISDIR(st.st_mode):
+        if self._static_nlink and stat.S_ISDIR(a.mode):
             nlink = 1
-        return pack_attr(a.ino, st, nlink, uid, gid, a.blocks)
+        return pack_attr(a.ino, a.st, nlink, uid, gid, a.blocks, a.mode)
 
     def _caller(self, req: Request) -> tuple[int, int]:
         """The caller's uid and gid as the layers store them."""

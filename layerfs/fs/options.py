@@ -12,6 +12,7 @@ import itertools
 import os
 from dataclasses import dataclass, field
 
+from ..core import overridestat
 from ..core.idmap import AS_STORED, IdMap, Owners, Range, overflow_id
 from ..errors import UsageError, printable
 
@@ -32,7 +33,6 @@ _QUIET = frozenset(
         "nosuid",
         "noexec",
         "default_permissions",
-        "allow_other",
         "allow_root",
         "fsync",
         "threaded",
@@ -40,7 +40,6 @@ _QUIET = frozenset(
         "timeout",
         "index",
         "xino",
-        "userxattr",
         "context",
         "fscontext",
         "defcontext",
@@ -72,6 +71,9 @@ class MountConfig:
     threads: int = 2  # threads=N: readers of /dev/fuse, each on a descriptor of its own
     redirect_dir: bool = True  # redirect_dir=off: a directory rename copies the tree up, as before redirects
     metacopy: bool = False  # metacopy=on: a metadata change of a lower file copies its metadata only
+    userxattr: bool = False  # overlay's records as user.overlay.* (else as the work directory's probe says)
+    override_stat: tuple[str, ...] = ()  # xattr_permissions=1|2: owners and modes shown as these xattrs say
+    allow_other: bool = True  # other users see the mount: always for root, for a plain user when asked and allowed
 
 
 def split_escaped(text: str, sep: str) -> list[str]:
@@ -196,6 +198,9 @@ def parse(option_strings: list[str], mountpoint: str | None) -> MountConfig:
     log = values.pop("log", None)
     if log is not None:
         log = os.path.abspath(log)
+        # (the daemon opens it once the mount is ready: a failure then would leave a dead mount)
+        if not os.access(log if os.path.exists(log) else os.path.dirname(log), os.W_OK):
+            raise UsageError(f"log {printable(log)}: not writable")
     threads_text = values.pop("threads", "2")
     threads = _number(threads_text, 65)
     if not threads:
@@ -211,11 +216,14 @@ def parse(option_strings: list[str], mountpoint: str | None) -> MountConfig:
     if metacopy and not redirect_dir:
         # A renamed metadata-only copy finds its data through a redirect, as on kernel overlayfs.
         raise UsageError(f"metacopy=on needs redirect_dir=on (it is {redirect_text})")
-    if values.get("xattr_permissions", "0") != "0":
-        warnings.append(
-            f"xattr_permissions={printable(values.pop('xattr_permissions'))} ignored: owners and modes are "
-            "stored as they are (layerfs runs as root)"
-        )
+    userxattr = "userxattr" in flags
+    flags.discard("userxattr")
+    allow_other = _allow_other("allow_other" in flags, warnings)
+    flags.discard("allow_other")
+    permissions = values.pop("xattr_permissions", "0")
+    if permissions not in ("0", *overridestat.NAMES):
+        raise UsageError(f"xattr_permissions={printable(permissions)}: not 0, 1 or 2")
+    override_stat = overridestat.NAMES.get(permissions, ())
 
     for key in sorted(values):
         if key not in _QUIET:
@@ -240,7 +248,27 @@ def parse(option_strings: list[str], mountpoint: str | None) -> MountConfig:
         threads,
         redirect_dir,
         metacopy,
+        userxattr,
+        override_stat,
+        allow_other,
     )
+
+
+def _allow_other(asked: bool, warnings: list[str]) -> bool:
+    """Whether the mount is open to other users: root's always (a container's processes run as many
+    users); a plain user's when asked and fusermount3 allows it (``user_allow_other`` in /etc/fuse.conf)."""
+    if os.geteuid() == 0:
+        return True
+    if not asked:
+        return False
+    try:
+        with open("/etc/fuse.conf") as f:
+            allowed = any(line.split("#", 1)[0].strip() == "user_allow_other" for line in f)
+    except FileNotFoundError:
+        allowed = False
+    if not allowed:
+        warnings.append("allow_other ignored: /etc/fuse.conf has no user_allow_other, the mount is yours alone")
+    return allowed
 
 
 def _owners(values: dict[str, str], flags: set[str]) -> Owners:

@@ -63,9 +63,11 @@ class SetAttr:
 _U64 = (1 << 64) - 1
 
 
-def pack_attr(ino: int, st: os.stat_result, nlink: int, uid: int, gid: int, blocks: int | None = None) -> bytes:
+def pack_attr(
+    ino: int, st: os.stat_result, nlink: int, uid: int, gid: int, blocks: int | None = None, mode: int | None = None
+) -> bytes:
     """The kernel's ``fuse_attr`` for ``st``, with the inode number, link count, owner (and blocks,
-    where they are another file's) shown."""
+    where they are another file's, and a mode, where it is not the file's own) shown."""
     atime, atime_ns = divmod(st.st_atime_ns, 1_000_000_000)
     mtime, mtime_ns = divmod(st.st_mtime_ns, 1_000_000_000)
     ctime, ctime_ns = divmod(st.st_ctime_ns, 1_000_000_000)
@@ -80,7 +82,7 @@ def pack_attr(ino: int, st: os.stat_result, nlink: int, uid: int, gid: int, bloc
         atime_ns,
         mtime_ns,
         ctime_ns,
-        st.st_mode,
+        st.st_mode if mode is None else mode,
         nlink,
         uid,
         gid,

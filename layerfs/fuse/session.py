@@ -216,8 +216,9 @@ class Session:
         )
         if self.config.readdirplus:
             wanted |= abi.DO_READDIRPLUS | abi.READDIRPLUS_AUTO
-        if self.config.passthrough and os.geteuid() == 0:
-            wanted |= abi.PASSTHROUGH  # the backing ioctl needs CAP_SYS_ADMIN
+        if self.config.passthrough:
+            # (its backing ioctl needs CAP_SYS_ADMIN: without it the first open falls back, and says so)
+            wanted |= abi.PASSTHROUGH
         if self.config.writeback_cache and not self.config.readonly and not wanted & abi.PASSTHROUGH:
             wanted |= abi.WRITEBACK_CACHE  # the kernel grants no passthrough beside it, silently
         self.granted = offered & wanted

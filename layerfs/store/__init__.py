@@ -39,14 +39,13 @@ from .content import SHARING, Content
 from .images import ImageInUse, Images, NoSuchImage, Progress, image_name
 from .incoming import Incoming
 from .layers import Layers
-from .root import DEFAULT_ROOT, Root, root_from
+from .root import Root, root_from
 from .volumes import VolumeInUse, Volumes
 
 if TYPE_CHECKING:  # (the registry client is imported by what uses it: a cached build loads no HTTP library)
     from ..distribution import push as pushing
 
 __all__ = [
-    "DEFAULT_ROOT",
     "SHARING",
     "Committed",
     "ContainerMounted",
@@ -64,7 +63,7 @@ def _volumes_of(record: dict | None) -> list[str]:
 
 
 class Store:
-    def __init__(self, root: str = DEFAULT_ROOT) -> None:
+    def __init__(self, root: str) -> None:
         self.root = Root(root)
         self.layers = Layers(self.root)
         self.content = Content(self.root)

@@ -1,6 +1,7 @@
 """Where a store lives and its one lock: the root directory (``--root``, else ``$LAYERFS_ROOT``, else
-/var/lib/layerfs), the lock every change to the store is made under, and the scratch space where new
-things are built before they get their names.
+/var/lib/layerfs for root and ``$XDG_DATA_HOME/layerfs`` for a plain user, ``userdirs.py``), the lock
+every change to the store is made under, and the scratch space where new things are built before they
+get their names.
 
 Only one command changes the store at a time; readers need no lock, since every change is a rename. All
 work in the scratch space is done holding the lock, so what the next holder finds there is what an
@@ -16,12 +17,12 @@ import shutil
 import uuid
 from collections.abc import Iterator
 
-DEFAULT_ROOT = "/var/lib/layerfs"
+from .. import userdirs
 
 
 def root_from(option: str | None) -> str:
-    """The store's root: ``--root``, else ``$LAYERFS_ROOT``, else /var/lib/layerfs."""
-    return option or os.environ.get("LAYERFS_ROOT") or DEFAULT_ROOT
+    """The store's root: ``--root``, else ``$LAYERFS_ROOT``, else the user's data directory."""
+    return option or os.environ.get("LAYERFS_ROOT") or userdirs.data_dir()
 
 
 class Root:

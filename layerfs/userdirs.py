@@ -1,0 +1,58 @@
+"""Where a user's things live: root's in /var/lib and /run; a plain user's (and those of root of a user
+namespace, which is a plain user outside it) where rootless Podman keeps its own, the XDG base directories.
+
+Data (the store): ``$XDG_DATA_HOME/layerfs``, else ``~/.local/share/layerfs``. Run state (the mounts'
+records): ``$XDG_RUNTIME_DIR/layerfs``, else ``/run/user/UID/layerfs`` where that directory is the
+user's (a login session made it), else ``layerfs-run-UID`` in the temporary directory, made 0700 and
+refused unless it is the user's, as containers-storage falls back.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+from .errors import LayerfsError
+
+
+def is_root() -> bool:
+    """Root of the machine: uid 0 in the initial user namespace, whose map is the whole identity."""
+    if os.geteuid() != 0:
+        return False
+    with open("/proc/self/uid_map") as f:
+        return f.read().split() == ["0", "0", "4294967295"]
+
+
+def data_dir() -> str:
+    if is_root():
+        return "/var/lib/layerfs"
+    data_home = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return os.path.join(data_home, "layerfs")
+
+
+def runtime_dir() -> str:
+    if is_root():
+        return "/run/layerfs"
+    uid = os.geteuid()
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime:
+        return os.path.join(runtime, "layerfs")
+    session = f"/run/user/{uid}"
+    if _is_owned(session, uid):
+        return os.path.join(session, "layerfs")
+    fallback = os.path.join(tempfile.gettempdir(), f"layerfs-run-{uid}")
+    try:
+        os.mkdir(fallback, 0o700)
+    except FileExistsError:
+        pass
+    if not _is_owned(fallback, uid):
+        raise LayerfsError(f"{fallback}: not yours (set XDG_RUNTIME_DIR to a directory of your own)")
+    return fallback
+
+
+def _is_owned(path: str, uid: int) -> bool:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    return st.st_uid == uid and os.path.isdir(path) and not os.path.islink(path)
