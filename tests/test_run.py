@@ -136,7 +136,7 @@ def test_changes_made_inside_show_in_diff_and_rm_leaves_nothing(store, new_mount
     ) as shim:
         listed = layerfs("ps", "--root", store).stdout.splitlines()
         image = "docker.io/library/box:1"  # (the image's full name, as docker reads "box:1")
-        assert listed[0] == f"c1  {image}  stopped" and listed[1].startswith(f"c2  {image}  running, pid ")
+        assert listed == [f"c1  {image}  exited (0)", f"c2  {image}  running"]
         shim.stdin.write("done\n")
         shim.stdin.close()
         assert shim.wait(timeout=30) == 0

@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING
 
 from .. import __version__
 from ..errors import LayerfsError, UsageError
-from . import dispatch, images
+from . import dispatch, images, lifecycle
 
 if TYPE_CHECKING:
     from ..store import Store
 
-COMMANDS = (
+COMMANDS: tuple[str, ...] = (
     "mount",
     "umount",
     "stats",
@@ -41,6 +41,7 @@ COMMANDS = (
     "bundle",
     "example",
 ) + images.COMMANDS
+COMMANDS += lifecycle.COMMANDS
 _ROOT_HELP = "the store (default $LAYERFS_ROOT, else /var/lib/layerfs)"
 
 
@@ -134,14 +135,15 @@ def _parser() -> argparse.ArgumentParser:
     x = sub.add_parser(
         "run",
         help="run a command in a container of an image (or of lower dirs)",
-        usage="layerfs run [--root DIR] [--name C] [--rm] [-e K[=V]] [--env-file FILE] [-w DIR] "
-        "[-u USER[:GROUP]] [--entrypoint CMD] "
+        usage="layerfs run [--root DIR] [--name C] [--rm] [-d] [-e K[=V]] [--env-file FILE] "
+        "[-w DIR] [-u USER[:GROUP]] [--entrypoint CMD] "
         "[--hostname H] [--net host|none] [--cap-add CAP] [--cap-drop CAP] [--privileged] "
         "IMAGE|--lower DIR... [--] [CMD ARGS...]",
     )
     x.add_argument("--root", metavar="DIR", help=_ROOT_HELP)
     x.add_argument("--name", help="the container's name (default: run-<random>)")
     x.add_argument("--rm", action="store_true", help="remove the container when the command ends")
+    x.add_argument("-d", "--detach", action="store_true", help="in the background: print its name, keep its output")
     x.add_argument("-e", "--env", action="append", default=[], metavar="K[=V]", help="K alone: the host's value")
     x.add_argument("--env-file", action="append", default=[], metavar="FILE", help="K=V or K lines, # comments")
     x.add_argument("-w", "--workdir", metavar="DIR", help="the command's working directory (made if missing)")
@@ -172,8 +174,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--debug", action="store_true")
 
     images.add_parsers(sub, _ROOT_HELP)
+    lifecycle.add_parsers(sub, _ROOT_HELP)
     for command, help_text, argument in (
-        ("rm", "remove a container (not mounted) and its changes", "name"),
         ("rmi", "remove an image no container uses (its layers stay until gc)", "name"),
         ("inspect", "an image or container of the store, as JSON", "name"),
         ("layers", "the store's layers and what uses each", None),
@@ -401,11 +403,9 @@ def _run(args: argparse.Namespace) -> int:
         rootfs = bundle.write(_store(args), args.name, args.directory, command)
         print(f"{os.path.join(args.directory, 'config.json')}\n{rootfs} (layerfs umount it when done)")
         return 0
-    if args.command in ("rm", "rmi", "inspect", "layers", "gc", "ps"):
+    if args.command in ("rmi", "inspect", "layers", "gc", "ps"):
         store = _store(args)
-        if args.command == "rm":
-            store.remove(args.name)
-        elif args.command == "rmi":
+        if args.command == "rmi":
             store.remove_image(args.name)
         elif args.command == "inspect":
             # (a name with a slash is no container's: an image's full name)
@@ -415,16 +415,15 @@ def _run(args: argparse.Namespace) -> int:
             print(json.dumps(record, indent=1, sort_keys=True))
         elif args.command == "ps":
             from ..fs import mounts
+            from ..runtime.lifecycle import refresh
 
             for name in store.containers.names():
-                record = store.containers.get(name)
+                record = refresh(store, name)
                 if record is None:
                     continue  # (removed since it was listed)
-                mounted = mounts.find(record["merged"])
-                print(
-                    f"{name}  {record['image']}  "
-                    f"{'running, pid ' + str(mounted.pid) + ' at ' + record['merged'] if mounted else 'stopped'}"
-                )
+                mounted = record["status"] != "running" and mounts.find(record["merged"])
+                where = f", mounted at {record['merged']}" if mounted else ""
+                print(f"{name}  {record['image']}  {record['status']}{where}")
         elif args.command == "layers":
             for diff_id, users in sorted(store.layer_users().items()):
                 print(f"{diff_id}  {', '.join(users) or '(unused)'}")
@@ -434,6 +433,8 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command in images.COMMANDS:
         return images.run(args)
+    if args.command in lifecycle.COMMANDS or args.command == "rm":
+        return lifecycle.run(args)
     if args.command == "example":
         from .. import example
 

@@ -1,5 +1,6 @@
-"""``layerfs run``: the command line's side: which layers, which process, and the container's life cycle
-(create, mount, run, unmount, remove with ``--rm``) around shim.run."""
+"""``layerfs run``: the command line's side: which layers, which process, and the mount around shim.run
+(a container of the store is created here and run by lifecycle.py: in the foreground or detached,
+removed with ``--rm``)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,12 @@ import os
 import shutil
 import tempfile
 import uuid
+from collections.abc import Callable
 
-from ..errors import UsageError
+from ..errors import LayerfsError, UsageError
 from ..fs import mount, options
 from ..store import Store, root_from
-from . import process, shim
+from . import lifecycle, process, shim
 from .confinement import Confinement
 
 
@@ -20,32 +22,41 @@ def main(args: argparse.Namespace) -> int:
     words = list(args.args)
     confined = Confinement.from_flags(args.cap_add, args.cap_drop, args.privileged)  # (its errors before any change)
     if args.lower:
+        if args.detach:
+            raise UsageError("run -d needs an image: a container of --lower dirs is thrown away when it ends")
         if words[:1] == ["--"]:
             words = words[1:]
         return _run_on_lowers([os.path.abspath(p) for p in args.lower], words, args, confined)
     if not words:
         raise UsageError("run what? give an IMAGE (or --lower DIR) and a command")
-    image, command = words[0], words[1:]
+    image = words[0]
+    store = Store(root_from(args.root))
+    record = store.create(args.name or f"run-{uuid.uuid4().hex[:8]}", image)
+    return lifecycle.launch(store, record["name"], args, run_stored)
+
+
+def run_stored(store: Store, name: str, args: argparse.Namespace, started: Callable[[int], None]) -> int:
+    """(In the shim.) Container ``name`` of the store run as ``run``'s flags ``args`` say (as given, or
+    as ``start`` finds them kept)."""
+    record = store.containers.get(name)
+    if record is None:
+        raise LayerfsError(f"no container {name!r}")
+    command = args.args[1:]
     if command[:1] == ["--"]:
         command = command[1:]
-    store = Store(root_from(args.root))
-    config = (store.images.find(image) or {}).get("config", {}).get("config") or {}
-    record = store.create(args.name or f"run-{uuid.uuid4().hex[:8]}", image)
-    try:
-        return _run(
-            record["lowers"],
-            record["upper"],
-            record["work"],
-            record["merged"],
-            command,
-            config,
-            args,
-            confined,
-            made=lambda paths: store.add_runtime_paths(record["name"], paths),
-        )
-    finally:
-        if args.rm:
-            store.remove(record["name"])
+    config = (store.images.find(record["image"]) or {}).get("config", {}).get("config") or {}
+    return _run(
+        record["lowers"],
+        record["upper"],
+        record["work"],
+        record["merged"],
+        command,
+        config,
+        args,
+        Confinement.from_flags(args.cap_add, args.cap_drop, args.privileged),
+        made=lambda paths: store.add_runtime_paths(name, paths),
+        started=started,
+    )
 
 
 def _run_on_lowers(lowers: list[str], command: list[str], args: argparse.Namespace, confined: Confinement) -> int:
@@ -70,6 +81,7 @@ def _run(
     args: argparse.Namespace,
     confined: Confinement,
     made=lambda paths: None,
+    started: Callable[[int], None] = lambda pid: None,
 ) -> int:
     hostname = args.hostname or (args.name or "layerfs")[:63]
     to_run = shim.Process(
@@ -88,7 +100,7 @@ def _run(
     try:
         to_run.binds, files = shim.runtime_files(merged, runtime, hostname, to_run.network)
         made(shim.make_mount_points(merged) + files)
-        return shim.run(merged, to_run)
+        return shim.run(merged, to_run, started)
     finally:
         mount.umount(merged)
         shutil.rmtree(runtime, ignore_errors=True)

@@ -20,6 +20,7 @@ import os
 import signal
 import socket
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pyseccomp
@@ -105,13 +106,15 @@ def make_mount_points(rootfs: str) -> list[str]:
     return made
 
 
-def run(rootfs: str, process: Process) -> int:
-    """Run ``process`` in ``rootfs`` (a mounted rootfs) and return its exit code (128+N for signal N)."""
+def run(rootfs: str, process: Process, started: Callable[[int], None] = lambda pid: None) -> int:
+    """Run ``process`` in ``rootfs`` (a mounted rootfs) and return its exit code (128+N for signal N);
+    ``started`` is told the pid of the container's first process."""
     shim = os.getpid()
     seccomp = process.confinement.seccomp_filter()
     pid = os.fork()
     if pid == 0:
         os._exit(_container(rootfs, process, seccomp, shim))
+    started(pid)
     forward = {s: signal.signal(s, lambda n, _: _pass_on(pid, n)) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         while True:

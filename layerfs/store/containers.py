@@ -17,6 +17,17 @@ class ContainerMounted(LayerfsError):
         super().__init__(f"container {name!r} is mounted at {where}")
 
 
+def _status(where: str) -> str:
+    """As docker says it (created, running, exited (CODE)), from what the runtime last wrote down
+    (runtime/state.py; ``lifecycle.refresh`` sets a killed shim's record right)."""
+    try:
+        with open(os.path.join(where, "state.json")) as f:
+            state = json.load(f)
+    except FileNotFoundError:
+        return "created"
+    return f"exited ({state['exit_code']})" if state["status"] == "exited" else state["status"]
+
+
 class Containers:
     def __init__(self, root: Root, layers: Layers) -> None:
         self.root = root
@@ -40,6 +51,7 @@ class Containers:
             work=os.path.join(where, "work"),
             merged=os.path.join(where, "merged"),
             lowers=[self.layers.path(d) for d in reversed(record["layers"])],
+            status=_status(where),
         )
         return record
 
