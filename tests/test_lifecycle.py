@@ -1,5 +1,5 @@
 """A container's life as docker users expect it: ``run -d`` with its output in ``logs [-f]``, ``stop``
-(the image's StopSignal, then SIGKILL), ``kill``, ``start``, ``wait``, ``rm -f``, and whatever
+(the image's StopSignal, then SIGKILL), ``kill``, ``start``, ``wait``, ``rm -f``, ``--init``, and whatever
 ends a container, its shim SIGKILLed included, nothing left mounted or running. The image is a busybox
 made by umoci with a StopSignal, run by layerfs and by Podman (runc, this host's settings) alike.
 """
@@ -115,12 +115,69 @@ def test_stop_is_podmans(images):
     podman("rm", "p1")
 
 
-def test_a_pid_1_without_handlers_is_killed_after_the_timeout(images):
+def test_a_pid_1_without_handlers_is_killed_after_the_timeout_and_init_passes_the_signal_on(images):
     store = images[0]
     layerfs("run", "--root", store, "-d", "--name", "bare", "box:usr1", "sleep", "100")
     layerfs("stop", "--root", store, "-t", "0.5", "bare")
     assert layerfs("wait", "--root", store, "bare").stdout == "137\n"  # sleep as PID 1 ignored SIGUSR1
-    layerfs("rm", "--root", store, "bare")
+    layerfs("run", "--root", store, "-d", "--init", "--name", "init", "box:usr1", "sleep", "100")
+    layerfs("stop", "--root", store, "-t", "60", "init")
+    assert layerfs("wait", "--root", store, "init").stdout == str(128 + signal.SIGUSR1) + "\n"
+    layerfs("rm", "--root", store, "bare", "init")
+
+
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(child) for child in f.read().split()]
+
+
+def _children_named(store: Path, name: str) -> list[str]:
+    """The command lines of the children of the container's PID 1 (a zombie's is empty)."""
+    (pid1,) = _children(_state(store, name)["pid"])
+    return [
+        Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip() for child in _children(pid1)
+    ]
+
+
+def _zombies(store: Path, name: str) -> int:
+    """How many of the children of the container's PID 1 are zombies."""
+    (pid1,) = _children(_state(store, name)["pid"])
+    return sum(_gone(child) for child in _children(pid1))
+
+
+@pytest.mark.parametrize("init", [False, True])
+def test_init_reaps_orphans(images, init):
+    """An orphan is given to PID 1: a sleep as PID 1 leaves it a zombie, the init reaps it."""
+    store = images[0]
+    flags = ["--init"] if init else []
+    script = "(sleep 0.1 &); exec sleep 100"
+    layerfs("run", "--root", store, "-d", *flags, "--name", "orphans", "box:usr1", "sh", "-c", script)
+    try:
+        if init:  # (its one child: the sleep 100, once sh has exec'd it; the orphan was reaped)
+            assert wait_for(lambda: _children_named(store, "orphans") == ["sleep 100"])
+        else:
+            assert wait_for(lambda: _zombies(store, "orphans") == 1)
+    finally:
+        layerfs("rm", "--root", store, "-f", "orphans")
+
+
+def test_sigterm_to_a_foreground_run_reaches_the_command_under_init(images):
+    store = images[0]
+    shim = subprocess.Popen(
+        LAYERFS + ["run", "--root", str(store), "--rm", "--init", "--name", "fg", "box:usr1", "sh", "-c", TRAPS],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert shim.stdout.readline() == "started\n"
+        shim.send_signal(signal.SIGTERM)
+        assert shim.wait(timeout=30) == 4
+        assert shim.stdout.read() == "got TERM\n"
+    finally:
+        if shim.poll() is None:
+            shim.kill()
+            shim.wait()
+    assert not (store / "containers/fg").exists()
 
 
 @pytest.mark.parametrize("rm", [False, True])

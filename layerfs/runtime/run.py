@@ -92,6 +92,7 @@ def _run(
         hostname,
         network=args.net == "host",
         confinement=confined,
+        init=args.init,
     )
     mount_options = options.for_dirs(lowers, upper, work, x_layerfs_owner=os.getpid())
     if mount.mount(options.parse([mount_options], merged)) != 0:

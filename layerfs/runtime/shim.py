@@ -11,7 +11,7 @@ the command, confined as confinement.py says (as runc orders it: the rootfs node
 /sys paths masked before pivot_root, the bounding set cut before setuid, the process's capabilities,
 no_new_privs, the descriptors and seccomp after it, just before exec). Everything mounted inside dies with
 the container's mount namespace; the rootfs mount is taken down by the shim when the command ends, on
-errors too.
+errors too. With ``--init`` its PID 1 is a minimal init (init.py) and the command its child.
 """
 
 from __future__ import annotations
@@ -28,12 +28,15 @@ import pyseccomp
 from .. import syscalls
 from ..errors import LayerfsError
 from ..syscalls import MS_BIND, MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_PRIVATE, MS_RDONLY, MS_REC
-from . import confinement
+from . import confinement, init
 from .confinement import Confinement
+from .init import exit_code
 from .process import find_user, make_workdir
 
 _DEVICES = {"null": (1, 3), "zero": (1, 5), "full": (1, 7), "random": (1, 8), "urandom": (1, 9), "tty": (5, 0)}
 _EXEC_FAILED = 127  # as a shell says "command not found"
+# What a shell sends a foreground job (Ctrl-C, kill, a closed terminal): passed on to the container.
+_FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 
 
 @dataclass
@@ -46,6 +49,7 @@ class Process:
     network: bool = True  # False: a network namespace of its own (loopback only, down)
     binds: list[tuple[str, str]] = field(default_factory=list)  # (host file, container path) bind-mounted
     confinement: Confinement = field(default_factory=Confinement)
+    init: bool = False  # --init: a minimal init as PID 1 (init.py)
 
 
 _MOUNT_POINTS = ("proc", "dev", "sys")
@@ -115,7 +119,7 @@ def run(rootfs: str, process: Process, started: Callable[[int], None] = lambda p
     if pid == 0:
         os._exit(_container(rootfs, process, seccomp, shim))
     started(pid)
-    forward = {s: signal.signal(s, lambda n, _: _pass_on(pid, n)) for s in (signal.SIGINT, signal.SIGTERM)}
+    forward = {s: signal.signal(s, lambda n, _: _pass_on(pid, n)) for s in _FORWARDED}
     try:
         while True:
             try:
@@ -126,7 +130,7 @@ def run(rootfs: str, process: Process, started: Callable[[int], None] = lambda p
     finally:
         for s, previous in forward.items():
             signal.signal(s, previous)
-    return _exit_code(status)
+    return exit_code(status)
 
 
 def _pass_on(pid: int, signum: int) -> None:
@@ -134,12 +138,6 @@ def _pass_on(pid: int, signum: int) -> None:
         os.kill(pid, signum)
     except ProcessLookupError:
         pass
-
-
-def _exit_code(status: int) -> int:
-    if os.WIFSIGNALED(status):
-        return 128 + os.WTERMSIG(status)
-    return os.WEXITSTATUS(status)
 
 
 def _die_with_parent(parent: int) -> None:
@@ -162,11 +160,11 @@ def _container(rootfs: str, process: Process, seccomp: pyseccomp.SyscallFilter |
         if pid == 0:
             _die_with_parent(parent)
             _become_pid1(rootfs, process, seccomp)  # never returns
-        signal.signal(signal.SIGINT, lambda n, _: _pass_on(pid, n))
-        signal.signal(signal.SIGTERM, lambda n, _: _pass_on(pid, n))
+        for s in _FORWARDED:
+            signal.signal(s, lambda n, _: _pass_on(pid, n))
         while True:
             try:
-                return _exit_code(os.waitpid(pid, 0)[1])
+                return exit_code(os.waitpid(pid, 0)[1])
             except InterruptedError:
                 continue
     except OSError as e:
@@ -207,6 +205,8 @@ def _become_pid1(rootfs: str, process: Process, seccomp: pyseccomp.SyscallFilter
         os.setuid(user.uid)
         os.chdir(process.cwd)
         confinement.enter(process.confinement, seccomp, user.uid)
+        if process.init:
+            init.fork_under_init()
         code = _EXEC_FAILED
         os.execvpe(process.argv[0], process.argv, env)
     except OSError as e:
