@@ -135,7 +135,7 @@ def _parser() -> argparse.ArgumentParser:
     x = sub.add_parser(
         "run",
         help="run a command in a container of an image (or of lower dirs)",
-        usage="layerfs run [--root DIR] [--name C] [--rm] [-d] [--init] [-e K[=V]] [--env-file FILE] "
+        usage="layerfs run [--root DIR] [--name C] [--rm] [-d] [-i] [-t] [--init] [-e K[=V]] [--env-file FILE] "
         "[-w DIR] [-u USER[:GROUP]] [--entrypoint CMD] "
         "[--hostname H] [--net host|none] [--cap-add CAP] [--cap-drop CAP] [--privileged] "
         "IMAGE|--lower DIR... [--] [CMD ARGS...]",
@@ -144,6 +144,8 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--name", help="the container's name (default: run-<random>)")
     x.add_argument("--rm", action="store_true", help="remove the container when the command ends")
     x.add_argument("-d", "--detach", action="store_true", help="in the background: print its name, keep its output")
+    x.add_argument("-i", "--interactive", action="store_true", help="standard input to the container")
+    x.add_argument("-t", "--tty", action="store_true", help="a terminal of the container's own")
     x.add_argument("--init", action="store_true", help="a minimal init as PID 1: passes signals on, reaps")
     x.add_argument("-e", "--env", action="append", default=[], metavar="K[=V]", help="K alone: the host's value")
     x.add_argument("--env-file", action="append", default=[], metavar="FILE", help="K=V or K lines, # comments")

@@ -92,6 +92,8 @@ def _run(
         hostname,
         network=args.net == "host",
         confinement=confined,
+        stdin=args.interactive,
+        tty=args.tty,
         init=args.init,
     )
     mount_options = options.for_dirs(lowers, upper, work, x_layerfs_owner=os.getpid())
