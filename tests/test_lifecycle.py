@@ -215,3 +215,32 @@ def test_run_rm_leaves_nothing_after_a_failure(images):
     detached = layerfs("run", "--root", store, "-d", "--rm", "--name", "fd", "box:usr1", "/no/such/command")
     assert detached.stdout == "fd\n"
     assert wait_for(lambda: not (store / "containers/fd").exists())
+
+
+CONFINED = "grep -E '^(CapEff|NoNewPrivs|Seccomp):' /proc/self/status"
+
+
+def test_exec_joins_a_running_container_and_ends_with_it(images):
+    store = images[0]
+    flags = ("--hostname", "box", "-e", "FROM_RUN=1", "--cap-drop", "CHOWN")
+    layerfs("run", "--root", store, "-d", *flags, "--name", "x1", "box:usr1", "sh", "-c", TRAPS)
+    try:
+        assert wait_for(lambda: layerfs("logs", "--root", store, "x1").stdout == "started\n")
+        script = "echo $X $FROM_RUN $HOSTNAME $(hostname) $(id -u) $(pwd); tr '\\0' ' ' < /proc/1/cmdline; echo"
+        inside = layerfs("exec", "--root", store, "-e", "X=1", "-u", "1000", "-w", "/tmp", "x1", "sh", "-c", script)
+        assert inside.stdout == f"1 1 box box 1000 /tmp\nsh -c {TRAPS} \n"
+        # confined as the container is (its capabilities, no_new_privs, seccomp)
+        confined = layerfs("exec", "--root", store, "x1", "sh", "-c", CONFINED).stdout
+        assert confined == layerfs("run", "--root", store, "--rm", *flags, "box:usr1", "sh", "-c", CONFINED).stdout
+        assert "Seccomp:\t2" in confined and "NoNewPrivs:\t1" in confined
+        # a process exec'd ends with the container
+        sleeper = subprocess.Popen(LAYERFS + ["exec", "--root", str(store), "x1", "sleep", "100"])
+        assert wait_for(lambda: "sleep 100" in layerfs("exec", "--root", store, "x1", "ps").stdout)
+        layerfs("stop", "--root", store, "x1")
+        assert sleeper.wait(timeout=30) == 128 + signal.SIGKILL
+    finally:
+        layerfs("rm", "--root", store, "-f", "x1")
+    result = layerfs("run", "--root", store, "--name", "x2", "box:usr1", "true")
+    result = layerfs("exec", "--root", store, "x2", "true", check=False)
+    assert (result.returncode, result.stderr) == (1, "layerfs: container 'x2' is not running\n")
+    layerfs("rm", "--root", store, "x2")

@@ -98,6 +98,18 @@ def test_ctrl_c_reaches_the_command(images):
     assert code == 128 + signal.SIGINT, shown
 
 
+def test_exec_has_a_terminal_of_the_containers_devpts(images):
+    store = images[0]
+    layerfs("run", "--root", store, "-d", "--name", "tty-exec", "box:usr1", "sleep", "100")
+    try:
+        args = ("exec", "--root", store, "-it", "tty-exec", "sh", "-c", "tty; stty size; ls /dev/pts")
+        with _terminal(12, 34, *args) as terminal:
+            code, shown = terminal.finish()
+        assert code == 0 and shown == b"/dev/pts/0\r\n12 34\r\n0     ptmx\r\n", shown
+    finally:
+        layerfs("rm", "--root", store, "-f", "tty-exec")
+
+
 def test_standard_input_only_with_i(images):
     store = images[0]
     for flags, expected in (([], ""), (["-i"], "typed\n")):

@@ -1,11 +1,11 @@
-"""The commands of a container's life: logs, start, stop, kill, wait and rm (runtime/lifecycle.py)."""
+"""The commands of a container's life: logs, start, stop, kill, wait, exec and rm (runtime/lifecycle.py)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-COMMANDS = ("logs", "start", "stop", "kill", "wait")  # (and rm, which was there before them)
+COMMANDS = ("logs", "start", "stop", "kill", "wait", "exec")  # (and rm, which was there before them)
 
 
 _USAGES = {
@@ -14,6 +14,10 @@ _USAGES = {
     "stop": ("the image's StopSignal (else SIGTERM), SIGKILL after a while", "layerfs stop [-t N] CONTAINER..."),
     "kill": ("signal a container's PID 1 (default SIGKILL)", "layerfs kill [-s SIGNAL] CONTAINER..."),
     "wait": ("wait until a container ends; print its exit code", "layerfs wait CONTAINER..."),
+    "exec": (
+        "run a command in a running container",
+        "layerfs exec [-i] [-t] [-u USER[:GROUP]] [-e K[=V]] [-w DIR] CONTAINER CMD [ARGS...]",
+    ),
     "rm": ("remove a container and its changes", "layerfs rm [-f] CONTAINER..."),
 }
 
@@ -28,14 +32,22 @@ def add_parsers(sub: argparse._SubParsersAction, root_help: str) -> None:
     p["stop"].add_argument("-t", "--time", type=float, metavar="N", help="seconds before SIGKILL (default 10)")
     p["kill"].add_argument("-s", "--signal", default="KILL", metavar="SIGNAL", help="a name (TERM, SIGTERM) or number")
     p["rm"].add_argument("-f", "--force", action="store_true", help="a running one too (killed first)")
-    for name in ("logs", "start"):
+    for name in ("logs", "start", "exec"):
         p[name].add_argument("name", metavar="CONTAINER")
     for name in ("stop", "kill", "wait", "rm"):
         p[name].add_argument("names", nargs="+", metavar="CONTAINER")
+    x = p["exec"]
+    x.add_argument("-i", "--interactive", action="store_true", help="standard input to the command")
+    x.add_argument("-t", "--tty", action="store_true", help="a terminal of the container's own")
+    x.add_argument("-u", "--user", metavar="USER[:GROUP]", help="default: the container's user")
+    x.add_argument("-e", "--env", action="append", default=[], metavar="K[=V]", help="K alone: the host's value")
+    x.add_argument("-w", "--workdir", metavar="DIR", help="default: the container's working directory")
+    x.add_argument("cmd", nargs=argparse.REMAINDER, metavar="CMD")
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..runtime import lifecycle
+    from ..errors import UsageError
+    from ..runtime import exec_into, lifecycle
     from ..runtime import run as running
     from ..store import Store, root_from
 
@@ -44,6 +56,10 @@ def run(args: argparse.Namespace) -> int:
         lifecycle.logs(store, args.name, args.follow, sys.stdout.buffer)
     elif args.command == "start":
         return lifecycle.start(store, args.name, args.attach, running.run_stored)
+    elif args.command == "exec":
+        if not args.cmd:
+            raise UsageError("exec what? give a CONTAINER and a command")
+        return exec_into.main(store, args.name, args)
     else:
         signum = lifecycle.parse_signal(args.signal) if args.command == "kill" else 0
         for name in args.names:

@@ -136,11 +136,15 @@ def start(store: Store, name: str, attach: bool, run: RunFn) -> int:
     return launch(store, name, args, run)
 
 
+def image_config(store: Store, record: dict) -> dict:
+    """The config (Cmd, Env, StopSignal...) of the image of container ``record``; {} if it has gone."""
+    return (store.images.find(record["image"]) or {}).get("config", {}).get("config") or {}
+
+
 def stop_signal(store: Store, name: str) -> int:
     """The image's StopSignal (``SIGQUIT``, ``QUIT`` or ``3``), else SIGTERM."""
-    record = store.containers.get(name) or {}
-    image = store.images.find(record.get("image", "")) or {}
-    return parse_signal((image.get("config", {}).get("config") or {}).get("StopSignal") or "SIGTERM")
+    record = store.containers.get(name)
+    return parse_signal((image_config(store, record) if record else {}).get("StopSignal") or "SIGTERM")
 
 
 def parse_signal(text: str) -> int:

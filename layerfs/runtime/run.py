@@ -44,7 +44,7 @@ def run_stored(store: Store, name: str, args: argparse.Namespace, started: Calla
     command = args.args[1:]
     if command[:1] == ["--"]:
         command = command[1:]
-    config = (store.images.find(record["image"]) or {}).get("config", {}).get("config") or {}
+    config = lifecycle.image_config(store, record)
     return _run(
         record["lowers"],
         record["upper"],
@@ -71,6 +71,10 @@ def _run_on_lowers(lowers: list[str], command: list[str], args: argparse.Namespa
         shutil.rmtree(where, ignore_errors=True)
 
 
+def container_hostname(args: argparse.Namespace) -> str:
+    return args.hostname or (args.name or "layerfs")[:63]
+
+
 def _run(
     lowers: list[str],
     upper: str,
@@ -83,7 +87,7 @@ def _run(
     made=lambda paths: None,
     started: Callable[[int], None] = lambda pid: None,
 ) -> int:
-    hostname = args.hostname or (args.name or "layerfs")[:63]
+    hostname = container_hostname(args)
     to_run = shim.Process(
         process.argv(config, command, args.entrypoint),
         process.environment(config, args.env, args.env_file, hostname),
