@@ -68,11 +68,12 @@ def test_example_reports_what_its_command_did(tmp_path, mounts):
     after = mounts.layerfs(tmp_path / "committed", lowers(example.COMMITTED))
     assert two_tree_changes(before, after) == shown
     assert (after / example.NEW_FILE.lstrip("/")).read_text() in result.stdout
-    # The --rm run left nothing; the container that made the changes is kept, stopped.
+    # The --rm run left nothing; the container that made the changes is kept, exited.
     assert layerfs("ps", "--root", str(base / "store")).stdout.split() == [
         example.CONTAINER,
         f"docker.io/library/{example.IMAGE}",
-        "stopped",
+        "exited",
+        "(0)",
     ]  # the image's full name
 
 
