@@ -56,6 +56,7 @@ def run_stored(store: Store, name: str, args: argparse.Namespace, started: Calla
         Confinement.from_flags(args.cap_add, args.cap_drop, args.privileged),
         made=lambda paths: store.add_runtime_paths(name, paths),
         started=started,
+        runtime_in=store.containers.dir(name),  # (what a killed shim leaves there goes with the container)
     )
 
 
@@ -86,6 +87,7 @@ def _run(
     confined: Confinement,
     made=lambda paths: None,
     started: Callable[[int], None] = lambda pid: None,
+    runtime_in: str | None = None,
 ) -> int:
     hostname = container_hostname(args)
     to_run = shim.Process(
@@ -103,7 +105,7 @@ def _run(
     mount_options = options.for_dirs(lowers, upper, work, x_layerfs_owner=os.getpid())
     if mount.mount(options.parse([mount_options], merged)) != 0:
         return 125
-    runtime = tempfile.mkdtemp(prefix="layerfs-runtime-")
+    runtime = tempfile.mkdtemp(prefix="layerfs-runtime-", dir=runtime_in)
     try:
         to_run.binds, files = shim.runtime_files(merged, runtime, hostname, to_run.network)
         made(shim.make_mount_points(merged) + files)

@@ -3,6 +3,7 @@
     STORE/containers/<name>/state.json     created, running (the shim's pid) or exited (the exit code)
     STORE/containers/<name>/run.json       the ``layerfs run`` flags it was made with (``start`` runs them again)
     STORE/containers/<name>/container.log  what a detached container wrote (standard output and error)
+    STORE/containers/<name>/layerfs-runtime-*/  its /etc/hostname, hosts, resolv.conf while it runs
 
 The shim is the one process that writes ``state.json``; a record that says running while its shim is gone
 (SIGKILLed) is the leftover of a crash, which ``lifecycle.refresh`` clears, as podman's cleanup does.
