@@ -32,6 +32,8 @@ class Container:
     work: str | None
     # What the runtime made for itself (mount points it had to create), never shown as a change.
     runtime_paths: tuple[str, ...] = ()
+    # Where volumes are mounted: nothing there or below is the container's change.
+    volume_targets: tuple[str, ...] = ()
 
 
 def of_mount(mountpoint: str) -> Container:
@@ -47,7 +49,13 @@ def of_name_or_mount(target: str, store_root: str) -> Container:
     """A container of the store by name, else the running mount at ``target``."""
     record = Store(store_root).containers.get(target) if "/" not in target else None
     if record is not None:
-        return Container(record["lowers"], record["upper"], record["work"], tuple(record.get("runtime_paths", ())))
+        return Container(
+            record["lowers"],
+            record["upper"],
+            record["work"],
+            tuple(record.get("runtime_paths", ())),
+            tuple(m["Destination"] for m in record.get("mounts", ())),
+        )
     return of_mount(target)
 
 
@@ -63,17 +71,19 @@ def container_changes(container: Container, *, under: str = "/", unchanged_copie
     if container.upper is None:
         return []  # a read-only mount changes nothing
     state = os.path.join(container.work, INDEX_DIR) if container.work else None
+    ignore, ignore_below = frozenset(container.runtime_paths), frozenset(container.volume_targets)
     if state is not None and os.path.isdir(state):
         with read_index(container.upper, state, lowers=container.lowers) as index:
             found = indexed_changes(
-                index, container.lowers, unchanged_copies=unchanged_copies, ignore=frozenset(container.runtime_paths)
+                index, container.lowers, unchanged_copies=unchanged_copies, ignore=ignore, ignore_below=ignore_below
             )
     else:
         found = changes(
             container.upper,
             container.lowers,
             unchanged_copies=unchanged_copies,
-            ignore=frozenset(container.runtime_paths),
+            ignore=ignore,
+            ignore_below=ignore_below,
         )
     under = "/" + under.strip("/")
     if under == "/":

@@ -86,6 +86,7 @@ _SYS_OPENAT2 = 437  # the same number on every architecture (the syscall came af
 _RESOLVE_NO_MAGICLINKS = 0x02
 _RESOLVE_NO_SYMLINKS = 0x04
 _RESOLVE_BENEATH = 0x08
+_RESOLVE_IN_ROOT = 0x10
 _OPEN_FLAGS = 0
 for _name in (
     "O_ACCMODE",
@@ -174,6 +175,12 @@ def open_how(flags: int, mode: int) -> _OpenHow:
             flags, mode if creating else 0, _RESOLVE_BENEATH | _RESOLVE_NO_SYMLINKS | _RESOLVE_NO_MAGICLINKS
         )
     return how
+
+
+def open_in_root(root_fd: int, path: str, flags: int) -> int:
+    """Open ``path`` as a process chrooted to ``root_fd`` would (RESOLVE_IN_ROOT: its symlinks and ``..``
+    stay inside), as runc resolves a mount's destination in a container's rootfs."""
+    return openat2(root_fd, path, _OpenHow(flags | os.O_CLOEXEC, 0, _RESOLVE_IN_ROOT | _RESOLVE_NO_MAGICLINKS))
 
 
 class _FileHandle(ctypes.Structure):

@@ -11,6 +11,7 @@ that users other than root can reach (pytest's own temporary directories are pri
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -28,6 +29,18 @@ def layerfs(*args, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run(
         LAYERFS + [*map(str, args)], capture_output=True, text=True, timeout=120, check=check, **kwargs
     )
+
+
+def table_rows(output: str) -> list[dict[str, str]]:
+    """A table as docker prints it (``ps``, ``images``): each row by its header's column names, cut where
+    the header's columns start."""
+    header, *rows = output.splitlines()
+    names = re.findall(r"\S+(?: \S+)*", header)
+    starts = [header.index(name) for name in names] + [None]
+    return [
+        {name: row[start:end].strip() for name, start, end in zip(names, starts, starts[1:], strict=False)}
+        for row in rows
+    ]
 
 
 def errno_of(action) -> int | None:

@@ -12,6 +12,7 @@ import hashlib
 import http.server
 import json
 import os
+import signal
 import socket
 import subprocess
 import threading
@@ -20,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import layerfs
+from conftest import LAYERFS, layerfs, table_rows
 from test_images import make_layout
 
 from layerfs.distribution.auth import Credentials, find_credentials, parse_challenge, store_login
@@ -255,7 +256,8 @@ def test_a_pulled_image_is_the_registrys_byte_for_byte(registry, image, tmp_path
     assert (tmp_path / "bundle/rootfs/etc/new").read_text() == "new\n"
     store = tmp_path / "store"  # what a pull is until the store takes it directly: a layout, then import
     layerfs("import", "--root", store, f"oci:{tmp_path / 'oci'}:v2", "pulled:v2")
-    assert "pulled:v2" in layerfs("images", "--root", store).stdout
+    listed = table_rows(layerfs("images", "--root", store).stdout)
+    assert [(r["REPOSITORY"], r["TAG"]) for r in listed] == [("docker.io/library/pulled", "v2")]
 
 
 @pytest.mark.root
@@ -512,6 +514,8 @@ class FakeRegistry:
             def do_GET(self) -> None:
                 outer._answer(self)
 
+            do_HEAD = do_POST = do_PUT = do_PATCH = do_GET  # (a push: only "stalled" answers them, stalling)
+
             def log_message(self, *args: object) -> None:
                 pass
 
@@ -562,7 +566,7 @@ class FakeRegistry:
             request.send_header("Location", request.path)
             request.end_headers()
             return
-        elif repository == "stalled":
+        elif repository == "stalled":  # whatever is asked
             self.release.wait(30)
             return
         elif repository == "huge":
@@ -619,6 +623,41 @@ def test_hostile_answers_are_refused_and_leave_nothing(fake, tmp_path, repositor
     assert "\n" not in str(caught.value)
     assert not (layout / "index.json").exists()
     assert {p.name for p in (layout / "blobs/sha256").iterdir()} <= {_sha256(fake.CONFIG)[7:]}  # no partial blob
+
+
+@pytest.mark.root  # the rootfs tar imported first has owners
+@pytest.mark.parametrize(
+    "command", [["pull", "stalled"], ["pull", "stalled-blob"], ["push", "flat:1", "stalled"]], ids=" ".join
+)
+def test_ctrl_c_ends_a_stalled_transfer_at_once_and_leaves_the_store_as_it_was(fake, tmp_path, command):
+    """A stalled registry answers nothing (a manifest, the rest of a blob, a push's first question): Ctrl-C
+    ends the command at once, not after the client's 30 s timeout, and nothing of it stays."""
+    root = tmp_path / "store"
+    (tmp_path / "rootfs/etc").mkdir(parents=True)
+    (tmp_path / "rootfs/etc/motd").write_text("hi\n")
+    subprocess.run(["tar", "-C", tmp_path / "rootfs", "-cf", tmp_path / "rootfs.tar", "."], check=True)
+    layerfs("import", "--root", root, f"rootfs:{tmp_path / 'rootfs.tar'}", "flat:1")
+
+    def state() -> dict[str, list[str]]:
+        return {d: sorted(str(p.relative_to(root)) for p in (root / d).rglob("*")) for d in os.listdir(root)}
+
+    before = state()
+    verb, *args, repository = command
+    with subprocess.Popen(
+        [*LAYERFS, verb, "--root", root, "--tls-verify=false", *args, f"{fake.host}/{repository}"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as command_run:
+        time.sleep(2)  # well into the stall: the command is waiting for the registry
+        assert command_run.poll() is None, command_run.stderr.read()
+        interrupted = time.monotonic()
+        command_run.send_signal(signal.SIGINT)
+        _, stderr = command_run.communicate(timeout=30)
+        took = time.monotonic() - interrupted
+    assert command_run.returncode == 130 and stderr == "layerfs: interrupted\n", stderr
+    assert took < 10, f"Ctrl-C took {took:.1f} s: it waited for the stalled transfer"  # (the timeout is 30 s)
+    assert state() == before
 
 
 def test_a_well_behaved_fake_gives_the_image(fake, tmp_path):

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import layerfs
+from conftest import layerfs, table_rows
 from processes import pids_using, wait_for
 from treediff import two_tree_changes
 
@@ -68,12 +68,10 @@ def test_example_reports_what_its_command_did(tmp_path, mounts):
     after = mounts.layerfs(tmp_path / "committed", lowers(example.COMMITTED))
     assert two_tree_changes(before, after) == shown
     assert (after / example.NEW_FILE.lstrip("/")).read_text() in result.stdout
-    # The --rm run left nothing; the container that made the changes is kept, exited.
-    assert layerfs("ps", "--root", str(base / "store")).stdout.split() == [
-        example.CONTAINER,
-        f"docker.io/library/{example.IMAGE}",
-        "exited",
-        "(0)",
+    # The --rm run left nothing; the container that made the changes is kept, stopped.
+    listed = table_rows(layerfs("ps", "-a", "--root", str(base / "store")).stdout)
+    assert [(r["NAMES"], r["IMAGE"], r["STATUS"].split(" ")[0]) for r in listed] == [
+        (example.CONTAINER, f"docker.io/library/{example.IMAGE}", "Exited")
     ]  # the image's full name
 
 

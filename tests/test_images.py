@@ -4,6 +4,7 @@ are imported, and the image mounted from the store's layers equals what umoci un
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import shutil
@@ -85,6 +86,30 @@ def test_an_imported_image_mounts_as_umoci_unpacks_it(layout, mounts, tmp_path):
     assert (
         subprocess.run(["chroot", mounted, "/bin/sh", "-c", "echo ok"], capture_output=True, text=True).stdout == "ok\n"
     )
+
+
+def test_an_image_umoci_insert_made_imports(mounts, tmp_path):
+    """umoci insert writes its layer without the last block's padding and without the end-of-archive
+    block, which Go's archive/tar (docker, podman, umoci itself) reads as a whole tar: so does import."""
+    oci = tmp_path / "oci"
+    _umoci("init", "--layout", oci)
+    _umoci("new", "--image", f"{oci}:base")
+    (tmp_path / "add").mkdir()
+    shutil.copy2(BUSYBOX, tmp_path / "add/busybox")
+    _umoci("insert", "--image", f"{oci}:base", tmp_path / "add", "/bin")
+    index = json.loads((oci / "index.json").read_text())
+    manifest = json.loads((oci / "blobs/sha256" / index["manifests"][0]["digest"].split(":")[1]).read_text())
+    with gzip.open(oci / "blobs/sha256" / manifest["layers"][0]["digest"].split(":")[1]) as layer:
+        tar = layer.read()
+    assert len(tar) % 512 != 0, "umoci now ends its layer with the end block: this test no longer tests that"
+
+    store = tmp_path / "store"
+    layerfs("import", "--root", store, f"oci:{oci}:base", "inserted")
+    lowers = layerfs("images", "--root", store, "--lowerdir", "inserted").stdout.strip().split(":")
+    mounted = mounts.layerfs(tmp_path / "mnt", [Path(p) for p in lowers])
+    assert (mounted / "bin/busybox").read_bytes() == Path(BUSYBOX).read_bytes()
+    result = subprocess.run(["chroot", mounted, "/bin/busybox", "echo", "ok"], capture_output=True, text=True)
+    assert result.stdout == "ok\n", result.stderr
 
 
 def test_a_blob_that_does_not_match_its_digest_is_refused(layout, tmp_path):

@@ -480,8 +480,12 @@ def test_ten_thousand_files_open_at_once(layers, mounts, tmp_path, record_proper
             os.close(fd)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
-    # The kernel sends the releases after close(2) returns.
-    assert wait_for(lambda: _fd_count(pid) == before), f"daemon descriptors: {before} before, {_fd_count(pid)} now"
+    # The kernel sends the releases after close(2) returns. The daemon may keep each directory (of the
+    # lower and of the upper) open for the next lookup in it, no more.
+    kept = 2 * (OPEN_FILES // PER_DIR)
+    assert wait_for(lambda: _fd_count(pid) <= before + kept), (
+        f"daemon descriptors: {before} before, {_fd_count(pid)} now"
+    )
     assert during >= before + OPEN_FILES
     assert daemon_pids(mnt) == [pid]
     record_property("daemon_fds_before", before)

@@ -13,7 +13,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from conftest import LAYERFS, layerfs
+from conftest import LAYERFS, layerfs, table_rows
 from processes import wait_for
 
 pytestmark = pytest.mark.root  # containers: namespaces, mounts, pivot_root
@@ -135,9 +135,16 @@ def test_changes_made_inside_show_in_diff_and_rm_leaves_nothing(store, new_mount
         "echo x > /root/y; echo ready; read line",
         stdin=True,
     ) as shim:
-        listed = layerfs("ps", "--root", store).stdout.splitlines()
         image = "docker.io/library/box:1"  # (the image's full name, as docker reads "box:1")
-        assert listed == [f"c1  {image}  exited (0)", f"c2  {image}  running"]
+        running = table_rows(layerfs("ps", "--root", store).stdout)
+        assert [(r["NAMES"], r["IMAGE"], r["STATUS"][:3]) for r in running] == [("c2", image, "Up ")]
+        assert running[0]["COMMAND"] == '"/bin/sh -c \'echo x …"' and running[0]["CREATED"].endswith(" ago")
+        everything = table_rows(layerfs("ps", "--root", store, "-a").stdout)
+        assert [(r["NAMES"], r["STATUS"].split(" ")[0]) for r in everything] == [("c1", "Exited"), ("c2", "Up")]
+        assert everything[0]["STATUS"].startswith("Exited (0) ") and everything[0]["STATUS"].endswith(" ago")
+        ids = layerfs("ps", "--root", store, "-a", "-q").stdout.split()
+        assert ids == [r["CONTAINER ID"] for r in everything] and all(len(i) == 12 for i in ids)
+        assert layerfs("diff", "--root", store, ids[0]).stdout.splitlines()[-1] == "A /root/new"  # an id names it
         shim.stdin.write("done\n")
         shim.stdin.close()
         assert shim.wait(timeout=30) == 0
@@ -228,3 +235,12 @@ def test_user_and_a_network_of_its_own(rootfs):
         "run", "--lower", rootfs, "--", "/bin/sh", "-c", "cat /proc/net/dev | tail -n +3 | wc -l"
     ).stdout.strip()
     assert int(host_side) >= 1  # --net host (the default) sees the host's interfaces
+
+
+def test_a_named_container_of_lower_dirs_is_kept(rootfs, tmp_path, new_mounts):
+    store = tmp_path / "store"
+    layerfs("run", "--root", store, "--name", "low", "--lower", rootfs, "--", "/bin/sh", "-c", "echo x > /root/new")
+    assert layerfs("diff", "--root", store, "low").stdout.splitlines() == ["C /root", "A /root/new"]
+    assert [r["NAMES"] for r in table_rows(layerfs("ps", "--root", store, "-a").stdout)] == ["low"]
+    layerfs("rm", "--root", store, "low")
+    assert new_mounts() == []

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from conftest import layerfs
+from conftest import layerfs, table_rows
 from test_podman import Podman
 
 pytestmark = pytest.mark.root  # containers: namespaces, mounts, setuid
@@ -166,3 +166,57 @@ def test_a_missing_workdir_is_made_for_the_user(images):
 def test_a_relative_workdir_is_refused(images):
     result = layerfs("run", "--root", images[0], "--rm", "-w", "work", "box:plain", "/bin/true", check=False)
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "absolute" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "flags, image, code",
+    [
+        (("-u", "nobody2"), "box:plain", 125),  # a user the image's passwd lacks
+        (("-w", "work"), "box:plain", 2),  # a bad flag value
+        (("--entrypoint", ""), "box:plain", 2),  # no command at all
+        ((), "box:missing", 1),  # no such image
+    ],
+)
+def test_a_refused_run_leaves_no_container(images, flags, image, code):
+    store = images[0]
+    command = () if "--entrypoint" in flags else ("/bin/true",)
+    result = layerfs("run", "--root", store, "--name", "refused", *flags, image, *command, check=False)
+    assert result.returncode == code and result.stderr.count("\n") == 1, result.stderr
+    assert not (store / "containers" / "refused").exists()
+
+
+def test_a_bundle_runs_the_process_layerfs_run_would(images, tmp_path):
+    """runc runs a bundle of an image with a User, Env and WorkingDir, with -e, as Podman runs the image."""
+    store, ids, podman = images
+    script = 'echo "$(id) $HOME $FOO $X $(pwd)"'
+    layerfs("create", "--root", store, "--name", "bundled", "box:app")
+    bundle = tmp_path / "bundle"
+    try:
+        layerfs("bundle", "--root", store, "-e", "X=1", "bundled", bundle, "--", "/bin/sh", "-c", script)
+        try:
+            ran = subprocess.run(
+                ["runc", "run", "--bundle", str(bundle), f"layerfs-bundle-{os.getpid()}"],
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+        finally:
+            layerfs("umount", bundle / "rootfs")
+    finally:
+        layerfs("rm", "--root", store, "bundled")
+    theirs = podman("run", "--rm", "-e", "X=1", ids["app"], "/bin/sh", "-c", script).stdout
+    assert (
+        ran.stdout
+        == theirs
+        == "uid=1000(app) gid=1000(app) groups=10(wheel),50(staff),1000(app) /home/app image 1 /srv/work\n"
+    ), ran.stderr
+
+
+def test_images_in_dockers_columns(images):
+    store, ids, podman = images
+    listed = table_rows(layerfs("images", "--root", store).stdout)
+    assert [(r["REPOSITORY"], r["TAG"]) for r in listed] == [("docker.io/library/box", tag) for tag in sorted(CONFIGS)]
+    assert [r["IMAGE ID"] for r in listed] == [ids[tag][:12] for tag in sorted(CONFIGS)]  # Podman's ids
+    assert all(r["CREATED"].endswith(" ago") and r["SIZE"].endswith("MB") for r in listed), listed
+    quiet = layerfs("images", "--root", store, "-q").stdout.split()
+    assert quiet == [r["IMAGE ID"] for r in listed]

@@ -802,10 +802,9 @@ def test_a_hostile_layer_is_refused_and_leaves_nothing(
 
 def _damaged_cases() -> list:
     good = tar_of(*benign("/nonexistent"), reg("big", bytes(range(256)) * 20), reg("after", b"a"))
-    with tarfile.open(fileobj=io.BytesIO(good)) as tar:
-        m = {info.name: info for info in tar.getmembers()}
-    big, after = m["big"], m["after"]
-    end = after.offset_data + 512  # where "after"'s data block ends: the end-of-archive blocks follow
+    big, after = _members(good)["big"], _members(good)["after"]
+    whited = tar_of(*benign("/nonexistent"), reg(".wh.x", b"w" * 1000))  # a whiteout's data is never read
+    cut_whiteout = whited[: _members(whited)[".wh.x"].offset_data + 100]
     packed = gzip.compress(good)
     corrupt = bytearray(good)
     corrupt[after.offset + 3] ^= 0xFF  # the last entry's header, in its (PAX) name: bad checksum
@@ -818,10 +817,17 @@ def _damaged_cases() -> list:
             id="cut-in-data",
         ),
         pytest.param(
-            good[:end], r"after entry 'after': the tar ends without its end-of-archive block", id="cut-before-end-block"
+            cut_whiteout,
+            r"entry '\.wh\.x': the tar ends inside the entry's data \(truncated\)$",
+            id="cut-in-skipped-data",
         ),
         pytest.param(
             good[: after.offset + 100], r"after entry 'big': the tar ends inside a header", id="cut-in-header"
+        ),
+        pytest.param(
+            good[: after.offset_data - 512],  # "after"'s PAX record whole, its own header missing
+            r"after entry 'big': the tar ends after a header record, without the entry it is for \(truncated\)$",
+            id="cut-after-pax-record",
         ),
         pytest.param(
             bytes(corrupt), r"after entry 'big': damaged tar header at byte \d+ \(bad checksum\)", id="bad-checksum"
@@ -845,9 +851,28 @@ def _damaged_cases() -> list:
     ]
 
 
+def _members(data: bytes) -> dict[str, tarfile.TarInfo]:
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        return {info.name: info for info in tar.getmembers()}
+
+
 @pytest.mark.parametrize("data, match", _damaged_cases())
 def test_a_damaged_layer_is_refused_and_leaves_nothing(data, match, arena):
     arena.refused(data, match)
+
+
+@pytest.mark.parametrize("cut", ["after-data", "in-padding", "at-block"])
+def test_a_tar_that_ends_after_an_entry_without_its_end_block_is_whole(cut, tmp_path):
+    """As umoci insert writes a layer, and Go's archive/tar (docker, containerd, podman, umoci) reads it:
+    the last entry's data whole, then neither the rest of its block nor the end-of-archive block."""
+    good = tar_of(reg("big", bytes(range(256)) * 20), reg("last", b"abc"))
+    last = _members(good)["last"]
+    end = {"after-data": last.offset_data + 3, "in-padding": last.offset_data + 100, "at-block": last.offset_data + 512}
+    data = good[: end[cut]]
+    got = unpack(data, fresh(tmp_path / "dest"))
+    assert got == UnpackResult("sha256:" + hashlib.sha256(data).hexdigest(), 2, len(data))
+    assert (tmp_path / "dest/last").read_bytes() == b"abc"
+    assert (tmp_path / "dest/big").read_bytes() == bytes(range(256)) * 20
 
 
 def test_a_full_disk_is_an_error_and_leaves_nothing(mounts, tmp_path):

@@ -18,30 +18,34 @@ from typing import TYPE_CHECKING
 
 from .. import __version__
 from ..errors import LayerfsError, UsageError
-from . import dispatch, images, lifecycle
+from . import dispatch, images, lifecycle, volumes
 
 if TYPE_CHECKING:
     from ..store import Store
 
-COMMANDS: tuple[str, ...] = (
-    "mount",
-    "umount",
-    "stats",
-    "diff",
-    "export",
-    "commit",
-    "create",
-    "rm",
-    "rmi",
-    "layers",
-    "gc",
-    "inspect",
-    "run",
-    "ps",
-    "bundle",
-    "example",
-) + images.COMMANDS
-COMMANDS += lifecycle.COMMANDS
+COMMANDS = (
+    (
+        "mount",
+        "umount",
+        "stats",
+        "diff",
+        "export",
+        "commit",
+        "create",
+        "rm",
+        "rmi",
+        "layers",
+        "gc",
+        "inspect",
+        "run",
+        "ps",
+        "bundle",
+        "example",
+    )
+    + images.COMMANDS
+    + volumes.COMMANDS
+    + lifecycle.COMMANDS
+)
 _ROOT_HELP = "the store (default $LAYERFS_ROOT, else /var/lib/layerfs)"
 
 
@@ -138,6 +142,8 @@ def _parser() -> argparse.ArgumentParser:
         usage="layerfs run [--root DIR] [--name C] [--rm] [-d] [-i] [-t] [--init] [-e K[=V]] [--env-file FILE] "
         "[-w DIR] [-u USER[:GROUP]] [--entrypoint CMD] "
         "[--hostname H] [--net host|none] [--cap-add CAP] [--cap-drop CAP] [--privileged] "
+        "[-v [SRC:]DEST[:ro]] [--mount type=...] [--tmpfs DEST] [--read-only] "
+        "[-m BYTES] [--pids-limit N] [--cpus N] "
         "IMAGE|--lower DIR... [--] [CMD ARGS...]",
     )
     x.add_argument("--root", metavar="DIR", help=_ROOT_HELP)
@@ -147,14 +153,32 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("-i", "--interactive", action="store_true", help="standard input to the container")
     x.add_argument("-t", "--tty", action="store_true", help="a terminal of the container's own")
     x.add_argument("--init", action="store_true", help="a minimal init as PID 1: passes signals on, reaps")
-    x.add_argument("-e", "--env", action="append", default=[], metavar="K[=V]", help="K alone: the host's value")
-    x.add_argument("--env-file", action="append", default=[], metavar="FILE", help="K=V or K lines, # comments")
-    x.add_argument("-w", "--workdir", metavar="DIR", help="the command's working directory (made if missing)")
-    x.add_argument("-u", "--user", metavar="USER[:GROUP]", help="a name or number (the container's /etc/passwd)")
-    x.add_argument("--entrypoint", metavar="CMD", help="instead of the image's Entrypoint (and Cmd); '' clears it")
+    _process_arguments(x)
     x.add_argument("--hostname")
     x.add_argument("--net", choices=("host", "none"), default="host")
     x.add_argument("--lower", action="append", metavar="DIR", help="plain lower dirs instead of an image (top first)")
+    x.add_argument(
+        "-v",
+        "--volume",
+        action="append",
+        default=[],
+        metavar="[SRC:]DEST[:ro]",
+        help="a host directory (absolute SRC), a named volume (SRC a name) or an anonymous one (no SRC)",
+    )
+    x.add_argument(
+        "--mount",
+        action="append",
+        default=[],
+        metavar="type=bind|volume|tmpfs,...",
+        help="source=, target=, readonly, volume-nocopy, tmpfs-size=, tmpfs-mode=",
+    )
+    x.add_argument(
+        "--tmpfs", action="append", default=[], metavar="DEST[:OPTIONS]", help="a tmpfs (noexec,nosuid,nodev)"
+    )
+    x.add_argument("-m", "--memory", metavar="BYTES", help="a memory limit (b, k, m, g), through the host's cgroups")
+    x.add_argument("--pids-limit", type=int, metavar="N", help="at most N processes (0 or -1: no limit)")
+    x.add_argument("--cpus", metavar="N", help="at most N CPUs' time (0.5: half of one)")
+    x.add_argument("--read-only", action="store_true", help="the rootfs read-only (its volumes and /dev as they are)")
     x.add_argument("--cap-add", action="append", default=[], metavar="CAP", help="keep a capability (or ALL)")
     x.add_argument("--cap-drop", action="append", default=[], metavar="CAP", help="drop a capability (or ALL)")
     x.add_argument(
@@ -168,8 +192,10 @@ def _parser() -> argparse.ArgumentParser:
     b = sub.add_parser(
         "bundle",
         help="an OCI runtime bundle (for runc) whose rootfs is a container's mount",
-        usage="layerfs bundle [--root DIR] CONTAINER DIR [-- CMD ARGS...]",
+        usage="layerfs bundle [--root DIR] [-e K[=V]] [--env-file FILE] [-w DIR] [-u USER[:GROUP]] "
+        "[--entrypoint CMD] CONTAINER DIR [-- CMD ARGS...]",
     )
+    _process_arguments(b)
     b.add_argument("name", metavar="CONTAINER")
     b.add_argument("directory", metavar="DIR")
     b.add_argument("cmd", nargs=argparse.REMAINDER, metavar="CMD")
@@ -177,19 +203,23 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--debug", action="store_true")
 
     images.add_parsers(sub, _ROOT_HELP)
+    volumes.add_parsers(sub, _ROOT_HELP)
     lifecycle.add_parsers(sub, _ROOT_HELP)
     for command, help_text, argument in (
         ("rmi", "remove an image no container uses (its layers stay until gc)", "name"),
         ("inspect", "an image or container of the store, as JSON", "name"),
         ("layers", "the store's layers and what uses each", None),
         ("gc", "remove the layers no image or container uses", None),
-        ("ps", "the store's containers, their images and where they are mounted", None),
+        ("ps", "the store's containers in docker's columns (running ones unless -a)", None),
     ):
         p = sub.add_parser(command, help=help_text)
         if argument:
             p.add_argument(argument)
         p.add_argument("--root", metavar="DIR", help=_ROOT_HELP)
         p.add_argument("--debug", action="store_true")
+    sub.choices["rm"].add_argument("-v", "--volumes", action="store_true", help="its anonymous volumes too")
+    sub.choices["ps"].add_argument("-a", "--all", action="store_true", help="stopped containers too")
+    sub.choices["ps"].add_argument("-q", "--quiet", action="store_true", help="their ids only")
 
     e = sub.add_parser(
         "example", help="import a small layered busybox image, run a command in it, show its diff, commit it"
@@ -197,6 +227,15 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--dir", help="build in DIR and keep it (default: a temporary directory, removed after)")
     e.add_argument("--debug", action="store_true")
     return parser
+
+
+def _process_arguments(p: argparse.ArgumentParser) -> None:
+    """What a container's process is, beside the image's config (run's and bundle's)."""
+    p.add_argument("-e", "--env", action="append", default=[], metavar="K[=V]", help="K alone: the host's value")
+    p.add_argument("--env-file", action="append", default=[], metavar="FILE", help="K=V or K lines, # comments")
+    p.add_argument("-w", "--workdir", metavar="DIR", help="the command's working directory (made if missing)")
+    p.add_argument("-u", "--user", metavar="USER[:GROUP]", help="a name or number (the container's /etc/passwd)")
+    p.add_argument("--entrypoint", metavar="CMD", help="instead of the image's Entrypoint (and Cmd); '' clears it")
 
 
 def _container_arguments(p: argparse.ArgumentParser) -> None:
@@ -286,6 +325,7 @@ def _command(arguments: list[str]) -> int:
         print(f"layerfs: {where}{e.strerror or e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        print("layerfs: interrupted", file=sys.stderr)
         return 130
 
 
@@ -403,7 +443,7 @@ def _run(args: argparse.Namespace) -> int:
         from ..runtime import bundle
 
         command = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
-        rootfs = bundle.write(_store(args), args.name, args.directory, command)
+        rootfs = bundle.write(_store(args), args.name, args.directory, command, args)
         print(f"{os.path.join(args.directory, 'config.json')}\n{rootfs} (layerfs umount it when done)")
         return 0
     if args.command in ("rmi", "inspect", "layers", "gc", "ps"):
@@ -417,16 +457,9 @@ def _run(args: argparse.Namespace) -> int:
                 raise UsageError(f"{args.name}: no such image or container")
             print(json.dumps(record, indent=1, sort_keys=True))
         elif args.command == "ps":
-            from ..fs import mounts
-            from ..runtime.lifecycle import refresh
+            from . import ps
 
-            for name in store.containers.names():
-                record = refresh(store, name)
-                if record is None:
-                    continue  # (removed since it was listed)
-                mounted = record["status"] != "running" and mounts.find(record["merged"])
-                where = f", mounted at {record['merged']}" if mounted else ""
-                print(f"{name}  {record['image']}  {record['status']}{where}")
+            sys.stdout.write(ps.render(store, everything=args.all, quiet=args.quiet))
         elif args.command == "layers":
             for diff_id, users in sorted(store.layer_users().items()):
                 print(f"{diff_id}  {', '.join(users) or '(unused)'}")
@@ -436,6 +469,8 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command in images.COMMANDS:
         return images.run(args)
+    if args.command in volumes.COMMANDS:
+        return volumes.run(args)
     if args.command in lifecycle.COMMANDS or args.command == "rm":
         return lifecycle.run(args)
     if args.command == "example":

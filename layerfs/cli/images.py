@@ -6,10 +6,9 @@ import argparse
 import getpass
 import os
 import sys
-import time
-from datetime import datetime
 
 from ..errors import LayerfsError, UsageError
+from .tables import ago, human_size, table, tree_size
 
 COMMANDS = ("import", "load", "save", "images", "tag", "history", "pull", "push", "login", "logout")
 _PREFIXES = ("oci", "oci-archive", "docker-archive", "rootfs")
@@ -80,8 +79,9 @@ def add_parsers(sub: argparse._SubParsersAction, root_help: str) -> None:
         help="for a DEST without a prefix (default docker-archive, as docker save and podman save)",
     )
 
-    g = parser("images", "list the store's images", "layerfs images [--root DIR] [--lowerdir IMAGE]")
+    g = parser("images", "list the store's images", "layerfs images [--root DIR] [-q] [--lowerdir IMAGE]")
     g.add_argument("--lowerdir", metavar="IMAGE", help="print the lowerdir= list that mounts IMAGE")
+    g.add_argument("-q", "--quiet", action="store_true", help="the images' ids only")
 
     t = parser("tag", "give an image another name", "layerfs tag [--root DIR] IMAGE NAME[:TAG]")
     t.add_argument("name", metavar="IMAGE")
@@ -142,8 +142,7 @@ def run(args: argparse.Namespace) -> int:
         if args.lowerdir:
             print(":".join(store.images.lowerdirs(args.lowerdir)))
             return 0
-        for name, image in sorted(store.images.all().items()):
-            print(f"{name}  {len(image['layers'])} layers  {image['config_digest'][:19]}")
+        sys.stdout.write(_images(store, quiet=args.quiet))
     elif args.command == "tag":
         print(store.tag(args.name, args.new))
     elif args.command == "history":
@@ -237,11 +236,36 @@ def _logout(args: argparse.Namespace) -> int:
     return 0
 
 
+def _images(store, *, quiet: bool) -> str:  # noqa: ANN001 (a Store: imported lazily)
+    """docker images' table (the repository by its full name, as podman shows it), or the ids alone."""
+    from ..distribution.reference import parse_reference
+
+    sizes: dict[str, int] = {}  # (a layer's size once, however many images share it)
+    rows = []
+    for name, image in sorted(store.images.all().items()):
+        ref = parse_reference(name)
+        for diff_id in image["layers"]:
+            if diff_id not in sizes:
+                sizes[diff_id] = tree_size(store.layers.path(diff_id))
+        rows.append(
+            [
+                ref.name,
+                ref.tag or "<none>",
+                image["config_digest"].removeprefix("sha256:")[:12],
+                ago(image["config"].get("created")),
+                human_size(sum(sizes[d] for d in image["layers"])),
+            ]
+        )
+    if quiet:
+        return "".join(f"{row[2]}\n" for row in rows)
+    return table(["REPOSITORY", "TAG", "IMAGE ID", "CREATED", "SIZE"], rows)
+
+
 def _history(store, name: str, *, truncate: bool) -> str:  # noqa: ANN001 (a Store: imported lazily)
     """docker history's table: newest first, the image's id on the top row, each layer's size."""
     record = store.images.record(name)
     history = record["config"].get("history") or [{} for _ in record["layers"]]
-    sizes = [_tree_size(store.layers.path(d)) for d in record["layers"]]
+    sizes = [tree_size(store.layers.path(d)) for d in record["layers"]]
     rows = []
     for entry in history:
         size = 0 if entry.get("empty_layer") or not sizes else sizes.pop(0)
@@ -249,57 +273,9 @@ def _history(store, name: str, *, truncate: bool) -> str:  # noqa: ANN001 (a Sto
         if truncate and len(created_by) > 45:
             created_by = created_by[:44] + "…"
         rows.append(
-            ["<missing>", _ago(entry.get("created")), created_by, _human_size(size), str(entry.get("comment", ""))]
+            ["<missing>", ago(entry.get("created")), created_by, human_size(size), str(entry.get("comment", ""))]
         )
     rows.reverse()
     if rows:
         rows[0][0] = record["config_digest"].removeprefix("sha256:")[:12]
-    table = [["IMAGE", "CREATED", "CREATED BY", "SIZE", "COMMENT"], *rows]
-    widths = [max(len(row[n]) for row in table) for n in range(4)]
-    return "".join(
-        "   ".join(cell.ljust(width) for cell, width in zip(row, widths + [0], strict=True)).rstrip() + "\n"
-        for row in table
-    )
-
-
-def _tree_size(path: str) -> int:
-    """Bytes of the files of a layer directory (each inode once), as docker counts a layer's size."""
-    seen, total = set(), 0
-    for parent, _, names in os.walk(path):
-        for name in names:
-            st = os.lstat(os.path.join(parent, name))
-            if (st.st_dev, st.st_ino) not in seen:
-                seen.add((st.st_dev, st.st_ino))
-                total += st.st_size
-    return total
-
-
-def _human_size(size: int) -> str:
-    """As docker shows sizes: three significant digits, powers of 1000 (``4.26MB``, ``0B``)."""
-    shown = float(size)
-    for unit in ("B", "kB", "MB", "GB"):
-        if shown < 1000:
-            return f"{shown:.3g}{unit}"
-        shown /= 1000
-    return f"{shown:.3g}TB"
-
-
-def _ago(created: object) -> str:
-    """``5 minutes ago``, as docker says it; ``N/A`` where the entry has no time."""
-    try:
-        seconds = time.time() - datetime.fromisoformat(str(created).replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return "N/A"
-    for size, unit in (
-        (31536000, "year"),
-        (2592000, "month"),
-        (604800, "week"),
-        (86400, "day"),
-        (3600, "hour"),
-        (60, "minute"),
-        (1, "second"),
-    ):
-        count = int(seconds // size)
-        if count >= 1:
-            return f"{count} {unit}{'s' if count != 1 else ''} ago"
-    return "Less than a second ago"
+    return table(["IMAGE", "CREATED", "CREATED BY", "SIZE", "COMMENT"], rows)

@@ -68,6 +68,6 @@ def run(args: argparse.Namespace) -> int:
             elif args.command == "kill":
                 lifecycle.kill(store, name, signum)
             elif args.command == "rm":
-                lifecycle.remove(store, name, args.force)
+                lifecycle.remove(store, name, args.force, args.volumes)
             print(lifecycle.wait(store, name) if args.command == "wait" else name)
     return 0

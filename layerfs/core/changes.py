@@ -63,14 +63,20 @@ Unchanged = Callable[[str, object, LowerFacts, "Part | None"], bool]
 
 
 def changes(
-    upper: str, lowers: Sequence[str], *, unchanged_copies: bool = True, ignore: frozenset[str] = frozenset()
+    upper: str,
+    lowers: Sequence[str],
+    *,
+    unchanged_copies: bool = True,
+    ignore: frozenset[str] = frozenset(),
+    ignore_below: frozenset[str] = frozenset(),
 ) -> list[Change]:
     """The changes ``upper`` makes to ``lowers`` (top first), sorted by path, ancestors included.
 
     With ``unchanged_copies`` False, a file copied up that ended identical to the lower one (content,
     mode, owner, xattrs; not its times) is no change: a ``touch`` then undone, an editor's rewrite.
     Paths in ``ignore`` (what a runtime made for itself) are no changes either, nor reason to list their
-    directories."""
+    directories; nor are the paths in ``ignore_below`` and everything below them (where a runtime mounts
+    volumes: what is there is not the container's)."""
     upper = upper.rstrip("/") or "/"
     # A diff asks about a few names per directory: looked up one by one, not listed whole.
     resolver = Resolver([Layer(p, writable=False, cached=False) for p in lowers]) if lowers else None
@@ -120,11 +126,17 @@ def changes(
     return _sorted_with_ancestors(
         _walk(listing, below, top.is_opaque("/"), None if unchanged_copies else unchanged, _MergedView(upper, lowers)),
         ignore,
+        ignore_below,
     )
 
 
 def indexed_changes(
-    index: ChangeIndex, lowers: Sequence[str], *, unchanged_copies: bool = True, ignore: frozenset[str] = frozenset()
+    index: ChangeIndex,
+    lowers: Sequence[str],
+    *,
+    unchanged_copies: bool = True,
+    ignore: frozenset[str] = frozenset(),
+    ignore_below: frozenset[str] = frozenset(),
 ) -> list[Change]:
     """The same as ``changes(index.upper, lowers)``, from the index's records instead of the upper; what
     the lowers show at each path is kept in the records too, so a diff reads neither layer again."""
@@ -151,6 +163,7 @@ def indexed_changes(
             view,
         ),
         ignore,
+        ignore_below,
     )
 
 
@@ -217,14 +230,21 @@ def _where(part: Part | None) -> tuple[str, str] | None:
     return None if part is None else (part.layer.root, part.path)
 
 
-def _sorted_with_ancestors(found_changes: Iterator[Change], ignore: frozenset[str]) -> list[Change]:
-    found = {c.path: c for c in found_changes if c.path not in ignore}
+def _sorted_with_ancestors(
+    found_changes: Iterator[Change], ignore: frozenset[str], ignore_below: frozenset[str]
+) -> list[Change]:
+    found = {c.path: c for c in found_changes if c.path not in ignore and not _below_any(c.path, ignore_below)}
     for path in list(found):
         parent = os.path.dirname(path)
         while parent != "/" and parent not in found:
             found[parent] = Change(CHANGED, parent)
             parent = os.path.dirname(parent)
     return sorted(found.values(), key=lambda c: c.path.split("/"))
+
+
+def _below_any(path: str, tops: frozenset[str]) -> bool:
+    """Whether ``path`` is one of ``tops`` or below one."""
+    return any(path == top or path.startswith(top + "/") for top in tops)
 
 
 def _walk(

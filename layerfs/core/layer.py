@@ -22,10 +22,15 @@ import contextlib
 import errno
 import os
 import stat
+import threading
+from collections import OrderedDict
 from collections.abc import Iterator
 from typing import NamedTuple
 
-from . import confined, metacopy, redirect, whiteout
+from . import confined, metacopy, redirect, whiteout, xattr
+
+# How many directories of a layer stay open for the next lookup in them (the descriptors are the cost).
+_DIRS_KEPT = 64
 
 
 class DirEntryInfo(NamedTuple):
@@ -56,27 +61,45 @@ def _type_bits(entry: os.DirEntry) -> int:
     return stat.S_IFMT(entry.stat(follow_symlinks=False).st_mode)
 
 
+class _Dir:
+    """An O_PATH descriptor of a directory of a layer, closed when the last holder lets go of it: a lookup
+    may still be using one that the layer has just dropped."""
+
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __del__(self) -> None:
+        os.close(self.fd)
+
+
 class Layer:
     """A layer rooted at ``root``. ``writable`` marks the upper layer.
 
     A lower layer never changes, so a mount reads each of its directories once and answers lookups from
     that listing (``cached``). A one-off reader that asks about a few names (a diff) is better off
     looking each up: ``cached=False``.
+
+    Every name is reached through its parent directory, opened beneath the root once (``confined``) and
+    kept open for the next name in it (``near``): a lookup, an lstat or an xattr read then costs one
+    system call, not an openat2 and a close around it. A directory of the upper layer can be renamed or
+    removed, after which its path leads elsewhere: whoever does that calls ``forget_dirs``.
     """
 
     def __init__(self, root: str, writable: bool, *, cached: bool | None = None) -> None:
         self.root = root.rstrip("/") or "/"
         self.writable = writable
         self._cached = not writable if cached is None else cached
-        self.fd = os.open(self.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._root = _Dir(os.open(self.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
+        self.fd = self._root.fd
         self.dev = os.fstat(self.fd).st_dev
         self._listings: dict[str, _Listing] = {}
         self._metacopies: dict[str, tuple[bool, str | None]] = {}  # (a lower layer's, asked once)
-
-    def __del__(self) -> None:
-        fd = getattr(self, "fd", None)
-        if fd is not None:
-            os.close(fd)
+        self._dirs: OrderedDict[str, _Dir] = OrderedDict()  # (the most recently used last)
+        self._dirs_lock = threading.Lock()
+        # A directory opened before a forget_dirs may be the one that moved away: it is not kept.
+        self._dirs_generation = 0
 
     def __repr__(self) -> str:
         return f"Layer({self.root!r}, writable={self.writable})"
@@ -86,8 +109,52 @@ class Layer:
         """Merged path ``path`` relative to a layer's root: ``/etc/passwd`` -> ``etc/passwd``, ``/`` -> ``.``"""
         return path[1:] or "."
 
+    def near(self, rel: str) -> tuple[_Dir, str]:
+        """``rel``'s parent directory, opened beneath the root without following a symlink, and its last
+        name, for an ``*at`` call that does not follow it. Hold the first while its ``fd`` is in use."""
+        head, _, name = rel.rpartition("/")
+        if not head:
+            return self._root, name
+        with self._dirs_lock:
+            found = self._dirs.get(head)
+            if found is not None:
+                self._dirs.move_to_end(head)
+                return found, name
+            generation = self._dirs_generation
+        found = _Dir(confined.open_beneath(head, os.O_PATH | os.O_DIRECTORY, dir_fd=self.fd))
+        with self._dirs_lock:
+            if generation == self._dirs_generation:
+                self._dirs[head] = found
+                if len(self._dirs) > _DIRS_KEPT:
+                    self._dirs.popitem(last=False)
+        return found, name
+
+    def descriptors(self) -> list[int]:
+        """The descriptors the layer holds: its root, and the directories kept open."""
+        with self._dirs_lock:
+            return [self.fd, *(d.fd for d in self._dirs.values())]
+
+    def forget_dirs(self) -> None:
+        """Directories of this layer were renamed or removed: open every parent afresh from now on."""
+        with self._dirs_lock:
+            self._dirs_generation += 1
+            self._dirs.clear()
+
     def lstat(self, path: str) -> os.stat_result:
-        return confined.lstat(self.rel(path), dir_fd=self.fd)
+        parent, name = self.near(self.rel(path))
+        return os.lstat(name, dir_fd=parent.fd)
+
+    def readlink(self, path: str) -> str:
+        parent, name = self.near(self.rel(path))
+        return os.readlink(name, dir_fd=parent.fd)
+
+    def getxattr(self, path: str, attr: str) -> bytes:
+        parent, name = self.near(self.rel(path))
+        return xattr.get(name, attr, dir_fd=parent.fd)
+
+    def listxattr(self, path: str) -> list[str]:
+        parent, name = self.near(self.rel(path))
+        return xattr.names(name, dir_fd=parent.fd)
 
     @contextlib.contextmanager
     def at(self, rel: str) -> Iterator[tuple[int, str]]:
@@ -116,11 +183,11 @@ class Layer:
                 return None, True
             if name not in listing.entries:
                 return None, False
-            return confined.lstat(path[1:], dir_fd=self.fd), False
+            return self.lstat(path), False
         try:
-            st = confined.lstat(path[1:], dir_fd=self.fd)
+            st = self.lstat(path)
         except (FileNotFoundError, NotADirectoryError):
-            return None, _has_oci_whiteout(self.rel(oci_whiteout_path(path)), self.fd)
+            return None, self._has_oci_whiteout(oci_whiteout_path(path))
         if whiteout.is_whiteout_stat(st):
             return None, True
         return st, False
@@ -156,7 +223,8 @@ class Layer:
         """Where the layers below hold the real directory ``path``'s lower parts, if it was renamed."""
         if self._cached:
             return self._listing(path).redirect
-        return redirect.read(self.rel(path), dir_fd=self.fd)
+        parent, name = self.near(self.rel(path))
+        return redirect.read(name, dir_fd=parent.fd)
 
     def metacopy(self, path: str, st: os.stat_result) -> tuple[bool, str | None]:
         """Whether the file at ``path`` (its lstat ``st``) holds metadata only, its data being below, and
@@ -165,10 +233,9 @@ class Layer:
             return False, None
         known = self._metacopies.get(path) if self._cached else None
         if known is None:
-            rel = self.rel(path)
-            known = (
-                (True, redirect.read(rel, dir_fd=self.fd)) if metacopy.is_marked(rel, dir_fd=self.fd) else (False, None)
-            )
+            parent, name = self.near(self.rel(path))
+            marked = metacopy.is_marked(name, dir_fd=parent.fd)
+            known = (True, redirect.read(name, dir_fd=parent.fd)) if marked else (False, None)
             if self._cached:
                 self._metacopies[path] = known
         return known
@@ -177,7 +244,8 @@ class Layer:
         """Whether the real directory at ``path`` hides the layers below it."""
         if self._cached:
             return self._listing(path).opaque
-        return whiteout.is_opaque_dir(self.rel(path), dir_fd=self.fd)
+        parent, name = self.near(self.rel(path))
+        return whiteout.is_opaque_dir(name, dir_fd=parent.fd)
 
     # -- listing a directory ----------------------------------------------------------------------
 
@@ -233,18 +301,17 @@ class Layer:
             os.close(fd)
         return _Listing(entries, frozenset(hidden), opaque, target)
 
-
-def _has_oci_whiteout(rel: str, dir_fd: int) -> bool:
-    """Whether the OCI whiteout file ``rel`` (relative to ``dir_fd``) is there."""
-    try:
-        confined.lstat(rel, dir_fd=dir_fd)
-        return True
-    except (FileNotFoundError, NotADirectoryError):
-        return False
-    except OSError as e:
-        if e.errno == errno.ENAMETOOLONG:  # the name is too long to have a ".wh." twin
+    def _has_oci_whiteout(self, path: str) -> bool:
+        """Whether the OCI whiteout file at merged path ``path`` is there."""
+        try:
+            self.lstat(path)
+            return True
+        except (FileNotFoundError, NotADirectoryError):
             return False
-        raise
+        except OSError as e:
+            if e.errno == errno.ENAMETOOLONG:  # the name is too long to have a ".wh." twin
+                return False
+            raise
 
 
 def oci_whiteout_path(path: str) -> str:

@@ -110,9 +110,14 @@ class Resolver:
         self._lock = threading.Lock()
 
     def invalidate(self) -> None:
+        """The shape of the tree changed (a directory renamed or removed): every stack, and every upper
+        directory held open by its path, may be stale."""
         with self._lock:
             self._generation += 1
             self._stacks.clear()
+        for layer in self.layers:
+            if layer.writable:
+                layer.forget_dirs()
 
     def forget(self, path: str) -> None:
         """The stack of the directory ``path`` alone changed: drop it (lookups under way store nothing)."""

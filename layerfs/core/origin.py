@@ -73,7 +73,8 @@ class Origins:
 
     def has_record(self, rel: str) -> bool:
         """Whether the upper entry ``rel`` carries an origin record."""
-        return xattr.get_first(rel, ORIGIN_XATTRS, dir_fd=self._upper.fd) is not None
+        parent, name = self._upper.near(rel)
+        return xattr.get_first(name, ORIGIN_XATTRS, dir_fd=parent.fd) is not None
 
     @staticmethod
     def mark_impure(path: str, *, dir_fd: int) -> None:
@@ -82,13 +83,16 @@ class Origins:
             xattr.set_first(path, IMPURE_XATTRS, b"y", dir_fd=dir_fd)
 
     @staticmethod
-    def is_impure(rel: str, *, dir_fd: int) -> bool:
-        return xattr.get_first(rel, IMPURE_XATTRS, dir_fd=dir_fd) == b"y"
+    def is_impure(layer: Layer, path: str) -> bool:
+        """Whether the upper directory at ``path`` is marked as holding entries with origins."""
+        parent, name = layer.near(Layer.rel(path))
+        return xattr.get_first(name, IMPURE_XATTRS, dir_fd=parent.fd) == b"y"
 
     def lower_of(self, rel: str) -> os.stat_result | None:
         """The lstat of the lower entry the upper entry ``rel`` was copied from; None when it has no
         record, or one that names nothing in a lower layer's filesystem."""
-        value = xattr.get_first(rel, ORIGIN_XATTRS, dir_fd=self._upper.fd)
+        parent, name = self._upper.near(rel)
+        value = xattr.get_first(name, ORIGIN_XATTRS, dir_fd=parent.fd)
         if value is None or len(value) < _HEADER.size:
             return None
         version, magic, length, _flags, handle_type, uuid = _HEADER.unpack_from(value)

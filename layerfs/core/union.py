@@ -131,8 +131,8 @@ class Union:
             )
 
     def descriptors(self) -> list[int]:
-        """The descriptors the union holds (layer roots, work directory): a daemonizing caller keeps them."""
-        held = [layer.fd for layer in self.resolver.layers]
+        """The descriptors the union holds (layers, work directory): a daemonizing caller keeps them."""
+        held = [fd for layer in self.resolver.layers for fd in layer.descriptors()]
         if self.upper:
             held.append(self._work.fd)
         if self.index is not None:
@@ -185,7 +185,7 @@ class Union:
         for name, (part, info) in self.resolver.listing(path).items():
             layer, real = part
             if layer.writable and impure is None:
-                impure = Origins.is_impure(Layer.rel(real), dir_fd=layer.fd)
+                impure = Origins.is_impure(layer, real)
             if layer.writable and impure:
                 # In an "impure" upper directory some entries are copies that show their origin's number.
                 number = self.inodes.number_of_upper(Layer.rel(join(real, name)), info.dev, info.ino)
@@ -196,7 +196,7 @@ class Union:
 
     def readlink(self, path: str) -> str:
         entry = self.resolver.get(path)
-        return confined.readlink(entry.rel, dir_fd=entry.layer.fd)
+        return entry.layer.readlink(entry.real)
 
     def statvfs(self) -> os.statvfs_result:
         return os.fstatvfs(self.resolver.layers[0].fd)
@@ -205,11 +205,11 @@ class Union:
         entry = self.resolver.get(path)
         if whiteout.is_private_xattr(name):
             raise _error(errno.ENODATA, path)
-        return xattr.get(entry.rel, name, dir_fd=entry.layer.fd)
+        return entry.layer.getxattr(entry.real, name)
 
     def listxattr(self, path: str) -> list[str]:
         entry = self.resolver.get(path)
-        return [n for n in xattr.names(entry.rel, dir_fd=entry.layer.fd) if not whiteout.is_private_xattr(n)]
+        return [n for n in entry.layer.listxattr(entry.real) if not whiteout.is_private_xattr(n)]
 
     def access(self, path: str, mode: int) -> None:
         self.resolver.get(path)
@@ -426,7 +426,7 @@ class Union:
         if whiteout.is_private_xattr(name):
             raise _error(errno.EOPNOTSUPP, path)
         entry = self.resolver.get(path)
-        if name not in xattr.names(entry.rel, dir_fd=entry.layer.fd):
+        if name not in entry.layer.listxattr(entry.real):
             raise _error(errno.ENODATA, path)
         entry = self._copied_up(path)
         with entry.layer.at(entry.rel) as (dir_fd, last):

@@ -18,7 +18,8 @@ kernel overlayfs and layerfs read a lowerdir:
   the tar implies without an entry of its own is made 0755, owned by the caller. The root's own entry
   (``./``) gives ``dest`` its metadata.
 - ``diff_id``, the sha256 of the uncompressed tar (all of it: end blocks and padding too), is computed as
-  the bytes go by; the layer is never held or copied whole.
+  the bytes go by; the layer is never held or copied whole. The stream is read (and hashed) ahead in one
+  thread and parsed ahead in another, both in order, while the calling thread makes the entries.
 
 What a layer may not do is refused with a one-line LayerfsError naming the entry, after which ``dest`` is
 empty again, with its own mode, owner, times and xattrs as they were:
@@ -36,10 +37,14 @@ empty again, with its own mode, owner, times and xattrs as they were:
   what the layers below show, so it is refused rather than dropped. A name starting ``.wh.`` is a
   whiteout or the opaque marker, or refused (``.wh.``, ``.wh...``, AUFS's ``.wh..wh.*`` metadata, a
   ``.wh.`` name used as a directory).
-- Be damaged: truncated or corrupt gzip or tar data, a tar that ends without its end-of-archive block,
-  a PAX or GNU long-name record over 1 MiB (Go's archive/tar limit), an entry type tar layers do not
-  use. (Python's tarfile alone would take a damaged header after the first one for the end of the archive
-  and stop without a word; here that is an error.)
+- Be damaged: truncated or corrupt gzip or tar data (a tar that ends inside an entry's data, inside a
+  header, or after a PAX or GNU long-name record without the entry it is for), a PAX or GNU long-name
+  record over 1 MiB (Go's archive/tar limit), an entry type tar layers do not use. (Python's tarfile alone
+  would take a damaged header after the first one for the end of the archive and stop without a word;
+  here that is an error.) A tar that ends right after an entry's data, without the padding of its last
+  block or the end-of-archive block, is whole: ``umoci insert`` writes such layers, and Go's archive/tar,
+  which docker, containerd, podman and umoci read layers with, takes them as GNU tar takes a tar that
+  ends at a block boundary without its end block.
 - Ask what the machine refuses: a full disk, an owner or a device node an unprivileged caller cannot
   make (no "rootless" mapping is attempted: run as root, or in a user namespace where the layer's ids
   are mapped), an xattr the filesystem cannot hold. Whiteouts need no privilege (Linux lets anyone make
@@ -56,9 +61,11 @@ import errno
 import gzip
 import hashlib
 import os
+import queue
 import re
 import stat
 import tarfile
+import threading
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from typing import IO, BinaryIO, NamedTuple, cast
@@ -69,6 +76,8 @@ from ..core import confined, whiteout, xattr
 from ..errors import LayerfsError, printable
 
 _CHUNK = 1 << 20  # bytes read from the stream, or written to a file, at a time: one progress step
+_AHEAD = 8  # chunks read ahead of the parsing
+_PARSED_AHEAD = 64  # entries and chunks of their data parsed ahead of the making
 _OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _PATH_MAX = 4096
@@ -120,15 +129,22 @@ class _Reason(Exception):
 
 
 class _Raw:
-    """The stream as given, read a chunk at a time, counted for ``progress``."""
+    """The stream as given, read a chunk at a time, counted for ``progress``. Once ``start``ed, a thread of its
+    own reads ahead (and hashes what it reads, for an uncompressed layer, whose diff_id is that of these
+    bytes), so the reading, the hashing and a caller's copy of the stream (``store.blobs.Tee``) overlap the
+    making of entries, whose system calls leave the interpreter free."""
 
-    def __init__(self, stream: BinaryIO, progress: ProgressFn | None) -> None:
+    def __init__(self, stream: BinaryIO, progress: ProgressFn | None, stop: threading.Event) -> None:
         self.stream = stream
         self.progress = progress
         self.total = _remaining(stream)
         self.done = 0
         self.buf = b""
         self.pos = 0
+        self.sha: hashlib._Hash | None = None
+        self._ahead: queue.Queue[bytes | BaseException] = queue.Queue(maxsize=_AHEAD)
+        self._stop = stop  # set: the unpack is over, the reading ahead ends
+        self._ended = False
         self.report()
 
     def report(self) -> None:
@@ -148,6 +164,7 @@ class _Raw:
         return chunk
 
     def peek(self, n: int) -> bytes:
+        """(Before ``start``.)"""
         while len(self.buf) - self.pos < n:
             chunk = self._more()
             if not chunk:
@@ -155,13 +172,55 @@ class _Raw:
             self.buf, self.pos = self.buf[self.pos :] + chunk, 0
         return self.buf[self.pos : self.pos + n]
 
+    def start(self, *, hashed: bool) -> None:
+        """Read ahead from here on; ``hashed``: hash every byte of the stream into ``sha``."""
+        if hashed:
+            self.sha = hashlib.sha256(self.buf)
+        threading.Thread(target=self._read_ahead, daemon=True).start()
+
+    def _read_ahead(self) -> None:
+        try:
+            while not self._stop.is_set():
+                chunk = self._more()
+                if self.sha is not None:
+                    self.sha.update(chunk)
+                self._put(chunk)
+                if not chunk:
+                    return
+        except BaseException as e:  # the reader's to raise, where it gets to it
+            self._put(e)
+
+    def _put(self, item: bytes | BaseException) -> None:
+        while not self._stop.is_set():
+            try:
+                self._ahead.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
     def read(self, n: int = -1) -> bytes:
         if self.pos == len(self.buf):
-            self.buf, self.pos = self._more(), 0
+            self.buf, self.pos = self._next_chunk(), 0
         end = len(self.buf) if n < 0 else min(len(self.buf), self.pos + n)
         data = self.buf[self.pos : end]
         self.pos = end
         return data
+
+    def _next_chunk(self) -> bytes:
+        if self._ended:
+            return b""
+        while True:
+            try:
+                item = self._ahead.get(timeout=0.1)
+                break
+            except queue.Empty:
+                if self._stop.is_set():
+                    raise _Reason("stopped") from None  # (the unpack is over: no one reads this)
+        if isinstance(item, BaseException):
+            self._ended = True
+            raise item
+        self._ended = not item
+        return item
 
 
 def _remaining(stream: BinaryIO) -> int | None:
@@ -180,8 +239,8 @@ def _remaining(stream: BinaryIO) -> int | None:
 class _Input:
     """The uncompressed tar as tarfile reads it, hashed and counted as it goes by."""
 
-    def __init__(self, stream: BinaryIO, progress: ProgressFn | None) -> None:
-        self.raw = _Raw(stream, progress)
+    def __init__(self, stream: BinaryIO, progress: ProgressFn | None, stop: threading.Event) -> None:
+        self.raw = _Raw(stream, progress, stop)
         raw = cast(BinaryIO, self.raw)  # (it has read, all the decompressors ask of it)
         self.decompressed: IO[bytes] | gzip.GzipFile | None = None  # None: not compressed
         head = self.raw.peek(4)
@@ -191,8 +250,9 @@ class _Input:
             self.decompressed = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
         elif self.compression == "gzip":
             self.decompressed = gzip.GzipFile(fileobj=raw, mode="rb")
-        self.sha = hashlib.sha256()
+        self.sha = hashlib.sha256()  # of the decompressed tar; an uncompressed one's is the raw stream's
         self.size = 0
+        self.raw.start(hashed=self.compression is None)
 
     def read(self, n: int = -1) -> bytes:
         try:
@@ -201,7 +261,8 @@ class _Input:
             raise _Reason(f"the {self.compression} data ends early (truncated)") from None
         except (zlib.error, gzip.BadGzipFile, zstandard.ZstdError) as e:
             raise _Reason(f"the {self.compression} data is damaged ({e})") from None
-        self.sha.update(data)
+        if self.decompressed is not None:
+            self.sha.update(data)
         self.size += len(data)
         return data
 
@@ -212,7 +273,8 @@ class _Input:
             pass
 
     def diff_id(self) -> str:
-        return "sha256:" + self.sha.hexdigest()
+        """(Once drained.)"""
+        return "sha256:" + (self.raw.sha or self.sha).hexdigest()
 
 
 class _Header(tarfile.TarInfo):
@@ -233,9 +295,11 @@ class _Header(tarfile.TarInfo):
         except tarfile.EOFHeaderError:
             raise  # a zero block: the end of the archive
         except tarfile.EmptyHeaderError:
-            raise _Reason(
-                "it is empty" if tar.offset == 0 else "the tar ends without its end-of-archive block (truncated)"
-            ) from None
+            if tar.offset == 0:
+                raise _Reason("it is empty") from None
+            if tar.fileobj.tell() == tar.offset:
+                raise  # the stream ends where an entry's header would start: the end, as tarfile takes it
+            raise _Reason("the tar ends after a header record, without the entry it is for (truncated)") from None
         except tarfile.TruncatedHeaderError:
             raise _Reason("the tar ends inside a header (truncated)") from None
         except tarfile.HeaderError as e:
@@ -244,6 +308,85 @@ class _Header(tarfile.TarInfo):
             ) from None
         except ValueError as e:  # tarfile's int() of a PAX record (GNU.sparse.size=x), uncaught there
             raise _Reason(f"damaged tar header at byte {tar.offset} ({e})") from None
+
+
+def _next_entry(tar: tarfile.TarFile, previous: tarfile.TarInfo | None) -> tarfile.TarInfo | None:
+    """The tar's next entry, None at its end. ``previous``'s data was read whole (a short one is an error
+    there), so a stream that ends in the padding after it ends the tar, as Go's archive/tar takes it
+    (tarfile calls that "unexpected end of data")."""
+    if previous is None:
+        return tar.next()  # (the first, which tarfile has read already)
+    stream = cast(IO[bytes], tar.fileobj)
+    padding = tar.offset - stream.tell()
+    if padding > 0 and len(stream.read(padding)) < padding:
+        return None
+    return tar.next()
+
+
+class _Parsed:
+    """The tar's entries, parsed in a thread of their own ahead of their making, in order: tarfile's parsing
+    (Python's work) overlaps the making's system calls. Each entry's data (a regular file's) follows it as
+    chunks, read whole whether the making wants them or not; an error comes where it happened."""
+
+    def __init__(self, data: _Input, stop: threading.Event) -> None:
+        self._items: queue.Queue[tarfile.TarInfo | bytes | BaseException | None] = queue.Queue(maxsize=_PARSED_AHEAD)
+        self._stop = stop
+        self._in_data = False  # the entry last given has data items left (up to its b"")
+        threading.Thread(target=self._parse, args=(data,), daemon=True).start()
+
+    def _parse(self, data: _Input) -> None:
+        try:
+            tar = tarfile.open(
+                fileobj=cast(BinaryIO, data), mode="r|", tarinfo=_Header, encoding="utf-8", errors="surrogateescape"
+            )
+            info: tarfile.TarInfo | None = None
+            while (info := _next_entry(tar, info)) is not None:
+                # kept for random access, which a stream has not: a big layer would fill memory
+                tar.members.clear()  # type: ignore[attr-defined]  # (not in typeshed's TarFile)
+                self._put(info)
+                content = tar.extractfile(info) if info.isreg() else None
+                while content is not None and (chunk := content.read(_CHUNK)):
+                    self._put(chunk)
+                self._put(b"")
+            data.drain()
+            self._put(None)
+        except BaseException as e:  # the making's to raise, where it gets to it
+            self._put(e)
+
+    def _put(self, item: tarfile.TarInfo | bytes | BaseException | None) -> None:
+        while not self._stop.is_set():
+            try:
+                self._items.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def _get(self) -> tarfile.TarInfo | bytes | None:
+        item = self._items.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def next(self) -> tarfile.TarInfo | None:
+        """The next entry, once the previous one's data is passed (``pass_data``); None at the end."""
+        item = self._get()
+        assert not isinstance(item, bytes) and not self._in_data
+        self._in_data = item is not None
+        return item
+
+    def read(self, n: int = -1) -> bytes:
+        """The current entry's next chunk of data; b"" at its end."""
+        if not self._in_data:
+            return b""
+        item = self._get()
+        assert isinstance(item, bytes)
+        self._in_data = bool(item)
+        return item
+
+    def pass_data(self) -> None:
+        """What is left of the current entry's data read (and checked whole) unused."""
+        while self.read():
+            pass
 
 
 # -- the entries ----------------------------------------------------------------------------------------
@@ -285,23 +428,23 @@ class _Unpacker:
         return "cannot unpack the layer"
 
     def _unpack(self) -> _Input:
-        data = _Input(self.stream, self.progress)
-        tar = tarfile.open(
-            fileobj=cast(BinaryIO, data), mode="r|", tarinfo=_Header, encoding="utf-8", errors="surrogateescape"
-        )
-        while (info := tar.next()) is not None:
-            # kept for random access, which a stream has not: a big layer would fill memory
-            tar.members.clear()  # type: ignore[attr-defined]  # (not in typeshed's TarFile)
-            self.current = info.name
-            self._entry(info, tar)
-            self.entries += 1
-            self.last, self.current = self.current, None
-        data.drain()
+        stop = threading.Event()
+        data = _Input(self.stream, self.progress, stop)
+        try:
+            parsed = _Parsed(data, stop)
+            while (info := parsed.next()) is not None:
+                self.current = info.name
+                self._entry(info, parsed)
+                parsed.pass_data()  # (a whiteout file's, which no one wants)
+                self.entries += 1
+                self.last, self.current = self.current, None
+        finally:
+            stop.set()
         self.tree.finish()
         data.raw.report()
         return data
 
-    def _entry(self, info: tarfile.TarInfo, tar: tarfile.TarFile) -> None:
+    def _entry(self, info: tarfile.TarInfo, content: _Parsed) -> None:
         parts = _parts(info.name, "the name")
         for i, part in enumerate(parts[:-1]):
             if whiteout.is_marker_name(part):
@@ -328,7 +471,7 @@ class _Unpacker:
         parent, name = self.tree.place(parts, directory=info.isdir())
         if parent is None:  # a directory already there: this entry changes its metadata
             self.tree.update_dir(parts, meta)
-        elif info.isreg() and (content := tar.extractfile(info)) is not None:
+        elif info.isreg():
             self._file(parent, name, meta, content)
         elif info.isdir():
             self.tree.new_dir(parent, name, parts, meta)
@@ -375,7 +518,7 @@ class _Unpacker:
         finally:
             os.close(target_dir)
 
-    def _file(self, parent: int, name: str, meta: _Meta, data: IO[bytes]) -> None:
+    def _file(self, parent: int, name: str, meta: _Meta, data: _Parsed) -> None:
         fd = os.open(name, _NEW_FILE, 0o600, dir_fd=parent)
         try:
             while chunk := data.read(_CHUNK):

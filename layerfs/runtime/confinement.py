@@ -245,7 +245,7 @@ def _filter(profile: dict) -> pyseccomp.SyscallFilter:
     return f
 
 
-def _remount(target: str, flags: int) -> None:
+def remount(target: str, flags: int) -> None:
     """Remount the bind mount at ``target`` with ``flags`` added to the ones it has."""
     kept = os.statvfs(target).f_flag & (MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)  # (ST_* == MS_* here)
     syscalls.mount(target, target, None, MS_BIND | MS_REMOUNT | kept | flags)
@@ -258,7 +258,7 @@ def confine_rootfs(rootfs: str, confinement: Confinement) -> None:
     directory, /dev/null on a file) and its read-only paths read-only. Paths this kernel lacks are skipped."""
     if confinement.privileged:
         return
-    _remount(rootfs, MS_NODEV)
+    remount(rootfs, MS_NODEV)
     for path in MASKED_PATHS:
         target = os.path.join(rootfs, path.lstrip("/"))
         with contextlib.suppress(FileNotFoundError):
@@ -272,7 +272,7 @@ def confine_rootfs(rootfs: str, confinement: Confinement) -> None:
             syscalls.mount(target, target, None, MS_BIND | MS_REC)
         except FileNotFoundError:
             continue
-        _remount(target, MS_RDONLY)
+        remount(target, MS_RDONLY)
 
 
 def bound_capabilities(confinement: Confinement) -> None:

@@ -34,7 +34,7 @@ _NAMESPACES = (
 
 def main(store: Store, name: str, args: argparse.Namespace) -> int:
     """``layerfs exec [-i] [-t] [-u USER] [-e K[=V]] [-w DIR] CONTAINER CMD...``; the command's exit code."""
-    found = lifecycle.status(store, name)
+    name, found = lifecycle.status(store, name)
     pid1 = state.container_init(found) if found.status == "running" else None
     run_flags = state.load_flags(store.containers.dir(name))
     record = store.containers.get(name)

@@ -79,10 +79,8 @@ def _to_log(path: str) -> None:
 
 
 def _shim(store: Store, name: str, args: argparse.Namespace, run: RunFn, ready: Callable[[], None]) -> int:
-    directory = store.containers.dir(name)
-
     def started(pid: int) -> None:
-        state.running(directory, os.getpid(), pid, args.rm)
+        state.running(store, name, os.getpid(), pid, args.rm)
         ready()
 
     code = 125
@@ -91,9 +89,9 @@ def _shim(store: Store, name: str, args: argparse.Namespace, run: RunFn, ready: 
         return code
     finally:
         if args.rm:
-            store.remove(name)
-        elif state.read(directory).status == "running":
-            state.exited(directory, code)
+            store.remove(name, anonymous_volumes=True)
+        elif _state(store, name).status == "running":
+            state.exited(store, name, code)
 
 
 def refresh(store: Store, name: str) -> dict | None:
@@ -102,8 +100,7 @@ def refresh(store: Store, name: str) -> dict | None:
     record = store.containers.get(name)
     if record is None:
         return None
-    directory = store.containers.dir(name)
-    found = state.read(directory)
+    name, found = record["name"], state.of(record)
     if found.status != "running" or state.shim_alive(found):
         return record
     with contextlib.suppress(LayerfsError):  # (not mounted: its daemon detached it on its own)
@@ -112,21 +109,29 @@ def refresh(store: Store, name: str) -> dict | None:
         if daemon.upper == record["upper"]:
             mounts.wait_for_exit(daemon.pid, 120)
     if found.rm:
-        store.remove(name)
+        store.remove(name, anonymous_volumes=True)
         return None
-    state.exited(directory, state.KILLED)
+    state.exited(store, name, state.KILLED)
     return store.containers.get(name)
 
 
-def status(store: Store, name: str) -> state.State:
-    if refresh(store, name) is None:
+def status(store: Store, name: str) -> tuple[str, state.State]:
+    """Container ``name`` (or id)'s name and state, set right (``refresh``)."""
+    record = refresh(store, name)
+    if record is None:
         raise UsageError(f"no container {name!r}")
-    return state.read(store.containers.dir(name))
+    return record["name"], state.of(record)
+
+
+def _state(store: Store, name: str) -> state.State:
+    record = store.containers.get(name)
+    return state.of(record) if record else state.State("created")
 
 
 def start(store: Store, name: str, attach: bool, run: RunFn) -> int:
     """``layerfs start``: a container that is not running run again with the flags it was made with."""
-    if status(store, name).status == "running":
+    name, found = status(store, name)
+    if found.status == "running":
         print(name)
         return 0
     args = state.load_flags(store.containers.dir(name))
@@ -158,7 +163,7 @@ def parse_signal(text: str) -> int:
 
 def kill(store: Store, name: str, signum: int) -> None:
     """Signal the container's PID 1 (which, as under docker, ignores what it has no handler for)."""
-    found = status(store, name)
+    name, found = status(store, name)
     pid = state.container_init(found) if found.status == "running" else None
     if pid is None:
         raise LayerfsError(f"container {name!r} is not running")
@@ -168,7 +173,7 @@ def kill(store: Store, name: str, signum: int) -> None:
 
 def stop(store: Store, name: str, timeout: float | None) -> None:
     """The stop signal, then SIGKILL after ``timeout`` seconds; returns once the shim has cleaned up."""
-    found = status(store, name)
+    name, found = status(store, name)
     if found.status != "running":
         return
     with contextlib.suppress(LayerfsError):
@@ -183,29 +188,30 @@ def stop(store: Store, name: str, timeout: float | None) -> None:
 
 def wait(store: Store, name: str) -> int:
     """Until the container has ended; its exit code."""
-    found = status(store, name)
+    name, found = status(store, name)
     if found.status == "running":
         mounts.wait_for_exit(found.shim, None)
-        found = status(store, name)
+        name, found = status(store, name)
     if found.exit_code is None:
         raise LayerfsError(f"container {name!r} has never run")
     return found.exit_code
 
 
-def remove(store: Store, name: str, force: bool) -> None:
-    """``layerfs rm``: refused while it runs, unless ``force`` (killed first, as docker rm -f)."""
-    found = status(store, name)
+def remove(store: Store, name: str, force: bool, volumes: bool) -> None:
+    """``layerfs rm``: refused while it runs, unless ``force`` (killed first, as docker rm -f); with
+    ``volumes``, its anonymous volumes too."""
+    name, found = status(store, name)
     if found.status == "running":
         if not force:
             raise LayerfsError(f"container {name!r} is running (layerfs stop it first, or rm -f)")
         stop(store, name, 0)
     if store.containers.get(name) is not None:  # (a --rm container has removed itself)
-        store.remove(name)
+        store.remove(name, anonymous_volumes=volumes)
 
 
 def logs(store: Store, name: str, follow: bool, out) -> None:
     """Write what the container has written to ``out``; with ``follow``, what it writes too, until it ends."""
-    status(store, name)
+    name, _ = status(store, name)
     directory = store.containers.dir(name)
     try:
         log = open(state.log_path(directory), "rb")  # noqa: SIM115 (read as it grows)
@@ -218,7 +224,7 @@ def logs(store: Store, name: str, follow: bool, out) -> None:
                 out.write(chunk)
                 out.flush()
                 continue
-            if not follow or not state.shim_alive(state.read(directory)):
+            if not follow or not state.shim_alive(_state(store, name)):
                 break
             time.sleep(0.1)
         out.write(log.read())

@@ -9,9 +9,14 @@ is in reach.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
+from ..core import confined
+from ..core.layer import Layer
+from ..core.lookup import Resolver
 from ..errors import LayerfsError, UsageError
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -112,6 +117,33 @@ def find_user(spec: str, passwd: str = "/etc/passwd", group: str = "/etc/group")
         return User(uid, gid, [gid], home)
     member_of = [int(g[2]) for g in groups if entry and entry[0] in g[3].split(",")]
     return User(uid, gid, sorted({gid, *member_of}), home)
+
+
+def find_user_in_layers(spec: str, upper: str | None, lowers: list[str]) -> User:
+    """``find_user`` in the /etc/passwd and /etc/group the layers show (``upper`` over ``lowers``), read
+    through the union without a mount: to check a user before a container is made, and for a bundle, whose
+    runtime wants the ids. A file the layers lack (or that is a symlink) counts as empty."""
+    layers = ([Layer(upper, writable=True)] if upper else []) + [Layer(p, writable=False) for p in lowers]
+    resolver = Resolver(layers)
+    with _opened(resolver, "/etc/passwd") as passwd, _opened(resolver, "/etc/group") as group:
+        return find_user(spec, passwd, group)
+
+
+@contextlib.contextmanager
+def _opened(resolver: Resolver, path: str) -> Iterator[str]:
+    """A path that reads the file the union shows at ``path`` (``/dev/null`` where there is none)."""
+    try:
+        entry = resolver.lookup(path)
+        fd = None if entry is None else confined.open_beneath(entry.rel, os.O_RDONLY, dir_fd=entry.layer.fd)
+    except OSError:
+        fd = None
+    if fd is None:
+        yield os.devnull
+        return
+    try:
+        yield f"/proc/self/fd/{fd}"
+    finally:
+        os.close(fd)
 
 
 def _entries(path: str) -> list[list[str]]:

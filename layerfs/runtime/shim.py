@@ -5,7 +5,8 @@ the host's mount namespace, so that it can be unmounted whatever happens inside)
 that takes new mount, PID, UTS and IPC namespaces (and a network one for ``--net none``). Since a new PID
 namespace applies to the children of the caller of unshare, that child forks once more: the grandchild is
 PID 1 of the container. It makes every mount private, mounts ``/proc``, a fresh ``/dev`` (tmpfs with the
-usual nodes, ``pts`` and ``shm``) and a read-only ``/sys`` inside the rootfs, pivot_roots into it and
+usual nodes, ``pts`` and ``shm``) and a read-only ``/sys`` inside the rootfs, then the volumes
+(volumes.py; the rootfs itself read-only after them for ``--read-only``), pivot_roots into it and
 detaches the old root (chroot would leave it reachable), sets the hostname, user and directory, and execs
 the command, confined as confinement.py says (as runc orders it: the rootfs nodev and docker's /proc and
 /sys paths masked before pivot_root, the bounding set cut before setuid, the process's capabilities,
@@ -30,7 +31,7 @@ import pyseccomp
 from .. import syscalls
 from ..errors import LayerfsError
 from ..syscalls import MS_BIND, MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_PRIVATE, MS_RDONLY, MS_REC
-from . import confinement, init
+from . import cgroups, confinement, init, volumes
 from .confinement import Confinement
 from .init import exit_code
 from .process import find_user, make_workdir
@@ -52,6 +53,9 @@ class Process:
     network: bool = True  # False: a network namespace of its own (loopback only, down)
     binds: list[tuple[str, str]] = field(default_factory=list)  # (host file, container path) bind-mounted
     confinement: Confinement = field(default_factory=Confinement)
+    mounts: list[volumes.Mount] = field(default_factory=list)  # -v, --mount, --tmpfs (their sources on the host)
+    read_only: bool = False  # --read-only: the rootfs mounted read-only (its mounts as they are)
+    cgroups: list[str] = field(default_factory=list)  # the cgroups (cgroups.py) the container goes in
     stdin: bool = False  # -i: the caller's standard input (else /dev/null, as under docker)
     tty: bool = False  # -t: a terminal of the container's own (terminal.py)
     init: bool = False  # --init: a minimal init as PID 1 (init.py)
@@ -171,6 +175,7 @@ def _container(
     """(In the shim's child.) New namespaces, then PID 1 in them; returns its exit code."""
     try:
         _die_with_parent(shim)
+        cgroups.enter(process.cgroups)  # (before any process of the container is made)
         flags = syscalls.CLONE_NEWNS | syscalls.CLONE_NEWPID | syscalls.CLONE_NEWUTS | syscalls.CLONE_NEWIPC
         syscalls.unshare(flags | (0 if process.network else syscalls.CLONE_NEWNET))
         return in_pid_namespace(lambda: _become_pid1(rootfs, process, seccomp, console))
@@ -208,7 +213,10 @@ def _become_pid1(
         syscalls.mount("sysfs", os.path.join(rootfs, "sys"), "sysfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
         for source, target in process.binds:  # the runtime's /etc/hostname and friends, over the image's
             syscalls.mount(source, os.path.join(rootfs, target.lstrip("/")), None, MS_BIND)
+        volumes.mount_all(rootfs, process.mounts)
         confinement.confine_rootfs(rootfs, process.confinement)
+        if process.read_only:
+            confinement.remount(rootfs, MS_RDONLY)
         # Where the old root goes until it is detached: inside /dev, a tmpfs, so no trace in the rootfs.
         old = os.path.join(rootfs, "dev", ".oldroot")
         os.mkdir(old, 0o700)
@@ -219,6 +227,9 @@ def _become_pid1(
         socket.sethostname(process.hostname)
     except OSError as e:
         os.write(2, f"layerfs: run: setup: {_described(e)}\n".encode())
+        os._exit(125)
+    except LayerfsError as e:
+        os.write(2, f"layerfs: run: {e}\n".encode())
         os._exit(125)
     exec_process(process, seccomp, console)
 

@@ -1,11 +1,19 @@
-"""What a container of the store is doing, as its shim writes it down, beside its record:
+"""What a container of the store is doing, as its shim writes it in the container's record
+(``container.json``, through ``Store.update_container``):
 
-    STORE/containers/<name>/state.json     created, running (the shim's pid) or exited (the exit code)
-    STORE/containers/<name>/run.json       the ``layerfs run`` flags it was made with (``start`` runs them again)
-    STORE/containers/<name>/container.log  what a detached container wrote (standard output and error)
-    STORE/containers/<name>/layerfs-runtime-*/  its /etc/hostname, hosts, resolv.conf while it runs
+    started, pid          when it last started, and its shim's pid (``layerfs run`` itself, or -d's daemon)
+    shim_started          the shim's start time (/proc/PID/stat): a reused pid is not the shim
+    first_pid             the container's first process on the host (its PID 1's parent, outside)
+    exit_code, finished   how and when it ended (None while it runs)
+    rm                    run --rm: removed as soon as it has ended
 
-The shim is the one process that writes ``state.json``; a record that says running while its shim is gone
+and beside it in its directory:
+
+    STORE/containers/<name>/run.json             the ``layerfs run`` flags (``start`` runs them again)
+    STORE/containers/<name>/container.log        what a detached container wrote (output and error)
+    STORE/containers/<name>/layerfs-runtime-*/   its /etc/hostname, hosts, resolv.conf while it runs
+
+The shim is the one process that writes these fields; a record that says running while its shim is gone
 (SIGKILLed) is the leftover of a crash, which ``lifecycle.refresh`` clears, as podman's cleanup does.
 """
 
@@ -14,50 +22,52 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from ..fs import mounts
+from ..store import Store
 
 KILLED = 137  # the exit code of a container whose shim was killed under it (128 + SIGKILL)
 
 
 @dataclass
 class State:
-    status: str = "created"  # created, running or exited
-    shim: int = 0  # the process that runs the container, mounts and unmounts its rootfs
-    shim_started: int = 0  # its start time (/proc/PID/stat): a reused pid is not the shim
-    pid: int = 0  # the container's first process on the host (its PID 1's parent, outside its namespaces)
+    status: str  # created, running or exited
+    shim: int = 0
+    shim_started: int = 0
+    pid: int = 0  # the container's first process
     exit_code: int | None = None
-    started_at: float = 0.0
-    finished_at: float = 0.0
-    rm: bool = False  # run --rm: removed as soon as it has ended
+    rm: bool = False
 
 
-def read(directory: str) -> State:
-    try:
-        with open(os.path.join(directory, "state.json")) as f:
-            return State(**json.load(f))
-    except FileNotFoundError:
-        return State()
+def of(record: dict) -> State:
+    if "started" not in record:
+        return State("created")
+    status = "running" if record.get("exit_code") is None else "exited"
+    return State(
+        status,
+        record.get("pid") or 0,
+        record.get("shim_started") or 0,
+        record.get("first_pid") or 0,
+        record.get("exit_code"),
+        bool(record.get("rm")),
+    )
 
 
-def write(directory: str, state: State) -> None:
-    path = os.path.join(directory, "state.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(asdict(state), f)
-    os.replace(path + ".tmp", path)
+def _now() -> str:
+    return datetime.now(UTC).isoformat()
 
 
-def running(directory: str, shim: int, pid: int, rm: bool) -> None:
+def running(store: Store, name: str, shim: int, pid: int, rm: bool) -> None:
     """(The shim.) The container's first process ``pid`` has started."""
-    write(directory, State("running", shim, mounts.start_time(shim) or 0, pid, None, time.time(), 0.0, rm))
+    started = mounts.start_time(shim) or 0
+    fields = {"pid": shim, "shim_started": started, "first_pid": pid, "rm": rm, "exit_code": None, "finished": None}
+    store.update_container(name, started=_now(), **fields)
 
 
-def exited(directory: str, code: int) -> None:
-    state = read(directory)
-    state.status, state.exit_code, state.finished_at = "exited", code, time.time()
-    write(directory, state)
+def exited(store: Store, name: str, code: int) -> None:
+    store.update_container(name, exit_code=code, finished=_now())
 
 
 def shim_alive(state: State) -> bool:
@@ -72,11 +82,6 @@ def container_init(state: State) -> int | None:
     except OSError:
         return None
     return int(children[0]) if children else None
-
-
-def describe(state: State) -> str:
-    """As docker's status says it: created, running, exited (CODE)."""
-    return f"exited ({state.exit_code})" if state.status == "exited" else state.status
 
 
 def save_flags(directory: str, args: argparse.Namespace) -> None:

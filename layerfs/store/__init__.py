@@ -7,6 +7,7 @@ containers made from those images, in one directory.
     STORE/containers/<name>/container.json              the image it came from, its layers (containers)
     STORE/containers/<name>/{upper,work,merged}/        its upper and work dirs, its default mount point
     STORE/content/<2 hex>/<key>                         one inode per distinct file (content)
+    STORE/volumes/<name>/{_data,volume.json}            named and anonymous volumes (volumes)
     STORE/tmp/                                          things being built (cleared when interrupted) (root)
     STORE/lock                                          held by whoever changes the store (root)
 
@@ -40,6 +41,7 @@ from .images import ImageInUse, Images, NoSuchImage, Progress, image_name
 from .incoming import Incoming
 from .layers import Layers
 from .root import DEFAULT_ROOT, Root, root_from
+from .volumes import VolumeInUse, Volumes
 
 __all__ = [
     "DEFAULT_ROOT",
@@ -49,8 +51,14 @@ __all__ = [
     "ImageInUse",
     "NoSuchImage",
     "Store",
+    "VolumeInUse",
     "root_from",
 ]
+
+
+def _volumes_of(record: dict | None) -> list[str]:
+    """The names of the volumes container ``record`` mounts."""
+    return [m["Name"] for m in (record or {}).get("mounts", []) if m.get("Type") == "volume"]
 
 
 class Store:
@@ -61,6 +69,7 @@ class Store:
         self.blobs = Blobs(self.root)
         self.images = Images(self.root, self.layers, self.blobs)
         self.containers = Containers(self.root, self.layers)
+        self.volumes = Volumes(self.root)
 
     def import_image(
         self, kind: str, path: str, tag: str | None, name: str | None, progress: Progress | None = None
@@ -137,15 +146,58 @@ class Store:
         with self.root.locked():
             return self.containers.create(name, self.images.key(image), self.images.record(image))
 
+    def create_on_dirs(self, name: str, lowers: list[str]) -> dict:
+        """A new container over the plain directories ``lowers`` (top first), with no image."""
+        with self.root.locked():
+            return self.containers.create(name, "", None, lowers)
+
+    def update_container(self, name: str, **fields: object) -> None:
+        """``fields`` set in container ``name``'s record."""
+        with self.root.locked():
+            self.containers.update(name, **fields)
+
     def add_runtime_paths(self, name: str, paths: list[str]) -> None:
         """Paths the runtime made in container ``name`` for itself: its diff leaves them out."""
         with self.root.locked():
             self.containers.add_runtime_paths(name, paths)
 
-    def remove(self, name: str) -> None:
-        """Container ``name`` removed."""
+    def remove(self, name: str, *, anonymous_volumes: bool = False) -> None:
+        """Container ``name`` removed (and, with ``anonymous_volumes``, its anonymous volumes, as ``docker rm
+        -v`` removes them)."""
         with self.root.locked():
+            record = self.containers.get(name)
             self.containers.remove(name)
+            for volume in _volumes_of(record) if anonymous_volumes else []:
+                if self.volumes.is_anonymous(volume) and not self._volume_users(volume):
+                    self.volumes.remove(volume)
+
+    def volume(self, name: str | None) -> tuple[str, bool]:
+        """Volume ``name`` (a new anonymous one for None), made if missing: its name, and whether it is new."""
+        with self.root.locked():
+            return self.volumes.create(name)
+
+    def remove_volume(self, name: str) -> None:
+        """Volume ``name`` removed; refused while a container has it."""
+        with self.root.locked():
+            users = self._volume_users(name)
+            if users:
+                raise VolumeInUse(name, users)
+            self.volumes.remove(name)
+
+    def prune_volumes(self, *, named_too: bool = False) -> list[str]:
+        """Remove the anonymous volumes no container has (``named_too``: every volume none has)."""
+        with self.root.locked():
+            unused = [
+                name
+                for name in self.volumes.names()
+                if (named_too or self.volumes.is_anonymous(name)) and not self._volume_users(name)
+            ]
+            for name in unused:
+                self.volumes.remove(name)
+        return unused
+
+    def _volume_users(self, volume: str) -> list[str]:
+        return [n for n in self.containers.names() if volume in _volumes_of(self.containers.get(n))]
 
     def layer_users(self) -> dict[str, list[str]]:
         """Every layer of the store (diff_id) -> the images and containers that use it."""
