@@ -260,6 +260,12 @@ def unshare(flags: int) -> None:
         _raise_errno("unshare")
 
 
+def setns(fd: int, nstype: int) -> None:
+    """setns(2): join the namespace open at ``fd`` (os.setns came with Python 3.12)."""
+    if _libc.setns(fd, nstype) != 0:
+        _raise_errno("setns")
+
+
 def pivot_root(new_root: str, put_old: str) -> None:
     number = _SYS_PIVOT_ROOT.get(os.uname().machine)
     if number is None:

@@ -482,12 +482,12 @@ def test_mount_over_one_of_its_own_lower_dirs_shows_what_was_there_like_overlayf
 
 @pytest.fixture
 def store_with_container(tmp_path) -> Path:
-    """A store with a container named ``logs`` (a word close to a command), of a one-file image."""
+    """A store with a container named ``top`` (docker's command, not layerfs's), of a one-file image."""
     rootfs, root = tmp_path / "rootfs", tmp_path / "store"
     (rootfs / "etc").mkdir(parents=True)
     (rootfs / "etc/hello").write_text("hi\n")
     subprocess.run(["tar", "-C", rootfs, "-cf", tmp_path / "rootfs.tar", "."], check=True)
-    for args in (["import", f"rootfs:{tmp_path / 'rootfs.tar'}", "demo"], ["create", "--name", "logs", "demo"]):
+    for args in (["import", f"rootfs:{tmp_path / 'rootfs.tar'}", "demo"], ["create", "--name", "top", "demo"]):
         assert layerfs_cmd(*args, "--root", root).returncode == 0
     return root
 
@@ -507,13 +507,13 @@ def test_an_unknown_command_is_refused_with_the_nearest_one(argv, line):
 
 @pytest.mark.parametrize("flags", [[], ["-f"]], ids=["plain", "foreground"])
 def test_a_container_name_is_never_taken_for_a_command(flags, store_with_container, mounts, tmp_path):
-    # Before: `layerfs logs DIR` mounted container logs over DIR, without a word.
+    # Before: `layerfs logs DIR` mounted container logs over DIR, without a word (logs is a command now).
     mnt = tmp_path / "full"
     mnt.mkdir()
     (mnt / "mine").write_text("x")
     mounts.points.append(mnt)
-    result = layerfs_cmd(*flags, "logs", mnt, env={**os.environ, "LAYERFS_ROOT": str(store_with_container)})
-    assert "logs: unknown command" in assert_one_line_error(result)
+    result = layerfs_cmd(*flags, "top", mnt, env={**os.environ, "LAYERFS_ROOT": str(store_with_container)})
+    assert "top: unknown command" in assert_one_line_error(result)
     assert result.returncode == 2
     assert not is_mounted(mnt) and os.listdir(mnt) == ["mine"]
 
@@ -530,11 +530,11 @@ def test_a_container_is_not_mounted_over_a_non_empty_directory(store_with_contai
     mnt = tmp_path / "full"
     mnt.mkdir()
     (mnt / "mine").write_text("x")
-    result = cli_mount(mounts, mnt, "mount", "--root", store_with_container, "logs", mnt)
+    result = cli_mount(mounts, mnt, "mount", "--root", store_with_container, "top", mnt)
     assert assert_mount_refused(result, mnt) == f"layerfs: {mnt}: mount point is not empty"
     assert os.listdir(mnt) == ["mine"]
     empty = tmp_path / "empty"
-    assert_mounted_ok(cli_mount(mounts, empty, "mount", "--root", store_with_container, "logs", empty), empty)
+    assert_mounted_ok(cli_mount(mounts, empty, "mount", "--root", store_with_container, "top", empty), empty)
     assert (empty / "etc/hello").read_text() == "hi\n"
 
 

@@ -128,6 +128,7 @@ def test_changes_made_inside_show_in_diff_and_rm_leaves_nothing(store, new_mount
         "--name",
         "c2",
         "--rm",
+        "-i",
         "box:1",
         "/bin/sh",
         "-c",

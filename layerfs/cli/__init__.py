@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from .. import __version__
 from ..errors import LayerfsError, UsageError
-from . import build, dispatch, images, volumes
+from . import build, dispatch, images, lifecycle, volumes
 
 if TYPE_CHECKING:
     from ..store import Store
@@ -45,6 +45,7 @@ COMMANDS = (
     + images.COMMANDS
     + volumes.COMMANDS
     + build.COMMANDS
+    + lifecycle.COMMANDS
 )
 _ROOT_HELP = "the store (default $LAYERFS_ROOT, else /var/lib/layerfs, or $XDG_DATA_HOME/layerfs without root)"
 
@@ -139,8 +140,8 @@ def _parser() -> argparse.ArgumentParser:
     x = sub.add_parser(
         "run",
         help="run a command in a container of an image (or of lower dirs)",
-        usage="layerfs run [--root DIR] [--name C] [--rm] [-e K[=V]] [--env-file FILE] [-w DIR] "
-        "[-u USER[:GROUP]] [--entrypoint CMD] "
+        usage="layerfs run [--root DIR] [--name C] [--rm] [-d] [-i] [-t] [--init] [-e K[=V]] [--env-file FILE] "
+        "[-w DIR] [-u USER[:GROUP]] [--entrypoint CMD] "
         "[--hostname H] [--net host|none] [--cap-add CAP] [--cap-drop CAP] [--privileged] "
         "[-v [SRC:]DEST[:ro]] [--mount type=...] [--tmpfs DEST] [--read-only] "
         "[-m BYTES] [--pids-limit N] [--cpus N] "
@@ -149,6 +150,10 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--root", metavar="DIR", help=_ROOT_HELP)
     x.add_argument("--name", help="the container's name (default: run-<random>)")
     x.add_argument("--rm", action="store_true", help="remove the container when the command ends")
+    x.add_argument("-d", "--detach", action="store_true", help="in the background: print its name, keep its output")
+    x.add_argument("-i", "--interactive", action="store_true", help="standard input to the container")
+    x.add_argument("-t", "--tty", action="store_true", help="a terminal of the container's own")
+    x.add_argument("--init", action="store_true", help="a minimal init as PID 1: passes signals on, reaps")
     _process_arguments(x)
     x.add_argument("--hostname")
     x.add_argument("--net", choices=("host", "none"), default="host")
@@ -201,8 +206,8 @@ def _parser() -> argparse.ArgumentParser:
     images.add_parsers(sub, _ROOT_HELP)
     volumes.add_parsers(sub, _ROOT_HELP)
     build.add_parsers(sub, _ROOT_HELP)
+    lifecycle.add_parsers(sub, _ROOT_HELP)
     for command, help_text, argument in (
-        ("rm", "remove a container (not mounted) and its changes", "name"),
         ("rmi", "remove an image no container uses (its layers stay until gc)", "name"),
         ("inspect", "an image or container of the store, as JSON", "name"),
         ("layers", "the store's layers and what uses each", None),
@@ -443,11 +448,9 @@ def _run(args: argparse.Namespace) -> int:
         rootfs = bundle.write(_store(args), args.name, args.directory, command, args)
         print(f"{os.path.join(args.directory, 'config.json')}\n{rootfs} (layerfs umount it when done)")
         return 0
-    if args.command in ("rm", "rmi", "inspect", "layers", "gc", "ps"):
+    if args.command in ("rmi", "inspect", "layers", "gc", "ps"):
         store = _store(args)
-        if args.command == "rm":
-            store.remove(args.name, anonymous_volumes=args.volumes)
-        elif args.command == "rmi":
+        if args.command == "rmi":
             store.remove_image(args.name)
         elif args.command == "inspect":
             # (a name with a slash is no container's: an image's full name)
@@ -472,6 +475,8 @@ def _run(args: argparse.Namespace) -> int:
         return volumes.run(args)
     if args.command in build.COMMANDS:
         return build.run(args)
+    if args.command in lifecycle.COMMANDS or args.command == "rm":
+        return lifecycle.run(args)
     if args.command == "example":
         from .. import example
 

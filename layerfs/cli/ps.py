@@ -1,6 +1,7 @@
 """``layerfs ps``: the store's containers in docker's columns (CONTAINER ID, IMAGE, COMMAND, CREATED,
 STATUS, NAMES), the running ones unless ``-a``, or their ids alone (``-q``). Only what the records hold is
-shown: a container is up while the shim that started it runs and has not recorded its end."""
+shown: a container is up while the shim that started it runs and has not recorded its end (a record
+whose shim was killed is set right first: runtime/lifecycle.py)."""
 
 from __future__ import annotations
 
@@ -15,8 +16,10 @@ if TYPE_CHECKING:
 
 def render(store: Store, *, everything: bool, quiet: bool) -> str:
     rows = []
+    from ..runtime.lifecycle import refresh
+
     for name in store.containers.names():
-        record = store.containers.get(name)
+        record = refresh(store, name)  # (a killed shim's container set right first)
         if record is None:
             continue  # (removed since it was listed)
         shown = status(record)
@@ -39,7 +42,7 @@ def render(store: Store, *, everything: bool, quiet: bool) -> str:
 def status(record: dict) -> str:
     """docker's STATUS: ``Created``, ``Up 5 minutes``, ``Exited (0) 3 minutes ago`` (``Dead``: its shim
     ended without recording how)."""
-    if "exit_code" in record:
+    if record.get("exit_code") is not None:
         return f"Exited ({record['exit_code']}) {ago(record.get('finished'))}"
     if "started" not in record:
         return "Created"

@@ -1,7 +1,7 @@
 """``layerfs run``: the command line's side: which layers, which process, and the container's life cycle
-(check, create, mount, run, unmount, remove with ``--rm``) around shim.run. A container of an image, or of
-plain lower directories given a ``--name``, is recorded in the store; a nameless ``--lower`` run is a
-throwaway."""
+(check, create, mount, run, unmount) around shim.run. A container of an image, or of plain lower
+directories given a ``--name``, is recorded in the store and run by lifecycle.py (in the foreground or
+detached, removed with ``--rm``); a nameless ``--lower`` run is a throwaway."""
 
 from __future__ import annotations
 
@@ -13,12 +13,11 @@ import tempfile
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 from ..errors import LayerfsError, UsageError
 from ..fs import mount, options
 from ..store import Store, root_from
-from . import cgroups, process, shim, volumes
+from . import cgroups, lifecycle, process, shim, volumes
 from .confinement import Confinement
 
 
@@ -29,11 +28,56 @@ def main(args: argparse.Namespace) -> int:
     limits = cgroups.Limits.from_flags(args.memory, args.pids_limit, args.cpus)
     cgroups.check(limits)
     throwaway = args.lower and not args.name
+    if throwaway and args.detach:
+        raise UsageError("run -d needs an image or a --name: a nameless --lower container is thrown away")
     needs_store = not throwaway or any(m.kind == volumes.VOLUME for m in requested)
     store = Store(root_from(args.root)) if needs_store else None
     image, lowers, command, config = _what_to_run(args, store)
-    hostname = args.hostname or (args.name or "layerfs")[:63]
-    to_run = shim.Process(
+    to_run = _process(args, command, config, confined)
+    try:
+        process.find_user_in_layers(to_run.user, None, lowers)
+    except LayerfsError as e:
+        print(f"layerfs: run: {e}", file=sys.stderr)
+        return 125  # as docker run says it
+    name = args.name or f"run-{uuid.uuid4().hex[:8]}"
+    if throwaway:
+        return _run_throwaway(lowers, to_run, _Asked(name, requested, limits, store))
+    assert store is not None
+    if image:
+        store.create(name, image)
+    else:
+        store.create_on_dirs(name, lowers)
+    return lifecycle.launch(store, name, args, run_stored)
+
+
+def run_stored(store: Store, name: str, args: argparse.Namespace, started: Callable[[int], None]) -> int:
+    """(In the shim.) Container ``name`` of the store run as ``run``'s flags ``args`` say (as given, or
+    as ``start`` finds them kept)."""
+    record = store.containers.get(name)
+    if record is None:
+        raise LayerfsError(f"no container {name!r}")
+    _, _, command, config = _what_to_run(args, store)
+    to_run = _process(args, command, config, Confinement.from_flags(args.cap_add, args.cap_drop, args.privileged))
+    requested = volumes.parse(args.volume, args.mount, args.tmpfs)
+    asked = _Asked(name, requested, cgroups.Limits.from_flags(args.memory, args.pids_limit, args.cpus), store)
+    store.update_container(name, command=to_run.argv)
+
+    def keep(paths: list[str], mounts: list[dict]) -> None:
+        store.add_runtime_paths(name, paths)
+        store.update_container(name, mounts=mounts)
+
+    lowers, upper, work, merged = record["lowers"], record["upper"], record["work"], record["merged"]
+    # (what a killed shim leaves of the runtime's files goes with the container)
+    return _run(lowers, upper, work, merged, to_run, asked, keep, started, store.containers.dir(name))
+
+
+def container_hostname(args: argparse.Namespace) -> str:
+    return args.hostname or (args.name or "layerfs")[:63]
+
+
+def _process(args: argparse.Namespace, command: list[str], config: dict, confined: Confinement) -> shim.Process:
+    hostname = container_hostname(args)
+    return shim.Process(
         process.argv(config, command, args.entrypoint),
         process.environment(config, args.env, args.env_file, hostname),
         process.workdir(config, args.workdir),
@@ -42,36 +86,10 @@ def main(args: argparse.Namespace) -> int:
         network=args.net == "host",
         confinement=confined,
         read_only=args.read_only,
+        stdin=args.interactive,
+        tty=args.tty,
+        init=args.init,
     )
-    try:
-        process.find_user_in_layers(to_run.user, None, lowers)
-    except LayerfsError as e:
-        print(f"layerfs: run: {e}", file=sys.stderr)
-        return 125  # as docker run says it
-    name = args.name or f"run-{uuid.uuid4().hex[:8]}"
-    asked = _Asked(name, requested, limits, store)
-    if throwaway:
-        return _run_throwaway(lowers, to_run, asked)
-    assert store is not None
-    record = store.create(name, image) if image else store.create_on_dirs(name, lowers)
-    store.update_container(name, command=to_run.argv, started=_now(), pid=os.getpid())
-
-    def keep(paths: list[str], mounts: list[dict]) -> None:
-        store.add_runtime_paths(name, paths)
-        store.update_container(name, mounts=mounts)
-
-    try:
-        code = _run(record["lowers"], record["upper"], record["work"], record["merged"], to_run, asked, keep)
-    finally:
-        if args.rm:
-            store.remove(name, anonymous_volumes=True)
-    if not args.rm:
-        store.update_container(name, exit_code=code, finished=_now())
-    return code
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat()
 
 
 def _what_to_run(args: argparse.Namespace, store: Store | None) -> tuple[str | None, list[str], list[str], dict]:
@@ -122,13 +140,15 @@ def _run(
     to_run: shim.Process,
     asked: _Asked,
     keep: Callable[[list[str], list[dict]], None],
+    started: Callable[[int], None] = lambda pid: None,
+    runtime_in: str | None = None,
 ) -> int:
     """Mount the rootfs, make it ready (the runtime's files and mount points, the volumes: ``keep`` is told
     the paths made and the volumes mounted), run the process in its cgroup, unmount."""
     mount_options = options.for_dirs(lowers, upper, work, x_layerfs_owner=os.getpid())
     if mount.mount(options.parse([mount_options], merged)) != 0:
         return 125
-    runtime = tempfile.mkdtemp(prefix="layerfs-runtime-")
+    runtime = tempfile.mkdtemp(prefix="layerfs-runtime-", dir=runtime_in)
     try:
         to_run.binds, files = shim.runtime_files(merged, runtime, to_run.hostname, to_run.network)
         made = shim.make_mount_points(merged) + files
@@ -136,11 +156,11 @@ def _run(
         to_run.mounts = prepared.mounts
         keep(made + prepared.made, prepared.described)
         if not asked.limits.controllers():
-            return shim.run(merged, to_run)
+            return shim.run(merged, to_run, started)
         cgroup = cgroups.Cgroup(asked.name, asked.limits)
         try:
             to_run.cgroups = cgroup.dirs
-            return shim.run(merged, to_run)
+            return shim.run(merged, to_run, started)
         finally:
             cgroup.remove()
     finally:

@@ -12,7 +12,8 @@ the command, confined as confinement.py says (as runc orders it: the rootfs node
 /sys paths masked before pivot_root, the bounding set cut before setuid, the process's capabilities,
 no_new_privs, the descriptors and seccomp after it, just before exec). Everything mounted inside dies with
 the container's mount namespace; the rootfs mount is taken down by the shim when the command ends, on
-errors too.
+errors too. With ``-t`` the command's standard streams are a pty of the container's devpts
+(terminal.py); with ``--init`` its PID 1 is a minimal init (init.py) and the command its child.
 """
 
 from __future__ import annotations
@@ -21,19 +22,25 @@ import os
 import signal
 import socket
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NoReturn
 
 import pyseccomp
 
 from .. import syscalls
 from ..errors import LayerfsError
 from ..syscalls import MS_BIND, MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_PRIVATE, MS_RDONLY, MS_REC
-from . import cgroups, confinement, volumes
+from . import cgroups, confinement, init, volumes
 from .confinement import Confinement
+from .init import exit_code
 from .process import find_user, make_workdir
+from .terminal import Console
 
 _DEVICES = {"null": (1, 3), "zero": (1, 5), "full": (1, 7), "random": (1, 8), "urandom": (1, 9), "tty": (5, 0)}
 _EXEC_FAILED = 127  # as a shell says "command not found"
+# What a shell sends a foreground job (Ctrl-C, kill, a closed terminal): passed on to the container.
+_FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 
 
 @dataclass
@@ -49,6 +56,9 @@ class Process:
     mounts: list[volumes.Mount] = field(default_factory=list)  # -v, --mount, --tmpfs (their sources on the host)
     read_only: bool = False  # --read-only: the rootfs mounted read-only (its mounts as they are)
     cgroups: list[str] = field(default_factory=list)  # the cgroups (cgroups.py) the container goes in
+    stdin: bool = False  # -i: the caller's standard input (else /dev/null, as under docker)
+    tty: bool = False  # -t: a terminal of the container's own (terminal.py)
+    init: bool = False  # --init: a minimal init as PID 1 (init.py)
 
 
 _MOUNT_POINTS = ("proc", "dev", "sys")
@@ -109,25 +119,30 @@ def make_mount_points(rootfs: str) -> list[str]:
     return made
 
 
-def run(rootfs: str, process: Process) -> int:
-    """Run ``process`` in ``rootfs`` (a mounted rootfs) and return its exit code (128+N for signal N)."""
+def run(rootfs: str, process: Process, started: Callable[[int], None] = lambda pid: None) -> int:
+    """Run ``process`` in ``rootfs`` (a mounted rootfs) and return its exit code (128+N for signal N);
+    ``started`` is told the pid of the container's first process."""
     shim = os.getpid()
     seccomp = process.confinement.seccomp_filter()
+    return supervise(process, started, lambda console: _container(rootfs, process, seccomp, shim, console))
+
+
+def supervise(process: Process, started: Callable[[int], None], child: Callable[[Console | None], int]) -> int:
+    """Fork ``child`` (with the console of ``process``'s terminal, if it has one), relay its terminal,
+    pass the signals a shell sends on to it, and return its exit code."""
+    console = Console() if process.tty else None
     pid = os.fork()
     if pid == 0:
-        os._exit(_container(rootfs, process, seccomp, shim))
-    forward = {s: signal.signal(s, lambda n, _: _pass_on(pid, n)) for s in (signal.SIGINT, signal.SIGTERM)}
+        os._exit(child(console))
+    started(pid)
+    forward = {s: signal.signal(s, lambda n, _: _pass_on(pid, n)) for s in _FORWARDED}
     try:
-        while True:
-            try:
-                _, status = os.waitpid(pid, 0)
-                break
-            except InterruptedError:
-                continue
+        if console is not None:
+            console.relay(process.stdin)
+        return exit_code(_wait(pid))
     finally:
         for s, previous in forward.items():
             signal.signal(s, previous)
-    return _exit_code(status)
 
 
 def _pass_on(pid: int, signum: int) -> None:
@@ -137,10 +152,12 @@ def _pass_on(pid: int, signum: int) -> None:
         pass
 
 
-def _exit_code(status: int) -> int:
-    if os.WIFSIGNALED(status):
-        return 128 + os.WTERMSIG(status)
-    return os.WEXITSTATUS(status)
+def _wait(pid: int) -> int:
+    while True:
+        try:
+            return os.waitpid(pid, 0)[1]
+        except InterruptedError:
+            continue
 
 
 def _die_with_parent(parent: int) -> None:
@@ -152,28 +169,32 @@ def _die_with_parent(parent: int) -> None:
         os._exit(125)
 
 
-def _container(rootfs: str, process: Process, seccomp: pyseccomp.SyscallFilter | None, shim: int) -> int:
+def _container(
+    rootfs: str, process: Process, seccomp: pyseccomp.SyscallFilter | None, shim: int, console: Console | None
+) -> int:
     """(In the shim's child.) New namespaces, then PID 1 in them; returns its exit code."""
     try:
         _die_with_parent(shim)
         cgroups.enter(process.cgroups)  # (before any process of the container is made)
         flags = syscalls.CLONE_NEWNS | syscalls.CLONE_NEWPID | syscalls.CLONE_NEWUTS | syscalls.CLONE_NEWIPC
         syscalls.unshare(flags | (0 if process.network else syscalls.CLONE_NEWNET))
-        parent = os.getpid()
-        pid = os.fork()
-        if pid == 0:
-            _die_with_parent(parent)
-            _become_pid1(rootfs, process, seccomp)  # never returns
-        signal.signal(signal.SIGINT, lambda n, _: _pass_on(pid, n))
-        signal.signal(signal.SIGTERM, lambda n, _: _pass_on(pid, n))
-        while True:
-            try:
-                return _exit_code(os.waitpid(pid, 0)[1])
-            except InterruptedError:
-                continue
+        return in_pid_namespace(lambda: _become_pid1(rootfs, process, seccomp, console))
     except OSError as e:
         os.write(2, f"layerfs: run: {_described(e)}\n".encode())
         return 125  # as docker run says the runtime failed
+
+
+def in_pid_namespace(child: Callable[[], None]) -> int:
+    """(After unshare or setns of a PID namespace, which only this process's children enter.) Fork
+    ``child``, which never returns, pass signals on to it, and return its exit code."""
+    parent = os.getpid()
+    pid = os.fork()
+    if pid == 0:
+        _die_with_parent(parent)
+        child()
+    for s in _FORWARDED:
+        signal.signal(s, lambda n, _: _pass_on(pid, n))
+    return exit_code(_wait(pid))
 
 
 def _described(e: OSError) -> str:
@@ -181,8 +202,9 @@ def _described(e: OSError) -> str:
     return f"{e.filename}: {e.strerror}" if e.filename else e.strerror or str(e)
 
 
-def _become_pid1(rootfs: str, process: Process, seccomp: pyseccomp.SyscallFilter | None) -> None:
-    code = 125
+def _become_pid1(
+    rootfs: str, process: Process, seccomp: pyseccomp.SyscallFilter | None, console: Console | None
+) -> NoReturn:
     try:
         syscalls.mount("none", "/", None, MS_REC | MS_PRIVATE)  # nothing from here reaches the host
         syscalls.mount(rootfs, rootfs, None, MS_BIND | MS_REC)  # pivot_root wants the new root a mount point
@@ -203,15 +225,35 @@ def _become_pid1(rootfs: str, process: Process, seccomp: pyseccomp.SyscallFilter
         syscalls.umount("/dev/.oldroot", lazy=True)
         os.rmdir("/dev/.oldroot")
         socket.sethostname(process.hostname)
+    except OSError as e:
+        os.write(2, f"layerfs: run: setup: {_described(e)}\n".encode())
+        os._exit(125)
+    except LayerfsError as e:
+        os.write(2, f"layerfs: run: {e}\n".encode())
+        os._exit(125)
+    exec_process(process, seccomp, console)
+
+
+def exec_process(process: Process, seccomp: pyseccomp.SyscallFilter | None, console: Console | None) -> NoReturn:
+    """(Inside the container's namespaces and root.) Become ``process``: its user, directory, terminal
+    and confinement; then exec its command (under an init, for ``--init``)."""
+    code = 125
+    try:
         user = find_user(process.user)
         env = {"HOME": user.home, **process.env}
         make_workdir(process.cwd, user)
+        if console is not None:
+            console.take(user.uid, user.gid)
+        elif not process.stdin:
+            os.dup2(os.open("/dev/null", os.O_RDONLY), 0)  # (the descriptor itself goes with the others)
         confinement.bound_capabilities(process.confinement)
         os.setgroups(user.groups)
         os.setgid(user.gid)
         os.setuid(user.uid)
         os.chdir(process.cwd)
         confinement.enter(process.confinement, seccomp, user.uid)
+        if process.init:
+            init.fork_under_init()
         code = _EXEC_FAILED
         os.execvpe(process.argv[0], process.argv, env)
     except OSError as e:

@@ -1,0 +1,84 @@
+"""``layerfs exec``: a process started in a running container, as ``docker exec`` starts one.
+
+It joins the namespaces of the container's PID 1 (PID, then IPC, UTS, network and mount, the last
+of which puts it at the container's root) and becomes the process as the container's own did
+(shim.exec_process: the user from the container's /etc/passwd, the container's confinement and
+environment, ``-t``'s terminal from the container's devpts). Joining a PID namespace applies to the
+joiner's children, so the process is a grandchild of the command, which waits for it and passes
+signals on, as ``layerfs run`` does. It dies with the container's PID 1, as every process in its PID
+namespace does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from pyseccomp import SyscallFilter
+
+from .. import syscalls
+from ..errors import LayerfsError
+from ..store import Store
+from . import lifecycle, process, run, shim, state
+from .confinement import Confinement
+from .terminal import Console
+
+# Joined in this order: the mount namespace last, since it changes what /proc and / are.
+_NAMESPACES = (
+    ("ipc", syscalls.CLONE_NEWIPC),
+    ("uts", syscalls.CLONE_NEWUTS),
+    ("net", syscalls.CLONE_NEWNET),
+    ("mnt", syscalls.CLONE_NEWNS),
+)
+
+
+def main(store: Store, name: str, args: argparse.Namespace) -> int:
+    """``layerfs exec [-i] [-t] [-u USER] [-e K[=V]] [-w DIR] CONTAINER CMD...``; the command's exit code."""
+    name, found = lifecycle.status(store, name)
+    pid1 = state.container_init(found) if found.status == "running" else None
+    run_flags = state.load_flags(store.containers.dir(name))
+    record = store.containers.get(name)
+    if pid1 is None or run_flags is None or record is None:
+        raise LayerfsError(f"container {name!r} is not running")
+    config = lifecycle.image_config(store, record)
+    # The container's environment, then exec's -e.
+    env = process.environment(config, run_flags.env + args.env, run_flags.env_file, run.container_hostname(run_flags))
+    to_run = shim.Process(
+        args.cmd,
+        env,
+        args.workdir or process.workdir(config, run_flags.workdir),
+        args.user or run_flags.user or config.get("User") or "",
+        confinement=Confinement.from_flags(run_flags.cap_add, run_flags.cap_drop, run_flags.privileged),
+        stdin=args.interactive,
+        tty=args.tty,
+    )
+    seccomp = to_run.confinement.seccomp_filter()
+    namespaces = {kind: os.open(f"/proc/{pid1}/ns/{kind}", os.O_RDONLY) for kind in ("pid", *dict(_NAMESPACES))}
+    try:
+        return shim.supervise(to_run, lambda pid: None, lambda console: _join(namespaces, to_run, seccomp, console))
+    finally:
+        for fd in namespaces.values():
+            os.close(fd)
+
+
+def _join(
+    namespaces: dict[str, int], to_run: shim.Process, seccomp: SyscallFilter | None, console: Console | None
+) -> int:
+    try:
+        syscalls.setns(namespaces["pid"], syscalls.CLONE_NEWPID)
+    except OSError as e:
+        os.write(2, f"layerfs: exec: {e.strerror}\n".encode())
+        return 125
+    return shim.in_pid_namespace(lambda: _enter(namespaces, to_run, seccomp, console))
+
+
+def _enter(
+    namespaces: dict[str, int], to_run: shim.Process, seccomp: SyscallFilter | None, console: Console | None
+) -> None:
+    try:
+        for kind, flag in _NAMESPACES:
+            syscalls.setns(namespaces[kind], flag)
+    except OSError as e:
+        os.write(2, f"layerfs: exec: {e.strerror}\n".encode())
+        os._exit(125)
+    shim.exec_process(to_run, seccomp, console)
