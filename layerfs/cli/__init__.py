@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from .. import __version__
 from ..errors import LayerfsError, UsageError
-from . import dispatch, images
+from . import dispatch, images, snapshotter
 
 if TYPE_CHECKING:
     from ..store import Store
@@ -40,7 +40,7 @@ COMMANDS = (
     "ps",
     "bundle",
     "example",
-) + images.COMMANDS
+) + images.COMMANDS + snapshotter.COMMANDS
 _ROOT_HELP = "the store (default $LAYERFS_ROOT, else /var/lib/layerfs)"
 
 
@@ -172,6 +172,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--debug", action="store_true")
 
     images.add_parsers(sub, _ROOT_HELP)
+    snapshotter.add_parsers(sub)
     for command, help_text, argument in (
         ("rm", "remove a container (not mounted) and its changes", "name"),
         ("rmi", "remove an image no container uses (its layers stay until gc)", "name"),
@@ -434,6 +435,8 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command in images.COMMANDS:
         return images.run(args)
+    if args.command in snapshotter.COMMANDS:
+        return snapshotter.run(args)
     if args.command == "example":
         from .. import example
 
