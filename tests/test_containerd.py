@@ -5,6 +5,7 @@ side by side with containerd's overlayfs snapshotter; the snapshotter killed -9 
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import subprocess
@@ -86,18 +87,20 @@ def containerd(tmp_path):
 
 
 def test_containers_run_on_layerfs_as_on_overlayfs(containerd, archive):
-    daemon, _ = containerd
+    daemon, snapshotter = containerd
     seen = {}
-    for snapshotter in ("overlayfs", "layerfs"):
-        daemon.ctr("images", "import", "--snapshotter", snapshotter, archive)
-        seen[snapshotter] = daemon.ctr(
-            "run", "--snapshotter", snapshotter, "--rm", IMAGE, "c1", "sh", "-c", LOOK
-        ).stdout
+    for name in ("overlayfs", "layerfs"):
+        daemon.ctr("images", "import", "--snapshotter", name, archive)
+        seen[name] = daemon.ctr("run", "--snapshotter", name, "--rm", IMAGE, "c1", "sh", "-c", LOOK).stdout
     assert seen["layerfs"] == seen["overlayfs"]
     assert seen["layerfs"].startswith("color=red\n") and "written\n" in seen["layerfs"]
     # the image's two layers, committed; the container's snapshot went with --rm
     listed = daemon.ctr("snapshots", "--snapshotter", "layerfs", "ls").stdout.splitlines()[1:]
     assert len(listed) == 2 and all(line.split()[-1] == "Committed" for line in listed)
+    # containerd's garbage collector removes what no image uses, through List and Remove
+    daemon.ctr("images", "rm", "--sync", IMAGE)
+    assert daemon.ctr("snapshots", "--snapshotter", "layerfs", "ls").stdout.splitlines()[1:] == []
+    assert os.listdir(snapshotter.root / "snapshots") == []
 
 
 def test_a_snapshotter_killed_9_comes_back_with_its_snapshots(containerd, archive):
