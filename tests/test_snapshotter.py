@@ -132,6 +132,16 @@ def test_list_takes_containerds_filters(snapshotter):
     assert code_of(lambda r: list(stub.List(r)), api.ListSnapshotsRequest(filters=["name=="])) == Code.INVALID_ARGUMENT
 
 
+def test_a_root_or_socket_in_use_is_refused(snapshotter, tmp_path):
+    for address, root, line in (
+        (tmp_path / "other.sock", snapshotter.root, f"{snapshotter.root}: another snapshotter serves this root"),
+        (snapshotter.address, tmp_path / "other", f"{snapshotter.address}: a server answers there already"),
+    ):
+        second = layerfs("snapshotter", "--address", address, "--root", root, check=False)
+        assert (second.returncode, second.stderr) == (1, f"layerfs: {line}\n")
+    assert names(snapshotter.stub) == []  # (the first still serves)
+
+
 def test_kill_9_at_any_moment_leaves_no_half_made_snapshot(snapshotter):
     stub = snapshotter.stub
     prepare(stub, "base")

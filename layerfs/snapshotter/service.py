@@ -11,6 +11,7 @@ import functools
 import logging
 import os
 import signal
+import socket
 import threading
 from collections.abc import Callable, Iterator
 from concurrent import futures
@@ -18,6 +19,7 @@ from concurrent import futures
 import grpc
 from google.protobuf import empty_pb2
 
+from ..errors import LayerfsError
 from .api import mount_pb2, snapshots_pb2, snapshots_pb2_grpc
 from .filters import matcher
 from .metadata import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Snapshot
@@ -126,21 +128,31 @@ class Service(snapshots_pb2_grpc.SnapshotsServicer):
         return empty_pb2.Empty()
 
 
-def serve(address: str, root: str, *, ready: Callable[[], None] = lambda: None) -> None:
+def _answered(address: str) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(address)
+        except OSError:
+            return False
+        return True
+
+
+def serve(address: str, root: str) -> None:
     """Serve the snapshots of ``root`` on the unix socket ``address`` until SIGTERM or SIGINT."""
+    address = os.path.abspath(address)
+    os.makedirs(os.path.dirname(address), exist_ok=True)
+    if _answered(address):
+        raise LayerfsError(f"{address}: a server answers there already")
     snapshotter = Snapshotter(root)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
     snapshots_pb2_grpc.add_SnapshotsServicer_to_server(Service(snapshotter), server)
-    directory = os.path.dirname(os.path.abspath(address))
-    os.makedirs(directory, exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(address)  # (a socket a stopped snapshotter left)
-    server.add_insecure_port(f"unix://{os.path.abspath(address)}")
+    server.add_insecure_port(f"unix://{address}")
     server.start()
     stopped = threading.Event()
     for number in (signal.SIGTERM, signal.SIGINT):
         signal.signal(number, lambda *_: stopped.set())
-    ready()
     stopped.wait()
     server.stop(grace=5).wait()
     snapshotter.close()

@@ -9,12 +9,14 @@ directory no record names, removed when the snapshotter opens and by Cleanup.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import tempfile
 import threading
 from collections.abc import Callable, Iterable
 
+from ..errors import LayerfsError
 from .metadata import FailedPrecondition, InvalidArgument, Metadata, Snapshot, now_ns
 from .mounts import Mount, mounts
 from .usage import Usage, usage
@@ -36,12 +38,20 @@ class Snapshotter:
         self.root = os.path.abspath(root)
         self._snapshots = os.path.join(self.root, "snapshots")
         os.makedirs(self._snapshots, mode=0o700, exist_ok=True)
+        # held while this snapshotter lives: a second one on the root would remove the first's new snapshots
+        self._lock_file = os.open(os.path.join(self.root, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_file)
+            raise LayerfsError(f"{self.root}: another snapshotter serves this root") from None
         self._records = Metadata(os.path.join(self.root, "metadata.db"))
         self._lock = threading.Lock()
         self.cleanup()
 
     def close(self) -> None:
         self._records.close()
+        os.close(self._lock_file)
 
     def directory(self, snapshot: Snapshot) -> str:
         return os.path.join(self._snapshots, str(snapshot.id))
