@@ -91,6 +91,8 @@ def test_containers_run_on_layerfs_as_on_overlayfs(containerd, archive):
     seen = {}
     for name in ("overlayfs", "layerfs"):
         daemon.ctr("images", "import", "--snapshotter", name, archive)
+        # the layers were unpacked straight into their directories, never through a layerfs mount (no index)
+        assert not list(snapshotter.root.glob("snapshots/*/work/layerfs-index"))
         seen[name] = daemon.ctr("run", "--snapshotter", name, "--rm", IMAGE, "c1", "sh", "-c", LOOK).stdout
     assert seen["layerfs"] == seen["overlayfs"]
     assert seen["layerfs"].startswith("color=red\n") and "written\n" in seen["layerfs"]

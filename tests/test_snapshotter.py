@@ -74,6 +74,10 @@ def test_snapshots_keys_parents_and_kinds(snapshotter):
     assert code_of(stub.Stat, api.StatSnapshotRequest(key="base")) == Code.NOT_FOUND  # (committed under a name)
     assert names(stub) == ["child", "layer1", "view"]
     assert stub.Mounts(api.MountsRequest(key="child")).mounts[0] == child
+    # containerd's unpacks (keyed as its metadata store names them): kernel overlayfs's form, written straight into
+    [unpack] = prepare(stub, "default/4/extract-1 sha256:0", "layer1")
+    assert unpack.type == "overlay" and f"lowerdir={base.source}" in unpack.options
+    stub.Remove(api.RemoveSnapshotRequest(key="default/4/extract-1 sha256:0"))
 
     # containerd's errors, each as the code its errdefs expects, and nothing changed by any of them
     assert code_of(stub.Prepare, api.PrepareSnapshotRequest(key="x", parent="nothing")) == Code.NOT_FOUND

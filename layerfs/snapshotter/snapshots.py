@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable
 
 from ..errors import LayerfsError
 from .metadata import FailedPrecondition, InvalidArgument, Metadata, Snapshot, now_ns
-from .mounts import Mount, mounts
+from .mounts import UNPACK_PREFIX, Mount, mounts
 from .usage import Usage, usage
 
 MAX_LABEL = 4096  # containerd's limit on a label's key and value together, in bytes
@@ -99,7 +99,9 @@ class Snapshotter:
 
     def _mounts(self, snapshot: Snapshot) -> list[Mount]:
         lowers = [self._fs(parent) for parent in self._records.chain(snapshot)]
-        return mounts(snapshot.kind, self._fs(snapshot), self._work(snapshot), lowers)
+        # (containerd's metadata store names a snapshot NAMESPACE/NUMBER/KEY to the snapshotter)
+        unpacking = snapshot.kind == "active" and snapshot.key.split("/", 2)[-1].startswith(UNPACK_PREFIX)
+        return mounts(snapshot.kind, self._fs(snapshot), self._work(snapshot), lowers, unpacking=unpacking)
 
     def commit(self, name: str, key: str, labels: dict[str, str]) -> None:
         if not name:
