@@ -5,6 +5,7 @@ side by side with containerd's overlayfs snapshotter; the snapshotter killed -9 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -50,15 +51,24 @@ class Containerd:
             time.sleep(0.2)
 
     def ctr(self, *args: str | Path, check: bool = True) -> subprocess.CompletedProcess:
-        command = ["ctr", "-a", self.address, *map(str, args)]
+        # (a namespace of its own: runc's state of containers is kept per namespace, for every containerd)
+        command = ["ctr", "-a", self.address, "-n", self.base.name, *map(str, args)]
         result = subprocess.run(command, env=self.env, capture_output=True, text=True, timeout=120)
         assert not check or result.returncode == 0, f"ctr {' '.join(map(str, args))}: {result.stderr}"
         return result
 
     def stop(self) -> None:
+        """Stop containerd, and first what a failed test left running (a shim outlives containerd)."""
+        for task in self.ctr("tasks", "ls", "-q", check=False).stdout.split():
+            self.ctr("tasks", "kill", "-s", "KILL", task, check=False)
+            deadline = time.monotonic() + 30
+            while self.ctr("tasks", "delete", task, check=False).returncode != 0 and time.monotonic() < deadline:
+                time.sleep(0.2)
         self.process.send_signal(signal.SIGTERM)
         self.process.wait(timeout=30)
         self.log.close()
+        with contextlib.suppress(OSError):
+            os.rmdir(f"/run/containerd/runc/{self.base.name}")  # (the shims' runc root of the namespace)
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +119,10 @@ def test_a_snapshotter_killed_9_comes_back_with_its_snapshots(containerd, archiv
     daemon, snapshotter = containerd
     daemon.ctr("images", "import", "--snapshotter", "layerfs", archive)
     first = daemon.ctr("run", "--snapshotter", "layerfs", "--rm", IMAGE, "c1", "sh", "-c", LOOK).stdout
+    daemon.ctr("run", "-d", "--snapshotter", "layerfs", IMAGE, "running", "busybox", "sleep", "600")
     snapshotter.kill()
+    # a running container keeps its root filesystem: its mount is the shim's, not the snapshotter's
+    assert daemon.ctr("tasks", "exec", "--exec-id", "e1", "running", "sh", "-c", LOOK).stdout == first
     snapshotter.start()
     # containerd's connection to the snapshotter reconnects after its gRPC backoff (a second or so)
     deadline = time.monotonic() + 30
@@ -118,4 +131,14 @@ def test_a_snapshotter_killed_9_comes_back_with_its_snapshots(containerd, archiv
         time.sleep(0.2)
     again = daemon.ctr("run", "--snapshotter", "layerfs", "--rm", IMAGE, "c2", "sh", "-c", LOOK).stdout
     assert again == first
-    assert len(daemon.ctr("snapshots", "--snapshotter", "layerfs", "ls").stdout.splitlines()[1:]) == 2
+    # the running container's writes were kept in its active snapshot
+    written = daemon.ctr("tasks", "exec", "--exec-id", "e2", "running", "busybox", "cat", "/tmp/x").stdout
+    assert written == "written\n"
+    daemon.ctr("tasks", "kill", "-s", "KILL", "running")
+    deadline = time.monotonic() + 30
+    while daemon.ctr("tasks", "delete", "running", check=False).returncode != 0:
+        assert time.monotonic() < deadline, "the container's task never ended"
+        time.sleep(0.2)
+    daemon.ctr("containers", "delete", "running")  # (and its snapshot)
+    listed = daemon.ctr("snapshots", "--snapshotter", "layerfs", "ls").stdout.splitlines()[1:]
+    assert [line.split()[-1] for line in listed] == ["Committed", "Committed"]
