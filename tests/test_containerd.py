@@ -11,11 +11,11 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 from conftest import _mounted_points, force_unmount
+from processes import wait_for
 from snapshotterd import Snapshotterd, layerfs_on_path
 from test_images import make_layout
 
@@ -45,10 +45,8 @@ class Containerd:
         # (containerd's shims mount a rootfs with mount.fuse3, which finds layerfs on PATH; so does ctr, to
         # read the image's /etc/group)
         self.process = subprocess.Popen(["containerd", "--config", config], env=env, stdout=self.log, stderr=self.log)
-        deadline = time.monotonic() + 30
-        while self.ctr("version", check=False).returncode != 0:
-            assert time.monotonic() < deadline, (base / "containerd.log").read_text()[-2000:]
-            time.sleep(0.2)
+        answers = wait_for(lambda: self.ctr("version", check=False).returncode == 0, timeout=30)
+        assert answers, (base / "containerd.log").read_text()[-2000:]
 
     def ctr(self, *args: str | Path, check: bool = True) -> subprocess.CompletedProcess:
         # (a namespace of its own: runc's state of containers is kept per namespace, for every containerd)
@@ -57,13 +55,15 @@ class Containerd:
         assert not check or result.returncode == 0, f"ctr {' '.join(map(str, args))}: {result.stderr}"
         return result
 
+    def end_task(self, name: str) -> bool:
+        """Kill a container's task and delete it once it has ended; whether it did."""
+        self.ctr("tasks", "kill", "-s", "KILL", name, check=False)
+        return wait_for(lambda: self.ctr("tasks", "delete", name, check=False).returncode == 0, timeout=30)
+
     def stop(self) -> None:
         """Stop containerd, and first what a failed test left running (a shim outlives containerd)."""
         for task in self.ctr("tasks", "ls", "-q", check=False).stdout.split():
-            self.ctr("tasks", "kill", "-s", "KILL", task, check=False)
-            deadline = time.monotonic() + 30
-            while self.ctr("tasks", "delete", task, check=False).returncode != 0 and time.monotonic() < deadline:
-                time.sleep(0.2)
+            self.end_task(task)
         self.process.send_signal(signal.SIGTERM)
         self.process.wait(timeout=30)
         self.log.close()
@@ -125,20 +125,13 @@ def test_a_snapshotter_killed_9_comes_back_with_its_snapshots(containerd, archiv
     assert daemon.ctr("tasks", "exec", "--exec-id", "e1", "running", "sh", "-c", LOOK).stdout == first
     snapshotter.start()
     # containerd's connection to the snapshotter reconnects after its gRPC backoff (a second or so)
-    deadline = time.monotonic() + 30
-    while daemon.ctr("snapshots", "--snapshotter", "layerfs", "ls", check=False).returncode != 0:
-        assert time.monotonic() < deadline, "containerd never reached the restarted snapshotter"
-        time.sleep(0.2)
+    assert wait_for(lambda: daemon.ctr("snapshots", "--snapshotter", "layerfs", "ls", check=False).returncode == 0)
     again = daemon.ctr("run", "--snapshotter", "layerfs", "--rm", IMAGE, "c2", "sh", "-c", LOOK).stdout
     assert again == first
     # the running container's writes were kept in its active snapshot
     written = daemon.ctr("tasks", "exec", "--exec-id", "e2", "running", "busybox", "cat", "/tmp/x").stdout
     assert written == "written\n"
-    daemon.ctr("tasks", "kill", "-s", "KILL", "running")
-    deadline = time.monotonic() + 30
-    while daemon.ctr("tasks", "delete", "running", check=False).returncode != 0:
-        assert time.monotonic() < deadline, "the container's task never ended"
-        time.sleep(0.2)
+    assert daemon.end_task("running")
     daemon.ctr("containers", "delete", "running")  # (and its snapshot)
     listed = daemon.ctr("snapshots", "--snapshotter", "layerfs", "ls").stdout.splitlines()[1:]
     assert [line.split()[-1] for line in listed] == ["Committed", "Committed"]
