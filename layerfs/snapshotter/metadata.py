@@ -101,15 +101,11 @@ class Metadata:
             raise
         self._db.execute("COMMIT")
 
-    def find(self, key: str) -> Snapshot | None:
-        row = self._db.execute(f"SELECT {_COLUMNS} FROM snapshots WHERE key = ?", (key,)).fetchone()
-        return None if row is None else _snapshot(row)
-
     def get(self, key: str) -> Snapshot:
-        found = self.find(key)
-        if found is None:
+        row = self._db.execute(f"SELECT {_COLUMNS} FROM snapshots WHERE key = ?", (key,)).fetchone()
+        if row is None:
             raise NotFound(f"snapshot {key}: not found")
-        return found
+        return _snapshot(row)
 
     def all(self) -> list[Snapshot]:
         return [_snapshot(row) for row in self._db.execute(f"SELECT {_COLUMNS} FROM snapshots ORDER BY id")]

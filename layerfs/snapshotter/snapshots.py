@@ -53,14 +53,14 @@ class Snapshotter:
         self._records.close()
         os.close(self._lock_file)
 
-    def directory(self, snapshot: Snapshot) -> str:
+    def _directory(self, snapshot: Snapshot) -> str:
         return os.path.join(self._snapshots, str(snapshot.id))
 
     def _fs(self, snapshot: Snapshot) -> str:
-        return os.path.join(self.directory(snapshot), "fs")
+        return os.path.join(self._directory(snapshot), "fs")
 
     def _work(self, snapshot: Snapshot) -> str:
-        return os.path.join(self.directory(snapshot), "work")
+        return os.path.join(self._directory(snapshot), "work")
 
     def prepare(self, key: str, parent: str, labels: dict[str, str]) -> list[Mount]:
         return self._create("active", key, parent, labels)
@@ -87,7 +87,7 @@ class Snapshotter:
                         st = os.stat(self._fs(below))
                         os.chown(fs, st.st_uid, st.st_gid)  # (a user-namespaced image's root stays its own)
                     snapshot = records.add(key, parent, kind, labels)
-                    os.rename(scratch, self.directory(snapshot))
+                    os.rename(scratch, self._directory(snapshot))
             except BaseException:
                 shutil.rmtree(scratch, ignore_errors=True)
                 raise
@@ -125,7 +125,7 @@ class Snapshotter:
                 if records.has_children(key):
                     raise FailedPrecondition(f"snapshot {key}: has children (remove them first)")
                 records.remove(key)
-            shutil.rmtree(self.directory(snapshot), ignore_errors=True)
+            shutil.rmtree(self._directory(snapshot), ignore_errors=True)
 
     def stat(self, key: str) -> Snapshot:
         with self._lock:
