@@ -497,6 +497,8 @@ def store_with_container(tmp_path) -> Path:
     [
         (["imgaes"], "layerfs: imgaes: unknown command (did you mean images?)"),
         (["frobnicate", "x"], "layerfs: frobnicate: unknown command (layerfs --help lists them)"),
+        # mount.fuse3's form is taken with the source fuse3.layerfs mounts name, layerfs, only
+        (["overlay", "/x", "-o", "lowerdir=/a"], "layerfs: overlay: unknown command (layerfs --help lists them)"),
     ],
 )
 def test_an_unknown_command_is_refused_with_the_nearest_one(argv, line):

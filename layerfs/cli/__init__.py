@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from .. import __version__
 from ..errors import LayerfsError, UsageError
-from . import build, dispatch, images, lifecycle, volumes
+from . import build, dispatch, images, lifecycle, snapshotter, volumes
 
 if TYPE_CHECKING:
     from ..store import Store
@@ -46,6 +46,7 @@ COMMANDS = (
     + volumes.COMMANDS
     + build.COMMANDS
     + lifecycle.COMMANDS
+    + snapshotter.COMMANDS
 )
 _ROOT_HELP = "the store (default $LAYERFS_ROOT, else /var/lib/layerfs, or $XDG_DATA_HOME/layerfs without root)"
 
@@ -207,6 +208,7 @@ def _parser() -> argparse.ArgumentParser:
     volumes.add_parsers(sub, _ROOT_HELP)
     build.add_parsers(sub, _ROOT_HELP)
     lifecycle.add_parsers(sub, _ROOT_HELP)
+    snapshotter.add_parsers(sub)
     for command, help_text, argument in (
         ("rmi", "remove an image no container uses (its layers stay until gc)", "name"),
         ("inspect", "an image or container of the store, as JSON", "name"),
@@ -477,6 +479,8 @@ def _run(args: argparse.Namespace) -> int:
         return build.run(args)
     if args.command in lifecycle.COMMANDS or args.command == "rm":
         return lifecycle.run(args)
+    if args.command in snapshotter.COMMANDS:
+        return snapshotter.run(args)
     if args.command == "example":
         from .. import example
 

@@ -4,6 +4,9 @@ containers-storage runs a ``mount_program`` as fuse-overlayfs is run, with no co
 ``layerfs [-f] [-d] -o OPTIONS MOUNTPOINT``. That form is taken only when the arguments are exactly
 that (mount options and one mount point); a first word that is no command is an unknown command, never
 a mount, so that a typo cannot mount anything anywhere.
+
+mount.fuse3 runs a ``fuse3.layerfs`` mount (containerd's, fstab's) as ``layerfs SOURCE TARGET -o OPTIONS``:
+that form is taken when SOURCE is ``layerfs``.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import difflib
 from ..errors import UsageError
 
 _OWN_OPTIONS = ("-h", "--help", "--version")
+HELPER_SOURCE = "layerfs"  # the source of a fuse3.layerfs mount (kernel overlayfs's is "overlay")
 
 
 def _words(argv: list[str]) -> tuple[list[str], int]:
@@ -34,6 +38,9 @@ def command_line(argv: list[str], commands: tuple[str, ...]) -> list[str]:
     if not argv or argv[0] in commands or argv[0] in _OWN_OPTIONS:
         return argv
     words, options = _words(argv)
+    # mount.fuse3's form, as containerd's fuse3.layerfs mounts run it: a source named layerfs first
+    if options and len(words) == 2 and argv[0] == HELPER_SOURCE:
+        return ["mount", *argv[1:]]
     # The mount form: -o and one mount point. Options first but more words is that form given wrong,
     # and the mount command says what is wrong (with -o given, it mounts no container of the store).
     if options and (len(words) <= 1 or argv[0].startswith("-")):

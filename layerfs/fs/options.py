@@ -305,13 +305,14 @@ def _ranges(option: str, text: str) -> list[Range]:
     return ranges
 
 
+def escaped(path: object) -> str:
+    """A path as ``parse`` reads it inside an option (``,``, ``:`` and ``\\`` escaped)."""
+    return "".join("\\" + ch if ch in "\\,:" else ch for ch in str(path))
+
+
 def for_dirs(lowers: list[str], upper: str, work: str, **extra: object) -> str:
     """The ``-o`` string that mounts ``lowers`` (top first) under ``upper``, paths escaped as ``parse``
     reads them; ``extra`` options are appended as ``key=value``."""
-
-    def escaped(path: object) -> str:
-        return "".join("\\" + ch if ch in "\\,:" else ch for ch in str(path))
-
     text = f"lowerdir={':'.join(escaped(p) for p in lowers)},upperdir={escaped(upper)},workdir={escaped(work)}"
     return text + "".join(f",{key.replace('_', '-')}={value}" for key, value in extra.items())
 

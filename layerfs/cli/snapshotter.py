@@ -1,0 +1,27 @@
+"""The snapshotter command: layerfs as containerd's proxy snapshotter."""
+
+from __future__ import annotations
+
+import argparse
+
+COMMANDS = ("snapshotter",)
+_ADDRESS = "/run/layerfs/snapshotter.sock"
+_ROOT = "/var/lib/layerfs/snapshotter"
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "snapshotter",
+        help="serve containerd's snapshots API on a unix socket (a proxy snapshotter plugin)",
+        usage=f"layerfs snapshotter [--address SOCKET] [--root DIR]  (defaults: {_ADDRESS}, {_ROOT})",
+    )
+    p.add_argument("--address", default=_ADDRESS, metavar="SOCKET", help="the unix socket containerd is told of")
+    p.add_argument("--root", default=_ROOT, metavar="DIR", help="where the snapshots and their records are")
+    p.add_argument("--debug", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..snapshotter.service import serve
+
+    serve(args.address, args.root)
+    return 0

@@ -1,0 +1,42 @@
+"""containerd's own snapshotter conformance suite (snapshots/testsuite, through its proxy client) against
+``layerfs snapshotter``: tests/containerd/suite_test.go, built with Debian's Go in GOPATH mode from the
+containerd sources tools/setup installs. Every sub-test must pass (the suite skips Rename itself)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from snapshotterd import layerfs_on_path
+
+GOPATH = "/usr/share/gocode"
+SUITE = Path(GOPATH, "src/github.com/containerd/containerd/snapshots/testsuite")
+DRIVER = Path(__file__).resolve().parent / "containerd"
+
+pytestmark = [
+    pytest.mark.root,
+    pytest.mark.skipif(shutil.which("go") is None or not SUITE.is_dir(), reason="needs tools/setup's Go and suite"),
+]
+
+
+def test_containerds_snapshotter_suite_passes(tmp_path):
+    env = {**layerfs_on_path(tmp_path / "bin"), "GOPATH": GOPATH, "GO111MODULE": "off"}
+    env["LAYERFS"] = str(tmp_path / "bin" / "layerfs")
+    program = tmp_path / "suite.test"
+    subprocess.run(["go", "test", "-c", "-o", program, "."], cwd=DRIVER, env=env, check=True, timeout=600)
+    run = subprocess.run(
+        [program, "-test.v", "-test.timeout", "15m"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1000,
+    )
+    results = {name: outcome for outcome, name in re.findall(r"--- (PASS|FAIL|SKIP): TestLayerfs/(\S+)", run.stdout)}
+    failed = sorted(name for name, outcome in results.items() if outcome == "FAIL")
+    assert not failed, f"failed: {failed}\n{run.stdout[-4000:]}{run.stderr[-2000:]}"
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    assert len(results) >= 20 and {n for n, o in results.items() if o == "SKIP"} <= {"Rename"}

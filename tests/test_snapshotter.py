@@ -1,0 +1,228 @@
+"""``layerfs snapshotter``: containerd's snapshots API over its socket, with containerd's semantics and
+error codes, crash-safe records, and the mounts it hands out mounted for real (mount.fuse3's form)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+import pytest
+from conftest import force_unmount, layerfs
+from snapshotterd import Snapshotterd, layerfs_on_path
+
+from layerfs.snapshotter.api import snapshots_pb2 as api
+
+Code = grpc.StatusCode
+
+
+@pytest.fixture
+def snapshotter(tmp_path):
+    server = Snapshotterd(tmp_path / "snapshotter")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def code_of(call, request) -> Code | None:
+    try:
+        call(request)
+    except grpc.RpcError as e:
+        return e.code()
+    return None
+
+
+def prepare(stub, key, parent="", **labels):
+    return list(stub.Prepare(api.PrepareSnapshotRequest(key=key, parent=parent, labels=labels)).mounts)
+
+
+def commit(stub, name, key, **labels):
+    stub.Commit(api.CommitSnapshotRequest(name=name, key=key, labels=labels))
+
+
+def names(stub, *filters) -> list[str]:
+    return sorted(info.name for reply in stub.List(api.ListSnapshotsRequest(filters=filters)) for info in reply.info)
+
+
+def test_the_api_is_containerds_and_needs_no_gogoproto():
+    program = (
+        "import sys; from layerfs.snapshotter.api import snapshots_pb2 as p, snapshots_pb2_grpc; "
+        "print(p.DESCRIPTOR.services_by_name['Snapshots'].full_name, any('gogo' in m for m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["containerd.services.snapshots.v1.Snapshots", "False"]
+
+
+def test_snapshots_keys_parents_and_kinds(snapshotter):
+    stub = snapshotter.stub
+    [base] = prepare(stub, "base")
+    assert (base.type, list(base.options)) == ("bind", ["rw", "rbind"])
+    commit(stub, "layer1", "base")
+    [child] = prepare(stub, "child", "layer1")
+    assert child.type == "fuse3.layerfs" and child.source == "layerfs"
+    assert f"lowerdir={base.source}" in child.options[0]
+    [view] = stub.View(api.ViewSnapshotRequest(key="view", parent="layer1")).mounts
+    assert (view.type, view.source, list(view.options)) == ("bind", base.source, ["ro", "rbind"])
+    info = stub.Stat(api.StatSnapshotRequest(key="child")).info
+    assert (info.name, info.parent, info.kind) == ("child", "layer1", api.ACTIVE)
+    assert stub.Stat(api.StatSnapshotRequest(key="layer1")).info.kind == api.COMMITTED
+    assert code_of(stub.Stat, api.StatSnapshotRequest(key="base")) == Code.NOT_FOUND  # (committed under a name)
+    assert names(stub) == ["child", "layer1", "view"]
+    assert stub.Mounts(api.MountsRequest(key="child")).mounts[0] == child
+    # containerd's unpacks (keyed as its metadata store names them): kernel overlayfs's form, written straight into
+    [unpack] = prepare(stub, "default/4/extract-1 sha256:0", "layer1")
+    assert unpack.type == "overlay" and f"lowerdir={base.source}" in unpack.options
+    stub.Remove(api.RemoveSnapshotRequest(key="default/4/extract-1 sha256:0"))
+
+    # containerd's errors, each as the code its errdefs expects, and nothing changed by any of them
+    assert code_of(stub.Prepare, api.PrepareSnapshotRequest(key="x", parent="nothing")) == Code.NOT_FOUND
+    assert code_of(stub.Prepare, api.PrepareSnapshotRequest(key="x", parent="child")) == Code.INVALID_ARGUMENT
+    assert code_of(stub.Prepare, api.PrepareSnapshotRequest(key="child", parent="layer1")) == Code.ALREADY_EXISTS
+    assert code_of(stub.View, api.ViewSnapshotRequest(key="layer1")) == Code.ALREADY_EXISTS
+    assert code_of(stub.Commit, api.CommitSnapshotRequest(name="n", key="view")) == Code.FAILED_PRECONDITION
+    assert code_of(stub.Commit, api.CommitSnapshotRequest(name="layer1", key="child")) == Code.ALREADY_EXISTS
+    assert code_of(stub.Commit, api.CommitSnapshotRequest(name="n", key="nothing")) == Code.NOT_FOUND
+    assert code_of(stub.Remove, api.RemoveSnapshotRequest(key="layer1")) == Code.FAILED_PRECONDITION
+    assert code_of(stub.Remove, api.RemoveSnapshotRequest(key="nothing")) == Code.NOT_FOUND
+    too_big = api.PrepareSnapshotRequest(key="x", labels={"k": "v" * 4096})
+    assert code_of(stub.Prepare, too_big) == Code.INVALID_ARGUMENT
+    assert names(stub) == ["child", "layer1", "view"]
+
+    for key in ("child", "view", "layer1"):
+        stub.Remove(api.RemoveSnapshotRequest(key=key))
+    assert names(stub) == []
+    assert os.listdir(snapshotter.root / "snapshots") == []
+
+
+def test_update_changes_labels_only(snapshotter):
+    stub = snapshotter.stub
+    prepare(stub, "a", l1="v1", l2="v2")
+    created = stub.Stat(api.StatSnapshotRequest(key="a")).info
+    assert created.created_at == created.updated_at
+
+    def update(labels, *paths):
+        request = api.UpdateSnapshotRequest(info=api.Info(name="a", parent="other", labels=labels))
+        request.update_mask.paths.extend(paths)
+        return stub.Update(request).info
+
+    info = update({"l1": "new", "l3": "v3"}, "labels.l1", "labels.l2")
+    assert dict(info.labels) == {"l1": "new"}  # (l2 not given: removed; l3 not named: left out)
+    assert info.parent == "" and info.created_at == created.created_at and info.updated_at != created.updated_at
+    assert dict(update({"l4": "v4"}).labels) == {"l4": "v4"}
+    request = api.UpdateSnapshotRequest(info=api.Info(name="a"))
+    request.update_mask.paths.append("parent")
+    assert code_of(stub.Update, request) == Code.INVALID_ARGUMENT
+    assert code_of(stub.Update, api.UpdateSnapshotRequest(info=api.Info(name="b"))) == Code.NOT_FOUND
+
+
+def test_list_takes_containerds_filters(snapshotter):
+    stub = snapshotter.stub
+    prepare(stub, "p-tmp")
+    commit(stub, "p", "p-tmp", **{"containerd.io/gc.root": "x"})
+    prepare(stub, "a", "p", l="2")
+    stub.View(api.ViewSnapshotRequest(key="v", parent="p", labels={"l": "3"}))
+    assert names(stub, "kind==active") == ["a"]
+    assert names(stub, 'labels."containerd.io/gc.root"==x') == ["p"]
+    assert names(stub, "parent==p,labels.l==3") == ["v"]
+    assert names(stub, "name==p", "name==v") == ["p", "v"]
+    assert names(stub, 'parent!=""') == ["a", "v"]
+    assert names(stub, "labels.l") == ["a", "v"]
+    assert names(stub, "name~=^[av]$") == ["a", "v"]
+    assert code_of(lambda r: list(stub.List(r)), api.ListSnapshotsRequest(filters=["name=="])) == Code.INVALID_ARGUMENT
+
+
+def test_a_root_or_socket_in_use_is_refused(snapshotter, tmp_path):
+    for address, root, line in (
+        (tmp_path / "other.sock", snapshotter.root, f"{snapshotter.root}: another snapshotter serves this root"),
+        (snapshotter.address, tmp_path / "other", f"{snapshotter.address}: a server answers there already"),
+    ):
+        second = layerfs("snapshotter", "--address", address, "--root", root, check=False)
+        assert (second.returncode, second.stderr) == (1, f"layerfs: {line}\n")
+    assert names(snapshotter.stub) == []  # (the first still serves)
+
+
+def test_kill_9_at_any_moment_leaves_no_half_made_snapshot(snapshotter):
+    stub = snapshotter.stub
+    prepare(stub, "base")
+    commit(stub, "layer", "base")
+    stopped = threading.Event()
+
+    def churn():
+        n = 0
+        while not stopped.is_set():
+            try:
+                prepare(stub, f"a{n}", "layer")
+                commit(stub, f"c{n}", f"a{n}")
+                stub.Remove(api.RemoveSnapshotRequest(key=f"c{n}"))
+            except grpc.RpcError:
+                return
+            n += 1
+
+    worker = threading.Thread(target=churn)
+    worker.start()
+    time.sleep(1.5)
+    snapshotter.kill()
+    stopped.set()
+    worker.join()
+    snapshotter.start()
+    stub = snapshotter.stub
+    infos = [info for reply in stub.List(api.ListSnapshotsRequest()) for info in reply.info]
+    assert "layer" in {info.name for info in infos}
+    dirs = set(os.listdir(snapshotter.root / "snapshots"))
+    mounts = [prepare(stub, "after", "layer")] + [
+        list(stub.Mounts(api.MountsRequest(key=info.name)).mounts) for info in infos if info.kind == api.ACTIVE
+    ]
+    for [mount] in mounts:
+        upper = next(o for o in mount.options[0].split(",") if o.startswith("upperdir="))
+        assert os.path.isdir(upper.removeprefix("upperdir="))
+    # every directory left is a snapshot's (the new one's too): the half-made were removed at the start
+    assert len(set(os.listdir(snapshotter.root / "snapshots"))) == len(infos) + 1
+    assert len(dirs) == len(infos)
+
+
+def mount_as_containerd(mount, target, env) -> None:
+    """As containerd's mount package mounts a fuse3 type."""
+    command = ["mount.fuse3", mount.source, str(target), "-o", ",".join(mount.options), "-t", "layerfs"]
+    subprocess.run(command, env=env, check=True)
+
+
+def test_mounts_mount_as_containerd_mounts_them(snapshotter, tmp_path, mounts):
+    stub = snapshotter.stub
+    env = layerfs_on_path(tmp_path / "bin")
+    [base] = prepare(stub, "base")
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "f").write_text("lower\n")
+    (tmp_path / "base" / "gone").write_text("x\n")
+    subprocess.run(["cp", "-a", f"{tmp_path / 'base'}/.", base.source], check=True)
+    commit(stub, "layer1", "base")
+    [union] = prepare(stub, "child", "layer1")
+    target = tmp_path / "target"
+    target.mkdir()
+    mounts.points.append(target)
+    mount_as_containerd(union, target, env)
+    assert (target / "f").read_text() == "lower\n"
+    (target / "new").write_text("upper\n")
+    (target / "gone").unlink()
+    layerfs("umount", target)
+    commit(stub, "layer2", "child")
+    used = stub.Usage(api.UsageRequest(key="layer2"))
+    assert used.size == len("upper\n") and used.inodes >= 2  # (from the change index the mount kept)
+
+    [view] = stub.View(api.ViewSnapshotRequest(key="view", parent="layer2")).mounts
+    assert view.type == "fuse3.layerfs" and "upperdir" not in view.options[0]
+    mount_as_containerd(view, target, env)
+    try:
+        assert sorted(os.listdir(target)) == ["f", "new"]
+        try:
+            (target / "other").write_text("x")
+            written = None
+        except OSError as e:
+            written = e.errno
+        assert written == errno.EROFS
+    finally:
+        force_unmount(target)
