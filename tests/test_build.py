@@ -18,12 +18,12 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from busybox_images import BUSYBOX, busybox_tree, one_layer_layout
 from conftest import is_mounted, layerfs
 from snapshot import assert_same, snapshot
 from test_podman import Podman
 
 pytestmark = pytest.mark.root  # containers: namespaces, mounts
-BUSYBOX = shutil.which("busybox") or "/bin/busybox"
 TOOLS = ("sh", "echo", "cat", "ls", "mkdir", "touch", "ln", "id", "env", "chmod", "chown", "rm", "false", "sed")
 PASSWD = "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/home/app:/bin/sh\n"
 GROUP = "root:x:0:\nstaff:x:50:app\napp:x:1000:\n"
@@ -56,11 +56,6 @@ VOLUME /srv/data
 STOPSIGNAL SIGINT
 HEALTHCHECK --interval=30s --retries=2 CMD cat /srv/app/greeting
 """
-
-
-def _umoci(*args: str | os.PathLike) -> None:
-    result = subprocess.run(["umoci", *map(str, args)], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, f"umoci {args} failed: {result.stderr}"
 
 
 def _make_context(context: Path) -> None:
@@ -97,22 +92,10 @@ def _make_context(context: Path) -> None:
 def images(tmp_path_factory):
     """(layerfs's store, the Podman whose storage Buildah shares, the base dir): box:1 in both."""
     base = tmp_path_factory.mktemp("build")
-    root = base / "rootfs"
-    for d in ("bin", "etc", "tmp", "root", "home/app", "srv"):
-        (root / d).mkdir(parents=True)
+    root = busybox_tree(base / "rootfs", TOOLS, dirs=("home/app", "srv"), passwd=PASSWD, group=GROUP)
     (root / "tmp").chmod(0o1777)
-    shutil.copy2(BUSYBOX, root / "bin/busybox")
-    for tool in TOOLS:
-        os.symlink("busybox", root / "bin" / tool)
-    (root / "etc/passwd").write_text(PASSWD)
-    (root / "etc/group").write_text(GROUP)
     (root / "etc/motd").write_text("removed by a RUN\n")
-    layout, store = base / "layout", base / "store"
-    _umoci("init", "--layout", layout)
-    _umoci("new", "--image", f"{layout}:1")
-    with tarfile.open(base / "layer.tar", "w") as tar:
-        tar.add(root, arcname=".")
-    _umoci("raw", "add-layer", "--image", f"{layout}:1", base / "layer.tar")
+    layout, store = one_layer_layout(base, root, "1"), base / "store"
     layerfs("import", "--root", store, f"oci:{layout}:1", "box:1")
     podman = Podman(Path(tempfile.mkdtemp(prefix="lfsbd-")), None)
     try:

@@ -17,13 +17,13 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from busybox_images import BUSYBOX
 from conftest import layerfs
 from test_podman import Podman
 
 from layerfs.runtime import confinement
 
 pytestmark = pytest.mark.root  # containers: namespaces, mounts, capabilities
-BUSYBOX = shutil.which("busybox") or "/bin/busybox"
 IMAGE = "localhost/box:1"
 PROFILE = Path(confinement.__file__).with_name("seccomp_default.json")
 DOCKER_DEFAULT_CAPS = "00000000a80425fb"  # CHOWN DAC_OVERRIDE FOWNER FSETID KILL SETGID SETUID SETPCAP

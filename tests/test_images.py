@@ -13,17 +13,12 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from busybox_images import BUSYBOX, umoci
 from conftest import LAYERFS, layerfs
 from snapshot import assert_same, snapshot
 
 pytestmark = pytest.mark.root  # umoci unpacks as root; the store's layers have owners
-BUSYBOX = shutil.which("busybox") or "/bin/busybox"
 HUB = "docker.io/library/"  # where a short name is, as docker reads it
-
-
-def _umoci(*args: str | os.PathLike) -> None:
-    result = subprocess.run(["umoci", *map(str, args)], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, f"umoci {' '.join(map(str, args))}: {result.stderr}"
 
 
 @pytest.fixture
@@ -35,10 +30,10 @@ def make_layout(tmp_path: Path) -> Path:
     """An OCI image layout with ``base`` (a busybox rootfs) and ``v2`` (a second layer over it that adds,
     deletes, replaces a directory and changes a file), both written by umoci."""
     oci = tmp_path / "oci"
-    _umoci("init", "--layout", oci)
-    _umoci("new", "--image", f"{oci}:base")
+    umoci("init", "--layout", oci)
+    umoci("new", "--image", f"{oci}:base")
     bundle = tmp_path / "bundle"
-    _umoci("unpack", "--image", f"{oci}:base", bundle)
+    umoci("unpack", "--image", f"{oci}:base", bundle)
     root = bundle / "rootfs"
     for d in ("bin", "etc/app", "var/cache/app", "tmp"):
         (root / d).mkdir(parents=True, exist_ok=True)
@@ -48,9 +43,9 @@ def make_layout(tmp_path: Path) -> Path:
     (root / "var/cache/app/one").write_text("1\n")
     (root / "var/cache/app/two").write_text("2\n")
     (root / "etc/motd").write_text("hello\n")
-    _umoci("repack", "--image", f"{oci}:base", bundle)
+    umoci("repack", "--image", f"{oci}:base", bundle)
     bundle = tmp_path / "bundle2"  # the second layer is made over base as it is now
-    _umoci("unpack", "--image", f"{oci}:base", bundle)
+    umoci("unpack", "--image", f"{oci}:base", bundle)
     root = bundle / "rootfs"
     (root / "etc/app/conf").write_text("color=red\n")
     (root / "etc/motd").unlink()
@@ -58,7 +53,7 @@ def make_layout(tmp_path: Path) -> Path:
     (root / "var/cache/app").mkdir()
     (root / "var/cache/app/fresh").write_text("3\n")
     (root / "etc/new").write_text("new\n")
-    _umoci("repack", "--image", f"{oci}:v2", bundle)
+    umoci("repack", "--image", f"{oci}:v2", bundle)
     return oci
 
 
@@ -73,7 +68,7 @@ def test_an_imported_image_mounts_as_umoci_unpacks_it(layout, mounts, tmp_path):
     lowers = layerfs("images", "--root", store, "--lowerdir", "demo:v2").stdout.strip().split(":")
 
     unpacked = tmp_path / "unpacked"
-    _umoci("unpack", "--image", f"{layout}:v2", unpacked)
+    umoci("unpack", "--image", f"{layout}:v2", unpacked)
     mounted = mounts.layerfs(tmp_path / "mnt", [Path(p) for p in lowers])
     assert_same(
         snapshot(unpacked / "rootfs"),
@@ -92,11 +87,11 @@ def test_an_image_umoci_insert_made_imports(mounts, tmp_path):
     """umoci insert writes its layer without the last block's padding and without the end-of-archive
     block, which Go's archive/tar (docker, podman, umoci itself) reads as a whole tar: so does import."""
     oci = tmp_path / "oci"
-    _umoci("init", "--layout", oci)
-    _umoci("new", "--image", f"{oci}:base")
+    umoci("init", "--layout", oci)
+    umoci("new", "--image", f"{oci}:base")
     (tmp_path / "add").mkdir()
     shutil.copy2(BUSYBOX, tmp_path / "add/busybox")
-    _umoci("insert", "--image", f"{oci}:base", tmp_path / "add", "/bin")
+    umoci("insert", "--image", f"{oci}:base", tmp_path / "add", "/bin")
     index = json.loads((oci / "index.json").read_text())
     manifest = json.loads((oci / "blobs/sha256" / index["manifests"][0]["digest"].split(":")[1]).read_text())
     with gzip.open(oci / "blobs/sha256" / manifest["layers"][0]["digest"].split(":")[1]) as layer:
@@ -245,7 +240,7 @@ def test_a_committed_image_saved_as_a_layout_unpacks_with_umoci_to_the_changed_t
     saved = tmp_path / "saved"
     layerfs("save", "--root", root, "demo:changed", f"oci:{saved}:changed")
     bundle = tmp_path / "saved-bundle"
-    _umoci("unpack", "--image", f"{saved}:changed", bundle)
+    umoci("unpack", "--image", f"{saved}:changed", bundle)
     lowers = layerfs("images", "--root", root, "--lowerdir", "demo:changed").stdout.strip().split(":")
     mounted = mounts.layerfs(tmp_path / "mnt", [Path(p) for p in lowers])
     # The root directory's own times are not carried by the layers (no "./" entry, as docker's layers).

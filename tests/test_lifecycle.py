@@ -11,18 +11,16 @@ import os
 import shutil
 import signal
 import subprocess
-import tarfile
 import tempfile
 from pathlib import Path
 
 import pytest
+from busybox_images import busybox_tree, one_layer_layout, umoci
 from conftest import LAYERFS, is_mounted, layerfs, table_rows
 from processes import wait_for
 from test_podman import Podman
-from test_run_process import _umoci
 
 pytestmark = pytest.mark.root  # containers: namespaces, mounts
-BUSYBOX = shutil.which("busybox") or "/bin/busybox"
 TOOLS = ("sh", "echo", "cat", "sleep", "ps", "tty", "stty", "true", "id", "hostname")
 # Says which signal stopped it, and exits with a code of its own for each.
 TRAPS = (
@@ -34,20 +32,9 @@ TRAPS = (
 def images(tmp_path_factory):
     """(layerfs's store, Podman's image id of the same image, the Podman): box:usr1 stops with SIGUSR1."""
     base = tmp_path_factory.mktemp("lifecycle")
-    root = base / "rootfs"
-    for d in ("bin", "etc", "tmp", "root"):
-        (root / d).mkdir(parents=True)
-    shutil.copy2(BUSYBOX, root / "bin/busybox")
-    for tool in TOOLS:
-        os.symlink("busybox", root / "bin" / tool)
-    (root / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
-    layout, store = base / "layout", base / "store"
-    _umoci("init", "--layout", layout)
-    _umoci("new", "--image", f"{layout}:plain")
-    with tarfile.open(base / "layer.tar", "w") as tar:
-        tar.add(root, arcname=".")
-    _umoci("raw", "add-layer", "--image", f"{layout}:plain", base / "layer.tar")
-    _umoci("config", "--image", f"{layout}:plain", "--tag", "usr1", "--config.stopsignal", "SIGUSR1")
+    root = busybox_tree(base / "rootfs", TOOLS)
+    layout, store = one_layer_layout(base, root, "plain"), base / "store"
+    umoci("config", "--image", f"{layout}:plain", "--tag", "usr1", "--config.stopsignal", "SIGUSR1")
     layerfs("import", "--root", store, f"oci:{layout}:usr1", "box:usr1")
     podman = Podman(Path(tempfile.mkdtemp(prefix="lfspm-")), None)
     try:

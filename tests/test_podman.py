@@ -20,12 +20,12 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from busybox_images import BUSYBOX
 from conftest import LAYERFS, force_unmount, is_mounted
 from processes import wait_for
 
 pytestmark = pytest.mark.root  # Podman as root, with layerfs mounting its containers
 LAYERFS_PROGRAM = str(Path(sys.executable).with_name("layerfs"))
-BUSYBOX = shutil.which("busybox") or "/bin/busybox"
 IMAGE, COMMITTED, CONTAINER = "localhost/box:1", "localhost/box:2", "changer"
 
 SCRIPT = """

@@ -13,11 +13,11 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from busybox_images import BUSYBOX
 from conftest import LAYERFS, layerfs, table_rows
 from processes import wait_for
 
 pytestmark = pytest.mark.root  # containers: namespaces, mounts, pivot_root
-BUSYBOX = shutil.which("busybox") or "/bin/busybox"
 
 
 def _run_mounts(tmp: Path) -> list[str]:

@@ -10,16 +10,15 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import tarfile
 import tempfile
 from pathlib import Path
 
 import pytest
+from busybox_images import busybox_tree, one_layer_layout, umoci
 from conftest import layerfs, table_rows
 from test_podman import Podman
 
 pytestmark = pytest.mark.root  # containers: namespaces, mounts, setuid
-BUSYBOX = shutil.which("busybox") or "/bin/busybox"
 PASSWD = (
     "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/home/app:/bin/sh\nnobody:x:65534:65534::/nonexistent:/bin/sh\n"
 )
@@ -33,33 +32,17 @@ CONFIGS = {
 }
 
 
-def _umoci(*args: str | os.PathLike) -> None:
-    result = subprocess.run(["umoci", *map(str, args)], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, f"umoci {args} failed: {result.stderr}"
-
-
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
     """The CONFIGS as images: (layerfs's store, {tag: Podman's image id}, the Podman)."""
     base = tmp_path_factory.mktemp("process")
-    root = base / "rootfs"
-    for d in ("bin", "etc", "tmp", "root", "home/app"):
-        (root / d).mkdir(parents=True)
+    tools = ("sh", "echo", "env", "id", "pwd", "stat", "sort", "grep", "cat")
+    root = busybox_tree(base / "rootfs", tools, dirs=("home/app",), passwd=PASSWD, group=GROUP)
     os.chown(root / "home/app", 1000, 1000)
-    shutil.copy2(BUSYBOX, root / "bin/busybox")
-    for tool in ("sh", "echo", "env", "id", "pwd", "stat", "sort", "grep", "cat"):
-        os.symlink("busybox", root / "bin" / tool)
-    (root / "etc/passwd").write_text(PASSWD)
-    (root / "etc/group").write_text(GROUP)
-    layout, store = base / "layout", base / "store"
-    _umoci("init", "--layout", layout)
-    _umoci("new", "--image", f"{layout}:plain")
-    with tarfile.open(base / "layer.tar", "w") as tar:  # (umoci insert's own tar lacks its end blocks)
-        tar.add(root, arcname=".")
-    _umoci("raw", "add-layer", "--image", f"{layout}:plain", base / "layer.tar")
+    layout, store = one_layer_layout(base, root, "plain"), base / "store"
     for tag, flags in CONFIGS.items():
         if flags:
-            _umoci("config", "--image", f"{layout}:plain", "--tag", tag, *flags)
+            umoci("config", "--image", f"{layout}:plain", "--tag", tag, *flags)
     podman = Podman(Path(tempfile.mkdtemp(prefix="lfspm-")), None)
     try:
         ids = {}

@@ -13,9 +13,9 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from busybox_images import BUSYBOX, busybox_tree, one_layer_layout
 from conftest import layerfs, table_rows
 from test_podman import Podman
-from test_run_process import BUSYBOX, _umoci
 
 pytestmark = pytest.mark.root  # containers: namespaces, mounts
 
@@ -25,21 +25,11 @@ def box(tmp_path_factory):
     """A busybox image with ``/srv/data/seed`` in a directory owned by 1000: (layerfs's store, Podman's
     image id, the Podman)."""
     base = tmp_path_factory.mktemp("volumes")
-    root = base / "rootfs"
-    for d in ("bin", "etc", "tmp", "root", "srv/data"):
-        (root / d).mkdir(parents=True)
-    shutil.copy2(BUSYBOX, root / "bin/busybox")
-    for tool in ("sh", "cat", "echo", "ls", "touch", "stat", "grep", "sort", "rm", "mkdir", "true", "sleep"):
-        os.symlink("busybox", root / "bin" / tool)
-    (root / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
+    tools = ("sh", "cat", "echo", "ls", "touch", "stat", "grep", "sort", "rm", "mkdir", "true", "sleep")
+    root = busybox_tree(base / "rootfs", tools, dirs=("srv/data",))
     (root / "srv/data/seed").write_text("from the image\n")
     os.chown(root / "srv/data", 1000, 1000)
-    layout, store = base / "layout", base / "store"
-    _umoci("init", "--layout", layout)
-    _umoci("new", "--image", f"{layout}:1")
-    with tarfile.open(base / "layer.tar", "w") as tar:
-        tar.add(root, arcname=".")
-    _umoci("raw", "add-layer", "--image", f"{layout}:1", base / "layer.tar")
+    layout, store = one_layer_layout(base, root, "1"), base / "store"
     layerfs("import", "--root", store, f"oci:{layout}:1", "box:1")
     podman = Podman(Path(tempfile.mkdtemp(prefix="lfsvol-")), None)
     try:
