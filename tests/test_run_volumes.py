@@ -107,7 +107,14 @@ def test_anonymous_volumes_go_with_run_rm(box):
     (anonymous,) = layerfs("volume", "ls", "--root", store, "-q").stdout.split()
     refused = layerfs("volume", "rm", "--root", store, anonymous, check=False)
     assert refused.returncode == 1 and refused.stderr == f"layerfs: volume {anonymous} is in use by container keeps\n"
+    # Started again, it has the same anonymous volume, as under docker.
+    layerfs("run", "--root", store, "--name", "again", "-v", "/anon", "box:1", "sh", "-c", "echo $$ >> /anon/runs")
+    (first,) = set(layerfs("volume", "ls", "--root", store, "-q").stdout.split()) - {anonymous}
+    layerfs("start", "--root", store, "-a", "again")
+    assert set(layerfs("volume", "ls", "--root", store, "-q").stdout.split()) == {anonymous, first}
+    assert len((store / "volumes" / first / "_data" / "runs").read_text().split()) == 2
     layerfs("rm", "--root", store, "-v", "keeps")
+    layerfs("rm", "--root", store, "-v", "again")
     assert layerfs("volume", "ls", "--root", store, "-q").stdout == ""
 
 

@@ -12,7 +12,7 @@ import sys
 import tempfile
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..errors import LayerfsError, UsageError
 from ..fs import mount, options
@@ -58,7 +58,7 @@ def run_stored(store: Store, name: str, args: argparse.Namespace, started: Calla
         raise LayerfsError(f"no container {name!r}")
     _, _, command, config = _what_to_run(args, store)
     to_run = _process(args, command, config, Confinement.from_flags(args.cap_add, args.cap_drop, args.privileged))
-    requested = volumes.parse(args.volume, args.mount, args.tmpfs)
+    requested = _same_volumes(volumes.parse(args.volume, args.mount, args.tmpfs), record.get("mounts") or [])
     asked = _Asked(name, requested, cgroups.Limits.from_flags(args.memory, args.pids_limit, args.cpus), store)
     store.update_container(name, command=to_run.argv)
 
@@ -69,6 +69,16 @@ def run_stored(store: Store, name: str, args: argparse.Namespace, started: Calla
     lowers, upper, work, merged = record["lowers"], record["upper"], record["work"], record["merged"]
     # (what a killed shim leaves of the runtime's files goes with the container)
     return _run(lowers, upper, work, merged, to_run, asked, keep, started, store.containers.dir(name))
+
+
+def _same_volumes(requested: list[volumes.Mount], had: list[dict]) -> list[volumes.Mount]:
+    """The anonymous volumes a container started again had before (its record's mounts), not new ones,
+    as docker starts it."""
+    names = {m["Destination"]: m["Name"] for m in had if m.get("Type") == volumes.VOLUME and m.get("Name")}
+    return [
+        replace(m, source=names.get(m.target, "")) if m.kind == volumes.VOLUME and not m.source else m
+        for m in requested
+    ]
 
 
 def container_hostname(args: argparse.Namespace) -> str:
