@@ -148,11 +148,12 @@ def serve(address: str, root: str) -> None:
     snapshots_pb2_grpc.add_SnapshotsServicer_to_server(Service(snapshotter), server)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(address)  # (a socket a stopped snapshotter left)
-    server.add_insecure_port(f"unix://{address}")
-    server.start()
+    # (Before the socket answers: a client that stops it at once must find it stopping cleanly.)
     stopped = threading.Event()
     for number in (signal.SIGTERM, signal.SIGINT):
         signal.signal(number, lambda *_: stopped.set())
+    server.add_insecure_port(f"unix://{address}")
+    server.start()
     stopped.wait()
     server.stop(grace=5).wait()
     snapshotter.close()
