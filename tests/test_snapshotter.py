@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -144,6 +145,21 @@ def test_a_root_or_socket_in_use_is_refused(snapshotter, tmp_path):
         second = layerfs("snapshotter", "--address", address, "--root", root, check=False)
         assert (second.returncode, second.stderr) == (1, f"layerfs: {line}\n")
     assert names(snapshotter.stub) == []  # (the first still serves)
+
+
+def test_stopped_the_moment_it_answers_it_ends_cleanly(tmp_path):
+    """SIGTERM as soon as its socket is there (a conformance sub-test that is skipped at once does that): it
+    ends as asked, with 0, not killed by the signal."""
+    for attempt in range(5):
+        address = tmp_path / f"{attempt}.sock"
+        server = subprocess.Popen(
+            [sys.executable, "-m", "layerfs", "snapshotter", "--address", address, "--root", tmp_path / str(attempt)]
+        )
+        deadline = time.monotonic() + 30
+        while not address.exists() and server.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.001)
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=30) == 0, attempt
 
 
 def test_kill_9_at_any_moment_leaves_no_half_made_snapshot(snapshotter):
