@@ -18,8 +18,9 @@ kernel overlayfs and layerfs read a lowerdir:
   the tar implies without an entry of its own is made 0755, owned by the caller. The root's own entry
   (``./``) gives ``dest`` its metadata.
 - ``diff_id``, the sha256 of the uncompressed tar (all of it: end blocks and padding too), is computed as
-  the bytes go by; the layer is never held or copied whole. The stream is read (and hashed) ahead in one
-  thread and parsed ahead in another, both in order, while the calling thread makes the entries.
+  the bytes go by; the layer is never held or copied whole. The stream is read (and hashed) ahead in a
+  thread of its own, while the calling thread parses the tar and makes the entries. (Parsing in a third
+  thread cost more than it saved: the two Python threads took turns at the interpreter, 1.5x the CPU time.)
 
 What a layer may not do is refused with a one-line LayerfsError naming the entry, after which ``dest`` is
 empty again, with its own mode, owner, times and xattrs as they were:
@@ -77,7 +78,6 @@ from ..errors import LayerfsError, printable
 
 _CHUNK = 1 << 20  # bytes read from the stream, or written to a file, at a time: one progress step
 _AHEAD = 8  # chunks read ahead of the parsing
-_PARSED_AHEAD = 64  # entries and chunks of their data parsed ahead of the making
 _OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _PATH_MAX = 4096
@@ -332,48 +332,33 @@ def _next_entry(tar: tarfile.TarFile, previous: tarfile.TarInfo | None) -> tarfi
 
 
 class _Parsed:
-    """The tar's entries, parsed in a thread of their own ahead of their making, in order: tarfile's parsing
-    (Python's work) overlaps the making's system calls. Each entry's data (a regular file's) follows it as
-    chunks, read whole whether the making wants them or not; an error comes where it happened."""
+    """The tar's entries, parsed as the making asks for them, in order. Each entry's data (a regular file's)
+    follows it as chunks, read whole whether the making wants them or not; an error comes where it
+    happened."""
 
-    def __init__(self, data: _Input, stop: threading.Event) -> None:
-        self._items: queue.Queue[tarfile.TarInfo | bytes | BaseException | None] = queue.Queue(maxsize=_PARSED_AHEAD)
-        self._stop = stop
+    def __init__(self, data: _Input) -> None:
+        self._items = self._parse(data)
         self._in_data = False  # the entry last given has data items left (up to its b"")
-        threading.Thread(target=self._parse, args=(data,), daemon=True).start()
 
-    def _parse(self, data: _Input) -> None:
-        try:
-            tar = tarfile.open(
-                fileobj=cast(BinaryIO, data), mode="r|", tarinfo=_Header, encoding="utf-8", errors="surrogateescape"
-            )
-            info: tarfile.TarInfo | None = None
-            while (info := _next_entry(tar, info)) is not None:
-                # kept for random access, which a stream has not: a big layer would fill memory
-                tar.members.clear()  # type: ignore[attr-defined]  # (not in typeshed's TarFile)
-                self._put(info)
-                content = tar.extractfile(info) if info.isreg() else None
-                while content is not None and (chunk := content.read(_CHUNK)):
-                    self._put(chunk)
-                self._put(b"")
-            data.drain()
-            self._put(None)
-        except BaseException as e:  # the making's to raise, where it gets to it
-            self._put(e)
-
-    def _put(self, item: tarfile.TarInfo | bytes | BaseException | None) -> None:
-        while not self._stop.is_set():
-            try:
-                self._items.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
+    @staticmethod
+    def _parse(data: _Input) -> Iterator[tarfile.TarInfo | bytes | None]:
+        tar = tarfile.open(
+            fileobj=cast(BinaryIO, data), mode="r|", tarinfo=_Header, encoding="utf-8", errors="surrogateescape"
+        )
+        info: tarfile.TarInfo | None = None
+        while (info := _next_entry(tar, info)) is not None:
+            # kept for random access, which a stream has not: a big layer would fill memory
+            tar.members.clear()  # type: ignore[attr-defined]  # (not in typeshed's TarFile)
+            yield info
+            content = tar.extractfile(info) if info.isreg() else None
+            while content is not None and (chunk := content.read(_CHUNK)):
+                yield chunk
+            yield b""
+        data.drain()
+        yield None
 
     def _get(self) -> tarfile.TarInfo | bytes | None:
-        item = self._items.get()
-        if isinstance(item, BaseException):
-            raise item
-        return item
+        return next(self._items)
 
     def next(self) -> tarfile.TarInfo | None:
         """The next entry, once the previous one's data is passed (``pass_data``); None at the end."""
@@ -441,7 +426,7 @@ class _Unpacker:
         stop = threading.Event()
         data = _Input(self.stream, self.progress, stop)
         try:
-            parsed = _Parsed(data, stop)
+            parsed = _Parsed(data)
             while (info := parsed.next()) is not None:
                 self.current = info.name
                 self._entry(info, parsed)
