@@ -178,13 +178,16 @@ def test_sigterm_to_a_foreground_run_reaches_the_command_under_init(images):
     assert not (store / "containers/fg").exists()
 
 
-@pytest.mark.parametrize("rm", [False, True])
-def test_a_killed_shim_leaves_nothing_after_the_next_command(images, rm):
+@pytest.mark.parametrize("rm, user", [(False, "0"), (True, "0"), (False, "1000")])
+def test_a_killed_shim_leaves_nothing_after_the_next_command(images, rm, user):
+    """(As another user too: a change of user clears the signal a process gets when its parent dies.)"""
     store = images[0]
-    layerfs("run", "--root", store, "-d", *(["--rm"] if rm else []), "--name", "k", "box:usr1", "sleep", "100")
+    flags = ["--rm"] if rm else []
+    layerfs("run", "--root", store, "-d", *flags, "-u", user, "--name", "k", "box:usr1", "sleep", "100")
     state = _state(store, "k")
+    (sleeper,) = _children(state["pid"])
     os.kill(state["shim"], signal.SIGKILL)
-    assert wait_for(lambda: _gone(state["shim"]) and _gone(state["pid"]))  # the container went with it
+    assert wait_for(lambda: _gone(state["shim"]) and _gone(state["pid"]) and _gone(sleeper))  # all with it
     listed = _statuses(store)
     assert not is_mounted(store / "containers/k/merged")
     if rm:

@@ -247,9 +247,11 @@ def exec_process(process: Process, seccomp: pyseccomp.SyscallFilter | None, cons
         elif not process.stdin:
             os.dup2(os.open("/dev/null", os.O_RDONLY), 0)  # (the descriptor itself goes with the others)
         confinement.bound_capabilities(process.confinement)
+        parent = os.getppid()
         os.setgroups(user.groups)
         os.setgid(user.gid)
         os.setuid(user.uid)
+        _die_with_parent(parent)  # (again: a change of user clears it)
         os.chdir(process.cwd)
         confinement.enter(process.confinement, seccomp, user.uid)
         if process.init:
