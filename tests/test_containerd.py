@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -31,6 +32,9 @@ LOOK = "cat /etc/app/conf; ls /var/cache/app /etc; echo written > /tmp/x; cat /t
 class Containerd:
     def __init__(self, base: Path, snapshotter: Snapshotterd, env: dict[str, str]) -> None:
         self.base = base
+        # A namespace of its own (runc's state of containers is kept per namespace, for every containerd),
+        # named as containerd allows: letters and digits, no "_" beside a "-" as mkdtemp's names may have.
+        self.namespace = "lfs" + re.sub(r"[^A-Za-z0-9]", "", base.name)
         self.env = env
         self.address = base / "containerd.sock"
         config = base / "config.toml"
@@ -49,8 +53,7 @@ class Containerd:
         assert answers, (base / "containerd.log").read_text()[-2000:]
 
     def ctr(self, *args: str | Path, check: bool = True) -> subprocess.CompletedProcess:
-        # (a namespace of its own: runc's state of containers is kept per namespace, for every containerd)
-        command = ["ctr", "-a", self.address, "-n", self.base.name, *map(str, args)]
+        command = ["ctr", "-a", self.address, "-n", self.namespace, *map(str, args)]
         result = subprocess.run(command, env=self.env, capture_output=True, text=True, timeout=120)
         assert not check or result.returncode == 0, f"ctr {' '.join(map(str, args))}: {result.stderr}"
         return result
@@ -68,7 +71,7 @@ class Containerd:
         self.process.wait(timeout=30)
         self.log.close()
         with contextlib.suppress(OSError):
-            os.rmdir(f"/run/containerd/runc/{self.base.name}")  # (the shims' runc root of the namespace)
+            os.rmdir(f"/run/containerd/runc/{self.namespace}")  # (the shims' runc root of the namespace)
 
 
 @pytest.fixture(scope="module")
