@@ -148,12 +148,7 @@ class Images:
                 manifest_type = json.load(f).get("mediaType") or manifests.OCI_MANIFEST
         else:  # a docker archive: a manifest of docker's own form for its blobs
             manifest_type = manifests.DOCKER_MANIFEST
-            document = manifests.manifest(
-                manifest_type,
-                _descriptor(incoming, config_digest),
-                [_descriptor(incoming, d, manifest_type) for d in digests],
-            )
-            manifest_digest = incoming.add_bytes(manifests.dump(document))
+            manifest_digest = _add_manifest(incoming, manifest_type, config_digest, digests)
         incoming.adopt()
         record = {
             "manifest": manifest_digest,
@@ -211,12 +206,7 @@ class Images:
         if len(blobs) != len(config["rootfs"]["diff_ids"]):  # (a base image stored before blobs were kept)
             raise LayerfsError(f"image {name}: a layer without its blob; import or pull its base image again")
         config_digest = incoming.add_bytes(manifests.dump(config))
-        document = manifests.manifest(
-            manifest_type,
-            _descriptor(incoming, config_digest),
-            [_descriptor(incoming, digest, manifest_type) for digest in blobs],
-        )
-        manifest_digest = incoming.add_bytes(manifests.dump(document))
+        manifest_digest = _add_manifest(incoming, manifest_type, config_digest, blobs)
         incoming.adopt()
         return self._set(
             name,
@@ -290,6 +280,15 @@ def _name_for(name: str | None, image: layout.Image, default: str, tag: str | No
         given = image.names[0]
         return image_name(given if "/" in given or ":" in given else f"{default}:{given}")
     return image_name(f"{default}:{tag or 'latest'}")
+
+
+def _add_manifest(incoming: Incoming, manifest_type: str, config: str, layers: list[str]) -> str:
+    """A manifest of ``manifest_type`` for the blobs ``config`` and ``layers`` (bottom first), added as a
+    blob; returns its digest."""
+    document = manifests.manifest(
+        manifest_type, _descriptor(incoming, config), [_descriptor(incoming, d, manifest_type) for d in layers]
+    )
+    return incoming.add_bytes(manifests.dump(document))
 
 
 def _descriptor(incoming: Incoming, digest: str, manifest_type: str | None = None) -> Any:
