@@ -158,7 +158,7 @@ class Mounts:
         """Unmount cleanly (the test wants it gone now, e.g. to look at the upper layer)."""
         mnt = Path(mountpoint)
         if is_mounted(mnt):
-            # layerfs's own umount also waits for the daemon to finish (its change index saved).
+            # layerfs's own umount also waits for the daemon to exit.
             command = LAYERFS + ["umount"] if _fstype(mnt) == "fuse.layerfs" else ["umount"]
             subprocess.run(command + [str(mnt)], check=True, capture_output=True, timeout=60)
         if mnt in self.points:

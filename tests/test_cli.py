@@ -355,6 +355,28 @@ def test_unmounting_ends_the_daemon(stop, tree, mounts, tmp_path):
     assert_daemon_exits(mnt)
 
 
+def _listing(top: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(top)): (p.stat().st_size, p.stat().st_mtime_ns) for p in top.rglob("*")}
+
+
+@pytest.mark.parametrize("stop", STOPS)
+def test_the_daemon_writes_nothing_in_the_work_directory_once_unmounted(stop, tree, mounts, tmp_path):
+    """Podman unmounts a build step's container and removes its layer's directories at once, while the
+    daemon may still be exiting: a file the daemon made then fails the removal (ENOTEMPTY)."""
+    mnt = tmp_path / "mnt"
+    upper = f"upperdir={tree.upper},workdir={tree.work}"
+    assert_mounted_ok(cli_mount(mounts, mnt, "-o", f"{tree.lowerdir},{upper}", mnt), mnt)
+    (mnt / "new").write_text("x")
+    (mnt / "shared").unlink()
+    before = _listing(tree.work)
+    assert any("journal-" in name for name in before)  # (what should stay as it is)
+    STOPS[stop](mnt)
+    assert_daemon_exits(mnt)
+    assert _listing(tree.work) == before
+    result = layerfs_cmd("diff", "--upperdir", tree.upper, "--workdir", tree.work, "--lowerdir", tree.lowerdir[9:])
+    assert result.returncode == 0 and sorted(result.stdout.splitlines()) == ["A /new", "D /shared"], result
+
+
 @pytest.mark.parametrize("what", ["not-mounted", "missing"])
 def test_umount_of_something_not_mounted_is_a_clear_error(what, tmp_path):
     path = tmp_path / "dir"

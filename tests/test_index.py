@@ -164,8 +164,8 @@ def test_a_long_lived_daemon_compacts_its_journal_in_the_background(tmp_path, mo
             with read_index(str(upper), str(tmp_path / "state")) as reader:
                 assert _fields(reader) == _walked(upper, tmp_path)
     daemon.close()
-    assert len(list((tmp_path / "state").glob("journal-*"))) == 1
+    assert len(list((tmp_path / "state").glob("journal-*"))) <= 2  # (the last compaction's, at most)
     with read_index(str(upper), str(tmp_path / "state")) as again:
-        assert again.generation > 3  # the mount's snapshot, at least two compactions, the unmount's
+        assert again.generation > 2  # the mount's snapshot, then at least two compactions
         assert not again.rebuilt and not again.rescanned
         assert _fields(again) == _walked(upper, tmp_path)

@@ -2,12 +2,15 @@
 
 The daemon only journals, and holds no records, so its memory does not grow with the upper: the
 records are read back (by an index reader) whenever they are saved. Every 100,000 journal lines a
-background thread folds the journals into a new snapshot, and ``sync`` (unmount) does it at once.
+background thread folds the journals into a new snapshot, and ``sync`` (each mount's start) does it at once.
+The unmount writes nothing: the journal holds every change already, and the caller of the unmount may
+be removing the work directory as soon as it returns (Podman deletes a build step's layer so), before
+the daemon has exited.
 
 The state lives beside the upper, on its filesystem. When that is full, the journal does not stand in
 the way of changes that need no space (a container freeing space by deleting files): it stops
 journaling and removes its snapshot, so that readers, and the next load, walk the upper instead of
-trusting a journal with gaps. The next sync that finds space (the unmount's) saves it again.
+trusting a journal with gaps. The next sync that finds space (the next mount's) saves it again.
 
 No FUSE here; the union calls ``note`` before its changes.
 """
@@ -101,12 +104,16 @@ class ChangeJournal:
                 self._pause()
 
     def close(self) -> None:
-        """Sync and let go of everything (a clean unmount)."""
-        if self._journal is not None:
-            self.sync()
-            with contextlib.suppress(OSError):  # (what a full filesystem left in its buffer)
-                self._journal.close()
-            self._journal = None
+        """Let go of everything (a clean unmount), writing nothing new: a reader pairs the snapshot with
+        the journals as after a killed daemon."""
+        with self._lock:
+            if self._compactor is not None:
+                self._compactor.join()  # (it writes through the descriptors closed next)
+                self._compactor = None
+            if self._journal is not None:
+                with contextlib.suppress(OSError):  # (what a full filesystem left in its buffer)
+                    self._journal.close()
+                self._journal = None
         self._saved.close()
         if self._own_fd:
             os.close(self._fd)

@@ -381,7 +381,7 @@ class Union:
         os.close(fd)  # (after: its number may come back to an open at once, which records it anew)
 
     def close(self) -> None:
-        """Close every open file and bring the change index up to date (on unmount)."""
+        """Close every open file and the change index's journal (on unmount)."""
         for fd in list(self._handles):
             self.release(fd)
         if self.index is not None:

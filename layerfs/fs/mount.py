@@ -231,7 +231,7 @@ def _wait_until_ready(read_end: int, pid: int) -> int:
 
 def umount(mountpoint: str, *, lazy: bool = False) -> None:
     """Unmount a layerfs (or any FUSE) mount, a dead one (daemon killed) included. Unless ``lazy``,
-    returns when the daemon has finished (its change index saved)."""
+    returns when the daemon has exited."""
     path = os.path.abspath(mountpoint)
     daemon = mounts.find(path)
     _detach(mountpoint, path, lazy)
