@@ -10,7 +10,6 @@ refused unless it is the user's, as containers-storage falls back.
 from __future__ import annotations
 
 import os
-import tempfile
 
 from .errors import LayerfsError
 
@@ -40,6 +39,8 @@ def runtime_dir() -> str:
     session = f"/run/user/{uid}"
     if _is_owned(session, uid):
         return os.path.join(session, "layerfs")
+    import tempfile  # (only here: a fallback seldom taken)
+
     fallback = os.path.join(tempfile.gettempdir(), f"layerfs-run-{uid}")
     try:
         os.mkdir(fallback, 0o700)

@@ -16,41 +16,43 @@ import copy
 import os
 import sys
 import time
-from dataclasses import dataclass, field
-from typing import TextIO
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
+from typing import TYPE_CHECKING, NamedTuple, TextIO
 
 from ..errors import LayerfsError
-from ..runtime.process import DEFAULT_PATH, find_user
+from ..runtime import DEFAULT_PATH
 from ..store import Store
 from ..store.manifests import OCI_MANIFEST
 from . import dockerfile, steps
 from .cache import Cache, State, key
 from .context import Context, resolve_in_root
-from .copying import Copy, is_archive
 from .dockerfile import Instruction, Stage
+
+if TYPE_CHECKING:  # (what only a step built anew needs is imported there: a cached build loads none of it)
+    from .copying import Copy
 
 _COPY_FLAGS = ("from", "chown", "chmod", "link")  # (--link: layers are independent here anyway)
 
 
-@dataclass
-class Options:
+class Options(NamedTuple):  # (no dataclasses on a cached build's path: their import costs more than its work)
     context: str
     dockerfile: str | None = None  # default: CONTEXT/Dockerfile
-    tags: list[str] = field(default_factory=list)
-    build_args: dict[str, str] = field(default_factory=dict)
+    tags: Sequence[str] = ()
+    build_args: Mapping[str, str] = MappingProxyType({})
     target: str | None = None
     no_cache: bool = False
     platform: str | None = None
     network: bool = False
 
 
-@dataclass
 class _Stage:
     """A stage while it is built: its state, and what its instructions have set so far."""
 
-    state: State
-    args: dict[str, str] = field(default_factory=dict)  # the ARGs in effect
-    cmd_set: bool = False
+    def __init__(self, state: State) -> None:
+        self.state = state
+        self.args: dict[str, str] = {}  # the ARGs in effect
+        self.cmd_set = False
 
 
 class Builder:
@@ -234,6 +236,7 @@ class Builder:
     def _workdir(self, instruction: Instruction, stage: _Stage, variables: dict[str, str]) -> State:
         """WORKDIR's config, and the directory made (as root, 0755) where the image lacks it, as docker makes it."""
         from . import stepcontainer
+        from .copying import Copy
 
         config = copy.deepcopy(stage.state.config)
         steps.configure(instruction, config.setdefault("config", {}), variables, stage.cmd_set)
@@ -373,6 +376,8 @@ class _Copying:
             self._copy(merged, context, [self._matched(context, p) for p in self.patterns], None)
 
     def _copy(self, merged: str, context: Context, paths: list[list[str]], owner: tuple[int, int] | None) -> None:
+        from .copying import Copy
+
         if self.chown:
             owner = _owner(merged, self.chown, self.instruction)
         copier = Copy(merged, owner, self.mode)
@@ -385,6 +390,8 @@ class _Copying:
                 raise self.instruction.error(f"{path}: {e.strerror}") from None
 
     def _copy_one(self, copier: Copy, context: Context, path: str, into_dir: bool) -> None:
+        from .copying import is_archive
+
         full = os.path.join(context.root, path)
         if self.instruction.keyword == "ADD" and self.source is None and is_archive(full):
             copier.make_dirs(self.dest)
@@ -401,6 +408,8 @@ class _Copying:
 def _owner(rootfs: str, spec: str, instruction: Instruction) -> tuple[int, int]:
     """``--chown``'s user and group, names looked up in the image's /etc/passwd and /etc/group (a user
     alone gives the group of the same number, as docker has it)."""
+    from ..runtime.process import find_user
+
     user, _, group = spec.partition(":")
     # (resolved inside the rootfs: a symlink in the image never leads to the host's files)
     files = [os.path.join(rootfs, resolve_in_root(rootfs, f"etc/{name}")) for name in ("passwd", "group")]

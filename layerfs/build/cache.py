@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from ..store import Store
 from ..store.manifests import dump, now
@@ -22,8 +22,7 @@ HISTORY_COMMENT = "buildkit.dockerfile.v0"  # as BuildKit marks the history entr
 _FILE = "build-cache.json"
 
 
-@dataclass
-class State:
+class State(NamedTuple):
     """An image as a build has it between steps."""
 
     config: dict  # the whole image config: architecture, os, config, rootfs, history

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import io
 import json
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from dockerfile_parse import DockerfileParser
 from dockerfile_parse.util import WordSplitter, extract_key_values
@@ -21,8 +21,7 @@ KNOWN = frozenset(
 )
 
 
-@dataclass
-class Instruction:
+class Instruction(NamedTuple):
     keyword: str  # upper case: RUN, COPY...
     value: str  # as written, continuation lines joined
     line: int  # 1-based, its first line
@@ -33,17 +32,15 @@ class Instruction:
         return LayerfsError(f"{self.where}:{self.line}: {self.keyword}: {message}")
 
 
-@dataclass
-class Stage:
+class Stage(NamedTuple):
     base: str  # the FROM's image, unsubstituted
     name: str | None  # ``AS name``, lower case
     number: int
     from_line: Instruction
-    instructions: list[Instruction] = field(default_factory=list)
+    instructions: list[Instruction]
 
 
-@dataclass
-class Dockerfile:
+class Dockerfile(NamedTuple):
     global_args: list[Instruction]  # the ARGs before the first FROM
     stages: list[Stage]
 
@@ -64,9 +61,9 @@ def parse(text: str, where: str = "Dockerfile") -> Dockerfile:
             words = instruction.value.split()
             words = [w for w in words if not w.startswith("--platform=")]
             if len(words) == 3 and words[1].lower() == "as":
-                stages.append(Stage(words[0], words[2].lower(), len(stages), instruction))
+                stages.append(Stage(words[0], words[2].lower(), len(stages), instruction, []))
             elif len(words) == 1:
-                stages.append(Stage(words[0], None, len(stages), instruction))
+                stages.append(Stage(words[0], None, len(stages), instruction, []))
             else:
                 raise instruction.error("FROM IMAGE [AS NAME] expected")
         elif not stages:

@@ -51,10 +51,11 @@ COMMANDS = (
 _ROOT_HELP = "the store (default $LAYERFS_ROOT, else /var/lib/layerfs, or $XDG_DATA_HOME/layerfs without root)"
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The command line's parser; with ``command``, for that command only."""
     parser = argparse.ArgumentParser(prog="layerfs", description="A layered copy-on-write filesystem for containers.")
     parser.add_argument("--version", action="version", version=f"layerfs version {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = dispatch.Commands(parser.add_subparsers(dest="command", metavar="COMMAND"), command)
 
     m = sub.add_parser(
         "mount",
@@ -221,9 +222,9 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument(argument)
         p.add_argument("--root", metavar="DIR", help=_ROOT_HELP)
         p.add_argument("--debug", action="store_true")
-    sub.choices["rm"].add_argument("-v", "--volumes", action="store_true", help="its anonymous volumes too")
-    sub.choices["ps"].add_argument("-a", "--all", action="store_true", help="stopped containers too")
-    sub.choices["ps"].add_argument("-q", "--quiet", action="store_true", help="their ids only")
+        if command == "ps":
+            p.add_argument("-a", "--all", action="store_true", help="stopped containers too")
+            p.add_argument("-q", "--quiet", action="store_true", help="their ids only")
 
     e = sub.add_parser(
         "example", help="import a small layered busybox image, run a command in it, show its diff, commit it"
@@ -305,7 +306,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _command(arguments: list[str]) -> int:
     try:
-        args = _parser().parse_args(dispatch.command_line(arguments, COMMANDS))
+        arguments = dispatch.command_line(arguments, COMMANDS)
+        command = arguments[0] if arguments and arguments[0] in COMMANDS else None
+        args = _parser(command).parse_args(arguments)
     except UsageError as e:
         print(f"layerfs: {e}", file=sys.stderr)
         return 2

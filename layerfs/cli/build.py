@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 
 from ..errors import UsageError
+from .dispatch import Commands
 
 COMMANDS = ("build",)
 
 
-def add_parsers(sub: argparse._SubParsersAction, root_help: str) -> None:
+def add_parsers(sub: Commands, root_help: str) -> None:
     b = sub.add_parser(
         "build",
         help="build an image from a Dockerfile, a layer per step, steps built before taken from the cache",

@@ -7,11 +7,14 @@ a mount, so that a typo cannot mount anything anywhere.
 
 mount.fuse3 runs a ``fuse3.layerfs`` mount (containerd's, fstab's) as ``layerfs SOURCE TARGET -o OPTIONS``:
 that form is taken when SOURCE is ``layerfs``.
+
+A run builds the parser of its own command only (``Commands``).
 """
 
 from __future__ import annotations
 
-import difflib
+import argparse
+from typing import Any
 
 from ..errors import UsageError
 
@@ -47,6 +50,30 @@ def command_line(argv: list[str], commands: tuple[str, ...]) -> list[str]:
         return ["mount", *argv]
     if not words:
         return argv  # options alone: argparse says what it makes of them
+    import difflib
+
     nearest = difflib.get_close_matches(words[0], commands, n=1)
     hint = f"did you mean {nearest[0]}?" if nearest else "layerfs --help lists them"
     raise UsageError(f"{words[0]}: unknown command ({hint})")
+
+
+class _Unbuilt:
+    """The parser of a command this run does not run: whatever is asked of it is ignored."""
+
+    def __getattr__(self, name: str):
+        return lambda *args, **kwargs: self
+
+
+class Commands:
+    """``layerfs``'s subparsers as far as one run needs them: only the command it names (building all
+    forty parsers would take longer than a cached build's own work), or every one when it names none
+    (for the help and the errors that list them)."""
+
+    def __init__(self, sub: argparse._SubParsersAction, wanted: str | None) -> None:
+        self._sub = sub
+        self._wanted = wanted
+
+    def add_parser(self, name: str, **kwargs: Any) -> Any:  # (an ArgumentParser, or one that ignores all)
+        if self._wanted in (None, name):
+            return self._sub.add_parser(name, **kwargs)
+        return _Unbuilt()

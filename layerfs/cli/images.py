@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import getpass
 import os
 import sys
 
 from ..errors import LayerfsError, UsageError
-from .tables import ago, human_size, table, tree_size
+from .dispatch import Commands
 
 COMMANDS = ("import", "load", "save", "images", "tag", "history", "pull", "push", "login", "logout")
 _PREFIXES = ("oci", "oci-archive", "docker-archive", "rootfs")
@@ -21,7 +20,7 @@ def _tls(text: str) -> bool:
     return text.lower() in ("true", "1")
 
 
-def add_parsers(sub: argparse._SubParsersAction, root_help: str) -> None:
+def add_parsers(sub: Commands, root_help: str) -> None:
     def parser(name: str, help_text: str, usage: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, usage=usage)
         p.add_argument("--root", metavar="DIR", help=root_help)
@@ -215,6 +214,8 @@ def _login(args: argparse.Namespace) -> int:
     if args.password_stdin:
         password = sys.stdin.readline().rstrip("\n")
     else:
+        import getpass
+
         password = getpass.getpass("Password: ") if args.password is None else args.password
     if not username or not password:
         raise UsageError("a login needs a user name and a password")
@@ -239,6 +240,7 @@ def _logout(args: argparse.Namespace) -> int:
 def _images(store, *, quiet: bool) -> str:  # noqa: ANN001 (a Store: imported lazily)
     """docker images' table (the repository by its full name, as podman shows it), or the ids alone."""
     from ..distribution.reference import parse_reference
+    from .tables import ago, human_size, table, tree_size
 
     sizes: dict[str, int] = {}  # (a layer's size once, however many images share it)
     rows = []
@@ -263,6 +265,8 @@ def _images(store, *, quiet: bool) -> str:  # noqa: ANN001 (a Store: imported la
 
 def _history(store, name: str, *, truncate: bool) -> str:  # noqa: ANN001 (a Store: imported lazily)
     """docker history's table: newest first, the image's id on the top row, each layer's size."""
+    from .tables import ago, human_size, table, tree_size
+
     record = store.images.record(name)
     history = record["config"].get("history") or [{} for _ in record["layers"]]
     sizes = [tree_size(store.layers.path(d)) for d in record["layers"]]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .dispatch import Commands
+
 COMMANDS = ("logs", "start", "stop", "kill", "wait", "exec")  # (and rm, which was there before them)
 
 
@@ -22,7 +24,7 @@ _USAGES = {
 }
 
 
-def add_parsers(sub: argparse._SubParsersAction, root_help: str) -> None:
+def add_parsers(sub: Commands, root_help: str) -> None:
     p = {name: sub.add_parser(name, help=help_text, usage=usage) for name, (help_text, usage) in _USAGES.items()}
     for each in p.values():
         each.add_argument("--root", metavar="DIR", help=root_help)
@@ -32,6 +34,7 @@ def add_parsers(sub: argparse._SubParsersAction, root_help: str) -> None:
     p["stop"].add_argument("-t", "--time", type=float, metavar="N", help="seconds before SIGKILL (default 10)")
     p["kill"].add_argument("-s", "--signal", default="KILL", metavar="SIGNAL", help="a name (TERM, SIGTERM) or number")
     p["rm"].add_argument("-f", "--force", action="store_true", help="a running one too (killed first)")
+    p["rm"].add_argument("-v", "--volumes", action="store_true", help="its anonymous volumes too")
     for name in ("logs", "start", "exec"):
         p[name].add_argument("name", metavar="CONTAINER")
     for name in ("stop", "kill", "wait", "rm"):

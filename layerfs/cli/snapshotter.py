@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 
+from .dispatch import Commands
+
 COMMANDS = ("snapshotter",)
 _ADDRESS = "/run/layerfs/snapshotter.sock"
 _ROOT = "/var/lib/layerfs/snapshotter"
 
 
-def add_parsers(sub: argparse._SubParsersAction) -> None:
+def add_parsers(sub: Commands) -> None:
     p = sub.add_parser(
         "snapshotter",
         help="serve containerd's snapshots API on a unix socket (a proxy snapshotter plugin)",

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import secrets
 import sys
 
-from .tables import table
+from .dispatch import Commands
 
 COMMANDS = ("volume",)
 
 
-def add_parsers(sub: argparse._SubParsersAction, root_help: str) -> None:
+def add_parsers(sub: Commands, root_help: str) -> None:
     volume = sub.add_parser("volume", help="the store's named and anonymous volumes (ls, create, rm, inspect, prune)")
     actions = volume.add_subparsers(dest="action", metavar="ACTION", required=True)
 
@@ -34,8 +33,11 @@ def add_parsers(sub: argparse._SubParsersAction, root_help: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import secrets
+
     from ..errors import LayerfsError
     from ..store import Store, root_from
+    from .tables import table
 
     store = Store(root_from(args.root))
     if args.action == "ls":

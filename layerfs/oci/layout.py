@@ -21,12 +21,9 @@ import hashlib
 import json
 import os
 import re
-import uuid
 from typing import Any, BinaryIO, NamedTuple
 
-from ..core.changes import changes
 from ..errors import LayerfsError
-from .layertar import write_layer
 
 _REF_NAME = "org.opencontainers.image.ref.name"
 _INDEX_TYPES = ("application/vnd.oci.image.index.v1+json", "application/vnd.docker.distribution.manifest.list.v2+json")
@@ -266,6 +263,11 @@ def write_image(dest: str, tag: str, layer_dirs: list[str], config: dict) -> str
     the OCI image layout ``dest`` (made if missing) as ``tag``, replacing an image of that tag: each layer as
     a gzip layer tar of what it changes over those below it, then ``config`` (its ``rootfs`` naming these
     tars' diff_ids), the manifest and the index entry. Returns the manifest's digest."""
+    import uuid  # (here: reading a layout, the store's and the registry's work, needs none of these)
+
+    from ..core.changes import changes
+    from .layertar import write_layer
+
     blobs = os.path.join(dest, "blobs", "sha256")
     os.makedirs(blobs, exist_ok=True)
     descriptors, diff_ids = [], []

@@ -18,8 +18,7 @@ from ..core import confined
 from ..core.layer import Layer
 from ..core.lookup import Resolver
 from ..errors import LayerfsError, UsageError
-
-DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+from . import DEFAULT_PATH
 
 
 def argv(config: dict, command: list[str], entrypoint: str | None = None) -> list[str]:

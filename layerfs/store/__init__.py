@@ -22,32 +22,32 @@ a pull, a commit's image) is gathered in the scratch space and named at once (``
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
-from ..core.changes import Change
 from ..distribution.reference import parse_reference
-from ..oci.entries import Entry, Upper
-from ..oci.layertar import ProgressFn, write_entries
-from . import archives, splits
 from .blobs import Blobs
-from .commit import Committed, build_layer, layer_diff_id
 from .containers import ContainerMounted, Containers
-from .content import SHARING, Content
 from .images import ImageInUse, Images, NoSuchImage, Progress, image_name
-from .incoming import Incoming
 from .layers import Layers
 from .root import Root, root_from
 from .volumes import VolumeInUse, Volumes
 
-if TYPE_CHECKING:  # (the registry client is imported by what uses it: a cached build loads no HTTP library)
+# What only some commands need is imported by them (a cached build loads no HTTP library, no unpacker,
+# no file sharing): the Store's methods import it where they use it.
+if TYPE_CHECKING:
+    from ..core.changes import Change
     from ..distribution import push as pushing
+    from ..oci.entries import Entry, Upper
+    from ..oci.layertar import ProgressFn
+    from .commit import Committed
+    from .content import Content
+    from .incoming import Incoming
 
 __all__ = [
-    "SHARING",
-    "Committed",
     "ContainerMounted",
     "ImageInUse",
     "NoSuchImage",
@@ -66,11 +66,23 @@ class Store:
     def __init__(self, root: str) -> None:
         self.root = Root(root)
         self.layers = Layers(self.root)
-        self.content = Content(self.root)
         self.blobs = Blobs(self.root)
         self.images = Images(self.root, self.layers, self.blobs)
         self.containers = Containers(self.root, self.layers)
         self.volumes = Volumes(self.root)
+
+    @functools.cached_property
+    def content(self) -> Content:
+        """The file data the store's layers share (a commit's and a gc's)."""
+        from .content import Content
+
+        return Content(self.root)
+
+    def _incoming(self) -> Incoming:
+        """A scratch space for what comes in, named in the store at once when complete."""
+        from .incoming import Incoming
+
+        return Incoming(self.root, self.layers, self.blobs)
 
     def import_image(
         self, kind: str, path: str, tag: str | None, name: str | None, progress: Progress | None = None
@@ -87,7 +99,7 @@ class Store:
         from ..distribution import pull as pulling
 
         ref = parse_reference(reference)
-        with self.root.locked(), Incoming(self.root, self.layers, self.blobs) as incoming:
+        with self.root.locked(), self._incoming() as incoming:
             pulled = os.path.join(incoming.dir, "pulled")
             pulling.pull(ref, pulled, platform=platform, tls_verify=tls_verify, have=self.blobs.has, progress=progress)
             return str(ref), self.images.add_pulled(incoming, pulled, str(ref), ref.name, progress)
@@ -114,6 +126,8 @@ class Store:
     def save(self, name: str, kind: str, dest: str, tag: str | None = None) -> str:
         """Image ``name`` written to ``dest`` as ``kind`` (``archives.FORMATS``) with its stored bytes,
         listed as ``tag`` (its own if None); returns its manifest's digest."""
+        from . import archives
+
         key = self.images.key(name)
         with self._held(name) as (manifest, blobs):
             archives.write(kind, dest, manifest, blobs, tag=tag or parse_reference(key).tag or "latest", name=key)
@@ -138,6 +152,8 @@ class Store:
     def _open_blob(self, digest: str) -> int:
         """(Holding the lock.) A descriptor of blob ``digest``'s bytes: its file, or for a split one (an
         imported root filesystem tar) a nameless file of the scratch space it is put back together in."""
+        from . import splits
+
         split = self.blobs.split_path(digest)
         if not os.path.isfile(split):
             return os.open(self.blobs.path(digest), os.O_RDONLY | os.O_CLOEXEC)
@@ -253,14 +269,17 @@ class Store:
         image: tuple[str, str] | None = None,
     ) -> Committed:
         """Freeze ``changes`` (as ``layerfs.core.changes`` lists them) of ``upper`` into a layer, its file
-        data shared with the store's alike files as ``share`` says (one of ``SHARING``). ``image``: (name,
+        data shared with the store's alike files as ``share`` says (one of ``content.SHARING``). ``image``: (name,
         base): also record image ``name``, image ``base`` with this layer on top, its tar kept as a gzip blob
         (written once, in the same locked step)."""
+        from ..oci.entries import Upper
+        from .commit import layer_diff_id
+
         with Upper(upper) as tree:
             found = tree.entries(changes)
             if image is not None:
                 name = image_name(image[0])  # (a name docker refuses is refused before any work)
-                with self.root.locked(), Incoming(self.root, self.layers, self.blobs) as incoming:
+                with self.root.locked(), self._incoming() as incoming:
                     committed, blob = self._add_layer_and_blob(incoming, tree, found, share, progress)
                     self.images.add_commit(incoming, name, image[1], committed.diff_id, blob)
                 return committed
@@ -273,9 +292,11 @@ class Store:
     ) -> tuple[Committed, str]:
         """A build step's ``changes`` of ``upper`` frozen into a layer and kept as its gzip blob too (an image
         made of it can be saved and pushed); the layer and the blob's digest."""
+        from ..oci.entries import Upper
+
         with Upper(upper) as tree:
             found = tree.entries(changes)
-            with self.root.locked(), Incoming(self.root, self.layers, self.blobs) as incoming:
+            with self.root.locked(), self._incoming() as incoming:
                 committed, blob = self._add_layer_and_blob(incoming, tree, found, "reflink", progress)
                 incoming.adopt()
             return committed, blob
@@ -283,13 +304,15 @@ class Store:
     def add_built(self, name: str, config: dict, blobs: list[str], manifest_type: str) -> dict:
         """Image ``name`` of a build: its config and its layers' blobs (all in the store), with a new manifest."""
         key = image_name(name)
-        with self.root.locked(), Incoming(self.root, self.layers, self.blobs) as incoming:
+        with self.root.locked(), self._incoming() as incoming:
             return self.images.add_built(incoming, key, config, blobs, manifest_type)
 
     def _add_layer_and_blob(
         self, incoming: Incoming, tree: Upper, found: list[Entry], share: str, progress: ProgressFn | None
     ) -> tuple[Committed, str]:
         """(Holding the lock.) The layer of ``found`` as a directory, and its gzip tar as a blob of ``incoming``."""
+        from ..oci.layertar import write_entries
+
         blob = incoming.new_file()
         with open(blob, "wb") as out:
             written = write_entries(out, tree, found, compress=True, progress=progress)
@@ -298,6 +321,8 @@ class Store:
 
     def _add_layer(self, tree: Upper, found: list[Entry], layer: str, share: str) -> Committed:
         """(Holding the lock.) The layer ``layer`` of ``found`` built as a directory, unless the store has it."""
+        from .commit import Committed, build_layer
+
         final = self.layers.path(layer)
         if self.layers.has(layer):
             return Committed(final, layer, new=False)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import uuid
 from typing import BinaryIO, NamedTuple
 
 from ..errors import LayerfsError
@@ -33,7 +32,7 @@ class BlobWriter:
 
     def __init__(self, directory: str) -> None:
         self.directory = directory
-        self._tmp = os.path.join(directory, f".{uuid.uuid4().hex}.part")
+        self._tmp = os.path.join(directory, f".{os.urandom(16).hex()}.part")
         self._f = open(self._tmp, "wb")
         self._hash = hashlib.sha256()
         self.size = 0

@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import secrets
 from datetime import UTC, datetime
 
 from ..errors import LayerfsError
@@ -80,7 +79,7 @@ class Containers:
         with open(os.path.join(build, "container.json"), "w") as f:
             json.dump(
                 {
-                    "id": secrets.token_hex(32),
+                    "id": os.urandom(32).hex(),
                     "name": name,
                     "image": image,
                     "config_digest": image_record["config_digest"] if image_record else "",

@@ -11,23 +11,23 @@ from __future__ import annotations
 import json
 import os
 import re
-import tarfile
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..distribution.reference import parse_reference
 from ..errors import LayerfsError
 from ..oci import layout
-from ..oci.unpack import ProgressFn
 from . import manifests
 from .blobs import Blobs
-from .incoming import Incoming
 from .layers import Layers
 from .root import Root
 
-if TYPE_CHECKING:  # (the registry client is imported by what uses it: a cached build loads no HTTP library)
+if TYPE_CHECKING:  # (the registry client and the unpacker are imported by what uses them: a cached build
+    # loads neither)
     from ..distribution.client import Manifest
     from ..distribution.push import Blob
+    from ..oci.unpack import ProgressFn
+    from .incoming import Incoming
 
 SOURCES = ("oci", "oci-archive", "docker-archive", "rootfs")
 # progress(done, total, label): bytes of a layer unpacked, of about total (None: unknown), which layer
@@ -95,6 +95,8 @@ class Images:
         unpacked again; every blob is checked against its digest or diff_id. Returns the name and record."""
         if kind not in SOURCES:
             raise LayerfsError(f"{kind}: not an image source ({', '.join(SOURCES)})")
+        from .incoming import Incoming
+
         default = os.path.basename(os.path.abspath(path)).removesuffix(".tar")
         with Incoming(self.root, self.layers, self.blobs) as incoming:
             if kind == "rootfs":
@@ -306,6 +308,8 @@ def _labelled(progress: Progress | None, label: str) -> ProgressFn | None:
 def _extract_archive(path: str, dest: str) -> None:
     """An image archive (a plain tar of files and relative symlinks) extracted into ``dest``; tarfile's
     "data" filter refuses what could reach outside it."""
+    import tarfile  # (here and in kind_of: reading the store needs no tar)
+
     try:
         with tarfile.open(path) as tar:
             tar.extractall(dest, filter="data")
@@ -325,6 +329,8 @@ def kind_of(path: str) -> str:
     """What the image file ``path`` is, as ``podman load`` finds out: ``oci`` (a layout directory),
     ``oci-archive``, ``docker-archive`` (its ``manifest.json``; Docker 25's are OCI layouts too), or ``rootfs``
     (a tar with anything else in it). Reading stops at the first entry no image archive has."""
+    import tarfile
+
     if os.path.isdir(path):
         return "oci"
     kind = "rootfs"

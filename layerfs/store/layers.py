@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import os
 import shutil
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from ..errors import LayerfsError
 from ..oci import layout
-from ..oci.unpack import ProgressFn, UnpackResult, unpack_layer
 from .root import Root
+
+if TYPE_CHECKING:  # (the unpacker is imported by what unpacks: reading the store needs none of it)
+    from ..oci.unpack import ProgressFn, UnpackResult
 
 
 class Layers:
@@ -39,6 +41,8 @@ class Layers:
         """(Holding the lock.) The layer tar ``stream`` unpacked into a new directory of the scratch space, to
         ``adopt`` once the rest of its image is in; returns the directory and what was unpacked, whose
         diff_id must be ``expected`` where the image gives one."""
+        from ..oci.unpack import unpack_layer
+
         build = self.root.scratch()
         os.mkdir(build, 0o755)
         try:

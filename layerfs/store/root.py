@@ -14,7 +14,6 @@ import contextlib
 import fcntl
 import os
 import shutil
-import uuid
 from collections.abc import Iterator
 
 from .. import userdirs
@@ -49,7 +48,7 @@ class Root:
 
     def scratch(self) -> str:
         """(Holding the lock.) A fresh name in the scratch space."""
-        return self.sub("tmp", uuid.uuid4().hex)
+        return self.sub("tmp", os.urandom(16).hex())
 
     def discard(self, path: str) -> None:
         """(Holding the lock.) Remove the tree at ``path``: its name at once, its files next."""

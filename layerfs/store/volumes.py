@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import secrets
 from datetime import UTC, datetime
 
 from ..errors import LayerfsError
@@ -70,7 +69,7 @@ class Volumes:
         """(Holding the lock.) Volume ``name`` (a new anonymous one for None), made if missing; its name, and
         whether it was made now."""
         anonymous = name is None
-        name = secrets.token_hex(32) if name is None else checked_name(name)
+        name = os.urandom(32).hex() if name is None else checked_name(name)
         if self.get(name) is not None:
             return name, False
         build = self.root.scratch()
