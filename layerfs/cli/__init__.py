@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import logging
 import os
 import select
 import signal
@@ -313,27 +312,37 @@ def _command(arguments: list[str]) -> int:
         print(f"layerfs: {e}", file=sys.stderr)
         return 2
     debug = getattr(args, "debug", False)
-    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="layerfs: %(message)s")
+    if debug:  # (else what logs sets logging up: the daemons; a cached build loads no logging)
+        import logging
+
+        logging.basicConfig(level=logging.DEBUG, format="layerfs: %(message)s")
     try:
         code = _run(args)
         sys.stdout.flush()  # (a closed pipe is found here, not in an error at the interpreter's exit)
         return code
     except LayerfsError as e:
         if debug:
-            logging.exception("details")
+            _log_details()
         print(f"layerfs: {e}{_advice(e)}", file=sys.stderr)
         return 2 if isinstance(e, UsageError) else 1
     except OSError as e:
         if isinstance(e, BrokenPipeError) and _stdout_closed_by_reader():
             raise  # (no error: main ends quietly)
         if debug:
-            logging.exception("details")
+            _log_details()
         where = f"{e.filename}: " if e.filename else ""
         print(f"layerfs: {where}{e.strerror or e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("layerfs: interrupted", file=sys.stderr)
         return 130
+
+
+def _log_details() -> None:
+    """(--debug) The traceback of the error being handled."""
+    import logging
+
+    logging.exception("details")
 
 
 def _stdout_closed_by_reader() -> bool:

@@ -139,6 +139,7 @@ def _answered(address: str) -> bool:
 
 def serve(address: str, root: str) -> None:
     """Serve the snapshots of ``root`` on the unix socket ``address`` until SIGTERM or SIGINT."""
+    logging.basicConfig(level=logging.WARNING, format="layerfs: %(message)s")  # (--debug's, if set, stays)
     address = os.path.abspath(address)
     os.makedirs(os.path.dirname(address), exist_ok=True)
     if _answered(address):
