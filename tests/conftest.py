@@ -55,6 +55,16 @@ def table_rows(output: str) -> list[dict[str, str]]:
     ]
 
 
+def assert_journal_complete(index) -> None:
+    """A change index read back after its mount ended: not rebuilt, and no directory walked again but those
+    whose entries the mount changed (the parents of the paths it journaled: their ctimes moved, which a
+    reader cannot tell from a change behind the index's back). A change the daemon did not journal shows
+    as another directory walked again."""
+    changed_dirs = {p.rpartition("/")[0] or "/" for p in index.journaled} | set(index.journaled)
+    assert not index.rebuilt, "the index was rebuilt: its snapshot or journal was unusable"
+    assert set(index.rescanned) <= changed_dirs, f"a change was not journaled: {index.rescanned} walked again"
+
+
 def errno_of(action) -> int | None:
     """The errno ``action()`` failed with; None if it did not."""
     try:

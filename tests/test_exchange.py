@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import assert_journal_complete
 from fsops import rename_by_copy, visible_kinds
 from pair import (
     FORMS,
@@ -283,9 +284,7 @@ class Sides:
 
         lowers = [str(p) for p in self.layerfs.lowers]
         with read_index(str(self.layerfs.upper), str(self.layerfs.work / INDEX_DIR), lowers=lowers) as index:
-            assert not index.rebuilt and not index.rescanned, (
-                f"the change index was not up to date (rebuilt: {index.rebuilt}, rescanned {index.rescanned})"
-            )
+            assert_journal_complete(index)
             assert indexed_changes(index, lowers) == changes(str(self.layerfs.upper), lowers)
 
         again = self._open_union()

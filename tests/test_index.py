@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+from conftest import assert_journal_complete
 
 from layerfs.core import journal as journal_module
 from layerfs.core import whiteout
@@ -94,7 +95,18 @@ def test_journaled_changes_survive_a_killed_daemon(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "change", ["add in dir", "new subtree", "content", "delete", "delete dir", "replace by dir", "opaque mark"]
+    "change",
+    [
+        "add in dir",
+        "new subtree",
+        "content",
+        "delete",
+        "delete dir",
+        "replace by dir",
+        "dir swapped",
+        "new in a dir and in its subdir",
+        "opaque mark",
+    ],
 )
 def test_changes_behind_its_back_are_noticed(tmp_path, change):
     upper = _upper(tmp_path)
@@ -115,6 +127,15 @@ def test_changes_behind_its_back_are_noticed(tmp_path, change):
         os.unlink(upper / "link")
         (upper / "link").mkdir()
         (upper / "link/f").write_text("f")
+    elif change == "dir swapped":  # another directory (another inode) in its place, with other entries
+        (upper / "fresh").mkdir()
+        (upper / "fresh/other").write_text("o")
+        (upper / "etc/app/conf").unlink()
+        (upper / "etc/app").rmdir()
+        os.rename(upper / "fresh", upper / "etc/app")
+    elif change == "new in a dir and in its subdir":  # / read again, and /a for its own change
+        (upper / "new").write_text("n")
+        (upper / "a/late").write_text("l")
     elif change == "opaque mark":
         whiteout.mark_opaque(str(upper / "a"))
     with read_index(str(upper), str(tmp_path / "state")) as again:
@@ -167,5 +188,5 @@ def test_a_long_lived_daemon_compacts_its_journal_in_the_background(tmp_path, mo
     assert len(list((tmp_path / "state").glob("journal-*"))) <= 2  # (the last compaction's, at most)
     with read_index(str(upper), str(tmp_path / "state")) as again:
         assert again.generation > 2  # the mount's snapshot, then at least two compactions
-        assert not again.rebuilt and not again.rescanned
+        assert_journal_complete(again)
         assert _fields(again) == _walked(upper, tmp_path)

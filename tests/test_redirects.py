@@ -27,6 +27,7 @@ import sys
 import time
 from pathlib import Path
 
+from conftest import assert_journal_complete
 from pair import walk, whiteout, write
 from processes import daemon_pids
 from snapshot import assert_same, snapshot
@@ -119,7 +120,7 @@ def test_renames_by_redirect_match_kernel_overlayfs_and_everything_built_on_them
     assert [c for c in walked_text if c not in docker_style] == [c for c in expected if c not in two_tree_style]
     assert {"D /usr/share/doc", "A /opt/doc", "A /opt/doc/pkg99/file19", "A /srv/pkg6/file3"} <= set(expected)
     with read_index(str(l_upper), str(l_work / "layerfs-index"), lowers=lowers) as index:
-        assert not index.rebuilt and not index.rescanned
+        assert_journal_complete(index)
         assert indexed_changes(index, lowers) == walked
 
     # The OCI layer, applied by umoci over the lowers, gives the merged tree.

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import fsops
 import pytest
+from conftest import assert_journal_complete
 from fsops import Op, apply, rename_by_copy, visible_kinds
 from snapshot import Snapshot, assert_same, diff, entry_of, short_path, snapshot, snapshot_upper, without_idle_opaque
 from treespec import TreeSpec, describe, render_all
@@ -205,7 +206,5 @@ class Twin:
         in it is stale, and it gives the same changes as a walk of the upper layer."""
         lowers = [str(p) for p in self.l_lowers]
         with read_index(str(self.l_upper), str(self.l_work / INDEX_DIR), lowers=lowers) as index:
-            assert not index.rebuilt and not index.rescanned, (
-                f"the index was not up to date at unmount (rebuilt: {index.rebuilt}, rescanned {index.rescanned})"
-            )
+            assert_journal_complete(index)
             assert indexed_changes(index, lowers) == changes(str(self.l_upper), lowers), self._context()

@@ -163,10 +163,12 @@ class SavedIndex:
     def _header(self, generation: int | None) -> dict:
         return {"version": _VERSION, "upper": self.upper, "generation": generation, "lowers": self.lowers}
 
-    def read_snapshot(self) -> tuple[int, dict[str, Record]] | None:
-        """The snapshot's generation and records; None if there is no usable snapshot."""
+    def read_snapshot(self) -> tuple[int, int, dict[str, Record]] | None:
+        """The snapshot's generation, the time it was written (by the clock of file times) and its records;
+        None if there is no usable snapshot."""
         try:
             with self._open(_SNAPSHOT, "r") as f:
+                written = os.fstat(f.fileno()).st_mtime_ns
                 header = json.loads(f.readline())
                 same_lowers = header.get("lowers") == self.lowers
                 header["lowers"] = self.lowers
@@ -182,7 +184,7 @@ class SavedIndex:
                     records[path] = record
         except (OSError, ValueError, TypeError, AttributeError):
             return None
-        return header["generation"], records
+        return header["generation"], written, records
 
     def write_snapshot(self, generation: int, records: Iterable[tuple[str, Record]]) -> None:
         """``records`` as the snapshot of ``generation``, in place of the old one at once (or not at all)."""
@@ -274,8 +276,10 @@ class ChangeIndex:
         self._lower_resolver: Resolver | None = None
         self._records: SortedDict = SortedDict(_key)
         self.generation = 0  # of the snapshot read, 0 if none
+        self._saved_at = 0  # when that snapshot was written (ns)
         self.rebuilt = False  # whether the load had to walk the whole upper
         self.rescanned: list[str] = []  # directories whose ctime had moved behind the index's back
+        self.journaled: list[str] = []  # the paths its journals named (each one looked at again)
 
     @property
     def upper(self) -> str:
@@ -297,9 +301,10 @@ class ChangeIndex:
             if snapshot is None:
                 self.generation = 0
                 break
-            self.generation, records = snapshot
+            self.generation, self._saved_at, records = snapshot
             journal = self._saved.read_journals(self.generation)
             if journal is not None:
+                self.journaled = journal
                 self._records.clear()
                 self._records.update(records)
                 self._catch_up(journal)
@@ -308,7 +313,7 @@ class ChangeIndex:
             # The daemon saved a new generation between our reading the snapshot and its journal.
         self.rebuilt = True
         self._records.clear()
-        self._scan("/", recursive=True)
+        self._scan("/")
 
     def _catch_up(self, paths) -> None:
         """Records for ``paths`` (and what is new below them) as the upper has them now."""
@@ -317,7 +322,7 @@ class ChangeIndex:
             self._refresh_with_ancestors(path)
             new = self._records.get(path)
             if new is not None and new.is_dir and (old is None or not old.is_dir or old.ino != new.ino):
-                self._scan(path, recursive=True)  # a directory made, copied up or renamed in whole
+                self._scan(path)  # a directory made, copied up or renamed in whole
 
     def _refresh_with_ancestors(self, path: str) -> None:
         """Record ``path``, and its directories if the upper did not have them before (a copy-up made
@@ -428,26 +433,30 @@ class ChangeIndex:
         for child in list(self.paths_below(path)):
             del self._records[child]
 
-    def _scan(self, path: str, *, recursive: bool) -> None:
-        """Record the entries of the upper directory ``path`` (and below, if ``recursive``)."""
+    def _scan(self, path: str) -> None:
+        """Record the upper directory ``path`` and everything below it."""
         todo = [path]
         while todo:
             directory = todo.pop()
             self._refresh(directory)
-            try:
-                fd = confined.open_beneath(_rel(directory), os.O_RDONLY | os.O_DIRECTORY, dir_fd=self._fd)
-            except (FileNotFoundError, NotADirectoryError):
-                continue
-            try:
-                names = os.listdir(fd)
-            finally:
-                os.close(fd)
+            names = self._names(directory)
             prefix = "" if directory == "/" else directory
             for name in names:
                 child = prefix + "/" + name
                 self._refresh(child)
-                if recursive and child in self._records and self._records[child].is_dir:
+                if child in self._records and self._records[child].is_dir:
                     todo.append(child)
+
+    def _names(self, directory: str) -> list[str]:
+        """The names in the upper directory ``directory`` (none if it is gone)."""
+        try:
+            fd = confined.open_beneath(_rel(directory), os.O_RDONLY | os.O_DIRECTORY, dir_fd=self._fd)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        try:
+            return os.listdir(fd)
+        finally:
+            os.close(fd)
 
     def verify(self) -> None:
         """Make the records match the upper: look at each once, rescan directories that moved."""
@@ -458,17 +467,44 @@ class ChangeIndex:
                 continue  # dropped with a directory that went
             try:
                 st = confined.lstat(_rel(path), dir_fd=self._fd)
-                if (st.st_ino, st.st_ctime_ns) == (old.ino, old.ctime_ns):
-                    continue  # the cheap look; its directory was checked just before, in path order
+                # The cheap look (its directory was checked just before, in path order). A ctime as late as
+                # the snapshot itself proves nothing: file times tick coarsely, and a change in the tick
+                # the record was read in leaves it as it was.
+                if (st.st_ino, st.st_ctime_ns) == (old.ino, old.ctime_ns) and old.ctime_ns < self._saved_at:
+                    continue
             except OSError:
                 pass
             new = self._read(path)
             if new is not None and new.is_dir:
                 self.rescanned.append(path)
-                self._forget_below(path)
-                self._scan(path, recursive=True)
+                self._rescan(path)
             else:
                 self._refresh(path)
+
+    def _rescan(self, directory: str) -> None:
+        """``directory``'s entries changed unseen: it is read again, and its entries that are new or another
+        inode now (a directory in whole) recorded and the ones gone dropped. The others stay for
+        ``verify``, which looks at each record after its directory's: a change below one of them shows in
+        its own ctime, so what did not change is not read again."""
+        self._refresh(directory)
+        names = self._names(directory)
+        prefix = "" if directory == "/" else directory
+        present = {prefix + "/" + name for name in names}
+        depth = prefix.count("/") + 1
+        for child in [p for p in self.paths_below(directory) if p.count("/") == depth and p not in present]:
+            self._refresh(child)  # gone: dropped, with what was below it
+        for child in sorted(present, key=_key):
+            old = self._records.get(child)
+            if old is not None:
+                try:
+                    if confined.lstat(_rel(child), dir_fd=self._fd).st_ino == old.ino:
+                        continue
+                except OSError:
+                    pass
+            self._refresh(child)
+            new = self._records.get(child)
+            if new is not None and new.is_dir:
+                self._scan(child)
 
     # -- reading
 
