@@ -61,7 +61,7 @@ def enter() -> None:
         found = subordinate_range(table, user)
         if found is None:
             raise LayerfsError(
-                f"{table}: no subordinate ids for {user.pw_name}, which running containers without root needs"
+                f"a container without root needs subordinate ids: {user.pw_name} has none in {table}"
                 f" (usermod {option} FROM-TO {user.pw_name})"
             )
         program = shutil.which(tool) or shutil.which(tool, path="/usr/sbin:/usr/bin:/sbin:/bin")

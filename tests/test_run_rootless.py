@@ -12,6 +12,7 @@ import json
 import os
 import pwd
 import shutil
+import subprocess
 import tarfile
 import tempfile
 from collections.abc import Iterator
@@ -138,3 +139,16 @@ def test_a_cgroup_limit_is_refused_in_one_line(rootless):
         "layerfs: --memory: resource limits need root (a container run without root gets no cgroup)\n",
     )
     assert rootless.user.layerfs("ps", "-a").stdout.count("\n") == 1
+
+
+def test_run_without_subordinate_ids_is_refused_in_one_line(plain_user):
+    entry = pwd.getpwuid(plain_user.uid)
+    for table, option in ((SUBUID, "--del-subuids"), (SUBGID, "--del-subgids")):
+        while found := subordinate_range(table, entry):  # (whatever useradd gave)
+            subprocess.run(["usermod", option, f"{found[0]}-{sum(found) - 1}", plain_user.name], check=True)
+    refused = plain_user.layerfs("run", "--rm", "box", "true", check=False)
+    assert (refused.returncode, refused.stderr) == (
+        1,
+        f"layerfs: a container without root needs subordinate ids: {plain_user.name} has none in /etc/subuid"
+        f" (usermod --add-subuids FROM-TO {plain_user.name})\n",
+    )
