@@ -287,7 +287,7 @@ def _python_for(name: str) -> tuple[str, dict[str, str]]:
     return "/usr/bin/python3", {"PYTHONPATH": os.pathsep.join([source, sysconfig.get_paths()["purelib"]])}
 
 
-def _processes_of(uid: int) -> list[int]:
+def processes_of(uid: int) -> list[int]:
     found = []
     for pid in os.listdir("/proc"):
         try:
@@ -302,7 +302,7 @@ def end_processes_of(uid: int) -> None:
     """Kill every process of ``uid`` until none is left (one may start another as it is killed: Podman's
     pause process, conmon), so that userdel finds the user gone."""
     deadline = time.monotonic() + 15
-    while (pids := _processes_of(uid)) and time.monotonic() < deadline:
+    while (pids := processes_of(uid)) and time.monotonic() < deadline:
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)

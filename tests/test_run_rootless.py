@@ -12,6 +12,7 @@ import json
 import os
 import pwd
 import shutil
+import signal
 import subprocess
 import tarfile
 import tempfile
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import pytest
 from busybox_images import busybox_tree
-from conftest import User, end_processes_of, give_subordinate_ids
+from conftest import User, end_processes_of, give_subordinate_ids, processes_of
 from processes import wait_for
 from test_podman_rootless import rootless_podmans as rootless_podmans  # (the fixture)
 
@@ -130,6 +131,19 @@ def test_detached_logs_exec_stop_diff_commit_rm(rootless):
     assert user.layerfs("rm", "-f", "d2").stdout == "d2\n"
     assert not (rootless.store / "containers/d2").exists()
     assert not [line for line in Path("/proc/self/mounts").read_text().splitlines() if str(rootless.store) in line]
+
+
+def test_a_killed_shim_takes_everything_with_it(rootless):
+    """The container (as uid 1000: its process is not the user's on the host) and the rootfs's daemon
+    end with a SIGKILLed shim; the next command finds it exited, and rm removes it."""
+    user = rootless.user
+    user.layerfs("run", "-d", "-u", "1000", "--name", "k", "box", "sleep", "100")
+    os.kill(rootless.container("k")["pid"], signal.SIGKILL)
+    container_uid = rootless.first_ids()[0] + 999
+    assert wait_for(lambda: not processes_of(user.uid) and not processes_of(container_uid), 30)
+    assert "Exited (137)" in user.layerfs("ps", "-a").stdout
+    user.layerfs("rm", "k")
+    assert not (rootless.store / "containers/k").exists()
 
 
 def test_a_cgroup_limit_is_refused_in_one_line(rootless):

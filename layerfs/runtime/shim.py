@@ -14,6 +14,11 @@ no_new_privs, the descriptors and seccomp after it, just before exec). Everythin
 the container's mount namespace; the rootfs mount is taken down by the shim when the command ends, on
 errors too. With ``-t`` the command's standard streams are a pty of the container's devpts
 (terminal.py); with ``--init`` its PID 1 is a minimal init (init.py) and the command its child.
+
+Run by a plain user, the shim is the same, as root of the user's namespace (usernamespace.py, entered
+by the command line): "the host's mount namespace" is then the one made with it, and in the container
+the /dev nodes are the host's bound on files (mknod of a device is refused there) and /sys is the
+host's bound read-only, as runc makes them rootless.
 """
 
 from __future__ import annotations
