@@ -32,12 +32,14 @@ def data_dir() -> str:
 def runtime_dir() -> str:
     if is_root():
         return "/run/layerfs"
-    uid = os.geteuid()
     runtime = os.environ.get("XDG_RUNTIME_DIR")
     if runtime:
         return os.path.join(runtime, "layerfs")
+    # Named for the user's uid outside, owned by it as seen here (root of the user's own namespace sees
+    # their files as its own, uid 0).
+    uid, mine = _outside_uid(), os.geteuid()
     session = f"/run/user/{uid}"
-    if _is_owned(session, uid):
+    if _is_owned(session, mine):
         return os.path.join(session, "layerfs")
     import tempfile  # (only here: a fallback seldom taken)
 
@@ -46,9 +48,20 @@ def runtime_dir() -> str:
         os.mkdir(fallback, 0o700)
     except FileExistsError:
         pass
-    if not _is_owned(fallback, uid):
+    if not _is_owned(fallback, mine):
         raise LayerfsError(f"{fallback}: not yours (set XDG_RUNTIME_DIR to a directory of your own)")
     return fallback
+
+
+def _outside_uid() -> int:
+    """The caller's uid in the parent user namespace: the user's own, for root of a namespace they made."""
+    uid = os.geteuid()
+    with open("/proc/self/uid_map") as f:
+        for line in f:
+            inside, outside, count = map(int, line.split())
+            if inside <= uid < inside + count:
+                return outside + uid - inside
+    return uid
 
 
 def _is_owned(path: str, uid: int) -> bool:

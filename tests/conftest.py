@@ -297,7 +297,7 @@ def _python_for(name: str) -> tuple[str, dict[str, str]]:
     return "/usr/bin/python3", {"PYTHONPATH": os.pathsep.join([source, sysconfig.get_paths()["purelib"]])}
 
 
-def _processes_of(uid: int) -> list[int]:
+def processes_of(uid: int) -> list[int]:
     found = []
     for pid in os.listdir("/proc"):
         try:
@@ -308,11 +308,11 @@ def _processes_of(uid: int) -> list[int]:
     return found
 
 
-def _end_processes_of(uid: int) -> None:
+def end_processes_of(uid: int) -> None:
     """Kill every process of ``uid`` until none is left (one may start another as it is killed: Podman's
     pause process, conmon), so that userdel finds the user gone."""
     deadline = time.monotonic() + 15
-    while (pids := _processes_of(uid)) and time.monotonic() < deadline:
+    while (pids := processes_of(uid)) and time.monotonic() < deadline:
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
@@ -338,5 +338,15 @@ def plain_user() -> Iterator[User]:
         yield User(name, entry.pw_uid, entry.pw_gid, env, python)
     finally:
         os.chmod("/dev/fuse", mode)
-        _end_processes_of(entry.pw_uid)
+        end_processes_of(entry.pw_uid)
         subprocess.run(["userdel", name], check=True, capture_output=True)
+
+
+def give_subordinate_ids(user: User) -> None:
+    """65536 subordinate uids and gids for ``user``, as Debian's useradd gives a new user where
+    /etc/login.defs lets it; where it did not, a range past every one given (userdel removes it)."""
+    for table, option in (("/etc/subuid", "--add-subuids"), ("/etc/subgid", "--add-subgids")):
+        ranges = [line.split(":") for line in Path(table).read_text().splitlines() if line.count(":") == 2]
+        if not any(name == user.name for name, _, _ in ranges):
+            start = max([100000, *(int(first) + int(count) for _, first, count in ranges)])
+            subprocess.run(["usermod", option, f"{start}-{start + 65535}", user.name], check=True)

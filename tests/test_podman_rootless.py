@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import User
+from conftest import User, give_subordinate_ids
 from test_podman import CONTAINER, EXPECTED_DIFF, EXPECTED_OUTPUT, IMAGE, Podman, scenario
 from test_podman import rootfs_tar as rootfs_tar  # (the fixture)
 
@@ -64,22 +64,12 @@ class RootlessPodman(Podman):
         return result
 
 
-def _give_subordinate_ids(user: User) -> None:
-    """65536 subordinate uids and gids for ``user``, as Debian's useradd gives a new user where
-    /etc/login.defs lets it; where it did not, a range past every one given (userdel removes it)."""
-    for table, option in (("/etc/subuid", "--add-subuids"), ("/etc/subgid", "--add-subgids")):
-        ranges = [line.split(":") for line in Path(table).read_text().splitlines() if line.count(":") == 2]
-        if not any(name == user.name for name, _, _ in ranges):
-            start = max([100000, *(int(first) + int(count) for _, first, count in ranges)])
-            subprocess.run(["usermod", option, f"{start}-{start + 65535}", user.name], check=True)
-
-
 @pytest.fixture
 def rootless_podmans(plain_user: User) -> Iterator:
     """Rootless Podmans of ``plain_user``. Short paths, as in test_podman (Podman 4.3 misses a container's
     exit with long ones); everything removed afterwards, the user's processes (Podman's pause process,
     which holds the mounts in its namespace) ended by the user fixture."""
-    _give_subordinate_ids(plain_user)
+    give_subordinate_ids(plain_user)
     made: list[RootlessPodman] = []
 
     def make(program: str) -> RootlessPodman:

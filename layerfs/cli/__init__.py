@@ -375,7 +375,17 @@ def _output(path: str):
         yield out
 
 
+# What reads or writes files with a container's owners: a plain user's runs in their user namespace
+# (usernamespace.py). Containers need it; the others take it where the user has subordinate ids. (rm
+# takes it once its containers are stopped: cli/lifecycle.py.)
+_WITH_CONTAINER_OWNERS = frozenset("run start create diff commit export build import load pull rmi gc volume".split())
+
+
 def _run(args: argparse.Namespace) -> int:
+    if args.command in _WITH_CONTAINER_OWNERS:
+        from .. import usernamespace
+
+        usernamespace.enter_as_needed(required=args.command in ("run", "start"))
     if args.command == "mount":
         from ..fs import mount, options
 

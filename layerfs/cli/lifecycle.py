@@ -49,6 +49,7 @@ def add_parsers(sub: Commands, root_help: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .. import usernamespace
     from ..errors import UsageError
     from ..runtime import exec_into, lifecycle
     from ..runtime import run as running
@@ -63,6 +64,14 @@ def run(args: argparse.Namespace) -> int:
         if not args.cmd:
             raise UsageError("exec what? give a CONTAINER and a command")
         return exec_into.main(store, args.name, args)
+    elif args.command == "rm":
+        if args.force:  # (first: a plain user may signal their containers, root of another namespace may not)
+            for name in args.names:
+                lifecycle.stop(store, name, 0)
+        usernamespace.enter_as_needed(required=False)  # (their files have the containers' owners)
+        for name in args.names:
+            lifecycle.remove(store, name, args.force, args.volumes)
+            print(name)
     else:
         signum = lifecycle.parse_signal(args.signal) if args.command == "kill" else 0
         for name in args.names:
@@ -70,7 +79,5 @@ def run(args: argparse.Namespace) -> int:
                 lifecycle.stop(store, name, args.time)
             elif args.command == "kill":
                 lifecycle.kill(store, name, signum)
-            elif args.command == "rm":
-                lifecycle.remove(store, name, args.force, args.volumes)
             print(lifecycle.wait(store, name) if args.command == "wait" else name)
     return 0

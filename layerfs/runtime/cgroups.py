@@ -18,6 +18,7 @@ import re
 import time
 from dataclasses import dataclass
 
+from .. import userdirs
 from ..errors import LayerfsError, UsageError
 
 _MIN_MEMORY = 6 * 1024 * 1024  # docker's floor
@@ -105,9 +106,14 @@ def _hierarchies() -> dict[str, tuple[str, bool]]:
 
 
 def check(limits: Limits) -> None:
-    """LayerfsError (one line) for a limit whose controller the host lacks."""
+    """LayerfsError (one line) for a limit whose controller the host lacks, and for any limit without
+    root, which has no cgroup to set it in."""
+    wanted = limits.controllers()
+    if wanted and not userdirs.is_root():
+        flag = _FLAGS[wanted[0]]
+        raise LayerfsError(f"{flag}: resource limits need root (a container run without root gets no cgroup)")
     have = _hierarchies()
-    for controller in limits.controllers():
+    for controller in wanted:
         if controller not in have:
             raise LayerfsError(f"{_FLAGS[controller]}: this host has no {controller} cgroup controller")
 

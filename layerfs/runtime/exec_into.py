@@ -1,7 +1,8 @@
 """``layerfs exec``: a process started in a running container, as ``docker exec`` starts one.
 
-It joins the namespaces of the container's PID 1 (PID, then IPC, UTS, network and mount, the last
-of which puts it at the container's root) and becomes the process as the container's own did
+It joins the namespaces of the container's PID 1 that are not its own already (the user namespace
+first, which a container run without root has; then PID, IPC, UTS, network and mount, the last of
+which puts it at the container's root) and becomes the process as the container's own did
 (shim.exec_process: the user from the container's /etc/passwd, the container's confinement and
 environment, ``-t``'s terminal from the container's devpts). Joining a PID namespace applies to the
 joiner's children, so the process is a grandchild of the command, which waits for it and passes
@@ -53,7 +54,10 @@ def main(store: Store, name: str, args: argparse.Namespace) -> int:
         tty=args.tty,
     )
     seccomp = to_run.confinement.seccomp_filter()
-    namespaces = {kind: os.open(f"/proc/{pid1}/ns/{kind}", os.O_RDONLY) for kind in ("pid", *dict(_NAMESPACES))}
+    # Those it shares with this process are not joined: a container run without root, in a user namespace
+    # of its own, may share the host's network, which its user may not join.
+    kinds = [kind for kind in ("user", "pid", *dict(_NAMESPACES)) if not _shared(pid1, kind)]
+    namespaces = {kind: os.open(f"/proc/{pid1}/ns/{kind}", os.O_RDONLY) for kind in kinds}
     try:
         return shim.supervise(to_run, lambda pid: None, lambda console: _join(namespaces, to_run, seccomp, console))
     finally:
@@ -61,11 +65,18 @@ def main(store: Store, name: str, args: argparse.Namespace) -> int:
             os.close(fd)
 
 
+def _shared(pid: int, kind: str) -> bool:
+    return os.path.samefile(f"/proc/{pid}/ns/{kind}", f"/proc/self/ns/{kind}")
+
+
 def _join(
     namespaces: dict[str, int], to_run: shim.Process, seccomp: SyscallFilter | None, console: Console | None
 ) -> int:
     try:
-        syscalls.setns(namespaces["pid"], syscalls.CLONE_NEWPID)
+        if "user" in namespaces:
+            syscalls.setns(namespaces["user"], syscalls.CLONE_NEWUSER)
+        if "pid" in namespaces:
+            syscalls.setns(namespaces["pid"], syscalls.CLONE_NEWPID)
     except OSError as e:
         os.write(2, f"layerfs: exec: {e.strerror}\n".encode())
         return 125
@@ -77,7 +88,8 @@ def _enter(
 ) -> None:
     try:
         for kind, flag in _NAMESPACES:
-            syscalls.setns(namespaces[kind], flag)
+            if kind in namespaces:
+                syscalls.setns(namespaces[kind], flag)
     except OSError as e:
         os.write(2, f"layerfs: exec: {e.strerror}\n".encode())
         os._exit(125)

@@ -14,6 +14,11 @@ no_new_privs, the descriptors and seccomp after it, just before exec). Everythin
 the container's mount namespace; the rootfs mount is taken down by the shim when the command ends, on
 errors too. With ``-t`` the command's standard streams are a pty of the container's devpts
 (terminal.py); with ``--init`` its PID 1 is a minimal init (init.py) and the command its child.
+
+Run by a plain user, the shim is the same, as root of the user's namespace (usernamespace.py, entered
+by the command line): "the host's mount namespace" is then the one made with it, and in the container
+the /dev nodes are the host's bound on files (mknod of a device is refused there) and /sys is the
+host's bound read-only, as runc makes them rootless.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from typing import NoReturn
 
 import pyseccomp
 
-from .. import syscalls
+from .. import syscalls, userdirs
 from ..errors import LayerfsError
 from ..syscalls import MS_BIND, MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_PRIVATE, MS_RDONLY, MS_REC
 from . import cgroups, confinement, init, volumes
@@ -209,8 +214,9 @@ def _become_pid1(
         syscalls.mount("none", "/", None, MS_REC | MS_PRIVATE)  # nothing from here reaches the host
         syscalls.mount(rootfs, rootfs, None, MS_BIND | MS_REC)  # pivot_root wants the new root a mount point
         syscalls.mount("proc", os.path.join(rootfs, "proc"), "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
-        _make_dev(os.path.join(rootfs, "dev"))
-        syscalls.mount("sysfs", os.path.join(rootfs, "sys"), "sysfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
+        rootless = not userdirs.is_root()
+        _make_dev(os.path.join(rootfs, "dev"), rootless)
+        _mount_sys(os.path.join(rootfs, "sys"), rootless)
         for source, target in process.binds:  # the runtime's /etc/hostname and friends, over the image's
             syscalls.mount(source, os.path.join(rootfs, target.lstrip("/")), None, MS_BIND)
         volumes.mount_all(rootfs, process.mounts)
@@ -232,6 +238,16 @@ def _become_pid1(
         os.write(2, f"layerfs: run: {e}\n".encode())
         os._exit(125)
     exec_process(process, seccomp, console)
+
+
+def _mount_sys(target: str, rootless: bool) -> None:
+    """A read-only /sys: a sysfs of its own as root; in a user namespace the host's bound read-only, as
+    runc does rootless (a sysfs mount there needs a network namespace of that user namespace's)."""
+    if not rootless:
+        syscalls.mount("sysfs", target, "sysfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
+        return
+    syscalls.mount("/sys", target, None, MS_BIND | MS_REC)
+    confinement.remount(target, MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
 
 
 def exec_process(process: Process, seccomp: pyseccomp.SyscallFilter | None, console: Console | None) -> NoReturn:
@@ -266,11 +282,18 @@ def exec_process(process: Process, seccomp: pyseccomp.SyscallFilter | None, cons
     os._exit(code)
 
 
-def _make_dev(dev: str) -> None:
-    """A fresh /dev: tmpfs with the usual character devices, pts (its own ptmx) and shm."""
+def _make_dev(dev: str, rootless: bool) -> None:
+    """A fresh /dev: tmpfs with the usual character devices, pts (its own ptmx) and shm. In a user
+    namespace, where mknod of a device is refused, the devices are the host's bound on empty files, as
+    runc makes them rootless."""
     syscalls.mount("tmpfs", dev, "tmpfs", MS_NOSUID, "mode=755,size=65536k")
     for name, (major, minor) in _DEVICES.items():
-        os.mknod(os.path.join(dev, name), stat.S_IFCHR | 0o666, os.makedev(major, minor))
+        node = os.path.join(dev, name)
+        if rootless:
+            os.close(os.open(node, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            syscalls.mount(os.path.join("/dev", name), node, None, MS_BIND)
+        else:
+            os.mknod(node, stat.S_IFCHR | 0o666, os.makedev(major, minor))
     for name in ("pts", "shm"):
         os.mkdir(os.path.join(dev, name), 0o755)
     syscalls.mount(
