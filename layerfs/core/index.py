@@ -308,7 +308,7 @@ class ChangeIndex:
                 self._records.clear()
                 self._records.update(records)
                 self._catch_up(journal)
-                self.verify()
+                self._verify(records)
                 return
             # The daemon saved a new generation between our reading the snapshot and its journal.
         self.rebuilt = True
@@ -458,8 +458,9 @@ class ChangeIndex:
         finally:
             os.close(fd)
 
-    def verify(self) -> None:
-        """Make the records match the upper: look at each once, rescan directories that moved."""
+    def _verify(self, saved: dict[str, Record]) -> None:
+        """Make the records match the upper: look at each once, rescan directories that moved. ``saved``:
+        the snapshot's records (the ones still as read from it were read before it was written)."""
         self.rescanned = []
         for path in list(self._records):
             old = self._records.get(path)
@@ -467,10 +468,12 @@ class ChangeIndex:
                 continue  # dropped with a directory that went
             try:
                 st = confined.lstat(_rel(path), dir_fd=self._fd)
-                # The cheap look (its directory was checked just before, in path order). A ctime as late as
-                # the snapshot itself proves nothing: file times tick coarsely, and a change in the tick
-                # the record was read in leaves it as it was.
-                if (st.st_ino, st.st_ctime_ns) == (old.ino, old.ctime_ns) and old.ctime_ns < self._saved_at:
+                # The cheap look (its directory was checked just before, in path order). A saved ctime as
+                # late as the snapshot itself proves nothing: file times may tick coarsely, and a change in
+                # the tick the record was read in leaves it as it was.
+                from_snapshot = saved.get(path) is old
+                racy = from_snapshot and old.ctime_ns >= self._saved_at
+                if (st.st_ino, st.st_ctime_ns) == (old.ino, old.ctime_ns) and not racy:
                     continue
             except OSError:
                 pass
