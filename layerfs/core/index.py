@@ -43,7 +43,7 @@ from .lookup import Part, Resolver
 
 _SNAPSHOT = "records"
 _JOURNAL = "journal-{}"  # one per snapshot generation
-_VERSION = 4
+_VERSION = 5
 
 
 class LowerFacts(NamedTuple):
@@ -71,6 +71,7 @@ class Record(NamedTuple):
     uid: int
     gid: int
     size: int
+    blocks: int  # of 512 bytes, as st_blocks: what the entry takes on disk
     mtime_ns: int
     ctime_ns: int
     ino: int
@@ -200,6 +201,21 @@ class SavedIndex:
                 os.unlink(_SNAPSHOT + ".tmp", dir_fd=self.fd)
             raise
         os.replace(_SNAPSHOT + ".tmp", _SNAPSHOT, src_dir_fd=self.fd, dst_dir_fd=self.fd)
+
+    def save(self, records: Iterable[tuple[str, Record]]) -> tuple[int, TextIO]:
+        """``records`` as the snapshot of a new generation, with its journal started empty; the
+        generation and the journal. Readers pair a snapshot with the journals of its generation and
+        later ones: the new journal comes first, the snapshot that needs it next, and only then do older
+        journals go (a reader that finds its snapshot's journal gone reads again)."""
+        generation = max(self._journal_generations(), default=0) + 1
+        journal = self.start_journal(generation)
+        try:
+            self.write_snapshot(generation, records)
+        except OSError:
+            journal.close()
+            raise
+        self.remove_journals_before(generation)
+        return generation, journal
 
     def remove_snapshot(self) -> None:
         """No snapshot, so that nobody trusts the journals (readers walk the upper instead)."""
@@ -419,6 +435,7 @@ class ChangeIndex:
             st.st_uid,
             st.st_gid,
             st.st_size,
+            st.st_blocks,
             st.st_mtime_ns,
             st.st_ctime_ns,
             st.st_ino,
@@ -508,6 +525,13 @@ class ChangeIndex:
             new = self._records.get(child)
             if new is not None and new.is_dir:
                 self._scan(child)
+
+    def save(self) -> None:
+        """Save these records as a new snapshot with an empty journal, for an upper that no daemon
+        journals (a layer written straight into its directory, then frozen): later readers load it
+        from its records instead of walking it."""
+        self.generation, journal = self._saved.save(self._records.items())
+        journal.close()
 
     # -- reading
 

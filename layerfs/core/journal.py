@@ -124,17 +124,14 @@ class ChangeJournal:
         return index
 
     def _save(self, index: ChangeIndex) -> None:
-        """``index`` as the snapshot of a new generation, whose journal starts empty. Readers pair a
-        snapshot with the journals of its generation and later ones: the new journal comes first, the
-        snapshot that needs it next, and only then do older journals go (a reader that finds its
-        snapshot's journal gone reads again)."""
-        generation = max(index.generation, self._journal_generation) + 1
-        self._start_journal(generation)
-        self._saved.write_snapshot(generation, index.items())
-        self._saved.remove_journals_before(generation)
+        """``index`` as the snapshot of a new generation, whose journal starts empty."""
+        generation, journal = self._saved.save(index.items())
+        self._use_journal(journal, generation)
 
     def _start_journal(self, generation: int) -> None:
-        journal = self._saved.start_journal(generation)
+        self._use_journal(self._saved.start_journal(generation), generation)
+
+    def _use_journal(self, journal: TextIO, generation: int) -> None:
         if self._journal is not None:
             self._journal.close()
         self._journal, self._journal_generation = journal, generation

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 from ..errors import LayerfsError
 from .metadata import FailedPrecondition, InvalidArgument, Metadata, Snapshot, now_ns
 from .mounts import UNPACK_PREFIX, Mount, mounts
-from .usage import Usage, usage
+from .usage import Usage, index_for_commit, usage
 
 MAX_LABEL = 4096  # containerd's limit on a label's key and value together, in bytes
 _SCRATCH = "new-"
@@ -111,7 +111,7 @@ class Snapshotter:
             snapshot = records.get(key)
             if snapshot.kind != "active":
                 raise FailedPrecondition(f"snapshot {key}: not active")
-            size, inodes = usage(self._fs(snapshot), self._work(snapshot))
+            size, inodes = index_for_commit(self._fs(snapshot), self._work(snapshot))
             stamp = now_ns()
             snapshot.key, snapshot.kind, snapshot.labels = name, "committed", labels
             snapshot.created_ns = snapshot.updated_ns = stamp
