@@ -10,7 +10,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from snapshotterd import layerfs_on_path
+
+from benchmarks.containerd import layerfs_on_path
 
 GOPATH = "/usr/share/gocode"
 SUITE = Path(GOPATH, "src/github.com/containerd/containerd/snapshots/testsuite")

@@ -14,8 +14,8 @@ import time
 import grpc
 import pytest
 from conftest import force_unmount, layerfs
-from snapshotterd import Snapshotterd, layerfs_on_path
 
+from benchmarks.containerd import Snapshotterd, layerfs_on_path
 from layerfs.core.index import read_index
 from layerfs.core.union import INDEX_DIR
 from layerfs.snapshotter.api import snapshots_pb2 as api
