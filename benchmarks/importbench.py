@@ -26,7 +26,7 @@ from .util import log, remove_tree, run
 _LAYERFS = [sys.executable, "-m", "layerfs"]
 
 
-def _rootfs_tar(cache: Path) -> Path:
+def rootfs_tar(cache: Path) -> Path:
     """The debootstrap'd root as a tar, made once."""
     tar = cache / "rootfs.tar"
     if not tar.exists():
@@ -50,7 +50,7 @@ def main() -> None:
     parser.add_argument("--tar", type=Path)
     parser.add_argument("--pause", type=float, default=5.0, help="seconds of quiet before each timed run")
     args = parser.parse_args()
-    tar = args.tar or _rootfs_tar(data.DEFAULT_CACHE)
+    tar = args.tar or rootfs_tar(data.DEFAULT_CACHE)
     log(f"{tar}: {tar.stat().st_size >> 20} MiB")
     work = Path(tempfile.mkdtemp(prefix="importbench-", dir="/var/tmp"))
     times: dict[str, list[float]] = {"tar -x + sync": [], "layerfs import": []}
