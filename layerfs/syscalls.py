@@ -6,12 +6,12 @@ The only module that calls libc directly."""
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import fcntl
 import os
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+# (the C library the interpreter runs on, by name: find_library would run ldconfig, at every command's start)
+_libc = ctypes.CDLL("libc.so.6", use_errno=True)
 
 AT_FDCWD = -100
 RENAME_EXCHANGE = 1 << 1
