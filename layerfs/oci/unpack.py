@@ -40,12 +40,11 @@ empty again, with its own mode, owner, times and xattrs as they were:
   ``.wh.`` name used as a directory).
 - Be damaged: truncated or corrupt gzip or tar data (a tar that ends inside an entry's data, inside a
   header, or after a PAX or GNU long-name record without the entry it is for), a PAX or GNU long-name
-  record over 1 MiB (Go's archive/tar limit), an entry type tar layers do not use. (Python's tarfile alone
-  would take a damaged header after the first one for the end of the archive and stop without a word;
-  here that is an error.) A tar that ends right after an entry's data, without the padding of its last
-  block or the end-of-archive block, is whole: ``umoci insert`` writes such layers, and Go's archive/tar,
-  which docker, containerd, podman and umoci read layers with, takes them as GNU tar takes a tar that
-  ends at a block boundary without its end block.
+  record over 1 MiB (Go's archive/tar limit), an entry type tar layers do not use, a sparse file. The
+  tar is read by ``tarstream``, which says what it takes as whole: a tar that ends right after an
+  entry's data, without the padding of its last block or the end-of-archive block, is (``umoci insert``
+  writes such layers, and Go's archive/tar, which docker, containerd, podman and umoci read layers with,
+  takes them as GNU tar takes a tar that ends at a block boundary without its end block).
 - Ask what the machine refuses: a full disk, an owner or a device node an unprivileged caller cannot
   make (no "rootless" mapping is attempted: run as root, or in a user namespace where the layer's ids
   are mapped), an xattr the filesystem cannot hold. Whiteouts need no privilege (Linux lets anyone make
@@ -65,7 +64,6 @@ import os
 import queue
 import re
 import stat
-import tarfile
 import threading
 import zlib
 from collections.abc import Callable, Iterator, Sequence
@@ -75,23 +73,19 @@ import zstandard
 
 from ..core import confined, whiteout, xattr
 from ..errors import LayerfsError, printable
+from . import tarstream
+from .tarstream import Header
 
 _CHUNK = 1 << 20  # bytes read from the stream, or written to a file, at a time: one progress step
 _AHEAD = 8  # chunks read ahead of the parsing
 _OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _PATH_MAX = 4096
-_RECORD_MAX = 1 << 20  # largest PAX or GNU long-name record taken
-_RECORD_TYPES = (
-    tarfile.XHDTYPE,
-    tarfile.XGLTYPE,
-    tarfile.SOLARIS_XHDTYPE,
-    tarfile.GNUTYPE_LONGNAME,
-    tarfile.GNUTYPE_LONGLINK,
-)
 _GZIP_MAGIC = b"\x1f\x8b"
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _XATTR_RECORD = "SCHILY.xattr."
+_NODES = {tarstream.CHR: stat.S_IFCHR, tarstream.BLK: stat.S_IFBLK, tarstream.FIFO: stat.S_IFIFO}
+_KINDS = (tarstream.REG, tarstream.DIR, tarstream.SYM, tarstream.LNK, *_NODES)  # what a layer's entries are
 _IDS = range(0, 2**32 - 1)  # (uid_t)-1 means "leave unchanged" to chown: not an owner
 _PAX_TIME = re.compile(r"(-?)([0-9]+)(?:\.([0-9]*))?")
 
@@ -108,7 +102,7 @@ class UnpackResult(NamedTuple):
     size: int  # bytes of the uncompressed tar
     # Where each regular file's data is in the tar, in order, so the tar can be put back together from
     # the layer; None where some of its data is not in the layer (replaced by a later entry, a whiteout
-    # file's, a sparse file's).
+    # file's).
     data: tuple[DataRef, ...] | None
 
 
@@ -245,7 +239,7 @@ def _remaining(stream: BinaryIO) -> int | None:
 
 
 class _Input:
-    """The uncompressed tar as tarfile reads it, hashed and counted as it goes by."""
+    """The uncompressed tar, hashed and counted as it goes by."""
 
     def __init__(self, stream: BinaryIO, progress: ProgressFn | None, stop: threading.Event) -> None:
         self.raw = _Raw(stream, progress, stop)
@@ -285,103 +279,6 @@ class _Input:
         return "sha256:" + (self.raw.sha or self.sha).hexdigest()
 
 
-class _Header(tarfile.TarInfo):
-    """tarfile's TarInfo, strict: a damaged or missing header is an error wherever it comes (tarfile
-    takes one after the first header for the end of the archive), only a zero block ends the tar."""
-
-    @classmethod
-    def frombuf(cls, buf, encoding, errors):  # (tarfile's signature)
-        info = super().frombuf(buf, encoding, errors)
-        if info.type in _RECORD_TYPES and info.size > _RECORD_MAX:
-            raise tarfile.InvalidHeaderError(f"a {info.size}-byte header record, over the {_RECORD_MAX} allowed")
-        return info
-
-    @classmethod
-    def fromtarfile(cls, tar):
-        try:
-            return super().fromtarfile(tar)
-        except tarfile.EOFHeaderError:
-            raise  # a zero block: the end of the archive
-        except tarfile.EmptyHeaderError:
-            if tar.offset == 0:
-                raise _Reason("it is empty") from None
-            if tar.fileobj.tell() == tar.offset:
-                raise  # the stream ends where an entry's header would start: the end, as tarfile takes it
-            raise _Reason("the tar ends after a header record, without the entry it is for (truncated)") from None
-        except tarfile.TruncatedHeaderError:
-            raise _Reason("the tar ends inside a header (truncated)") from None
-        except tarfile.HeaderError as e:
-            raise _Reason(
-                f"it is not a tar ({e})" if tar.offset == 0 else f"damaged tar header at byte {tar.offset} ({e})"
-            ) from None
-        except ValueError as e:  # tarfile's int() of a PAX record (GNU.sparse.size=x), uncaught there
-            raise _Reason(f"damaged tar header at byte {tar.offset} ({e})") from None
-
-
-def _next_entry(tar: tarfile.TarFile, previous: tarfile.TarInfo | None) -> tarfile.TarInfo | None:
-    """The tar's next entry, None at its end. ``previous``'s data was read whole (a short one is an error
-    there), so a stream that ends in the padding after it ends the tar, as Go's archive/tar takes it
-    (tarfile calls that "unexpected end of data")."""
-    if previous is None:
-        return tar.next()  # (the first, which tarfile has read already)
-    stream = cast(IO[bytes], tar.fileobj)
-    padding = tar.offset - stream.tell()
-    if padding > 0 and len(stream.read(padding)) < padding:
-        return None
-    return tar.next()
-
-
-class _Parsed:
-    """The tar's entries, parsed as the making asks for them, in order. Each entry's data (a regular file's)
-    follows it as chunks, read whole whether the making wants them or not; an error comes where it
-    happened."""
-
-    def __init__(self, data: _Input) -> None:
-        self._items = self._parse(data)
-        self._in_data = False  # the entry last given has data items left (up to its b"")
-
-    @staticmethod
-    def _parse(data: _Input) -> Iterator[tarfile.TarInfo | bytes | None]:
-        tar = tarfile.open(
-            fileobj=cast(BinaryIO, data), mode="r|", tarinfo=_Header, encoding="utf-8", errors="surrogateescape"
-        )
-        info: tarfile.TarInfo | None = None
-        while (info := _next_entry(tar, info)) is not None:
-            # kept for random access, which a stream has not: a big layer would fill memory
-            tar.members.clear()  # type: ignore[attr-defined]  # (not in typeshed's TarFile)
-            yield info
-            content = tar.extractfile(info) if info.isreg() else None
-            while content is not None and (chunk := content.read(_CHUNK)):
-                yield chunk
-            yield b""
-        data.drain()
-        yield None
-
-    def _get(self) -> tarfile.TarInfo | bytes | None:
-        return next(self._items)
-
-    def next(self) -> tarfile.TarInfo | None:
-        """The next entry, once the previous one's data is passed (``pass_data``); None at the end."""
-        item = self._get()
-        assert not isinstance(item, bytes) and not self._in_data
-        self._in_data = item is not None
-        return item
-
-    def read(self, n: int = -1) -> bytes:
-        """The current entry's next chunk of data; b"" at its end."""
-        if not self._in_data:
-            return b""
-        item = self._get()
-        assert isinstance(item, bytes)
-        self._in_data = bool(item)
-        return item
-
-    def pass_data(self) -> None:
-        """What is left of the current entry's data read (and checked whole) unused."""
-        while self.read():
-            pass
-
-
 # -- the entries ----------------------------------------------------------------------------------------
 
 
@@ -402,12 +299,8 @@ class _Unpacker:
                 data = self._unpack()
             finally:
                 self.tree.close()
-        except _Reason as e:
+        except (_Reason, tarstream.Damaged) as e:
             raise LayerfsError(f"{self._where()}: {e}") from None
-        except tarfile.TarError as e:
-            if str(e) == "unexpected end of data":  # what tarfile says when an entry's data is cut short
-                raise LayerfsError(f"{self._where()}: the tar ends inside the entry's data (truncated)") from e
-            raise LayerfsError(f"{self._where()}: damaged tar ({e})") from e
         except OSError as e:
             raise LayerfsError(f"{self._where()}: {e.strerror or e}") from e
         except (OverflowError, ValueError) as e:  # a number out of range for a system call
@@ -426,23 +319,26 @@ class _Unpacker:
         stop = threading.Event()
         data = _Input(self.stream, self.progress, stop)
         try:
-            parsed = _Parsed(data)
-            while (info := parsed.next()) is not None:
+            tar = tarstream.TarReader(data.read)
+            while (info := tar.next()) is not None:
                 self.current = info.name
-                self._entry(info, parsed)
-                parsed.pass_data()  # (a whiteout file's, which no one wants)
+                self._entry(info, tar)
+                tar.skip_data()  # (a whiteout file's, which no one wants: read whole all the same)
                 self.entries += 1
                 self.last, self.current = self.current, None
+            data.drain()
         finally:
             stop.set()
         self.tree.finish()
         data.raw.report()
         return data
 
-    def _entry(self, info: tarfile.TarInfo, content: _Parsed) -> None:
+    def _entry(self, info: Header, tar: tarstream.TarReader) -> None:
         parts = _parts(info.name, "the name")
-        if info.isreg() and info.size and self.data is not None:
-            if info.issparse() or whiteout.is_marker_name(parts[-1] if parts else ""):
+        if info.sparse:
+            raise _Reason("it is a sparse file (tar --sparse), which a layer does not hold")
+        if info.type == tarstream.REG and info.size and self.data is not None:
+            if whiteout.is_marker_name(parts[-1] if parts else ""):
                 self.data = None  # (data that is not in the layer as the tar has it)
             else:
                 self.data.append((info.offset_data, info.size, "/".join(parts)))
@@ -452,37 +348,38 @@ class _Unpacker:
         if parts and whiteout.is_marker_name(parts[-1]):
             self._marker(parts)
             return
-        if info.ischr() and info.devmajor == 0 and info.devminor == 0 and parts:
+        kind = info.type
+        if kind == tarstream.CHR and info.dev == (0, 0) and parts:
             self.tree.whiteout(parts)
             return
-        if not (info.isreg() or info.isdir() or info.issym() or info.islnk() or info.isdev()):
-            raise _Reason(f"entry type {info.type!r} is not one an image layer holds")
+        if kind not in _KINDS:
+            raise _Reason(f"entry type {kind!r} is not one an image layer holds")
         if not parts:
-            if not info.isdir():
+            if kind != tarstream.DIR:
                 raise _Reason("the layer's root can only be a directory")
             self.tree.root_dir(_Meta(info))
             return
-        if info.islnk():
+        if kind == tarstream.LNK:
             self._hard_link(parts, info)
             return
         meta = _Meta(info)
-        if info.issym() and "\0" in info.linkname:
+        if kind == tarstream.SYM and "\0" in info.linkname:
             raise _Reason("the symlink target holds a NUL byte")
-        parent, name = self.tree.place(parts, directory=info.isdir())
+        parent, name = self.tree.place(parts, directory=kind == tarstream.DIR)
         if parent is None:  # a directory already there: this entry changes its metadata
             self.tree.update_dir(parts, meta)
-        elif info.isreg():
-            self._file(parent, name, meta, content)
-        elif info.isdir():
+        elif kind == tarstream.REG:
+            self._file(parent, name, meta, tar)
+        elif kind == tarstream.DIR:
             self.tree.new_dir(parent, name, parts, meta)
-        elif info.issym():
+        elif kind == tarstream.SYM:
             os.symlink(info.linkname, name, dir_fd=parent)
             meta.apply_at(parent, name, symlink=True)
         else:
-            kind = stat.S_IFCHR if info.ischr() else stat.S_IFBLK if info.isblk() else stat.S_IFIFO
-            rdev = os.makedev(info.devmajor, info.devminor) if kind != stat.S_IFIFO else 0
+            node = _NODES[kind]
+            rdev = os.makedev(*info.dev) if node != stat.S_IFIFO else 0
             try:
-                os.mknod(name, kind | 0o600, rdev, dir_fd=parent)
+                os.mknod(name, node | 0o600, rdev, dir_fd=parent)
             except PermissionError:
                 raise _Reason("making a device node needs root (CAP_MKNOD)") from None
             meta.apply_at(parent, name)
@@ -497,7 +394,7 @@ class _Unpacker:
             raise _Reason("it is neither a whiteout (.wh.NAME) nor the opaque marker (.wh..wh..opq)")
         self.tree.whiteout(parts[:-1] + (hidden,))
 
-    def _hard_link(self, parts: tuple[str, ...], info: tarfile.TarInfo) -> None:
+    def _hard_link(self, parts: tuple[str, ...], info: Header) -> None:
         target = _parts(info.linkname, f"its hard-link target {_show(info.linkname)}")
         if target == parts:
             raise _Reason("it is a hard link to itself")
@@ -518,11 +415,11 @@ class _Unpacker:
         finally:
             os.close(target_dir)
 
-    def _file(self, parent: int, name: str, meta: _Meta, data: _Parsed) -> None:
+    def _file(self, parent: int, name: str, meta: _Meta, tar: tarstream.TarReader) -> None:
         fd = os.open(name, _NEW_FILE, 0o600, dir_fd=parent)
         try:
-            while chunk := data.read(_CHUNK):
-                view = memoryview(chunk)
+            for piece in tar.data():
+                view = memoryview(piece)
                 while view:
                     view = view[os.write(fd, view) :]
             meta.apply_fd(fd)
@@ -533,18 +430,18 @@ class _Unpacker:
 class _Meta:
     """An entry's owner, mode, times and xattrs, checked, and applied without following it."""
 
-    def __init__(self, info: tarfile.TarInfo) -> None:
+    def __init__(self, info: Header) -> None:
         if info.uid not in _IDS or info.gid not in _IDS:
             raise _Reason(f"its owner {info.uid}:{info.gid} is out of range")
         self.uid, self.gid = info.uid, info.gid
         self.mode = stat.S_IMODE(info.mode)
         mtime = _pax_time(info, "mtime")
         if mtime is None:
-            mtime = int(info.mtime) * 10**9
+            mtime = info.mtime * 10**9
         atime = _pax_time(info, "atime")
         self.times = (mtime if atime is None else atime, mtime)
         self.xattrs: dict[str, bytes] = {}
-        for key, value in info.pax_headers.items():
+        for key, value in info.pax.items():
             if not key.startswith(_XATTR_RECORD):
                 continue
             attr = key[len(_XATTR_RECORD) :]
@@ -587,9 +484,9 @@ class _Meta:
         os.utime(name, ns=self.times, dir_fd=parent, follow_symlinks=False)
 
 
-def _pax_time(info: tarfile.TarInfo, key: str) -> int | None:
-    """A PAX time record in ns, exactly (tarfile's own float loses the last digits); None when absent."""
-    value = info.pax_headers.get(key)
+def _pax_time(info: Header, key: str) -> int | None:
+    """A PAX time record in ns, exactly (no float on the way); None when absent."""
+    value = info.pax.get(key)
     if value is None:
         return None
     m = _PAX_TIME.fullmatch(value)
