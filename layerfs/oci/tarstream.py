@@ -37,6 +37,12 @@ _LONG_NAME, _LONG_LINK = b"L", b"K"
 _PAX, _PAX_GLOBAL, _PAX_SOLARIS = b"x", b"g", b"X"
 _RECORDS = (_LONG_NAME, _LONG_LINK, _PAX, _PAX_GLOBAL, _PAX_SOLARIS)
 _NO_DATA = (LNK, SYM, CHR, BLK, DIR, FIFO)  # their size field is not taken: no data follows them
+_PAX_NUMBERS = frozenset(("size", "uid", "gid"))  # PAX records that replace a header's number
+# GNU tar's records of a sparse file (formats 0.0, 0.1 and 1.0)
+_PAX_SPARSE = frozenset(
+    f"GNU.sparse.{key}"
+    for key in ("major", "minor", "name", "realsize", "size", "map", "numblocks", "offset", "numbytes")
+)
 
 # name, mode, uid, gid, size, mtime, checksum, type, linkname, (magic, version, uname, gname), devmajor,
 # devminor, prefix
@@ -148,11 +154,9 @@ class TarReader:
             name = name.rstrip("/")
         linkname = pax.get("linkpath", linkname if long_link is None else long_link)
         header = Header(name, type_, linkname, numbers, pax, type_ == _SPARSE)
-        if pax:
-            header.size = _pax_number(pax, "size", header.size, start)
-            header.uid = _pax_number(pax, "uid", header.uid, start)
-            header.gid = _pax_number(pax, "gid", header.gid, start)
-            header.sparse = header.sparse or any(key.startswith("GNU.sparse.") for key in pax)
+        for key in _PAX_NUMBERS.intersection(pax):
+            setattr(header, key, _pax_number(pax, key, start))
+        header.sparse = header.sparse or not _PAX_SPARSE.isdisjoint(pax)
         header.offset_data = self.offset
         if type_ not in _NO_DATA:
             self._left = header.size
@@ -189,19 +193,27 @@ class TarReader:
 
 
 def _parse(block: bytes, start: int) -> tuple[str, bytes, str, tuple[int, ...]]:
-    """A header block's name, type, link name and numbers (size, mode, uid, gid, mtime, devmajor, devminor)."""
+    """A header block's name, type, link name and numbers (size, mode, uid, gid, mtime, devmajor, devminor):
+    of a GNU or PAX record's header, its size alone counts."""
     name, mode, uid, gid, size, mtime, checksum, type_, linkname, devmajor, devminor, prefix = _FIELDS.unpack(block)
     try:
         stored = _number(checksum)
         if stored != 256 + sum(block) - sum(checksum) and stored != 256 + sum(_SIGNED.unpack(block)):
             raise _not_a_header(start, "bad checksum")
-        numbers = tuple(_number(field) for field in (size, mode, uid, gid, mtime, devmajor, devminor))
+        length = _number(size)
+        if type_ in _RECORDS:
+            numbers: tuple[int, ...] = (length,)
+        else:
+            dev = (_number(devmajor), _number(devminor)) if type_ in (CHR, BLK) else (0, 0)
+            numbers = (length, _number(mode), _number(uid), _number(gid), _number(mtime), *dev)
     except ValueError:
         raise _not_a_header(start, "invalid header") from None
-    if numbers[0] < 0:
-        raise _not_a_header(start, f"a size of {numbers[0]}")
+    if length < 0:
+        raise _not_a_header(start, f"a size of {length}")
+    if type_ in _RECORDS:
+        return "", type_, "", numbers
     text = _text(name)
-    if type_ not in _RECORDS and type_ != _SPARSE and prefix[0]:
+    if type_ != _SPARSE and prefix[0]:
         text = _text(prefix) + "/" + text
     return text, type_, _text(linkname), numbers
 
@@ -250,10 +262,8 @@ def _pax_records(data: bytes, start: int) -> dict[str, str]:
     return records
 
 
-def _pax_number(pax: dict[str, str], key: str, default: int, start: int) -> int:
-    value = pax.get(key)
-    if value is None:
-        return default
+def _pax_number(pax: dict[str, str], key: str, start: int) -> int:
+    value = pax[key]
     if not (value.isascii() and value.isdigit()):
         raise _damaged(start, f"its PAX {key} record {value!r} is not a number")
     return int(value)

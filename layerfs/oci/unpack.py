@@ -253,20 +253,26 @@ class _Input:
         elif self.compression == "gzip":
             self.decompressed = gzip.GzipFile(fileobj=raw, mode="rb")
         self.sha = hashlib.sha256()  # of the decompressed tar; an uncompressed one's is the raw stream's
-        self.size = 0
+        self._decompressed_size = 0
         self.raw.start(hashed=self.compression is None)
+        # (an uncompressed tar is read from the stream's chunks straight: hashed and counted there)
+        self.read: Callable[[int], bytes] = self.raw.read if self.decompressed is None else self._decompress
 
-    def read(self, n: int = -1) -> bytes:
+    def _decompress(self, n: int) -> bytes:
+        assert self.decompressed is not None
         try:
-            data = self.decompressed.read(n) if self.decompressed is not None else self.raw.read(n)
+            data = self.decompressed.read(n)
         except EOFError:
             raise _Reason(f"the {self.compression} data ends early (truncated)") from None
         except (zlib.error, gzip.BadGzipFile, zstandard.ZstdError) as e:
             raise _Reason(f"the {self.compression} data is damaged ({e})") from None
-        if self.decompressed is not None:
-            self.sha.update(data)
-        self.size += len(data)
+        self.sha.update(data)
+        self._decompressed_size += len(data)
         return data
+
+    def size(self) -> int:
+        """(Once drained.) Bytes of the uncompressed tar."""
+        return self.raw.done if self.decompressed is None else self._decompressed_size
 
     def drain(self) -> None:
         """Read what follows the tar's end block (more zeros, as a rule): the diff_id covers it too, and a
@@ -306,7 +312,7 @@ class _Unpacker:
         except (OverflowError, ValueError) as e:  # a number out of range for a system call
             raise LayerfsError(f"{self._where()}: {e}") from e
         kept = None if self.data is None or self.tree.removed else tuple(self.data)
-        return UnpackResult(data.diff_id(), self.entries, data.size, kept)
+        return UnpackResult(data.diff_id(), self.entries, data.size(), kept)
 
     def _where(self) -> str:
         if self.current is not None:
@@ -337,17 +343,10 @@ class _Unpacker:
         parts = _parts(info.name, "the name")
         if info.sparse:
             raise _Reason("it is a sparse file (tar --sparse), which a layer does not hold")
-        if info.type == tarstream.REG and info.size and self.data is not None:
-            if whiteout.is_marker_name(parts[-1] if parts else ""):
-                self.data = None  # (data that is not in the layer as the tar has it)
-            else:
-                self.data.append((info.offset_data, info.size, "/".join(parts)))
-        for i, part in enumerate(parts[:-1]):
-            if whiteout.is_marker_name(part):
-                raise _Reason(f"{_show('/'.join(parts[: i + 1]))} is a whiteout name, which cannot be a directory")
-        if parts and whiteout.is_marker_name(parts[-1]):
-            self._marker(parts)
+        if whiteout.WHITEOUT_PREFIX in info.name and self._marker(parts, info):
             return
+        if info.type == tarstream.REG and info.size and self.data is not None:
+            self.data.append((info.offset_data, info.size, "/".join(parts)))
         kind = info.type
         if kind == tarstream.CHR and info.dev == (0, 0) and parts:
             self.tree.whiteout(parts)
@@ -384,15 +383,25 @@ class _Unpacker:
                 raise _Reason("making a device node needs root (CAP_MKNOD)") from None
             meta.apply_at(parent, name)
 
-    def _marker(self, parts: tuple[str, ...]) -> None:
+    def _marker(self, parts: tuple[str, ...], info: Header) -> bool:
+        """Whether the entry is a whiteout or the opaque marker, which is applied here. (A ``.wh.`` name as a
+        directory is refused.)"""
+        for i, part in enumerate(parts[:-1]):
+            if whiteout.is_marker_name(part):
+                raise _Reason(f"{_show('/'.join(parts[: i + 1]))} is a whiteout name, which cannot be a directory")
+        if not parts or not whiteout.is_marker_name(parts[-1]):
+            return False
+        if info.type == tarstream.REG and info.size:
+            self.data = None  # (a marker's data is not in the layer)
         name = parts[-1]
         if name == whiteout.OPAQUE_MARKER:
             self.tree.opaque(parts[:-1])
-            return
+            return True
         hidden = whiteout.whited_out_name(name)
         if hidden is None or hidden in (".", "..") or whiteout.is_marker_name(hidden):
             raise _Reason("it is neither a whiteout (.wh.NAME) nor the opaque marker (.wh..wh..opq)")
         self.tree.whiteout(parts[:-1] + (hidden,))
+        return True
 
     def _hard_link(self, parts: tuple[str, ...], info: Header) -> None:
         target = _parts(info.linkname, f"its hard-link target {_show(info.linkname)}")
