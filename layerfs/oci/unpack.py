@@ -364,10 +364,21 @@ class _Unpacker:
         meta = _Meta(info)
         if kind == tarstream.SYM and "\0" in info.linkname:
             raise _Reason("the symlink target holds a NUL byte")
-        parent, name = self.tree.place(parts, directory=kind == tarstream.DIR)
-        if parent is None:  # a directory already there: this entry changes its metadata
-            self.tree.update_dir(parts, meta)
-        elif kind == tarstream.REG:
+        parent, name = self.tree.place(parts)
+        try:
+            self._make(info, parent, name, parts, meta, tar)
+        except FileExistsError:  # a later entry for a path replaces the earlier
+            if not self.tree.clear(parent, name, parts, directory=kind == tarstream.DIR):
+                self.tree.update_dir(parts, meta)  # a directory over a directory: its metadata only
+                return
+            self._make(info, parent, name, parts, meta, tar)
+
+    def _make(
+        self, info: Header, parent: int, name: str, parts: tuple[str, ...], meta: _Meta, tar: tarstream.TarReader
+    ) -> None:
+        """The entry made as ``name`` in ``parent``: FileExistsError, with nothing made, where the name is taken."""
+        kind = info.type
+        if kind == tarstream.REG:
             self._file(parent, name, meta, tar)
         elif kind == tarstream.DIR:
             self.tree.new_dir(parent, name, parts, meta)
@@ -419,8 +430,12 @@ class _Unpacker:
                 raise _Reason(f"its hard-link target {_show(info.linkname)} is not in the layer")
             if stat.S_ISDIR(st.st_mode):
                 raise _Reason(f"its hard-link target {_show(info.linkname)} is a directory")
-            parent, name = self.tree.place(parts, directory=False)
-            os.link(target[-1], name, src_dir_fd=target_dir, dst_dir_fd=parent, follow_symlinks=False)
+            parent, name = self.tree.place(parts)
+            try:
+                os.link(target[-1], name, src_dir_fd=target_dir, dst_dir_fd=parent, follow_symlinks=False)
+            except FileExistsError:
+                self.tree.clear(parent, name, parts, directory=False)
+                os.link(target[-1], name, src_dir_fd=target_dir, dst_dir_fd=parent, follow_symlinks=False)
         finally:
             os.close(target_dir)
 
@@ -692,28 +707,35 @@ class _Tree:
         """The descriptor of the directory ``parts`` (made if missing), kept until another is asked for."""
         return self.chain.get(parts)
 
-    def place(self, parts: tuple[str, ...], *, directory: bool) -> tuple[int | None, str]:
-        """Clear the way for an entry at ``parts``: (its parent's descriptor, its name). What a later
-        entry replaces is removed, except a directory where a directory comes: then the parent is None."""
+    def place(self, parts: tuple[str, ...]) -> tuple[int, str]:
+        """Where an entry at ``parts`` is made: (its parent's descriptor, its name). A whiteout of the name
+        by this layer in OCI form goes (the form make_whiteout falls back to where it may not make a device).
+        What the name holds already is ``clear``'s, once the making finds it taken (most names are new: no
+        lookup before each)."""
         fd = self.parent(parts[:-1])
         name = parts[-1]
-        st = _lstat(name, fd)
-        if st is not None:
-            if stat.S_ISDIR(st.st_mode):
-                if directory:
-                    return None, name
-                _remove_tree(fd, name)
-                self.pending.drop(parts)
-            else:
-                os.unlink(name, dir_fd=fd)
-            self.removed = True
-        path = "/".join(parts)
-        if path in self.deleted:
-            try:  # the OCI form make_whiteout falls back to where it may not make a device
+        if self.deleted and "/".join(parts) in self.deleted:
+            try:
                 os.unlink(whiteout.oci_whiteout_name(name), dir_fd=fd)
             except FileNotFoundError:
                 pass
         return fd, name
+
+    def clear(self, fd: int, name: str, parts: tuple[str, ...], *, directory: bool) -> bool:
+        """What a later entry at ``parts`` replaces (``name`` in ``fd``) removed; False where a directory
+        comes over a directory, which stays."""
+        st = _lstat(name, fd)
+        if st is None:
+            return True
+        if stat.S_ISDIR(st.st_mode):
+            if directory:
+                return False
+            _remove_tree(fd, name)
+            self.pending.drop(parts)
+        else:
+            os.unlink(name, dir_fd=fd)
+        self.removed = True
+        return True
 
     def new_dir(self, parent: int, name: str, parts: tuple[str, ...], meta: _Meta) -> None:
         self._mkdir(parent, name, parts)
