@@ -203,9 +203,8 @@ class _Raw:
     def read(self, n: int = -1) -> bytes:
         if self.pos == len(self.buf):
             self.buf, self.pos = self._next_chunk(), 0
-        end = len(self.buf) if n < 0 else min(len(self.buf), self.pos + n)
-        data = self.buf[self.pos : end]
-        self.pos = end
+        data = self.buf[self.pos :] if n < 0 else self.buf[self.pos : self.pos + n]
+        self.pos += len(data)
         return data
 
     def _next_chunk(self) -> bytes:
