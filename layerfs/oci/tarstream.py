@@ -11,7 +11,7 @@ side), in these forms:
   ``linkpath``, ``size``, ``uid`` and ``gid`` replace the header's fields (and a GNU long name); every
   record is kept in ``Header.pax`` for the caller (times, xattrs).
 - Sparse files (GNU tar's ``--sparse``: type ``S``, or PAX ``GNU.sparse.*`` records) are marked
-  ``sparse`` for the caller to refuse, their data never given.
+  ``sparse``, for the caller to refuse: their data and what follows them are not read right.
 
 A tar ends at a zero block, or where the stream ends instead of a header, or in the padding after an
 entry's data (Go's archive/tar, which docker, containerd, podman and umoci read layers with, takes such a
@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator
 
 BLOCK = 512
 RECORD_MAX = 1 << 20  # largest PAX or GNU long-name record taken
-_CHUNK = 1 << 20  # bytes asked of the source at a time
+_CHUNK = 1 << 20  # the largest piece of an entry's data asked of the source at a time
 
 # Entry types (a regular file's other spellings, v7's NUL and the contiguous file, are read as REG)
 REG, LNK, SYM, CHR, BLK, DIR, FIFO = b"0", b"1", b"2", b"3", b"4", b"5", b"6"
