@@ -2,9 +2,10 @@
 
 Tars from tarfile (PAX, GNU and ustar forms, hypothesis's names, owners, times and records) and from GNU
 tar (each of its formats, over a tree with long names, links, devices and xattrs) must read as tarfile
-reads them, entry for entry, data included. Cut or damaged anywhere, a tar gives the entries before the
-damage and then ``Damaged``: no other error, no entry tarfile does not see. (How the unpacker takes what
-it reads, and what it refuses, is test_unpack's and test_fuzz's.)
+reads them, entry for entry, data included. Cut anywhere, a tar gives the entries before the cut, then
+ends where Go's archive/tar takes it as whole or raises ``Damaged``; damaged anywhere, it gives the entries
+before the damage, and no error but ``Damaged``. (How the unpacker takes what it reads, and what it
+refuses, is test_unpack's and test_fuzz's.)
 """
 
 from __future__ import annotations
