@@ -136,6 +136,46 @@ def test_a_global_pax_record_applies_to_every_entry_after_it() -> None:
     assert [(e[0], e[9]) for e in read_all(buf.getvalue())] == [("a", {"comment": "all"}), ("b", {"comment": "mine"})]
 
 
+def _record(type_: bytes, data: bytes) -> bytes:
+    info = tarfile.TarInfo("././@Record")
+    info.type, info.size = type_, len(data)
+    return info.tobuf(tarfile.USTAR_FORMAT) + data + bytes(-len(data) % 512)
+
+
+def _pax(**records: str) -> bytes:
+    """PAX records, each ``LENGTH KEY=VALUE\\n`` with LENGTH counting its own digits too."""
+    out = b""
+    for key, value in records.items():
+        body = f" {key}={value}\n".encode()
+        length = len(body) + 1
+        while len(str(length)) + len(body) != length:
+            length += 1
+        out += str(length).encode() + body
+    return out
+
+
+def test_of_several_records_of_a_kind_the_last_counts() -> None:
+    data = (
+        _record(tarfile.GNUTYPE_LONGNAME, b"first")
+        + _record(tarfile.GNUTYPE_LONGNAME, b"second")
+        + _record(tarfile.XHDTYPE, _pax(comment="one", uid="7"))
+        + _record(tarfile.XHDTYPE, _pax(comment="two"))
+        + tarfile.TarInfo("short").tobuf(tarfile.USTAR_FORMAT)
+        + bytes(1024)
+    )
+    [entry] = read_all(data)
+    assert (entry[0], entry[5], entry[9]) == ("second", 0, {"comment": "two"})
+
+
+def test_global_records_over_a_mebibyte_in_all_are_refused() -> None:
+    half = _record(tarfile.XGLTYPE, _pax(comment="x" * (600 << 10)))
+    data = half + half + tarfile.TarInfo("f").tobuf(tarfile.USTAR_FORMAT) + bytes(1024)
+    assert (
+        read_or_damaged(data)[1]
+        == "damaged tar header at byte 0 (PAX global records over the 1048576 bytes allowed in all)"
+    )
+
+
 # -- tars from GNU tar ----------------------------------------------------------------------------------
 
 

@@ -9,7 +9,8 @@ side), in these forms:
 - GNU: long names and link targets (``L``, ``K`` records), base-256 numbers (big owners, sizes, times).
 - PAX: ``x`` records for the entry that follows, ``g`` ones for every entry from there on. ``path``,
   ``linkpath``, ``size``, ``uid`` and ``gid`` replace the header's fields (and a GNU long name); every
-  record is kept in ``Header.pax`` for the caller (times, xattrs).
+  record is kept in ``Header.pax`` for the caller (times, xattrs). Of several records of a kind before an
+  entry, the last counts (as in Go's archive/tar: a chain of them takes no more memory than one).
 - Sparse files (GNU tar's ``--sparse``: type ``S``, or PAX ``GNU.sparse.*`` records) are marked
   ``sparse``, for the caller to refuse: their data and what follows them are not read right.
 
@@ -17,7 +18,8 @@ A tar ends at a zero block, or where the stream ends instead of a header, or in 
 entry's data (Go's archive/tar, which docker, containerd, podman and umoci read layers with, takes such a
 tar as whole: ``umoci insert`` writes them). Anything else is ``Damaged``, where tarfile would give way
 or stop without a word: a bad checksum or number, a damaged PAX record, a header record without the
-entry it is for or over 1 MiB (Go's limit), a stream that ends inside a header or an entry's data.
+entry it is for or over 1 MiB (Go's limit; global records over 1 MiB in all), a stream that ends inside a
+header or an entry's data.
 """
 
 from __future__ import annotations
@@ -87,6 +89,29 @@ class Header:
         self.offset_data = 0  # where its data starts in the tar
 
 
+class _Records:
+    """What the GNU and PAX records before an entry's header say. Of several of a kind, the last counts, as
+    in Go's archive/tar: however many a tar chains, they take no more memory than one."""
+
+    def __init__(self) -> None:
+        self.seen = False
+        self.long_name: str | None = None
+        self.long_link: str | None = None
+        self.pax: dict[str, str] = {}  # the entry's own PAX records
+        self.globals: dict[str, str] = {}  # the last ``g`` record's
+
+    def add(self, type_: bytes, record: bytes, start: int) -> None:
+        self.seen = True
+        if type_ == _LONG_NAME:
+            self.long_name = _text(record)
+        elif type_ == _LONG_LINK:
+            self.long_link = _text(record)
+        elif type_ == _PAX_GLOBAL:
+            self.globals = _pax_records(record, start)
+        else:
+            self.pax = _pax_records(record, start)
+
+
 class TarReader:
     """The entries of the tar that ``read(n)`` gives (up to ``n`` bytes at a time, b"" at its end)."""
 
@@ -96,6 +121,7 @@ class TarReader:
         self._left = 0  # bytes of the current entry's data not yet read
         self._padding = 0  # after them, to the next block
         self._globals: dict[str, str] = {}  # PAX ``g`` records so far
+        self._globals_size = 0
 
     def next(self) -> Header | None:
         """The next entry, after what is left of the current one's data; None at the tar's end."""
@@ -105,7 +131,7 @@ class TarReader:
             if len(self._take(padding)) < padding:
                 return None
         start = self.offset
-        records: list[tuple[bytes, bytes]] = []
+        records = _Records()
         while True:
             block = self._take(BLOCK)
             if len(block) < BLOCK:
@@ -113,11 +139,11 @@ class TarReader:
                     raise Damaged("the tar ends inside a header (truncated)")
                 if start == 0:
                     raise Damaged("it is empty")
-                if records:
+                if records.seen:
                     raise Damaged("the tar ends after a header record, without the entry it is for (truncated)")
                 return None
             if block == _ZEROS:
-                if records:
+                if records.seen:
                     raise Damaged(f"damaged tar header at byte {start} (the tar's end after a header record)")
                 return None
             name, type_, linkname, numbers = _parse(block, start)
@@ -129,30 +155,24 @@ class TarReader:
             record = self._take(size + -size % BLOCK)  # with its padding
             if len(record) < size:
                 raise Damaged("the tar ends inside a header (truncated)")
-            records.append((type_, record[:size]))  # (a stream that ends in the padding: told at the next block)
+            records.add(type_, record[:size], start)  # (a stream that ends in the padding: told at the next block)
+            if type_ == _PAX_GLOBAL:
+                self._globals_size += size
+                if self._globals_size > RECORD_MAX:
+                    raise _damaged(start, f"PAX global records over the {RECORD_MAX} bytes allowed in all")
+                self._globals.update(records.globals)
         return self._entry(name, type_, linkname, numbers, records, start)
 
     def _entry(
-        self, name: str, type_: bytes, linkname: str, numbers: tuple[int, ...], records: list, start: int
+        self, name: str, type_: bytes, linkname: str, numbers: tuple[int, ...], records: _Records, start: int
     ) -> Header:
-        pax = dict(self._globals)
-        long_name = long_link = None
-        for kind, record in records:
-            if kind == _LONG_NAME:
-                long_name = _text(record)
-            elif kind == _LONG_LINK:
-                long_link = _text(record)
-            else:
-                found = _pax_records(record, start)
-                if kind == _PAX_GLOBAL:
-                    self._globals.update(found)
-                pax.update(found)
-        name = pax.get("path", name if long_name is None else long_name)
+        pax = {**self._globals, **records.pax} if self._globals else records.pax
+        name = pax.get("path", name if records.long_name is None else records.long_name)
         if type_ in _OTHER_REG:  # (as Go's archive/tar: by the name the records give)
             type_ = DIR if type_ == b"\0" and name.endswith("/") else REG
         if type_ == DIR:
             name = name.rstrip("/")
-        linkname = pax.get("linkpath", linkname if long_link is None else long_link)
+        linkname = pax.get("linkpath", linkname if records.long_link is None else records.long_link)
         header = Header(name, type_, linkname, numbers, pax, type_ == _SPARSE)
         for key in _PAX_NUMBERS.intersection(pax):
             setattr(header, key, _pax_number(pax, key, start))
