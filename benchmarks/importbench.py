@@ -1,7 +1,12 @@
 """How long ``layerfs import`` of a root filesystem tar takes against ``tar -x`` + ``sync`` of the same tar:
-in the same run, interleaved, ``--reps`` times, each after the previous one's tree is removed, ``sync`` and a
-pause (the VM's file creation cost swings; interleaving puts both under the same weather). Prints each pair
-and the ratio of the medians.
+in the same run, interleaved, ``--reps`` times, each into a directory of its own after ``sync`` and a pause
+(interleaving puts both under the same weather). Prints each pair and the ratio of the medians.
+
+No tree is removed before the last run: ext4 gives a new file no inode freed in the last minute (five while
+its inode table block is dirty), and looks at each such inode on the way to a free one. A tree of 14,000
+files removed before a run made each of its creates look at thousands (``perf``: 80% of ``tar -x``'s time
+in ext4's ``recently_deleted``; its system time 0.66 s in a fresh directory, 3.11 s right after an ``rm -rf``
+of the same tree), which swamped what is measured.
 
 The tar: the benchmarks' debootstrap'd Debian root (``data.ensure``'s cache), tarred once with numeric owners
 and xattrs, or ``--tar FILE``.
@@ -56,9 +61,8 @@ def main() -> None:
     times: dict[str, list[float]] = {"tar -x + sync": [], "layerfs import": []}
     try:
         for rep in range(args.reps):
-            for name in times:
-                target = work / "target"
-                remove_tree(target)
+            for n, name in enumerate(times):
+                target = work / f"{rep}-{n}"
                 target.mkdir()
                 os.sync()
                 time.sleep(args.pause)

@@ -575,8 +575,9 @@ def test_damaged_layer_bytes(base: Path, layer: list[Entry], fmt: int, damage: l
         # was "... after entry X: invalid literal for int()": tarfile's ValueError, on the header after X's
         (
             [Entry("file", "f", pax=(("GNU.sparse.size", "1.5"),))],
-            "cannot unpack the layer: damaged tar header at byte",
+            "cannot unpack layer entry 'f': it is a sparse file (tar --sparse), which a layer does not hold",
         ),
+        ([Entry("file", "f", pax=(("uid", "1.5"),))], "damaged tar header at byte 0 (its PAX uid record '1.5' is"),
     ],
 )
 def test_refusals_say_why(base: Path, layer: list[Entry], message: str) -> None:

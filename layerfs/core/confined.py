@@ -98,10 +98,13 @@ class DirChain:
         self.root_fd = root_fd
         self._step: Step = step or (lambda fd, parts, i: open_dir(parts[i], dir_fd=fd))
         self._held: list[tuple[str, int]] = []  # (name, descriptor) of each directory below the root
+        self._last: tuple[str, ...] | None = None  # what ``_held`` leads to, while it is whole
 
     def get(self, parts: Sequence[str]) -> int:
         """The descriptor of the directory ``parts`` (components below the root), kept until another is
         asked for or the chain is closed."""
+        if parts == self._last:  # (as a rule: entries come directory by directory)
+            return self._held[-1][1] if self._held else self.root_fd
         same = 0
         while same < min(len(parts), len(self._held)) and self._held[same][0] == parts[same]:
             same += 1
@@ -109,6 +112,7 @@ class DirChain:
         for i in range(same, len(parts)):
             fd = self._step(self._held[-1][1] if self._held else self.root_fd, parts, i)
             self._held.append((parts[i], fd))
+        self._last = tuple(parts)  # (a list the caller may change is never taken for it)
         return self._held[-1][1] if self._held else self.root_fd
 
     def release(self, keep: int = 0) -> None:
@@ -116,3 +120,4 @@ class DirChain:
         for _, fd in self._held[keep:]:
             os.close(fd)
         del self._held[keep:]
+        self._last = None

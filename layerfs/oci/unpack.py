@@ -40,12 +40,11 @@ empty again, with its own mode, owner, times and xattrs as they were:
   ``.wh.`` name used as a directory).
 - Be damaged: truncated or corrupt gzip or tar data (a tar that ends inside an entry's data, inside a
   header, or after a PAX or GNU long-name record without the entry it is for), a PAX or GNU long-name
-  record over 1 MiB (Go's archive/tar limit), an entry type tar layers do not use. (Python's tarfile alone
-  would take a damaged header after the first one for the end of the archive and stop without a word;
-  here that is an error.) A tar that ends right after an entry's data, without the padding of its last
-  block or the end-of-archive block, is whole: ``umoci insert`` writes such layers, and Go's archive/tar,
-  which docker, containerd, podman and umoci read layers with, takes them as GNU tar takes a tar that
-  ends at a block boundary without its end block.
+  record over 1 MiB (Go's archive/tar limit), an entry type tar layers do not use, a sparse file. The
+  tar is read by ``tarstream``, which says what it takes as whole: a tar that ends right after an
+  entry's data, without the padding of its last block or the end-of-archive block, is (``umoci insert``
+  writes such layers, and Go's archive/tar, which docker, containerd, podman and umoci read layers with,
+  takes them as GNU tar takes a tar that ends at a block boundary without its end block).
 - Ask what the machine refuses: a full disk, an owner or a device node an unprivileged caller cannot
   make (no "rootless" mapping is attempted: run as root, or in a user namespace where the layer's ids
   are mapped), an xattr the filesystem cannot hold. Whiteouts need no privilege (Linux lets anyone make
@@ -65,7 +64,6 @@ import os
 import queue
 import re
 import stat
-import tarfile
 import threading
 import zlib
 from collections.abc import Callable, Iterator, Sequence
@@ -75,23 +73,19 @@ import zstandard
 
 from ..core import confined, whiteout, xattr
 from ..errors import LayerfsError, printable
+from . import tarstream
+from .tarstream import Header
 
 _CHUNK = 1 << 20  # bytes read from the stream, or written to a file, at a time: one progress step
 _AHEAD = 8  # chunks read ahead of the parsing
 _OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _PATH_MAX = 4096
-_RECORD_MAX = 1 << 20  # largest PAX or GNU long-name record taken
-_RECORD_TYPES = (
-    tarfile.XHDTYPE,
-    tarfile.XGLTYPE,
-    tarfile.SOLARIS_XHDTYPE,
-    tarfile.GNUTYPE_LONGNAME,
-    tarfile.GNUTYPE_LONGLINK,
-)
 _GZIP_MAGIC = b"\x1f\x8b"
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _XATTR_RECORD = "SCHILY.xattr."
+_NODES = {tarstream.CHR: stat.S_IFCHR, tarstream.BLK: stat.S_IFBLK, tarstream.FIFO: stat.S_IFIFO}
+_KINDS = (tarstream.REG, tarstream.DIR, tarstream.SYM, tarstream.LNK, *_NODES)  # what a layer's entries are
 _IDS = range(0, 2**32 - 1)  # (uid_t)-1 means "leave unchanged" to chown: not an owner
 _PAX_TIME = re.compile(r"(-?)([0-9]+)(?:\.([0-9]*))?")
 
@@ -108,7 +102,7 @@ class UnpackResult(NamedTuple):
     size: int  # bytes of the uncompressed tar
     # Where each regular file's data is in the tar, in order, so the tar can be put back together from
     # the layer; None where some of its data is not in the layer (replaced by a later entry, a whiteout
-    # file's, a sparse file's).
+    # file's).
     data: tuple[DataRef, ...] | None
 
 
@@ -209,9 +203,8 @@ class _Raw:
     def read(self, n: int = -1) -> bytes:
         if self.pos == len(self.buf):
             self.buf, self.pos = self._next_chunk(), 0
-        end = len(self.buf) if n < 0 else min(len(self.buf), self.pos + n)
-        data = self.buf[self.pos : end]
-        self.pos = end
+        data = self.buf[self.pos :] if n < 0 else self.buf[self.pos : self.pos + n]
+        self.pos += len(data)
         return data
 
     def _next_chunk(self) -> bytes:
@@ -245,7 +238,7 @@ def _remaining(stream: BinaryIO) -> int | None:
 
 
 class _Input:
-    """The uncompressed tar as tarfile reads it, hashed and counted as it goes by."""
+    """The uncompressed tar, hashed and counted as it goes by."""
 
     def __init__(self, stream: BinaryIO, progress: ProgressFn | None, stop: threading.Event) -> None:
         self.raw = _Raw(stream, progress, stop)
@@ -259,20 +252,26 @@ class _Input:
         elif self.compression == "gzip":
             self.decompressed = gzip.GzipFile(fileobj=raw, mode="rb")
         self.sha = hashlib.sha256()  # of the decompressed tar; an uncompressed one's is the raw stream's
-        self.size = 0
+        self._decompressed_size = 0
         self.raw.start(hashed=self.compression is None)
+        # (an uncompressed tar is read from the stream's chunks straight: hashed and counted there)
+        self.read: Callable[[int], bytes] = self.raw.read if self.decompressed is None else self._decompress
 
-    def read(self, n: int = -1) -> bytes:
+    def _decompress(self, n: int) -> bytes:
+        assert self.decompressed is not None
         try:
-            data = self.decompressed.read(n) if self.decompressed is not None else self.raw.read(n)
+            data = self.decompressed.read(n)
         except EOFError:
             raise _Reason(f"the {self.compression} data ends early (truncated)") from None
         except (zlib.error, gzip.BadGzipFile, zstandard.ZstdError) as e:
             raise _Reason(f"the {self.compression} data is damaged ({e})") from None
-        if self.decompressed is not None:
-            self.sha.update(data)
-        self.size += len(data)
+        self.sha.update(data)
+        self._decompressed_size += len(data)
         return data
+
+    def size(self) -> int:
+        """(Once drained.) Bytes of the uncompressed tar."""
+        return self.raw.done if self.decompressed is None else self._decompressed_size
 
     def drain(self) -> None:
         """Read what follows the tar's end block (more zeros, as a rule): the diff_id covers it too, and a
@@ -283,103 +282,6 @@ class _Input:
     def diff_id(self) -> str:
         """(Once drained.)"""
         return "sha256:" + (self.raw.sha or self.sha).hexdigest()
-
-
-class _Header(tarfile.TarInfo):
-    """tarfile's TarInfo, strict: a damaged or missing header is an error wherever it comes (tarfile
-    takes one after the first header for the end of the archive), only a zero block ends the tar."""
-
-    @classmethod
-    def frombuf(cls, buf, encoding, errors):  # (tarfile's signature)
-        info = super().frombuf(buf, encoding, errors)
-        if info.type in _RECORD_TYPES and info.size > _RECORD_MAX:
-            raise tarfile.InvalidHeaderError(f"a {info.size}-byte header record, over the {_RECORD_MAX} allowed")
-        return info
-
-    @classmethod
-    def fromtarfile(cls, tar):
-        try:
-            return super().fromtarfile(tar)
-        except tarfile.EOFHeaderError:
-            raise  # a zero block: the end of the archive
-        except tarfile.EmptyHeaderError:
-            if tar.offset == 0:
-                raise _Reason("it is empty") from None
-            if tar.fileobj.tell() == tar.offset:
-                raise  # the stream ends where an entry's header would start: the end, as tarfile takes it
-            raise _Reason("the tar ends after a header record, without the entry it is for (truncated)") from None
-        except tarfile.TruncatedHeaderError:
-            raise _Reason("the tar ends inside a header (truncated)") from None
-        except tarfile.HeaderError as e:
-            raise _Reason(
-                f"it is not a tar ({e})" if tar.offset == 0 else f"damaged tar header at byte {tar.offset} ({e})"
-            ) from None
-        except ValueError as e:  # tarfile's int() of a PAX record (GNU.sparse.size=x), uncaught there
-            raise _Reason(f"damaged tar header at byte {tar.offset} ({e})") from None
-
-
-def _next_entry(tar: tarfile.TarFile, previous: tarfile.TarInfo | None) -> tarfile.TarInfo | None:
-    """The tar's next entry, None at its end. ``previous``'s data was read whole (a short one is an error
-    there), so a stream that ends in the padding after it ends the tar, as Go's archive/tar takes it
-    (tarfile calls that "unexpected end of data")."""
-    if previous is None:
-        return tar.next()  # (the first, which tarfile has read already)
-    stream = cast(IO[bytes], tar.fileobj)
-    padding = tar.offset - stream.tell()
-    if padding > 0 and len(stream.read(padding)) < padding:
-        return None
-    return tar.next()
-
-
-class _Parsed:
-    """The tar's entries, parsed as the making asks for them, in order. Each entry's data (a regular file's)
-    follows it as chunks, read whole whether the making wants them or not; an error comes where it
-    happened."""
-
-    def __init__(self, data: _Input) -> None:
-        self._items = self._parse(data)
-        self._in_data = False  # the entry last given has data items left (up to its b"")
-
-    @staticmethod
-    def _parse(data: _Input) -> Iterator[tarfile.TarInfo | bytes | None]:
-        tar = tarfile.open(
-            fileobj=cast(BinaryIO, data), mode="r|", tarinfo=_Header, encoding="utf-8", errors="surrogateescape"
-        )
-        info: tarfile.TarInfo | None = None
-        while (info := _next_entry(tar, info)) is not None:
-            # kept for random access, which a stream has not: a big layer would fill memory
-            tar.members.clear()  # type: ignore[attr-defined]  # (not in typeshed's TarFile)
-            yield info
-            content = tar.extractfile(info) if info.isreg() else None
-            while content is not None and (chunk := content.read(_CHUNK)):
-                yield chunk
-            yield b""
-        data.drain()
-        yield None
-
-    def _get(self) -> tarfile.TarInfo | bytes | None:
-        return next(self._items)
-
-    def next(self) -> tarfile.TarInfo | None:
-        """The next entry, once the previous one's data is passed (``pass_data``); None at the end."""
-        item = self._get()
-        assert not isinstance(item, bytes) and not self._in_data
-        self._in_data = item is not None
-        return item
-
-    def read(self, n: int = -1) -> bytes:
-        """The current entry's next chunk of data; b"" at its end."""
-        if not self._in_data:
-            return b""
-        item = self._get()
-        assert isinstance(item, bytes)
-        self._in_data = bool(item)
-        return item
-
-    def pass_data(self) -> None:
-        """What is left of the current entry's data read (and checked whole) unused."""
-        while self.read():
-            pass
 
 
 # -- the entries ----------------------------------------------------------------------------------------
@@ -402,18 +304,14 @@ class _Unpacker:
                 data = self._unpack()
             finally:
                 self.tree.close()
-        except _Reason as e:
+        except (_Reason, tarstream.Damaged) as e:
             raise LayerfsError(f"{self._where()}: {e}") from None
-        except tarfile.TarError as e:
-            if str(e) == "unexpected end of data":  # what tarfile says when an entry's data is cut short
-                raise LayerfsError(f"{self._where()}: the tar ends inside the entry's data (truncated)") from e
-            raise LayerfsError(f"{self._where()}: damaged tar ({e})") from e
         except OSError as e:
             raise LayerfsError(f"{self._where()}: {e.strerror or e}") from e
         except (OverflowError, ValueError) as e:  # a number out of range for a system call
             raise LayerfsError(f"{self._where()}: {e}") from e
         kept = None if self.data is None or self.tree.removed else tuple(self.data)
-        return UnpackResult(data.diff_id(), self.entries, data.size, kept)
+        return UnpackResult(data.diff_id(), self.entries, data.size(), kept)
 
     def _where(self) -> str:
         if self.current is not None:
@@ -426,78 +324,96 @@ class _Unpacker:
         stop = threading.Event()
         data = _Input(self.stream, self.progress, stop)
         try:
-            parsed = _Parsed(data)
-            while (info := parsed.next()) is not None:
+            tar = tarstream.TarReader(data.read)
+            while (info := tar.next()) is not None:
                 self.current = info.name
-                self._entry(info, parsed)
-                parsed.pass_data()  # (a whiteout file's, which no one wants)
+                self._entry(info, tar)
+                tar.skip_data()  # (a whiteout file's, which no one wants: read whole all the same)
                 self.entries += 1
                 self.last, self.current = self.current, None
+            data.drain()
         finally:
             stop.set()
         self.tree.finish()
         data.raw.report()
         return data
 
-    def _entry(self, info: tarfile.TarInfo, content: _Parsed) -> None:
+    def _entry(self, info: Header, tar: tarstream.TarReader) -> None:
         parts = _parts(info.name, "the name")
-        if info.isreg() and info.size and self.data is not None:
-            if info.issparse() or whiteout.is_marker_name(parts[-1] if parts else ""):
-                self.data = None  # (data that is not in the layer as the tar has it)
-            else:
-                self.data.append((info.offset_data, info.size, "/".join(parts)))
-        for i, part in enumerate(parts[:-1]):
-            if whiteout.is_marker_name(part):
-                raise _Reason(f"{_show('/'.join(parts[: i + 1]))} is a whiteout name, which cannot be a directory")
-        if parts and whiteout.is_marker_name(parts[-1]):
-            self._marker(parts)
+        if info.sparse:
+            raise _Reason("it is a sparse file (tar --sparse), which a layer does not hold")
+        if whiteout.WHITEOUT_PREFIX in info.name and self._marker(parts, info):
             return
-        if info.ischr() and info.devmajor == 0 and info.devminor == 0 and parts:
+        if info.type == tarstream.REG and info.size and self.data is not None:
+            self.data.append((info.offset_data, info.size, "/".join(parts)))
+        kind = info.type
+        if kind == tarstream.CHR and info.dev == (0, 0) and parts:
             self.tree.whiteout(parts)
             return
-        if not (info.isreg() or info.isdir() or info.issym() or info.islnk() or info.isdev()):
-            raise _Reason(f"entry type {info.type!r} is not one an image layer holds")
+        if kind not in _KINDS:
+            raise _Reason(f"entry type {kind!r} is not one an image layer holds")
         if not parts:
-            if not info.isdir():
+            if kind != tarstream.DIR:
                 raise _Reason("the layer's root can only be a directory")
             self.tree.root_dir(_Meta(info))
             return
-        if info.islnk():
+        if kind == tarstream.LNK:
             self._hard_link(parts, info)
             return
         meta = _Meta(info)
-        if info.issym() and "\0" in info.linkname:
+        if kind == tarstream.SYM and "\0" in info.linkname:
             raise _Reason("the symlink target holds a NUL byte")
-        parent, name = self.tree.place(parts, directory=info.isdir())
-        if parent is None:  # a directory already there: this entry changes its metadata
-            self.tree.update_dir(parts, meta)
-        elif info.isreg():
-            self._file(parent, name, meta, content)
-        elif info.isdir():
+        parent, name = self.tree.place(parts)
+        try:
+            self._make(info, parent, name, parts, meta, tar)
+        except FileExistsError:  # a later entry for a path replaces the earlier
+            if not self.tree.clear(parent, name, parts, directory=kind == tarstream.DIR):
+                self.tree.update_dir(parts, meta)  # a directory over a directory: its metadata only
+                return
+            self._make(info, parent, name, parts, meta, tar)
+
+    def _make(
+        self, info: Header, parent: int, name: str, parts: tuple[str, ...], meta: _Meta, tar: tarstream.TarReader
+    ) -> None:
+        """The entry made as ``name`` in ``parent``: FileExistsError, with nothing made, where the name is taken."""
+        kind = info.type
+        if kind == tarstream.REG:
+            self._file(parent, name, meta, tar)
+        elif kind == tarstream.DIR:
             self.tree.new_dir(parent, name, parts, meta)
-        elif info.issym():
+        elif kind == tarstream.SYM:
             os.symlink(info.linkname, name, dir_fd=parent)
             meta.apply_at(parent, name, symlink=True)
         else:
-            kind = stat.S_IFCHR if info.ischr() else stat.S_IFBLK if info.isblk() else stat.S_IFIFO
-            rdev = os.makedev(info.devmajor, info.devminor) if kind != stat.S_IFIFO else 0
+            node = _NODES[kind]
+            rdev = os.makedev(*info.dev) if node != stat.S_IFIFO else 0
             try:
-                os.mknod(name, kind | 0o600, rdev, dir_fd=parent)
+                os.mknod(name, node | 0o600, rdev, dir_fd=parent)
             except PermissionError:
                 raise _Reason("making a device node needs root (CAP_MKNOD)") from None
             meta.apply_at(parent, name)
 
-    def _marker(self, parts: tuple[str, ...]) -> None:
+    def _marker(self, parts: tuple[str, ...], info: Header) -> bool:
+        """Whether the entry is a whiteout or the opaque marker, which is applied here. (A ``.wh.`` name as a
+        directory is refused.)"""
+        for i, part in enumerate(parts[:-1]):
+            if whiteout.is_marker_name(part):
+                raise _Reason(f"{_show('/'.join(parts[: i + 1]))} is a whiteout name, which cannot be a directory")
+        if not parts or not whiteout.is_marker_name(parts[-1]):
+            return False
+        if info.type == tarstream.REG and info.size:
+            self.data = None  # (a marker's data is not in the layer)
         name = parts[-1]
         if name == whiteout.OPAQUE_MARKER:
             self.tree.opaque(parts[:-1])
-            return
+            return True
         hidden = whiteout.whited_out_name(name)
         if hidden is None or hidden in (".", "..") or whiteout.is_marker_name(hidden):
             raise _Reason("it is neither a whiteout (.wh.NAME) nor the opaque marker (.wh..wh..opq)")
         self.tree.whiteout(parts[:-1] + (hidden,))
+        return True
 
-    def _hard_link(self, parts: tuple[str, ...], info: tarfile.TarInfo) -> None:
+    def _hard_link(self, parts: tuple[str, ...], info: Header) -> None:
         target = _parts(info.linkname, f"its hard-link target {_show(info.linkname)}")
         if target == parts:
             raise _Reason("it is a hard link to itself")
@@ -513,16 +429,20 @@ class _Unpacker:
                 raise _Reason(f"its hard-link target {_show(info.linkname)} is not in the layer")
             if stat.S_ISDIR(st.st_mode):
                 raise _Reason(f"its hard-link target {_show(info.linkname)} is a directory")
-            parent, name = self.tree.place(parts, directory=False)
-            os.link(target[-1], name, src_dir_fd=target_dir, dst_dir_fd=parent, follow_symlinks=False)
+            parent, name = self.tree.place(parts)
+            try:
+                os.link(target[-1], name, src_dir_fd=target_dir, dst_dir_fd=parent, follow_symlinks=False)
+            except FileExistsError:
+                self.tree.clear(parent, name, parts, directory=False)
+                os.link(target[-1], name, src_dir_fd=target_dir, dst_dir_fd=parent, follow_symlinks=False)
         finally:
             os.close(target_dir)
 
-    def _file(self, parent: int, name: str, meta: _Meta, data: _Parsed) -> None:
+    def _file(self, parent: int, name: str, meta: _Meta, tar: tarstream.TarReader) -> None:
         fd = os.open(name, _NEW_FILE, 0o600, dir_fd=parent)
         try:
-            while chunk := data.read(_CHUNK):
-                view = memoryview(chunk)
+            for piece in tar.data():
+                view = memoryview(piece)
                 while view:
                     view = view[os.write(fd, view) :]
             meta.apply_fd(fd)
@@ -533,18 +453,18 @@ class _Unpacker:
 class _Meta:
     """An entry's owner, mode, times and xattrs, checked, and applied without following it."""
 
-    def __init__(self, info: tarfile.TarInfo) -> None:
+    def __init__(self, info: Header) -> None:
         if info.uid not in _IDS or info.gid not in _IDS:
             raise _Reason(f"its owner {info.uid}:{info.gid} is out of range")
         self.uid, self.gid = info.uid, info.gid
         self.mode = stat.S_IMODE(info.mode)
         mtime = _pax_time(info, "mtime")
         if mtime is None:
-            mtime = int(info.mtime) * 10**9
+            mtime = info.mtime * 10**9
         atime = _pax_time(info, "atime")
         self.times = (mtime if atime is None else atime, mtime)
         self.xattrs: dict[str, bytes] = {}
-        for key, value in info.pax_headers.items():
+        for key, value in info.pax.items():
             if not key.startswith(_XATTR_RECORD):
                 continue
             attr = key[len(_XATTR_RECORD) :]
@@ -587,9 +507,9 @@ class _Meta:
         os.utime(name, ns=self.times, dir_fd=parent, follow_symlinks=False)
 
 
-def _pax_time(info: tarfile.TarInfo, key: str) -> int | None:
-    """A PAX time record in ns, exactly (tarfile's own float loses the last digits); None when absent."""
-    value = info.pax_headers.get(key)
+def _pax_time(info: Header, key: str) -> int | None:
+    """A PAX time record in ns, exactly (no float on the way); None when absent."""
+    value = info.pax.get(key)
     if value is None:
         return None
     m = _PAX_TIME.fullmatch(value)
@@ -786,28 +706,35 @@ class _Tree:
         """The descriptor of the directory ``parts`` (made if missing), kept until another is asked for."""
         return self.chain.get(parts)
 
-    def place(self, parts: tuple[str, ...], *, directory: bool) -> tuple[int | None, str]:
-        """Clear the way for an entry at ``parts``: (its parent's descriptor, its name). What a later
-        entry replaces is removed, except a directory where a directory comes: then the parent is None."""
+    def place(self, parts: tuple[str, ...]) -> tuple[int, str]:
+        """Where an entry at ``parts`` is made: (its parent's descriptor, its name). A whiteout of the name
+        by this layer in OCI form goes (the form make_whiteout falls back to where it may not make a device).
+        What the name holds already is ``clear``'s, once the making finds it taken (most names are new: no
+        lookup before each)."""
         fd = self.parent(parts[:-1])
         name = parts[-1]
-        st = _lstat(name, fd)
-        if st is not None:
-            if stat.S_ISDIR(st.st_mode):
-                if directory:
-                    return None, name
-                _remove_tree(fd, name)
-                self.pending.drop(parts)
-            else:
-                os.unlink(name, dir_fd=fd)
-            self.removed = True
-        path = "/".join(parts)
-        if path in self.deleted:
-            try:  # the OCI form make_whiteout falls back to where it may not make a device
+        if self.deleted and "/".join(parts) in self.deleted:
+            try:
                 os.unlink(whiteout.oci_whiteout_name(name), dir_fd=fd)
             except FileNotFoundError:
                 pass
         return fd, name
+
+    def clear(self, fd: int, name: str, parts: tuple[str, ...], *, directory: bool) -> bool:
+        """What a later entry at ``parts`` replaces (``name`` in ``fd``) removed; False where a directory
+        comes over a directory, which stays."""
+        st = _lstat(name, fd)
+        if st is None:
+            return True
+        if stat.S_ISDIR(st.st_mode):
+            if directory:
+                return False
+            _remove_tree(fd, name)
+            self.pending.drop(parts)
+        else:
+            os.unlink(name, dir_fd=fd)
+        self.removed = True
+        return True
 
     def new_dir(self, parent: int, name: str, parts: tuple[str, ...], meta: _Meta) -> None:
         self._mkdir(parent, name, parts)

@@ -28,7 +28,7 @@ _BLOCK = 1 << 20
 
 def write(tar_fd: int, size: int, data: Sequence[DataRef], out: str) -> None:
     """The split of the tar open at ``tar_fd`` (``size`` bytes; ``data`` its files' data, in order) written
-    to the new file ``out``."""
+    to the new file ``out``. (Not synced: ``Incoming.adopt`` syncs everything at once before it names it.)"""
     segments: list[int | list] = []
     framing = bytearray()
 
@@ -49,8 +49,6 @@ def write(tar_fd: int, size: int, data: Sequence[DataRef], out: str) -> None:
     with open(out, "wb") as f:
         f.write(json.dumps({"size": size, "segments": segments}).encode() + b"\n")
         f.write(framing)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def describe(split: str) -> tuple[int, bytes]:
