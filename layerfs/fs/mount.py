@@ -13,12 +13,10 @@ import errno
 import itertools
 import json
 import logging
-import logging.handlers
 import os
 import resource
 import shutil
 import signal
-import subprocess
 import threading
 import time
 
@@ -206,7 +204,9 @@ def _log_to(path: str | None) -> None:
         handler: logging.Handler = logging.FileHandler(path)
         handler.setFormatter(logging.Formatter("%(asctime)s layerfs[%(process)d]: %(levelname)s %(message)s"))
     elif os.path.exists("/dev/log"):
-        handler = logging.handlers.SysLogHandler("/dev/log")
+        from logging.handlers import SysLogHandler  # (here: sockets and pickle are no mount's start-up cost)
+
+        handler = SysLogHandler("/dev/log")
         handler.setFormatter(logging.Formatter("layerfs[%(process)d]: %(message)s"))
     else:
         return
@@ -294,6 +294,8 @@ def _detach(mountpoint: str, path: str, lazy: bool) -> None:
     helper = shutil.which("fusermount3") or shutil.which("fusermount")
     if helper is None:
         raise LayerfsError(f"{mountpoint}: permission denied and no fusermount to ask")
+    import subprocess  # (here: a mount needs none)
+
     args = [helper, "-u"] + (["-z"] if lazy else []) + [path]
     result = subprocess.run(args, capture_output=True, text=True)
     if result.returncode != 0:
