@@ -382,7 +382,7 @@ _WITH_CONTAINER_OWNERS = frozenset("run start create diff commit export build im
 
 
 def _run(args: argparse.Namespace) -> int:
-    if args.command in _WITH_CONTAINER_OWNERS:
+    if args.command in _WITH_CONTAINER_OWNERS and os.geteuid() != 0:  # (root needs none: none imported)
         from .. import usernamespace
 
         usernamespace.enter_as_needed(required=args.command in ("run", "start"))
