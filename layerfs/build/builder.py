@@ -23,6 +23,7 @@ from ..errors import LayerfsError
 from ..runtime.process import DEFAULT_PATH, find_user
 from ..store import Store
 from ..store.manifests import OCI_MANIFEST
+from ..tarfilters import tarfile
 from . import dockerfile, steps
 from .cache import Cache, State, key
 from .context import Context, resolve_in_root
@@ -383,6 +384,8 @@ class _Copying:
                 self._copy_one(copier, context, path, into_dir)
             except OSError as e:  # (named as the container sees it, not by the mount's path on the host)
                 raise self.instruction.error(f"{path}: {e.strerror}") from None
+            except tarfile.FilterError as e:  # (its own message names the mount's path)
+                raise self.instruction.error(f"{path}: {e.tarinfo.name}: reaches outside {self.dest}") from None
 
     def _copy_one(self, copier: Copy, context: Context, path: str, into_dir: bool) -> None:
         full = os.path.join(context.root, path)

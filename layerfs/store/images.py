@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tarfile
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +18,7 @@ from ..distribution.reference import parse_reference
 from ..errors import LayerfsError
 from ..oci import layout
 from ..oci.unpack import ProgressFn
+from ..tarfilters import tarfile
 from . import manifests
 from .blobs import Blobs
 from .incoming import Incoming
