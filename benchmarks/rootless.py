@@ -52,8 +52,10 @@ T = TypeVar("T")
 PARTS = ("podman", "files")
 PODMAN_IMPLS = {"overlay": None, "fuse-overlayfs": shutil.which("fuse-overlayfs"), "layerfs": None}
 FILE_IMPLS = [Impl("overlay", "kernel", userns=True), Impl("fuse-overlayfs", "fuse"), Impl("layerfs", "fuse")]
-# Not here: podman-build (the podman part is rootless Podman itself) and chown-r (its metacopy variants).
-FILE_WORKLOADS = [w for w in workloads.WORKLOADS if w.name not in ("podman-build", "chown-r")]
+# Not here: podman-build and start (the podman part is rootless Podman itself: a mount in a user namespace is
+# nodev, so the chroot's /dev/null cannot be opened; Podman mounts a /dev of its own), and chown-r (its
+# metacopy variants).
+FILE_WORKLOADS = [w for w in workloads.WORKLOADS if w.name not in ("podman-build", "start", "chown-r")]
 PATH = "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin"
 
 
