@@ -34,6 +34,7 @@ class Impl:
     kind: str  # native | kernel | fuse
     flat: bool = False  # mounts the flattened one-layer tree instead of the layer stack
     options: str = ""  # mount options added to the implementation's usual ones
+    userns: bool = False  # mounted in a user namespace (benchmarks/rootless.py): overlayfs with userxattr
 
     @property
     def variant(self) -> bool:
@@ -85,7 +86,11 @@ class Impl:
                 "overlay",
                 "overlay",
                 "-o",
-                self._with(f"lowerdir={lowerdir},upperdir={upper},workdir={work},redirect_dir=on"),
+                # (userxattr refuses redirect_dir=on: a rename of a merged directory is EXDEV there, and mv copies)
+                self._with(
+                    f"lowerdir={lowerdir},upperdir={upper},workdir={work},"
+                    + ("userxattr" if self.userns else "redirect_dir=on")
+                ),
                 str(mnt),
             ]
         if self.name == "fuse-overlayfs":

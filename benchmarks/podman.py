@@ -96,11 +96,11 @@ def prepare(ctx: Ctx) -> None:
     (base / "context").mkdir()
     (base / "context" / "Dockerfile").write_text(DOCKERFILE)
     (base / "context" / "small.txt").write_text("a small file\n")
-    _rootfs_tar(base / "busybox.tar")
+    rootfs_tar(base / "busybox.tar")
     _podman(base, "import", base / "busybox.tar", IMAGE)
 
 
-def _rootfs_tar(path: Path) -> None:
+def rootfs_tar(path: Path) -> None:
     """A busybox rootfs: the static binary, a link per applet in /bin, and the FILES the build changes."""
 
     def entry(name: str, kind: bytes, mode: int, size: int = 0, link: str = "") -> tarfile.TarInfo:

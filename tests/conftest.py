@@ -22,7 +22,6 @@ import signal
 import stat
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import time
 from collections.abc import Iterator
@@ -265,8 +264,7 @@ class User:
     name: str
     uid: int
     gid: int
-    env: dict[str, str]  # what runs layerfs as this user: PATH, and PYTHONPATH where the interpreter needs it
-    python: str
+    env: dict[str, str]  # what runs this layerfs as this user: PATH, and PYTHONPATH (the source under test)
 
     def run(self, *args: str | Path, check: bool = True) -> subprocess.CompletedProcess:
         """``args`` run as the user (runuser: no password, no login shell), text output captured."""
@@ -276,25 +274,22 @@ class User:
         return result
 
     def layerfs(self, *args: str | Path, check: bool = True) -> subprocess.CompletedProcess:
-        return self.run(self.python, "-m", "layerfs", *args, check=check)
+        return self.run(sys.executable, "-m", "layerfs", *args, check=check)
 
     def layerfs_program(self, path: Path) -> Path:
         """A ``layerfs`` the user can run, at ``path`` (a mount_program for their Podman)."""
         settings = " ".join(f"{k}={shlex.quote(v)}" for k, v in self.env.items() if k == "PYTHONPATH")
-        path.write_text(f'#!/bin/sh\n{settings} exec {self.python} -m layerfs "$@"\n')
+        path.write_text(f'#!/bin/sh\n{settings} exec {sys.executable} -m layerfs "$@"\n')
         path.chmod(0o755)
         return path
 
 
-def _python_for(name: str) -> tuple[str, dict[str, str]]:
-    """An interpreter the user may run, with this layerfs and its packages: this one where it can (the
-    set-up's venv), else the system's python3 given this venv's packages (a Python under /root is not
-    reachable by other users)."""
-    probe = subprocess.run(["runuser", "-u", name, "--", sys.executable, "-c", "import layerfs"], capture_output=True)
-    source = str(Path(layerfs_package.__file__).parents[1])
-    if probe.returncode == 0:
-        return sys.executable, {"PYTHONPATH": source}
-    return "/usr/bin/python3", {"PYTHONPATH": os.pathsep.join([source, sysconfig.get_paths()["purelib"]])}
+def _check_python_runs_as(name: str) -> None:
+    """The user must be able to run this interpreter: tools/setup makes the venv on the system's python3 for
+    that (a Python under /root, as pyenv's, is closed to other users)."""
+    probe = subprocess.run(["runuser", "-u", name, "--", sys.executable, "-c", ""], capture_output=True)
+    if probe.returncode != 0:
+        pytest.fail(f"{sys.executable}: other users cannot run it; tools/setup makes a venv they can", pytrace=False)
 
 
 def processes_of(uid: int) -> list[int]:
@@ -333,9 +328,10 @@ def plain_user() -> Iterator[User]:
     entry = pwd.getpwnam(name)
     try:
         os.chmod("/dev/fuse", 0o666)
-        python, env = _python_for(name)
-        env["PATH"] = "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin"
-        yield User(name, entry.pw_uid, entry.pw_gid, env, python)
+        _check_python_runs_as(name)
+        source = str(Path(layerfs_package.__file__).parents[1])
+        env = {"PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", "PYTHONPATH": source}
+        yield User(name, entry.pw_uid, entry.pw_gid, env)
     finally:
         os.chmod("/dev/fuse", mode)
         end_processes_of(entry.pw_uid)

@@ -269,6 +269,25 @@ def test_a_missing_source_names_its_line(images, tmp_path):
     assert failed.stderr.strip() == "layerfs: Dockerfile:2: ADD: https://example.com/x.tar: URLs are not supported"
 
 
+def test_add_refuses_a_tar_that_reaches_out_of_its_destination(images, tmp_path):
+    store, _, _ = images
+    context = tmp_path / "context"
+    context.mkdir()
+    up = tarfile.TarInfo("up")  # (a symlink out, then a file through it)
+    up.type, up.linkname = tarfile.SYMTYPE, "../../../../.."
+    for name, members in (
+        ("dotdot.tar", [tarfile.TarInfo("../../out")]),
+        ("link.tar", [up, tarfile.TarInfo("up/out")]),
+    ):
+        with tarfile.open(context / name, "w") as tar:
+            for member in members:
+                tar.addfile(member)
+        (context / "Dockerfile").write_text(f"FROM box:1\nADD {name} /opt/\n")
+        failed = build(store, context, check=False)
+        expected = f"layerfs: Dockerfile:2: ADD: {name}: {members[-1].name}: reaches outside /opt/\n"
+        assert failed.returncode == 1 and failed.stderr == expected, failed.stderr
+
+
 def test_target_builds_only_that_stage_and_what_it_needs(images, tmp_path):
     store, _, _ = images
     context = tmp_path / "context"

@@ -275,6 +275,23 @@ def test_a_rootfs_tar_imports_as_a_one_layer_image(layout, mounts, tmp_path):
     assert not (tmp_path / "escape").exists() and not (root / "escape").exists()
 
 
+def test_an_image_archive_that_reaches_out_of_its_directory_is_refused(tmp_path):
+    """An archive is unpacked whole before it is read: tarfile's data filter keeps it inside."""
+    root = tmp_path / "store"
+    link = tarfile.TarInfo("blobs/sha256")
+    link.type, link.linkname = tarfile.SYMTYPE, str(tmp_path)
+    for name, members in (("dotdot", [tarfile.TarInfo("blobs/../../../out")]), ("absolute", [link])):
+        archive = tmp_path / f"{name}.tar"
+        with tarfile.open(archive, "w") as tar:
+            for member in [tarfile.TarInfo("oci-layout"), *members]:
+                tar.addfile(member)
+        result = layerfs("import", "--root", root, str(archive), name, check=False)
+        assert result.returncode != 0 and result.stderr.count("\n") == 1, result.stderr
+        assert result.stderr.startswith(f"layerfs: {archive}: not a readable image archive ("), result.stderr
+        assert f"'{members[0].name}'" in result.stderr, result.stderr
+    assert not (tmp_path / "out").exists() and os.listdir(root / "tmp") == []
+
+
 def test_a_rootfs_tar_is_kept_as_its_framing_and_saved_byte_for_byte(layout, tmp_path):
     """An imported root filesystem tar is not written a second time as its blob: the store keeps its headers
     (a split), and save gives back the very same bytes from the unpacked layer. A tar whose data the layer

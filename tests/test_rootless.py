@@ -99,6 +99,76 @@ def test_override_stat_records_are_shown_with_xattr_permissions(tmp_path, mounts
     assert (os.lstat(mnt / "b/keep").st_uid, oct(os.lstat(mnt / "b/keep").st_mode)) == (0, oct(0o100644))
 
 
+RECORD = "user.fuseoverlayfs.override_stat"
+
+
+def _owner_changes(mnt: Path) -> None:
+    """chown and chmod of lower and new directories and files, as a container's set-up makes them."""
+    os.chown(mnt / "a/file1", 5, 6)
+    os.chmod(mnt / "b/keep", 0o640)
+    os.chown(mnt / "a", 7, 8)
+    fd = os.open(mnt / "new", os.O_CREAT | os.O_WRONLY, 0o644)
+    os.write(fd, b"new\n")
+    os.close(fd)
+    os.chmod(mnt / "new", 0o4755)
+    os.chown(mnt / "new", 9, 10)  # (clears setuid)
+    os.mkdir(mnt / "nd", 0o755)  # (fuse-overlayfs before 1.14 records 0755 whatever mkdir asks)
+    os.chown(mnt / "nd", 11, 12)
+
+
+def test_xattr_permissions_records_owners_and_modes_as_fuse_overlayfs_does(tmp_path, mounts):
+    """With xattr_permissions=2 a chown, chmod or creation of a directory or regular file is kept in its
+    override_stat record, as fuse-overlayfs keeps it, and shown from there: the same records and the same
+    owners and modes through both; the files stay root's."""
+    lower = _lower(tmp_path)
+    records, shown = {}, {}
+    for side, mount in (("fuse-overlayfs", mounts.fuse_overlayfs), ("layerfs", mounts.layerfs)):
+        upper, work = tmp_path / side / "upper", tmp_path / side / "work"
+        upper.mkdir(parents=True)
+        work.mkdir()
+        mnt = mount(tmp_path / side / "mnt", [lower], upper, work, extra="xattr_permissions=2")
+        os.umask(old := os.umask(0))
+        try:
+            _owner_changes(mnt)
+        finally:
+            os.umask(old)
+        found = {
+            str(p.relative_to(upper)): os.getxattr(p, RECORD) for p in upper.rglob("*") if RECORD in os.listxattr(p)
+        }
+        records[side] = found
+        shown[side] = {name: (s.st_uid, s.st_gid, oct(s.st_mode)) for name in found for s in [os.lstat(mnt / name)]}
+        mounts.unmount(mnt)
+        assert {os.lstat(upper / name).st_uid for name in found} == {0}
+    # fuse-overlayfs also records the owner of a directory it copies up (b, for b/keep): layerfs gives the
+    # copy that owner itself, as without the option.
+    assert set(records["fuse-overlayfs"]) - set(records["layerfs"]) == {"b"}
+    assert records["layerfs"] == {name: records["fuse-overlayfs"][name] for name in records["layerfs"]}
+    assert shown["layerfs"] == {name: shown["fuse-overlayfs"][name] for name in shown["layerfs"]}
+    assert shown["layerfs"]["a/file1"] == (5, 6, oct(0o100644)) and shown["layerfs"]["new"] == (9, 10, oct(0o100755))
+
+
+def test_xattr_permissions_records_keep_unchanged_ids_and_follow_open_files(tmp_path, mounts):
+    """A chown's -1 keeps that id of the record; mkdir's mode is recorded as asked; a file open with no name
+    left has its chown recorded through its descriptor, and fstat shows it."""
+    upper, work = tmp_path / "upper", tmp_path / "work"
+    upper.mkdir()
+    work.mkdir()
+    mnt = mounts.layerfs(tmp_path / "mnt", [_lower(tmp_path)], upper, work, extra="xattr_permissions=2")
+    os.chown(mnt / "a/file1", 5, 6)
+    os.chown(mnt / "a/file1", -1, 7)
+    os.mkdir(mnt / "private", 0o700)
+    fd = os.open(mnt / "b/gone-soon", os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        os.unlink(mnt / "b/gone-soon")
+        os.fchown(fd, 3, 4)
+        assert (os.fstat(fd).st_uid, os.fstat(fd).st_gid) == (3, 4)
+    finally:
+        os.close(fd)
+    assert os.getxattr(upper / "a/file1", RECORD) == b"5:7:100644"
+    assert os.getxattr(upper / "private", RECORD) == b"0:0:40700"
+    assert (os.lstat(mnt / "a/file1").st_uid, os.lstat(mnt / "a/file1").st_gid) == (5, 7)
+
+
 @pytest.fixture
 def user_layers(plain_user: User) -> Iterator[Path]:
     """lower (the user's files, readable by all), upper, work and mnt of the user, in a directory every

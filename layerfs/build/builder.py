@@ -376,6 +376,7 @@ class _Copying:
             self._copy(merged, context, [self._matched(context, p) for p in self.patterns], None)
 
     def _copy(self, merged: str, context: Context, paths: list[list[str]], owner: tuple[int, int] | None) -> None:
+        from ..tarfilters import tarfile
         from .copying import Copy
 
         if self.chown:
@@ -388,6 +389,8 @@ class _Copying:
                 self._copy_one(copier, context, path, into_dir)
             except OSError as e:  # (named as the container sees it, not by the mount's path on the host)
                 raise self.instruction.error(f"{path}: {e.strerror}") from None
+            except tarfile.FilterError as e:  # (its own message names the mount's path)
+                raise self.instruction.error(f"{path}: {e.tarinfo.name}: reaches outside {self.dest}") from None
 
     def _copy_one(self, copier: Copy, context: Context, path: str, into_dir: bool) -> None:
         from .copying import is_archive

@@ -14,10 +14,10 @@ from __future__ import annotations
 import os
 import shutil
 import stat
-import tarfile
 
 from ..core.copyup import copy_xattrs
 from ..errors import LayerfsError
+from ..tarfilters import tarfile
 from .context import resolve_in_root
 
 

@@ -270,8 +270,7 @@ class Union:
             tmp, uid, gid, mode = self._prepare_new(path, uid, gid, mode, is_dir=False)
             fd = os.open(tmp, keep | os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=self._work.fd)
             try:
-                os.fchown(fd, uid, gid)
-                os.fchmod(fd, mode)
+                self._give_owner(tmp, uid, gid, mode)
                 self._install_new(tmp, path)
             except BaseException:
                 os.close(fd)
@@ -295,15 +294,17 @@ class Union:
     def drop_setid(self, fd: int) -> None:
         """Clear setuid (and setgid where group-executable) on the open file, as the kernel does when
         someone without CAP_FSETID writes to it."""
-        mode = os.fstat(fd).st_mode
+        st = os.fstat(fd)
+        mode = self.fstat(fd).mode
         kill = stat.S_ISUID | (stat.S_ISGID if mode & stat.S_IXGRP else 0)
-        if mode & kill:
+        if mode & kill and not self._recorded(fd, st, None, stat.S_IMODE(mode) & ~kill):
             os.fchmod(fd, stat.S_IMODE(mode) & ~kill)
 
     def fstat(self, fd: int) -> Attributes:
         st = os.fstat(fd)
         known = self._handles.get(fd)
-        return Attributes(st, known[0] if known else self.inodes.number(st), st.st_nlink)
+        shown = overridestat.read(fd, self._override_stat) if self._override_stat else None
+        return Attributes(st, known[0] if known else self.inodes.number(st), st.st_nlink, shown=shown)
 
     def is_upper_file(self, fd: int) -> bool:
         """Whether ``fd`` is open on a file of the upper layer (else a lower one, never written)."""
@@ -347,10 +348,11 @@ class Union:
             return
         if not self.is_upper_file(fd):
             raise _error(errno.ENOENT, "(a file with no name left)")
-        if owner is not None:
-            os.fchown(fd, *owner)
-        if mode is not None:
-            os.fchmod(fd, stat.S_IMODE(mode))
+        if not self._recorded(fd, os.fstat(fd), owner, mode):
+            if owner is not None:
+                os.fchown(fd, *owner)
+            if mode is not None:
+                os.fchmod(fd, stat.S_IMODE(mode))
         if times_ns is not None:
             os.utime(fd, ns=_fill_times(times_ns, lambda: os.fstat(fd)))
 
@@ -411,15 +413,37 @@ class Union:
             return self.getattr(path)
         entry = self._copied_up(path)
         with entry.layer.at(entry.rel) as (dir_fd, name):
-            if owner is not None:
-                os.chown(name, *owner, dir_fd=dir_fd, follow_symlinks=False)
-            if mode is not None:
-                os.chmod(name, stat.S_IMODE(mode), dir_fd=dir_fd)
+            if not self._recorded(name, entry.st, owner, mode, dir_fd=dir_fd):
+                if owner is not None:
+                    os.chown(name, *owner, dir_fd=dir_fd, follow_symlinks=False)
+                if mode is not None:
+                    os.chmod(name, stat.S_IMODE(mode), dir_fd=dir_fd)
             if times_ns is not None:
                 times = _fill_times(times_ns, lambda: os.lstat(name, dir_fd=dir_fd))
                 os.utime(name, ns=times, dir_fd=dir_fd, follow_symlinks=False)
             entry.st = os.lstat(name, dir_fd=dir_fd)
         return self.attributes(entry)
+
+    def _recorded(
+        self,
+        target: str | int,
+        st: os.stat_result,
+        owner: tuple[int, int] | None,
+        mode: int | None,
+        *,
+        dir_fd: int | None = None,
+    ) -> bool:
+        """With xattr_permissions, a chown or chmod of a directory or regular file of the upper (a name in
+        ``dir_fd``, or an open file; ``st`` its lstat) is kept in its override_stat record instead of made, as
+        fuse-overlayfs does; whether it was."""
+        if not self._override_stat or not overridestat.is_recorded(st.st_mode) or (owner is None and mode is None):
+            return False
+        now = overridestat.read(target, self._override_stat, dir_fd=dir_fd)
+        if now is None:
+            now = Override(st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode))
+        file_type = stat.S_IFMT(st.st_mode)
+        overridestat.write(target, self._override_stat, now.changed(owner, mode, file_type), file_type, dir_fd=dir_fd)
+        return True
 
     def truncate(self, path: str, length: int) -> None:
         self._writable_upper()
@@ -513,12 +537,22 @@ class Union:
 
     def _finish_new(self, tmp: str, uid: int, gid: int, mode: int | None) -> None:
         try:
-            os.chown(tmp, uid, gid, dir_fd=self._work.fd, follow_symlinks=False)
-            if mode is not None:
-                os.chmod(tmp, stat.S_IMODE(mode), dir_fd=self._work.fd)
+            self._give_owner(tmp, uid, gid, mode)
         except BaseException:
             self._work.discard(tmp)
             raise
+
+    def _give_owner(self, tmp: str, uid: int, gid: int, mode: int | None) -> None:
+        """The new entry ``tmp`` of the work directory gets its owner and mode (None: a symlink's, left as
+        it is); with xattr_permissions a directory or regular file keeps its owner in its record instead."""
+        kind = stat.S_IFMT(os.lstat(tmp, dir_fd=self._work.fd).st_mode)
+        if self._override_stat and overridestat.is_recorded(kind) and mode is not None:
+            record = Override(uid, gid, stat.S_IMODE(mode))
+            overridestat.write(tmp, self._override_stat, record, kind, dir_fd=self._work.fd)
+        else:
+            os.chown(tmp, uid, gid, dir_fd=self._work.fd, follow_symlinks=False)
+        if mode is not None:
+            os.chmod(tmp, stat.S_IMODE(mode), dir_fd=self._work.fd)
 
     def _install_new(self, tmp: str, path: str) -> None:
         """Move the new entry ``tmp`` into place, replacing a whiteout of the upper layer if there is one."""

@@ -308,7 +308,7 @@ def _labelled(progress: Progress | None, label: str) -> ProgressFn | None:
 def _extract_archive(path: str, dest: str) -> None:
     """An image archive (a plain tar of files and relative symlinks) extracted into ``dest``; tarfile's
     "data" filter refuses what could reach outside it."""
-    import tarfile  # (here and in kind_of: reading the store needs no tar)
+    from ..tarfilters import tarfile  # (here and in kind_of: reading the store needs no tar)
 
     try:
         with tarfile.open(path) as tar:
@@ -329,7 +329,7 @@ def kind_of(path: str) -> str:
     """What the image file ``path`` is, as ``podman load`` finds out: ``oci`` (a layout directory),
     ``oci-archive``, ``docker-archive`` (its ``manifest.json``; Docker 25's are OCI layouts too), or ``rootfs``
     (a tar with anything else in it). Reading stops at the first entry no image archive has."""
-    import tarfile
+    from ..tarfilters import tarfile
 
     if os.path.isdir(path):
         return "oci"
