@@ -131,6 +131,7 @@ def main() -> None:
             daemon = Containerd(base, snapshotter, layerfs_on_path(base / "bin"))
             try:
                 samples = measure(daemon, archive, args.reps, args.pause)
+                races = daemon.helper_races
             finally:
                 daemon.stop()
         finally:
@@ -140,6 +141,8 @@ def main() -> None:
         shutil.rmtree(base, ignore_errors=True)
     print(table(samples))
     print("\n".join(goals(samples)))
+    if races:
+        print(f"{races} runs failed by containerd's mount helper race (ECHILD ten times) and were run again")
 
 
 if __name__ == "__main__":
