@@ -16,7 +16,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from .. import __version__
-from ..errors import LayerfsError, UsageError
+from ..errors import LayerfsError, UsageError, log_to_stderr
 from . import build, dispatch, images, lifecycle, snapshotter, volumes
 
 if TYPE_CHECKING:
@@ -313,9 +313,7 @@ def _command(arguments: list[str]) -> int:
         return 2
     debug = getattr(args, "debug", False)
     if debug:  # (else what logs sets logging up: the daemons; a cached build loads no logging)
-        import logging
-
-        logging.basicConfig(level=logging.DEBUG, format="layerfs: %(message)s")
+        log_to_stderr(debug=True)
     try:
         code = _run(args)
         sys.stdout.flush()  # (a closed pipe is found here, not in an error at the interpreter's exit)

@@ -22,7 +22,7 @@ import time
 
 from .. import syscalls
 from ..core.union import Union
-from ..errors import LayerfsError, printable
+from ..errors import LayerfsError, log_to_stderr, printable
 from . import mounts
 from .options import MountConfig
 
@@ -129,8 +129,7 @@ def _unmount_when_gone(owner: int, mountpoint: str) -> None:
 
 def mount(config: MountConfig, *, foreground: bool = False, debug: bool = False) -> int:
     """Mount ``config``; returns the exit code for the command."""
-    # The daemon's warnings go to the command's stderr until it is ready (--debug's set-up, if any, stays).
-    logging.basicConfig(level=logging.WARNING, format="layerfs: %(message)s")
+    log_to_stderr()  # (the daemon's warnings, until it is ready: then _log_to)
     _refuse_layers_in_use(config)
     # The union opens its layers now, before the mount hides any of them (a mount over its own lower).
     union = Union(

@@ -19,7 +19,7 @@ from concurrent import futures
 import grpc
 from google.protobuf import empty_pb2
 
-from ..errors import LayerfsError
+from ..errors import LayerfsError, log_to_stderr
 from .api import mount_pb2, snapshots_pb2, snapshots_pb2_grpc
 from .filters import matcher
 from .metadata import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Snapshot
@@ -139,7 +139,7 @@ def _answered(address: str) -> bool:
 
 def serve(address: str, root: str) -> None:
     """Serve the snapshots of ``root`` on the unix socket ``address`` until SIGTERM or SIGINT."""
-    logging.basicConfig(level=logging.WARNING, format="layerfs: %(message)s")  # (--debug's, if set, stays)
+    log_to_stderr()
     address = os.path.abspath(address)
     os.makedirs(os.path.dirname(address), exist_ok=True)
     if _answered(address):
