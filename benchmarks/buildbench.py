@@ -27,7 +27,7 @@ from pathlib import Path
 
 from layerfs.oci.layout import write_image
 
-from .podman import BUSYBOX, storage_env, write_configs
+from .podman import BUD_FLAGS, BUSYBOX, storage_env, write_configs
 from .util import log, remove_mounted_tree, run
 
 IMAGE = "localhost/bench-busybox:latest"
@@ -97,18 +97,7 @@ class _Buildah:
         self._buildah(
             "bud",
             "--layers",
-            "--runtime",
-            "runc",
-            "--isolation",
-            "oci",
-            "--network",
-            "none",
-            "--cgroup-manager",
-            "cgroupfs",
-            "--ulimit",
-            "nofile=20000:20000",
-            "--ulimit",
-            "nproc=32768:32768",
+            *BUD_FLAGS,
             "-t",
             "localhost/built:1",
             *flags,

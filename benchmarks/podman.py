@@ -72,6 +72,23 @@ def storage_env(base: Path) -> dict[str, str]:
     }
 
 
+# ``buildah bud``'s flags for this host's settings (as containers.conf has them for Podman).
+BUD_FLAGS = (
+    "--runtime",
+    "runc",
+    "--isolation",
+    "oci",
+    "--network",
+    "none",
+    "--cgroup-manager",
+    "cgroupfs",
+    "--ulimit",
+    "nofile=20000:20000",
+    "--ulimit",
+    "nproc=32768:32768",
+)
+
+
 def write_configs(base: Path, program: str | None) -> None:
     """A storage of its own under ``base`` (graph, run, tmp) mounting with ``program`` (None: kernel
     overlayfs), and this host's settings: runc, cgroupfs, events in a file, no network, ulimits it allows."""

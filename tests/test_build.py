@@ -23,6 +23,8 @@ from conftest import is_mounted, layerfs
 from snapshot import assert_same, snapshot
 from test_podman import Podman
 
+from benchmarks.podman import BUD_FLAGS
+
 pytestmark = pytest.mark.root  # containers: namespaces, mounts
 TOOLS = ("sh", "echo", "cat", "ls", "mkdir", "touch", "ln", "id", "env", "chmod", "chown", "rm", "false", "sed")
 PASSWD = "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/home/app:/bin/sh\n"
@@ -118,24 +120,7 @@ def buildah(podman: Podman, *args: str | os.PathLike) -> subprocess.CompletedPro
 
 
 def buildah_bud(podman: Podman, context: Path, *args: str) -> subprocess.CompletedProcess:
-    return buildah(
-        podman,
-        "bud",
-        "--runtime",
-        "runc",
-        "--isolation",
-        "oci",
-        "--network",
-        "none",
-        "--cgroup-manager",
-        "cgroupfs",
-        "--ulimit",
-        "nofile=20000:20000",
-        "--ulimit",
-        "nproc=32768:32768",
-        *args,
-        context,
-    )
+    return buildah(podman, "bud", *BUD_FLAGS, *args, context)
 
 
 # What Buildah's RUN leaves in an image and docker's does not (nor layerfs's): the mount points and files

@@ -24,6 +24,8 @@ from busybox_images import BUSYBOX
 from conftest import LAYERFS, force_unmount, is_mounted
 from processes import wait_for
 
+from benchmarks.podman import storage_env, write_configs
+
 pytestmark = pytest.mark.root  # Podman as root, with layerfs mounting its containers
 LAYERFS_PROGRAM = str(Path(sys.executable).with_name("layerfs"))
 IMAGE, COMMITTED, CONTAINER = "localhost/box:1", "localhost/box:2", "changer"
@@ -71,22 +73,8 @@ class Podman:
 
     def __init__(self, base: Path, program: str | None) -> None:
         self.base = base
-        for d in ("graph", "run", "tmp"):
-            (base / d).mkdir()
-        (base / "storage.conf").write_text(
-            f'[storage]\ndriver = "overlay"\ngraphroot = "{base}/graph"\nrunroot = "{base}/run"\n'
-            + (f'[storage.options.overlay]\nmount_program = "{program}"\n' if program else "")
-        )
-        (base / "containers.conf").write_text(
-            '[containers]\ndefault_ulimits = ["nofile=20000:20000", "nproc=32768:32768"]\nnetns = "none"\n'
-            f'[engine]\nruntime = "runc"\ncgroup_manager = "cgroupfs"\nevents_logger = "file"\n'
-            f'tmp_dir = "{base}/tmp"\n'
-        )
-        self.env = {
-            **os.environ,
-            "CONTAINERS_STORAGE_CONF": str(base / "storage.conf"),
-            "CONTAINERS_CONF": str(base / "containers.conf"),
-        }
+        write_configs(base, program)
+        self.env = storage_env(base)
 
     def __call__(self, *args: str | os.PathLike, check: bool = True) -> subprocess.CompletedProcess:
         result = subprocess.run(["podman", *map(str, args)], env=self.env, capture_output=True, text=True, timeout=180)
