@@ -42,6 +42,20 @@ def layerfs(*args, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
     )
 
 
+def runc_run(bundle: Path, name: str) -> subprocess.CompletedProcess:
+    """``runc run`` of a bundle ``layerfs bundle`` made (its output captured), its rootfs's mount
+    unmounted after, whatever happened."""
+    try:
+        return subprocess.run(
+            ["runc", "run", "--bundle", str(bundle), f"{name}-{os.getpid()}"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        layerfs("umount", bundle / "rootfs")
+
+
 def table_rows(output: str) -> list[dict[str, str]]:
     """A table as docker prints it (``ps``, ``images``): each row by its header's column names, cut where
     the header's columns start."""

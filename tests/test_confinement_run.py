@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from busybox_images import BUSYBOX
-from conftest import layerfs
+from conftest import layerfs, runc_run
 from test_podman import Podman
 
 from layerfs.runtime import confinement
@@ -163,14 +163,6 @@ def test_runc_confines_a_bundle_as_layerfs_run_does(rootfs, tmp_path):
     layerfs("bundle", "--root", store, "c", bundle, "--", "/bin/sh", "-c", PROBE)
     config = json.loads((bundle / "config.json").read_text())
     assert config["linux"]["seccomp"]["defaultAction"] == "SCMP_ACT_ERRNO"
-    try:
-        ran = subprocess.run(
-            ["runc", "run", "--bundle", str(bundle), f"layerfs-confined-{os.getpid()}"],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-    finally:
-        layerfs("umount", bundle / "rootfs")
+    ran = runc_run(bundle, "layerfs-confined")
     ours = _layerfs_run(rootfs, PROBE)
     assert ran.stdout == ours.stdout, ran.stderr

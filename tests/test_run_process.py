@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from busybox_images import busybox_tree, one_layer_layout, umoci
-from conftest import layerfs, table_rows
+from conftest import layerfs, runc_run, table_rows
 from test_podman import Podman
 
 pytestmark = pytest.mark.root  # containers: namespaces, mounts, setuid
@@ -176,15 +176,7 @@ def test_a_bundle_runs_the_process_layerfs_run_would(images, tmp_path):
     bundle = tmp_path / "bundle"
     try:
         layerfs("bundle", "--root", store, "-e", "X=1", "bundled", bundle, "--", "/bin/sh", "-c", script)
-        try:
-            ran = subprocess.run(
-                ["runc", "run", "--bundle", str(bundle), f"layerfs-bundle-{os.getpid()}"],
-                capture_output=True,
-                text=True,
-                timeout=120,
-            )
-        finally:
-            layerfs("umount", bundle / "rootfs")
+        ran = runc_run(bundle, "layerfs-bundle")
     finally:
         layerfs("rm", "--root", store, "bundled")
     theirs = podman("run", "--rm", "-e", "X=1", ids["app"], "/bin/sh", "-c", script).stdout
