@@ -294,10 +294,10 @@ class Union:
     def drop_setid(self, fd: int) -> None:
         """Clear setuid (and setgid where group-executable) on the open file, as the kernel does when
         someone without CAP_FSETID writes to it."""
-        st = os.fstat(fd)
-        mode = self.fstat(fd).mode
+        shown = self.fstat(fd)
+        mode = shown.mode
         kill = stat.S_ISUID | (stat.S_ISGID if mode & stat.S_IXGRP else 0)
-        if mode & kill and not self._recorded(fd, st, None, stat.S_IMODE(mode) & ~kill):
+        if mode & kill and not self._recorded(fd, shown.st, None, stat.S_IMODE(mode) & ~kill):
             os.fchmod(fd, stat.S_IMODE(mode) & ~kill)
 
     def fstat(self, fd: int) -> Attributes:
@@ -545,11 +545,15 @@ class Union:
     def _give_owner(self, tmp: str, uid: int, gid: int, mode: int | None) -> None:
         """The new entry ``tmp`` of the work directory gets its owner and mode (None: a symlink's, left as
         it is); with xattr_permissions a directory or regular file keeps its owner in its record instead."""
-        kind = stat.S_IFMT(os.lstat(tmp, dir_fd=self._work.fd).st_mode)
-        if self._override_stat and overridestat.is_recorded(kind) and mode is not None:
-            record = Override(uid, gid, stat.S_IMODE(mode))
-            overridestat.write(tmp, self._override_stat, record, kind, dir_fd=self._work.fd)
-        else:
+        recorded = False
+        if self._override_stat and mode is not None:  # (its type looked at only then: creates are hot)
+            kind = stat.S_IFMT(os.lstat(tmp, dir_fd=self._work.fd).st_mode)
+            if overridestat.is_recorded(kind):
+                overridestat.write(
+                    tmp, self._override_stat, Override(uid, gid, stat.S_IMODE(mode)), kind, dir_fd=self._work.fd
+                )
+                recorded = True
+        if not recorded:
             os.chown(tmp, uid, gid, dir_fd=self._work.fd, follow_symlinks=False)
         if mode is not None:
             os.chmod(tmp, stat.S_IMODE(mode), dir_fd=self._work.fd)
