@@ -40,15 +40,19 @@ def wait_for(condition, timeout: float = 30.0) -> bool:
 
 
 class Snapshotterd:
-    def __init__(self, base: Path) -> None:
+    """``layerfs snapshotter`` (``mount_helper``: with --mount-helper); stopped, it leaves nothing mounted."""
+
+    def __init__(self, base: Path, *, mount_helper: bool = False) -> None:
         self.address = base / "snapshotter.sock"
         self.root = base / "root"
+        self.flags = ["--mount-helper"] if mount_helper else []
         self.process: subprocess.Popen | None = None
         self.start()
 
     def start(self) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "layerfs", "snapshotter", "--address", self.address, "--root", self.root],
+            [sys.executable, "-m", "layerfs", "snapshotter", "--address", self.address, "--root", self.root]
+            + self.flags,
             env={**os.environ, "PYTHONPATH": str(REPO)},
         )
         self.channel = grpc.insecure_channel(f"unix://{self.address}")
@@ -62,8 +66,17 @@ class Snapshotterd:
         self.process.wait(timeout=30)
 
     def stop(self) -> None:
+        """Stop it, and detach the unions it served (a snapshotter's own stop leaves them to containers)."""
         if self.process is not None and self.process.poll() is None:
             self.kill(signal.SIGTERM)
+        for mountpoint in self.mountpoints():
+            subprocess.run(["umount", "-l", mountpoint], check=False)
+
+    def mountpoints(self) -> list[str]:
+        """The mounts under its root, as /proc/mounts has them."""
+        with open("/proc/mounts") as f:
+            points = [line.split()[1].encode().decode("unicode_escape") for line in f]
+        return [p for p in points if p.startswith(f"{self.root}/")]
 
 
 # containerd 1.6's shim reaps every child it has, and may take the exit status of the mount helper that
@@ -75,10 +88,10 @@ _ECHILD_RUNS = 3
 
 
 class Containerd:
-    """containerd with ``snapshotter`` as its proxy plugin ``layerfs``; ``base`` must be short (its sockets
-    are unix sockets, at most 108 bytes)."""
+    """containerd with ``snapshotters`` as its proxy plugins (by name: ``layerfs``...); ``base`` must be short
+    (its sockets are unix sockets, at most 108 bytes)."""
 
-    def __init__(self, base: Path, snapshotter: Snapshotterd, env: dict[str, str]) -> None:
+    def __init__(self, base: Path, snapshotters: dict[str, Snapshotterd], env: dict[str, str]) -> None:
         self.base = base
         # A namespace of its own (runc's state of containers is kept per namespace, for every containerd),
         # named as containerd allows: letters and digits, no "_" beside a "-" as mkdtemp's names may have.
@@ -92,7 +105,10 @@ class Containerd:
             'disabled_plugins = ["io.containerd.grpc.v1.cri"]\n'
             f'[grpc]\n  address = "{self.address}"\n[ttrpc]\n  address = "{self.address}.ttrpc"\n'
             f'[plugins."io.containerd.internal.v1.opt"]\n  path = "{base}/opt"\n'
-            f'[proxy_plugins.layerfs]\n  type = "snapshot"\n  address = "{snapshotter.address}"\n'
+            + "".join(
+                f'[proxy_plugins.{name}]\n  type = "snapshot"\n  address = "{snapshotter.address}"\n'
+                for name, snapshotter in snapshotters.items()
+            )
         )
         self.log = open(base / "containerd.log", "w")  # noqa: SIM115 (closed in stop)
         # (containerd's shims mount a rootfs with mount.fuse3, which finds layerfs on PATH; so does ctr, to

@@ -35,13 +35,13 @@ def archive(tmp_path_factory) -> Path:
     return archive
 
 
-@pytest.fixture
-def containerd(tmp_path):
+@pytest.fixture(params=["served"])
+def containerd(tmp_path, request):
     # (short paths: containerd's sockets are unix sockets, at most 108 bytes)
     base = Path(tempfile.mkdtemp(prefix="lfsctr-"))
     env = layerfs_on_path(tmp_path / "bin")
-    snapshotter = Snapshotterd(base / "layerfs")
-    daemon = Containerd(base, snapshotter, env)
+    snapshotter = Snapshotterd(base / "layerfs", mount_helper=request.param == "mount-helper")
+    daemon = Containerd(base, {"layerfs": snapshotter}, env)
     try:
         yield daemon, snapshotter
     finally:
@@ -52,6 +52,7 @@ def containerd(tmp_path):
         shutil.rmtree(base)
 
 
+@pytest.mark.parametrize("containerd", ["served", "mount-helper"], indirect=True)
 def test_containers_run_on_layerfs_as_on_overlayfs(containerd, archive):
     daemon, snapshotter = containerd
     seen = {}
@@ -65,6 +66,8 @@ def test_containers_run_on_layerfs_as_on_overlayfs(containerd, archive):
         seen[name] = daemon.ctr("run", "--snapshotter", name, "--rm", IMAGE, "c1", "sh", "-c", LOOK).stdout
     assert seen["layerfs"] == seen["overlayfs"]
     assert seen["layerfs"].startswith("color=red\n") and "written\n" in seen["layerfs"]
+    if not snapshotter.flags:
+        assert daemon.helper_races == 0  # (containerd mounted binds: no mount helper to lose)
     # the image's two layers, committed; the container's snapshot went with --rm
     listed = daemon.ctr("snapshots", "--snapshotter", "layerfs", "ls").stdout.splitlines()[1:]
     assert len(listed) == 2 and all(line.split()[-1] == "Committed" for line in listed)
@@ -80,7 +83,7 @@ def test_a_snapshotter_killed_9_comes_back_with_its_snapshots(containerd, archiv
     first = daemon.ctr("run", "--snapshotter", "layerfs", "--rm", IMAGE, "c1", "sh", "-c", LOOK).stdout
     daemon.ctr("run", "-d", "--snapshotter", "layerfs", IMAGE, "running", "busybox", "sleep", "600")
     snapshotter.kill()
-    # a running container keeps its root filesystem: its mount is the shim's, not the snapshotter's
+    # a running container keeps its root filesystem: its union's daemon is not the snapshotter's process
     assert daemon.ctr("tasks", "exec", "--exec-id", "e1", "running", "sh", "-c", LOOK).stdout == first
     snapshotter.start()
     # containerd's connection to the snapshotter reconnects after its gRPC backoff (a second or so)

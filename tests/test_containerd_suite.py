@@ -23,9 +23,11 @@ pytestmark = [
 ]
 
 
-def test_containerds_snapshotter_suite_passes(tmp_path):
+@pytest.mark.parametrize("flags", ["", "--mount-helper"])
+def test_containerds_snapshotter_suite_passes(tmp_path, flags):
     env = {**layerfs_on_path(tmp_path / "bin"), "GOPATH": GOPATH, "GO111MODULE": "off"}
     env["LAYERFS"] = str(tmp_path / "bin" / "layerfs")
+    env["LAYERFS_FLAGS"] = flags
     program = tmp_path / "suite.test"
     subprocess.run(["go", "test", "-c", "-o", program, "."], cwd=DRIVER, env=env, check=True, timeout=600)
     run = subprocess.run(

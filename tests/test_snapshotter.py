@@ -1,5 +1,6 @@
 """``layerfs snapshotter``: containerd's snapshots API over its socket, with containerd's semantics and
-error codes, crash-safe records, and the mounts it hands out mounted for real (mount.fuse3's form)."""
+error codes, crash-safe records, and the mounts it hands out mounted for real: bind mounts of the unions it
+serves, or (--mount-helper) mount.fuse3's form."""
 
 from __future__ import annotations
 
@@ -10,14 +11,16 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import grpc
 import pytest
 from conftest import force_unmount, layerfs
 
-from benchmarks.containerd import Snapshotterd, layerfs_on_path
+from benchmarks.containerd import Snapshotterd, layerfs_on_path, wait_for
 from layerfs.core.index import read_index
 from layerfs.core.union import INDEX_DIR
+from layerfs.fs.mounts import find as mounts_record
 from layerfs.snapshotter.api import snapshots_pb2 as api
 
 Code = grpc.StatusCode
@@ -26,6 +29,15 @@ Code = grpc.StatusCode
 @pytest.fixture
 def snapshotter(tmp_path):
     server = Snapshotterd(tmp_path / "snapshotter")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def helper_snapshotter(tmp_path):
+    server = Snapshotterd(tmp_path / "snapshotter", mount_helper=True)
     try:
         yield server
     finally:
@@ -67,8 +79,8 @@ def test_snapshots_keys_parents_and_kinds(snapshotter):
     assert (base.type, list(base.options)) == ("bind", ["rw", "rbind"])
     commit(stub, "layer1", "base")
     [child] = prepare(stub, "child", "layer1")
-    assert child.type == "fuse3.layerfs" and child.source == "layerfs"
-    assert f"lowerdir={base.source}" in child.options[0]
+    assert (child.type, list(child.options)) == ("bind", ["rw", "rbind"])
+    assert os.path.ismount(child.source) and child.source.startswith(f"{snapshotter.root}/snapshots/")
     [view] = stub.View(api.ViewSnapshotRequest(key="view", parent="layer1")).mounts
     assert (view.type, view.source, list(view.options)) == ("bind", base.source, ["ro", "rbind"])
     info = stub.Stat(api.StatSnapshotRequest(key="child")).info
@@ -100,6 +112,18 @@ def test_snapshots_keys_parents_and_kinds(snapshotter):
         stub.Remove(api.RemoveSnapshotRequest(key=key))
     assert names(stub) == []
     assert os.listdir(snapshotter.root / "snapshots") == []
+    assert snapshotter.mountpoints() == []
+
+
+def test_mount_helper_hands_out_containerds_fuse3_form(helper_snapshotter):
+    stub = helper_snapshotter.stub
+    [base] = prepare(stub, "base")
+    commit(stub, "layer1", "base")
+    [child] = prepare(stub, "child", "layer1")
+    assert child.type == "fuse3.layerfs" and child.source == "layerfs"
+    assert f"lowerdir={base.source}" in child.options[0]
+    assert stub.Mounts(api.MountsRequest(key="child")).mounts[0] == child
+    assert helper_snapshotter.mountpoints() == []
 
 
 def test_update_changes_labels_only(snapshotter):
@@ -196,8 +220,7 @@ def test_kill_9_at_any_moment_leaves_no_half_made_snapshot(snapshotter):
         list(stub.Mounts(api.MountsRequest(key=info.name)).mounts) for info in infos if info.kind == api.ACTIVE
     ]
     for [mount] in mounts:
-        upper = next(o for o in mount.options[0].split(",") if o.startswith("upperdir="))
-        assert os.path.isdir(upper.removeprefix("upperdir="))
+        assert os.path.isdir(upper_of(mount)) and os.path.ismount(mount.source)
     # every directory left is a snapshot's (the new one's too): the half-made were removed at the start
     assert len(set(os.listdir(snapshotter.root / "snapshots"))) == len(infos) + 1
     assert len(dirs) == len(infos)
@@ -216,7 +239,11 @@ def disk_usage(directory) -> tuple[int, int]:
     return du("-B1"), du("--inodes")
 
 
-def union_upper(mount) -> str:
+def upper_of(mount) -> str:
+    """The snapshot directory's layer of a union the snapshotter serves (a bind of ROOT/snapshots/ID/mnt),
+    or of a fuse3 mount's options."""
+    if mount.type == "bind":
+        return os.path.join(os.path.dirname(mount.source), "fs")
     return next(o for o in mount.options[0].split(",") if o.startswith("upperdir=")).removeprefix("upperdir=")
 
 
@@ -265,8 +292,8 @@ def mount_as_containerd(mount, target, env) -> None:
     subprocess.run(command, env=env, check=True)
 
 
-def test_mounts_mount_as_containerd_mounts_them(snapshotter, tmp_path, mounts):
-    stub = snapshotter.stub
+def test_mounts_mount_as_containerd_mounts_them(helper_snapshotter, tmp_path, mounts):
+    stub = helper_snapshotter.stub
     env = layerfs_on_path(tmp_path / "bin")
     [base] = prepare(stub, "base")
     (tmp_path / "base").mkdir()
@@ -285,7 +312,7 @@ def test_mounts_mount_as_containerd_mounts_them(snapshotter, tmp_path, mounts):
     layerfs("umount", target)
     commit(stub, "layer2", "child")
     used = stub.Usage(api.UsageRequest(key="layer2"))
-    assert (used.size, used.inodes) == disk_usage(union_upper(union))  # (the mount's index)
+    assert (used.size, used.inodes) == disk_usage(upper_of(union))  # (the mount's index)
 
     [view] = stub.View(api.ViewSnapshotRequest(key="view", parent="layer2")).mounts
     assert view.type == "fuse3.layerfs" and "upperdir" not in view.options[0]
@@ -300,3 +327,57 @@ def test_mounts_mount_as_containerd_mounts_them(snapshotter, tmp_path, mounts):
         assert written == errno.EROFS
     finally:
         force_unmount(target)
+
+
+def daemon_of(mountpoint: str) -> int:
+    return mounts_record(mountpoint).pid
+
+
+def test_unions_are_served_by_daemons_of_their_own_that_outlive_the_snapshotter(snapshotter, tmp_path, mounts):
+    """The snapshotter mounts a union itself and hands out a bind of it (a mount containerd makes with no
+    helper): its writes land in the snapshot's layer; a kill -9 of the snapshotter leaves it served; a
+    killed daemon's union is served again when containerd asks for its mounts; Commit ends its daemon; a
+    view of several layers is read-only; Remove leaves nothing mounted."""
+    stub = snapshotter.stub
+    [base] = prepare(stub, "base")
+    (Path(base.source) / "f").write_text("lower\n")
+    (Path(base.source) / "gone").write_text("x\n")
+    commit(stub, "layer1", "base")
+    [union] = prepare(stub, "child", "layer1")
+    target = tmp_path / "rootfs"
+    target.mkdir()
+    mounts.points.append(target)
+    subprocess.run(["mount", "--rbind", union.source, target], check=True)  # (as containerd mounts a bind)
+    assert (target / "f").read_text() == "lower\n"
+    (target / "new").write_text("upper\n")
+    (target / "gone").unlink()
+    assert (Path(upper_of(union)) / "new").read_text() == "upper\n"
+
+    first = daemon_of(union.source)
+    snapshotter.kill()
+    assert (target / "new").read_text() == "upper\n"  # (the container's root lives on)
+    snapshotter.start()
+    stub = snapshotter.stub
+    assert stub.Mounts(api.MountsRequest(key="child")).mounts[0] == union
+    assert daemon_of(union.source) == first
+
+    force_unmount(target)
+    os.kill(first, signal.SIGKILL)
+    assert wait_for(lambda: mounts_record(union.source) is None)
+    assert stub.Mounts(api.MountsRequest(key="child")).mounts[0] == union  # (served again by a new daemon)
+    assert sorted(os.listdir(union.source)) == ["f", "new"]
+
+    commit(stub, "layer2", "child")
+    assert not os.path.ismount(union.source) and mounts_record(union.source) is None
+    used = stub.Usage(api.UsageRequest(key="layer2"))
+    assert (used.size, used.inodes) == disk_usage(upper_of(union))
+
+    [view] = stub.View(api.ViewSnapshotRequest(key="view", parent="layer2")).mounts
+    assert (view.type, list(view.options)) == ("bind", ["ro", "rbind"])
+    assert sorted(os.listdir(view.source)) == ["f", "new"]
+    with pytest.raises(OSError) as written:
+        (Path(view.source) / "other").write_text("x")
+    assert written.value.errno == errno.EROFS
+    for key in ("view", "layer2", "layer1"):
+        stub.Remove(api.RemoveSnapshotRequest(key=key))
+    assert snapshotter.mountpoints() == [] and os.listdir(snapshotter.root / "snapshots") == []

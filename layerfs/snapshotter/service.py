@@ -137,14 +137,15 @@ def _answered(address: str) -> bool:
         return True
 
 
-def serve(address: str, root: str) -> None:
-    """Serve the snapshots of ``root`` on the unix socket ``address`` until SIGTERM or SIGINT."""
+def serve(address: str, root: str, *, helper_mounts: bool = False) -> None:
+    """Serve the snapshots of ``root`` on the unix socket ``address`` until SIGTERM or SIGINT; with
+    ``helper_mounts``, containerd mounts the unions itself."""
     log_to_stderr()
     address = os.path.abspath(address)
     os.makedirs(os.path.dirname(address), exist_ok=True)
     if _answered(address):
         raise LayerfsError(f"{address}: a server answers there already")
-    snapshotter = Snapshotter(root)
+    snapshotter = Snapshotter(root, helper_mounts=helper_mounts)  # (before gRPC's threads: it forks)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
     snapshots_pb2_grpc.add_SnapshotsServicer_to_server(Service(snapshotter), server)
     with contextlib.suppress(FileNotFoundError):

@@ -1,7 +1,9 @@
 """The snapshotter: containerd's snapshot operations on a root of snapshot directories and their records.
 
 ``ROOT/snapshots/ID/fs`` is a snapshot's own layer and ``ROOT/snapshots/ID/work`` its work directory,
-as containerd's overlay snapshotter lays them out; ``ROOT/metadata.db`` holds the records. A new
+as containerd's overlay snapshotter lays them out, and ``ROOT/snapshots/ID/mnt`` the union the snapshotter
+serves there (daemons.py) unless containerd is to mount it (``helper_mounts``); ``ROOT/metadata.db`` holds
+the records. A new
 snapshot's directory is built under a scratch name and renamed to its id inside the transaction that
 records it; a removed one loses its record first and its directory after. Whatever a crash leaves is a
 directory no record names, removed when the snapshotter opens and by Cleanup.
@@ -17,12 +19,14 @@ import threading
 from collections.abc import Callable, Iterable
 
 from ..errors import LayerfsError
+from .daemons import Mounter, serving, stop
 from .metadata import FailedPrecondition, InvalidArgument, Metadata, Snapshot, now_ns
-from .mounts import UNPACK_PREFIX, Mount, mounts
+from .mounts import TYPE, UNPACK_PREFIX, Mount, mounts
 from .usage import Usage, index_for_commit, usage
 
 MAX_LABEL = 4096  # containerd's limit on a label's key and value together, in bytes
 _SCRATCH = "new-"
+_DAEMON_EXIT_S = 30  # a daemon saves nothing at its end (its journal has it all): it ends at once
 
 
 def check_labels(labels: dict[str, str]) -> None:
@@ -32,9 +36,10 @@ def check_labels(labels: dict[str, str]) -> None:
 
 
 class Snapshotter:
-    """One root's snapshots; every method may be called from any thread (one runs at a time)."""
+    """One root's snapshots; every method may be called from any thread (one runs at a time). Made before
+    any thread is started: unless ``helper_mounts``, it forks the mounter of its daemons."""
 
-    def __init__(self, root: str) -> None:
+    def __init__(self, root: str, *, helper_mounts: bool = False) -> None:
         self.root = os.path.abspath(root)
         self._snapshots = os.path.join(self.root, "snapshots")
         os.makedirs(self._snapshots, mode=0o700, exist_ok=True)
@@ -48,8 +53,12 @@ class Snapshotter:
         self._records = Metadata(os.path.join(self.root, "metadata.db"))
         self._lock = threading.Lock()
         self.cleanup()
+        self._mounter = None if helper_mounts else Mounter()
 
     def close(self) -> None:
+        """The snapshotter's own ends; its daemons serve on (containers run on them)."""
+        if self._mounter is not None:
+            self._mounter.close()
         self._records.close()
         os.close(self._lock_file)
 
@@ -61,6 +70,10 @@ class Snapshotter:
 
     def _work(self, snapshot: Snapshot) -> str:
         return os.path.join(self._directory(snapshot), "work")
+
+    @staticmethod
+    def _mountpoint(directory: str) -> str:
+        return os.path.join(directory, "mnt")
 
     def prepare(self, key: str, parent: str, labels: dict[str, str]) -> list[Mount]:
         return self._create("active", key, parent, labels)
@@ -91,7 +104,11 @@ class Snapshotter:
             except BaseException:
                 shutil.rmtree(scratch, ignore_errors=True)
                 raise
-            return self._mounts(snapshot)
+            try:
+                return self._mounts(snapshot)
+            except BaseException:
+                self._remove(snapshot)
+                raise
 
     def mounts(self, key: str) -> list[Mount]:
         with self._lock:
@@ -101,7 +118,20 @@ class Snapshotter:
         lowers = [self._fs(parent) for parent in self._records.chain(snapshot)]
         # (containerd's metadata store names a snapshot NAMESPACE/NUMBER/KEY to the snapshotter)
         unpacking = snapshot.kind == "active" and snapshot.key.split("/", 2)[-1].startswith(UNPACK_PREFIX)
-        return mounts(snapshot.kind, self._fs(snapshot), self._work(snapshot), lowers, unpacking=unpacking)
+        found = mounts(snapshot.kind, self._fs(snapshot), self._work(snapshot), lowers, unpacking=unpacking)
+        if self._mounter is None or found[0].type != TYPE:
+            return found
+        # A union: served here (again, after a reboot or a killed daemon), handed out as a bind mount.
+        mountpoint = self._mountpoint(self._directory(snapshot))
+        if not serving(mountpoint):
+            stop(mountpoint, 0)  # (a dead daemon's mount)
+            os.makedirs(mountpoint, mode=0o755, exist_ok=True)
+            self._mounter.mount(",".join(found[0].options), mountpoint)
+        return [Mount("bind", mountpoint, ["ro" if snapshot.kind == "view" else "rw", "rbind"])]
+
+    def _stop_daemon(self, directory: str) -> None:
+        """The daemon of a snapshot that is committed or removed ends (once no container uses it)."""
+        stop(self._mountpoint(directory), _DAEMON_EXIT_S)
 
     def commit(self, name: str, key: str, labels: dict[str, str]) -> None:
         if not name:
@@ -111,6 +141,7 @@ class Snapshotter:
             snapshot = records.get(key)
             if snapshot.kind != "active":
                 raise FailedPrecondition(f"snapshot {key}: not active")
+            self._stop_daemon(self._directory(snapshot))
             size, inodes = index_for_commit(self._fs(snapshot), self._work(snapshot))
             stamp = now_ns()
             snapshot.key, snapshot.kind, snapshot.labels = name, "committed", labels
@@ -125,7 +156,18 @@ class Snapshotter:
                 if records.has_children(key):
                     raise FailedPrecondition(f"snapshot {key}: has children (remove them first)")
                 records.remove(key)
-            shutil.rmtree(self._directory(snapshot), ignore_errors=True)
+            self._remove_directory(self._directory(snapshot))
+
+    def _remove(self, snapshot: Snapshot) -> None:
+        with self._records.transaction() as records:
+            records.remove(snapshot.key)
+        self._remove_directory(self._directory(snapshot))
+
+    def _remove_directory(self, directory: str) -> None:
+        self._stop_daemon(directory)
+        if os.path.ismount(self._mountpoint(directory)):  # (never a removal through a union into its layers)
+            raise LayerfsError(f"{self._mountpoint(directory)}: still mounted")
+        shutil.rmtree(directory, ignore_errors=True)
 
     def stat(self, key: str) -> Snapshot:
         with self._lock:
@@ -169,4 +211,4 @@ class Snapshotter:
             kept = {str(i) for i in self._records.ids()}
             for name in os.listdir(self._snapshots):
                 if name not in kept:
-                    shutil.rmtree(os.path.join(self._snapshots, name), ignore_errors=True)
+                    self._remove_directory(os.path.join(self._snapshots, name))

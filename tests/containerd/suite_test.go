@@ -1,14 +1,17 @@
 // containerd's snapshotter conformance suite run against `layerfs snapshotter` over its socket, through
 // containerd's own proxy client: each sub-test gets a fresh snapshotter on a fresh root. Built in GOPATH
 // mode from Debian's containerd sources (tests/test_containerd_suite.py builds and runs it); $LAYERFS names
-// the layerfs program, and mount.fuse3 finds `layerfs` on $PATH for the suite's mounts.
+// the layerfs program, $LAYERFS_FLAGS its extra snapshotter flags (--mount-helper), and mount.fuse3 finds
+// `layerfs` on $PATH for the suite's mounts.
 package containerd
 
 import (
+	"bufio"
 	"context"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -28,7 +31,8 @@ func TestLayerfs(t *testing.T) {
 func newSnapshotter(ctx context.Context, root string) (snapshots.Snapshotter, func() error, error) {
 	// (beside the root, in the suite's temporary directory: removed with it)
 	socket := filepath.Join(filepath.Dir(root), "snapshotter.sock")
-	server := exec.Command(os.Getenv("LAYERFS"), "snapshotter", "--address", socket, "--root", root)
+	args := append([]string{"snapshotter", "--address", socket, "--root", root}, strings.Fields(os.Getenv("LAYERFS_FLAGS"))...)
+	server := exec.Command(os.Getenv("LAYERFS"), args...)
 	server.Stdout, server.Stderr = os.Stderr, os.Stderr
 	if err := server.Start(); err != nil {
 		return nil, nil, err
@@ -46,7 +50,25 @@ func newSnapshotter(ctx context.Context, root string) (snapshots.Snapshotter, fu
 	stop := func() error {
 		conn.Close()
 		server.Process.Signal(syscall.SIGTERM)
-		return server.Wait()
+		err := server.Wait()
+		detachUnder(root) // (a stopped snapshotter leaves its unions served, for the containers on them)
+		return err
 	}
 	return snapshotter, stop, nil
+}
+
+// detachUnder lazily unmounts every mount below root, before the suite removes its directory.
+func detachUnder(root string) {
+	mounts, err := os.Open("/proc/self/mounts")
+	if err != nil {
+		return
+	}
+	defer mounts.Close()
+	lines := bufio.NewScanner(mounts)
+	for lines.Scan() {
+		fields := strings.Fields(lines.Text())
+		if len(fields) > 1 && strings.HasPrefix(fields[1], root+"/") {
+			syscall.Unmount(fields[1], syscall.MNT_DETACH)
+		}
+	}
 }
