@@ -5,20 +5,19 @@ new container's root to read its /etc/group) nor the shim (which mounts it as th
 of its own through mount.fuse3: no interpreter starts on a container's way up, and no mount helper meets
 the shim's child reaper (containerd #4387, a failed run under load).
 
-Daemons are started by a mounter: a process forked from the snapshotter before its gRPC threads are there
-(a process with threads forks badly), which has imported the filesystem once, so a snapshot's daemon starts
-in a fork, not a new interpreter. Each daemon is fs.mount's, in a session of its own: it outlives the
-mounter and the snapshotter, so a snapshotter killed or restarted takes no container's root with it.
+Daemons are started by a mounter: a process of its own (``python -m layerfs.snapshotter.daemons``, no
+gRPC in it), started with the snapshotter, which has imported the filesystem once, so a snapshot's daemon
+starts in a fork, not a new interpreter. Each daemon is fs.mount's, in a session of its own: it outlives
+the mounter and the snapshotter, so a snapshotter killed or restarted takes no container's root with it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import itertools
 import json
 import os
-import socket
+import sys
 
 from .. import syscalls
 from ..errors import LayerfsError
@@ -26,29 +25,25 @@ from ..fs import mounts
 
 
 class Mounter:
-    """A forked process that mounts on request; one request at a time (the snapshotter's lock)."""
+    """The mounter, asked one thing at a time (the snapshotter's lock); it ends with the snapshotter."""
 
     def __init__(self) -> None:
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        pid = os.fork()
-        if pid == 0:
-            ours.close()
-            code = 1
-            try:
-                _serve_requests(theirs)
-                code = 0
-            finally:
-                os._exit(code)
-        theirs.close()
-        self._pid = pid
-        self._socket = ours
-        self._replies = ours.makefile("rb")
+        import subprocess  # (here: a mount's daemon needs none)
+
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", __name__], stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True
+        )
 
     def mount(self, options: str, mountpoint: str) -> None:
         """Mount layerfs with ``options`` (fuse-overlayfs's -o form) at ``mountpoint``; returns once the
         daemon serves it."""
-        self._socket.sendall(json.dumps([options, mountpoint]).encode() + b"\n")
-        reply = self._replies.readline()
+        assert self._process.stdin is not None and self._process.stdout is not None
+        try:
+            self._process.stdin.write(json.dumps([options, mountpoint]).encode() + b"\n")
+            self._process.stdin.flush()
+        except BrokenPipeError:
+            pass  # (said below)
+        reply = self._process.stdout.readline()
         if not reply:
             raise LayerfsError("the snapshotter's mounter has ended")
         error = json.loads(reply)
@@ -56,28 +51,25 @@ class Mounter:
             raise LayerfsError(error)
 
     def close(self) -> None:
-        self._replies.close()
-        self._socket.close()  # (its end of file ends the mounter)
-        os.waitpid(self._pid, 0)
+        assert self._process.stdin is not None and self._process.stdout is not None
+        self._process.stdin.close()  # (its end of file ends the mounter)
+        self._process.stdout.close()
+        self._process.wait()
 
 
-def _serve_requests(requests: socket.socket) -> None:
-    # Nothing of the snapshotter's is the daemons' business, its root's lock least of all.
-    keep = sorted({0, 1, 2, requests.fileno()})
-    for low, high in itertools.pairwise([*keep, os.sysconf("SC_OPEN_MAX")]):
-        os.closerange(low + 1, high)
+def _serve_requests() -> None:
     from ..fs import mount, options
 
-    with requests, requests.makefile("rb") as lines:
-        for line in lines:
-            _reap_daemons()
-            mount_options, mountpoint = json.loads(line)
-            try:
-                mount.mount(options.parse([mount_options], mountpoint))
-                error = ""
-            except (LayerfsError, OSError) as e:
-                error = str(e)
-            requests.sendall(json.dumps(error).encode() + b"\n")
+    for line in sys.stdin.buffer:
+        _reap_daemons()
+        mount_options, mountpoint = json.loads(line)
+        try:
+            mount.mount(options.parse([mount_options], mountpoint))
+            error = ""
+        except (LayerfsError, OSError) as e:
+            error = str(e)
+        sys.stdout.buffer.write(json.dumps(error).encode() + b"\n")
+        sys.stdout.buffer.flush()
 
 
 def _reap_daemons() -> None:
@@ -102,3 +94,7 @@ def stop(mountpoint: str, timeout: float) -> bool:
         if e.errno not in (errno.EINVAL, errno.ENOENT):  # not a mount (any more)
             raise
     return daemon is None or mounts.wait_for_exit(daemon.pid, timeout)
+
+
+if __name__ == "__main__":
+    _serve_requests()

@@ -145,7 +145,7 @@ def serve(address: str, root: str, *, helper_mounts: bool = False) -> None:
     os.makedirs(os.path.dirname(address), exist_ok=True)
     if _answered(address):
         raise LayerfsError(f"{address}: a server answers there already")
-    snapshotter = Snapshotter(root, helper_mounts=helper_mounts)  # (before gRPC's threads: it forks)
+    snapshotter = Snapshotter(root, helper_mounts=helper_mounts)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
     snapshots_pb2_grpc.add_SnapshotsServicer_to_server(Service(snapshotter), server)
     with contextlib.suppress(FileNotFoundError):

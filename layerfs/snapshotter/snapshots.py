@@ -26,7 +26,7 @@ from .usage import Usage, index_for_commit, usage
 
 MAX_LABEL = 4096  # containerd's limit on a label's key and value together, in bytes
 _SCRATCH = "new-"
-_DAEMON_EXIT_S = 30  # a daemon saves nothing at its end (its journal has it all): it ends at once
+_DAEMON_EXIT_S = 5  # a daemon saves nothing at its end (its journal has it all); one in use ends later
 
 
 def check_labels(labels: dict[str, str]) -> None:
@@ -36,8 +36,8 @@ def check_labels(labels: dict[str, str]) -> None:
 
 
 class Snapshotter:
-    """One root's snapshots; every method may be called from any thread (one runs at a time). Made before
-    any thread is started: unless ``helper_mounts``, it forks the mounter of its daemons."""
+    """One root's snapshots; every method may be called from any thread (one runs at a time). Unless
+    ``helper_mounts``, its unions are served by daemons it starts (daemons.py)."""
 
     def __init__(self, root: str, *, helper_mounts: bool = False) -> None:
         self.root = os.path.abspath(root)
