@@ -21,6 +21,7 @@ from benchmarks.containerd import Snapshotterd, layerfs_on_path, wait_for
 from layerfs.core.index import read_index
 from layerfs.core.union import INDEX_DIR
 from layerfs.fs.mounts import find as mounts_record
+from layerfs.fs.mounts import start_time
 from layerfs.snapshotter.api import snapshots_pb2 as api
 
 Code = grpc.StatusCode
@@ -381,3 +382,17 @@ def test_unions_are_served_by_daemons_of_their_own_that_outlive_the_snapshotter(
     for key in ("view", "layer2", "layer1"):
         stub.Remove(api.RemoveSnapshotRequest(key=key))
     assert snapshotter.mountpoints() == [] and os.listdir(snapshotter.root / "snapshots") == []
+
+
+def test_a_killed_mounter_is_replaced(snapshotter):
+    """The process that starts the daemons, killed, fails the request it was in, and the next one starts
+    another."""
+    stub = snapshotter.stub
+    prepare(stub, "base")
+    commit(stub, "layer", "base")
+    pgrep = subprocess.run(["pgrep", "-P", str(snapshotter.process.pid)], capture_output=True, text=True)
+    [mounter] = map(int, pgrep.stdout.split())
+    os.kill(mounter, signal.SIGKILL)
+    assert wait_for(lambda: start_time(mounter) is None)  # (dead: a zombie until the snapshotter looks)
+    [union] = prepare(stub, "a", "layer")
+    assert os.path.ismount(union.source)

@@ -17,6 +17,7 @@ import contextlib
 import errno
 import json
 import os
+import subprocess
 import sys
 
 from .. import syscalls
@@ -28,15 +29,19 @@ class Mounter:
     """The mounter, asked one thing at a time (the snapshotter's lock); it ends with the snapshotter."""
 
     def __init__(self) -> None:
-        import subprocess  # (here: a mount's daemon needs none)
+        self._process = self._start()
 
-        self._process = subprocess.Popen(
+    @staticmethod
+    def _start() -> subprocess.Popen:
+        return subprocess.Popen(
             [sys.executable, "-m", __name__], stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True
         )
 
     def mount(self, options: str, mountpoint: str) -> None:
         """Mount layerfs with ``options`` (fuse-overlayfs's -o form) at ``mountpoint``; returns once the
         daemon serves it."""
+        if self._process.poll() is not None:  # (killed: another takes its place)
+            self._process = self._start()
         assert self._process.stdin is not None and self._process.stdout is not None
         try:
             self._process.stdin.write(json.dumps([options, mountpoint]).encode() + b"\n")
