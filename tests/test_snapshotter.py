@@ -396,3 +396,32 @@ def test_a_killed_mounter_is_replaced(snapshotter):
     assert wait_for(lambda: start_time(mounter) is None)  # (dead: a zombie until the snapshotter looks)
     [union] = prepare(stub, "a", "layer")
     assert os.path.ismount(union.source)
+
+
+def test_a_lower_directory_renamed_in_a_snapshot_stays_renamed_in_its_children(snapshotter, tmp_path, mounts):
+    """containerd's suite skips Rename: a directory of a parent layer renamed through a served union is a
+    redirect in the committed layer, which a child snapshot, and kernel overlayfs over the same layers, show
+    as renamed (its files with it), not as a copy or as both names."""
+    stub = snapshotter.stub
+    [base] = prepare(stub, "base")
+    os.makedirs(Path(base.source) / "d" / "sub")
+    for name in ("a", "sub/b"):
+        (Path(base.source) / "d" / name).write_text(name + "\n")
+    commit(stub, "layer1", "base")
+    [union] = prepare(stub, "renaming", "layer1")
+    os.rename(Path(union.source) / "d", Path(union.source) / "e")
+    commit(stub, "layer2", "renaming")
+    [child] = prepare(stub, "child", "layer2")
+
+    def tree(top: Path) -> list[str]:
+        return sorted(str(p.relative_to(top)) + ("" if p.is_dir() else "=" + p.read_text()) for p in top.rglob("*"))
+
+    kernel = tmp_path / "kernel"
+    kernel.mkdir()
+    mounts.points.append(kernel)
+    lowers = f"{upper_of(union)}:{base.source}"
+    subprocess.run(
+        ["mount", "-t", "overlay", "overlay", "-o", f"lowerdir={lowers},redirect_dir=on", kernel], check=True
+    )
+    assert tree(Path(child.source)) == tree(kernel) == ["e", "e/a=a\n", "e/sub", "e/sub/b=sub/b\n"]
+    assert not (Path(upper_of(union)) / "e" / "a").exists()  # (a redirect, not a copy)
