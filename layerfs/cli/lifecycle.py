@@ -7,7 +7,8 @@ import sys
 
 from .dispatch import Commands
 
-COMMANDS = ("logs", "start", "stop", "kill", "wait", "exec")  # (and rm, which was there before them)
+# (and rm, which was there before them; cleanup is the rootfs daemon's, unlisted, as podman's container cleanup)
+COMMANDS = ("logs", "start", "stop", "kill", "wait", "exec", "cleanup")
 
 
 _USAGES = {
@@ -26,6 +27,8 @@ _USAGES = {
 
 def add_parsers(sub: Commands, root_help: str) -> None:
     p = {name: sub.add_parser(name, help=help_text, usage=usage) for name, (help_text, usage) in _USAGES.items()}
+    # (no help: unlisted)
+    p["cleanup"] = sub.add_parser("cleanup", usage="layerfs cleanup CONTAINER (run by its rootfs's daemon)")
     for each in p.values():
         each.add_argument("--root", metavar="DIR", help=root_help)
         each.add_argument("--debug", action="store_true")
@@ -35,7 +38,7 @@ def add_parsers(sub: Commands, root_help: str) -> None:
     p["kill"].add_argument("-s", "--signal", default="KILL", metavar="SIGNAL", help="a name (TERM, SIGTERM) or number")
     p["rm"].add_argument("-f", "--force", action="store_true", help="a running one too (killed first)")
     p["rm"].add_argument("-v", "--volumes", action="store_true", help="its anonymous volumes too")
-    for name in ("logs", "start", "exec"):
+    for name in ("logs", "start", "exec", "cleanup"):
         p[name].add_argument("name", metavar="CONTAINER")
     for name in ("stop", "kill", "wait", "rm"):
         p[name].add_argument("names", nargs="+", metavar="CONTAINER")
@@ -60,6 +63,8 @@ def run(args: argparse.Namespace) -> int:
         lifecycle.logs(store, args.name, args.follow, sys.stdout.buffer)
     elif args.command == "start":
         return lifecycle.start(store, args.name, args.attach, running.run_stored)
+    elif args.command == "cleanup":
+        lifecycle.refresh(store, args.name)
     elif args.command == "exec":
         if not args.cmd:
             raise UsageError("exec what? give a CONTAINER and a command")

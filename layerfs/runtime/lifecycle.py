@@ -5,8 +5,10 @@ shim that was killed (state.py says where each thing is kept).
 The shim is the process that mounts the rootfs, runs the container and unmounts it: ``layerfs run``
 itself in the foreground, a daemon forked from it with ``-d``. Whatever ends the shim, the container
 ends with it (its processes have PR_SET_PDEATHSIG, and the PID namespace dies with its PID 1) and the
-layerfs daemon unmounts the rootfs (the shim is its owner); what is left, a record that says running,
-is set right by the next command that looks at the container (``refresh``).
+layerfs daemon unmounts the rootfs (the shim is its owner). What is left, a record that says running,
+is set right (``refresh``: exited 137, or removed for ``--rm``) by ``layerfs cleanup``, which the
+daemon runs once it has unmounted (the mount's exit command, as conmon runs podman's ``container
+cleanup``), and by any command that looks at the container before that has run.
 """
 
 from __future__ import annotations
@@ -92,6 +94,12 @@ def _shim(store: Store, name: str, args: argparse.Namespace, run: RunFn, ready: 
             store.remove(name, anonymous_volumes=True)
         elif _state(store, name).status == "running":
             state.exited(store, name, code)
+
+
+def cleanup_command(store: Store, name: str) -> list[str]:
+    """The command that sets container ``name`` right once its shim has ended: the exit command of its
+    rootfs's mount."""
+    return [sys.executable, "-m", "layerfs", "cleanup", "--root", store.root.path, name]
 
 
 def refresh(store: Store, name: str) -> dict | None:
