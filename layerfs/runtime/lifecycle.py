@@ -18,13 +18,12 @@ import contextlib
 import os
 import signal
 import sys
-import time
 from collections.abc import Callable
 
 from ..errors import LayerfsError, UsageError
 from ..fs import mount, mounts
 from ..store import Store
-from . import state
+from . import logger, state
 
 # (store, name, args, started): run container ``name`` as ``args`` say, calling ``started(pid)`` once its
 # first process is there; returns its exit code.
@@ -50,10 +49,10 @@ def launch(store: Store, name: str, args: argparse.Namespace, run: RunFn) -> int
         print(name)
         return 0
     os.close(read_end)
-    code = 125
+    code, writer = 125, 0
     try:
         os.setsid()
-        _to_log(state.log_path(directory))
+        writer = logger.start(state.log_path(directory))
 
         def started() -> None:
             os.write(write_end, _READY)
@@ -66,18 +65,10 @@ def launch(store: Store, name: str, args: argparse.Namespace, run: RunFn) -> int
         print(f"layerfs: {e}", file=sys.stderr)
     finally:
         sys.stdout.flush()
+        sys.stderr.flush()
+        if writer:
+            logger.finish(writer)
         os._exit(code)
-
-
-def _to_log(path: str) -> None:
-    """Standard input from /dev/null, output and error appended to the container's log."""
-    log = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
-    devnull = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(devnull, 0)
-    os.dup2(log, 1)
-    os.dup2(log, 2)
-    os.close(devnull)
-    os.close(log)
 
 
 def _shim(store: Store, name: str, args: argparse.Namespace, run: RunFn, ready: Callable[[], None]) -> int:
@@ -215,25 +206,3 @@ def remove(store: Store, name: str, force: bool, volumes: bool) -> None:
         stop(store, name, 0)
     if store.containers.get(name) is not None:  # (a --rm container has removed itself)
         store.remove(name, anonymous_volumes=volumes)
-
-
-def logs(store: Store, name: str, follow: bool, out) -> None:
-    """Write what the container has written to ``out``; with ``follow``, what it writes too, until it ends."""
-    name, _ = status(store, name)
-    directory = store.containers.dir(name)
-    try:
-        log = open(state.log_path(directory), "rb")  # noqa: SIM115 (read as it grows)
-    except FileNotFoundError:
-        return
-    with log:
-        while True:
-            chunk = log.read(65536)
-            if chunk:
-                out.write(chunk)
-                out.flush()
-                continue
-            if not follow or not state.shim_alive(_state(store, name)):
-                break
-            time.sleep(0.1)
-        out.write(log.read())
-        out.flush()
