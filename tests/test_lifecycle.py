@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from busybox_images import busybox_tree, one_layer_layout, umoci
 from conftest import LAYERFS, is_mounted, layerfs, table_rows
-from processes import wait_for
+from processes import daemon_pids, wait_for
 from test_podman import Podman
 
 from layerfs.fs import mounts
@@ -198,6 +198,7 @@ def test_a_killed_shim_leaves_nothing_with_no_command_run(images, rm, user):
     else:
         assert wait_for(lambda: json.loads(record.read_text()).get("exit_code") == 137)
     assert wait_for(lambda: all(_gone(pid) for pid in (state["shim"], state["pid"], sleeper, daemon.pid)))
+    assert wait_for(lambda: not daemon_pids(store))  # its log writer and its cleanup too
     assert not is_mounted(store / "containers/k/merged")
     assert _statuses(store) == ([] if rm else [("k", "Exited (137)")])
     if not rm:

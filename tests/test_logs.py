@@ -7,55 +7,47 @@ from __future__ import annotations
 
 import calendar
 import re
-import shutil
 import subprocess
-import tempfile
 import time
-from pathlib import Path
 
 import pytest
-from busybox_images import busybox_tree, one_layer_layout
 from conftest import LAYERFS, layerfs
-from test_podman import Podman
+from test_run_volumes import box  # noqa: F401 (the fixture: a busybox image in layerfs's store and Podman's)
 
 pytestmark = pytest.mark.root  # containers: namespaces, mounts
 STAMP = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9}\+00:00"
 
 
-@pytest.fixture(scope="module")
-def box(tmp_path_factory):
-    """(layerfs's store, Podman's image id of the same busybox image, the Podman)."""
-    base = tmp_path_factory.mktemp("logs")
-    root = busybox_tree(base / "rootfs", ("sh", "echo", "printf", "seq", "sleep", "true"))
-    layout, store = one_layer_layout(base, root, "1"), base / "store"
-    layerfs("import", "--root", store, f"oci:{layout}:1", "box:1")
-    podman = Podman(Path(tempfile.mkdtemp(prefix="lfslog-")), None)
-    try:
-        yield store, podman("pull", "-q", f"oci:{layout}:1").stdout.split()[-1], podman
-    finally:
-        podman.clean_up()
-        shutil.rmtree(podman.base)
+def _counting(to: int) -> str:
+    """A script writing 0 to ``to``, a line a write, as fast as it can."""
+    return f"i=0; while [ $i -le {to} ]; do echo $i; i=$((i+1)); done"
 
 
-def _ran(box, name: str, script: str, *flags: str) -> None:
+def _ran(images, name: str, script: str, *flags: str) -> None:
     """``sh -c SCRIPT`` run detached to its end under layerfs and Podman, as ``name``."""
-    store, image, podman = box
-    layerfs("run", "--root", store, "-d", *flags, "--name", name, "box:1", "sh", "-c", script)
+    _, image, podman = images
     podman("run", "-d", *flags, "--name", name, image, "sh", "-c", script)
-    layerfs("wait", "--root", store, name)
+    _ran_here(images, name, script, *flags)
     podman("wait", name)
 
 
-def _logs(box, name: str, *flags: str) -> tuple[tuple[bytes, bytes], tuple[bytes, bytes]]:
+def _ran_here(images, name: str, script: str, *flags: str) -> None:
+    """``sh -c SCRIPT`` run detached to its end under layerfs, as ``name``."""
+    store = images[0]
+    layerfs("run", "--root", store, "-d", *flags, "--name", name, "box:1", "sh", "-c", script)
+    layerfs("wait", "--root", store, name)
+
+
+def _logs(images, name: str, *flags: str) -> tuple[tuple[bytes, bytes], tuple[bytes, bytes]]:
     """``logs FLAGS NAME``'s (output, error) from layerfs and from Podman."""
-    store, _, podman = box
+    store, _, podman = images
     ours = subprocess.run(LAYERFS + ["logs", "--root", str(store), *flags, name], capture_output=True, check=True)
     theirs = subprocess.run(["podman", "logs", *flags, name], env=podman.env, capture_output=True, check=True)
     return (ours.stdout, ours.stderr), (theirs.stdout, theirs.stderr)
 
 
-def _removed(box, name: str) -> None:
-    store, _, podman = box
+def _removed(images, name: str) -> None:
+    store, _, podman = images
     layerfs("rm", "--root", store, name)
     podman("rm", name)
 
@@ -67,12 +59,12 @@ def _removed(box, name: str) -> None:
         ("true", (), (b"", b"")),
         ("printf 'x\\001\\377y\\n\\000z'", (), (b"x\x01\xffy\n\x00z", b"")),  # binary bytes
         ("printf abc; sleep 0.3; echo def", (), (b"abcdef\n", b"")),  # a line written in two pieces
-        ("seq 1 30000; seq 1 20000 >&2", (), (b"".join(b"%d\n" % i for i in range(1, 30001)), None)),  # fast
+        (f"{_counting(30000)}; {_counting(20000)} >&2", (), (b"".join(b"%d\n" % i for i in range(30001)), None)),
         ("echo a; echo b >&2", ("-t",), (b"a\r\nb\r\n", b"")),  # a terminal: one stream, stdout
     ],
     ids=["streams", "empty", "binary", "pieces", "fast", "terminal"],
 )
-def test_logs_show_the_streams_as_podman_logs(box, script, flags, shown):
+def test_logs_show_the_streams_as_podman_logs(box, script, flags, shown):  # noqa: F811
     _ran(box, "s", script, *flags)
     try:
         ours, theirs = _logs(box, "s")
@@ -82,10 +74,9 @@ def test_logs_show_the_streams_as_podman_logs(box, script, flags, shown):
         _removed(box, "s")
 
 
-def test_the_log_keeps_each_stream_and_its_times(box):
+def test_the_log_keeps_each_stream_and_its_times(box):  # noqa: F811
     store = box[0]
-    layerfs("run", "--root", store, "-d", "--name", "f", "box:1", "sh", "-c", "echo out; echo err >&2; printf tail")
-    layerfs("wait", "--root", store, "f")
+    _ran_here(box, "f", "echo out; echo err >&2; printf tail")
     # (the two streams are read as they come: their entries' order is the one written within each)
     entries = sorted((store / "containers/f/container.log").read_text().splitlines(), key=lambda e: e.split()[1:])
     assert [entry.split(" ", 1)[1] for entry in entries] == ["stderr F err", "stdout F out", "stdout P tail"]
@@ -96,7 +87,7 @@ def test_the_log_keeps_each_stream_and_its_times(box):
     layerfs("rm", "--root", store, "f")
 
 
-def test_tail_as_podmans(box):
+def test_tail_as_podmans(box):  # noqa: F811
     _ran(box, "t", "for i in 1 2 3 4 5; do echo $i; done; echo e >&2")
     try:
         for n, out, err in (("2", b"5\n", b"e\n"), ("3", b"4\n5\n", b"e\n"), ("0", b"", b""), ("-1", None, b"e\n")):
@@ -110,10 +101,9 @@ def test_tail_as_podmans(box):
         _removed(box, "t")
 
 
-def test_since_and_until_take_the_lines_of_their_times(box):
+def test_since_and_until_take_the_lines_of_their_times(box):  # noqa: F811
     store = box[0]
-    layerfs("run", "--root", store, "-d", "--name", "u", "box:1", "sh", "-c", "echo one; sleep 1.2; echo two")
-    layerfs("wait", "--root", store, "u")
+    _ran_here(box, "u", "echo one; sleep 1.2; echo two")
     first, second = (line.split(" ", 1)[0] for line in layerfs("logs", "--root", store, "-t", "u").stdout.splitlines())
     shown = lambda *flags: layerfs("logs", "--root", store, *flags, "u").stdout  # noqa: E731
     assert shown("--since", second) == "two\n" and shown("--until", first) == "one\n"
@@ -131,7 +121,7 @@ def test_since_and_until_take_the_lines_of_their_times(box):
     layerfs("rm", "--root", store, "u")
 
 
-def test_follow_gives_each_stream_its_lines_until_the_container_ends(box):
+def test_follow_gives_each_stream_its_lines_until_the_container_ends(box):  # noqa: F811
     store = box[0]
     script = "echo a; sleep 0.5; echo b >&2; sleep 0.5; echo c"
     layerfs("run", "--root", store, "-d", "--name", "w", "box:1", "sh", "-c", script)
