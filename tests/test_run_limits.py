@@ -3,11 +3,14 @@ as Podman (runc, cgroupfs) writes for the same flags, and the cgroups gone when 
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 
 import pytest
 from conftest import LAYERFS, layerfs
+from processes import wait_for
 from test_run_volumes import box  # noqa: F401 (the fixture)
 
 pytestmark = pytest.mark.root  # cgroups, containers
@@ -105,3 +108,15 @@ def test_exec_joins_the_containers_cgroup_as_podman_exec_does(box):  # noqa: F81
     finally:
         layerfs("rm", "--root", store, "-f", "ex")
         podman("rm", "--force", "--time", "0", "ex")
+
+
+@pytest.mark.skipif(not os.path.exists("/sys/fs/cgroup/pids/cgroup.procs"), reason="needs cgroup v1 controllers")
+def test_the_cgroup_of_a_killed_shim_goes_with_its_cleanup(box):  # noqa: F811
+    store = box[0]
+    layerfs("run", "--root", store, "-d", "--name", "kl", "--pids-limit", "10", "box:1", "sleep", "100")
+    cgroup = "/sys/fs/cgroup/pids/layerfs/kl"
+    assert os.path.isdir(cgroup)
+    with open(store / "containers/kl/container.json") as f:
+        os.kill(json.load(f)["pid"], signal.SIGKILL)
+    assert wait_for(lambda: not os.path.exists(cgroup))  # (with no layerfs command run)
+    layerfs("rm", "--root", store, "kl")

@@ -12,6 +12,7 @@ controller the host lacks is refused in one line, before the container is made.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import errno
 import os
@@ -41,6 +42,11 @@ class Limits:
             pids if pids is not None and pids > 0 else None,  # 0 and -1: no limit, as docker
             _cpus(cpus) if cpus is not None else None,
         )
+
+    @classmethod
+    def from_run_flags(cls, args: argparse.Namespace) -> Limits:
+        """The limits of ``layerfs run``'s flags (as given, or as kept in run.json)."""
+        return cls.from_flags(args.memory, args.pids_limit, args.cpus)
 
     def controllers(self) -> list[str]:
         """The controllers they need, each with the flag that asks for it."""
@@ -155,18 +161,27 @@ class Cgroup:
 
     def remove(self) -> None:
         """Remove the cgroup (once the processes of an ended container are gone: a moment after PID 1)."""
-        for where in reversed(self.dirs):
-            for _ in range(100):
-                try:
-                    os.rmdir(where)
-                    break
-                except FileNotFoundError:
-                    break
-                except OSError as e:
-                    if e.errno != errno.EBUSY:
-                        raise
-                    time.sleep(0.02)
+        _remove(self.dirs)
         self.dirs = []
+
+
+def remove_left(name: str, limits: Limits) -> None:
+    """Remove the cgroup of container ``name`` (run with ``limits``) that its killed shim left."""
+    _remove(of_container(name, limits))
+
+
+def _remove(dirs: list[str]) -> None:
+    for where in reversed(dirs):
+        for _ in range(100):
+            try:
+                os.rmdir(where)
+                break
+            except FileNotFoundError:
+                break
+            except OSError as e:
+                if e.errno != errno.EBUSY:
+                    raise
+                time.sleep(0.02)
 
 
 def enter(dirs: list[str]) -> None:

@@ -43,7 +43,6 @@ def main(store: Store, name: str, args: argparse.Namespace) -> int:
     if pid1 is None or run_flags is None or record is None:
         raise LayerfsError(f"container {name!r} is not running")
     config = lifecycle.image_config(store, record)
-    limits = cgroups.Limits.from_flags(run_flags.memory, run_flags.pids_limit, run_flags.cpus)
     # The container's environment, then exec's -e.
     env = process.environment(config, run_flags.env + args.env, run_flags.env_file, run.container_hostname(run_flags))
     to_run = shim.Process(
@@ -52,7 +51,7 @@ def main(store: Store, name: str, args: argparse.Namespace) -> int:
         args.workdir or process.workdir(config, run_flags.workdir),
         args.user or run_flags.user or config.get("User") or "",
         confinement=Confinement.from_flags(run_flags.cap_add, run_flags.cap_drop, run_flags.privileged),
-        cgroups=cgroups.of_container(name, limits),
+        cgroups=cgroups.of_container(name, cgroups.Limits.from_run_flags(run_flags)),
         stdin=args.interactive,
         tty=args.tty,
     )

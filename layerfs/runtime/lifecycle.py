@@ -23,7 +23,7 @@ from collections.abc import Callable
 from ..errors import LayerfsError, UsageError
 from ..fs import mount, mounts
 from ..store import Store
-from . import logger, state
+from . import cgroups, logger, state
 
 # (store, name, args, started): run container ``name`` as ``args`` say, calling ``started(pid)`` once its
 # first process is there; returns its exit code.
@@ -95,7 +95,8 @@ def cleanup_command(store: Store, name: str) -> list[str]:
 
 def refresh(store: Store, name: str) -> dict | None:
     """Container ``name``'s record, its state set right first if its shim was killed: the rootfs
-    unmounted, its daemon gone, exited with 137 (and removed, for ``--rm``: then None)."""
+    unmounted, its daemon gone, its cgroup removed, exited with 137 (and removed, for ``--rm``: then
+    None)."""
     record = store.containers.get(name)
     if record is None:
         return None
@@ -107,6 +108,9 @@ def refresh(store: Store, name: str) -> dict | None:
     for daemon in mounts.running():
         if daemon.upper == record["upper"]:
             mounts.wait_for_exit(daemon.pid, 120)
+    flags = state.load_flags(store.containers.dir(name))
+    if flags is not None:
+        cgroups.remove_left(name, cgroups.Limits.from_run_flags(flags))
     if found.rm:
         store.remove(name, anonymous_volumes=True)
         return None

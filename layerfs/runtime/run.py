@@ -25,7 +25,7 @@ def main(args: argparse.Namespace) -> int:
     # Everything that can refuse the run is asked before a container is made: a refused run leaves nothing.
     confined = Confinement.from_flags(args.cap_add, args.cap_drop, args.privileged)
     requested = volumes.parse(args.volume, args.mount, args.tmpfs)
-    limits = cgroups.Limits.from_flags(args.memory, args.pids_limit, args.cpus)
+    limits = cgroups.Limits.from_run_flags(args)
     cgroups.check(limits)
     throwaway = args.lower and not args.name
     if throwaway and args.detach:
@@ -59,7 +59,7 @@ def run_stored(store: Store, name: str, args: argparse.Namespace, started: Calla
     _, _, command, config = _what_to_run(args, store)
     to_run = _process(args, command, config, Confinement.from_flags(args.cap_add, args.cap_drop, args.privileged))
     requested = _same_volumes(volumes.parse(args.volume, args.mount, args.tmpfs), record.get("mounts") or [])
-    asked = _Asked(name, requested, cgroups.Limits.from_flags(args.memory, args.pids_limit, args.cpus), store)
+    asked = _Asked(name, requested, cgroups.Limits.from_run_flags(args), store)
     store.update_container(name, command=to_run.argv)
 
     def keep(paths: list[str], mounts: list[dict]) -> None:
