@@ -355,6 +355,30 @@ def test_unmounting_ends_the_daemon(stop, tree, mounts, tmp_path):
     assert_daemon_exits(mnt)
 
 
+def test_the_exit_command_runs_when_the_owners_end_has_unmounted(tree, mounts, tmp_path):
+    """x-layerfs-exit-command (conmon's --exit-command): run by the daemon once its owner has ended and it
+    has unmounted, not when the mount is unmounted otherwise."""
+    mnt, said = tmp_path / "mnt", tmp_path / "said"
+    owner = subprocess.Popen(["sleep", "100"])
+    script = 'grep -c " $0 " /proc/mounts > "$1"'  # (how often the mount point is mounted, as it runs)
+    options = f"{tree.lowerdir},x-layerfs-owner={owner.pid},x-layerfs-exit-command=/bin/sh:-c:{script}:{mnt}:{said}"
+    try:
+        assert_mounted_ok(cli_mount(mounts, mnt, "-o", options, mnt), mnt)
+        layerfs_cmd("umount", mnt).check_returncode()  # unmounted while the owner lives: no exit command
+        assert_daemon_exits(mnt)
+        assert_mounted_ok(cli_mount(mounts, mnt, "-o", options, mnt), mnt)
+        assert not said.exists()
+    finally:
+        owner.kill()
+        owner.wait()
+    assert wait_for(lambda: said.exists() and said.read_text() == "0\n")
+    assert not is_mounted(mnt)
+    refused = layerfs_cmd("mount", "-o", f"{tree.lowerdir},x-layerfs-exit-command=/bin/true", mnt)
+    assert assert_one_line_error(refused) == (
+        "layerfs: x-layerfs-exit-command needs an x-layerfs-owner (it runs when the owner has gone)"
+    )
+
+
 def _listing(top: Path) -> dict[str, tuple[int, int]]:
     return {str(p.relative_to(top)): (p.stat().st_size, p.stat().st_mtime_ns) for p in top.rglob("*")}
 

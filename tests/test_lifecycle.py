@@ -17,8 +17,10 @@ from pathlib import Path
 import pytest
 from busybox_images import busybox_tree, one_layer_layout, umoci
 from conftest import LAYERFS, is_mounted, layerfs, table_rows
-from processes import wait_for
+from processes import daemon_pids, wait_for
 from test_podman import Podman
+
+from layerfs.fs import mounts
 
 pytestmark = pytest.mark.root  # containers: namespaces, mounts
 TOOLS = ("sh", "echo", "cat", "sleep", "ps", "tty", "stty", "true", "id", "hostname")
@@ -179,21 +181,27 @@ def test_sigterm_to_a_foreground_run_reaches_the_command_under_init(images):
 
 
 @pytest.mark.parametrize("rm, user", [(False, "0"), (True, "0"), (False, "1000")])
-def test_a_killed_shim_leaves_nothing_after_the_next_command(images, rm, user):
-    """(As another user too: a change of user clears the signal a process gets when its parent dies.)"""
+def test_a_killed_shim_leaves_nothing_with_no_command_run(images, rm, user):
+    """The rootfs's daemon, once it has unmounted, runs the container's cleanup: no later layerfs command
+    is needed. (As another user too: a change of user clears the signal a process gets when its parent dies.)"""
     store = images[0]
     flags = ["--rm"] if rm else []
     layerfs("run", "--root", store, "-d", *flags, "-u", user, "--name", "k", "box:usr1", "sleep", "100")
     state = _state(store, "k")
     (sleeper,) = _children(state["pid"])
+    daemon = mounts.find(str(store / "containers/k/merged"))
+    assert daemon is not None
+    record = store / "containers/k/container.json"
     os.kill(state["shim"], signal.SIGKILL)
-    assert wait_for(lambda: _gone(state["shim"]) and _gone(state["pid"]) and _gone(sleeper))  # all with it
-    listed = _statuses(store)
-    assert not is_mounted(store / "containers/k/merged")
     if rm:
-        assert listed == [] and not (store / "containers/k").exists()
+        assert wait_for(lambda: not (store / "containers/k").exists())
     else:
-        assert listed == [("k", "Exited (137)")]
+        assert wait_for(lambda: json.loads(record.read_text()).get("exit_code") == 137)
+    assert wait_for(lambda: all(_gone(pid) for pid in (state["shim"], state["pid"], sleeper, daemon.pid)))
+    assert wait_for(lambda: not daemon_pids(store))  # its log writer and its cleanup too
+    assert not is_mounted(store / "containers/k/merged")
+    assert _statuses(store) == ([] if rm else [("k", "Exited (137)")])
+    if not rm:
         layerfs("rm", "--root", store, "k")
 
 

@@ -42,8 +42,13 @@ def test_for_dirs_writes_what_parse_reads_back(dirs):
     odd = [dirs / "a:b,c", dirs / "back\\slash", dirs / "up,per", dirs / "wo:rk"]
     for d in odd:
         d.mkdir()
-    c = parse([for_dirs([str(odd[0]), str(odd[1])], str(odd[2]), str(odd[3]), x_layerfs_owner=42)], str(dirs / "mnt"))
+    command = ["/bin/sh", "-c", "echo a:b,c\\d", ""]
+    text = for_dirs(
+        [str(odd[0]), str(odd[1])], str(odd[2]), str(odd[3]), x_layerfs_owner=42, x_layerfs_exit_command=command
+    )
+    c = parse([text], str(dirs / "mnt"))
     assert (c.lowers, c.upper, c.work, c.owner) == ([str(odd[0]), str(odd[1])], str(odd[2]), str(odd[3]), 42)
+    assert c.exit_command == command
     assert c.warnings == []
 
 

@@ -3,11 +3,14 @@ as Podman (runc, cgroupfs) writes for the same flags, and the cgroups gone when 
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 
 import pytest
 from conftest import LAYERFS, layerfs
+from processes import wait_for
 from test_run_volumes import box  # noqa: F401 (the fixture)
 
 pytestmark = pytest.mark.root  # cgroups, containers
@@ -85,3 +88,35 @@ def test_a_bad_limit_is_one_line_and_nothing_is_made(box, flags, message):  # no
     result = layerfs("run", "--root", store, "--name", "limited", *flags, "box:1", "/bin/true", check=False)
     assert result.returncode == 2 and result.stderr.startswith(message) and result.stderr.count("\n") == 1
     assert not (store / "containers" / "limited").exists()
+
+
+@pytest.mark.skipif(not os.path.exists("/sys/fs/cgroup/pids/cgroup.procs"), reason="needs cgroup v1 controllers")
+def test_exec_joins_the_containers_cgroup_as_podman_exec_does(box):  # noqa: F811
+    store, image, podman = box
+    limits = ("--pids-limit", "10", "--memory", "64m")
+    layerfs("run", "--root", store, "-d", "--name", "ex", *limits, "box:1", "sleep", "100")
+    podman("run", "-d", "--name", "ex", *limits, image, "sleep", "100")
+    ours = lambda *cmd: layerfs("exec", "--root", store, "ex", *cmd, check=False)  # noqa: E731
+    theirs = lambda *cmd: podman("exec", "ex", *cmd, check=False)  # noqa: E731
+    try:
+        for run_in, where in ((ours, "/layerfs/ex"), (theirs, "/libpod-")):
+            seen = [run_in("grep", "-E", ":(pids|memory):", f"/proc/{pid}/cgroup").stdout for pid in ("self", "1")]
+            assert seen[0] == seen[1] and seen[0].count(where) == 2, seen
+            # what it starts counts against the container's pids limit (with the container's own processes)
+            forks = run_in("sh", "-c", "for i in 1 2 3 4 5 6 7 8 9 10 11 12; do sleep 2 & done 2>&1 | head -1").stdout
+            assert "can't fork" in forks or "Resource temporarily unavailable" in forks, forks
+    finally:
+        layerfs("rm", "--root", store, "-f", "ex")
+        podman("rm", "--force", "--time", "0", "ex")
+
+
+@pytest.mark.skipif(not os.path.exists("/sys/fs/cgroup/pids/cgroup.procs"), reason="needs cgroup v1 controllers")
+def test_the_cgroup_of_a_killed_shim_goes_with_its_cleanup(box):  # noqa: F811
+    store = box[0]
+    layerfs("run", "--root", store, "-d", "--name", "kl", "--pids-limit", "10", "box:1", "sleep", "100")
+    cgroup = "/sys/fs/cgroup/pids/layerfs/kl"
+    assert os.path.isdir(cgroup)
+    with open(store / "containers/kl/container.json") as f:
+        os.kill(json.load(f)["pid"], signal.SIGKILL)
+    assert wait_for(lambda: not os.path.exists(cgroup))  # (with no layerfs command run)
+    layerfs("rm", "--root", store, "kl")

@@ -17,6 +17,7 @@ import os
 import resource
 import shutil
 import signal
+import subprocess
 import threading
 import time
 
@@ -55,12 +56,14 @@ def _serve(config: MountConfig, union: Union, debug: bool, on_ready=None) -> Non
             )
         )
         if config.owner is not None:
-            threading.Thread(target=_unmount_when_gone, args=(config.owner, config.mountpoint), daemon=True).start()
+            watch = (config.owner, config.mountpoint, owner_gone)
+            threading.Thread(target=_unmount_when_gone, args=watch, daemon=True).start()
         if on_ready is not None:
             on_ready()
 
     # SIGINT, SIGTERM, SIGHUP: unmount, which ends the session once nothing uses the mount any more.
     stopping = threading.Event()
+    owner_gone = threading.Event()
 
     def stop(*_) -> None:
         stopping.set()
@@ -93,6 +96,8 @@ def _serve(config: MountConfig, union: Union, debug: bool, on_ready=None) -> Non
         union.close()
     finally:
         mounts.forget(config.mountpoint, os.getpid())
+        if owner_gone.is_set() and config.exit_command:
+            _run_exit_command(config.exit_command)
 
 
 def _write_stats(session, mountpoint: str) -> None:
@@ -120,11 +125,21 @@ def _detach_quietly(mountpoint: str) -> None:
         pass  # unmounted already
 
 
-def _unmount_when_gone(owner: int, mountpoint: str) -> None:
+def _unmount_when_gone(owner: int, mountpoint: str, gone: threading.Event) -> None:
     """The mount's owner (layerfs run's shim) ended, maybe killed: detach the mount, so that the daemon
-    ends once nothing uses it any more."""
+    ends once nothing uses it any more (and then runs the exit command)."""
     mounts.wait_for_exit(owner, None)
+    gone.set()
     _detach_quietly(mountpoint)
+
+
+def _run_exit_command(argv: list[str]) -> None:
+    """Start the owner's cleanup on its own, as conmon starts its --exit-command: not waited for (it
+    may wait for this daemon to have ended), with the usual umask (the daemon's is 0)."""
+    try:
+        subprocess.Popen(argv, stdin=subprocess.DEVNULL, start_new_session=True, umask=0o022)
+    except OSError as e:
+        logging.getLogger(__name__).warning("exit command %s: %s", printable(argv[0]), e.strerror)
 
 
 def mount(config: MountConfig, *, foreground: bool = False, debug: bool = False) -> int:

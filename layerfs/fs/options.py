@@ -74,6 +74,9 @@ class MountConfig:
     userxattr: bool = False  # overlay's records as user.overlay.* (else as the work directory's probe says)
     override_stat: tuple[str, ...] = ()  # xattr_permissions=1|2: owners and modes shown as these xattrs say
     allow_other: bool = True  # other users see the mount: always for root, for a plain user when asked and allowed
+    # x-layerfs-exit-command=PROGRAM:ARG...: run by the daemon when the owner's end has unmounted the mount
+    # (conmon's --exit-command: the owner's cleanup, which it could not do itself)
+    exit_command: list[str] = field(default_factory=list)
 
 
 def split_escaped(text: str, sep: str) -> list[str]:
@@ -189,6 +192,10 @@ def parse(option_strings: list[str], mountpoint: str | None) -> MountConfig:
     owner = None if owner_text is None else _number(owner_text, 1 << 22)  # PID_MAX_LIMIT
     if owner_text is not None and not owner:
         raise UsageError(f"x-layerfs-owner={printable(owner_text)}: not a process id")
+    exit_text = values.pop("x-layerfs-exit-command", "")
+    exit_command = split_escaped(exit_text, ":") if exit_text else []
+    if exit_command and owner is None:
+        raise UsageError("x-layerfs-exit-command needs an x-layerfs-owner (it runs when the owner has gone)")
 
     owners = _owners(values, flags)
     static_nlink = "static_nlink" in flags
@@ -251,6 +258,7 @@ def parse(option_strings: list[str], mountpoint: str | None) -> MountConfig:
         userxattr,
         override_stat,
         allow_other,
+        exit_command,
     )
 
 
@@ -312,9 +320,14 @@ def escaped(path: object) -> str:
 
 def for_dirs(lowers: list[str], upper: str, work: str, **extra: object) -> str:
     """The ``-o`` string that mounts ``lowers`` (top first) under ``upper``, paths escaped as ``parse``
-    reads them; ``extra`` options are appended as ``key=value``."""
+    reads them; ``extra`` options are appended as ``key=value`` (a list's items escaped and joined with
+    ``:``, as ``x-layerfs-exit-command`` takes them)."""
     text = f"lowerdir={':'.join(escaped(p) for p in lowers)},upperdir={escaped(upper)},workdir={escaped(work)}"
-    return text + "".join(f",{key.replace('_', '-')}={value}" for key, value in extra.items())
+    return text + "".join(f",{key.replace('_', '-')}={_option_value(value)}" for key, value in extra.items())
+
+
+def _option_value(value: object) -> str:
+    return ":".join(escaped(item) for item in value) if isinstance(value, list) else str(value)
 
 
 def is_within(child: str, parent: str) -> bool:

@@ -1,7 +1,8 @@
 """Resource limits (``--memory``, ``--pids-limit``, ``--cpus``) through the host's cgroups, as runc sets
 them for docker: a cgroup ``layerfs/<container>`` made in each controller the limits need, the limits
 written there, the container's process put in it before it makes its namespaces (so everything it
-starts is in it), and the cgroup removed when the container has ended.
+starts is in it; ``layerfs exec``'s process joins it too), and the cgroup removed when the container has
+ended.
 
 Both layouts are met: cgroup v1, a hierarchy per controller (``/sys/fs/cgroup/memory``, ...), and v2's
 unified one, where a controller must be enabled in each parent's ``cgroup.subtree_control``. On a hybrid
@@ -11,6 +12,7 @@ controller the host lacks is refused in one line, before the container is made.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import errno
 import os
@@ -40,6 +42,11 @@ class Limits:
             pids if pids is not None and pids > 0 else None,  # 0 and -1: no limit, as docker
             _cpus(cpus) if cpus is not None else None,
         )
+
+    @classmethod
+    def from_run_flags(cls, args: argparse.Namespace) -> Limits:
+        """The limits of ``layerfs run``'s flags (as given, or as kept in run.json)."""
+        return cls.from_flags(args.memory, args.pids_limit, args.cpus)
 
     def controllers(self) -> list[str]:
         """The controllers they need, each with the flag that asks for it."""
@@ -118,16 +125,29 @@ def check(limits: Limits) -> None:
             raise LayerfsError(f"{_FLAGS[controller]}: this host has no {controller} cgroup controller")
 
 
+def _places(name: str, limits: Limits) -> list[tuple[str, str, str, bool]]:
+    """For each controller ``limits`` need: (controller, its hierarchy's mount point, container
+    ``name``'s cgroup directory there, whether the hierarchy is v2's)."""
+    have = _hierarchies()
+    return [
+        (controller, have[controller][0], os.path.join(have[controller][0], "layerfs", name), have[controller][1])
+        for controller in limits.controllers()
+    ]
+
+
+def of_container(name: str, limits: Limits) -> list[str]:
+    """The cgroup directories of running container ``name`` (run with ``limits``): where ``layerfs exec``
+    puts its process, as docker's does, so that its memory and pids count against the limits."""
+    return list(dict.fromkeys(where for _, _, where, _ in _places(name, limits) if os.path.isdir(where)))
+
+
 class Cgroup:
     """The cgroup of one container: its directory in each hierarchy its limits need."""
 
     def __init__(self, name: str, limits: Limits) -> None:
         self.dirs: list[str] = []
-        have = _hierarchies()
         try:
-            for controller in limits.controllers():
-                point, v2 = have[controller]
-                where = os.path.join(point, "layerfs", name)
+            for controller, point, where, v2 in _places(name, limits):
                 if v2:
                     _enable(point, controller)
                 if where not in self.dirs:
@@ -141,18 +161,27 @@ class Cgroup:
 
     def remove(self) -> None:
         """Remove the cgroup (once the processes of an ended container are gone: a moment after PID 1)."""
-        for where in reversed(self.dirs):
-            for _ in range(100):
-                try:
-                    os.rmdir(where)
-                    break
-                except FileNotFoundError:
-                    break
-                except OSError as e:
-                    if e.errno != errno.EBUSY:
-                        raise
-                    time.sleep(0.02)
+        _remove(self.dirs)
         self.dirs = []
+
+
+def remove_left(name: str, limits: Limits) -> None:
+    """Remove the cgroup of container ``name`` (run with ``limits``) that its killed shim left."""
+    _remove(of_container(name, limits))
+
+
+def _remove(dirs: list[str]) -> None:
+    for where in reversed(dirs):
+        for _ in range(100):
+            try:
+                os.rmdir(where)
+                break
+            except FileNotFoundError:
+                break
+            except OSError as e:
+                if e.errno != errno.EBUSY:
+                    raise
+                time.sleep(0.02)
 
 
 def enter(dirs: list[str]) -> None:

@@ -1,8 +1,9 @@
 """``layerfs exec``: a process started in a running container, as ``docker exec`` starts one.
 
-It joins the namespaces of the container's PID 1 that are not its own already (the user namespace
-first, which a container run without root has; then PID, IPC, UTS, network and mount, the last of
-which puts it at the container's root) and becomes the process as the container's own did
+It joins the container's cgroups (those of its limits, cgroups.py: what it starts counts against them,
+as under docker), then the namespaces of the container's PID 1 that are not its own already (the user
+namespace first, which a container run without root has; then PID, IPC, UTS, network and mount, the last
+of which puts it at the container's root) and becomes the process as the container's own did
 (shim.exec_process: the user from the container's /etc/passwd, the container's confinement and
 environment, ``-t``'s terminal from the container's devpts). Joining a PID namespace applies to the
 joiner's children, so the process is a grandchild of the command, which waits for it and passes
@@ -20,7 +21,7 @@ from pyseccomp import SyscallFilter
 from .. import syscalls
 from ..errors import LayerfsError
 from ..store import Store
-from . import lifecycle, process, run, shim, state
+from . import cgroups, lifecycle, process, run, shim, state
 from .confinement import Confinement
 from .terminal import Console
 
@@ -50,6 +51,7 @@ def main(store: Store, name: str, args: argparse.Namespace) -> int:
         args.workdir or process.workdir(config, run_flags.workdir),
         args.user or run_flags.user or config.get("User") or "",
         confinement=Confinement.from_flags(run_flags.cap_add, run_flags.cap_drop, run_flags.privileged),
+        cgroups=cgroups.of_container(name, cgroups.Limits.from_run_flags(run_flags)),
         stdin=args.interactive,
         tty=args.tty,
     )
@@ -73,12 +75,16 @@ def _join(
     namespaces: dict[str, int], to_run: shim.Process, seccomp: SyscallFilter | None, console: Console | None
 ) -> int:
     try:
+        cgroups.enter(to_run.cgroups)  # (from the host's side: a user namespace may not move itself)
         if "user" in namespaces:
             syscalls.setns(namespaces["user"], syscalls.CLONE_NEWUSER)
         if "pid" in namespaces:
             syscalls.setns(namespaces["pid"], syscalls.CLONE_NEWPID)
     except OSError as e:
         os.write(2, f"layerfs: exec: {e.strerror}\n".encode())
+        return 125
+    except LayerfsError as e:
+        os.write(2, f"layerfs: exec: {e}\n".encode())
         return 125
     return shim.in_pid_namespace(lambda: _enter(namespaces, to_run, seccomp, console))
 

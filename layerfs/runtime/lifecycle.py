@@ -5,8 +5,10 @@ shim that was killed (state.py says where each thing is kept).
 The shim is the process that mounts the rootfs, runs the container and unmounts it: ``layerfs run``
 itself in the foreground, a daemon forked from it with ``-d``. Whatever ends the shim, the container
 ends with it (its processes have PR_SET_PDEATHSIG, and the PID namespace dies with its PID 1) and the
-layerfs daemon unmounts the rootfs (the shim is its owner); what is left, a record that says running,
-is set right by the next command that looks at the container (``refresh``).
+layerfs daemon unmounts the rootfs (the shim is its owner). What is left, a record that says running,
+is set right (``refresh``: exited 137, or removed for ``--rm``) by ``layerfs cleanup``, which the
+daemon runs once it has unmounted (the mount's exit command, as conmon runs podman's ``container
+cleanup``), and by any command that looks at the container before that has run.
 """
 
 from __future__ import annotations
@@ -16,13 +18,12 @@ import contextlib
 import os
 import signal
 import sys
-import time
 from collections.abc import Callable
 
 from ..errors import LayerfsError, UsageError
 from ..fs import mount, mounts
 from ..store import Store
-from . import state
+from . import cgroups, logger, state
 
 # (store, name, args, started): run container ``name`` as ``args`` say, calling ``started(pid)`` once its
 # first process is there; returns its exit code.
@@ -48,10 +49,10 @@ def launch(store: Store, name: str, args: argparse.Namespace, run: RunFn) -> int
         print(name)
         return 0
     os.close(read_end)
-    code = 125
+    code, writer = 125, 0
     try:
         os.setsid()
-        _to_log(state.log_path(directory))
+        writer = logger.start(state.log_path(directory))
 
         def started() -> None:
             os.write(write_end, _READY)
@@ -64,18 +65,10 @@ def launch(store: Store, name: str, args: argparse.Namespace, run: RunFn) -> int
         print(f"layerfs: {e}", file=sys.stderr)
     finally:
         sys.stdout.flush()
+        sys.stderr.flush()
+        if writer:
+            logger.finish(writer)
         os._exit(code)
-
-
-def _to_log(path: str) -> None:
-    """Standard input from /dev/null, output and error appended to the container's log."""
-    log = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
-    devnull = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(devnull, 0)
-    os.dup2(log, 1)
-    os.dup2(log, 2)
-    os.close(devnull)
-    os.close(log)
 
 
 def _shim(store: Store, name: str, args: argparse.Namespace, run: RunFn, ready: Callable[[], None]) -> int:
@@ -94,9 +87,16 @@ def _shim(store: Store, name: str, args: argparse.Namespace, run: RunFn, ready: 
             state.exited(store, name, code)
 
 
+def cleanup_command(store: Store, name: str) -> list[str]:
+    """The command that sets container ``name`` right once its shim has ended: the exit command of its
+    rootfs's mount."""
+    return [sys.executable, "-m", "layerfs", "cleanup", "--root", store.root.path, name]
+
+
 def refresh(store: Store, name: str) -> dict | None:
     """Container ``name``'s record, its state set right first if its shim was killed: the rootfs
-    unmounted, its daemon gone, exited with 137 (and removed, for ``--rm``: then None)."""
+    unmounted, its daemon gone, its cgroup removed, exited with 137 (and removed, for ``--rm``: then
+    None)."""
     record = store.containers.get(name)
     if record is None:
         return None
@@ -108,6 +108,9 @@ def refresh(store: Store, name: str) -> dict | None:
     for daemon in mounts.running():
         if daemon.upper == record["upper"]:
             mounts.wait_for_exit(daemon.pid, 120)
+    flags = state.load_flags(store.containers.dir(name))
+    if flags is not None:
+        cgroups.remove_left(name, cgroups.Limits.from_run_flags(flags))
     if found.rm:
         store.remove(name, anonymous_volumes=True)
         return None
@@ -207,25 +210,3 @@ def remove(store: Store, name: str, force: bool, volumes: bool) -> None:
         stop(store, name, 0)
     if store.containers.get(name) is not None:  # (a --rm container has removed itself)
         store.remove(name, anonymous_volumes=volumes)
-
-
-def logs(store: Store, name: str, follow: bool, out) -> None:
-    """Write what the container has written to ``out``; with ``follow``, what it writes too, until it ends."""
-    name, _ = status(store, name)
-    directory = store.containers.dir(name)
-    try:
-        log = open(state.log_path(directory), "rb")  # noqa: SIM115 (read as it grows)
-    except FileNotFoundError:
-        return
-    with log:
-        while True:
-            chunk = log.read(65536)
-            if chunk:
-                out.write(chunk)
-                out.flush()
-                continue
-            if not follow or not state.shim_alive(_state(store, name)):
-                break
-            time.sleep(0.1)
-        out.write(log.read())
-        out.flush()

@@ -12,7 +12,7 @@ import sys
 import tempfile
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from ..errors import LayerfsError, UsageError
 from ..fs import mount, options
@@ -25,7 +25,7 @@ def main(args: argparse.Namespace) -> int:
     # Everything that can refuse the run is asked before a container is made: a refused run leaves nothing.
     confined = Confinement.from_flags(args.cap_add, args.cap_drop, args.privileged)
     requested = volumes.parse(args.volume, args.mount, args.tmpfs)
-    limits = cgroups.Limits.from_flags(args.memory, args.pids_limit, args.cpus)
+    limits = cgroups.Limits.from_run_flags(args)
     cgroups.check(limits)
     throwaway = args.lower and not args.name
     if throwaway and args.detach:
@@ -59,13 +59,14 @@ def run_stored(store: Store, name: str, args: argparse.Namespace, started: Calla
     _, _, command, config = _what_to_run(args, store)
     to_run = _process(args, command, config, Confinement.from_flags(args.cap_add, args.cap_drop, args.privileged))
     requested = _same_volumes(volumes.parse(args.volume, args.mount, args.tmpfs), record.get("mounts") or [])
-    asked = _Asked(name, requested, cgroups.Limits.from_flags(args.memory, args.pids_limit, args.cpus), store)
+    asked = _Asked(name, requested, cgroups.Limits.from_run_flags(args), store)
     store.update_container(name, command=to_run.argv)
 
     def keep(paths: list[str], mounts: list[dict]) -> None:
         store.add_runtime_paths(name, paths)
         store.update_container(name, mounts=mounts)
 
+    asked.exit_command = lifecycle.cleanup_command(store, name)
     lowers, upper, work, merged = record["lowers"], record["upper"], record["work"], record["merged"]
     # (what a killed shim leaves of the runtime's files goes with the container)
     return _run(lowers, upper, work, merged, to_run, asked, keep, started, store.containers.dir(name))
@@ -117,12 +118,13 @@ def _what_to_run(args: argparse.Namespace, store: Store | None) -> tuple[str | N
 @dataclass
 class _Asked:
     """What a run asks for beside its process, under the container's name: its volumes (made in the store,
-    if it has one) and its limits."""
+    if it has one), its limits, and what the rootfs's daemon runs if the shim is killed under it."""
 
     name: str
     mounts: list[volumes.Mount]
     limits: cgroups.Limits
     store: Store | None
+    exit_command: list[str] = field(default_factory=list)
 
 
 def _run_throwaway(lowers: list[str], to_run: shim.Process, asked: _Asked) -> int:
@@ -155,7 +157,10 @@ def _run(
 ) -> int:
     """Mount the rootfs, make it ready (the runtime's files and mount points, the volumes: ``keep`` is told
     the paths made and the volumes mounted), run the process in its cgroup, unmount."""
-    mount_options = options.for_dirs(lowers, upper, work, x_layerfs_owner=os.getpid())
+    owner: dict[str, object] = {"x_layerfs_owner": os.getpid()}
+    if asked.exit_command:
+        owner["x_layerfs_exit_command"] = asked.exit_command
+    mount_options = options.for_dirs(lowers, upper, work, **owner)
     if mount.mount(options.parse([mount_options], merged)) != 0:
         return 125
     runtime = tempfile.mkdtemp(prefix="layerfs-runtime-", dir=runtime_in)

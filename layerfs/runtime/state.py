@@ -10,11 +10,12 @@
 and beside it in its directory:
 
     STORE/containers/<name>/run.json             the ``layerfs run`` flags (``start`` runs them again)
-    STORE/containers/<name>/container.log        what a detached container wrote (output and error)
+    STORE/containers/<name>/container.log        what a detached container wrote (logformat.py's entries)
     STORE/containers/<name>/layerfs-runtime-*/   its /etc/hostname, hosts, resolv.conf while it runs
 
 The shim is the one process that writes these fields; a record that says running while its shim is gone
-(SIGKILLed) is the leftover of a crash, which ``lifecycle.refresh`` clears, as podman's cleanup does.
+(SIGKILLed) is the leftover of a crash, which ``lifecycle.refresh`` clears (run by the mount's daemon as
+its exit command, or by the next command), as podman's cleanup does.
 """
 
 from __future__ import annotations
