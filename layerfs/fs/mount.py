@@ -17,7 +17,6 @@ import os
 import resource
 import shutil
 import signal
-import subprocess
 import threading
 import time
 
@@ -136,6 +135,8 @@ def _unmount_when_gone(owner: int, mountpoint: str, gone: threading.Event) -> No
 def _run_exit_command(argv: list[str]) -> None:
     """Start the owner's cleanup on its own, as conmon starts its --exit-command: not waited for (it
     may wait for this daemon to have ended), with the usual umask (the daemon's is 0)."""
+    import subprocess  # (here: no mount's start needs it)
+
     try:
         subprocess.Popen(argv, stdin=subprocess.DEVNULL, start_new_session=True, umask=0o022)
     except OSError as e:
