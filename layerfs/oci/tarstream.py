@@ -113,10 +113,13 @@ class _Records:
 
 
 class TarReader:
-    """The entries of the tar that ``read(n)`` gives (up to ``n`` bytes at a time, b"" at its end)."""
+    """The entries of the tar that ``read(n)`` gives (up to ``n`` bytes at a time, b"" at its end).
+    ``skip(n)``, where given, moves past up to ``n`` bytes without making them (how many, 0 at the end): data
+    no one reads is skipped with it."""
 
-    def __init__(self, read: Callable[[int], bytes]) -> None:
+    def __init__(self, read: Callable[[int], bytes], skip: Callable[[int], int] | None = None) -> None:
         self._read = read  # asked for what is needed and no more: an error further on comes where it is
+        self._skip = skip or (lambda n: len(read(n)))
         self.offset = 0  # in the tar, of the next byte to read
         self._left = 0  # bytes of the current entry's data not yet read
         self._padding = 0  # after them, to the next block
@@ -194,9 +197,13 @@ class TarReader:
             yield piece
 
     def skip_data(self) -> None:
-        """What is left of the current entry's data read unused (and checked there)."""
-        for _ in self.data():
-            pass
+        """What is left of the current entry's data passed over (and checked there)."""
+        while self._left:
+            skipped = self._skip(min(self._left, _CHUNK))
+            if not skipped:
+                raise Damaged("the tar ends inside the entry's data (truncated)")
+            self._left -= skipped
+            self.offset += skipped
 
     def _take(self, n: int) -> bytes:
         """The next ``n`` bytes of the tar, fewer where it ends first."""

@@ -21,6 +21,8 @@ kernel overlayfs and layerfs read a lowerdir:
   the bytes go by; the layer is never held or copied whole. The stream is read (and hashed) ahead in a
   thread of its own, while the calling thread parses the tar and makes the entries. (Parsing in a third
   thread cost more than it saved: the two Python threads took turns at the interpreter, 1.5x the CPU time.)
+  An uncompressed tar in a file (a root filesystem import, a pulled plain layer) has each file's data
+  copied by the kernel from the tar's file (``copy_file_range``), not through the interpreter.
 
 What a layer may not do is refused with a one-line LayerfsError naming the entry, after which ``dest`` is
 empty again, with its own mode, owner, times and xattrs as they were:
@@ -81,6 +83,8 @@ _AHEAD = 8  # chunks read ahead of the parsing
 _OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _PATH_MAX = 4096
+# How copy_file_range says it cannot copy between these two files (other filesystems, kernels before 5.3)
+_NO_COPY = (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP)
 _GZIP_MAGIC = b"\x1f\x8b"
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _XATTR_RECORD = "SCHILY.xattr."
@@ -140,6 +144,7 @@ class _Raw:
         self.stream = stream
         self.progress = progress
         self.total = _remaining(stream)
+        self.file = _file_at(stream)
         self.done = 0
         self.buf = b""
         self.pos = 0
@@ -207,6 +212,14 @@ class _Raw:
         self.pos += len(data)
         return data
 
+    def skip(self, n: int) -> int:
+        """Move past up to ``n`` bytes without copying them; how many, 0 at the end."""
+        if self.pos == len(self.buf):
+            self.buf, self.pos = self._next_chunk(), 0
+        n = min(n, len(self.buf) - self.pos)
+        self.pos += n
+        return n
+
     def _next_chunk(self) -> bytes:
         if self._ended:
             return b""
@@ -222,6 +235,18 @@ class _Raw:
             raise item
         self._ended = not item
         return item
+
+
+def _file_at(stream: BinaryIO) -> tuple[int, int] | None:
+    """(its descriptor, the offset it is at) of a stream that is a regular file, whose bytes can be copied by
+    offset; None for any other."""
+    try:
+        fd = stream.fileno()
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            return fd, stream.tell()
+    except (OSError, AttributeError, ValueError):
+        pass
+    return None
 
 
 def _remaining(stream: BinaryIO) -> int | None:
@@ -256,6 +281,9 @@ class _Input:
         self.raw.start(hashed=self.compression is None)
         # (an uncompressed tar is read from the stream's chunks straight: hashed and counted there)
         self.read: Callable[[int], bytes] = self.raw.read if self.decompressed is None else self._decompress
+        self.skip: Callable[[int], int] | None = self.raw.skip if self.decompressed is None else None
+        # An uncompressed tar in a file: where its bytes are, for the kernel to copy a file's data from.
+        self.file = self.raw.file if self.decompressed is None else None
 
     def _decompress(self, n: int) -> bytes:
         assert self.decompressed is not None
@@ -297,6 +325,7 @@ class _Unpacker:
         self.current: str | None = None  # the entry being applied
         self.last: str | None = None  # the last one applied
         self.data: list[DataRef] | None = []  # (None: some data is not kept)
+        self.source: tuple[int, int] | None = None  # (descriptor, offset) of the tar in a file, to copy data from
 
     def run(self) -> UnpackResult:
         try:
@@ -324,7 +353,8 @@ class _Unpacker:
         stop = threading.Event()
         data = _Input(self.stream, self.progress, stop)
         try:
-            tar = tarstream.TarReader(data.read)
+            tar = tarstream.TarReader(data.read, data.skip)
+            self.source = data.file
             while (info := tar.next()) is not None:
                 self.current = info.name
                 self._entry(info, tar)
@@ -378,7 +408,7 @@ class _Unpacker:
         """The entry made as ``name`` in ``parent``: FileExistsError, with nothing made, where the name is taken."""
         kind = info.type
         if kind == tarstream.REG:
-            self._file(parent, name, meta, tar)
+            self._file(parent, name, info, meta, tar)
         elif kind == tarstream.DIR:
             self.tree.new_dir(parent, name, parts, meta)
         elif kind == tarstream.SYM:
@@ -438,16 +468,40 @@ class _Unpacker:
         finally:
             os.close(target_dir)
 
-    def _file(self, parent: int, name: str, meta: _Meta, tar: tarstream.TarReader) -> None:
+    def _file(self, parent: int, name: str, info: Header, meta: _Meta, tar: tarstream.TarReader) -> None:
         fd = os.open(name, _NEW_FILE, 0o600, dir_fd=parent)
         try:
-            for piece in tar.data():
-                view = memoryview(piece)
-                while view:
-                    view = view[os.write(fd, view) :]
+            if not (info.size and self._copy_data(info, fd)):
+                for piece in tar.data():
+                    view = memoryview(piece)
+                    while view:
+                        view = view[os.write(fd, view) :]
             meta.apply_fd(fd)
         finally:
             os.close(fd)
+
+    def _copy_data(self, info: Header, fd: int) -> bool:
+        """The entry's data copied into ``fd`` by the kernel from the tar's file, without passing through the
+        interpreter (the stream still goes by: it is hashed and checked there, and a tar that ends inside the
+        data is told there). False where there is no file to copy from or its filesystem refuses: the data
+        then comes from the stream."""
+        if self.source is None:
+            return False
+        src, base = self.source
+        start = base + info.offset_data
+        at, end = start, start + info.size
+        while at < end:
+            try:
+                copied = os.copy_file_range(src, fd, end - at, at)
+            except OSError as e:
+                if at == start and e.errno in _NO_COPY:
+                    self.source = None  # (and the same for every other file)
+                    return False
+                raise
+            if not copied:
+                break  # the file ends first: the stream, which does too, says so
+            at += copied
+        return True
 
 
 class _Meta:
