@@ -131,7 +131,7 @@ class TarReader:
         self.skip_data()
         if self._padding:
             padding, self._padding = self._padding, 0
-            if len(self._take(padding)) < padding:
+            if self._pass(padding) < padding:
                 return None
         start = self.offset
         records = _Records()
@@ -205,6 +205,14 @@ class TarReader:
             self._left -= skipped
             self.offset += skipped
 
+    def _pass(self, n: int) -> int:
+        """Move past the next ``n`` bytes of the tar (fewer where it ends first); how many."""
+        passed = 0
+        while passed < n and (skipped := self._skip(n - passed)):
+            passed += skipped
+        self.offset += passed
+        return passed
+
     def _take(self, n: int) -> bytes:
         """The next ``n`` bytes of the tar, fewer where it ends first."""
         data = self._read(n)
@@ -262,6 +270,9 @@ def _not_a_header(start: int, why: str) -> Damaged:
 
 def _number(field: bytes) -> int:
     """A numeric field: octal digits, or GNU's base-256 (a first byte 0x80, or 0xff for a negative number)."""
+    digits = field.rstrip(b"\0 ")  # (as a rule, all a field holds: digits, then a NUL or a space)
+    if digits.isdigit():
+        return int(digits, 8)
     if field[0] == 0x80:
         return int.from_bytes(field[1:], "big")
     if field[0] == 0xFF:
