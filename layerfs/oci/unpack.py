@@ -512,13 +512,11 @@ class _Meta:
             raise _Reason(f"its owner {info.uid}:{info.gid} is out of range")
         self.uid, self.gid = info.uid, info.gid
         self.mode = stat.S_IMODE(info.mode)
-        mtime = _pax_time(info, "mtime")
-        if mtime is None:
-            mtime = info.mtime * 10**9
-        atime = _pax_time(info, "atime")
-        self.times = (mtime if atime is None else atime, mtime)
+        pax = info.pax
+        mtime = _pax_time(pax, "mtime") if "mtime" in pax else info.mtime * 10**9
+        self.times = (_pax_time(pax, "atime") if "atime" in pax else mtime, mtime)
         self.xattrs: dict[str, bytes] = {}
-        for key, value in info.pax.items():
+        for key, value in pax.items():
             if not key.startswith(_XATTR_RECORD):
                 continue
             attr = key[len(_XATTR_RECORD) :]
@@ -546,14 +544,18 @@ class _Meta:
             os.chmod(fd, self.mode)
             os.utime(fd, ns=self.times)
 
-    def apply_at(self, parent: int, name: str, *, symlink: bool = False) -> None:
-        """A symlink, device or fifo ``name`` in ``parent``, which no call follows or opens."""
+    def own_at(self, parent: int, name: str) -> None:
+        """Owner and xattrs of ``name`` in ``parent``, which no call follows or opens."""
         try:
             os.chown(name, self.uid, self.gid, dir_fd=parent, follow_symlinks=False)
         except PermissionError as e:
             raise self._chown_failed(e) from None
         for attr, value in self.xattrs.items():
             xattr.set(name, attr, value, dir_fd=parent)
+
+    def apply_at(self, parent: int, name: str, *, symlink: bool = False) -> None:
+        """A symlink, device or fifo ``name`` in ``parent``, which no call follows or opens."""
+        self.own_at(parent, name)
         if not symlink:
             # os.chmod takes no dir_fd without following; through the parent's /proc entry the kernel
             # looks ``name`` up in that directory and, with AT_SYMLINK_NOFOLLOW, does not follow it.
@@ -561,11 +563,9 @@ class _Meta:
         os.utime(name, ns=self.times, dir_fd=parent, follow_symlinks=False)
 
 
-def _pax_time(info: Header, key: str) -> int | None:
-    """A PAX time record in ns, exactly (no float on the way); None when absent."""
-    value = info.pax.get(key)
-    if value is None:
-        return None
+def _pax_time(pax: dict[str, str], key: str) -> int:
+    """A PAX time record in ns, exactly (no float on the way)."""
+    value = pax[key]
     m = _PAX_TIME.fullmatch(value)
     if m is None:
         raise _Reason(f"its PAX {key} record {value!r} is not a time")
@@ -579,6 +579,8 @@ def _parts(name: str, what: str) -> tuple[str, ...]:
     ``..`` taken back lexically (nothing is looked up); climbing above the root is refused."""
     if "\0" in name:
         raise _Reason(f"{what} holds a NUL byte")
+    if ".." not in name and len(name) * 4 < _PATH_MAX:  # (as a rule: nothing to take back, short enough)
+        return tuple([part for part in name.split("/") if part and part != "."])
     out: list[str] = []
     for part in name.split("/"):
         if part in ("", "."):
@@ -792,11 +794,7 @@ class _Tree:
 
     def new_dir(self, parent: int, name: str, parts: tuple[str, ...], meta: _Meta) -> None:
         self._mkdir(parent, name, parts)
-        fd = os.open(name, _OPEN_DIR, dir_fd=parent)
-        try:
-            meta.apply_fd(fd, with_mode=False)
-        finally:
-            os.close(fd)
+        meta.own_at(parent, name)  # (by name: the directory is opened when its entries come, not for this)
         self.pending.set(parts, (meta.mode, meta.times))
 
     def update_dir(self, parts: tuple[str, ...], meta: _Meta) -> None:
