@@ -861,14 +861,17 @@ def test_a_damaged_layer_is_refused_and_leaves_nothing(data, match, arena):
     arena.refused(data, match)
 
 
-def test_a_plain_tar_in_a_file_unpacks_as_from_a_stream(tmp_path):
-    """Its files' data is copied from the file by offset, counted from where the stream stands."""
+@pytest.mark.parametrize("where", ["beside", "in-dev-shm"])
+def test_a_plain_tar_in_a_file_unpacks_as_from_a_stream(where, tmp_path):
+    """Its files' data is copied from the file by offset, counted from where the stream stands; from
+    another filesystem (tmpfs), where the kernel refuses that copy, it is read from the stream."""
     data = tar_of(reg("small", b"x" * 5000), reg("empty"), reg("big", bytes(range(256)) * 5000), reg("last", b"abc"))
-    path = tmp_path / "layer.tar"
-    path.write_bytes(b"junk" * 300 + data)
-    with open(path, "rb") as f:
-        f.seek(1200)
-        from_file = unpack_layer(f, str(fresh(tmp_path / "from-file")))
+    with tempfile.TemporaryDirectory(dir="/dev/shm" if where == "in-dev-shm" else tmp_path) as holder:
+        path = Path(holder, "layer.tar")
+        path.write_bytes(b"junk" * 300 + data)
+        with open(path, "rb") as f:
+            f.seek(1200)
+            from_file = unpack_layer(f, str(fresh(tmp_path / "from-file")))
     from_stream = unpack(data, fresh(tmp_path / "from-stream"))
     assert from_file == from_stream
     assert_same(
