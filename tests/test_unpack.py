@@ -882,6 +882,25 @@ def test_a_plain_tar_in_a_file_unpacks_as_from_a_stream(where, tmp_path):
     )
 
 
+def test_a_plain_tar_in_a_file_written_to_while_it_is_read_is_refused(tmp_path):
+    """The files' data is copied from the file, the digest made of the stream: once the file changes, the
+    two may differ."""
+    data = tar_of(reg("big", bytes(range(256)) * 5000), reg("last", b"abc"))
+    path = tmp_path / "layer.tar"
+    path.write_bytes(data)
+
+    class Written(io.FileIO):
+        def read(self, n: int = -1) -> bytes:
+            chunk = super().read(n)
+            os.utime(self.fileno())  # (as a write would: its mtime and ctime move)
+            return chunk
+
+    dest = fresh(tmp_path / "dest")
+    with Written(path) as f, pytest.raises(LayerfsError, match=r"the tar's file changed while it was read$"):
+        unpack_layer(f, str(dest))
+    assert os.listdir(dest) == []
+
+
 def test_a_plain_tar_in_a_file_that_ends_inside_a_files_data_is_refused(tmp_path):
     good = tar_of(reg("big", bytes(range(256)) * 20), reg("after", b"a"))
     path = tmp_path / "layer.tar"

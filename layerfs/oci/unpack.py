@@ -22,7 +22,8 @@ kernel overlayfs and layerfs read a lowerdir:
   thread of its own, while the calling thread parses the tar and makes the entries. (Parsing in a third
   thread cost more than it saved: the two Python threads took turns at the interpreter, 1.5x the CPU time.)
   An uncompressed tar in a file (a root filesystem import, a pulled plain layer) has each file's data
-  copied by the kernel from the tar's file (``copy_file_range``), not through the interpreter.
+  copied by the kernel from the tar's file (``copy_file_range``), not through the interpreter; a file
+  written to while it is read is refused (what was copied from it might not be what was hashed).
 
 What a layer may not do is refused with a one-line LayerfsError naming the entry, after which ``dest`` is
 empty again, with its own mode, owner, times and xattrs as they were:
@@ -237,13 +238,29 @@ class _Raw:
         return item
 
 
-def _file_at(stream: BinaryIO) -> tuple[int, int] | None:
-    """(its descriptor, the offset it is at) of a stream that is a regular file, whose bytes can be copied by
-    offset; None for any other."""
+class _TarFile(NamedTuple):
+    """A stream that is a regular file, whose bytes can be copied by offset."""
+
+    fd: int
+    offset: int  # where the stream stood
+    written: tuple[int, int, int]  # its size, mtime and ctime then
+
+    def changed(self) -> bool:
+        """Whether the file was written to since: what was copied from it may not be what was hashed."""
+        return _written(os.fstat(self.fd)) != self.written
+
+
+def _written(st: os.stat_result) -> tuple[int, int, int]:
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def _file_at(stream: BinaryIO) -> _TarFile | None:
+    """The stream as a regular file; None where it is not one."""
     try:
         fd = stream.fileno()
-        if stat.S_ISREG(os.fstat(fd).st_mode):
-            return fd, stream.tell()
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode):
+            return _TarFile(fd, stream.tell(), _written(st))
     except (OSError, AttributeError, ValueError):
         pass
     return None
@@ -325,7 +342,7 @@ class _Unpacker:
         self.current: str | None = None  # the entry being applied
         self.last: str | None = None  # the last one applied
         self.data: list[DataRef] | None = []  # (None: some data is not kept)
-        self.source: tuple[int, int] | None = None  # (descriptor, offset) of the tar in a file, to copy data from
+        self.source: _TarFile | None = None  # the tar's file, to copy files' data from
 
     def run(self) -> UnpackResult:
         try:
@@ -362,6 +379,8 @@ class _Unpacker:
                 self.entries += 1
                 self.last, self.current = self.current, None
             data.drain()
+            if data.file is not None and data.file.changed():
+                raise _Reason("the tar's file changed while it was read")
         finally:
             stop.set()
         self.tree.finish()
@@ -487,8 +506,8 @@ class _Unpacker:
         then comes from the stream."""
         if self.source is None:
             return False
-        src, base = self.source
-        start = base + info.offset_data
+        src = self.source.fd
+        start = self.source.offset + info.offset_data
         at, end = start, start + info.size
         while at < end:
             try:
