@@ -861,6 +861,56 @@ def test_a_damaged_layer_is_refused_and_leaves_nothing(data, match, arena):
     arena.refused(data, match)
 
 
+@pytest.mark.parametrize("where", ["beside", "in-dev-shm"])
+def test_a_plain_tar_in_a_file_unpacks_as_from_a_stream(where, tmp_path):
+    """Its files' data is copied from the file by offset, counted from where the stream stands; from
+    another filesystem (tmpfs), where the kernel refuses that copy, it is read from the stream."""
+    data = tar_of(reg("small", b"x" * 5000), reg("empty"), reg("big", bytes(range(256)) * 5000), reg("last", b"abc"))
+    with tempfile.TemporaryDirectory(dir="/dev/shm" if where == "in-dev-shm" else tmp_path) as holder:
+        path = Path(holder, "layer.tar")
+        path.write_bytes(b"junk" * 300 + data)
+        with open(path, "rb") as f:
+            f.seek(1200)
+            from_file = unpack_layer(f, str(fresh(tmp_path / "from-file")))
+    from_stream = unpack(data, fresh(tmp_path / "from-stream"))
+    assert from_file == from_stream
+    assert_same(
+        snapshot(tmp_path / "from-stream"),
+        snapshot(tmp_path / "from-file"),
+        what="the unpacked layers",
+        names=("stream", "file"),
+    )
+
+
+def test_a_plain_tar_in_a_file_written_to_while_it_is_read_is_refused(tmp_path):
+    """The files' data is copied from the file, the digest made of the stream: once the file changes, the
+    two may differ."""
+    data = tar_of(reg("big", bytes(range(256)) * 5000), reg("last", b"abc"))
+    path = tmp_path / "layer.tar"
+    path.write_bytes(data)
+
+    class Written(io.FileIO):
+        def read(self, n: int = -1) -> bytes:
+            chunk = super().read(n)
+            os.utime(self.fileno())  # (as a write would: its mtime and ctime move)
+            return chunk
+
+    dest = fresh(tmp_path / "dest")
+    with Written(path) as f, pytest.raises(LayerfsError, match=r"the tar's file changed while it was read$"):
+        unpack_layer(f, str(dest))
+    assert os.listdir(dest) == []
+
+
+def test_a_plain_tar_in_a_file_that_ends_inside_a_files_data_is_refused(tmp_path):
+    good = tar_of(reg("big", bytes(range(256)) * 20), reg("after", b"a"))
+    path = tmp_path / "layer.tar"
+    path.write_bytes(good[: _members(good)["big"].offset_data + 1000])
+    dest = fresh(tmp_path / "dest")
+    with open(path, "rb") as f, pytest.raises(LayerfsError, match=r"entry 'big': the tar ends inside the entry's data"):
+        unpack_layer(f, str(dest))
+    assert os.listdir(dest) == []
+
+
 @pytest.mark.parametrize("cut", ["after-data", "in-padding", "at-block"])
 def test_a_tar_that_ends_after_an_entry_without_its_end_block_is_whole(cut, tmp_path):
     """As umoci insert writes a layer, and Go's archive/tar (docker, containerd, podman, umoci) reads it:

@@ -113,10 +113,13 @@ class _Records:
 
 
 class TarReader:
-    """The entries of the tar that ``read(n)`` gives (up to ``n`` bytes at a time, b"" at its end)."""
+    """The entries of the tar that ``read(n)`` gives (up to ``n`` bytes at a time, b"" at its end).
+    ``skip(n)``, where given, moves past up to ``n`` bytes without making them (how many, 0 at the end): data
+    no one reads is skipped with it."""
 
-    def __init__(self, read: Callable[[int], bytes]) -> None:
+    def __init__(self, read: Callable[[int], bytes], skip: Callable[[int], int] | None = None) -> None:
         self._read = read  # asked for what is needed and no more: an error further on comes where it is
+        self._skip = skip or (lambda n: len(read(n)))
         self.offset = 0  # in the tar, of the next byte to read
         self._left = 0  # bytes of the current entry's data not yet read
         self._padding = 0  # after them, to the next block
@@ -128,7 +131,7 @@ class TarReader:
         self.skip_data()
         if self._padding:
             padding, self._padding = self._padding, 0
-            if len(self._take(padding)) < padding:
+            if self._pass(padding) < padding:
                 return None
         start = self.offset
         records = _Records()
@@ -194,9 +197,21 @@ class TarReader:
             yield piece
 
     def skip_data(self) -> None:
-        """What is left of the current entry's data read unused (and checked there)."""
-        for _ in self.data():
-            pass
+        """What is left of the current entry's data passed over (and checked there)."""
+        while self._left:
+            skipped = self._skip(min(self._left, _CHUNK))
+            if not skipped:
+                raise Damaged("the tar ends inside the entry's data (truncated)")
+            self._left -= skipped
+            self.offset += skipped
+
+    def _pass(self, n: int) -> int:
+        """Move past the next ``n`` bytes of the tar (fewer where it ends first); how many."""
+        passed = 0
+        while passed < n and (skipped := self._skip(n - passed)):
+            passed += skipped
+        self.offset += passed
+        return passed
 
     def _take(self, n: int) -> bytes:
         """The next ``n`` bytes of the tar, fewer where it ends first."""
@@ -255,6 +270,9 @@ def _not_a_header(start: int, why: str) -> Damaged:
 
 def _number(field: bytes) -> int:
     """A numeric field: octal digits, or GNU's base-256 (a first byte 0x80, or 0xff for a negative number)."""
+    digits = field.rstrip(b"\0 ")  # (as a rule, all a field holds: digits, then a NUL or a space)
+    if digits.isdigit():
+        return int(digits, 8)
     if field[0] == 0x80:
         return int.from_bytes(field[1:], "big")
     if field[0] == 0xFF:

@@ -21,6 +21,9 @@ kernel overlayfs and layerfs read a lowerdir:
   the bytes go by; the layer is never held or copied whole. The stream is read (and hashed) ahead in a
   thread of its own, while the calling thread parses the tar and makes the entries. (Parsing in a third
   thread cost more than it saved: the two Python threads took turns at the interpreter, 1.5x the CPU time.)
+  An uncompressed tar in a file (a root filesystem import, a pulled plain layer) has each file's data
+  copied by the kernel from the tar's file (``copy_file_range``), not through the interpreter; a file
+  written to while it is read is refused (what was copied from it might not be what was hashed).
 
 What a layer may not do is refused with a one-line LayerfsError naming the entry, after which ``dest`` is
 empty again, with its own mode, owner, times and xattrs as they were:
@@ -81,6 +84,8 @@ _AHEAD = 8  # chunks read ahead of the parsing
 _OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _PATH_MAX = 4096
+# How copy_file_range says it cannot copy between these two files (other filesystems, kernels before 5.3)
+_NO_COPY = (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP)
 _GZIP_MAGIC = b"\x1f\x8b"
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _XATTR_RECORD = "SCHILY.xattr."
@@ -140,6 +145,7 @@ class _Raw:
         self.stream = stream
         self.progress = progress
         self.total = _remaining(stream)
+        self.file = _file_at(stream)
         self.done = 0
         self.buf = b""
         self.pos = 0
@@ -207,6 +213,14 @@ class _Raw:
         self.pos += len(data)
         return data
 
+    def skip(self, n: int) -> int:
+        """Move past up to ``n`` bytes without copying them; how many, 0 at the end."""
+        if self.pos == len(self.buf):
+            self.buf, self.pos = self._next_chunk(), 0
+        n = min(n, len(self.buf) - self.pos)
+        self.pos += n
+        return n
+
     def _next_chunk(self) -> bytes:
         if self._ended:
             return b""
@@ -222,6 +236,34 @@ class _Raw:
             raise item
         self._ended = not item
         return item
+
+
+class _TarFile(NamedTuple):
+    """A stream that is a regular file, whose bytes can be copied by offset."""
+
+    fd: int
+    offset: int  # where the stream stood
+    written: tuple[int, int, int]  # its size, mtime and ctime then
+
+    def changed(self) -> bool:
+        """Whether the file was written to since: what was copied from it may not be what was hashed."""
+        return _written(os.fstat(self.fd)) != self.written
+
+
+def _written(st: os.stat_result) -> tuple[int, int, int]:
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def _file_at(stream: BinaryIO) -> _TarFile | None:
+    """The stream as a regular file; None where it is not one."""
+    try:
+        fd = stream.fileno()
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode):
+            return _TarFile(fd, stream.tell(), _written(st))
+    except (OSError, AttributeError, ValueError):
+        pass
+    return None
 
 
 def _remaining(stream: BinaryIO) -> int | None:
@@ -256,6 +298,9 @@ class _Input:
         self.raw.start(hashed=self.compression is None)
         # (an uncompressed tar is read from the stream's chunks straight: hashed and counted there)
         self.read: Callable[[int], bytes] = self.raw.read if self.decompressed is None else self._decompress
+        self.skip: Callable[[int], int] | None = self.raw.skip if self.decompressed is None else None
+        # An uncompressed tar in a file: where its bytes are, for the kernel to copy a file's data from.
+        self.file = self.raw.file if self.decompressed is None else None
 
     def _decompress(self, n: int) -> bytes:
         assert self.decompressed is not None
@@ -297,6 +342,7 @@ class _Unpacker:
         self.current: str | None = None  # the entry being applied
         self.last: str | None = None  # the last one applied
         self.data: list[DataRef] | None = []  # (None: some data is not kept)
+        self.source: _TarFile | None = None  # the tar's file, to copy files' data from
 
     def run(self) -> UnpackResult:
         try:
@@ -324,7 +370,8 @@ class _Unpacker:
         stop = threading.Event()
         data = _Input(self.stream, self.progress, stop)
         try:
-            tar = tarstream.TarReader(data.read)
+            tar = tarstream.TarReader(data.read, data.skip)
+            self.source = data.file
             while (info := tar.next()) is not None:
                 self.current = info.name
                 self._entry(info, tar)
@@ -332,6 +379,8 @@ class _Unpacker:
                 self.entries += 1
                 self.last, self.current = self.current, None
             data.drain()
+            if data.file is not None and data.file.changed():
+                raise _Reason("the tar's file changed while it was read")
         finally:
             stop.set()
         self.tree.finish()
@@ -378,7 +427,7 @@ class _Unpacker:
         """The entry made as ``name`` in ``parent``: FileExistsError, with nothing made, where the name is taken."""
         kind = info.type
         if kind == tarstream.REG:
-            self._file(parent, name, meta, tar)
+            self._file(parent, name, info, meta, tar)
         elif kind == tarstream.DIR:
             self.tree.new_dir(parent, name, parts, meta)
         elif kind == tarstream.SYM:
@@ -438,16 +487,40 @@ class _Unpacker:
         finally:
             os.close(target_dir)
 
-    def _file(self, parent: int, name: str, meta: _Meta, tar: tarstream.TarReader) -> None:
+    def _file(self, parent: int, name: str, info: Header, meta: _Meta, tar: tarstream.TarReader) -> None:
         fd = os.open(name, _NEW_FILE, 0o600, dir_fd=parent)
         try:
-            for piece in tar.data():
-                view = memoryview(piece)
-                while view:
-                    view = view[os.write(fd, view) :]
+            if not (info.size and self._copy_data(info, fd)):
+                for piece in tar.data():
+                    view = memoryview(piece)
+                    while view:
+                        view = view[os.write(fd, view) :]
             meta.apply_fd(fd)
         finally:
             os.close(fd)
+
+    def _copy_data(self, info: Header, fd: int) -> bool:
+        """The entry's data copied into ``fd`` by the kernel from the tar's file, without passing through the
+        interpreter (the stream still goes by: it is hashed and checked there, and a tar that ends inside the
+        data is told there). False where there is no file to copy from or its filesystem refuses: the data
+        then comes from the stream."""
+        if self.source is None:
+            return False
+        src = self.source.fd
+        start = self.source.offset + info.offset_data
+        at, end = start, start + info.size
+        while at < end:
+            try:
+                copied = os.copy_file_range(src, fd, end - at, at)
+            except OSError as e:
+                if at == start and e.errno in _NO_COPY:
+                    self.source = None  # (and the same for every other file)
+                    return False
+                raise
+            if not copied:
+                break  # the file ends first: the stream, which does too, says so
+            at += copied
+        return True
 
 
 class _Meta:
@@ -458,13 +531,11 @@ class _Meta:
             raise _Reason(f"its owner {info.uid}:{info.gid} is out of range")
         self.uid, self.gid = info.uid, info.gid
         self.mode = stat.S_IMODE(info.mode)
-        mtime = _pax_time(info, "mtime")
-        if mtime is None:
-            mtime = info.mtime * 10**9
-        atime = _pax_time(info, "atime")
-        self.times = (mtime if atime is None else atime, mtime)
+        pax = info.pax
+        mtime = _pax_time(pax, "mtime") if "mtime" in pax else info.mtime * 10**9
+        self.times = (_pax_time(pax, "atime") if "atime" in pax else mtime, mtime)
         self.xattrs: dict[str, bytes] = {}
-        for key, value in info.pax.items():
+        for key, value in pax.items():
             if not key.startswith(_XATTR_RECORD):
                 continue
             attr = key[len(_XATTR_RECORD) :]
@@ -492,14 +563,18 @@ class _Meta:
             os.chmod(fd, self.mode)
             os.utime(fd, ns=self.times)
 
-    def apply_at(self, parent: int, name: str, *, symlink: bool = False) -> None:
-        """A symlink, device or fifo ``name`` in ``parent``, which no call follows or opens."""
+    def own_at(self, parent: int, name: str) -> None:
+        """Owner and xattrs of ``name`` in ``parent``, which no call follows or opens."""
         try:
             os.chown(name, self.uid, self.gid, dir_fd=parent, follow_symlinks=False)
         except PermissionError as e:
             raise self._chown_failed(e) from None
         for attr, value in self.xattrs.items():
             xattr.set(name, attr, value, dir_fd=parent)
+
+    def apply_at(self, parent: int, name: str, *, symlink: bool = False) -> None:
+        """A symlink, device or fifo ``name`` in ``parent``, which no call follows or opens."""
+        self.own_at(parent, name)
         if not symlink:
             # os.chmod takes no dir_fd without following; through the parent's /proc entry the kernel
             # looks ``name`` up in that directory and, with AT_SYMLINK_NOFOLLOW, does not follow it.
@@ -507,11 +582,9 @@ class _Meta:
         os.utime(name, ns=self.times, dir_fd=parent, follow_symlinks=False)
 
 
-def _pax_time(info: Header, key: str) -> int | None:
-    """A PAX time record in ns, exactly (no float on the way); None when absent."""
-    value = info.pax.get(key)
-    if value is None:
-        return None
+def _pax_time(pax: dict[str, str], key: str) -> int:
+    """A PAX time record in ns, exactly (no float on the way)."""
+    value = pax[key]
     m = _PAX_TIME.fullmatch(value)
     if m is None:
         raise _Reason(f"its PAX {key} record {value!r} is not a time")
@@ -525,6 +598,8 @@ def _parts(name: str, what: str) -> tuple[str, ...]:
     ``..`` taken back lexically (nothing is looked up); climbing above the root is refused."""
     if "\0" in name:
         raise _Reason(f"{what} holds a NUL byte")
+    if ".." not in name and len(name) * 4 < _PATH_MAX:  # (as a rule: nothing to take back, short enough)
+        return tuple([part for part in name.split("/") if part and part != "."])
     out: list[str] = []
     for part in name.split("/"):
         if part in ("", "."):
@@ -738,11 +813,7 @@ class _Tree:
 
     def new_dir(self, parent: int, name: str, parts: tuple[str, ...], meta: _Meta) -> None:
         self._mkdir(parent, name, parts)
-        fd = os.open(name, _OPEN_DIR, dir_fd=parent)
-        try:
-            meta.apply_fd(fd, with_mode=False)
-        finally:
-            os.close(fd)
+        meta.own_at(parent, name)  # (by name: the directory is opened when its entries come, not for this)
         self.pending.set(parts, (meta.mode, meta.times))
 
     def update_dir(self, parts: tuple[str, ...], meta: _Meta) -> None:
