@@ -34,6 +34,8 @@ func newSnapshotter(ctx context.Context, root string) (snapshots.Snapshotter, fu
 	args := append([]string{"snapshotter", "--address", socket, "--root", root}, strings.Fields(os.Getenv("LAYERFS_FLAGS"))...)
 	server := exec.Command(os.Getenv("LAYERFS"), args...)
 	server.Stdout, server.Stderr = os.Stderr, os.Stderr
+	// (a suite that dies, by its timeout's panic say, takes its snapshotters with it)
+	server.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := server.Start(); err != nil {
 		return nil, nil, err
 	}
