@@ -1,7 +1,7 @@
 """Extended attributes of an entry named relative to a directory descriptor, never following it.
 
 The *xattr system calls have no ``*at`` form. The entry's parent directory is opened beneath the
-directory descriptor (``confined.beneath``) and the entry reached as ``/proc/self/fd/PARENT/NAME``: the
+directory descriptor (``confined.open_beneath``) and the entry reached as ``/proc/self/fd/PARENT/NAME``: the
 kernel jumps to that directory and looks NAME up without following it, which works for every file type
 (a symlink or a device cannot be opened to use f*xattr), and the path is short whatever the layer's own
 path is.
@@ -9,10 +9,8 @@ path is.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
-from collections.abc import Iterator
 
 from . import confined
 
@@ -21,39 +19,39 @@ from . import confined
 _UNAVAILABLE = (errno.ENODATA, errno.ENOTSUP, errno.EPERM, errno.EACCES)
 
 
-@contextlib.contextmanager
-def _reach(path: str | int, dir_fd: int | None) -> Iterator[str | int]:
-    if dir_fd is None or isinstance(path, int):  # (a path from the cwd, or an open file)
-        yield path
-        return
+def _on_entry(call, path: str | int, dir_fd: int | None, *args):
+    """``call`` (an ``os.*xattr``) on the entry, never following it. No context manager: a lookup asks
+    this of every regular file it meets (``metacopy.py``)."""
+    if isinstance(path, int):  # (an open file)
+        return call(path, *args)
+    if dir_fd is None:  # (a path from the cwd)
+        return call(path, *args, follow_symlinks=False)
     # Through /proc/self/fd, the kernel follows every directory on the way: the entry's parent is opened
-    # beneath the layer first (confined.beneath), so that a directory swapped for a symlink is not.
-    with confined.beneath(path, dir_fd=dir_fd) as (parent, name):
-        yield f"/proc/self/fd/{parent}/{name}"
-
-
-def _nofollow(target: str | int) -> dict:
-    return {} if isinstance(target, int) else {"follow_symlinks": False}
+    # beneath the layer first, so that a directory swapped for a symlink is not.
+    head, _, name = path.rpartition("/")
+    if not head:  # (the common case: a name in a directory the caller holds open)
+        return call(f"/proc/self/fd/{dir_fd}/{name}", *args, follow_symlinks=False)
+    parent = confined.open_beneath(head, os.O_PATH | os.O_DIRECTORY, dir_fd=dir_fd)
+    try:
+        return call(f"/proc/self/fd/{parent}/{name}", *args, follow_symlinks=False)
+    finally:
+        os.close(parent)
 
 
 def get(path: str | int, name: str, *, dir_fd: int | None = None) -> bytes:
-    with _reach(path, dir_fd) as target:
-        return os.getxattr(target, name, **_nofollow(target))
+    return _on_entry(os.getxattr, path, dir_fd, name)
 
 
 def names(path: str | int, *, dir_fd: int | None = None) -> list[str]:
-    with _reach(path, dir_fd) as target:
-        return os.listxattr(target, **_nofollow(target))
+    return _on_entry(os.listxattr, path, dir_fd)
 
 
 def set(path: str | int, name: str, value: bytes, flags: int = 0, *, dir_fd: int | None = None) -> None:
-    with _reach(path, dir_fd) as target:
-        os.setxattr(target, name, value, flags, **_nofollow(target))
+    _on_entry(os.setxattr, path, dir_fd, name, value, flags)
 
 
 def remove(path: str | int, name: str, *, dir_fd: int | None = None) -> None:
-    with _reach(path, dir_fd) as target:
-        os.removexattr(target, name, **_nofollow(target))
+    _on_entry(os.removexattr, path, dir_fd, name)
 
 
 def get_first(path: str | int, names: tuple[str, ...], *, dir_fd: int | None = None) -> bytes | None:
