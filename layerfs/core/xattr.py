@@ -1,10 +1,11 @@
 """Extended attributes of an entry named relative to a directory descriptor, never following it.
 
-The *xattr system calls have no ``*at`` form. The entry's parent directory is opened beneath the
-directory descriptor (``confined.open_beneath``) and the entry reached as ``/proc/self/fd/PARENT/NAME``: the
-kernel jumps to that directory and looks NAME up without following it, which works for every file type
-(a symlink or a device cannot be opened to use f*xattr), and the path is short whatever the layer's own
-path is.
+The *xattr system calls had no ``*at`` form before Linux 6.13. The entry's parent directory is opened
+beneath the directory descriptor (``confined.open_beneath``) and the entry reached as
+``/proc/self/fd/PARENT/NAME``: the kernel jumps to that directory and looks NAME up without following it,
+which works for every file type (a symlink or a device cannot be opened to use f*xattr), and the path is
+short whatever the layer's own path is. Whether an entry has any xattr at all, the question a lookup asks
+of every file, is asked of ``listxattrat`` where the kernel has it (``_has_none``): a third of the cost.
 """
 
 from __future__ import annotations
@@ -12,11 +13,13 @@ from __future__ import annotations
 import errno
 import os
 
+from .. import syscalls
 from . import confined
 
 # A missing xattr, or a namespace the filesystem or the daemon may not use (trusted.* without
 # CAP_SYS_ADMIN): where overlayfs's records fall back from their trusted.* form to their user.* one.
 _UNAVAILABLE = (errno.ENODATA, errno.ENOTSUP, errno.EPERM, errno.EACCES)
+_listxattrat = True  # (until the kernel says it has none)
 
 
 def _on_entry(call, path: str | int, dir_fd: int | None, *args):
@@ -68,6 +71,8 @@ def get_first(path: str | int, names: tuple[str, ...], *, dir_fd: int | None = N
 
 def has_any(path: str | int, wanted: tuple[str, ...], *, dir_fd: int | None = None) -> bool:
     """Whether the entry has one of ``wanted`` (one listxattr, where asking for each costs a call each)."""
+    if _has_none(path, dir_fd):
+        return False
     try:
         present = names(path, dir_fd=dir_fd)
     except OSError as e:
@@ -75,6 +80,20 @@ def has_any(path: str | int, wanted: tuple[str, ...], *, dir_fd: int | None = No
             return False
         raise
     return any(name in present for name in wanted)
+
+
+def _has_none(path: str | int, dir_fd: int | None) -> bool:
+    """Whether the entry named in ``dir_fd`` surely has no xattrs, as most files: listxattrat (Linux 6.13)
+    answers that in a third of the time listxattr through /proc takes. False where it cannot tell."""
+    global _listxattrat
+    if not _listxattrat or dir_fd is None or not isinstance(path, str) or "/" in path:
+        return False
+    try:
+        return syscalls.xattr_names_size(path, dir_fd=dir_fd) == 0
+    except OSError as e:
+        if e.errno in (errno.ENOSYS, errno.EPERM):  # (an older kernel, or a seccomp filter that knows none)
+            _listxattrat = False
+        return False  # (the slower way answers, or raises, as it always has)
 
 
 def set_first(path: str | int, names: tuple[str, ...], value: bytes, *, dir_fd: int | None = None) -> bool:
