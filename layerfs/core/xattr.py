@@ -5,7 +5,7 @@ beneath the directory descriptor (``confined.open_beneath``) and the entry reach
 ``/proc/self/fd/PARENT/NAME``: the kernel jumps to that directory and looks NAME up without following it,
 which works for every file type (a symlink or a device cannot be opened to use f*xattr), and the path is
 short whatever the layer's own path is. Whether an entry has any xattr at all, the question a lookup asks
-of every file, is asked of ``listxattrat`` where the kernel has it (``_has_none``): a third of the cost.
+of every file, is asked of ``listxattrat`` where the kernel has it (``has_none``): a third of the cost.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def get_first(path: str | int, names: tuple[str, ...], *, dir_fd: int | None = N
 
 def has_any(path: str | int, wanted: tuple[str, ...], *, dir_fd: int | None = None) -> bool:
     """Whether the entry has one of ``wanted`` (one listxattr, where asking for each costs a call each)."""
-    if _has_none(path, dir_fd):
+    if has_none(path, dir_fd=dir_fd):
         return False
     try:
         present = names(path, dir_fd=dir_fd)
@@ -82,18 +82,21 @@ def has_any(path: str | int, wanted: tuple[str, ...], *, dir_fd: int | None = No
     return any(name in present for name in wanted)
 
 
-def _has_none(path: str | int, dir_fd: int | None) -> bool:
-    """Whether the entry named in ``dir_fd`` surely has no xattrs, as most files: listxattrat (Linux 6.13)
-    answers that in a third of the time listxattr through /proc takes. False where it cannot tell."""
+def has_none(path: str | int, *, dir_fd: int | None = None) -> bool:
+    """Whether the entry (an open file, or a name in ``dir_fd``) surely has no xattrs, as most entries:
+    one call where asking for each record costs one or two. For a name, listxattrat (Linux 6.13) answers
+    in a third of the time listxattr through /proc takes. False where it cannot tell."""
     global _listxattrat
-    if not _listxattrat or dir_fd is None or not isinstance(path, str) or "/" in path:
-        return False
     try:
+        if isinstance(path, int):
+            return not os.listxattr(path)
+        if not _listxattrat or dir_fd is None or "/" in path:
+            return False
         return syscalls.xattr_names_size(path, dir_fd=dir_fd) == 0
     except OSError as e:
-        if e.errno in (errno.ENOSYS, errno.EPERM):  # (an older kernel, or a seccomp filter that knows none)
-            _listxattrat = False
-        return False  # (the slower way answers, or raises, as it always has)
+        if e.errno in (errno.ENOSYS, errno.EPERM) and not isinstance(path, int):
+            _listxattrat = False  # (an older kernel, or a seccomp filter that knows none)
+        return False  # (asking for each record answers, or raises, as it always has)
 
 
 def set_first(path: str | int, names: tuple[str, ...], value: bytes, *, dir_fd: int | None = None) -> bool:
