@@ -171,13 +171,19 @@ _listxattrat.argtypes = [ctypes.c_long, ctypes.c_int, ctypes.c_char_p, ctypes.c_
 _listxattrat.restype = ctypes.c_long
 
 
-def xattr_names_size(name: str, *, dir_fd: int) -> int:
-    """The size of the xattr names of the entry ``name`` in ``dir_fd``, not followed (0: it has none), by
-    listxattrat(2) (ENOSYS before Linux 6.13)."""
-    size = _listxattrat(_SYS_LISTXATTRAT, dir_fd, os.fsencode(name), _AT_SYMLINK_NOFOLLOW, None, 0)
+def xattr_names(name: str, *, dir_fd: int) -> list[str]:
+    """The xattr names of the entry ``name`` in ``dir_fd``, not followed, by listxattrat(2) (ENOSYS
+    before Linux 6.13). Their size is asked first: most entries have none, and that is one call."""
+    path = os.fsencode(name)
+    size = _listxattrat(_SYS_LISTXATTRAT, dir_fd, path, _AT_SYMLINK_NOFOLLOW, None, 0)
+    if size > 0:
+        buffer = ctypes.create_string_buffer(size)
+        size = _listxattrat(_SYS_LISTXATTRAT, dir_fd, path, _AT_SYMLINK_NOFOLLOW, buffer, size)  # (ERANGE: grew)
+        if size > 0:
+            return [os.fsdecode(n) for n in buffer.raw[:size].split(b"\0")[:-1]]
     if size < 0:
         _raise_errno(name)
-    return size
+    return []
 
 
 def open_how(flags: int, mode: int) -> _OpenHow:

@@ -304,7 +304,7 @@ class Layer:
                         continue
                     entries[name] = DirEntryInfo(name, entry.inode(), self.dev, bits)
             target = None
-            if marks and not xattr.has_none(fd):  # (most directories have none: one call, not five)
+            if marks and xattr.known_names(fd) != []:  # (most directories have none: one call, not five)
                 opaque = opaque or whiteout.has_opaque_xattr(".", dir_fd=fd)
                 target = redirect.read(".", dir_fd=fd)
         finally:

@@ -5,7 +5,7 @@ beneath the directory descriptor (``confined.open_beneath``) and the entry reach
 ``/proc/self/fd/PARENT/NAME``: the kernel jumps to that directory and looks NAME up without following it,
 which works for every file type (a symlink or a device cannot be opened to use f*xattr), and the path is
 short whatever the layer's own path is. Whether an entry has any xattr at all, the question a lookup asks
-of every file, is asked of ``listxattrat`` where the kernel has it (``has_none``): a third of the cost.
+of every file, is asked of ``listxattrat`` where the kernel has it (``known_names``): a third of the cost.
 """
 
 from __future__ import annotations
@@ -60,6 +60,11 @@ def remove(path: str | int, name: str, *, dir_fd: int | None = None) -> None:
 def get_first(path: str | int, names: tuple[str, ...], *, dir_fd: int | None = None) -> bytes | None:
     """The value of the first of ``names`` the entry has (an overlay record's trusted.* form, else its
     user.* one, as overlayfs's ``userxattr`` writes it); None where it has none."""
+    present = known_names(path, dir_fd=dir_fd)
+    if present is not None:  # (asked only for what it has: most entries have none, and no error is raised)
+        if not present:
+            return None
+        names = tuple(name for name in names if name in present)
     for name in names:
         try:
             return get(path, name, dir_fd=dir_fd)
@@ -71,32 +76,33 @@ def get_first(path: str | int, names: tuple[str, ...], *, dir_fd: int | None = N
 
 def has_any(path: str | int, wanted: tuple[str, ...], *, dir_fd: int | None = None) -> bool:
     """Whether the entry has one of ``wanted`` (one listxattr, where asking for each costs a call each)."""
-    if has_none(path, dir_fd=dir_fd):
-        return False
-    try:
-        present = names(path, dir_fd=dir_fd)
-    except OSError as e:
-        if e.errno in _UNAVAILABLE:
-            return False
-        raise
-    return any(name in present for name in wanted)
+    present = known_names(path, dir_fd=dir_fd)
+    if present is None:
+        try:
+            present = names(path, dir_fd=dir_fd)
+        except OSError as e:
+            if e.errno in _UNAVAILABLE:
+                return False
+            raise
+    return bool(present) and any(name in present for name in wanted)
 
 
-def has_none(path: str | int, *, dir_fd: int | None = None) -> bool:
-    """Whether the entry (an open file, or a name in ``dir_fd``) surely has no xattrs, as most entries:
-    one call where asking for each record costs one or two. For a name, listxattrat (Linux 6.13) answers
-    in a third of the time listxattr through /proc takes. False where it cannot tell."""
+def known_names(path: str | int, *, dir_fd: int | None = None) -> list[str] | None:
+    """The xattr names of an open file, or of a name in ``dir_fd`` where the kernel has listxattrat
+    (Linux 6.13; a third of the time listxattr through /proc takes): one call, where asking for each
+    record costs one. None where they are not known that way (the caller asks the slower way, which
+    answers, or raises, as it always has)."""
     global _listxattrat
     try:
         if isinstance(path, int):
-            return not os.listxattr(path)
+            return os.listxattr(path)
         if not _listxattrat or dir_fd is None or "/" in path:
-            return False
-        return syscalls.xattr_names_size(path, dir_fd=dir_fd) == 0
+            return None
+        return syscalls.xattr_names(path, dir_fd=dir_fd)
     except OSError as e:
         if e.errno in (errno.ENOSYS, errno.EPERM) and not isinstance(path, int):
             _listxattrat = False  # (an older kernel, or a seccomp filter that knows none)
-        return False  # (asking for each record answers, or raises, as it always has)
+        return None
 
 
 def set_first(path: str | int, names: tuple[str, ...], value: bytes, *, dir_fd: int | None = None) -> bool:
