@@ -160,6 +160,11 @@ class Layer:
 
     def getxattr(self, path: str, attr: str) -> bytes:
         parent, name = self.near(self.rel(path))
+        # What ls -l asks of every file is mostly not there: one call says so. (A system.* name is the
+        # filesystem's own, which may answer otherwise for one it does not list, as for ACLs: asked.)
+        present = None if attr.startswith("system.") else xattr.known_names(name, dir_fd=parent.fd)
+        if present is not None and attr not in present:
+            raise OSError(errno.ENODATA, os.strerror(errno.ENODATA), path)
         return xattr.get(name, attr, dir_fd=parent.fd)
 
     def listxattr(self, path: str) -> list[str]:
