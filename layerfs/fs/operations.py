@@ -460,7 +460,7 @@ class UnionOperations(Operations):
         return not (mode & stat.S_ISUID or (mode & stat.S_ISGID and mode & stat.S_IXGRP))
 
     def _opened(self, node: Node, fd: int, writable: bool, *, passthrough: bool = True) -> Opened:
-        st = self.union.fstat(fd).st
+        st = os.fstat(fd)  # (the real file: what the backing and the node's open files are keyed by)
         key = (st.st_dev, st.st_ino)
         with self._io_lock:
             if node.io_count and node.io_key != key:
