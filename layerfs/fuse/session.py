@@ -10,12 +10,6 @@ hard links needed direct I/O and invalidations from a thread of their own; and D
 can negotiate neither passthrough nor cached directory listings. Here every worker thread reads its own
 cloned ``/dev/fuse`` descriptor into a buffer of its own, calls the filesystem and writes the reply:
 no handoff, one inode per file, and whatever the kernel offers.
-
-The workers take turns: one reads and serves requests while the others wait, and it hands the turn on
-only before a request that may take long (file data, a copy-up). Two threads serving short requests
-side by side run no faster under the GIL, and each hands the GIL to the other at every system call:
-a request the kernel sends without waiting (a RELEASE after a close) overlapping the next one cost
-both about twice their time. A slow request still holds up no other.
 """
 
 from __future__ import annotations
@@ -95,7 +89,6 @@ class Session:
         self._counts: dict[int, int] = {}
         self._times: dict[int, int] = {}
         self._in_flight: dict[int, Request] = {}
-        self._turn = threading.Lock()  # held by the worker whose turn it is to read and serve
         self._handlers = self._handler_table()
         entry_s, entry_ns = _valid(config.entry_timeout)
         attr_s, attr_ns = _valid(config.attr_timeout)
@@ -265,68 +258,53 @@ class Session:
                 raise
 
     def _serve(self, fd: int, buffer: bytearray) -> None:
-        """Serve requests from ``fd`` in turn with the other workers (see the module's docstring)."""
         view = memoryview(buffer)
         handlers = self._handlers
         counts, times = self._counts, self._times
         debug = self.config.debug
         clock = time.perf_counter_ns
-        turn = self._turn
-        turn.acquire()
-        holding = True
-        try:
-            while self._read(fd, buffer) is not None:
-                length, opcode, unique, nodeid, uid, gid, pid, _, _ = abi.in_header.unpack_from(view)
-                body = view[abi.in_header.size : length]
-                handler = handlers.get(opcode)
-                slow = opcode in _MAY_TAKE_LONG and (opcode != abi.OPEN or _opens_to_write(body))
-                if slow:
-                    turn.release()
-                    holding = False
-                started = clock()
-                if handler is None:
-                    if opcode == abi.DESTROY:
-                        self._reply(fd, unique, b"")
-                        continue
-                    error = _NOT_IMPLEMENTED
+        while self._read(fd, buffer) is not None:
+            length, opcode, unique, nodeid, uid, gid, pid, _, _ = abi.in_header.unpack_from(view)
+            body = view[abi.in_header.size : length]
+            handler = handlers.get(opcode)
+            started = clock()
+            if handler is None:
+                if opcode == abi.DESTROY:
+                    self._reply(fd, unique, b"")
+                    continue
+                error = _NOT_IMPLEMENTED
+                self._reply_error(fd, unique, error)
+            else:
+                request = Request(unique, nodeid, uid, gid, pid)
+                self._in_flight[unique] = request
+                try:
+                    reply = handler(request, body)
+                    if reply is not None:
+                        self._reply(fd, unique, reply)
+                    error = 0
+                except OSError as e:
+                    error = -(e.errno or errno.EIO)
                     self._reply_error(fd, unique, error)
-                else:
-                    request = Request(unique, nodeid, uid, gid, pid)
-                    self._in_flight[unique] = request
-                    try:
-                        reply = handler(request, body)
-                        if reply is not None:
-                            self._reply(fd, unique, reply)
-                        error = 0
-                    except OSError as e:
-                        error = -(e.errno or errno.EIO)
-                        self._reply_error(fd, unique, error)
-                    except Exception:
-                        log.exception("unexpected error in %s", abi.OPCODE_NAMES.get(opcode, opcode))
-                        error = -errno.EIO
-                        self._reply_error(fd, unique, error)
-                    finally:
-                        del self._in_flight[unique]
-                elapsed = clock() - started
-                counts[opcode] = counts.get(opcode, 0) + 1
-                times[opcode] = times.get(opcode, 0) + elapsed
-                if debug:
-                    log.debug(
-                        "%s #%d node %d%s uid %d pid %d -> %s",
-                        abi.OPCODE_NAMES.get(opcode, opcode),
-                        unique,
-                        nodeid,
-                        _named(opcode, body),
-                        uid,
-                        pid,
-                        errno.errorcode.get(-error, error) if error else "ok",
-                    )
-                if slow:
-                    turn.acquire()
-                    holding = True
-        finally:
-            if holding:
-                turn.release()
+                except Exception:
+                    log.exception("unexpected error in %s", abi.OPCODE_NAMES.get(opcode, opcode))
+                    error = -errno.EIO
+                    self._reply_error(fd, unique, error)
+                finally:
+                    del self._in_flight[unique]
+            elapsed = clock() - started
+            counts[opcode] = counts.get(opcode, 0) + 1
+            times[opcode] = times.get(opcode, 0) + elapsed
+            if debug:
+                log.debug(
+                    "%s #%d node %d%s uid %d pid %d -> %s",
+                    abi.OPCODE_NAMES.get(opcode, opcode),
+                    unique,
+                    nodeid,
+                    _named(opcode, body),
+                    uid,
+                    pid,
+                    errno.errorcode.get(-error, error) if error else "ok",
+                )
 
     def _reply(self, fd: int, unique: int, payload: bytes | memoryview) -> None:
         try:
@@ -632,31 +610,6 @@ class Session:
         fh, offset, length, mode, _ = abi.fallocate_in.unpack_from(body)
         self.operations.fallocate(req, fh, offset, length, mode)
         return b""
-
-
-# Requests that may take long: they move file data, or may copy a file up (an OPEN only when it opens
-# for writing). Their worker lets another read the next requests meanwhile.
-_MAY_TAKE_LONG = frozenset(
-    {
-        abi.OPEN,
-        abi.READ,
-        abi.WRITE,
-        abi.SETATTR,
-        abi.LINK,
-        abi.RENAME,
-        abi.RENAME2,
-        abi.SETXATTR,
-        abi.REMOVEXATTR,
-        abi.FSYNC,
-        abi.FSYNCDIR,
-        abi.FALLOCATE,
-    }
-)
-
-
-def _opens_to_write(body: memoryview) -> bool:
-    flags, _ = abi.open_in.unpack_from(body)
-    return flags & os.O_ACCMODE != os.O_RDONLY or bool(flags & os.O_TRUNC)
 
 
 # Where the name starts in the bodies of requests that carry one: for --debug.
