@@ -1,8 +1,7 @@
 """System calls Python's os module lacks, in one place: openat2, renameat2 exchange, listxattrat, FICLONE,
-fallocate, mount,
-umount2, file handles (name_to_handle_at, open_by_handle_at), a filesystem's UUID, and what a container's
-start needs (unshare, pivot_root, a parent-death signal) and its confinement (capability sets, no_new_privs).
-The only module that calls libc directly."""
+fallocate, mount, umount2, file handles (name_to_handle_at, open_by_handle_at), a filesystem's UUID, and what
+a container's start needs (unshare, pivot_root, a parent-death signal) and its confinement (capability sets,
+no_new_privs). The only module that calls libc directly."""
 
 from __future__ import annotations
 

@@ -4,8 +4,9 @@ The *xattr system calls had no ``*at`` form before Linux 6.13. The entry's paren
 beneath the directory descriptor (``confined.open_beneath``) and the entry reached as
 ``/proc/self/fd/PARENT/NAME``: the kernel jumps to that directory and looks NAME up without following it,
 which works for every file type (a symlink or a device cannot be opened to use f*xattr), and the path is
-short whatever the layer's own path is. Whether an entry has any xattr at all, the question a lookup asks
-of every file, is asked of ``listxattrat`` where the kernel has it (``known_names``): a third of the cost.
+short whatever the layer's own path is. An entry's names, which lookups ask of every file (its metacopy
+mark) and directory (its records), most having none, come from ``listxattrat`` where the kernel has it
+(``known_names``), at a third of the cost.
 """
 
 from __future__ import annotations
