@@ -98,6 +98,9 @@ class Layer:
         self._metacopies: dict[str, tuple[bool, str | None]] = {}  # (a lower layer's, asked once)
         self._dirs: OrderedDict[str, _Dir] = OrderedDict()  # (the most recently used last)
         self._dirs_lock = threading.Lock()
+        # The directory ``near`` gave last, by path: a lookup asks about the same one several times
+        # (the name, then its metacopy mark), as readdirplus does for every name in it.
+        self._last_dir: tuple[str, _Dir] | None = None
         # A directory opened before a forget_dirs may be the one that moved away: it is not kept.
         self._dirs_generation = 0
 
@@ -115,16 +118,21 @@ class Layer:
         head, _, name = rel.rpartition("/")
         if not head:
             return self._root, name
+        last = self._last_dir
+        if last is not None and last[0] == head:
+            return last[1], name
         with self._dirs_lock:
             found = self._dirs.get(head)
             if found is not None:
                 self._dirs.move_to_end(head)
+                self._last_dir = (head, found)
                 return found, name
             generation = self._dirs_generation
         found = _Dir(confined.open_beneath(head, os.O_PATH | os.O_DIRECTORY, dir_fd=self.fd))
         with self._dirs_lock:
             if generation == self._dirs_generation:
                 self._dirs[head] = found
+                self._last_dir = (head, found)
                 if len(self._dirs) > _DIRS_KEPT:
                     self._dirs.popitem(last=False)
         return found, name
@@ -132,13 +140,15 @@ class Layer:
     def descriptors(self) -> list[int]:
         """The descriptors the layer holds: its root, and the directories kept open."""
         with self._dirs_lock:
-            return [self.fd, *(d.fd for d in self._dirs.values())]
+            last = [] if self._last_dir is None else [self._last_dir[1].fd]
+            return sorted({self.fd, *last, *(d.fd for d in self._dirs.values())})
 
     def forget_dirs(self) -> None:
         """Directories of this layer were renamed or removed: open every parent afresh from now on."""
         with self._dirs_lock:
             self._dirs_generation += 1
             self._dirs.clear()
+            self._last_dir = None
 
     def lstat(self, path: str) -> os.stat_result:
         parent, name = self.near(self.rel(path))
@@ -150,6 +160,11 @@ class Layer:
 
     def getxattr(self, path: str, attr: str) -> bytes:
         parent, name = self.near(self.rel(path))
+        # What ls -l asks of every file is mostly not there: one call says so. (A system.* name is the
+        # filesystem's own, which may answer otherwise for one it does not list, as for ACLs: asked.)
+        present = None if attr.startswith("system.") else xattr.known_names(name, dir_fd=parent.fd)
+        if present is not None and attr not in present:
+            raise OSError(errno.ENODATA, os.strerror(errno.ENODATA), path)
         return xattr.get(name, attr, dir_fd=parent.fd)
 
     def listxattr(self, path: str) -> list[str]:
@@ -294,7 +309,7 @@ class Layer:
                         continue
                     entries[name] = DirEntryInfo(name, entry.inode(), self.dev, bits)
             target = None
-            if marks:
+            if marks and xattr.known_names(fd) != []:  # (most directories have none: one call, not five)
                 opaque = opaque or whiteout.has_opaque_xattr(".", dir_fd=fd)
                 target = redirect.read(".", dir_fd=fd)
         finally:

@@ -139,7 +139,14 @@ class Resolver:
         parent, name = split(path)
         if whiteout.is_marker_name(name):
             return None  # bookkeeping, never an entry of the merged view
-        return self.find_in(self.stack_of(parent), name, path)
+        generation = self._generation
+        entry = self.find_in(self.stack_of(parent), name, path)
+        if entry is not None and entry.stack:
+            # A directory: kept, for the listing and the lookups in it that usually follow.
+            with self._lock:
+                if generation == self._generation:
+                    self._stacks[path] = entry.stack
+        return entry
 
     def get(self, path: str) -> Entry:
         """Like lookup, but a missing entry is ENOENT."""
@@ -153,15 +160,11 @@ class Resolver:
         stack = self._stacks.get(path)
         if stack is not None:
             return stack
-        generation = self._generation
-        entry = self.lookup(path)
+        entry = self.lookup(path)  # (which keeps a directory's stack)
         if entry is None:
             raise OSError(errno.ENOENT, os.strerror(errno.ENOENT), path)
         if not entry.is_dir:
             raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), path)
-        with self._lock:
-            if generation == self._generation:
-                self._stacks[path] = entry.stack
         return entry.stack
 
     def listing(self, path: str) -> dict[str, tuple[Part, DirEntryInfo]]:

@@ -24,6 +24,8 @@ import os
 import stat
 from collections.abc import Iterator
 
+from . import xattr
+
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
 # fuse-overlayfs writes this 0/0 device beside the xattr in opaque dirs; it is a whiteout-shaped marker.
@@ -80,7 +82,9 @@ def _directory(path: str, dir_fd: int | None) -> Iterator[int]:
 
 
 def _opaque_xattr(fd: int) -> bool:
-    for attr in OPAQUE_XATTRS:
+    present = xattr.known_names(fd)  # (most directories have none: one call, and no error for each name)
+    wanted = OPAQUE_XATTRS if present is None else [attr for attr in OPAQUE_XATTRS if attr in present]
+    for attr in wanted:
         try:
             if os.getxattr(fd, attr) == b"y":
                 return True

@@ -79,6 +79,7 @@ class Node:
         "backing_writable",
         "pages_stale",
         "keeper",
+        "known_path",
     )
 
     def __init__(self, nodeid: int, key: Hashable, parent: Node | None, name: str) -> None:
@@ -103,6 +104,8 @@ class Node:
         # an open that looked the name up just before the unlink reaches the file through it, as on a
         # local filesystem (-1: none).
         self.keeper = -1
+        # Its path when the table had made ``moves`` changes of names: valid while it still has.
+        self.known_path: tuple[int, str] | None = None
 
     @property
     def named(self) -> bool:
@@ -128,6 +131,7 @@ class Nodes:
         self._by_id: dict[int, Node] = {ROOT_ID: root}
         self._by_key: dict[Hashable, Node] = {root_key: root}
         self._by_name: dict[tuple[int, str], Node] = {}
+        self._moves = 0  # changes of any node's name so far: a path known before one may be stale
 
     def __getitem__(self, nodeid: int) -> Node:
         node = self._by_id.get(nodeid)
@@ -138,18 +142,24 @@ class Nodes:
     def __len__(self) -> int:
         return len(self._by_id)
 
-    @staticmethod
-    def path(node: Node) -> str:
+    def path(self, node: Node) -> str:
         """The merged-view path of ``node``; ENOENT for a file with no name left."""
+        known = node.known_path
+        moves = self._moves  # (read before the walk: a name changed during it makes the result unkept)
+        if known is not None and known[0] == moves:
+            return known[1]
         if node.nodeid == ROOT_ID:
             return "/"
         parts = []
-        while node.nodeid != ROOT_ID:
-            if node.parent is None:
+        walked = node
+        while walked.nodeid != ROOT_ID:
+            if walked.parent is None:
                 raise OSError(errno.ENOENT, os.strerror(errno.ENOENT), "(a file with no name left)")
-            parts.append(node.name)
-            node = node.parent
-        return "/" + "/".join(reversed(parts))
+            parts.append(walked.name)
+            walked = walked.parent
+        path = "/" + "/".join(reversed(parts))
+        node.known_path = (moves, path)
+        return path
 
     def child_path(self, parent: Node, name: str) -> str:
         base = self.path(parent)
@@ -266,17 +276,19 @@ class Nodes:
         if self._by_key.get(node.key) is node:
             del self._by_key[node.key]
 
-    @staticmethod
-    def _add_name(node: Node, parent: Node, name: str) -> None:
+    # Every change of a node's names goes through these two, which count it (after it: see ``path``).
+
+    def _add_name(self, node: Node, parent: Node, name: str) -> None:
         if node.parent is None:
             node.parent, node.name = parent, name
         elif (node.parent, node.name) != (parent, name) and (parent, name) not in node.aliases:
             node.aliases += ((parent, name),)
+        self._moves += 1
 
-    @staticmethod
-    def _drop_name(node: Node, parent: Node, name: str) -> None:
+    def _drop_name(self, node: Node, parent: Node, name: str) -> None:
         if (node.parent, node.name) == (parent, name):
             node.parent, node.name = node.aliases[-1] if node.aliases else (None, "")
             node.aliases = node.aliases[:-1]
         elif (parent, name) in node.aliases:
             node.aliases = tuple(alias for alias in node.aliases if alias != (parent, name))
+        self._moves += 1

@@ -348,17 +348,19 @@ class UnionOperations(Operations):
     @_changing_names
     def unlink(self, req: Request, parent: int, name: bytes) -> None:
         pnode, text, path = self._child(parent, name)
-        last = self.union.getattr(path).nlink <= 1
+        shown = self.union.getattr(path)
+        last = shown.nlink <= 1
         if last:
-            self._keep(pnode, text, path)
+            self._keep(pnode, text, path, shown.st.st_mode)
         self.union.unlink(path)
         self.nodes.removed(pnode, text, last=last)
 
-    def _keep(self, parent: Node, name: str, path: str) -> None:
-        """``path`` is about to lose its file for good: if the kernel knows its node, hold the file for
-        it (see Node.keeper): its open files may all be closed before the node is forgotten."""
+    def _keep(self, parent: Node, name: str, path: str, mode: int) -> None:
+        """``path`` (of file type ``mode``) is about to lose its file for good: if the kernel knows its
+        node, hold the file for it (see Node.keeper): its open files may all be closed before the node
+        is forgotten."""
         node = self.nodes.child(parent, name)
-        if node is not None and node.keeper < 0 and not stat.S_ISDIR(self.union.getattr(path).st.st_mode):
+        if node is not None and node.keeper < 0 and not stat.S_ISDIR(mode):
             node.keeper = self.union.open(path, os.O_PATH)
 
     @_changing_names
@@ -387,7 +389,7 @@ class UnionOperations(Operations):
         source, target = self.union.lookup(old), self.union.lookup(new)
         replaced_last = target is None or target.is_dir or self.union.attributes(target).nlink <= 1
         if target is not None and replaced_last and old != new:
-            self._keep(newpnode, newtext, new)
+            self._keep(newpnode, newtext, new, target.st.st_mode)
         self.union.rename(old, new, replace=not flags & _RENAME_NOREPLACE)
         self.nodes.renamed(pnode, text, newpnode, newtext, replaced_last=replaced_last)
         if source is not None and source.is_dir and (not source.in_upper or source.merged):
@@ -458,7 +460,7 @@ class UnionOperations(Operations):
         return not (mode & stat.S_ISUID or (mode & stat.S_ISGID and mode & stat.S_IXGRP))
 
     def _opened(self, node: Node, fd: int, writable: bool, *, passthrough: bool = True) -> Opened:
-        st = self.union.fstat(fd).st
+        st = os.fstat(fd)  # (the real file: what the backing and the node's open files are keyed by)
         key = (st.st_dev, st.st_ino)
         with self._io_lock:
             if node.io_count and node.io_key != key:
