@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import os
+import signal
 import stat
 import subprocess
 import tarfile
@@ -314,11 +315,27 @@ def test_a_header_record_over_a_mebibyte_is_refused() -> None:
         (b"5 =b\n", "a damaged PAX record at byte 0 of its 5"),
         (b"6 ab \n", "a damaged PAX record at byte 0 of its 6"),
         (b"0 a=b\n", "a damaged PAX record at byte 0 of its 6"),
+        # no length: taken as -1, this went back to the start, forever (a hostile tar hung the reader)
+        (b"abcdefghijklmnopqrstuvwxyz=1\n", "a damaged PAX record at byte 0 of its 29"),
+        (b"6 a=b\nabcdefghijklmnopqrstuvwxyz=1\n", "a damaged PAX record at byte 6 of its 35"),
         (b"8 uid=x\n", "its PAX uid record 'x' is not a number"),
         (b"11 size=-1\n", "its PAX size record '-1' is not a number"),
     ],
 )
 def test_a_damaged_pax_record_is_refused(record: bytes, why: str) -> None:
+    def looping(*_) -> None:
+        raise AssertionError("the reader loops")
+
+    signal.signal(signal.SIGALRM, looping)
+    signal.alarm(10)  # (a reader that loops fails the test, not the suite)
+    try:
+        _assert_refused(record, why)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
+
+
+def _assert_refused(record: bytes, why: str) -> None:
     info = tarfile.TarInfo("././@PaxHeader")
     info.type, info.size = tarfile.XHDTYPE, len(record)
     header = info.tobuf(tarfile.USTAR_FORMAT)

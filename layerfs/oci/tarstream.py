@@ -297,9 +297,12 @@ def _pax_records(data: bytes, start: int) -> dict[str, str]:
     while pos < len(data):
         space = data.find(b" ", pos, pos + 20)
         length = data[pos:space]
+        # (no space near, -1, is no length: a record's end must be past it, never back at the start)
         end = pos + int(length) if space > pos and length.isdigit() else 0
+        if end <= max(space, pos) or end > len(data) or data[end - 1] != 0x0A:
+            raise _damaged(start, f"a damaged PAX record at byte {pos} of its {len(data)}")
         key, equals, value = data[space + 1 : end - 1].partition(b"=")
-        if end <= space or end > len(data) or data[end - 1] != 0x0A or not equals or not key:
+        if not equals or not key:
             raise _damaged(start, f"a damaged PAX record at byte {pos} of its {len(data)}")
         records[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
         pos = end
