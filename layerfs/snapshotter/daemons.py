@@ -25,6 +25,9 @@ from ..errors import LayerfsError
 from ..fs import mounts
 
 
+_END_S = 5  # the mounter's end, once told: it may still be starting
+
+
 class Mounter:
     """The mounter, asked one thing at a time (the snapshotter's lock); it ends with the snapshotter."""
 
@@ -59,7 +62,11 @@ class Mounter:
         assert self._process.stdin is not None and self._process.stdout is not None
         self._process.stdin.close()  # (its end of file ends the mounter)
         self._process.stdout.close()
-        self._process.wait()
+        try:
+            self._process.wait(timeout=_END_S)
+        except subprocess.TimeoutExpired:
+            self._process.kill()  # (it has no daemon to wait for: those are their own)
+            self._process.wait()
 
 
 def _serve_requests() -> None:
