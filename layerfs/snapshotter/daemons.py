@@ -24,7 +24,6 @@ from .. import syscalls
 from ..errors import LayerfsError
 from ..fs import mounts
 
-
 _END_S = 5  # the mounter's end, once told: it may still be starting
 
 
