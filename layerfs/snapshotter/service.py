@@ -156,6 +156,9 @@ def serve(address: str, root: str, *, helper_mounts: bool = False) -> None:
         signal.signal(number, lambda *_: stopped.set())
     server.add_insecure_port(f"unix://{address}")
     server.start()
-    stopped.wait()
+    # Not stopped.wait(): the signal may reach one of gRPC's threads, and the main thread, blocked without
+    # a timeout, would never run the handler (a SIGTERM then went unanswered for good).
+    while not stopped.wait(0.2):
+        pass
     server.stop(grace=5).wait()
     snapshotter.close()
