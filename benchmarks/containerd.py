@@ -17,6 +17,8 @@ import grpc
 
 from layerfs.snapshotter.api import snapshots_pb2_grpc
 
+from .util import mounted_points
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -73,10 +75,8 @@ class Snapshotterd:
             subprocess.run(["umount", "-l", mountpoint], check=False)
 
     def mountpoints(self) -> list[str]:
-        """The mounts under its root, as /proc/mounts has them."""
-        with open("/proc/mounts") as f:
-            points = [line.split()[1].encode().decode("unicode_escape") for line in f]
-        return [p for p in points if p.startswith(f"{self.root}/")]
+        """The mounts under its root."""
+        return [p for p in mounted_points() if p.startswith(f"{self.root}/")]
 
 
 # containerd 1.6's shim reaps every child it has, and may take the exit status of the mount helper that

@@ -14,15 +14,13 @@ the mounter and the snapshotter, so a snapshotter killed or restarted takes no c
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import subprocess
 import sys
 
-from .. import syscalls
 from ..errors import LayerfsError
-from ..fs import mounts
+from ..fs import mount, mounts
 
 _END_S = 5  # the mounter's end, once told: it may still be starting
 
@@ -69,7 +67,7 @@ class Mounter:
 
 
 def _serve_requests() -> None:
-    from ..fs import mount, options
+    from ..fs import options
 
     for line in sys.stdin.buffer:
         _reap_daemons()
@@ -99,11 +97,8 @@ def stop(mountpoint: str, timeout: float) -> bool:
     """Detach ``mountpoint`` (gone at once for new users; the daemon ends when the last one has) and wait
     up to ``timeout`` seconds for its daemon to end; whether it has. A dead mount is detached too."""
     daemon = mounts.find(mountpoint)
-    try:
-        syscalls.umount(mountpoint, lazy=True)
-    except OSError as e:
-        if e.errno not in (errno.EINVAL, errno.ENOENT):  # not a mount (any more)
-            raise
+    with contextlib.suppress(LayerfsError):  # (not a mount, or not any more)
+        mount.umount(mountpoint, lazy=True)
     return daemon is None or mounts.wait_for_exit(daemon.pid, timeout)
 
 
