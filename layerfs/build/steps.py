@@ -9,16 +9,14 @@ History entries are written as docker's BuildKit writes them.
 from __future__ import annotations
 
 import os
-import re
 
+from .. import durations
 from .dockerfile import Instruction, json_form, key_values, substitute, words
 
 DEFAULT_SHELL = ["/bin/sh", "-c"]
 CONFIG_ONLY = frozenset(
     "ENV WORKDIR USER ENTRYPOINT CMD LABEL EXPOSE VOLUME STOPSIGNAL SHELL HEALTHCHECK MAINTAINER ONBUILD".split()
 )
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
-_NS = {"ns": 1, "us": 1_000, "µs": 1_000, "ms": 1_000_000, "s": 10**9, "m": 60 * 10**9, "h": 3600 * 10**9}
 
 
 def command(value: str, config: dict) -> list[str]:
@@ -112,10 +110,10 @@ def _healthcheck(instruction: Instruction, config: dict) -> dict:
 
 def _duration(instruction: Instruction, text: str) -> int:
     """A Go duration (``30s``, ``1m30s``, ``500ms``) in nanoseconds."""
-    parts = _DURATION.findall(text)
-    if not parts or "".join(n + u for n, u in parts) != text:
+    found = durations.nanoseconds(text)
+    if found is None:
         raise instruction.error(f"{text}: not a duration")
-    return int(sum(float(n) * _NS[u] for n, u in parts))
+    return found
 
 
 def history_text(instruction: Instruction, argv: list[str] | None = None, args: dict[str, str] | None = None) -> str:

@@ -12,12 +12,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import BinaryIO
 
+from .. import durations
 from ..errors import LayerfsError, UsageError
 from ..store import Store
 from . import lifecycle, logformat, state
 
-_DURATION = re.compile(r"(\d+(?:\.\d*)?)(ns|us|µs|ms|s|m|h)")
-_NS = {"ns": 1, "us": 10**3, "µs": 10**3, "ms": 10**6, "s": 10**9, "m": 60 * 10**9, "h": 3600 * 10**9}
 _DATE = re.compile(r"(\d{4}-\d\d-\d\d(?:[T ]\d\d:\d\d(?::\d\d)?)?)(?:\.(\d{1,9}))?(Z|[+-]\d\d:?\d\d)?")
 _FOLLOW_POLL_S = 0.1
 
@@ -47,8 +46,9 @@ def parse_time(text: str, flag: str, now_ns: int | None = None) -> int:
     and time (local time without a zone), a Unix time (``1733633100.5``) or a duration before now
     (``10m``, ``1h30m``)."""
     now = time.time_ns() if now_ns is None else now_ns
-    if re.fullmatch(f"(?:{_DURATION.pattern})+", text):
-        return now - sum(round(float(n) * _NS[unit]) for n, unit in _DURATION.findall(text))
+    before = durations.nanoseconds(text)
+    if before is not None:
+        return now - before
     if re.fullmatch(r"\d+(\.\d{1,9})?", text):
         whole, _, fraction = text.partition(".")
         return int(whole) * 10**9 + int(fraction.ljust(9, "0") or 0)
