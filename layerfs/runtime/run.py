@@ -59,14 +59,14 @@ def run_stored(store: Store, name: str, args: argparse.Namespace, started: Calla
     _, _, command, config = _what_to_run(args, store)
     to_run = _process(args, command, config, Confinement.from_flags(args.cap_add, args.cap_drop, args.privileged))
     requested = _same_volumes(volumes.parse(args.volume, args.mount, args.tmpfs), record.get("mounts") or [])
-    asked = _Asked(name, requested, cgroups.Limits.from_run_flags(args), store)
+    limits = cgroups.Limits.from_run_flags(args)
+    asked = _Asked(name, requested, limits, store, lifecycle.cleanup_command(store, name))
     store.update_container(name, command=to_run.argv)
 
     def keep(paths: list[str], mounts: list[dict]) -> None:
         store.add_runtime_paths(name, paths)
         store.update_container(name, mounts=mounts)
 
-    asked.exit_command = lifecycle.cleanup_command(store, name)
     lowers, upper, work, merged = record["lowers"], record["upper"], record["work"], record["merged"]
     # (what a killed shim leaves of the runtime's files goes with the container)
     return _run(lowers, upper, work, merged, to_run, asked, keep, started, store.containers.dir(name))
